@@ -1,0 +1,136 @@
+"""Small helpers shared by the stages: atomic writes, hashing, JSON, git facts, stage CLIs.
+
+Atomic writes: every artefact is written to a temporary file in the same folder and then
+renamed over the target, so a crash at any point leaves either the old file or the new one,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("medtune")
+
+
+class StageError(RuntimeError):
+    """A failure the user must act on; the CLI prints its message without a traceback."""
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it over `target` if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: str | Path, obj: Any) -> Path:
+    return write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} not found; run the stage that produces it first (dvc repro).")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and paths appear in metrics; everything else is a bug worth a TypeError.
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def patient_salt(default: str) -> bytes:
+    return os.environ.get("MEDTUNE_PATIENT_SALT", default).encode()
+
+
+def hash_patient(patient_id: str, salt: bytes) -> str:
+    """Pseudonymise a patient id: keyed hash, 16 hex characters. The raw id is never stored."""
+    return hmac.new(salt, str(patient_id).strip().encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def git_facts(cwd: str | Path = ".") -> dict[str, Any]:
+    """Commit and dirty flag of the working tree, or 'unknown' outside git."""
+    def run(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        commit = run("rev-parse", "HEAD")
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def dvc_data_version(raw_dir: str | Path) -> str:
+    """The DVC hash of the raw data folder, read from its .dvc file (`dvc add data/raw`)."""
+    import yaml
+
+    dvc_file = Path(str(raw_dir).rstrip("/") + ".dvc")
+    if not dvc_file.is_file():
+        return "untracked"
+    meta = yaml.safe_load(dvc_file.read_text()) or {}
+    outs = meta.get("outs") or [{}]
+    return str(outs[0].get("md5", "untracked"))
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def stage_main(description: str, add_args: Callable[[argparse.ArgumentParser], None],
+               run: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None = None) -> int:
+    """Shared body of every stage's `main(argv)`: parse, run, turn expected failures into exit 1."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        run(args)
+    except (StageError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

