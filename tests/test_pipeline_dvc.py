@@ -1,0 +1,181 @@
+"""The spine end to end: real `dvc repro` in a temporary git repository on tiny synthetic DICOMs.
+
+Checks the ONNX model (symbolic batch, parity, metadata), the no-op rerun, that a parameter
+change reruns only downstream stages, the gate refusing export, bad raw files stopping the
+pipeline with a named error, and that the raw data is byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.3},
+    "validate": {"min_images_per_class_split": 1},
+    "preprocess": {"image_size": 32},
+    "augment": {"preview_count": 4},
+    "train": {"backbone": "none", "pretrained": False, "epochs": 2, "batch_size": 8, "lr": 0.003},
+    "evaluate": {"bootstrap": 50, "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0}},
+    "export": {"parity_batch": 4},
+}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def set_params(ws: Path, over: dict) -> None:
+    p = ws / "params.yaml"
+    p.write_text(yaml.safe_dump(merge(yaml.safe_load(p.read_text()), over), sort_keys=False))
+
+
+def make_workspace(dst: Path, patients: int = 12) -> Path:
+    """A fresh git+DVC project: dvc.yaml, the stage code it depends on, tiny params, demo scans."""
+    dst.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", dst)
+    shutil.copytree(ROOT / "components", dst / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    (dst / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)))
+    run(["git", "init", "-q"], dst)
+    run(["dvc", "init", "-q"], dst)
+    run(["medtune", "demo-data", "--out", "data/raw", "--patients", str(patients), "--slices", "3", "--size", "32"], dst)
+    run(["dvc", "add", "-q", "data/raw"], dst)
+    return dst
+
+
+def tree_digest(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    ws = make_workspace(tmp_path_factory.mktemp("spine") / "ws")
+    raw_before = tree_digest(ws / "data/raw")
+    first = run(["dvc", "repro"], ws)
+    return ws, raw_before, first
+
+
+def test_repro_builds_a_gated_onnx_model_with_parity_and_metadata(built):
+    import onnx
+    import onnxruntime as ort
+
+    ws, _, _ = built
+    model = onnx.load(ws / "models/model.onnx")
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.HasField("dim_value"), "batch dimension must be symbolic"
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    manifest = json.loads((ws / "data/manifest.json").read_text())
+    raw_dvc = yaml.safe_load((ws / "data/raw.dvc").read_text())
+    assert meta["data_version"] == raw_dvc["outs"][0]["md5"] == manifest["data_version"]
+    assert json.loads(meta["classes"]) == ["normal", "lesion"]
+    for key in ("model_id", "preprocessing", "normalisation", "git_commit", "params_sha256", "metrics", "gate"):
+        assert meta.get(key), key
+    assert json.loads(meta["gate"])["passed"] is True
+
+    exp = json.loads((ws / "reports/export.json").read_text())
+    assert exp["max_abs_diff_batch1"] <= 1e-4 and exp["max_abs_diff_batchN"] <= 1e-4
+
+    # The ONNX model reproduces the evaluation's test probabilities from the prepared test images.
+    images = np.load(ws / "data/prepared/test.npy").astype(np.float32) / 255.0
+    session = ort.InferenceSession(str(ws / "models/model.onnx"), providers=["CPUExecutionProvider"])
+    probs = session.run(None, {session.get_inputs()[0].name: images})[0]
+    assert probs.shape == (len(images), 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+    assert (ws / "models/model_card.md").read_text().strip()
+    for report in ("validation.json", "validation.md", "metrics.json", "roc.png", "confusion.png",
+                   "augment_preview.png", "train_history.csv"):
+        assert (ws / "reports" / report).is_file(), report
+
+
+def test_no_patient_identifier_reaches_any_artefact(built):
+    ws, _, _ = built
+    needles = [b"DEMO-0", b"Demo^Patient"]
+    for folder in ("data/manifest.csv", "data/manifest.json", "data/prepared", "models", "reports", "dvc.lock"):
+        path = ws / folder
+        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            blob = f.read_bytes()
+            assert not any(n in blob for n in needles), f"patient identifier leaked into {f}"
+
+
+def test_second_repro_is_a_noop_and_status_is_clean(built):
+    ws, _, _ = built
+    stamp = (ws / "models/model.pt").stat().st_mtime_ns
+    again = run(["dvc", "repro"], ws)
+    assert "Data and pipelines are up to date" in again.stdout, again.stdout
+    assert (ws / "models/model.pt").stat().st_mtime_ns == stamp
+    assert "up to date" in run(["dvc", "status"], ws).stdout
+
+
+def test_param_change_reruns_only_downstream_stages(built):
+    ws, _, _ = built
+    set_params(ws, {"evaluate": {"bootstrap": 60}})
+    out = run(["dvc", "repro"], ws).stdout
+    for stage in ("ingest", "validate", "preprocess", "augment", "train"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out
+    assert "Running stage 'evaluate'" in out and "Running stage 'export'" in out
+    diff = run(["dvc", "params", "diff"], ws).stdout
+    assert "evaluate.bootstrap" in diff
+
+
+def test_raw_data_is_byte_identical_after_runs(built):
+    ws, raw_before, _ = built
+    assert tree_digest(ws / "data/raw") == raw_before
+
+
+def test_failed_gate_stops_before_export(built, tmp_path):
+    ws, _, _ = built
+    set_params(ws, {"evaluate": {"gate": {"min_auroc": 1.0, "min_sensitivity": 1.0, "min_specificity": 1.0}},
+                    "train": {"lr": 1e-9, "epochs": 1}})
+    (ws / "models/model.onnx").unlink()
+    out = run(["dvc", "repro"], ws, check=False)
+    assert out.returncode != 0
+    assert "gate" in (out.stdout + out.stderr).lower()
+    assert not (ws / "models/model.onnx").exists()
+    gate = json.loads((ws / "reports/gate.json").read_text())
+    assert gate["passed"] is False and gate["reasons"]
+    assert (ws / "reports/metrics.json").is_file()
+
+
+@pytest.mark.parametrize("bad", ["unreadable", "mislabelled"])
+def test_bad_raw_files_stop_the_pipeline_with_a_named_error(tmp_path, bad):
+    ws = make_workspace(tmp_path / "ws", patients=8)
+    if bad == "unreadable":
+        target = ws / "data/raw/lesion/broken_scan.dcm"
+        target.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    else:
+        src = next((ws / "data/raw/lesion").glob("*.dcm"))
+        target = ws / "data/raw/lesoin" / src.name
+        target.parent.mkdir()
+        target.write_bytes(src.read_bytes())
+    run(["dvc", "add", "-q", "data/raw"], ws)
+    out = run(["dvc", "repro"], ws, check=False)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert target.name in text or "lesoin" in text, text
+    assert "Traceback" not in text, text
+    assert not (ws / "models/model.pt").exists()
