@@ -1,0 +1,307 @@
+"""Decode one scan (DICOM, PNG or JPEG) into display-ready uint8 pixels.
+
+The single place that turns a file into pixels, shared by ingest (probe), preprocess and
+predict (prepare_image), so training and serving see exactly the same image:
+
+    from components.scans import is_candidate, probe, prepare_image
+    info = probe(Path("data/raw/lesion/scan01.dcm"))      # ScanInfo, or raises ScanError
+    x = prepare_image(path, image_size=64, channels=1, window="header")   # uint8 (1, 64, 64)
+
+Decisions (each one is a choice a reader should be able to find):
+- DICOM: pydicom, `force=True` so files without the 128-byte preamble read too. Rescale
+  slope/intercept (modality LUT) first, then a *linear* window: [center - width/2,
+  center + width/2] maps to [0, 255] and is clipped outside. `window="header"` takes the first
+  WindowCenter/WindowWidth value and falls back to min-max when absent or invalid; VOI LUT
+  sequences and sigmoid VOI functions are ignored. MONOCHROME1 is inverted after windowing.
+  Colour DICOM (RGB, YBR converted by pydicom, PALETTE COLOR) is scaled by its stored bit depth.
+- PNG/JPEG: Pillow with the EXIF orientation applied. 8-bit images are used as they are; 16-bit
+  greyscale PNGs carry raw detector values, so they get the same window as a DICOM without a
+  window header ("header" -> min-max per image, "minmax", or [center, width] in raw units).
+  Alpha is composited onto black.
+- channels=1 is luminance (Pillow's ITU-R 601 "L" conversion); channels=3 is RGB, grey replicated.
+- Resize: Pillow bilinear (antialiased when shrinking, reducing_gap=3.0) straight to a square;
+  the aspect ratio is NOT preserved (as in MedMNIST). A constant image windows to all zeros.
+
+Error messages name the file and the reason and never contain header values such as the
+patient's name or id.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger("medtune.scans")
+
+PIL_SUFFIXES = {".png", ".jpg", ".jpeg"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+# Files that sit beside scans but are never scans (the labels file, DVC pointers, notes).
+NEVER_SCANS = {".csv", ".dvc", ".txt", ".md", ".json", ".yaml", ".yml", ".xml", ".html", ".py", ".log"}
+RESIZE_METHOD = "bilinear (Pillow, antialiased, reducing_gap=3.0), direct to square: aspect ratio not preserved"
+_REDUCING_GAP = 3.0
+_DECODER_HINT = ("install a pydicom decoder plugin, e.g. `pip install pylibjpeg pylibjpeg-libjpeg "
+                 "pylibjpeg-openjpeg` (or `pip install python-gdcm`), or convert the files to an "
+                 "uncompressed transfer syntax")
+
+
+class ScanError(Exception):
+    """The file is unreadable or unsupported; the message says why (never patient identifiers)."""
+
+
+@dataclass(frozen=True)
+class ScanInfo:
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+    modality: str  # DICOM Modality, or "PNG" / "JPEG"
+    patient_id: str | None  # raw DICOM PatientID: the caller hashes it; never log or store it
+    is_dicom: bool
+
+
+# --------------------------------------------------------------------------- detection
+
+def _has_dicom_signature(path: Path) -> bool:
+    """'DICM' at byte 128 (Part 10 file), or a raw dataset starting with a group 0002/0008 tag."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    # Without preamble a little-endian dataset starts with its lowest tag: the file meta group
+    # (0002,xxxx) or the identifying group (0008,xxxx). Text files never start with these bytes.
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
+
+
+def is_candidate(path: Path) -> bool:
+    """Is this file a scan to ingest? PNG/JPEG/DICOM by extension, other files by DICOM signature."""
+    path = Path(path)
+    name = path.name
+    if name.startswith(".") or name.lower() == "labels.csv" or not path.is_file():
+        return False
+    suffix = path.suffix.lower()
+    if suffix in PIL_SUFFIXES or suffix in DICOM_SUFFIXES:
+        return True
+    if suffix in NEVER_SCANS:
+        return False
+    # No extension, or one like "1.2.840.113619.2.1" (files named by their SOP Instance UID).
+    return _has_dicom_signature(path)
+
+
+def _is_dicom(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix in PIL_SUFFIXES:
+        return False
+    return _has_dicom_signature(path)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+def _read_dicom(path: Path):
+    """Return (dataset, pixel array) or raise ScanError naming the reason."""
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # pydicom raises many types on garbage; all mean "not readable"
+        raise ScanError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    if "PixelData" not in ds:
+        raise ScanError(f"{path}: DICOM file has no pixel data (not an image, e.g. a report); expected an image")
+    meta = ds.file_meta
+    if "TransferSyntaxUID" not in meta:
+        # Files without a meta header: the syntax is the one pydicom detected while reading.
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
+                                  else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    tsyntax = meta.TransferSyntaxUID
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        if tsyntax.is_compressed:
+            raise ScanError(f"{path}: cannot decode pixel data in transfer syntax '{tsyntax.name}' ({tsyntax}); "
+                            f"{_DECODER_HINT}. Reason: {type(exc).__name__}: {exc}") from None
+        raise ScanError(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ScanError(f"{path}: multi-frame DICOM ({frames} frames); expected a single 2-D image")
+    return ds, pixels
+
+
+def _first(value) -> float:
+    """WindowCenter/WindowWidth may be multi-valued; the first value is the primary window."""
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0]
+    return float(value)
+
+
+def _window_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:  # constant image under min-max: nothing to show
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values.astype(np.float64) - lo) / (hi - lo)
+    return np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _apply_window(path: Path, values: np.ndarray, window, header: tuple[float, float] | None) -> np.ndarray:
+    """Linear window -> uint8. `header` is (center, width) from the file, if it has one."""
+    if isinstance(window, (list, tuple)):
+        center, width = float(window[0]), float(window[1])
+    elif window == "header" and header is not None and header[1] > 0:
+        center, width = header
+    elif window in ("header", "minmax"):
+        if window == "header" and header is not None:
+            log.warning("%s: WindowWidth %s is not > 0; using min-max instead", path, header[1])
+        return _window_to_uint8(values, float(values.min()), float(values.max()))
+    else:
+        raise ValueError(f"window={window!r}; expected 'header', 'minmax' or [center, width]")
+    return _window_to_uint8(values, center - width / 2.0, center + width / 2.0)
+
+
+def _dicom_pixels(path: Path, window) -> np.ndarray:
+    """uint8 (H, W) for greyscale DICOM, (H, W, 3) for colour."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    ds, pixels = _read_dicom(path)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim == 3:
+        # Colour: no window applies; scale by the stored depth (pydicom already turned YBR into RGB).
+        bits = 16 if photometric == "PALETTE COLOR" and pixels.dtype == np.uint16 else int(ds.get("BitsStored", 8) or 8)
+        return _window_to_uint8(pixels[..., :3], 0.0, float(2 ** bits - 1))
+    if pixels.ndim != 2:
+        raise ScanError(f"{path}: pixel array has shape {pixels.shape}; expected a 2-D image")
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    header = None
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            header = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+        except (TypeError, ValueError, IndexError):
+            log.warning("%s: unreadable WindowCenter/WindowWidth; using min-max", path)
+    out = _apply_window(path, values, window, header)
+    if photometric == "MONOCHROME1":  # 0 is white in MONOCHROME1
+        out = 255 - out
+    return out
+
+
+def _dicom_info(path: Path) -> ScanInfo:
+    ds, pixels = _read_dicom(path)
+    patient = str(ds.get("PatientID", "") or "").strip() or None
+    channels = int(ds.get("SamplesPerPixel", 1) or 1)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        channels = 3
+    bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 0) or pixels.dtype.itemsize * 8)
+    modality = str(ds.get("Modality", "") or "").strip() or "OT"  # OT = "other" in DICOM terms
+    return ScanInfo(width=int(pixels.shape[1]), height=int(pixels.shape[0]), channels=channels,
+                    bit_depth=bits, modality=modality, patient_id=patient, is_dicom=True)
+
+
+# --------------------------------------------------------------------------- PNG / JPEG
+
+_HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _open_pil(path: Path) -> Image.Image:
+    """Open, decode fully (proves readability) and apply the EXIF orientation."""
+    try:
+        with Image.open(path) as img:
+            fmt = {"MPO": "JPEG"}.get(img.format or "", img.format or "unknown")
+            if fmt not in ("PNG", "JPEG"):
+                raise ScanError(f"{path}: image format is {fmt}; expected PNG or JPEG")
+            img.load()
+            out = ImageOps.exif_transpose(img)
+            out.format = fmt  # exif_transpose returns a new image without .format
+            return out
+    except ScanError:
+        raise
+    except Exception as exc:  # OSError, truncated data, decompression bombs, ...
+        raise ScanError(f"{path}: not a readable PNG/JPEG ({type(exc).__name__}: {exc})") from None
+
+
+def _composite_on_black(arr: np.ndarray) -> np.ndarray:
+    colour, alpha = arr[..., :-1].astype(np.float64), arr[..., -1:].astype(np.float64) / 255.0
+    out = np.rint(colour * alpha).astype(np.uint8)
+    return out[..., 0] if out.shape[-1] == 1 else out
+
+
+def _pil_pixels(path: Path, window) -> np.ndarray:
+    """uint8 (H, W) for greyscale images, (H, W, 3) for colour."""
+    img = _open_pil(path)
+    mode = img.mode
+    if mode in _HIGH_DEPTH_MODES:
+        return _apply_window(path, np.asarray(img).astype(np.float64), window, header=None)
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if mode == "1":
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if mode == "LA":
+        return _composite_on_black(np.asarray(img))
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    elif mode in ("CMYK", "YCbCr"):
+        img = img.convert("RGB")
+    if img.mode == "RGBA":
+        return _composite_on_black(np.asarray(img))
+    if img.mode == "RGB":
+        return np.asarray(img, dtype=np.uint8)
+    raise ScanError(f"{path}: unsupported image mode {mode!r}; expected L, I;16, I, RGB, RGBA, P or LA")
+
+
+def _pil_info(path: Path) -> ScanInfo:
+    img = _open_pil(path)
+    mode = img.mode
+    channels = 1 if mode in _HIGH_DEPTH_MODES | {"L", "LA", "1"} else 3
+    bits = 16 if mode in _HIGH_DEPTH_MODES else 1 if mode == "1" else 8
+    return ScanInfo(width=img.width, height=img.height, channels=channels, bit_depth=bits,
+                    modality=img.format, patient_id=None, is_dicom=False)
+
+
+# --------------------------------------------------------------------------- public API
+
+def probe(path: Path) -> ScanInfo:
+    """Header facts of one scan; decodes the pixels too, so a ScanInfo means 'readable'."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScanError(f"{path}: no such file")
+    return _dicom_info(path) if _is_dicom(path) else _pil_info(path)
+
+
+def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    if channels == 1:
+        if pixels.ndim == 3:
+            pixels = np.asarray(Image.fromarray(pixels).convert("L"))
+        return pixels[..., None]
+    if channels == 3:
+        return pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
+    raise ValueError(f"channels={channels}; expected 1 or 3")
+
+
+def load_pixels(path: Path, window: str | list[float], channels: int) -> np.ndarray:
+    """Decoded, windowed pixels at full resolution: uint8 (H, W, channels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScanError(f"{path}: no such file")
+    pixels = _dicom_pixels(path, window) if _is_dicom(path) else _pil_pixels(path, window)
+    return np.ascontiguousarray(_to_channels(pixels, channels))
+
+
+def prepare_image(path: Path, image_size: int, channels: int, window) -> np.ndarray:
+    """The model's input for one scan: uint8 (channels, image_size, image_size)."""
+    pixels = load_pixels(path, window, channels)
+    size = (int(image_size), int(image_size))
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., c]))
+                         .resize(size, Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP))
+              for c in range(pixels.shape[2])]
+    return np.stack(planes, axis=0).astype(np.uint8, copy=False)
