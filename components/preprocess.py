@@ -143,6 +143,9 @@ def _meta(index_df: pd.DataFrame, params: Params) -> dict:
 def _swap_in(tmp: Path, out_dir: Path) -> None:
     """Rename the finished folder over `out_dir`. A directory cannot be os.replace'd over a
     non-empty one, so the old folder is first moved aside; it is deleted only once the new one is in."""
+    # mkdtemp makes it 0700; the cache should be as readable as any output folder. (Reading the
+    # umask would mean setting it, which races with other threads, e.g. Prefect tasks.)
+    os.chmod(tmp, 0o755)
     old = None
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
