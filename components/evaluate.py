@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from components.common import StageError, atomic_path, stage_main, write_json
+from components.common import StageError, atomic_path, sha256_file, stage_main, write_json
 from components.params import Params, load_params
 
 log = logging.getLogger("medtune.evaluate")
@@ -255,7 +255,7 @@ def predict_probabilities(model: Any, images: np.ndarray, device: Any, batch_siz
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+            batch = torch.from_numpy(np.array(images[start:start + batch_size]))  # copy: memmaps are read-only
             x = batch.to(device=device, dtype=torch.float32) / 255.0
             out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
     if not out:
@@ -293,6 +293,8 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     except ValueError as exc:
         raise StageError(f"{prepared_dir}/index.csv (test split): {exc}") from None
     gate = apply_gate(metrics, params)
+    # Export checks this, so a gate computed for another checkpoint can never release this one.
+    gate["checkpoint_sha256"] = sha256_file(model_path)
 
     y_pred = predict_labels(probs, pos, params.evaluate.threshold)
     names = np.asarray(classes, dtype=object)

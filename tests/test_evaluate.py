@@ -110,3 +110,136 @@ def test_gate_reasons_for_pass_and_fail():
     assert bad["failed"] == ["auroc 0.62 < min_auroc 0.75", "specificity 0.4 < min_specificity 0.5"]
     assert bad["metrics"] == {"auroc": 0.62, "sensitivity": 0.8, "specificity": 0.4}
     json.dumps(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage on a tiny prepared folder and a random-weight checkpoint (helpers reused by the
+# export and predict tests)
+# ---------------------------------------------------------------------------------------------
+
+RAW_PATIENT = "PAT-RAW-0001"  # a raw id that must never reach an artefact
+
+
+def make_prepared(root, classes=("normal", "lesion"), per_class=None, channels=1, size=32, seed=0):
+    """A data/prepared folder as preprocess writes it: {split}.npy, index.csv, meta.json."""
+    import pandas as pd
+
+    from components.common import hash_patient
+
+    per_class = per_class or {"train": 2, "val": 2, "test": 4}
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n in per_class.items():
+        images = []
+        for li, cls in enumerate(classes):
+            for i in range(n):
+                img = rng.integers(0, 120, size=(channels, size, size), dtype=np.uint8)
+                img[:, 8:20, 8:20] += np.uint8(100 * li)  # a brighter square for later classes
+                images.append(img)
+                rows.append({"split": split, "row": len(images) - 1, "path": f"{cls}/{split}_{i}.png",
+                             "sha256": f"{split}{li}{i}".ljust(64, "0"), "label": cls, "label_index": li,
+                             "patient": hash_patient(f"{RAW_PATIENT}-{split}-{i}", b"salt")})
+        np.save(root / f"{split}.npy", np.stack(images))
+    pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
+    meta = {"classes": list(classes), "image_size": size, "channels": channels, "window": "header",
+            "resize": "bilinear", "input": "uint8 NCHW"}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def make_checkpoint(path, classes=("normal", "lesion"), channels=1, size=32, seed=0):
+    """A checkpoint in the documented train format, with random `none`-backbone weights."""
+    import torch
+
+    from components.models import build_model
+
+    torch.manual_seed(seed)
+    model, info = build_model("none", len(classes), channels, False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "backbone": model.arch, "classes": list(classes),
+                "in_channels": channels, "image_size": size,
+                "params": {"train": {"freeze": "all", "optimizer": "adamw", "lr": 1e-3}, "augment": {}},
+                "pretrained": info, "history": [], "best_epoch": 1, "epochs_run": 1,
+                "best_metric": {"name": "val_auroc", "value": 0.5}, "device": "cpu"}, path)
+    return path
+
+
+def tiny_params(**gate):
+    return parse_params({"evaluate": {"positive_class": "lesion", "bootstrap": 40,
+                                      "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, **gate}}})
+
+
+def test_evaluate_stage_writes_reports(tmp_path):
+    import pandas as pd
+    import torch
+
+    from components.evaluate import evaluate
+    from components.models import load_checkpoint
+
+    prepared = make_prepared(tmp_path / "prepared")
+    ckpt = make_checkpoint(tmp_path / "model.pt")
+    reports = tmp_path / "reports"
+    out = evaluate(ckpt, prepared, reports, tiny_params())
+
+    metrics = json.loads((reports / "metrics.json").read_text())
+    gate = json.loads((reports / "gate.json").read_text())
+    assert gate["passed"] is True and out["gate"]["passed"] is True
+    assert metrics["n_test"] == 8 and metrics["classes"] == BINARY
+    assert np.array(metrics["confusion_matrix"]).sum() == 8
+    for key in ("auroc", "auroc_ci", "accuracy", "sensitivity", "specificity", "precision", "f1", "threshold"):
+        assert key in metrics
+
+    preds = pd.read_csv(reports / "test_predictions.csv")
+    assert list(preds.columns) == ["path", "sha256", "label", "prob_normal", "prob_lesion", "predicted"]
+    # The probabilities are the model's softmax on the scaled test images.
+    model, _ = load_checkpoint(ckpt)
+    x = torch.from_numpy(np.load(prepared / "test.npy").astype(np.float32) / 255)
+    with torch.no_grad():
+        expected = torch.softmax(model(x), 1).numpy()
+    assert np.allclose(preds[["prob_normal", "prob_lesion"]].to_numpy(), expected, atol=1e-5)
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(preds["label"] == "lesion", expected[:, 1]), abs=1e-6)
+
+    roc = pd.read_csv(reports / "roc.csv")
+    assert list(roc.columns) == ["fpr", "tpr"] and roc["tpr"].iloc[-1] == 1.0
+    conf = pd.read_csv(reports / "confusion.csv")
+    assert list(conf.columns) == ["actual", "predicted"] and len(conf) == 8
+    assert set(conf["actual"]) == set(BINARY)
+    for png in ("roc.png", "confusion.png"):
+        assert (reports / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = {p.name: p.read_bytes() for p in reports.iterdir()}
+
+    # Deterministic (no dates or versions in any artefact) and free of patient identifiers.
+    evaluate(ckpt, prepared, reports, tiny_params())
+    assert {p.name: p.read_bytes() for p in reports.iterdir()} == first
+    patients = pd.read_csv(prepared / "index.csv")["patient"]
+    for blob in first.values():
+        assert b"Matplotlib" not in blob and RAW_PATIENT.encode() not in blob
+        assert not any(h.encode() in blob for h in patients)
+
+
+def test_evaluate_failed_gate_still_writes_metrics(tmp_path, caplog):
+    from components.evaluate import evaluate
+
+    prepared = make_prepared(tmp_path / "prepared")
+    ckpt = make_checkpoint(tmp_path / "model.pt")
+    out = evaluate(ckpt, prepared, tmp_path / "reports", tiny_params(min_auroc=1.01))
+    gate = json.loads((tmp_path / "reports" / "gate.json").read_text())
+    assert gate["passed"] is False and out["gate"]["passed"] is False
+    assert any(r.startswith("auroc ") and "< min_auroc 1.01" in r for r in gate["failed"])
+    assert (tmp_path / "reports" / "metrics.json").is_file()
+    assert "GATE FAILED" in caplog.text
+
+
+def test_evaluate_main_reports_class_mismatch(tmp_path, capsys):
+    from components.evaluate import main
+
+    prepared = make_prepared(tmp_path / "prepared")
+    ckpt = make_checkpoint(tmp_path / "model.pt", classes=("a", "b"))
+    (tmp_path / "params.yaml").write_text("evaluate:\n  bootstrap: 5\n")
+    rc = main(["--params", str(tmp_path / "params.yaml"), "--model", str(ckpt), "--prepared", str(prepared),
+               "--reports", str(tmp_path / "reports")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "model.pt" in err and "['a', 'b']" in err and "Traceback" not in err
+    assert not (tmp_path / "reports" / "metrics.json").exists()
