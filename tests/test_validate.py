@@ -1,0 +1,203 @@
+"""Validation stage: a clean manifest passes, each kind of bad data fails naming the file/value."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from components import validate as V
+from components.common import StageError, hash_patient, sha256_bytes
+from components.params import Params
+
+SALT = b"test-salt"
+
+
+def clean_rows() -> list[dict]:
+    """Two images per (split, class); one patient per image pair, each patient in one split."""
+    rows = []
+    for split in ("train", "val", "test"):
+        for label in ("normal", "lesion"):
+            for i in range(2):
+                name = f"{label}/{split}_{i}.png"
+                rows.append(dict(path=name, sha256=sha256_bytes(name.encode()), label=label,
+                                 patient=hash_patient(f"{split}-{i}", SALT), width=32, height=32, channels=1,
+                                 bit_depth=8, modality="PNG", split=split, error=""))
+    return rows
+
+
+def write_manifest(tmp_path: Path, rows: list[dict]) -> tuple[Path, Path]:
+    csv, js = tmp_path / "manifest.csv", tmp_path / "manifest.json"
+    pd.DataFrame(rows).sort_values("path").to_csv(csv, index=False)
+    js.write_text(json.dumps({"n_images": len(rows), "data_version": "untracked", "content_hash": "abc"}))
+    return csv, js
+
+
+def run(tmp_path: Path, rows: list[dict], params: Params | None = None) -> tuple[Path, Path]:
+    csv, js = write_manifest(tmp_path, rows)
+    out_json, out_md = tmp_path / "reports" / "validation.json", tmp_path / "reports" / "validation.md"
+    V.validate(csv, js, out_json, out_md, params or Params())
+    return out_json, out_md
+
+
+def with_validate(**kw) -> Params:
+    p = Params()
+    return dataclasses.replace(p, validate=dataclasses.replace(p.validate, **kw))
+
+
+def test_clean_manifest_passes(tmp_path):
+    out_json, out_md = run(tmp_path, clean_rows())
+    report = json.loads(out_json.read_text())
+    assert report["success"] is True and report["failures"] == []
+    assert report["suite"] == V.SUITE
+    assert all(e["success"] for e in report["expectations"])
+    assert report["counts"] == {s: {"normal": 2, "lesion": 2} for s in ("train", "val", "test")}
+    # Each entry carries GX's own result, so the verdict is GX's, not ours.
+    types = {e["gx"]["expectation_config"]["type"] for e in report["expectations"]}
+    assert {"expect_column_values_to_be_unique", "expect_column_values_to_be_in_set",
+            "expect_table_row_count_to_be_between"} <= types
+    md = out_md.read_text()
+    assert md.startswith("# Manifest validation: PASS") and "| sha256_unique |" in md
+
+
+def _unknown_label(rows):
+    rows.append({**rows[0], "path": "tumour/x.png", "sha256": "e" * 64, "label": "tumour"})
+    return "tumour/x.png", "label='tumour'"
+
+
+def _duplicate_across_splits(rows):
+    rows[5]["sha256"] = rows[0]["sha256"]  # a train image copied into val
+    return rows[5]["path"], rows[0]["path"]
+
+
+def _patient_in_two_splits(rows):
+    rows[6]["patient"] = rows[0]["patient"]  # val image of a train patient
+    return rows[0]["patient"], rows[6]["path"]
+
+
+def _too_small(rows):
+    rows[3]["height"] = 8
+    return rows[3]["path"], "height=8"
+
+
+def _too_few_per_class(rows):
+    del rows[10]  # test/lesion keeps one image
+    return ("split 'test', class 'lesion': 1 image(s)",)
+
+
+def _unreadable(rows):
+    rows.append(dict(path="broken.dcm", sha256="f" * 64, label="", patient="", width="", height="", channels="",
+                     bit_depth="", modality="", split="", error="not a DICOM file"))
+    return "broken.dcm", "not a DICOM file"
+
+
+@pytest.mark.parametrize("corrupt, check", [
+    (_unknown_label, "label_in_classes"),
+    (_duplicate_across_splits, "sha256_unique"),
+    (_patient_in_two_splits, "patient_in_one_split"),
+    (_too_small, "height_in_range"),
+    (_too_few_per_class, "images_per_class_split"),
+    (_unreadable, "unreadable_within_limit"),
+])
+def test_each_failure_kind_is_critical_and_named(tmp_path, corrupt, check):
+    rows = clean_rows()
+    expected = corrupt(rows)
+    with pytest.raises(StageError) as err:
+        run(tmp_path, rows)
+    msg = str(err.value)
+    assert check in msg and "validation.md" in msg
+    for text in expected:
+        assert text in msg, f"{text!r} missing from: {msg}"
+    # Both reports are written before the stage fails, and they agree with the message.
+    report = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    assert report["success"] is False
+    assert [f["name"] for f in report["failures"]] == [check]
+    md = (tmp_path / "reports" / "validation.md").read_text()
+    assert md.startswith("# Manifest validation: FAIL") and f"### {check} (critical)" in md
+    assert all(text in md for text in expected)
+
+
+def test_unreadable_within_limit_passes_but_is_listed(tmp_path):
+    rows = clean_rows()
+    _unreadable(rows)
+    out_json, out_md = run(tmp_path, rows, with_validate(max_unreadable=1))
+    report = json.loads(out_json.read_text())
+    assert report["success"] is True and report["n_unreadable"] == 1
+    assert report["unreadable"] == [{"path": "broken.dcm", "error": "not a DICOM file"}]
+    assert "`broken.dcm`: not a DICOM file" in out_md.read_text()
+
+
+def test_run_suite_on_a_dataframe_without_files(tmp_path):
+    rows = clean_rows()
+    rows[1]["bit_depth"] = 12
+    rows[2]["width"] = "abc"  # not a number: must fail, not crash or pass silently
+    rows[4]["patient"] = ""  # only a warning: it cannot leak, but leakage cannot be checked either
+    report = V.run_suite(pd.DataFrame(rows), Params())
+    failed = {f["name"]: f for f in report["failures"]}
+    assert set(failed) == {"bit_depth_allowed", "width_present", "patient_present"}
+    assert "bit_depth=12" in failed["bit_depth_allowed"]["message"]
+    assert rows[1]["path"] in failed["bit_depth_allowed"]["message"]
+    assert rows[2]["path"] in failed["width_present"]["message"]
+    assert failed["patient_present"]["critical"] is False
+    assert report["success"] is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_long_lists_are_truncated_in_the_message(tmp_path):
+    rows = clean_rows()
+    for r in rows:
+        r["width"] = 4
+    with pytest.raises(StageError, match=r"\.\.\. and 2 more"):
+        run(tmp_path, rows)
+
+
+def test_output_is_deterministic(tmp_path, monkeypatch):
+    """Same manifest, two processes with different hash seeds: byte-identical reports (DVC outs)."""
+    rows = clean_rows()
+    _duplicate_across_splits(rows)
+    write_manifest(tmp_path, rows)
+    monkeypatch.chdir(tmp_path)  # the default paths are relative to the project root
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(Params())))
+    assert V.main(["--manifest", "manifest.csv", "--manifest-json", "manifest.json"]) == 1
+    reports = [tmp_path / "reports" / n for n in ("validation.json", "validation.md")]
+    first = [p.read_bytes() for p in reports]
+    for p in reports:
+        p.unlink()
+    env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "components.cli", "validate", "--manifest", "manifest.csv",
+                           "--manifest-json", "manifest.json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "sha256_unique" in proc.stderr and "Traceback" not in proc.stderr
+    assert [p.read_bytes() for p in reports] == first
+    text = first[0].decode()
+    assert '"run_id"' not in text and '"time"' not in text and '"id"' not in text
+
+
+def test_missing_column_and_stale_manifest_json(tmp_path):
+    rows = clean_rows()
+    with pytest.raises(StageError, match=r"missing column\(s\) \['bit_depth'\]"):
+        V.run_suite(pd.DataFrame(rows).drop(columns="bit_depth"), Params())
+    csv, js = write_manifest(tmp_path, rows)
+    js.write_text(json.dumps({"n_images": 99}))
+    with pytest.raises(StageError, match="n_images=99"):
+        V.validate(csv, js, tmp_path / "v.json", tmp_path / "v.md", Params())
+    assert not (tmp_path / "v.json").exists()
+
+
+def test_main_exit_codes(tmp_path, capsys):
+    csv, js = write_manifest(tmp_path, clean_rows())
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(dataclasses.asdict(Params())))
+    argv = ["--params", str(params), "--manifest", str(csv), "--manifest-json", str(js),
+            "--out-json", str(tmp_path / "v.json"), "--out-md", str(tmp_path / "v.md")]
+    assert V.main(argv) == 0
+    params.write_text(yaml.safe_dump(dataclasses.asdict(with_validate(min_images_per_class_split=3))))
+    assert V.main(argv) == 1
+    assert "images_per_class_split" in capsys.readouterr().err
