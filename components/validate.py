@@ -139,12 +139,12 @@ def _quiet_gx() -> None:
 
 def _run_gx(tables: dict[str, pd.DataFrame], checks: list[Check]) -> dict[str, dict]:
     """Run one GX validation per table; return the serialised GX result of each check by name."""
+    _quiet_gx()  # before the import: GX logs hundreds of INFO lines while importing
     import great_expectations as gx
     import great_expectations.expectations as gxe
     from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
                                                             ProgressBarsConfig)
 
-    _quiet_gx()
     config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
                                progress_bars=ProgressBarsConfig(globally=False), analytics_enabled=False)
     ctx = gx.get_context(project_config=config, mode="ephemeral")
