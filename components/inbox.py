@@ -1,0 +1,426 @@
+"""New labelled batches: find them in the inbox, check each on its own, quarantine or append to raw.
+
+    medtune ingest-new path/to/batch      # copy a batch into the inbox (atomically) and emit the event
+    medtune retrain --once                # what the retrain flow does with it
+
+A batch is one folder directly under `retrain.inbox_dir`, laid out like the raw data: either
+folder-per-class (`<batch>/<class>/<file>`) or files plus `labels.csv` (`path,label[,patient_id]
+[,split]`, paths relative to the batch). Folders whose name starts with "." or "_" are ignored, so
+a batch being copied in (under a dot-name, then renamed) is never picked up half-written.
+
+Checks (each names the file and the value): no scans at all; unreadable files (`scans.probe`);
+labels missing or not in `data.classes`; sizes and bit depths outside `validate.*`; files that
+duplicate a scan already in the raw data or another file of the batch (sha256); patients already
+present in the raw data. Patient rule: a batch must bring new patients. A batch patient already in
+`data/manifest.csv` is accepted only when the batch's labels.csv gives it a `split` equal to the
+split that patient already has; otherwise adding it would either put one patient in two splits or
+silently move the patient's existing scans, so the batch is rejected.
+
+A bad batch is moved, unchanged, to `retrain.quarantine_dir/<batch>-<time>/batch/` next to a
+`report.json` and `report.md`. A good batch is copied into the raw data under its own name
+(`raw/<class>/<batch>/...` or `raw/<batch>/...` plus rows appended to raw labels.csv); existing raw
+files are never modified or removed, and the copy is idempotent, so a crashed retrain resumes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from components import common
+from components.common import StageError
+from components.params import Params, _build, _expect
+
+log = logging.getLogger("medtune.inbox")
+
+EVENT = "medtune.inbox.batch-added"  # emitted by `medtune ingest-new`; the retrain deployment's trigger
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class RetrainParams:
+    # A batch is one folder in here; "."/"_"-prefixed folders are ignored (in progress).
+    inbox_dir: str = "data/inbox"
+    # Rejected batches land here, unchanged, beside a report. Never read by the pipeline.
+    quarantine_dir: str = "data/quarantine"
+    # Appended batches are moved here after their retrain run is recorded (kept, never deleted).
+    processed_dir: str = "data/inbox-processed"
+    # Champion/challenger comparison on the same test images: promote only when
+    # challenger[compare_metric] >= champion[compare_metric] - promotion_margin (and the gate passed).
+    compare_metric: str = "auroc"
+    promotion_margin: float = 0.01
+    # Schedule of the retrain deployment: a cron string, or else an interval in seconds (0: no schedule).
+    schedule_cron: str | None = None
+    schedule_interval: int = 3600
+    # DVC remote the promotions push to; a local directory by default (relative to the project root).
+    dvc_remote: str = "../medtune-dvc-remote"
+    dvc_remote_name: str = "medtune"
+    # Git tag of a promoted model: this prefix + model id.
+    tag_prefix: str = "model-"
+    # How long a second retrain run waits for the first before it gives up (seconds).
+    lock_timeout: int = 3600
+
+    def validate(self) -> None:
+        _expect(self.compare_metric in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "precision"),
+                "retrain.compare_metric", self.compare_metric,
+                "one of auroc, accuracy, sensitivity, specificity, f1, precision")
+        _expect(0 <= self.promotion_margin < 1, "retrain.promotion_margin", self.promotion_margin,
+                "a metric difference in [0, 1)")
+        _expect(self.schedule_interval >= 0, "retrain.schedule_interval", self.schedule_interval,
+                "seconds >= 0 (0: no interval schedule)")
+        _expect(self.lock_timeout >= 0, "retrain.lock_timeout", self.lock_timeout, "seconds >= 0")
+        _expect(bool(self.tag_prefix) and " " not in self.tag_prefix, "retrain.tag_prefix", self.tag_prefix,
+                "a non-empty git tag prefix without spaces")
+
+
+def load_retrain_params(path: str | Path = "params.yaml") -> RetrainParams:
+    """The `retrain:` section of params.yaml (all defaults when it is absent).
+
+    Read from the raw YAML because params.py does not know this section yet.
+    """
+    path = Path(path)
+    raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    try:
+        rp = _build(RetrainParams, raw.get("retrain"), "retrain")
+        rp.validate()
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return rp
+
+
+def load_spine_params(path: str | Path = "params.yaml") -> Params:
+    """The pipeline's Params from a file that may also hold a `retrain:` section."""
+    from components.params import parse_params
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params: {path} not found; run from the project root or pass --params PATH.")
+    raw = dict(yaml.safe_load(path.read_text()) or {})
+    raw.pop("retrain", None)
+    try:
+        return parse_params(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding batches
+# ---------------------------------------------------------------------------------------------
+
+def find_batches(inbox_dir: str | Path) -> list[Path]:
+    """Ready batches in the inbox, oldest name first; ignores "."/"_"-prefixed folders and files."""
+    inbox = Path(inbox_dir)
+    if not inbox.is_dir():
+        return []
+    return sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def add_to_inbox(source: str | Path, inbox_dir: str | Path, name: str | None = None) -> Path:
+    """Copy a batch folder into the inbox atomically (copy under a dot-name, then rename).
+
+    The source is only read. Returns the batch folder in the inbox.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise StageError(f"ingest-new: {source} is not a folder; expected a batch folder with class "
+                         "sub-folders or files plus labels.csv.")
+    name = name or source.resolve().name
+    if not _NAME_OK.match(name):
+        raise StageError(f"ingest-new: batch name {name!r} is invalid; expected letters, digits, '.', '_', '-' "
+                         "and no leading '.' or '_' (pass --name).")
+    inbox = Path(inbox_dir)
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = inbox / name
+    if target.exists():
+        raise StageError(f"ingest-new: {target} already exists; the inbox holds a batch of that name (pass --name).")
+    tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{name}-", dir=inbox))
+    try:
+        shutil.copytree(source, tmp / "b", ignore=shutil.ignore_patterns(".*"))
+        os.rename(tmp / "b", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking one batch
+# ---------------------------------------------------------------------------------------------
+
+BATCH_COLUMNS = ["path", "sha256", "label", "patient", "split", "width", "height", "channels", "bit_depth",
+                 "modality", "error"]
+
+
+def _batch_labels_csv(batch: Path) -> pd.DataFrame | None:
+    csv = batch / "labels.csv"
+    if not csv.is_file():
+        return None
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise StageError(f"{csv}: cannot be read as CSV ({exc}); expected columns path,label[,patient_id][,split].")
+    missing = {"path", "label"} - set(df.columns)
+    if missing:
+        raise StageError(f"{csv}: missing column(s) {sorted(missing)}; expected path,label[,patient_id][,split].")
+    return df
+
+
+def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, list[str]]:
+    """One row per file of the batch (manifest-shaped, plus `split` from labels.csv if given).
+
+    Returns (rows, problems-found-while-reading). Patient ids are hashed here and never kept raw,
+    resolved as ingest will after the append: labels.csv `patient_id` (csv mode), else the DICOM
+    PatientID, else `data.patient_pattern` on the file name; else empty (each image its own patient).
+    """
+    from components import scans
+
+    batch = Path(batch_dir)
+    salt = common.patient_salt(params.data.patient_salt)
+    pattern = re.compile(params.data.patient_pattern) if params.data.patient_pattern else None
+    problems: list[str] = []
+    try:
+        labels = _batch_labels_csv(batch)
+    except StageError as exc:
+        return pd.DataFrame(columns=BATCH_COLUMNS), [str(exc)]
+    by_path: dict[str, dict[str, str]] = {}
+    if labels is not None:
+        for row in labels.to_dict("records"):
+            by_path[Path(row["path"]).as_posix()] = row
+        for rel in sorted(by_path):
+            if not (batch / rel).is_file():
+                problems.append(f"{batch / 'labels.csv'}: path {rel!r} does not exist in the batch.")
+
+    rows = []
+    for f in sorted(p for p in batch.rglob("*") if p.is_file()):
+        rel = f.relative_to(batch).as_posix()
+        if rel == "labels.csv" or any(part.startswith(".") for part in f.relative_to(batch).parts):
+            continue
+        if not scans.is_candidate(f):
+            problems.append(f"{f}: not a scan (expected DICOM, PNG or JPEG).")
+            continue
+        row: dict[str, Any] = dict.fromkeys(BATCH_COLUMNS, "")
+        row["path"], row["sha256"] = rel, common.sha256_file(f)
+        csv_row = by_path.get(rel)
+        if labels is not None:
+            row["label"] = (csv_row or {}).get("label", "")
+            row["split"] = (csv_row or {}).get("split", "")
+        else:
+            parts = rel.split("/")
+            row["label"] = parts[0] if len(parts) > 1 else ""
+        # Same order as ingest; a batch's CSV patient_id only survives the append in csv mode.
+        patient_id = ((csv_row or {}).get("patient_id") or None) if params.data.label_source == "csv" else None
+        try:
+            info = scans.probe(f)
+        except scans.ScanError as exc:
+            row["error"] = str(exc) or "unreadable"
+            info = None
+        if info is not None:
+            row.update(width=info.width, height=info.height, channels=info.channels, bit_depth=info.bit_depth,
+                       modality=info.modality)
+            patient_id = patient_id or info.patient_id
+        if not patient_id and pattern is not None and (m := pattern.search(f.name)):
+            patient_id = m.group("patient")
+        row["patient"] = common.hash_patient(patient_id, salt) if patient_id else ""
+        rows.append(row)
+    return pd.DataFrame(rows, columns=BATCH_COLUMNS), problems
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """The current raw data's manifest (empty when there is none yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame(columns=["path", "sha256", "label", "patient", "split", "error"])
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFrame, params: Params,
+                already_appended: Sequence[str] = ()) -> list[str]:
+    """Problems with one batch, each naming the file, the value and what was expected ([] = good).
+
+    `already_appended`: manifest paths that are this batch's own earlier copy in raw (a resumed
+    run), which must not count as duplicates or known patients.
+    """
+    batch = Path(batch_dir)
+    problems: list[str] = []
+    if not _NAME_OK.match(batch.name):
+        problems.append(f"{batch}: batch name {batch.name!r} is invalid; expected letters, digits, '.', '_', '-'.")
+    if rows.empty:
+        return problems + [f"{batch}: no scans found; expected class sub-folders or files plus labels.csv."]
+    classes = list(params.data.classes)
+    v = params.validate
+    for r in rows.itertuples(index=False):
+        where = batch / r.path
+        if r.error:
+            problems.append(f"{where}: unreadable ({r.error}).")
+            continue
+        if not r.label:
+            problems.append(f"{where}: no label; expected a class folder or a labels.csv row with one of {classes}.")
+        elif r.label not in classes:
+            problems.append(f"{where}: label {r.label!r} is unknown; expected one of data.classes {classes}.")
+        if not (v.min_size <= int(r.width) <= v.max_size and v.min_size <= int(r.height) <= v.max_size):
+            problems.append(f"{where}: size {r.width}x{r.height} is outside validate.min_size..max_size "
+                            f"{v.min_size}..{v.max_size}.")
+        if int(r.bit_depth) not in v.bit_depths:
+            problems.append(f"{where}: bit depth {r.bit_depth} is not one of validate.bit_depths {v.bit_depths}.")
+        if r.split and r.split not in ("train", "val", "test"):
+            problems.append(f"{where}: split {r.split!r} is invalid; expected train, val or test.")
+
+    dup_in_batch = rows[rows.duplicated("sha256", keep="first")]
+    for r in dup_in_batch.itertuples(index=False):
+        first = rows.loc[rows["sha256"] == r.sha256, "path"].iloc[0]
+        problems.append(f"{batch / r.path}: duplicates {batch / first} in the same batch (sha256 {r.sha256[:12]}).")
+
+    existing = manifest[~manifest["path"].isin(set(already_appended))]
+    known = dict(zip(existing["sha256"], existing["path"]))
+    for r in rows.itertuples(index=False):
+        if r.sha256 in known:
+            problems.append(f"{batch / r.path}: duplicates raw scan {known[r.sha256]!r} already in the data "
+                            f"(sha256 {r.sha256[:12]}).")
+
+    # Patient rule (module docstring): a known patient only with an explicit, identical split.
+    have = existing[existing["patient"] != ""].groupby("patient")["split"].agg(lambda s: sorted(set(s) - {""}))
+    for r in rows.itertuples(index=False):
+        if r.patient and r.patient in have.index:
+            splits = have[r.patient]
+            if not (r.split and splits == [r.split]):
+                problems.append(f"{batch / r.path}: patient {r.patient} (hashed) is already in the raw data "
+                                f"(split {'/'.join(splits) or 'unassigned'}); a batch must bring new patients, "
+                                "or give that patient the same split in labels.csv.")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcomes: quarantine, append, archive
+# ---------------------------------------------------------------------------------------------
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def quarantine(batch_dir: str | Path, quarantine_dir: str | Path, problems: Sequence[str],
+               context: dict[str, Any] | None = None) -> Path:
+    """Move the batch, unchanged, to quarantine_dir/<batch>-<time>/batch and write the report beside it."""
+    batch = Path(batch_dir)
+    dest = Path(quarantine_dir) / f"{batch.name}-{_stamp()}"
+    dest.mkdir(parents=True, exist_ok=False)
+    report = {"batch": batch.name, "source": str(batch), "quarantined_at": _stamp(), "problems": list(problems),
+              **(context or {})}
+    # The report first: if the move fails the report still says why, and the batch stays in the inbox.
+    common.write_json(dest / "report.json", report)
+    md = [f"# Quarantined batch `{batch.name}`", "", f"{len(problems)} problem(s); nothing was retrained and "
+          "the current model stays. Fix the batch and drop it into the inbox again.", ""]
+    md += [f"- {p}" for p in problems[:200]]
+    if len(problems) > 200:
+        md.append(f"- ... and {len(problems) - 200} more (report.json)")
+    common.write_text(dest / "report.md", "\n".join(md) + "\n")
+    shutil.move(str(batch), str(dest / "batch"))
+    log.warning("quarantined batch %s -> %s: %d problem(s), first: %s", batch.name, dest, len(problems), problems[0])
+    return dest
+
+
+def raw_destination(batch_name: str, rel: str, label: str, params: Params) -> str:
+    """Where a batch file goes under raw_dir, keeping the raw data's own layout."""
+    if params.data.label_source == "folder":
+        return f"{label}/{batch_name}/{Path(rel).name if '/' in rel else rel}" if label else rel
+    return f"{batch_name}/{rel}"
+
+
+def appended_paths(batch_name: str, rows: pd.DataFrame, params: Params) -> list[str]:
+    return [raw_destination(batch_name, r.path, r.label, params) for r in rows.itertuples(index=False)]
+
+
+def append_to_raw(batch_dir: str | Path, rows: pd.DataFrame, raw_dir: str | Path, params: Params) -> list[str]:
+    """Copy a checked batch into raw_dir without touching existing files; return the new raw paths.
+
+    Idempotent: a file already at its destination with the same sha256 is left alone (a resumed
+    run); a different file there is an error (the batch name was used before). In csv mode the
+    batch's rows are appended to raw labels.csv (rewritten atomically, existing lines unchanged).
+    """
+    batch, raw = Path(batch_dir), Path(raw_dir)
+    dests = appended_paths(batch.name, rows, params)
+    if len(set(dests)) != len(dests):
+        raise StageError(f"{batch}: two files map to the same raw path; file names must be unique per class.")
+    for dest in dests:
+        target = raw / dest
+        if target.exists() and target.is_dir():
+            raise StageError(f"{target} is a folder; expected nothing or a file there.")
+    plan = []
+    for r, dest in zip(rows.itertuples(index=False), dests):
+        target = raw / dest
+        if target.exists():
+            if common.sha256_file(target) != r.sha256:
+                raise StageError(f"{target} already exists with other content; batch name {batch.name!r} was used "
+                                 "before: rename the batch folder and drop it again.")
+            continue
+        plan.append((batch / r.path, target))
+    for src, target in plan:
+        with common.atomic_path(target) as tmp:
+            shutil.copyfile(src, tmp)
+    if params.data.label_source == "csv":
+        _append_labels(raw / params.data.labels_csv, batch, rows, dests)
+    log.info("appended batch %s to %s: %d new file(s), %d already there", batch.name, raw, len(plan),
+             len(dests) - len(plan))
+    return dests
+
+
+def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: list[str]) -> None:
+    existing = pd.read_csv(labels_csv, dtype=str, keep_default_na=False) if labels_csv.is_file() \
+        else pd.DataFrame(columns=["path", "label"])
+    new_paths = [d for d in dests if d not in set(existing["path"])]
+    if not new_paths:
+        return
+    src = _batch_labels_csv(batch)
+    extra = pd.DataFrame({"path": dests, "label": rows["label"].tolist()})
+    if src is not None:
+        by = {Path(p).as_posix(): i for i, p in enumerate(src["path"])}
+        for col in ("patient_id", "split"):
+            if col in src.columns:
+                extra[col] = [src[col].iloc[by[p]] if p in by else "" for p in rows["path"]]
+    for col in existing.columns:
+        if col not in extra.columns:
+            extra[col] = ""
+    unknown = [c for c in extra.columns if c not in existing.columns]
+    if unknown and len(existing):
+        raise StageError(f"{batch / 'labels.csv'}: column(s) {unknown} are not in {labels_csv}; the batch must use "
+                         f"the raw labels.csv columns {list(existing.columns)}.")
+    extra = extra[extra["path"].isin(new_paths)]
+    header = not labels_csv.is_file() or labels_csv.stat().st_size == 0
+    old = labels_csv.read_text(encoding="utf-8") if not header else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    cols = list(existing.columns) if len(existing.columns) else list(extra.columns)
+    common.write_text(labels_csv, old + extra[cols].to_csv(index=False, header=header, lineterminator="\n"))
+
+
+def archive(batch_dir: str | Path, processed_dir: str | Path) -> Path:
+    """Move an appended batch out of the inbox (kept, never deleted) so it is not picked up again."""
+    batch = Path(batch_dir)
+    dest = Path(processed_dir) / f"{batch.name}-{_stamp()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(batch), str(dest))
+    return dest
+
+
+def summary_table(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per label x split counts of a batch, for a report or a Prefect table artifact."""
+    if rows.empty:
+        return []
+    counts = rows.assign(split=rows["split"].replace("", "(pipeline)")).groupby(["label", "split"]).size()
+    return [{"label": k[0], "split": k[1], "files": int(n)} for k, n in counts.items()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`medtune ingest-new PATH`: the command lives in orchestrate (it also emits the Prefect event)."""
+    from components.orchestrate import ingest_new_main
+
+    return ingest_new_main(argv)

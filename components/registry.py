@@ -1,0 +1,352 @@
+"""The model registry: which model is the champion, every promotion/rejection, and how to audit it.
+
+Layout (git-tracked, small, append-only; see docs/architecture.md "Registry"):
+
+    registry/models/<model_id>/{lineage.json, model_card.md, manifest.csv}   # + model.onnx (git-ignored,
+                                                                           #   in the DVC remote under the tag)
+    registry/releases.jsonl      one JSON line per event: promoted | rejected | rollback
+    registry/current.json        {model_id, git_tag} of the champion
+
+Promotion is one git commit (data/raw.dvc, dvc.lock, the model's registry folder, the release line,
+current.json) made after `dvc push`, then a tag `<prefix><model_id>`. The git commit is the commit
+point: `recover()` (run first by every retrain) puts back any registry file written but not
+committed by a crashed run, so a crash anywhere leaves the old champion in place.
+
+Comparison "on the same test data": the champion's ONNX and the challenger's ONNX are both run with
+ONNX Runtime on the challenger's prepared test split, minus the images of patients the champion was
+trained or validated on (from the champion's own manifest copy), because the patient-level split is
+recomputed when data is added and those images would flatter the champion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components import common
+from components.common import StageError
+from components.params import Params
+
+log = logging.getLogger("medtune.registry")
+
+REGISTRY = "registry"
+MODEL_FILES = ("lineage.json", "model_card.md")  # copied from models/; manifest.csv from data/
+
+
+def registry_dir(root: str | Path = ".") -> Path:
+    return Path(root) / REGISTRY
+
+
+# ---------------------------------------------------------------------------------------------
+# git and DVC: run one command at a time in the project root (DVC fails if two run at once)
+# ---------------------------------------------------------------------------------------------
+
+def run_tool(args: Sequence[str], root: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run(list(args), cwd=root, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise StageError(f"`{' '.join(args)}` failed in {root} (exit {out.returncode}): "
+                         f"{(out.stderr or out.stdout).strip()[-2000:]}")
+    return out
+
+
+def git(root: str | Path, *args: str, check: bool = True) -> str:
+    return run_tool(["git", *args], root, check).stdout.strip()
+
+
+def dvc(root: str | Path, *args: str, check: bool = True) -> str:
+    return run_tool([_dvc_exe(), *args], root, check).stdout.strip()
+
+
+def _dvc_exe() -> str:
+    # The dvc beside this interpreter (the venv's), so a served flow finds it without PATH set up.
+    import sys
+
+    here = Path(sys.executable).parent / "dvc"
+    return str(here) if here.is_file() else "dvc"
+
+
+def ensure_remote(root: str | Path, url: str, name: str = "medtune") -> str:
+    """Make sure a default DVC remote exists; add `url` (a local folder by default) if none is set."""
+    root = Path(root)
+    current = dvc(root, "remote", "default", check=False)
+    if current and "No default remote" not in current:
+        return current
+    path = Path(url)
+    if "://" not in url:
+        (path if path.is_absolute() else root / path).mkdir(parents=True, exist_ok=True)
+    dvc(root, "remote", "add", "--force", "--default", name, url)
+    log.info("configured DVC remote %s -> %s", name, url)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+def current(root: str | Path = ".") -> dict[str, Any] | None:
+    """The champion `{model_id, git_tag}`, or None before the first promotion."""
+    path = registry_dir(root) / "current.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def releases(root: str | Path = ".") -> list[dict[str, Any]]:
+    """Every release event, oldest first."""
+    path = registry_dir(root) / "releases.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record_release(root: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Append one event to releases.jsonl (rewritten atomically; earlier lines byte-identical)."""
+    required = ("event", "model_id", "trigger")
+    missing = [k for k in required if k not in record]
+    if missing or record["event"] not in ("promoted", "rejected", "rollback"):
+        raise ValueError(f"release record {record!r} is invalid; expected keys {list(required)} and event "
+                         "promoted, rejected or rollback.")
+    record = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **record}
+    path = registry_dir(root) / "releases.jsonl"
+    old = path.read_text() if path.is_file() else ""
+    common.write_text(path, old + json.dumps(record, sort_keys=True, default=common._json_default) + "\n")
+    return record
+
+
+def set_current(root: str | Path, model_id: str, git_tag: str | None) -> Path:
+    return common.write_json(registry_dir(root) / "current.json", {"model_id": model_id, "git_tag": git_tag})
+
+
+def model_dir(root: str | Path, model_id: str) -> Path:
+    return registry_dir(root) / "models" / model_id
+
+
+def store_model(root: str | Path, model_id: str, models_dir: str | Path = "models",
+                manifest_csv: str | Path = "data/manifest.csv") -> Path:
+    """Copy a model's lineage, card and manifest (and ONNX, git-ignored) into the registry."""
+    root = Path(root)
+    dest = model_dir(root, model_id)
+    models_dir = root / models_dir
+    lineage = common.read_json(models_dir / "lineage.json")
+    if lineage.get("model_id") != model_id:
+        raise StageError(f"{models_dir / 'lineage.json'}: model_id {lineage.get('model_id')!r}; expected {model_id!r}.")
+    sources = {name: models_dir / name for name in MODEL_FILES}
+    sources["manifest.csv"] = root / manifest_csv
+    sources["model.onnx"] = models_dir / "model.onnx"
+    for name, src in sources.items():
+        if not src.is_file():
+            raise StageError(f"{src} not found; expected the export stage's output for model {model_id}.")
+        with common.atomic_path(dest / name) as tmp:
+            shutil.copyfile(src, tmp)
+    # Models are large and live in DVC (pull them at the model's tag); only records go to git.
+    ignore = registry_dir(root) / ".gitignore"
+    if not ignore.is_file():
+        common.write_text(ignore, "# model files live in the DVC remote: git checkout <tag> && dvc pull\n*.onnx\n")
+    return dest
+
+
+def model_id_of(models_dir: str | Path = "models") -> str:
+    return str(common.read_json(Path(models_dir) / "lineage.json")["model_id"])
+
+
+def champion_onnx(root: str | Path = ".") -> Path | None:
+    """The champion's ONNX file, fetched from the DVC remote at its tag if the registry copy is missing."""
+    root = Path(root)
+    cur = current(root)
+    if not cur:
+        return None
+    path = model_dir(root, cur["model_id"]) / "model.onnx"
+    if not path.is_file() and cur.get("git_tag"):
+        with common.atomic_path(path) as tmp:
+            tmp.unlink()
+            dvc(root, "get", ".", "models/model.onnx", "--rev", cur["git_tag"], "-o", str(tmp))
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Champion vs challenger
+# ---------------------------------------------------------------------------------------------
+
+def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    shape = [d if isinstance(d, int) else None for d in inp.shape]
+    if shape[1:] != list(images.shape[1:]):
+        raise StageError(f"{onnx_path} expects input {inp.shape[1:]} but the prepared test images are "
+                         f"{list(images.shape[1:])}; the two models cannot be compared on the same data.")
+    out = [session.run(None, {inp.name: np.asarray(images[i:i + batch], dtype=np.float32) / 255.0})[0]
+           for i in range(0, len(images), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def comparison_rows(index: pd.DataFrame, champion_manifest: str | Path | None) -> np.ndarray:
+    """Test rows usable for a fair comparison: patients the champion never trained or validated on."""
+    keep = np.ones(len(index), bool)
+    if champion_manifest and Path(champion_manifest).is_file():
+        m = pd.read_csv(champion_manifest, dtype=str, keep_default_na=False)
+        seen = set(m.loc[m["split"].isin(["train", "val"]), "patient"]) - {""}
+        keep = ~index["patient"].isin(seen).to_numpy()
+    return keep
+
+
+def compare(root: str | Path, params: Params, compare_metric: str, margin: float,
+            prepared_dir: str | Path = "data/prepared", models_dir: str | Path = "models",
+            reports_dir: str | Path = "reports") -> dict[str, Any]:
+    """The promotion decision for the challenger in models/ + reports/ against the registry champion.
+
+    Promote iff the challenger passed the absolute gate AND (no champion, or challenger metric >=
+    champion metric - margin on the same test images). Returns {promote, reasons, champion,
+    challenger, comparison}; the metrics of both models are in it whatever the outcome.
+    """
+    from components.evaluate import compute_metrics
+    from components.preprocess import load_split
+
+    root = Path(root)
+    reports, models = root / reports_dir, root / models_dir
+    gate = common.read_json(reports / "gate.json")
+    challenger = {"model_id": None, "metrics": common.read_json(reports / "metrics.json"), "gate": gate}
+    if (models / "lineage.json").is_file() and (models / "model.onnx").is_file():
+        challenger["model_id"] = model_id_of(models)
+    cur = current(root)
+    champion = {"model_id": cur["model_id"] if cur else None, "metrics": None}
+    reasons: list[str] = []
+    blockers: list[str] = []  # the subset of reasons that stop a promotion
+    if not gate.get("passed"):
+        blockers.append("challenger failed the absolute gate: " + "; ".join(gate.get("failed") or gate.get("reasons", [])))
+    elif challenger["model_id"] is None:
+        blockers.append(f"challenger has no exported model in {models} (export did not run)")
+    if cur and cur["model_id"] == challenger["model_id"]:
+        return {"promote": False, "reasons": ["challenger is the current champion (same model id); nothing to do"],
+                "champion": champion, "challenger": challenger, "comparison": None, "same_model": True}
+
+    comparison = None
+    if cur:
+        images, index = load_split(root / prepared_dir, "test")
+        keep = comparison_rows(index, model_dir(root, cur["model_id"]) / "manifest.csv")
+        y = index["label_index"].to_numpy()[keep]
+        ev = params.evaluate
+        comparison = {"metric": compare_metric, "margin": margin, "n_test": int(len(index)),
+                      "n_compared": int(keep.sum()), "excluded_champion_train_patients": int((~keep).sum())}
+        try:
+            onnx = champion_onnx(root)
+            if onnx is None:
+                raise StageError(f"champion {cur['model_id']}: its ONNX is neither in the registry nor retrievable "
+                                 f"with dvc get at tag {cur.get('git_tag')}")
+            subset = np.asarray(images)[keep]
+            probs = onnx_probabilities(onnx, subset)
+            champion["metrics"] = compute_metrics(y, probs, params.data.classes, params.positive_index,
+                                                  ev.threshold, ev.bootstrap, ev.seed)
+            if challenger["model_id"]:
+                cprobs = onnx_probabilities(models / "model.onnx", subset)
+                comparison["challenger"] = compute_metrics(y, cprobs, params.data.classes, params.positive_index,
+                                                           ev.threshold, ev.bootstrap, ev.seed)
+        except (StageError, ValueError) as exc:
+            blockers.append(f"cannot compare with champion {cur['model_id']} on the same test data: {exc}")
+        if champion["metrics"] and comparison.get("challenger"):
+            a = float(comparison["challenger"][compare_metric])
+            b = float(champion["metrics"][compare_metric])
+            comparison.update(challenger_value=a, champion_value=b)
+            if not np.isfinite(a) or a < b - margin:
+                blockers.append(f"challenger {compare_metric} {a:.4f} is worse than champion {b:.4f} by more than "
+                               f"the margin {margin} on {comparison['n_compared']} shared test images")
+            else:
+                reasons.append(f"challenger {compare_metric} {a:.4f} >= champion {b:.4f} - margin {margin} on "
+                               f"{comparison['n_compared']} shared test images")
+    promote = not blockers
+    reasons = blockers + reasons
+    if promote and not cur:
+        reasons.append("no champion yet: the first model that passes the gate is promoted")
+    return {"promote": promote, "reasons": reasons, "champion": champion, "challenger": challenger,
+            "comparison": comparison}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording the outcome (the atomic part)
+# ---------------------------------------------------------------------------------------------
+
+def recover(root: str | Path = ".") -> list[str]:
+    """Undo registry writes a crashed run left uncommitted; finish a tag a crash left out.
+
+    Returns what was done (logged by the caller). Data files (raw.dvc, dvc.lock) are left as they
+    are: the next pipeline run rewrites them consistently.
+    """
+    root = Path(root)
+    done = []
+    for name in ("current.json", "releases.jsonl"):
+        rel = f"{REGISTRY}/{name}"
+        tracked = git(root, "ls-files", "--", rel)
+        if tracked and git(root, "status", "--porcelain", "--", rel):
+            git(root, "checkout", "HEAD", "--", rel)
+            done.append(f"restored {rel} from HEAD (uncommitted change of a crashed run)")
+        elif not tracked and (root / rel).exists():
+            (root / rel).unlink()
+            done.append(f"removed uncommitted {rel} (a crashed run's first promotion)")
+    cur = current(root)
+    if cur and cur.get("git_tag") and not git(root, "tag", "--list", cur["git_tag"]):
+        commit = git(root, "log", "-1", "--format=%H", "--", f"{REGISTRY}/current.json")
+        git(root, "tag", "-a", cur["git_tag"], commit, "-m", f"medtune model {cur['model_id']}")
+        done.append(f"created missing tag {cur['git_tag']} at {commit[:12]}")
+    return done
+
+
+def _free_tag(root: Path, name: str) -> str:
+    tag, n = name, 1
+    while git(root, "tag", "--list", tag):
+        n += 1
+        tag = f"{name}-{n}"
+    return tag
+
+
+def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_run_id: str | None,
+            data_version: str, tag_prefix: str = "model-", remote_url: str | None = None,
+            remote_name: str = "medtune", extra_paths: Sequence[str] = ()) -> dict[str, Any]:
+    """Record a retrain outcome: dvc push, one git commit (+ tag when promoted). Returns the record.
+
+    Both outcomes commit data/raw.dvc and dvc.lock (the new data version is real either way); only a
+    promotion stores the model, moves current.json and tags the commit.
+    """
+    root = Path(root)
+    promote = bool(decision["promote"])
+    challenger = decision["challenger"]
+    model_id = challenger["model_id"] or "none"
+    if remote_url:
+        ensure_remote(root, remote_url, remote_name)
+    paths = [p for p in ("data/raw.dvc", "dvc.lock", "data/.gitignore", ".dvc/config", *extra_paths)
+             if (root / p).exists()]
+    # Push first: a tag must never point at data or models that exist only on this machine.
+    dvc(root, "push")
+    tag = None
+    if promote:
+        store_model(root, model_id)
+        tag = _free_tag(root, f"{tag_prefix}{model_id}")
+        paths.append(f"{REGISTRY}/models/{model_id}")
+        paths.append(f"{REGISTRY}/.gitignore")
+    record = record_release(root, {
+        "event": "promoted" if promote else "rejected", "model_id": model_id, "trigger": trigger,
+        "flow_run_id": flow_run_id, "data_version": data_version, "git_tag": tag,
+        "champion": {"model_id": decision["champion"]["model_id"], "metrics": decision["champion"]["metrics"]},
+        "challenger": {"model_id": challenger["model_id"], "metrics": challenger["metrics"],
+                       "gate": challenger.get("gate")},
+        "comparison": decision.get("comparison"), "reasons": decision["reasons"]})
+    paths.append(f"{REGISTRY}/releases.jsonl")
+    if promote:
+        set_current(root, model_id, tag)
+        paths.append(f"{REGISTRY}/current.json")
+    git(root, "add", "--", *paths)
+    verb = f"promote model {model_id}" if promote else f"keep champion; challenger {model_id} rejected"
+    git(root, "commit", "-q", "-m", f"medtune retrain ({trigger}): {verb}; data {data_version}", "--", *paths)
+    if tag:
+        git(root, "tag", "-a", tag, "-m", f"medtune model {model_id} (flow run {flow_run_id})")
+    log.info("%s; recorded in %s (tag %s)", verb, registry_dir(root) / "releases.jsonl", tag)
+    return record

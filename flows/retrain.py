@@ -1,0 +1,167 @@
+"""Retraining on new labelled batches, with champion/challenger promotion.
+
+    medtune retrain --once        # one run now; `medtune serve` runs it on schedule and on the inbox event
+
+1. Nothing in the inbox: log it and end (no lock, no git, no DVC).
+2. Each batch is checked on its own (components.inbox); a bad one goes to quarantine with a report.
+3. Good batches are appended to the raw data; the pipeline flow runs (dvc add, stages, dvc commit).
+4. components.registry.compare decides (gate AND not worse than the champion by the margin).
+5. components.registry.publish records it: dvc push, one git commit, a tag when promoted.
+Runs hold the workspace lock, so a second retrain waits for the first and then finds the inbox empty.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from components import inbox, orchestrate, registry
+from components.common import dvc_data_version
+from flows.pipeline import IO, pipeline
+
+
+@task(name="recover-registry")
+def recover() -> list[str]:
+    return registry.recover(".")
+
+
+@task(name="check-batch")
+def check_batch(batch: str, params: str, extra_known: list[dict[str, str]]) -> dict[str, Any]:
+    """Read and check one batch against the current manifest plus batches accepted earlier in this run."""
+    import pandas as pd
+
+    p = inbox.load_spine_params(params)
+    rows, problems = inbox.read_batch(batch, p)
+    manifest = inbox.read_manifest("data/manifest.csv")
+    if extra_known:
+        manifest = pd.concat([manifest, pd.DataFrame(extra_known)], ignore_index=True).fillna("")
+    mine = inbox.appended_paths(Path(batch).name, rows, p) if not rows.empty else []
+    problems += inbox.check_batch(batch, rows, manifest, p, already_appended=mine)
+    return {"batch": batch, "problems": problems, "rows": rows.to_dict("records"),
+            "summary": inbox.summary_table(rows)}
+
+
+@task(name="quarantine-batch", **IO)
+def quarantine(batch: str, quarantine_dir: str, problems: list[str]) -> str:
+    return str(inbox.quarantine(batch, quarantine_dir, problems, {"flow_run_id": flow_run.id}))
+
+
+@task(name="append-batch", **IO)
+def append(batch: str, rows: list[dict[str, Any]], params: str) -> list[str]:
+    import pandas as pd
+
+    p = inbox.load_spine_params(params)
+    return inbox.append_to_raw(batch, pd.DataFrame(rows), p.data.raw_dir, p)
+
+
+@task(name="compare-champion")
+def compare(params: str, metric: str, margin: float) -> dict[str, Any]:
+    return registry.compare(".", inbox.load_spine_params(params), metric, margin)
+
+
+@task(name="record-release", **IO)
+def publish(decision: dict[str, Any], trigger: str, raw_dir: str, rp: inbox.RetrainParams) -> dict[str, Any]:
+    return registry.publish(".", decision, trigger=trigger, flow_run_id=flow_run.id,
+                            data_version=dvc_data_version(raw_dir), tag_prefix=rp.tag_prefix,
+                            remote_url=rp.dvc_remote, remote_name=rp.dvc_remote_name)
+
+
+@task(name="archive-batch", **IO)
+def archive(batch: str, processed_dir: str) -> str:
+    return str(inbox.archive(batch, processed_dir))
+
+
+def _decision_markdown(decision: dict[str, Any], record: dict[str, Any] | None) -> str:
+    ch, cp = decision["champion"], decision["challenger"]
+    head = "PROMOTED" if decision["promote"] else "KEPT CHAMPION"
+    lines = [f"# Retrain decision: {head}", "",
+             f"- challenger: `{cp['model_id']}`, gate {'passed' if (cp.get('gate') or {}).get('passed') else 'FAILED'}",
+             f"- champion: `{ch['model_id']}`"]
+    if record:
+        lines.append(f"- git tag: `{record.get('git_tag')}`, data version `{record.get('data_version')}`")
+    lines += ["", "Reasons:"] + [f"- {r}" for r in decision["reasons"]]
+    return "\n".join(lines) + "\n"
+
+
+def _metrics_rows(decision: dict[str, Any]) -> list[dict[str, Any]]:
+    comp = decision.get("comparison") or {}
+    rows = []
+    for name in ("auroc", "sensitivity", "specificity", "accuracy", "f1", "n_test"):
+        rows.append({"metric": name,
+                     "challenger (full test)": (decision["challenger"]["metrics"] or {}).get(name),
+                     "challenger (shared test)": (comp.get("challenger") or {}).get(name),
+                     "champion (shared test)": (decision["champion"]["metrics"] or {}).get(name)})
+    return rows
+
+
+@flow(name="medtune-retrain", log_prints=True)
+def retrain(root: str = ".", params: str = "params.yaml", retrain_params: str | None = None,
+            trigger: str = "manual") -> dict[str, Any]:
+    """Retrain when the inbox holds new labelled batches; promote the challenger only if it earns it."""
+    logger = get_run_logger()
+    os.chdir(root)
+    rp = inbox.load_retrain_params(retrain_params or params)
+    if not inbox.find_batches(rp.inbox_dir):
+        logger.info("nothing new in %s: no retraining, nothing changed (trigger: %s)", rp.inbox_dir, trigger)
+        return {"outcome": "nothing-new", "trigger": trigger}
+
+    holder = f"retrain flow run {flow_run.id} (pid {os.getpid()}, trigger {trigger})"
+    with orchestrate.workspace_lock(".", holder, rp.lock_timeout,
+                                    lambda h: logger.info("another run holds the workspace (%s); waiting", h)):
+        for line in recover():
+            logger.warning("recovery: %s", line)
+        batches = [str(b) for b in inbox.find_batches(rp.inbox_dir)]
+        if not batches:  # the run we waited for took them
+            logger.info("nothing new in %s after waiting: an earlier run processed it", rp.inbox_dir)
+            return {"outcome": "nothing-new", "trigger": trigger}
+
+        good, bad, known = [], [], []
+        for batch in batches:
+            checked = check_batch(batch, params, known)
+            if checked["problems"]:
+                where = quarantine(batch, rp.quarantine_dir, checked["problems"])
+                bad.append({"batch": Path(batch).name, "quarantine": where, "problems": checked["problems"]})
+                create_markdown_artifact(
+                    f"# Quarantined `{Path(batch).name}`\n\nMoved to `{where}`.\n\n"
+                    + "\n".join(f"- {x}" for x in checked["problems"][:50]), key="medtune-quarantine")
+                continue
+            logger.info("batch %s is good: %s", Path(batch).name, checked["summary"])
+            good.append(checked)
+            known += [{"path": f"{Path(batch).name}/{r['path']}", "sha256": r["sha256"], "patient": r["patient"],
+                       "split": r["split"]} for r in checked["rows"]]
+        if not good:
+            logger.warning("every new batch was quarantined: nothing retrained, the champion stays")
+            return {"outcome": "quarantined", "trigger": trigger, "quarantined": bad}
+
+        for checked in good:
+            append(checked["batch"], checked["rows"], params)
+        create_table_artifact([dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
+                              key="medtune-new-batches", description="Appended batches (label x split)")
+        result = pipeline(root=".", params=params, lock=False)
+        decision = compare(params, rp.compare_metric, rp.promotion_margin)
+        record = None
+        if decision.get("same_model"):
+            logger.info("the challenger is the current champion (a resumed run); nothing to record")
+        else:
+            record = publish(decision, trigger, inbox.load_spine_params(params).data.raw_dir, rp)
+        create_markdown_artifact(_decision_markdown(decision, record), key="medtune-decision",
+                                 description="Champion/challenger decision")
+        create_table_artifact(_metrics_rows(decision), key="medtune-champion-vs-challenger")
+        for checked in good:
+            archive(checked["batch"], rp.processed_dir)
+    outcome = "promoted" if decision["promote"] else "kept-champion"
+    logger.info("retrain %s: %s", outcome, "; ".join(decision["reasons"]))
+    return {"outcome": outcome, "trigger": trigger, "model_id": result.get("model_id"),
+            "data_version": result.get("data_version"), "reasons": decision["reasons"],
+            "git_tag": (record or {}).get("git_tag"), "quarantined": bad}
+
+
+def main(argv=None) -> int:
+    """`medtune retrain --once` (see components.orchestrate)."""
+    return orchestrate.retrain_main(argv)
+

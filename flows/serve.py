@@ -1,0 +1,55 @@
+"""Serve the deployments from this machine: the pipeline on demand, retraining on schedule and on events.
+
+    medtune server &          # or any Prefect server/Cloud: PREFECT_API_URL decides
+    medtune serve             # runs until killed; flow runs execute in subprocesses of this process
+
+Deployments:
+- `medtune-pipeline/pipeline`: on demand (`prefect deployment run medtune-pipeline/pipeline`).
+- `medtune-retrain/retrain`: on `retrain.schedule_cron` (or every `retrain.schedule_interval` s)
+  with trigger "schedule", and on the event `medtune.inbox.batch-added` for this project's
+  inbox (what `medtune ingest-new` emits) with trigger "event".
+The same flows deploy to a work pool (process, Docker, Kubernetes): docs/orchestration.md.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from prefect import serve
+from prefect.events import DeploymentEventTrigger
+
+from components import orchestrate
+from components.inbox import EVENT, load_retrain_params
+from flows.pipeline import pipeline
+from flows.retrain import retrain
+
+
+def deployments(root: Path, params: str = "params.yaml", retrain_params: str | None = None) -> list:
+    """The two RunnerDeployments (also usable with `.deploy(work_pool_name=...)`)."""
+    rp = load_retrain_params(root / (retrain_params or params))
+    base = {"root": str(root), "params": params, "retrain_params": retrain_params}
+    schedule = {"cron": rp.schedule_cron} if rp.schedule_cron else (
+        {"interval": timedelta(seconds=rp.schedule_interval)} if rp.schedule_interval else {})
+    trigger = DeploymentEventTrigger(
+        name="medtune: new labelled batch",
+        expect={EVENT},
+        match={"prefect.resource.id": orchestrate.project_resource(root)},
+        parameters={**base, "trigger": "event"},
+    )
+    return [
+        pipeline.to_deployment(name="pipeline", parameters={"root": str(root), "params": params},
+                               description="The DVC pipeline as Prefect tasks, on demand."),
+        retrain.to_deployment(name="retrain", parameters={**base, "trigger": "schedule"}, triggers=[trigger],
+                              description="Retrain on new labelled batches (schedule and inbox event).",
+                              **schedule),
+    ]
+
+
+def serve_deployments(root: Path, params: str = "params.yaml", retrain_params: str | None = None) -> None:
+    serve(*deployments(root, params, retrain_params))
+
+
+def main(argv=None) -> int:
+    """`medtune serve` (see components.orchestrate)."""
+    return orchestrate.serve_main(argv)
