@@ -1,0 +1,188 @@
+"""Run an exported medtune ONNX model on scans and write one CSV row per file.
+
+    medtune predict models/model.onnx scans/ more/scan.dcm -o predictions.csv --batch-size 32
+
+Everything the model needs is read from the ONNX file's metadata (written by `medtune export`):
+the class names, the preprocessing (image size, channels, DICOM window; repeated here with
+`scans.prepare_image`, the same code preprocess used for training) and the decision rule of the
+evaluation (binary: positive class iff its probability >= the evaluated threshold; otherwise
+argmax). Folders are searched recursively for scans (`scans.is_candidate`). A file that cannot be
+read gets a row with its error and empty probabilities; it does not stop the run.
+
+Output columns: `path, prob_<class>..., predicted, error`. Torch is not imported (fast start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.common import StageError, atomic_path, stage_main
+from components.scans import ScanError, is_candidate, prepare_image
+
+log = logging.getLogger("medtune.predict")
+
+REQUIRED_METADATA = ("model_id", "classes", "preprocessing", "input", "output")
+
+
+def read_metadata(model_path: Path) -> dict[str, Any]:
+    """medtune metadata of an ONNX file (JSON values decoded); StageError if it is not one."""
+    import onnx
+
+    if not model_path.is_file():
+        raise StageError(f"{model_path}: no such model file; expected an ONNX file written by `medtune export`.")
+    try:
+        # The graph's weights are not needed here; skip loading external data.
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types on non-ONNX bytes
+        raise StageError(f"{model_path}: not a readable ONNX file ({type(exc).__name__}: {exc}).") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    missing = [k for k in REQUIRED_METADATA if k not in props]
+    if missing:
+        raise StageError(f"{model_path}: ONNX file has no medtune metadata (missing {missing}); expected a model "
+                         "exported by `medtune export`, which records the classes and preprocessing.")
+    meta: dict[str, Any] = dict(props)
+    for key in ("classes", "preprocessing", "input", "metrics"):
+        if key in props:
+            try:
+                meta[key] = json.loads(props[key])
+            except json.JSONDecodeError:
+                raise StageError(f"{model_path}: metadata {key!r} is not valid JSON: {props[key][:80]!r}.") from None
+    return meta
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given (whatever their type: the user asked for them) plus scans found in folders."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if is_candidate(f))
+        else:
+            out.append(p)
+    return out
+
+
+def _nvidia_driver_present() -> bool:
+    """Cheap check before asking ONNX Runtime for CUDA (which logs errors when there is no GPU)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True  # elsewhere let the session attempt decide
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def make_session(model_path: Path) -> Any:
+    """CUDA only if a GPU build sees a device and the session really got the CUDA provider; else CPU."""
+    import onnxruntime as ort
+
+    if ort.get_device() == "GPU" and _nvidia_driver_present():
+        ort.set_default_logger_severity(3)  # a failed CUDA set-up is expected on some machines
+        try:
+            session = ort.InferenceSession(str(model_path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            if session.get_providers()[0] == "CUDAExecutionProvider":
+                return session
+        except Exception as exc:  # noqa: BLE001 - any CUDA set-up failure means: use the CPU
+            log.debug("CUDA provider unavailable (%s); using CPU", exc)
+        finally:
+            ort.set_default_logger_severity(2)
+    try:
+        return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise StageError(f"{model_path}: ONNX Runtime cannot load the model ({type(exc).__name__}: {exc}).") from None
+
+
+def decide(probs: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """Class index per row, with the evaluation's rule (binary threshold on the positive class)."""
+    classes = meta["classes"]
+    metrics = meta.get("metrics") or {}
+    positive, threshold = metrics.get("positive_class"), metrics.get("threshold")
+    if len(classes) == 2 and positive in classes and threshold is not None:
+        pos = classes.index(positive)
+        return np.where(probs[:, pos] >= float(threshold), pos, 1 - pos)
+    return probs.argmax(axis=1)
+
+
+def predict(model_path: str | Path, paths: Sequence[str | Path], out_csv: str | Path | None,
+            batch_size: int = 32) -> pd.DataFrame:
+    """Predict every scan in `paths`; write `out_csv` (if given) and return the same table."""
+    model_path = Path(model_path)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} is invalid; expected an integer >= 1.")
+    meta = read_metadata(model_path)
+    classes, pre = meta["classes"], meta["preprocessing"]
+    input_name = meta["input"].get("name", "image") if isinstance(meta["input"], dict) else "image"
+    files = expand_paths(paths)
+    if not files:
+        raise StageError(f"no scans found in {[str(p) for p in paths]}; expected PNG, JPEG or DICOM files or folders.")
+    session = make_session(model_path)
+
+    probs = np.full((len(files), len(classes)), np.nan)
+    errors = [""] * len(files)
+    batch: list[np.ndarray] = []
+    rows: list[int] = []
+
+    def flush() -> None:
+        if batch:
+            x = np.stack(batch).astype(np.float32) / 255.0  # the graph does the rest (see its metadata)
+            probs[rows] = session.run([meta["output"]], {input_name: x})[0]
+            batch.clear()
+            rows.clear()
+
+    for i, f in enumerate(files):
+        try:
+            batch.append(prepare_image(f, pre["image_size"], pre["channels"], pre["window"]))
+            rows.append(i)
+        except (ScanError, OSError, ValueError) as exc:
+            errors[i] = str(exc) if str(f) in str(exc) else f"{f}: {exc}"
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+
+    ok = np.array([not e for e in errors])
+    predicted = np.full(len(files), "", dtype=object)
+    if ok.any():
+        predicted[ok] = np.asarray(classes, dtype=object)[decide(probs[ok], meta)]
+    table = pd.DataFrame({"path": [f.as_posix() for f in files]})
+    for j, c in enumerate(classes):
+        table[f"prob_{c}"] = np.round(probs[:, j], 6)
+    table["predicted"] = predicted
+    table["error"] = errors
+    if out_csv is not None:
+        with atomic_path(out_csv) as tmp:
+            table.to_csv(tmp, index=False, lineterminator="\n")
+    n_bad = int((~ok).sum())
+    counts = table.loc[ok, "predicted"].value_counts().to_dict()
+    summary = (f"predicted {int(ok.sum())} of {len(files)} file(s) with model {meta['model_id']}: {counts}; "
+               f"{n_bad} unreadable" + (f" (see the error column of {out_csv})" if n_bad and out_csv else ""))
+    (log.warning if n_bad else log.info)(summary)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", help="ONNX model written by `medtune export` (e.g. models/model.onnx)")
+        p.add_argument("paths", nargs="+", help="scan files and/or folders (searched recursively)")
+        p.add_argument("-o", "--output", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+        p.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call (default: 32)")
+
+    def run(args: argparse.Namespace) -> None:
+        predict(args.model, args.paths, args.output, args.batch_size)
+
+    return stage_main("Run an exported medtune ONNX model on scans; write path,prob_<class>...,predicted,error.",
+                      add_args, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

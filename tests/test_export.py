@@ -1,0 +1,126 @@
+"""Export stage: gate refusal, symbolic batch, parity, metadata, card and lineage, no patient ids."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from test_evaluate import RAW_PATIENT, make_checkpoint, make_prepared, tiny_params
+
+from components.common import StageError, sha256_file
+from components.evaluate import evaluate
+from components.export import export, main
+
+METADATA_KEYS = {"model_id", "classes", "input", "output", "normalisation", "preprocessing", "data_version",
+                 "content_hash", "git_commit", "git_dirty", "params_sha256", "metrics", "gate",
+                 "checkpoint_sha256", "opset", "exporter"}
+
+
+def make_project(root, params, classes=("normal", "lesion"), channels=1):
+    """Everything export reads: prepared data, checkpoint, evaluate's reports, manifest, validation."""
+    prepared = make_prepared(root / "data" / "prepared", classes=classes, channels=channels)
+    ckpt = make_checkpoint(root / "models" / "model.pt", classes=classes, channels=channels)
+    reports = root / "reports"
+    evaluate(ckpt, prepared, reports, params)
+    manifest = root / "data" / "manifest.json"
+    counts = {s: {c: n for c in classes} for s, n in (("train", 2), ("val", 2), ("test", 4))}
+    manifest.write_text(json.dumps({
+        "data_version": "d41d8cd98f00b204e9800998ecf8427e.dir", "content_hash": "ab" * 32, "n_images": 16 * len(classes),
+        "n_unreadable": 0, "counts": counts, "patient_source": "dicom",
+        "split": {"method": "stratified-group", "seed": 42, "val_fraction": 0.2, "test_fraction": 0.25,
+                  "patients": {"train": 2, "val": 2, "test": 4}, "patient_overlap": 0, "source": "stratified-group"}}))
+    manifest.with_suffix(".csv").write_text("path,sha256,label,patient\nnormal/a.png,00,normal,0123456789abcdef\n")
+    (reports / "validation.json").write_text(json.dumps({
+        "success": True, "suite": "manifest", "failures": [],
+        "expectations": [{"name": "labels_known", "critical": True, "success": True, "details": {}},
+                         {"name": "size_range", "critical": False, "success": False, "details": {}}]}))
+    return {"model": ckpt, "prepared": prepared, "reports": reports, "out": root / "models", "manifest": manifest}
+
+
+def run_export(p, params):
+    return export(p["model"], p["prepared"], p["reports"], p["out"], params, manifest_path=p["manifest"])
+
+
+def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params()
+    p = make_project(tmp_path, params)
+    report = run_export(p, params)
+
+    onnx_path = p["out"] / "model.onnx"
+    proto = onnx.load(str(onnx_path))
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value
+    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["probabilities"]
+    meta = {m.key: m.value for m in proto.metadata_props}
+    assert set(meta) == METADATA_KEYS
+    mid = sha256_file(p["model"])[:12]
+    assert meta["model_id"] == mid == report["model_id"]
+    assert json.loads(meta["classes"]) == ["normal", "lesion"]
+    assert json.loads(meta["input"])["shape"] == ["batch", 1, 32, 32]
+    assert json.loads(meta["preprocessing"])["image_size"] == 32
+    assert json.loads(meta["gate"])["passed"] is True
+    assert meta["params_sha256"] == params.digest() and meta["opset"] == str(params.export.opset)
+
+    # Parity within 1e-4 at batch 1 and batch N, as measured by the stage and as re-checked here.
+    assert report["max_abs_diff_batch1"] <= 1e-4 and report["max_abs_diff_batchN"] <= 1e-4
+    assert report["batch_n"] == min(params.export.parity_batch, 8)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = np.load(p["prepared"] / "test.npy").astype(np.float32) / 255
+    for batch in (x[:1], x[:5]):
+        probs = sess.run(["probabilities"], {"image": batch})[0]
+        assert probs.shape == (len(batch), 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert report["onnx_sha256"] == sha256_file(onnx_path)
+    assert json.loads((p["reports"] / "export.json").read_text()) == report
+
+    lineage = json.loads((p["out"] / "lineage.json").read_text())
+    assert lineage["model_id"] == mid and lineage["onnx_sha256"] == report["onnx_sha256"]
+    assert lineage["validation"] == {"suite": "manifest", "success": True, "failed": ["size_range"]}
+    assert lineage["data"]["manifest_sha256"] == sha256_file(p["manifest"].with_suffix(".csv"))
+    assert "torch" in lineage["environment"]["packages"] and "dvc_lock_sha256" not in lineage["code"]
+    assert "redacted" in lineage["code"]["params"]["data"]["patient_salt"]  # the salt would undo the hashing
+    assert lineage["export"]["max_abs_diff_batchN"] == report["max_abs_diff_batchN"]
+    card = (p["out"] / "model_card.md").read_text()
+    for needle in ("not a diagnostic device", "AUROC", "95% interval", "Limitations", "medtune predict", mid):
+        assert needle in card
+
+    # No raw patient ids, nor their hashes, anywhere in what export writes.
+    for path in (onnx_path, p["out"] / "model_card.md", p["out"] / "lineage.json", p["reports"] / "export.json"):
+        assert RAW_PATIENT.encode() not in path.read_bytes()
+        assert b"0123456789abcdef" not in path.read_bytes()
+
+    # Same inputs, same bytes (no timestamps).
+    before = {f.name: f.read_bytes() for f in p["out"].iterdir()}
+    run_export(p, params)
+    assert {f.name: f.read_bytes() for f in p["out"].iterdir()} == before
+
+
+def test_failed_gate_refuses_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params(min_auroc=1.01)
+    p = make_project(tmp_path, params)
+    with pytest.raises(StageError, match=r"model failed the gate: auroc .* < min_auroc 1.01; not exported"):
+        run_export(p, params)
+    assert sorted(f.name for f in p["out"].iterdir()) == ["model.pt"]
+    assert not (p["reports"] / "export.json").exists()
+
+    (tmp_path / "params.yaml").write_text("evaluate:\n  gate:\n    min_auroc: 1.01\n")
+    rc = main(["--params", "params.yaml", "--model", str(p["model"]), "--prepared", str(p["prepared"]),
+               "--reports", str(p["reports"]), "--out", str(p["out"]), "--manifest", str(p["manifest"])])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "model failed the gate" in err and "metrics.json" in err and "Traceback" not in err
+    assert sorted(f.name for f in p["out"].iterdir()) == ["model.pt"]
+
+
+def test_gate_for_another_checkpoint_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params()
+    p = make_project(tmp_path, params)
+    make_checkpoint(p["model"], seed=1)  # retrained, but evaluate was not rerun
+    with pytest.raises(StageError, match="rerun evaluate"):
+        run_export(p, params)
+    assert not (p["out"] / "model.onnx").exists()

@@ -1,0 +1,116 @@
+"""predict: ONNX metadata drives the preprocessing; PNG and DICOM in, bad files reported, not fatal."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+from PIL import Image
+from test_evaluate import tiny_params
+from test_export import make_project, run_export
+
+from components.common import StageError
+from components.predict import main, predict
+
+RAW_NAME, RAW_ID = "Doe^Jane", "PID-775533"
+
+
+def write_dicom(path, pixels):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = RAW_NAME, RAW_ID, "19700101"
+    ds.Modality, ds.SOPClassUID, ds.SOPInstanceUID = "CT", meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    params = tiny_params()
+    p = make_project(root, params)
+    run_export(p, params)
+    return p["out"] / "model.onnx"
+
+
+def test_predict_png_dicom_and_corrupt_files(model, tmp_path):
+    scans = tmp_path / "scans"
+    (scans / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8)).save(scans / "a.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(scans / "nested" / "b.jpg")
+    write_dicom(scans / "nested" / "c.dcm", rng.integers(900, 1300, (24, 24)))
+    (scans / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    (scans / "notes.txt").write_text("not a scan")  # skipped when expanding a folder
+    extra = tmp_path / "single.png"
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(extra)
+
+    out = tmp_path / "pred.csv"
+    table = predict(model, [scans, extra], out, batch_size=2)
+    csv = pd.read_csv(out, keep_default_na=False)
+    assert list(csv.columns) == ["path", "prob_normal", "prob_lesion", "predicted", "error"]
+    assert len(csv) == len(table) == 5
+    names = {p.rsplit("/", 1)[-1]: row for p, row in zip(csv["path"], csv.to_dict("records"))}
+    assert set(names) == {"a.png", "b.jpg", "c.dcm", "broken.png", "single.png"}
+    assert "broken.png" in names["broken.png"]["error"] and names["broken.png"]["predicted"] == ""
+    good = csv[csv["error"] == ""]
+    assert len(good) == 4
+    probs = good[["prob_normal", "prob_lesion"]].to_numpy(dtype=float)
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    expected = np.where(probs[:, 1] >= 0.5, "lesion", "normal")  # the evaluated threshold rule
+    assert good["predicted"].tolist() == expected.tolist()
+    text = out.read_text()
+    assert RAW_NAME not in text and RAW_ID not in text and "Doe" not in text
+
+    # Batch size does not change the answer.
+    again = predict(model, [scans, extra], None, batch_size=32)
+    assert np.allclose(again[["prob_normal", "prob_lesion"]].to_numpy(dtype=float),
+                       table[["prob_normal", "prob_lesion"]].to_numpy(dtype=float), equal_nan=True)
+
+
+def test_predict_matches_the_training_preprocessing(model, tmp_path):
+    """A PNG that is already 32x32 grey becomes exactly that prepared array: same probabilities."""
+    import onnxruntime as ort
+
+    img = np.random.default_rng(1).integers(0, 255, (32, 32), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    table = predict(model, [tmp_path / "x.png"], None)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    ref = sess.run(["probabilities"], {"image": img[None, None].astype(np.float32) / 255})[0][0]
+    assert np.allclose(table[["prob_normal", "prob_lesion"]].to_numpy(dtype=float)[0], ref, atol=1e-6)
+
+
+def test_model_without_metadata_is_a_clear_error(model, tmp_path, capsys):
+    proto = onnx.load(str(model))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(StageError, match="bare.onnx: ONNX file has no medtune metadata"):
+        predict(bare, [tmp_path / "x.png"], None)
+    rc = main([str(bare), str(tmp_path / "x.png"), "-o", str(tmp_path / "p.csv")])
+    assert rc == 1 and "no medtune metadata" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+
+    (tmp_path / "junk.onnx").write_bytes(b"definitely not onnx")
+    with pytest.raises(StageError, match="junk.onnx"):
+        predict(tmp_path / "junk.onnx", [tmp_path / "x.png"], None)
+
+
+def test_main_writes_csv(model, tmp_path):
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
+    assert main([str(model), str(tmp_path), "-o", str(tmp_path / "out.csv"), "--batch-size", "4"]) == 0
+    assert pd.read_csv(tmp_path / "out.csv")["path"].str.endswith("x.png").all()
