@@ -1,0 +1,266 @@
+"""Stage 1: scan the raw folder, label every file, pseudonymise patients, split by patient.
+
+    medtune ingest                        # data/raw -> data/manifest.csv + data/manifest.json
+    medtune ingest --raw other/raw --out data
+
+Labels come from the folder (`OUT/<class>/...`, data.label_source: folder) or from labels.csv
+(path,label[,patient_id][,split], paths relative to the raw folder). The patient of a file is, in
+order: the CSV's patient_id, the DICOM PatientID, the group "patient" of data.patient_pattern on
+the file name; failing all three, every image is its own patient (and a loud warning says so).
+Only HMAC hashes of patient ids are stored or logged, never the ids themselves.
+
+The split is patient-level and stratified by label (scikit-learn's StratifiedGroupKFold, seeded):
+first the test fold, then the validation fold from the rest. A `split` column in labels.csv
+replaces it. Either way no patient may appear in two splits. Unreadable files stay in the
+manifest with the reason in `error` and an empty split; the validate stage decides if that is fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from components import common, scans
+from components.params import Params, load_params
+
+log = logging.getLogger("medtune.ingest")
+
+COLUMNS = ["path", "sha256", "label", "patient", "width", "height", "channels", "bit_depth", "modality",
+           "split", "error"]
+SPLITS = ("train", "val", "test")
+NO_PATIENT = "none (one image = one patient)"
+SOURCE_NAMES = {"csv": "labels.csv patient_id", "dicom": "DICOM PatientID", "pattern": "data.patient_pattern",
+                "none": NO_PATIENT}
+
+
+def find_scans(raw_dir: Path) -> list[str]:
+    """Scan files under raw_dir as sorted posix paths relative to it (hidden folders skipped)."""
+    found = []
+    for p in raw_dir.rglob("*"):
+        rel = p.relative_to(raw_dir)
+        # Hidden folders hold tool state (.dvc, .ipynb_checkpoints), never scans.
+        if any(part.startswith(".") for part in rel.parts[:-1]):
+            continue
+        if scans.is_candidate(p):
+            found.append(rel.as_posix())
+    return sorted(found)
+
+
+def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataFrame:
+    """labels.csv indexed by path; errors for missing columns, duplicates and rows without a file."""
+    csv_path = raw_dir / params.data.labels_csv
+    if not csv_path.is_file():
+        raise common.StageError(f"{csv_path} not found; data.label_source is 'csv', so it must exist with "
+                                "columns path,label[,patient_id][,split] (paths relative to the raw folder).")
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise common.StageError(f"{csv_path}: not a readable CSV ({exc}).") from None
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in ("path", "label") if c not in table.columns]
+    if missing:
+        raise common.StageError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}, expected "
+                                "path,label[,patient_id][,split].")
+    table = table.map(str.strip)
+    table["line"] = np.arange(len(table)) + 2  # header is line 1
+    table["path"] = [p.replace("\\", "/").removeprefix("./") for p in table["path"]]
+    dupes = table[table["path"].duplicated(keep=False)]
+    if len(dupes):
+        first = dupes.iloc[0]
+        raise common.StageError(f"{csv_path}: path {first['path']!r} appears on lines "
+                                f"{list(dupes[dupes['path'] == first['path']]['line'])}; expected one row per file.")
+    known = set(files)
+    absent = table[~table["path"].isin(known)]
+    if len(absent):
+        shown = ", ".join(f"line {r.line}: {r.path!r}" for r in absent.head(5).itertuples())
+        raise common.StageError(f"{csv_path}: {len(absent)} row(s) name no scan file under {raw_dir} ({shown}); "
+                                "paths must be relative to the raw folder and point to PNG/JPEG/DICOM files.")
+    if "split" in table.columns:
+        bad = table[~table["split"].isin(SPLITS)]
+        if len(bad):
+            r = bad.iloc[0]
+            raise common.StageError(f"{csv_path} line {r['line']} ({r['path']}): split = {r['split']!r}; expected "
+                                    f"one of {list(SPLITS)}.")
+    return table.set_index("path")
+
+
+def _patient_regex(params: Params) -> re.Pattern | None:
+    pattern = params.data.patient_pattern
+    if not pattern:
+        return None
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"params: data.patient_pattern = {pattern!r} is not a valid regex ({exc}).") from None
+    if "patient" not in regex.groupindex:
+        raise ValueError(f"params: data.patient_pattern = {pattern!r} has no group named 'patient'; expected "
+                         "e.g. '^(?P<patient>[^_]+)_'.")
+    return regex
+
+
+def split_patients(labels: list[str], patients: list[str], params: Params) -> list[str]:
+    """train/val/test per row: patient-level, stratified by label, deterministic for split.seed."""
+    sp = params.split
+    n_test = max(2, round(1 / sp.test_fraction))
+    n_val = max(2, round((1 - sp.test_fraction) / sp.val_fraction))  # val_fraction is of the whole
+    n_patients = len(set(patients))
+    if n_patients < n_test + 1:
+        raise common.StageError(f"only {n_patients} patient(s) among the readable images; a patient-level "
+                                f"train/val/test split with test_fraction {sp.test_fraction} needs at least "
+                                f"{n_test + 1}. Add data, or give labels.csv a split column.")
+    y, groups = np.asarray(labels, dtype=object), np.asarray(patients, dtype=object)
+    out = np.full(len(labels), "train", dtype=object)
+    with warnings.catch_warnings():
+        # "least populated class has fewer members than n_splits": the validate stage checks counts.
+        warnings.simplefilter("ignore", UserWarning)
+        _, test = next(StratifiedGroupKFold(n_test, shuffle=True, random_state=sp.seed).split(y, y, groups))
+        out[test] = "test"
+        rest = np.flatnonzero(out == "train")
+        if len(set(groups[rest])) >= n_val:
+            _, val = next(StratifiedGroupKFold(n_val, shuffle=True, random_state=sp.seed)
+                          .split(y[rest], y[rest], groups[rest]))
+            out[rest[val]] = "val"
+    if not (out == "val").any():
+        raise common.StageError(f"only {n_patients} patient(s): none left for the validation split "
+                                f"(val_fraction {sp.val_fraction}); add data or lower split.test_fraction.")
+    return list(out)
+
+
+def _check_overlap(df: pd.DataFrame, source: str) -> None:
+    split_of = df[df["split"] != ""].groupby("patient")["split"].unique()
+    shared = split_of[split_of.map(len) > 1]
+    if len(shared):
+        patient = shared.index[0]
+        paths = list(df[df["patient"] == patient]["path"][:4])
+        raise common.StageError(f"patient {patient} (hashed) is in splits {sorted(shared.iloc[0])} (files {paths}); "
+                                f"the split from {source} must keep each patient in one split. "
+                                f"{len(shared)} patient(s) affected.")
+
+
+def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
+    """Write out_dir/manifest.csv and out_dir/manifest.json for the scans under raw_dir."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise common.StageError(f"raw data folder {raw_dir} not found; expected scans in folder-per-class layout "
+                                "(or labels.csv); `medtune demo-data --out data/raw` writes a demo set.")
+    files = find_scans(raw_dir)
+    if not files:
+        raise common.StageError(f"{raw_dir}: no scan files found; expected PNG, JPEG or DICOM files.")
+    table = read_labels_csv(raw_dir, params, files) if params.data.label_source == "csv" else None
+    regex, salt = _patient_regex(params), common.patient_salt(params.data.patient_salt)
+
+    rows, sources = [], []
+    for rel in files:
+        path = raw_dir / rel
+        row = dict.fromkeys(COLUMNS, "")
+        row.update(path=rel, sha256=common.sha256_file(path))
+        csv_row = table.loc[rel] if table is not None and rel in table.index else None
+        if table is None:
+            row["label"] = rel.split("/")[0] if "/" in rel else ""
+        elif csv_row is not None:
+            row["label"] = csv_row["label"]
+        try:
+            info = scans.probe(path)
+        except scans.ScanError as exc:
+            info = None
+            # Relative paths only: the manifest must not change with where the checkout lives.
+            row["error"] = str(exc).removeprefix(f"{path}: ").replace(str(path), rel)
+        else:
+            row.update(width=info.width, height=info.height, channels=info.channels, bit_depth=info.bit_depth,
+                       modality=info.modality)
+        match = regex.search(rel.rsplit("/", 1)[-1]) if regex else None
+        if csv_row is not None and csv_row.get("patient_id", ""):
+            pid, source = csv_row["patient_id"], "csv"
+        elif info is not None and info.patient_id:
+            pid, source = info.patient_id, "dicom"
+        elif match and match.group("patient"):
+            pid, source = match.group("patient"), "pattern"
+        else:
+            pid, source = rel, "none"
+        row["patient"] = common.hash_patient(pid, salt)
+        rows.append(row)
+        sources.append(source)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+
+    warn = []
+    readable = (df["error"] == "").to_numpy()
+    if table is not None:
+        unlabelled = [f for f in files if f not in table.index]
+        if unlabelled:
+            warn.append(f"{len(unlabelled)} scan file(s) have no row in {params.data.labels_csv} and get an empty "
+                        f"label (e.g. {unlabelled[:3]}); add them to the CSV or remove them.")
+    if table is not None and "split" in table.columns:
+        split_source, method = "labels.csv", "explicit split column in labels.csv"
+        df.loc[readable, "split"] = [table.loc[p, "split"] if p in table.index else "" for p in df["path"][readable]]
+    else:
+        split_source, method = "stratified-group", "StratifiedGroupKFold (patient-level, stratified by label)"
+        df.loc[readable, "split"] = split_patients(list(df["label"][readable]), list(df["patient"][readable]), params)
+    _check_overlap(df, split_source)
+
+    n_none = sources.count("none")
+    if n_none:
+        warn.append(f"{n_none} of {len(files)} image(s) have no patient id (no labels.csv patient_id, no DICOM "
+                    "PatientID, no match of data.patient_pattern), so each is treated as its own patient: slices "
+                    "of one patient may leak across train/val/test and inflate the test metrics. Set "
+                    "data.patient_pattern in params.yaml to a regex whose group 'patient' matches the file name "
+                    "(e.g. '^(?P<patient>[^_]+)_' for 'p017_03.png'), or add a patient_id column to labels.csv.")
+    for w in warn:
+        log.warning(w)
+    used = sorted(set(sources), key=list(SOURCE_NAMES).index)
+    patient_source = (SOURCE_NAMES[used[0]] if len(used) == 1 else
+                      "mixed: " + ", ".join(f"{SOURCE_NAMES[s]} ({sources.count(s)})" for s in used))
+
+    for col in ("width", "height", "channels", "bit_depth"):
+        df[col] = pd.array([None if v == "" else v for v in df[col]], dtype="Int64")
+    with common.atomic_path(out_dir / "manifest.csv") as tmp:
+        df.to_csv(tmp, index=False, lineterminator="\n")
+
+    ok = df[readable]
+    classes = list(params.data.classes) + sorted(set(ok["label"]) - set(params.data.classes))
+    counts = {s: {c: int(((ok["split"] == s) & (ok["label"] == c)).sum()) for c in classes} for s in SPLITS}
+    listing = "".join(f"{p}  {h}\n" for p, h in zip(df["path"], df["sha256"]))  # sha256sum format, sorted
+    manifest = {
+        "data_version": common.dvc_data_version(raw_dir),
+        "content_hash": common.sha256_bytes(listing.encode()),
+        "n_images": len(df),
+        "n_unreadable": int((~readable).sum()),
+        "counts": counts,
+        "split": {"method": method, "source": split_source, "seed": params.split.seed,
+                  "val_fraction": params.split.val_fraction, "test_fraction": params.split.test_fraction,
+                  "patients": {s: int(ok[ok["split"] == s]["patient"].nunique()) for s in SPLITS},
+                  "patient_overlap": 0},
+        "patient_source": patient_source,
+        "warnings": warn,
+    }
+    common.write_json(out_dir / "manifest.json", manifest)
+    log.info("manifest: %d images (%d unreadable), patients %s, images per split %s", len(df),
+             manifest["n_unreadable"], manifest["split"]["patients"],
+             {s: sum(c.values()) for s, c in counts.items()})
+    return df
+
+
+def _add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--raw", type=Path, default=None, help="raw scans folder (default: data.raw_dir)")
+    parser.add_argument("--out", type=Path, default=Path("data"),
+                        help="folder for manifest.csv and manifest.json (default: data)")
+
+
+def _run(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    ingest(args.raw or Path(params.data.raw_dir), args.out, params)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.stage_main(__doc__.splitlines()[0], _add_args, _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
