@@ -315,8 +315,9 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     plot_confusion(metrics, reports_dir / "confusion.png")
 
     lo, hi = metrics["auroc_ci"]
-    log.info("test n=%d auroc=%.3f (95%% CI %s-%s, %d valid resamples) sensitivity=%.3f specificity=%.3f",
-             metrics["n_test"], metrics["auroc"], lo, hi, metrics["bootstrap_valid"],
+    ci = f"{lo:.3f}-{hi:.3f}" if lo is not None else "n/a"
+    log.info("test n=%d auroc=%.3f (95%% CI %s, %d valid resamples) sensitivity=%.3f specificity=%.3f",
+             metrics["n_test"], metrics["auroc"], ci, metrics["bootstrap_valid"],
              metrics["sensitivity"], metrics["specificity"])
     if gate["passed"]:
         log.info("gate PASSED: %s", "; ".join(gate["reasons"]))

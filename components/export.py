@@ -128,13 +128,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _redacted(params: Params) -> dict[str, Any]:
-    """All parameters, minus the patient salt: with it, hashed ids of known patients could be recomputed."""
-    out = params.to_dict()
-    out["data"]["patient_salt"] = "<redacted; see params.yaml or MEDTUNE_PATIENT_SALT>"
-    return out
-
-
 def _wilson(k: int, n: int) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k/n (sound for small test sets)."""
     if n == 0:
@@ -332,7 +325,7 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
         "checkpoint_sha256": ckpt_sha,
         # No dvc_lock_sha256: dvc.lock is rewritten *after* this stage runs, so any hash taken here
         # would be stale; the git commit of the release pins dvc.lock instead.
-        "code": {"git_commit": git["commit"], "git_dirty": git["dirty"], "params": _redacted(params),
+        "code": {"git_commit": git["commit"], "git_dirty": git["dirty"], "params": params.to_dict(),
                  "params_sha256": params.digest()},
         "data": {"data_version": manifest.get("data_version"), "content_hash": manifest.get("content_hash"),
                  "counts": manifest.get("counts"), "manifest_sha256": sha256_file(manifest_csv),

