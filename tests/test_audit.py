@@ -351,17 +351,20 @@ def test_verify_reports_a_swapped_onnx_file(copy, capsys):
     assert [i["item"] for i in rep["items"] if i["status"] != "ok"] == ["model.onnx"]
 
 
-def test_verify_reports_a_missing_checkpoint_and_edited_manifest(copy):
+def test_verify_finds_files_at_the_release_tag_and_reports_a_missing_checkpoint(copy):
     ws, a = copy["ws"], copy["a"]
     for d in (ws / ".dvc/cache/files/md5", ws.parent / "remote/files/md5"):
         lock_md5 = verify._lock_md5(audit.git_show(ws, f"model-{a}", "dvc.lock"), "models/model.pt")
         (d / lock_md5[:2] / lock_md5[2:]).unlink()
+    (ws / f"registry/models/{a}/model.onnx").unlink()  # git-ignored: absent in a fresh clone
     manifest = ws / f"registry/models/{a}/manifest.csv"
     manifest.write_text(manifest.read_text().replace("lesion/P002_0.png", "lesion/P002_9.png"))
     rep = verify.verify(a, ws)
     bad = {(i["kind"], i["item"]): i["status"] for i in rep["items"] if i["status"] != "ok"}
     assert bad == {("checkpoint", "model.pt"): "missing", ("manifest", "manifest.csv"): "mismatch",
                    ("manifest", "content_hash"): "mismatch", ("scan", "lesion/P002_9.png"): "missing"}
+    onnx = next(i for i in rep["items"] if i["kind"] == "onnx")
+    assert onnx["status"] == "ok" and f"dvc.lock at tag model-{a}" in onnx["detail"]
 
 
 # ---------------------------------------------------------------------------------------------
