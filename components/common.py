@@ -100,7 +100,8 @@ def git_facts(cwd: str | Path = ".") -> dict[str, Any]:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     try:
         commit = run("rev-parse", "HEAD")
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+        # dvc.lock is rewritten by the very run being recorded, so it does not make the code dirty.
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"commit": "unknown", "dirty": None}
     return {"commit": commit, "dirty": dirty}

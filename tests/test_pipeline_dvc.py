@@ -75,6 +75,9 @@ def built(tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("spine") / "ws")
     raw_before = tree_digest(ws / "data/raw")
     first = run(["dvc", "repro"], ws)
+    # Commit like a user would, so `dvc params diff` / `dvc metrics diff` have a baseline.
+    run(["git", "add", "-A"], ws)
+    run(["git", "commit", "-qm", "first model"], ws)
     return ws, raw_before, first
 
 
@@ -138,8 +141,8 @@ def test_param_change_reruns_only_downstream_stages(built):
     for stage in ("ingest", "validate", "preprocess", "augment", "train"):
         assert f"Stage '{stage}' didn't change, skipping" in out, out
     assert "Running stage 'evaluate'" in out and "Running stage 'export'" in out
-    diff = run(["dvc", "params", "diff"], ws).stdout
-    assert "evaluate.bootstrap" in diff
+    assert "evaluate.bootstrap" in run(["dvc", "params", "diff"], ws).stdout
+    run(["dvc", "metrics", "diff"], ws)  # must work against the committed baseline
 
 
 def test_raw_data_is_byte_identical_after_runs(built):
