@@ -153,6 +153,15 @@ def _packages(env: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _params_match(params: Any, digest: str | None, recorded: str | None) -> Any:
+    if digest is None or recorded is None:
+        return not_recorded("no parameters or no params_sha256 in the lineage")
+    salt = str(((params or {}).get("data") or {}).get("patient_salt", ""))
+    if digest != recorded and salt.startswith("<redacted"):
+        return "not checkable: data.patient_salt is redacted in the lineage"
+    return digest == recorded
+
+
 def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
     """The full audit record of one model (every section present; unknowns say why)."""
     root = Path(root)
@@ -242,7 +251,7 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
                  else not_recorded("git status unknown at export"),
                  "dvc_lock_sha256": lock["sha256"], "dvc_lock_source": lock["source"],
                  "params_sha256": code.get("params_sha256") or not_recorded(old),
-                 "params_sha256_matches_params": (params_digest == code.get("params_sha256")) if params_digest else None,
+                 "params_sha256_matches_params": _params_match(params, params_digest, code.get("params_sha256")),
                  "params": params if params is not None else not_recorded(old)},
         "data": {"data_version": data.get("data_version") or not_recorded(old),
                  "content_hash": data.get("content_hash") or not_recorded(old),

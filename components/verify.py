@@ -76,7 +76,10 @@ def dvc_object(stores: list[tuple[str, Path]], md5: str) -> tuple[str, Path] | N
 def _lock_md5(lock: bytes | None, out_path: str) -> str | None:
     if not lock:
         return None
-    doc = yaml.safe_load(lock) or {}
+    try:
+        doc = yaml.safe_load(lock) or {}
+    except yaml.YAMLError:
+        return None
     for stage in (doc.get("stages") or {}).values():
         for out in stage.get("outs") or []:
             if out.get("path") == out_path and out.get("md5"):
@@ -176,7 +179,10 @@ def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Path
             got = hashlib.md5(blob).hexdigest() + ".dir"
             items.append(_item(version, "data version", OK if got == version else MISMATCH, obj[1], version, got,
                                f"DVC listing from {obj[0]}"))
-            listing = {e["relpath"]: e["md5"] for e in json.loads(blob)}
+            try:
+                listing = {e["relpath"]: e["md5"] for e in json.loads(blob)}
+            except (ValueError, TypeError, KeyError):
+                listing = {}  # an unreadable listing: reported above, and every scan below is missing
     source = f"workspace {raw_dir}" if workspace_claims else "DVC cache/remote"
     for r in rows:
         rel, want = r["path"], r["sha256"]
