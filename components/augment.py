@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 
 from components.common import atomic_path, stage_main
 from components.params import AugmentParams, Params, load_params
+from components.preprocess import load_split
 
 
 class Clamp01(nn.Module):
@@ -61,8 +62,6 @@ def preview(prepared_dir: Path, out_png: Path, params: Params) -> Path:
     """Write a grid of `augment.preview_count` augmented training images to `out_png`."""
     from torchvision.utils import make_grid
     from PIL import Image
-
-    from components.preprocess import load_split
 
     prepared_dir, out_png = Path(prepared_dir), Path(out_png)
     images, _ = load_split(prepared_dir, "train")  # raises StageError on a missing or empty split

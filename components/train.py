@@ -1,0 +1,302 @@
+"""Stage 5: fine-tune a pretrained backbone with a new head on the prepared images.
+
+    medtune train      # data/prepared -> models/model.pt, reports/train.json, reports/train_history.csv
+
+One epoch = `train_one_epoch` (augmented training images) then `evaluate_epoch` (validation
+loss, AUROC, accuracy). The epoch with the best `train.early_stopping_metric` is kept and saved;
+training stops after `train.patience` epochs without improvement. Seeded and deterministic on
+CPU: the same data and params give the same weights. On a GPU it uses CUDA and, with
+`train.amp`, float16 autocast with a GradScaler.
+
+The checkpoint is a plain dict of tensors, strings and numbers, so `torch.load(...,
+weights_only=True)` reads it; it carries the train+augment params and the preprocessing meta, so
+it explains itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from components.augment import build_transform
+from components.common import StageError, atomic_path, stage_main, write_json, write_text
+from components.models import build_model, freeze, pick_device
+from components.params import Params, TrainParams, load_params
+from components.preprocess import load_meta, load_split
+
+log = logging.getLogger("medtune.train")
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr")
+
+
+class ScanDataset(Dataset):
+    """uint8 (N, C, H, W) images (a memmap or a tensor) -> float (C, H, W) in [0, 1], label."""
+
+    def __init__(self, images: Any, labels: Sequence[int], transform: Any = None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        # Only this one image is read from the memmap (and copied), never the whole split.
+        x = torch.from_numpy(np.asarray(self.images[i], dtype=np.float32)) / 255.0
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i])
+
+
+def make_loader(images: Any, labels: Sequence[int], batch_size: int, train: bool, transform: Any = None,
+                seed: int = 0, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """DataLoader over uint8 images; shuffled by a seeded generator (which also seeds workers) when `train`."""
+    dataset = ScanDataset(images, labels, transform if train else None)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed) if train else None,
+        persistent_workers=num_workers > 0,
+        # A last training batch of one image breaks BatchNorm (one value per channel on 1x1 maps).
+        drop_last=train and len(dataset) % batch_size == 1)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so a balanced set gets weight 1 for every class."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if tp.optimizer == "adamw":
+        return torch.optim.AdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay)
+    if tp.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
+    raise ValueError(f"params: train.optimizer = {tp.optimizer!r} is invalid; expected 'adamw' or 'sgd'.")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams) -> Any:
+    """Stepped once per epoch; None for a constant learning rate."""
+    if tp.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)
+    if tp.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=tp.step_size, gamma=tp.gamma)
+    if tp.scheduler == "none":
+        return None
+    raise ValueError(f"params: train.scheduler = {tp.scheduler!r} is invalid; expected 'cosine', 'step' or 'none'.")
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
+                    desc: str = "train") -> dict[str, float]:
+    """One pass over `loader`; returns {loss (mean per image), images, seconds}."""
+    model.train()
+    total, seen, start = 0.0, 0, time.perf_counter()
+    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += float(loss.detach()) * len(y)
+        seen += len(y)
+    if seen == 0:
+        raise StageError("the training loader yielded no batches; expected at least 2 training images.")
+    return {"loss": total / seen, "images": seen, "seconds": time.perf_counter() - start}
+
+
+def auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int) -> float:
+    """Binary: AUROC of the positive class; multi-class: macro one-vs-rest. NaN if a class is absent."""
+    k = probs.shape[1]
+    if len(np.unique(y_true)) < (2 if k == 2 else k):
+        return math.nan
+    if k == 2:
+        return float(roc_auc_score(y_true == positive_index, probs[:, positive_index]))
+    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(k))))
+
+
+@torch.inference_mode()
+def evaluate_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
+                   positive_index: int, amp: bool = False) -> dict[str, float]:
+    """Validation loss (same weighted criterion as training), AUROC and accuracy."""
+    model.eval()
+    total, probs, labels = 0.0, [], []
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            logits = model(x).float()
+        total += float(criterion(logits, y)) * len(y)
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+    p, y_true = np.concatenate(probs), np.concatenate(labels)
+    return {"val_loss": total / len(y_true), "val_auroc": auroc(y_true, p, positive_index),
+            "val_accuracy": float((p.argmax(1) == y_true).mean())}
+
+
+def _improved(value: float, best: float | None, metric: str) -> bool:
+    if best is None:
+        return True  # the first epoch is always kept, so a checkpoint exists
+    if math.isnan(value):
+        return False
+    if math.isnan(best):
+        return True
+    return value < best if metric == "val_loss" else value > best
+
+
+def _split(prepared_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 memmap, label indices) of one split; load_split checks the cache is consistent."""
+    images, index = load_split(prepared_dir, name)
+    return images, index["label_index"].to_numpy().astype(np.int64)
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _history_csv(history: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(HISTORY_COLUMNS)
+    for row in history:
+        writer.writerow([row["epoch"], *(f"{row[c]:.6g}" for c in HISTORY_COLUMNS[1:])])
+    return buf.getvalue()
+
+
+def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: Path, params: Params) -> dict:
+    """Fine-tune on the train split, select on the val split; write the three artefacts; return train.json."""
+    prepared_dir, tp = Path(prepared_dir), params.train
+    meta = load_meta(prepared_dir)
+    classes = list(meta.get("classes", []))
+    if classes != list(params.data.classes):
+        raise StageError(f"{prepared_dir}/meta.json has classes {classes}, but params data.classes is "
+                         f"{list(params.data.classes)}; rerun preprocess (dvc repro).")
+    x_train, y_train = _split(prepared_dir, "train")
+    x_val, y_val = _split(prepared_dir, "val")
+    if len(y_train) < 2 or len(y_val) < 1:
+        raise StageError(f"{prepared_dir}: {len(y_train)} training and {len(y_val)} validation images; expected "
+                         "at least 2 and 1 (check split.val_fraction and the data).")
+    missing = [classes[c] for c in range(len(classes)) if c not in set(y_train.tolist())]
+    if missing:
+        raise StageError(f"{prepared_dir}/index.csv: the train split has no images of class(es) {missing}; "
+                         "expected every class of data.classes in it.")
+    if len(set(y_val.tolist())) < 2 and tp.early_stopping_metric == "val_auroc":
+        log.warning("the validation split holds one class only: val_auroc is undefined (nan), selection keeps epoch 1")
+
+    device = pick_device()
+    use_amp = tp.amp and device.type == "cuda"
+    # Determinism: seed everything, ask for deterministic kernels (warn where none exists).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    det_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(tp.seed)
+    try:
+        model, pretrained = build_model(tp.backbone, len(classes), int(x_train.shape[1]), tp.pretrained)
+        trainable = freeze(model, tp.freeze, tp.unfreeze_last_n)
+        model.to(device)
+        weight = class_weights(y_train, len(classes)).to(device) if tp.class_weighting else None
+        criterion = nn.CrossEntropyLoss(weight=weight)
+        optimizer = make_optimizer(model, tp)
+        scheduler = make_scheduler(optimizer, tp)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        pin = device.type == "cuda"
+        train_loader = make_loader(x_train, y_train, tp.batch_size, True, build_transform(params.augment),
+                                   tp.seed, tp.num_workers, pin)
+        val_loader = make_loader(x_val, y_val, tp.batch_size, False, None, tp.seed, tp.num_workers, pin)
+        log.info("training %s (%s) on %s: %d train / %d val images, %d trainable parameters",
+                 tp.backbone, pretrained["source"], device, len(y_train), len(y_val), trainable)
+
+        metric, history = tp.early_stopping_metric, []
+        best_value, best_epoch, best_state, stale = None, 0, None, 0
+        images_seen, seconds = 0, 0.0
+        epochs = tqdm(range(1, tp.epochs + 1), desc="epochs", unit="epoch")
+        for epoch in epochs:
+            lr = optimizer.param_groups[0]["lr"]
+            tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler, use_amp, f"epoch {epoch}")
+            ev = evaluate_epoch(model, val_loader, criterion, device, params.positive_index, use_amp)
+            if scheduler is not None:
+                scheduler.step()
+            images_seen, seconds = images_seen + tr["images"], seconds + tr["seconds"]
+            history.append({"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr})
+            epochs.set_postfix(train_loss=f"{tr['loss']:.4f}", **{metric: f"{ev[metric]:.4f}"})
+            log.info("epoch %d: train_loss=%.4f val_loss=%.4f val_auroc=%.4f val_accuracy=%.4f lr=%.3g",
+                     epoch, tr["loss"], ev["val_loss"], ev["val_auroc"], ev["val_accuracy"], lr)
+            if _improved(ev[metric], best_value, metric):
+                best_value, best_epoch, stale = ev[metric], epoch, 0
+                # In-memory copy on the CPU: later epochs must not overwrite the kept weights.
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= tp.patience:
+                    log.info("early stopping after epoch %d: no %s improvement for %d epoch(s)", epoch, metric, stale)
+                    break
+        epochs.close()
+    finally:
+        torch.use_deterministic_algorithms(det_before[0], warn_only=det_before[1])
+
+    summary = {
+        "backbone": tp.backbone, "pretrained": pretrained, "device": str(device), "amp": use_amp,
+        "epochs_run": len(history), "best_epoch": best_epoch, "selection_metric": metric,
+        "best_value": _nan_to_none(best_value), "n_train": int(len(y_train)), "n_val": int(len(y_val)),
+        "trainable_params": int(trainable), "total_params": int(sum(p.numel() for p in model.parameters())),
+        "throughput_img_s": round(images_seen / seconds, 1) if seconds > 0 else None,
+    }
+    checkpoint = {
+        "state_dict": best_state, "backbone": model.arch, "classes": classes,
+        "in_channels": int(x_train.shape[1]), "image_size": int(meta.get("image_size", x_train.shape[-1])),
+        "params": {"train": dataclasses.asdict(tp), "augment": dataclasses.asdict(params.augment)},
+        "meta": meta, "pretrained": pretrained, "history": history, "best_epoch": best_epoch,
+        "epochs_run": len(history), "best_metric": {"name": metric, "value": best_value}, "device": str(device),
+    }
+    # Serialise in memory: torch.save names the zip's inner folder after the file, so saving to the
+    # random temporary name would make the bytes (and DVC's hash) differ run to run.
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    with atomic_path(out_model) as tmp:
+        tmp.write_bytes(buf.getvalue())
+    write_json(out_metrics, summary)
+    write_text(out_history, _history_csv(history))
+    log.info("best %s=%s at epoch %d of %d; wrote %s", metric, best_value, best_epoch, len(history), out_model)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--prepared", default="data/prepared", help="preprocess output folder (default: data/prepared)")
+        p.add_argument("--model", default="models/model.pt", help="checkpoint to write (default: models/model.pt)")
+        p.add_argument("--metrics", default="reports/train.json", help="summary to write (default: reports/train.json)")
+        p.add_argument("--history", default="reports/train_history.csv",
+                       help="per-epoch history to write (default: reports/train_history.csv)")
+
+    def run(args: argparse.Namespace) -> None:
+        summary = train(Path(args.prepared), Path(args.model), Path(args.metrics), Path(args.history),
+                        load_params(args.params))
+        print(f"wrote {args.model}: best {summary['selection_metric']}={summary['best_value']} "
+              f"at epoch {summary['best_epoch']}/{summary['epochs_run']}")
+
+    return stage_main("Stage 5: fine-tune a pretrained backbone with a new head.", add_args, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

