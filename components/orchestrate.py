@@ -141,6 +141,9 @@ def cmd_server(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     quiet_env()
     os.environ.setdefault("PREFECT_API_URL", DEFAULT_API)
+    # The runner looks for due runs every 10 s by default; 2 s makes an event-triggered retrain start
+    # within seconds of `medtune ingest-new`, for one cheap query per 2 s.
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
     from flows.serve import serve_deployments
 
     serve_deployments(Path(args.root).resolve(), args.params, args.retrain_params)
