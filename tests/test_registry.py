@@ -1,0 +1,218 @@
+"""Registry and promotion on a real git + DVC repository (local directory remote) with real ONNX models.
+
+The two models are tiny real ONNX graphs (exported from torch, run by ONNX Runtime): "good" says
+lesion when the image is bright, "bad" says the opposite. The test images are bright for lesions.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components import common, registry
+from components.params import parse_params
+
+BIN = Path(sys.executable).parent
+# The tiny test graphs use the legacy exporter (no onnxscript needed); its deprecation notice is noise here.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+       "DVC_NO_ANALYTICS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert out.returncode == 0, f"{cmd}: {out.stderr}"
+    return out.stdout.strip()
+
+
+def export_onnx(path: Path, sign: float) -> None:
+    import torch
+
+    class Bright(torch.nn.Module):
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3))[:, None] - 0.5
+            return torch.softmax(torch.cat([-sign * 20 * m, sign * 20 * m], dim=1), dim=1)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(Bright(), torch.zeros(2, 1, 8, 8), str(path), input_names=["image"],
+                      output_names=["probabilities"], dynamic_axes={"image": {0: "batch"}}, dynamo=False)
+
+
+PARAMS = parse_params({"evaluate": {"bootstrap": 20, "positive_class": "lesion"}})
+
+
+def write_prepared(ws: Path, patients: list[str]) -> None:
+    """A test split: per patient one dark (normal) and one bright (lesion) 8x8 image."""
+    imgs, rows = [], []
+    for i, p in enumerate(patients):
+        for j, (label, value) in enumerate((("normal", 40), ("lesion", 220))):
+            imgs.append(np.full((1, 8, 8), value, np.uint8))
+            rows.append({"split": "test", "row": len(rows), "path": f"{label}/{p}_{j}.png", "sha256": f"{i}{j}",
+                         "label": label, "label_index": j, "patient": p})
+    d = ws / "data/prepared"
+    d.mkdir(parents=True, exist_ok=True)
+    np.save(d / "test.npy", np.stack(imgs))
+    pd.DataFrame(rows).to_csv(d / "index.csv", index=False)
+
+
+def write_challenger(ws: Path, model_id: str, sign: float, gate_passed: bool = True,
+                     manifest_rows: list[dict] | None = None) -> None:
+    """What the pipeline leaves behind: reports, models/ (ONNX + lineage + card), data/manifest.csv."""
+    from components.evaluate import compute_metrics
+    from components.preprocess import load_split
+
+    export_onnx(ws / "models/model.onnx", sign)
+    images, index = load_split(ws / "data/prepared", "test")
+    probs = registry.onnx_probabilities(ws / "models/model.onnx", images)
+    metrics = compute_metrics(index["label_index"].to_numpy(), probs, ["normal", "lesion"], 1, 0.5, 20, 0)
+    common.write_json(ws / "reports/metrics.json", metrics)
+    common.write_json(ws / "reports/gate.json", {"passed": gate_passed, "reasons": ["test gate"],
+                                                 "failed": [] if gate_passed else ["auroc too low"]})
+    common.write_json(ws / "models/lineage.json", {"model_id": model_id})
+    common.write_text(ws / "models/model_card.md", f"# model {model_id}\n")
+    rows = manifest_rows or [{"path": "a.png", "sha256": "x", "label": "normal", "patient": "pX", "split": "train"}]
+    pd.DataFrame(rows).to_csv(ws / "data/manifest.csv", index=False)
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "data/raw").mkdir(parents=True)
+    (ws / "data/raw/a.txt").write_text("scan")
+    sh(ws, "git", "init", "-q")
+    sh(ws, "dvc", "init", "-q")
+    sh(ws, "dvc", "add", "-q", "data/raw")
+    (ws / ".gitignore").write_text("/models/\n/reports/\n/data/prepared\n/data/manifest.csv\n")
+    sh(ws, "git", "add", "-A")
+    sh(ws, "git", "commit", "-qm", "init")
+    write_prepared(ws, ["p1", "p2", "p3", "p4"])
+    return ws
+
+
+def promote_first(ws: Path, remote: Path) -> dict:
+    write_challenger(ws, "aaaaaaaaaaaa", +1)
+    decision = registry.compare(ws, PARAMS, "auroc", 0.01)
+    return registry.publish(ws, decision, trigger="event", flow_run_id="run-1", data_version="v1",
+                            remote_url=str(remote))
+
+
+def test_first_model_that_passes_the_gate_is_promoted_tagged_and_pushed(repo, tmp_path):
+    rec = promote_first(repo, tmp_path / "remote")
+    assert rec["event"] == "promoted" and rec["git_tag"] == "model-aaaaaaaaaaaa"
+    assert "no champion yet" in " ".join(rec["reasons"])
+    assert registry.current(repo) == {"model_id": "aaaaaaaaaaaa", "git_tag": "model-aaaaaaaaaaaa"}
+    assert [r["event"] for r in registry.releases(repo)] == ["promoted"]
+    assert sh(repo, "git", "tag", "--list") == "model-aaaaaaaaaaaa"
+    committed = sh(repo, "git", "show", "--name-only", "--format=", "model-aaaaaaaaaaaa").splitlines()
+    for f in ("registry/current.json", "registry/releases.jsonl", "registry/models/aaaaaaaaaaaa/lineage.json",
+              "registry/models/aaaaaaaaaaaa/manifest.csv", "registry/models/aaaaaaaaaaaa/model_card.md", ".dvc/config"):
+        assert f in committed, f
+    assert "registry/models/aaaaaaaaaaaa/model.onnx" not in committed  # models live in DVC, not git
+    assert (repo / "registry/models/aaaaaaaaaaaa/model.onnx").is_file()
+    assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no") == ""
+    assert any((tmp_path / "remote").rglob("*")), "dvc push to the local remote"
+
+
+def test_worse_challenger_is_rejected_and_the_champion_stays(repo, tmp_path):
+    promote_first(repo, tmp_path / "remote")
+    tags = sh(repo, "git", "tag", "--list")
+    write_challenger(repo, "bbbbbbbbbbbb", -1)  # passes the (test) gate, but is worse than the champion
+    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    assert decision["promote"] is False
+    assert any("worse than champion" in r for r in decision["reasons"]), decision["reasons"]
+    assert decision["champion"]["metrics"]["auroc"] == 1.0
+    assert decision["comparison"]["challenger"]["auroc"] == 0.0
+    rec = registry.publish(repo, decision, trigger="schedule", flow_run_id="run-2", data_version="v2")
+    assert rec["event"] == "rejected" and rec["git_tag"] is None
+    assert rec["champion"]["metrics"]["auroc"] == 1.0 and rec["challenger"]["model_id"] == "bbbbbbbbbbbb"
+    assert registry.current(repo)["model_id"] == "aaaaaaaaaaaa"
+    assert sh(repo, "git", "tag", "--list") == tags
+    assert not (repo / "registry/models/bbbbbbbbbbbb").exists()
+    assert [r["event"] for r in registry.releases(repo)] == ["promoted", "rejected"]
+
+
+def test_equal_challenger_within_margin_is_promoted(repo, tmp_path):
+    promote_first(repo, tmp_path / "remote")
+    write_challenger(repo, "cccccccccccc", +1)
+    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    assert decision["promote"] is True, decision["reasons"]
+    rec = registry.publish(repo, decision, trigger="event", flow_run_id="run-3", data_version="v3")
+    assert registry.current(repo) == {"model_id": "cccccccccccc", "git_tag": rec["git_tag"]}
+
+
+def test_gate_failure_rejects_even_without_champion(repo):
+    write_challenger(repo, "dddddddddddd", +1, gate_passed=False)
+    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    assert decision["promote"] is False
+    assert decision["reasons"][0].startswith("challenger failed the absolute gate")
+
+
+def test_comparison_leaves_out_patients_the_champion_trained_on(repo, tmp_path):
+    write_challenger(repo, "aaaaaaaaaaaa", +1, manifest_rows=[
+        {"path": "x.png", "sha256": "1", "label": "normal", "patient": "p1", "split": "train"},
+        {"path": "y.png", "sha256": "2", "label": "normal", "patient": "p2", "split": "val"},
+        {"path": "z.png", "sha256": "3", "label": "normal", "patient": "p3", "split": "test"}])
+    registry.publish(repo, registry.compare(repo, PARAMS, "auroc", 0.01), trigger="manual", flow_run_id=None,
+                     data_version="v1", remote_url=str(tmp_path / "remote"))
+    write_challenger(repo, "eeeeeeeeeeee", +1)
+    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    assert decision["comparison"]["n_test"] == 8
+    assert decision["comparison"]["n_compared"] == 4  # p3 and p4 only: p1/p2 were champion train/val
+    assert decision["comparison"]["excluded_champion_train_patients"] == 4
+
+
+def test_recover_undoes_an_uncommitted_promotion_and_finishes_a_missing_tag(repo, tmp_path):
+    promote_first(repo, tmp_path / "remote")
+    before = (repo / "registry/releases.jsonl").read_text()
+    # A crash after writing the new records but before the git commit:
+    registry.record_release(repo, {"event": "promoted", "model_id": "ffffffffffff", "trigger": "event"})
+    registry.set_current(repo, "ffffffffffff", "model-ffffffffffff")
+    sh(repo, "git", "tag", "-d", "model-aaaaaaaaaaaa")  # and a crash between commit and tag, earlier
+    done = registry.recover(repo)
+    assert len(done) == 3, done
+    assert registry.current(repo)["model_id"] == "aaaaaaaaaaaa"
+    assert (repo / "registry/releases.jsonl").read_text() == before
+    assert sh(repo, "git", "tag", "--list") == "model-aaaaaaaaaaaa"
+    assert registry.recover(repo) == []
+
+
+def test_recover_removes_an_uncommitted_first_promotion(repo):
+    registry.set_current(repo, "ffffffffffff", "model-ffffffffffff")
+    assert registry.recover(repo) and registry.current(repo) is None
+
+
+def test_release_records_are_validated_and_appended(repo):
+    with pytest.raises(ValueError, match="promoted, rejected or rollback"):
+        registry.record_release(repo, {"event": "deleted", "model_id": "x", "trigger": "manual"})
+    a = registry.record_release(repo, {"event": "rollback", "model_id": "a", "trigger": "manual"})
+    first = (repo / "registry/releases.jsonl").read_text()
+    registry.record_release(repo, {"event": "rejected", "model_id": "b", "trigger": "schedule"})
+    assert (repo / "registry/releases.jsonl").read_text().startswith(first)
+    assert [r["model_id"] for r in registry.releases(repo)] == ["a", "b"] and a["time"]
+
+
+def test_champion_with_other_input_shape_is_not_compared(repo, tmp_path):
+    promote_first(repo, tmp_path / "remote")
+    write_prepared(repo, ["p1", "p2"])
+    d = repo / "data/prepared"
+    np.save(d / "test.npy", np.zeros((4, 1, 16, 16), np.uint8))  # as if image_size changed
+    (repo / "models/model.onnx").unlink()
+    common.write_json(repo / "models/lineage.json", {"model_id": "gggggggggggg"})
+    export_onnx(repo / "models/model.onnx", +1)
+    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    assert decision["promote"] is False
+    assert any("cannot compare" in r and "expects input" in r for r in decision["reasons"]), decision["reasons"]
+
