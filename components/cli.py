@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("components.evaluate", "stage 6: test metrics with intervals, plots and the gate"),
     "export": ("components.export", "stage 7: ONNX export, parity check, metadata and model card"),
     "predict": ("components.predict", "run an exported ONNX model on scans and write a CSV"),
+    "trace": ("components.trace", "audit: everything that made a model (data, code, params, evidence); --json"),
+    "verify": ("components.verify", "audit: re-hash a model's ONNX, checkpoint and raw scans; exit 1 on a mismatch"),
+    "models": ("components.audit", "audit: `models list` every model; `models rollback ID` to an earlier one"),
     "demo-data": ("components.demo_data", "write synthetic DICOM demo scans (optionally an extra batch)"),
     "import-npz": ("components.importers", "convert a MedMNIST .npz into PNG files plus labels.csv"),
 }

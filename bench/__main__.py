@@ -1,0 +1,157 @@
+"""Benchmarks, printed as ratios measured in one run (not tests: nothing here asserts a time).
+
+    python -m bench            # all three, about 2-3 minutes on 2 CPU cores
+    python -m bench data onnx  # a subset: data | onnx | dvc
+
+1. data: training images/s through the real data path (uint8 memmap on disk -> Dataset ->
+   DataLoader -> on-the-fly augmentation) divided by images/s of the same training steps on
+   tensors already in memory. Target >= 0.95.
+2. onnx: ONNX Runtime (CPU) images/s divided by PyTorch eager images/s at batch 32, plus the max
+   probability difference between the two. Target >= 1.5, parity within export.tolerance.
+3. dvc: wall time of a no-op `dvc repro` on a tiny pipeline that has already run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.augment import build_transform
+from components.export import _wrapper
+from components.models import build_model
+from components.params import Params
+from components.train import make_loader
+
+BATCH = 32
+
+
+def _steps_per_second(model, batches, steps: int) -> float:
+    """Images/s of `steps` SGD steps over an iterator of (x, y) batches, after one warm-up step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    it = iter(batches)
+    seen, start = 0, None
+    for i in range(steps + 1):
+        x, y = next(it)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i == 0:
+            start = time.perf_counter()
+        else:
+            seen += len(y)
+    return seen / (time.perf_counter() - start)
+
+
+def bench_data(size: int = 64, n: int = 640, steps: int = 12, workers: tuple[int, ...] = (0, 1)) -> None:
+    """Same model, same steps: batches produced on the fly from the memmap vs the same batches in RAM."""
+    params = Params()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.npy"
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 1, size, size))
+        mm[:] = rng.integers(0, 256, mm.shape, dtype=np.uint8)
+        mm.flush()
+        del mm
+        images = np.load(path, mmap_mode="r")
+        model, _ = build_model("efficientnet_lite0", 2, 1, pretrained=True)
+        transform = build_transform(params.augment)
+        # The in-memory reference: the very batches the loader yields, materialised beforehand.
+        cached = list(zip(range(steps + 1), make_loader(images, labels, BATCH, train=True, transform=transform)))
+        mem = _steps_per_second(model, _cycle([b for _, b in cached]), steps)
+        for nw in workers:
+            loader = make_loader(images, labels, BATCH, train=True, transform=transform, seed=0, num_workers=nw)
+            real = _steps_per_second(model, _cycle(loader), steps)
+            print(f"data   real path {real:7.1f} img/s | same batches in memory {mem:7.1f} img/s | "
+                  f"ratio {real / mem:.3f} (target >= 0.95; efficientnet_lite0, {size} px, batch {BATCH}, "
+                  f"{steps} steps, augmentation on, num_workers {nw}, {torch.get_num_threads()} threads)")
+
+
+def _cycle(batches):
+    while True:
+        yield from batches
+
+
+def bench_onnx(size: int = 224, reps: int = 5) -> None:
+    import onnxruntime as ort
+
+    from components.export import export_onnx
+
+    model, _ = build_model("efficientnet_lite0", 2, 1, pretrained=True)
+    wrapper = _wrapper(model)
+    x8 = np.random.default_rng(0).integers(0, 256, (BATCH, 1, size, size), dtype=np.uint8)
+    x = x8.astype(np.float32) / 255.0
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "m.onnx"
+        export_onnx(wrapper, x8, 17, onnx_path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    xt = torch.from_numpy(x)
+
+    def torch_run():
+        with torch.inference_mode():
+            return wrapper(xt).numpy()
+
+    def ort_run():
+        return session.run(None, {"image": x})[0]
+
+    t_torch, p_torch = _timed(torch_run, reps)
+    t_ort, p_ort = _timed(ort_run, reps)
+    diff = float(np.abs(p_torch - p_ort).max())
+    print(f"onnx   onnxruntime {BATCH / t_ort:7.1f} img/s | torch eager {BATCH / t_torch:7.1f} img/s | "
+          f"ratio {t_torch / t_ort:.2f} (target >= 1.5) | max |dp| {diff:.1e} "
+          f"(efficientnet_lite0, {size} px, batch {BATCH}, best of {reps}, CPU, {torch.get_num_threads()} threads)")
+
+
+def _timed(fn, reps: int):
+    out = fn()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def bench_dvc() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.test_pipeline_dvc import make_workspace, run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = make_workspace(Path(tmp) / "ws", patients=8)
+        start = time.perf_counter()
+        run(["dvc", "repro"], ws)
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            out = run(["dvc", "repro"], ws)
+            times.append(time.perf_counter() - start)
+            assert "up to date" in out.stdout, out.stdout
+    print(f"dvc    no-op dvc repro {min(times):.2f} s (best of 3; median {sorted(times)[1]:.2f} s) | "
+          f"first full repro {first:.1f} s (7 stages, 24 synthetic 32 px DICOMs, 2 epochs)")
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    which = argv or ["data", "onnx", "dvc"]
+    print(f"medtune benchmarks: torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"cuda={'yes' if torch.cuda.is_available() else 'no'}")
+    for name in which:
+        {"data": bench_data, "onnx": bench_onnx, "dvc": bench_dvc}[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
