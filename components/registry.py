@@ -215,17 +215,20 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
     root = Path(root)
     reports, models = root / reports_dir, root / models_dir
     gate = common.read_json(reports / "gate.json")
-    challenger = {"model_id": None, "metrics": common.read_json(reports / "metrics.json"), "gate": gate}
-    if (models / "lineage.json").is_file() and (models / "model.onnx").is_file():
-        challenger["model_id"] = model_id_of(models)
+    # Model id = sha256(models/model.pt)[:12] (architecture.md), known even when export was refused.
+    challenger = {"model_id": common.sha256_file(models / "model.pt")[:12] if (models / "model.pt").is_file() else None,
+                  "metrics": common.read_json(reports / "metrics.json"), "gate": gate}
+    # A models/model.onnx left by an earlier run must not stand in for this checkpoint.
+    exported = ((models / "lineage.json").is_file() and (models / "model.onnx").is_file()
+                and challenger["model_id"] is not None and model_id_of(models) == challenger["model_id"])
     cur = current(root)
     champion = {"model_id": cur["model_id"] if cur else None, "metrics": None}
     reasons: list[str] = []
     blockers: list[str] = []  # the subset of reasons that stop a promotion
     if not gate.get("passed"):
         blockers.append("challenger failed the absolute gate: " + "; ".join(gate.get("failed") or gate.get("reasons", [])))
-    elif challenger["model_id"] is None:
-        blockers.append(f"challenger has no exported model in {models} (export did not run)")
+    elif not exported:
+        blockers.append(f"challenger {challenger['model_id']} has no exported model in {models} (export did not run)")
     if cur and cur["model_id"] == challenger["model_id"]:
         return {"promote": False, "reasons": ["challenger is the current champion (same model id); nothing to do"],
                 "champion": champion, "challenger": challenger, "comparison": None, "same_model": True}
@@ -247,7 +250,7 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
             probs = onnx_probabilities(onnx, subset)
             champion["metrics"] = compute_metrics(y, probs, params.data.classes, params.positive_index,
                                                   ev.threshold, ev.bootstrap, ev.seed)
-            if challenger["model_id"]:
+            if exported:
                 cprobs = onnx_probabilities(models / "model.onnx", subset)
                 comparison["challenger"] = compute_metrics(y, cprobs, params.data.classes, params.positive_index,
                                                            ev.threshold, ev.bootstrap, ev.seed)

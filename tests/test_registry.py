@@ -6,6 +6,7 @@ lesion when the image is bright, "bad" says the opposite. The test images are br
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -51,6 +52,12 @@ def export_onnx(path: Path, sign: float) -> None:
                       output_names=["probabilities"], dynamic_axes={"image": {0: "batch"}}, dynamo=False)
 
 
+def mid(name: str) -> str:
+    """The model id of the test checkpoint `name` (write_challenger's content)."""
+    return hashlib.sha256(f"checkpoint {name}".encode()).hexdigest()[:12]
+
+
+A, B, C, D, E = (mid(n) for n in "abcde")
 PARAMS = parse_params({"evaluate": {"bootstrap": 20, "positive_class": "lesion"}})
 
 
@@ -68,9 +75,15 @@ def write_prepared(ws: Path, patients: list[str]) -> None:
     pd.DataFrame(rows).to_csv(d / "index.csv", index=False)
 
 
-def write_challenger(ws: Path, model_id: str, sign: float, gate_passed: bool = True,
-                     manifest_rows: list[dict] | None = None) -> None:
-    """What the pipeline leaves behind: reports, models/ (ONNX + lineage + card), data/manifest.csv."""
+def write_challenger(ws: Path, name: str, sign: float, gate_passed: bool = True,
+                     manifest_rows: list[dict] | None = None) -> str:
+    """What the pipeline leaves behind: reports, models/ (checkpoint, ONNX, lineage, card), data/manifest.csv.
+
+    Returns the model id (sha256 of the checkpoint, first 12 hex), as the export stage computes it.
+    """
+    (ws / "models").mkdir(parents=True, exist_ok=True)
+    (ws / "models/model.pt").write_bytes(f"checkpoint {name}".encode())
+    model_id = common.sha256_file(ws / "models/model.pt")[:12]
     from components.evaluate import compute_metrics
     from components.preprocess import load_split
 
@@ -85,6 +98,7 @@ def write_challenger(ws: Path, model_id: str, sign: float, gate_passed: bool = T
     common.write_text(ws / "models/model_card.md", f"# model {model_id}\n")
     rows = manifest_rows or [{"path": "a.png", "sha256": "x", "label": "normal", "patient": "pX", "split": "train"}]
     pd.DataFrame(rows).to_csv(ws / "data/manifest.csv", index=False)
+    return model_id
 
 
 @pytest.fixture()
@@ -103,7 +117,7 @@ def repo(tmp_path):
 
 
 def promote_first(ws: Path, remote: Path) -> dict:
-    write_challenger(ws, "aaaaaaaaaaaa", +1)
+    write_challenger(ws, "a", +1)
     decision = registry.compare(ws, PARAMS, "auroc", 0.01)
     return registry.publish(ws, decision, trigger="event", flow_run_id="run-1", data_version="v1",
                             remote_url=str(remote))
@@ -111,17 +125,17 @@ def promote_first(ws: Path, remote: Path) -> dict:
 
 def test_first_model_that_passes_the_gate_is_promoted_tagged_and_pushed(repo, tmp_path):
     rec = promote_first(repo, tmp_path / "remote")
-    assert rec["event"] == "promoted" and rec["git_tag"] == "model-aaaaaaaaaaaa"
+    assert rec["event"] == "promoted" and rec["git_tag"] == f"model-{A}"
     assert "no champion yet" in " ".join(rec["reasons"])
-    assert registry.current(repo) == {"model_id": "aaaaaaaaaaaa", "git_tag": "model-aaaaaaaaaaaa"}
+    assert registry.current(repo) == {"model_id": A, "git_tag": f"model-{A}"}
     assert [r["event"] for r in registry.releases(repo)] == ["promoted"]
-    assert sh(repo, "git", "tag", "--list") == "model-aaaaaaaaaaaa"
-    committed = sh(repo, "git", "show", "--name-only", "--format=", "model-aaaaaaaaaaaa").splitlines()
-    for f in ("registry/current.json", "registry/releases.jsonl", "registry/models/aaaaaaaaaaaa/lineage.json",
-              "registry/models/aaaaaaaaaaaa/manifest.csv", "registry/models/aaaaaaaaaaaa/model_card.md", ".dvc/config"):
+    assert sh(repo, "git", "tag", "--list") == f"model-{A}"
+    committed = sh(repo, "git", "show", "--name-only", "--format=", f"model-{A}").splitlines()
+    for f in ("registry/current.json", "registry/releases.jsonl", f"registry/models/{A}/lineage.json",
+              f"registry/models/{A}/manifest.csv", f"registry/models/{A}/model_card.md", ".dvc/config"):
         assert f in committed, f
-    assert "registry/models/aaaaaaaaaaaa/model.onnx" not in committed  # models live in DVC, not git
-    assert (repo / "registry/models/aaaaaaaaaaaa/model.onnx").is_file()
+    assert f"registry/models/{A}/model.onnx" not in committed  # models live in DVC, not git
+    assert (repo / f"registry/models/{A}/model.onnx").is_file()
     assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no") == ""
     assert any((tmp_path / "remote").rglob("*")), "dvc push to the local remote"
 
@@ -129,7 +143,7 @@ def test_first_model_that_passes_the_gate_is_promoted_tagged_and_pushed(repo, tm
 def test_worse_challenger_is_rejected_and_the_champion_stays(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")
     tags = sh(repo, "git", "tag", "--list")
-    write_challenger(repo, "bbbbbbbbbbbb", -1)  # passes the (test) gate, but is worse than the champion
+    write_challenger(repo, "b", -1)  # passes the (test) gate, but is worse than the champion
     decision = registry.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["promote"] is False
     assert any("worse than champion" in r for r in decision["reasons"]), decision["reasons"]
@@ -137,37 +151,37 @@ def test_worse_challenger_is_rejected_and_the_champion_stays(repo, tmp_path):
     assert decision["comparison"]["challenger"]["auroc"] == 0.0
     rec = registry.publish(repo, decision, trigger="schedule", flow_run_id="run-2", data_version="v2")
     assert rec["event"] == "rejected" and rec["git_tag"] is None
-    assert rec["champion"]["metrics"]["auroc"] == 1.0 and rec["challenger"]["model_id"] == "bbbbbbbbbbbb"
-    assert registry.current(repo)["model_id"] == "aaaaaaaaaaaa"
+    assert rec["champion"]["metrics"]["auroc"] == 1.0 and rec["challenger"]["model_id"] == B
+    assert registry.current(repo)["model_id"] == A
     assert sh(repo, "git", "tag", "--list") == tags
-    assert not (repo / "registry/models/bbbbbbbbbbbb").exists()
+    assert not (repo / f"registry/models/{B}").exists()
     assert [r["event"] for r in registry.releases(repo)] == ["promoted", "rejected"]
 
 
 def test_equal_challenger_within_margin_is_promoted(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")
-    write_challenger(repo, "cccccccccccc", +1)
+    write_challenger(repo, "c", +1)
     decision = registry.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["promote"] is True, decision["reasons"]
     rec = registry.publish(repo, decision, trigger="event", flow_run_id="run-3", data_version="v3")
-    assert registry.current(repo) == {"model_id": "cccccccccccc", "git_tag": rec["git_tag"]}
+    assert registry.current(repo) == {"model_id": C, "git_tag": rec["git_tag"]}
 
 
 def test_gate_failure_rejects_even_without_champion(repo):
-    write_challenger(repo, "dddddddddddd", +1, gate_passed=False)
+    write_challenger(repo, "d", +1, gate_passed=False)
     decision = registry.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["promote"] is False
     assert decision["reasons"][0].startswith("challenger failed the absolute gate")
 
 
 def test_comparison_leaves_out_patients_the_champion_trained_on(repo, tmp_path):
-    write_challenger(repo, "aaaaaaaaaaaa", +1, manifest_rows=[
+    write_challenger(repo, "a", +1, manifest_rows=[
         {"path": "x.png", "sha256": "1", "label": "normal", "patient": "p1", "split": "train"},
         {"path": "y.png", "sha256": "2", "label": "normal", "patient": "p2", "split": "val"},
         {"path": "z.png", "sha256": "3", "label": "normal", "patient": "p3", "split": "test"}])
     registry.publish(repo, registry.compare(repo, PARAMS, "auroc", 0.01), trigger="manual", flow_run_id=None,
                      data_version="v1", remote_url=str(tmp_path / "remote"))
-    write_challenger(repo, "eeeeeeeeeeee", +1)
+    write_challenger(repo, "e", +1)
     decision = registry.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["comparison"]["n_test"] == 8
     assert decision["comparison"]["n_compared"] == 4  # p3 and p4 only: p1/p2 were champion train/val
@@ -180,12 +194,12 @@ def test_recover_undoes_an_uncommitted_promotion_and_finishes_a_missing_tag(repo
     # A crash after writing the new records but before the git commit:
     registry.record_release(repo, {"event": "promoted", "model_id": "ffffffffffff", "trigger": "event"})
     registry.set_current(repo, "ffffffffffff", "model-ffffffffffff")
-    sh(repo, "git", "tag", "-d", "model-aaaaaaaaaaaa")  # and a crash between commit and tag, earlier
+    sh(repo, "git", "tag", "-d", f"model-{A}")  # and a crash between commit and tag, earlier
     done = registry.recover(repo)
     assert len(done) == 3, done
-    assert registry.current(repo)["model_id"] == "aaaaaaaaaaaa"
+    assert registry.current(repo)["model_id"] == A
     assert (repo / "registry/releases.jsonl").read_text() == before
-    assert sh(repo, "git", "tag", "--list") == "model-aaaaaaaaaaaa"
+    assert sh(repo, "git", "tag", "--list") == f"model-{A}"
     assert registry.recover(repo) == []
 
 
@@ -210,9 +224,19 @@ def test_champion_with_other_input_shape_is_not_compared(repo, tmp_path):
     d = repo / "data/prepared"
     np.save(d / "test.npy", np.zeros((4, 1, 16, 16), np.uint8))  # as if image_size changed
     (repo / "models/model.onnx").unlink()
-    common.write_json(repo / "models/lineage.json", {"model_id": "gggggggggggg"})
+    (repo / "models/model.pt").write_bytes(b"checkpoint g")
+    common.write_json(repo / "models/lineage.json", {"model_id": mid("g")})
     export_onnx(repo / "models/model.onnx", +1)
     decision = registry.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["promote"] is False
     assert any("cannot compare" in r and "expects input" in r for r in decision["reasons"]), decision["reasons"]
 
+
+
+def test_stale_onnx_of_an_earlier_run_does_not_stand_in_for_the_challenger(repo, tmp_path):
+    promote_first(repo, tmp_path / "remote")  # leaves models/model.onnx + lineage.json of model A
+    (repo / "models/model.pt").write_bytes(b"checkpoint x")  # a new checkpoint that export did not take
+    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    assert decision["promote"] is False
+    assert decision["challenger"]["model_id"] == mid("x")
+    assert any("has no exported model" in r for r in decision["reasons"]), decision["reasons"]
