@@ -194,7 +194,7 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
         df.to_csv(tmp, index=False, lineterminator="\n")
 
 
-def _save_png(fig: Any, path: Path) -> None:
+def save_png(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
@@ -218,7 +218,7 @@ def plot_roc(roc: pd.DataFrame, metrics: dict[str, Any], path: Path) -> None:
     ax.title.set_fontsize(9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def plot_confusion(metrics: dict[str, Any], path: Path) -> None:
@@ -236,7 +236,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> None:
            xlabel="predicted", ylabel="actual", title=f"Confusion matrix, test set (n={metrics['n_test']})")
     ax.title.set_fontsize(9)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from components import evaluate
 from components.augment import build_transform
 from components.common import StageError, atomic_path, stage_main, write_json, write_text
 from components.models import build_model, freeze, pick_device
@@ -131,9 +131,7 @@ def auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int) -> float:
     k = probs.shape[1]
     if len(np.unique(y_true)) < (2 if k == 2 else k):
         return math.nan
-    if k == 2:
-        return float(roc_auc_score(y_true == positive_index, probs[:, positive_index]))
-    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(k))))
+    return evaluate.auroc(y_true, probs, positive_index)
 
 
 @torch.inference_mode()
@@ -181,6 +179,24 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
     for row in history:
         writer.writerow([row["epoch"], *(f"{row[c]:.6g}" for c in HISTORY_COLUMNS[1:])])
     return buf.getvalue()
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and validation AUROC per epoch as a PNG (dvc plots' HTML needs a CDN to render)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(8, 3.5))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    loss_ax.legend()
+    auc_ax.plot(epochs, [np.nan if h["val_auroc"] is None else h["val_auroc"] for h in history], marker="o")
+    auc_ax.set(xlabel="epoch", ylabel="AUROC", title="validation AUROC", ylim=(0, 1.01))
+    fig.tight_layout()
+    evaluate.save_png(fig, path)
 
 
 def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: Path, params: Params) -> dict:
@@ -277,6 +293,7 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
         tmp.write_bytes(buf.getvalue())
     write_json(out_metrics, summary)
     write_text(out_history, _history_csv(history))
+    plot_history(history, out_history.with_name("train_curves.png"))
     log.info("best %s=%s at epoch %d of %d; wrote %s", metric, best_value, best_epoch, len(history), out_model)
     return summary
 
