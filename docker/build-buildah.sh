@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Build the medtune image with buildah (no Docker daemon, no registry pulls) and smoke-test it.
+#
+#   sudo docker/build-buildah.sh          # base (once) + image + smoke tests
+#   sudo docker/build-buildah.sh base     # only the local Debian bookworm base image
+#
+# Why not `docker build`: these machines run no Docker engine and cannot pull base images. So we
+# debootstrap a Debian bookworm minbase (its python3 is 3.11, like the real base), commit it as a
+# local image and pass it to the project's Dockerfile as BASE_IMAGE. Inside the build, apt reaches
+# Debian's packages and pip reaches PyPI through the host network with the host's CA bundle; the
+# multi-GB torch/CUDA wheels already on this disk are offered read-only as find-links (/wheels/N).
+#
+# Overrides (environment): IMAGE, BASE_IMAGE, DEBIAN_MIRROR, WHEEL_DIRS (space-separated host
+# folders of wheels; default: the local ones in pip's config), HOST_CA, BUILDAH_LAYERS (true to
+# cache each Dockerfile step), KEEP_CONTAINER (1 to keep the smoke-test container).
+# Exits non-zero on any failure. Needs root (buildah with vfs storage, debootstrap, apt-get).
+set -euo pipefail
+
+MODE=${1:-all}
+case "$MODE" in
+    all|base) ;;
+    *) echo "usage: $0 [all|base]  (got '$MODE')" >&2; exit 2 ;;
+esac
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+IMAGE=${IMAGE:-localhost/medtune:latest}
+BASE_IMAGE=${BASE_IMAGE:-localhost/medtune-base:bookworm}
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+HOST_CA=${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
+# vfs + chroot: works inside an unprivileged-looking sandbox where overlay mounts and user
+# namespaces are not available. vfs stores every layer as a full copy: slow, but it works.
+export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
+export BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
+export BUILDAH_LAYERS=${BUILDAH_LAYERS:-false}
+
+log() { printf '\n== %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (buildah with vfs storage and debootstrap need it)"
+
+ensure_tools() {
+    local missing=()
+    command -v buildah >/dev/null || missing+=(buildah)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]} with apt-get"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+    fi
+}
+
+image_exists() { buildah images --noheading --format '{{.Name}}:{{.Tag}}' 2>/dev/null | grep -qxF "$1"; }
+
+build_base() {
+    if image_exists "$BASE_IMAGE"; then
+        log "base image $BASE_IMAGE exists; skipping (buildah rmi $BASE_IMAGE to rebuild)"
+        return
+    fi
+    log "building local base $BASE_IMAGE from Debian bookworm minbase ($DEBIAN_MIRROR)"
+    local rootfs c m
+    rootfs=$(mktemp -d /var/tmp/medtune-rootfs.XXXXXX)
+    debootstrap --variant=minbase bookworm "$rootfs" "$DEBIAN_MIRROR"
+    # Keep the image small and the build's apt-get fast, like the slim public images.
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    c=$(buildah from scratch)
+    m=$(buildah mount "$c")
+    cp -a "$rootfs"/. "$m"/
+    buildah umount "$c" >/dev/null
+    buildah config --env LANG=C.UTF-8 --cmd /bin/bash "$c"
+    buildah commit -q "$c" "$BASE_IMAGE" >/dev/null
+    buildah rm "$c" >/dev/null
+    rm -rf "$rootfs"
+}
+
+# Host folders holding wheels that pip here uses instead of downloading them: find-links folders,
+# and the files/ folder beside each local (file://) simple index. That is where torch and its
+# CUDA wheels lie (several GB that need not be downloaded again).
+local_wheel_dirs() {
+    if [ -n "${WHEEL_DIRS:-}" ]; then echo "$WHEEL_DIRS"; return; fi
+    pip config list 2>/dev/null | python3 -c '
+import os, shlex, sys
+dirs = []
+for line in sys.stdin:
+    key, _, value = line.strip().partition("=")
+    value = value.strip("\x27\"")
+    if key.endswith(".find-links"):
+        dirs += value.split()
+    elif key.endswith(".extra-index-url") or key.endswith(".index-url"):
+        for url in value.split():
+            if url.startswith("file://"):
+                dirs.append(os.path.join(os.path.dirname(url[7:].rstrip("/")), "files"))
+seen = []
+for d in dirs:
+    d = os.path.realpath(d)
+    if os.path.isdir(d) and d not in seen:
+        seen.append(d)
+print(" ".join(seen))
+'
+}
+
+build_image() {
+    [ -f "$ROOT/requirements.lock" ] || die "$ROOT/requirements.lock is missing: the image installs the locked dependencies (pip freeze style name==version lines); create it first"
+    [ -f "$HOST_CA" ] || die "host CA bundle $HOST_CA not found; set HOST_CA"
+    local args=(--pull=never --network host --layers="$BUILDAH_LAYERS"
+                --build-arg "BASE_IMAGE=$BASE_IMAGE"
+                -v "$HOST_CA:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
+    local i=0 links=() d
+    for d in $(local_wheel_dirs); do
+        args+=(-v "$d:/wheels/$i:ro")
+        links+=("/wheels/$i")
+        echo "offering wheels from $d as /wheels/$i" >&2
+        i=$((i + 1))
+    done
+    [ ${#links[@]} -eq 0 ] || args+=(--build-arg "PIP_FIND_LINKS=${links[*]}")
+    log "building $IMAGE from $ROOT/Dockerfile"
+    local t0=$SECONDS old_id new_id
+    old_id=$(buildah images --noheading --no-trunc --format '{{.ID}}' "$IMAGE" 2>/dev/null || true)
+    buildah bud "${args[@]}" -f "$ROOT/Dockerfile" -t "$IMAGE" "$ROOT"
+    BUILD_SECONDS=$((SECONDS - t0))
+    # vfs keeps a full copy per image: drop the previous build of this tag, now untagged.
+    new_id=$(buildah images --noheading --no-trunc --format '{{.ID}}' "$IMAGE")
+    if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+        buildah rmi "${old_id#sha256:}" >/dev/null 2>&1 || echo "note: could not remove the previous image $old_id" >&2
+    fi
+}
+
+smoke_test() {
+    log "smoke-testing $IMAGE"
+    local c entry
+    c=$(buildah from --pull=never "$IMAGE")
+    # shellcheck disable=SC2064
+    [ "${KEEP_CONTAINER:-0}" = 1 ] || trap "buildah rm $c >/dev/null 2>&1 || true" EXIT
+    # buildah run ignores ENTRYPOINT; prepend it so each check is what `docker run IMAGE cmd` does.
+    local entrypoint
+    entrypoint=$(buildah inspect --type image "$IMAGE" |
+        python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin)["OCIv1"]["config"].get("Entrypoint") or []))')
+    mapfile -t entry <<<"$entrypoint"
+    [ -n "${entry[0]}" ] || entry=()
+    # Under `docker run` tini is PID 1; here it is not, and would warn about zombie reaping.
+    run() { echo "+ $*" >&2; buildah run -e TINI_SUBREAPER=1 "$c" -- "${entry[@]}" "$@"; }
+
+    run id
+    local help
+    help=$(run medtune --help)
+    echo "$help"
+    run python -c "import torch, onnxruntime, prefect, dvc, great_expectations; print('imports ok: torch', torch.__version__, 'onnxruntime', onnxruntime.__version__, 'prefect', prefect.__version__)"
+    run git --version
+    run dvc --version
+    if grep -q 'demo-data' <<<"$help"; then
+        run medtune demo-data --out /tmp/d --patients 4 --slices 2
+        run sh -c 'find /tmp/d -type f | head -n 5; echo "$(find /tmp/d -type f | wc -l) files"'
+    else
+        echo "medtune has no demo-data command yet; skipped that check" >&2
+    fi
+}
+
+ensure_tools
+build_base
+[ "$MODE" = base ] && exit 0
+build_image
+smoke_test
+log "done: $IMAGE built in ${BUILD_SECONDS}s"
+buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep -F "$IMAGE" || true
