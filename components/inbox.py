@@ -236,11 +236,32 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """The current raw data's manifest (empty when there is none yet)."""
+    """A manifest CSV (empty when there is none)."""
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame(columns=["path", "sha256", "label", "patient", "split", "error"])
     return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def current_manifest(manifest_csv: str | Path, raw_dir: str | Path, params: Params) -> pd.DataFrame:
+    """What is in the raw data now: data/manifest.csv, or (fresh checkout, never ingested) a real
+    ingest of raw_dir into a temporary folder, so duplicates and known patients are still caught."""
+    if Path(manifest_csv).is_file() or not Path(raw_dir).is_dir():
+        return read_manifest(manifest_csv)
+    from components.ingest import ingest
+
+    with tempfile.TemporaryDirectory(prefix="medtune-manifest-") as tmp:
+        try:
+            return ingest(Path(raw_dir), Path(tmp), params).astype(str)
+        except StageError as exc:
+            # The raw data cannot be split yet (e.g. too few patients): hashes and patients still count.
+            log.warning("ingest of %s for the batch checks failed (%s); checking against file hashes only", raw_dir, exc)
+            from components import scans
+
+            files = [p for p in sorted(Path(raw_dir).rglob("*")) if scans.is_candidate(p)]
+            return pd.DataFrame({"path": [p.relative_to(raw_dir).as_posix() for p in files],
+                                 "sha256": [common.sha256_file(p) for p in files],
+                                 "label": "", "patient": "", "split": "", "error": ""})
 
 
 def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFrame, params: Params,

@@ -37,7 +37,7 @@ def check_batch(batch: str, params: str, extra_known: list[dict[str, str]]) -> d
 
     p = inbox.load_spine_params(params)
     rows, problems = inbox.read_batch(batch, p)
-    manifest = inbox.read_manifest("data/manifest.csv")
+    manifest = inbox.current_manifest("data/manifest.csv", p.data.raw_dir, p)
     if extra_known:
         manifest = pd.concat([manifest, pd.DataFrame(extra_known)], ignore_index=True).fillna("")
     mine = inbox.appended_paths(Path(batch).name, rows, p) if not rows.empty else []

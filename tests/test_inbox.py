@@ -186,3 +186,15 @@ def test_retrain_params_from_yaml_with_defaults(tmp_path):
     p.write_text(yaml.safe_dump({"retrain": {"margin": 0.1}}))
     with pytest.raises(ValueError, match="unknown key"):
         inbox.load_retrain_params(p)
+
+
+def test_without_a_manifest_the_raw_data_is_ingested_for_the_checks(raw, tmp_path):
+    raw_dir, manifest = raw
+    fresh = inbox.current_manifest(tmp_path / "nowhere/manifest.csv", raw_dir, PARAMS)
+    assert sorted(fresh["sha256"]) == sorted(manifest["sha256"])
+    assert sorted(fresh["patient"]) == sorted(manifest["patient"])
+    batch = tmp_path / "inbox/dup"
+    (batch / "lesion").mkdir(parents=True)
+    shutil.copy(sorted((raw_dir / "lesion").glob("*.dcm"))[0], batch / "lesion" / "again.dcm")
+    _, problems = check(batch, fresh)
+    assert any("again.dcm: duplicates raw scan" in p for p in problems), problems
