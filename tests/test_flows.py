@@ -332,3 +332,41 @@ def test_bad_batch_is_quarantined_and_nothing_changes(served):
     assert run(["git", "rev-parse", "HEAD"], ws, env).stdout == head
     assert raw_md5(ws) == md5 and tree(ws / "data/raw") == raw_before
     assert (ws / "registry/releases.jsonl").read_text() == releases
+
+
+# ---------------------------------------------------------------------------------------------
+# The glue under the flows (no server needed)
+# ---------------------------------------------------------------------------------------------
+
+def test_a_second_run_waits_for_the_workspace_lock_and_says_who_holds_it(tmp_path):
+    from components import orchestrate
+    from components.common import StageError
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from components.orchestrate import workspace_lock\n"
+        "with workspace_lock(sys.argv[1], 'retrain flow run R1 (pid 42)', 5):\n"
+        "    print('locked', flush=True); time.sleep(60)\n"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        told = []
+        start = time.monotonic()
+        with pytest.raises(StageError, match="held by retrain flow run R1"):
+            with orchestrate.workspace_lock(tmp_path, "second", 1.5, told.append):
+                pass
+        assert time.monotonic() - start >= 1.5 and told == ["retrain flow run R1 (pid 42)"]
+    finally:
+        stop(holder)
+    with orchestrate.workspace_lock(tmp_path, "second", 5):  # released when its holder died
+        pass
+
+
+def test_run_stage_raises_with_the_stage_own_error(tmp_path, monkeypatch):
+    from components import orchestrate
+    from components.common import StageError
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    with pytest.raises(StageError, match=r"stage validate failed \(exit 1\): .*manifest"):
+        orchestrate.run_stage("validate", "params.yaml")
+    with pytest.raises(ValueError, match="stage 'deploy' is unknown"):
+        orchestrate.run_stage("deploy")
