@@ -51,6 +51,11 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench
 
+# Not part of `make test`: needs root; installs buildah/debootstrap if missing; ~7 min, ~25 GB disk.
+# `make image FULL=1` also runs the demo `dvc repro` inside the image.
+image:
+	FULL=$(FULL) bash docker/build-buildah.sh
+
 lock:
 	{ echo "# Every package pinned, as installed and tested on Python 3.11 / Linux x86_64 (pip freeze)."; \
 	  echo "# Install: pip install -r requirements.lock && pip install --no-deps -e ."; \
