@@ -59,7 +59,7 @@ class ValidateParams:
     min_images_per_class_split: int = 2
     min_size: int = 16
     max_size: int = 8192
-    bit_depths: list[int] = field(default_factory=lambda: [8, 16])
+    bit_depths: list[int] = field(default_factory=lambda: [8, 10, 12, 14, 16])  # CT/MR store 12 bits
     # Unreadable files tolerated before the stage fails (they are always listed in the report).
     max_unreadable: int = 0
 
