@@ -184,6 +184,45 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class RetrainParams:
+    """Retraining on new labelled batches (flows/retrain.py). Not a model parameter: excluded from
+    `Params.digest()` and from every dvc.yaml stage's `params:`."""
+
+    # A batch is one folder in here; "."/"_"-prefixed folders are ignored (in progress).
+    inbox_dir: str = "data/inbox"
+    # Rejected batches land here, unchanged, beside a report. Never read by the pipeline.
+    quarantine_dir: str = "data/quarantine"
+    # Appended batches are moved here after their retrain run is recorded (kept, never deleted).
+    processed_dir: str = "data/inbox-processed"
+    # Champion/challenger comparison on the same test images: promote only when
+    # challenger[compare_metric] >= champion[compare_metric] - promotion_margin (and the gate passed).
+    compare_metric: str = "auroc"
+    promotion_margin: float = 0.01
+    # Schedule of the retrain deployment: a cron string, or else an interval in seconds (0: no schedule).
+    schedule_cron: str | None = None
+    schedule_interval: int = 3600
+    # DVC remote the promotions push to; a local directory by default (relative to the project root).
+    dvc_remote: str = "../medtune-dvc-remote"
+    dvc_remote_name: str = "medtune"
+    # Git tag of a promoted model: this prefix + model id.
+    tag_prefix: str = "model-"
+    # How long a second retrain run waits for the first before it gives up (seconds).
+    lock_timeout: int = 3600
+
+    def validate(self) -> None:
+        _expect(self.compare_metric in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "precision"),
+                "retrain.compare_metric", self.compare_metric,
+                "one of auroc, accuracy, sensitivity, specificity, f1, precision")
+        _expect(0 <= self.promotion_margin < 1, "retrain.promotion_margin", self.promotion_margin,
+                "a metric difference in [0, 1)")
+        _expect(self.schedule_interval >= 0, "retrain.schedule_interval", self.schedule_interval,
+                "seconds >= 0 (0: no interval schedule)")
+        _expect(self.lock_timeout >= 0, "retrain.lock_timeout", self.lock_timeout, "seconds >= 0")
+        _expect(bool(self.tag_prefix) and " " not in self.tag_prefix, "retrain.tag_prefix", self.tag_prefix,
+                "a non-empty git tag prefix without spaces")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     split: SplitParams = field(default_factory=SplitParams)
@@ -193,6 +232,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     export: ExportParams = field(default_factory=ExportParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
 
     def check(self) -> "Params":
         for f in fields(self):
@@ -208,14 +248,31 @@ class Params:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of all parameters (recorded in model metadata)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """sha256 of the model-relevant parameters (recorded in model metadata): see `params_digest`."""
+        return params_digest(self.to_dict())
 
     @property
     def positive_index(self) -> int:
         cls = self.evaluate.positive_class or self.data.classes[-1]
         return self.data.classes.index(cls)
+
+
+# Sections that do not affect the model. The model's params_sha256 leaves them out, so changing
+# e.g. the retrain schedule neither changes a model's recorded hash nor needs a re-export (dvc.yaml's
+# export stage lists only the model-relevant sections), and a hash recorded before a section
+# existed still matches.
+NOT_MODEL_PARAMS = ("retrain",)
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a parameters dict without the NOT_MODEL_PARAMS sections.
+
+    `Params.digest()` is `params_digest(p.to_dict())`; audit code recomputes a model's
+    params_sha256 from the `params` dict recorded in its lineage with this same function.
+    """
+    kept = {k: v for k, v in params.items() if k not in NOT_MODEL_PARAMS}
+    blob = json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def _expect(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -1,11 +1,14 @@
 """The params loader: defaults, the project's params.yaml, and loud errors for bad values."""
 
+import hashlib
+import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from components.params import Params, load_params, parse_params
+from components.params import Params, RetrainParams, load_params, params_digest, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,6 +17,7 @@ def test_project_params_yaml_loads():
     p = load_params(ROOT / "params.yaml")
     assert p.data.classes == ["normal", "lesion"]
     assert p.positive_index == 1
+    assert p.retrain == RetrainParams()  # params.yaml spells out the defaults
 
 
 def test_defaults_are_valid_and_digest_is_stable():
@@ -53,3 +57,32 @@ def test_error_names_the_file(tmp_path):
     f.write_text("train: {batch_size: -1}\n")
     with pytest.raises(ValueError, match=str(f)):
         load_params(f)
+
+
+def test_retrain_section_defaults_and_errors(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump({"train": {"epochs": 2}}))
+    assert load_params(f).retrain == RetrainParams()
+    f.write_text(yaml.safe_dump({"train": {"epochs": 2},
+                                 "retrain": {"promotion_margin": 0.05, "schedule_cron": "0 * * * *"}}))
+    p = load_params(f)
+    assert p.retrain.promotion_margin == 0.05 and p.retrain.schedule_cron == "0 * * * *" and p.train.epochs == 2
+    for raw, fragment in [({"retrain": {"compare_metric": "loss"}}, "retrain.compare_metric = 'loss'"),
+                          ({"retrain": {"margin": 0.1}}, "unknown key(s) retrain.margin"),
+                          ({"retrain": {"lock_timeout": -1}}, "retrain.lock_timeout = -1"),
+                          ({"retrain": {"tag_prefix": "a b"}}, "retrain.tag_prefix")]:
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            parse_params(raw)
+
+
+def test_digest_ignores_the_retrain_section():
+    base = parse_params({})
+    other = parse_params({"retrain": {"promotion_margin": 0.2, "schedule_interval": 60}})
+    assert other.digest() == base.digest()
+    # The hash of the model-relevant sections only: a lineage's recorded params dict, with or without
+    # a `retrain` key, recomputes to the params_sha256 export wrote.
+    d = other.to_dict()
+    assert "retrain" in d and params_digest(d) == other.digest()
+    d.pop("retrain")
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+    assert params_digest(d) == hashlib.sha256(blob).hexdigest() == base.digest()
