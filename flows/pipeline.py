@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from components import orchestrate, registry
 from components.common import dvc_data_version
-from components.inbox import load_spine_params
+from components.params import load_params
 
 
 def _transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's retry_condition_fn signature
@@ -107,7 +107,7 @@ def pipeline(root: str = ".", params: str = "params.yaml", lock: bool = True) ->
     """
     logger = get_run_logger()
     os.chdir(root)  # stage defaults are relative to the project root; each flow run is its own process
-    p = load_spine_params(params)
+    p = load_params(params)
     holder = f"pipeline flow run (pid {os.getpid()})"
     with (orchestrate.workspace_lock(".", holder, 3600, lambda h: logger.info("waiting for the workspace: %s", h))
           if lock else contextlib.nullcontext()):

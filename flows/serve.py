@@ -20,15 +20,16 @@ from prefect import serve
 from prefect.events import DeploymentEventTrigger
 
 from components import orchestrate
-from components.inbox import EVENT, load_retrain_params
+from components.inbox import EVENT
+from components.params import load_params
 from flows.pipeline import pipeline
 from flows.retrain import retrain
 
 
-def deployments(root: Path, params: str = "params.yaml", retrain_params: str | None = None) -> list:
+def deployments(root: Path, params: str = "params.yaml") -> list:
     """The two RunnerDeployments (also usable with `.deploy(work_pool_name=...)`)."""
-    rp = load_retrain_params(root / (retrain_params or params))
-    base = {"root": str(root), "params": params, "retrain_params": retrain_params}
+    rp = load_params(root / params).retrain
+    base = {"root": str(root), "params": params}
     schedule = {"cron": rp.schedule_cron} if rp.schedule_cron else (
         {"interval": timedelta(seconds=rp.schedule_interval)} if rp.schedule_interval else {})
     trigger = DeploymentEventTrigger(
@@ -46,8 +47,8 @@ def deployments(root: Path, params: str = "params.yaml", retrain_params: str | N
     ]
 
 
-def serve_deployments(root: Path, params: str = "params.yaml", retrain_params: str | None = None) -> None:
-    serve(*deployments(root, params, retrain_params))
+def serve_deployments(root: Path, params: str = "params.yaml") -> None:
+    serve(*deployments(root, params))
 
 
 def main(argv=None) -> int:
