@@ -20,6 +20,8 @@ A bad batch is moved, unchanged, to `retrain.quarantine_dir/<batch>-<time>/batch
 `report.json` and `report.md`. A good batch is copied into the raw data under its own name
 (`raw/<class>/<batch>/...` or `raw/<batch>/...` plus rows appended to raw labels.csv); existing raw
 files are never modified or removed, and the copy is idempotent, so a crashed retrain resumes.
+When the pipeline then fails, `remove_from_raw` takes exactly the batch's files (and labels.csv
+lines) out again and the batch goes to quarantine with the error (flows/retrain.py).
 """
 
 from __future__ import annotations
@@ -31,87 +33,18 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
-
 from components import common
 from components.common import StageError
-from components.params import Params, _build, _expect
+from components.params import Params
 
 log = logging.getLogger("medtune.inbox")
 
 EVENT = "medtune.inbox.batch-added"  # emitted by `medtune ingest-new`; the retrain deployment's trigger
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass(frozen=True)
-class RetrainParams:
-    # A batch is one folder in here; "."/"_"-prefixed folders are ignored (in progress).
-    inbox_dir: str = "data/inbox"
-    # Rejected batches land here, unchanged, beside a report. Never read by the pipeline.
-    quarantine_dir: str = "data/quarantine"
-    # Appended batches are moved here after their retrain run is recorded (kept, never deleted).
-    processed_dir: str = "data/inbox-processed"
-    # Champion/challenger comparison on the same test images: promote only when
-    # challenger[compare_metric] >= champion[compare_metric] - promotion_margin (and the gate passed).
-    compare_metric: str = "auroc"
-    promotion_margin: float = 0.01
-    # Schedule of the retrain deployment: a cron string, or else an interval in seconds (0: no schedule).
-    schedule_cron: str | None = None
-    schedule_interval: int = 3600
-    # DVC remote the promotions push to; a local directory by default (relative to the project root).
-    dvc_remote: str = "../medtune-dvc-remote"
-    dvc_remote_name: str = "medtune"
-    # Git tag of a promoted model: this prefix + model id.
-    tag_prefix: str = "model-"
-    # How long a second retrain run waits for the first before it gives up (seconds).
-    lock_timeout: int = 3600
-
-    def validate(self) -> None:
-        _expect(self.compare_metric in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "precision"),
-                "retrain.compare_metric", self.compare_metric,
-                "one of auroc, accuracy, sensitivity, specificity, f1, precision")
-        _expect(0 <= self.promotion_margin < 1, "retrain.promotion_margin", self.promotion_margin,
-                "a metric difference in [0, 1)")
-        _expect(self.schedule_interval >= 0, "retrain.schedule_interval", self.schedule_interval,
-                "seconds >= 0 (0: no interval schedule)")
-        _expect(self.lock_timeout >= 0, "retrain.lock_timeout", self.lock_timeout, "seconds >= 0")
-        _expect(bool(self.tag_prefix) and " " not in self.tag_prefix, "retrain.tag_prefix", self.tag_prefix,
-                "a non-empty git tag prefix without spaces")
-
-
-def load_retrain_params(path: str | Path = "params.yaml") -> RetrainParams:
-    """The `retrain:` section of params.yaml (all defaults when it is absent).
-
-    Read from the raw YAML because params.py does not know this section yet.
-    """
-    path = Path(path)
-    raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    try:
-        rp = _build(RetrainParams, raw.get("retrain"), "retrain")
-        rp.validate()
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
-    return rp
-
-
-def load_spine_params(path: str | Path = "params.yaml") -> Params:
-    """The pipeline's Params from a file that may also hold a `retrain:` section."""
-    from components.params import parse_params
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"params: {path} not found; run from the project root or pass --params PATH.")
-    raw = dict(yaml.safe_load(path.read_text()) or {})
-    raw.pop("retrain", None)
-    try:
-        return parse_params(raw)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,8 +271,14 @@ def quarantine(batch_dir: str | Path, quarantine_dir: str | Path, problems: Sequ
               **(context or {})}
     # The report first: if the move fails the report still says why, and the batch stays in the inbox.
     common.write_json(dest / "report.json", report)
-    md = [f"# Quarantined batch `{batch.name}`", "", f"{len(problems)} problem(s); nothing was retrained and "
-          "the current model stays. Fix the batch and drop it into the inbox again.", ""]
+    if (context or {}).get("failure"):
+        intro = ("The batch passed its own checks and was appended, then the pipeline failed (below). The "
+                 "workspace was restored to the last committed data version and the current model stays. "
+                 "The failed run's reports are in `failed-run/` beside this file. Fix the cause (the batch, or the data/parameters it ran into) and drop it into the inbox again.")
+    else:
+        intro = (f"{len(problems)} problem(s); nothing was retrained and the current model stays. Fix the batch "
+                 "and drop it into the inbox again.")
+    md = [f"# Quarantined batch `{batch.name}`", "", intro, ""]
     md += [f"- {p}" for p in problems[:200]]
     if len(problems) > 200:
         md.append(f"- ... and {len(problems) - 200} more (report.json)")
@@ -421,6 +360,42 @@ def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: lis
         old += "\n"
     cols = list(existing.columns) if len(existing.columns) else list(extra.columns)
     common.write_text(labels_csv, old + extra[cols].to_csv(index=False, header=header, lineterminator="\n"))
+
+
+def remove_from_raw(raw_dir: str | Path, paths: Sequence[str], params: Params) -> list[str]:
+    """Undo `append_to_raw` for `paths` (raw-relative; the caller passes only files a batch put there
+    that the committed data version does not hold). Returns the paths removed.
+
+    Removes those files, then the folders that became empty (never raw_dir itself); in csv mode
+    drops exactly the raw labels.csv lines naming them (every other line kept byte for byte).
+    """
+    import csv
+
+    raw = Path(raw_dir).resolve()
+    removed = []
+    for rel in paths:
+        target = (raw / rel).resolve()
+        if raw not in target.parents:
+            raise StageError(f"{rel!r} is not inside {raw}; refusing to remove it.")
+        if target.is_file():
+            target.unlink()
+            removed.append(rel)
+        parent = target.parent
+        while parent != raw and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    labels_csv = raw / params.data.labels_csv
+    if params.data.label_source == "csv" and labels_csv.is_file() and paths:
+        drop = {Path(x).as_posix() for x in paths}
+        text = labels_csv.read_text(encoding="utf-8")
+        lines = text.splitlines(keepends=True)
+        kept = lines[:1] + [ln for ln in lines[1:]
+                            if not ln.strip() or next(csv.reader([ln]), [""])[0] not in drop]
+        if len(kept) != len(lines):
+            common.write_text(labels_csv, "".join(kept))
+    if removed:
+        log.warning("removed %d file(s) of a failed run's batch from %s", len(removed), raw)
+    return removed
 
 
 def archive(batch_dir: str | Path, processed_dir: str | Path) -> Path:

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from components import common
 from components.common import StageError
@@ -56,6 +57,15 @@ class _Tee(io.TextIOBase):
             st.flush()
 
 
+class _Capture(logging.Handler):
+    def __init__(self, stream: io.StringIO):
+        super().__init__(logging.INFO)
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream.write(record.getMessage() + "\n")
+
+
 def run_stage(stage: str, params_path: str | Path = "params.yaml") -> None:
     """Call `components.<stage>.main(["--params", ...])`, exactly what `medtune <stage>` (dvc.yaml) runs.
 
@@ -66,12 +76,24 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml") -> None:
         raise ValueError(f"stage {stage!r} is unknown; expected one of {list(STAGES)}.")
     module = importlib.import_module(f"components.{stage}")
     captured = io.StringIO()
-    with contextlib.redirect_stderr(_Tee(sys.stderr, captured)):
-        code = module.main(["--params", str(params_path)])
+    # In a Prefect task with log_prints, the stage's `print(..., file=sys.stderr)` becomes a log
+    # record of the run logger instead: capture those records too.
+    handler = _Capture(captured)
+    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with contextlib.redirect_stderr(_Tee(sys.stderr, captured)):
+            code = module.main(["--params", str(params_path)])
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
     if code:
-        lines = [ln for ln in captured.getvalue().splitlines() if ln.startswith("error:")]
-        raise StageError(f"stage {stage} failed (exit {code}): "
-                         f"{lines[-1].removeprefix('error: ') if lines else 'see the log above'}")
+        text = "\n" + captured.getvalue()
+        at = text.rfind("\nerror: ")
+        # The whole error (it may span lines, e.g. the list of failed validation checks).
+        message = text[at + len("\nerror: "):].strip() if at >= 0 else "see the log above"
+        raise StageError(f"stage {stage} failed (exit {code}): {message}")
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -122,6 +144,187 @@ def project_resource(root: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Undoing a failed run: back to the last committed state
+# ---------------------------------------------------------------------------------------------
+
+SNAPSHOT_DIR = ".dvc/tmp/medtune-snapshot"  # .dvc/tmp is git-ignored
+
+
+def pipeline_outs(root: str | Path) -> list[tuple[str, bool]]:
+    """(path relative to root, cached?) of every output of the dvc.yaml stages (DVC's own reading)."""
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    repo = Repo(str(root))
+    try:
+        outs = []
+        for stage in repo.index.stages:
+            if stage.addressing.endswith(".dvc"):  # data/raw.dvc etc.: not a pipeline stage
+                continue
+            for out in stage.outs:
+                outs.append((Path(out.fs_path).resolve().relative_to(root).as_posix(), bool(out.use_cache)))
+        return outs
+    finally:
+        repo.close()
+
+
+def snapshot_workspace(root: str | Path, raw_dir: str, batch_dests: Sequence[str]) -> dict[str, Any]:
+    """What `restore_workspace` needs, taken before a retrain run appends anything.
+
+    Small things only: which batch destinations already existed in raw, whether each pipeline output
+    and data/raw.dvc / dvc.lock existed, and copies of the uncached outputs (reports, lineage, card:
+    DVC cannot check those out again) and of raw.dvc / dvc.lock when git does not track them.
+    Cached outputs come back from the DVC cache (`dvc checkout`).
+    """
+    import shutil
+
+    root = Path(root)
+    store = root / SNAPSHOT_DIR
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    outs = pipeline_outs(root)
+    saved = []
+    for rel in [f"{raw_dir}.dvc", "dvc.lock"] + [o for o, cached in outs if not cached]:
+        src = root / rel
+        if src.is_file():
+            (store / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, store / rel)
+            saved.append(rel)
+        elif src.is_dir():
+            shutil.copytree(src, store / rel)
+            saved.append(rel)
+    return {"raw_dir": raw_dir, "store": SNAPSHOT_DIR, "saved": saved,
+            "outs": [{"path": o, "cached": c, "existed": (root / o).exists()} for o, c in outs],
+            "raw_existing": sorted(d for d in batch_dests if (root / raw_dir / d).exists())}
+
+
+def _tracked_at_head(root: Path, rel: str) -> bool:
+    from components import registry
+
+    return bool(registry.git(root, "ls-tree", "--name-only", "HEAD", "--", rel, check=False))
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Sequence[str], params: Any) -> list[str]:
+    """Put the workspace back to the last committed state after a retrain run failed mid-way.
+
+    1. data/raw.dvc and dvc.lock: `git checkout HEAD --` when tracked (else the snapshot's copy,
+       or removed when the run created them).
+    2. Raw data: only the batch files that the committed data version does not hold (`dvc diff`
+       HEAD vs workspace, "added") or that this run created are removed, plus their labels.csv rows
+       in csv mode. Existing raw scans are never touched; the batch originals stay in the inbox.
+    3. Pipeline outputs: those the run created are removed; `dvc checkout --force` of the stages
+       in the committed dvc.lock restores the cached ones; uncached ones come from the snapshot.
+    Returns what was done, ending with the `dvc status` afterwards. A step that fails is reported
+    in that list, and the remaining steps still run.
+    """
+    import shutil
+
+    import yaml
+
+    from components import inbox, registry
+
+    root = Path(root)
+    store = root / snap["store"]
+    raw_dir = snap["raw_dir"]
+    done: list[str] = []
+
+    failed: list[str] = []
+
+    def step(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - keep restoring; the caller reports every failed step
+            done.append(f"FAILED to {what}: {exc}")
+            failed.append(what)
+            log.error("restore: could not %s: %s", what, exc)
+            return None
+
+    for rel in (f"{raw_dir}.dvc", "dvc.lock"):
+        if _tracked_at_head(root, rel):
+            if step(f"git checkout HEAD -- {rel}",
+                    lambda rel=rel: registry.git(root, "checkout", "HEAD", "--", rel) or True):
+                done.append(f"{rel}: checked out from HEAD")
+        elif rel in snap["saved"]:
+            step(f"restore {rel}", lambda rel=rel: shutil.copy2(store / rel, root / rel))
+            done.append(f"{rel}: not tracked by git; restored the copy taken before the run")
+        elif (root / rel).exists():
+            step(f"remove {rel}", lambda rel=rel: (root / rel).unlink())
+            done.append(f"{rel}: removed (created by this run; not tracked by git)")
+
+    # Raw data: what this run (or an earlier crashed attempt of the same batch) added, nothing else.
+    def uncommitted() -> set[str]:
+        diff = json.loads(registry.dvc(root, "diff", "--json", "--targets", raw_dir) or "{}")
+        prefix = raw_dir.rstrip("/") + "/"
+        return {d["path"][len(prefix):] for d in diff.get("added", []) if d["path"].startswith(prefix)}
+
+    added = step("list the raw files the committed data version does not hold (dvc diff)", uncommitted)
+    created = set(batch_dests) - set(snap["raw_existing"])
+    doomed = sorted(created | (set(batch_dests) & (added or set())))
+    removed = step("remove the appended batch files from the raw data",
+                   lambda: inbox.remove_from_raw(root / raw_dir, doomed, params)) or []
+    done.append(f"{raw_dir}: removed {len(removed)} appended file(s) of the failed batch(es); "
+                "existing raw files untouched")
+
+    # Pipeline outputs.
+    for out in snap["outs"]:
+        if not out["existed"] and (root / out["path"]).exists():
+            step(f"remove {out['path']}", lambda out=out: _remove(root / out["path"]))
+            done.append(f"{out['path']}: removed (created by the failed run)")
+    lock = root / "dvc.lock"
+    stages = sorted((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else []
+    if stages:
+        if step("dvc checkout the committed outputs",
+                lambda: registry.dvc(root, "checkout", "--force", *stages) or True):
+            done.append(f"dvc checkout --force {' '.join(stages)}")
+    for out in snap["outs"]:
+        if not out["cached"] and out["path"] in snap["saved"]:
+            def put_back(rel: str = out["path"]) -> None:
+                _remove(root / rel)
+                if (store / rel).is_dir():
+                    shutil.copytree(store / rel, root / rel)
+                else:
+                    shutil.copy2(store / rel, root / rel)
+            step(f"restore {out['path']}", put_back)
+    done.append("uncached outputs (reports, lineage, model card) restored from the snapshot")
+    status = step("run dvc status", lambda: registry.dvc(root, "status"))
+    done.append(f"dvc status: {status}" if status is not None else "dvc status: unknown")
+    return done
+
+
+def keep_failed_outputs(root: str | Path, snap: dict[str, Any], dest: str | Path) -> list[str]:
+    """Copy the failed run's uncached outputs (e.g. reports/validation.md saying why) to `dest`
+    before `restore_workspace` puts the committed ones back. Returns the paths copied."""
+    import shutil
+
+    root, dest = Path(root), Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    copied = []
+    for out in snap["outs"]:
+        src = root / out["path"]
+        if out["cached"] or not src.exists():
+            continue
+        (dest / out["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / out["path"])
+        copied.append(out["path"])
+    return copied
+
+
+def drop_snapshot(root: str | Path) -> None:
+    import shutil
+
+    shutil.rmtree(Path(root) / SNAPSHOT_DIR, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------
 
@@ -146,7 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
     from flows.serve import serve_deployments
 
-    serve_deployments(Path(args.root).resolve(), args.params, args.retrain_params)
+    serve_deployments(Path(args.root).resolve(), args.params)
 
 
 def cmd_retrain(args: argparse.Namespace) -> None:
@@ -155,17 +358,17 @@ def cmd_retrain(args: argparse.Namespace) -> None:
         raise StageError("retrain: pass --once to run one retrain now; `medtune serve` runs it on schedule and on events.")
     from flows.retrain import retrain
 
-    result = retrain(root=str(Path(args.root).resolve()), params=args.params,
-                     retrain_params=args.retrain_params, trigger="manual")
+    result = retrain(root=str(Path(args.root).resolve()), params=args.params, trigger="manual")
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
 
 
 def cmd_ingest_new(args: argparse.Namespace) -> None:
     quiet_env()
-    from components.inbox import EVENT, add_to_inbox, load_retrain_params
+    from components.inbox import EVENT, add_to_inbox
+    from components.params import load_params
 
     root = Path(args.root).resolve()
-    rp = load_retrain_params(root / (args.retrain_params or args.params))
+    rp = load_params(root / args.params).retrain
     batch = add_to_inbox(args.path, root / rp.inbox_dir, args.name)
     print(f"batch {batch.name} is in the inbox: {batch}")
     if args.no_event:
@@ -193,9 +396,8 @@ def emit_batch_event(root: Path, batch_name: str) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=".", help="project root (default: the current folder)")
-    p.add_argument("--params", default="params.yaml", help="pipeline parameters (default: params.yaml)")
-    p.add_argument("--retrain-params", default=None,
-                   help="file with the `retrain:` section (default: the --params file)")
+    p.add_argument("--params", default="params.yaml",
+                   help="parameters, including the `retrain:` section (default: params.yaml)")
 
 
 def _run(command: str, description: str, add_args: Callable[[argparse.ArgumentParser], None],

@@ -4,7 +4,7 @@ Layout (git-tracked, small, append-only; see docs/architecture.md "Registry"):
 
     registry/models/<model_id>/{lineage.json, model_card.md, manifest.csv}   # + model.onnx (git-ignored,
                                                                            #   in the DVC remote under the tag)
-    registry/releases.jsonl      one JSON line per event: promoted | rejected | rollback
+    registry/releases.jsonl      one JSON line per event: promoted | rejected | rollback | failed
     registry/current.json        {model_id, git_tag} of the champion
 
 Promotion is one git commit (data/raw.dvc, dvc.lock, the model's registry folder, the release line,
@@ -41,6 +41,8 @@ log = logging.getLogger("medtune.registry")
 
 REGISTRY = "registry"
 MODEL_FILES = ("lineage.json", "model_card.md")  # copied from models/; manifest.csv from data/
+# "failed": a retrain run whose pipeline failed after its batches were appended (no model; model_id None).
+EVENTS = ("promoted", "rejected", "rollback", "failed")
 
 
 def registry_dir(root: str | Path = ".") -> Path:
@@ -112,9 +114,9 @@ def record_release(root: str | Path, record: dict[str, Any]) -> dict[str, Any]:
     """Append one event to releases.jsonl (rewritten atomically; earlier lines byte-identical)."""
     required = ("event", "model_id", "trigger")
     missing = [k for k in required if k not in record]
-    if missing or record["event"] not in ("promoted", "rejected", "rollback"):
+    if missing or record["event"] not in EVENTS:
         raise ValueError(f"release record {record!r} is invalid; expected keys {list(required)} and event "
-                         "promoted, rejected or rollback.")
+                         f"one of {', '.join(EVENTS)}.")
     record = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **record}
     path = registry_dir(root) / "releases.jsonl"
     old = path.read_text() if path.is_file() else ""
@@ -352,4 +354,29 @@ def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_ru
     if tag:
         git(root, "tag", "-a", tag, "-m", f"medtune model {model_id} (flow run {flow_run_id})")
     log.info("%s; recorded in %s (tag %s)", verb, registry_dir(root) / "releases.jsonl", tag)
+    return record
+
+
+def record_failure(root: str | Path, *, error: str, trigger: str, flow_run_id: str | None, data_version: str,
+                   batches: Sequence[dict[str, Any]], restored: Sequence[str]) -> dict[str, Any]:
+    """Record a retrain run that failed after appending its batches: one `failed` event, one git commit.
+
+    Called after the workspace was restored, so `data_version` is the committed one the champion
+    stays on; `model_id` is None (no model came out of the run), `reasons` holds the error, and
+    `batches` where each batch was quarantined. Only registry/releases.jsonl is committed (if that
+    commit fails, the next run's `recover()` drops the uncommitted line; the quarantine report stays).
+    """
+    root = Path(root)
+    cur = current(root)
+    record = record_release(root, {
+        "event": "failed", "model_id": None, "trigger": trigger, "flow_run_id": flow_run_id,
+        "data_version": data_version, "git_tag": None,
+        "champion": {"model_id": (cur or {}).get("model_id")}, "batches": list(batches),
+        "reasons": [f"pipeline failed after the batch(es) were appended: {error}"], "restored": list(restored)})
+    rel = f"{REGISTRY}/releases.jsonl"
+    git(root, "add", "--", rel)
+    names = ", ".join(b.get("batch", "?") for b in batches)
+    git(root, "commit", "-q", "-m", f"medtune retrain ({trigger}): failed, batch(es) {names} quarantined; "
+        "champion kept", "--", rel)
+    log.warning("retrain failed; recorded in %s", registry_dir(root) / "releases.jsonl")
     return record

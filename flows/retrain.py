@@ -7,12 +7,16 @@
 3. Good batches are appended to the raw data; the pipeline flow runs (dvc add, stages, dvc commit).
 4. components.registry.compare decides (gate AND not worse than the champion by the margin).
 5. components.registry.publish records it: dvc push, one git commit, a tag when promoted.
+If step 3 or 4 fails (the pipeline stops, e.g. whole-data validation), the workspace goes back to
+the last commit (orchestrate.restore_workspace), the appended batches go to quarantine with the
+error, a `failed` release event is committed, and the run fails; the champion stays.
 Runs hold the workspace lock, so a second retrain waits for the first and then finds the inbox empty.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from prefect.runtime import flow_run
 
 from components import inbox, orchestrate, registry
 from components.common import dvc_data_version
+from components.params import RetrainParams, load_params
 from flows.pipeline import IO, pipeline
 
 
@@ -35,7 +40,7 @@ def check_batch(batch: str, params: str, extra_known: list[dict[str, str]]) -> d
     """Read and check one batch against the current manifest plus batches accepted earlier in this run."""
     import pandas as pd
 
-    p = inbox.load_spine_params(params)
+    p = load_params(params)
     rows, problems = inbox.read_batch(batch, p)
     manifest = inbox.current_manifest("data/manifest.csv", p.data.raw_dir, p)
     if extra_known:
@@ -47,25 +52,50 @@ def check_batch(batch: str, params: str, extra_known: list[dict[str, str]]) -> d
 
 
 @task(name="quarantine-batch", **IO)
-def quarantine(batch: str, quarantine_dir: str, problems: list[str]) -> str:
-    return str(inbox.quarantine(batch, quarantine_dir, problems, {"flow_run_id": flow_run.id}))
+def quarantine(batch: str, quarantine_dir: str, problems: list[str], context: dict[str, Any] | None = None) -> str:
+    return str(inbox.quarantine(batch, quarantine_dir, problems, {"flow_run_id": flow_run.id, **(context or {})}))
 
 
 @task(name="append-batch", **IO)
 def append(batch: str, rows: list[dict[str, Any]], params: str) -> list[str]:
     import pandas as pd
 
-    p = inbox.load_spine_params(params)
+    p = load_params(params)
     return inbox.append_to_raw(batch, pd.DataFrame(rows), p.data.raw_dir, p)
+
+
+def batch_dests(good: list[dict[str, Any]], params: str) -> list[str]:
+    """Raw-relative paths the good batches are (or will be) appended at."""
+    import pandas as pd
+
+    p = load_params(params)
+    return [d for c in good for d in inbox.appended_paths(Path(c["batch"]).name, pd.DataFrame(c["rows"]), p)]
+
+
+@task(name="snapshot-workspace")
+def snapshot(params: str, dests: list[str]) -> dict[str, Any]:
+    return orchestrate.snapshot_workspace(".", load_params(params).data.raw_dir, dests)
+
+
+@task(name="restore-workspace")
+def restore(snap: dict[str, Any], dests: list[str], params: str) -> list[str]:
+    return orchestrate.restore_workspace(".", snap, dests, load_params(params))
+
+
+@task(name="record-failure", **IO)
+def record_failure(error: str, trigger: str, raw_dir: str, batches: list[dict[str, Any]],
+                   restored: list[str]) -> dict[str, Any]:
+    return registry.record_failure(".", error=error, trigger=trigger, flow_run_id=flow_run.id,
+                                   data_version=dvc_data_version(raw_dir), batches=batches, restored=restored)
 
 
 @task(name="compare-champion")
 def compare(params: str, metric: str, margin: float) -> dict[str, Any]:
-    return registry.compare(".", inbox.load_spine_params(params), metric, margin)
+    return registry.compare(".", load_params(params), metric, margin)
 
 
 @task(name="record-release", **IO)
-def publish(decision: dict[str, Any], trigger: str, raw_dir: str, rp: inbox.RetrainParams) -> dict[str, Any]:
+def publish(decision: dict[str, Any], trigger: str, raw_dir: str, rp: RetrainParams) -> dict[str, Any]:
     return registry.publish(".", decision, trigger=trigger, flow_run_id=flow_run.id,
                             data_version=dvc_data_version(raw_dir), tag_prefix=rp.tag_prefix,
                             remote_url=rp.dvc_remote, remote_name=rp.dvc_remote_name)
@@ -100,12 +130,12 @@ def _metrics_rows(decision: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @flow(name="medtune-retrain", log_prints=True)
-def retrain(root: str = ".", params: str = "params.yaml", retrain_params: str | None = None,
-            trigger: str = "manual") -> dict[str, Any]:
+def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual") -> dict[str, Any]:
     """Retrain when the inbox holds new labelled batches; promote the challenger only if it earns it."""
     logger = get_run_logger()
     os.chdir(root)
-    rp = inbox.load_retrain_params(retrain_params or params)
+    p = load_params(params)
+    rp = p.retrain
     if not inbox.find_batches(rp.inbox_dir):
         logger.info("nothing new in %s: no retraining, nothing changed (trigger: %s)", rp.inbox_dir, trigger)
         return {"outcome": "nothing-new", "trigger": trigger}
@@ -138,17 +168,25 @@ def retrain(root: str = ".", params: str = "params.yaml", retrain_params: str | 
             logger.warning("every new batch was quarantined: nothing retrained, the champion stays")
             return {"outcome": "quarantined", "trigger": trigger, "quarantined": bad}
 
-        for checked in good:
-            append(checked["batch"], checked["rows"], params)
-        create_table_artifact([dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
-                              key="medtune-new-batches", description="Appended batches (label x split)")
-        result = pipeline(root=".", params=params, lock=False)
-        decision = compare(params, rp.compare_metric, rp.promotion_margin)
+        # Taken before anything changes; a failure here leaves the batches in the inbox for the next run.
+        dests = batch_dests(good, params)
+        snap = snapshot(params, dests)
+        try:
+            for checked in good:
+                append(checked["batch"], checked["rows"], params)
+            create_table_artifact([dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
+                                  key="medtune-new-batches", description="Appended batches (label x split)")
+            result = pipeline(root=".", params=params, lock=False)
+            decision = compare(params, rp.compare_metric, rp.promotion_margin)
+        except Exception as exc:
+            _fail(exc, good, snap, dests, params, trigger, p.data.raw_dir, rp, logger)
+            raise  # the run is marked failed; the champion stays
+        orchestrate.drop_snapshot(".")
         record = None
         if decision.get("same_model"):
             logger.info("the challenger is the current champion (a resumed run); nothing to record")
         else:
-            record = publish(decision, trigger, inbox.load_spine_params(params).data.raw_dir, rp)
+            record = publish(decision, trigger, p.data.raw_dir, rp)
         create_markdown_artifact(_decision_markdown(decision, record), key="medtune-decision",
                                  description="Champion/challenger decision")
         create_table_artifact(_metrics_rows(decision), key="medtune-champion-vs-challenger")
@@ -159,6 +197,52 @@ def retrain(root: str = ".", params: str = "params.yaml", retrain_params: str | 
     return {"outcome": outcome, "trigger": trigger, "model_id": result.get("model_id"),
             "data_version": result.get("data_version"), "reasons": decision["reasons"],
             "git_tag": (record or {}).get("git_tag"), "quarantined": bad}
+
+
+def _fail(exc: BaseException, good: list[dict[str, Any]], snap: dict[str, Any], dests: list[str], params: str,
+          trigger: str, raw_dir: str, rp: RetrainParams, logger) -> None:
+    """After a failure past the append: restore, quarantine, record. Never masks `exc`.
+
+    Every good batch of the run is quarantined: the pipeline ran on all of them together, so which
+    one caused the failure is not known (the report says so and carries the error).
+    """
+    error = f"{type(exc).__name__}: {exc}"
+    logger.error("retrain failed after appending %d batch(es): %s; restoring the workspace", len(good), error)
+    restored: list[str] = []
+    evidence = Path(orchestrate.SNAPSHOT_DIR + "-failed-run")
+    try:  # the failed run's reports (e.g. validation.md) go to quarantine; restore puts the old ones back
+        orchestrate.keep_failed_outputs(".", snap, evidence)
+    except OSError as e:
+        logger.warning("could not keep the failed run's reports: %s", e)
+    try:
+        restored = restore(snap, dests, params)
+    except Exception as e:  # noqa: BLE001
+        restored = [f"FAILED to restore the workspace: {e}"]
+        logger.error("could not restore the workspace: %s", e)
+    orchestrate.drop_snapshot(".")
+    names = [Path(c["batch"]).name for c in good]
+    where: list[dict[str, Any]] = []
+    for checked in good:
+        try:
+            q = quarantine(checked["batch"], rp.quarantine_dir,
+                           [f"pipeline failed after the batch was appended: {error}"],
+                           {"failure": {"error": error, "batches_in_run": names}, "restored": restored})
+            where.append({"batch": Path(checked["batch"]).name, "quarantine": q})
+            if evidence.is_dir():
+                shutil.copytree(evidence, Path(q) / "failed-run")
+        except Exception as e:  # noqa: BLE001
+            logger.error("could not quarantine %s (it stays in the inbox): %s", checked["batch"], e)
+            where.append({"batch": Path(checked["batch"]).name, "quarantine": None})
+    try:
+        record_failure(error, trigger, raw_dir, where, restored)
+    except Exception as e:  # noqa: BLE001
+        logger.error("could not record the failed event: %s", e)
+    shutil.rmtree(evidence, ignore_errors=True)
+    create_markdown_artifact(
+        f"# Retrain FAILED\n\n`{error}`\n\nBatches quarantined: "
+        + ", ".join(f"`{w['batch']}` -> `{w['quarantine']}`" for w in where)
+        + "\n\nWorkspace restored:\n" + "\n".join(f"- {x}" for x in restored) + "\n",
+        key="medtune-decision", description="Retrain failed; champion kept")
 
 
 def main(argv=None) -> int:

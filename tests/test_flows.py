@@ -119,10 +119,9 @@ def make_project(ws: Path, env: dict) -> None:
     ws.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", ws)
     shutil.copytree(ROOT / "components", ws / "components", ignore=shutil.ignore_patterns("__pycache__"))
-    (ws / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)))
-    # The retrain section lives in its own file until params.py knows it (the spine loader rejects it).
-    (ws / "retrain.yaml").write_text(yaml.safe_dump({"retrain": {
-        "dvc_remote": str(ws.parent / "dvc-remote"), "schedule_interval": 3600, "promotion_margin": 0.05}}))
+    tiny = merge(TINY, {"retrain": {"dvc_remote": str(ws.parent / "dvc-remote"), "schedule_interval": 3600,
+                                    "promotion_margin": 0.05}})
+    (ws / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tiny)))
     (ws / ".gitignore").write_text("/models/\n/reports/\n/data/inbox\n/data/quarantine\n/data/inbox-processed\n")
     run(["git", "init", "-q"], ws, env)
     run(["dvc", "init", "-q"], ws, env)
@@ -159,7 +158,7 @@ def served(tmp_path_factory):
         procs.append(server)
         wait_healthy(api, server, server_log)
         serve_log = tmp / "serve.log"
-        serve = subprocess.Popen(medtune("serve", "--root", str(ws), "--retrain-params", "retrain.yaml"), cwd=tmp,
+        serve = subprocess.Popen(medtune("serve", "--root", str(ws)), cwd=tmp,
                                  env=env, stdout=serve_log.open("w"), stderr=subprocess.STDOUT)
         procs.append(serve)
         yield {"ws": ws, "env": env, "api": api, "tmp": tmp, "serve_log": serve_log}
@@ -249,7 +248,7 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
     run(["medtune", "demo-data", "--out", str(batch), "--patients", "4", "--slices", "3", "--size", "32",
          "--batch-name", "2024-06"], ws, env)
     sent = time.time()
-    out = run(medtune("ingest-new", str(batch), "--retrain-params", "retrain.yaml"), ws, env)
+    out = run(medtune("ingest-new", str(batch)), ws, env)
     assert "emitted" in out.stdout, out.stdout + out.stderr
 
     fr = wait_new_run(api, known, served["serve_log"])
@@ -318,7 +317,7 @@ def test_bad_batch_is_quarantined_and_nothing_changes(served):
     shutil.copy(existing, bad / "lesion" / "copy.dcm")  # a duplicate of a scan already in the data
     (bad / "tumour").mkdir()
     shutil.copy(sorted((ws / "data/raw/normal").glob("*.dcm"))[0], bad / "tumour" / "x.dcm")  # unknown label
-    run(medtune("ingest-new", str(bad), "--retrain-params", "retrain.yaml"), ws, env)
+    run(medtune("ingest-new", str(bad)), ws, env)
 
     fr = wait_new_run(api, known, served["serve_log"])
     assert fr.state.is_completed()
@@ -332,6 +331,61 @@ def test_bad_batch_is_quarantined_and_nothing_changes(served):
     assert run(["git", "rev-parse", "HEAD"], ws, env).stdout == head
     assert raw_md5(ws) == md5 and tree(ws / "data/raw") == raw_before
     assert (ws / "registry/releases.jsonl").read_text() == releases
+
+
+def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
+    """A batch that passes its own checks, then the whole-data validation stops the pipeline.
+
+    The run is given a params file whose validate.min_images_per_class_split no split can meet (a
+    check that only the whole data set is subject to). Expected: the run fails, the workspace is
+    back to the last commit (raw files, raw.dvc, dvc.lock, outputs: dvc status clean), the batch is
+    quarantined with the error, a `failed` event is committed, and the champion stays.
+    """
+    from prefect.deployments import run_deployment
+
+    ws, env, api, tmp = served["ws"], served["env"], served["api"], served["tmp"]
+    head = run(["git", "rev-parse", "HEAD"], ws, env).stdout.strip()
+    md5, raw_before = raw_md5(ws), tree(ws / "data/raw")
+    manifest_before = (ws / "data/manifest.csv").read_bytes()
+    validation_before = (ws / "reports/validation.json").read_bytes()
+    current_before = (ws / "registry/current.json").read_text() if (ws / "registry/current.json").exists() else None
+    strict = yaml.safe_load((ws / "params.yaml").read_text())
+    strict["validate"]["min_images_per_class_split"] = 1000
+    (ws / "params-strict.yaml").write_text(yaml.safe_dump(strict))
+    batch = tmp / "batch-2024-08"
+    run(["medtune", "demo-data", "--out", str(batch), "--patients", "2", "--slices", "2", "--size", "32",
+         "--batch-name", "2024-08"], ws, env)
+    originals = tree(batch)
+    run(medtune("ingest-new", str(batch), "--no-event"), ws, env)
+
+    fr = run_deployment("medtune-retrain/retrain", timeout=RUN_TIMEOUT,
+                        parameters={"params": "params-strict.yaml", "trigger": "manual"})
+    assert fr.state.is_failed(), (fr.state, served["serve_log"].read_text()[-4000:])
+    print(f"failed retrain run with restore took {(fr.end_time - fr.start_time).total_seconds():.1f} s")
+
+    # The workspace is the last committed state again; only the failed event was committed.
+    assert raw_md5(ws) == md5 and tree(ws / "data/raw") == raw_before
+    assert (ws / "data/manifest.csv").read_bytes() == manifest_before
+    assert (ws / "reports/validation.json").read_bytes() == validation_before
+    assert "up to date" in run(["dvc", "status"], ws, env).stdout
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], ws, env).stdout == ""
+    changed = run(["git", "diff", "--name-only", head, "HEAD"], ws, env).stdout.split()
+    assert changed == ["registry/releases.jsonl"]
+
+    # The batch is in quarantine, unchanged, with the error; the inbox is empty; the champion stays.
+    reports = list((ws / "data/quarantine").glob("batch-2024-08-*/report.json"))
+    assert len(reports) == 1
+    report = json.loads(reports[0].read_text())
+    assert "images_per_class_split" in report["problems"][0] and "validate" in report["failure"]["error"]
+    assert tree(reports[0].parent / "batch") == originals
+    assert "images_per_class_split" in (reports[0].parent / "failed-run/reports/validation.md").read_text()
+    assert not list((ws / "data/inbox").iterdir())
+    rec = [json.loads(x) for x in (ws / "registry/releases.jsonl").read_text().splitlines()][-1]
+    assert rec["event"] == "failed" and rec["model_id"] is None and rec["flow_run_id"] == str(fr.id)
+    assert rec["data_version"] == md5 and rec["batches"][0]["batch"] == "batch-2024-08"
+    assert "images_per_class_split" in rec["reasons"][0]
+    now = (ws / "registry/current.json").read_text() if (ws / "registry/current.json").exists() else None
+    assert now == current_before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
 from components import common, inbox
@@ -172,20 +171,39 @@ def test_append_refuses_a_reused_batch_name(raw, tmp_path):
         inbox.append_to_raw(batch, rows, raw_dir, PARAMS)
 
 
-def test_retrain_params_from_yaml_with_defaults(tmp_path):
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump({"train": {"epochs": 2}}))
-    assert inbox.load_retrain_params(p) == inbox.RetrainParams()
-    p.write_text(yaml.safe_dump({"train": {"epochs": 2}, "retrain": {"promotion_margin": 0.05, "schedule_cron": "0 * * * *"}}))
-    rp = inbox.load_retrain_params(p)
-    assert rp.promotion_margin == 0.05 and rp.schedule_cron == "0 * * * *"
-    assert inbox.load_spine_params(p).train.epochs == 2  # the spine loader never sees `retrain:`
-    p.write_text(yaml.safe_dump({"retrain": {"compare_metric": "loss"}}))
-    with pytest.raises(ValueError, match="retrain.compare_metric = 'loss'"):
-        inbox.load_retrain_params(p)
-    p.write_text(yaml.safe_dump({"retrain": {"margin": 0.1}}))
-    with pytest.raises(ValueError, match="unknown key"):
-        inbox.load_retrain_params(p)
+def test_remove_from_raw_undoes_only_the_appended_files(raw, tmp_path):
+    raw_dir, manifest = raw
+    before = tree(raw_dir)
+    batch = tmp_path / "inbox/2024-07"
+    generate(batch, patients=2, slices=1, size=32, seed=0, classes=CLASSES, patient_offset=600)
+    rows, problems = check(batch, manifest)
+    assert problems == []
+    dests = inbox.append_to_raw(batch, rows, raw_dir, PARAMS)
+    assert inbox.remove_from_raw(raw_dir, dests, PARAMS) == dests
+    assert tree(raw_dir) == before  # every original byte-identical, nothing of the batch left
+    assert not any(p.name == "2024-07" for p in raw_dir.rglob("*"))  # its empty folders are gone too
+    assert tree(batch) and len(tree(batch)) == len(dests)  # the originals stay with the batch
+    with pytest.raises(common.StageError, match="not inside"):
+        inbox.remove_from_raw(raw_dir, ["../elsewhere.dcm"], PARAMS)
+
+
+def test_remove_from_raw_drops_only_its_labels_csv_rows(tmp_path):
+    params = parse_params({"data": {"label_source": "csv"}})
+    raw = tmp_path / "raw"
+    png(raw / "img/P1_0.png", 10)
+    png(raw / "img/P1_1.png", 20)
+    old = "path,label,patient_id\nimg/P1_0.png,normal,P1\n\"img/P1_1.png\",lesion,P1\n"
+    (raw / "labels.csv").write_text(old)
+    before = tree(raw)
+    batch = tmp_path / "inbox/csv2"
+    png(batch / "a.png", 200)
+    png(batch / "b.png", 201)
+    (batch / "labels.csv").write_text("path,label,patient_id\na.png,lesion,P7\nb.png,normal,P8\n")
+    rows, _ = inbox.read_batch(batch, params)
+    dests = inbox.append_to_raw(batch, rows, raw, params)
+    assert (raw / "labels.csv").read_text() != old
+    inbox.remove_from_raw(raw, dests, params)
+    assert tree(raw) == before  # the old lines keep their exact bytes (quotes included)
 
 
 def test_without_a_manifest_the_raw_data_is_ingested_for_the_checks(raw, tmp_path):

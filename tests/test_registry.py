@@ -209,13 +209,30 @@ def test_recover_removes_an_uncommitted_first_promotion(repo):
 
 
 def test_release_records_are_validated_and_appended(repo):
-    with pytest.raises(ValueError, match="promoted, rejected or rollback"):
+    with pytest.raises(ValueError, match="promoted, rejected, rollback, failed"):
         registry.record_release(repo, {"event": "deleted", "model_id": "x", "trigger": "manual"})
     a = registry.record_release(repo, {"event": "rollback", "model_id": "a", "trigger": "manual"})
     first = (repo / "registry/releases.jsonl").read_text()
     registry.record_release(repo, {"event": "rejected", "model_id": "b", "trigger": "schedule"})
     assert (repo / "registry/releases.jsonl").read_text().startswith(first)
     assert [r["model_id"] for r in registry.releases(repo)] == ["a", "b"] and a["time"]
+
+
+def test_a_failed_run_is_recorded_in_a_commit_of_its_own(repo, tmp_path):
+    promote_first(repo, tmp_path / "remote")
+    head = sh(repo, "git", "rev-parse", "HEAD")
+    (repo / "notes.txt").write_text("someone else's work")
+    sh(repo, "git", "add", "notes.txt")  # staged by someone else: must not ride along
+    rec = registry.record_failure(repo, error="StageError: stage validate failed (exit 1): too few images",
+                                  trigger="schedule", flow_run_id="run-2", data_version="v1",
+                                  batches=[{"batch": "b1", "quarantine": "data/quarantine/b1-x"}],
+                                  restored=["dvc status: Data and pipelines are up to date."])
+    assert rec["event"] == "failed" and rec["model_id"] is None and rec["champion"]["model_id"] == A
+    assert sh(repo, "git", "diff", "--name-only", head, "HEAD") == "registry/releases.jsonl"
+    assert sh(repo, "git", "diff", "--cached", "--name-only") == "notes.txt"
+    last = registry.releases(repo)[-1]
+    assert last["event"] == "failed" and "too few images" in last["reasons"][0] and last["batches"][0]["batch"] == "b1"
+    assert registry.current(repo)["model_id"] == A and registry.recover(repo) == []
 
 
 def test_champion_with_other_input_shape_is_not_compared(repo, tmp_path):
