@@ -13,7 +13,6 @@ model_card, release, drift. A field that cannot be known reads "not recorded: <w
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 from collections import Counter
@@ -25,6 +24,7 @@ from components.audit import (ModelRef, add_common_args, events_for, git_show, l
                               previous_model, read_current, read_manifest_rows, read_releases, registry_dir,
                               resolve_model, run_cli)
 from components.common import sha256_bytes, sha256_file
+from components.params import params_digest
 
 SECTIONS = ("model", "code", "data", "split", "validation", "environment", "pretrained", "training",
             "evaluation", "export", "model_card", "release", "drift")
@@ -176,8 +176,7 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
 
     code = L.get("code") or {}
     params = code.get("params")
-    params_digest = (hashlib.sha256(json.dumps(params, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-                     if isinstance(params, dict) else None)
+    recomputed = params_digest(params) if isinstance(params, dict) else None
     lock = _dvc_lock(m, root, tag)
 
     data = L.get("data") or {}
@@ -251,7 +250,7 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
                  else not_recorded("git status unknown at export"),
                  "dvc_lock_sha256": lock["sha256"], "dvc_lock_source": lock["source"],
                  "params_sha256": code.get("params_sha256") or not_recorded(old),
-                 "params_sha256_matches_params": _params_match(params, params_digest, code.get("params_sha256")),
+                 "params_sha256_matches_params": _params_match(params, recomputed, code.get("params_sha256")),
                  "params": params if params is not None else not_recorded(old)},
         "data": {"data_version": data.get("data_version") or not_recorded(old),
                  "content_hash": data.get("content_hash") or not_recorded(old),
