@@ -241,7 +241,7 @@ def test_nothing_new_is_a_quick_noop(served):
 
 def test_good_batch_event_retrains_and_records_the_decision(served):
 
-    ws, env, tmp = served["ws"], served["env"], served["tmp"]
+    ws, env, api, tmp = served["ws"], served["env"], served["api"], served["tmp"]
     before_md5, raw_before = raw_md5(ws), tree(ws / "data/raw")
     known = {r.id for r in retrain_runs(api)}
     batch = tmp / "batch-2024-06"
@@ -306,7 +306,7 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
 
 
 def test_bad_batch_is_quarantined_and_nothing_changes(served):
-    ws, env, tmp = served["ws"], served["env"], served["tmp"]
+    ws, env, api, tmp = served["ws"], served["env"], served["api"], served["tmp"]
     head = run(["git", "rev-parse", "HEAD"], ws, env).stdout
     md5, releases = raw_md5(ws), (ws / "registry/releases.jsonl").read_text()
     raw_before = tree(ws / "data/raw")
