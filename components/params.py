@@ -130,7 +130,8 @@ class TrainParams:
     epochs: int = 10
     batch_size: int = 32
     class_weighting: bool = True
-    early_stopping_metric: str = "val_auroc"  # val_auroc | val_loss | val_accuracy
+    # val_loss by default: on a small validation split AUROC ties and jumps, and picks uncalibrated epochs.
+    early_stopping_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy
     patience: int = 3
     seed: int = 42
     num_workers: int = 0
