@@ -125,10 +125,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def stage_main(description: str, add_args: Callable[[argparse.ArgumentParser], None],
-               run: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None = None) -> int:
-    """Shared body of every stage's `main(argv)`: parse, run, turn expected failures into exit 1."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+               run: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None = None,
+               prog: str | None = None, params_flag: bool = True) -> int:
+    """Shared body of every command's `main(argv)`: parse, run, turn expected failures into exit 1."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    if params_flag:
+        parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_args(parser)
     args = parser.parse_args(argv)

@@ -402,16 +402,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _run(command: str, description: str, add_args: Callable[[argparse.ArgumentParser], None],
          func: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog=f"medtune {command}", description=description)
-    add_args(parser)
-    args = parser.parse_args(argv)
-    common.setup_logging()
-    try:
-        func(args)
-    except (StageError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    # `--params` comes from _common (server has none), so stage_main must not add its own.
+    return common.stage_main(description, add_args, func, argv, prog=f"medtune {command}", params_flag=False)
 
 
 # One `main(argv)` per command; cli.py maps `medtune server` to this module's `main`, `serve` and
