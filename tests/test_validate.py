@@ -136,13 +136,13 @@ def test_unreadable_within_limit_passes_but_is_listed(tmp_path):
 
 def test_run_suite_on_a_dataframe_without_files(tmp_path):
     rows = clean_rows()
-    rows[1]["bit_depth"] = 12
+    rows[1]["bit_depth"] = 1  # bilevel: not in the default bit_depths
     rows[2]["width"] = "abc"  # not a number: must fail, not crash or pass silently
     rows[4]["patient"] = ""  # only a warning: it cannot leak, but leakage cannot be checked either
     report = V.run_suite(pd.DataFrame(rows), Params())
     failed = {f["name"]: f for f in report["failures"]}
     assert set(failed) == {"bit_depth_allowed", "width_present", "patient_present"}
-    assert "bit_depth=12" in failed["bit_depth_allowed"]["message"]
+    assert "bit_depth=1" in failed["bit_depth_allowed"]["message"]
     assert rows[1]["path"] in failed["bit_depth_allowed"]["message"]
     assert rows[2]["path"] in failed["width_present"]["message"]
     assert failed["patient_present"]["critical"] is False
