@@ -62,6 +62,10 @@ class ValidateParams:
     bit_depths: list[int] = field(default_factory=lambda: [8, 10, 12, 14, 16])  # CT/MR store 12 bits
     # Unreadable files tolerated before the stage fails (they are always listed in the report).
     max_unreadable: int = 0
+    # Groups of byte-identical images tolerated before the stage fails (always listed). Public sets
+    # often hold a few (PneumoniaMNIST: 27, some across its official split); a duplicate across
+    # splits inflates test metrics, so raise this only knowingly.
+    max_duplicates: int = 0
 
     def validate(self) -> None:
         _expect(self.min_images_per_class_split >= 1, "validate.min_images_per_class_split",
@@ -69,6 +73,7 @@ class ValidateParams:
         _expect(0 < self.min_size <= self.max_size, "validate.min_size/max_size",
                 (self.min_size, self.max_size), "0 < min_size <= max_size")
         _expect(self.max_unreadable >= 0, "validate.max_unreadable", self.max_unreadable, "an integer >= 0")
+        _expect(self.max_duplicates >= 0, "validate.max_duplicates", self.max_duplicates, "an integer >= 0")
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,16 @@ def test_unreadable_within_limit_passes_but_is_listed(tmp_path):
     assert "`broken.dcm`: not a DICOM file" in out_md.read_text()
 
 
+def test_duplicates_within_the_limit_pass_as_a_listed_warning(tmp_path):
+    rows = clean_rows()
+    copy, original = _duplicate_across_splits(rows)
+    out_json, out_md = run(tmp_path, rows, with_validate(max_duplicates=1))
+    report = json.loads(out_json.read_text())
+    assert report["success"] is True
+    assert [(f["name"], f["critical"]) for f in report["failures"]] == [("sha256_unique", False)]
+    assert copy in out_md.read_text() and original in out_md.read_text()
+
+
 def test_run_suite_on_a_dataframe_without_files(tmp_path):
     rows = clean_rows()
     rows[1]["bit_depth"] = 1  # bilevel: not in the default bit_depths
