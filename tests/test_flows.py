@@ -148,6 +148,13 @@ def served(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
     # This process talks to the same server (client calls); its own PREFECT_HOME stays in tmp too.
     os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=env["PREFECT_HOME"])
+    # Prefect caches its settings when first imported (another test module may have imported it
+    # already), so the environment alone is not enough: override the settings context too, or
+    # in-process client calls start a temporary server of their own.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    settings = temporary_settings(updates={PREFECT_API_URL: api})
+    settings.__enter__()
     ws = tmp / "project"
     make_project(ws, env)
     procs = []
@@ -165,6 +172,7 @@ def served(tmp_path_factory):
     finally:
         for p in reversed(procs):
             stop(p)
+        settings.__exit__(None, None, None)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
