@@ -10,14 +10,16 @@ the file name; failing all three, every image is its own patient (and a loud war
 Only HMAC hashes of patient ids are stored or logged, never the ids themselves.
 
 The split is patient-level and stratified by label (scikit-learn's StratifiedGroupKFold, seeded):
-first the test fold, then the validation fold from the rest. A `split` column in labels.csv
-replaces it. Either way no patient may appear in two splits. Unreadable files stay in the
+first the test fold, then the validation fold from the rest. With `split.method: stable`, each
+patient's split comes from a seeded hash of its own (hashed) id, so appending data never moves an
+existing patient. A `split` column in labels.csv replaces either. Either way no patient may appear in two splits. Unreadable files stay in the
 manifest with the reason in `error` and an empty split; the validate stage decides if that is fatal.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import re
 import warnings
@@ -104,6 +106,16 @@ def _patient_regex(params: Params) -> re.Pattern | None:
         raise ValueError(f"params: data.patient_pattern = {pattern!r} has no group named 'patient'; expected "
                          "e.g. '^(?P<patient>[^_]+)_'.")
     return regex
+
+
+def stable_split(patients: list[str], params: Params) -> list[str]:
+    """train/val/test per row from a seeded hash of each patient alone: unchanged by added data."""
+    sp = params.split
+    out = []
+    for patient in patients:
+        u = int(hashlib.sha256(f"{sp.seed}:{patient}".encode()).hexdigest()[:15], 16) / 16**15  # in [0, 1)
+        out.append("test" if u < sp.test_fraction else "val" if u < sp.test_fraction + sp.val_fraction else "train")
+    return out
 
 
 def split_patients(labels: list[str], patients: list[str], params: Params) -> list[str]:
@@ -200,6 +212,9 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
     if table is not None and "split" in table.columns:
         split_source, method = "labels.csv", "explicit split column in labels.csv"
         df.loc[readable, "split"] = [table.loc[p, "split"] if p in table.index else "" for p in df["path"][readable]]
+    elif params.split.method == "stable":
+        split_source, method = "stable-hash", "seeded hash of the patient (patient-level, stable as data grows)"
+        df.loc[readable, "split"] = stable_split(list(df["patient"][readable]), params)
     else:
         split_source, method = "stratified-group", "StratifiedGroupKFold (patient-level, stratified by label)"
         df.loc[readable, "split"] = split_patients(list(df["label"][readable]), list(df["patient"][readable]), params)

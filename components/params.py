@@ -44,11 +44,16 @@ class DataParams:
 
 @dataclass(frozen=True)
 class SplitParams:
+    # "stratified": StratifiedGroupKFold, exact class balance, but adding data reshuffles patients.
+    # "stable": each patient's split from a seeded hash of its (hashed) id alone, so a patient keeps
+    # its split as data grows (use it where retraining appends batches); balanced only on average.
+    method: str = "stratified"
     seed: int = 42
     val_fraction: float = 0.15
     test_fraction: float = 0.2
 
     def validate(self) -> None:
+        _expect(self.method in ("stratified", "stable"), "split.method", self.method, "'stratified' or 'stable'")
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             _expect(0 < v < 0.5, f"split.{name}", v, "a fraction in (0, 0.5)")

@@ -83,6 +83,21 @@ def test_split_is_deterministic_for_a_seed(demo_raw, tmp_path):
     assert list(pd.read_csv(tmp_path / "a/manifest.csv")["split"]) != list(other["split"])
 
 
+def test_stable_split_keeps_every_patient_in_place_when_data_grows(tmp_path):
+    raw = tmp_path / "raw"
+    png_set(raw, patients=30)
+    stable = {"method": "stable", "seed": 7, "val_fraction": 0.2, "test_fraction": 0.25}
+    before = ingest(raw, tmp_path / "a", params(split=stable)).set_index("path")["split"]
+    for p in range(30, 60):  # a new batch of patients arrives
+        png(raw / f"{CLASSES[p % 2]}/p{p:02d}_0.png", value=p)
+    after = ingest(raw, tmp_path / "b", params(split=stable)).set_index("path")["split"]
+    assert (after[before.index] == before).all(), "an existing patient changed split"
+    assert set(after) == {"train", "val", "test"}
+    assert json.loads((tmp_path / "b/manifest.json").read_text())["split"]["source"] == "stable-hash"
+    # The stratified default, by contrast, may reshuffle old patients when data is added.
+    assert params().split.method == "stratified"
+
+
 def test_data_version_and_salt(demo_raw, tmp_path, monkeypatch):
     (demo_raw.parent / "raw.dvc").write_text("outs:\n- md5: abc123.dir\n  path: raw\n")
     try:
