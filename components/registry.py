@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from components import common
+from components.audit import read_current, read_releases, registry_dir
 from components.common import StageError
 from components.params import Params
 
@@ -43,10 +44,6 @@ REGISTRY = "registry"
 MODEL_FILES = ("lineage.json", "model_card.md")  # copied from models/; manifest.csv from data/
 # "failed": a retrain run whose pipeline failed after its batches were appended (no model; model_id None).
 EVENTS = ("promoted", "rejected", "rollback", "failed")
-
-
-def registry_dir(root: str | Path = ".") -> Path:
-    return Path(root) / REGISTRY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,16 +95,12 @@ def ensure_remote(root: str | Path, url: str, name: str = "medtune") -> str:
 
 def current(root: str | Path = ".") -> dict[str, Any] | None:
     """The champion `{model_id, git_tag}`, or None before the first promotion."""
-    path = registry_dir(root) / "current.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_current(registry_dir(root))
 
 
 def releases(root: str | Path = ".") -> list[dict[str, Any]]:
-    """Every release event, oldest first."""
-    path = registry_dir(root) / "releases.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every release event, oldest first (the audit module's reader: it names a corrupt line)."""
+    return read_releases(registry_dir(root))
 
 
 def record_release(root: str | Path, record: dict[str, Any]) -> dict[str, Any]:
