@@ -137,8 +137,8 @@ def _timed(fn, reps: int):
 
 
 def bench_dvc() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.test_pipeline_dvc import make_workspace, run
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from workspace import make_workspace, run
 
     with tempfile.TemporaryDirectory() as tmp:
         ws = make_workspace(Path(tmp) / "ws", patients=12)

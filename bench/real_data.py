@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if not NPZ.is_file():
         print(f"skipped: {NPZ} not found (the real data sets live in ../shared/datasets)")
         return 0
-    sys.path.insert(0, str(ROOT))
-    from tests.test_pipeline_dvc import merge, run
+    sys.path.insert(0, str(ROOT / "tests"))
+    from workspace import merge, run
 
     import shutil
     import yaml

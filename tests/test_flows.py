@@ -20,28 +20,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import workspace
 import yaml
+from workspace import BIN, ROOT, make_workspace, merge, tool_env, tree_digest
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-TINY = {
-    "split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.3},
-    "validate": {"min_images_per_class_split": 1},
-    "preprocess": {"image_size": 32},
-    "augment": {"preview_count": 4},
-    "train": {"backbone": "none", "pretrained": False, "epochs": 1, "batch_size": 16, "lr": 0.003},
-    "evaluate": {"bootstrap": 50, "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0}},
-    "export": {"parity_batch": 4},
-}
+# The workspace's TINY params, trimmed further: one epoch per retrain run.
+FAST = {"train": {"epochs": 1, "batch_size": 16}}
 RUN_TIMEOUT = 300
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
 
 
 def free_port() -> int:
@@ -51,28 +36,16 @@ def free_port() -> int:
 
 
 def base_env(tmp: Path, api: str) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(tmp / "prefect-home"),
-            "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-            "DVC_NO_ANALYTICS": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return tool_env(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api,
+                    PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_RUNNER_POLL_FREQUENCY="2")
 
 
 def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return out
+    return workspace.run(cmd, cwd, env, check, timeout=300)
 
 
 def medtune(command: str, *args: str) -> list[str]:
-    """`medtune <command>` once cli.py lists it; until then the module's own main (same function)."""
-    from components import cli
-
-    if command in cli.COMMANDS:
-        return [str(BIN / "medtune"), command, *args]
-    module = {"server": "components.orchestrate", "serve": "flows.serve", "retrain": "flows.retrain",
-              "ingest-new": "components.inbox"}[command]
-    return [sys.executable, "-c", f"import sys, {module} as m; sys.exit(m.main(sys.argv[1:]))", *args]
+    return [str(BIN / "medtune"), command, *args]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -116,27 +89,16 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
 
 
 def make_project(ws: Path, env: dict) -> None:
-    ws.mkdir(parents=True)
-    shutil.copy(ROOT / "dvc.yaml", ws)
-    shutil.copytree(ROOT / "components", ws / "components", ignore=shutil.ignore_patterns("__pycache__"))
-    tiny = merge(TINY, {"retrain": {"dvc_remote": str(ws.parent / "dvc-remote"), "schedule_interval": 3600,
-                                    "promotion_margin": 0.05}})
-    (ws / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tiny)))
+    retrain = {"retrain": {"dvc_remote": str(ws.parent / "dvc-remote"), "schedule_interval": 3600,
+                           "promotion_margin": 0.05}}
+    make_workspace(ws, patients=8, params=merge(FAST, retrain), env=env)
     (ws / ".gitignore").write_text("/models/\n/reports/\n/data/inbox\n/data/quarantine\n/data/inbox-processed\n")
-    run(["git", "init", "-q"], ws, env)
-    run(["dvc", "init", "-q"], ws, env)
-    run(["medtune", "demo-data", "--out", "data/raw", "--patients", "8", "--slices", "3", "--size", "32"], ws, env)
-    run(["dvc", "add", "-q", "data/raw"], ws, env)
     run(["git", "add", "-A"], ws, env)
     run(["git", "commit", "-qm", "initial data"], ws, env)
 
 
 def raw_md5(ws: Path) -> str:
     return yaml.safe_load((ws / "data/raw.dvc").read_text())["outs"][0]["md5"]
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +212,7 @@ def test_nothing_new_is_a_quick_noop(served):
 def test_good_batch_event_retrains_and_records_the_decision(served):
 
     ws, env, api, tmp = served["ws"], served["env"], served["api"], served["tmp"]
-    before_md5, raw_before = raw_md5(ws), tree(ws / "data/raw")
+    before_md5, raw_before = raw_md5(ws), tree_digest(ws / "data/raw")
     known = {r.id for r in retrain_runs(api)}
     batch = tmp / "batch-2024-06"
     run(["medtune", "demo-data", "--out", str(batch), "--patients", "4", "--slices", "3", "--size", "32",
@@ -269,7 +231,7 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
     # The data version changed, the old raw files are untouched, the batch was archived.
     after_md5 = raw_md5(ws)
     assert after_md5 != before_md5
-    raw_after = tree(ws / "data/raw")
+    raw_after = tree_digest(ws / "data/raw")
     assert all(raw_after[k] == v for k, v in raw_before.items())
     assert any("/batch-2024-06/" in k for k in raw_after)
     assert not list((ws / "data/inbox").iterdir())
@@ -317,7 +279,7 @@ def test_bad_batch_is_quarantined_and_nothing_changes(served):
     ws, env, api, tmp = served["ws"], served["env"], served["api"], served["tmp"]
     head = run(["git", "rev-parse", "HEAD"], ws, env).stdout
     md5, releases = raw_md5(ws), (ws / "registry/releases.jsonl").read_text()
-    raw_before = tree(ws / "data/raw")
+    raw_before = tree_digest(ws / "data/raw")
     known = {r.id for r in retrain_runs(api)}
     bad = tmp / "bad-batch"
     existing = sorted((ws / "data/raw/lesion").glob("*.dcm"))[0]
@@ -337,7 +299,7 @@ def test_bad_batch_is_quarantined_and_nothing_changes(served):
     assert "copy.dcm" in text and "duplicates" in text and "'tumour'" in text, text
     assert (reports[0].parent / "batch/lesion/copy.dcm").is_file()
     assert run(["git", "rev-parse", "HEAD"], ws, env).stdout == head
-    assert raw_md5(ws) == md5 and tree(ws / "data/raw") == raw_before
+    assert raw_md5(ws) == md5 and tree_digest(ws / "data/raw") == raw_before
     assert (ws / "registry/releases.jsonl").read_text() == releases
 
 
@@ -353,7 +315,7 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
 
     ws, env, tmp = served["ws"], served["env"], served["tmp"]
     head = run(["git", "rev-parse", "HEAD"], ws, env).stdout.strip()
-    md5, raw_before = raw_md5(ws), tree(ws / "data/raw")
+    md5, raw_before = raw_md5(ws), tree_digest(ws / "data/raw")
     manifest_before = (ws / "data/manifest.csv").read_bytes()
     validation_before = (ws / "reports/validation.json").read_bytes()
     current_before = (ws / "registry/current.json").read_text() if (ws / "registry/current.json").exists() else None
@@ -363,7 +325,7 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     batch = tmp / "batch-2024-08"
     run(["medtune", "demo-data", "--out", str(batch), "--patients", "2", "--slices", "2", "--size", "32",
          "--batch-name", "2024-08"], ws, env)
-    originals = tree(batch)
+    originals = tree_digest(batch)
     run(medtune("ingest-new", str(batch), "--no-event"), ws, env)
 
     fr = run_deployment("medtune-retrain/retrain", timeout=RUN_TIMEOUT,
@@ -372,7 +334,7 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     print(f"failed retrain run with restore took {(fr.end_time - fr.start_time).total_seconds():.1f} s")
 
     # The workspace is the last committed state again; only the failed event was committed.
-    assert raw_md5(ws) == md5 and tree(ws / "data/raw") == raw_before
+    assert raw_md5(ws) == md5 and tree_digest(ws / "data/raw") == raw_before
     assert (ws / "data/manifest.csv").read_bytes() == manifest_before
     assert (ws / "reports/validation.json").read_bytes() == validation_before
     assert "up to date" in run(["dvc", "status"], ws, env).stdout
@@ -385,7 +347,7 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     assert len(reports) == 1
     report = json.loads(reports[0].read_text())
     assert "images_per_class_split" in report["problems"][0] and "validate" in report["failure"]["error"]
-    assert tree(reports[0].parent / "batch") == originals
+    assert tree_digest(reports[0].parent / "batch") == originals
     assert "images_per_class_split" in (reports[0].parent / "failed-run/reports/validation.md").read_text()
     assert not list((ws / "data/inbox").iterdir())
     rec = [json.loads(x) for x in (ws / "registry/releases.jsonl").read_text().splitlines()][-1]

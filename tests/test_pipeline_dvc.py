@@ -8,66 +8,17 @@ pipeline with a named error, and that the raw data is byte-identical afterwards.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-TINY = {
-    "split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.3},
-    "validate": {"min_images_per_class_split": 1},
-    "preprocess": {"image_size": 32},
-    "augment": {"preview_count": 4},
-    "train": {"backbone": "none", "pretrained": False, "epochs": 2, "batch_size": 8, "lr": 0.003},
-    "evaluate": {"bootstrap": 50, "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0}},
-    "export": {"parity_batch": 4},
-}
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return out
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
+from workspace import make_workspace, merge, run, tree_digest
 
 
 def set_params(ws: Path, over: dict) -> None:
     p = ws / "params.yaml"
     p.write_text(yaml.safe_dump(merge(yaml.safe_load(p.read_text()), over), sort_keys=False))
-
-
-def make_workspace(dst: Path, patients: int = 12) -> Path:
-    """A fresh git+DVC project: dvc.yaml, the stage code it depends on, tiny params, demo scans."""
-    dst.mkdir(parents=True)
-    shutil.copy(ROOT / "dvc.yaml", dst)
-    shutil.copytree(ROOT / "components", dst / "components", ignore=shutil.ignore_patterns("__pycache__"))
-    (dst / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)))
-    run(["git", "init", "-q"], dst)
-    run(["dvc", "init", "-q"], dst)
-    run(["medtune", "demo-data", "--out", "data/raw", "--patients", str(patients), "--slices", "3", "--size", "32"], dst)
-    run(["dvc", "add", "-q", "data/raw"], dst)
-    return dst
-
-
-def tree_digest(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,71 @@
+"""Shared by the integration tests and the benchmarks: a tiny git + DVC medtune project.
+
+    from workspace import make_workspace, run      # tests/ is on sys.path under pytest
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Small enough for 2 CPU cores: 32 px, a random-init backbone, a couple of epochs, gates open.
+TINY = {
+    "split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.3},
+    "validate": {"min_images_per_class_split": 1},
+    "preprocess": {"image_size": 32},
+    "augment": {"preview_count": 4},
+    "train": {"backbone": "none", "pretrained": False, "epochs": 2, "batch_size": 8, "lr": 0.003},
+    "evaluate": {"bootstrap": 50, "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0}},
+    "export": {"parity_batch": 4},
+}
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment for medtune/dvc/git subprocesses: this venv first, no analytics, a git identity."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+            **extra}
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True,
+        timeout: float | None = None) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def make_workspace(dst: Path, patients: int = 12, params: dict | None = None,
+                   env: dict[str, str] | None = None) -> Path:
+    """A fresh git+DVC project: dvc.yaml, the stage code it depends on, TINY params (plus `params`),
+    synthetic demo scans versioned with `dvc add`."""
+    dst.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", dst)
+    shutil.copytree(ROOT / "components", dst / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    tiny = merge(TINY, params or {})
+    (dst / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tiny)))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                ["medtune", "demo-data", "--out", "data/raw", "--patients", str(patients), "--slices", "3", "--size", "32"],
+                ["dvc", "add", "-q", "data/raw"]):
+        run(cmd, dst, env)
+    return dst
+
+
+def tree_digest(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes, to prove a folder unchanged."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
