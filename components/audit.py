@@ -18,13 +18,12 @@ import csv
 import json
 import re
 import subprocess
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.common import StageError, read_json, setup_logging, sha256_file
+from components.common import StageError, read_json, run_cli, sha256_file
 
 LINEAGE = "lineage.json"
 NOT_RECORDED = "not recorded"
@@ -151,7 +150,8 @@ class ModelRef:
     notes: tuple[str, ...] = field(default=())
 
 
-def _onnx_metadata_id(path: Path) -> str | None:
+def onnx_metadata_id(path: Path) -> str | None:
+    """The model_id in an ONNX file's metadata; None when it is not an ONNX file (or has none)."""
     import onnx  # only for an ONNX file with no lineage found by its hash (about 0.3 s)
 
     try:
@@ -262,7 +262,7 @@ def _resolve_onnx(path: Path, root: Path, registry: Path, by_content: bool) -> M
     if mid:
         return _ref(mid, registry / "models" / mid / LINEAGE, f"ONNX file {path} (sha256 found in the registry)",
                     root, registry, onnx_path=path, notes=notes)
-    meta_id = _onnx_metadata_id(path)
+    meta_id = onnx_metadata_id(path)
     if meta_id:
         found = _find_id(meta_id, root, registry)
         if found:
@@ -412,18 +412,6 @@ def rollback(model_id: str, root: str | Path = ".", reason: str | None = None, t
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-
-def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
-            argv: Sequence[str] | None) -> int:
-    """Parse, run; a StageError (or bad input) is one line on stderr and exit 1, no traceback."""
-    args = parser.parse_args(argv)
-    setup_logging(getattr(args, "verbose", False))
-    try:
-        return int(run(args) or 0)
-    except (StageError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=".", help="project root: models/, data/, dvc.lock, .dvc/ (default: .)")

@@ -124,6 +124,18 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
+            argv: Sequence[str] | None) -> int:
+    """Parse, run; a StageError (or bad input) is one line on stderr and exit 1, no traceback."""
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        return int(run(args) or 0)
+    except (StageError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def stage_main(description: str, add_args: Callable[[argparse.ArgumentParser], None],
                run: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None = None,
                prog: str | None = None, params_flag: bool = True) -> int:
@@ -133,11 +145,4 @@ def stage_main(description: str, add_args: Callable[[argparse.ArgumentParser], N
         parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_args(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        run(args)
-    except (StageError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(parser, lambda args: run(args) and 0, argv)  # a stage's return value is not its exit code

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -176,7 +177,6 @@ def snapshot_workspace(root: str | Path, raw_dir: str, batch_dests: Sequence[str
     DVC cannot check those out again) and of raw.dvc / dvc.lock when git does not track them.
     Cached outputs come back from the DVC cache (`dvc checkout`).
     """
-    import shutil
 
     root = Path(root)
     store = root / SNAPSHOT_DIR
@@ -205,7 +205,6 @@ def _tracked_at_head(root: Path, rel: str) -> bool:
 
 
 def _remove(path: Path) -> None:
-    import shutil
 
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -226,7 +225,6 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
     Returns what was done, ending with the `dvc status` afterwards. A step that fails is reported
     in that list, and the remaining steps still run.
     """
-    import shutil
 
     import yaml
 
@@ -237,14 +235,11 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
     raw_dir = snap["raw_dir"]
     done: list[str] = []
 
-    failed: list[str] = []
-
     def step(what: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - keep restoring; the caller reports every failed step
             done.append(f"FAILED to {what}: {exc}")
-            failed.append(what)
             log.error("restore: could not %s: %s", what, exc)
             return None
 
@@ -254,11 +249,11 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
                     lambda rel=rel: registry.git(root, "checkout", "HEAD", "--", rel) or True):
                 done.append(f"{rel}: checked out from HEAD")
         elif rel in snap["saved"]:
-            step(f"restore {rel}", lambda rel=rel: shutil.copy2(store / rel, root / rel))
-            done.append(f"{rel}: not tracked by git; restored the copy taken before the run")
+            if step(f"restore {rel}", lambda rel=rel: shutil.copy2(store / rel, root / rel) or True):
+                done.append(f"{rel}: not tracked by git; restored the copy taken before the run")
         elif (root / rel).exists():
-            step(f"remove {rel}", lambda rel=rel: (root / rel).unlink())
-            done.append(f"{rel}: removed (created by this run; not tracked by git)")
+            if step(f"remove {rel}", lambda rel=rel: (root / rel).unlink() or True):
+                done.append(f"{rel}: removed (created by this run; not tracked by git)")
 
     # Raw data: what this run (or an earlier crashed attempt of the same batch) added, nothing else.
     def uncommitted() -> set[str]:
@@ -277,8 +272,8 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
     # Pipeline outputs.
     for out in snap["outs"]:
         if not out["existed"] and (root / out["path"]).exists():
-            step(f"remove {out['path']}", lambda out=out: _remove(root / out["path"]))
-            done.append(f"{out['path']}: removed (created by the failed run)")
+            if step(f"remove {out['path']}", lambda out=out: _remove(root / out["path"]) or True):
+                done.append(f"{out['path']}: removed (created by the failed run)")
     lock = root / "dvc.lock"
     stages = sorted((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else []
     if stages:
@@ -303,7 +298,6 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
 def keep_failed_outputs(root: str | Path, snap: dict[str, Any], dest: str | Path) -> list[str]:
     """Copy the failed run's uncached outputs (e.g. reports/validation.md saying why) to `dest`
     before `restore_workspace` puts the committed ones back. Returns the paths copied."""
-    import shutil
 
     root, dest = Path(root), Path(dest)
     shutil.rmtree(dest, ignore_errors=True)
@@ -319,7 +313,6 @@ def keep_failed_outputs(root: str | Path, snap: dict[str, Any], dest: str | Path
 
 
 def drop_snapshot(root: str | Path) -> None:
-    import shutil
 
     shutil.rmtree(Path(root) / SNAPSHOT_DIR, ignore_errors=True)
 

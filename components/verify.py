@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from components.audit import (ModelRef, add_common_args, events_for, git_show, read_manifest_rows, read_releases,
-                              registry_dir, resolve_model, run_cli)
+from components.audit import (ModelRef, add_common_args, events_for, git_show, onnx_metadata_id, read_manifest_rows,
+                              read_releases, registry_dir, resolve_model, run_cli)
 from components.common import dvc_data_version, sha256_bytes, sha256_file
 
 OK, MISMATCH, MISSING = "ok", "mismatch", "missing"
@@ -105,7 +105,7 @@ def _model_files(m: ModelRef, root: Path, name: str, lock_path: str, want: str |
         detail = ""
         if got != want:
             detail = f"{path} is not the file recorded in {m.lineage_path}"
-            other = _onnx_model_id(path) if kind == "onnx" else None
+            other = onnx_metadata_id(path) if kind == "onnx" else None
             detail += f" (its metadata says model_id {other})" if other else ""
         items.append(_item(name, kind, OK if got == want else MISMATCH, path, want, got, detail))
     if items:
@@ -122,16 +122,6 @@ def _model_files(m: ModelRef, root: Path, name: str, lock_path: str, want: str |
                                 "; no release tag with a dvc.lock to find it in the DVC cache" if not tag else
                                 f"; dvc.lock at tag {tag} does not list {lock_path}"))
     return [_item(name, kind, MISSING, None, want, None, why)]
-
-
-def _onnx_model_id(path: Path) -> str | None:
-    try:
-        import onnx
-
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - not ONNX at all; the hash mismatch already says enough
-        return None
-    return {p.key: p.value for p in proto.metadata_props}.get("model_id")
 
 
 def _manifest(m: ModelRef, root: Path) -> tuple[list[dict[str, Any]], Path | None]:
