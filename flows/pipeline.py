@@ -122,7 +122,7 @@ def pipeline(root: str = ".", params: str = "params.yaml", lock: bool = True) ->
         train(params)
         evaluate(params)
         metrics, gate = publish_evaluation()
-        ran = ["ingest", "validate", "preprocess", "augment", "train", "evaluate"]
+        ran = [s for s in orchestrate.STAGES if s != "export"]
         if gate and gate.get("passed"):
             export(params)
             ran.append("export")

@@ -47,7 +47,7 @@ def check_batch(batch: str, params: str, extra_known: list[dict[str, str]]) -> d
         manifest = pd.concat([manifest, pd.DataFrame(extra_known)], ignore_index=True).fillna("")
     mine = inbox.appended_paths(Path(batch).name, rows, p) if not rows.empty else []
     problems += inbox.check_batch(batch, rows, manifest, p, already_appended=mine)
-    return {"batch": batch, "problems": problems, "rows": rows.to_dict("records"),
+    return {"batch": batch, "problems": problems, "rows": rows.to_dict("records"), "dests": mine,
             "summary": inbox.summary_table(rows)}
 
 
@@ -62,14 +62,6 @@ def append(batch: str, rows: list[dict[str, Any]], params: str) -> list[str]:
 
     p = load_params(params)
     return inbox.append_to_raw(batch, pd.DataFrame(rows), p.data.raw_dir, p)
-
-
-def batch_dests(good: list[dict[str, Any]], params: str) -> list[str]:
-    """Raw-relative paths the good batches are (or will be) appended at."""
-    import pandas as pd
-
-    p = load_params(params)
-    return [d for c in good for d in inbox.appended_paths(Path(c["batch"]).name, pd.DataFrame(c["rows"]), p)]
 
 
 @task(name="snapshot-workspace")
@@ -162,14 +154,16 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
                 continue
             logger.info("batch %s is good: %s", Path(batch).name, checked["summary"])
             good.append(checked)
-            known += [{"path": f"{Path(batch).name}/{r['path']}", "sha256": r["sha256"], "patient": r["patient"],
-                       "split": r["split"]} for r in checked["rows"]]
+            # Where these files will sit in raw (inbox.raw_destination), so a later batch's duplicate
+            # message names the right path.
+            known += [{"path": dest, "sha256": r["sha256"], "patient": r["patient"], "split": r["split"]}
+                      for dest, r in zip(checked["dests"], checked["rows"])]
         if not good:
             logger.warning("every new batch was quarantined: nothing retrained, the champion stays")
             return {"outcome": "quarantined", "trigger": trigger, "quarantined": bad}
 
         # Taken before anything changes; a failure here leaves the batches in the inbox for the next run.
-        dests = batch_dests(good, params)
+        dests = [d for checked in good for d in checked["dests"]]
         snap = snapshot(params, dests)
         try:
             for checked in good:

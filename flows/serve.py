@@ -39,7 +39,7 @@ def deployments(root: Path, params: str = "params.yaml") -> list:
         parameters={**base, "trigger": "event"},
     )
     return [
-        pipeline.to_deployment(name="pipeline", parameters={"root": str(root), "params": params},
+        pipeline.to_deployment(name="pipeline", parameters=base,
                                description="The DVC pipeline as Prefect tasks, on demand."),
         retrain.to_deployment(name="retrain", parameters={**base, "trigger": "schedule"}, triggers=[trigger],
                               description="Retrain on new labelled batches (schedule and inbox event).",
