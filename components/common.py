@@ -23,6 +23,9 @@ from typing import Any
 
 log = logging.getLogger("medtune")
 
+# The three splits, in this order everywhere (manifest, prepared arrays, reports).
+SPLITS = ("train", "val", "test")
+
 
 class StageError(RuntimeError):
     """A failure the user must act on; the CLI prints its message without a traceback."""

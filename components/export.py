@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from components.common import (StageError, atomic_path, git_facts, read_json, sha256_bytes, sha256_file,
+from components.common import (SPLITS, StageError, atomic_path, git_facts, read_json, sha256_bytes, sha256_file,
                                stage_main, write_json, write_text)
 from components.params import Params, load_params
 
@@ -170,7 +170,7 @@ def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, 
              f"- images: {manifest.get('n_images')} ({manifest.get('n_unreadable', 0)} unreadable, excluded); "
              f"patient-level split ({(manifest.get('split') or {}).get('method', 'unknown')}), no patient in two splits",
              "", "| split | " + " | ".join(classes) + " | total |", "|---|" + "---|" * (len(classes) + 1)]
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         counts = (manifest.get("counts") or {}).get(split, {})
         lines.append(f"| {split} | " + " | ".join(str(counts.get(c, 0)) for c in classes)
                      + f" | {sum(counts.get(c, 0) for c in classes)} |")

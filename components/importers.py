@@ -21,8 +21,8 @@ import pandas as pd
 from PIL import Image
 
 from components import common
+from components.common import SPLITS
 
-SPLITS = ("train", "val", "test")
 
 
 def _arrays(npz_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -119,7 +119,7 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
 
     batch = Path(batch_dir)
     salt = common.patient_salt(params.data.patient_salt)
-    pattern = re.compile(params.data.patient_pattern) if params.data.patient_pattern else None
+    pattern = params.data.patient_regex()
     problems: list[str] = []
     try:
         labels = _batch_labels_csv(batch)
@@ -181,7 +181,7 @@ def current_manifest(manifest_csv: str | Path, raw_dir: str | Path, params: Para
     ingest of raw_dir into a temporary folder, so duplicates and known patients are still caught."""
     if Path(manifest_csv).is_file() or not Path(raw_dir).is_dir():
         return read_manifest(manifest_csv)
-    from components.ingest import ingest
+    from components.ingest import find_scans, ingest
 
     with tempfile.TemporaryDirectory(prefix="medtune-manifest-") as tmp:
         try:
@@ -189,11 +189,9 @@ def current_manifest(manifest_csv: str | Path, raw_dir: str | Path, params: Para
         except StageError as exc:
             # The raw data cannot be split yet (e.g. too few patients): hashes and patients still count.
             log.warning("ingest of %s for the batch checks failed (%s); checking against file hashes only", raw_dir, exc)
-            from components import scans
-
-            files = [p for p in sorted(Path(raw_dir).rglob("*")) if scans.is_candidate(p)]
-            return pd.DataFrame({"path": [p.relative_to(raw_dir).as_posix() for p in files],
-                                 "sha256": [common.sha256_file(p) for p in files],
+            files = find_scans(Path(raw_dir))
+            return pd.DataFrame({"path": files,
+                                 "sha256": [common.sha256_file(Path(raw_dir) / rel) for rel in files],
                                  "label": "", "patient": "", "split": "", "error": ""})
 
 
@@ -226,7 +224,7 @@ def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFram
                             f"{v.min_size}..{v.max_size}.")
         if int(r.bit_depth) not in v.bit_depths:
             problems.append(f"{where}: bit depth {r.bit_depth} is not one of validate.bit_depths {v.bit_depths}.")
-        if r.split and r.split not in ("train", "val", "test"):
+        if r.split and r.split not in common.SPLITS:
             problems.append(f"{where}: split {r.split!r} is invalid; expected train, val or test.")
 
     dup_in_batch = rows[rows.duplicated("sha256", keep="first")]
@@ -336,7 +334,8 @@ def append_to_raw(batch_dir: str | Path, rows: pd.DataFrame, raw_dir: str | Path
 def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: list[str]) -> None:
     existing = pd.read_csv(labels_csv, dtype=str, keep_default_na=False) if labels_csv.is_file() \
         else pd.DataFrame(columns=["path", "label"])
-    new_paths = [d for d in dests if d not in set(existing["path"])]
+    have = set(existing["path"])
+    new_paths = [d for d in dests if d not in have]
     if not new_paths:
         return
     src = _batch_labels_csv(batch)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,13 +30,13 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from components import common, scans
+from components.common import SPLITS
 from components.params import Params, load_params
 
 log = logging.getLogger("medtune.ingest")
 
 COLUMNS = ["path", "sha256", "label", "patient", "width", "height", "channels", "bit_depth", "modality",
            "split", "error"]
-SPLITS = ("train", "val", "test")
 NO_PATIENT = "none (one image = one patient)"
 SOURCE_NAMES = {"csv": "labels.csv patient_id", "dicom": "DICOM PatientID", "pattern": "data.patient_pattern",
                 "none": NO_PATIENT}
@@ -92,20 +91,6 @@ def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataF
             raise common.StageError(f"{csv_path} line {r['line']} ({r['path']}): split = {r['split']!r}; expected "
                                     f"one of {list(SPLITS)}.")
     return table.set_index("path")
-
-
-def _patient_regex(params: Params) -> re.Pattern | None:
-    pattern = params.data.patient_pattern
-    if not pattern:
-        return None
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"params: data.patient_pattern = {pattern!r} is not a valid regex ({exc}).") from None
-    if "patient" not in regex.groupindex:
-        raise ValueError(f"params: data.patient_pattern = {pattern!r} has no group named 'patient'; expected "
-                         "e.g. '^(?P<patient>[^_]+)_'.")
-    return regex
 
 
 def stable_split(patients: list[str], params: Params) -> list[str]:
@@ -167,7 +152,7 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
     if not files:
         raise common.StageError(f"{raw_dir}: no scan files found; expected PNG, JPEG or DICOM files.")
     table = read_labels_csv(raw_dir, params, files) if params.data.label_source == "csv" else None
-    regex, salt = _patient_regex(params), common.patient_salt(params.data.patient_salt)
+    regex, salt = params.data.patient_regex(), common.patient_salt(params.data.patient_salt)
 
     rows, sources = [], []
     for rel in files:

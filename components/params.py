@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -40,6 +41,20 @@ class DataParams:
         _expect(len(self.classes) >= 2, "data.classes", self.classes, "at least two class names")
         _expect(len(set(self.classes)) == len(self.classes), "data.classes", self.classes, "unique names")
         _expect(self.label_source in ("folder", "csv"), "data.label_source", self.label_source, "'folder' or 'csv'")
+        self.patient_regex()
+
+    def patient_regex(self) -> re.Pattern | None:
+        """`patient_pattern` compiled; ValueError unless it is a regex with a group named 'patient'."""
+        if not self.patient_pattern:
+            return None
+        try:
+            regex = re.compile(self.patient_pattern)
+        except re.error as exc:
+            raise ValueError(f"params: data.patient_pattern = {self.patient_pattern!r} is not a valid regex "
+                             f"({exc}).") from None
+        _expect("patient" in regex.groupindex, "data.patient_pattern", self.patient_pattern,
+                "a regex with a group named 'patient' (no group named 'patient' in it), e.g. '^(?P<patient>[^_]+)_'")
+        return regex
 
 
 @dataclass(frozen=True)

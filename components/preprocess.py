@@ -26,13 +26,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from components.common import StageError, read_json, sha256_file, stage_main, write_json, write_text
+from components.common import SPLITS, StageError, read_json, sha256_file, stage_main, write_json, write_text
 from components.params import Params, load_params
 from components.scans import RESIZE_METHOD, ScanError, prepare_image
 
 log = logging.getLogger("medtune.preprocess")
 
-SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "sha256", "label", "patient", "split", "error")
 INDEX_COLUMNS = ["split", "row", "path", "sha256", "label", "label_index", "patient"]
 TEXT = {"path": str, "sha256": str, "label": str, "patient": str, "split": str, "error": str}

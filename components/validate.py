@@ -9,8 +9,7 @@ the manifest), no patient in two splits, image size and bit depth in range, enou
 
 Tables that are not the manifest itself (patient -> split pairs, counts per split and class,
 unreadable files) are derived here with pandas and validated by GX like any other batch, so every
-verdict in the report is a GX result. `run_suite(df, params)` does the work without writing files,
-for code that must validate a new batch on its own.
+verdict in the report is a GX result. `run_suite(df, params)` does the work without writing files.
 """
 
 from __future__ import annotations
@@ -25,11 +24,10 @@ from typing import Any
 
 import pandas as pd
 
-from components.common import StageError, read_json, stage_main, write_json, write_text
+from components.common import SPLITS, StageError, read_json, stage_main, write_json, write_text
 from components.params import Params, load_params
 
 SUITE = "medtune_manifest"
-SPLITS = ("train", "val", "test")
 COLUMNS = ("path", "sha256", "label", "patient", "width", "height", "bit_depth", "split", "error")
 TEXT_COLUMNS = ("path", "sha256", "label", "patient", "split", "error", "modality")
 NUMERIC_COLUMNS = ("width", "height", "bit_depth")
