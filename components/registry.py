@@ -205,13 +205,14 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
     challenger, comparison}; the metrics of both models are in it whatever the outcome.
     """
     from components.evaluate import compute_metrics
+    from components.export import model_id
     from components.preprocess import load_split
 
     root = Path(root)
     reports, models = root / reports_dir, root / models_dir
     gate = common.read_json(reports / "gate.json")
-    # Model id = sha256(models/model.pt)[:12] (architecture.md), known even when export was refused.
-    challenger = {"model_id": common.sha256_file(models / "model.pt")[:12] if (models / "model.pt").is_file() else None,
+    # The model id is known even when export was refused.
+    challenger = {"model_id": model_id(common.sha256_file(models / "model.pt")) if (models / "model.pt").is_file() else None,
                   "metrics": common.read_json(reports / "metrics.json"), "gate": gate}
     # A models/model.onnx left by an earlier run must not stand in for this checkpoint.
     exported = ((models / "lineage.json").is_file() and (models / "model.onnx").is_file()

@@ -129,7 +129,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
 def auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int) -> float:
     """Binary: AUROC of the positive class; multi-class: macro one-vs-rest. NaN if a class is absent."""
     k = probs.shape[1]
-    if len(np.unique(y_true)) < (2 if k == 2 else k):
+    if len(np.unique(y_true)) < k:
         return math.nan
     return evaluate.auroc(y_true, probs, positive_index)
 
