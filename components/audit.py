@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.common import StageError, read_json, run_cli, sha256_file
+from components.common import StageError, git, read_json, run_cli, sha256_file
 
 LINEAGE = "lineage.json"
 NOT_RECORDED = "not recorded"
@@ -355,8 +355,7 @@ def render_models(rows: list[dict[str, Any]]) -> str:
 
 
 def _in_git(root: Path) -> bool:
-    out = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True, text=True)
-    return out.returncode == 0 and out.stdout.strip() == "true"
+    return git(root, "rev-parse", "--is-inside-work-tree", check=False) == "true"
 
 
 def rollback(model_id: str, root: str | Path = ".", reason: str | None = None, trigger: str = "manual",

@@ -97,15 +97,36 @@ def hash_patient(patient_id: str, salt: bytes) -> str:
     return hmac.new(salt, str(patient_id).strip().encode(), hashlib.sha256).hexdigest()[:16]
 
 
+def run_tool(args: Sequence[str], root: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one git/DVC command in the project root; StageError with its output on failure.
+
+    Callers run them one at a time: two DVC commands in one workspace fail on DVC's lock.
+    """
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run(list(args), cwd=root, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise StageError(f"`{' '.join(args)}` failed in {root} (exit {out.returncode}): "
+                         f"{(out.stderr or out.stdout).strip()[-2000:]}")
+    return out
+
+
+def git(root: str | Path, *args: str, check: bool = True) -> str:
+    return run_tool(["git", *args], root, check).stdout.strip()
+
+
+def dvc(root: str | Path, *args: str, check: bool = True) -> str:
+    # The dvc beside this interpreter (the venv's), so a served flow finds it without PATH set up.
+    here = Path(sys.executable).parent / "dvc"
+    return run_tool([str(here) if here.is_file() else "dvc", *args], root, check).stdout.strip()
+
+
 def git_facts(cwd: str | Path = ".") -> dict[str, Any]:
     """Commit and dirty flag of the working tree, or 'unknown' outside git."""
-    def run(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        commit = run("rev-parse", "HEAD")
+        commit = git(cwd, "rev-parse", "HEAD")
         # dvc.lock is rewritten by the very run being recorded, so it does not make the code dirty.
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
-    except (subprocess.CalledProcessError, FileNotFoundError):
+        dirty = bool(git(cwd, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
+    except (StageError, FileNotFoundError):
         return {"commit": "unknown", "dirty": None}
     return {"commit": commit, "dirty": dirty}
 

@@ -199,9 +199,7 @@ def snapshot_workspace(root: str | Path, raw_dir: str, batch_dests: Sequence[str
 
 
 def _tracked_at_head(root: Path, rel: str) -> bool:
-    from components import registry
-
-    return bool(registry.git(root, "ls-tree", "--name-only", "HEAD", "--", rel, check=False))
+    return bool(common.git(root, "ls-tree", "--name-only", "HEAD", "--", rel, check=False))
 
 
 def _remove(path: Path) -> None:
@@ -228,7 +226,7 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
 
     import yaml
 
-    from components import inbox, registry
+    from components import inbox
 
     root = Path(root)
     store = root / snap["store"]
@@ -246,7 +244,7 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
     for rel in (f"{raw_dir}.dvc", "dvc.lock"):
         if _tracked_at_head(root, rel):
             if step(f"git checkout HEAD -- {rel}",
-                    lambda rel=rel: registry.git(root, "checkout", "HEAD", "--", rel) or True):
+                    lambda rel=rel: common.git(root, "checkout", "HEAD", "--", rel) or True):
                 done.append(f"{rel}: checked out from HEAD")
         elif rel in snap["saved"]:
             if step(f"restore {rel}", lambda rel=rel: shutil.copy2(store / rel, root / rel) or True):
@@ -257,7 +255,7 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
 
     # Raw data: what this run (or an earlier crashed attempt of the same batch) added, nothing else.
     def uncommitted() -> set[str]:
-        diff = json.loads(registry.dvc(root, "diff", "--json", "--targets", raw_dir) or "{}")
+        diff = json.loads(common.dvc(root, "diff", "--json", "--targets", raw_dir) or "{}")
         prefix = raw_dir.rstrip("/") + "/"
         return {d["path"][len(prefix):] for d in diff.get("added", []) if d["path"].startswith(prefix)}
 
@@ -278,7 +276,7 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
     stages = sorted((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else []
     if stages:
         if step("dvc checkout the committed outputs",
-                lambda: registry.dvc(root, "checkout", "--force", *stages) or True):
+                lambda: common.dvc(root, "checkout", "--force", *stages) or True):
             done.append(f"dvc checkout --force {' '.join(stages)}")
     for out in snap["outs"]:
         if not out["cached"] and out["path"] in snap["saved"]:
@@ -290,7 +288,7 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
                     shutil.copy2(store / rel, root / rel)
             step(f"restore {out['path']}", put_back)
     done.append("uncached outputs (reports, lineage, model card) restored from the snapshot")
-    status = step("run dvc status", lambda: registry.dvc(root, "status"))
+    status = step("run dvc status", lambda: common.dvc(root, "status"))
     done.append(f"dvc status: {status}" if status is not None else "dvc status: unknown")
     return done
 

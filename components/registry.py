@@ -23,9 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import shutil
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ import pandas as pd
 
 from components import common
 from components.audit import read_current, read_releases, registry_dir
-from components.common import StageError
+from components.common import StageError, dvc, git  # registry.git/registry.dvc: callers use these names
 from components.params import Params
 
 log = logging.getLogger("medtune.registry")
@@ -46,33 +44,7 @@ MODEL_FILES = ("lineage.json", "model_card.md")  # copied from models/; manifest
 EVENTS = ("promoted", "rejected", "rollback", "failed")
 
 
-# ---------------------------------------------------------------------------------------------
-# git and DVC: run one command at a time in the project root (DVC fails if two run at once)
-# ---------------------------------------------------------------------------------------------
-
-def run_tool(args: Sequence[str], root: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    out = subprocess.run(list(args), cwd=root, env=env, capture_output=True, text=True)
-    if check and out.returncode != 0:
-        raise StageError(f"`{' '.join(args)}` failed in {root} (exit {out.returncode}): "
-                         f"{(out.stderr or out.stdout).strip()[-2000:]}")
-    return out
-
-
-def git(root: str | Path, *args: str, check: bool = True) -> str:
-    return run_tool(["git", *args], root, check).stdout.strip()
-
-
-def dvc(root: str | Path, *args: str, check: bool = True) -> str:
-    return run_tool([_dvc_exe(), *args], root, check).stdout.strip()
-
-
-def _dvc_exe() -> str:
-    # The dvc beside this interpreter (the venv's), so a served flow finds it without PATH set up.
-    import sys
-
-    here = Path(sys.executable).parent / "dvc"
-    return str(here) if here.is_file() else "dvc"
+# git and DVC commands: common.run_tool / common.git / common.dvc (one at a time in the project root).
 
 
 def ensure_remote(root: str | Path, url: str, name: str = "medtune") -> str:
