@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from components.augment import build_transform
-from components.export import _wrapper
-from components.models import build_model
+from components.models import Deployed, build_model
 from components.params import Params
 from components.train import make_loader
 
@@ -100,7 +99,7 @@ def bench_onnx(size: int = 224, reps: int = 5) -> None:
     from components.export import export_onnx
 
     model, _ = build_model("efficientnet_lite0", 2, 1, pretrained=True)
-    wrapper = _wrapper(model)
+    wrapper = Deployed(model).eval()
     x8 = np.random.default_rng(0).integers(0, 256, (BATCH, 1, size, size), dtype=np.uint8)
     x = x8.astype(np.float32) / 255.0
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,8 +8,13 @@ Writes `reports/metrics.json` (DVC metrics), `reports/gate.json`, `reports/roc.c
 `reports/confusion.png`. A failed gate is *not* a stage failure: the numbers stay on disk (and in
 dvc.lock) for review, and the export stage is the one that refuses to ship the model.
 
+Before the test split is touched, the validation split fixes the operating point: probability
+calibration (`evaluate.calibration`) and, with `evaluate.threshold_method`, the binary threshold;
+`evaluate.tta` adds test-time augmentation. metrics.json records all three, with ECE and Brier
+score before and after calibration on both splits, and export bakes them into the ONNX graph.
+
 Binary tasks score the positive class (`evaluate.positive_class`, default the last class): AUROC on
-its probability, predicted label = probability >= `evaluate.threshold`. Multi-class tasks use
+its probability, predicted label = probability >= the threshold. Multi-class tasks use
 argmax, macro one-vs-rest AUROC / sensitivity / specificity / precision / F1, and the ROC curve
 written to roc.csv is the micro-average (every class's one-vs-rest scores pooled).
 """
@@ -26,6 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from components import calibrate
 from components.common import StageError, atomic_path, sha256_file, stage_main, write_json
 from components.params import Params, load_params
 
@@ -243,35 +249,55 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> None:
 # The stage
 # ---------------------------------------------------------------------------------------------
 
-def predict_probabilities(model: Any, images: np.ndarray, device: Any, batch_size: int = BATCH_SIZE) -> np.ndarray:
-    """Softmax probabilities of uint8 (N, C, H, W) images, in batches.
+def predict_logits(deployed: Any, images: np.ndarray, device: Any, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """`deployed.logits` (test-time augmentation included) of uint8 (N, C, H, W) images, in batches.
 
     Float32 even on CUDA (no autocast): the metrics must describe exactly the model that export
     ships, and the ONNX graph is float32.
     """
     import torch
 
-    model.eval().to(device)
+    deployed.eval().to(device)
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.array(images[start:start + batch_size]))  # copy: memmaps are read-only
             x = batch.to(device=device, dtype=torch.float32) / 255.0
-            out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
-    if not out:
-        return np.zeros((0, 0), dtype=np.float64)
+            out.append(deployed.logits(x).float().cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
+def operating_point(deployed: Any, prepared_dir: Path, device: Any, params: Params) -> dict[str, Any]:
+    """Calibration and threshold fitted on the validation split: {scale, bias, threshold, val: {...}}."""
+    from components.preprocess import load_split
+
+    ev, pos = params.evaluate, params.positive_index
+    images, index = load_split(prepared_dir, "val")
+    y = index["label_index"].to_numpy().astype(np.int64)
+    logits = predict_logits(deployed, images, device)
+    scale, bias = calibrate.fit_calibration(ev.calibration, logits, y, pos)
+    raw, probs = calibrate.calibrated_probabilities(logits, 1.0, 0.0), calibrate.calibrated_probabilities(logits, scale, bias)
+    threshold = (calibrate.choose_threshold(ev.threshold_method, y, probs[:, pos], pos, ev.threshold)
+                 if probs.shape[1] == 2 else ev.threshold)
+    val = {"n": int(len(y)), **calibrate.calibration_report(y, raw, probs, pos)}
+    if len(np.unique(y)) == probs.shape[1]:
+        val["auroc"] = auroc(y, probs, pos)
+    return {"scale": scale, "bias": bias, "threshold": threshold, "val": val}
+
+
 def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | Path, params: Params) -> dict:
-    """Score `model_path` on the prepared test split; write the reports; return {metrics, gate}."""
-    from components.models import load_checkpoint, pick_device
+    """Score `model_path` on the prepared test split; write the reports; return {metrics, gate}.
+
+    Calibration and the threshold are fitted on the validation split first (`operating_point`),
+    then applied unchanged to the test split, as `models.Deployed` applies them in the ONNX graph.
+    """
+    from components.models import Deployed, load_checkpoint, pick_device
     from components.preprocess import load_split
 
     model_path, prepared_dir, reports_dir = Path(model_path), Path(prepared_dir), Path(reports_dir)
     if not model_path.is_file():
         raise StageError(f"{model_path} not found; run the train stage first (dvc repro train).")
-    classes = list(params.data.classes)
+    classes, ev = list(params.data.classes), params.evaluate
     model, ckpt = load_checkpoint(model_path)
     if list(ckpt.get("classes", [])) != classes:
         raise StageError(f"{model_path} was trained for classes {ckpt.get('classes')}, but params data.classes "
@@ -282,19 +308,26 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
                          f"{ckpt['in_channels']}; rerun preprocess and train (dvc repro).")
 
     device = pick_device()
-    probs = predict_probabilities(model, images, device)
+    deployed = Deployed(model, ev.tta)
+    op = operating_point(deployed, prepared_dir, device, params)
+    logits = predict_logits(deployed, images, device)
+    probs = calibrate.calibrated_probabilities(logits, op["scale"], op["bias"])
     y_true = index["label_index"].to_numpy().astype(np.int64)
-    pos = params.positive_index
+    pos, threshold = params.positive_index, op["threshold"]
     try:
-        metrics = compute_metrics(y_true, probs, classes, pos, params.evaluate.threshold,
-                                  params.evaluate.bootstrap, params.evaluate.seed)
+        metrics = compute_metrics(y_true, probs, classes, pos, threshold, ev.bootstrap, ev.seed)
     except ValueError as exc:
         raise StageError(f"{prepared_dir}/index.csv (test split): {exc}") from None
+    metrics.update(
+        threshold_method=ev.threshold_method if len(classes) == 2 else None, tta=ev.tta,
+        calibration={"method": ev.calibration, "fitted_on": "val", "scale": op["scale"], "bias": op["bias"],
+                     "val": op["val"], "test": calibrate.calibration_report(
+                         y_true, calibrate.calibrated_probabilities(logits, 1.0, 0.0), probs, pos)})
     gate = apply_gate(metrics, params)
     # Export checks this, so a gate computed for another checkpoint can never release this one.
     gate["checkpoint_sha256"] = sha256_file(model_path)
 
-    y_pred = predict_labels(probs, pos, params.evaluate.threshold)
+    y_pred = predict_labels(probs, pos, threshold)
     names = np.asarray(classes, dtype=object)
     preds = pd.DataFrame({"path": index["path"].to_numpy(), "sha256": index["sha256"].to_numpy(),
                           "label": index["label"].to_numpy()})
@@ -314,9 +347,12 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
 
     lo, hi = metrics["auroc_ci"]
     ci = f"{lo:.3f}-{hi:.3f}" if lo is not None else "n/a"
-    log.info("test n=%d auroc=%.3f (95%% CI %s, %d valid resamples) sensitivity=%.3f specificity=%.3f",
-             metrics["n_test"], metrics["auroc"], ci, metrics["bootstrap_valid"],
-             metrics["sensitivity"], metrics["specificity"])
+    cal = metrics["calibration"]["test"]
+    log.info("test n=%d auroc=%.3f (95%% CI %s, %d valid resamples) accuracy=%.3f sensitivity=%.3f specificity=%.3f "
+             "at threshold %.3f (%s); ECE %.3f -> %.3f, Brier %.3f -> %.3f (%s)",
+             metrics["n_test"], metrics["auroc"], ci, metrics["bootstrap_valid"], metrics["accuracy"],
+             metrics["sensitivity"], metrics["specificity"], threshold, ev.threshold_method,
+             cal["ece_before"], cal["ece_after"], cal["brier_before"], cal["brier_after"], ev.calibration)
     if gate["passed"]:
         log.info("gate PASSED: %s", "; ".join(gate["reasons"]))
     else:

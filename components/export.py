@@ -4,8 +4,9 @@
     dvc repro export
 
 Refuses (exit 1, nothing written under models/) unless `reports/gate.json` says the model passed
-and was computed for this very checkpoint. The ONNX graph is Classifier + softmax: input `image`
-float32 (batch, C, H, W) in [0, 1], output `probabilities`. ONNX Runtime must agree with PyTorch
+and was computed for this very checkpoint. The ONNX graph is `models.Deployed`: the classifier,
+the evaluated test-time augmentation and calibration, then softmax; input `image` float32
+(batch, C, H, W) in [0, 1], output `probabilities`. ONNX Runtime must agree with PyTorch
 within `export.tolerance` on real test images at batch 1 and batch N, and the batch dimension
 must be symbolic. Writes `models/model.onnx` (metadata_props per docs/architecture.md),
 `models/model_card.md`, `models/lineage.json` and `reports/export.json`; all are built in memory
@@ -61,20 +62,12 @@ def check_gate(reports_dir: Path, checkpoint_sha256: str) -> dict[str, Any]:
     return gate
 
 
-def _wrapper(model: Any) -> Any:
-    import torch
+def deployed_model(model: Any, metrics: dict[str, Any]) -> Any:
+    """The evaluated model: classifier + the test-time augmentation and calibration in metrics.json."""
+    from components.models import Deployed
 
-    class WithSoftmax(torch.nn.Module):
-        """What the ONNX graph computes: probabilities, so clients never re-implement the softmax."""
-
-        def __init__(self, inner: torch.nn.Module):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(self.inner(image), dim=1)
-
-    return WithSoftmax(model).eval()
+    cal = metrics.get("calibration") or {}
+    return Deployed(model, metrics.get("tta", "none"), cal.get("scale", 1.0), cal.get("bias")).eval()
 
 
 def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path) -> Any:
@@ -210,8 +203,16 @@ def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, 
             lines.append(f"| {name} (macro) | {metrics[name]:.3f} | |")
     rule = (f"`{metrics['positive_class']}` when its probability >= {metrics['threshold']}"
             if len(classes) == 2 else "the class with the highest probability")
-    lines += ["", f"Decision rule: {rule}. Confusion matrix (rows = actual, columns = predicted, order {classes}): "
-              f"`{metrics['confusion_matrix']}`.", "",
+    cal = metrics.get("calibration") or {"method": "none"}
+    how = {"fixed": "fixed in params.yaml", "youden": "chosen on the validation split (Youden's J)",
+           "accuracy": "chosen on the validation split (best accuracy)"}.get(metrics.get("threshold_method") or "fixed")
+    lines += ["", f"Decision rule: {rule} (threshold {how}). Confusion matrix (rows = actual, columns = predicted, "
+              f"order {classes}): `{metrics['confusion_matrix']}`.", "",
+              f"Test-time augmentation: {metrics.get('tta', 'none')}. Calibration: {cal['method']}"
+              + (f", fitted on the validation split; test ECE {cal['test']['ece_before']:.3f} -> "
+                 f"{cal['test']['ece_after']:.3f}, Brier {cal['test']['brier_before']:.3f} -> "
+                 f"{cal['test']['brier_after']:.3f}" if cal["method"] != "none" else "")
+              + ". Both are inside the ONNX graph.", "",
               "## Release gate", f"Decision: **{'passed' if gate['passed'] else 'failed'}**."]
     lines += [f"- {r}" for r in gate.get("reasons", [])]
     lines += ["", "## Limitations"]
@@ -223,7 +224,7 @@ def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, 
               "- Data from a single source/site unless stated otherwise; performance on other scanners, protocols, "
               "populations and prevalences is unknown and must be validated locally before any use.",
               "- Images are reduced to a small fixed resolution; fine findings may be invisible to the model.",
-              "- The threshold was fixed in params.yaml, not tuned for a clinical operating point.", "",
+              "- The threshold was not tuned for a clinical operating point; choose one locally.", "",
               "## How to run", "```", "medtune predict models/model.onnx path/to/scans/ -o predictions.csv", "```",
               "The ONNX file carries the class names and the preprocessing (image size, channels, DICOM window) "
               "in its metadata; `predict` repeats exactly that preprocessing. Lineage: `models/lineage.json`.", ""]
@@ -266,7 +267,7 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
     images = np.asarray(images[:batch_n])  # parity needs only these; the memmap stays on disk
     opset = params.export.opset
 
-    wrapper = _wrapper(model)
+    wrapper = deployed_model(model, metrics)
     with tempfile.TemporaryDirectory(prefix="medtune-export-") as tmp:
         raw_onnx = Path(tmp) / "model.onnx"
         proto = export_onnx(wrapper, images, opset, raw_onnx)

@@ -10,7 +10,8 @@ the file name; failing all three, every image is its own patient (and a loud war
 Only HMAC hashes of patient ids are stored or logged, never the ids themselves.
 
 The split is patient-level and stratified by label (scikit-learn's StratifiedGroupKFold, seeded):
-first the test fold, then the validation fold from the rest. With `split.method: stable`, each
+the test set is fold `split.test_fold` of round(1 / test_fraction) folds (so one run per fold is
+patient-level k-fold cross-validation), then the validation fold from the rest. With `split.method: stable`, each
 patient's split comes from a seeded hash of its own (hashed) id, so appending data never moves an
 existing patient. A `split` column in labels.csv replaces either. Either way no patient may appear in two splits. Unreadable files stay in the
 manifest with the reason in `error` and an empty split; the validate stage decides if that is fatal.
@@ -106,7 +107,7 @@ def stable_split(patients: list[str], params: Params) -> list[str]:
 def split_patients(labels: list[str], patients: list[str], params: Params) -> list[str]:
     """train/val/test per row: patient-level, stratified by label, deterministic for split.seed."""
     sp = params.split
-    n_test = max(2, round(1 / sp.test_fraction))
+    n_test = sp.n_folds
     n_val = max(2, round((1 - sp.test_fraction) / sp.val_fraction))  # val_fraction is of the whole
     n_patients = len(set(patients))
     if n_patients < n_test + 1:
@@ -118,7 +119,8 @@ def split_patients(labels: list[str], patients: list[str], params: Params) -> li
     with warnings.catch_warnings():
         # "least populated class has fewer members than n_splits": the validate stage checks counts.
         warnings.simplefilter("ignore", UserWarning)
-        _, test = next(StratifiedGroupKFold(n_test, shuffle=True, random_state=sp.seed).split(y, y, groups))
+        folds = StratifiedGroupKFold(n_test, shuffle=True, random_state=sp.seed).split(y, y, groups)
+        _, test = list(folds)[sp.test_fold]  # the folds are disjoint and cover every patient: k-fold CV
         out[test] = "test"
         rest = np.flatnonzero(out == "train")
         if len(set(groups[rest])) >= n_val:
@@ -234,6 +236,7 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
         "n_unreadable": int((~readable).sum()),
         "counts": counts,
         "split": {"method": method, "source": split_source, "seed": params.split.seed,
+                  "test_fold": params.split.test_fold if split_source == "stratified-group" else None,
                   "val_fraction": params.split.val_fraction, "test_fraction": params.split.test_fraction,
                   "patients": {s: int(ok[ok["split"] == s]["patient"].nunique()) for s in SPLITS},
                   "patient_overlap": 0},

@@ -79,6 +79,36 @@ class Classifier(nn.Module):
         return self
 
 
+class Deployed(nn.Module):
+    """What is evaluated and what the ONNX graph computes: probabilities from uint8-scaled images.
+
+    softmax(scale * logits + bias), where logits are the classifier's, averaged with those of the
+    mirrored image when `tta == "hflip"`; `scale` and `bias` come from the calibration fitted on
+    the validation split (`components.calibrate`), identity by default.
+    """
+
+    def __init__(self, model: Classifier, tta: str = "none", scale: float = 1.0, bias: Any = None):
+        super().__init__()
+        if tta not in ("none", "hflip"):
+            raise ValueError(f"tta = {tta!r} is invalid; expected 'none' or 'hflip'.")
+        self.model, self.tta = model, tta
+        bias = torch.zeros(model.num_classes) if bias is None else torch.as_tensor(bias, dtype=torch.float32)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("bias", bias.reshape(1, -1))
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        z = self.model(image)
+        if self.tta == "hflip":
+            z = (z + self.model(torch.flip(image, dims=[3]))) / 2
+        return z
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() * self.scale + self.bias, dim=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.calibrated(self.logits(image))
+
+
 def pick_device() -> torch.device:
     """CUDA when a GPU is present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -66,12 +66,22 @@ class SplitParams:
     seed: int = 42
     val_fraction: float = 0.15
     test_fraction: float = 0.2
+    # stratified only: which of the round(1 / test_fraction) patient-level folds is the test set.
+    # Patient-level k-fold cross-validation = one run per fold (`dvc exp run -S split.test_fold=K`).
+    test_fold: int = 0
 
     def validate(self) -> None:
         _expect(self.method in ("stratified", "stable"), "split.method", self.method, "'stratified' or 'stable'")
+        _expect(0 <= self.test_fold < self.n_folds, "split.test_fold", self.test_fold,
+                f"a fold index in 0..{self.n_folds - 1} (round(1 / test_fraction) = {self.n_folds} folds)")
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             _expect(0 < v < 0.5, f"split.{name}", v, "a fraction in (0, 0.5)")
+
+    @property
+    def n_folds(self) -> int:
+        """Patient-level folds of the stratified split; one of them is the test set."""
+        return max(2, round(1 / self.test_fraction))
 
 
 @dataclass(frozen=True)
@@ -147,14 +157,21 @@ class TrainParams:
     unfreeze_last_n: int = 2
     optimizer: str = "adamw"
     lr: float = 1e-3
+    # Discriminative learning rates: the pretrained backbone trains at lr * backbone_lr_scale, the
+    # new head at lr (e.g. 0.1: move ImageNet features gently while the head learns fast).
+    backbone_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only
     scheduler: str = "cosine"  # cosine | step | none
+    # Linear warm-up from ~0 to lr over this many epochs (stepped per batch), then the scheduler.
+    warmup_epochs: float = 0.0
     step_size: int = 5
     gamma: float = 0.1
     epochs: int = 10
     batch_size: int = 32
     class_weighting: bool = True
+    label_smoothing: float = 0.0
+    dropout: float = 0.0  # before the new head
     # val_loss by default: on a small validation split AUROC ties and jumps, and picks uncalibrated epochs.
     early_stopping_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy
     patience: int = 3
@@ -175,6 +192,12 @@ class TrainParams:
         _expect(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _expect(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
         _expect(self.unfreeze_last_n >= 0, "train.unfreeze_last_n", self.unfreeze_last_n, "an integer >= 0")
+        _expect(0 < self.backbone_lr_scale <= 10, "train.backbone_lr_scale", self.backbone_lr_scale,
+                "a factor in (0, 10] (use train.freeze to stop the backbone learning)")
+        _expect(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs,
+                f"epochs in [0, train.epochs = {self.epochs})")
+        _expect(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a value in [0, 1)")
+        _expect(0 <= self.dropout < 1, "train.dropout", self.dropout, "a probability in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -188,13 +211,29 @@ class GateParams:
 class EvaluateParams:
     # Class whose detection "sensitivity" refers to (binary tasks); defaults to the last class.
     positive_class: str | None = None
+    # Binary decision threshold on the positive class probability. With threshold_method other than
+    # "fixed" it is chosen on the validation split (never on test): "youden" maximises
+    # sensitivity + specificity - 1, "accuracy" the accuracy.
     threshold: float = 0.5
+    threshold_method: str = "fixed"
+    # Test-time augmentation: "hflip" averages the logits of the image and its mirror image. It is
+    # part of the exported ONNX graph, so deployed predictions are the evaluated ones.
+    tta: str = "none"
+    # Probability calibration fitted on the validation split: "temperature" (logits / T) or "platt"
+    # (binary: logistic regression on the logit margin). Baked into the ONNX graph; ECE and Brier
+    # score before and after are reported. Neither changes AUROC (both are monotone).
+    calibration: str = "none"
     bootstrap: int = 1000
     seed: int = 0
     gate: GateParams = field(default_factory=GateParams)
 
     def validate(self) -> None:
         _expect(0 < self.threshold < 1, "evaluate.threshold", self.threshold, "a probability in (0, 1)")
+        _expect(self.threshold_method in ("fixed", "youden", "accuracy"), "evaluate.threshold_method",
+                self.threshold_method, "'fixed', 'youden' or 'accuracy'")
+        _expect(self.tta in ("none", "hflip"), "evaluate.tta", self.tta, "'none' or 'hflip'")
+        _expect(self.calibration in ("none", "temperature", "platt"), "evaluate.calibration", self.calibration,
+                "'none', 'temperature' or 'platt'")
         _expect(self.bootstrap >= 0, "evaluate.bootstrap", self.bootstrap, "an integer >= 0")
 
 
@@ -268,6 +307,11 @@ class Params:
         if self.evaluate.positive_class is not None:
             _expect(self.evaluate.positive_class in self.data.classes, "evaluate.positive_class",
                     self.evaluate.positive_class, f"one of data.classes {self.data.classes}")
+        if len(self.data.classes) != 2:
+            _expect(self.evaluate.calibration != "platt", "evaluate.calibration", self.evaluate.calibration,
+                    f"'temperature' or 'none' for {len(self.data.classes)} classes (Platt scaling is binary)")
+            _expect(self.evaluate.threshold_method == "fixed", "evaluate.threshold_method",
+                    self.evaluate.threshold_method, f"'fixed' for {len(self.data.classes)} classes (argmax decides)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -143,6 +143,14 @@ def champion_onnx(root: str | Path = ".") -> Path | None:
 # Champion vs challenger
 # ---------------------------------------------------------------------------------------------
 
+def recorded_threshold(onnx_path: str | Path, default: float) -> float:
+    """The binary threshold the model was evaluated (and is deployed) with, from its ONNX metadata."""
+    from components.predict import read_metadata
+
+    threshold = (read_metadata(Path(onnx_path)).get("metrics") or {}).get("threshold")
+    return default if threshold is None else float(threshold)
+
+
 def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
     import onnxruntime as ort
 
@@ -215,13 +223,15 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
                 raise StageError(f"champion {cur['model_id']}: its ONNX is neither in the registry nor retrievable "
                                  f"with dvc get at tag {cur.get('git_tag')}")
             subset = np.asarray(images)[keep]
+            # Each model at its own recorded threshold (it may have been chosen on its validation split).
             probs = onnx_probabilities(onnx, subset)
             champion["metrics"] = compute_metrics(y, probs, params.data.classes, params.positive_index,
-                                                  ev.threshold, ev.bootstrap, ev.seed)
+                                                  recorded_threshold(onnx, ev.threshold), ev.bootstrap, ev.seed)
             if exported:
                 cprobs = onnx_probabilities(models / "model.onnx", subset)
-                comparison["challenger"] = compute_metrics(y, cprobs, params.data.classes, params.positive_index,
-                                                           ev.threshold, ev.bootstrap, ev.seed)
+                comparison["challenger"] = compute_metrics(
+                    y, cprobs, params.data.classes, params.positive_index,
+                    recorded_threshold(models / "model.onnx", ev.threshold), ev.bootstrap, ev.seed)
         except (StageError, ValueError) as exc:
             blockers.append(f"cannot compare with champion {cur['model_id']} on the same test data: {exc}")
         if champion["metrics"] and comparison.get("challenger"):

@@ -82,28 +82,48 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    """AdamW or SGD over the trainable parameters: the head at `lr`, the backbone at lr * backbone_lr_scale."""
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"params": head, "lr": tp.lr}]
+    if body:
+        groups.append({"params": body, "lr": tp.lr * tp.backbone_lr_scale})
     if tp.optimizer == "adamw":
-        return torch.optim.AdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay)
+        return torch.optim.AdamW(groups, lr=tp.lr, weight_decay=tp.weight_decay)
     if tp.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
+        return torch.optim.SGD(groups, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
     raise ValueError(f"params: train.optimizer = {tp.optimizer!r} is invalid; expected 'adamw' or 'sgd'.")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams) -> Any:
-    """Stepped once per epoch; None for a constant learning rate."""
+def lr_factor(step: int, steps_per_epoch: int, tp: TrainParams) -> float:
+    """Multiplier of every group's base learning rate before optimizer step `step` (0-based).
+
+    Linear warm-up over `warmup_epochs`, then `scheduler`: cosine decays to 0 at the end of
+    `epochs`, step multiplies by `gamma` every `step_size` epochs, none keeps it. Per batch, not per
+    epoch, so a warm-up shorter than an epoch and a smooth cosine both work.
+    """
+    warmup = round(tp.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if tp.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)
+        total = max(tp.epochs * steps_per_epoch - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total) / total))
     if tp.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=tp.step_size, gamma=tp.gamma)
+        return tp.gamma ** (step // steps_per_epoch // tp.step_size)
     if tp.scheduler == "none":
-        return None
+        return 1.0
     raise ValueError(f"params: train.scheduler = {tp.scheduler!r} is invalid; expected 'cosine', 'step' or 'none'.")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, tp: TrainParams) -> Any:
+    """Stepped after every optimizer step; see `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, tp))
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
-                    desc: str = "train") -> dict[str, float]:
+                    desc: str = "train", scheduler: Any = None) -> dict[str, float]:
     """One pass over `loader`; returns {loss (mean per image), images, seconds}."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
@@ -119,6 +139,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         else:
             loss.backward()
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += float(loss.detach()) * len(y)
         seen += len(y)
     if seen == 0:
@@ -228,18 +250,18 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     torch.backends.cudnn.benchmark = False
     torch.manual_seed(tp.seed)
     try:
-        model, pretrained = build_model(tp.backbone, len(classes), int(x_train.shape[1]), tp.pretrained)
+        model, pretrained = build_model(tp.backbone, len(classes), int(x_train.shape[1]), tp.pretrained, tp.dropout)
         trainable = freeze(model, tp.freeze, tp.unfreeze_last_n)
         model.to(device)
         weight = class_weights(y_train, len(classes)).to(device) if tp.class_weighting else None
-        criterion = nn.CrossEntropyLoss(weight=weight)
+        criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=tp.label_smoothing)
         optimizer = make_optimizer(model, tp)
-        scheduler = make_scheduler(optimizer, tp)
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         pin = device.type == "cuda"
         train_loader = make_loader(x_train, y_train, tp.batch_size, True, build_transform(params.augment),
                                    tp.seed, tp.num_workers, pin)
         val_loader = make_loader(x_val, y_val, tp.batch_size, False, None, tp.seed, tp.num_workers, pin)
+        scheduler = make_scheduler(optimizer, len(train_loader), tp)
         log.info("training %s (%s) on %s: %d train / %d val images, %d trainable parameters",
                  tp.backbone, pretrained["source"], device, len(y_train), len(y_val), trainable)
 
@@ -249,10 +271,9 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
         epochs = tqdm(range(1, tp.epochs + 1), desc="epochs", unit="epoch")
         for epoch in epochs:
             lr = optimizer.param_groups[0]["lr"]
-            tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler, use_amp, f"epoch {epoch}")
+            tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler, use_amp, f"epoch {epoch}",
+                                 scheduler)
             ev = evaluate_epoch(model, val_loader, criterion, device, params.positive_index, use_amp)
-            if scheduler is not None:
-                scheduler.step()
             images_seen, seconds = images_seen + tr["images"], seconds + tr["seconds"]
             history.append({"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr})
             epochs.set_postfix(train_loss=f"{tr['loss']:.4f}", **{metric: f"{ev[metric]:.4f}"})
