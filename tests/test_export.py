@@ -124,3 +124,37 @@ def test_gate_for_another_checkpoint_is_refused(tmp_path, monkeypatch):
     with pytest.raises(StageError, match="rerun evaluate"):
         run_export(p, params)
     assert not (p["out"] / "model.onnx").exists()
+
+
+def test_tta_calibration_and_threshold_are_what_the_onnx_graph_ships(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from components.params import parse_params
+
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({"evaluate": {"positive_class": "lesion", "bootstrap": 20, "tta": "hflip",
+                                        "calibration": "temperature", "threshold_method": "youden",
+                                        "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0}}})
+    p = make_project(tmp_path, params)
+    metrics = json.loads((p["reports"] / "metrics.json").read_text())
+    cal = metrics["calibration"]
+    assert metrics["tta"] == "hflip" and metrics["threshold_method"] == "youden" and cal["method"] == "temperature"
+    assert cal["fitted_on"] == "val" and cal["scale"] != 1.0 and cal["val"]["n"] == 4
+    assert set(cal["test"]) == {"ece_before", "ece_after", "brier_before", "brier_after"}
+    assert 0 < metrics["threshold"] < 1
+
+    run_export(p, params)
+    sess = ort.InferenceSession(str(p["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.load(p["prepared"] / "test.npy").astype(np.float32) / 255
+    shipped = sess.run(["probabilities"], {"image": x})[0]
+    evaluated = pd.read_csv(p["reports"] / "test_predictions.csv")[["prob_normal", "prob_lesion"]].to_numpy()
+    assert np.abs(shipped - evaluated).max() < 1e-5
+    # Without the calibration and the mirrored image the graph would compute something else.
+    plain = tmp_path / "plain"
+    q = make_project(plain, tiny_params())  # the same checkpoint weights (seed 0)
+    run_export(q, tiny_params())
+    raw = ort.InferenceSession(str(q["out"] / "model.onnx"),
+                               providers=["CPUExecutionProvider"]).run(["probabilities"], {"image": x})[0]
+    assert np.abs(raw - shipped).max() > 1e-3
+    card = (p["out"] / "model_card.md").read_text()
+    assert "chosen on the validation split (Youden's J)" in card and "Test-time augmentation: hflip" in card

@@ -218,3 +218,20 @@ def test_main_uses_params_and_reports_errors(tmp_path, monkeypatch, capsys):
     assert main([]) == 0
     assert len(pd.read_csv("data/manifest.csv")) == 20 and Path("data/manifest.json").is_file()
     assert np.all(pd.read_csv("data/manifest.csv")["label"].isin(CLASSES))
+
+
+def test_test_fold_gives_patient_level_k_fold_cross_validation(tmp_path):
+    raw = tmp_path / "raw"
+    rows = png_set(raw, patients=20)
+    patient_of = {path: patient for path, _, patient in rows}
+    split = {"seed": 7, "val_fraction": 0.2, "test_fraction": 0.25}
+    tested = []
+    for fold in range(4):  # round(1 / 0.25) folds
+        df = ingest(raw, tmp_path / f"f{fold}", params(patient_pattern=r"^(?P<patient>p\d+)_",
+                                                       split={**split, "test_fold": fold}))
+        tested.append({patient_of[p] for p in df.loc[df["split"] == "test", "path"]})
+        assert json.loads((tmp_path / f"f{fold}/manifest.json").read_text())["split"]["test_fold"] == fold
+    # Every patient is tested exactly once across the folds.
+    assert sum(len(t) for t in tested) == 20 and set().union(*tested) == {f"p{p:02d}" for p in range(20)}
+    with pytest.raises(ValueError, match=r"split.test_fold = 4 is invalid; expected a fold index in 0..3"):
+        params(split={**split, "test_fold": 4})

@@ -119,3 +119,44 @@ def test_main_refuses_mismatched_classes(tmp_path, capsys):
                "--history", str(tmp_path / "h.csv")])
     assert rc == 1 and not (tmp_path / "m.pt").exists()
     assert "meta.json has classes ['normal', 'lesion']" in capsys.readouterr().err
+
+
+def test_warmup_then_cosine_per_batch_and_step_schedule():
+    from components.train import lr_factor
+
+    tp = parse_params({"train": {"epochs": 4, "warmup_epochs": 1, "scheduler": "cosine"}}).train
+    f = [lr_factor(s, 10, tp) for s in range(40)]
+    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11)  # linear warm-up over 10 batches
+    assert all(a < b for a, b in zip(f[:10], f[1:10]))
+    assert f[10] == pytest.approx(1.0) and f[25] == pytest.approx(0.5) and f[39] < 0.01  # cosine over the rest
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    step = parse_params({"train": {"epochs": 9, "scheduler": "step", "step_size": 3, "gamma": 0.5}}).train
+    assert [lr_factor(s, 10, step) for s in (0, 29, 30, 60)] == [1.0, 1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match=r"train.warmup_epochs = 4.0 is invalid"):
+        parse_params({"train": {"epochs": 4, "warmup_epochs": 4}})
+
+
+def test_discriminative_learning_rates_put_the_head_at_lr():
+    from components.models import build_model, freeze
+    from components.train import make_optimizer
+
+    model, _ = build_model("none", 2, 1, False)
+    tp = parse_params({"train": {"lr": 0.01, "backbone_lr_scale": 0.1}}).train
+    opt = make_optimizer(model, tp)
+    head, body = opt.param_groups
+    assert head["lr"] == 0.01 and body["lr"] == pytest.approx(0.001)
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
+    assert len(head["params"]) + len(body["params"]) == len(list(model.parameters()))
+    freeze(model, "head")
+    assert len(make_optimizer(model, tp).param_groups) == 1  # a frozen backbone gets no group
+
+
+def test_label_smoothing_warmup_and_dropout_train_end_to_end(tmp_path):
+    prepared = write_prepared(tmp_path / "prepared")
+    summary, out = run(tmp_path, prepared, "s", epochs=2, warmup_epochs=0.5, label_smoothing=0.1, dropout=0.2,
+                       backbone_lr_scale=0.5)
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["params"]["train"]["label_smoothing"] == 0.1 and ckpt["params"]["train"]["dropout"] == 0.2
+    lrs = [h["lr"] for h in ckpt["history"]]
+    assert lrs[0] == pytest.approx(1e-3 / 2)  # 2 batches per epoch: a one-batch warm-up starts at lr / 2
+    assert summary["epochs_run"] == 2
