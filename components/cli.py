@@ -1,4 +1,5 @@
-"""`medtune`: the command line. Each sub-command hands its arguments to a module's `main(argv)`.
+"""`medtune`: the command line. Each sub-command hands its arguments to a module's `main(argv)`
+(or to the function FUNCTIONS names for it).
 
     medtune ingest            # one pipeline stage (what dvc.yaml runs)
     medtune predict model.onnx scans/ -o predictions.csv
@@ -30,9 +31,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace": ("components.trace", "audit: everything that made a model (data, code, params, evidence); --json"),
     "verify": ("components.verify", "audit: re-hash a model's ONNX, checkpoint and raw scans; exit 1 on a mismatch"),
     "models": ("components.audit", "audit: `models list` every model; `models rollback ID` to an earlier one"),
+    "preset": ("components.presets", "list the named parameter presets, print one as `dvc exp run -S` flags, or --apply it"),
     "demo-data": ("components.demo_data", "write synthetic DICOM demo scans (optionally an extra batch)"),
     "import-npz": ("components.importers", "convert a MedMNIST .npz into PNG files plus labels.csv"),
+    "import-folders": ("components.importers", "copy a folder-per-class tree (split folders optional) plus labels.csv"),
 }
+# Commands whose entry point is not their module's `main(argv)` (one module serving several commands).
+FUNCTIONS: dict[str, str] = {"import-folders": "main_folders"}
 
 
 def usage() -> str:
@@ -53,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medtune: unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    return int(getattr(module, FUNCTIONS.get(command, "main"))(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,55 @@
-"""Importers: turn a public dataset file into scans plus labels.csv that ingest understands.
+"""Importers: turn a public dataset (an .npz file or a folder tree) into scans plus labels.csv for ingest.
 
     medtune import-npz pneumoniamnist.npz --out data/raw --classes normal,pneumonia
+    medtune import-folders downloads/chest_xray --out data/raw
 
-MedMNIST .npz files hold `train_images`, `val_images`, `test_images` (uint8, (N, H, W) grey or
-(N, H, W, 3) colour) and the matching `*_labels` ((N, 1) or (N,), integer class indices). Every
-image becomes `OUT/<class>/<split>_<index>.png` and a row `path,label,split` of `OUT/labels.csv`,
-so the official split is kept (ingest's split column wins) and a folder-per-class layout works too.
-The .npz file is only read. MedMNIST has no patient ids: ingest will say so in its warning.
+import-npz: MedMNIST .npz files hold `train_images`, `val_images`, `test_images` (uint8, (N, H, W)
+grey or (N, H, W, 3) colour) and the matching `*_labels` ((N, 1) or (N,), integer class indices).
+Every image becomes `OUT/<class>/<split>_<index>.png` and a row `path,label,split` of
+`OUT/labels.csv`, so the official split is kept (ingest's split column wins) and a folder-per-class
+layout works too. MedMNIST has no patient ids: ingest will say so in its warning.
+
+import-folders: a folder tree in one of two layouts.
+- `SRC/<class>/...` (folder per class): every scan under a class folder, at any depth, is copied
+  to `OUT/<class>/<path below the class folder>`; labels.csv has `path,label`, so ingest makes
+  its own patient-level split.
+- `SRC/<split>/<class>/...` (the official split; split folders spelt train/training,
+  val/valid/validation, test/testing, any case): copied to `OUT/<class>/<split>/<path below the
+  class folder>`, so names from different splits never collide; labels.csv has `path,label,split`.
+Files are copied byte for byte (DICOM headers, JPEG data) under their original names. Which files
+are scans is decided by `scans.is_candidate`, as in ingest; other files are skipped and counted
+in a warning, and names starting with "." or "_" (.DS_Store, __MACOSX) are ignored.
+
+Both importers only read their input and write labels.csv last, so its presence marks a complete
+import; import-folders checks the whole tree before copying anything and refuses to run over an
+existing labels.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import shutil
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components import common
+from components import common, scans
 from components.common import SPLITS
 
+log = logging.getLogger("medtune.importers")
+
+# Top-level folder name (lower case) -> split, for the spellings public datasets use.
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+# "." is tool or OS state (.git, .DS_Store, .ipynb_checkpoints); "_" is archive debris (__MACOSX).
+HIDDEN_PREFIXES = (".", "_")
 
 
 def _arrays(npz_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -90,13 +117,184 @@ def import_npz(npz_path: Path, out_dir: Path, classes: list[str] | None = None) 
     return table, names
 
 
+# --------------------------------------------------------------------------- folder tree
+
+
+@dataclass(frozen=True)
+class _Copy:
+    source: Path  # the file under SRC (only ever read)
+    rel: str  # its posix path under OUT, also labels.csv's `path`
+    label: str
+    split: str | None  # None in the folder-per-class layout: ingest computes the split
+
+
+@dataclass(frozen=True)
+class _Plan:
+    copies: list[_Copy]
+    classes: list[str]
+    has_split: bool
+    warnings: list[str]
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(HIDDEN_PREFIXES)
+
+
+def _entries(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(visible sub-folders, visible other entries) directly in folder, each sorted."""
+    visible = sorted(p for p in folder.iterdir() if not _hidden(p.name))
+    return [p for p in visible if p.is_dir()], [p for p in visible if not p.is_dir()]
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Files under folder at any depth, sorted; hidden files and folders are left out."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _hidden(d)]  # pruned in place: never walk into .git or __MACOSX
+        found += [Path(root, f) for f in files if not _hidden(f)]
+    return sorted(found)
+
+
+def _split_folders(src: Path, dirs: list[Path]) -> dict[str, Path] | None:
+    """{split: folder} in SPLITS order if every top-level folder names a split, None if none does."""
+    split_of = {d: SPLIT_NAMES.get(d.name.lower()) for d in dirs}
+    named = [d.name for d, s in split_of.items() if s]
+    if not named:
+        return None
+    if len(named) < len(dirs):
+        others = [d.name for d, s in split_of.items() if not s]
+        raise common.StageError(
+            f"{src}: top-level folders {named} are split names but {others} are not; expected either only split "
+            f"folders ({'/'.join(SPLIT_NAMES)}, any case) each holding class folders, or only class folders.")
+    by_split: dict[str, Path] = {}
+    for d, s in split_of.items():
+        if s in by_split:
+            raise common.StageError(f"{src}: folders {by_split[s].name!r} and {d.name!r} both mean split {s!r}; "
+                                    "expected one folder per split.")
+        by_split[s] = d
+    return {s: by_split[s] for s in SPLITS if s in by_split}
+
+
+def _loose_non_scans(folder: Path, files: list[Path], where: str) -> list[Path]:
+    """The non-scan files directly in folder (to skip); StageError if any scan sits there unlabelled."""
+    loose = [f.name for f in files if scans.is_candidate(f)]
+    if loose:
+        raise common.StageError(f"{folder}: {len(loose)} scan file(s) directly in {where} ({loose[:5]}); expected "
+                                "scans only inside class folders, whose name is their label.")
+    return list(files)
+
+
+def _class_scans(class_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(scans, non-scan files) under one class folder; StageError if it holds no scan."""
+    found, other = [], []
+    for f in _visible_files(class_dir):
+        (found if scans.is_candidate(f) else other).append(f)  # once per file: it may read a DICOM header
+    if not found:
+        raise common.StageError(f"{class_dir}: class folder holds no scan file ({len(other)} other file(s)); "
+                                "expected PNG, JPEG or DICOM files at any depth below it.")
+    return found, other
+
+
+def _check_classes(src: Path, classes: list[str]) -> None:
+    # On case-insensitive file systems (macOS, Windows) OUT/Normal and OUT/normal are one folder.
+    lower = [c.lower() for c in classes]
+    clash = sorted({c for c in classes if lower.count(c.lower()) > 1})
+    if clash:
+        raise common.StageError(f"{src}: class folders {clash} differ only in case; expected one spelling per class.")
+
+
+def _plan(src: Path) -> _Plan:
+    """Everything import_folders will copy, checked before a single byte is written."""
+    if not src.is_dir():
+        raise common.StageError(f"{src} {'is not a folder' if src.exists() else 'not found'}; expected a folder "
+                                "of class folders (SRC/<class>/...) or of split folders (SRC/<split>/<class>/...).")
+    dirs, files = _entries(src)
+    splits = _split_folders(src, dirs)
+    skipped = _loose_non_scans(src, files, "the source folder")
+    groups: dict[str | None, Path] = splits if splits is not None else {None: src}
+    copies, per_split = [], {}
+    for split, folder in groups.items():
+        class_dirs, loose = _entries(folder) if split is not None else (dirs, [])
+        if split is not None:
+            skipped += _loose_non_scans(folder, loose, f"split folder {folder.name!r}")
+        if not class_dirs:
+            raise common.StageError(f"{folder}: no class folders (hidden ones, starting with '.' or '_', are "
+                                    "ignored); expected one sub-folder per class, named after it.")
+        per_split[split] = [d.name for d in class_dirs]
+        for class_dir in class_dirs:
+            found, other = _class_scans(class_dir)
+            skipped += other
+            prefix = f"{class_dir.name}/{split}" if split is not None else class_dir.name
+            copies += [_Copy(f, f"{prefix}/{f.relative_to(class_dir).as_posix()}", class_dir.name, split)
+                       for f in found]
+    classes = sorted({c for names in per_split.values() for c in names})
+    _check_classes(src, classes)
+    return _Plan(copies, classes, splits is not None, _warnings(src, groups, per_split, classes, skipped))
+
+
+def _warnings(src: Path, groups: dict[str | None, Path], per_split: dict[str | None, list[str]],
+              classes: list[str], skipped: list[Path]) -> list[str]:
+    """What the user should know but that does not stop the import: gaps in the splits, skipped files."""
+    out = []
+    if None not in groups:
+        absent = [s for s in SPLITS if s not in groups]
+        if absent:
+            out.append(f"{src}: no folder for split(s) {absent}; labels.csv will have no rows there and the "
+                       "validate stage fails on an empty split. Add the folder(s), or edit labels.csv.")
+        out += [f"{groups[s]}: no folder for class(es) {missing}, so split {s!r} has no image of them."
+                for s, names in per_split.items() if (missing := sorted(set(classes) - set(names)))]
+    if skipped:
+        shown = [f.relative_to(src).as_posix() for f in skipped[:5]]
+        out.append(f"{src}: skipped {len(skipped)} file(s) that are not scans (not PNG, JPEG or DICOM), e.g. {shown}.")
+    return out
+
+
+def _check_out(src: Path, out_dir: Path) -> None:
+    labels = out_dir / "labels.csv"
+    if labels.exists():
+        raise common.StageError(f"{labels} already exists; refusing to overwrite an earlier import. Expected an "
+                                "output folder without labels.csv: choose another --out or remove that folder.")
+    a, b = src.resolve(), out_dir.resolve()
+    # OUT inside SRC would write into SRC; SRC inside OUT would make ingest read the originals too.
+    if a == b or a in b.parents or b in a.parents:
+        raise common.StageError(f"--out {out_dir} and source {src} overlap; expected two separate folders "
+                                "(the source is only read).")
+
+
+def import_folders(src: Path, out_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Copy the scans of a class-folder tree to out_dir and write out_dir/labels.csv; return (table, classes)."""
+    src, out_dir = Path(src), Path(out_dir)
+    plan = _plan(src)
+    _check_out(src, out_dir)
+    for warning in plan.warnings:
+        log.warning(warning)
+    for c in plan.copies:
+        with common.atomic_path(out_dir / c.rel) as tmp:
+            shutil.copy2(c.source, tmp)  # bytes unchanged (DICOM headers, JPEG data), mtime kept
+    columns = ["path", "label", "split"] if plan.has_split else ["path", "label"]
+    table = pd.DataFrame([{"path": c.rel, "label": c.label, "split": c.split} for c in plan.copies],
+                         columns=columns)
+    common.write_text(out_dir / "labels.csv", table.to_csv(index=False, lineterminator="\n"))
+    return table, plan.classes
+
+
+# --------------------------------------------------------------------------- command line
+
+
 def params_hint(out_dir: Path, classes: list[str]) -> str:
-    """The params.yaml lines that make the pipeline read what import_npz wrote."""
+    """The params.yaml lines that make the pipeline read what an importer wrote."""
     return (f"Set in params.yaml:\n"
             f"  data:\n    raw_dir: {Path(out_dir).as_posix()}\n    label_source: csv\n"
             f"    classes: [{', '.join(classes)}]\n"
             f"  evaluate:\n    positive_class: {classes[-1]}   # the class whose detection 'sensitivity' means\n"
             f"then run `dvc add {Path(out_dir).as_posix()}` and `dvc repro`.")
+
+
+def _counts(table: pd.DataFrame) -> str:
+    """'train/a: 3, train/b: 4, ...' (or 'a: 3, ...' without a split column), sorted."""
+    keys = [k for k in ("split", "label") if k in table.columns]
+    sizes = table.groupby(keys).size()
+    return ", ".join(f"{'/'.join(k if isinstance(k, tuple) else (k,))}: {n}" for k, n in sorted(sizes.items()))
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:
@@ -109,14 +307,37 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> None:
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     table, names = import_npz(args.npz, args.out, classes)
-    counts = table.groupby(["split", "label"]).size().to_dict()
-    print(f"wrote {len(table)} PNG files and {args.out / 'labels.csv'} "
-          f"({', '.join(f'{s}/{c}: {n}' for (s, c), n in sorted(counts.items()))})")
+    print(f"wrote {len(table)} PNG files and {args.out / 'labels.csv'} ({_counts(table)})")
     print(params_hint(args.out, names))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`medtune import-npz`."""
     return common.stage_main(__doc__.splitlines()[0], _add_args, _run, argv)
+
+
+def _add_folder_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", type=Path,
+                        help="folder of class folders (SRC/<class>/...) or of split folders (SRC/<split>/<class>/...); "
+                             "only read")
+    parser.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder (default: data/raw)")
+
+
+def _run_folders(args: argparse.Namespace) -> None:
+    table, names = import_folders(args.src, args.out)
+    print(f"copied {len(table)} scan files to {args.out} and wrote {args.out / 'labels.csv'} ({_counts(table)})")
+    if "split" not in table.columns:
+        print("No split folders: ingest makes a patient-level split. Patients come from DICOM PatientID or, "
+              "for PNG/JPEG, from data.patient_pattern (a regex over the file name); without either, every "
+              "image is its own patient.")
+    print(params_hint(args.out, names))
+
+
+def main_folders(argv: Sequence[str] | None = None) -> int:
+    """`medtune import-folders`."""
+    return common.stage_main("Importer: copy a folder-per-class tree (optionally split folders above it) plus "
+                             "labels.csv for ingest.", _add_folder_args, _run_folders, argv,
+                             prog="medtune import-folders", params_flag=False)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""MedMNIST .npz importer: PNGs + labels.csv with the official split, both label shapes, clear errors."""
+"""Importers: MedMNIST .npz (PNGs + labels.csv with the official split, both label shapes) and folder
+trees (folder per class, optionally under split folders; bytes copied, source untouched), clear errors."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from components import common
-from components.importers import import_npz, main
+from components import cli, common
+from components.importers import import_folders, import_npz, main, main_folders
 from components.ingest import ingest
 from components.params import parse_params
 
@@ -88,3 +91,138 @@ def test_bad_shapes_and_class_names_are_refused(tmp_path):
     (tmp_path / "junk.npz").write_text("not a zip")
     with pytest.raises(common.StageError, match="junk.npz: not a readable .npz file"):
         import_npz(tmp_path / "junk.npz", tmp_path / "raw")
+
+
+# --------------------------------------------------------------------------- import-folders
+
+def make_scan(path, value: int, fmt: str = "PNG") -> None:
+    """A tiny image whose bytes differ with `value` (so no two test scans are duplicates)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value % 256, np.uint8)).save(path, format=fmt)
+
+
+def snapshot(root) -> dict[str, str]:
+    """Digest of every file and the name of every folder under root: equal snapshots = untouched tree."""
+    return {p.relative_to(root).as_posix(): common.sha256_file(p) if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def make_class_tree(src, n: int = 6) -> None:
+    """SRC/<class>/... with scans at two depths, a JPEG, hidden entries and non-scan files."""
+    for i in range(n):
+        make_scan(src / "normal" / (f"sub/n{i}.png" if i % 2 else f"n{i}.png"), i)
+        make_scan(src / "pneumonia" / f"p{i}.jpg", 100 + i, "JPEG")
+    make_scan(src / "normal/.hidden.png", 200)
+    make_scan(src / "normal/_thumbs/t.png", 201)
+    make_scan(src / "__MACOSX/normal/x.png", 202)  # a hidden top folder is no class
+    (src / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (src / "README.md").write_text("downloaded from somewhere\n")
+    (src / "pneumonia/notes.txt").write_text("not a scan\n")
+
+
+def test_folder_per_class_copies_bytes_skips_hidden_and_counts_non_scans(tmp_path, caplog):
+    src, out = tmp_path / "src", tmp_path / "raw"
+    make_class_tree(src)
+    before = snapshot(src)
+    table, names = import_folders(src, out)
+    assert names == ["normal", "pneumonia"]
+    assert snapshot(src) == before
+    csv = pd.read_csv(out / "labels.csv", dtype=str)
+    assert list(csv.columns) == ["path", "label"] and len(csv) == 12 and csv.equals(table)
+    assert "normal/sub/n1.png" in set(csv["path"]) and (csv["label"] == csv["path"].str.split("/").str[0]).all()
+    # OUT holds exactly the visible scans of SRC, under the same relative paths, byte for byte.
+    scans_in_src = {k: v for k, v in before.items() if k.startswith(("normal/n", "normal/sub/n", "pneumonia/p"))}
+    copied = {k: v for k, v in snapshot(out).items() if v != "dir" and k != "labels.csv"}
+    assert copied == scans_in_src
+    assert "skipped 2 file(s) that are not scans" in caplog.text
+    assert "README.md" in caplog.text and "pneumonia/notes.txt" in caplog.text
+    # No split column: ingest makes its own patient-level split, labels from the CSV.
+    df = ingest(out, tmp_path / "data", parse_params({"data": {"label_source": "csv", "classes": names}}))
+    assert set(df["split"]) == {"train", "val", "test"} and (df["error"] == "").all()
+    assert df.set_index("path")["label"].to_dict() == csv.set_index("path")["label"].to_dict()
+
+
+def test_split_folders_any_spelling_keep_the_official_split(tmp_path, capsys, caplog):
+    src, out = tmp_path / "src", tmp_path / "raw"
+    n = 0
+    for split, folder in {"train": "Training", "val": "Validation", "test": "testing"}.items():
+        for c in ("a", "b") if split != "test" else ("a",):  # no b in test: a warning, not an error
+            for i in range(2):
+                make_scan(src / folder / c / f"img{i}.png", n := n + 1)  # the same names in every split
+    (src / "Training/b/labels.txt").write_text("x\n")
+    before = snapshot(src)
+    assert cli.main(["import-folders", str(src), "--out", str(out)]) == 0
+    assert snapshot(src) == before
+    csv = pd.read_csv(out / "labels.csv", dtype=str)
+    assert list(csv.columns) == ["path", "label", "split"] and len(csv) == 10
+    assert csv.groupby("split").size().to_dict() == {"train": 4, "val": 4, "test": 2}
+    for r in csv.itertuples():
+        label, split, name = r.path.split("/")
+        folder = {"train": "Training", "val": "Validation", "test": "testing"}[split]
+        assert (label, split) == (r.label, r.split)
+        assert (out / r.path).read_bytes() == (src / folder / label / name).read_bytes()
+    printed = capsys.readouterr().out
+    assert "test/a: 2, train/a: 2, train/b: 2, val/a: 2, val/b: 2" in printed
+    assert "label_source: csv" in printed and "classes: [a, b]" in printed
+    assert f"{src / 'testing'}: no folder for class(es) ['b']" in caplog.text
+    assert "skipped 1 file(s)" in caplog.text and "Training/b/labels.txt" in caplog.text
+    df = ingest(out, tmp_path / "data", parse_params({"data": {"label_source": "csv", "classes": ["a", "b"]}}))
+    assert df.set_index("path")["split"].to_dict() == csv.set_index("path")["split"].to_dict()
+
+
+def _tree(src, files: list[str]) -> None:
+    for i, rel in enumerate(files):
+        if rel.endswith("/"):
+            (src / rel).mkdir(parents=True, exist_ok=True)
+        elif rel.endswith(".png"):
+            make_scan(src / rel, i)
+        else:
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_text("x\n")
+
+
+# case: (files made under tmp_path/src, SRC and the path the message names (both relative to tmp_path), the
+# rest of the message after that path)
+ERRORS = {
+    "src missing": ([], "nope", "nope", " not found; expected a folder of class folders"),
+    "src is a file": (["f.png"], "src/f.png", "src/f.png", " is not a folder; expected a folder of class folders"),
+    "no class folders": ([".git/x.png", "_junk/", "notes.txt"], "src", "src", ": no class folders"),
+    "class without scans": (["a/x.png", "b/notes.txt", "b/deep/"], "src", "src/b",
+                            r": class folder holds no scan file \(1 other file\(s\)\)"),
+    "loose scan in src": (["a/x.png", "y.png"], "src", "src",
+                          r": 1 scan file\(s\) directly in the source folder \(\['y.png'\]\)"),
+    "loose scan in split": (["train/a/x.png", "train/y.png"], "src", "src/train",
+                            r": 1 scan file\(s\) directly in split folder 'train' \(\['y.png'\]\)"),
+    "split and class mixed": (["train/a/x.png", "cats/x.png"], "src", "src",
+                              r": top-level folders \['train'\] are split names but \['cats'\] are not; expected"),
+    "split spelt twice": (["train/a/x.png", "Training/a/x.png"], "src", "src",
+                          r": folders 'Training' and 'train' both mean split 'train'"),
+    "split without classes": (["train/", "test/a/x.png"], "src", "src/train", ": no class folders"),
+    "classes differ in case": (["train/Normal/x.png", "test/normal/x.png"], "src", "src",
+                               r": class folders \['Normal', 'normal'\] differ only in case"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_folder_errors_name_the_path(tmp_path, case):
+    files, src, named, message = ERRORS[case]
+    _tree(tmp_path / "src", files)
+    with pytest.raises(common.StageError, match=re.escape(str(tmp_path / named)) + message):
+        import_folders(tmp_path / src, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()  # every check runs before the first copy
+
+
+def test_folder_import_refuses_existing_labels_and_overlap(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "raw"
+    _tree(src, ["a/x.png"])
+    (out / "a").mkdir(parents=True)
+    (out / "labels.csv").write_text("path,label\n")
+    with pytest.raises(common.StageError, match=re.escape(str(out / "labels.csv")) + " already exists; refusing"):
+        import_folders(src, out)
+    assert (out / "labels.csv").read_text() == "path,label\n" and not (out / "a/x.png").exists()
+    before = snapshot(src)
+    with pytest.raises(common.StageError, match=re.escape(f"--out {src / 'raw'} and source {src} overlap")):
+        import_folders(src, src / "raw")
+    assert snapshot(src) == before
+    assert main_folders([str(src), "--out", str(out)]) == 1
+    assert "already exists; refusing to overwrite" in capsys.readouterr().err

@@ -1,0 +1,168 @@
+"""Shared by the bench/quality scripts: a real git + DVC medtune project per data set, experiments
+run with `dvc exp run -S ...` (so each one is recorded, `dvc exp show` lists them), and a results
+table (metric, interval, seeds, wall time, machine) written to bench/quality/results/.
+
+The scripts read ../shared/datasets and print a skip message when it is absent; nothing here is
+needed by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DATASETS = Path(os.environ.get("MEDTUNE_DATASETS", ROOT.parent / "shared" / "datasets"))
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = Path(__file__).resolve().parent / ".work"  # git-ignored; kept so DVC's run cache is reused
+
+sys.path.insert(0, str(ROOT / "tests"))
+from workspace import merge, run  # noqa: E402  (shared with the integration tests)
+
+from components.presets import flatten, preset, set_flags  # noqa: E402
+
+
+def dataset(rel: str) -> Path | None:
+    """../shared/datasets/<rel>, or None after printing why the benchmark is skipped."""
+    path = DATASETS / rel
+    if not path.exists():
+        print(f"skipped: {path} not found (the real data sets live in ../shared/datasets; set MEDTUNE_DATASETS "
+              "to another copy)")
+        return None
+    return path
+
+
+def make_project(name: str, import_cmd: list[str], params: dict[str, Any], fresh: bool = False) -> Path:
+    """A git + DVC project in bench/quality/.work/<name>: dvc.yaml, the stage code, params.yaml =
+    the project's params.yaml merged with `params`, data/raw from `import_cmd` under `dvc add`."""
+    ws = WORK / name
+    if fresh and ws.exists():
+        shutil.rmtree(ws)
+    ws.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", ws)
+    shutil.copytree(ROOT / "components", ws / "components", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (ws / "params.yaml").write_text(yaml.safe_dump(merge(base, params), sort_keys=False))
+    if not (ws / ".git").is_dir():
+        run(["git", "init", "-q"], ws)
+        run(["dvc", "init", "-q"], ws)
+    if not (ws / "data/raw.dvc").is_file():
+        run(import_cmd, ws)
+        run(["dvc", "add", "-q", "data/raw"], ws)
+    (ws / ".gitignore").write_text("/reports/\n/models/\n/data/prepared\n/data/manifest.*\n")
+    run(["git", "add", "-A"], ws)
+    run(["git", "commit", "-qm", "baseline", "--allow-empty"], ws)
+    return ws
+
+
+def exp_run(ws: Path, name: str, sets: dict[str, Any]) -> dict[str, Any]:
+    """`dvc exp run -n name -S k=v ...` from the committed baseline params; returns one result row."""
+    run(["git", "checkout", "-q", "--", "params.yaml"], ws)
+    args = set_flags(sets)
+    start = time.perf_counter()
+    out = run(["dvc", "exp", "run", "-n", name, *args], ws, check=False)
+    seconds = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"dvc exp run {name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    metrics = json.loads((ws / "reports/metrics.json").read_text())
+    train = json.loads((ws / "reports/train.json").read_text())
+    return {"name": name, "sets": sets, "seconds": round(seconds, 1), "metrics": metrics, "train": train}
+
+
+def recipe_sets(preset_name: str | None, **extra: Any) -> dict[str, Any]:
+    """Dotted `-S` overrides: a named preset (components/presets.yaml), then `extra`."""
+    return {**(flatten(preset(preset_name)) if preset_name else {}), **extra}
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def summary_row(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± SD over the seeds of one recipe, and the per-seed AUROC intervals."""
+    m = [r["metrics"] for r in rows]
+    return {
+        "recipe": label, "seeds": len(rows),
+        "auroc": mean_sd([x["auroc"] for x in m]),
+        "auroc_ci": "; ".join(f"{x['auroc_ci'][0]:.3f}-{x['auroc_ci'][1]:.3f}" for x in m),
+        "accuracy": mean_sd([x["accuracy"] for x in m]),
+        "sensitivity": mean_sd([x["sensitivity"] for x in m]),
+        "specificity": mean_sd([x["specificity"] for x in m]),
+        "ece": (mean_sd([x["calibration"]["test"]["ece_before"] for x in m]) + " → "
+                + mean_sd([x["calibration"]["test"]["ece_after"] for x in m])),
+        "brier": (mean_sd([x["calibration"]["test"]["brier_before"] for x in m]) + " → "
+                  + mean_sd([x["calibration"]["test"]["brier_after"] for x in m])),
+        "epochs": ", ".join(f"{r['train']['best_epoch']}/{r['train']['epochs_run']}" for r in rows),
+        "wall_s": mean_sd([r["seconds"] for r in rows]).replace(".000", ""),
+    }
+
+
+COLUMNS = ("recipe", "seeds", "auroc", "auroc_ci", "accuracy", "sensitivity", "specificity", "ece", "brier",
+           "epochs", "wall_s")
+HEADERS = ("recipe", "seeds", "test AUROC (mean ± SD)", "95% CI per seed (bootstrap)", "accuracy", "sensitivity",
+           "specificity", "ECE before → after calibration", "Brier before → after", "best/run epochs",
+           "wall time per run, s")
+
+
+def record(name: str, recipe: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add one run to bench/quality/results/<name>.json (replacing an earlier run of the same
+    experiment name), so recipes can be run one at a time; returns every recorded run."""
+    from components.common import read_json, write_json
+
+    path = RESULTS / f"{name}.json"
+    runs = read_json(path)["runs"] if path.is_file() else []
+    runs = [r for r in runs if r["name"] != row["name"]] + [{**row, "recipe": recipe, "machine": machine(),
+                                                              "date": time.strftime("%Y-%m-%d")}]
+    write_json(path, {"runs": runs})
+    return runs
+
+
+def write_table(name: str, title: str, runs: list[dict[str, Any]], published: list[tuple[str, str, str]],
+                notes: list[str]) -> Path:
+    """bench/quality/results/<name>.md from every recorded run, one row per recipe (mean ± SD over seeds)."""
+    from components.common import write_text
+
+    recipes = list(dict.fromkeys(r["recipe"] for r in runs))
+    machines = sorted({r["machine"] for r in runs})
+    lines = [f"# {title}", "", f"Runs recorded by `dvc exp run` in bench/quality/.work/{name}; machine: "
+             f"{'; '.join(machines)}; dates {', '.join(sorted({r['date'] for r in runs}))}.", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for recipe in recipes:
+        row = summary_row(recipe, [r for r in runs if r["recipe"] == recipe])
+        lines.append("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+    if published:
+        lines += ["", "Published:", "", "| model | AUROC | ACC |", "|---|---|---|"]
+        lines += [f"| {m} | {a} | {b} |" for m, a, b in published]
+    lines += ["", *notes, ""]
+    path = RESULTS / f"{name}.md"
+    write_text(path, "\n".join(lines))
+    print("\n".join(lines))
+    return path

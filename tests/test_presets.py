@@ -1,0 +1,62 @@
+"""Named presets: every one is valid params, prints as dvc exp run flags, applies keeping comments."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.params import load_params, parse_params
+from components.presets import apply, flatten, load_presets, main, preset, set_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_preset_is_valid_and_only_sets_existing_keys():
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    known = set(flatten(base))
+    assert load_presets()
+    for name, entry in load_presets().items():
+        assert entry["description"], name
+        assert set(flatten(entry["params"])) <= known, name
+        merged = yaml.safe_load((ROOT / "params.yaml").read_text())
+        for key, value in flatten(entry["params"]).items():
+            *parents, leaf = key.split(".")
+            node = merged
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        parse_params(merged)
+
+
+def test_flags_and_apply(tmp_path, capsys):
+    assert set_flags({"train": {"lr": 0.01, "backbone": "resnet18"}, "augment": {"scale": [0.9, 1.0]}}) == [
+        "-S", "train.lr=0.01", "-S", 'train.backbone="resnet18"', "-S", "augment.scale=[0.9, 1.0]"]
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    name = next(iter(load_presets()))
+    assert main([name, "--params", str(params)]) == 0
+    assert capsys.readouterr().out.split() == set_flags(preset(name))
+    assert main([name, "--apply", "--params", str(params)]) == 0
+    text = params.read_text()
+    assert "# medtune parameters" in text and "patient_pattern: null" in text  # comments and nulls kept
+    applied = load_params(params).to_dict()
+    for key, value in flatten(preset(name)).items():
+        section, *rest = key.split(".")
+        node = applied[section]
+        for part in rest:
+            node = node[part]
+        assert node == value, key
+
+
+def test_unknown_preset_and_invalid_values_are_clear(tmp_path, capsys):
+    assert main(["no-such", "--params", str(ROOT / "params.yaml")]) == 1
+    assert "preset 'no-such' is unknown; expected one of" in capsys.readouterr().err
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_bytes()
+    with pytest.raises(ValueError, match=r"train.lr = -1.0 is invalid"):
+        apply(params, {"train": {"lr": -1}})
+    assert params.read_bytes() == before  # nothing written
