@@ -11,9 +11,11 @@ Only HMAC hashes of patient ids are stored or logged, never the ids themselves.
 
 The split is patient-level and stratified by label (scikit-learn's StratifiedGroupKFold, seeded):
 the test set is fold `split.test_fold` of round(1 / test_fraction) folds (so one run per fold is
-patient-level k-fold cross-validation), then the validation fold from the rest. With `split.method: stable`, each
-patient's split comes from a seeded hash of its own (hashed) id, so appending data never moves an
-existing patient. A `split` column in labels.csv replaces either. Either way no patient may appear in two splits. Unreadable files stay in the
+patient-level k-fold cross-validation), then the validation fold from the rest. With
+`split.method: stable`, each patient's split comes from a seeded hash of its own (hashed) id, so
+appending data never moves an existing patient. Patients that share a byte-identical image are
+split as one group, so a duplicate never crosses splits. A `split` column in labels.csv replaces
+all of this. Either way no patient may appear in two splits. Unreadable files stay in the
 manifest with the reason in `error` and an empty split; the validate stage decides if that is fatal.
 """
 
@@ -133,6 +135,29 @@ def split_patients(labels: list[str], patients: list[str], params: Params) -> li
     return list(out)
 
 
+def split_groups(patients: list[str], hashes: list[str]) -> list[str]:
+    """The unit the split keeps together: a patient, merged with every patient that shares a
+    byte-identical image (union-find), so one image can never sit in train and test at once, even
+    when public data holds the same file under two names (brain-tumor-yesno does, 22 times).
+    With `split.method: stable` this is the one way an existing patient can move: when a new image
+    duplicates one of theirs, the whole group follows one hash (no leak beats no move)."""
+    parent: dict[str, str] = {p: p for p in patients}
+
+    def root(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    first_owner: dict[str, str] = {}
+    for patient, digest in zip(patients, hashes):
+        owner = first_owner.setdefault(digest, patient)
+        a, b = root(owner), root(patient)
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # deterministic representative
+    return [root(p) for p in patients]
+
+
 def _check_overlap(df: pd.DataFrame, source: str) -> None:
     split_of = df[df["split"] != ""].groupby("patient")["split"].unique()
     shared = split_of[split_of.map(len) > 1]
@@ -196,15 +221,16 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
         if unlabelled:
             warn.append(f"{len(unlabelled)} scan file(s) have no row in {params.data.labels_csv} and get an empty "
                         f"label (e.g. {unlabelled[:3]}); add them to the CSV or remove them.")
+    groups = split_groups(list(df["patient"][readable]), list(df["sha256"][readable]))
     if table is not None and "split" in table.columns:
         split_source, method = "labels.csv", "explicit split column in labels.csv"
         df.loc[readable, "split"] = [table.loc[p, "split"] if p in table.index else "" for p in df["path"][readable]]
     elif params.split.method == "stable":
         split_source, method = "stable-hash", "seeded hash of the patient (patient-level, stable as data grows)"
-        df.loc[readable, "split"] = stable_split(list(df["patient"][readable]), params)
+        df.loc[readable, "split"] = stable_split(groups, params)
     else:
         split_source, method = "stratified-group", "StratifiedGroupKFold (patient-level, stratified by label)"
-        df.loc[readable, "split"] = split_patients(list(df["label"][readable]), list(df["patient"][readable]), params)
+        df.loc[readable, "split"] = split_patients(list(df["label"][readable]), groups, params)
     _check_overlap(df, split_source)
 
     n_none = sources.count("none")

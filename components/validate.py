@@ -3,8 +3,8 @@
     medtune validate        # data/manifest.{csv,json} -> reports/validation.{json,md}
 
 Checks, each a GX 1.x expectation (severity "critical" stops the pipeline):
-labels known and present, paths and hashes present, no duplicate image (same sha256 anywhere in
-the manifest), no patient in two splits, image size and bit depth in range, enough images per
+labels known and present, paths and hashes present, no byte-identical image in two splits (or
+with two labels; duplicates within one split are listed as a warning), no patient in two splits, image size and bit depth in range, enough images per
 (split, class), unreadable files within `validate.max_unreadable`, valid split names.
 
 Tables that are not the manifest itself (patient -> split pairs, counts per split and class,
@@ -55,9 +55,16 @@ def _checks(p: Params) -> list[Check]:
               lambda x: x.ExpectColumnValuesToNotBeNull(column="path")),
         Check("sha256_present", "files", True, "every row has a sha256",
               lambda x: x.ExpectColumnValuesToNotBeNull(column="sha256")),
-        Check("sha256_unique", "files", True, "no duplicate images (sha256 unique within and across splits; "
-              f"validate.max_duplicates={v.max_duplicates} group(s) tolerated)",
+        # Duplicates are listed always, but stop the pipeline only where they do harm: across splits
+        # (test images seen in training; ingest keeps duplicates together, so only an explicit split
+        # column can do this) or with different labels.
+        Check("sha256_unique", "files", False, "no duplicate images (listed; harmless within one split)",
               lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) shared by several files"),
+        Check("duplicates_in_one_split", "hash_splits", True, "no image in two splits "
+              f"(validate.max_duplicates={v.max_duplicates} group(s) tolerated)",
+              lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) in several splits"),
+        Check("duplicates_agree_on_label", "hash_labels", True, "byte-identical images carry the same label",
+              lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) with several labels"),
         Check("unreadable_within_limit", "unreadable", True,
               f"at most validate.max_unreadable={v.max_unreadable} unreadable files",
               lambda x: x.ExpectTableRowCountToBeBetween(min_value=0, max_value=v.max_unreadable),
@@ -93,6 +100,7 @@ def _checks(p: Params) -> list[Check]:
 
 # Columns GX reports beside each unexpected value, so a failure names the file (or the group).
 INDEX_COLUMNS = {"files": ["path"], "readable": ["path"], "unreadable": ["path"],
+                 "hash_splits": ["sha256"], "hash_labels": ["sha256"],
                  "patient_splits": ["split"], "class_split_counts": ["split", "label"]}
 
 
@@ -128,7 +136,10 @@ def _tables(df: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
               .rename("n").reset_index())
     counts["n"] = counts["n"].astype("int64")
     unreadable = df[df["error"].notna()][["path", "error"]]
+    hash_splits, hash_labels = (readable.dropna(subset=["sha256", col])[["sha256", col]].drop_duplicates()
+                                .sort_values(["sha256", col]).reset_index(drop=True) for col in ("split", "label"))
     return {"files": df, "unreadable": unreadable, "readable": readable,
+            "hash_splits": hash_splits, "hash_labels": hash_labels,
             "patient_splits": pairs, "class_split_counts": counts}
 
 
@@ -219,6 +230,11 @@ def _offending(c: Check, res: dict, tables: dict[str, pd.DataFrame]) -> list[str
         for r in rows:
             groups.setdefault(r["sha256"], []).append(r["path"])
         return [f"sha256 {h[:12]}... shared by {', '.join(ps)}" for h, ps in groups.items()]
+    if c.name in ("duplicates_in_one_split", "duplicates_agree_on_label"):
+        readable, key = tables["readable"], "split" if c.name == "duplicates_in_one_split" else "label"
+        return [f"sha256 {h[:12]}... is " + "; ".join(f"{r.path} ({key} {getattr(r, key)})"
+                                                     for r in readable[readable["sha256"] == h].itertuples())
+                for h in dict.fromkeys(r["sha256"] for r in rows)]
     if c.name == "patient_in_one_split":
         readable = tables["readable"]
         out = []
@@ -261,7 +277,7 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest") -> dic
             details["exception"] = res["exception_info"]["exception_message"]
         details["offending"] = _truncate(offending, 20)
         critical = c.critical
-        if c.name == "sha256_unique" and len(offending) <= params.validate.max_duplicates:
+        if c.name == "duplicates_in_one_split" and len(offending) <= params.validate.max_duplicates:
             critical = False  # tolerated by validate.max_duplicates: a listed warning, not a stop
         entry = {"name": c.name, "description": c.description, "table": c.table, "critical": critical,
                  "success": bool(res.get("success")), "details": details, "gx": res}

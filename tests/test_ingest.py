@@ -42,7 +42,7 @@ def png_set(raw: Path, patients: int = 10, per_patient: int = 2) -> list[tuple[s
         label = CLASSES[p % 2]
         for k in range(per_patient):
             rel = f"{label}/p{p:02d}_{k}.png"
-            png(raw / rel, value=20 * k + p)
+            png(raw / rel, value=4 * p + k)  # distinct bytes: no accidental duplicates
             rows.append((rel, label, f"p{p:02d}"))
     return rows
 
@@ -89,7 +89,7 @@ def test_stable_split_keeps_every_patient_in_place_when_data_grows(tmp_path):
     stable = {"method": "stable", "seed": 7, "val_fraction": 0.2, "test_fraction": 0.25}
     before = ingest(raw, tmp_path / "a", params(split=stable)).set_index("path")["split"]
     for p in range(30, 60):  # a new batch of patients arrives
-        png(raw / f"{CLASSES[p % 2]}/p{p:02d}_0.png", value=p)
+        png(raw / f"{CLASSES[p % 2]}/p{p:02d}_0.png", value=p + 98)  # 128..157: bytes unlike the old ones
     after = ingest(raw, tmp_path / "b", params(split=stable)).set_index("path")["split"]
     assert (after[before.index] == before).all(), "an existing patient changed split"
     assert set(after) == {"train", "val", "test"}
@@ -235,3 +235,17 @@ def test_test_fold_gives_patient_level_k_fold_cross_validation(tmp_path):
     assert sum(len(t) for t in tested) == 20 and set().union(*tested) == {f"p{p:02d}" for p in range(20)}
     with pytest.raises(ValueError, match=r"split.test_fold = 4 is invalid; expected a fold index in 0..3"):
         params(split={**split, "test_fold": 4})
+
+
+@pytest.mark.parametrize("method", ["stratified", "stable"])
+def test_byte_identical_images_never_cross_splits(tmp_path, method):
+    raw = tmp_path / "raw"
+    png_set(raw, patients=20)
+    # The same picture filed again under other patients' names (as public folders do).
+    for p in (3, 11, 17):
+        (raw / f"{CLASSES[p % 2]}/p{p:02d}_9.png").write_bytes((raw / "lesion/p01_0.png").read_bytes())
+    for seed in range(6):
+        df = ingest(raw, tmp_path / f"{method}{seed}", params(patient_pattern=r"^(?P<patient>p\d+)_", split={
+            "method": method, "seed": seed, "val_fraction": 0.2, "test_fraction": 0.25}))
+        linked = df["path"].str.match(r".*/p(01|03|11|17)_")
+        assert df.loc[linked, "split"].nunique() == 1, df.loc[linked, ["path", "split"]]

@@ -77,6 +77,11 @@ def _duplicate_across_splits(rows):
     return rows[5]["path"], rows[0]["path"]
 
 
+def _duplicate_with_two_labels(rows):
+    rows[1]["sha256"] = rows[2]["sha256"]  # the same train image labelled normal and lesion
+    return rows[1]["path"], rows[2]["path"]
+
+
 def _patient_in_two_splits(rows):
     rows[6]["patient"] = rows[0]["patient"]  # val image of a train patient
     return rows[0]["patient"], rows[6]["path"]
@@ -100,7 +105,8 @@ def _unreadable(rows):
 
 @pytest.mark.parametrize("corrupt, check", [
     (_unknown_label, "label_in_classes"),
-    (_duplicate_across_splits, "sha256_unique"),
+    (_duplicate_across_splits, "duplicates_in_one_split"),
+    (_duplicate_with_two_labels, "duplicates_agree_on_label"),
     (_patient_in_two_splits, "patient_in_one_split"),
     (_too_small, "height_in_range"),
     (_too_few_per_class, "images_per_class_split"),
@@ -118,7 +124,7 @@ def test_each_failure_kind_is_critical_and_named(tmp_path, corrupt, check):
     # Both reports are written before the stage fails, and they agree with the message.
     report = json.loads((tmp_path / "reports" / "validation.json").read_text())
     assert report["success"] is False
-    assert [f["name"] for f in report["failures"]] == [check]
+    assert [f["name"] for f in report["failures"] if f["critical"]] == [check]
     md = (tmp_path / "reports" / "validation.md").read_text()
     assert md.startswith("# Manifest validation: FAIL") and f"### {check} (critical)" in md
     assert all(text in md for text in expected)
@@ -140,8 +146,19 @@ def test_duplicates_within_the_limit_pass_as_a_listed_warning(tmp_path):
     out_json, out_md = run(tmp_path, rows, with_validate(max_duplicates=1))
     report = json.loads(out_json.read_text())
     assert report["success"] is True
-    assert [(f["name"], f["critical"]) for f in report["failures"]] == [("sha256_unique", False)]
+    assert [(f["name"], f["critical"]) for f in report["failures"]] == [("sha256_unique", False),
+                                                                       ("duplicates_in_one_split", False)]
     assert copy in out_md.read_text() and original in out_md.read_text()
+
+
+def test_duplicates_within_one_split_pass_and_are_listed(tmp_path):
+    rows = clean_rows()
+    rows[1]["sha256"] = rows[0]["sha256"]  # two normal train images with the same bytes
+    out_json, out_md = run(tmp_path, rows)
+    report = json.loads(out_json.read_text())
+    assert report["success"] is True
+    assert [(f["name"], f["critical"]) for f in report["failures"]] == [("sha256_unique", False)]
+    assert rows[0]["path"] in out_md.read_text() and rows[1]["path"] in out_md.read_text()
 
 
 def test_run_suite_on_a_dataframe_without_files(tmp_path):
@@ -184,7 +201,7 @@ def test_output_is_deterministic(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "components.cli", "validate", "--manifest", "manifest.csv",
                            "--manifest-json", "manifest.json"], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
-    assert proc.returncode == 1 and "sha256_unique" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "duplicates_in_one_split" in proc.stderr and "Traceback" not in proc.stderr
     assert "great_expectations" not in proc.stderr  # GX logging stays quiet
     assert [p.read_bytes() for p in reports] == first
     text = first[0].decode()
