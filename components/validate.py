@@ -63,7 +63,8 @@ def _checks(p: Params) -> list[Check]:
         Check("duplicates_in_one_split", "hash_splits", True, "no image in two splits "
               f"(validate.max_duplicates={v.max_duplicates} group(s) tolerated)",
               lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) in several splits"),
-        Check("duplicates_agree_on_label", "hash_labels", True, "byte-identical images carry the same label",
+        Check("duplicates_agree_on_label", "hash_labels", True, "byte-identical images carry the same label "
+              f"(validate.max_label_conflicts={v.max_label_conflicts} group(s) tolerated)",
               lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) with several labels"),
         Check("unreadable_within_limit", "unreadable", True,
               f"at most validate.max_unreadable={v.max_unreadable} unreadable files",
@@ -277,8 +278,10 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest") -> dic
             details["exception"] = res["exception_info"]["exception_message"]
         details["offending"] = _truncate(offending, 20)
         critical = c.critical
-        if c.name == "duplicates_in_one_split" and len(offending) <= params.validate.max_duplicates:
-            critical = False  # tolerated by validate.max_duplicates: a listed warning, not a stop
+        tolerated = {"duplicates_in_one_split": params.validate.max_duplicates,
+                     "duplicates_agree_on_label": params.validate.max_label_conflicts}
+        if c.name in tolerated and len(offending) <= tolerated[c.name]:
+            critical = False  # tolerated by params: a listed warning, not a stop
         entry = {"name": c.name, "description": c.description, "table": c.table, "critical": critical,
                  "success": bool(res.get("success")), "details": details, "gx": res}
         expectations.append(entry)

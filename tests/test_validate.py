@@ -151,6 +151,14 @@ def test_duplicates_within_the_limit_pass_as_a_listed_warning(tmp_path):
     assert copy in out_md.read_text() and original in out_md.read_text()
 
 
+def test_label_conflicts_within_the_limit_pass_as_a_listed_warning(tmp_path):
+    rows = clean_rows()
+    first, second = _duplicate_with_two_labels(rows)
+    report = json.loads(run(tmp_path, rows, with_validate(max_label_conflicts=1))[0].read_text())
+    assert report["success"] is True
+    assert ("duplicates_agree_on_label", False) in [(f["name"], f["critical"]) for f in report["failures"]]
+
+
 def test_duplicates_within_one_split_pass_and_are_listed(tmp_path):
     rows = clean_rows()
     rows[1]["sha256"] = rows[0]["sha256"]  # two normal train images with the same bytes

@@ -1,4 +1,4 @@
-"""One MedMNIST .npz data set through the pipeline: import (official split kept), then each recipe
+"""One data set with an official test split through the pipeline: import (official split kept), then each recipe
 for each seed as a `dvc exp run`, then the results table. pneumoniamnist.py / breastmnist.py call
 `main` with their data set's facts."""
 
@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from bench.quality import harness
 
@@ -14,7 +15,7 @@ from bench.quality import harness
 @dataclass
 class Dataset:
     name: str
-    npz: str  # relative to ../shared/datasets
+    source: str  # relative to ../shared/datasets
     classes: list[str]  # label index order
     positive: str
     title: str
@@ -24,36 +25,27 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
 
 
-def main(ds: Dataset, argv: list[str] | None = None) -> int:
+def main(ds: Dataset, argv: list[str] | None = None,
+         import_cmd: Callable[[Path], list[str]] | None = None) -> int:
+    """`ds.source` is the data set's path under ../shared/datasets; `import_cmd(path)` the command that
+    imports it (default: medtune import-npz)."""
     ap = argparse.ArgumentParser(description=f"{ds.title}: recipes x seeds as dvc experiments")
     ap.add_argument("--recipe", action="append", choices=list(ds.recipes),
                     help="recipe to run (repeatable; default: all)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default 0 1 2)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the recorded runs")
     args = ap.parse_args(argv)
-    npz = harness.dataset(ds.npz)
-    if npz is None:
+    src = harness.dataset(ds.source)
+    if src is None:
         return 0
-    runs = []
     if not args.table_only:
-        ws = harness.make_project(ds.name, ["medtune", "import-npz", str(npz), "--out", "data/raw",
-                                            "--classes", ",".join(ds.classes)],
+        cmd = (import_cmd(src) if import_cmd else
+               ["medtune", "import-npz", str(src), "--out", "data/raw", "--classes", ",".join(ds.classes)])
+        ws = harness.make_project(ds.name, cmd,
                                   harness.merge({"data": {"label_source": "csv", "classes": ds.classes},
                                                  "evaluate": {"positive_class": ds.positive}}, ds.params))
-        for label in args.recipe or list(ds.recipes):
-            recipe = ds.recipes[label]
-            for seed in args.seeds:
-                sets = harness.recipe_sets(recipe.get("preset"), **recipe.get("sets", {}), **{"train.seed": seed})
-                exp = f"{label.replace(' ', '-').replace('@', '')}-s{seed}"
-                print(f"running {exp}: {sets}", flush=True)
-                row = harness.exp_run(ws, exp, sets)
-                m = row["metrics"]
-                print(f"  AUROC {m['auroc']:.4f} ACC {m['accuracy']:.4f} in {row['seconds']:.0f} s", flush=True)
-                runs = harness.record(ds.name, label, row)
-    from components.common import read_json
-
-    path = harness.RESULTS / f"{ds.name}.json"
-    runs = read_json(path)["runs"] if path.is_file() else runs
+        harness.run_recipes(ws, ds.name, ds.recipes, args.recipe, args.seeds)
+    runs = harness.recorded(ds.name)
     if runs:
         harness.write_table(ds.name, ds.title, runs, ds.published, ds.notes)
     return 0

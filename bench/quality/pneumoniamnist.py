@@ -8,7 +8,7 @@ import sys
 from bench.quality.medmnist import Dataset, main
 
 DATASET = Dataset(
-    name="pneumoniamnist", npz="pneumoniamnist/pneumoniamnist.npz", classes=["normal", "pneumonia"],
+    name="pneumoniamnist", source="pneumoniamnist/pneumoniamnist.npz", classes=["normal", "pneumonia"],
     positive="pneumonia", title="PneumoniaMNIST (28 px chest X-ray), official test split (n = 624)",
     # 27 groups of byte-identical images, some across the official split; kept because the published
     # figures use the same split (the validation report lists them).

@@ -1,0 +1,35 @@
+"""brain-tumor-yesno (253 brain MRI images, messy folder): ingest accounting and test AUROC.
+
+    python -m bench.quality.brain_tumor [--recipe NAME] [--seeds 0 1 2]
+
+Imported with `medtune import-folders` (mixed JPEG/PNG, extension cases, sizes and colour modes),
+then the pipeline with a patient-level split (the set has no patient ids: each image is its own
+patient, and byte-identical images are split together). No official split or baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bench.quality.medmnist import Dataset, main as run_dataset
+
+DATASET = Dataset(
+    name="brain_tumor", source="brain-tumor-yesno", classes=["no", "yes"], positive="yes",
+    title="brain-tumor-yesno (253 MRI images, no official split): held-out test AUROC",
+    published=[],
+    params={"data": {"label_source": "csv"}, "preprocess": {"image_size": 128}},
+    recipes={
+        "params.yaml defaults @128px": {},
+        "messy-photos": {"preset": "messy-photos"},
+    },
+    notes=["No published baseline and no official split: test = 25% of the images (patient-level "
+           "StratifiedGroupKFold, byte-identical duplicates kept in one split); small, so the intervals are wide."],
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_dataset(DATASET, argv, import_cmd=lambda src: ["medtune", "import-folders", str(src), "--out", "data/raw"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
