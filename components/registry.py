@@ -144,10 +144,12 @@ def champion_onnx(root: str | Path = ".") -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 def recorded_threshold(onnx_path: str | Path, default: float) -> float:
-    """The binary threshold the model was evaluated (and is deployed) with, from its ONNX metadata."""
-    from components.predict import read_metadata
+    """The binary threshold the model was evaluated (and is deployed) with, from its ONNX metadata
+    (`default`, the params threshold, for a model that records none)."""
+    import onnx
 
-    threshold = (read_metadata(Path(onnx_path)).get("metrics") or {}).get("threshold")
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    threshold = json.loads(props.get("metrics", "{}")).get("threshold")
     return default if threshold is None else float(threshold)
 
 

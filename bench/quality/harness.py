@@ -26,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / ".work"  # git-ignored; kept so DVC's run cache is reused
 
 sys.path.insert(0, str(ROOT / "tests"))
-from workspace import merge, run  # noqa: E402  (shared with the integration tests)
+from workspace import merge, run, tool_env  # noqa: E402  (shared with the integration tests)
 
 from components.presets import flatten, preset, set_flags  # noqa: E402
 
@@ -74,7 +74,9 @@ def exp_run(ws: Path, name: str, sets: dict[str, Any]) -> dict[str, Any]:
     run(["git", "checkout", "-q", "--", "params.yaml"], ws)
     args = set_flags(sets)
     start = time.perf_counter()
-    out = run(["dvc", "exp", "run", "-n", name, *args], ws, check=False)
+    # PYTHONPATH: the stages import the project's copy of components/ (what dvc.lock hashes), not
+    # the checkout's editable install, so a run records exactly the code it ran.
+    out = run(["dvc", "exp", "run", "-n", name, *args], ws, env=tool_env(PYTHONPATH=str(ws)), check=False)
     seconds = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"dvc exp run {name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
