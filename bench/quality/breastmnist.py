@@ -21,6 +21,14 @@ DATASET = Dataset(
         "params.yaml defaults @64px": {},
         "small-scans": {"preset": "small-scans"},
         "small-scans, 60 epochs": {"preset": "small-scans", "sets": {"train.epochs": 60, "train.patience": 15}},
+        "small-scans, lr 1e-4, 30 epochs": {"preset": "small-scans", "sets": {
+            "train.lr": 0.0001, "train.epochs": 30, "train.patience": 10}},
+        "small-scans, backbone lr x0.1, 30 epochs": {"preset": "small-scans", "sets": {
+            "train.backbone_lr_scale": 0.1, "train.epochs": 30, "train.patience": 10}},
+        "small-scans @128px, 30 epochs": {"preset": "small-scans", "sets": {
+            "preprocess.image_size": 128, "train.epochs": 30, "train.patience": 10}},
+        "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
+            "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
     },
     notes=["Positive class: malignant (label 0 in the .npz). AUROC does not depend on which class is positive.",
            "Source: Yang et al., MedMNIST v2, Scientific Data 2023 (figures as listed in ../shared/datasets/README.md)."],

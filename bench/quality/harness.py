@@ -63,7 +63,6 @@ def make_project(name: str, import_cmd: list[str] | Callable[[Path], None], para
     if not (ws / "data/raw.dvc").is_file():
         import_cmd(ws) if callable(import_cmd) else run(import_cmd, ws)
         run(["dvc", "add", "-q", "data/raw"], ws)
-    (ws / ".gitignore").write_text("/reports/\n/models/\n/data/prepared\n/data/manifest.*\n")
     run(["git", "add", "-A"], ws)
     run(["git", "commit", "-qm", "baseline", "--allow-empty"], ws)
     return ws
@@ -168,7 +167,7 @@ def record(name: str, recipe: str, row: dict[str, Any]) -> list[dict[str, Any]]:
     experiment name), so recipes can be run one at a time; returns every recorded run."""
     from components.common import write_json
 
-    runs = recorded(name)
+    path, runs = RESULTS / f"{name}.json", recorded(name)
     runs = [r for r in runs if r["name"] != row["name"]] + [{**row, "recipe": recipe, "machine": machine(),
                                                               "date": time.strftime("%Y-%m-%d")}]
     write_json(path, {"runs": runs})
