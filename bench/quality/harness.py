@@ -63,6 +63,12 @@ def make_project(name: str, import_cmd: list[str] | Callable[[Path], None], para
     if not (ws / "data/raw.dvc").is_file():
         import_cmd(ws) if callable(import_cmd) else run(import_cmd, ws)
         run(["dvc", "add", "-q", "data/raw"], ws)
+    # DVC-cached outputs stay out of git (dvc.lock versions them); reports/ (metrics, plots) are
+    # git-tracked so every experiment commit carries its metrics for `dvc exp show`.
+    (ws / ".gitignore").write_text("/models/model.pt\n/models/model.onnx\n/data/prepared\n/data/manifest.csv\n"
+                                   "/data/manifest.json\n")
+    run(["git", "rm", "-r", "-q", "--cached", "--ignore-unmatch", "models/model.pt", "models/model.onnx",
+         "data/prepared", "data/manifest.csv", "data/manifest.json"], ws)
     run(["git", "add", "-A"], ws)
     run(["git", "commit", "-qm", "baseline", "--allow-empty"], ws)
     return ws
@@ -89,6 +95,11 @@ def recipe_sets(preset_name: str | None, **extra: Any) -> dict[str, Any]:
     return {**(flatten(preset(preset_name)) if preset_name else {}), **extra}
 
 
+def exp_name(recipe: str, seed: int, suffix: str = "") -> str:
+    """A DVC experiment name (no spaces or punctuation) for one recipe and seed."""
+    return f"{''.join(c if c.isalnum() else '-' for c in recipe)}-s{seed}{suffix}"
+
+
 def run_recipes(ws: Path, name: str, recipes: dict[str, dict[str, Any]], labels: list[str] | None,
                 seeds: list[int], extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Each recipe ({"preset": name, "sets": {dotted: value}}) x each seed as one `dvc exp run`;
@@ -98,7 +109,7 @@ def run_recipes(ws: Path, name: str, recipes: dict[str, dict[str, Any]], labels:
         recipe = recipes[label]
         for seed in seeds:
             sets = recipe_sets(recipe.get("preset"), **recipe.get("sets", {}), **(extra or {}), **{"train.seed": seed})
-            exp = f"{''.join(c if c.isalnum() else '-' for c in label)}-s{seed}"
+            exp = exp_name(label, seed)
             print(f"running {exp}: {sets}", flush=True)
             row = exp_run(ws, exp, sets)
             m = row["metrics"]

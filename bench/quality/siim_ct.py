@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 for fold in range(FOLDS):
                     sets = harness.recipe_sets(recipe.get("preset"), **recipe.get("sets", {}),
                                                **{"train.seed": seed, "split.test_fold": fold})
-                    exp = f"{''.join(c if c.isalnum() else '-' for c in label)}-s{seed}-fold{fold}"
+                    exp = harness.exp_name(label, seed, f"-fold{fold}")
                     print(f"running {exp}", flush=True)
                     row = harness.exp_run(ws, exp, sets)
                     print(f"  fold {fold}: AUROC {row['metrics']['auroc']:.3f} (n={row['metrics']['n_test']})", flush=True)
