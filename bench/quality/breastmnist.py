@@ -27,6 +27,9 @@ DATASET = Dataset(
             "train.backbone_lr_scale": 0.1, "train.epochs": 30, "train.patience": 10}},
         "small-scans @128px, 30 epochs": {"preset": "small-scans", "sets": {
             "preprocess.image_size": 128, "train.epochs": 30, "train.patience": 10}},
+        "small-scans @128px, 30 epochs, Youden threshold": {"preset": "small-scans", "sets": {
+            "preprocess.image_size": 128, "train.epochs": 30, "train.patience": 10,
+            "evaluate.threshold_method": "youden"}},
         "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
             "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
     },

@@ -125,10 +125,10 @@ def recorded(name: str) -> list[dict[str, Any]]:
     return read_json(path)["runs"] if path.is_file() else []
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def machine() -> str:
@@ -162,7 +162,7 @@ def summary_row(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "brier": (mean_sd([x["calibration"]["test"]["brier_before"] for x in m]) + " → "
                   + mean_sd([x["calibration"]["test"]["brier_after"] for x in m])),
         "epochs": ", ".join(f"{r['train']['best_epoch']}/{r['train']['epochs_run']}" for r in rows),
-        "wall_s": mean_sd([r["seconds"] for r in rows]).replace(".000", ""),
+        "wall_s": mean_sd([r["seconds"] for r in rows], digits=0),
     }
 
 

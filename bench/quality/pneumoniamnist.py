@@ -23,6 +23,9 @@ DATASET = Dataset(
     recipes={
         "params.yaml defaults @64px": {"sets": {"train.batch_size": 64}},
         "small-scans": {"preset": "small-scans"},
+        # The same trained models (DVC's run cache restores them); only evaluate and export rerun.
+        "small-scans, Youden threshold": {"preset": "small-scans", "sets": {"evaluate.threshold_method": "youden"}},
+        "small-scans, no TTA": {"preset": "small-scans", "sets": {"evaluate.tta": "none"}},
     },
     notes=["Sources: Yang et al., MedMNIST v2, Scientific Data 2023; Doerrich et al., MedMNIST+, 2024 "
            "(figures as listed in ../shared/datasets/README.md)."],
