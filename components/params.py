@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
+from ruamel.yaml import YAML
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class DataParams:
 
     def validate(self) -> None:
         _expect(len(self.classes) >= 2, "data.classes", self.classes, "at least two class names")
+        _expect(all(isinstance(c, str) and c for c in self.classes), "data.classes", self.classes,
+                "non-empty strings (quote names such as 'yes', 'no', 'true' or '1')")
         _expect(len(set(self.classes)) == len(self.classes), "data.classes", self.classes, "unique names")
         _expect(self.label_source in ("folder", "csv"), "data.label_source", self.label_source, "'folder' or 'csv'")
         self.patient_regex()
@@ -401,7 +403,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise FileNotFoundError(f"params: {path} not found; run from the project root or pass --params PATH.")
     with path.open() as fh:
-        raw = yaml.safe_load(fh) or {}
+        # YAML 1.2, as DVC reads and rewrites params.yaml (`dvc exp run -S` drops quotes): under
+        # PyYAML's YAML 1.1 an unquoted class named yes/no/on/off would turn into a boolean.
+        raw = YAML(typ="safe", pure=True).load(fh) or {}
     try:
         return parse_params(raw)
     except ValueError as exc:

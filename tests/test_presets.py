@@ -60,3 +60,13 @@ def test_unknown_preset_and_invalid_values_are_clear(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"train.lr = -1.0 is invalid"):
         apply(params, {"train": {"lr": -1}})
     assert params.read_bytes() == before  # nothing written
+
+
+def test_params_read_as_dvc_writes_them_yes_and_no_stay_class_names(tmp_path):
+    # `dvc exp run -S` rewrites params.yaml without quotes; YAML 1.1 would read yes/no as booleans.
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  classes:\n  - no\n  - yes\nevaluate:\n  positive_class: yes\n  threshold: 5e-1\n")
+    p = load_params(params)
+    assert p.data.classes == ["no", "yes"] and p.evaluate.positive_class == "yes" and p.evaluate.threshold == 0.5
+    with pytest.raises(ValueError, match=r"data.classes = \[True, 'b'\] is invalid; expected non-empty strings"):
+        parse_params({"data": {"classes": [True, "b"]}})
