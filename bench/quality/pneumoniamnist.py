@@ -23,7 +23,8 @@ DATASET = Dataset(
     recipes={
         "params.yaml defaults @64px": {"sets": {"train.batch_size": 64}},
         "small-scans": {"preset": "small-scans"},
-        # The same trained models (DVC's run cache restores them); only evaluate and export rerun.
+        # Variants of evaluate only: with DVC's run cache they reuse the trained models (not run
+        # at stop 7: the cache missed and each would have retrained for 12 minutes).
         "small-scans, Youden threshold": {"preset": "small-scans", "sets": {"evaluate.threshold_method": "youden"}},
         "small-scans, no TTA": {"preset": "small-scans", "sets": {"evaluate.tta": "none"}},
     },
