@@ -84,8 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name}: {entry.get('description', '')}")
             return
         overrides = preset(args.name)
-        base = load_params(args.params).to_dict()
-        unknown = [k for k in flatten(overrides) if not _has(base, k)]
+        known = flatten(load_params(args.params).to_dict())
+        unknown = [k for k in flatten(overrides) if k not in known]
         if unknown:
             raise ValueError(f"preset {args.name!r} sets {unknown}, which {args.params} does not have.")
         if args.apply:
@@ -95,14 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(" ".join(set_flags(overrides)))
 
     return run_cli(parser, run, argv)
-
-
-def _has(tree: dict[str, Any], dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return False
-        tree = tree[part]
-    return True
 
 
 if __name__ == "__main__":

@@ -101,20 +101,25 @@ def exp_name(recipe: str, seed: int, suffix: str = "") -> str:
 
 
 def run_recipes(ws: Path, name: str, recipes: dict[str, dict[str, Any]], labels: list[str] | None,
-                seeds: list[int], extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Each recipe ({"preset": name, "sets": {dotted: value}}) x each seed as one `dvc exp run`;
-    every run is recorded in results/<name>.json as soon as it ends. Returns all recorded runs."""
+                seeds: list[int], folds: int | None = None,
+                extra_row: Callable[[Path], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Each recipe ({"preset": name, "sets": {dotted: value}}) x each seed (x each split.test_fold
+    when `folds` is given) as one `dvc exp run`; every run is recorded in results/<name>.json as
+    soon as it ends, with `extra_row(ws)` added. Returns all recorded runs."""
     runs: list[dict[str, Any]] = []
     for label in labels or list(recipes):
         recipe = recipes[label]
         for seed in seeds:
-            sets = recipe_sets(recipe.get("preset"), **recipe.get("sets", {}), **(extra or {}), **{"train.seed": seed})
-            exp = exp_name(label, seed)
-            print(f"running {exp}: {sets}", flush=True)
-            row = exp_run(ws, exp, sets)
-            m = row["metrics"]
-            print(f"  AUROC {m['auroc']:.4f} ACC {m['accuracy']:.4f} in {row['seconds']:.0f} s", flush=True)
-            runs = record(name, label, row)
+            for fold in range(folds) if folds else [None]:
+                more = {"train.seed": seed} if fold is None else {"train.seed": seed, "split.test_fold": fold}
+                sets = recipe_sets(recipe.get("preset"), **recipe.get("sets", {}), **more)
+                exp = exp_name(label, seed, "" if fold is None else f"-fold{fold}")
+                print(f"running {exp}: {sets}", flush=True)
+                row = exp_run(ws, exp, sets)
+                m = row["metrics"]
+                print(f"  AUROC {m['auroc']:.4f} ACC {m['accuracy']:.4f} in {row['seconds']:.0f} s", flush=True)
+                extra = {"seed": seed, "fold": fold, **(extra_row(ws) if extra_row else {})}
+                runs = record(name, label, {**row, **extra})
     return runs
 
 

@@ -95,17 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             "split": {"test_fraction": 1 / FOLDS, "val_fraction": 0.15},
             "preprocess": {"image_size": 128},
             "evaluate": {"positive_class": "contrast"}})
-        for label in args.recipe or list(RECIPES):
-            recipe = RECIPES[label]
-            for seed in args.seeds:
-                for fold in range(FOLDS):
-                    sets = harness.recipe_sets(recipe.get("preset"), **recipe.get("sets", {}),
-                                               **{"train.seed": seed, "split.test_fold": fold})
-                    exp = harness.exp_name(label, seed, f"-fold{fold}")
-                    print(f"running {exp}", flush=True)
-                    row = harness.exp_run(ws, exp, sets)
-                    print(f"  fold {fold}: AUROC {row['metrics']['auroc']:.3f} (n={row['metrics']['n_test']})", flush=True)
-                    harness.record(NAME, label, {**row, "seed": seed, "fold": fold, "oof": oof_rows(ws)})
+        harness.run_recipes(ws, NAME, RECIPES, args.recipe, args.seeds, folds=FOLDS,
+                            extra_row=lambda ws: {"oof": oof_rows(ws)})
     runs = harness.recorded(NAME)
     if runs:
         from components.common import write_text
