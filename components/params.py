@@ -179,6 +179,10 @@ class TrainParams:
     class_weighting: bool = True
     label_smoothing: float = 0.0
     dropout: float = 0.0  # before the new head
+    # Exponential moving average of the weights, updated every optimizer step (0 = off). The
+    # average is what is validated, selected and saved: it smooths the epoch-to-epoch jumps of a
+    # small data set. Time constant ~ 1 / (1 - decay) steps, e.g. 0.99 ~ 100 steps.
+    ema_decay: float = 0.0
     # val_loss by default: on a small validation split AUROC ties and jumps, and picks uncalibrated epochs.
     early_stopping_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy
     patience: int = 3
@@ -205,6 +209,7 @@ class TrainParams:
                 f"epochs in [0, train.epochs = {self.epochs})")
         _expect(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a value in [0, 1)")
         _expect(0 <= self.dropout < 1, "train.dropout", self.dropout, "a probability in [0, 1)")
+        _expect(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a decay in [0, 1) (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -121,14 +121,35 @@ def make_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, tp: T
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, tp))
 
 
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """A copy of `model` whose weights and BatchNorm statistics follow an exponential moving average.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates (as timm's
+    ModelEma does), so the average is not dominated by the untrained head of step 0.
+    """
+    def average(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        if not avg.is_floating_point():
+            return current  # BatchNorm's num_batches_tracked: a counter, not a weight
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return avg.lerp(current, 1.0 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, avg_fn=average, use_buffers=True)
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # channels_last: oneDNN (CPU) and cuDNN run these convolutions about twice as fast in NHWC.
+    return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
-                    desc: str = "train", scheduler: Any = None) -> dict[str, float]:
-    """One pass over `loader`; returns {loss (mean per image), images, seconds}."""
+                    desc: str = "train", scheduler: Any = None,
+                    ema: torch.optim.swa_utils.AveragedModel | None = None) -> dict[str, float]:
+    """One pass over `loader` (updating `ema` after every step); returns {loss (mean per image), images, seconds}."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = _to(x, device), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             loss = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -141,6 +162,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total += float(loss.detach()) * len(y)
         seen += len(y)
     if seen == 0:
@@ -163,7 +186,7 @@ def evaluate_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, d
     model.eval()
     total, probs, labels = 0.0, [], []
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = _to(x, device), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             logits = model(x).float()
         total += float(criterion(logits, y)) * len(y)
@@ -252,7 +275,9 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     try:
         model, pretrained = build_model(tp.backbone, len(classes), int(x_train.shape[1]), tp.pretrained, tp.dropout)
         trainable = freeze(model, tp.freeze, tp.unfreeze_last_n)
-        model.to(device)
+        model.to(device, memory_format=torch.channels_last)
+        ema = make_ema(model, tp.ema_decay) if tp.ema_decay > 0 else None
+        selected = ema.module if ema is not None else model  # what is validated and saved
         weight = class_weights(y_train, len(classes)).to(device) if tp.class_weighting else None
         criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=tp.label_smoothing)
         optimizer = make_optimizer(model, tp)
@@ -272,8 +297,8 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
         for epoch in epochs:
             lr = optimizer.param_groups[0]["lr"]
             tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler, use_amp, f"epoch {epoch}",
-                                 scheduler)
-            ev = evaluate_epoch(model, val_loader, criterion, device, params.positive_index, use_amp)
+                                 scheduler, ema)
+            ev = evaluate_epoch(selected, val_loader, criterion, device, params.positive_index, use_amp)
             images_seen, seconds = images_seen + tr["images"], seconds + tr["seconds"]
             history.append({"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr})
             epochs.set_postfix(train_loss=f"{tr['loss']:.4f}", **{metric: f"{ev[metric]:.4f}"})
@@ -282,7 +307,9 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
             if _improved(ev[metric], best_value, metric):
                 best_value, best_epoch, stale = ev[metric], epoch, 0
                 # In-memory copy on the CPU: later epochs must not overwrite the kept weights.
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                # contiguous(): the checkpoint stays in the usual NCHW layout whatever trained it.
+                best_state = {k: v.detach().to("cpu", copy=True).contiguous()
+                              for k, v in selected.state_dict().items()}
             else:
                 stale += 1
                 if stale >= tp.patience:

@@ -160,3 +160,34 @@ def test_label_smoothing_warmup_and_dropout_train_end_to_end(tmp_path):
     lrs = [h["lr"] for h in ckpt["history"]]
     assert lrs[0] == pytest.approx(1e-3 / 2)  # 2 batches per epoch: a one-batch warm-up starts at lr / 2
     assert summary["epochs_run"] == 2
+
+
+def test_ema_ramps_up_then_follows_the_decay_and_skips_counters():
+    from components.train import make_ema
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.BatchNorm1d(1))
+    ema = make_ema(model, decay=0.9)
+    weights = []
+    for step in range(3):
+        with torch.no_grad():
+            model[0].weight.fill_(float(step + 1))
+        model[1].num_batches_tracked.fill_(step + 7)
+        ema.update_parameters(model)
+        weights.append(ema.module[0].weight.detach()[0, 0].item())
+    # Step 0 copies; step 1 uses min(0.9, 2/11); step 2 min(0.9, 3/12).
+    w1 = 1 + (2 - 1) * (1 - 2 / 11)
+    assert weights == pytest.approx([1.0, w1, w1 + (3 - w1) * (1 - 3 / 12)])
+    assert int(ema.module[1].num_batches_tracked) == 9  # copied, never averaged
+
+
+def test_ema_weights_are_what_is_validated_and_saved(tmp_path):
+    prepared = write_prepared(tmp_path / "prepared")
+    plain, a = run(tmp_path, prepared, "plain", epochs=2, early_stopping_metric="val_auroc")
+    ema, b = run(tmp_path, prepared, "ema", epochs=2, early_stopping_metric="val_auroc", ema_decay=0.5)
+    sa = torch.load(a / "model.pt", weights_only=True)
+    sb = torch.load(b / "model.pt", weights_only=True)
+    assert sb["params"]["train"]["ema_decay"] == 0.5
+    assert not torch.equal(sa["state_dict"]["head.weight"], sb["state_dict"]["head.weight"])
+    assert sa["history"][0]["train_loss"] == sb["history"][0]["train_loss"]  # same optimisation ...
+    assert sa["history"][0]["val_loss"] != sb["history"][0]["val_loss"]      # ... another model validated
+    assert all(v.is_contiguous() for v in sb["state_dict"].values())  # NCHW on disk, whatever trained it
