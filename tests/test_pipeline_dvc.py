@@ -96,6 +96,22 @@ def test_param_change_reruns_only_downstream_stages(built):
     run(["dvc", "metrics", "diff"], ws)  # must work against the committed baseline
 
 
+def test_returning_to_earlier_train_params_restores_the_model_from_the_run_cache(built):
+    # DVC's run cache skips any stage with a `cache: false` output; train has none, so an
+    # experiment that goes back to earlier parameters restores the model instead of retraining.
+    ws, _, _ = built
+    before = (ws / "models/model.pt").read_bytes()
+    lr = yaml.safe_load((ws / "params.yaml").read_text())["train"]["lr"]
+    set_params(ws, {"train": {"lr": lr / 2}})
+    assert "Running stage 'train'" in run(["dvc", "repro"], ws).stdout
+    assert (ws / "models/model.pt").read_bytes() != before
+    set_params(ws, {"train": {"lr": lr}})
+    out = run(["dvc", "repro"], ws).stdout
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in out, out
+    assert (ws / "models/model.pt").read_bytes() == before
+    assert (ws / "reports/train.json").is_file()
+
+
 def test_raw_data_is_byte_identical_after_runs(built):
     ws, raw_before, _ = built
     assert tree_digest(ws / "data/raw") == raw_before

@@ -30,6 +30,16 @@ DATASET = Dataset(
         "small-scans @128px, 30 epochs, Youden threshold": {"preset": "small-scans", "sets": {
             "preprocess.image_size": 128, "train.epochs": 30, "train.patience": 10,
             "evaluate.threshold_method": "youden"}},
+        # Stop 8: channels_last (2x faster) and a weight EMA, which smooths the jumps of val AUROC on 78 images.
+        "small-scans @128px, 30 epochs, EMA 0.98, Youden": {"preset": "small-scans", "sets": {
+            "preprocess.image_size": 128, "train.epochs": 30, "train.patience": 10, "train.ema_decay": 0.98,
+            "evaluate.threshold_method": "youden"}},
+        "small-scans @128px, batch 16, 30 epochs, EMA 0.99, Youden": {"preset": "small-scans", "sets": {
+            "preprocess.image_size": 128, "train.batch_size": 16, "train.epochs": 30, "train.patience": 10,
+            "train.ema_decay": 0.99, "evaluate.threshold_method": "youden"}},
+        "small-scans @96px, 30 epochs, EMA 0.98, Youden": {"preset": "small-scans", "sets": {
+            "preprocess.image_size": 96, "train.epochs": 30, "train.patience": 10, "train.ema_decay": 0.98,
+            "evaluate.threshold_method": "youden"}},
         "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
             "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
     },

@@ -63,12 +63,12 @@ def make_project(name: str, import_cmd: list[str] | Callable[[Path], None], para
     if not (ws / "data/raw.dvc").is_file():
         import_cmd(ws) if callable(import_cmd) else run(import_cmd, ws)
         run(["dvc", "add", "-q", "data/raw"], ws)
-    # DVC-cached outputs stay out of git (dvc.lock versions them); reports/ (metrics, plots) are
-    # git-tracked so every experiment commit carries its metrics for `dvc exp show`.
-    (ws / ".gitignore").write_text("/models/model.pt\n/models/model.onnx\n/data/prepared\n/data/manifest.csv\n"
-                                   "/data/manifest.json\n")
-    run(["git", "rm", "-r", "-q", "--cached", "--ignore-unmatch", "models/model.pt", "models/model.onnx",
-         "data/prepared", "data/manifest.csv", "data/manifest.json"], ws)
+    # DVC-cached outputs stay out of git (dvc.lock versions them); the other reports (metrics,
+    # plots) are git-tracked so every experiment commit carries them for `dvc exp show`.
+    cached = ["models/model.pt", "models/model.onnx", "data/prepared", "data/manifest.csv", "data/manifest.json",
+              "reports/train.json", "reports/train_history.csv", "reports/train_curves.png"]
+    (ws / ".gitignore").write_text("".join(f"/{p}\n" for p in cached))
+    run(["git", "rm", "-r", "-q", "--cached", "--ignore-unmatch", *cached], ws)
     run(["git", "add", "-A"], ws)
     run(["git", "commit", "-qm", "baseline", "--allow-empty"], ws)
     return ws
