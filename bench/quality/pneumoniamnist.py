@@ -27,6 +27,9 @@ DATASET = Dataset(
         # at stop 7: the cache missed and each would have retrained for 12 minutes).
         "small-scans, Youden threshold": {"preset": "small-scans", "sets": {"evaluate.threshold_method": "youden"}},
         "small-scans, no TTA": {"preset": "small-scans", "sets": {"evaluate.tta": "none"}},
+        # Stop 8 (channels_last made 128 px affordable): the same recipe on larger upsampled inputs.
+        "small-scans @128px": {"preset": "small-scans", "sets": {"preprocess.image_size": 128}},
+        "small-scans @96px": {"preset": "small-scans", "sets": {"preprocess.image_size": 96}},
     },
     notes=["Sources: Yang et al., MedMNIST v2, Scientific Data 2023; Doerrich et al., MedMNIST+, 2024 "
            "(figures as listed in ../shared/datasets/README.md)."],
