@@ -102,6 +102,7 @@ def import_npz(npz_path: Path, out_dir: Path, classes: list[str] | None = None) 
     """Write out_dir/<class>/<split>_<index>.png and out_dir/labels.csv; return (labels table, class names)."""
     npz_path, out_dir = Path(npz_path), Path(out_dir)
     data = _arrays(npz_path)
+    _refuse_earlier_import(out_dir)
     n_needed = 1 + max((int(labels.max()) for _, labels in data.values() if labels.size), default=1)
     names = _class_names(classes, max(n_needed, 2), npz_path)
     rows = []
@@ -249,11 +250,15 @@ def _warnings(src: Path, groups: dict[str | None, Path], per_split: dict[str | N
     return out
 
 
-def _check_out(src: Path, out_dir: Path) -> None:
+def _refuse_earlier_import(out_dir: Path) -> None:
     labels = out_dir / "labels.csv"
     if labels.exists():
         raise common.StageError(f"{labels} already exists; refusing to overwrite an earlier import. Expected an "
                                 "output folder without labels.csv: choose another --out or remove that folder.")
+
+
+def _check_out(src: Path, out_dir: Path) -> None:
+    _refuse_earlier_import(out_dir)
     a, b = src.resolve(), out_dir.resolve()
     # OUT inside SRC would write into SRC; SRC inside OUT would make ingest read the originals too.
     if a == b or a in b.parents or b in a.parents:

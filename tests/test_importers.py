@@ -69,6 +69,15 @@ def test_same_input_same_bytes(tmp_path):
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
 
 
+def test_npz_import_refuses_an_earlier_import(tmp_path):
+    make_npz(tmp_path / "x.npz")
+    import_npz(tmp_path / "x.npz", tmp_path / "a")
+    before = snapshot(tmp_path / "a")
+    with pytest.raises(common.StageError, match=re.escape(str(tmp_path / "a" / "labels.csv")) + " already exists"):
+        import_npz(tmp_path / "x.npz", tmp_path / "a", classes=["x", "y"])
+    assert snapshot(tmp_path / "a") == before
+
+
 def test_missing_key_names_the_file_and_the_keys_found(tmp_path, capsys):
     make_npz(tmp_path / "x.npz", drop="val_labels")
     with pytest.raises(common.StageError, match=r"x.npz: missing key\(s\) \['val_labels'\]; found \[.*'val_images'"):
