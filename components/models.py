@@ -79,6 +79,30 @@ class Classifier(nn.Module):
         return self
 
 
+class Ensemble(nn.Module):
+    """Classifiers of one architecture trained with different seeds (`train.ensemble`); their
+    logits are averaged, which is steadier than any one member, most of all on shifted data."""
+
+    def __init__(self, members: list[Classifier]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}.")
+        self.members = nn.ModuleList(members)
+        first = members[0]
+        self.arch, self.in_channels, self.num_classes = first.arch, first.in_channels, first.num_classes
+
+    @property
+    def mean(self) -> torch.Tensor:  # the same normalisation in every member
+        return self.members[0].mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.members[0].std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
 class Deployed(nn.Module):
     """What is evaluated and what the ONNX graph computes: probabilities from uint8-scaled images.
 
@@ -87,7 +111,7 @@ class Deployed(nn.Module):
     the validation split (`components.calibrate`), identity by default.
     """
 
-    def __init__(self, model: Classifier, tta: str = "none", scale: float = 1.0, bias: Any = None):
+    def __init__(self, model: Classifier | Ensemble, tta: str = "none", scale: float = 1.0, bias: Any = None):
         super().__init__()
         if tta not in ("none", "hflip"):
             raise ValueError(f"tta = {tta!r} is invalid; expected 'none' or 'hflip'.")
@@ -210,6 +234,9 @@ def build_model(backbone: str, num_classes: int, in_channels: int, pretrained: b
 
 def _from_checkpoint(path: Path, num_classes: int, in_channels: int) -> tuple[Classifier, dict[str, str]]:
     model, ckpt = load_checkpoint(path)
+    if isinstance(model, Ensemble):
+        raise StageError(f"train.backbone = {path}: an ensemble of {len(model.members)} models; expected a "
+                         "single-model checkpoint (trained with train.ensemble: 1) to start from.")
     if model.num_classes != num_classes:
         log.info("%s: %d classes -> new head with %d", path, model.num_classes, num_classes)
         model.head = nn.Linear(model.num_features, num_classes)
@@ -219,8 +246,18 @@ def _from_checkpoint(path: Path, num_classes: int, in_channels: int) -> tuple[Cl
     return model, {"name": model.arch, "source": f"checkpoint:{path.as_posix()}", "sha256": sha256_file(path)}
 
 
-def load_checkpoint(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the classifier from a medtune checkpoint (no pretrained download); returns (model, ckpt)."""
+def architecture(arch: str, num_classes: int, in_channels: int, members: int = 1) -> Classifier | Ensemble:
+    """The untrained network a checkpoint's state_dict fits: one classifier, or an ensemble of `members`."""
+    def one() -> Classifier:
+        net, features = _arch(arch)
+        return Classifier(net, arch, features, num_classes, in_channels)
+
+    return Ensemble([one() for _ in range(members)]) if members > 1 else one()
+
+
+def load_checkpoint(path: str | Path) -> tuple[Classifier | Ensemble, dict[str, Any]]:
+    """Rebuild the classifier (an `Ensemble` when the checkpoint has `members` > 1) from a medtune
+    checkpoint, with no pretrained download; returns (model, ckpt)."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path} not found; run the train stage first (dvc repro train).")
@@ -234,8 +271,8 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
         raise StageError(f"{path} is not a medtune checkpoint: missing {missing}; expected the dict that train writes.")
     state = ckpt["state_dict"]
     try:
-        net, features = _arch(ckpt["backbone"])
-        model = Classifier(net, ckpt["backbone"], features, len(ckpt["classes"]), int(ckpt["in_channels"]))
+        model = architecture(ckpt["backbone"], len(ckpt["classes"]), int(ckpt["in_channels"]),
+                             int(ckpt.get("members", 1)))
         model.load_state_dict(state)
     except (ValueError, RuntimeError) as exc:
         raise StageError(f"{path}: weights do not fit backbone {ckpt['backbone']!r} with "

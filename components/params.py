@@ -183,6 +183,9 @@ class TrainParams:
     # average is what is validated, selected and saved: it smooths the epoch-to-epoch jumps of a
     # small data set. Time constant ~ 1 / (1 - decay) steps, e.g. 0.99 ~ 100 steps.
     ema_decay: float = 0.0
+    # Train this many models with seeds seed, seed + 1, ... and ship their averaged logits as one
+    # model (a deep ensemble): steadier and better ranked on shifted test data, at N x the cost.
+    ensemble: int = 1
     # val_loss by default: on a small validation split AUROC ties and jumps, and picks uncalibrated epochs.
     early_stopping_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy
     patience: int = 3
@@ -209,6 +212,7 @@ class TrainParams:
                 f"epochs in [0, train.epochs = {self.epochs})")
         _expect(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a value in [0, 1)")
         _expect(0 <= self.dropout < 1, "train.dropout", self.dropout, "a probability in [0, 1)")
+        _expect(1 <= self.ensemble <= 20, "train.ensemble", self.ensemble, "an integer in [1, 20] (models trained)")
         _expect(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a decay in [0, 1) (0 = off)")
 
 

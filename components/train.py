@@ -36,12 +36,12 @@ from tqdm import tqdm
 from components import evaluate
 from components.augment import build_transform
 from components.common import StageError, atomic_path, stage_main, write_json, write_text
-from components.models import build_model, freeze, pick_device
+from components.models import architecture, build_model, freeze, pick_device
 from components.params import Params, TrainParams, load_params
 from components.preprocess import load_meta, load_split
 
 log = logging.getLogger("medtune.train")
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr")
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "member")
 
 
 class ScanDataset(Dataset):
@@ -222,7 +222,7 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(HISTORY_COLUMNS)
     for row in history:
-        writer.writerow([row["epoch"], *(f"{row[c]:.6g}" for c in HISTORY_COLUMNS[1:])])
+        writer.writerow([row["epoch"], *(f"{row[c]:.6g}" for c in HISTORY_COLUMNS[1:-1]), row["member"]])
     return buf.getvalue()
 
 
@@ -232,13 +232,18 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
     fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(8, 3.5))
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
-    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val")
+    members = sorted({h["member"] for h in history})
+    for m in members:  # one set of curves per ensemble member
+        rows = [h for h in history if h["member"] == m]
+        tag = f" {m + 1}" if len(members) > 1 else ""
+        epochs = [h["epoch"] for h in rows]
+        loss_ax.plot(epochs, [h["train_loss"] for h in rows], marker="o", label=f"train{tag}")
+        loss_ax.plot(epochs, [h["val_loss"] for h in rows], marker="o", label=f"val{tag}")
+        auc_ax.plot(epochs, [np.nan if h["val_auroc"] is None else h["val_auroc"] for h in rows], marker="o",
+                    label=f"member{tag}")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_ax.legend()
-    auc_ax.plot(epochs, [np.nan if h["val_auroc"] is None else h["val_auroc"] for h in history], marker="o")
     auc_ax.set(xlabel="epoch", ylabel="AUROC", title="validation AUROC", ylim=(0, 1.01))
     fig.tight_layout()
     evaluate.save_png(fig, path)
@@ -271,67 +276,45 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     det_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
-    torch.manual_seed(tp.seed)
     try:
-        model, pretrained = build_model(tp.backbone, len(classes), int(x_train.shape[1]), tp.pretrained, tp.dropout)
-        trainable = freeze(model, tp.freeze, tp.unfreeze_last_n)
-        model.to(device, memory_format=torch.channels_last)
-        ema = make_ema(model, tp.ema_decay) if tp.ema_decay > 0 else None
-        selected = ema.module if ema is not None else model  # what is validated and saved
-        weight = class_weights(y_train, len(classes)).to(device) if tp.class_weighting else None
-        criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=tp.label_smoothing)
-        optimizer = make_optimizer(model, tp)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-        pin = device.type == "cuda"
-        train_loader = make_loader(x_train, y_train, tp.batch_size, True, build_transform(params.augment),
-                                   tp.seed, tp.num_workers, pin)
-        val_loader = make_loader(x_val, y_val, tp.batch_size, False, None, tp.seed, tp.num_workers, pin)
-        scheduler = make_scheduler(optimizer, len(train_loader), tp)
-        log.info("training %s (%s) on %s: %d train / %d val images, %d trainable parameters",
-                 tp.backbone, pretrained["source"], device, len(y_train), len(y_val), trainable)
-
-        metric, history = tp.early_stopping_metric, []
-        best_value, best_epoch, best_state, stale = None, 0, None, 0
-        images_seen, seconds = 0, 0.0
-        epochs = tqdm(range(1, tp.epochs + 1), desc="epochs", unit="epoch")
-        for epoch in epochs:
-            lr = optimizer.param_groups[0]["lr"]
-            tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler, use_amp, f"epoch {epoch}",
-                                 scheduler, ema)
-            ev = evaluate_epoch(selected, val_loader, criterion, device, params.positive_index, use_amp)
-            images_seen, seconds = images_seen + tr["images"], seconds + tr["seconds"]
-            history.append({"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr})
-            epochs.set_postfix(train_loss=f"{tr['loss']:.4f}", **{metric: f"{ev[metric]:.4f}"})
-            log.info("epoch %d: train_loss=%.4f val_loss=%.4f val_auroc=%.4f val_accuracy=%.4f lr=%.3g",
-                     epoch, tr["loss"], ev["val_loss"], ev["val_auroc"], ev["val_accuracy"], lr)
-            if _improved(ev[metric], best_value, metric):
-                best_value, best_epoch, stale = ev[metric], epoch, 0
-                # In-memory copy on the CPU: later epochs must not overwrite the kept weights.
-                # contiguous(): the checkpoint stays in the usual NCHW layout whatever trained it.
-                best_state = {k: v.detach().to("cpu", copy=True).contiguous()
-                              for k, v in selected.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= tp.patience:
-                    log.info("early stopping after epoch %d: no %s improvement for %d epoch(s)", epoch, metric, stale)
-                    break
-        epochs.close()
+        # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
+        fits = [fit(x_train, y_train, x_val, y_val, len(classes), params, tp.seed + m, device, use_amp,
+                    f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "")
+                for m in range(tp.ensemble)]
     finally:
         torch.use_deterministic_algorithms(det_before[0], warn_only=det_before[1])
 
+    first = fits[0]
+    per_member = ("best_epoch", "epochs_run", "best_value")
     summary = {
-        "backbone": tp.backbone, "pretrained": pretrained, "device": str(device), "amp": use_amp,
-        "epochs_run": len(history), "best_epoch": best_epoch, "selection_metric": metric,
-        "best_value": _nan_to_none(best_value), "n_train": int(len(y_train)), "n_val": int(len(y_val)),
-        "trainable_params": int(trainable), "total_params": int(sum(p.numel() for p in model.parameters())),
-        "throughput_img_s": round(images_seen / seconds, 1) if seconds > 0 else None,
+        "backbone": tp.backbone, "pretrained": first["pretrained"], "device": str(device), "amp": use_amp,
+        "ensemble": tp.ensemble, "selection_metric": tp.early_stopping_metric,
+        # One number for a single model; a list, one per member, for an ensemble.
+        **{k: first[k] if tp.ensemble == 1 else [f[k] for f in fits] for k in per_member},
+        "n_train": int(len(y_train)), "n_val": int(len(y_val)),
+        "trainable_params": first["trainable"], "total_params": first["total"] * tp.ensemble,
+        "throughput_img_s": first["throughput"],
     }
+    history = [{**row, "member": m} for m, f in enumerate(fits) for row in f["history"]]
+    if tp.ensemble == 1:
+        state = first["state"]
+    else:
+        # The ensemble as load_checkpoint rebuilds it; its own validation metrics (averaged logits).
+        state = {f"members.{m}.{k}": v for m, f in enumerate(fits) for k, v in f["state"].items()}
+        model = architecture(first["arch"], len(classes), int(x_train.shape[1]), tp.ensemble)
+        model.load_state_dict(state)
+        val_loader = make_loader(x_val, y_val, tp.batch_size, False)
+        criterion = _criterion(y_train, len(classes), tp, device)
+        summary["ensemble_val"] = evaluate_epoch(model.to(device, memory_format=torch.channels_last), val_loader,
+                                                 criterion, device, params.positive_index, use_amp)
+        log.info("ensemble of %d on the validation split: %s", tp.ensemble, summary["ensemble_val"])
     checkpoint = {
-        "state_dict": best_state, "backbone": model.arch, "classes": classes,
+        "state_dict": state, "members": tp.ensemble, "backbone": first["arch"], "classes": classes,
         "in_channels": int(x_train.shape[1]), "image_size": int(meta.get("image_size", x_train.shape[-1])),
         "params": {"train": dataclasses.asdict(tp), "augment": dataclasses.asdict(params.augment)},
-        "meta": meta, "pretrained": pretrained, "history": history, "best_epoch": best_epoch,
-        "epochs_run": len(history), "best_metric": {"name": metric, "value": best_value}, "device": str(device),
+        "meta": meta, "pretrained": first["pretrained"], "history": history,
+        **{k: summary[k] for k in ("best_epoch", "epochs_run")},
+        "best_metric": {"name": tp.early_stopping_metric, "value": summary["best_value"]}, "device": str(device),
     }
     # Serialise in memory: torch.save names the zip's inner folder after the file, so saving to the
     # random temporary name would make the bytes (and DVC's hash) differ run to run.
@@ -339,11 +322,71 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     torch.save(checkpoint, buf)
     with atomic_path(out_model) as tmp:
         tmp.write_bytes(buf.getvalue())
+    summary["best_value"] = _nan_to_none(summary["best_value"]) if tp.ensemble == 1 else [
+        _nan_to_none(v) for v in summary["best_value"]]
     write_json(out_metrics, summary)
     write_text(out_history, _history_csv(history))
     plot_history(history, out_history.with_name("train_curves.png"))
-    log.info("best %s=%s at epoch %d of %d; wrote %s", metric, best_value, best_epoch, len(history), out_model)
+    log.info("best %s=%s at epoch %s of %s; wrote %s", tp.early_stopping_metric, summary["best_value"],
+             summary["best_epoch"], summary["epochs_run"], out_model)
     return summary
+
+
+def _criterion(y_train: np.ndarray, num_classes: int, tp: TrainParams, device: torch.device) -> nn.Module:
+    weight = class_weights(y_train, num_classes).to(device) if tp.class_weighting else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=tp.label_smoothing)
+
+
+def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_classes: int, params: Params,
+        seed: int, device: torch.device, use_amp: bool, desc: str = "") -> dict[str, Any]:
+    """Train one model with `seed`; returns its kept weights (CPU, NCHW), history and counts."""
+    tp = params.train
+    torch.manual_seed(seed)
+    model, pretrained = build_model(tp.backbone, num_classes, int(x_train.shape[1]), tp.pretrained, tp.dropout)
+    trainable = freeze(model, tp.freeze, tp.unfreeze_last_n)
+    model.to(device, memory_format=torch.channels_last)
+    ema = make_ema(model, tp.ema_decay) if tp.ema_decay > 0 else None
+    selected = ema.module if ema is not None else model  # what is validated and saved
+    criterion = _criterion(y_train, num_classes, tp, device)
+    optimizer = make_optimizer(model, tp)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    pin = device.type == "cuda"
+    train_loader = make_loader(x_train, y_train, tp.batch_size, True, build_transform(params.augment),
+                               seed, tp.num_workers, pin)
+    val_loader = make_loader(x_val, y_val, tp.batch_size, False, None, seed, tp.num_workers, pin)
+    scheduler = make_scheduler(optimizer, len(train_loader), tp)
+    log.info("training %s%s (%s) on %s, seed %d: %d train / %d val images, %d trainable parameters", desc,
+             tp.backbone, pretrained["source"], device, seed, len(y_train), len(y_val), trainable)
+
+    metric, history = tp.early_stopping_metric, []
+    best_value, best_epoch, best_state, stale = None, 0, None, 0
+    images_seen, seconds = 0, 0.0
+    epochs = tqdm(range(1, tp.epochs + 1), desc=f"{desc}epochs", unit="epoch")
+    for epoch in epochs:
+        lr = optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler, use_amp, f"epoch {epoch}",
+                             scheduler, ema)
+        ev = evaluate_epoch(selected, val_loader, criterion, device, params.positive_index, use_amp)
+        images_seen, seconds = images_seen + tr["images"], seconds + tr["seconds"]
+        history.append({"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr})
+        epochs.set_postfix(train_loss=f"{tr['loss']:.4f}", **{metric: f"{ev[metric]:.4f}"})
+        log.info("%sepoch %d: train_loss=%.4f val_loss=%.4f val_auroc=%.4f val_accuracy=%.4f lr=%.3g", desc,
+                 epoch, tr["loss"], ev["val_loss"], ev["val_auroc"], ev["val_accuracy"], lr)
+        if _improved(ev[metric], best_value, metric):
+            best_value, best_epoch, stale = ev[metric], epoch, 0
+            # In-memory copy on the CPU: later epochs must not overwrite the kept weights.
+            # contiguous(): the checkpoint stays in the usual NCHW layout whatever trained it.
+            best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in selected.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= tp.patience:
+                log.info("early stopping after epoch %d: no %s improvement for %d epoch(s)", epoch, metric, stale)
+                break
+    epochs.close()
+    return {"state": best_state, "history": history, "best_epoch": best_epoch, "best_value": best_value,
+            "epochs_run": len(history), "arch": model.arch, "pretrained": pretrained, "trainable": int(trainable),
+            "total": int(sum(p.numel() for p in model.parameters())),
+            "throughput": round(images_seen / seconds, 1) if seconds > 0 else None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -148,16 +148,21 @@ def make_prepared(root, classes=("normal", "lesion"), per_class=None, channels=1
     return root
 
 
-def make_checkpoint(path, classes=("normal", "lesion"), channels=1, size=32, seed=0):
-    """A checkpoint in the documented train format, with random `none`-backbone weights."""
+def make_checkpoint(path, classes=("normal", "lesion"), channels=1, size=32, seed=0, members=1):
+    """A checkpoint in the documented train format, with random `none`-backbone weights (an
+    ensemble of `members` such models when members > 1)."""
     import torch
 
-    from components.models import build_model
+    from components.models import Ensemble, build_model
 
-    torch.manual_seed(seed)
-    model, info = build_model("none", len(classes), channels, False)
+    models = []
+    for m in range(members):
+        torch.manual_seed(seed + m)
+        model, info = build_model("none", len(classes), channels, False)
+        models.append(model)
+    model = Ensemble(models) if members > 1 else models[0]
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "backbone": model.arch, "classes": list(classes),
+    torch.save({"state_dict": model.state_dict(), "members": members, "backbone": model.arch, "classes": list(classes),
                 "in_channels": channels, "image_size": size,
                 "params": {"train": {"freeze": "all", "optimizer": "adamw", "lr": 1e-3}, "augment": {}},
                 "pretrained": info, "history": [], "best_epoch": 1, "epochs_run": 1,

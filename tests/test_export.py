@@ -19,10 +19,10 @@ METADATA_KEYS = {"model_id", "classes", "input", "output", "normalisation", "pre
                  "checkpoint_sha256", "opset", "exporter"}
 
 
-def make_project(root, params, classes=("normal", "lesion"), channels=1):
+def make_project(root, params, classes=("normal", "lesion"), channels=1, members=1):
     """Everything export reads: prepared data, checkpoint, evaluate's reports, manifest, validation."""
     prepared = make_prepared(root / "data" / "prepared", classes=classes, channels=channels)
-    ckpt = make_checkpoint(root / "models" / "model.pt", classes=classes, channels=channels)
+    ckpt = make_checkpoint(root / "models" / "model.pt", classes=classes, channels=channels, members=members)
     reports = root / "reports"
     evaluate(ckpt, prepared, reports, params)
     manifest = root / "data" / "manifest.json"
@@ -158,3 +158,23 @@ def test_tta_calibration_and_threshold_are_what_the_onnx_graph_ships(tmp_path, m
     assert np.abs(raw - shipped).max() > 1e-3
     card = (p["out"] / "model_card.md").read_text()
     assert "chosen on the validation split (Youden's J)" in card and "Test-time augmentation: hflip" in card
+
+
+def test_an_ensemble_ships_as_one_onnx_graph_that_reproduces_the_evaluation(tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params()
+    p = make_project(tmp_path, params, members=3)
+    run_export(p, params)
+    sess = ort.InferenceSession(str(p["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.load(p["prepared"] / "test.npy").astype(np.float32) / 255
+    shipped = sess.run(["probabilities"], {"image": x})[0]
+    evaluated = pd.read_csv(p["reports"] / "test_predictions.csv")[["prob_normal", "prob_lesion"]].to_numpy()
+    assert np.abs(shipped - evaluated).max() < 1e-5
+    # ... and it is not just its first member (the seed-0 model alone).
+    q = make_project(tmp_path / "one", params)
+    run_export(q, params)
+    one = ort.InferenceSession(str(q["out"] / "model.onnx"),
+                               providers=["CPUExecutionProvider"]).run(["probabilities"], {"image": x})[0]
+    assert np.abs(one - shipped).max() > 1e-3

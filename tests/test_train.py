@@ -69,7 +69,7 @@ def test_train_writes_the_contracted_artefacts(tmp_path):
     assert summary["throughput_img_s"] > 0 and summary["best_epoch"] in (1, 2)
     with (out / "history.csv").open() as fh:
         history = list(csv.DictReader(fh))
-    assert list(history[0]) == ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr"]
+    assert list(history[0]) == ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "member"]
     assert [h["epoch"] for h in history] == ["1", "2"]
     assert float(history[0]["lr"]) == pytest.approx(1e-3) and float(history[1]["lr"]) < 1e-3  # cosine
 
@@ -191,3 +191,37 @@ def test_ema_weights_are_what_is_validated_and_saved(tmp_path):
     assert sa["history"][0]["train_loss"] == sb["history"][0]["train_loss"]  # same optimisation ...
     assert sa["history"][0]["val_loss"] != sb["history"][0]["val_loss"]      # ... another model validated
     assert all(v.is_contiguous() for v in sb["state_dict"].values())  # NCHW on disk, whatever trained it
+
+
+def test_an_ensemble_is_its_members_trained_alone_with_consecutive_seeds_and_averaged(tmp_path):
+    from components.models import Ensemble
+
+    prepared = write_prepared(tmp_path / "prepared")
+    _, a = run(tmp_path, prepared, "a", seed=7)
+    _, b = run(tmp_path, prepared, "b", seed=8)
+    summary, e = run(tmp_path, prepared, "e", seed=7, ensemble=2)
+    sa, sb = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (a, b))
+    ckpt = torch.load(e / "model.pt", weights_only=True)
+    assert ckpt["members"] == 2
+    assert all(torch.equal(ckpt["state_dict"][f"members.0.{k}"], v) for k, v in sa.items())
+    assert all(torch.equal(ckpt["state_dict"][f"members.1.{k}"], v) for k, v in sb.items())
+
+    ensemble, _ = load_checkpoint(e / "model.pt")
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2
+    x = torch.from_numpy(np.load(prepared / "val.npy")).float() / 255
+    with torch.inference_mode():
+        expected = (load_checkpoint(a / "model.pt")[0](x) + load_checkpoint(b / "model.pt")[0](x)) / 2
+        torch.testing.assert_close(ensemble(x), expected)
+    assert summary["ensemble"] == 2 and len(summary["best_epoch"]) == 2 and len(summary["epochs_run"]) == 2
+    assert set(summary["ensemble_val"]) == {"val_loss", "val_auroc", "val_accuracy"}
+    with (e / "history.csv").open() as fh:
+        assert {row["member"] for row in csv.DictReader(fh)} == {"0", "1"}
+
+
+def test_an_ensemble_cannot_be_the_starting_point_of_another_training(tmp_path):
+    from components.common import StageError
+
+    prepared = write_prepared(tmp_path / "prepared", n_train=8, n_val=4, size=16)
+    _, e = run(tmp_path, prepared, "e", ensemble=2)
+    with pytest.raises(StageError, match="an ensemble of 2 models; expected a single-model checkpoint"):
+        run(tmp_path, prepared, "f", backbone=str(e / "model.pt"))

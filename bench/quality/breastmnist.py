@@ -40,6 +40,12 @@ DATASET = Dataset(
         "small-scans @96px, 30 epochs, EMA 0.98, Youden": {"preset": "small-scans", "sets": {
             "preprocess.image_size": 96, "train.epochs": 30, "train.patience": 10, "train.ema_decay": 0.98,
             "evaluate.threshold_method": "youden"}},
+        "small-scans @224px, 30 epochs, Youden": {"preset": "small-scans", "sets": {
+            "preprocess.image_size": 224, "train.epochs": 30, "train.patience": 10,
+            "evaluate.threshold_method": "youden"}},
+        "small-scans @160px, 30 epochs, Youden": {"preset": "small-scans", "sets": {
+            "preprocess.image_size": 160, "train.epochs": 30, "train.patience": 10,
+            "evaluate.threshold_method": "youden"}},
         "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
             "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
     },
