@@ -175,7 +175,10 @@ def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, 
               + (f" (last {train_p.get('unfreeze_last_n')} blocks)" if train_p.get("freeze") == "last_n" else "")
               + f", optimizer {train_p.get('optimizer')}, lr {train_p.get('lr')}, "
               f"{ckpt.get('epochs_run')} epochs run, best epoch {ckpt.get('best_epoch')} by "
-              f"{(ckpt.get('best_metric') or {}).get('name')}",
+              f"{(ckpt.get('best_metric') or {}).get('name')}"
+              + (f"; an ensemble of {ckpt['members']} models (seeds {train_p.get('seed')} to "
+                 f"{train_p.get('seed', 0) + ckpt['members'] - 1}, one per list entry), logits averaged"
+                 if ckpt.get("members", 1) > 1 else ""),
               f"- input: {meta.get('channels')} channel(s), {meta.get('image_size')} x {meta.get('image_size')} px, "
               f"DICOM window `{meta.get('window')}`, resize {meta.get('resize', 'as recorded')}",
               f"- ONNX: opset {exp['opset']}, parity with PyTorch max |diff| {exp['max_abs_diff_batch1']:.2e} (batch 1), "

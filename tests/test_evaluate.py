@@ -164,7 +164,7 @@ def make_checkpoint(path, classes=("normal", "lesion"), channels=1, size=32, see
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "members": members, "backbone": model.arch, "classes": list(classes),
                 "in_channels": channels, "image_size": size,
-                "params": {"train": {"freeze": "all", "optimizer": "adamw", "lr": 1e-3}, "augment": {}},
+                "params": {"train": {"freeze": "all", "optimizer": "adamw", "lr": 1e-3, "seed": seed}, "augment": {}},
                 "pretrained": info, "history": [], "best_epoch": 1, "epochs_run": 1,
                 "best_metric": {"name": "val_auroc", "value": 0.5}, "device": "cpu"}, path)
     return path

@@ -178,3 +178,4 @@ def test_an_ensemble_ships_as_one_onnx_graph_that_reproduces_the_evaluation(tmp_
     one = ort.InferenceSession(str(q["out"] / "model.onnx"),
                                providers=["CPUExecutionProvider"]).run(["probabilities"], {"image": x})[0]
     assert np.abs(one - shipped).max() > 1e-3
+    assert "an ensemble of 3 models" in (p["out"] / "model_card.md").read_text()

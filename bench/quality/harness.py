@@ -152,6 +152,14 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
+def _epochs(train: dict[str, Any]) -> str:
+    """best/run epochs; for an ensemble (lists, one per member) each member's, joined by '+'."""
+    best, ran = train["best_epoch"], train["epochs_run"]
+    if isinstance(best, list):
+        return "(" + " + ".join(f"{b}/{r}" for b, r in zip(best, ran)) + ")"
+    return f"{best}/{ran}"
+
+
 def summary_row(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± SD over the seeds of one recipe, and the per-seed AUROC intervals."""
     m = [r["metrics"] for r in rows]
@@ -166,7 +174,7 @@ def summary_row(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
                 + mean_sd([x["calibration"]["test"]["ece_after"] for x in m])),
         "brier": (mean_sd([x["calibration"]["test"]["brier_before"] for x in m]) + " → "
                   + mean_sd([x["calibration"]["test"]["brier_after"] for x in m])),
-        "epochs": ", ".join(f"{r['train']['best_epoch']}/{r['train']['epochs_run']}" for r in rows),
+        "epochs": ", ".join(_epochs(r["train"]) for r in rows),
         "wall_s": mean_sd([r["seconds"] for r in rows], digits=0),
     }
 

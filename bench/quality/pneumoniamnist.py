@@ -30,6 +30,9 @@ DATASET = Dataset(
         # Stop 8 (channels_last made 128 px affordable): the same recipe on larger upsampled inputs.
         "small-scans @128px": {"preset": "small-scans", "sets": {"preprocess.image_size": 128}},
         "small-scans @96px": {"preset": "small-scans", "sets": {"preprocess.image_size": 96}},
+        # A deep ensemble (train.ensemble): members with seeds seed..seed+N-1, averaged logits, one ONNX graph.
+        "small-scans, ensemble of 3": {"preset": "small-scans", "sets": {"train.ensemble": 3}},
+        "small-scans, ensemble of 5": {"preset": "small-scans", "sets": {"train.ensemble": 5}},
     },
     notes=["Sources: Yang et al., MedMNIST v2, Scientific Data 2023; Doerrich et al., MedMNIST+, 2024 "
            "(figures as listed in ../shared/datasets/README.md)."],
