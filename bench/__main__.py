@@ -1,7 +1,7 @@
 """Benchmarks, printed as ratios measured in one run (not tests: nothing here asserts a time).
 
-    python -m bench            # all three, about 2-3 minutes on 2 CPU cores
-    python -m bench data onnx  # a subset: data | onnx | dvc
+    python -m bench            # all four, about 3-4 minutes on 2 CPU cores
+    python -m bench data onnx  # a subset: data | onnx | dvc | layout
 
 1. data: training images/s through the real data path (uint8 memmap on disk -> Dataset ->
    DataLoader -> on-the-fly augmentation) divided by images/s of the same training steps on the
@@ -10,6 +10,8 @@
 2. onnx: ONNX Runtime (CPU) images/s divided by PyTorch eager images/s at batch 32, plus the max
    probability difference between the two. Target >= 1.5, parity within export.tolerance.
 3. dvc: wall time of a no-op `dvc repro` on a tiny pipeline that has already run.
+4. layout: training images/s in channels-last memory layout (what `medtune train` uses) divided by
+   images/s in the default NCHW layout, same model and batches, at 64, 96 and 128 px.
 """
 
 from __future__ import annotations
@@ -154,13 +156,31 @@ def bench_dvc() -> None:
           f"first full repro {first:.1f} s (7 stages, 36 synthetic 32 px DICOMs, 2 epochs)")
 
 
+def bench_layout(sizes: tuple[int, ...] = (64, 96, 128), steps: int = 6) -> None:
+    """channels_last / NCHW training throughput, best of 2 alternating rounds per size."""
+    rng = np.random.default_rng(0)
+    for size in sizes:
+        x = torch.from_numpy(rng.random((BATCH, 1, size, size), dtype=np.float32))
+        y = torch.from_numpy(rng.integers(0, 2, BATCH))
+        nchw, _ = build_model("efficientnet_lite0", 2, 1, pretrained=True)
+        nhwc, _ = build_model("efficientnet_lite0", 2, 1, pretrained=True)
+        nhwc.to(memory_format=torch.channels_last)
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        plain = last = 0.0
+        for _ in range(2):
+            plain = max(plain, _steps_per_second(nchw, _cycle([(x, y)]), steps))
+            last = max(last, _steps_per_second(nhwc, _cycle([(x_last, y)]), steps))
+        print(f"layout {size:3d} px: channels_last {last:6.1f} img/s | NCHW {plain:6.1f} img/s | ratio "
+              f"{last / plain:.2f} (efficientnet_lite0, batch {BATCH}, {torch.get_num_threads()} threads)")
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    which = argv or ["data", "onnx", "dvc"]
+    which = argv or ["data", "onnx", "dvc", "layout"]
     print(f"medtune benchmarks: torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"cuda={'yes' if torch.cuda.is_available() else 'no'}")
     for name in which:
-        {"data": bench_data, "onnx": bench_onnx, "dvc": bench_dvc}[name]()
+        {"data": bench_data, "onnx": bench_onnx, "dvc": bench_dvc, "layout": bench_layout}[name]()
     return 0
 
 
