@@ -46,15 +46,6 @@ PNG_METADATA = {"Software": None}
 # Metrics (pure functions over arrays; the retraining flow reuses them to score the champion)
 # ---------------------------------------------------------------------------------------------
 
-def predict_labels(probs: np.ndarray, positive_index: int, threshold: float) -> np.ndarray:
-    """Binary: positive class iff its probability >= threshold; multi-class: argmax."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape[1] == 2:
-        negative_index = 1 - positive_index
-        return np.where(probs[:, positive_index] >= threshold, positive_index, negative_index)
-    return probs.argmax(axis=1)
-
-
 def auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int) -> float:
     """Binary: AUROC of the positive class probability; multi-class: macro one-vs-rest."""
     k = probs.shape[1]
@@ -119,7 +110,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str
     if not 0 <= positive_index < k:
         raise ValueError(f"positive_index {positive_index} is outside 0..{k - 1}.")
 
-    y_pred = predict_labels(probs, positive_index, threshold)
+    y_pred = calibrate.predict_labels(probs, positive_index, threshold)
     cm = confusion_matrix(y_true, y_pred, k)
     # One-vs-rest counts per class; for a binary task only the positive class's row is reported.
     tp = np.diag(cm).astype(float)
@@ -327,7 +318,7 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     # Export checks this, so a gate computed for another checkpoint can never release this one.
     gate["checkpoint_sha256"] = sha256_file(model_path)
 
-    y_pred = predict_labels(probs, pos, threshold)
+    y_pred = calibrate.predict_labels(probs, pos, threshold)
     names = np.asarray(classes, dtype=object)
     preds = pd.DataFrame({"path": index["path"].to_numpy(), "sha256": index["sha256"].to_numpy(),
                           "label": index["label"].to_numpy()})

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from components import calibrate
 from components.common import StageError, atomic_path, stage_main
 from components.scans import ScanError, is_candidate, prepare_image
 
@@ -109,8 +110,7 @@ def decide(probs: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     metrics = meta.get("metrics") or {}
     positive, threshold = metrics.get("positive_class"), metrics.get("threshold")
     if len(classes) == 2 and positive in classes and threshold is not None:
-        pos = classes.index(positive)
-        return np.where(probs[:, pos] >= float(threshold), pos, 1 - pos)
+        return calibrate.predict_labels(probs, classes.index(positive), float(threshold))
     return probs.argmax(axis=1)
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
-from components.evaluate import apply_gate, compute_metrics, predict_labels
+from components.calibrate import predict_labels
+from components.evaluate import apply_gate, compute_metrics
 from components.params import parse_params
 
 BINARY = ["normal", "lesion"]
