@@ -44,6 +44,17 @@ def run_export(p, params):
     return export(p["model"], p["prepared"], p["reports"], p["out"], params, manifest_path=p["manifest"])
 
 
+def shipped_and_evaluated(p, params) -> tuple[np.ndarray, np.ndarray]:
+    """Export; return the ONNX graph's probabilities on the test images and evaluate's for the same images."""
+    import pandas as pd
+
+    run_export(p, params)
+    sess = ort.InferenceSession(str(p["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.load(p["prepared"] / "test.npy").astype(np.float32) / 255
+    evaluated = pd.read_csv(p["reports"] / "test_predictions.csv")[["prob_normal", "prob_lesion"]].to_numpy()
+    return sess.run(["probabilities"], {"image": x})[0], evaluated
+
+
 def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = tiny_params()
@@ -127,8 +138,6 @@ def test_gate_for_another_checkpoint_is_refused(tmp_path, monkeypatch):
 
 
 def test_tta_calibration_and_threshold_are_what_the_onnx_graph_ships(tmp_path, monkeypatch):
-    import pandas as pd
-
     from components.params import parse_params
 
     monkeypatch.chdir(tmp_path)
@@ -143,39 +152,22 @@ def test_tta_calibration_and_threshold_are_what_the_onnx_graph_ships(tmp_path, m
     assert set(cal["test"]) == {"ece_before", "ece_after", "brier_before", "brier_after"}
     assert 0 < metrics["threshold"] < 1
 
-    run_export(p, params)
-    sess = ort.InferenceSession(str(p["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = np.load(p["prepared"] / "test.npy").astype(np.float32) / 255
-    shipped = sess.run(["probabilities"], {"image": x})[0]
-    evaluated = pd.read_csv(p["reports"] / "test_predictions.csv")[["prob_normal", "prob_lesion"]].to_numpy()
+    shipped, evaluated = shipped_and_evaluated(p, params)
     assert np.abs(shipped - evaluated).max() < 1e-5
     # Without the calibration and the mirrored image the graph would compute something else.
-    plain = tmp_path / "plain"
-    q = make_project(plain, tiny_params())  # the same checkpoint weights (seed 0)
-    run_export(q, tiny_params())
-    raw = ort.InferenceSession(str(q["out"] / "model.onnx"),
-                               providers=["CPUExecutionProvider"]).run(["probabilities"], {"image": x})[0]
+    raw, _ = shipped_and_evaluated(make_project(tmp_path / "plain", tiny_params()), tiny_params())  # same weights
     assert np.abs(raw - shipped).max() > 1e-3
     card = (p["out"] / "model_card.md").read_text()
     assert "chosen on the validation split (Youden's J)" in card and "Test-time augmentation: hflip" in card
 
 
 def test_an_ensemble_ships_as_one_onnx_graph_that_reproduces_the_evaluation(tmp_path, monkeypatch):
-    import pandas as pd
-
     monkeypatch.chdir(tmp_path)
     params = tiny_params()
     p = make_project(tmp_path, params, members=3)
-    run_export(p, params)
-    sess = ort.InferenceSession(str(p["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = np.load(p["prepared"] / "test.npy").astype(np.float32) / 255
-    shipped = sess.run(["probabilities"], {"image": x})[0]
-    evaluated = pd.read_csv(p["reports"] / "test_predictions.csv")[["prob_normal", "prob_lesion"]].to_numpy()
+    shipped, evaluated = shipped_and_evaluated(p, params)
     assert np.abs(shipped - evaluated).max() < 1e-5
     # ... and it is not just its first member (the seed-0 model alone).
-    q = make_project(tmp_path / "one", params)
-    run_export(q, params)
-    one = ort.InferenceSession(str(q["out"] / "model.onnx"),
-                               providers=["CPUExecutionProvider"]).run(["probabilities"], {"image": x})[0]
+    one, _ = shipped_and_evaluated(make_project(tmp_path / "one", params), params)
     assert np.abs(one - shipped).max() > 1e-3
     assert "an ensemble of 3 models" in (p["out"] / "model_card.md").read_text()
