@@ -322,8 +322,6 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     torch.save(checkpoint, buf)
     with atomic_path(out_model) as tmp:
         tmp.write_bytes(buf.getvalue())
-    summary["best_value"] = _nan_to_none(summary["best_value"]) if tp.ensemble == 1 else [
-        _nan_to_none(v) for v in summary["best_value"]]
     write_json(out_metrics, summary)
     write_text(out_history, _history_csv(history))
     plot_history(history, out_history.with_name("train_curves.png"))
@@ -383,7 +381,7 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
                 log.info("early stopping after epoch %d: no %s improvement for %d epoch(s)", epoch, metric, stale)
                 break
     epochs.close()
-    return {"state": best_state, "history": history, "best_epoch": best_epoch, "best_value": best_value,
+    return {"state": best_state, "history": history, "best_epoch": best_epoch, "best_value": _nan_to_none(best_value),
             "epochs_run": len(history), "arch": model.arch, "pretrained": pretrained, "trainable": int(trainable),
             "total": int(sum(p.numel() for p in model.parameters())),
             "throughput": round(images_seen / seconds, 1) if seconds > 0 else None}
