@@ -46,6 +46,9 @@ DATASET = Dataset(
         "small-scans @160px, 30 epochs, Youden": {"preset": "small-scans", "sets": {
             "preprocess.image_size": 160, "train.epochs": 30, "train.patience": 10,
             "evaluate.threshold_method": "youden"}},
+        "small-scans @128px, batch 16, 30 epochs, ensemble of 3, Youden": {"preset": "small-scans", "sets": {
+            "preprocess.image_size": 128, "train.batch_size": 16, "train.epochs": 30, "train.patience": 10,
+            "train.ensemble": 3, "evaluate.threshold_method": "youden"}},
         "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
             "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
     },
