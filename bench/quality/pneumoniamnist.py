@@ -33,6 +33,11 @@ DATASET = Dataset(
         # A deep ensemble (train.ensemble): members with seeds seed..seed+N-1, averaged logits, one ONNX graph.
         "small-scans, ensemble of 3": {"preset": "small-scans", "sets": {"train.ensemble": 3}},
         "small-scans, ensemble of 5": {"preset": "small-scans", "sets": {"train.ensemble": 5}},
+        # Evaluate-only variants of the ensembles: the train stage comes from DVC's run cache.
+        "small-scans, ensemble of 3, Youden threshold": {"preset": "small-scans", "sets": {
+            "train.ensemble": 3, "evaluate.threshold_method": "youden"}},
+        "small-scans, ensemble of 3, no TTA": {"preset": "small-scans", "sets": {
+            "train.ensemble": 3, "evaluate.tta": "none"}},
     },
     notes=["Sources: Yang et al., MedMNIST v2, Scientific Data 2023; Doerrich et al., MedMNIST+, 2024 "
            "(figures as listed in ../shared/datasets/README.md)."],
