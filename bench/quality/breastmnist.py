@@ -49,6 +49,10 @@ DATASET = Dataset(
         "small-scans @128px, batch 16, 30 epochs, ensemble of 3, Youden": {"preset": "small-scans", "sets": {
             "preprocess.image_size": 128, "train.batch_size": 16, "train.epochs": 30, "train.patience": 10,
             "train.ensemble": 3, "evaluate.threshold_method": "youden"}},
+        # Evaluate-only variant of the ensemble above: DVC's run cache restores its train stage.
+        "small-scans @128px, batch 16, 30 epochs, ensemble of 3, fixed threshold": {"preset": "small-scans", "sets": {
+            "preprocess.image_size": 128, "train.batch_size": 16, "train.epochs": 30, "train.patience": 10,
+            "train.ensemble": 3}},
         "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
             "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
     },
