@@ -137,7 +137,8 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
 
 
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # channels_last: oneDNN (CPU) and cuDNN run these convolutions about twice as fast in NHWC.
+    # channels_last: oneDNN (CPU) and cuDNN run these convolutions faster in NHWC (1.7-1.8x on
+    # CPU here, `python -m bench layout`).
     return x.to(device, non_blocking=True, memory_format=torch.channels_last)
 
 
