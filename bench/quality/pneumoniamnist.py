@@ -29,10 +29,8 @@ DATASET = Dataset(
         "small-scans, no TTA": {"preset": "small-scans", "sets": {"evaluate.tta": "none"}},
         # Stop 8 (channels_last made 128 px affordable): the same recipe on larger upsampled inputs.
         "small-scans @128px": {"preset": "small-scans", "sets": {"preprocess.image_size": 128}},
-        "small-scans @96px": {"preset": "small-scans", "sets": {"preprocess.image_size": 96}},
         # A deep ensemble (train.ensemble): members with seeds seed..seed+N-1, averaged logits, one ONNX graph.
         "small-scans, ensemble of 3": {"preset": "small-scans", "sets": {"train.ensemble": 3}},
-        "small-scans, ensemble of 5": {"preset": "small-scans", "sets": {"train.ensemble": 5}},
         # Evaluate-only variants of the ensembles: the train stage comes from DVC's run cache.
         "small-scans, ensemble of 3, Youden threshold": {"preset": "small-scans", "sets": {
             "train.ensemble": 3, "evaluate.threshold_method": "youden"}},
