@@ -50,6 +50,11 @@ DATASET = Dataset(
             "evaluate.threshold_method": "fixed"}},
         "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
             "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
+        # Stop 9: a larger ImageNet backbone whose weights also install offline.
+        "few-small-scans, efficientnet_lite2": {"preset": "few-small-scans", "sets": {
+            "train.backbone": "efficientnet_lite2"}},
+        "few-small-scans, efficientnet_lite2, single model": {"preset": "few-small-scans", "sets": {
+            "train.backbone": "efficientnet_lite2", "train.ensemble": 1}},
     },
     notes=["Positive class: malignant (label 0 in the .npz). AUROC does not depend on which class is positive.",
            "Source: Yang et al., MedMNIST v2, Scientific Data 2023 (figures as listed in ../shared/datasets/README.md)."],

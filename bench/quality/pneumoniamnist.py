@@ -36,6 +36,8 @@ DATASET = Dataset(
             "train.ensemble": 3, "evaluate.threshold_method": "youden"}},
         "small-scans, ensemble of 3, no TTA": {"preset": "small-scans", "sets": {
             "train.ensemble": 3, "evaluate.tta": "none"}},
+        # Stop 9: a larger ImageNet backbone whose weights also install offline.
+        "small-scans, efficientnet_lite2": {"preset": "small-scans", "sets": {"train.backbone": "efficientnet_lite2"}},
     },
     notes=["Sources: Yang et al., MedMNIST v2, Scientific Data 2023; Doerrich et al., MedMNIST+, 2024 "
            "(figures as listed in ../shared/datasets/README.md)."],
