@@ -31,6 +31,7 @@ import numpy as np
 from components.common import (SPLITS, StageError, atomic_path, git_facts, read_json, sha256_bytes, sha256_file,
                                stage_main, write_json, write_text)
 from components.params import Params, load_params
+from components.predict import make_session
 
 log = logging.getLogger("medtune.export")
 
@@ -88,15 +89,6 @@ def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path) -> An
         raise StageError(f"ONNX export froze the batch dimension of input {INPUT_NAME!r} to {dim0.dim_value}; "
                          "expected a symbolic dimension. Not exported.")
     return proto
-
-
-def ort_session(model_bytes: bytes) -> Any:
-    """CUDA first only when torch sees a GPU (get_available_providers lists CUDA even without one)."""
-    import onnxruntime as ort
-    import torch
-
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.cuda.is_available() else ["CPUExecutionProvider"]
-    return ort.InferenceSession(model_bytes, providers=providers)
 
 
 def parity(wrapper: Any, session: Any, images: np.ndarray, device: Any) -> float:
@@ -279,7 +271,7 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
 
     # Parity on the graph without metadata (metadata does not change the computation).
     device = pick_device()
-    session = ort_session(proto.SerializeToString())
+    session = make_session(proto.SerializeToString())
     diff1 = parity(wrapper, session, images[:1], device)
     diff_n = parity(wrapper, session, images[:batch_n], device)
     tol = params.export.tolerance

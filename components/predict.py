@@ -84,14 +84,18 @@ def _nvidia_driver_present() -> bool:
     return True
 
 
-def make_session(model_path: Path) -> Any:
-    """CUDA only if a GPU build sees a device and the session really got the CUDA provider; else CPU."""
+def make_session(model: Path | bytes) -> Any:
+    """An ONNX Runtime session on an ONNX file or serialized graph: the one place sessions are made.
+
+    CUDA only if a GPU build sees a device and the session really got the CUDA provider; else CPU.
+    """
     import onnxruntime as ort
 
+    source = model if isinstance(model, bytes) else str(model)
     if ort.get_device() == "GPU" and _nvidia_driver_present():
         ort.set_default_logger_severity(3)  # a failed CUDA set-up is expected on some machines
         try:
-            session = ort.InferenceSession(str(model_path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            session = ort.InferenceSession(source, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
             if session.get_providers()[0] == "CUDAExecutionProvider":
                 return session
         except Exception as exc:  # noqa: BLE001 - any CUDA set-up failure means: use the CPU
@@ -99,9 +103,10 @@ def make_session(model_path: Path) -> Any:
         finally:
             ort.set_default_logger_severity(2)
     try:
-        return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
-        raise StageError(f"{model_path}: ONNX Runtime cannot load the model ({type(exc).__name__}: {exc}).") from None
+        name = "the exported graph" if isinstance(model, bytes) else model
+        raise StageError(f"{name}: ONNX Runtime cannot load the model ({type(exc).__name__}: {exc}).") from None
 
 
 def decide(probs: np.ndarray, meta: dict[str, Any]) -> np.ndarray:

@@ -35,6 +35,7 @@ from components import common
 from components.audit import read_current, read_releases, registry_dir
 from components.common import StageError, dvc, git  # registry.git/registry.dvc: callers use these names
 from components.params import Params
+from components.predict import make_session
 
 log = logging.getLogger("medtune.registry")
 
@@ -143,20 +144,12 @@ def champion_onnx(root: str | Path = ".") -> Path | None:
 # Champion vs challenger
 # ---------------------------------------------------------------------------------------------
 
-def recorded_threshold(onnx_path: str | Path, default: float) -> float:
-    """The binary threshold the model was evaluated (and is deployed) with, from its ONNX metadata
-    (`default`, the params threshold, for a model that records none)."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    threshold = json.loads(props.get("metrics", "{}")).get("threshold")
-    return default if threshold is None else float(threshold)
-
-
-def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, default_threshold: float,
+                       batch: int = 64) -> tuple[np.ndarray, float]:
+    """The model's probabilities on uint8 `images`, and the binary threshold it was evaluated (and is
+    deployed) with, from its ONNX metadata (`default_threshold` for a model that records none)."""
+    session = make_session(Path(onnx_path))
+    threshold = json.loads(session.get_modelmeta().custom_metadata_map.get("metrics", "{}")).get("threshold")
     inp = session.get_inputs()[0]
     shape = [d if isinstance(d, int) else None for d in inp.shape]
     if shape[1:] != list(images.shape[1:]):
@@ -164,7 +157,8 @@ def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, batch: int = 6
                          f"{list(images.shape[1:])}; the two models cannot be compared on the same data.")
     out = [session.run(None, {inp.name: np.asarray(images[i:i + batch], dtype=np.float32) / 255.0})[0]
            for i in range(0, len(images), batch)]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    probs = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    return probs, default_threshold if threshold is None else float(threshold)
 
 
 def comparison_rows(index: pd.DataFrame, champion_manifest: str | Path | None) -> np.ndarray:
@@ -226,14 +220,13 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
                                  f"with dvc get at tag {cur.get('git_tag')}")
             subset = np.asarray(images)[keep]
             # Each model at its own recorded threshold (it may have been chosen on its validation split).
-            probs = onnx_probabilities(onnx, subset)
+            probs, threshold = onnx_probabilities(onnx, subset, ev.threshold)
             champion["metrics"] = compute_metrics(y, probs, params.data.classes, params.positive_index,
-                                                  recorded_threshold(onnx, ev.threshold), ev.bootstrap, ev.seed)
+                                                  threshold, ev.bootstrap, ev.seed)
             if exported:
-                cprobs = onnx_probabilities(models / "model.onnx", subset)
-                comparison["challenger"] = compute_metrics(
-                    y, cprobs, params.data.classes, params.positive_index,
-                    recorded_threshold(models / "model.onnx", ev.threshold), ev.bootstrap, ev.seed)
+                cprobs, cthreshold = onnx_probabilities(models / "model.onnx", subset, ev.threshold)
+                comparison["challenger"] = compute_metrics(y, cprobs, params.data.classes, params.positive_index,
+                                                           cthreshold, ev.bootstrap, ev.seed)
         except (StageError, ValueError) as exc:
             blockers.append(f"cannot compare with champion {cur['model_id']} on the same test data: {exc}")
         if champion["metrics"] and comparison.get("challenger"):

@@ -7,6 +7,7 @@ lesion when the image is bright, "bad" says the opposite. The test images are br
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +53,21 @@ def export_onnx(path: Path, sign: float) -> None:
                       output_names=["probabilities"], dynamic_axes={"image": {0: "batch"}}, dynamo=False)
 
 
+def test_onnx_probabilities_return_the_threshold_the_model_records(tmp_path):
+    import onnx
+
+    path = tmp_path / "model.onnx"
+    export_onnx(path, 1.0)
+    images = np.stack([np.zeros((1, 8, 8), np.uint8), np.full((1, 8, 8), 255, np.uint8)])
+    probs, threshold = registry.onnx_probabilities(path, images, 0.5)
+    assert threshold == 0.5  # no metadata: the params threshold
+    assert probs.shape == (2, 2) and probs[0, 1] < 0.01 and probs[1, 1] > 0.99
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"metrics": json.dumps({"threshold": 0.27})})
+    onnx.save(proto, str(path))
+    assert registry.onnx_probabilities(path, images, 0.5)[1] == 0.27
+
+
 def mid(name: str) -> str:
     """The model id of the test checkpoint `name` (write_challenger's content)."""
     return hashlib.sha256(f"checkpoint {name}".encode()).hexdigest()[:12]
@@ -89,7 +105,7 @@ def write_challenger(ws: Path, name: str, sign: float, gate_passed: bool = True,
 
     export_onnx(ws / "models/model.onnx", sign)
     images, index = load_split(ws / "data/prepared", "test")
-    probs = registry.onnx_probabilities(ws / "models/model.onnx", images)
+    probs, _ = registry.onnx_probabilities(ws / "models/model.onnx", images, 0.5)
     metrics = compute_metrics(index["label_index"].to_numpy(), probs, ["normal", "lesion"], 1, 0.5, 20, 0)
     common.write_json(ws / "reports/metrics.json", metrics)
     common.write_json(ws / "reports/gate.json", {"passed": gate_passed, "reasons": ["test gate"],
