@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import zipfile
 from collections.abc import Sequence
@@ -48,8 +47,6 @@ log = logging.getLogger("medtune.importers")
 # Top-level folder name (lower case) -> split, for the spellings public datasets use.
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
-# "." is tool or OS state (.git, .DS_Store, .ipynb_checkpoints); "_" is archive debris (__MACOSX).
-HIDDEN_PREFIXES = (".", "_")
 
 
 def _arrays(npz_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -137,23 +134,10 @@ class _Plan:
     warnings: list[str]
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(HIDDEN_PREFIXES)
-
-
 def _entries(folder: Path) -> tuple[list[Path], list[Path]]:
     """(visible sub-folders, visible other entries) directly in folder, each sorted."""
-    visible = sorted(p for p in folder.iterdir() if not _hidden(p.name))
+    visible = sorted(p for p in folder.iterdir() if not scans.is_hidden(p.name))
     return [p for p in visible if p.is_dir()], [p for p in visible if not p.is_dir()]
-
-
-def _visible_files(folder: Path) -> list[Path]:
-    """Files under folder at any depth, sorted; hidden files and folders are left out."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not _hidden(d)]  # pruned in place: never walk into .git or __MACOSX
-        found += [Path(root, f) for f in files if not _hidden(f)]
-    return sorted(found)
 
 
 def _split_folders(src: Path, dirs: list[Path]) -> dict[str, Path] | None:
@@ -188,7 +172,7 @@ def _loose_non_scans(folder: Path, files: list[Path], where: str) -> list[Path]:
 def _class_scans(class_dir: Path) -> tuple[list[Path], list[Path]]:
     """(scans, non-scan files) under one class folder; StageError if it holds no scan."""
     found, other = [], []
-    for f in _visible_files(class_dir):
+    for f in scans.visible_files(class_dir):
         (found if scans.is_candidate(f) else other).append(f)  # once per file: it may read a DICOM header
     if not found:
         raise common.StageError(f"{class_dir}: class folder holds no scan file ({len(other)} other file(s)); "

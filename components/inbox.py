@@ -134,9 +134,9 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
                 problems.append(f"{batch / 'labels.csv'}: path {rel!r} does not exist in the batch.")
 
     rows = []
-    for f in sorted(p for p in batch.rglob("*") if p.is_file()):
+    for f in scans.visible_files(batch):
         rel = f.relative_to(batch).as_posix()
-        if rel == "labels.csv" or any(part.startswith(".") for part in f.relative_to(batch).parts):
+        if rel == "labels.csv":
             continue
         if not scans.is_candidate(f):
             problems.append(f"{f}: not a scan (expected DICOM, PNG or JPEG).")

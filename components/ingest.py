@@ -46,16 +46,15 @@ SOURCE_NAMES = {"csv": "labels.csv patient_id", "dicom": "DICOM PatientID", "pat
 
 
 def find_scans(raw_dir: Path) -> list[str]:
-    """Scan files under raw_dir as sorted posix paths relative to it (hidden folders skipped)."""
-    found = []
-    for p in raw_dir.rglob("*"):
-        rel = p.relative_to(raw_dir)
-        # Hidden folders hold tool state (.dvc, .ipynb_checkpoints), never scans.
-        if any(part.startswith(".") for part in rel.parts[:-1]):
-            continue
-        if scans.is_candidate(p):
-            found.append(rel.as_posix())
-    return sorted(found)
+    """Scan files under raw_dir as sorted posix paths relative to it; hidden files and folders
+    (tool state such as .ipynb_checkpoints, archive debris such as __MACOSX) are skipped, and said so."""
+    skipped: list[Path] = []
+    found = [p.relative_to(raw_dir).as_posix() for p in scans.visible_files(raw_dir, skipped) if scans.is_candidate(p)]
+    if skipped:
+        names = [p.relative_to(raw_dir).as_posix() for p in skipped]
+        log.info("%s: skipped %d hidden file(s)/folder(s) (names starting with %s): %s%s", raw_dir, len(names),
+                 " or ".join(map(repr, scans.HIDDEN_PREFIXES)), ", ".join(names[:5]), " ..." if len(names) > 5 else "")
+    return found
 
 
 def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataFrame:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from components import calibrate
 from components.common import StageError, atomic_path, stage_main
-from components.scans import ScanError, is_candidate, prepare_image
+from components.scans import ScanError, is_candidate, prepare_image, visible_files
 
 log = logging.getLogger("medtune.predict")
 
@@ -64,7 +64,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if is_candidate(f))
+            out += [f for f in visible_files(p) if is_candidate(f)]
         else:
             out.append(p)
     return out

@@ -29,6 +29,7 @@ patient's name or id.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ log = logging.getLogger("medtune.scans")
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # Files that sit beside scans but are never scans (the labels file, DVC pointers, notes).
+# "." is tool or OS state (.git, .dvc, .DS_Store, .ipynb_checkpoints); "_" is archive debris (__MACOSX).
+HIDDEN_PREFIXES = (".", "_")
 NEVER_SCANS = {".csv", ".dvc", ".txt", ".md", ".json", ".yaml", ".yml", ".xml", ".html", ".py", ".log"}
 RESIZE_METHOD = "bilinear (Pillow, antialiased, reducing_gap=3.0), direct to square: aspect ratio not preserved"
 _REDUCING_GAP = 3.0
@@ -77,6 +80,26 @@ def _has_dicom_signature(path: Path) -> bool:
     # Without preamble a little-endian dataset starts with its lowest tag: the file meta group
     # (0002,xxxx) or the identifying group (0008,xxxx). Text files never start with these bytes.
     return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(HIDDEN_PREFIXES)
+
+
+def visible_files(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
+    """Files under folder at any depth, sorted, without hidden files and folders (HIDDEN_PREFIXES).
+
+    The one folder walker: import, ingest, the retrain inbox and predict all see the same files.
+    Hidden entries left out are appended to `skipped` (if given) so a caller can say so.
+    """
+    found = []
+    for root, dirs, files in os.walk(folder):
+        hidden = sorted(d for d in dirs if is_hidden(d)) + sorted(f for f in files if is_hidden(f))
+        if skipped is not None:
+            skipped += [Path(root, h) for h in hidden]
+        dirs[:] = [d for d in dirs if not is_hidden(d)]  # pruned in place: never walk into .git or __MACOSX
+        found += [Path(root, f) for f in files if not is_hidden(f)]
+    return sorted(found)
 
 
 def is_candidate(path: Path) -> bool:

@@ -209,6 +209,18 @@ def test_mixed_case_png_and_jpeg_extensions(tmp_path):
     assert (df["error"] == "").all()
 
 
+def test_hidden_folders_and_files_are_skipped_and_said_so(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    rows = png_set(raw, patients=10)
+    png(raw / "__MACOSX/lesion/._q1_a.png")  # archive debris: not a scan of class "__MACOSX"
+    png(raw / "lesion/.ipynb_checkpoints/q2_a.png")
+    png(raw / "normal/.q3_a.png")
+    with caplog.at_level("INFO", logger="medtune.ingest"):
+        df = ingest(raw, tmp_path / "out", params())
+    assert sorted(df["path"]) == sorted(r[0] for r in rows)
+    assert "skipped 3 hidden" in caplog.text and "__MACOSX" in caplog.text
+
+
 def test_main_uses_params_and_reports_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text("data:\n  raw_dir: scans\n  patient_pattern: '^(?P<patient>p\\d+)_'\n")

@@ -114,3 +114,14 @@ def test_main_writes_csv(model, tmp_path):
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
     assert main([str(model), str(tmp_path), "-o", str(tmp_path / "out.csv"), "--batch-size", "4"]) == 0
     assert pd.read_csv(tmp_path / "out.csv")["path"].str.endswith("x.png").all()
+
+
+def test_folders_are_searched_for_visible_scans_only(tmp_path):
+    from components.predict import expand_paths
+
+    for rel in ["a/x.png", "a/deeper/y.dcm", "a/.ipynb_checkpoints/x.png", "a/__MACOSX/._x.png", "a/notes.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "given.txt").write_bytes(b"")  # a file named on the command line is taken as is
+    found = expand_paths([tmp_path / "a", tmp_path / "given.txt"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/deeper/y.dcm", "a/x.png", "given.txt"]
