@@ -183,6 +183,9 @@ class TrainParams:
     # average is what is validated, selected and saved: it smooths the epoch-to-epoch jumps of a
     # small data set. Time constant ~ 1 / (1 - decay) steps, e.g. 0.99 ~ 100 steps.
     ema_decay: float = 0.0
+    # mixup (Zhang et al. 2018): each batch is blended with a shuffled copy of itself, weight
+    # lam ~ Beta(alpha, alpha), and the loss is blended the same way (0 = off; 0.2-0.4 is usual).
+    mixup_alpha: float = 0.0
     # Train this many models with seeds seed, seed + 1, ... and ship their averaged logits as one
     # model (a deep ensemble): steadier and better ranked on shifted test data, at N x the cost.
     ensemble: int = 1
@@ -214,6 +217,7 @@ class TrainParams:
         _expect(0 <= self.dropout < 1, "train.dropout", self.dropout, "a probability in [0, 1)")
         _expect(1 <= self.ensemble <= 20, "train.ensemble", self.ensemble, "an integer in [1, 20] (models trained)")
         _expect(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a decay in [0, 1) (0 = off)")
+        _expect(0 <= self.mixup_alpha <= 10, "train.mixup_alpha", self.mixup_alpha, "an alpha in [0, 10] (0 = off)")
 
 
 @dataclass(frozen=True)

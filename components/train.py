@@ -142,17 +142,36 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=True, memory_format=torch.channels_last)
 
 
+class Mixup:
+    """mixup as in the paper's reference code (facebookresearch/mixup-cifar10): blend the batch with
+    a permutation of itself and blend the two losses, so class weights and label smoothing still
+    apply to integer targets. Its own seeded generators leave the global RNG (and so the runs with
+    mixup off) untouched."""
+
+    def __init__(self, alpha: float, seed: int):
+        self.alpha = alpha
+        self.rng = np.random.default_rng(seed)
+        self.perm = torch.Generator().manual_seed(seed)
+
+    def loss(self, model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lam = float(self.rng.beta(self.alpha, self.alpha))
+        perm = torch.randperm(len(y), generator=self.perm).to(y.device)
+        out = model(lam * x + (1 - lam) * x[perm])
+        return lam * criterion(out, y) + (1 - lam) * criterion(out, y[perm])
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
                     desc: str = "train", scheduler: Any = None,
-                    ema: torch.optim.swa_utils.AveragedModel | None = None) -> dict[str, float]:
+                    ema: torch.optim.swa_utils.AveragedModel | None = None,
+                    mixup: Mixup | None = None) -> dict[str, float]:
     """One pass over `loader` (updating `ema` after every step); returns {loss (mean per image), images, seconds}."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
         x, y = _to(x, device), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-            loss = criterion(model(x), y)
+            loss = mixup.loss(model, criterion, x, y) if mixup is not None else criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
@@ -354,6 +373,7 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
                                seed, tp.num_workers, pin)
     val_loader = make_loader(x_val, y_val, tp.batch_size, False, None, seed, tp.num_workers, pin)
     scheduler = make_scheduler(optimizer, len(train_loader), tp)
+    mixup = Mixup(tp.mixup_alpha, seed) if tp.mixup_alpha > 0 else None
     log.info("training %s%s (%s) on %s, seed %d: %d train / %d val images, %d trainable parameters", desc,
              tp.backbone, pretrained["source"], device, seed, len(y_train), len(y_val), trainable)
 
@@ -364,7 +384,7 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
     for epoch in epochs:
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler, use_amp, f"epoch {epoch}",
-                             scheduler, ema)
+                             scheduler, ema, mixup)
         ev = evaluate_epoch(selected, val_loader, criterion, device, params.positive_index, use_amp)
         images_seen, seconds = images_seen + tr["images"], seconds + tr["seconds"]
         history.append({"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr})

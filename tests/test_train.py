@@ -193,6 +193,34 @@ def test_ema_weights_are_what_is_validated_and_saved(tmp_path):
     assert all(v.is_contiguous() for v in sb["state_dict"].values())  # NCHW on disk, whatever trained it
 
 
+def test_mixup_blends_images_and_losses_with_its_own_seeded_draws():
+    from components.train import Mixup
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x, y = torch.rand(6, 1, 2, 2), torch.tensor([0, 1, 0, 1, 1, 0])
+    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0]), label_smoothing=0.1)
+    state = torch.get_rng_state()
+    loss = Mixup(0.4, seed=3).loss(model, criterion, x, y)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG (augmentation, dropout) is untouched
+    lam = np.random.default_rng(3).beta(0.4, 0.4)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
+    out = model(lam * x + (1 - lam) * x[perm])
+    expected = lam * criterion(out, y) + (1 - lam) * criterion(out, y[perm])
+    assert 0 < lam < 1 and not torch.equal(perm, torch.arange(6))
+    assert loss.item() == pytest.approx(expected.item())
+
+
+def test_mixup_trains_another_model_reproducibly(tmp_path):
+    prepared = write_prepared(tmp_path / "prepared")
+    _, a = run(tmp_path, prepared, "plain", epochs=1)
+    _, b = run(tmp_path, prepared, "mix1", epochs=1, mixup_alpha=0.4)
+    _, c = run(tmp_path, prepared, "mix2", epochs=1, mixup_alpha=0.4)
+    sa, sb, sc = (torch.load(d / "model.pt", weights_only=True) for d in (a, b, c))
+    assert not torch.equal(sa["state_dict"]["head.weight"], sb["state_dict"]["head.weight"])
+    assert torch.equal(sb["state_dict"]["head.weight"], sc["state_dict"]["head.weight"])
+
+
 def test_an_ensemble_is_its_members_trained_alone_with_consecutive_seeds_and_averaged(tmp_path):
     from components.models import Ensemble
 
