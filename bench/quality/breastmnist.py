@@ -55,6 +55,8 @@ DATASET = Dataset(
             "train.backbone": "efficientnet_lite2"}},
         "few-small-scans, efficientnet_lite2, single model": {"preset": "few-small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "train.ensemble": 1}},
+        "few-small-scans, mixup 0.4, single model": {"preset": "few-small-scans", "sets": {
+            "train.mixup_alpha": 0.4, "train.ensemble": 1}},
     },
     notes=["Positive class: malignant (label 0 in the .npz). AUROC does not depend on which class is positive.",
            "Source: Yang et al., MedMNIST v2, Scientific Data 2023 (figures as listed in ../shared/datasets/README.md)."],
