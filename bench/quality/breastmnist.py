@@ -51,6 +51,7 @@ DATASET = Dataset(
         "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
             "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
         # Stop 9: a larger ImageNet backbone whose weights also install offline.
+        "few-small-scans, single model": {"preset": "few-small-scans", "sets": {"train.ensemble": 1}},
         "few-small-scans, efficientnet_lite2": {"preset": "few-small-scans", "sets": {
             "train.backbone": "efficientnet_lite2"}},
         "few-small-scans, efficientnet_lite2, single model": {"preset": "few-small-scans", "sets": {
