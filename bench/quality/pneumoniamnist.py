@@ -47,6 +47,8 @@ DATASET = Dataset(
         # stronger intensity augmentation, to lean less on global brightness.
         "small-scans, brightness/contrast 0.3": {"preset": "small-scans", "sets": {
             "augment.brightness": 0.3, "augment.contrast": 0.3}},
+        "small-scans, no brightness/contrast augmentation": {"preset": "small-scans", "sets": {
+            "augment.brightness": 0.0, "augment.contrast": 0.0}},
         "small-scans, mixup 0.4": {"preset": "small-scans", "sets": {"train.mixup_alpha": 0.4}},
     },
     notes=["Sources: Yang et al., MedMNIST v2, Scientific Data 2023; Doerrich et al., MedMNIST+, 2024 "
