@@ -56,6 +56,7 @@ DATASET = Dataset(
             "train.backbone": "efficientnet_lite2"}},
         "few-small-scans, efficientnet_lite2, single model": {"preset": "few-small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "train.ensemble": 1}},
+        "few-small-scans, mixup 0.4": {"preset": "few-small-scans", "sets": {"train.mixup_alpha": 0.4}},
         "few-small-scans, mixup 0.4, single model": {"preset": "few-small-scans", "sets": {
             "train.mixup_alpha": 0.4, "train.ensemble": 1}},
     },
