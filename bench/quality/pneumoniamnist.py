@@ -38,6 +38,8 @@ DATASET = Dataset(
             "train.ensemble": 3, "evaluate.tta": "none"}},
         # Stop 9: a larger ImageNet backbone whose weights also install offline.
         "small-scans, efficientnet_lite2": {"preset": "small-scans", "sets": {"train.backbone": "efficientnet_lite2"}},
+        "small-scans, efficientnet_lite2, ensemble of 3": {"preset": "small-scans", "sets": {
+            "train.backbone": "efficientnet_lite2", "train.ensemble": 3}},
         # Evaluate-only variants of it (the train stage comes from DVC's run cache).
         "small-scans, efficientnet_lite2, no calibration": {"preset": "small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "evaluate.calibration": "none"}},
