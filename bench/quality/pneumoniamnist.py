@@ -38,13 +38,13 @@ DATASET = Dataset(
             "train.ensemble": 3, "evaluate.tta": "none"}},
         # Stop 9: a larger ImageNet backbone whose weights also install offline.
         "small-scans, efficientnet_lite2": {"preset": "small-scans", "sets": {"train.backbone": "efficientnet_lite2"}},
-        "small-scans, efficientnet_lite2, ensemble of 3": {"preset": "small-scans", "sets": {
-            "train.backbone": "efficientnet_lite2", "train.ensemble": 3}},
         # Evaluate-only variants of it (the train stage comes from DVC's run cache).
         "small-scans, efficientnet_lite2, no calibration": {"preset": "small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "evaluate.calibration": "none"}},
         "small-scans, efficientnet_lite2, Youden threshold": {"preset": "small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "evaluate.threshold_method": "youden"}},
+        "small-scans, efficientnet_lite2, ensemble of 3": {"preset": "small-scans", "sets": {
+            "train.backbone": "efficientnet_lite2", "train.ensemble": 3}},
         # Test normals are a little brighter in the lung field than train normals (mean 165.5 vs 160.4 of 255):
         # stronger intensity augmentation, to lean less on global brightness.
         "small-scans, brightness/contrast 0.3": {"preset": "small-scans", "sets": {
