@@ -40,9 +40,9 @@ log = logging.getLogger("medtune.scans")
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
-# Files that sit beside scans but are never scans (the labels file, DVC pointers, notes).
 # "." is tool or OS state (.git, .dvc, .DS_Store, .ipynb_checkpoints); "_" is archive debris (__MACOSX).
 HIDDEN_PREFIXES = (".", "_")
+# Files that sit beside scans but are never scans (the labels file, DVC pointers, notes).
 NEVER_SCANS = {".csv", ".dvc", ".txt", ".md", ".json", ".yaml", ".yml", ".xml", ".html", ".py", ".log"}
 RESIZE_METHOD = "bilinear (Pillow, antialiased, reducing_gap=3.0), direct to square: aspect ratio not preserved"
 _REDUCING_GAP = 3.0
