@@ -173,7 +173,8 @@ def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, 
                  f"{train_p.get('seed', 0) + ckpt['members'] - 1}, one per list entry), logits averaged"
                  if ckpt.get("members", 1) > 1 else ""),
               f"- input: {meta.get('channels')} channel(s), {meta.get('image_size')} x {meta.get('image_size')} px, "
-              f"DICOM window `{meta.get('window')}`, resize {meta.get('resize', 'as recorded')}",
+              f"DICOM window `{meta.get('window')}`" + (", histogram-equalized" if meta.get("equalize") else "")
+              + f", resize {meta.get('resize', 'as recorded')}",
               f"- ONNX: opset {exp['opset']}, parity with PyTorch max |diff| {exp['max_abs_diff_batch1']:.2e} (batch 1), "
               f"{exp['max_abs_diff_batchN']:.2e} (batch {exp['batch_n']})", "",
               f"## Test metrics (n = {metrics['n_test']}; {metrics.get('averaging', '')})",
@@ -222,7 +223,7 @@ def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, 
               "- Images are reduced to a small fixed resolution; fine findings may be invisible to the model.",
               "- The threshold was not tuned for a clinical operating point; choose one locally.", "",
               "## How to run", "```", "medtune predict models/model.onnx path/to/scans/ -o predictions.csv", "```",
-              "The ONNX file carries the class names and the preprocessing (image size, channels, DICOM window) "
+              "The ONNX file carries the class names and the preprocessing (image size, channels, DICOM window, equalization) "
               "in its metadata; `predict` repeats exactly that preprocessing. Lineage: `models/lineage.json`.", ""]
     return "\n".join(lines)
 

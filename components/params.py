@@ -120,6 +120,9 @@ class PreprocessParams:
     channels: int = 1
     # DICOM windowing: "header" (WindowCenter/WindowWidth, else min-max), "minmax", or [center, width].
     window: str | list[float] = "header"
+    # Histogram equalization of each scan after windowing: removes global exposure differences
+    # between scanners or sites (components.scans.prepare_image; predict repeats it).
+    equalize: bool = False
 
     def validate(self) -> None:
         _expect(8 <= self.image_size <= 1024, "preprocess.image_size", self.image_size, "8..1024 pixels")
@@ -127,6 +130,7 @@ class PreprocessParams:
         ok = self.window in ("header", "minmax") or (
             isinstance(self.window, list) and len(self.window) == 2 and float(self.window[1]) > 0)
         _expect(ok, "preprocess.window", self.window, "'header', 'minmax' or [center, width>0]")
+        _expect(isinstance(self.equalize, bool), "preprocess.equalize", self.equalize, "true or false")
 
 
 @dataclass(frozen=True)

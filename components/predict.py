@@ -147,7 +147,9 @@ def predict(model_path: str | Path, paths: Sequence[str | Path], out_csv: str | 
 
     for i, f in enumerate(files):
         try:
-            batch.append(prepare_image(f, pre["image_size"], pre["channels"], pre["window"]))
+            # `equalize` is absent from models exported before it existed: they did not equalize.
+            batch.append(prepare_image(f, pre["image_size"], pre["channels"], pre["window"],
+                                       pre.get("equalize", False)))
             rows.append(i)
         except (ScanError, OSError, ValueError) as exc:
             errors[i] = str(exc) if str(f) in str(exc) else f"{f}: {exc}"

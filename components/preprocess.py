@@ -74,7 +74,7 @@ def _fill_split(rows: pd.DataFrame, raw_dir: Path, target: Path, params: Params,
                 raise StageError(f"{path}: sha256 is {actual} but the manifest says {digest}; the file changed "
                                  "after ingest. Rerun `dvc repro` (ingest and validate) so the change is reviewed.")
             try:
-                out[i] = prepare_image(path, pp.image_size, pp.channels, pp.window)
+                out[i] = prepare_image(path, pp.image_size, pp.channels, pp.window, pp.equalize)
             except ScanError as exc:
                 raise StageError(f"{exc} (ingest found it readable; was the file replaced?)") from None
             bar.update(1)
@@ -128,6 +128,7 @@ def _meta(index_df: pd.DataFrame, params: Params) -> dict:
         "image_size": pp.image_size,
         "channels": pp.channels,
         "window": window,
+        "equalize": pp.equalize,
         "resize": RESIZE_METHOD,
         "input": "uint8 NCHW",
         "dtype": "uint8",

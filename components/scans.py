@@ -320,11 +320,16 @@ def load_pixels(path: Path, window: str | list[float], channels: int) -> np.ndar
     return np.ascontiguousarray(_to_channels(pixels, channels))
 
 
-def prepare_image(path: Path, image_size: int, channels: int, window) -> np.ndarray:
-    """The model's input for one scan: uint8 (channels, image_size, image_size)."""
+def prepare_image(path: Path, image_size: int, channels: int, window, equalize: bool = False) -> np.ndarray:
+    """The model's input for one scan: uint8 (channels, image_size, image_size).
+
+    `equalize` applies histogram equalization to each plane after windowing and before resizing,
+    so every scan spans the full grey range whatever its exposure (a scanner or site shift)."""
     pixels = load_pixels(path, window, channels)
     size = (int(image_size), int(image_size))
-    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., c]))
-                         .resize(size, Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP))
-              for c in range(pixels.shape[2])]
+    planes = [Image.fromarray(np.ascontiguousarray(pixels[..., c])) for c in range(pixels.shape[2])]
+    if equalize:
+        planes = [ImageOps.equalize(plane) for plane in planes]
+    planes = [np.asarray(plane.resize(size, Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP))
+              for plane in planes]
     return np.stack(planes, axis=0).astype(np.uint8, copy=False)

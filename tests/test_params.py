@@ -34,6 +34,7 @@ def test_defaults_are_valid_and_digest_is_stable():
         ({"split": {"test_fraction": 0.7}}, "split.test_fraction = 0.7"),
         ({"data": {"classes": ["a"]}}, "data.classes"),
         ({"preprocess": {"window": [40]}}, "preprocess.window"),
+        ({"preprocess": {"equalize": "yes"}}, "preprocess.equalize"),
         ({"evaluate": {"positive_class": "tumour"}}, "evaluate.positive_class = 'tumour'"),
         ({"trian": {}}, "unknown key(s) trian"),
         ({"train": {"epoch": 3}}, "unknown key(s) train.epoch"),

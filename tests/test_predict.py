@@ -93,6 +93,30 @@ def test_predict_matches_the_training_preprocessing(model, tmp_path):
     assert np.allclose(table[["prob_normal", "prob_lesion"]].to_numpy(dtype=float)[0], ref, atol=1e-6)
 
 
+def test_predict_repeats_the_recorded_equalization(model, tmp_path):
+    """A model whose metadata says `equalize` gets equalized inputs; older models (no key) do not."""
+    import json
+
+    import onnxruntime as ort
+    from PIL import ImageOps
+
+    img = np.random.default_rng(2).integers(40, 120, (32, 32), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    proto = onnx.load(str(model))
+    for prop in proto.metadata_props:
+        if prop.key == "preprocessing":
+            prop.value = json.dumps({**json.loads(prop.value), "equalize": True})
+    equalizing = tmp_path / "equalizing.onnx"
+    onnx.save(proto, str(equalizing))
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    equalized = np.asarray(ImageOps.equalize(Image.fromarray(img)))
+    for path, x in [(equalizing, equalized), (model, img)]:
+        ref = sess.run(["probabilities"], {"image": x[None, None].astype(np.float32) / 255})[0][0]
+        got = predict(path, [tmp_path / "x.png"], None)[["prob_normal", "prob_lesion"]].to_numpy(dtype=float)[0]
+        assert np.allclose(got, ref, atol=1e-6), path.name
+
+
 def test_model_without_metadata_is_a_clear_error(model, tmp_path, capsys):
     proto = onnx.load(str(model))
     del proto.metadata_props[:]

@@ -114,6 +114,12 @@ def test_preprocess_end_to_end(dataset, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     preprocess(manifest, raw, out, params(size=8, channels=1, window="minmax"))
     assert load_split(out, "train")[0].shape == (3, 1, 8, 8) and load_meta(out)["window"] == "minmax"
+    assert load_meta(out)["equalize"] is False
+    equalizing = parse_params({"preprocess": {"image_size": SIZE, "channels": 1, "equalize": True}})
+    preprocess(manifest, raw, out, equalizing)
+    images, rows = load_split(out, "train")
+    assert load_meta(out)["equalize"] is True
+    np.testing.assert_array_equal(images[0], prepare_image(raw / rows["path"][0], SIZE, 1, "header", equalize=True))
 
 
 def test_changed_raw_file_is_refused(dataset, tmp_path):

@@ -173,6 +173,18 @@ def test_prepare_image_resizes_to_square(tmp_path):
     assert prepare_image(tmp_path / "r.png", 12, 1, "header").shape == (1, 12, 12)
 
 
+def test_equalize_removes_an_exposure_shift(tmp_path):
+    """The same scan exposed brighter equalizes to the same input; without it the inputs differ."""
+    scene = np.random.default_rng(0).integers(0, 100, (24, 24), dtype=np.uint8)
+    Image.fromarray(scene).save(tmp_path / "dark.png")
+    Image.fromarray(scene + 120).save(tmp_path / "bright.png")
+    dark, bright = (prepare_image(tmp_path / f"{n}.png", 24, 1, "header", equalize=True) for n in ("dark", "bright"))
+    np.testing.assert_array_equal(dark, bright)
+    assert dark.min() < 20 and dark.max() > 235  # stretched over the grey range
+    plain = prepare_image(tmp_path / "bright.png", 24, 1, "header")
+    assert plain.min() >= 120 and not np.array_equal(plain, bright)
+
+
 def test_is_candidate_skips_non_scans(tmp_path):
     for name, data in [(".hidden.png", b"x"), ("labels.csv", b"path,label\n"), ("raw.dvc", b"outs:\n"),
                        ("notes", b"just some text\n"), ("README.md", b"# hi\n")]:

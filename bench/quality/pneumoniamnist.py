@@ -54,6 +54,12 @@ DATASET = Dataset(
         "small-scans, no brightness/contrast augmentation": {"preset": "small-scans", "sets": {
             "augment.brightness": 0.0, "augment.contrast": 0.0}},
         "small-scans, mixup 0.4": {"preset": "small-scans", "sets": {"train.mixup_alpha": 0.4}},
+        # Stop 10: histogram equalization per scan removes that exposure difference instead of training
+        # the model to ignore it.
+        "small-scans, equalized": {"preset": "small-scans", "sets": {"preprocess.equalize": True}},
+        "small-scans, efficientnet_lite2, ensemble of 3, equalized, Youden threshold": {"preset": "small-scans", "sets": {
+            "train.backbone": "efficientnet_lite2", "train.ensemble": 3, "preprocess.equalize": True,
+            "evaluate.threshold_method": "youden"}},
     },
     notes=["Sources: Yang et al., MedMNIST v2, Scientific Data 2023; Doerrich et al., MedMNIST+, 2024 "
            "(figures as listed in ../shared/datasets/README.md)."],
