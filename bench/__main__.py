@@ -22,6 +22,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,16 @@ def _steps_per_second(model, batches, steps: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def _best_of(rounds: int, **rates: Callable[[], float]) -> dict[str, float]:
+    """Each rate's best over `rounds`, measured in alternation: a 2-core machine's speed drifts
+    (turbo, other processes) more than the differences being measured."""
+    best = dict.fromkeys(rates, 0.0)
+    for _ in range(rounds):
+        for name, rate in rates.items():
+            best[name] = max(best[name], rate())
+    return best
+
+
 def bench_data(size: int = 64, n: int = 640, steps: int = 16) -> None:
     """Same model, same steps, three sources of the same training batches (see the module doc)."""
     params = Params()
@@ -74,17 +86,15 @@ def bench_data(size: int = 64, n: int = 640, steps: int = 16) -> None:
             return _steps_per_second(model, _cycle(make_loader(source, labels, BATCH, train=True,
                                                                transform=transform, seed=0)), steps)
 
-        # Alternate the sources and keep each one's best of 3 rounds: a 2-core machine's speed
-        # drifts (turbo, other processes) more than the difference being measured.
         ram = torch.from_numpy(np.array(images))
         # Upper bound: the batches materialised beforehand (no data work at all during the steps).
         cached = [b for _, b in zip(range(steps + 1), make_loader(images, labels, BATCH, train=True,
                                                                   transform=transform, seed=0))]
-        real = in_ram = bound = 0.0
-        for _ in range(3):
-            real = max(real, rate(images))  # uint8 memmap on disk, decoded per image, augmented on the fly
-            in_ram = max(in_ram, rate(ram))  # the same tensors in RAM, same loader and augmentation
-            bound = max(bound, _steps_per_second(model, _cycle(cached), steps))
+        best = _best_of(3,
+                        real=lambda: rate(images),  # uint8 memmap on disk, decoded per image, augmented on the fly
+                        in_ram=lambda: rate(ram),  # the same tensors in RAM, same loader and augmentation
+                        bound=lambda: _steps_per_second(model, _cycle(cached), steps))
+        real, in_ram, bound = best["real"], best["in_ram"], best["bound"]
     what = f"efficientnet_lite0, {size} px, batch {BATCH}, best of 3 x {steps} steps, num_workers 0, {torch.get_num_threads()} threads"
     print(f"data   real path {real:6.1f} img/s | same tensors in RAM {in_ram:6.1f} img/s | ratio {real / in_ram:.3f} "
           f"(target >= 0.95; {what})")
@@ -168,10 +178,9 @@ def bench_layout(sizes: tuple[int, ...] = (64, 96, 128), steps: int = 6) -> None
         nhwc, _ = build_model("efficientnet_lite0", 2, 1, pretrained=True)
         nhwc.to(memory_format=torch.channels_last)
         x_last = x.contiguous(memory_format=torch.channels_last)
-        plain = last = 0.0
-        for _ in range(2):
-            plain = max(plain, _steps_per_second(nchw, _cycle([(x, y)]), steps))
-            last = max(last, _steps_per_second(nhwc, _cycle([(x_last, y)]), steps))
+        best = _best_of(2, plain=lambda: _steps_per_second(nchw, _cycle([(x, y)]), steps),
+                        last=lambda: _steps_per_second(nhwc, _cycle([(x_last, y)]), steps))
+        plain, last = best["plain"], best["last"]
         print(f"layout {size:3d} px: channels_last {last:6.1f} img/s | NCHW {plain:6.1f} img/s | ratio "
               f"{last / plain:.2f} (efficientnet_lite0, batch {BATCH}, {torch.get_num_threads()} threads)")
 
@@ -184,10 +193,8 @@ def bench_backbones(sizes: tuple[int, ...] = (64, 128), steps: int = 6) -> None:
         batch = [(x.contiguous(memory_format=torch.channels_last), torch.from_numpy(rng.integers(0, 2, BATCH)))]
         models = {arch: build_model(arch, 2, 1, pretrained=True)[0].to(memory_format=torch.channels_last)
                   for arch in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")}
-        speed = dict.fromkeys(models, 0.0)
-        for _ in range(2):
-            for arch, model in models.items():
-                speed[arch] = max(speed[arch], _steps_per_second(model, _cycle(batch), steps))
+        speed = _best_of(2, **{arch: partial(_steps_per_second, model, _cycle(batch), steps)
+                               for arch, model in models.items()})
         base = speed["efficientnet_lite0"]
         print(f"backbones {size:3d} px: " + " | ".join(f"{a.removeprefix('efficientnet_')} {v:6.1f} img/s "
                                                      f"({base / v:.2f}x lite0's time)" for a, v in speed.items())
