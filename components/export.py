@@ -31,7 +31,7 @@ import numpy as np
 from components.common import (SPLITS, StageError, atomic_path, git_facts, read_json, sha256_bytes, sha256_file,
                                stage_main, write_json, write_text)
 from components.params import Params, load_params
-from components.predict import make_session
+from components.onnx_runtime import make_session
 
 log = logging.getLogger("medtune.export")
 

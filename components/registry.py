@@ -35,7 +35,7 @@ from components import common
 from components.audit import read_current, read_releases, registry_dir
 from components.common import StageError, dvc, git  # registry.git/registry.dvc: callers use these names
 from components.params import Params
-from components.predict import make_session
+from components.onnx_runtime import make_session
 
 log = logging.getLogger("medtune.registry")
 
