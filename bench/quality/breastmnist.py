@@ -57,6 +57,10 @@ DATASET = Dataset(
         "few-small-scans, efficientnet_lite2, single model": {"preset": "few-small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "train.ensemble": 1}},
         "few-small-scans, mixup 0.4": {"preset": "few-small-scans", "sets": {"train.mixup_alpha": 0.4}},
+        # Stop 10: histogram equalization per scan (ultrasound gain differs between scans).
+        "few-small-scans, equalized": {"preset": "few-small-scans", "sets": {"preprocess.equalize": True}},
+        "few-small-scans, equalized, single model": {"preset": "few-small-scans", "sets": {
+            "preprocess.equalize": True, "train.ensemble": 1}},
         "few-small-scans, mixup 0.4, single model": {"preset": "few-small-scans", "sets": {
             "train.mixup_alpha": 0.4, "train.ensemble": 1}},
     },
