@@ -21,6 +21,8 @@ DATASET = Dataset(
     recipes={
         "params.yaml defaults @128px": {},
         "messy-photos": {"preset": "messy-photos"},
+        # Stop 10: histogram equalization per scan (the folder mixes exposures and sources).
+        "messy-photos, equalized": {"preset": "messy-photos", "sets": {"preprocess.equalize": True}},
     },
     notes=["No published baseline and no official split: test = 25% of the images (patient-level "
            "StratifiedGroupKFold, byte-identical duplicates kept in one split); small, so the intervals are wide."],

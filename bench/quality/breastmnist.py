@@ -61,6 +61,8 @@ DATASET = Dataset(
         "few-small-scans, equalized": {"preset": "few-small-scans", "sets": {"preprocess.equalize": True}},
         "few-small-scans, equalized, single model": {"preset": "few-small-scans", "sets": {
             "preprocess.equalize": True, "train.ensemble": 1}},
+        "few-small-scans, equalized, ensemble of 5": {"preset": "few-small-scans", "sets": {
+            "preprocess.equalize": True, "train.ensemble": 5}},
         "few-small-scans, mixup 0.4, single model": {"preset": "few-small-scans", "sets": {
             "train.mixup_alpha": 0.4, "train.ensemble": 1}},
     },
