@@ -7,6 +7,9 @@ import sys
 
 from bench.quality.medmnist import Dataset, main
 
+# The few-small-scans preset before stop 10 (no histogram equalization).
+PLAIN = {"preprocess.equalize": False}
+
 DATASET = Dataset(
     name="breastmnist", source="breastmnist/breastmnist.npz", classes=["malignant", "benign_or_normal"],
     positive="malignant", title="BreastMNIST (28 px breast ultrasound), official test split (n = 156)",
@@ -43,28 +46,30 @@ DATASET = Dataset(
         "small-scans @224px, 30 epochs, Youden": {"preset": "small-scans", "sets": {
             "preprocess.image_size": 224, "train.epochs": 30, "train.patience": 10,
             "evaluate.threshold_method": "youden"}},
-        # The few-small-scans preset (components/presets.yaml) is this recipe, kept after these runs.
-        "small-scans @128px, batch 16, 30 epochs, ensemble of 3, Youden": {"preset": "few-small-scans"},
+        # The few-small-scans preset (components/presets.yaml) was this recipe, kept after these runs;
+        # stop 10 added histogram equalization to it, so the runs before it name `equalize: false`.
+        "small-scans @128px, batch 16, 30 epochs, ensemble of 3, Youden": {"preset": "few-small-scans", "sets": {
+            **PLAIN}},
         # Evaluate-only variant of the ensemble above: DVC's run cache restores its train stage.
         "small-scans @128px, batch 16, 30 epochs, ensemble of 3, fixed threshold": {"preset": "few-small-scans", "sets": {
-            "evaluate.threshold_method": "fixed"}},
+            **PLAIN, "evaluate.threshold_method": "fixed"}},
         "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
             "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
-        # Stop 9: a larger ImageNet backbone whose weights also install offline.
-        "few-small-scans, single model": {"preset": "few-small-scans", "sets": {"train.ensemble": 1}},
+        # Stop 9: a larger ImageNet backbone whose weights also install offline, and mixup.
+        "few-small-scans, single model": {"preset": "few-small-scans", "sets": {**PLAIN, "train.ensemble": 1}},
         "few-small-scans, efficientnet_lite2": {"preset": "few-small-scans", "sets": {
-            "train.backbone": "efficientnet_lite2"}},
+            **PLAIN, "train.backbone": "efficientnet_lite2"}},
         "few-small-scans, efficientnet_lite2, single model": {"preset": "few-small-scans", "sets": {
-            "train.backbone": "efficientnet_lite2", "train.ensemble": 1}},
-        "few-small-scans, mixup 0.4": {"preset": "few-small-scans", "sets": {"train.mixup_alpha": 0.4}},
-        # Stop 10: histogram equalization per scan (ultrasound gain differs between scans).
+            **PLAIN, "train.backbone": "efficientnet_lite2", "train.ensemble": 1}},
+        "few-small-scans, mixup 0.4": {"preset": "few-small-scans", "sets": {**PLAIN, "train.mixup_alpha": 0.4}},
+        "few-small-scans, mixup 0.4, single model": {"preset": "few-small-scans", "sets": {
+            **PLAIN, "train.mixup_alpha": 0.4, "train.ensemble": 1}},
+        # Stop 10: histogram equalization per scan (ultrasound gain differs between scans), now in the preset.
         "few-small-scans, equalized": {"preset": "few-small-scans", "sets": {"preprocess.equalize": True}},
         "few-small-scans, equalized, single model": {"preset": "few-small-scans", "sets": {
             "preprocess.equalize": True, "train.ensemble": 1}},
         "few-small-scans, equalized, ensemble of 5": {"preset": "few-small-scans", "sets": {
             "preprocess.equalize": True, "train.ensemble": 5}},
-        "few-small-scans, mixup 0.4, single model": {"preset": "few-small-scans", "sets": {
-            "train.mixup_alpha": 0.4, "train.ensemble": 1}},
     },
     notes=["Positive class: malignant (label 0 in the .npz). AUROC does not depend on which class is positive.",
            "Source: Yang et al., MedMNIST v2, Scientific Data 2023 (figures as listed in ../shared/datasets/README.md)."],
