@@ -130,7 +130,6 @@ class PreprocessParams:
         ok = self.window in ("header", "minmax") or (
             isinstance(self.window, list) and len(self.window) == 2 and float(self.window[1]) > 0)
         _expect(ok, "preprocess.window", self.window, "'header', 'minmax' or [center, width>0]")
-        _expect(isinstance(self.equalize, bool), "preprocess.equalize", self.equalize, "true or false")
 
 
 @dataclass(frozen=True)

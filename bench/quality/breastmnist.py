@@ -8,7 +8,7 @@ import sys
 from bench.quality.medmnist import Dataset, main
 
 # The few-small-scans preset before stop 10: no histogram equalization, an ensemble of 3.
-PLAIN = {"preprocess.equalize": False, "train.ensemble": 3}
+BEFORE_STOP_10 = {"preprocess.equalize": False, "train.ensemble": 3}
 
 DATASET = Dataset(
     name="breastmnist", source="breastmnist/breastmnist.npz", classes=["malignant", "benign_or_normal"],
@@ -49,21 +49,21 @@ DATASET = Dataset(
         # The few-small-scans preset (components/presets.yaml) was this recipe, kept after these runs;
         # stop 10 added histogram equalization and 5 members to it, so the runs before it name the old values.
         "small-scans @128px, batch 16, 30 epochs, ensemble of 3, Youden": {"preset": "few-small-scans", "sets": {
-            **PLAIN}},
+            **BEFORE_STOP_10}},
         # Evaluate-only variant of the ensemble above: DVC's run cache restores its train stage.
         "small-scans @128px, batch 16, 30 epochs, ensemble of 3, fixed threshold": {"preset": "few-small-scans", "sets": {
-            **PLAIN, "evaluate.threshold_method": "fixed"}},
+            **BEFORE_STOP_10, "evaluate.threshold_method": "fixed"}},
         "small-scans, frozen backbone (linear probe), 30 epochs": {"preset": "small-scans", "sets": {
             "train.freeze": "head", "train.epochs": 30, "train.patience": 10}},
         # Stop 9: a larger ImageNet backbone whose weights also install offline, and mixup.
-        "few-small-scans, single model": {"preset": "few-small-scans", "sets": {**PLAIN, "train.ensemble": 1}},
+        "few-small-scans, single model": {"preset": "few-small-scans", "sets": {**BEFORE_STOP_10, "train.ensemble": 1}},
         "few-small-scans, efficientnet_lite2": {"preset": "few-small-scans", "sets": {
-            **PLAIN, "train.backbone": "efficientnet_lite2"}},
+            **BEFORE_STOP_10, "train.backbone": "efficientnet_lite2"}},
         "few-small-scans, efficientnet_lite2, single model": {"preset": "few-small-scans", "sets": {
-            **PLAIN, "train.backbone": "efficientnet_lite2", "train.ensemble": 1}},
-        "few-small-scans, mixup 0.4": {"preset": "few-small-scans", "sets": {**PLAIN, "train.mixup_alpha": 0.4}},
+            **BEFORE_STOP_10, "train.backbone": "efficientnet_lite2", "train.ensemble": 1}},
+        "few-small-scans, mixup 0.4": {"preset": "few-small-scans", "sets": {**BEFORE_STOP_10, "train.mixup_alpha": 0.4}},
         "few-small-scans, mixup 0.4, single model": {"preset": "few-small-scans", "sets": {
-            **PLAIN, "train.mixup_alpha": 0.4, "train.ensemble": 1}},
+            **BEFORE_STOP_10, "train.mixup_alpha": 0.4, "train.ensemble": 1}},
         # Stop 10: histogram equalization per scan (ultrasound gain differs between scans) and 5 members,
         # both now in the preset.
         "few-small-scans, equalized": {"preset": "few-small-scans", "sets": {
