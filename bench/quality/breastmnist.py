@@ -72,6 +72,10 @@ DATASET = Dataset(
             "preprocess.equalize": True, "train.ensemble": 1}},
         "few-small-scans, equalized, ensemble of 5": {"preset": "few-small-scans", "sets": {
             "preprocess.equalize": True, "train.ensemble": 5}},
+        # Stop 11: how the 546 scans move the ImageNet weights, and which epoch is kept on 78 validation scans.
+        "few-small-scans, backbone lr x0.1": {"preset": "few-small-scans", "sets": {"train.backbone_lr_scale": 0.1}},
+        "few-small-scans, early stopping on val loss": {"preset": "few-small-scans", "sets": {
+            "train.early_stopping_metric": "val_loss"}},
     },
     notes=["Positive class: malignant (label 0 in the .npz). AUROC does not depend on which class is positive.",
            "Source: Yang et al., MedMNIST v2, Scientific Data 2023 (figures as listed in ../shared/datasets/README.md)."],
