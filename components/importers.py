@@ -13,9 +13,10 @@ import-folders: a folder tree in one of two layouts.
 - `SRC/<class>/...` (folder per class): every scan under a class folder, at any depth, is copied
   to `OUT/<class>/<path below the class folder>`; labels.csv has `path,label`, so ingest makes
   its own patient-level split.
-- `SRC/<split>/<class>/...` (the official split; split folders spelt train/training,
-  val/valid/validation, test/testing, any case): copied to `OUT/<class>/<split>/<path below the
-  class folder>`, so names from different splits never collide; labels.csv has `path,label,split`.
+- `SRC/<split>/<class>/...` or `SRC/<class>/<split>/...` (the official split; split folders spelt
+  train/training, val/valid/validation, test/testing, any case): copied to
+  `OUT/<class>/<split>/<path below both>`, so names from different splits never collide;
+  labels.csv has `path,label,split`.
 Files are copied byte for byte (DICOM headers, JPEG data) under their original names. Which files
 are scans is decided by `scans.is_candidate`, as in ingest; other files are skipped and counted
 in a warning, and names starting with "." or "_" (.DS_Store, __MACOSX) are ignored.
@@ -140,8 +141,8 @@ def _entries(folder: Path) -> tuple[list[Path], list[Path]]:
     return [p for p in visible if p.is_dir()], [p for p in visible if not p.is_dir()]
 
 
-def _split_folders(src: Path, dirs: list[Path]) -> dict[str, Path] | None:
-    """{split: folder} in SPLITS order if every top-level folder names a split, None if none does."""
+def _split_folders(folder: Path, dirs: list[Path]) -> dict[str, Path] | None:
+    """{split: sub-folder} in SPLITS order if every folder in dirs names a split, None if none does."""
     split_of = {d: SPLIT_NAMES.get(d.name.lower()) for d in dirs}
     named = [d.name for d, s in split_of.items() if s]
     if not named:
@@ -149,24 +150,27 @@ def _split_folders(src: Path, dirs: list[Path]) -> dict[str, Path] | None:
     if len(named) < len(dirs):
         others = [d.name for d, s in split_of.items() if not s]
         raise common.StageError(
-            f"{src}: top-level folders {named} are split names but {others} are not; expected either only split "
-            f"folders ({'/'.join(SPLIT_NAMES)}, any case) each holding class folders, or only class folders.")
+            f"{folder}: folders {named} are split names but {others} are not; expected either only split "
+            f"folders ({'/'.join(SPLIT_NAMES)}, any case) or none.")
     by_split: dict[str, Path] = {}
     for d, s in split_of.items():
         if s in by_split:
-            raise common.StageError(f"{src}: folders {by_split[s].name!r} and {d.name!r} both mean split {s!r}; "
+            raise common.StageError(f"{folder}: folders {by_split[s].name!r} and {d.name!r} both mean split {s!r}; "
                                     "expected one folder per split.")
         by_split[s] = d
     return {s: by_split[s] for s in SPLITS if s in by_split}
 
 
-def _loose_non_scans(folder: Path, files: list[Path], where: str) -> list[Path]:
+def _loose_non_scans(folder: Path, files: list[Path], where: str, expected: str) -> list[Path]:
     """The non-scan files directly in folder (to skip); StageError if any scan sits there unlabelled."""
     loose = [f.name for f in files if scans.is_candidate(f)]
     if loose:
-        raise common.StageError(f"{folder}: {len(loose)} scan file(s) directly in {where} ({loose[:5]}); expected "
-                                "scans only inside class folders, whose name is their label.")
+        raise common.StageError(f"{folder}: {len(loose)} scan file(s) directly in {where} ({loose[:5]}); "
+                                f"expected {expected}.")
     return list(files)
+
+
+IN_CLASS_FOLDERS = "scans only inside class folders, whose name is their label"
 
 
 def _class_scans(class_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -188,46 +192,74 @@ def _check_classes(src: Path, classes: list[str]) -> None:
         raise common.StageError(f"{src}: class folders {clash} differ only in case; expected one spelling per class.")
 
 
+def _no_class_folders(folder: Path) -> common.StageError:
+    return common.StageError(f"{folder}: no class folders (hidden ones, starting with '.' or '_', are ignored); "
+                             "expected one sub-folder per class, named after it.")
+
+
+def _groups(src: Path, dirs: list[Path]) -> tuple[list[tuple[str | None, str, Path]], list[Path]]:
+    """([(split or None, class, folder holding those scans)], non-scan files to skip), for the three layouts."""
+    splits = _split_folders(src, dirs)
+    if splits is not None:  # SRC/<split>/<class>/...
+        groups, skipped = [], []
+        for split, folder in splits.items():
+            class_dirs, loose = _entries(folder)
+            skipped += _loose_non_scans(folder, loose, f"split folder {folder.name!r}", IN_CLASS_FOLDERS)
+            if not class_dirs:
+                raise _no_class_folders(folder)
+            groups += [(split, d.name, d) for d in class_dirs]
+        return groups, skipped
+    if not dirs:
+        raise _no_class_folders(src)
+    inner = {d: _entries(d) for d in dirs}
+    inner_splits = {d: _split_folders(d, sub) for d, (sub, _) in inner.items()}
+    with_splits = [d.name for d, s in inner_splits.items() if s is not None]
+    if not with_splits:  # SRC/<class>/...
+        return [(None, d.name, d) for d in dirs], []
+    without = [d.name for d, s in inner_splits.items() if s is None]
+    if without:
+        raise common.StageError(f"{src}: class folders {with_splits} hold split folders but {without} do not; "
+                                "expected split folders inside every class folder or inside none.")
+    groups, skipped = [], []  # SRC/<class>/<split>/...
+    for d, splits_in in inner_splits.items():
+        skipped += _loose_non_scans(d, inner[d][1], f"class folder {d.name!r}",
+                                    "scans only inside its split folders, whose name is their split")
+        groups += [(split, d.name, folder) for split, folder in splits_in.items()]
+    return groups, skipped
+
+
 def _plan(src: Path) -> _Plan:
     """Everything import_folders will copy, checked before a single byte is written."""
     if not src.is_dir():
         raise common.StageError(f"{src} {'is not a folder' if src.exists() else 'not found'}; expected a folder "
-                                "of class folders (SRC/<class>/...) or of split folders (SRC/<split>/<class>/...).")
+                                "of class folders (SRC/<class>/...), with or without split folders above or inside them.")
     dirs, files = _entries(src)
-    splits = _split_folders(src, dirs)
-    skipped = _loose_non_scans(src, files, "the source folder")
-    groups: dict[str | None, Path] = splits if splits is not None else {None: src}
-    copies, per_split = [], {}
-    for split, folder in groups.items():
-        class_dirs, loose = _entries(folder) if split is not None else (dirs, [])
-        if split is not None:
-            skipped += _loose_non_scans(folder, loose, f"split folder {folder.name!r}")
-        if not class_dirs:
-            raise common.StageError(f"{folder}: no class folders (hidden ones, starting with '.' or '_', are "
-                                    "ignored); expected one sub-folder per class, named after it.")
-        per_split[split] = [d.name for d in class_dirs]
-        for class_dir in class_dirs:
-            found, other = _class_scans(class_dir)
-            skipped += other
-            prefix = f"{class_dir.name}/{split}" if split is not None else class_dir.name
-            copies += [_Copy(f, f"{prefix}/{f.relative_to(class_dir).as_posix()}", class_dir.name, split)
-                       for f in found]
-    classes = sorted({c for names in per_split.values() for c in names})
+    skipped = _loose_non_scans(src, files, "the source folder", IN_CLASS_FOLDERS)
+    groups, more = _groups(src, dirs)
+    skipped += more
+    copies = []
+    for split, label, folder in groups:
+        found, other = _class_scans(folder)
+        skipped += other
+        prefix = f"{label}/{split}" if split is not None else label
+        copies += [_Copy(f, f"{prefix}/{f.relative_to(folder).as_posix()}", label, split) for f in found]
+    classes = sorted({label for _, label, _ in groups})
     _check_classes(src, classes)
-    return _Plan(copies, classes, splits is not None, _warnings(src, groups, per_split, classes, skipped))
+    return _Plan(copies, classes, groups[0][0] is not None, _warnings(src, groups, classes, skipped))
 
 
-def _warnings(src: Path, groups: dict[str | None, Path], per_split: dict[str | None, list[str]],
-              classes: list[str], skipped: list[Path]) -> list[str]:
+def _warnings(src: Path, groups: list[tuple[str | None, str, Path]], classes: list[str],
+              skipped: list[Path]) -> list[str]:
     """What the user should know but that does not stop the import: gaps in the splits, skipped files."""
     out = []
-    if None not in groups:
-        absent = [s for s in SPLITS if s not in groups]
+    per_split = {split: {label for s, label, _ in groups if s == split} for split, _, _ in groups}
+    if None not in per_split:
+        absent = [s for s in SPLITS if s not in per_split]
         if absent:
             out.append(f"{src}: no folder for split(s) {absent}; labels.csv will have no rows there and the "
                        "validate stage fails on an empty split. Add the folder(s), or edit labels.csv.")
-        out += [f"{groups[s]}: no folder for class(es) {missing}, so split {s!r} has no image of them."
-                for s, names in per_split.items() if (missing := sorted(set(classes) - set(names)))]
+        out += [f"{src}: split {s!r} has no folder for class(es) {missing}, so it has no image of them."
+                for s in SPLITS if s in per_split and (missing := sorted(set(classes) - per_split[s]))]
     if skipped:
         shown = [f.relative_to(src).as_posix() for f in skipped[:5]]
         out.append(f"{src}: skipped {len(skipped)} file(s) that are not scans (not PNG, JPEG or DICOM), e.g. {shown}.")
@@ -307,8 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _add_folder_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=Path,
-                        help="folder of class folders (SRC/<class>/...) or of split folders (SRC/<split>/<class>/...); "
-                             "only read")
+                        help="folder of class folders (SRC/<class>/...), optionally with split folders above or inside "
+                             "them (SRC/<split>/<class>/... or SRC/<class>/<split>/...); only read")
     parser.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder (default: data/raw)")
 
 
@@ -324,7 +356,7 @@ def _run_folders(args: argparse.Namespace) -> None:
 
 def main_folders(argv: Sequence[str] | None = None) -> int:
     """`medtune import-folders`."""
-    return common.stage_main("Importer: copy a folder-per-class tree (optionally split folders above it) plus "
+    return common.stage_main("Importer: copy a folder-per-class tree (optionally with split folders above or inside it) plus "
                              "labels.csv for ingest.", _add_folder_args, _run_folders, argv,
                              prog="medtune import-folders", params_flag=False)
 

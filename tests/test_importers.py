@@ -173,9 +173,34 @@ def test_split_folders_any_spelling_keep_the_official_split(tmp_path, capsys, ca
     printed = capsys.readouterr().out
     assert "test/a: 2, train/a: 2, train/b: 2, val/a: 2, val/b: 2" in printed
     assert "label_source: csv" in printed and "classes: [a, b]" in printed
-    assert f"{src / 'testing'}: no folder for class(es) ['b']" in caplog.text
+    assert f"{src}: split 'test' has no folder for class(es) ['b']" in caplog.text
     assert "skipped 1 file(s)" in caplog.text and "Training/b/labels.txt" in caplog.text
     df = ingest(out, tmp_path / "data", parse_params({"data": {"label_source": "csv", "classes": ["a", "b"]}}))
+    assert df.set_index("path")["split"].to_dict() == csv.set_index("path")["split"].to_dict()
+
+
+def test_split_folders_inside_class_folders_keep_the_official_split(tmp_path, caplog):
+    src, out = tmp_path / "src", tmp_path / "raw"
+    n = 0
+    for c in ("a", "b"):
+        for folder in ("train", "VAL", "test") if c == "a" else ("train", "VAL"):  # b has no test: a warning
+            for i in range(2):
+                make_scan(src / c / folder / f"p{i}/img.png", n := n + 1)  # patient folders below the split
+    (src / "a/notes.txt").write_text("x\n")
+    before = snapshot(src)
+    table, names = import_folders(src, out)
+    assert snapshot(src) == before and names == ["a", "b"]
+    csv = pd.read_csv(out / "labels.csv", dtype=str)
+    assert list(csv.columns) == ["path", "label", "split"] and csv.equals(table)
+    assert csv.groupby(["split", "label"]).size().to_dict() == {
+        ("test", "a"): 2, ("train", "a"): 2, ("train", "b"): 2, ("val", "a"): 2, ("val", "b"): 2}
+    folder = {"train": "train", "val": "VAL", "test": "test"}
+    for r in csv.itertuples():
+        assert r.path == f"{r.label}/{r.split}/{r.path.split('/', 2)[2]}"
+        assert (out / r.path).read_bytes() == (src / r.label / folder[r.split] / r.path.split("/", 2)[2]).read_bytes()
+    assert f"{src}: split 'test' has no folder for class(es) ['b']" in caplog.text
+    assert "skipped 1 file(s)" in caplog.text and "a/notes.txt" in caplog.text
+    df = ingest(out, tmp_path / "data", parse_params({"data": {"label_source": "csv", "classes": names}}))
     assert df.set_index("path")["split"].to_dict() == csv.set_index("path")["split"].to_dict()
 
 
@@ -203,10 +228,17 @@ ERRORS = {
     "loose scan in split": (["train/a/x.png", "train/y.png"], "src", "src/train",
                             r": 1 scan file\(s\) directly in split folder 'train' \(\['y.png'\]\)"),
     "split and class mixed": (["train/a/x.png", "cats/x.png"], "src", "src",
-                              r": top-level folders \['train'\] are split names but \['cats'\] are not; expected"),
+                              r": folders \['train'\] are split names but \['cats'\] are not; expected"),
     "split spelt twice": (["train/a/x.png", "Training/a/x.png"], "src", "src",
                           r": folders 'Training' and 'train' both mean split 'train'"),
     "split without classes": (["train/", "test/a/x.png"], "src", "src/train", ": no class folders"),
+    "splits in some class folders": (["a/train/x.png", "b/x.png"], "src", "src",
+                                     r": class folders \['a'\] hold split folders but \['b'\] do not"),
+    "split and patient folders in a class": (["a/train/x.png", "a/p1/x.png"], "src", "src/a",
+                                             r": folders \['train'\] are split names but \['p1'\] are not"),
+    "loose scan beside split folders": (["a/train/x.png", "a/y.png"], "src", "src/a",
+                                        r": 1 scan file\(s\) directly in class folder 'a' \(\['y.png'\]\); "
+                                        "expected scans only inside its split folders"),
     "classes differ in case": (["train/Normal/x.png", "test/normal/x.png"], "src", "src",
                                r": class folders \['Normal', 'normal'\] differ only in case"),
 }
