@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from components import common
+from components import common, ingest, scans
 from components.common import StageError
 from components.params import Params
 
@@ -94,44 +94,27 @@ BATCH_COLUMNS = ["path", "sha256", "label", "patient", "split", "width", "height
                  "modality", "error"]
 
 
-def _batch_labels_csv(batch: Path) -> pd.DataFrame | None:
-    csv = batch / "labels.csv"
-    if not csv.is_file():
-        return None
-    try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise StageError(f"{csv}: cannot be read as CSV ({exc}); expected columns path,label[,patient_id][,split].")
-    missing = {"path", "label"} - set(df.columns)
-    if missing:
-        raise StageError(f"{csv}: missing column(s) {sorted(missing)}; expected path,label[,patient_id][,split].")
-    return df
-
-
 def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, list[str]]:
     """One row per file of the batch (manifest-shaped, plus `split` from labels.csv if given).
 
-    Returns (rows, problems-found-while-reading). Patient ids are hashed here and never kept raw,
-    resolved as ingest will after the append: labels.csv `patient_id` (csv mode), else the DICOM
-    PatientID, else `data.patient_pattern` on the file name; else empty (each image its own patient).
+    Returns (rows, problems-found-while-reading). Each file is read by ingest's own `scan_row`, so the
+    patient is resolved as ingest will after the append: labels.csv `patient_id` (csv mode), else the
+    DICOM PatientID, else `data.patient_pattern` on the file name; else empty (each image its own
+    patient). Patient ids are hashed there and never kept raw.
     """
-    from components import scans
-
     batch = Path(batch_dir)
     salt = common.patient_salt(params.data.patient_salt)
     pattern = params.data.patient_regex()
     problems: list[str] = []
-    try:
-        labels = _batch_labels_csv(batch)
-    except StageError as exc:
-        return pd.DataFrame(columns=BATCH_COLUMNS), [str(exc)]
-    by_path: dict[str, dict[str, str]] = {}
-    if labels is not None:
-        for row in labels.to_dict("records"):
-            by_path[Path(row["path"]).as_posix()] = row
-        for rel in sorted(by_path):
-            if not (batch / rel).is_file():
-                problems.append(f"{batch / 'labels.csv'}: path {rel!r} does not exist in the batch.")
+    labels = None
+    if (batch / "labels.csv").is_file():
+        try:
+            labels = ingest.parse_labels_csv(batch / "labels.csv")
+        except StageError as exc:
+            return pd.DataFrame(columns=BATCH_COLUMNS), [str(exc)]
+        problems += [f"{batch / 'labels.csv'} line {r.line}: path {r.path!r} does not exist in the batch."
+                     for r in labels.itertuples() if not (batch / r.path).is_file()]
+    by_path = {} if labels is None else labels.set_index("path").to_dict("index")
 
     rows = []
     for f in scans.visible_files(batch):
@@ -141,29 +124,14 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
         if not scans.is_candidate(f):
             problems.append(f"{f}: not a scan (expected DICOM, PNG or JPEG).")
             continue
-        row: dict[str, Any] = dict.fromkeys(BATCH_COLUMNS, "")
-        row["path"], row["sha256"] = rel, common.sha256_file(f)
-        csv_row = by_path.get(rel)
-        if labels is not None:
-            row["label"] = (csv_row or {}).get("label", "")
-            row["split"] = (csv_row or {}).get("split", "")
-        else:
-            parts = rel.split("/")
-            row["label"] = parts[0] if len(parts) > 1 else ""
-        # Same order as ingest; a batch's CSV patient_id only survives the append in csv mode.
-        patient_id = ((csv_row or {}).get("patient_id") or None) if params.data.label_source == "csv" else None
-        try:
-            info = scans.probe(f)
-        except scans.ScanError as exc:
-            row["error"] = str(exc) or "unreadable"
-            info = None
-        if info is not None:
-            row.update(width=info.width, height=info.height, channels=info.channels, bit_depth=info.bit_depth,
-                       modality=info.modality)
-            patient_id = patient_id or info.patient_id
-        if not patient_id and pattern is not None and (m := pattern.search(f.name)):
-            patient_id = m.group("patient")
-        row["patient"] = common.hash_patient(patient_id, salt) if patient_id else ""
+        csv_row = by_path.get(rel, {})
+        label = ingest.folder_label(rel) if labels is None else csv_row.get("label", "")
+        # A batch's CSV patient_id only survives the append in csv mode.
+        patient = csv_row.get("patient_id", "") if params.data.label_source == "csv" else ""
+        row, source = ingest.scan_row(f, rel, label, patient, pattern, salt)
+        row["split"] = csv_row.get("split", "")
+        if source == "none":
+            row["patient"] = ""  # no id: never a known patient
         rows.append(row)
     return pd.DataFrame(rows, columns=BATCH_COLUMNS), problems
 
@@ -181,15 +149,13 @@ def current_manifest(manifest_csv: str | Path, raw_dir: str | Path, params: Para
     ingest of raw_dir into a temporary folder, so duplicates and known patients are still caught."""
     if Path(manifest_csv).is_file() or not Path(raw_dir).is_dir():
         return read_manifest(manifest_csv)
-    from components.ingest import find_scans, ingest
-
     with tempfile.TemporaryDirectory(prefix="medtune-manifest-") as tmp:
         try:
-            return ingest(Path(raw_dir), Path(tmp), params).astype(str)
+            return ingest.ingest(Path(raw_dir), Path(tmp), params).astype(str)
         except StageError as exc:
             # The raw data cannot be split yet (e.g. too few patients): hashes and patients still count.
             log.warning("ingest of %s for the batch checks failed (%s); checking against file hashes only", raw_dir, exc)
-            files = find_scans(Path(raw_dir))
+            files = ingest.find_scans(Path(raw_dir))
             return pd.DataFrame({"path": files,
                                  "sha256": [common.sha256_file(Path(raw_dir) / rel) for rel in files],
                                  "label": "", "patient": "", "split": "", "error": ""})
@@ -338,10 +304,10 @@ def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: lis
     new_paths = [d for d in dests if d not in have]
     if not new_paths:
         return
-    src = _batch_labels_csv(batch)
+    src = ingest.parse_labels_csv(batch / "labels.csv") if (batch / "labels.csv").is_file() else None
     extra = pd.DataFrame({"path": dests, "label": rows["label"].tolist()})
     if src is not None:
-        by = {Path(p).as_posix(): i for i, p in enumerate(src["path"])}
+        by = {p: i for i, p in enumerate(src["path"])}
         for col in ("patient_id", "split"):
             if col in src.columns:
                 extra[col] = [src[col].iloc[by[p]] if p in by else "" for p in rows["path"]]

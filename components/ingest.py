@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,12 +58,9 @@ def find_scans(raw_dir: Path) -> list[str]:
     return found
 
 
-def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataFrame:
-    """labels.csv indexed by path; errors for missing columns, duplicates and rows without a file."""
-    csv_path = raw_dir / params.data.labels_csv
-    if not csv_path.is_file():
-        raise common.StageError(f"{csv_path} not found; data.label_source is 'csv', so it must exist with "
-                                "columns path,label[,patient_id][,split] (paths relative to the raw folder).")
+def parse_labels_csv(csv_path: Path) -> pd.DataFrame:
+    """A labels.csv as stripped strings with posix paths and its `line` numbers; StageError if it cannot
+    be read, lacks path or label, or names a path twice. Shared by ingest and the retrain inbox."""
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -80,6 +78,16 @@ def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataF
         first = dupes.iloc[0]
         raise common.StageError(f"{csv_path}: path {first['path']!r} appears on lines "
                                 f"{list(dupes[dupes['path'] == first['path']]['line'])}; expected one row per file.")
+    return table
+
+
+def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataFrame:
+    """labels.csv indexed by path; errors for missing columns, duplicates and rows without a file."""
+    csv_path = raw_dir / params.data.labels_csv
+    if not csv_path.is_file():
+        raise common.StageError(f"{csv_path} not found; data.label_source is 'csv', so it must exist with "
+                                "columns path,label[,patient_id][,split] (paths relative to the raw folder).")
+    table = parse_labels_csv(csv_path)
     known = set(files)
     absent = table[~table["path"].isin(known)]
     if len(absent):
@@ -93,6 +101,40 @@ def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataF
             raise common.StageError(f"{csv_path} line {r['line']} ({r['path']}): split = {r['split']!r}; expected "
                                     f"one of {list(SPLITS)}.")
     return table.set_index("path")
+
+
+def folder_label(rel: str) -> str:
+    """The label of a file in the folder-per-class layout: its top folder ("" for a file at the top)."""
+    return rel.split("/")[0] if "/" in rel else ""
+
+
+def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
+             salt: bytes) -> tuple[dict, str]:
+    """One manifest row (COLUMNS, split empty) for the scan at path, and where its patient came from:
+    'csv' (csv_patient), 'dicom' (PatientID), 'pattern' (regex on the file name) or 'none' (the file is
+    its own patient). Only the hash of the id is kept. Shared by ingest and the retrain inbox."""
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(path=rel, label=label, sha256=common.sha256_file(path))
+    try:
+        info = scans.probe(path)
+    except scans.ScanError as exc:
+        info = None
+        # Relative paths only: the manifest must not change with where the checkout lives.
+        row["error"] = str(exc).removeprefix(f"{path}: ").replace(str(path), rel)
+    else:
+        row.update(width=info.width, height=info.height, channels=info.channels, bit_depth=info.bit_depth,
+                   modality=info.modality)
+    match = regex.search(rel.rsplit("/", 1)[-1]) if regex else None
+    if csv_patient:
+        pid, source = csv_patient, "csv"
+    elif info is not None and info.patient_id:
+        pid, source = info.patient_id, "dicom"
+    elif match and match.group("patient"):
+        pid, source = match.group("patient"), "pattern"
+    else:
+        pid, source = rel, "none"
+    row["patient"] = common.hash_patient(pid, salt)
+    return row, source
 
 
 def stable_split(patients: list[str], params: Params) -> list[str]:
@@ -182,33 +224,10 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
 
     rows, sources = [], []
     for rel in files:
-        path = raw_dir / rel
-        row = dict.fromkeys(COLUMNS, "")
-        row.update(path=rel, sha256=common.sha256_file(path))
         csv_row = table.loc[rel] if table is not None and rel in table.index else None
-        if table is None:
-            row["label"] = rel.split("/")[0] if "/" in rel else ""
-        elif csv_row is not None:
-            row["label"] = csv_row["label"]
-        try:
-            info = scans.probe(path)
-        except scans.ScanError as exc:
-            info = None
-            # Relative paths only: the manifest must not change with where the checkout lives.
-            row["error"] = str(exc).removeprefix(f"{path}: ").replace(str(path), rel)
-        else:
-            row.update(width=info.width, height=info.height, channels=info.channels, bit_depth=info.bit_depth,
-                       modality=info.modality)
-        match = regex.search(rel.rsplit("/", 1)[-1]) if regex else None
-        if csv_row is not None and csv_row.get("patient_id", ""):
-            pid, source = csv_row["patient_id"], "csv"
-        elif info is not None and info.patient_id:
-            pid, source = info.patient_id, "dicom"
-        elif match and match.group("patient"):
-            pid, source = match.group("patient"), "pattern"
-        else:
-            pid, source = rel, "none"
-        row["patient"] = common.hash_patient(pid, salt)
+        label = folder_label(rel) if table is None else csv_row["label"] if csv_row is not None else ""
+        patient = csv_row.get("patient_id", "") if csv_row is not None else ""
+        row, source = scan_row(raw_dir / rel, rel, label, patient, regex, salt)
         rows.append(row)
         sources.append(source)
     df = pd.DataFrame(rows, columns=COLUMNS)

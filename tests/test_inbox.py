@@ -160,6 +160,23 @@ def test_csv_batches_follow_the_split_rule_and_extend_labels_csv(tmp_path):
     assert m.loc["csv1/b.png", "split"] == "val" and m.loc["csv1/c.png", "split"] == "test"
 
 
+def test_batch_labels_csv_is_read_as_ingest_reads_labels_csv(tmp_path):
+    params = parse_params({"data": {"label_source": "csv", "patient_salt": "s"}})
+    batch = tmp_path / "inbox/csv3"
+    png(batch / "a.png", 240)
+    png(batch / "sub/c.png", 241)
+    (batch / "labels.csv").write_text("path , label,patient_id\n a.png , lesion , P7 \nsub\\c.png,normal,P8\n")
+    rows, problems = inbox.read_batch(batch, params)
+    assert problems == []
+    got = rows.set_index("path")
+    assert got["label"].to_dict() == {"a.png": "lesion", "sub/c.png": "normal"}
+    assert got.loc["a.png", "patient"] == common.hash_patient("P7", b"s")  # stripped, as ingest does
+    (batch / "labels.csv").write_text("path,label\na.png,lesion\n./a.png,normal\n")
+    rows, problems = inbox.read_batch(batch, params)
+    assert rows.empty and problems == [f"{batch / 'labels.csv'}: path 'a.png' appears on lines [2, 3]; "
+                                       "expected one row per file."]
+
+
 def test_append_refuses_a_reused_batch_name(raw, tmp_path):
     raw_dir, manifest = raw
     batch = tmp_path / "inbox/again"
