@@ -76,6 +76,8 @@ DATASET = Dataset(
         "few-small-scans, backbone lr x0.1": {"preset": "few-small-scans", "sets": {"train.backbone_lr_scale": 0.1}},
         "few-small-scans, early stopping on val loss": {"preset": "few-small-scans", "sets": {
             "train.early_stopping_metric": "val_loss"}},
+        "few-small-scans, weight decay 0.05": {"preset": "few-small-scans", "sets": {"train.weight_decay": 0.05}},
+        "few-small-scans, dropout 0.3": {"preset": "few-small-scans", "sets": {"train.dropout": 0.3}},
     },
     notes=["Positive class: malignant (label 0 in the .npz). AUROC does not depend on which class is positive.",
            "Source: Yang et al., MedMNIST v2, Scientific Data 2023 (figures as listed in ../shared/datasets/README.md)."],
