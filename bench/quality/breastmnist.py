@@ -78,6 +78,7 @@ DATASET = Dataset(
             "train.early_stopping_metric": "val_loss"}},
         "few-small-scans, weight decay 0.05": {"preset": "few-small-scans", "sets": {"train.weight_decay": 0.05}},
         "few-small-scans, dropout 0.3": {"preset": "few-small-scans", "sets": {"train.dropout": 0.3}},
+        "few-small-scans, lr 0.002": {"preset": "few-small-scans", "sets": {"train.lr": 0.002}},
     },
     notes=["Positive class: malignant (label 0 in the .npz). AUROC does not depend on which class is positive.",
            "Source: Yang et al., MedMNIST v2, Scientific Data 2023 (figures as listed in ../shared/datasets/README.md)."],
