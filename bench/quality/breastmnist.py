@@ -81,6 +81,8 @@ DATASET = Dataset(
         "few-small-scans, early stopping on val loss": {"preset": "few-small-scans", "sets": {
             **BEFORE_STOP_11, "train.early_stopping_metric": "val_loss"}},
         "few-small-scans, weight decay 0.05": {"preset": "few-small-scans", "sets": {"train.weight_decay": 0.05}},
+        "few-small-scans, weight decay 0.05, early stopping on val loss": {"preset": "few-small-scans", "sets": {
+            "train.weight_decay": 0.05, "train.early_stopping_metric": "val_loss"}},
     },
     notes=["Positive class: malignant (label 0 in the .npz). AUROC does not depend on which class is positive.",
            "Source: Yang et al., MedMNIST v2, Scientific Data 2023 (figures as listed in ../shared/datasets/README.md)."],
