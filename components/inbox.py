@@ -304,6 +304,8 @@ def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: lis
     new_paths = [d for d in dests if d not in have]
     if not new_paths:
         return
+    # Read again, not carried from read_batch: the batch rows travel between flow tasks (and so into
+    # Prefect's result storage), and they must hold only hashed patients; raw ids stay in raw labels.csv.
     src = ingest.parse_labels_csv(batch / "labels.csv") if (batch / "labels.csv").is_file() else None
     extra = pd.DataFrame({"path": dests, "label": rows["label"].tolist()})
     if src is not None:
