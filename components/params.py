@@ -199,6 +199,9 @@ class TrainParams:
     num_workers: int = 0
     # Use CUDA mixed precision when a GPU is present (ignored on CPU).
     amp: bool = True
+    # Data-parallel processes (DDP under torchrun, one per GPU; components/distributed.py). batch_size
+    # stays the global batch, split evenly between them.
+    processes: int = 1
 
     def validate(self) -> None:
         _expect(self.freeze in ("all", "head", "last_n"), "train.freeze", self.freeze, "'all', 'head' or 'last_n'")
@@ -210,6 +213,9 @@ class TrainParams:
         _expect(self.lr > 0, "train.lr", self.lr, "a learning rate > 0")
         _expect(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _expect(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _expect(self.processes >= 1, "train.processes", self.processes, "an integer >= 1")
+        _expect(self.batch_size % self.processes == 0, "train.batch_size", self.batch_size,
+                f"a multiple of train.processes = {self.processes} (it is the global batch, split between them)")
         _expect(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
         _expect(self.unfreeze_last_n >= 0, "train.unfreeze_last_n", self.unfreeze_last_n, "an integer >= 0")
         _expect(0 < self.backbone_lr_scale <= 10, "train.backbone_lr_scale", self.backbone_lr_scale,

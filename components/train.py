@@ -6,7 +6,9 @@ One epoch = `train_one_epoch` (augmented training images) then `evaluate_epoch` 
 loss, AUROC, accuracy). The epoch with the best `train.early_stopping_metric` is kept and saved;
 training stops after `train.patience` epochs without improvement. Seeded and deterministic on
 CPU: the same data and params give the same weights. On a GPU it uses CUDA and, with
-`train.amp`, float16 autocast with a GradScaler.
+`train.amp`, float16 autocast with a GradScaler. With `train.processes` > 1 it trains data-parallel
+(DDP) under torchrun: each process a share of every batch, rank 0 validates and writes
+(components/distributed.py).
 
 The checkpoint is a plain dict of tensors, strings and numbers, so `torch.load(...,
 weights_only=True)` reads it; it carries the train+augment params and the preprocessing meta, so
@@ -30,13 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from components import evaluate
+from components import distributed, evaluate
 from components.augment import build_transform
 from components.common import StageError, atomic_path, stage_main, write_json, write_text
-from components.models import architecture, build_model, freeze, pick_device
+from components.distributed import World
+from components.models import architecture, build_model, freeze
 from components.params import Params, TrainParams, load_params
 from components.preprocess import load_meta, load_split
 
@@ -64,15 +68,20 @@ class ScanDataset(Dataset):
 
 
 def make_loader(images: Any, labels: Sequence[int], batch_size: int, train: bool, transform: Any = None,
-                seed: int = 0, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """DataLoader over uint8 images; shuffled by a seeded generator (which also seeds workers) when `train`."""
+                seed: int = 0, num_workers: int = 0, pin_memory: bool = False, world: World = World()) -> DataLoader:
+    """DataLoader over uint8 images; shuffled by a seeded generator (which also seeds workers) when `train`.
+
+    In a world of several processes, the training images are shared out by a seeded DistributedSampler
+    (call `loader.sampler.set_epoch` every epoch) and `batch_size` is the per-process batch."""
     dataset = ScanDataset(images, labels, transform if train else None)
+    sampler = DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=seed) \
+        if train and world.size > 1 else None
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers, pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed) if train else None,
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, num_workers=num_workers,
+        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed) if train and sampler is None else None,
         persistent_workers=num_workers > 0,
         # A last training batch of one image breaks BatchNorm (one value per channel on 1x1 maps).
-        drop_last=train and len(dataset) % batch_size == 1)
+        drop_last=train and len(sampler or dataset) % batch_size == 1)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -164,11 +173,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
                     device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
                     desc: str = "train", scheduler: Any = None,
                     ema: torch.optim.swa_utils.AveragedModel | None = None,
-                    mixup: Mixup | None = None) -> dict[str, float]:
+                    mixup: Mixup | None = None, progress: bool = True) -> dict[str, float]:
     """One pass over `loader` (updating `ema` after every step); returns {loss (mean per image), images, seconds}."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         x, y = _to(x, device), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             loss = mixup.loss(model, criterion, x, y) if mixup is not None else criterion(model(x), y)
@@ -183,7 +192,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(getattr(model, "module", model))  # the model inside DDP
         total += float(loss.detach()) * len(y)
         seen += len(y)
     if seen == 0:
@@ -289,7 +298,13 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     if len(set(y_val.tolist())) < 2 and tp.early_stopping_metric == "val_auroc":
         log.warning("the validation split holds one class only: val_auroc is undefined (nan), selection keeps epoch 1")
 
-    device = pick_device()
+    world = distributed.world()
+    if world.size != tp.processes:
+        raise StageError(f"torchrun started {world.size} process(es), but params train.processes is {tp.processes}; "
+                         "expected them equal, so that the recorded parameters say how the model was trained.")
+    device = distributed.device(world)
+    if not world.main:
+        log.setLevel(logging.WARNING)  # rank 0 reports progress; the others only warnings and errors
     use_amp = tp.amp and device.type == "cuda"
     # Determinism: seed everything, ask for deterministic kernels (warn where none exists).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -297,17 +312,21 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     try:
-        # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
-        fits = [fit(x_train, y_train, x_val, y_val, len(classes), params, tp.seed + m, device, use_amp,
-                    f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "")
-                for m in range(tp.ensemble)]
+        with distributed.process_group(world, device):
+            # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
+            fits = [fit(x_train, y_train, x_val, y_val, len(classes), params, tp.seed + m, device, use_amp,
+                        f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", world)
+                    for m in range(tp.ensemble)]
     finally:
         torch.use_deterministic_algorithms(det_before[0], warn_only=det_before[1])
+    if not world.main:
+        return {}  # rank 0 writes the artefacts
 
     first = fits[0]
     per_member = ("best_epoch", "epochs_run", "best_value")
     summary = {
         "backbone": tp.backbone, "pretrained": first["pretrained"], "device": str(device), "amp": use_amp,
+        "processes": world.size,
         "ensemble": tp.ensemble, "selection_metric": tp.early_stopping_metric,
         # One number for a single model; a list, one per member, for an ensemble.
         **{k: first[k] if tp.ensemble == 1 else [f[k] for f in fits] for k in per_member},
@@ -356,21 +375,25 @@ def _criterion(y_train: np.ndarray, num_classes: int, tp: TrainParams, device: t
 
 
 def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_classes: int, params: Params,
-        seed: int, device: torch.device, use_amp: bool, desc: str = "") -> dict[str, Any]:
-    """Train one model with `seed`; returns its kept weights (CPU, NCHW), history and counts."""
+        seed: int, device: torch.device, use_amp: bool, desc: str = "", world: World = World()) -> dict[str, Any]:
+    """Train one model with `seed`; returns its kept weights (CPU, NCHW; rank 0's), history and counts."""
     tp = params.train
     torch.manual_seed(seed)
     model, pretrained = build_model(tp.backbone, num_classes, int(x_train.shape[1]), tp.pretrained, tp.dropout)
     trainable = freeze(model, tp.freeze, tp.unfreeze_last_n)
     model.to(device, memory_format=torch.channels_last)
+    net: nn.Module = model  # what takes the training steps
+    if world.size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(seed + (world.rank << 32))  # each process its own augmentation draws
     ema = make_ema(model, tp.ema_decay) if tp.ema_decay > 0 else None
     selected = ema.module if ema is not None else model  # what is validated and saved
     criterion = _criterion(y_train, num_classes, tp, device)
     optimizer = make_optimizer(model, tp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     pin = device.type == "cuda"
-    train_loader = make_loader(x_train, y_train, tp.batch_size, True, build_transform(params.augment),
-                               seed, tp.num_workers, pin)
+    train_loader = make_loader(x_train, y_train, tp.batch_size // world.size, True, build_transform(params.augment),
+                               seed, tp.num_workers, pin, world)
     val_loader = make_loader(x_val, y_val, tp.batch_size, False, None, seed, tp.num_workers, pin)
     scheduler = make_scheduler(optimizer, len(train_loader), tp)
     mixup = Mixup(tp.mixup_alpha, seed) if tp.mixup_alpha > 0 else None
@@ -380,12 +403,19 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
     metric, history = tp.early_stopping_metric, []
     best_value, best_epoch, best_state, stale = None, 0, None, 0
     images_seen, seconds = 0, 0.0
-    epochs = tqdm(range(1, tp.epochs + 1), desc=f"{desc}epochs", unit="epoch")
+    epochs = tqdm(range(1, tp.epochs + 1), desc=f"{desc}epochs", unit="epoch", disable=not world.main)
     for epoch in epochs:
         lr = optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler, use_amp, f"epoch {epoch}",
-                             scheduler, ema, mixup)
-        ev = evaluate_epoch(selected, val_loader, criterion, device, params.positive_index, use_amp)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        tr = train_one_epoch(net, train_loader, criterion, optimizer, device, scaler, use_amp, f"epoch {epoch}",
+                             scheduler, ema, mixup, progress=world.main)
+        if world.size > 1:  # the loss over every process's images; rank 0 validates, all follow its decision
+            loss_sum, images = distributed.total([tr["loss"] * tr["images"], tr["images"]], world, device)
+            tr = {**tr, "loss": loss_sum / images, "images": int(images)}
+        ev = distributed.from_main(
+            evaluate_epoch(selected, val_loader, criterion, device, params.positive_index, use_amp)
+            if world.main else None, world)
         images_seen, seconds = images_seen + tr["images"], seconds + tr["seconds"]
         history.append({"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr})
         epochs.set_postfix(train_loss=f"{tr['loss']:.4f}", **{metric: f"{ev[metric]:.4f}"})
@@ -402,6 +432,11 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
                 log.info("early stopping after epoch %d: no %s improvement for %d epoch(s)", epoch, metric, stale)
                 break
     epochs.close()
+    # DDP keeps the replicas identical (averaged gradients, same optimizer); if not, the saved model is wrong.
+    checksums = distributed.gathered(float(sum(p.detach().double().sum() for p in model.parameters())), world, device)
+    if not all(math.isclose(c, checksums[0], rel_tol=1e-9, abs_tol=1e-9) for c in checksums):
+        raise StageError(f"the {world.size} training processes ended with different weights (checksums {checksums}); "
+                         "expected identical replicas under DDP.")
     return {"state": best_state, "history": history, "best_epoch": best_epoch, "best_value": _nan_to_none(best_value),
             "epochs_run": len(history), "arch": model.arch, "pretrained": pretrained, "trainable": int(trainable),
             "total": int(sum(p.numel() for p in model.parameters())),
@@ -417,10 +452,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="per-epoch history to write (default: reports/train_history.csv)")
 
     def run(args: argparse.Namespace) -> None:
-        summary = train(Path(args.prepared), Path(args.model), Path(args.metrics), Path(args.history),
-                        load_params(args.params))
-        print(f"wrote {args.model}: best {summary['selection_metric']}={summary['best_value']} "
-              f"at epoch {summary['best_epoch']}/{summary['epochs_run']}")
+        params = load_params(args.params)
+        if params.train.processes > 1 and distributed.world().size == 1:
+            # Start again as torchrun's workers, with the same arguments; they write the artefacts.
+            distributed.launch(params.train.processes, "components.train", [
+                "--params", args.params, "--prepared", args.prepared, "--model", args.model,
+                "--metrics", args.metrics, "--history", args.history, *(["-v"] if args.verbose else [])])
+            return
+        summary = train(Path(args.prepared), Path(args.model), Path(args.metrics), Path(args.history), params)
+        if summary:  # rank 0 of several, or the only process
+            print(f"wrote {args.model}: best {summary['selection_metric']}={summary['best_value']} "
+                  f"at epoch {summary['best_epoch']}/{summary['epochs_run']}")
 
     return stage_main("Stage 5: fine-tune a pretrained backbone with a new head.", add_args, run, argv)
 

@@ -253,3 +253,49 @@ def test_an_ensemble_cannot_be_the_starting_point_of_another_training(tmp_path):
     _, e = run(tmp_path, prepared, "e", ensemble=2)
     with pytest.raises(StageError, match="an ensemble of 2 models; expected a single-model checkpoint"):
         run(tmp_path, prepared, "f", backbone=str(e / "model.pt"))
+
+
+def _args(tmp_path: Path, prepared: Path, out: str) -> list[str]:
+    return ["--params", str(tmp_path / "params.yaml"), "--prepared", str(prepared), "--model",
+            str(tmp_path / out / "model.pt"), "--metrics", str(tmp_path / out / "train.json"),
+            "--history", str(tmp_path / out / "history.csv")]
+
+
+def test_ddp_trains_one_model_from_two_torchrun_processes(tmp_path, capsys):
+    """train.processes: 2 starts torchrun (gloo on CPU); the replicas end identical (checked in fit) and
+    rank 0 writes the artefacts once."""
+    prepared = write_prepared(tmp_path / "prepared", n_train=16, n_val=8)
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  backbone: none\n  epochs: 2\n  batch_size: 8\n  processes: 2\n  patience: 5\n")
+    assert main(_args(tmp_path, prepared, "ddp")) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "ddp" / "train.json").read_text())
+    assert summary["processes"] == 2 and summary["epochs_run"] == 2 and summary["n_train"] == 16
+    ckpt = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True, map_location="cpu")
+    assert ckpt["params"]["train"]["processes"] == 2
+    history = list(csv.DictReader(open(tmp_path / "ddp" / "history.csv")))
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    assert all(np.isfinite(float(r["train_loss"])) and np.isfinite(float(r["val_loss"])) for r in history)
+    # Rank 0 reports; the other process is quiet unless something goes wrong.
+    err = capsys.readouterr().err
+    assert err.count("epoch 2: train_loss=") == 1 and "best val_loss=" in err
+
+
+def test_ddp_worker_errors_reach_the_caller(tmp_path, capsys):
+    prepared = write_prepared(tmp_path / "prepared", n_train=4, n_val=2)
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  classes: [benign, malignant]\ntrain:\n  backbone: none\n  batch_size: 4\n  processes: 2\n")
+    assert main(_args(tmp_path, prepared, "bad")) == 1
+    err = capsys.readouterr().err
+    assert "error: torchrun with 2 processes failed (exit 1): " in err and "meta.json has classes" in err
+    assert not (tmp_path / "bad" / "model.pt").exists()
+
+
+def test_processes_must_match_torchrun_and_divide_the_batch(tmp_path, monkeypatch, capsys):
+    prepared = write_prepared(tmp_path / "prepared", n_train=4, n_val=2)
+    (tmp_path / "params.yaml").write_text("train:\n  backbone: none\n  batch_size: 4\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(_args(tmp_path, prepared, "m")) == 1
+    assert "torchrun started 2 process(es), but params train.processes is 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"train.batch_size = 6 is invalid; expected a multiple of train.processes = 4"):
+        parse_params({"train": {"batch_size": 6, "processes": 4}})
