@@ -1,7 +1,7 @@
 """Benchmarks, printed as ratios measured in one run (not tests: nothing here asserts a time).
 
-    python -m bench            # all five, about 4-5 minutes on 2 CPU cores
-    python -m bench data onnx  # a subset: data | onnx | dvc | layout | backbones
+    python -m bench            # all six, about 5-6 minutes on 2 CPU cores
+    python -m bench data onnx  # a subset: data | onnx | dvc | layout | backbones | ddp
 
 1. data: training images/s through the real data path (uint8 memmap on disk -> Dataset ->
    DataLoader -> on-the-fly augmentation) divided by images/s of the same training steps on the
@@ -14,6 +14,10 @@
    images/s in the default NCHW layout, same model and batches, at 64, 96 and 128 px.
 5. backbones: training images/s of efficientnet_lite1 and _lite2 divided by efficientnet_lite0's,
    channels-last, same batches, at 64 and 128 px: what a larger backbone costs.
+6. ddp: `medtune train` with `train.processes` N (one per GPU; 2 on a CPU-only machine, gloo)
+   against 1 process, same tiny project and global batch: the training images/s the stage itself
+   reports. On GPUs this is DDP's speed-up; on a CPU it is only the overhead of splitting the
+   same cores between processes.
 """
 
 from __future__ import annotations
@@ -149,10 +153,14 @@ def _timed(fn, reps: int):
     return best, out
 
 
-def bench_dvc() -> None:
+def _workspace_tools():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from workspace import make_workspace, run
+    return make_workspace, run
 
+
+def bench_dvc() -> None:
+    make_workspace, run = _workspace_tools()
     with tempfile.TemporaryDirectory() as tmp:
         ws = make_workspace(Path(tmp) / "ws", patients=12)
         start = time.perf_counter()
@@ -201,14 +209,42 @@ def bench_backbones(sizes: tuple[int, ...] = (64, 128), steps: int = 6) -> None:
               + f" (batch {BATCH}, channels_last, {torch.get_num_threads()} threads)")
 
 
+def bench_ddp(patients: int = 60, size: int = 64) -> None:
+    """The train stage's own images/s (reports/train.json) with N processes and with 1."""
+    import json
+
+    import yaml
+
+    make_workspace, run = _workspace_tools()
+    n = max(torch.cuda.device_count(), 2)
+    train = {"backbone": "efficientnet_lite0", "pretrained": True, "epochs": 2, "batch_size": 16 * n, "patience": 5}
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = make_workspace(Path(tmp) / "ws", patients=patients,
+                            params={"preprocess": {"image_size": size}, "train": train})
+        run(["dvc", "repro", "preprocess"], ws)
+        rate, images = {}, 0
+        for processes in (1, n, 1, n):  # alternated, best of 2: the machine's speed drifts
+            params = yaml.safe_load((ws / "params.yaml").read_text())
+            params["train"]["processes"] = processes
+            (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            run(["medtune", "train"], ws)
+            summary = json.loads((ws / "reports" / "train.json").read_text())
+            rate[processes] = max(rate.get(processes, 0.0), summary["throughput_img_s"])
+            images = summary["n_train"]
+    where = f"{n} GPUs, nccl" if torch.cuda.device_count() >= 2 else f"CPU, gloo, {os.cpu_count()} cores"
+    print(f"ddp    {n} processes {rate[n]:6.1f} img/s | 1 process {rate[1]:6.1f} img/s | ratio {rate[n] / rate[1]:.2f} "
+          f"({where}; efficientnet_lite0, {size} px, global batch {train['batch_size']}, {images} training images, "
+          "2 epochs, best of 2)")
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    which = argv or ["data", "onnx", "dvc", "layout", "backbones"]
+    which = argv or ["data", "onnx", "dvc", "layout", "backbones", "ddp"]
     print(f"medtune benchmarks: torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"cuda={'yes' if torch.cuda.is_available() else 'no'}")
     for name in which:
         {"data": bench_data, "onnx": bench_onnx, "dvc": bench_dvc, "layout": bench_layout,
-         "backbones": bench_backbones}[name]()
+         "backbones": bench_backbones, "ddp": bench_ddp}[name]()
     return 0
 
 
