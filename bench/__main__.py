@@ -209,7 +209,7 @@ def bench_backbones(sizes: tuple[int, ...] = (64, 128), steps: int = 6) -> None:
               + f" (batch {BATCH}, channels_last, {torch.get_num_threads()} threads)")
 
 
-def bench_ddp(patients: int = 60, size: int = 64) -> None:
+def bench_ddp(patients: int = 160, size: int = 64) -> None:
     """The train stage's own images/s (reports/train.json) with N processes and with 1."""
     import json
 
