@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from components.augment import build_transform
 from components.models import Deployed, build_model
@@ -211,12 +213,12 @@ def bench_backbones(sizes: tuple[int, ...] = (64, 128), steps: int = 6) -> None:
 
 def bench_ddp(patients: int = 160, size: int = 64) -> None:
     """The train stage's own images/s (reports/train.json) with N processes and with 1."""
-    import json
-
-    import yaml
-
+    gpus = torch.cuda.device_count()
+    if gpus == 1:
+        print("ddp    skipped: one GPU (DDP needs 2 or more; without any, it measures gloo on the CPU)")
+        return
     make_workspace, run = _workspace_tools()
-    n = max(torch.cuda.device_count(), 2)
+    n = gpus or 2
     train = {"backbone": "efficientnet_lite0", "pretrained": True, "epochs": 2, "batch_size": 16 * n, "patience": 5}
     with tempfile.TemporaryDirectory() as tmp:
         ws = make_workspace(Path(tmp) / "ws", patients=patients,
@@ -231,7 +233,7 @@ def bench_ddp(patients: int = 160, size: int = 64) -> None:
             summary = json.loads((ws / "reports" / "train.json").read_text())
             rate[processes] = max(rate.get(processes, 0.0), summary["throughput_img_s"])
             images = summary["n_train"]
-    where = f"{n} GPUs, nccl" if torch.cuda.device_count() >= 2 else f"CPU, gloo, {os.cpu_count()} cores"
+    where = f"{n} GPUs, nccl" if gpus else f"CPU, gloo, {os.cpu_count()} cores"
     print(f"ddp    {n} processes {rate[n]:6.1f} img/s | 1 process {rate[1]:6.1f} img/s | ratio {rate[n] / rate[1]:.2f} "
           f"({where}; efficientnet_lite0, {size} px, global batch {train['batch_size']}, {images} training images, "
           "2 epochs, best of 2)")

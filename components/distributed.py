@@ -49,6 +49,9 @@ def device(w: World) -> torch.device:
         return torch.device("cpu")
     if w.size == 1:
         return torch.device("cuda")
+    if w.local_rank >= torch.cuda.device_count():
+        raise StageError(f"torchrun process {w.local_rank} on this machine has no GPU of its own: there are "
+                         f"{torch.cuda.device_count()}; expected at most one process per GPU (train.processes).")
     torch.cuda.set_device(w.local_rank)
     return torch.device("cuda", w.local_rank)
 
