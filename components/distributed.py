@@ -10,6 +10,7 @@ module only reads torchrun's environment and makes the ranks agree where their n
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from components.common import StageError
+from components.models import pick_device
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,8 @@ def world() -> World:
 
 def device(w: World) -> torch.device:
     """This rank's GPU (LOCAL_RANK) when there are GPUs, else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if w.size == 1:
-        return torch.device("cuda")
+    if w.size == 1 or not torch.cuda.is_available():
+        return pick_device()
     if w.local_rank >= torch.cuda.device_count():
         raise StageError(f"torchrun process {w.local_rank} on this machine has no GPU of its own: there are "
                          f"{torch.cuda.device_count()}; expected at most one process per GPU (train.processes).")
@@ -87,13 +87,18 @@ def total(values: Sequence[float], w: World, dev: torch.device) -> list[float]:
     return t.tolist()
 
 
-def gathered(value: float, w: World, dev: torch.device) -> list[float]:
-    """One value from each rank, in rank order."""
+def check_replicas(model: torch.nn.Module, w: World, dev: torch.device) -> None:
+    """DDP keeps the replicas identical (averaged gradients, same optimizer); if they are not, the
+    model rank 0 saves is not what was trained. One sum of the weights per rank, compared."""
     if w.size == 1:
-        return [value]
-    out = [torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(w.size)]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=dev))
-    return [float(t) for t in out]
+        return
+    mine = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).to(dev)
+    out = [torch.zeros_like(mine) for _ in range(w.size)]
+    dist.all_gather(out, mine)
+    sums = [float(t) for t in out]
+    if not all(math.isclose(c, sums[0], rel_tol=1e-9, abs_tol=1e-9) for c in sums):
+        raise StageError(f"the {w.size} training processes ended with different weights (checksums {sums}); "
+                         "expected identical replicas under DDP.")
 
 
 def launch(processes: int, module: str, args: Sequence[str]) -> None:

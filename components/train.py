@@ -432,11 +432,7 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
                 log.info("early stopping after epoch %d: no %s improvement for %d epoch(s)", epoch, metric, stale)
                 break
     epochs.close()
-    # DDP keeps the replicas identical (averaged gradients, same optimizer); if not, the saved model is wrong.
-    checksums = distributed.gathered(float(sum(p.detach().double().sum() for p in model.parameters())), world, device)
-    if not all(math.isclose(c, checksums[0], rel_tol=1e-9, abs_tol=1e-9) for c in checksums):
-        raise StageError(f"the {world.size} training processes ended with different weights (checksums {checksums}); "
-                         "expected identical replicas under DDP.")
+    distributed.check_replicas(model, world, device)
     return {"state": best_state, "history": history, "best_epoch": best_epoch, "best_value": _nan_to_none(best_value),
             "epochs_run": len(history), "arch": model.arch, "pretrained": pretrained, "trainable": int(trainable),
             "total": int(sum(p.numel() for p in model.parameters())),
