@@ -165,6 +165,10 @@ class TrainParams:
     # all: train everything; head: only the new head; last_n: the head and the last `unfreeze_last_n` blocks.
     freeze: str = "all"
     unfreeze_last_n: int = 2
+    # LP-FT (Kumar et al. 2022): for the first head_epochs only the new head learns (the backbone's
+    # learning rate is 0; BatchNorm statistics still adapt), so that a random head's gradients do not
+    # distort the pretrained features; then the backbone learns with its own warm-up (0 = off).
+    head_epochs: float = 0.0
     optimizer: str = "adamw"
     lr: float = 1e-3
     # Discriminative learning rates: the pretrained backbone trains at lr * backbone_lr_scale, the
@@ -221,6 +225,8 @@ class TrainParams:
         _expect(0 < self.backbone_lr_scale <= 10, "train.backbone_lr_scale", self.backbone_lr_scale,
                 "a factor in (0, 10] (use train.freeze to stop the backbone learning)")
         _expect(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs,
+                f"epochs in [0, train.epochs = {self.epochs})")
+        _expect(0 <= self.head_epochs < self.epochs, "train.head_epochs", self.head_epochs,
                 f"epochs in [0, train.epochs = {self.epochs})")
         _expect(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a value in [0, 1)")
         _expect(0 <= self.dropout < 1, "train.dropout", self.dropout, "a probability in [0, 1)")

@@ -105,14 +105,18 @@ def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
     raise ValueError(f"params: train.optimizer = {tp.optimizer!r} is invalid; expected 'adamw' or 'sgd'.")
 
 
-def lr_factor(step: int, steps_per_epoch: int, tp: TrainParams) -> float:
-    """Multiplier of every group's base learning rate before optimizer step `step` (0-based).
+def lr_factor(step: int, steps_per_epoch: int, tp: TrainParams, backbone: bool = False) -> float:
+    """Multiplier of a group's base learning rate before optimizer step `step` (0-based).
 
     Linear warm-up over `warmup_epochs`, then `scheduler`: cosine decays to 0 at the end of
     `epochs`, step multiplies by `gamma` every `step_size` epochs, none keeps it. Per batch, not per
-    epoch, so a warm-up shorter than an epoch and a smooth cosine both work.
+    epoch, so a warm-up shorter than an epoch and a smooth cosine both work. The backbone's factor
+    is 0 for the first `head_epochs`, then ramps up over its own `warmup_epochs`.
     """
     warmup = round(tp.warmup_epochs * steps_per_epoch)
+    if backbone and tp.head_epochs > 0:
+        start = round(tp.head_epochs * steps_per_epoch)
+        return 0.0 if step < start else lr_factor(step, steps_per_epoch, tp) * min(1.0, (step - start + 1) / (warmup + 1))
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if tp.scheduler == "cosine":
@@ -126,8 +130,10 @@ def lr_factor(step: int, steps_per_epoch: int, tp: TrainParams) -> float:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, tp: TrainParams) -> Any:
-    """Stepped after every optimizer step; see `lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, tp))
+    """Stepped after every optimizer step; see `lr_factor` (groups as `make_optimizer`: head, then backbone)."""
+    factors = [lambda step, g=g: lr_factor(step, steps_per_epoch, tp, backbone=g > 0)
+               for g in range(len(optimizer.param_groups))]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:

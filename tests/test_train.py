@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from components.augment import build_transform
 from components.models import load_checkpoint
@@ -134,6 +135,38 @@ def test_warmup_then_cosine_per_batch_and_step_schedule():
     assert [lr_factor(s, 10, step) for s in (0, 29, 30, 60)] == [1.0, 1.0, 0.5, 0.25]
     with pytest.raises(ValueError, match=r"train.warmup_epochs = 4.0 is invalid"):
         parse_params({"train": {"epochs": 4, "warmup_epochs": 4}})
+
+
+def test_head_epochs_hold_the_backbone_then_warm_it_up():
+    from components.models import build_model
+    from components.train import lr_factor, make_optimizer, make_scheduler
+
+    tp = parse_params({"train": {"epochs": 4, "warmup_epochs": 1, "head_epochs": 1}}).train
+    head = [lr_factor(s, 10, tp) for s in range(40)]
+    body = [lr_factor(s, 10, tp, backbone=True) for s in range(40)]
+    assert body[:10] == [0.0] * 10 and head[9] > 0
+    assert body[10] == pytest.approx(head[10] / 11) and body[19] == pytest.approx(head[19] * 10 / 11)
+    assert body[20:] == head[20:]
+    with pytest.raises(ValueError, match=r"train.head_epochs = 4.0 is invalid"):
+        parse_params({"train": {"epochs": 4, "head_epochs": 4}})
+
+    # Real optimizer steps: during the head epochs only the head's weights move.
+    torch.manual_seed(0)
+    model, _ = build_model("none", 2, 1, False)
+    tp = parse_params({"train": {"epochs": 2, "head_epochs": 1, "lr": 0.01}}).train
+    opt = make_optimizer(model, tp)
+    sched = make_scheduler(opt, 2, tp)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x, y = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])
+    moved = []
+    for _ in range(4):  # 2 steps per epoch: two head-only steps, then two with the backbone
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        moved.append({k for k, v in model.named_parameters() if not torch.equal(v, before[k])})
+    assert moved[1] == {"head.weight", "head.bias"}
+    assert any(k.startswith("backbone.") for k in moved[3])
 
 
 def test_discriminative_learning_rates_put_the_head_at_lr():
