@@ -116,7 +116,9 @@ def lr_factor(step: int, steps_per_epoch: int, tp: TrainParams, backbone: bool =
     warmup = round(tp.warmup_epochs * steps_per_epoch)
     if backbone and tp.head_epochs > 0:
         start = round(tp.head_epochs * steps_per_epoch)
-        return 0.0 if step < start else lr_factor(step, steps_per_epoch, tp) * min(1.0, (step - start + 1) / (warmup + 1))
+        if step < start:
+            return 0.0
+        return lr_factor(step, steps_per_epoch, tp) * min(1.0, (step - start + 1) / (warmup + 1))
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if tp.scheduler == "cosine":
