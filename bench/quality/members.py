@@ -1,0 +1,89 @@
+"""Every trained model of a data set's experiments, one member at a time: how far apart seeds land.
+
+    python -m bench.quality.members pneumoniamnist
+
+An ensemble's test AUROC depends on which seeds its members got; this shows by how much. For each
+experiment in bench/quality/.work/<name> (its git ref under refs/exps), the model.pt that its
+dvc.lock names is read from the DVC cache, and each member is scored, with the experiment's
+test-time augmentation, on the validation and test splits of the workspace's data/prepared.
+Experiments whose data/prepared differs (another image size or preprocessing) are skipped. A
+member is the same model wherever it appears (same train and augment params and member seed; the
+training is deterministic on a CPU), so it is scored once. Prints a Markdown table and the
+Spearman correlation of validation against test AUROC: whether the validation split could pick
+the members that generalise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from bench.quality.harness import WORK
+from components.models import Ensemble, load_checkpoint
+from components.preprocess import load_split
+
+
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True, check=True).stdout
+
+
+def out_md5(lock: dict, stage: str, path: str) -> str:
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
+
+
+def scores(member: torch.nn.Module, x: torch.Tensor, tta: str) -> np.ndarray:
+    z = member(x) if tta == "none" else (member(x) + member(torch.flip(x, dims=[3]))) / 2
+    return (z[:, 1] - z[:, 0]).numpy()
+
+
+def main(name: str) -> int:
+    ws = WORK / name
+    if not (ws / "dvc.lock").is_file():
+        print(f"skipped: {ws} has no experiments (run python -m bench.quality.{name} first)")
+        return 0
+    prepared = out_md5(yaml.safe_load((ws / "dvc.lock").read_text()), "preprocess", "data/prepared")
+    splits = {}
+    for s in ("val", "test"):
+        images, index = load_split(ws / "data/prepared", s)
+        splits[s] = torch.from_numpy(np.array(images, dtype=np.float32) / 255), index["label_index"].to_numpy() == 1
+    rows, seen = [], set()
+    torch.set_grad_enabled(False)
+    for ref in git(ws, "for-each-ref", "refs/exps", "--format=%(refname)").split():
+        if ref.startswith("refs/exps/exec/"):  # DVC's bookkeeping, not experiments
+            continue
+        lock = yaml.safe_load(git(ws, "show", f"{ref}:dvc.lock"))
+        if out_md5(lock, "preprocess", "data/prepared") != prepared:
+            continue
+        md5 = out_md5(lock, "train", "models/model.pt")
+        model, ckpt = load_checkpoint(ws / ".dvc/cache/files/md5" / md5[:2] / md5[2:])
+        tta = yaml.safe_load(git(ws, "show", f"{ref}:params.yaml"))["evaluate"]["tta"]
+        train = {k: v for k, v in ckpt["params"]["train"].items() if k not in ("seed", "ensemble")}
+        for i, member in enumerate(model.members if isinstance(model, Ensemble) else [model]):
+            seed = ckpt["params"]["train"]["seed"] + i
+            key = json.dumps([train, ckpt["params"]["augment"], seed, tta], sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            auc = {s: roc_auc_score(y, scores(member, x, tta)) for s, (x, y) in splits.items()}
+            rows.append((ckpt["backbone"], seed, auc["val"], auc["test"], ref.rsplit("/", 1)[1]))
+    print("| backbone | member seed | val AUROC | test AUROC | first seen in |\n|---|---|---|---|---|")
+    for backbone, seed, val, test, exp in sorted(rows):
+        print(f"| {backbone} | {seed} | {val:.4f} | {test:.4f} | {exp} |")
+    for backbone in sorted({r[0] for r in rows}):
+        val, test = zip(*[(r[2], r[3]) for r in rows if r[0] == backbone])
+        if len(val) > 2:
+            print(f"\n{backbone}: {len(val)} members, test AUROC {min(test):.3f}-{max(test):.3f}; "
+                  f"Spearman(val, test) = {spearmanr(val, test).statistic:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "pneumoniamnist"))
