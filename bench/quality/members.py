@@ -16,9 +16,7 @@ the members that generalise.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,13 +24,9 @@ import yaml
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from bench.quality.harness import WORK
+from bench.quality.harness import WORK, run
 from components.models import Ensemble, load_checkpoint
 from components.preprocess import load_split
-
-
-def git(ws: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True, check=True).stdout
 
 
 def out_md5(lock: dict, stage: str, path: str) -> str:
@@ -56,15 +50,15 @@ def main(name: str) -> int:
         splits[s] = torch.from_numpy(np.array(images, dtype=np.float32) / 255), index["label_index"].to_numpy() == 1
     rows, seen = [], set()
     torch.set_grad_enabled(False)
-    for ref in git(ws, "for-each-ref", "refs/exps", "--format=%(refname)").split():
+    for ref in run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], ws).stdout.split():
         if ref.startswith("refs/exps/exec/"):  # DVC's bookkeeping, not experiments
             continue
-        lock = yaml.safe_load(git(ws, "show", f"{ref}:dvc.lock"))
+        lock = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], ws).stdout)
         if out_md5(lock, "preprocess", "data/prepared") != prepared:
             continue
         md5 = out_md5(lock, "train", "models/model.pt")
         model, ckpt = load_checkpoint(ws / ".dvc/cache/files/md5" / md5[:2] / md5[2:])
-        tta = yaml.safe_load(git(ws, "show", f"{ref}:params.yaml"))["evaluate"]["tta"]
+        tta = yaml.safe_load(run(["git", "show", f"{ref}:params.yaml"], ws).stdout)["evaluate"]["tta"]
         train = {k: v for k, v in ckpt["params"]["train"].items() if k not in ("seed", "ensemble")}
         for i, member in enumerate(model.members if isinstance(model, Ensemble) else [model]):
             seed = ckpt["params"]["train"]["seed"] + i
