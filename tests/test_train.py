@@ -296,15 +296,16 @@ def _args(tmp_path: Path, prepared: Path, out: str) -> list[str]:
 
 def test_ddp_trains_one_model_from_two_torchrun_processes(tmp_path, capsys):
     """train.processes: 2 starts torchrun (gloo on CPU); the replicas end identical (checked in fit) and
-    rank 0 writes the artefacts once."""
+    rank 0 writes the artefacts once. Half an epoch of head-only training first: the backbone's
+    zero learning rate must keep the replicas in step too."""
     prepared = write_prepared(tmp_path / "prepared", n_train=16, n_val=8)
     (tmp_path / "params.yaml").write_text(
-        "train:\n  backbone: none\n  epochs: 2\n  batch_size: 8\n  processes: 2\n  patience: 5\n")
+        "train:\n  backbone: none\n  epochs: 2\n  batch_size: 8\n  processes: 2\n  patience: 5\n  head_epochs: 0.5\n")
     assert main(_args(tmp_path, prepared, "ddp")) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "ddp" / "train.json").read_text())
     assert summary["processes"] == 2 and summary["epochs_run"] == 2 and summary["n_train"] == 16
     ckpt = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True, map_location="cpu")
-    assert ckpt["params"]["train"]["processes"] == 2
+    assert ckpt["params"]["train"]["processes"] == 2 and ckpt["params"]["train"]["head_epochs"] == 0.5
     history = list(csv.DictReader(open(tmp_path / "ddp" / "history.csv")))
     assert [int(r["epoch"]) for r in history] == [1, 2]
     assert all(np.isfinite(float(r["train_loss"])) and np.isfinite(float(r["val_loss"])) for r in history)
