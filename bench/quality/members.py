@@ -1,6 +1,6 @@
 """Every trained model of a data set's experiments, one member at a time: how far apart seeds land.
 
-    python -m bench.quality.members pneumoniamnist
+    python -m bench.quality.members pneumoniamnist [K]    # K: ensemble size for the last lines (3)
 
 An ensemble's test AUROC depends on which seeds its members got; this shows by how much. For each
 experiment in bench/quality/.work/<name> (its git ref under refs/exps), the model.pt that its
@@ -10,7 +10,9 @@ Experiments whose data/prepared differs (another image size or preprocessing) ar
 member is the same model wherever it appears (same train and augment params and member seed; the
 training is deterministic on a CPU), so it is scored once. Prints a Markdown table and the
 Spearman correlation of validation against test AUROC: whether the validation split could pick
-the members that generalise.
+the members that generalise. Last, per recipe, the test AUROC that `train.ensemble: K` would reach
+for each disjoint run of K stored member seeds (s, s+1, ..., s a multiple of K): a seed spread
+from models already trained.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def scores(member: torch.nn.Module, x: torch.Tensor, tta: str) -> np.ndarray:
     return (z[:, 1] - z[:, 0]).numpy()
 
 
-def main(name: str) -> int:
+def main(name: str, ensemble: int = 3) -> int:
     ws = WORK / name
     if not (ws / "dvc.lock").is_file():
         print(f"skipped: {ws} has no experiments (run python -m bench.quality.{name} first)")
@@ -48,7 +50,7 @@ def main(name: str) -> int:
     for s in ("val", "test"):
         images, index = load_split(ws / "data/prepared", s)
         splits[s] = torch.from_numpy(np.array(images, dtype=np.float32) / 255), index["label_index"].to_numpy() == 1
-    rows, seen = [], set()
+    rows, recipes = [], {}  # recipes: recipe key -> (first experiment seen, {member seed: test scores})
     torch.set_grad_enabled(False)
     for ref in run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], ws).stdout.split():
         if ref.startswith("refs/exps/exec/"):  # DVC's bookkeeping, not experiments
@@ -60,15 +62,17 @@ def main(name: str) -> int:
         model, ckpt = load_checkpoint(ws / ".dvc/cache/files/md5" / md5[:2] / md5[2:])
         tta = yaml.safe_load(run(["git", "show", f"{ref}:params.yaml"], ws).stdout)["evaluate"]["tta"]
         train = {k: v for k, v in ckpt["params"]["train"].items() if k not in ("seed", "ensemble")}
+        recipe = json.dumps([train, ckpt["params"]["augment"], tta], sort_keys=True)
+        first, done = recipes.setdefault(recipe, (ref.rsplit("/", 1)[1], {}))
         for i, member in enumerate(model.members if isinstance(model, Ensemble) else [model]):
             seed = ckpt["params"]["train"]["seed"] + i
-            key = json.dumps([train, ckpt["params"]["augment"], seed, tta], sort_keys=True)
-            if key in seen:
+            if seed in done:
                 continue
-            seen.add(key)
-            auc = {s: roc_auc_score(y, scores(member, x, tta)) for s, (x, y) in splits.items()}
-            rows.append((ckpt["backbone"], seed, auc["val"], auc["test"], ref.rsplit("/", 1)[1]))
-    print("| backbone | member seed | val AUROC | test AUROC | first seen in |\n|---|---|---|---|---|")
+            z = {s: scores(member, x, tta) for s, (x, _) in splits.items()}
+            done[seed] = z["test"]
+            auc = {s: roc_auc_score(y, z[s]) for s, (_, y) in splits.items()}
+            rows.append((ckpt["backbone"], seed, auc["val"], auc["test"], first))
+    print("| backbone | member seed | val AUROC | test AUROC | recipe (its first experiment) |\n|---|---|---|---|---|")
     for backbone, seed, val, test, exp in sorted(rows):
         print(f"| {backbone} | {seed} | {val:.4f} | {test:.4f} | {exp} |")
     for backbone in sorted({r[0] for r in rows}):
@@ -76,8 +80,18 @@ def main(name: str) -> int:
         if len(val) > 2:
             print(f"\n{backbone}: {len(val)} members, test AUROC {min(test):.3f}-{max(test):.3f}; "
                   f"Spearman(val, test) = {spearmanr(val, test).statistic:.2f}")
+    # What `train.ensemble: k` with train.seed s would give: the members' averaged logits (its test AUROC
+    # exactly, since temperature scaling does not reorder), over disjoint runs of k member seeds.
+    y_test = splits["test"][1]
+    for first, done in recipes.values():
+        starts = [s for s in sorted(done) if s % ensemble == 0 and all(s + i in done for i in range(ensemble))]
+        if len(starts) >= 2:
+            aucs = [roc_auc_score(y_test, np.mean([done[s + i] for i in range(ensemble)], axis=0)) for s in starts]
+            print(f"\nensembles of {ensemble} of the recipe first seen in {first}, seeds {starts}: "
+                  f"test AUROC {', '.join(f'{a:.4f}' for a in aucs)}; {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "pneumoniamnist"))
+    args = sys.argv[1:]
+    sys.exit(main(args[0] if args else "pneumoniamnist", int(args[1]) if len(args) > 1 else 3))
