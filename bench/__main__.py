@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from components.augment import build_transform
 from components.models import Deployed, build_model
@@ -157,12 +156,12 @@ def _timed(fn, reps: int):
 
 def _workspace_tools():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from workspace import make_workspace, run
-    return make_workspace, run
+    from workspace import make_workspace, run, set_params
+    return make_workspace, run, set_params
 
 
 def bench_dvc() -> None:
-    make_workspace, run = _workspace_tools()
+    make_workspace, run, _ = _workspace_tools()
     with tempfile.TemporaryDirectory() as tmp:
         ws = make_workspace(Path(tmp) / "ws", patients=12)
         start = time.perf_counter()
@@ -217,7 +216,7 @@ def bench_ddp(patients: int = 160, size: int = 64) -> None:
     if gpus == 1:
         print("ddp    skipped: one GPU (DDP needs 2 or more; without any, it measures gloo on the CPU)")
         return
-    make_workspace, run = _workspace_tools()
+    make_workspace, run, set_params = _workspace_tools()
     n = gpus or 2
     train = {"backbone": "efficientnet_lite0", "pretrained": True, "epochs": 2, "batch_size": 16 * n, "patience": 5}
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,9 +225,7 @@ def bench_ddp(patients: int = 160, size: int = 64) -> None:
         run(["dvc", "repro", "preprocess"], ws)
         rate, images = {}, 0
         for processes in (1, n, 1, n):  # alternated, best of 2: the machine's speed drifts
-            params = yaml.safe_load((ws / "params.yaml").read_text())
-            params["train"]["processes"] = processes
-            (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            set_params(ws, {"train": {"processes": processes}})
             run(["medtune", "train"], ws)
             summary = json.loads((ws / "reports" / "train.json").read_text())
             rate[processes] = max(rate.get(processes, 0.0), summary["throughput_img_s"])

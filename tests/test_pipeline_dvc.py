@@ -8,17 +8,11 @@ pipeline with a named error, and that the raw data is byte-identical afterwards.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from workspace import make_workspace, merge, run, tree_digest
-
-
-def set_params(ws: Path, over: dict) -> None:
-    p = ws / "params.yaml"
-    p.write_text(yaml.safe_dump(merge(yaml.safe_load(p.read_text()), over), sort_keys=False))
+from workspace import make_workspace, run, set_params, tree_digest
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,12 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def set_params(ws: Path, over: dict) -> None:
+    """Merge `over` into the project's params.yaml, as a user editing it would."""
+    p = ws / "params.yaml"
+    p.write_text(yaml.safe_dump(merge(yaml.safe_load(p.read_text()), over), sort_keys=False))
+
+
 def make_workspace(dst: Path, patients: int = 12, params: dict | None = None,
                    env: dict[str, str] | None = None) -> Path:
     """A fresh git+DVC project: dvc.yaml, the stage code it depends on, TINY params (plus `params`),

@@ -27,7 +27,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from bench.quality.harness import WORK, run
-from components.models import Ensemble, load_checkpoint
+from components.models import Deployed, Ensemble, load_checkpoint
 from components.preprocess import load_split
 
 
@@ -36,7 +36,7 @@ def out_md5(lock: dict, stage: str, path: str) -> str:
 
 
 def scores(member: torch.nn.Module, x: torch.Tensor, tta: str) -> np.ndarray:
-    z = member(x) if tta == "none" else (member(x) + member(torch.flip(x, dims=[3]))) / 2
+    z = Deployed(member, tta).logits(x)  # the test-time augmentation that evaluate and export apply
     return (z[:, 1] - z[:, 0]).numpy()
 
 
