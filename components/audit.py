@@ -14,7 +14,6 @@ files (JSON, CSV, YAML, `git show`) and never imports torch, so it stays fast.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import subprocess
@@ -108,17 +107,6 @@ def previous_model(events: list[dict[str, Any]], model_id: str) -> str | None:
         if e.get("event") in ("promoted", "rollback") and e.get("model_id") not in (None, model_id):
             return e["model_id"]
     return None
-
-
-def read_manifest_rows(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a manifest.csv (ingest's format); StageError if `path`/`sha256` columns are missing."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"path", "sha256"} - set(reader.fieldnames or [])
-        if missing:
-            raise StageError(f"{path}: columns {sorted(missing)} missing (found {reader.fieldnames}); expected the "
-                             "manifest.csv written by `medtune ingest`.")
-        return list(reader)
 
 
 def git_show(root: str | Path, rev: str, path: str) -> bytes | None:

@@ -39,6 +39,7 @@ from typing import Any
 import pandas as pd
 from components import common, ingest, scans
 from components.common import StageError
+from components.manifest import read_manifest
 from components.params import Params
 
 log = logging.getLogger("medtune.inbox")
@@ -136,19 +137,11 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
     return pd.DataFrame(rows, columns=BATCH_COLUMNS), problems
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """A manifest CSV (empty when there is none)."""
-    path = Path(path)
-    if not path.is_file():
-        return pd.DataFrame(columns=["path", "sha256", "label", "patient", "split", "error"])
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
-
-
 def current_manifest(manifest_csv: str | Path, raw_dir: str | Path, params: Params) -> pd.DataFrame:
     """What is in the raw data now: data/manifest.csv, or (fresh checkout, never ingested) a real
     ingest of raw_dir into a temporary folder, so duplicates and known patients are still caught."""
     if Path(manifest_csv).is_file() or not Path(raw_dir).is_dir():
-        return read_manifest(manifest_csv)
+        return read_manifest(manifest_csv, missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="medtune-manifest-") as tmp:
         try:
             return ingest.ingest(Path(raw_dir), Path(tmp), params).astype(str)

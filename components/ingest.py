@@ -35,12 +35,11 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from components import common, scans
 from components.common import SPLITS
+from components.manifest import COLUMNS
 from components.params import Params, load_params
 
 log = logging.getLogger("medtune.ingest")
 
-COLUMNS = ["path", "sha256", "label", "patient", "width", "height", "channels", "bit_depth", "modality",
-           "split", "error"]
 NO_PATIENT = "none (one image = one patient)"
 SOURCE_NAMES = {"csv": "labels.csv patient_id", "dicom": "DICOM PatientID", "pattern": "data.patient_pattern",
                 "none": NO_PATIENT}

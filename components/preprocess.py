@@ -27,31 +27,23 @@ import pandas as pd
 from tqdm import tqdm
 
 from components.common import SPLITS, StageError, read_json, sha256_file, stage_main, write_json, write_text
+from components.manifest import read_manifest
 from components.params import Params, load_params
 from components.scans import RESIZE_METHOD, ScanError, prepare_image
 
 log = logging.getLogger("medtune.preprocess")
 
-MANIFEST_COLUMNS = ("path", "sha256", "label", "patient", "split", "error")
 INDEX_COLUMNS = ["split", "row", "path", "sha256", "label", "label_index", "patient"]
-TEXT = {"path": str, "sha256": str, "label": str, "patient": str, "split": str, "error": str}
+TEXT = {"path": str, "sha256": str, "label": str, "patient": str, "split": str}
 
 
-def read_manifest(manifest_csv: Path) -> pd.DataFrame:
+def readable_rows(manifest_csv: Path) -> pd.DataFrame:
     """The readable rows of the manifest, sorted by (split, path); raises StageError if malformed."""
-    if not manifest_csv.is_file():
-        raise StageError(f"{manifest_csv} not found; run `medtune ingest` (dvc repro ingest) first.")
-    try:
-        df = pd.read_csv(manifest_csv, dtype=TEXT, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise StageError(f"{manifest_csv}: not a readable manifest CSV ({exc}); rerun `medtune ingest`.") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise StageError(f"{manifest_csv}: missing column(s) {missing}; expected {list(MANIFEST_COLUMNS)}.")
+    df = read_manifest(manifest_csv)
     skipped = df["error"].str.strip() != ""
     if skipped.any():
         log.info("skipping %d unreadable file(s) listed in %s", int(skipped.sum()), manifest_csv)
-    df = df.loc[~skipped, list(MANIFEST_COLUMNS[:-1])]
+    df = df.loc[~skipped, ["path", "sha256", "label", "patient", "split"]]
     bad = df.loc[~df["split"].isin(SPLITS)]
     if len(bad):
         row = bad.iloc[0]
@@ -87,7 +79,7 @@ def preprocess(manifest_csv: Path, raw_dir: Path, out_dir: Path, params: Params)
     """Build `out_dir` (train/val/test .npy, index.csv, meta.json) from the manifest; return meta."""
     manifest_csv, raw_dir, out_dir = Path(manifest_csv), Path(raw_dir), Path(out_dir)
     classes = list(params.data.classes)
-    df = read_manifest(manifest_csv)
+    df = readable_rows(manifest_csv)
     unknown = df.loc[~df["label"].isin(classes)]
     if len(unknown):
         row = unknown.iloc[0]

@@ -34,6 +34,7 @@ import pandas as pd
 from components import common
 from components.audit import read_current, read_releases, registry_dir
 from components.common import StageError, dvc, git  # registry.git/registry.dvc: callers use these names
+from components.manifest import read_manifest
 from components.params import Params
 from components.onnx_runtime import make_session
 
@@ -165,7 +166,7 @@ def comparison_rows(index: pd.DataFrame, champion_manifest: str | Path | None) -
     """Test rows usable for a fair comparison: patients the champion never trained or validated on."""
     keep = np.ones(len(index), bool)
     if champion_manifest and Path(champion_manifest).is_file():
-        m = pd.read_csv(champion_manifest, dtype=str, keep_default_na=False)
+        m = read_manifest(champion_manifest, required=("patient", "split"))
         seen = set(m.loc[m["split"].isin(["train", "val"]), "patient"]) - {""}
         keep = ~index["patient"].isin(seen).to_numpy()
     return keep

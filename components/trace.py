@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from components.audit import (ModelRef, add_common_args, events_for, git_show, load_lineage, not_recorded,
-                              previous_model, read_current, read_manifest_rows, read_releases, registry_dir,
+                              previous_model, read_current, read_releases, registry_dir,
                               resolve_model, run_cli)
 from components.common import sha256_bytes, sha256_file
+from components.manifest import LISTING_COLUMNS, read_manifest_rows
 from components.params import params_digest
 
 SECTIONS = ("model", "code", "data", "split", "validation", "environment", "pretrained", "training",
@@ -181,7 +182,7 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
 
     data = L.get("data") or {}
     manifest, manifest_why = find_manifest(m, root)
-    rows = read_manifest_rows(manifest) if manifest else None
+    rows = read_manifest_rows(manifest, LISTING_COLUMNS) if manifest else None
     counts = data.get("counts")
 
     split = dict(L.get("split") or {})
@@ -237,7 +238,7 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
             drift_rec = {"previous_model": prev, "previous_data_version": prev_version,
                          "data_version": data.get("data_version"),
                          "same_data_version": prev_version == data.get("data_version"),
-                         **drift(rows, read_manifest_rows(prev_manifest))}
+                         **drift(rows, read_manifest_rows(prev_manifest, LISTING_COLUMNS))}
 
     train = L.get("training") or {}
     return {

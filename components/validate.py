@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from components.common import SPLITS, StageError, read_json, stage_main, write_json, write_text
+from components.manifest import read_manifest
 from components.params import Params, load_params
 
 SUITE = "medtune_manifest"
@@ -344,16 +345,6 @@ def render_markdown(report: dict) -> str:
             lines += [f"- {o}" for o in e["details"]["offending"]]
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
-
-
-def read_manifest(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise StageError(f"{path} not found; run `medtune ingest` (dvc repro) first.")
-    try:
-        # Only empty cells are missing: a label such as "NA" or "None" stays a (wrong) label.
-        return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise StageError(f"{path}: not a readable manifest CSV ({exc}); rerun `medtune ingest`.") from None
 
 
 def validate(manifest_csv: Path, manifest_json: Path, out_json: Path, out_md: Path, params: Params) -> dict:

@@ -23,9 +23,10 @@ from typing import Any
 
 import yaml
 
-from components.audit import (ModelRef, add_common_args, events_for, git_show, onnx_metadata_id, read_manifest_rows,
+from components.audit import (ModelRef, add_common_args, events_for, git_show, onnx_metadata_id,
                               read_releases, registry_dir, resolve_model, run_cli)
 from components.common import dvc_data_version, sha256_bytes, sha256_file
+from components.manifest import LISTING_COLUMNS, read_manifest_rows
 
 OK, MISMATCH, MISSING = "ok", "mismatch", "missing"
 
@@ -143,7 +144,7 @@ def _manifest(m: ModelRef, root: Path) -> tuple[list[dict[str, Any]], Path | Non
         if got == want:
             good.append(path)
     path = (good or found)[0]
-    rows = read_manifest_rows(path)
+    rows = read_manifest_rows(path, LISTING_COLUMNS)
     listing = "".join(f"{r['path']}  {r['sha256']}\n" for r in rows)  # ingest's content_hash, sha256sum format
     got_c, want_c = sha256_bytes(listing.encode()), data.get("content_hash")
     items.append(_item("content_hash", "manifest", OK if got_c == want_c else MISMATCH, path, want_c, got_c,
@@ -152,7 +153,7 @@ def _manifest(m: ModelRef, root: Path) -> tuple[list[dict[str, Any]], Path | Non
 
 
 def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Path]]) -> list[dict[str, Any]]:
-    rows = read_manifest_rows(manifest)
+    rows = read_manifest_rows(manifest, LISTING_COLUMNS)
     version = str((m.lineage.get("data") or {}).get("data_version") or "untracked")
     raw_dir = root / str((((m.lineage.get("code") or {}).get("params") or {}).get("data") or {}).get("raw_dir", "data/raw"))
     workspace_claims = version == "untracked" or dvc_data_version(raw_dir) == version

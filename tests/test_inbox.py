@@ -14,6 +14,7 @@ from PIL import Image
 from components import common, inbox
 from components.demo_data import generate
 from components.ingest import ingest
+from components.manifest import read_manifest
 from components.params import parse_params
 
 CLASSES = ["normal", "lesion"]
@@ -31,7 +32,7 @@ def raw(tmp_path):
     raw = tmp_path / "raw"
     generate(raw, patients=8, slices=2, size=32, seed=0, classes=CLASSES)
     ingest(raw, tmp_path / "data", PARAMS)
-    return raw, inbox.read_manifest(tmp_path / "data/manifest.csv")
+    return raw, read_manifest(tmp_path / "data/manifest.csv")
 
 
 def check(batch: Path, manifest: pd.DataFrame, params=PARAMS) -> tuple[pd.DataFrame, list[str]]:
