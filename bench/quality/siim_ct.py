@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from bench.quality import harness
+from components.manifest import read_manifest
 
 NAME = "siim_ct"
 FOLDS = 5  # split.test_fraction 0.2
@@ -44,7 +45,7 @@ def import_slices(src: Path):
 def oof_rows(ws: Path) -> list[dict]:
     """This fold's test predictions with the (hashed) patient of each slice."""
     preds = pd.read_csv(ws / "reports/test_predictions.csv")
-    patients = pd.read_csv(ws / "data/manifest.csv", dtype=str).set_index("path")["patient"]
+    patients = read_manifest(ws / "data/manifest.csv").set_index("path")["patient"]
     return [{"patient": patients[p], "y": int(lab == "contrast"), "score": float(s)}
             for p, lab, s in zip(preds["path"], preds["label"], preds["prob_contrast"])]
 
