@@ -310,6 +310,49 @@ def keep_failed_outputs(root: str | Path, snap: dict[str, Any], dest: str | Path
     return copied
 
 
+def undo_failed_run(root: str | Path, snap: dict[str, Any], batch_dests: Sequence[str], params: Any,
+                    batches: Sequence[str], error: str, quarantine_dir: str | Path,
+                    context: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """After a retrain run failed past the append: restore the workspace and quarantine the batches.
+
+    The failed run's reports (e.g. validation.md saying why) are kept first, then
+    `restore_workspace` puts the committed ones back, then every appended batch is quarantined with
+    the error and a copy of those reports in `failed-run/`. All of them: the pipeline ran on them
+    together, so which one caused the failure is not known (the report says so). Never raises, so
+    the caller's error is never masked: a step that fails is logged and reported in the result.
+    Returns (what restore did, [{"batch", "quarantine" (None if it stays in the inbox)}]).
+    """
+    from components import inbox
+
+    root = Path(root)
+    evidence = root / (SNAPSHOT_DIR + "-failed-run")
+    try:
+        keep_failed_outputs(root, snap, evidence)
+    except OSError as exc:
+        log.warning("could not keep the failed run's reports: %s", exc)
+    try:
+        restored = restore_workspace(root, snap, batch_dests, params)
+    except Exception as exc:  # noqa: BLE001 - reported in the result and the failure record
+        restored = [f"FAILED to restore the workspace: {exc}"]
+        log.error("could not restore the workspace: %s", exc)
+    drop_snapshot(root)
+    names = [Path(b).name for b in batches]
+    where: list[dict[str, Any]] = []
+    for batch in batches:
+        try:
+            dest = inbox.quarantine(batch, quarantine_dir, [f"pipeline failed after the batch was appended: {error}"],
+                                    {**context, "failure": {"error": error, "batches_in_run": names},
+                                     "restored": restored})
+            if evidence.is_dir():
+                shutil.copytree(evidence, dest / "failed-run")
+            where.append({"batch": Path(batch).name, "quarantine": str(dest)})
+        except Exception as exc:  # noqa: BLE001 - the batch stays in the inbox, and the record says so
+            log.error("could not quarantine %s (it stays in the inbox): %s", batch, exc)
+            where.append({"batch": Path(batch).name, "quarantine": None})
+    shutil.rmtree(evidence, ignore_errors=True)
+    return restored, where
+
+
 def drop_snapshot(root: str | Path) -> None:
 
     shutil.rmtree(Path(root) / SNAPSHOT_DIR, ignore_errors=True)

@@ -8,7 +8,7 @@
 4. components.registry.compare decides (gate AND not worse than the champion by the margin).
 5. components.registry.publish records it: dvc push, one git commit, a tag when promoted.
 If step 3 or 4 fails (the pipeline stops, e.g. whole-data validation), the workspace goes back to
-the last commit (orchestrate.restore_workspace), the appended batches go to quarantine with the
+the last commit and the appended batches go to quarantine with the
 error, a `failed` release event is committed, and the run fails; the champion stays.
 Runs hold the workspace lock, so a second retrain waits for the first and then finds the inbox empty.
 """
@@ -16,7 +16,6 @@ Runs hold the workspace lock, so a second retrain waits for the first and then f
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +68,11 @@ def snapshot(params: str, dests: list[str]) -> dict[str, Any]:
     return orchestrate.snapshot_workspace(".", load_params(params).data.raw_dir, dests)
 
 
-@task(name="restore-workspace")
-def restore(snap: dict[str, Any], dests: list[str], params: str) -> list[str]:
-    return orchestrate.restore_workspace(".", snap, dests, load_params(params))
+@task(name="undo-failed-run")
+def undo(snap: dict[str, Any], dests: list[str], params: str, batches: list[str], error: str,
+         quarantine_dir: str) -> tuple[list[str], list[dict[str, Any]]]:
+    return orchestrate.undo_failed_run(".", snap, dests, load_params(params), batches, error, quarantine_dir,
+                                       {"flow_run_id": flow_run.id})
 
 
 @task(name="record-failure", **IO)
@@ -173,7 +174,7 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
             result = pipeline(root=".", params=params, lock=False)
             decision = compare(params, rp.compare_metric, rp.promotion_margin)
         except Exception as exc:
-            _fail(exc, good, snap, dests, params, trigger, p.data.raw_dir, rp, logger)
+            _fail(exc, good, snap, dests, params, trigger, p.data.raw_dir, rp.quarantine_dir, logger)
             raise  # the run is marked failed; the champion stays
         orchestrate.drop_snapshot(".")
         record = None
@@ -194,52 +195,21 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
 
 
 def _fail(exc: BaseException, good: list[dict[str, Any]], snap: dict[str, Any], dests: list[str], params: str,
-          trigger: str, raw_dir: str, rp: RetrainParams, logger) -> None:
-    """After a failure past the append: restore, quarantine, record. Never masks `exc`.
-
-    Every good batch of the run is quarantined: the pipeline ran on all of them together, so which
-    one caused the failure is not known (the report says so and carries the error).
-    """
+          trigger: str, raw_dir: str, quarantine_dir: str, logger) -> None:
+    """After a failure past the append: undo the run, record it, say so. Never masks `exc`."""
     error = f"{type(exc).__name__}: {exc}"
     logger.error("retrain failed after appending %d batch(es): %s; restoring the workspace", len(good), error)
-    restored: list[str] = []
-    evidence = Path(orchestrate.SNAPSHOT_DIR + "-failed-run")
-    try:  # the failed run's reports (e.g. validation.md) go to quarantine; restore puts the old ones back
-        orchestrate.keep_failed_outputs(".", snap, evidence)
-    except OSError as e:
-        logger.warning("could not keep the failed run's reports: %s", e)
     try:
-        restored = restore(snap, dests, params)
-    except Exception as e:  # noqa: BLE001
-        restored = [f"FAILED to restore the workspace: {e}"]
-        logger.error("could not restore the workspace: %s", e)
-    orchestrate.drop_snapshot(".")
-    names = [Path(c["batch"]).name for c in good]
-    where: list[dict[str, Any]] = []
-    for checked in good:
-        try:
-            q = quarantine(checked["batch"], rp.quarantine_dir,
-                           [f"pipeline failed after the batch was appended: {error}"],
-                           {"failure": {"error": error, "batches_in_run": names}, "restored": restored})
-            where.append({"batch": Path(checked["batch"]).name, "quarantine": q})
-            if evidence.is_dir():
-                shutil.copytree(evidence, Path(q) / "failed-run")
-        except Exception as e:  # noqa: BLE001
-            logger.error("could not quarantine %s (it stays in the inbox): %s", checked["batch"], e)
-            where.append({"batch": Path(checked["batch"]).name, "quarantine": None})
+        restored, where = undo(snap, dests, params, [c["batch"] for c in good], error, quarantine_dir)
+    except Exception as e:  # noqa: BLE001 - undo_failed_run does not raise; the task machinery might
+        restored, where = [f"FAILED to undo the run: {e}"], [{"batch": Path(c["batch"]).name, "quarantine": None}
+                                                             for c in good]
     try:
         record_failure(error, trigger, raw_dir, where, restored)
     except Exception as e:  # noqa: BLE001
         logger.error("could not record the failed event: %s", e)
-    shutil.rmtree(evidence, ignore_errors=True)
     create_markdown_artifact(
         f"# Retrain FAILED\n\n`{error}`\n\nBatches quarantined: "
         + ", ".join(f"`{w['batch']}` -> `{w['quarantine']}`" for w in where)
         + "\n\nWorkspace restored:\n" + "\n".join(f"- {x}" for x in restored) + "\n",
         key="medtune-decision", description="Retrain failed; champion kept")
-
-
-def main(argv=None) -> int:
-    """`medtune retrain --once` (see components.orchestrate)."""
-    return orchestrate.retrain_main(argv)
-
