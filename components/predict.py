@@ -27,7 +27,7 @@ import pandas as pd
 from components import calibrate
 from components.common import StageError, atomic_path, stage_main
 from components.onnx_runtime import make_session
-from components.scans import ScanError, is_candidate, prepare_image, visible_files
+from components.scans import ScanError, is_candidate, prepare_image, recorded_preparation, visible_files
 
 log = logging.getLogger("medtune.predict")
 
@@ -88,7 +88,11 @@ def predict(model_path: str | Path, paths: Sequence[str | Path], out_csv: str | 
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} is invalid; expected an integer >= 1.")
     meta = read_metadata(model_path)
-    classes, pre = meta["classes"], meta["preprocessing"]
+    classes = meta["classes"]
+    try:
+        settings = recorded_preparation(meta["preprocessing"])
+    except ValueError as exc:
+        raise StageError(f"{model_path}: {exc}; re-export the model with `medtune export`.") from None
     input_name = meta["input"].get("name", "image") if isinstance(meta["input"], dict) else "image"
     files = expand_paths(paths)
     if not files:
@@ -109,9 +113,7 @@ def predict(model_path: str | Path, paths: Sequence[str | Path], out_csv: str | 
 
     for i, f in enumerate(files):
         try:
-            # `equalize` is absent from models exported before it existed: they did not equalize.
-            batch.append(prepare_image(f, pre["image_size"], pre["channels"], pre["window"],
-                                       pre.get("equalize", False)))
+            batch.append(prepare_image(f, **settings))
             rows.append(i)
         except (ScanError, OSError, ValueError) as exc:
             errors[i] = str(exc) if str(f) in str(exc) else f"{f}: {exc}"

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from components.common import SPLITS, StageError, read_json, sha256_file, stage_main, write_json, write_text
 from components.manifest import read_manifest
-from components.params import Params, load_params
+from components.params import Params, PreprocessParams, load_params
 from components.scans import RESIZE_METHOD, ScanError, prepare_image
 
 log = logging.getLogger("medtune.preprocess")
@@ -54,6 +55,7 @@ def readable_rows(manifest_csv: Path) -> pd.DataFrame:
 def _fill_split(rows: pd.DataFrame, raw_dir: Path, target: Path, params: Params, bar: tqdm) -> None:
     """Decode `rows` into a new memmap at `target`, one image at a time."""
     pp = params.preprocess
+    settings = preparation(pp)
     shape = (len(rows), pp.channels, pp.image_size, pp.image_size)
     out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)
     try:
@@ -66,7 +68,7 @@ def _fill_split(rows: pd.DataFrame, raw_dir: Path, target: Path, params: Params,
                 raise StageError(f"{path}: sha256 is {actual} but the manifest says {digest}; the file changed "
                                  "after ingest. Rerun `dvc repro` (ingest and validate) so the change is reviewed.")
             try:
-                out[i] = prepare_image(path, pp.image_size, pp.channels, pp.window, pp.equalize)
+                out[i] = prepare_image(path, **settings)
             except ScanError as exc:
                 raise StageError(f"{exc} (ingest found it readable; was the file replaced?)") from None
             bar.update(1)
@@ -110,17 +112,18 @@ def preprocess(manifest_csv: Path, raw_dir: Path, out_dir: Path, params: Params)
     return meta
 
 
-def _meta(index_df: pd.DataFrame, params: Params) -> dict:
-    pp = params.preprocess
+def preparation(pp: PreprocessParams) -> dict[str, Any]:
+    """scans.prepare_image's settings (scans.PREPARATION) from the params, as meta.json records them."""
     window = [float(v) for v in pp.window] if isinstance(pp.window, list) else pp.window
+    return {"image_size": pp.image_size, "channels": pp.channels, "window": window, "equalize": pp.equalize}
+
+
+def _meta(index_df: pd.DataFrame, params: Params) -> dict:
     class_counts = {s: {c: int(((index_df["split"] == s) & (index_df["label"] == c)).sum())
                         for c in params.data.classes} for s in SPLITS}
     return {
         "classes": list(params.data.classes),
-        "image_size": pp.image_size,
-        "channels": pp.channels,
-        "window": window,
-        "equalize": pp.equalize,
+        **preparation(params.preprocess),
         "resize": RESIZE_METHOD,
         "input": "uint8 NCHW",
         "dtype": "uint8",

@@ -320,6 +320,21 @@ def load_pixels(path: Path, window: str | list[float], channels: int) -> np.ndar
     return np.ascontiguousarray(_to_channels(pixels, channels))
 
 
+# prepare_image's settings: preprocess records them in meta.json, export copies that into the ONNX
+# metadata, and predict passes them back (`prepare_image(path, **recorded_preparation(meta))`).
+PREPARATION = ("image_size", "channels", "window", "equalize")
+# Settings added later, with the value that models recorded before them were trained with.
+PREPARATION_BEFORE = {"equalize": False}
+
+
+def recorded_preparation(meta: dict) -> dict:
+    """The prepare_image settings in a preprocess meta.json; ValueError naming what is missing."""
+    missing = [k for k in PREPARATION if k not in meta and k not in PREPARATION_BEFORE]
+    if missing:
+        raise ValueError(f"the preprocessing record lacks {missing}; expected {list(PREPARATION)}")
+    return {**PREPARATION_BEFORE, **{k: meta[k] for k in PREPARATION if k in meta}}
+
+
 def prepare_image(path: Path, image_size: int, channels: int, window, equalize: bool = False) -> np.ndarray:
     """The model's input for one scan: uint8 (channels, image_size, image_size).
 

@@ -117,6 +117,20 @@ def test_predict_repeats_the_recorded_equalization(model, tmp_path):
         assert np.allclose(got, ref, atol=1e-6), path.name
 
 
+def test_model_whose_preprocessing_record_lacks_a_setting_is_a_clear_error(model, tmp_path):
+    import json
+
+    proto = onnx.load(str(model))
+    for prop in proto.metadata_props:
+        if prop.key == "preprocessing":
+            prop.value = json.dumps({k: v for k, v in json.loads(prop.value).items() if k != "image_size"})
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, str(broken))
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(StageError, match=r"broken\.onnx: the preprocessing record lacks \['image_size'\]"):
+        predict(broken, [tmp_path / "x.png"], None)
+
+
 def test_model_without_metadata_is_a_clear_error(model, tmp_path, capsys):
     proto = onnx.load(str(model))
     del proto.metadata_props[:]

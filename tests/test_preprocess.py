@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from components.common import StageError, hash_patient
 from components.params import parse_params
 from components.preprocess import load_meta, load_split, main, preprocess
-from components.scans import prepare_image
+from components.scans import prepare_image, recorded_preparation
 
 SECRET_ID = "MRN-777-SECRET"
 SIZE = 16
@@ -87,6 +87,8 @@ def test_preprocess_end_to_end(dataset, tmp_path):
     assert meta["classes"] == ["normal", "lesion"] and meta["image_size"] == SIZE and meta["channels"] == 3
     assert meta["input"] == "uint8 NCHW" and "bilinear" in meta["resize"] and meta["window"] == "header"
     assert load_meta(out) == meta
+    # Every setting prepare_image takes is recorded, so predict (via the ONNX metadata) repeats it.
+    assert recorded_preparation(meta) == {"image_size": SIZE, "channels": 3, "window": "header", "equalize": False}
     assert sorted(p.name for p in out.iterdir()) == ["index.csv", "meta.json", "test.npy", "train.npy", "val.npy"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
 

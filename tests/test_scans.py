@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless,
                          SecondaryCaptureImageStorage, generate_uid)
 
-from components.scans import ScanError, ScanInfo, is_candidate, load_pixels, prepare_image, probe
+from components.scans import PREPARATION, ScanError, ScanInfo, is_candidate, load_pixels, prepare_image, probe
 
 SECRET_ID = "PAT-SECRET-0042"
 SECRET_NAME = "Doe^Jane"
@@ -225,3 +225,10 @@ def test_compressed_syntax_without_decoder_names_it(tmp_path):
     with pytest.raises(ScanError) as err:
         probe(path)
     assert "JPEG-LS Lossless" in str(err.value) and "pip install" in str(err.value)
+
+
+def test_every_prepare_image_setting_is_one_that_models_record():
+    """A new prepare_image argument must join PREPARATION, or predict would not repeat it."""
+    import inspect
+
+    assert tuple(inspect.signature(prepare_image).parameters)[1:] == PREPARATION
