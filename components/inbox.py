@@ -39,7 +39,7 @@ from typing import Any
 import pandas as pd
 from components import common, ingest, scans
 from components.common import StageError
-from components.manifest import read_manifest
+from components.manifest import COLUMNS, read_manifest
 from components.params import Params
 
 log = logging.getLogger("medtune.inbox")
@@ -91,10 +91,6 @@ def add_to_inbox(source: str | Path, inbox_dir: str | Path, name: str | None = N
 # Reading and checking one batch
 # ---------------------------------------------------------------------------------------------
 
-BATCH_COLUMNS = ["path", "sha256", "label", "patient", "split", "width", "height", "channels", "bit_depth",
-                 "modality", "error"]
-
-
 def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, list[str]]:
     """One row per file of the batch (manifest-shaped, plus `split` from labels.csv if given).
 
@@ -112,7 +108,7 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
         try:
             labels = ingest.parse_labels_csv(batch / "labels.csv")
         except StageError as exc:
-            return pd.DataFrame(columns=BATCH_COLUMNS), [str(exc)]
+            return pd.DataFrame(columns=COLUMNS), [str(exc)]
         problems += [f"{batch / 'labels.csv'} line {r.line}: path {r.path!r} does not exist in the batch."
                      for r in labels.itertuples() if not (batch / r.path).is_file()]
     by_path = {} if labels is None else labels.set_index("path").to_dict("index")
@@ -134,7 +130,7 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
         if source == "none":
             row["patient"] = ""  # no id: never a known patient
         rows.append(row)
-    return pd.DataFrame(rows, columns=BATCH_COLUMNS), problems
+    return pd.DataFrame(rows, columns=COLUMNS), problems
 
 
 def current_manifest(manifest_csv: str | Path, raw_dir: str | Path, params: Params) -> pd.DataFrame:
