@@ -213,3 +213,8 @@ def _fail(exc: BaseException, good: list[dict[str, Any]], snap: dict[str, Any], 
         + ", ".join(f"`{w['batch']}` -> `{w['quarantine']}`" for w in where)
         + "\n\nWorkspace restored:\n" + "\n".join(f"- {x}" for x in restored) + "\n",
         key="medtune-decision", description="Retrain failed; champion kept")
+
+
+def main(argv=None) -> int:
+    """`medtune retrain --once` (see components.orchestrate)."""
+    return orchestrate.retrain_main(argv)
