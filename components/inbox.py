@@ -125,7 +125,7 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
         label = ingest.folder_label(rel) if labels is None else csv_row.get("label", "")
         # A batch's CSV patient_id only survives the append in csv mode.
         patient = csv_row.get("patient_id", "") if params.data.label_source == "csv" else ""
-        row, source = ingest.scan_row(f, rel, label, patient, pattern, salt)
+        row, source, _ = ingest.scan_row(f, rel, label, patient, pattern, salt)
         row["split"] = csv_row.get("split", "")
         if source == "none":
             row["patient"] = ""  # no id: never a known patient

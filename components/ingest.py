@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from components import common, scans
+from components import common, near_duplicates, scans
 from components.common import SPLITS
 from components.manifest import COLUMNS
 from components.params import Params, load_params
@@ -108,10 +108,11 @@ def folder_label(rel: str) -> str:
 
 
 def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
-             salt: bytes) -> tuple[dict, str]:
-    """One manifest row (COLUMNS, split empty) for the scan at path, and where its patient came from:
-    'csv' (csv_patient), 'dicom' (PatientID), 'pattern' (regex on the file name) or 'none' (the file is
-    its own patient). Only the hash of the id is kept. Shared by ingest and the retrain inbox."""
+             salt: bytes) -> tuple[dict, str, np.ndarray | None]:
+    """One manifest row (COLUMNS, split and similar_group empty) for the scan at path, where its patient
+    came from: 'csv' (csv_patient), 'dicom' (PatientID), 'pattern' (regex on the file name) or 'none'
+    (the file is its own patient), and its thumbnail (None if unreadable). Only the hash of the id is
+    kept. Shared by ingest and the retrain inbox."""
     row = dict.fromkeys(COLUMNS, "")
     row.update(path=rel, label=label, sha256=common.sha256_file(path))
     try:
@@ -133,7 +134,7 @@ def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Patte
     else:
         pid, source = rel, "none"
     row["patient"] = common.hash_patient(pid, salt)
-    return row, source
+    return row, source, None if info is None else info.thumbnail
 
 
 def stable_split(patients: list[str], params: Params) -> list[str]:
@@ -175,10 +176,11 @@ def split_patients(labels: list[str], patients: list[str], params: Params) -> li
     return list(out)
 
 
-def split_groups(patients: list[str], hashes: list[str]) -> list[str]:
+def split_groups(patients: list[str], hashes: list[str], linked: Sequence[tuple[int, int]] = ()) -> list[str]:
     """The unit the split keeps together: a patient, merged with every patient that shares a
     byte-identical image (union-find), so one image can never sit in train and test at once, even
-    when public data holds the same file under two names (brain-tumor-yesno does, 22 times).
+    when public data holds the same file under two names (brain-tumor-yesno does, 22 times), and
+    with the patient of every row `linked` to one of theirs (near-duplicate images, by row index).
     With `split.method: stable` this is the one way an existing patient can move: when a new image
     duplicates one of theirs, the whole group follows one hash (no leak beats no move)."""
     parent: dict[str, str] = {p: p for p in patients}
@@ -189,12 +191,16 @@ def split_groups(patients: list[str], hashes: list[str]) -> list[str]:
             p = parent[p]
         return p
 
-    first_owner: dict[str, str] = {}
-    for patient, digest in zip(patients, hashes):
-        owner = first_owner.setdefault(digest, patient)
-        a, b = root(owner), root(patient)
+    def union(a: str, b: str) -> None:
+        a, b = root(a), root(b)
         if a != b:
             parent[max(a, b)] = min(a, b)  # deterministic representative
+
+    first_owner: dict[str, str] = {}
+    for patient, digest in zip(patients, hashes):
+        union(first_owner.setdefault(digest, patient), patient)
+    for i, j in linked:
+        union(patients[i], patients[j])
     return [root(p) for p in patients]
 
 
@@ -221,24 +227,30 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
     table = read_labels_csv(raw_dir, params, files) if params.data.label_source == "csv" else None
     regex, salt = params.data.patient_regex(), common.patient_salt(params.data.patient_salt)
 
-    rows, sources = [], []
+    rows, sources, thumbnails = [], [], []
     for rel in files:
         csv_row = table.loc[rel] if table is not None and rel in table.index else None
         label = folder_label(rel) if table is None else csv_row["label"] if csv_row is not None else ""
         patient = csv_row.get("patient_id", "") if csv_row is not None else ""
-        row, source = scan_row(raw_dir / rel, rel, label, patient, regex, salt)
+        row, source, thumbnail = scan_row(raw_dir / rel, rel, label, patient, regex, salt)
         rows.append(row)
         sources.append(source)
+        if not row["error"]:  # a readable scan without a thumbnail (multi-frame) is alike none
+            thumbnails.append(np.zeros((scans.THUMBNAIL,) * 2) if thumbnail is None else thumbnail)
     df = pd.DataFrame(rows, columns=COLUMNS)
 
     warn = []
     readable = (df["error"] == "").to_numpy()
+    threshold = params.split.near_duplicate_correlation
+    linked = near_duplicates.pairs(near_duplicates.standardise(thumbnails), threshold) \
+        if threshold is not None and thumbnails else []
+    df.loc[readable, "similar_group"] = near_duplicates.groups(list(df["path"][readable]), linked)
     if table is not None:
         unlabelled = [f for f in files if f not in table.index]
         if unlabelled:
             warn.append(f"{len(unlabelled)} scan file(s) have no row in {params.data.labels_csv} and get an empty "
                         f"label (e.g. {unlabelled[:3]}); add them to the CSV or remove them.")
-    groups = split_groups(list(df["patient"][readable]), list(df["sha256"][readable]))
+    groups = split_groups(list(df["patient"][readable]), list(df["sha256"][readable]), linked)
     if table is not None and "split" in table.columns:
         split_source, method = "labels.csv", "explicit split column in labels.csv"
         df.loc[readable, "split"] = [table.loc[p, "split"] if p in table.index else "" for p in df["path"][readable]]
@@ -269,6 +281,7 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
         df.to_csv(tmp, index=False, lineterminator="\n")
 
     ok = df[readable]
+    similar = ok["similar_group"][ok["similar_group"] != ""]
     classes = list(params.data.classes) + sorted(set(ok["label"]) - set(params.data.classes))
     counts = {s: {c: int(((ok["split"] == s) & (ok["label"] == c)).sum()) for c in classes} for s in SPLITS}
     listing = "".join(f"{p}  {h}\n" for p, h in zip(df["path"], df["sha256"]))  # sha256sum format, sorted
@@ -284,6 +297,8 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
                   "patients": {s: int(ok[ok["split"] == s]["patient"].nunique()) for s in SPLITS},
                   "patient_overlap": 0},
         "patient_source": patient_source,
+        "near_duplicates": {"correlation": params.split.near_duplicate_correlation,
+                            "groups": int(similar.nunique()), "images": len(similar)},
         "warnings": warn,
     }
     common.write_json(out_dir / "manifest.json", manifest)

@@ -1,8 +1,9 @@
 """data/manifest.csv, the table of raw files that ingest writes and every later step reads.
 
 One row per file under the raw folder: its path (relative to the raw folder), sha256, label, hashed
-patient, what ingest probed (size, channels, bit depth, modality), its split, and the reason it
-could not be read (`error`, empty for a readable file). validate, preprocess, inbox, registry and
+patient, what ingest probed (size, channels, bit depth, modality), its group of near-duplicate
+images (`similar_group`: the group's first path, empty when it has none; components.near_duplicates),
+its split, and the reason it could not be read (`error`, empty for a readable file). validate, preprocess, inbox, registry and
 the audit tools all read it through `read_manifest`, so each sees the same cells (every value as
 text, an empty cell as "") and fails the same loud way on a missing or malformed file.
 """
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # pandas is imported on use: the audit tools read manifests a
     import pandas as pd
 
 COLUMNS = ["path", "sha256", "label", "patient", "width", "height", "channels", "bit_depth", "modality",
-           "split", "error"]
+           "similar_group", "split", "error"]
 # What a reader may rely on. The audit tools ask only for the listing that ingest's content_hash
 # covers, so that they still read the manifest of any earlier release.
 KEY_COLUMNS = ("path", "sha256", "label", "patient", "split", "error")

@@ -71,6 +71,9 @@ class SplitParams:
     # stratified only: which of the round(1 / test_fraction) patient-level folds is the test set.
     # Patient-level k-fold cross-validation = one run per fold (`dvc exp run -S split.test_fold=K`).
     test_fold: int = 0
+    # Two images whose 32 px thumbnails correlate at least this much are near-duplicates: listed in
+    # the manifest (`similar_group`) and kept in one split like byte-identical ones (null: off).
+    near_duplicate_correlation: float | None = 0.99
 
     def validate(self) -> None:
         _expect(self.method in ("stratified", "stable"), "split.method", self.method, "'stratified' or 'stable'")
@@ -79,6 +82,10 @@ class SplitParams:
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             _expect(0 < v < 0.5, f"split.{name}", v, "a fraction in (0, 0.5)")
+        c = self.near_duplicate_correlation
+        number = isinstance(c, (int, float)) and not isinstance(c, bool)
+        _expect(c is None or (number and 0 < c <= 1), "split.near_duplicate_correlation", c,
+                "a correlation in (0, 1], or null")
 
     @property
     def n_folds(self) -> int:
@@ -101,6 +108,9 @@ class ValidateParams:
     # Groups of byte-identical images with different labels tolerated (always listed). A data error,
     # but public benchmarks carry some (BreastMNIST: 1, across its official split).
     max_label_conflicts: int = 0
+    # Groups of near-duplicate images (split.near_duplicate_correlation) in two splits tolerated
+    # (always listed). Only a given split can do this; BreastMNIST's official one has 45 such groups.
+    max_near_duplicates: int = 0
 
     def validate(self) -> None:
         _expect(self.min_images_per_class_split >= 1, "validate.min_images_per_class_split",
@@ -110,6 +120,8 @@ class ValidateParams:
         _expect(self.max_unreadable >= 0, "validate.max_unreadable", self.max_unreadable, "an integer >= 0")
         _expect(self.max_duplicates >= 0, "validate.max_duplicates", self.max_duplicates, "an integer >= 0")
         _expect(self.max_label_conflicts >= 0, "validate.max_label_conflicts", self.max_label_conflicts,
+                "an integer >= 0")
+        _expect(self.max_near_duplicates >= 0, "validate.max_near_duplicates", self.max_near_duplicates,
                 "an integer >= 0")
 
 

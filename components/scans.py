@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,25 @@ class ScanInfo:
     modality: str  # DICOM Modality, or "PNG" / "JPEG"
     patient_id: str | None  # raw DICOM PatientID: the caller hashes it; never log or store it
     is_dicom: bool
+    # What the scan looks like, small: THUMBNAIL x THUMBNAIL float32 grey in the file's own units
+    # (for components.near_duplicates), taken from the pixels probe decodes anyway.
+    thumbnail: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+THUMBNAIL = 32
+
+
+def _thumbnail(grey: Image.Image | np.ndarray) -> np.ndarray | None:
+    """ScanInfo.thumbnail of a decoded image: a grey PIL image, or a (H, W) grey / (H, W, >= 3)
+    colour array (averaged to grey); None for other shapes (e.g. multi-frame)."""
+    if isinstance(grey, np.ndarray):
+        if grey.ndim == 3 and grey.shape[-1] >= 3:
+            grey = grey[..., :3].mean(axis=-1)
+        if grey.ndim != 2:
+            return None
+        grey = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32))
+    # reducing_gap: a fast box reduction first, then bilinear (as preprocess resizes).
+    return np.asarray(grey.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR, reducing_gap=2.0), np.float32)
 
 
 # --------------------------------------------------------------------------- detection
@@ -226,7 +245,8 @@ def _dicom_info(path: Path) -> ScanInfo:
     bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 0) or pixels.dtype.itemsize * 8)
     modality = str(ds.get("Modality", "") or "").strip() or "OT"  # OT = "other" in DICOM terms
     return ScanInfo(width=int(pixels.shape[1]), height=int(pixels.shape[0]), channels=channels,
-                    bit_depth=bits, modality=modality, patient_id=patient, is_dicom=True)
+                    bit_depth=bits, modality=modality, patient_id=patient, is_dicom=True,
+                    thumbnail=_thumbnail(pixels))
 
 
 # --------------------------------------------------------------------------- PNG / JPEG
@@ -287,8 +307,9 @@ def _pil_info(path: Path) -> ScanInfo:
     mode = img.mode
     channels = 1 if mode in _HIGH_DEPTH_MODES | {"L", "LA", "1"} else 3
     bits = 16 if mode in _HIGH_DEPTH_MODES else 1 if mode == "1" else 8
+    grey = img.convert("F" if mode in _HIGH_DEPTH_MODES else "L")
     return ScanInfo(width=img.width, height=img.height, channels=channels, bit_depth=bits,
-                    modality=img.format, patient_id=None, is_dicom=False)
+                    modality=img.format, patient_id=None, is_dicom=False, thumbnail=_thumbnail(grey))
 
 
 # --------------------------------------------------------------------------- public API

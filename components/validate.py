@@ -30,7 +30,7 @@ from components.params import Params, load_params
 
 SUITE = "medtune_manifest"
 COLUMNS = ("path", "sha256", "label", "patient", "width", "height", "bit_depth", "split", "error")
-TEXT_COLUMNS = ("path", "sha256", "label", "patient", "split", "error", "modality")
+TEXT_COLUMNS = ("path", "sha256", "label", "patient", "split", "error", "modality", "similar_group")
 NUMERIC_COLUMNS = ("width", "height", "bit_depth")
 SHOWN = 10  # offending values shown per failure in messages and the markdown summary
 GX_LIST_CAP = 100  # full GX lists are capped in validation.json so a bad manifest cannot bloat it
@@ -92,6 +92,11 @@ def _checks(p: Params) -> list[Check]:
               lambda x: x.ExpectColumnValuesToBeInSet(column="bit_depth", value_set=list(v.bit_depths))),
         Check("patient_in_one_split", "patient_splits", True, "no patient in two splits",
               lambda x: x.ExpectColumnValuesToBeUnique(column="patient"), "patient(s) in several splits"),
+        # Ingest keeps near-duplicates in one split, so only a given split column can do this.
+        Check("near_duplicates_in_one_split", "similar_splits", True, "no near-duplicate images in two splits "
+              f"(validate.max_near_duplicates={v.max_near_duplicates} group(s) tolerated)",
+              lambda x: x.ExpectColumnValuesToBeUnique(column="similar_group"),
+              "group(s) of near-duplicate images (named by their first file) in several splits"),
         Check("images_per_class_split", "class_split_counts", True,
               f"at least validate.min_images_per_class_split={v.min_images_per_class_split} images "
               "per (split, class)",
@@ -103,7 +108,7 @@ def _checks(p: Params) -> list[Check]:
 # Columns GX reports beside each unexpected value, so a failure names the file (or the group).
 INDEX_COLUMNS = {"files": ["path"], "readable": ["path"], "unreadable": ["path"],
                  "hash_splits": ["sha256"], "hash_labels": ["sha256"],
-                 "patient_splits": ["split"], "class_split_counts": ["split", "label"]}
+                 "patient_splits": ["split"], "similar_splits": ["split"], "class_split_counts": ["split", "label"]}
 
 
 def _normalise(df: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -119,6 +124,8 @@ def _normalise(df: pd.DataFrame, source: str) -> pd.DataFrame:
             s = df[col].astype("string")
             blank = s.isna() | (s.str.strip() == "")
             df[col] = s.astype(object).where(~blank, None)
+    if "similar_group" not in df.columns:  # a manifest from before near-duplicates were found
+        df["similar_group"] = None
     for col in NUMERIC_COLUMNS:
         # Non-numbers become missing and fail the *_present checks instead of crashing GX.
         s = pd.to_numeric(df[col], errors="coerce")
@@ -130,8 +137,9 @@ def _normalise(df: pd.DataFrame, source: str) -> pd.DataFrame:
 
 def _tables(df: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
     readable = df[df["error"].isna()]
-    pairs = (readable.dropna(subset=["patient", "split"])[["patient", "split"]]
-             .drop_duplicates().sort_values(["patient", "split"]).reset_index(drop=True))
+    pairs, similar = ((readable.dropna(subset=[col, "split"])[[col, "split"]]
+                       .drop_duplicates().sort_values([col, "split"]).reset_index(drop=True))
+                      for col in ("patient", "similar_group"))
     # Every (split, class) appears, with 0 when absent, so a missing split or class fails too.
     grid = pd.MultiIndex.from_product([SPLITS, classes], names=["split", "label"])
     counts = (readable.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
@@ -142,7 +150,7 @@ def _tables(df: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
                                 .sort_values(["sha256", col]).reset_index(drop=True) for col in ("split", "label"))
     return {"files": df, "unreadable": unreadable, "readable": readable,
             "hash_splits": hash_splits, "hash_labels": hash_labels,
-            "patient_splits": pairs, "class_split_counts": counts}
+            "patient_splits": pairs, "similar_splits": similar, "class_split_counts": counts}
 
 
 def _quiet_gx() -> None:
@@ -237,13 +245,14 @@ def _offending(c: Check, res: dict, tables: dict[str, pd.DataFrame]) -> list[str
         return [f"sha256 {h[:12]}... is " + "; ".join(f"{r.path} ({key} {getattr(r, key)})"
                                                      for r in readable[readable["sha256"] == h].itertuples())
                 for h in dict.fromkeys(r["sha256"] for r in rows)]
-    if c.name == "patient_in_one_split":
-        readable = tables["readable"]
+    if c.name in ("patient_in_one_split", "near_duplicates_in_one_split"):
+        readable, col = tables["readable"], "patient" if c.name == "patient_in_one_split" else "similar_group"
         out = []
-        for pt in dict.fromkeys(r["patient"] for r in rows):  # unique, in GX's order
-            mine = readable[readable["patient"] == pt]
+        for key in dict.fromkeys(r[col] for r in rows):  # unique, in GX's order
+            mine = readable[readable[col] == key]
             per_split = [f"{s} ({', '.join(_truncate(list(g['path']), 3))})" for s, g in mine.groupby("split")]
-            out.append(f"patient {pt} in splits " + "; ".join(per_split))
+            name = f"patient {key}" if col == "patient" else f"near-duplicates of {key}"
+            out.append(f"{name} in splits " + "; ".join(per_split))
         return out
     if c.name == "images_per_class_split":
         return [f"split {r['split']!r}, class {r['label']!r}: {r['n']} image(s)" for r in rows]
@@ -280,7 +289,8 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest") -> dic
         details["offending"] = _truncate(offending, 20)
         critical = c.critical
         tolerated = {"duplicates_in_one_split": params.validate.max_duplicates,
-                     "duplicates_agree_on_label": params.validate.max_label_conflicts}
+                     "duplicates_agree_on_label": params.validate.max_label_conflicts,
+                     "near_duplicates_in_one_split": params.validate.max_near_duplicates}
         if c.name in tolerated and len(offending) <= tolerated[c.name]:
             critical = False  # tolerated by params: a listed warning, not a stop
         entry = {"name": c.name, "description": c.description, "table": c.table, "critical": critical,

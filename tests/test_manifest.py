@@ -9,6 +9,14 @@ from components.manifest import COLUMNS, LISTING_COLUMNS, read_manifest, read_ma
 HEADER = ",".join(COLUMNS)
 
 
+def line(**cells: str) -> str:
+    return ",".join(cells.get(c, "") for c in COLUMNS)
+
+
+ROW = line(path="normal/a.png", sha256="ab12", label="NA", patient="p1", width="64", height="64", channels="1",
+           bit_depth="8", split="train")
+
+
 def write(tmp_path, text: str):
     path = tmp_path / "manifest.csv"
     path.write_text(text, encoding="utf-8")
@@ -16,7 +24,7 @@ def write(tmp_path, text: str):
 
 
 def test_cells_are_text_and_empty_cells_are_empty_strings(tmp_path):
-    path = write(tmp_path, HEADER + "\nnormal/a.png,ab12,NA,p1,64,64,1,8,,train,\n")
+    path = write(tmp_path, f"{HEADER}\n{ROW}\n")
     df = read_manifest(path)
     assert list(df.columns) == COLUMNS
     row = df.iloc[0]
@@ -41,8 +49,8 @@ def test_missing_column_names_the_file_and_the_column(tmp_path):
 
 
 def test_a_row_with_the_wrong_number_of_fields_names_its_line(tmp_path):
-    path = write(tmp_path, HEADER + "\nnormal/a.png,ab12,normal,p1,64,64,1,8,,train,\nnormal/b.png,cd34\n")
-    with pytest.raises(StageError, match=r"manifest\.csv: line 3 has 2 fields; expected 11"):
+    path = write(tmp_path, f"{HEADER}\n{ROW}\nnormal/b.png,cd34\n")
+    with pytest.raises(StageError, match=rf"manifest\.csv: line 3 has 2 fields; expected {len(COLUMNS)}"):
         read_manifest(path)
 
 

@@ -1,0 +1,99 @@
+"""Near-duplicate images (components.near_duplicates): found across formats and exposures, kept in
+one split by ingest, and reported by validate when a given split separates them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+from test_predict import write_dicom
+
+from components import near_duplicates, scans
+from components.common import StageError
+from components.ingest import ingest
+from components.params import parse_params
+
+
+def picture(seed: int, size: int = 64) -> np.ndarray:
+    """A smooth, scan-like grey picture (uint8), different for every seed."""
+    field = gaussian_filter(np.random.default_rng(seed).normal(size=(size, size)), sigma=size / 10)
+    return np.interp(field, (field.min(), field.max()), (0, 255)).astype(np.uint8)
+
+
+def variants(tmp_path, img: np.ndarray) -> dict[str, object]:
+    """The same picture as a PNG, as a darker, smaller JPEG, and as a 12-bit DICOM."""
+    paths = {"png": tmp_path / "a.png", "jpeg": tmp_path / "b.jpg", "dicom": tmp_path / "c.dcm"}
+    Image.fromarray(img).save(paths["png"])
+    darker = Image.fromarray((img * 0.7 + 20).astype(np.uint8)).resize((48, 48), Image.Resampling.BILINEAR)
+    darker.save(paths["jpeg"], quality=80)
+    write_dicom(paths["dicom"], img.astype(np.uint16) * 16)
+    return paths
+
+
+def test_one_picture_in_three_formats_is_alike_and_another_is_not(tmp_path):
+    paths = variants(tmp_path, picture(0))
+    Image.fromarray(picture(1)).save(tmp_path / "other.png")
+    files = [*paths.values(), tmp_path / "other.png"]
+    thumbs = near_duplicates.standardise([scans.probe(f).thumbnail for f in files])
+    corr = thumbs @ thumbs.T
+    assert corr[:3, :3].min() >= 0.99, corr  # format, size, exposure and bit depth do not hide it
+    assert corr[3, :3].max() < 0.9, corr
+    assert near_duplicates.pairs(thumbs, 0.99) == [(0, 1), (0, 2), (1, 2)]
+
+
+def test_a_flat_image_is_alike_nothing():
+    thumbs = near_duplicates.standardise([np.full((32, 32), 7.0), np.full((32, 32), 9.0)])
+    assert not thumbs.any() and near_duplicates.pairs(thumbs, 0.5) == []
+
+
+def test_groups_are_connected_and_named_by_their_first_path():
+    paths = ["d.png", "b.png", "c.png", "a.png", "e.png"]
+    # d~b and b~a chain into one group; c and e stand alone.
+    assert near_duplicates.groups(paths, [(0, 1), (1, 3)]) == ["a.png", "a.png", "", "a.png", ""]
+    assert near_duplicates.groups(paths, []) == [""] * 5
+
+
+@pytest.mark.parametrize("method", ["stratified", "stable"])
+def test_ingest_keeps_near_duplicates_in_one_split(tmp_path, method):
+    raw = tmp_path / "raw"
+    for i in range(16):  # no patient ids: every image is its own patient
+        (raw / ("normal", "lesion")[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture(100 + i)).save(raw / ("normal", "lesion")[i % 2] / f"img{i:02d}.png")
+    img = np.asarray(Image.open(raw / "lesion/img01.png"))
+    Image.fromarray((img * 0.8 + 10).astype(np.uint8)).save(raw / "lesion/copy.jpg", quality=85)
+    for seed in range(4):
+        split = {"method": method, "seed": seed, "val_fraction": 0.2, "test_fraction": 0.25}
+        df = ingest(raw, tmp_path / f"out{seed}", parse_params({"data": {}, "split": split})).set_index("path")
+        pair = ["lesion/copy.jpg", "lesion/img01.png"]
+        assert df.loc[pair, "split"].nunique() == 1
+        assert list(df.loc[pair, "similar_group"]) == ["lesion/copy.jpg"] * 2
+        assert (df.drop(index=pair)["similar_group"] == "").all()
+    meta = json.loads((tmp_path / "out0/manifest.json").read_text())
+    assert meta["near_duplicates"] == {"correlation": 0.99, "groups": 1, "images": 2}
+
+    off = ingest(raw, tmp_path / "off", parse_params({"split": {"near_duplicate_correlation": None}}))
+    assert (off["similar_group"] == "").all()
+
+
+def test_validate_names_near_duplicates_that_a_given_split_separates(tmp_path):
+    from test_validate import clean_rows, run, with_validate
+
+    rows = clean_rows()
+    train, test = rows[0], rows[-1]
+    train["similar_group"] = test["similar_group"] = train["path"]
+    for name in ("strict", "tolerant"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(StageError, match=r"near-duplicates of normal/train_0\.png in splits test "
+                                         r"\(lesion/test_1\.png\); train \(normal/train_0\.png\)"):
+        run(tmp_path / "strict", rows)
+    report = json.loads((tmp_path / "strict/reports/validation.json").read_text())
+    assert report["success"] is False
+    assert [f["critical"] for f in report["failures"] if f["name"] == "near_duplicates_in_one_split"] == [True]
+
+    out_json, _ = run(tmp_path / "tolerant", rows, with_validate(max_near_duplicates=1))
+    report = json.loads(out_json.read_text())
+    assert report["success"] is True
+    assert [(f["name"], f["critical"]) for f in report["failures"]] == [("near_duplicates_in_one_split", False)]
