@@ -1,9 +1,9 @@
 """Near-duplicate images: one picture stored twice with small changes that a byte hash misses
 (re-encoded, resized, re-windowed, another export of the same frame).
 
-Public sets hold many. In BreastMNIST's official split, 39 of the 156 test images have a training
-image whose thumbnail correlates above 0.99 with theirs (95% with the same label), so a model is
-partly tested on pictures it trained on; PneumoniaMNIST's test split has none above 0.98. Where
+Public sets hold many. In BreastMNIST's official split, 46 of the 156 test images share a group
+with a training image (43 of them its label), so a model is partly tested on pictures it trained
+on; PneumoniaMNIST's test split has none, and its 27 groups are its byte-identical files. Where
 ingest makes the split, such images are kept together like byte-identical ones; where the split is
 given (labels.csv), validate reports the groups that cross it.
 
