@@ -286,7 +286,7 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest") -> dic
         details = {k: r[k] for k in ("element_count", "unexpected_count", "missing_count", "observed_value") if k in r}
         if res["exception_info"]["raised_exception"]:
             details["exception"] = res["exception_info"]["exception_message"]
-        details["offending"] = _truncate(offending, 20)
+        details["offending"], details["n_offending"] = _truncate(offending, 20), len(offending)
         critical = c.critical
         tolerated = {"duplicates_in_one_split": params.validate.max_duplicates,
                      "duplicates_agree_on_label": params.validate.max_label_conflicts,

@@ -97,3 +97,5 @@ def test_validate_names_near_duplicates_that_a_given_split_separates(tmp_path):
     report = json.loads(out_json.read_text())
     assert report["success"] is True
     assert [(f["name"], f["critical"]) for f in report["failures"]] == [("near_duplicates_in_one_split", False)]
+    entry = next(e for e in report["expectations"] if e["name"] == "near_duplicates_in_one_split")
+    assert entry["details"]["n_offending"] == 1  # what the model card counts
