@@ -123,6 +123,12 @@ def run_recipes(ws: Path, name: str, recipes: dict[str, dict[str, Any]], labels:
     return runs
 
 
+def experiments(ws: Path) -> list[str]:
+    """The git refs of the project's DVC experiments (refs/exps/..., without DVC's own exec refs), sorted."""
+    refs = run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], ws).stdout.split()
+    return sorted(r for r in refs if not r.startswith("refs/exps/exec/"))
+
+
 def recorded(name: str) -> list[dict[str, Any]]:
     from components.common import read_json
 

@@ -26,7 +26,7 @@ import yaml
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from bench.quality.harness import WORK, run
+from bench.quality.harness import WORK, experiments, run
 from components.models import Deployed, Ensemble, load_checkpoint
 from components.preprocess import load_split
 
@@ -52,9 +52,7 @@ def main(name: str, ensemble: int = 3) -> int:
         splits[s] = torch.from_numpy(np.array(images, dtype=np.float32) / 255), index["label_index"].to_numpy() == 1
     rows, recipes = [], {}  # recipes: recipe key -> (first experiment seen, {member seed: test scores})
     torch.set_grad_enabled(False)
-    for ref in run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], ws).stdout.split():
-        if ref.startswith("refs/exps/exec/"):  # DVC's bookkeeping, not experiments
-            continue
+    for ref in experiments(ws):
         lock = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], ws).stdout)
         if out_md5(lock, "preprocess", "data/prepared") != prepared:
             continue

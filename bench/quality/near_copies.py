@@ -12,6 +12,7 @@ and on the test images whose group holds no training or validation image.
 
 from __future__ import annotations
 
+import io
 import statistics
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import pandas as pd
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from bench.quality.harness import WORK, run
+from bench.quality.harness import WORK, experiments, run
 from components.ingest import ingest
 from components.params import load_params
 
@@ -43,17 +44,12 @@ def main(name: str) -> int:
     keep = unseen(ws)
     print("| experiment | test AUROC, all | n | test AUROC, no near-copy in train/val | n |\n|---|---|---|---|---|")
     drops = []
-    for ref in sorted(run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"], ws).stdout.split()):
-        if ref.startswith("refs/exps/exec/"):  # DVC's bookkeeping, not experiments
-            continue
+    for ref in experiments(ws):
         params = yaml.safe_load(run(["git", "show", f"{ref}:params.yaml"], ws).stdout)
         shown = run(["git", "show", f"{ref}:reports/test_predictions.csv"], ws, check=False)
         if shown.returncode != 0:
             continue
-        with tempfile.NamedTemporaryFile("w", suffix=".csv") as fh:
-            fh.write(shown.stdout)
-            fh.flush()
-            pred = pd.read_csv(fh.name, dtype={"path": str, "label": str}, keep_default_na=False)
+        pred = pd.read_csv(io.StringIO(shown.stdout), dtype={"path": str, "label": str}, keep_default_na=False)
         pos = params["evaluate"]["positive_class"]
         auc = [roc_auc_score(p["label"] == pos, p[f"prob_{pos}"]) for p in (pred, pred[pred["path"].isin(keep)])]
         drops.append(auc[0] - auc[1])
