@@ -278,6 +278,9 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest") -> dic
     checks = _checks(params)
     gx_results = _run_gx(tables, checks)
 
+    tolerated = {"duplicates_in_one_split": params.validate.max_duplicates,
+                 "duplicates_agree_on_label": params.validate.max_label_conflicts,
+                 "near_duplicates_in_one_split": params.validate.max_near_duplicates}
     expectations, failures = [], []
     for c in checks:
         res = gx_results[c.name]
@@ -288,9 +291,6 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest") -> dic
             details["exception"] = res["exception_info"]["exception_message"]
         details["offending"], details["n_offending"] = _truncate(offending, 20), len(offending)
         critical = c.critical
-        tolerated = {"duplicates_in_one_split": params.validate.max_duplicates,
-                     "duplicates_agree_on_label": params.validate.max_label_conflicts,
-                     "near_duplicates_in_one_split": params.validate.max_near_duplicates}
         if c.name in tolerated and len(offending) <= tolerated[c.name]:
             critical = False  # tolerated by params: a listed warning, not a stop
         entry = {"name": c.name, "description": c.description, "table": c.table, "critical": critical,
