@@ -211,12 +211,20 @@ def write_table(name: str, title: str, runs: list[dict[str, Any]], published: li
 
     recipes = list(dict.fromkeys(r["recipe"] for r in runs))
     machines = sorted({r["machine"] for r in runs})
-    lines = [f"# {title}", "", f"Runs recorded by `dvc exp run` in bench/quality/.work/{name}; machine: "
-             f"{'; '.join(machines)}; dates {', '.join(sorted({r['date'] for r in runs}))}.", "",
-             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    # Runs from more than one machine: name each by a letter and say per row which ran it (seeded CPU
+    # training is deterministic on one machine, not across processors).
+    letter = {m: chr(ord("A") + i) for i, m in enumerate(machines)}
+    several = len(machines) > 1
+    where = "; ".join(f"{letter[m]} = {m}" for m in machines) if several else machines[0]
+    headers = HEADERS + (("machine, per seed",) if several else ())
+    lines = [f"# {title}", "", f"Runs recorded by `dvc exp run` in bench/quality/.work/{name}; "
+             f"machine{'s' if several else ''}: {where}; dates {', '.join(sorted({r['date'] for r in runs}))}.", "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for recipe in recipes:
-        row = summary_row(recipe, [r for r in runs if r["recipe"] == recipe])
-        lines.append("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+        rows = [r for r in runs if r["recipe"] == recipe]
+        row = summary_row(recipe, rows)
+        cells = [str(row[c]) for c in COLUMNS] + ([", ".join(letter[r["machine"]] for r in rows)] if several else [])
+        lines.append("| " + " | ".join(cells) + " |")
     if published:
         lines += ["", "Published:", "", "| model | AUROC | ACC |", "|---|---|---|"]
         lines += [f"| {m} | {a} | {b} |" for m, a, b in published]
