@@ -26,6 +26,9 @@ DATASET = Dataset(
         # Stop 14: ingest now also keeps near-duplicate images (33 groups here, against 22 byte-identical
         # ones) in one split, so the same recipe meets another, leak-free split.
         "messy-photos, near-duplicates split together": {"preset": "messy-photos"},
+        # Stop 15: the same runs again on another processor (seeded CPU training is deterministic on one
+        # machine; is it across processors?). Its own label, so the first runs stay recorded beside it.
+        "messy-photos, near-duplicates split together, rerun": {"preset": "messy-photos"},
     },
     notes=["No published baseline and no official split: test = 25% of the images (patient-level "
            "StratifiedGroupKFold, byte-identical duplicates kept in one split); small, so the intervals are wide."],
