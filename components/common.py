@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,18 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return obj.as_posix()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def processor() -> str:
+    """This machine's processor model ("AMD EPYC ...", "Intel(R) Xeon(R) ..."), for the record of a
+    training run: seeded CPU training gives the same weights again only on the same kind of processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -342,7 +342,10 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
         "split": manifest.get("split"),
         "validation": {"suite": validation.get("suite"), "success": validation.get("success"),
                        "failed": [e.get("name") for e in validation.get("expectations", []) if not e.get("success")]},
-        "environment": {"python": platform.python_version(), "packages": package_versions(), "device": str(device)},
+        # device: where export ran; training_*: where the weights were made (CPU training is
+        # reproducible only on the same kind of processor, so an auditor needs it to retrain).
+        "environment": {"python": platform.python_version(), "packages": package_versions(), "device": str(device),
+                        "training_device": ckpt.get("device"), "training_processor": ckpt.get("processor")},
         "pretrained": ckpt.get("pretrained"),
         "training": {"ensemble": ckpt.get("members", 1),
                      "epochs_run": ckpt.get("epochs_run"), "best_epoch": ckpt.get("best_epoch"),

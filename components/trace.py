@@ -265,6 +265,8 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
         "validation": _pick(L.get("validation"), ("suite", "success", "failed"), old),
         "environment": {"python": (L.get("environment") or {}).get("python") or not_recorded(old),
                         "device": (L.get("environment") or {}).get("device") or not_recorded(old),
+                        "training_device": (L.get("environment") or {}).get("training_device") or not_recorded(old),
+                        "training_processor": (L.get("environment") or {}).get("training_processor") or not_recorded(old),
                         "packages": _packages(L.get("environment") or {})},
         "pretrained": _pick(L.get("pretrained"), ("name", "source", "sha256"),
                             "the checkpoint records no pretrained weights (random init?)"),

@@ -5,7 +5,8 @@
 One epoch = `train_one_epoch` (augmented training images) then `evaluate_epoch` (validation
 loss, AUROC, accuracy). The epoch with the best `train.early_stopping_metric` is kept and saved;
 training stops after `train.patience` epochs without improvement. Seeded and deterministic on
-CPU: the same data and params give the same weights. On a GPU it uses CUDA and, with
+CPU: the same data and params give the same weights on the same kind of processor (another
+processor's floating-point kernels round differently, and training amplifies it: docs/quality.md). On a GPU it uses CUDA and, with
 `train.amp`, float16 autocast with a GradScaler. With `train.processes` > 1 it trains data-parallel
 (DDP) under torchrun: each process a share of every batch, rank 0 validates and writes
 (components/distributed.py).
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from components import distributed, evaluate
 from components.augment import build_transform
-from components.common import StageError, atomic_path, stage_main, write_json, write_text
+from components.common import StageError, atomic_path, processor, stage_main, write_json, write_text
 from components.distributed import World
 from components.models import architecture, build_model, freeze
 from components.params import Params, TrainParams, load_params
@@ -334,7 +335,7 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     per_member = ("best_epoch", "epochs_run", "best_value")
     summary = {
         "backbone": tp.backbone, "pretrained": first["pretrained"], "device": str(device), "amp": use_amp,
-        "processes": world.size,
+        "processes": world.size, "processor": processor(),
         "ensemble": tp.ensemble, "selection_metric": tp.early_stopping_metric,
         # One number for a single model; a list, one per member, for an ensemble.
         **{k: first[k] if tp.ensemble == 1 else [f[k] for f in fits] for k in per_member},
@@ -362,6 +363,7 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
         "meta": meta, "pretrained": first["pretrained"], "history": history,
         **{k: summary[k] for k in ("best_epoch", "epochs_run")},
         "best_metric": {"name": tp.early_stopping_metric, "value": summary["best_value"]}, "device": str(device),
+        "processor": summary["processor"],
     }
     # Serialise in memory: torch.save names the zip's inner folder after the file, so saving to the
     # random temporary name would make the bytes (and DVC's hash) differ run to run.

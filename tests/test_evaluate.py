@@ -167,7 +167,8 @@ def make_checkpoint(path, classes=("normal", "lesion"), channels=1, size=32, see
                 "in_channels": channels, "image_size": size,
                 "params": {"train": {"freeze": "all", "optimizer": "adamw", "lr": 1e-3, "seed": seed}, "augment": {}},
                 "pretrained": info, "history": [], "best_epoch": 1, "epochs_run": 1,
-                "best_metric": {"name": "val_auroc", "value": 0.5}, "device": "cpu"}, path)
+                "best_metric": {"name": "val_auroc", "value": 0.5}, "device": "cpu",
+                "processor": "Test Processor 9000"}, path)
     return path
 
 

