@@ -6,7 +6,8 @@ One epoch = `train_one_epoch` (augmented training images) then `evaluate_epoch` 
 loss, AUROC, accuracy). The epoch with the best `train.early_stopping_metric` is kept and saved;
 training stops after `train.patience` epochs without improvement. Seeded and deterministic on
 CPU: the same data and params give the same weights on the same kind of processor (another
-processor's floating-point kernels round differently, and training amplifies it: docs/quality.md). On a GPU it uses CUDA and, with
+processor's floating-point kernels round differently, and training amplifies it: docs/quality.md;
+train.json and the checkpoint record the processor). On a GPU it uses CUDA and, with
 `train.amp`, float16 autocast with a GradScaler. With `train.processes` > 1 it trains data-parallel
 (DDP) under torchrun: each process a share of every batch, rank 0 validates and writes
 (components/distributed.py).

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from components.common import processor
 from components.augment import build_transform
+from components.common import processor
 from components.models import load_checkpoint
 from components.params import AugmentParams, parse_params
 from components.train import main, make_loader, train
