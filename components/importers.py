@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components import common, scans
+from components import common, folders, scans
 from components.common import SPLITS
 
 log = logging.getLogger("medtune.importers")
@@ -136,9 +136,11 @@ class _Plan:
 
 
 def _entries(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(visible sub-folders, visible other entries) directly in folder, each sorted."""
+    """(visible sub-folders, visible other entries) directly in folder, each sorted. A link out of the
+    folder is an "other entry" whatever it points at: never entered or opened (_loose_non_scans)."""
     visible = sorted(p for p in folder.iterdir() if not scans.is_hidden(p.name))
-    return [p for p in visible if p.is_dir()], [p for p in visible if not p.is_dir()]
+    dirs = [p for p in visible if p.is_dir() and not folders.leaves(folder, p)]
+    return dirs, [p for p in visible if p not in dirs]
 
 
 def _split_folders(folder: Path, dirs: list[Path]) -> dict[str, Path] | None:
@@ -161,27 +163,29 @@ def _split_folders(folder: Path, dirs: list[Path]) -> dict[str, Path] | None:
     return {s: by_split[s] for s in SPLITS if s in by_split}
 
 
-def _loose_non_scans(folder: Path, files: list[Path], where: str, expected: str) -> list[Path]:
-    """The non-scan files directly in folder (to skip); StageError if any scan sits there unlabelled."""
-    loose = [f.name for f in files if scans.is_candidate(f)]
+def _loose_non_scans(folder: Path, files: list[Path], where: str, expected: str) -> list[tuple[Path, str]]:
+    """The entries directly in folder to skip, with why; StageError if any scan sits there unlabelled."""
+    leaving = [f for f in files if folders.leaves(folder, f)]  # checked first: never opened
+    loose = [f.name for f in files if f not in leaving and scans.is_candidate(f)]
     if loose:
         raise common.StageError(f"{folder}: {len(loose)} scan file(s) directly in {where} ({loose[:5]}); "
                                 f"expected {expected}.")
-    return list(files)
+    return [(f, folders.LINK_OUTSIDE if f in leaving else folders.NOT_A_SCAN) for f in files]
 
 
 IN_CLASS_FOLDERS = "scans only inside class folders, whose name is their label"
 
 
-def _class_scans(class_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(scans, non-scan files) under one class folder; StageError if it holds no scan."""
-    found, other = [], []
-    for f in scans.visible_files(class_dir):
-        (found if scans.is_candidate(f) else other).append(f)  # once per file: it may read a DICOM header
-    if not found:
+def _class_scans(class_dir: Path, src: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(scans, skipped entries with why) under one class folder; links may point anywhere inside src.
+    StageError if it holds no scan."""
+    listing = folders.list_folder(class_dir, labels_name=None, within=src)
+    other = [(class_dir / s.path, s.reason) for s in listing.skipped if s.reason != folders.HIDDEN]
+    if not listing.scans:
+        why = f" First: {other[0][0].name} is {other[0][1]}." if other else ""
         raise common.StageError(f"{class_dir}: class folder holds no scan file ({len(other)} other file(s)); "
-                                "expected PNG, JPEG or DICOM files at any depth below it.")
-    return found, other
+                                f"expected PNG, JPEG or DICOM files at any depth below it.{why}")
+    return [class_dir / rel for rel in listing.scans], other
 
 
 def _check_classes(src: Path, classes: list[str]) -> None:
@@ -197,7 +201,7 @@ def _no_class_folders(folder: Path) -> common.StageError:
                              "expected one sub-folder per class, named after it.")
 
 
-def _groups(src: Path, dirs: list[Path]) -> tuple[list[tuple[str | None, str, Path]], list[Path]]:
+def _groups(src: Path, dirs: list[Path]) -> tuple[list[tuple[str | None, str, Path]], list[tuple[Path, str]]]:
     """([(split or None, class, folder holding those scans)], non-scan files to skip), for the three layouts."""
     splits = _split_folders(src, dirs)
     if splits is not None:  # SRC/<split>/<class>/...
@@ -239,7 +243,7 @@ def _plan(src: Path) -> _Plan:
     skipped += more
     copies = []
     for split, label, folder in groups:
-        found, other = _class_scans(folder)
+        found, other = _class_scans(folder, src)
         skipped += other
         prefix = f"{label}/{split}" if split is not None else label
         copies += [_Copy(f, f"{prefix}/{f.relative_to(folder).as_posix()}", label, split) for f in found]
@@ -249,7 +253,7 @@ def _plan(src: Path) -> _Plan:
 
 
 def _warnings(src: Path, groups: list[tuple[str | None, str, Path]], classes: list[str],
-              skipped: list[Path]) -> list[str]:
+              skipped: list[tuple[Path, str]]) -> list[str]:
     """What the user should know but that does not stop the import: gaps in the splits, skipped files."""
     out = []
     per_split = {split: {label for s, label, _ in groups if s == split} for split, _, _ in groups}
@@ -261,8 +265,9 @@ def _warnings(src: Path, groups: list[tuple[str | None, str, Path]], classes: li
         out += [f"{src}: split {s!r} has no folder for class(es) {missing}, so it has no image of them."
                 for s in SPLITS if s in per_split and (missing := sorted(set(classes) - per_split[s]))]
     if skipped:
-        shown = [f.relative_to(src).as_posix() for f in skipped[:5]]
-        out.append(f"{src}: skipped {len(skipped)} file(s) that are not scans (not PNG, JPEG or DICOM), e.g. {shown}.")
+        shown = "; ".join(f"{f.relative_to(src).as_posix()} ({why})" for f, why in skipped[:5])
+        out.append(f"{src}: skipped {len(skipped)} file(s) that are not scans: {shown}"
+                   f"{' ...' if len(skipped) > 5 else ''}.")
     return out
 
 

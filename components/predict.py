@@ -6,7 +6,8 @@ Everything the model needs is read from the ONNX file's metadata (written by `me
 the class names, the preprocessing (image size, channels, DICOM window; repeated here with
 `scans.prepare_image`, the same code preprocess used for training) and the decision rule of the
 evaluation (binary: positive class iff its probability >= the evaluated threshold; otherwise
-argmax). Folders are searched recursively for scans (`scans.is_candidate`). A file that cannot be
+argmax). Folders are searched recursively for scans (`folders.list_folder`; a link out of a folder is
+not opened and gets a row with that error). A file that cannot be
 read gets a row with its error and empty probabilities; it does not stop the run.
 
 Output columns: `path, prob_<class>..., predicted, error`. Torch is not imported (fast start).
@@ -27,7 +28,8 @@ import pandas as pd
 from components import calibrate
 from components.common import StageError, atomic_path, stage_main
 from components.onnx_runtime import make_session
-from components.scans import ScanError, is_candidate, prepare_image, recorded_preparation, visible_files
+from components.folders import LINK_OUTSIDE, list_folder
+from components.scans import ScanError, prepare_image, recorded_preparation
 
 log = logging.getLogger("medtune.predict")
 
@@ -60,15 +62,21 @@ def read_metadata(model_path: Path) -> dict[str, Any]:
     return meta
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given (whatever their type: the user asked for them) plus scans found in folders."""
+def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], dict[Path, str]]:
+    """Files as given (whatever their type: the user asked for them) plus scans found in folders, and
+    the links found in folders that lead out of them, with why they are not read (components.folders)."""
     out: list[Path] = []
+    refused: dict[Path, str] = {}
     for p in map(Path, paths):
         if p.is_dir():
-            out += [f for f in visible_files(p) if is_candidate(f)]
+            listing = list_folder(p, labels_name=None)
+            out += [p / rel for rel in listing.scans]
+            for rel in listing.with_reason(LINK_OUTSIDE):
+                out.append(p / rel)
+                refused[p / rel] = f"{p / rel}: {LINK_OUTSIDE}"
         else:
             out.append(p)
-    return out
+    return out, refused
 
 
 def decide(probs: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
@@ -94,7 +102,7 @@ def predict(model_path: str | Path, paths: Sequence[str | Path], out_csv: str | 
     except ValueError as exc:
         raise StageError(f"{model_path}: {exc}; re-export the model with `medtune export`.") from None
     input_name = meta["input"].get("name", "image") if isinstance(meta["input"], dict) else "image"
-    files = expand_paths(paths)
+    files, refused = expand_paths(paths)
     if not files:
         raise StageError(f"no scans found in {[str(p) for p in paths]}; expected PNG, JPEG or DICOM files or folders.")
     session = make_session(model_path)
@@ -112,6 +120,9 @@ def predict(model_path: str | Path, paths: Sequence[str | Path], out_csv: str | 
             rows.clear()
 
     for i, f in enumerate(files):
+        if f in refused:
+            errors[i] = refused[f]
+            continue
         try:
             batch.append(prepare_image(f, **settings))
             rows.append(i)

@@ -29,7 +29,6 @@ patient's name or id.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,38 +86,51 @@ def _thumbnail(grey: Image.Image | np.ndarray) -> np.ndarray | None:
 
 # --------------------------------------------------------------------------- detection
 
-def _has_dicom_signature(path: Path) -> bool:
-    """'DICM' at byte 128 (Part 10 file), or a raw dataset starting with a group 0002/0008 tag."""
+# No single 2-D image within validate.max_size (8192 px, 16 bits, even RGB) comes near this, so a
+# larger file is refused from its size alone, before a byte is read: hashing or parsing a 4 GiB
+# file named .dcm would take minutes (and a zero-filled one sends pydicom through every zero tag).
+MAX_FILE_BYTES = 512 * 2**20
+# A raw DICOM dataset without the 128-byte preamble starts with its lowest tag, little-endian:
+# the file meta group or one of the groups every image has. Text and zero-filled files never do.
+_DATASET_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x10\x00", b"\x18\x00", b"\x20\x00", b"\x28\x00")
+
+
+def _sniff(path: Path) -> str | None:
+    """"dicom", "png" or "jpeg" from the first bytes of the file; None if none of them (or unreadable)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError:
-        return False
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return True
-    # Without preamble a little-endian dataset starts with its lowest tag: the file meta group
-    # (0002,xxxx) or the identifying group (0008,xxxx). Text files never start with these bytes.
-    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
+        return None
+    if (len(head) >= 132 and head[128:132] == b"DICM") or (
+            len(head) >= 8 and head[:2] in _DATASET_GROUPS and head[3:4] == b"\x00"):
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    return None
+
+
+def _has_dicom_signature(path: Path) -> bool:
+    """'DICM' at byte 128 (Part 10 file), or a raw dataset starting with a known group's tag."""
+    return _sniff(path) == "dicom"
+
+
+def _check_size(path: Path) -> None:
+    """ScanError for a missing file, an empty one, or one over MAX_FILE_BYTES (from stat alone)."""
+    if not path.is_file():
+        raise ScanError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ScanError(f"{path}: empty file (0 bytes); expected a PNG, JPEG or DICOM image")
+    if size > MAX_FILE_BYTES:
+        raise ScanError(f"{path}: file is {size / 2**20:,.0f} MiB; expected a single 2-D image of at most "
+                        f"{MAX_FILE_BYTES // 2**20} MiB (scans.MAX_FILE_BYTES), so it is not read")
 
 
 def is_hidden(name: str) -> bool:
     return name.startswith(HIDDEN_PREFIXES)
-
-
-def visible_files(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
-    """Files under folder at any depth, sorted, without hidden files and folders (HIDDEN_PREFIXES).
-
-    The one folder walker: import, ingest, the retrain inbox and predict all see the same files.
-    Hidden entries left out are appended to `skipped` (if given) so a caller can say so.
-    """
-    found = []
-    for root, dirs, files in os.walk(folder):
-        hidden = sorted(d for d in dirs if is_hidden(d)) + sorted(f for f in files if is_hidden(f))
-        if skipped is not None:
-            skipped += [Path(root, h) for h in hidden]
-        dirs[:] = [d for d in dirs if not is_hidden(d)]  # pruned in place: never walk into .git or __MACOSX
-        found += [Path(root, f) for f in files if not is_hidden(f)]
-    return sorted(found)
 
 
 def is_candidate(path: Path) -> bool:
@@ -132,8 +144,9 @@ def is_candidate(path: Path) -> bool:
         return True
     if suffix in NEVER_SCANS:
         return False
-    # No extension, or one like "1.2.840.113619.2.1" (files named by their SOP Instance UID).
-    return _has_dicom_signature(path)
+    # No extension, or one like "1.2.840.113619.2.1" (files named by their SOP Instance UID), or a
+    # JPEG saved without one: what the first bytes say.
+    return _sniff(path) is not None
 
 
 def _is_dicom(path: Path) -> bool:
@@ -142,7 +155,7 @@ def _is_dicom(path: Path) -> bool:
         return True
     if suffix in PIL_SUFFIXES:
         return False
-    return _has_dicom_signature(path)
+    return _sniff(path) == "dicom"
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -152,6 +165,11 @@ def _read_dicom(path: Path):
     import pydicom
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+    if not _has_dicom_signature(path):
+        # force=True below would otherwise read any bytes as tags: a zero-filled file is millions
+        # of empty (0000,0000) elements and takes minutes.
+        raise ScanError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128 and no dataset tag at the start); "
+                        "expected a DICOM image")
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # pydicom raises many types on garbage; all mean "not readable"
@@ -317,8 +335,7 @@ def _pil_info(path: Path) -> ScanInfo:
 def probe(path: Path) -> ScanInfo:
     """Header facts of one scan; decodes the pixels too, so a ScanInfo means 'readable'."""
     path = Path(path)
-    if not path.is_file():
-        raise ScanError(f"{path}: no such file")
+    _check_size(path)
     return _dicom_info(path) if _is_dicom(path) else _pil_info(path)
 
 
@@ -335,8 +352,7 @@ def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
 def load_pixels(path: Path, window: str | list[float], channels: int) -> np.ndarray:
     """Decoded, windowed pixels at full resolution: uint8 (H, W, channels)."""
     path = Path(path)
-    if not path.is_file():
-        raise ScanError(f"{path}: no such file")
+    _check_size(path)
     pixels = _dicom_pixels(path, window) if _is_dicom(path) else _pil_pixels(path, window)
     return np.ascontiguousarray(_to_channels(pixels, channels))
 

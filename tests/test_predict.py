@@ -161,5 +161,6 @@ def test_folders_are_searched_for_visible_scans_only(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     (tmp_path / "given.txt").write_bytes(b"")  # a file named on the command line is taken as is
-    found = expand_paths([tmp_path / "a", tmp_path / "given.txt"])
+    found, refused = expand_paths([tmp_path / "a", tmp_path / "given.txt"])
+    assert refused == {}
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/deeper/y.dcm", "a/x.png", "given.txt"]

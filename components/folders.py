@@ -1,0 +1,135 @@
+"""What a folder of scans holds, and the one rule for paths that point into it.
+
+    from components.folders import list_folder, path_inside
+    listing = list_folder(Path("data/raw"))      # .scans: sorted relative paths; .skipped: (path, reason)
+    target = path_inside(Path("data/raw"), "lesion/a.png", where="labels.csv line 3")
+
+Ingest, `import-folders`, the retrain inbox and `predict` all read folders through `list_folder`,
+so a file is a scan, or skipped for a stated reason, in the same way everywhere; nothing is left
+out without a word. The rules:
+- Hidden entries (names starting with "." or "_": .git, .DS_Store, .ipynb_checkpoints, __MACOSX)
+  are tool or archive state, never scans; a hidden folder is listed once and not searched.
+- A symbolic link is followed only when its target resolves inside the folder being read (a link
+  between two class folders is fine). A link that leaves the folder is never opened or copied: it
+  could make a system file or another patient's data look like a scan. Broken links and links to
+  folders are skipped too (os.walk does not follow folder links; their files are not ours).
+- A file is a scan when `scans.is_candidate` says so (by extension, else by its first bytes);
+  anything else is skipped as "not a scan".
+- The labels file of the folder (labels.csv) is neither a scan nor skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from components import scans
+
+HIDDEN = "hidden (name starts with '.' or '_'): tool or archive state, not searched"
+LINK_OUTSIDE = "symbolic link to a target outside the folder: never opened or copied"
+LINK_BROKEN = "broken symbolic link"
+LINK_FOLDER = "symbolic link to a folder: not followed"
+NOT_A_SCAN = "not a scan (expected PNG, JPEG or DICOM)"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str  # posix, relative to the folder read
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    scans: list[str] = field(default_factory=list)  # posix, relative to the folder, sorted
+    skipped: list[Skipped] = field(default_factory=list)  # sorted by path
+
+    def with_reason(self, reason: str) -> list[str]:
+        return [s.path for s in self.skipped if s.reason == reason]
+
+
+def leaves(folder: Path, path: Path) -> bool:
+    """Does `path` (under `folder`) resolve, through links at any level, to a place outside `folder`?"""
+    return not _within(Path(os.path.realpath(folder)), Path(os.path.realpath(path)))
+
+
+def _within(root: Path, target: Path) -> bool:
+    return target == root or root in target.parents
+
+
+def _classify(fence: Path, path: Path, labels_name: str | None, rel: str) -> str | None:
+    """None for a scan, "" for the labels file, else the reason the file is skipped."""
+    if path.is_symlink():
+        if leaves(fence, path):
+            return LINK_OUTSIDE
+        if not path.exists():
+            return LINK_BROKEN
+        if path.is_dir():
+            return LINK_FOLDER
+    if labels_name is not None and rel == labels_name:
+        return ""
+    return None if scans.is_candidate(path) else NOT_A_SCAN
+
+
+def list_folder(folder: str | Path, labels_name: str | None = "labels.csv", within: str | Path | None = None) -> Listing:
+    """Every entry under `folder`: the scans, and what was skipped with its reason (see module doc).
+
+    `labels_name` is the folder's labels file, relative to it (neither scan nor skipped). `within`
+    is the folder links must stay in, when that is larger than `folder` (import-folders reads one
+    class folder of a source tree at a time); default `folder` itself."""
+    root = Path(folder)
+    fence = Path(within) if within is not None else root
+    found, skipped = [], []
+    if leaves(fence, root):  # a class folder that is itself a link out of the tree
+        return Listing([], [Skipped(".", LINK_OUTSIDE)])
+    for here, dirs, files in os.walk(root):
+        base = Path(here)
+        for d in sorted(dirs):
+            path, rel = base / d, (base / d).relative_to(root).as_posix()
+            if scans.is_hidden(d):
+                skipped.append(Skipped(rel, HIDDEN))
+            elif path.is_symlink():  # os.walk lists folder links with the folders but never enters them
+                skipped.append(Skipped(rel, LINK_OUTSIDE if leaves(fence, path) else LINK_FOLDER))
+        dirs[:] = sorted(d for d in dirs if not scans.is_hidden(d) and not (base / d).is_symlink())
+        for name in files:
+            path, rel = base / name, (base / name).relative_to(root).as_posix()
+            reason = HIDDEN if scans.is_hidden(name) else _classify(fence, path, labels_name, rel)
+            if reason is None:
+                found.append(rel)
+            elif reason:
+                skipped.append(Skipped(rel, reason))
+    return Listing(sorted(found), sorted(skipped, key=lambda s: s.path))
+
+
+def summary(listing: Listing, limit: int = 5) -> str:
+    """'3 skipped: a.txt (not a scan ...); ...' for a log line; "" when nothing was skipped."""
+    if not listing.skipped:
+        return ""
+    shown = "; ".join(f"{s.path} ({s.reason})" for s in listing.skipped[:limit])
+    more = f"; ... and {len(listing.skipped) - limit} more" if len(listing.skipped) > limit else ""
+    return f"{len(listing.skipped)} entr{'y' if len(listing.skipped) == 1 else 'ies'} skipped: {shown}{more}"
+
+
+def check_relative(rel: str, where: str) -> str:
+    """`rel` as a clean posix path relative to its folder; ValueError naming `where` and the value for an
+    absolute path, a drive, or a '..' that climbs out (labels.csv rows may only point into the folder)."""
+    text = rel.replace("\\", "/").strip()
+    posix = PurePosixPath(text)
+    if not text or posix.is_absolute() or PureWindowsPath(rel).drive:
+        raise ValueError(f"{where}: path {rel!r} is {'empty' if not text else 'absolute'}; expected a path "
+                         "relative to the folder (e.g. lesion/scan01.dcm).")
+    depth = 0
+    for part in posix.parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            raise ValueError(f"{where}: path {rel!r} climbs out of the folder with '..'; expected a path inside it.")
+    return os.path.normpath(text).replace(os.sep, "/")
+
+
+def path_inside(folder: Path, rel: str, where: str) -> Path:
+    """folder / rel after `check_relative`, refusing a link that resolves outside the folder (ValueError)."""
+    target = Path(folder) / check_relative(rel, where)
+    if leaves(Path(folder), target):
+        raise ValueError(f"{where}: path {rel!r} leads through a symbolic link to outside the folder; expected a "
+                         "file inside it.")
+    return target
