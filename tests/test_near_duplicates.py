@@ -49,11 +49,29 @@ def test_a_flat_image_is_alike_nothing():
     assert not thumbs.any() and near_duplicates.pairs(thumbs, 0.5) == []
 
 
-def test_groups_are_connected_and_named_by_their_first_path():
-    paths = ["d.png", "b.png", "c.png", "a.png", "e.png"]
-    # d~b and b~a chain into one group; c and e stand alone.
-    assert near_duplicates.groups(paths, [(0, 1), (1, 3)]) == ["a.png", "a.png", "", "a.png", ""]
-    assert near_duplicates.groups(paths, []) == [""] * 5
+def test_groups_do_not_chain_each_member_matches_its_leader():
+    paths = ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    # a~b, b~c, c~d, a~e: a chain of likeness. b is taken by a; c matches only b (no leader), so c
+    # leads its own group and takes d; e joins a. Connected components would give one group of five.
+    leader = near_duplicates.leaders(5, [(0, 1), (1, 2), (2, 3), (0, 4)])
+    assert leader == [0, 0, 2, 2, 0]
+    assert near_duplicates.groups(paths, leader) == ["a.png", "a.png", "c.png", "c.png", "a.png"]
+    assert near_duplicates.links(leader) == [(0, 1), (2, 3), (0, 4)]
+    alone = near_duplicates.leaders(5, [])
+    assert near_duplicates.groups(paths, alone) == [""] * 5 and near_duplicates.links(alone) == []
+
+
+def test_a_series_of_gradually_changing_images_is_not_one_group():
+    """Thirty images, each a small step from the last: neighbours correlate >= 0.99, the ends do not."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(32, 32)), rng.normal(size=(32, 32))
+    series = [np.cos(t) * a + np.sin(t) * b for t in np.linspace(0, np.pi / 2, 30)]
+    thumbs = near_duplicates.standardise(series)
+    linked = near_duplicates.pairs(thumbs, 0.99)
+    assert (0, 1) in linked and (0, 29) not in linked
+    leader = near_duplicates.leaders(30, linked)
+    sizes = np.bincount(leader)
+    assert sizes.max() < 10, sizes  # each group is the images within reach of its first one
 
 
 @pytest.mark.parametrize("method", ["stratified", "stable"])
