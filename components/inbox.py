@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from components import common, ingest, scans
+from components import common, folders, ingest
 from components.common import StageError
 from components.manifest import COLUMNS, read_manifest
 from components.params import Params
@@ -80,7 +80,9 @@ def add_to_inbox(source: str | Path, inbox_dir: str | Path, name: str | None = N
         raise StageError(f"ingest-new: {target} already exists; the inbox holds a batch of that name (pass --name).")
     tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{name}-", dir=inbox))
     try:
-        shutil.copytree(source, tmp / "b", ignore=shutil.ignore_patterns(".*"))
+        # symlinks=True: a link is copied as a link, never its target's bytes; the batch check then
+        # quarantines a link that leaves the batch (components.folders) before anything reads it.
+        shutil.copytree(source, tmp / "b", symlinks=True, ignore=shutil.ignore_patterns(".*"))
         os.rename(tmp / "b", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,23 +106,24 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
     pattern = params.data.patient_regex()
     problems: list[str] = []
     labels = None
-    if (batch / "labels.csv").is_file():
-        try:
-            labels = ingest.parse_labels_csv(batch / "labels.csv")
-        except StageError as exc:
-            return pd.DataFrame(columns=COLUMNS), [str(exc)]
-        problems += [f"{batch / 'labels.csv'} line {r.line}: path {r.path!r} does not exist in the batch."
-                     for r in labels.itertuples() if not (batch / r.path).is_file()]
+    try:
+        labels_csv = ingest.labels_file(batch, "labels.csv")
+        if labels_csv.is_file():
+            labels = ingest.parse_labels_csv(labels_csv)
+    except StageError as exc:  # one bad row or header quarantines the whole batch, naming it
+        return pd.DataFrame(columns=COLUMNS), [str(exc)]
+    listing = folders.list_folder(batch)
+    # Hidden entries are tool state (ingest-new does not even copy dot-names); anything else that is
+    # not a scan, or a link out of the batch, means the batch is not what its sender thinks it is.
+    problems += [f"{batch / s.path}: {s.reason}." for s in listing.skipped if s.reason != folders.HIDDEN]
+    if labels is not None:
+        scan_set = set(listing.scans)
+        problems += [f"{labels_csv} line {r.line}: path {r.path!r} is not a scan file of the batch."
+                     for r in labels.itertuples() if r.path not in scan_set]
     by_path = {} if labels is None else labels.set_index("path").to_dict("index")
-
     rows = []
-    for f in scans.visible_files(batch):
-        rel = f.relative_to(batch).as_posix()
-        if rel == "labels.csv":
-            continue
-        if not scans.is_candidate(f):
-            problems.append(f"{f}: not a scan (expected DICOM, PNG or JPEG).")
-            continue
+    for rel in listing.scans:
+        f = batch / rel
         csv_row = by_path.get(rel, {})
         label = ingest.folder_label(rel) if labels is None else csv_row.get("label", "")
         # A batch's CSV patient_id only survives the append in csv mode.
@@ -144,7 +147,7 @@ def current_manifest(manifest_csv: str | Path, raw_dir: str | Path, params: Para
         except StageError as exc:
             # The raw data cannot be split yet (e.g. too few patients): hashes and patients still count.
             log.warning("ingest of %s for the batch checks failed (%s); checking against file hashes only", raw_dir, exc)
-            files = ingest.find_scans(Path(raw_dir))
+            files = ingest.find_scans(Path(raw_dir), params.data.labels_csv).scans
             return pd.DataFrame({"path": files,
                                  "sha256": [common.sha256_file(Path(raw_dir) / rel) for rel in files],
                                  "label": "", "patient": "", "split": "", "error": ""})

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from components import common, near_duplicates, scans
+from components import common, folders, near_duplicates, scans
 from components.common import SPLITS
 from components.manifest import COLUMNS
 from components.params import Params, load_params
@@ -45,33 +45,43 @@ SOURCE_NAMES = {"csv": "labels.csv patient_id", "dicom": "DICOM PatientID", "pat
                 "none": NO_PATIENT}
 
 
-def find_scans(raw_dir: Path) -> list[str]:
-    """Scan files under raw_dir as sorted posix paths relative to it; hidden files and folders
-    (tool state such as .ipynb_checkpoints, archive debris such as __MACOSX) are skipped, and said so."""
-    skipped: list[Path] = []
-    found = [p.relative_to(raw_dir).as_posix() for p in scans.visible_files(raw_dir, skipped) if scans.is_candidate(p)]
-    if skipped:
-        names = [p.relative_to(raw_dir).as_posix() for p in skipped]
-        log.info("%s: skipped %d hidden file(s)/folder(s) (names starting with %s): %s%s", raw_dir, len(names),
-                 " or ".join(map(repr, scans.HIDDEN_PREFIXES)), ", ".join(names[:5]), " ..." if len(names) > 5 else "")
-    return found
+def find_scans(raw_dir: Path, labels_name: str = "labels.csv") -> folders.Listing:
+    """The scans under raw_dir (sorted posix paths relative to it) and every other entry with the
+    reason it is skipped (components.folders); the skipped ones are logged, and listed by validate."""
+    listing = folders.list_folder(raw_dir, labels_name)
+    hidden = listing.with_reason(folders.HIDDEN)
+    if hidden:
+        log.info("%s: skipped %d hidden entr(ies) (names starting with '.' or '_'), e.g. %s", raw_dir, len(hidden),
+                 hidden[:5])
+    others = [s for s in listing.skipped if s.reason != folders.HIDDEN]
+    if others:
+        log.warning("%s: %s", raw_dir, folders.summary(folders.Listing(skipped=others)))
+    return listing
 
 
 def parse_labels_csv(csv_path: Path) -> pd.DataFrame:
-    """A labels.csv as stripped strings with posix paths and its `line` numbers; StageError if it cannot
-    be read, lacks path or label, or names a path twice. Shared by ingest and the retrain inbox."""
+    """A labels.csv as stripped strings with posix paths and its `line` numbers; StageError naming the
+    file (and line) if it cannot be read, lacks path or label, names a path twice, or has a path that
+    is absolute or climbs out of its folder (folders.check_relative). Shared by ingest and the inbox."""
     try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        # utf-8-sig: spreadsheet programs write a byte-order mark that would rename the first column.
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise common.StageError(f"{csv_path}: not a readable CSV ({exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise common.StageError(f"{csv_path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at "
+                                f"offset {exc.start}); expected a UTF-8 CSV: save it as UTF-8.") from None
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise common.StageError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}, expected "
-                                "path,label[,patient_id][,split].")
+                                "a header line path,label[,patient_id][,split].")
     table = table.map(str.strip)
     table["line"] = np.arange(len(table)) + 2  # header is line 1
-    table["path"] = [p.replace("\\", "/").removeprefix("./") for p in table["path"]]
+    try:
+        table["path"] = [folders.check_relative(p, f"{csv_path} line {n}") for p, n in zip(table["path"], table["line"])]
+    except ValueError as exc:
+        raise common.StageError(str(exc)) from None
     dupes = table[table["path"].duplicated(keep=False)]
     if len(dupes):
         first = dupes.iloc[0]
@@ -80,9 +90,18 @@ def parse_labels_csv(csv_path: Path) -> pd.DataFrame:
     return table
 
 
+def labels_file(folder: Path, name: str) -> Path:
+    """folder / name, the labels file; StageError if the name leaves the folder (an absolute path, '..',
+    or a link to outside): it is read from there and its rows copied into the raw data."""
+    try:
+        return folders.path_inside(folder, name, "data.labels_csv")
+    except ValueError as exc:
+        raise common.StageError(str(exc)) from None
+
+
 def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataFrame:
     """labels.csv indexed by path; errors for missing columns, duplicates and rows without a file."""
-    csv_path = raw_dir / params.data.labels_csv
+    csv_path = labels_file(raw_dir, params.data.labels_csv)
     if not csv_path.is_file():
         raise common.StageError(f"{csv_path} not found; data.label_source is 'csv', so it must exist with "
                                 "columns path,label[,patient_id][,split] (paths relative to the raw folder).")
@@ -114,7 +133,9 @@ def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Patte
     (the file is its own patient), and its thumbnail (None if unreadable). Only the hash of the id is
     kept. Shared by ingest and the retrain inbox."""
     row = dict.fromkeys(COLUMNS, "")
-    row.update(path=rel, label=label, sha256=common.sha256_file(path))
+    # A file too large to be a scan is refused by probe from its size alone; hashing it would not be.
+    row.update(path=rel, label=label,
+               sha256="" if path.stat().st_size > scans.MAX_FILE_BYTES else common.sha256_file(path))
     try:
         info = scans.probe(path)
     except scans.ScanError as exc:
@@ -221,9 +242,11 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
     if not raw_dir.is_dir():
         raise common.StageError(f"raw data folder {raw_dir} not found; expected scans in folder-per-class layout "
                                 "(or labels.csv); `medtune demo-data --out data/raw` writes a demo set.")
-    files = find_scans(raw_dir)
+    found = find_scans(raw_dir, params.data.labels_csv)
+    files = found.scans
     if not files:
-        raise common.StageError(f"{raw_dir}: no scan files found; expected PNG, JPEG or DICOM files.")
+        raise common.StageError(f"{raw_dir}: no scan files found; expected PNG, JPEG or DICOM files. "
+                                + folders.summary(found))
     table = read_labels_csv(raw_dir, params, files) if params.data.label_source == "csv" else None
     regex, salt = params.data.patient_regex(), common.patient_salt(params.data.patient_salt)
 
@@ -244,7 +267,9 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
     threshold = params.split.near_duplicate_correlation
     linked = near_duplicates.pairs(near_duplicates.standardise(thumbnails), threshold) \
         if threshold is not None and thumbnails else []
-    df.loc[readable, "similar_group"] = near_duplicates.groups(list(df["path"][readable]), linked)
+    leader = near_duplicates.leaders(int(readable.sum()), linked)
+    df.loc[readable, "similar_group"] = near_duplicates.groups(list(df["path"][readable]), leader)
+    linked = near_duplicates.links(leader)
     if table is not None:
         unlabelled = [f for f in files if f not in table.index]
         if unlabelled:
@@ -299,6 +324,8 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
         "patient_source": patient_source,
         "near_duplicates": {"correlation": params.split.near_duplicate_correlation,
                             "groups": int(similar.nunique()), "images": len(similar)},
+        # Every entry under raw_dir that is not in manifest.csv, with why (validate lists them).
+        "skipped": [{"path": s.path, "reason": s.reason} for s in found.skipped],
         "warnings": warn,
     }
     common.write_json(out_dir / "manifest.json", manifest)

@@ -111,6 +111,12 @@ class ValidateParams:
     # Groups of near-duplicate images (split.near_duplicate_correlation) in two splits tolerated
     # (always listed). Only a given split can do this; BreastMNIST's official one has 45 such groups.
     max_near_duplicates: int = 0
+    # How far the realised split may be from the configured one: each split's share of the images
+    # (against split.val_fraction / test_fraction, where ingest made the split) and each class's share
+    # within a split (against its share of all images). Above warn_split_deviation it is a listed
+    # warning; above max_split_deviation the stage fails (e.g. one huge patient or duplicate group).
+    warn_split_deviation: float = 0.05
+    max_split_deviation: float = 0.2
 
     def validate(self) -> None:
         _expect(self.min_images_per_class_split >= 1, "validate.min_images_per_class_split",
@@ -123,6 +129,8 @@ class ValidateParams:
                 "an integer >= 0")
         _expect(self.max_near_duplicates >= 0, "validate.max_near_duplicates", self.max_near_duplicates,
                 "an integer >= 0")
+        _expect(0 <= self.warn_split_deviation <= self.max_split_deviation <= 1, "validate.warn/max_split_deviation",
+                (self.warn_split_deviation, self.max_split_deviation), "0 <= warn_split_deviation <= max_split_deviation <= 1")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from components import folders
 from components.common import SPLITS, StageError, read_json, stage_main, write_json, write_text
 from components.manifest import read_manifest
 from components.params import Params, load_params
@@ -97,6 +98,22 @@ def _checks(p: Params) -> list[Check]:
               f"(validate.max_near_duplicates={v.max_near_duplicates} group(s) tolerated)",
               lambda x: x.ExpectColumnValuesToBeUnique(column="similar_group"),
               "group(s) of near-duplicate images (named by their first file) in several splits"),
+        # components.folders lists what ingest did not take; a link out of the raw folder is refused.
+        Check("links_stay_inside", "skipped", True, "no symbolic link from the raw folder to outside it",
+              lambda x: x.ExpectColumnValuesToNotBeInSet(column="reason", value_set=[folders.LINK_OUTSIDE]),
+              "link(s) to outside the raw folder (never opened): remove them, or copy the files in"),
+        Check("nothing_skipped", "skipped_visible", False, "every visible file under the raw folder is a scan",
+              lambda x: x.ExpectTableRowCountToEqual(value=0), "file(s) skipped"),
+        Check("split_balance_close", "split_balance", False,
+              f"split and class shares within validate.warn_split_deviation={v.warn_split_deviation} of the "
+              "configured ones", lambda x: x.ExpectColumnValuesToBeBetween(column="deviation",
+                                                                            max_value=v.warn_split_deviation),
+              "share(s) off"),
+        Check("split_balance_within_limit", "split_balance", True,
+              f"split and class shares within validate.max_split_deviation={v.max_split_deviation} of the "
+              "configured ones", lambda x: x.ExpectColumnValuesToBeBetween(column="deviation",
+                                                                            max_value=v.max_split_deviation),
+              "share(s) far off"),
         Check("images_per_class_split", "class_split_counts", True,
               f"at least validate.min_images_per_class_split={v.min_images_per_class_split} images "
               "per (split, class)",
@@ -108,7 +125,8 @@ def _checks(p: Params) -> list[Check]:
 # Columns GX reports beside each unexpected value, so a failure names the file (or the group).
 INDEX_COLUMNS = {"files": ["path"], "readable": ["path"], "unreadable": ["path"],
                  "hash_splits": ["sha256"], "hash_labels": ["sha256"],
-                 "patient_splits": ["split"], "similar_splits": ["split"], "class_split_counts": ["split", "label"]}
+                 "patient_splits": ["split"], "similar_splits": ["split"], "class_split_counts": ["split", "label"],
+                 "skipped": ["path"], "skipped_visible": ["path"], "split_balance": ["share", "realised", "expected"]}
 
 
 def _normalise(df: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -135,7 +153,30 @@ def _normalise(df: pd.DataFrame, source: str) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _tables(df: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
+def _split_balance(readable: pd.DataFrame, split: dict[str, Any] | None) -> pd.DataFrame:
+    """One row per share the split should keep: each split's share of the images (only where ingest
+    made the split: a given one is what it is), and each class's share within each split against
+    its share of all images. `deviation` is |realised - expected|."""
+    rows = []
+    n = len(readable)
+    if n and split and split.get("source") != "labels.csv":
+        test, val = float(split.get("test_fraction", 0)), float(split.get("val_fraction", 0))
+        for name, expected in (("train", 1 - test - val), ("val", val), ("test", test)):
+            rows.append((f"images in {name}", (readable["split"] == name).sum() / n, expected))
+    overall = readable["label"].value_counts(normalize=True)
+    for name, part in readable.groupby("split"):
+        share = part["label"].value_counts(normalize=True)
+        rows += [(f"class {label!r} in {name}", share.get(label, 0.0), overall[label]) for label in overall.index]
+    table = pd.DataFrame(rows, columns=["share", "realised", "expected"]).astype({"realised": float, "expected": float})
+    table["deviation"] = (table["realised"] - table["expected"]).abs().round(4)
+    return table
+
+
+def _skipped(meta: dict[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame(meta.get("skipped") or [], columns=["path", "reason"], dtype=object)
+
+
+def _tables(df: pd.DataFrame, classes: list[str], meta: dict[str, Any]) -> dict[str, pd.DataFrame]:
     readable = df[df["error"].isna()]
     pairs, similar = ((readable.dropna(subset=[col, "split"])[[col, "split"]]
                        .drop_duplicates().sort_values([col, "split"]).reset_index(drop=True))
@@ -148,7 +189,10 @@ def _tables(df: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
     unreadable = df[df["error"].notna()][["path", "error"]]
     hash_splits, hash_labels = (readable.dropna(subset=["sha256", col])[["sha256", col]].drop_duplicates()
                                 .sort_values(["sha256", col]).reset_index(drop=True) for col in ("split", "label"))
-    return {"files": df, "unreadable": unreadable, "readable": readable,
+    skipped = _skipped(meta)
+    return {"files": df, "unreadable": unreadable, "readable": readable, "skipped": skipped,
+            "skipped_visible": skipped[skipped["reason"] != folders.HIDDEN].reset_index(drop=True),
+            "split_balance": _split_balance(readable.dropna(subset=["split", "label"]), meta.get("split")),
             "hash_splits": hash_splits, "hash_labels": hash_labels,
             "patient_splits": pairs, "similar_splits": similar, "class_split_counts": counts}
 
@@ -254,6 +298,12 @@ def _offending(c: Check, res: dict, tables: dict[str, pd.DataFrame]) -> list[str
             name = f"patient {key}" if col == "patient" else f"near-duplicates of {key}"
             out.append(f"{name} in splits " + "; ".join(per_split))
         return out
+    if c.name == "nothing_skipped":
+        return [f"{r.path}: {r.reason}" for r in tables["skipped_visible"].itertuples()]
+    if c.name.startswith("split_balance"):
+        return [f"{r['share']}: {r['realised']:.2f}, expected {r['expected']:.2f}" for r in rows]
+    if c.name == "links_stay_inside":
+        return [f"{r['path']}" for r in rows]
     if c.name == "images_per_class_split":
         return [f"split {r['split']!r}, class {r['label']!r}: {r['n']} image(s)" for r in rows]
     if c.name.endswith("_present"):
@@ -266,15 +316,17 @@ def _truncate(items: list[str], n: int = SHOWN) -> list[str]:
     return items[:n] + ([f"... and {len(items) - n} more"] if len(items) > n else [])
 
 
-def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest") -> dict:
-    """Validate a manifest-shaped DataFrame; return the report dict (nothing is written).
+def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest", meta: dict[str, Any] | None = None) -> dict:
+    """Validate a manifest-shaped DataFrame (and what manifest.json `meta` says of the split and of the
+    files ingest skipped); return the report dict (nothing is written).
 
     `report["success"]` is False when any critical check fails; `report["failures"]` lists every
     failed check with its offending files/values. `source` names the data in error messages.
     """
     classes = list(params.data.classes)
     df = _normalise(df, source)
-    tables = _tables(df, classes)
+    meta = meta or {}
+    tables = _tables(df, classes, meta)
     checks = _checks(params)
     gx_results = _run_gx(tables, checks)
 
@@ -310,6 +362,7 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest") -> dic
         "n_patients": int(readable["patient"].nunique()),
         "counts": counts,
         "unreadable": [{"path": r.path, "error": r.error} for r in tables["unreadable"].itertuples()],
+        "skipped": tables["skipped"].to_dict("records"),
         "expectations": expectations,
         "failures": failures,
     }
@@ -344,6 +397,11 @@ def render_markdown(report: dict) -> str:
     if report["unreadable"]:
         lines += ["", "## Unreadable files", ""]
         lines += [f"- `{u['path']}`: {u['error']}" for u in report["unreadable"]]
+    if report.get("skipped"):
+        lines += ["", f"## Skipped ({len(report['skipped'])} entries under the raw folder that are not in the manifest)", ""]
+        lines += [f"- `{k['path']}`: {k['reason']}" for k in report["skipped"][:200]]
+        if len(report["skipped"]) > 200:
+            lines.append(f"- ... and {len(report['skipped']) - 200} more (validation.json)")
     if report["failures"]:
         lines += ["", "## Failures", ""]
         for f in report["failures"]:
@@ -365,7 +423,7 @@ def validate(manifest_csv: Path, manifest_json: Path, out_json: Path, out_md: Pa
     if "n_images" in meta and int(meta["n_images"]) != len(df):
         raise StageError(f"{manifest_json} says n_images={meta['n_images']} but {manifest_csv} has {len(df)} "
                          "rows; the two come from different ingest runs: rerun `medtune ingest`.")
-    report = run_suite(df, params, source=str(manifest_csv))
+    report = run_suite(df, params, source=str(manifest_csv), meta=meta)
     report["manifest"] = {"path": manifest_csv.as_posix(), "data_version": meta.get("data_version"),
                           "content_hash": meta.get("content_hash")}
     write_json(out_json, report)

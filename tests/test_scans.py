@@ -232,3 +232,39 @@ def test_every_prepare_image_setting_is_one_that_models_record():
     import inspect
 
     assert tuple(inspect.signature(prepare_image).parameters)[1:] == PREPARATION
+
+
+def test_a_zero_filled_dcm_is_refused_from_its_first_bytes(tmp_path):
+    """pydicom with force=True used to walk a zero-filled file tag by empty tag (64 MB: 28 s)."""
+    path = tmp_path / "zeros.dcm"
+    with open(path, "wb") as fh:
+        fh.truncate(64 * 2**20)
+    with pytest.raises(ScanError, match="zeros.dcm: not a DICOM file"):
+        probe(path)
+
+
+def test_a_huge_file_is_refused_from_its_size_without_reading_it(tmp_path):
+    """A sparse 4 GiB file: refused by stat alone (reading it would take minutes); never hashed."""
+    from components import ingest, scans
+
+    path = tmp_path / "huge.dcm"
+    with open(path, "wb") as fh:
+        fh.truncate(4 * 2**30)
+    for read in (probe, lambda p: prepare_image(p, 32, 1, "header")):
+        with pytest.raises(ScanError, match=r"huge.dcm: file is 4,096 MiB; expected a single 2-D image of at most 512"):
+            read(path)
+    row, _, _ = ingest.scan_row(path, "huge.dcm", "normal", "", None, b"salt")
+    assert row["sha256"] == "" and row["error"].startswith("file is 4,096 MiB")
+    assert scans.MAX_FILE_BYTES < 4 * 2**30
+
+
+def test_an_empty_file_is_refused_by_name(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ScanError, match="empty.png: empty file"):
+        probe(tmp_path / "empty.png")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_scan_without_extension_is_found_by_its_bytes(tmp_path, fmt):
+    Image.new("L", (20, 20), 9).save(tmp_path / "scan", format=fmt)
+    assert is_candidate(tmp_path / "scan") and probe(tmp_path / "scan").modality == fmt

@@ -237,3 +237,33 @@ def test_main_exit_codes(tmp_path, capsys):
     params.write_text(yaml.safe_dump(dataclasses.asdict(with_validate(min_images_per_class_split=3))))
     assert V.main(argv) == 1
     assert "images_per_class_split" in capsys.readouterr().err
+
+
+def _extra_lesions_in_val(rows, n):
+    return rows + [dict(rows[-1], path=f"lesion/val_extra{i}.png", sha256=sha256_bytes(f"x{i}".encode()),
+                        patient=hash_patient(f"extra-{i}", SALT), split="val") for i in range(n)]
+
+
+def test_a_split_far_from_the_class_balance_fails_naming_the_share(tmp_path):
+    rows = _extra_lesions_in_val(clean_rows(), 12)  # lesion: 75% of all images, 50% of train
+    with pytest.raises(StageError, match=r"split_balance_within_limit.*class 'lesion' in train: 0.50, expected 0.75"):
+        run(tmp_path, rows)
+
+
+def test_a_small_imbalance_is_a_listed_warning(tmp_path):
+    out_json, out_md = run(tmp_path, _extra_lesions_in_val(clean_rows(), 2))  # lesion 8/14 overall, 6/8 in val
+    report = json.loads(out_json.read_text())
+    failed = {f["name"]: f for f in report["failures"]}
+    assert report["success"] and not failed["split_balance_close"]["critical"]
+    assert "class 'lesion' in val: 0.67, expected 0.57" in failed["split_balance_close"]["message"]
+
+
+def test_split_fractions_are_checked_where_ingest_made_the_split(tmp_path):
+    csv, js = write_manifest(tmp_path, clean_rows())  # a third of the images in each split
+    meta = json.loads(js.read_text())
+    js.write_text(json.dumps({**meta, "split": {"source": "stratified-group", "val_fraction": 0.2,
+                                                "test_fraction": 0.25}}))
+    with pytest.raises(StageError, match=r"images in train: 0.33, expected 0.55"):
+        V.validate(csv, js, tmp_path / "v.json", tmp_path / "v.md", Params())
+    js.write_text(json.dumps({**meta, "split": {"source": "labels.csv", "val_fraction": 0.2, "test_fraction": 0.25}}))
+    V.validate(csv, js, tmp_path / "v.json", tmp_path / "v.md", Params())  # a given split is what it is
