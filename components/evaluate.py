@@ -16,12 +16,14 @@ score before and after calibration on both splits, and export bakes them into th
 Binary tasks score the positive class (`evaluate.positive_class`, default the last class): AUROC on
 its probability, predicted label = probability >= the threshold. Multi-class tasks use
 argmax, macro one-vs-rest AUROC / sensitivity / specificity / precision / F1, and the ROC curve
-written to roc.csv is the micro-average (every class's one-vs-rest scores pooled).
+written to roc.csv is the micro-average (every class's one-vs-rest scores pooled). Balanced
+accuracy is the mean per-class recall in both cases (sklearn's balanced_accuracy_score).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,6 +138,10 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str
         "bootstrap_resamples": int(n_boot),
         "bootstrap_valid": n_valid,
         "accuracy": _ratio(np.trace(cm), cm.sum()),
+        # Mean recall over all classes (binary: (sensitivity + specificity) / 2): chance is 1/K
+        # whatever the class balance, so a model calling everything one class scores 1/K here even
+        # when its accuracy or one-class sensitivity looks good.
+        "balanced_accuracy": float(np.mean(sens)),
         "sensitivity": pick(sens),
         "specificity": pick(spec),
         "precision": pick(prec),
@@ -150,10 +156,13 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str
 
 
 def apply_gate(metrics: dict[str, Any], params: Params) -> dict[str, Any]:
-    """Compare metrics with `evaluate.gate`; every check is listed in `reasons`, failures in `failed`."""
-    gate = params.evaluate.gate
-    thresholds = {"min_auroc": gate.min_auroc, "min_sensitivity": gate.min_sensitivity,
-                  "min_specificity": gate.min_specificity}
+    """Compare metrics with `evaluate.gate`; every check is listed in `reasons`, failures in `failed`.
+
+    Each gate key `min_<metric>` is checked against `metrics[<metric>]`; a missing or non-finite
+    metric fails its check.
+    """
+    # Every GateParams field, so a new gate key cannot be declared and then silently left unchecked.
+    thresholds = dataclasses.asdict(params.evaluate.gate)
     reasons, failed, used = [], [], {}
     for key, minimum in thresholds.items():
         name = key.removeprefix("min_")
@@ -339,10 +348,10 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     lo, hi = metrics["auroc_ci"]
     ci = f"{lo:.3f}-{hi:.3f}" if lo is not None else "n/a"
     cal = metrics["calibration"]["test"]
-    log.info("test n=%d auroc=%.3f (95%% CI %s, %d valid resamples) accuracy=%.3f sensitivity=%.3f specificity=%.3f "
-             "at threshold %.3f (%s); ECE %.3f -> %.3f, Brier %.3f -> %.3f (%s)",
+    log.info("test n=%d auroc=%.3f (95%% CI %s, %d valid resamples) accuracy=%.3f balanced accuracy=%.3f "
+             "sensitivity=%.3f specificity=%.3f at threshold %.3f (%s); ECE %.3f -> %.3f, Brier %.3f -> %.3f (%s)",
              metrics["n_test"], metrics["auroc"], ci, metrics["bootstrap_valid"], metrics["accuracy"],
-             metrics["sensitivity"], metrics["specificity"], threshold, ev.threshold_method,
+             metrics["balanced_accuracy"], metrics["sensitivity"], metrics["specificity"], threshold, ev.threshold_method,
              cal["ece_before"], cal["ece_after"], cal["brier_before"], cal["brier_after"], ev.calibration)
     if gate["passed"]:
         log.info("gate PASSED: %s", "; ".join(gate["reasons"]))

@@ -257,9 +257,15 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class GateParams:
-    min_auroc: float = 0.7
+    # Defaults refuse a degenerate model: one that calls (nearly) everything one class has
+    # balanced accuracy ~0.5 (1/K for K classes) and a specificity or sensitivity near 0, yet can
+    # still have AUROC >= min_auroc (a specificity-0.014 model was once promoted that way). A model
+    # must beat chance by a margin on both classes, not only rank them. params.yaml repeats these.
+    min_auroc: float = 0.75
     min_sensitivity: float = 0.6
-    min_specificity: float = 0.0
+    min_specificity: float = 0.5
+    # Mean per-class recall (binary: (sensitivity + specificity) / 2), sklearn's balanced_accuracy_score.
+    min_balanced_accuracy: float = 0.65
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import precision_score, recall_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score, roc_auc_score
 
 from components.calibrate import predict_labels
 from components.evaluate import apply_gate, compute_metrics
@@ -41,6 +41,7 @@ def test_known_confusion_matrix_and_hand_computed_metrics():
     assert m["precision"] == pytest.approx(1 / 2)
     assert m["f1"] == pytest.approx(1 / 2)
     assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 3 / 4) / 2)
     # positive scores {0.8, 0.4} beat negatives {0.1, 0.7, 0.2, 0.3}: 0.8 beats 4, 0.4 beats 3 -> 7/8
     assert m["auroc"] == pytest.approx(7 / 8)
     assert m["n_test"] == 6 and m["positive_class"] == "lesion" and m["threshold"] == 0.5
@@ -74,6 +75,7 @@ def test_multiclass_macro_matches_sklearn():
     assert m["auroc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
     pred = probs.argmax(axis=1)
     assert m["sensitivity"] == pytest.approx(recall_score(y, pred, average="macro"))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert m["precision"] == pytest.approx(precision_score(y, pred, average="macro", zero_division=0))
     assert "macro" in m["averaging"] and m["positive_class"] is None
     assert np.trace(np.array(m["confusion_matrix"])) == (pred == y).sum()
@@ -100,17 +102,74 @@ def test_missing_class_and_bad_shapes_are_clear_errors():
 
 def test_gate_reasons_for_pass_and_fail():
     params = parse_params({"evaluate": {"gate": {"min_auroc": 0.75, "min_sensitivity": 0.6,
-                                                 "min_specificity": 0.5}}})
-    ok = apply_gate({"auroc": 0.9, "sensitivity": 0.8, "specificity": 0.7}, params)
-    assert ok["passed"] and ok["failed"] == [] and len(ok["reasons"]) == 3
-    assert ok["thresholds"] == {"min_auroc": 0.75, "min_sensitivity": 0.6, "min_specificity": 0.5}
+                                                 "min_specificity": 0.5, "min_balanced_accuracy": 0.6}}})
+    ok = apply_gate({"auroc": 0.9, "sensitivity": 0.8, "specificity": 0.7, "balanced_accuracy": 0.75}, params)
+    assert ok["passed"] and ok["failed"] == [] and len(ok["reasons"]) == 4
+    assert ok["thresholds"] == {"min_auroc": 0.75, "min_sensitivity": 0.6, "min_specificity": 0.5,
+                                "min_balanced_accuracy": 0.6}
 
-    bad = apply_gate({"auroc": 0.62, "sensitivity": 0.8, "specificity": 0.4}, params)
+    bad = apply_gate({"auroc": 0.62, "sensitivity": 0.8, "specificity": 0.4, "balanced_accuracy": 0.6}, params)
     assert not bad["passed"]
     assert "auroc 0.62 < min_auroc 0.75" in bad["reasons"]
     assert bad["failed"] == ["auroc 0.62 < min_auroc 0.75", "specificity 0.4 < min_specificity 0.5"]
-    assert bad["metrics"] == {"auroc": 0.62, "sensitivity": 0.8, "specificity": 0.4}
+    assert bad["metrics"] == {"auroc": 0.62, "sensitivity": 0.8, "specificity": 0.4, "balanced_accuracy": 0.6}
     json.dumps(bad)
+
+    # metrics.json from before balanced accuracy was computed: the check fails, it is not skipped.
+    old = apply_gate({"auroc": 0.9, "sensitivity": 0.8, "specificity": 0.7}, params)
+    assert old["failed"] == ["balanced_accuracy is undefined; needs >= min_balanced_accuracy 0.6"]
+
+
+def _scored(labels, p_pos):
+    """Binary metrics at the 0.5 threshold for hand-made labels and positive-class probabilities."""
+    return compute_metrics(np.asarray(labels), binary_probs(p_pos), BINARY, 1, 0.5, n_boot=0, seed=0)
+
+
+def test_default_gate_refuses_a_model_that_calls_nearly_everything_positive():
+    # The model that was once exported and promoted: 40 lesions all found, but 70 of 71 normals
+    # called lesion too (specificity 1/71 = 0.014, accuracy 41/111 = 0.37). It ranks perfectly
+    # (AUROC 1.0), so an AUROC floor alone cannot see that its threshold is useless.
+    labels = [0] * 71 + [1] * 40
+    p_pos = [0.3] + list(np.linspace(0.55, 0.9, 70)) + list(np.linspace(0.92, 0.99, 40))
+    m = _scored(labels, p_pos)
+    assert m["sensitivity"] == 1.0 and m["specificity"] == pytest.approx(1 / 71)
+    assert m["accuracy"] == pytest.approx(41 / 111) and m["auroc"] == 1.0
+    assert m["balanced_accuracy"] == pytest.approx((1 + 1 / 71) / 2)
+
+    gate = apply_gate(m, parse_params({}))  # the defaults, as params.yaml ships them
+    assert not gate["passed"]
+    assert gate["failed"] == ["specificity 0.0141 < min_specificity 0.5",
+                              "balanced_accuracy 0.507 < min_balanced_accuracy 0.65"]
+
+    # Calling every image lesion (or every image normal) fails as well, whichever floor catches it.
+    assert not apply_gate(_scored(labels, [0.9] * 111), parse_params({}))["passed"]
+    assert not apply_gate(_scored(labels, [0.1] * 111), parse_params({}))["passed"]
+
+
+def test_default_gate_refuses_an_always_one_class_multiclass_model():
+    # Three classes, every image called "a": macro specificity 2/3 clears its floor, but balanced
+    # accuracy is chance (1/3) and says what the model is.
+    y = np.array([0, 1, 2] * 10)
+    probs = np.tile([0.5, 0.3, 0.2], (len(y), 1))
+    probs[np.arange(len(y)), y] += np.linspace(0, 0.1, len(y))  # some ranking, never enough to win
+    probs /= probs.sum(axis=1, keepdims=True)
+    m = compute_metrics(y, probs, ["a", "b", "c"], 2, 0.5, n_boot=0, seed=0)
+    assert m["specificity"] == pytest.approx(2 / 3) and m["balanced_accuracy"] == pytest.approx(1 / 3)
+    gate = apply_gate(m, parse_params({"data": {"classes": ["a", "b", "c"]}}))
+    assert "balanced_accuracy 0.3333 < min_balanced_accuracy 0.65" in gate["failed"]
+
+
+def test_default_gate_passes_a_decent_model():
+    # 40 normals, 40 lesions: 34 lesions found (sensitivity 0.85), 32 normals kept (specificity 0.8).
+    labels = [0] * 40 + [1] * 40
+    p_pos = list(np.linspace(0.05, 0.45, 32)) + list(np.linspace(0.55, 0.7, 8)) \
+        + list(np.linspace(0.3, 0.45, 6)) + list(np.linspace(0.6, 0.99, 34))
+    m = _scored(labels, p_pos)
+    assert m["sensitivity"] == pytest.approx(0.85) and m["specificity"] == pytest.approx(0.8)
+    gate = apply_gate(m, parse_params({}))
+    assert gate["passed"], gate["failed"]
+    assert gate["thresholds"] == {"min_auroc": 0.75, "min_sensitivity": 0.6, "min_specificity": 0.5,
+                                  "min_balanced_accuracy": 0.65}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +232,10 @@ def make_checkpoint(path, classes=("normal", "lesion"), channels=1, size=32, see
 
 
 def tiny_params(**gate):
+    # A random-weight model on 8 images: every gate open unless a test closes one.
     return parse_params({"evaluate": {"positive_class": "lesion", "bootstrap": 40,
-                                      "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, **gate}}})
+                                      "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0,
+                                               "min_balanced_accuracy": 0.0, **gate}}})
 
 
 def test_evaluate_stage_writes_reports(tmp_path):

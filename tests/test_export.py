@@ -153,7 +153,8 @@ def test_tta_calibration_and_threshold_are_what_the_onnx_graph_ships(tmp_path, m
     monkeypatch.chdir(tmp_path)
     params = parse_params({"evaluate": {"positive_class": "lesion", "bootstrap": 20, "tta": "hflip",
                                         "calibration": "temperature", "threshold_method": "youden",
-                                        "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0}}})
+                                        "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0,
+                                                 "min_specificity": 0.0, "min_balanced_accuracy": 0.0}}})
     p = make_project(tmp_path, params)
     metrics = json.loads((p["reports"] / "metrics.json").read_text())
     cal = metrics["calibration"]

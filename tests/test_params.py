@@ -87,3 +87,15 @@ def test_digest_ignores_the_retrain_section():
     d.pop("retrain")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
     assert params_digest(d) == hashlib.sha256(blob).hexdigest() == base.digest()
+
+
+def test_gate_defaults_are_the_ones_params_yaml_ships():
+    # One gate, not two: a project without evaluate.gate in its params.yaml (or a test using
+    # parse_params) must be held to the same floors as the pipeline's own params.yaml.
+    from dataclasses import asdict
+
+    from components.params import GateParams
+
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]["gate"]
+    assert shipped == asdict(GateParams())  # every key spelt out, every value equal
+    assert load_params(ROOT / "params.yaml").evaluate.gate == parse_params({}).evaluate.gate

@@ -23,7 +23,8 @@ TINY = {
     "preprocess": {"image_size": 32},
     "augment": {"preview_count": 4},
     "train": {"backbone": "none", "pretrained": False, "epochs": 2, "batch_size": 8, "lr": 0.003},
-    "evaluate": {"bootstrap": 50, "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0}},
+    "evaluate": {"bootstrap": 50, "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0,
+                                           "min_balanced_accuracy": 0.0}},
     "export": {"parity_batch": 4},
 }
 

@@ -55,7 +55,8 @@ def make_project(name: str, import_cmd: list[str] | Callable[[Path], None], para
                     ignore=shutil.ignore_patterns("__pycache__"))
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     # Benchmarks measure, they do not release: an open gate lets every run reach export.
-    open_gate = {"evaluate": {"gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0}}}
+    open_gate = {"evaluate": {"gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0,
+                                       "min_balanced_accuracy": 0.0}}}
     (ws / "params.yaml").write_text(yaml.safe_dump(merge(merge(base, open_gate), params), sort_keys=False))
     if not (ws / ".git").is_dir():
         run(["git", "init", "-q"], ws)
