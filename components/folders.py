@@ -14,7 +14,8 @@ out without a word. The rules:
   could make a system file or another patient's data look like a scan. Broken links and links to
   folders are skipped too (os.walk does not follow folder links; their files are not ours).
 - A file is a scan when `scans.is_candidate` says so (by extension, else by its first bytes);
-  anything else is skipped as "not a scan".
+  anything else is skipped as "not a scan", and so is a file too large to be one (from its size
+  alone: copying or hashing a 4 GiB file named .dcm would take minutes).
 - The labels file of the folder (labels.csv) is neither a scan nor skipped.
 """
 
@@ -31,6 +32,9 @@ LINK_OUTSIDE = "symbolic link to a target outside the folder: never opened or co
 LINK_BROKEN = "broken symbolic link"
 LINK_FOLDER = "symbolic link to a folder: not followed"
 NOT_A_SCAN = "not a scan (expected PNG, JPEG or DICOM)"
+TOO_LARGE = f"larger than {scans.MAX_FILE_BYTES // 2**20} MiB (scans.MAX_FILE_BYTES): not a single 2-D image, never read"
+# Entries a reader must not pass over quietly: predict gives each an error row.
+REFUSED = (LINK_OUTSIDE, TOO_LARGE)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ def _classify(fence: Path, path: Path, labels_name: str | None, rel: str) -> str
             return LINK_FOLDER
     if labels_name is not None and rel == labels_name:
         return ""
+    if path.stat().st_size > scans.MAX_FILE_BYTES:  # before is_candidate reads its first bytes
+        return TOO_LARGE
     return None if scans.is_candidate(path) else NOT_A_SCAN
 
 

@@ -6,8 +6,8 @@ Everything the model needs is read from the ONNX file's metadata (written by `me
 the class names, the preprocessing (image size, channels, DICOM window; repeated here with
 `scans.prepare_image`, the same code preprocess used for training) and the decision rule of the
 evaluation (binary: positive class iff its probability >= the evaluated threshold; otherwise
-argmax). Folders are searched recursively for scans (`folders.list_folder`; a link out of a folder is
-not opened and gets a row with that error). A file that cannot be
+argmax). Folders are searched recursively for scans (`folders.list_folder`; a link out of a folder or a
+file too large to be a scan is not opened and gets a row with that error). A file that cannot be
 read gets a row with its error and empty probabilities; it does not stop the run.
 
 Output columns: `path, prob_<class>..., predicted, error`. Torch is not imported (fast start).
@@ -28,7 +28,7 @@ import pandas as pd
 from components import calibrate
 from components.common import StageError, atomic_path, stage_main
 from components.onnx_runtime import make_session
-from components.folders import LINK_OUTSIDE, list_folder
+from components.folders import REFUSED, list_folder
 from components.scans import ScanError, prepare_image, recorded_preparation
 
 log = logging.getLogger("medtune.predict")
@@ -64,16 +64,18 @@ def read_metadata(model_path: Path) -> dict[str, Any]:
 
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], dict[Path, str]]:
     """Files as given (whatever their type: the user asked for them) plus scans found in folders, and
-    the links found in folders that lead out of them, with why they are not read (components.folders)."""
+    the entries of folders that are refused (a link out of the folder, a file too large to be a scan),
+    each with why it is not read (components.folders)."""
     out: list[Path] = []
     refused: dict[Path, str] = {}
     for p in map(Path, paths):
         if p.is_dir():
             listing = list_folder(p, labels_name=None)
             out += [p / rel for rel in listing.scans]
-            for rel in listing.with_reason(LINK_OUTSIDE):
-                out.append(p / rel)
-                refused[p / rel] = f"{p / rel}: {LINK_OUTSIDE}"
+            for skipped in listing.skipped:
+                if skipped.reason in REFUSED:
+                    out.append(p / skipped.path)
+                    refused[p / skipped.path] = f"{p / skipped.path}: {skipped.reason}"
         else:
             out.append(p)
     return out, refused
