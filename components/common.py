@@ -105,6 +105,38 @@ def patient_salt(default: str) -> bytes:
     return os.environ.get("MEDTUNE_PATIENT_SALT", default).encode()
 
 
+PUBLIC_SALT = "medtune-public-salt"  # the shipped default of data.patient_salt: in this code, so public
+
+
+def salt_status(configured: str) -> dict[str, str]:
+    """Which salt `patient_salt(configured)` uses and whether it is secret (never the salt itself):
+    {"status": "secret" | "public", "source": ...}. Only MEDTUNE_PATIENT_SALT can be secret: a
+    data.patient_salt is in params.yaml, which git commits, and the default is in this code; with a
+    public salt anyone with the header values recomputes HMAC(salt, id) and re-identifies patients."""
+    env = os.environ.get("MEDTUNE_PATIENT_SALT")
+    if env is None:
+        return {"status": "public", "source": "params.yaml default" if configured == PUBLIC_SALT else "params.yaml"}
+    if not env or env in (configured, PUBLIC_SALT):
+        why = "empty" if not env else "equal to the shipped default" if env == PUBLIC_SALT else "equal to params.yaml"
+        return {"status": "public", "source": f"MEDTUNE_PATIENT_SALT, {why}"}
+    return {"status": "secret", "source": "MEDTUNE_PATIENT_SALT"}
+
+
+def warn_public_salt(configured: str, where: str, n_real: int, logger: logging.Logger = log) -> bool:
+    """One loud warning when `n_real` scans under `where` have real patient ids (labels.csv patient_id,
+    DICOM PatientID, data.patient_pattern; not the path fallback) hashed with a public salt. True if it warned."""
+    status = salt_status(configured)
+    if status["status"] == "secret" or not n_real:
+        return False
+    logger.warning(
+        "%s: the patient ids of %d scan(s) are hashed with a PUBLIC salt (%s): anyone who has the ids or the headers "
+        "can recompute the hashed patients in data/manifest.csv and the registry and re-identify them. Set a "
+        "secret MEDTUNE_PATIENT_SALT in the environment of every run (`python -c \"import secrets; "
+        "print(secrets.token_hex(32))\"`, kept in a secret store, never in params.yaml or git) and keep the "
+        "same one for the life of this workspace (README, 'Patient salt').", where, n_real, status["source"])
+    return True
+
+
 def hash_patient(patient_id: str, salt: bytes) -> str:
     """Pseudonymise a patient id: keyed hash, 16 hex characters. The raw id is never stored."""
     return hmac.new(salt, str(patient_id).strip().encode(), hashlib.sha256).hexdigest()[:16]

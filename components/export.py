@@ -338,7 +338,9 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
                  "params_sha256": params.digest()},
         "data": {"data_version": manifest.get("data_version"), "content_hash": manifest.get("content_hash"),
                  "counts": manifest.get("counts"), "manifest_sha256": sha256_file(manifest_csv),
-                 "manifest_path": manifest_csv.as_posix()},
+                 "manifest_path": manifest_csv.as_posix(),
+                 # public or secret, and from where (ingest's record; never the salt itself)
+                 "patient_salt": manifest.get("patient_salt")},
         "split": manifest.get("split"),
         "validation": {"suite": validation.get("suite"), "success": validation.get("success"),
                        "failed": [e.get("name") for e in validation.get("expectations", []) if not e.get("success")]},

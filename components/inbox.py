@@ -133,6 +133,7 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
         if source == "none":
             row["patient"] = ""  # no id: never a known patient
         rows.append(row)
+    common.warn_public_salt(params.data.patient_salt, str(batch), sum(1 for r in rows if r["patient"]), log)
     return pd.DataFrame(rows, columns=COLUMNS), problems
 
 

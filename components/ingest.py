@@ -296,6 +296,8 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
                     "(e.g. '^(?P<patient>[^_]+)_' for 'p017_03.png'), or add a patient_id column to labels.csv.")
     for w in warn:
         log.warning(w)
+    n_real = len(sources) - n_none  # scans whose patient hash stands for a real id
+    common.warn_public_salt(params.data.patient_salt, str(raw_dir), n_real, log)
     used = sorted(set(sources), key=list(SOURCE_NAMES).index)
     patient_source = (SOURCE_NAMES[used[0]] if len(used) == 1 else
                       "mixed: " + ", ".join(f"{SOURCE_NAMES[s]} ({sources.count(s)})" for s in used))
@@ -322,6 +324,8 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
                   "patients": {s: int(ok[ok["split"] == s]["patient"].nunique()) for s in SPLITS},
                   "patient_overlap": 0},
         "patient_source": patient_source,
+        # Which salt hashed the patients (never the salt): a public one makes them re-identifiable.
+        "patient_salt": {**common.salt_status(params.data.patient_salt), "real_patient_ids": n_real > 0},
         "near_duplicates": {"correlation": params.split.near_duplicate_correlation,
                             "groups": int(similar.nunique()), "images": len(similar)},
         # Every entry under raw_dir that is not in manifest.csv, with why (validate lists them).

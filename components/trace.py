@@ -257,6 +257,8 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
                  "content_hash": data.get("content_hash") or not_recorded(old),
                  "counts": counts or not_recorded(old),
                  "totals": {s: sum(c.values()) for s, c in counts.items()} if isinstance(counts, dict) else None,
+                 "patient_salt": _pick(data["patient_salt"], ("status", "source", "real_patient_ids"), old)
+                 if isinstance(data.get("patient_salt"), dict) else not_recorded(old),
                  "manifest": {"recorded_path": data.get("manifest_path"), "sha256": data.get("manifest_sha256"),
                               "copy": str(manifest) if manifest else not_recorded(manifest_why),
                               "columns": "path, sha256 (of every scan used), label, patient (hashed), width, height, "
@@ -360,7 +362,19 @@ def render(rec: dict[str, Any]) -> str:
             out += ["  | " + line for line in sec["text"].rstrip().splitlines()]
             continue
         out += _lines(sec, 1)
+        if name == "data" and public_salt(sec.get("patient_salt")):
+            out.append(f"  WARNING: {PUBLIC_SALT_NOTE}")
     return "\n".join(out)
+
+
+PUBLIC_SALT_NOTE = ("real patient ids were hashed with a public salt: anyone with the ids or the scan headers can "
+                    "re-identify the patients in this model's manifest copies. Set a secret MEDTUNE_PATIENT_SALT "
+                    "and rerun the pipeline (README, 'Patient salt').")
+
+
+def public_salt(record: Any) -> bool:
+    """A lineage's data.patient_salt says real patient ids were hashed with a public salt."""
+    return isinstance(record, dict) and record.get("status") == "public" and bool(record.get("real_patient_ids"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
