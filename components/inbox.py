@@ -78,6 +78,10 @@ def add_to_inbox(source: str | Path, inbox_dir: str | Path, name: str | None = N
     target = inbox / name
     if target.exists():
         raise StageError(f"ingest-new: {target} already exists; the inbox holds a batch of that name (pass --name).")
+    too_large = folders.list_folder(source).with_reason(folders.TOO_LARGE)
+    if too_large:  # copying it would take minutes and the disk space; no check could accept it
+        raise StageError(f"ingest-new: {source / too_large[0]} is {folders.TOO_LARGE}; "
+                         f"{len(too_large)} such file(s). Remove them from the batch.")
     tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{name}-", dir=inbox))
     try:
         # symlinks=True: a link is copied as a link, never its target's bytes; the batch check then
@@ -116,6 +120,12 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
     # Hidden entries are tool state (ingest-new does not even copy dot-names); anything else that is
     # not a scan, or a link out of the batch, means the batch is not what its sender thinks it is.
     problems += [f"{batch / s.path}: {s.reason}." for s in listing.skipped if s.reason != folders.HIDDEN]
+    if labels is not None and params.data.label_source == "folder":
+        # In folder mode the batch's files join class folders and its labels.csv is not kept, so a
+        # patient_id or split given there would be dropped without a word.
+        problems += [f"{labels_csv}: column {col!r} cannot be kept: the raw data is folder-per-class "
+                     "(data.label_source: folder); expected only path,label, or raw data with labels.csv."
+                     for col in ("patient_id", "split") if col in labels.columns]
     if labels is not None:
         scan_set = set(listing.scans)
         problems += [f"{labels_csv} line {r.line}: path {r.path!r} is not a scan file of the batch."
@@ -185,6 +195,12 @@ def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFram
             problems.append(f"{where}: bit depth {r.bit_depth} is not one of validate.bit_depths {v.bit_depths}.")
         if r.split and r.split not in common.SPLITS:
             problems.append(f"{where}: split {r.split!r} is invalid; expected train, val or test.")
+
+    split_of = rows[(rows["patient"] != "") & (rows["split"] != "")].groupby("patient")["split"].unique()
+    for patient, splits in split_of[split_of.map(len) > 1].items():
+        paths = list(rows.loc[rows["patient"] == patient, "path"])[:4]
+        problems.append(f"{batch}: patient {patient} (hashed) is in splits {sorted(splits)} within the batch "
+                        f"({paths}); expected each patient in one split.")
 
     dup_in_batch = rows[rows.duplicated("sha256", keep="first")]
     for r in dup_in_batch.itertuples(index=False):

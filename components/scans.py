@@ -29,6 +29,7 @@ patient's name or id.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,14 +163,25 @@ def _is_dicom(path: Path) -> bool:
 
 def _read_dicom(path: Path):
     """Return (dataset, pixel array) or raise ScanError naming the reason."""
-    import pydicom
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     if not _has_dicom_signature(path):
         # force=True below would otherwise read any bytes as tags: a zero-filled file is millions
         # of empty (0000,0000) elements and takes minutes.
         raise ScanError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128 and no dataset tag at the start); "
                         "expected a DICOM image")
+    with warnings.catch_warnings():  # they may quote header values (see _decode_dicom)
+        warnings.simplefilter("ignore")
+        return _decode_dicom(path)
+
+
+def _decode_dicom(path: Path):
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    # pydicom logs a failed decode with a full traceback, and its warnings quote header values (a
+    # patient's name among them); every failure reaches the user as one ScanError naming the file.
+    # Set here, after the import: pydicom sets its logger's level when it is first imported.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # pydicom raises many types on garbage; all mean "not readable"

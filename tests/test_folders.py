@@ -178,3 +178,14 @@ def test_no_entry_is_a_hidden_link_into_the_listing(tmp_path, secret):
     png(root / "a.png", 1)
     os.symlink(secret, root / ".sneaky.png")
     assert folders.list_folder(root).with_reason(folders.HIDDEN) == [".sneaky.png"]
+
+
+def test_a_csv_batch_with_a_patient_in_two_splits_is_refused(tmp_path):
+    params = parse_params({"data": {"label_source": "csv"}, "validate": {"min_size": 16}})
+    batch = tmp_path / "inbox" / "b1"
+    png(batch / "a.png", 1)
+    png(batch / "b.png", 2)
+    (batch / "labels.csv").write_text("path,label,patient_id,split\na.png,lesion,P7,train\nb.png,lesion,P7,test\n")
+    rows, problems = inbox.read_batch(batch, params)
+    problems += inbox.check_batch(batch, rows, pd.DataFrame(columns=list(rows.columns)), params)
+    assert any("is in splits ['test', 'train'] within the batch" in p and "a.png" in p for p in problems), problems
