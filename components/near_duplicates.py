@@ -1,9 +1,8 @@
 """Near-duplicate images: one picture stored twice with small changes that a byte hash misses
 (re-encoded, resized, re-windowed, another export of the same frame).
 
-Public sets hold many. In BreastMNIST's official split, 46 of the 156 test images share a group
-with a training image (43 of them its label), so a model is partly tested on pictures it trained
-on; PneumoniaMNIST's test split has none, and its 27 groups are its byte-identical files. Where
+Public sets hold many. In BreastMNIST's official split, 48 of the 156 test images share a group
+with a training image, so a model is partly tested on pictures it trained on; PneumoniaMNIST's test split has none, and its 27 groups are its byte-identical files. Where
 ingest makes the split, such images are kept together like byte-identical ones; where the split is
 given (labels.csv), validate reports the groups that cross it.
 
@@ -11,9 +10,10 @@ Each readable image has a 32 x 32 grey thumbnail (`scans.ScanInfo.thumbnail`, ta
 probes the file), standardised here to zero mean and unit norm; two images are near-duplicates
 when the Pearson correlation of their thumbnails, a dot product here, is at least the threshold
 (`split.near_duplicate_correlation`). A group is an image and the later images (in path order)
-that each match it directly (`leaders`): likeness is not transitive, so it is never chained. A correlation ignores brightness and contrast, so neither a
-DICOM window nor another exposure of the same picture hides it. Thumbnails of different chest X-rays correlate at about 0.9,
-so the default 0.99 is well above chance likeness. All pairs are compared (n^2 / 2 dot products of
+that each match it directly (`leaders`): likeness is not transitive, so it is never chained. A
+correlation ignores brightness and contrast, so neither a DICOM window nor another exposure of the
+same picture hides it. Thumbnails of different chest X-rays correlate at about 0.9, so the default
+0.99 is well above chance likeness. All pairs are compared (n^2 / 2 dot products of
 SIZE^2 values: about a second for 6,000 images on 2 cores, minutes for 100,000).
 """
 

@@ -143,7 +143,6 @@ def batch_workspace(tmp_path_factory):
     run(["git", "add", "-A"], ws, env)
     run(["git", "commit", "-qm", "workspace"], ws, env)
     params = load_params(ws / "params.yaml")
-    os.environ.setdefault("MEDTUNE_PATIENT_SALT", SALT)
     return ws, inbox.current_manifest(ws / "data/manifest.csv", ws / "data/raw", params)
 
 
