@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from components import scans
+from components.common import StageError
 
 HIDDEN = "hidden (name starts with '.' or '_'): tool or archive state, not searched"
 LINK_OUTSIDE = "symbolic link to a target outside the folder: never opened or copied"
@@ -139,3 +140,12 @@ def path_inside(folder: Path, rel: str, where: str) -> Path:
         raise ValueError(f"{where}: path {rel!r} leads through a symbolic link to outside the folder; expected a "
                          "file inside it.")
     return target
+
+
+def refuse_links_out(folder: str | Path) -> None:
+    """StageError naming the links out of `folder`. Call it before `dvc add folder`: DVC replaces a
+    link with a copy of its target, after which no reader can tell the file came from outside."""
+    links = list_folder(folder, labels_name=None).with_reason(LINK_OUTSIDE)
+    if links:
+        raise StageError(f"{folder}: {len(links)} symbolic link(s) to outside the folder ({links[:5]}); `dvc add` "
+                         "would store a copy of each target. Remove them, or copy the files in.")

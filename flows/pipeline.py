@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from components import common, orchestrate
+from components import common, folders, orchestrate
 from components.common import dvc_data_version
 from components.params import load_params
 
@@ -52,6 +52,7 @@ export = _stage_task("export", io_bound=True)
 
 @task(name="dvc-add-raw", **IO)
 def version_data(raw_dir: str) -> str:
+    folders.refuse_links_out(raw_dir)
     common.dvc(".", "add", raw_dir)
     return dvc_data_version(raw_dir)
 

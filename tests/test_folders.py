@@ -189,3 +189,14 @@ def test_a_csv_batch_with_a_patient_in_two_splits_is_refused(tmp_path):
     rows, problems = inbox.read_batch(batch, params)
     problems += inbox.check_batch(batch, rows, pd.DataFrame(columns=list(rows.columns)), params)
     assert any("is in splits ['test', 'train'] within the batch" in p and "a.png" in p for p in problems), problems
+
+
+def test_links_out_are_refused_before_dvc_add_would_copy_them_in(tmp_path, secret):
+    """`dvc add` replaces a link with a copy of its target: the flow checks before it versions raw."""
+    raw = tmp_path / "raw"
+    png(raw / "a" / "x.png", 1)
+    (raw / "a" / "y.png").symlink_to(raw / "a" / "x.png")
+    folders.refuse_links_out(raw)  # a link inside is fine
+    (raw / "a" / "z.png").symlink_to(secret)
+    with pytest.raises(common.StageError, match=r"raw: 1 symbolic link\(s\) to outside the folder \(\['a/z.png'\]\)"):
+        folders.refuse_links_out(raw)
