@@ -334,6 +334,10 @@ class RetrainParams:
     tag_prefix: str = "model-"
     # How long a second retrain run waits for the first before it gives up (seconds).
     lock_timeout: int = 3600
+    # A retrain run refuses to start when real patient ids would be hashed with a public salt (no
+    # secret MEDTUNE_PATIENT_SALT): its promotion would commit and push re-identifiable hashes.
+    # true allows it, e.g. for synthetic demo data whose patient ids are made up.
+    allow_public_salt: bool = False
 
     def validate(self) -> None:
         _expect(self.compare_metric in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "precision"),

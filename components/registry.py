@@ -8,9 +8,11 @@ Layout (git-tracked, small, append-only; see docs/architecture.md "Registry"):
     registry/current.json        {model_id, git_tag} of the champion
 
 Promotion is one git commit (data/raw.dvc, dvc.lock, the model's registry folder, the release line,
-current.json) made after `dvc push`, then a tag `<prefix><model_id>`. The git commit is the commit
-point: `recover()` (run first by every retrain) puts back any registry file written but not
-committed by a crashed run, so a crash anywhere leaves the old champion in place.
+current.json) made after `dvc push`, then a tag `<prefix><model_id>`, then the batches are archived.
+The whole release is written to PENDING before its first step, so `recover()` (run first by every
+retrain) finishes a release a crashed run left half-made, without retraining: the tag and the archive
+after the commit, or every step again before it (registry files back to HEAD first). Only when the
+pipeline outputs changed since is the release dropped, its batches retrained.
 
 Comparison "on the same test data": the champion's ONNX and the challenger's ONNX are both run with
 ONNX Runtime on the challenger's prepared test split, minus the images of patients the champion was
@@ -252,23 +254,97 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
 # Recording the outcome (the atomic part)
 # ---------------------------------------------------------------------------------------------
 
-def recover(root: str | Path = ".") -> list[str]:
-    """Undo registry writes a crashed run left uncommitted; finish a tag a crash left out.
+# A release in progress: written before the first step of `publish`, removed after its last one
+# (the batches archived). `recover()` reads it to finish an interrupted release without retraining.
+# Under .dvc/tmp, which DVC keeps out of git.
+PENDING = ".dvc/tmp/medtune-release.json"
+# The pipeline outputs a pending release commits or copies into the registry: if any of them changed
+# since (someone ran the pipeline again), the release cannot be finished as it was decided.
+RELEASE_INPUTS = ("data/raw.dvc", "dvc.lock", "data/manifest.csv", "models/lineage.json", "models/model.onnx",
+                  "models/model_card.md")
 
-    Returns what was done (logged by the caller). Data files (raw.dvc, dvc.lock) are left as they
-    are: the next pipeline run rewrites them consistently.
-    """
-    root = Path(root)
+
+def pending(root: str | Path = ".") -> dict[str, Any] | None:
+    """The interrupted release `recover()` will finish, or None."""
+    path = Path(root) / PENDING
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _release_key(record: dict[str, Any]) -> tuple:
+    return tuple(record.get(k) for k in ("time", "event", "model_id", "flow_run_id", "data_version"))
+
+
+def _release_commit(root: Path, plan: dict[str, Any]) -> str | None:
+    """The commit that recorded the pending release (its line in registry/releases.jsonl), if any."""
+    key = _release_key(plan["record"])
+    since = [f"^{plan['head']}"] if plan.get("head") else []
+    revs = git(root, "rev-list", "--reverse", "HEAD", *since, "--", f"{REGISTRY}/releases.jsonl", check=False)
+    for rev in revs.split():
+        for line in git(root, "show", f"{rev}:{REGISTRY}/releases.jsonl", check=False).splitlines():
+            try:
+                if _release_key(json.loads(line)) == key:
+                    return rev
+            except (ValueError, AttributeError):
+                continue
+    return None
+
+
+def _at_head(root: Path, rel: str) -> bool:
+    return bool(git(root, "ls-tree", "--name-only", "HEAD", "--", rel, check=False))
+
+
+def _restore_uncommitted_records(root: Path) -> list[str]:
     done = []
     for name in ("current.json", "releases.jsonl"):
         rel = f"{REGISTRY}/{name}"
-        tracked = git(root, "ls-files", "--", rel)
-        if tracked and git(root, "status", "--porcelain", "--", rel):
-            git(root, "checkout", "HEAD", "--", rel)
-            done.append(f"restored {rel} from HEAD (uncommitted change of a crashed run)")
-        elif not tracked and (root / rel).exists():
-            (root / rel).unlink()
+        # Against HEAD, not the index: a crash after `git add` leaves the new records staged.
+        if _at_head(root, rel):
+            if git(root, "status", "--porcelain", "--", rel):
+                git(root, "checkout", "HEAD", "--", rel)
+                done.append(f"restored {rel} from HEAD (uncommitted change of a crashed run)")
+        elif (root / rel).exists() or git(root, "ls-files", "--", rel):
+            git(root, "rm", "-q", "--cached", "--ignore-unmatch", "--", rel)
+            (root / rel).unlink(missing_ok=True)
             done.append(f"removed uncommitted {rel} (a crashed run's first promotion)")
+    return done
+
+
+def recover(root: str | Path = ".") -> list[str]:
+    """Bring the registry back to a consistent state after a crashed run (run first by every retrain).
+
+    An interrupted release (PENDING) is finished exactly as it was decided, without retraining: if its
+    commit was made, only the tag and the archiving of its batches remain; if not, the registry files
+    go back to HEAD and the release is recorded again from the start (push, registry copy, release
+    line, current.json, commit, tag, archive), provided the pipeline outputs it records are unchanged.
+    If they changed, the release is dropped and its batches, still in the inbox, are retrained.
+    Without a pending release: registry files written but not committed go back to HEAD, and a tag
+    that a crash between commit and tag left out is created. Returns what was done (logged by the
+    caller); data files (raw.dvc, dvc.lock) are otherwise left as they are.
+    """
+    root = Path(root)
+    plan = pending(root)
+    commit = _release_commit(root, plan) if plan else None
+    done = [] if commit else _restore_uncommitted_records(root)
+    if plan:
+        what = f"the interrupted {plan['record']['event']} release of model {plan['model_id']} " \
+               f"(flow run {plan['record'].get('flow_run_id')})"
+        changed = [rel for rel, sha in plan["inputs"].items()
+                   if not (root / rel).is_file() or common.sha256_file(root / rel) != sha]
+        if commit:
+            done.append(f"finishing {what}: committed at {commit[:12]}; tag and archive its batch(es), no retraining")
+            _complete(root, plan)
+        elif not changed:
+            done.append(f"finishing {what}: not committed yet, its pipeline outputs are unchanged; recording it again "
+                        "(push, registry, commit, tag, archive), no retraining")
+            _complete(root, plan)
+        else:
+            mdir = f"{REGISTRY}/models/{plan['model_id']}"
+            if plan["promote"] and not _at_head(root, mdir):
+                git(root, "rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", mdir)
+                shutil.rmtree(root / mdir, ignore_errors=True)
+            (root / PENDING).unlink()
+            done.append(f"dropped {what}: not committed, and {', '.join(changed)} changed since; its batch(es) "
+                        "stay in the inbox and are retrained")
     cur = current(root)
     if cur and cur.get("git_tag") and not git(root, "tag", "--list", cur["git_tag"]):
         commit = git(root, "log", "-1", "--format=%H", "--", f"{REGISTRY}/current.json")
@@ -285,47 +361,133 @@ def _free_tag(root: Path, name: str) -> str:
     return tag
 
 
+def refuse_public_salt(root: str | Path, params: Params, batches: Sequence[str | Path] = ()) -> dict[str, str]:
+    """Raise StageError when this retrain would hash real patient ids with a public salt (see
+    common.salt_status) and `retrain.allow_public_salt` is false; else return the salt status.
+
+    Real ids: the raw data's (data/manifest.json of the last ingest) or any of `batches`' (read as
+    the batch check reads them). Run before anything is appended: a promotion commits the hashed
+    manifest to git and pushes the data, and a public salt makes those hashes re-identifiable.
+    """
+    from components import inbox
+    from components.ingest import NO_PATIENT
+
+    status = common.salt_status(params.data.patient_salt)
+    if status["status"] == "secret" or params.retrain.allow_public_salt:
+        return status
+    found = []
+    manifest = Path(root) / "data/manifest.json"
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text())
+        recorded = meta.get("patient_salt") or {}
+        real = recorded.get("real_patient_ids", meta.get("patient_source", NO_PATIENT) != NO_PATIENT)
+        if real:
+            found.append(f"the raw data (patients from {meta.get('patient_source')}, {manifest})")
+    for batch in batches:
+        rows, _ = inbox.read_batch(batch, params)
+        n = int((rows["patient"] != "").sum()) if len(rows) else 0
+        if n:
+            found.append(f"batch {batch} ({n} scan(s) with a patient id)")
+    if found:
+        raise StageError(
+            f"patient salt: {' and '.join(found)} would be hashed with a public salt ({status['source']}), and a "
+            "promotion commits and pushes those hashes, which anyone with the ids or headers can reverse. Nothing was "
+            "appended; the batches stay in the inbox. Set a secret MEDTUNE_PATIENT_SALT in the environment of the "
+            "run (the Prefect worker's; the same salt this workspace was built with, if it had one), or set "
+            "retrain.allow_public_salt: true in params.yaml only if the patient ids are made up (README, 'Patient salt').")
+    return status
+
+
+def _refuse_public_salt_record(root: Path, allow: bool) -> None:
+    """publish's own guard, for callers other than the retrain flow: ingest's record of the salt."""
+    manifest = root / "data/manifest.json"
+    recorded = (json.loads(manifest.read_text()).get("patient_salt") if manifest.is_file() else None) or {}
+    if not allow and recorded.get("status") == "public" and recorded.get("real_patient_ids"):
+        raise StageError(f"{manifest}: real patient ids were hashed with a public salt ({recorded.get('source')}); "
+                         "not recording (nothing committed or pushed). Set a secret MEDTUNE_PATIENT_SALT and rerun the "
+                         "pipeline, or pass allow_public_salt (retrain.allow_public_salt: true) for made-up ids.")
+
+
 def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_run_id: str | None,
             data_version: str, tag_prefix: str = "model-", remote_url: str | None = None,
-            remote_name: str = "medtune", extra_paths: Sequence[str] = ()) -> dict[str, Any]:
-    """Record a retrain outcome: dvc push, one git commit (+ tag when promoted). Returns the record.
+            remote_name: str = "medtune", extra_paths: Sequence[str] = (), batches: Sequence[str | Path] = (),
+            processed_dir: str | Path = "data/inbox-processed", allow_public_salt: bool = False) -> dict[str, Any]:
+    """Record a retrain outcome: dvc push, one git commit (+ tag when promoted), then move `batches`
+    to `processed_dir`. Returns the release record.
 
     Both outcomes commit data/raw.dvc and dvc.lock (the new data version is real either way); only a
-    promotion stores the model, moves current.json and tags the commit.
+    promotion stores the model, moves current.json and tags the commit. Everything is decided and
+    written to PENDING first, so a crash at any step is finished by the next run's `recover()`.
     """
     root = Path(root)
+    _refuse_public_salt_record(root, allow_public_salt)
+    plan = pending(root)
+    if plan:
+        mine = (plan["record"].get("flow_run_id"), plan["model_id"], plan["record"].get("data_version"))
+        if mine != (flow_run_id, decision["challenger"]["model_id"] or "none", data_version):
+            raise StageError(f"{root / PENDING}: another release ({plan['record']['event']} of model "
+                             f"{plan['model_id']}) was interrupted; run registry.recover() (every retrain run does) first.")
+        return _complete(root, plan)  # a retry of this same release (the task retries on I/O errors)
     promote = bool(decision["promote"])
     challenger = decision["challenger"]
     model_id = challenger["model_id"] or "none"
-    if remote_url:
-        ensure_remote(root, remote_url, remote_name)
-    paths = [p for p in ("data/raw.dvc", "dvc.lock", "data/.gitignore", ".dvc/config", *extra_paths)
-             if (root / p).exists()]
-    # Push first: a tag must never point at data or models that exist only on this machine.
-    dvc(root, "push")
-    tag = None
-    if promote:
-        store_model(root, model_id)
-        tag = _free_tag(root, f"{tag_prefix}{model_id}")
-        paths.append(f"{REGISTRY}/models/{model_id}")
-        paths.append(f"{REGISTRY}/.gitignore")
-    record = record_release(root, {
+    tag = _free_tag(root, f"{tag_prefix}{model_id}") if promote else None
+    record = {
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "event": "promoted" if promote else "rejected", "model_id": model_id, "trigger": trigger,
         "flow_run_id": flow_run_id, "data_version": data_version, "git_tag": tag,
         "champion": {"model_id": decision["champion"]["model_id"], "metrics": decision["champion"]["metrics"]},
         "challenger": {"model_id": challenger["model_id"], "metrics": challenger["metrics"],
                        "gate": challenger.get("gate")},
-        "comparison": decision.get("comparison"), "reasons": decision["reasons"]})
-    paths.append(f"{REGISTRY}/releases.jsonl")
-    if promote:
-        set_current(root, model_id, tag)
-        paths.append(f"{REGISTRY}/current.json")
-    git(root, "add", "--", *paths)
-    verb = f"promote model {model_id}" if promote else f"keep champion; challenger {model_id} rejected"
-    git(root, "commit", "-q", "-m", f"medtune retrain ({trigger}): {verb}; data {data_version}", "--", *paths)
+        "comparison": decision.get("comparison"), "reasons": decision["reasons"]}
+    plan = {"record": json.loads(json.dumps(record, default=common._json_default)), "promote": promote,
+            "model_id": model_id, "tag": tag, "remote_url": remote_url, "remote_name": remote_name,
+            "extra_paths": list(extra_paths), "batches": [str(b) for b in batches], "processed_dir": str(processed_dir),
+            "head": git(root, "rev-parse", "--verify", "-q", "HEAD", check=False) or None,
+            "inputs": {rel: common.sha256_file(root / rel) for rel in RELEASE_INPUTS if (root / rel).is_file()}}
+    common.write_json(root / PENDING, plan)
+    return _complete(root, plan)
+
+
+def _complete(root: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """The steps of a release, each skipped when already done, so a crash anywhere can be resumed:
+    push, registry copy, release line, current.json, one git commit, tag, archive the batches."""
+    promote, model_id, tag, record = plan["promote"], plan["model_id"], plan["tag"], plan["record"]
+    commit = _release_commit(root, plan)
+    if commit is None:
+        if plan["remote_url"]:
+            ensure_remote(root, plan["remote_url"], plan["remote_name"])
+        paths = [p for p in ("data/raw.dvc", "dvc.lock", "data/.gitignore", ".dvc/config", *plan["extra_paths"])
+                 if (root / p).exists()]
+        # Push first: a tag must never point at data or models that exist only on this machine.
+        dvc(root, "push")
+        if promote:
+            store_model(root, model_id)
+            paths += [f"{REGISTRY}/models/{model_id}", f"{REGISTRY}/.gitignore"]
+        record_release(root, record)  # keeps the record's time: it identifies the release
+        paths.append(f"{REGISTRY}/releases.jsonl")
+        if promote:
+            set_current(root, model_id, tag)
+            paths.append(f"{REGISTRY}/current.json")
+        git(root, "add", "--", *paths)
+        verb = f"promote model {model_id}" if promote else f"keep champion; challenger {model_id} rejected"
+        git(root, "commit", "-q", "-m", f"medtune retrain ({record['trigger']}): {verb}; data {record['data_version']}",
+            "--", *paths)
+        commit = git(root, "rev-parse", "HEAD")
     if tag:
-        git(root, "tag", "-a", tag, "-m", f"medtune model {model_id} (flow run {flow_run_id})")
-    log.info("%s; recorded in %s (tag %s)", verb, registry_dir(root) / "releases.jsonl", tag)
+        at = git(root, "rev-list", "-n", "1", tag, check=False) if git(root, "tag", "--list", tag) else None
+        if at is None:
+            git(root, "tag", "-a", tag, commit, "-m", f"medtune model {model_id} (flow run {record.get('flow_run_id')})")
+        elif at != commit:
+            raise StageError(f"git tag {tag} points at {at[:12]}, but model {model_id} was recorded at {commit[:12]}; "
+                             f"expected the tag on that commit. Delete or move the tag ({root / PENDING} keeps the release).")
+    from components import inbox
+
+    for batch in plan["batches"]:
+        if (root / batch).is_dir():
+            inbox.archive(root / batch, root / plan["processed_dir"])
+    (root / PENDING).unlink(missing_ok=True)
+    log.info("%s model %s; recorded in %s (tag %s)", record["event"], model_id, registry_dir(root) / "releases.jsonl", tag)
     return record
 
 

@@ -2,11 +2,13 @@
 
     medtune retrain --once        # one run now; `medtune serve` runs it on schedule and on the inbox event
 
-1. Nothing in the inbox: log it and end (no lock, no git, no DVC).
-2. Each batch is checked on its own (components.inbox); a bad one goes to quarantine with a report.
+1. Nothing in the inbox (and no interrupted release to finish): log it and end (no lock, no git, no DVC).
+2. A public patient salt with real patient ids stops the run (retrain.allow_public_salt to allow it).
+   Each batch is checked on its own (components.inbox); a bad one goes to quarantine with a report.
 3. Good batches are appended to the raw data; the pipeline flow runs (dvc add, stages, dvc commit).
 4. components.registry.compare decides (gate AND not worse than the champion by the margin).
-5. components.registry.publish records it: dvc push, one git commit, a tag when promoted.
+5. components.registry.publish records it: dvc push, one git commit, a tag when promoted, then the
+   batches are archived. A run killed in there is finished by the next run's recovery, without retraining.
 If step 3 or 4 fails (the pipeline stops, e.g. whole-data validation), the workspace goes back to
 the last commit and the appended batches go to quarantine with the
 error, a `failed` release event is committed, and the run fails; the champion stays.
@@ -32,6 +34,12 @@ from flows.pipeline import IO, pipeline
 @task(name="recover-registry")
 def recover() -> list[str]:
     return registry.recover(".")
+
+
+@task(name="check-patient-salt")
+def check_salt(params: str, batches: list[str]) -> dict[str, str]:
+    """Refuse the run, before anything is appended, when real patient ids would be hashed with a public salt."""
+    return registry.refuse_public_salt(".", load_params(params), batches)
 
 
 @task(name="check-batch")
@@ -88,10 +96,12 @@ def compare(params: str, metric: str, margin: float) -> dict[str, Any]:
 
 
 @task(name="record-release", **IO)
-def publish(decision: dict[str, Any], trigger: str, raw_dir: str, rp: RetrainParams) -> dict[str, Any]:
+def publish(decision: dict[str, Any], trigger: str, raw_dir: str, rp: RetrainParams, batches: list[str]) -> dict[str, Any]:
+    """Push, commit, tag, then archive the batches: one release that `recover` finishes if the run dies."""
     return registry.publish(".", decision, trigger=trigger, flow_run_id=flow_run.id,
                             data_version=dvc_data_version(raw_dir), tag_prefix=rp.tag_prefix,
-                            remote_url=rp.dvc_remote, remote_name=rp.dvc_remote_name)
+                            remote_url=rp.dvc_remote, remote_name=rp.dvc_remote_name, batches=batches,
+                            processed_dir=rp.processed_dir, allow_public_salt=rp.allow_public_salt)
 
 
 @task(name="archive-batch", **IO)
@@ -129,19 +139,22 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
     os.chdir(root)
     p = load_params(params)
     rp = p.retrain
-    if not inbox.find_batches(rp.inbox_dir):
+    if not inbox.find_batches(rp.inbox_dir) and not registry.pending("."):
         logger.info("nothing new in %s: no retraining, nothing changed (trigger: %s)", rp.inbox_dir, trigger)
         return {"outcome": "nothing-new", "trigger": trigger}
 
     holder = f"retrain flow run {flow_run.id} (pid {os.getpid()}, trigger {trigger})"
     with orchestrate.workspace_lock(".", holder, rp.lock_timeout,
                                     lambda h: logger.info("another run holds the workspace (%s); waiting", h)):
-        for line in recover():
+        recovered = recover()
+        for line in recovered:
             logger.warning("recovery: %s", line)
         batches = [str(b) for b in inbox.find_batches(rp.inbox_dir)]
-        if not batches:  # the run we waited for took them
+        if not batches:  # the run we waited for took them, or recovery finished an interrupted release
             logger.info("nothing new in %s after waiting: an earlier run processed it", rp.inbox_dir)
-            return {"outcome": "nothing-new", "trigger": trigger}
+            return {"outcome": "recovered" if recovered else "nothing-new", "trigger": trigger, "recovered": recovered}
+        # Before any batch is read into a task result, quarantined or appended.
+        check_salt(params, batches)
 
         good, bad, known = [], [], []
         for batch in batches:
@@ -180,13 +193,13 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
         record = None
         if decision.get("same_model"):
             logger.info("the challenger is the current champion (a resumed run); nothing to record")
-        else:
-            record = publish(decision, trigger, p.data.raw_dir, rp)
+            for checked in good:
+                archive(checked["batch"], rp.processed_dir)
+        else:  # archives the batches last, once the release is committed and tagged
+            record = publish(decision, trigger, p.data.raw_dir, rp, [c["batch"] for c in good])
         create_markdown_artifact(_decision_markdown(decision, record), key="medtune-decision",
                                  description="Champion/challenger decision")
         create_table_artifact(_metrics_rows(decision), key="medtune-champion-vs-challenger")
-        for checked in good:
-            archive(checked["batch"], rp.processed_dir)
     outcome = "promoted" if decision["promote"] else "kept-champion"
     logger.info("retrain %s: %s", outcome, "; ".join(decision["reasons"]))
     return {"outcome": outcome, "trigger": trigger, "model_id": result.get("model_id"),

@@ -35,8 +35,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The demo's DICOMs carry (made-up) PatientIDs: a retrain run refuses to hash them with the public
+# salt, so the worker's environment holds a secret, as a real deployment's must.
+TEST_SALT = "medtune-test-secret-7c41"
+
+
 def base_env(tmp: Path, api: str) -> dict[str, str]:
-    return tool_env(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api,
+    return tool_env(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api, MEDTUNE_PATIENT_SALT=TEST_SALT,
                     PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_RUNNER_POLL_FREQUENCY="2")
 
 
@@ -259,7 +264,10 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
     else:
         assert rec["event"] == "rejected" and not (ws / "registry/current.json").exists()
 
-    # No patient identifier in the records.
+    # No patient identifier in the records, and the hashes come from the secret salt.
+    secret = {"status": "secret", "source": "MEDTUNE_PATIENT_SALT", "real_patient_ids": True}
+    assert json.loads((ws / "data/manifest.json").read_text())["patient_salt"] == secret
+    assert TEST_SALT not in (ws / "data/manifest.json").read_text() + served["serve_log"].read_text()
     for f in (ws / "registry").rglob("*"):
         if f.is_file():
             assert b"DEMO-0" not in f.read_bytes() and b"Demo^Patient" not in f.read_bytes(), f

@@ -273,3 +273,171 @@ def test_stale_onnx_of_an_earlier_run_does_not_stand_in_for_the_challenger(repo,
     assert decision["promote"] is False
     assert decision["challenger"]["model_id"] == mid("x")
     assert any("has no exported model" in r for r in decision["reasons"]), decision["reasons"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A release interrupted at any step is finished by recover(), never half-made
+# ---------------------------------------------------------------------------------------------
+
+class Killed(BaseException):
+    """Stands for the process dying: no `except Exception` in the code under test catches it."""
+
+
+def _kill_after(monkeypatch, step: str) -> None:
+    """Make `registry.<function> [args...]` (e.g. "git commit") raise Killed right after it ran."""
+    name, *words = step.split()
+    real = getattr(registry, name)
+
+    def killing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if list(args[1:1 + len(words)]) == words:
+            raise Killed(step)
+        return out
+    monkeypatch.setattr(registry, name, killing)
+
+
+def _batch(ws: Path) -> Path:
+    batch = ws / "data/inbox/b1"
+    batch.mkdir(parents=True)
+    (batch / "scan.png").write_bytes(b"not really a scan")
+    return batch
+
+
+def _publish(ws: Path, remote: Path, batch: Path, flow_run_id: str = "run-1") -> dict:
+    decision = registry.compare(ws, PARAMS, "auroc", 0.01)
+    return registry.publish(ws, decision, trigger="event", flow_run_id=flow_run_id, data_version="v1",
+                            remote_url=str(remote), batches=[batch.relative_to(ws)],
+                            processed_dir="data/inbox-processed")
+
+
+STEPS = ["ensure_remote", "dvc push", "store_model", "record_release", "set_current", "git add", "git commit",
+         "git tag -a", "inbox-archive"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_release_killed_after_any_step_is_finished_by_recover(repo, tmp_path, monkeypatch, step):
+    write_challenger(repo, "a", +1)
+    batch = _batch(repo)
+    onnx = (repo / "models/model.onnx").read_bytes()
+    with monkeypatch.context() as m:
+        if step == "inbox-archive":  # the last step: the batch is archived, the pending record not yet removed
+            from components import inbox
+
+            def archive_and_die(*args, real=inbox.archive):
+                real(*args)
+                raise Killed(step)
+            m.setattr(inbox, "archive", archive_and_die)
+        else:
+            _kill_after(m, step)
+        with pytest.raises(Killed):
+            _publish(repo, tmp_path / "remote", batch)
+    assert registry.pending(repo), "the release stays pending until its batches are archived"
+
+    done = registry.recover(repo)
+    assert any("finishing the interrupted promoted release of model " + A in d for d in done), done
+    assert registry.pending(repo) is None and registry.recover(repo) == []
+    assert registry.current(repo) == {"model_id": A, "git_tag": f"model-{A}"}
+    assert [(r["event"], r["model_id"], r["flow_run_id"]) for r in registry.releases(repo)] == [("promoted", A, "run-1")]
+    assert sh(repo, "git", "rev-list", "-n", "1", f"model-{A}") == sh(repo, "git", "rev-parse", "HEAD")
+    assert sh(repo, "git", "log", "--format=%s").count("promote model") == 1
+    assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no") == ""
+    assert (repo / f"registry/models/{A}/model.onnx").read_bytes() == onnx == (repo / "models/model.onnx").read_bytes()
+    assert not batch.exists() and len(list((repo / "data/inbox-processed").iterdir())) == 1
+
+
+def test_an_uncommitted_release_whose_outputs_changed_is_dropped_and_its_batch_stays(repo, tmp_path, monkeypatch):
+    promote_first(repo, tmp_path / "remote")
+    write_challenger(repo, "c", +1)
+    batch = _batch(repo)
+    before = {n: (repo / "registry" / n).read_text() for n in ("current.json", "releases.jsonl")}
+    with monkeypatch.context() as m:
+        _kill_after(m, "set_current")
+        with pytest.raises(Killed):
+            _publish(repo, tmp_path / "remote", batch, flow_run_id="run-2")
+    write_challenger(repo, "e", +1)  # the pipeline ran again since: the pending release is not this model
+
+    done = registry.recover(repo)
+    assert len(done) == 3 and f"dropped the interrupted promoted release of model {C}" in done[-1], done
+    assert "models/lineage.json" in done[-1] and "stay in the inbox" in done[-1]
+    assert {n: (repo / "registry" / n).read_text() for n in before} == before
+    assert registry.pending(repo) is None and not (repo / f"registry/models/{C}").exists()
+    assert batch.is_dir() and not (repo / "data/inbox-processed").exists()
+    assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no", "--", "registry") == ""
+    # The batch is retrained and recorded as usual.
+    rec = _publish(repo, tmp_path / "remote", batch, flow_run_id="run-3")
+    assert rec["model_id"] == E and registry.current(repo)["model_id"] == E and not batch.exists()
+
+
+def test_publish_refuses_a_second_release_while_one_is_pending(repo, tmp_path, monkeypatch):
+    write_challenger(repo, "a", +1)
+    with monkeypatch.context() as m:
+        _kill_after(m, "dvc push")
+        with pytest.raises(Killed):
+            _publish(repo, tmp_path / "remote", _batch(repo))
+    with pytest.raises(common.StageError, match=r"medtune-release.json: another release \(promoted of model"):
+        _publish(repo, tmp_path / "remote", repo / "data/inbox/b1", flow_run_id="run-2")
+    # The same release again (the task's retry after an I/O error) finishes it.
+    assert _publish(repo, tmp_path / "remote", repo / "data/inbox/b1")["flow_run_id"] == "run-1"
+    assert registry.pending(repo) is None and registry.current(repo)["model_id"] == A
+
+
+# ---------------------------------------------------------------------------------------------
+# The public patient salt
+# ---------------------------------------------------------------------------------------------
+
+def test_publish_refuses_data_hashed_with_a_public_salt_before_pushing(repo, tmp_path):
+    write_challenger(repo, "a", +1)
+    head = sh(repo, "git", "rev-parse", "HEAD")
+    common.write_json(repo / "data/manifest.json", {"patient_salt": {
+        "status": "public", "source": "params.yaml default", "real_patient_ids": True}})
+    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    with pytest.raises(common.StageError, match=r"public salt \(params.yaml default\); not recording \(nothing "
+                                                r"committed or pushed\)\. Set a secret MEDTUNE_PATIENT_SALT"):
+        registry.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1",
+                         remote_url=str(tmp_path / "remote"))
+    assert sh(repo, "git", "rev-parse", "HEAD") == head and not (tmp_path / "remote").exists()
+    assert registry.pending(repo) is None and registry.current(repo) is None
+    rec = registry.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1",
+                           remote_url=str(tmp_path / "remote"), allow_public_salt=True)
+    assert rec["event"] == "promoted"
+
+
+def test_salt_status_is_secret_only_from_a_distinct_environment_variable(monkeypatch):
+    monkeypatch.delenv("MEDTUNE_PATIENT_SALT", raising=False)
+    assert common.salt_status("medtune-public-salt") == {"status": "public", "source": "params.yaml default"}
+    assert common.salt_status("our-salt") == {"status": "public", "source": "params.yaml"}
+    for value, why in (("", "empty"), ("our-salt", "equal to params.yaml"),
+                       ("medtune-public-salt", "equal to the shipped default")):
+        monkeypatch.setenv("MEDTUNE_PATIENT_SALT", value)
+        assert common.salt_status("our-salt") == {"status": "public", "source": f"MEDTUNE_PATIENT_SALT, {why}"}
+    monkeypatch.setenv("MEDTUNE_PATIENT_SALT", "2f9c0d-test-secret")
+    assert common.salt_status("our-salt") == {"status": "secret", "source": "MEDTUNE_PATIENT_SALT"}
+
+
+def test_retrain_refuses_real_patient_ids_with_a_public_salt_unless_allowed(tmp_path, monkeypatch, caplog):
+    from components import demo_data
+
+    monkeypatch.delenv("MEDTUNE_PATIENT_SALT", raising=False)
+    dicom = tmp_path / "inbox/dicom"  # made-up DICOM PatientIDs: real ids as far as medtune can tell
+    demo_data.generate(dicom, patients=1, slices=1, size=32, seed=0, classes=["normal", "lesion"])
+    png = tmp_path / "inbox/png"  # no patient id at all: each file is its own patient (hash of the path)
+    (png / "normal").mkdir(parents=True)
+    import PIL.Image
+    PIL.Image.new("L", (32, 32)).save(png / "normal/x.png")
+    public, allowed = PARAMS, parse_params({"retrain": {"allow_public_salt": True}})
+
+    assert registry.refuse_public_salt(tmp_path, public, [png]) == {"status": "public", "source": "params.yaml default"}
+    with caplog.at_level("WARNING"), pytest.raises(common.StageError) as err:
+        registry.refuse_public_salt(tmp_path, public, [png, dicom])
+    assert f"batch {dicom} (1 scan(s) with a patient id) would be hashed with a public salt (params.yaml default)" \
+        in str(err.value) and "Nothing was appended" in str(err.value) and "retrain.allow_public_salt" in str(err.value)
+    warned = [r.getMessage() for r in caplog.records if "PUBLIC salt" in r.getMessage()]
+    assert len(warned) == 1 and str(dicom) in warned[0] and "token_hex" in warned[0]  # once, for the DICOM batch
+    assert registry.refuse_public_salt(tmp_path, allowed, [dicom])["status"] == "public"
+    # The raw data already holds real ids (ingest's record): refused even for a batch without any.
+    common.write_json(tmp_path / "data/manifest.json", {"patient_source": "DICOM PatientID", "patient_salt": {
+        "status": "secret", "source": "MEDTUNE_PATIENT_SALT", "real_patient_ids": True}})
+    with pytest.raises(common.StageError, match=r"the raw data \(patients from DICOM PatientID"):
+        registry.refuse_public_salt(tmp_path, public, [png])
+    monkeypatch.setenv("MEDTUNE_PATIENT_SALT", "2f9c0d-test-secret")
+    assert registry.refuse_public_salt(tmp_path, public, [dicom]) == {"status": "secret", "source": "MEDTUNE_PATIENT_SALT"}

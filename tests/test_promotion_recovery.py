@@ -1,0 +1,206 @@
+"""A retrain run killed in the middle of its promotion, and the public patient salt, end to end.
+
+Real Prefect server (one per module, its own PREFECT_HOME), real `medtune retrain --once`, git, DVC
+with a local remote, tiny synthetic DICOMs. A run is killed at an exact step by a wrapper script
+that replaces `components.registry.git` / `.dvc` with a version that calls `os._exit(137)` right after
+the targeted command (production code unchanged).
+
+One trained workspace serves every kill point: its retrain run (allowed a public salt by
+`retrain.allow_public_salt`, since the demo's patient ids are made up) is killed right after
+`dvc push`, the first step of the promotion. Each test copies it; for the later kill points the copy's
+next run (which resumes the promotion) is killed again after `git commit` or `git tag`. Then one plain
+`retrain --once` must finish the promotion without retraining or re-exporting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import workspace
+from test_flows import FAST, base_env, free_port, stop, wait_healthy
+from workspace import BIN, ROOT, make_workspace, merge, tree_digest
+
+from components.params import GateParams
+
+RUN_TIMEOUT = 600
+# Open gates whatever the defaults are: the test is about recording a promotion, not about the model.
+OPEN_GATE = {"evaluate": {"gate": {f: 0.0 for f in GateParams.__dataclass_fields__}}}
+KILLED = 137
+
+# Runs `medtune retrain` with one git/DVC command of components.registry followed by os._exit.
+WRAPPER = """
+import os, sys
+sys.path.insert(0, {root!r})
+from components import registry
+tool, *words = sys.argv[1].split()
+real = getattr(registry, tool)  # the names registry calls its git and DVC commands by
+
+def killing(root, *args, **kwargs):
+    out = real(root, *args, **kwargs)
+    if list(args[:len(words)]) == words:
+        print(f"KILLED after {{tool}} {{' '.join(args)}}", file=sys.stderr, flush=True)
+        os._exit({killed})
+    return out
+
+setattr(registry, tool, killing)
+from components.orchestrate import retrain_main
+sys.exit(retrain_main(sys.argv[2:]))
+"""
+
+
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return workspace.run(cmd, cwd, env, check, timeout=RUN_TIMEOUT)
+
+
+def retrain(ws: Path, env: dict, kill_after: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    if kill_after is None:
+        return run([str(BIN / "medtune"), "retrain", "--once"], ws, env, check)
+    script = ws.parent / "kill_wrapper.py"
+    script.write_text(WRAPPER.format(root=str(ROOT), killed=KILLED))
+    out = run([sys.executable, str(script), kill_after, "--once"], ws, env, check=False)
+    assert out.returncode == KILLED, f"expected a kill after {kill_after}:\n{out.stdout}\n{out.stderr[-4000:]}"
+    return out
+
+
+def result(out: subprocess.CompletedProcess) -> dict:
+    """The flow's result, which `medtune retrain --once` prints last as JSON."""
+    lines = out.stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
+def make_project(ws: Path, env: dict, allow_public_salt: bool) -> None:
+    over = {"retrain": {"dvc_remote": "../dvc-remote", "allow_public_salt": allow_public_salt}}
+    make_workspace(ws, patients=8, params=merge(merge(FAST, OPEN_GATE), over), env=env)
+    (ws / ".gitignore").write_text("/models/\n/reports/\n/data/inbox\n/data/quarantine\n/data/inbox-processed\n")
+    run(["git", "add", "-A"], ws, env)
+    run(["git", "commit", "-qm", "initial data"], ws, env)
+
+
+def drop_batch(ws: Path, env: dict, name: str = "2024-06") -> None:
+    run(["medtune", "demo-data", "--out", f"data/inbox/batch-{name}", "--patients", "4", "--slices", "3",
+         "--size", "32", "--batch-name", name], ws, env)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recovery")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = base_env(tmp, api)
+    env.pop("MEDTUNE_PATIENT_SALT", None)  # these tests are about the public salt
+    # `medtune` subprocesses import the code under test, wherever this checkout is.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    log = tmp / "server.log"
+    proc = subprocess.Popen([str(BIN / "medtune"), "server", "--port", str(port)], cwd=tmp, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(api, proc, log)
+        yield {"env": env, "tmp": tmp}
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def killed_after_push(server):
+    """A workspace whose first promotion was killed right after `dvc push` (nothing committed)."""
+    env, base = server["env"], server["tmp"] / "base"
+    ws = base / "ws"
+    make_project(ws, env, allow_public_salt=True)
+    drop_batch(ws, env)
+    out = retrain(ws, env, kill_after="dvc push")
+    return {"ws": ws, "out": out}
+
+
+def copy_of(base_ws: Path, dst: Path) -> Path:
+    """The workspace and its DVC remote (../dvc-remote), copied with their mtimes."""
+    shutil.copytree(base_ws.parent / "dvc-remote", dst / "dvc-remote", symlinks=True)
+    shutil.copytree(base_ws, dst / "ws", symlinks=True)
+    return dst / "ws"
+
+
+def onnx_model_id(path: Path) -> str:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}["model_id"]
+
+
+def test_public_salt_refuses_the_run_before_anything_is_appended(server, tmp_path):
+    env = server["env"]
+    ws = tmp_path / "ws"
+    make_project(ws, env, allow_public_salt=False)
+    drop_batch(ws, env)
+    head = run(["git", "rev-parse", "HEAD"], ws, env).stdout
+    raw, batch = tree_digest(ws / "data/raw"), tree_digest(ws / "data/inbox")
+
+    out = retrain(ws, env, check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    error = out.stderr[out.stderr.rfind("error: "):]
+    assert "public salt (params.yaml default)" in error and "MEDTUNE_PATIENT_SALT" in error, error
+    assert "batch-2024-06" in error and "retrain.allow_public_salt" in error and "Nothing was appended" in error
+    assert "PUBLIC salt" in out.stderr  # the batch check's warning
+    # Nothing happened: same commit, raw data and inbox; nothing quarantined, pushed or trained.
+    assert run(["git", "rev-parse", "HEAD"], ws, env).stdout == head
+    assert tree_digest(ws / "data/raw") == raw and tree_digest(ws / "data/inbox") == batch
+    assert not (ws / "data/quarantine").exists() and not (ws / "models").exists()
+    assert not (tmp_path / "dvc-remote").exists()
+    assert run(["git", "status", "--porcelain"], ws, env).stdout == ""
+
+
+
+def test_public_salt_allowed_by_the_flag_is_warned_and_recorded(killed_after_push, server):
+    ws, out, env = killed_after_push["ws"], killed_after_push["out"], server["env"]
+    assert "KILLED after dvc push" in out.stderr  # the flag let the run train, export and start promoting
+    assert out.stderr.count("hashed with a PUBLIC salt (params.yaml default)") >= 2, out.stderr[-4000:]  # batch, ingest
+    expected = {"status": "public", "source": "params.yaml default", "real_patient_ids": True}
+    assert json.loads((ws / "data/manifest.json").read_text())["patient_salt"] == expected
+    assert json.loads((ws / "models/lineage.json").read_text())["data"]["patient_salt"] == expected
+    text = run(["medtune", "trace", "models/model.onnx"], ws, env).stdout
+    data = text[text.index("3. Data version"):text.index("4. ")]
+    assert "patient_salt: status=public, source=params.yaml default, real_patient_ids=True" in data, data
+    assert "WARNING: real patient ids were hashed with a public salt" in data
+    traced = json.loads(run(["medtune", "trace", "models/model.onnx", "--json"], ws, env).stdout)
+    assert traced["data"]["patient_salt"] == expected
+
+
+@pytest.mark.parametrize("kill_after", ["dvc push", "git commit", "git tag -a"])
+def test_a_promotion_killed_at_any_step_is_finished_by_the_next_run(killed_after_push, server, tmp_path, kill_after):
+    env = server["env"]
+    ws = copy_of(killed_after_push["ws"], tmp_path)
+    onnx = ws / "models/model.onnx"
+    exported = (onnx.read_bytes(), onnx.stat().st_mtime_ns, (ws / "models/model.pt").stat().st_mtime_ns)
+    if kill_after != "dvc push":  # the next run resumes the promotion; kill it at a later step
+        out = retrain(ws, env, kill_after=kill_after)
+        assert f"KILLED after {kill_after}" in out.stderr and "medtune-pipeline" not in out.stderr, out.stderr[-4000:]
+    assert list((ws / "data/inbox").iterdir()), "the batch is archived only when the promotion is complete"
+
+    out = retrain(ws, env)
+    assert result(out)["outcome"] == "recovered", out.stdout
+    assert "finishing the interrupted promoted release" in out.stderr and "medtune-pipeline" not in out.stderr
+
+    # Nothing was trained or exported again: the exported model is the promoted one.
+    assert (onnx.read_bytes(), onnx.stat().st_mtime_ns, (ws / "models/model.pt").stat().st_mtime_ns) == exported
+    lineage = json.loads((ws / "models/lineage.json").read_text())
+    current = json.loads((ws / "registry/current.json").read_text())
+    assert current["model_id"] == lineage["model_id"] == onnx_model_id(onnx)
+    stored = json.loads((ws / f"registry/models/{current['model_id']}/lineage.json").read_text())
+    assert stored["onnx_sha256"] == lineage["onnx_sha256"]
+    events = [json.loads(x) for x in (ws / "registry/releases.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["model_id"]) for e in events] == [("promoted", current["model_id"])]
+    tagged = run(["git", "rev-list", "-n", "1", current["git_tag"]], ws, env).stdout.strip()
+    assert tagged == run(["git", "log", "-1", "--format=%H", "--", "registry/current.json"], ws, env).stdout.strip()
+
+    # The promotion is complete and consistent: batch archived, verify passes, git and DVC clean.
+    assert not list((ws / "data/inbox").iterdir()) and list((ws / "data/inbox-processed").iterdir())
+    assert not (ws / ".dvc/tmp/medtune-release.json").exists()
+    verify = run(["medtune", "verify", "current"], ws, env, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert run(["git", "status", "--porcelain"], ws, env).stdout == ""
+    assert "up to date" in run(["dvc", "status"], ws, env).stdout
+    assert result(retrain(ws, env))["outcome"] == "nothing-new"  # and the next run has nothing to do
