@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import sys
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+BENCH_SALT = secrets.token_hex(32)
 DATASETS = Path(os.environ.get("MEDTUNE_DATASETS", ROOT.parent / "shared" / "datasets"))
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / ".work"  # git-ignored; kept so DVC's run cache is reused
@@ -82,7 +84,10 @@ def exp_run(ws: Path, name: str, sets: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     # PYTHONPATH: the stages import the project's copy of components/ (what dvc.lock hashes), not
     # the checkout's editable install, so a run records exactly the code it ran.
-    out = run(["dvc", "exp", "run", "-n", name, *args], ws, env=tool_env(PYTHONPATH=str(ws)), check=False)
+    # A salt of this process alone: the results files keep hashed patients (for patient-level
+    # bootstraps), and with the public salt anyone holding the headers could re-identify them.
+    out = run(["dvc", "exp", "run", "-n", name, *args], ws,
+              env=tool_env(PYTHONPATH=str(ws), MEDTUNE_PATIENT_SALT=BENCH_SALT), check=False)
     seconds = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"dvc exp run {name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
