@@ -10,7 +10,9 @@ Modules are imported only when their command runs, so `medtune --help` stays fas
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +38,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-npz": ("components.importers", "convert a MedMNIST .npz into PNG files plus labels.csv"),
     "import-folders": ("components.importers", "copy a folder-per-class tree (split folders optional) plus labels.csv"),
 }
+# The pipeline stages: dvc.yaml's `medtune <stage>` commands, run by `_run_stage` (the same tuple as
+# orchestrate.STAGES, spelt out so `medtune --help` imports nothing; tests/test_processes.py compares them).
+STAGES = ("ingest", "validate", "preprocess", "augment", "train", "evaluate", "export")
 # Commands whose entry point is not their module's `main(argv)` (one module serving several commands).
 FUNCTIONS: dict[str, str] = {"import-folders": "main_folders"}
 
@@ -49,6 +54,7 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    entry_point = argv is None  # the process's own command line, not a call from Python code
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -57,8 +63,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"medtune: unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
         return 2
+    if command in STAGES:
+        return _run_stage(command, rest, entry_point)
     module = importlib.import_module(COMMANDS[command][0])
     return int(getattr(module, FUNCTIONS.get(command, "main"))(rest) or 0)
+
+
+def _run_stage(stage: str, rest: list[str], entry_point: bool) -> int:
+    """A pipeline stage (what dvc.yaml runs): bound to the process that started it before anything
+    else (a stage outlived by its starter would race the next run on the same outputs), then run under
+    the stage's lock, so a second writer of the same outputs refuses to start (components.lifetime).
+    Only the lock when called from Python code: the caller's process is not the stage's to bind."""
+    from components import lifetime
+    from components.common import StageError
+
+    try:
+        if entry_point:
+            lifetime.die_with_starter(f"medtune {stage}")
+        if any(a in ("-h", "--help") for a in rest):
+            lock = contextlib.nullcontext()  # only prints the options
+        elif "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0":
+            # One of several processes of your own `torchrun ... medtune train`: rank 0 writes the
+            # artefacts and holds the lock; the others would only be refused by it.
+            lock = contextlib.nullcontext()
+        else:
+            lock = lifetime.stage_lock(stage, ".", f"medtune {stage} {' '.join(rest)}".strip())
+        with lock:
+            module = importlib.import_module(COMMANDS[stage][0])
+            return int(module.main(rest) or 0)
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -101,14 +101,22 @@ def check_replicas(model: torch.nn.Module, w: World, dev: torch.device) -> None:
                          "expected identical replicas under DDP.")
 
 
+LIFETIME = "components.lifetime"  # `python -m components.lifetime [--parent PID] MODULE ARGS`
+
+
 def launch(processes: int, module: str, args: Sequence[str]) -> None:
     """Run `python -m module args` as `processes` torchrun workers on this machine; wait for them.
 
     Their stderr is passed through line by line (so Prefect's stage capture sees it) and the last
     `error: ` line of a failed worker becomes this StageError's message.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", module, *args]
+    # Each process dies with the one that started it (Linux): torchrun with this one, each worker
+    # with torchrun. The wrapper binds a process to its parent and then runs the module in place.
+    # It is process plumbing like the `medtune` entry point (components/cli.py), not stage code: it
+    # changes nothing train computes, so it is named here rather than imported (dvc.yaml deps).
+    cmd = [sys.executable, "-m", LIFETIME, "--parent", str(os.getpid()), "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={processes}", "-m", LIFETIME, module, *args]
+    # Started from, and waited for in, this thread: the parent-death signal follows the starting thread.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
     error = None
     for line in proc.stderr:

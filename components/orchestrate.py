@@ -21,13 +21,15 @@ import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from components import common
+from components import common, lifetime
 from components.common import StageError
 
 log = logging.getLogger("medtune.orchestrate")
@@ -71,7 +73,8 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml") -> None:
     """Call `components.<stage>.main(["--params", ...])`, exactly what `medtune <stage>` (dvc.yaml) runs.
 
     A non-zero exit becomes a StageError carrying the stage's own error line. Working directory:
-    the project root (the stage's default paths are relative to it).
+    the project root (the stage's default paths are relative to it). Like `medtune <stage>`, it holds
+    the stage's lock while it runs: StageBusy (a StageError) if another process is running the stage.
     """
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is unknown; expected one of {list(STAGES)}.")
@@ -84,7 +87,8 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml") -> None:
     for lg in loggers:
         lg.addHandler(handler)
     try:
-        with contextlib.redirect_stderr(_Tee(sys.stderr, captured)):
+        with lifetime.stage_lock(stage, ".", f"{stage} stage of a Prefect flow run"), \
+                contextlib.redirect_stderr(_Tee(sys.stderr, captured)):
             code = module.main(["--params", str(params_path)])
     finally:
         for lg in loggers:
@@ -392,8 +396,96 @@ def cmd_retrain(args: argparse.Namespace) -> None:
         raise StageError("retrain: pass --once to run one retrain now; `medtune serve` runs it on schedule and on events.")
     from flows.retrain import retrain
 
-    result = retrain(root=str(Path(args.root).resolve()), params=args.params, trigger="manual")
+    with prefect_api():
+        result = retrain(root=str(Path(args.root).resolve()), params=args.params, trigger="manual")
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """The Prefect API for a flow run in this process: the configured one (PREFECT_API_URL, in the
+    environment or the Prefect profile), else a temporary server of this process's own.
+
+    Prefect 3 would start that temporary server itself (SubprocessASGIServer) and stop it only from
+    atexit, which a `kill -9` skips: the server lived on. This starts the same server (Prefect's
+    own command line) through components.lifetime, so the kernel kills it when this process dies
+    however it dies, on a free 127.0.0.1 port; points PREFECT_API_URL at it for this process and its
+    threads; and stops it when the block ends, normally or by an exception.
+    """
+    import prefect
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        yield settings.api.url  # a server of its own, or Prefect's error when temporary servers are off
+        return
+    # Prefect 3.8's SubprocessASGIServer._run_uvicorn_command, word for word.
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           **settings.to_environment_variables(exclude_unset=True)}
+    timeout = settings.server.ephemeral.startup_timeout_seconds
+    proc, url = None, ""
+    for _ in range(3):  # the free port can be taken between our probe and the server's bind
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        proc = subprocess.Popen([sys.executable, "-m", *lifetime.module_argv("uvicorn", [
+            "--app-dir", str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"])], env=env)
+        if _wait_healthy(proc, url, timeout):
+            break
+        _stop(proc)
+    else:
+        raise StageError(f"the temporary Prefect server did not answer on {url}/health within {timeout} s "
+                         f"(exit code {proc.returncode}); see its output above. Or start one (`medtune server`) "
+                         "and set PREFECT_API_URL=http://127.0.0.1:4200/api.")
+    log.info("temporary Prefect server for this run on %s (pid %d); it stops with this process", url, proc.pid)
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    # Prefect's settings were read at import; this makes every thread (the events and log workers
+    # too, which do not see a temporary_settings context) use this server.
+    refresh_global_settings_context()
+    try:
+        yield url
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+        refresh_global_settings_context()
+        _stop(proc)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (uvicorn shuts down cleanly), SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def cmd_ingest_new(args: argparse.Namespace) -> None:
