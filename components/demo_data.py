@@ -3,7 +3,7 @@
     medtune demo-data --out data/raw                       # 40 patients x 6 slices, 64 px
     medtune demo-data --out data/raw --batch-name 2024-06  # later: an extra batch of new patients
 
-Each synthetic patient has a fixed anatomy (body ellipse, fat rim, organs, bowel gas, spine) that varies a
+Each synthetic patient has a fixed anatomy (body ellipse, fat rim, organs, spine) that varies a
 little from slice to slice, plus noise. Half the patients carry a lesion (a round bright or dark
 blob at a patient-specific place) on most of their slices; the others never do. A slice goes to
 `OUT/<class>/case<NNN>_<SS>.dcm` with class `classes[1]` when it shows the lesion, else `classes[0]`.
@@ -35,7 +35,6 @@ log = logging.getLogger("medtune.demo_data")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RESCALE_INTERCEPT = -1024.0  # stored value = HU + 1024, as many CT scanners do
 LESION_SLICE_PROBABILITY = 0.8  # lesion patients show the lesion on most, not all, slices
-GAS_POCKETS = 3
 
 
 def _uid(*parts: object) -> str:
@@ -63,11 +62,6 @@ def _anatomy(rng: np.random.Generator) -> dict[str, np.ndarray | float]:
         "lesion_xy": np.array([rng.uniform(0.38, 0.62), rng.uniform(0.38, 0.58)]),
         "lesion_r": rng.uniform(0.06, 0.09),
         "lesion_hu": rng.choice([-1.0, 1.0]) * rng.uniform(130, 180),
-        # Bowel gas pockets (x, y, radius): air inside the body is what tells two patients' slices
-        # apart at thumbnail size; without it every body outline correlates >= 0.99 with some other
-        # patient's, and near-duplicate grouping (components.near_duplicates) links them.
-        "gas": np.column_stack([rng.uniform(0.3, 0.7, GAS_POCKETS), rng.uniform(0.3, 0.65, GAS_POCKETS),
-                                rng.uniform(0.025, 0.05, GAS_POCKETS)]),
     }
 
 
@@ -87,8 +81,6 @@ def _slice_hu(rng: np.random.Generator, a: dict, size: int, z: float, lesion: bo
     img[_ellipse(xx, yy, lx, ly, lax, lay) & inner] = a["liver_hu"]
     for side in (-1, 1):  # kidneys, posterior, either side of the spine
         img[_ellipse(xx, yy, cx + side * a["kidney_dx"], cy + 0.12, 0.05, 0.07 + 0.01 * z) & inner] = a["kidney_hu"]
-    for gx, gy, gr in a["gas"]:  # drifts a little along the body
-        img[(np.hypot(xx - gx - 0.02 * z, yy - gy) <= gr) & inner] = -900.0
     r = a["spine_r"]
     img[_ellipse(xx, yy, cx, cy + ay * 0.62, r, r)] = 700.0  # vertebral body (bone)
     if lesion:

@@ -90,3 +90,16 @@ def test_extra_batch_has_new_patients(tmp_path):
 def test_bad_arguments_are_named(tmp_path, capsys):
     assert demo_data.main(["--out", str(tmp_path), "--patients", "0"]) == 1
     assert "--patients = 0" in capsys.readouterr().err
+
+
+def test_default_demo_has_no_group_of_near_duplicates_that_could_fill_a_split(tmp_path):
+    """Synthetic bodies are alike; their outlines vary enough that no near-duplicate group (leader
+    grouping, split.near_duplicate_correlation 0.99) holds more than a tenth of the 240 images (23
+    at most: the slices of about four patients). Chained by connected components, one held 84."""
+    from components import near_duplicates
+
+    demo_data.generate(tmp_path, patients=40, slices=6, size=64, seed=0, classes=CLASSES)
+    files = sorted(tmp_path.rglob("*.dcm"))
+    thumbs = near_duplicates.standardise([scans.probe(f).thumbnail for f in files])
+    leader = near_duplicates.leaders(len(files), near_duplicates.pairs(thumbs, 0.99))
+    assert np.bincount(leader).max() <= len(files) // 10
