@@ -172,24 +172,12 @@ def test_retrain_once_quarantines_every_bad_batch(batch_workspace, tmp_path):
         assert any((case.batch_named or case.named) in p for p in problems), (case.name, problems)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from test_evaluate import tiny_params
-    from test_export import make_project, run_export
-
-    root = tmp_path_factory.mktemp("model")
-    params = tiny_params()
-    p = make_project(root, params)
-    run_export(p, params)
-    return p["out"] / "model.onnx"
-
-
 @pytest.mark.parametrize("case", [c for c in FILE_CASES if c.predict != "n/a"], ids=ids)
-def test_predict(case, model, tmp_path, capsys, caplog):
+def test_predict(case, onnx_model, tmp_path, capsys, caplog):
     root = tree(tmp_path, case)
     before = digest(root)
     out = tmp_path / "predictions.csv"
-    rc = predict.main([str(model), str(root), "-o", str(out)])
+    rc = predict.main([str(onnx_model), str(root), "-o", str(out)])
     err = capsys.readouterr().err
     assert "Traceback" not in err + caplog.text and rc == 0, err
     assert digest(root) == before

@@ -7,8 +7,6 @@ import onnx
 import pandas as pd
 import pytest
 from PIL import Image
-from test_evaluate import tiny_params
-from test_export import make_project, run_export
 
 from components.common import StageError
 from components.predict import main, predict
@@ -37,16 +35,7 @@ def write_dicom(path, pixels):
     ds.save_as(path, enforce_file_format=True)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
-    params = tiny_params()
-    p = make_project(root, params)
-    run_export(p, params)
-    return p["out"] / "model.onnx"
-
-
-def test_predict_png_dicom_and_corrupt_files(model, tmp_path):
+def test_predict_png_dicom_and_corrupt_files(onnx_model, tmp_path):
     scans = tmp_path / "scans"
     (scans / "nested").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -59,7 +48,7 @@ def test_predict_png_dicom_and_corrupt_files(model, tmp_path):
     Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(extra)
 
     out = tmp_path / "pred.csv"
-    table = predict(model, [scans, extra], out, batch_size=2)
+    table = predict(onnx_model, [scans, extra], out, batch_size=2)
     csv = pd.read_csv(out, keep_default_na=False)
     assert list(csv.columns) == ["path", "prob_normal", "prob_lesion", "predicted", "error"]
     assert len(csv) == len(table) == 5
@@ -76,24 +65,24 @@ def test_predict_png_dicom_and_corrupt_files(model, tmp_path):
     assert RAW_NAME not in text and RAW_ID not in text and "Doe" not in text
 
     # Batch size does not change the answer.
-    again = predict(model, [scans, extra], None, batch_size=32)
+    again = predict(onnx_model, [scans, extra], None, batch_size=32)
     assert np.allclose(again[["prob_normal", "prob_lesion"]].to_numpy(dtype=float),
                        table[["prob_normal", "prob_lesion"]].to_numpy(dtype=float), equal_nan=True)
 
 
-def test_predict_matches_the_training_preprocessing(model, tmp_path):
+def test_predict_matches_the_training_preprocessing(onnx_model, tmp_path):
     """A PNG that is already 32x32 grey becomes exactly that prepared array: same probabilities."""
     import onnxruntime as ort
 
     img = np.random.default_rng(1).integers(0, 255, (32, 32), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "x.png")
-    table = predict(model, [tmp_path / "x.png"], None)
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    table = predict(onnx_model, [tmp_path / "x.png"], None)
+    sess = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
     ref = sess.run(["probabilities"], {"image": img[None, None].astype(np.float32) / 255})[0][0]
     assert np.allclose(table[["prob_normal", "prob_lesion"]].to_numpy(dtype=float)[0], ref, atol=1e-6)
 
 
-def test_predict_repeats_the_recorded_equalization(model, tmp_path):
+def test_predict_repeats_the_recorded_equalization(onnx_model, tmp_path):
     """A model whose metadata says `equalize` gets equalized inputs; older models (no key) do not."""
     import json
 
@@ -102,25 +91,25 @@ def test_predict_repeats_the_recorded_equalization(model, tmp_path):
 
     img = np.random.default_rng(2).integers(40, 120, (32, 32), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "x.png")
-    proto = onnx.load(str(model))
+    proto = onnx.load(str(onnx_model))
     for prop in proto.metadata_props:
         if prop.key == "preprocessing":
             prop.value = json.dumps({**json.loads(prop.value), "equalize": True})
     equalizing = tmp_path / "equalizing.onnx"
     onnx.save(proto, str(equalizing))
 
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
     equalized = np.asarray(ImageOps.equalize(Image.fromarray(img)))
-    for path, x in [(equalizing, equalized), (model, img)]:
+    for path, x in [(equalizing, equalized), (onnx_model, img)]:
         ref = sess.run(["probabilities"], {"image": x[None, None].astype(np.float32) / 255})[0][0]
         got = predict(path, [tmp_path / "x.png"], None)[["prob_normal", "prob_lesion"]].to_numpy(dtype=float)[0]
         assert np.allclose(got, ref, atol=1e-6), path.name
 
 
-def test_model_whose_preprocessing_record_lacks_a_setting_is_a_clear_error(model, tmp_path):
+def test_model_whose_preprocessing_record_lacks_a_setting_is_a_clear_error(onnx_model, tmp_path):
     import json
 
-    proto = onnx.load(str(model))
+    proto = onnx.load(str(onnx_model))
     for prop in proto.metadata_props:
         if prop.key == "preprocessing":
             prop.value = json.dumps({k: v for k, v in json.loads(prop.value).items() if k != "image_size"})
@@ -131,8 +120,8 @@ def test_model_whose_preprocessing_record_lacks_a_setting_is_a_clear_error(model
         predict(broken, [tmp_path / "x.png"], None)
 
 
-def test_model_without_metadata_is_a_clear_error(model, tmp_path, capsys):
-    proto = onnx.load(str(model))
+def test_model_without_metadata_is_a_clear_error(onnx_model, tmp_path, capsys):
+    proto = onnx.load(str(onnx_model))
     del proto.metadata_props[:]
     bare = tmp_path / "bare.onnx"
     onnx.save(proto, str(bare))
@@ -148,9 +137,9 @@ def test_model_without_metadata_is_a_clear_error(model, tmp_path, capsys):
         predict(tmp_path / "junk.onnx", [tmp_path / "x.png"], None)
 
 
-def test_main_writes_csv(model, tmp_path):
+def test_main_writes_csv(onnx_model, tmp_path):
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
-    assert main([str(model), str(tmp_path), "-o", str(tmp_path / "out.csv"), "--batch-size", "4"]) == 0
+    assert main([str(onnx_model), str(tmp_path), "-o", str(tmp_path / "out.csv"), "--batch-size", "4"]) == 0
     assert pd.read_csv(tmp_path / "out.csv")["path"].str.endswith("x.png").all()
 
 
