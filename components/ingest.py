@@ -9,33 +9,29 @@ order: the CSV's patient_id, the DICOM PatientID, the group "patient" of data.pa
 the file name; failing all three, every image is its own patient (and a loud warning says so).
 Only HMAC hashes of patient ids are stored or logged, never the ids themselves.
 
-The split is patient-level and stratified by label (scikit-learn's StratifiedGroupKFold, seeded):
-the test set is fold `split.test_fold` of round(1 / test_fraction) folds (so one run per fold is
-patient-level k-fold cross-validation), then the validation fold from the rest. With
-`split.method: stable`, each patient's split comes from a seeded hash of its own (hashed) id, so
-appending data never moves an existing patient. Patients that share a byte-identical image are
-split as one group, so a duplicate never crosses splits. A `split` column in labels.csv replaces
-all of this. Either way no patient may appear in two splits. Unreadable files stay in the
-manifest with the reason in `error` and an empty split; the validate stage decides if that is fatal.
+The split is patient-level (components.splits): by default `stable` (a patient, and every patient
+sharing a byte-identical or near-duplicate image with it, keeps the split it had in the previous
+data/manifest.csv as data is appended; new ones go where their class is short), or `stratified`
+(StratifiedGroupKFold, one run per fold for k-fold cross-validation). A `split` column in labels.csv
+replaces both; if it names only train and test, validation patients are carved from train. Either
+way no patient may appear in two splits. Unreadable files stay in the manifest with the reason in
+`error` and an empty split; the validate stage decides if that is fatal.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import re
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
-from components import common, folders, near_duplicates, scans
+from components import common, folders, near_duplicates, scans, splits
 from components.common import SPLITS
-from components.manifest import COLUMNS
+from components.manifest import COLUMNS, read_manifest_rows
 from components.params import Params, load_params
 
 log = logging.getLogger("medtune.ingest")
@@ -158,82 +154,40 @@ def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Patte
     return row, source, None if info is None else info.thumbnail
 
 
-def stable_split(patients: list[str], params: Params) -> list[str]:
-    """train/val/test per row from a seeded hash of each patient alone: unchanged by added data."""
-    sp = params.split
-    out = []
-    for patient in patients:
-        u = int(hashlib.sha256(f"{sp.seed}:{patient}".encode()).hexdigest()[:15], 16) / 16**15  # in [0, 1)
-        out.append("test" if u < sp.test_fraction else "val" if u < sp.test_fraction + sp.val_fraction else "train")
-    return out
+def previous_splits(manifest_csv: Path) -> dict[str, str]:
+    """patient -> split in the manifest an earlier ingest wrote (empty when there is none)."""
+    if not manifest_csv.is_file():
+        return {}
+    try:
+        rows = read_manifest_rows(manifest_csv, ("patient", "split"))
+    except common.StageError as exc:
+        raise common.StageError(f"{exc} It holds the splits that `split.method: stable` keeps; delete it to "
+                                "split afresh.") from None
+    return {r["patient"]: r["split"] for r in rows if r["split"]}
 
 
-def split_patients(labels: list[str], patients: list[str], params: Params) -> list[str]:
-    """train/val/test per row: patient-level, stratified by label, deterministic for split.seed."""
-    sp = params.split
-    n_test = sp.n_folds
-    n_val = max(2, round((1 - sp.test_fraction) / sp.val_fraction))  # val_fraction is of the whole
-    n_patients = len(set(patients))
-    if n_patients < n_test + 1:
-        raise common.StageError(f"only {n_patients} patient(s) among the readable images; a patient-level "
-                                f"train/val/test split with test_fraction {sp.test_fraction} needs at least "
-                                f"{n_test + 1}. Add data, or give labels.csv a split column.")
-    y, groups = np.asarray(labels, dtype=object), np.asarray(patients, dtype=object)
-    out = np.full(len(labels), "train", dtype=object)
-    with warnings.catch_warnings():
-        # "least populated class has fewer members than n_splits": the validate stage checks counts.
-        warnings.simplefilter("ignore", UserWarning)
-        folds = StratifiedGroupKFold(n_test, shuffle=True, random_state=sp.seed).split(y, y, groups)
-        _, test = list(folds)[sp.test_fold]  # the folds are disjoint and cover every patient: k-fold CV
-        out[test] = "test"
-        rest = np.flatnonzero(out == "train")
-        if len(set(groups[rest])) >= n_val:
-            _, val = next(StratifiedGroupKFold(n_val, shuffle=True, random_state=sp.seed)
-                          .split(y[rest], y[rest], groups[rest]))
-            out[rest[val]] = "val"
-    if not (out == "val").any():
-        raise common.StageError(f"only {n_patients} patient(s): none left for the validation split "
-                                f"(val_fraction {sp.val_fraction}); add data or lower split.test_fraction.")
-    return list(out)
-
-
-def split_groups(patients: list[str], hashes: list[str], linked: Sequence[tuple[int, int]] = ()) -> list[str]:
-    """The unit the split keeps together: a patient, merged with every patient that shares a
-    byte-identical image (union-find), so one image can never sit in train and test at once, even
-    when public data holds the same file under two names (brain-tumor-yesno does, 22 times), and
-    with the patient of every row `linked` to one of theirs (near-duplicate images, by row index).
-    With `split.method: stable` this is the one way an existing patient can move: when a new image
-    duplicates one of theirs, the whole group follows one hash (no leak beats no move)."""
-    parent: dict[str, str] = {p: p for p in patients}
-
-    def root(p: str) -> str:
-        while parent[p] != p:
-            parent[p] = parent[parent[p]]
-            p = parent[p]
-        return p
-
-    def union(a: str, b: str) -> None:
-        a, b = root(a), root(b)
-        if a != b:
-            parent[max(a, b)] = min(a, b)  # deterministic representative
-
-    first_owner: dict[str, str] = {}
-    for patient, digest in zip(patients, hashes):
-        union(first_owner.setdefault(digest, patient), patient)
-    for i, j in linked:
-        union(patients[i], patients[j])
-    return [root(p) for p in patients]
-
-
-def _check_overlap(df: pd.DataFrame, source: str) -> None:
-    split_of = df[df["split"] != ""].groupby("patient")["split"].unique()
-    shared = split_of[split_of.map(len) > 1]
-    if len(shared):
-        patient = shared.index[0]
-        paths = list(df[df["patient"] == patient]["path"][:4])
-        raise common.StageError(f"patient {patient} (hashed) is in splits {sorted(shared.iloc[0])} (files {paths}); "
-                                f"the split from {source} must keep each patient in one split. "
-                                f"{len(shared)} patient(s) affected.")
+def assign_splits(df: pd.DataFrame, units: list[str], table: pd.DataFrame | None, out_dir: Path,
+                  params: Params) -> tuple[list[str], str, str]:
+    """(split per readable row of df, its source, how it was made); see components.splits."""
+    labels, patients = list(df["label"]), list(df["patient"])
+    if table is not None and "split" in table.columns:
+        given = [table.loc[p, "split"] if p in table.index else "" for p in df["path"]]
+        if "val" in given:
+            return given, "labels.csv", "explicit split column in labels.csv"
+        # Public sets often give only train and test: validation patients come from train, never test.
+        train = [i for i, s in enumerate(given) if s == "train"]
+        carved = splits.stable_split([labels[i] for i in train], [units[i] for i in train],
+                                     [patients[i] for i in train], previous_splits(out_dir / "manifest.csv"),
+                                     params, ("train", "val"))
+        for i, s in zip(train, carved):
+            given[i] = s
+        return given, "labels.csv", "labels.csv split column; validation patients carved from its train split"
+    if params.split.method == "stable":
+        previous = previous_splits(out_dir / "manifest.csv")
+        return (splits.stable_split(labels, units, patients, previous, params), "stable",
+                "stable: groups keep their split as data grows; new groups go where their class is short")
+    return (splits.stratified_split(labels, units, params), "stratified-group",
+            "StratifiedGroupKFold (patient-level, stratified by label)")
 
 
 def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
@@ -275,17 +229,11 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
         if unlabelled:
             warn.append(f"{len(unlabelled)} scan file(s) have no row in {params.data.labels_csv} and get an empty "
                         f"label (e.g. {unlabelled[:3]}); add them to the CSV or remove them.")
-    groups = split_groups(list(df["patient"][readable]), list(df["sha256"][readable]), linked)
-    if table is not None and "split" in table.columns:
-        split_source, method = "labels.csv", "explicit split column in labels.csv"
-        df.loc[readable, "split"] = [table.loc[p, "split"] if p in table.index else "" for p in df["path"][readable]]
-    elif params.split.method == "stable":
-        split_source, method = "stable-hash", "seeded hash of the patient (patient-level, stable as data grows)"
-        df.loc[readable, "split"] = stable_split(groups, params)
-    else:
-        split_source, method = "stratified-group", "StratifiedGroupKFold (patient-level, stratified by label)"
-        df.loc[readable, "split"] = split_patients(list(df["label"][readable]), groups, params)
-    _check_overlap(df, split_source)
+    units = splits.split_groups(list(df["patient"][readable]), list(df["sha256"][readable]), linked)
+    assigned, split_source, method = assign_splits(df[readable], units, table, out_dir, params)
+    df.loc[readable, "split"] = assigned
+    splits.check_overlap(list(df["patient"]), list(df["path"]), list(df["split"]), split_source)
+    splits.require_val(assigned, len(set(units)), params)
 
     n_none = sources.count("none")
     if n_none:

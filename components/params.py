@@ -61,10 +61,10 @@ class DataParams:
 
 @dataclass(frozen=True)
 class SplitParams:
-    # "stratified": StratifiedGroupKFold, exact class balance, but adding data reshuffles patients.
-    # "stable": each patient's split from a seeded hash of its (hashed) id alone, so a patient keeps
-    # its split as data grows (use it where retraining appends batches); balanced only on average.
-    method: str = "stratified"
+    # "stable": a patient (with the patients sharing an image with it) keeps the split it had in the
+    # previous data/manifest.csv however much data is appended; new ones go where their class is short.
+    # "stratified": StratifiedGroupKFold (k-fold cross-validation), recomputed from all data each time.
+    method: str = "stable"
     seed: int = 42
     val_fraction: float = 0.15
     test_fraction: float = 0.2

@@ -58,7 +58,7 @@ def test_demo_manifest_contract_and_patient_split(demo_raw, tmp_path):
     assert set(csv["modality"]) == {"CT"} and set(csv["bit_depth"]) == {"16"} and set(csv["width"]) == {"16"}
     # Patient-level: each of the 20 patients sits in exactly one split.
     assert csv.groupby("patient")["split"].nunique().max() == 1 and csv["patient"].nunique() == 20
-    # Stratified and sized roughly as asked (20 patients: coarse, so generous bounds).
+    # Class-balanced and sized roughly as asked (20 patients: coarse, so generous bounds).
     overall = (csv["label"] == "lesion").mean()
     for split, share in (("test", 0.25), ("val", 0.15), ("train", 0.6)):
         part = csv[csv["split"] == split]
@@ -68,7 +68,7 @@ def test_demo_manifest_contract_and_patient_split(demo_raw, tmp_path):
     assert meta["content_hash"] == hashlib.sha256(listing.encode()).hexdigest()
     assert meta["n_images"] == 60 and meta["n_unreadable"] == 0 and meta["data_version"] == "untracked"
     assert meta["patient_source"] == "DICOM PatientID" and meta["warnings"] == []
-    assert meta["split"]["source"] == "stratified-group" and meta["split"]["patient_overlap"] == 0
+    assert meta["split"]["source"] == "stable" and meta["split"]["patient_overlap"] == 0
     assert sum(meta["split"]["patients"].values()) == 20
     assert sum(sum(c.values()) for c in meta["counts"].values()) == 60
     assert meta["counts"]["test"]["lesion"] == int(((csv["split"] == "test") & (csv["label"] == "lesion")).sum())
@@ -83,19 +83,42 @@ def test_split_is_deterministic_for_a_seed(demo_raw, tmp_path):
     assert list(pd.read_csv(tmp_path / "a/manifest.csv")["split"]) != list(other["split"])
 
 
-def test_stable_split_keeps_every_patient_in_place_when_data_grows(tmp_path):
+def test_stable_split_keeps_every_image_in_place_through_ten_appends_and_stays_balanced(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "data"
+    png_set(raw, patients=20)
+    first = ingest(raw, out, params()).set_index("path")["split"]
+    seen = first
+    for batch in range(10):  # ten batches of six new patients each
+        for p in range(20 + 6 * batch, 26 + 6 * batch):
+            noise = np.random.default_rng(p).integers(0, 255, (16, 16), dtype=np.uint8)
+            (raw / CLASSES[p % 2]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(noise).save(raw / CLASSES[p % 2] / f"p{p:02d}_0.png")
+        now = ingest(raw, out, params()).set_index("path")["split"]
+        assert (now[seen.index] == seen).all(), f"an existing image changed split at append {batch + 1}"
+        seen = now
+    # 80 images: each split near its share, each class near its overall share within each split.
+    for split, share in (("train", 0.55), ("val", 0.2), ("test", 0.25)):
+        part = now[now == split]
+        assert abs(len(part) / len(now) - share) <= 0.05, split
+        lesion = part.index.str.startswith("lesion/").mean()
+        assert abs(lesion - 0.5) <= 0.1, split
+    assert json.loads((out / "manifest.json").read_text())["split"]["source"] == "stable"
+    # The stratified k-fold, by contrast, is recomputed from all the data each time.
+    stratified = {"method": "stratified", "seed": 7, "val_fraction": 0.2, "test_fraction": 0.25}
+    assert not (ingest(raw, tmp_path / "cv", params(split=stratified)).set_index("path")["split"][first.index]
+                == first).all()
+
+
+def test_a_given_train_test_split_gets_validation_patients_from_train_only(tmp_path):
     raw = tmp_path / "raw"
-    png_set(raw, patients=30)
-    stable = {"method": "stable", "seed": 7, "val_fraction": 0.2, "test_fraction": 0.25}
-    before = ingest(raw, tmp_path / "a", params(split=stable)).set_index("path")["split"]
-    for p in range(30, 60):  # a new batch of patients arrives
-        png(raw / f"{CLASSES[p % 2]}/p{p:02d}_0.png", value=p + 98)  # 128..157: bytes unlike the old ones
-    after = ingest(raw, tmp_path / "b", params(split=stable)).set_index("path")["split"]
-    assert (after[before.index] == before).all(), "an existing patient changed split"
-    assert set(after) == {"train", "val", "test"}
-    assert json.loads((tmp_path / "b/manifest.json").read_text())["split"]["source"] == "stable-hash"
-    # The stratified default, by contrast, may reshuffle old patients when data is added.
-    assert params().split.method == "stratified"
+    rows = png_set(raw, patients=20)
+    given = {r[0]: ("test" if int(r[2][1:]) % 4 == 0 else "train") for r in rows}
+    (raw / "labels.csv").write_text("path,label,split\n" + "".join(f"{p},{lab},{given[p]}\n" for p, lab, _ in rows))
+    df = ingest(raw, tmp_path / "data", params(label_source="csv", patient_pattern="^(?P<patient>p\\d+)_")).set_index("path")
+    assert all(df.loc[p, "split"] == "test" for p, s in given.items() if s == "test")
+    carved = [p for p, s in given.items() if s == "train" and df.loc[p, "split"] == "val"]
+    assert carved and len(carved) < sum(s == "train" for s in given.values()) / 2
+    assert "carved from its train split" in json.loads((tmp_path / "data/manifest.json").read_text())["split"]["method"]
 
 
 def test_data_version_and_salt(demo_raw, tmp_path, monkeypatch):
@@ -236,7 +259,7 @@ def test_test_fold_gives_patient_level_k_fold_cross_validation(tmp_path):
     raw = tmp_path / "raw"
     rows = png_set(raw, patients=20)
     patient_of = {path: patient for path, _, patient in rows}
-    split = {"seed": 7, "val_fraction": 0.2, "test_fraction": 0.25}
+    split = {"method": "stratified", "seed": 7, "val_fraction": 0.2, "test_fraction": 0.25}
     tested = []
     for fold in range(4):  # round(1 / 0.25) folds
         df = ingest(raw, tmp_path / f"f{fold}", params(patient_pattern=r"^(?P<patient>p\d+)_",

@@ -117,7 +117,8 @@ def run_recipes(ws: Path, name: str, recipes: dict[str, dict[str, Any]], labels:
         recipe = recipes[label]
         for seed in seeds:
             for fold in range(folds) if folds else [None]:
-                more = {"train.seed": seed} if fold is None else {"train.seed": seed, "split.test_fold": fold}
+                more = {"train.seed": seed} if fold is None else \
+                    {"train.seed": seed, "split.method": "stratified", "split.test_fold": fold}
                 sets = recipe_sets(recipe.get("preset"), **recipe.get("sets", {}), **more)
                 exp = exp_name(label, seed, "" if fold is None else f"-fold{fold}")
                 print(f"running {exp}: {sets}", flush=True)

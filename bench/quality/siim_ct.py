@@ -2,8 +2,8 @@
 
     python -m bench.quality.siim_ct [--seeds 0] [--recipe NAME]
 
-No published baseline. Each fold is one `dvc exp run -S split.test_fold=K` (StratifiedGroupKFold
-on the DICOM PatientID, hashed by ingest), so every patient is tested exactly once. Reported: the
+No published baseline. Each fold is one `dvc exp run -S split.method=stratified -S split.test_fold=K`
+(StratifiedGroupKFold on the DICOM PatientID, hashed by ingest), so every patient is tested exactly once. Reported: the
 AUROC of each fold, their mean ± SD, and the pooled out-of-fold AUROC with a 95% interval from a
 bootstrap over patients (slices of one patient are resampled together).
 """
