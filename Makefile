@@ -12,10 +12,10 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test bench lock image clean-demo help
+.PHONY: setup demo demo-commit test bench lock image clean-demo help
 
 help:
-	@echo "make demo   - set up, create synthetic demo scans, dvc add + dvc repro, print where results are"
+	@echo "make demo   - set up, create synthetic demo scans, dvc add + dvc repro, commit that run as the baseline"
 	@echo "make test   - set up and run the test suite (what CI runs)"
 	@echo "make bench  - benchmarks (bench/), printed as ratios"
 	@echo "make image  - build the Docker image with buildah and smoke-test it (root, minutes)"
@@ -35,14 +35,35 @@ demo: setup
 	@test -d data/raw || medtune demo-data --out data/raw
 	dvc add -q data/raw
 	dvc repro
+	@$(MAKE) --no-print-directory demo-commit
 	@echo
 	@echo "Done. The demo scans are SYNTHETIC (components/demo_data.py); data version: data/raw.dvc"
 	@echo "  model          models/model.onnx  (card: models/model_card.md, lineage: models/lineage.json)"
-	@echo "  metrics        reports/metrics.json  (gate: reports/gate.json; dvc metrics show)"
+	@echo "  metrics        reports/metrics.json  (dvc metrics show; whole record: reports/evaluation.json, gate: reports/gate.json)"
+	@echo "  training       dvclive/  (per-epoch curves; run record: reports/train.json)"
 	@echo "  validation     reports/validation.md  (full: reports/validation.json)"
-	@echo "  plots          reports/roc.png reports/confusion.png reports/train_curves.png reports/augment_preview.png"
-	@echo "                 (dvc plots show writes an HTML page of the same curves)"
+	@echo "  plots          dvc plots show  -> dvc_plots/index.html (ROC, confusion, training curves; renders offline)"
+	@echo "                 PNG: reports/roc.png reports/confusion.png reports/augment_preview.png"
+	@echo "  compare        HEAD is this run: change train.lr in params.yaml, dvc repro, dvc metrics diff --all, dvc plots diff"
 	@echo "  try            medtune predict models/model.onnx data/raw/lesion -o predictions.csv"
+
+# Commit the run just made (data/raw.dvc, dvc.lock, the .gitignore files DVC wrote; dvc.yaml and
+# params.yaml as run), so that HEAD is the baseline `dvc metrics diff`, `dvc plots diff` and
+# `dvc exp show` compare against. Nothing else is committed (other changes stay as they are),
+# except in a repository without commits (the `git init` above), whose first commit takes it all.
+# Without a git identity it commits as medtune-demo.
+demo-commit:
+	@id=; { git var GIT_AUTHOR_IDENT && git var GIT_COMMITTER_IDENT; } >/dev/null 2>&1 \
+	  || id="-c user.name=medtune-demo -c user.email=medtune-demo@localhost"; \
+	msg="demo: baseline run on the synthetic scans (data/raw.dvc + dvc.lock), for dvc metrics/plots diff and exp show"; \
+	if ! git rev-parse -q --verify HEAD >/dev/null; then \
+	  git add -A && git $$id commit -q -m "$$msg" && echo "committed the baseline run: $$(git log -1 --format='%h %s')"; \
+	else \
+	  paths="dvc.yaml params.yaml dvc.lock $$(git ls-files -mo --exclude-standard -- '*.dvc' '*.gitignore')"; \
+	  git add -- $$paths && \
+	  if git diff --cached --quiet HEAD -- $$paths; then echo "baseline run already committed (HEAD)"; \
+	  else git $$id commit -q -m "$$msg" -- $$paths && echo "committed the baseline run: $$(git log -1 --format='%h %s')"; fi; \
+	fi
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
 test: setup
@@ -64,4 +85,4 @@ lock:
 	mv requirements.lock.tmp requirements.lock
 
 clean-demo:
-	rm -rf data/raw data/raw.dvc data/manifest.* data/prepared models reports dvc.lock
+	rm -rf data/raw data/raw.dvc data/manifest.* data/prepared models reports dvclive dvc.lock

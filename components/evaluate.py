@@ -3,10 +3,14 @@
     medtune evaluate            # models/model.pt + data/prepared -> reports/
     dvc repro evaluate
 
-Writes `reports/metrics.json` (DVC metrics), `reports/gate.json`, `reports/roc.csv`,
-`reports/confusion.csv`, `reports/test_predictions.csv`, `reports/roc.png` and
-`reports/confusion.png`. A failed gate is *not* a stage failure: the numbers stay on disk (and in
-dvc.lock) for review, and the export stage is the one that refuses to ship the model.
+Writes `reports/evaluation.json` (the whole evaluation record: metrics, classes, positive class,
+confusion matrix, calibration, bootstrap counts), `reports/metrics.json` (its numbers that a person
+compares between runs, and nothing else: what `dvc metrics` and `dvc exp show` list; see
+`metrics_view`), `reports/gate.json`, `reports/roc.csv`, `reports/confusion.csv`,
+`reports/test_predictions.csv`, `reports/roc.png` and `reports/confusion.png`. All are DVC-cached
+and byte-reproducible, so `dvc metrics diff`, `dvc plots diff` and `dvc exp show` find them at any
+revision. A failed gate is *not* a stage failure: the numbers stay on disk (and in dvc.lock) for
+review, and the export stage is the one that refuses to ship the model.
 
 Before the test split is touched, the validation split fixes the operating point: probability
 calibration (`evaluate.calibration`) and, with `evaluate.threshold_method`, the binary threshold;
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from components import calibrate
-from components.common import StageError, atomic_path, sha256_file, stage_main, write_json
+from components.common import StageError, atomic_path, read_json, sha256_file, stage_main, write_json
 from components.params import Params, load_params
 
 log = logging.getLogger("medtune.evaluate")
@@ -42,6 +47,7 @@ log = logging.getLogger("medtune.evaluate")
 BATCH_SIZE = 64  # inference only; does not change the results
 # PNG metadata without matplotlib's version string, so the plots are byte-reproducible.
 PNG_METADATA = {"Software": None}
+RECORD, METRICS = "evaluation.json", "metrics.json"  # in the reports folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +186,36 @@ def apply_gate(metrics: dict[str, Any], params: Params) -> dict[str, Any]:
     return {"passed": not failed, "reasons": reasons, "failed": failed, "thresholds": thresholds, "metrics": used}
 
 
+def metrics_view(record: dict[str, Any]) -> dict[str, float | int]:
+    """reports/metrics.json: the numbers of an evaluation record that runs are compared by.
+
+    Test AUROC with its bootstrap interval, sensitivity, specificity, balanced accuracy, accuracy,
+    precision, F1, the threshold applied, ECE and Brier score of the shipped (calibrated)
+    probabilities and of the uncalibrated ones, and the test-set size. Strings and structures (class
+    names, positive class, confusion matrix, calibration fit) stay in the record
+    (reports/evaluation.json); a value that is undefined for this model (an interval without valid
+    resamples, the threshold of a multi-class model) is left out rather than written as null.
+    """
+    lo, hi = record.get("auroc_ci") or (None, None)
+    test = (record.get("calibration") or {}).get("test") or {}
+    view = {"auroc": record.get("auroc"), "auroc_ci_low": lo, "auroc_ci_high": hi,
+            **{k: record.get(k) for k in ("sensitivity", "specificity", "balanced_accuracy", "accuracy",
+                                          "precision", "f1", "threshold")},
+            "ece": test.get("ece_after"), "brier": test.get("brier_after"),
+            "ece_uncalibrated": test.get("ece_before"), "brier_uncalibrated": test.get("brier_before"),
+            "n_test": record.get("n_test")}
+    return {k: v for k, v in view.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def read_record(reports_dir: str | Path) -> dict[str, Any]:
+    """The evaluation record evaluate wrote (reports/evaluation.json): everything metrics.json holds
+    and the rest (auroc_ci as [lo, hi], classes, positive_class, threshold_method, tta, calibration
+    {method, scale, bias, val, test}, confusion_matrix, bootstrap counts). Export ships it as the
+    ONNX `metrics` metadata and the lineage's evaluation.metrics."""
+    return read_json(Path(reports_dir) / RECORD)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +322,8 @@ def operating_point(deployed: Any, prepared_dir: Path, device: Any, params: Para
 
 
 def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | Path, params: Params) -> dict:
-    """Score `model_path` on the prepared test split; write the reports; return {metrics, gate}.
+    """Score `model_path` on the prepared test split; write the reports; return {metrics (the whole
+    record, as reports/evaluation.json), gate}.
 
     Calibration and the threshold are fitted on the validation split first (`operating_point`),
     then applied unchanged to the test split, as `models.Deployed` applies them in the ONNX graph.
@@ -337,7 +374,8 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     roc = roc_points(y_true, probs, pos)
 
     reports_dir.mkdir(parents=True, exist_ok=True)
-    write_json(reports_dir / "metrics.json", metrics)
+    write_json(reports_dir / RECORD, metrics)
+    write_json(reports_dir / METRICS, metrics_view(metrics))
     write_json(reports_dir / "gate.json", gate)
     _write_csv(reports_dir / "roc.csv", roc)
     _write_csv(reports_dir / "confusion.csv", pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]}))

@@ -11,6 +11,10 @@ within `export.tolerance` on real test images at batch 1 and batch N, and the ba
 must be symbolic. Writes `models/model.onnx` (metadata_props per docs/architecture.md),
 `models/model_card.md`, `models/lineage.json` and `reports/export.json`; all are built in memory
 or in a temporary folder first and only renamed into place once every check has passed.
+
+The evaluation record it ships (ONNX `metrics` metadata, lineage `evaluation.metrics`, the card) is
+`reports/evaluation.json`, the whole record evaluate wrote; `reports/metrics.json` holds only its
+numbers, for DVC.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from components.onnx_runtime import make_session
 log = logging.getLogger("medtune.export")
 
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+RECORD = "evaluation.json"  # evaluate.RECORD: the whole evaluation record, in the reports folder
 # Legacy TorchScript exporter: it honours export.opset (17) directly and finishes in well under a
 # second. The dynamo exporter only implements opset >= 18 and down-converts (which may fail), and
 # takes far longer; the symbolic-batch assertion and the two-batch parity check below guard
@@ -65,7 +70,7 @@ def check_gate(reports_dir: Path, checkpoint_sha256: str) -> dict[str, Any]:
 
 
 def deployed_model(model: Any, metrics: dict[str, Any]) -> Any:
-    """The evaluated model: classifier + the test-time augmentation and calibration in metrics.json."""
+    """The evaluated model: classifier + the test-time augmentation and calibration in the evaluation record."""
     from components.models import Deployed
 
     cal = metrics.get("calibration") or {}
@@ -258,7 +263,7 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
     ckpt_sha = sha256_file(model_path)
     gate = check_gate(reports_dir, ckpt_sha)  # before anything else: a failed model costs nothing
     mid = model_id(ckpt_sha)
-    metrics = read_json(reports_dir / "metrics.json")
+    metrics = read_json(reports_dir / RECORD)  # the whole record (metrics.json holds only its numbers)
     manifest = read_json(manifest_path)
     manifest_csv = manifest_path.with_suffix(".csv")
     if not manifest_csv.is_file():
@@ -269,7 +274,7 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
     classes = list(ckpt["classes"])
     if list(meta.get("classes", classes)) != classes or list(metrics.get("classes", classes)) != classes:
         raise StageError(f"class lists disagree: {model_path} {classes}, {prepared_dir}/meta.json "
-                         f"{meta.get('classes')}, {reports_dir}/metrics.json {metrics.get('classes')}; "
+                         f"{meta.get('classes')}, {reports_dir}/{RECORD} {metrics.get('classes')}; "
                          "rerun the pipeline (dvc repro).")
     images, index = load_split(prepared_dir, "test")  # StageError if the split is empty
     batch_n = min(params.export.parity_batch, len(images))

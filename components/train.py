@@ -1,6 +1,6 @@
 """Stage 5: fine-tune a pretrained backbone with a new head on the prepared images.
 
-    medtune train      # data/prepared -> models/model.pt, reports/train.json, reports/train_history.csv
+    medtune train      # data/prepared -> models/model.pt, dvclive/ (per-epoch metrics), reports/train.json
 
 One epoch = `train_one_epoch` (augmented training images) then `evaluate_epoch` (validation
 loss, AUROC, accuracy). The epoch with the best `train.early_stopping_metric` is kept and saved;
@@ -15,19 +15,26 @@ train.json and the checkpoint record the processor). On a GPU it uses CUDA and, 
 The checkpoint is a plain dict of tensors, strings and numbers, so `torch.load(...,
 weights_only=True)` reads it; it carries the train+augment params and the preprocessing meta, so
 it explains itself.
+
+Per-epoch metrics are logged with DVCLive (`dvclive/plots/metrics/**.tsv`, one file per metric,
+step = epoch) and its summary `dvclive/metrics.json` holds the kept epoch's values: `dvc plots`
+draws the curves and `dvc metrics` / `dvc exp show` list the summary. These and the checkpoint are
+the stage's DVC outputs, all cached and byte-reproducible (DVC's run cache restores them). What
+measures the run itself (throughput, seconds) and describes it (device, processor, parameter
+counts) goes to `reports/train.json`, which DVC does not track: a run-cache restore leaves it as
+it was, and its `checkpoint_sha256` says which checkpoint it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import io
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +47,16 @@ from tqdm import tqdm
 
 from components import distributed, evaluate
 from components.augment import build_transform
-from components.common import StageError, atomic_path, processor, stage_main, write_json, write_text
+from components.common import StageError, atomic_path, processor, sha256_bytes, stage_main, write_json
 from components.distributed import World
 from components.models import architecture, build_model, freeze
 from components.params import Params, TrainParams, load_params
 from components.preprocess import load_meta, load_split
 
 log = logging.getLogger("medtune.train")
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "member")
+# DVCLive metric name (a file dvclive/plots/metrics/<name>.tsv) of each per-epoch history value.
+LIVE_METRICS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_auroc": "val/auroc",
+                "val_accuracy": "val/accuracy", "lr": "lr"}
 
 
 class ScanDataset(Dataset):
@@ -256,40 +265,54 @@ def _nan_to_none(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def _history_csv(history: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(HISTORY_COLUMNS)
-    for row in history:
-        writer.writerow([row["epoch"], *(f"{row[c]:.6g}" for c in HISTORY_COLUMNS[1:-1]), row["member"]])
-    return buf.getvalue()
+def open_live(live_dir: Path) -> Any:
+    """A DVCLive logger that writes only `live_dir`/metrics.json and `live_dir`/plots/metrics/ (no
+    dvc.yaml of its own: dvc.yaml declares them; no report; no experiment of its own)."""
+    from dvclive import Live
+
+    class StageLive(Live):
+        def _init_dvc(self) -> None:
+            # DVCLive looks for the DVC project (and `dvc init`s a git repository that has none).
+            # Only under `dvc repro` / `dvc exp run` (which set DVC_ROOT) is there one to find; a flow
+            # calling the stage in-process, a test or a plain `medtune train` just write the files.
+            if os.environ.get("DVC_ROOT"):
+                super()._init_dvc()
+
+    return StageLive(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
 
 
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and validation AUROC per epoch as a PNG (dvc plots' HTML needs a CDN to render)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(8, 3.5))
-    members = sorted({h["member"] for h in history})
-    for m in members:  # one set of curves per ensemble member
-        rows = [h for h in history if h["member"] == m]
-        tag = f" {m + 1}" if len(members) > 1 else ""
-        epochs = [h["epoch"] for h in rows]
-        loss_ax.plot(epochs, [h["train_loss"] for h in rows], marker="o", label=f"train{tag}")
-        loss_ax.plot(epochs, [h["val_loss"] for h in rows], marker="o", label=f"val{tag}")
-        auc_ax.plot(epochs, [np.nan if h["val_auroc"] is None else h["val_auroc"] for h in rows], marker="o",
-                    label=f"member{tag}")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    loss_ax.legend()
-    auc_ax.set(xlabel="epoch", ylabel="AUROC", title="validation AUROC", ylim=(0, 1.01))
-    fig.tight_layout()
-    evaluate.save_png(fig, path)
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: Path, params: Params) -> dict:
-    """Fine-tune on the train split, select on the val split; write the three artefacts; return train.json."""
+def log_epoch(live: Any, row: dict[str, Any], prefix: str = "") -> None:
+    """One epoch of one model to DVCLive, at step = epoch (`prefix` "member<i>/" in an ensemble)."""
+    live.step = row["epoch"]
+    for key, name in LIVE_METRICS.items():
+        live.log_metric(prefix + name, row[key])
+    live.next_step()
+
+
+def live_summary(fits: list[dict[str, Any]], ensemble_val: dict[str, float] | None) -> dict[str, Any]:
+    """dvclive/metrics.json: the validation metrics of the model that is kept (a single model's best
+    epoch, or the ensemble's averaged logits), its best epoch, and `step` (the last epoch run)."""
+    if ensemble_val is None:
+        f = fits[0]
+        best = next(r for r in f["history"] if r["epoch"] == f["best_epoch"])
+        out: dict[str, Any] = {"best_epoch": f["best_epoch"], "train": {"loss": best["train_loss"]},
+                               "val": {k.removeprefix("val_"): best[k] for k in ("val_loss", "val_auroc", "val_accuracy")}}
+    else:
+        out = {"val": {k.removeprefix("val_"): v for k, v in ensemble_val.items()}}
+    for group in ("train", "val"):  # an undefined value (nan AUROC of a one-class split) is left out
+        if group in out:
+            out[group] = {k: v for k, v in out[group].items() if _finite(v)}
+    return {"step": max(f["epochs_run"] for f in fits), **out}
+
+
+def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path, params: Params) -> dict:
+    """Fine-tune on the train split, select on the val split; write the checkpoint, the DVCLive
+    folder and the run record (`out_record`, reports/train.json); return the run record."""
+    started = time.perf_counter()
     prepared_dir, tp = Path(prepared_dir), params.train
     meta = load_meta(prepared_dir)
     classes = list(meta.get("classes", []))
@@ -321,11 +344,17 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     det_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    live = open_live(Path(live_dir)) if world.main else None  # rank 0 logs and writes
+
+    def logger(member: int) -> Callable[[dict[str, Any]], None] | None:
+        prefix = f"member{member + 1}/" if tp.ensemble > 1 else ""
+        return None if live is None else lambda row: log_epoch(live, row, prefix)
+
     try:
         with distributed.process_group(world, device):
             # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
             fits = [fit(x_train, y_train, x_val, y_val, len(classes), params, tp.seed + m, device, use_amp,
-                        f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", world)
+                        f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", world, logger(m))
                     for m in range(tp.ensemble)]
     finally:
         torch.use_deterministic_algorithms(det_before[0], warn_only=det_before[1])
@@ -342,6 +371,7 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
         **{k: first[k] if tp.ensemble == 1 else [f[k] for f in fits] for k in per_member},
         "n_train": int(len(y_train)), "n_val": int(len(y_val)),
         "trainable_params": first["trainable"], "total_params": first["total"] * tp.ensemble,
+        # Measurements of this run: not in the DVC outputs, which must be the same bytes every run.
         "throughput_img_s": first["throughput"],
     }
     history = [{**row, "member": m} for m, f in enumerate(fits) for row in f["history"]]
@@ -372,9 +402,10 @@ def train(prepared_dir: Path, out_model: Path, out_metrics: Path, out_history: P
     torch.save(checkpoint, buf)
     with atomic_path(out_model) as tmp:
         tmp.write_bytes(buf.getvalue())
-    write_json(out_metrics, summary)
-    write_text(out_history, _history_csv(history))
-    plot_history(history, out_history.with_name("train_curves.png"))
+    live.summary = live_summary(fits, summary.get("ensemble_val"))
+    live.end()
+    summary.update(checkpoint_sha256=sha256_bytes(buf.getvalue()), seconds=round(time.perf_counter() - started, 1))
+    write_json(out_record, summary)
     log.info("best %s=%s at epoch %s of %s; wrote %s", tp.early_stopping_metric, summary["best_value"],
              summary["best_epoch"], summary["epochs_run"], out_model)
     return summary
@@ -386,8 +417,10 @@ def _criterion(y_train: np.ndarray, num_classes: int, tp: TrainParams, device: t
 
 
 def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_classes: int, params: Params,
-        seed: int, device: torch.device, use_amp: bool, desc: str = "", world: World = World()) -> dict[str, Any]:
-    """Train one model with `seed`; returns its kept weights (CPU, NCHW; rank 0's), history and counts."""
+        seed: int, device: torch.device, use_amp: bool, desc: str = "", world: World = World(),
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train one model with `seed`; returns its kept weights (CPU, NCHW; rank 0's), history and counts.
+    `on_epoch` gets each epoch's history row as soon as it is known (DVCLive's per-epoch log)."""
     tp = params.train
     torch.manual_seed(seed)
     model, pretrained = build_model(tp.backbone, num_classes, int(x_train.shape[1]), tp.pretrained, tp.dropout)
@@ -429,6 +462,8 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
             if world.main else None, world)
         images_seen, seconds = images_seen + tr["images"], seconds + tr["seconds"]
         history.append({"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr})
+        if on_epoch is not None:
+            on_epoch(history[-1])
         epochs.set_postfix(train_loss=f"{tr['loss']:.4f}", **{metric: f"{ev[metric]:.4f}"})
         log.info("%sepoch %d: train_loss=%.4f val_loss=%.4f val_auroc=%.4f val_accuracy=%.4f lr=%.3g", desc,
                  epoch, tr["loss"], ev["val_loss"], ev["val_auroc"], ev["val_accuracy"], lr)
@@ -454,9 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def add_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--prepared", default="data/prepared", help="preprocess output folder (default: data/prepared)")
         p.add_argument("--model", default="models/model.pt", help="checkpoint to write (default: models/model.pt)")
-        p.add_argument("--metrics", default="reports/train.json", help="summary to write (default: reports/train.json)")
-        p.add_argument("--history", default="reports/train_history.csv",
-                       help="per-epoch history to write (default: reports/train_history.csv)")
+        p.add_argument("--record", default="reports/train.json",
+                       help="run record to write: throughput, seconds, device (default: reports/train.json)")
+        p.add_argument("--live", default="dvclive",
+                       help="DVCLive folder: per-epoch metrics and their summary (default: dvclive)")
 
     def run(args: argparse.Namespace) -> None:
         params = load_params(args.params)
@@ -464,9 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Start again as torchrun's workers, with the same arguments; they write the artefacts.
             distributed.launch(params.train.processes, "components.train", [
                 "--params", args.params, "--prepared", args.prepared, "--model", args.model,
-                "--metrics", args.metrics, "--history", args.history, *(["-v"] if args.verbose else [])])
+                "--record", args.record, "--live", args.live, *(["-v"] if args.verbose else [])])
             return
-        summary = train(Path(args.prepared), Path(args.model), Path(args.metrics), Path(args.history), params)
+        summary = train(Path(args.prepared), Path(args.model), Path(args.record), Path(args.live), params)
         if summary:  # rank 0 of several, or the only process
             print(f"wrote {args.model}: best {summary['selection_metric']}={summary['best_value']} "
                   f"at epoch {summary['best_epoch']}/{summary['epochs_run']}")

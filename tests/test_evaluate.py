@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score, roc_auc_score
 
 from components.calibrate import predict_labels
-from components.evaluate import apply_gate, compute_metrics
+from components.evaluate import apply_gate, compute_metrics, metrics_view
 from components.params import parse_params
 
 BINARY = ["normal", "lesion"]
@@ -46,6 +46,7 @@ def test_known_confusion_matrix_and_hand_computed_metrics():
     assert m["auroc"] == pytest.approx(7 / 8)
     assert m["n_test"] == 6 and m["positive_class"] == "lesion" and m["threshold"] == 0.5
     assert m["auroc_ci"] == [None, None] and m["bootstrap_valid"] == 0
+    assert "auroc_ci_low" not in metrics_view(m) and metrics_view(m)["threshold"] == 0.5  # undefined: left out
 
     # A lower threshold catches the second lesion.
     m2 = compute_metrics(y, probs, BINARY, 1, 0.35, n_boot=0, seed=0)
@@ -81,6 +82,10 @@ def test_multiclass_macro_matches_sklearn():
     assert np.trace(np.array(m["confusion_matrix"])) == (pred == y).sum()
     lo, hi = m["auroc_ci"]
     assert lo <= m["auroc"] <= hi
+    # metrics.json: numbers only; a multi-class model applies no threshold, so it has none.
+    view = metrics_view(m)
+    assert "threshold" not in view and view["auroc_ci_low"] == lo and view["sensitivity"] == m["sensitivity"]
+    assert all(type(v) in (int, float) for v in view.values())
 
 
 def test_bootstrap_is_seeded_and_skips_one_class_resamples():
@@ -250,13 +255,19 @@ def test_evaluate_stage_writes_reports(tmp_path):
     reports = tmp_path / "reports"
     out = evaluate(ckpt, prepared, reports, tiny_params())
 
-    metrics = json.loads((reports / "metrics.json").read_text())
+    record = json.loads((reports / "evaluation.json").read_text())
     gate = json.loads((reports / "gate.json").read_text())
-    assert gate["passed"] is True and out["gate"]["passed"] is True
-    assert metrics["n_test"] == 8 and metrics["classes"] == BINARY
-    assert np.array(metrics["confusion_matrix"]).sum() == 8
-    for key in ("auroc", "auroc_ci", "accuracy", "sensitivity", "specificity", "precision", "f1", "threshold"):
-        assert key in metrics
+    assert gate["passed"] is True and out["gate"]["passed"] is True and out["metrics"] == record
+    assert record["n_test"] == 8 and record["classes"] == BINARY and record["positive_class"] == "lesion"
+    assert np.array(record["confusion_matrix"]).sum() == 8
+    # metrics.json (what dvc metrics / dvc exp show list): the record's numbers, nothing else.
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics == metrics_view(record) and all(type(v) in (int, float) for v in metrics.values())
+    assert set(metrics) == {"auroc", "auroc_ci_low", "auroc_ci_high", "accuracy", "balanced_accuracy", "sensitivity",
+                            "specificity", "precision", "f1", "threshold", "ece", "brier", "ece_uncalibrated",
+                            "brier_uncalibrated", "n_test"}
+    assert [metrics["auroc_ci_low"], metrics["auroc_ci_high"]] == record["auroc_ci"]
+    assert metrics["ece"] == record["calibration"]["test"]["ece_after"]
 
     preds = pd.read_csv(reports / "test_predictions.csv")
     assert list(preds.columns) == ["path", "sha256", "label", "prob_normal", "prob_lesion", "predicted"]

@@ -78,6 +78,10 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
     assert json.loads(meta["preprocessing"])["image_size"] == 32
     assert json.loads(meta["gate"])["passed"] is True
     assert meta["params_sha256"] == params.digest() and meta["opset"] == str(params.export.opset)
+    # The whole evaluation record ships (predict reads its positive class and threshold), not only
+    # the numbers of metrics.json.
+    record = json.loads((p["reports"] / "evaluation.json").read_text())
+    assert json.loads(meta["metrics"]) == record and record["positive_class"] == "lesion" and "threshold" in record
 
     # Parity within 1e-4 at batch 1 and batch N, as measured by the stage and as re-checked here.
     assert report["max_abs_diff_batch1"] <= 1e-4 and report["max_abs_diff_batchN"] <= 1e-4
@@ -101,6 +105,7 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
     assert lineage["environment"]["training_processor"] == "Test Processor 9000"
     assert lineage["code"]["params"] == params.to_dict()
     assert lineage["export"]["max_abs_diff_batchN"] == report["max_abs_diff_batchN"]
+    assert lineage["evaluation"]["metrics"] == record  # trace and audit read the record from here
     card = (p["out"] / "model_card.md").read_text()
     for needle in ("not a diagnostic device", "AUROC", "95% interval", "Limitations", "medtune predict", mid):
         assert needle in card
@@ -156,7 +161,7 @@ def test_tta_calibration_and_threshold_are_what_the_onnx_graph_ships(tmp_path, m
                                         "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0,
                                                  "min_specificity": 0.0, "min_balanced_accuracy": 0.0}}})
     p = make_project(tmp_path, params)
-    metrics = json.loads((p["reports"] / "metrics.json").read_text())
+    metrics = json.loads((p["reports"] / "evaluation.json").read_text())
     cal = metrics["calibration"]
     assert metrics["tta"] == "hflip" and metrics["threshold_method"] == "youden" and cal["method"] == "temperature"
     assert cal["fitted_on"] == "val" and cal["scale"] != 1.0 and cal["val"]["n"] == 4

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from components.augment import build_transform
-from components.common import processor
+from components.common import processor, sha256_file
 from components.models import load_checkpoint
 from components.params import AugmentParams, parse_params
 from components.train import main, make_loader, train
@@ -43,8 +43,19 @@ def write_prepared(root: Path, n_train: int = 16, n_val: int = 8, size: int = 32
 def run(tmp_path: Path, prepared: Path, name: str, **overrides: object) -> tuple[dict, Path]:
     params = parse_params({"train": {"backbone": "none", "epochs": 1, "batch_size": 8, **overrides}})
     out = tmp_path / name
-    summary = train(prepared, out / "model.pt", out / "train.json", out / "history.csv", params)
+    summary = train(prepared, out / "model.pt", out / "train.json", out / "dvclive", params)
     return summary, out
+
+
+def curve(out: Path, name: str) -> list[tuple[int, float]]:
+    """(step, value) rows of one DVCLive metric file, dvclive/plots/metrics/<name>.tsv."""
+    lines = (out / "dvclive/plots/metrics" / f"{name}.tsv").read_text().splitlines()
+    assert lines[0] == f"step\t{name.split('/')[-1]}", lines[0]
+    return [(int(a), float(b)) for a, b in (line.split("\t") for line in lines[1:])]
+
+
+def live_files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "dvclive").rglob("*")) if p.is_file()}
 
 
 def test_train_writes_the_contracted_artefacts(tmp_path):
@@ -65,16 +76,27 @@ def test_train_writes_the_contracted_artefacts(tmp_path):
     with torch.inference_mode():
         assert model(x).shape == (6, 2)
 
+    # The run record: what describes and measures this run, and which checkpoint it made.
     assert json.loads((out / "train.json").read_text()) == summary
     assert summary["n_train"] == 12 and summary["n_val"] == 6 and summary["device"] == "cpu"
     assert summary["processor"] == ckpt["processor"] == processor() != ""
     assert 0 < summary["trainable_params"] < summary["total_params"]
-    assert summary["throughput_img_s"] > 0 and summary["best_epoch"] in (1, 2)
-    with (out / "history.csv").open() as fh:
-        history = list(csv.DictReader(fh))
-    assert list(history[0]) == ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "member"]
-    assert [h["epoch"] for h in history] == ["1", "2"]
-    assert float(history[0]["lr"]) == pytest.approx(1e-3) and float(history[1]["lr"]) < 1e-3  # cosine
+    assert summary["throughput_img_s"] > 0 and summary["seconds"] > 0 and summary["best_epoch"] in (1, 2)
+    assert summary["checkpoint_sha256"] == sha256_file(out / "model.pt")
+
+    # DVCLive: every epoch of every history value, step = epoch, as the checkpoint's history has them.
+    for key, name in (("train_loss", "train/loss"), ("val_loss", "val/loss"), ("val_auroc", "val/auroc"),
+                      ("val_accuracy", "val/accuracy"), ("lr", "lr")):
+        assert curve(out, name) == [(h["epoch"], pytest.approx(h[key])) for h in ckpt["history"]], name
+    lrs = curve(out, "lr")
+    assert lrs[0][1] == pytest.approx(1e-3) and lrs[1][1] < 1e-3  # cosine
+    # Its summary (dvc metrics): the kept epoch's values, numbers only; nothing else in the folder.
+    best = ckpt["history"][summary["best_epoch"] - 1]
+    live = json.loads((out / "dvclive/metrics.json").read_text())
+    assert live == {"step": 2, "best_epoch": summary["best_epoch"], "train": {"loss": best["train_loss"]},
+                    "val": {"loss": best["val_loss"], "auroc": best["val_auroc"], "accuracy": best["val_accuracy"]}}
+    assert {p.split("/", 1)[1] for p in live_files(out)} == {
+        "metrics.json", *(f"plots/metrics/{n}.tsv" for n in ("train/loss", "val/loss", "val/auroc", "val/accuracy", "lr"))}
 
 
 def test_same_seed_gives_identical_weights_and_bytes(tmp_path):
@@ -86,17 +108,28 @@ def test_same_seed_gives_identical_weights_and_bytes(tmp_path):
     sb = torch.load(b / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()  # DVC sees the same output
-    assert (a / "history.csv").read_text() == (b / "history.csv").read_text()
+    assert live_files(a) == live_files(b)  # and the same DVCLive files (no timestamps, no throughput)
 
 
-def test_early_stopping_keeps_the_best_epoch(tmp_path):
+def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     prepared = write_prepared(tmp_path / "prepared", n_train=8, n_val=4, size=16)
+    # Run from a git repository that is no DVC project (no DVC_ROOT: not under dvc repro).
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     # A frozen backbone (its BatchNorm in eval mode) and a vanishing lr: val_loss never improves.
     summary, out = run(tmp_path, prepared, "a", freeze="head", lr=1e-30, scheduler="none", epochs=5,
                        patience=1, early_stopping_metric="val_loss")
     assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1
     assert summary["selection_metric"] == "val_loss"
     assert summary["trainable_params"] == 512 * 2 + 2
+    # The DVCLive summary is the kept epoch, not the last one; the curves have both.
+    live = json.loads((out / "dvclive/metrics.json").read_text())
+    assert live["step"] == 2 and live["best_epoch"] == 1 and live["val"]["loss"] == curve(out, "val/loss")[0][1]
+    # DVCLive only wrote its files: it did not make the git repository a DVC project.
+    assert not (repo / ".dvc").exists() and sorted(p.name for p in repo.iterdir()) == [".git"]
 
 
 def test_make_loader_scales_and_augments_only_training(tmp_path):
@@ -118,8 +151,8 @@ def test_main_refuses_mismatched_classes(tmp_path, capsys):
     prepared = write_prepared(tmp_path / "prepared", n_train=4, n_val=2)
     (tmp_path / "params.yaml").write_text("data:\n  classes: [benign, malignant]\ntrain:\n  backbone: none\n")
     rc = main(["--params", str(tmp_path / "params.yaml"), "--prepared", str(prepared),
-               "--model", str(tmp_path / "m.pt"), "--metrics", str(tmp_path / "t.json"),
-               "--history", str(tmp_path / "h.csv")])
+               "--model", str(tmp_path / "m.pt"), "--record", str(tmp_path / "t.json"),
+               "--live", str(tmp_path / "dvclive")])
     assert rc == 1 and not (tmp_path / "m.pt").exists()
     assert "meta.json has classes ['normal', 'lesion']" in capsys.readouterr().err
 
@@ -277,8 +310,11 @@ def test_an_ensemble_is_its_members_trained_alone_with_consecutive_seeds_and_ave
         torch.testing.assert_close(ensemble(x), expected)
     assert summary["ensemble"] == 2 and len(summary["best_epoch"]) == 2 and len(summary["epochs_run"]) == 2
     assert set(summary["ensemble_val"]) == {"val_loss", "val_auroc", "val_accuracy"}
-    with (e / "history.csv").open() as fh:
-        assert {row["member"] for row in csv.DictReader(fh)} == {"0", "1"}
+    # Each member's curves under its own name; the summary is the ensemble's own validation.
+    assert [v for _, v in curve(e, "member1/train/loss")] == [h["train_loss"] for h in ckpt["history"][:1]]
+    assert curve(e, "member2/val/loss")[0][1] == pytest.approx(ckpt["history"][1]["val_loss"])
+    live = json.loads((e / "dvclive/metrics.json").read_text())
+    assert live == {"step": 1, "val": {k.removeprefix("val_"): v for k, v in summary["ensemble_val"].items()}}
 
 
 def test_an_ensemble_cannot_be_the_starting_point_of_another_training(tmp_path):
@@ -292,8 +328,8 @@ def test_an_ensemble_cannot_be_the_starting_point_of_another_training(tmp_path):
 
 def _args(tmp_path: Path, prepared: Path, out: str) -> list[str]:
     return ["--params", str(tmp_path / "params.yaml"), "--prepared", str(prepared), "--model",
-            str(tmp_path / out / "model.pt"), "--metrics", str(tmp_path / out / "train.json"),
-            "--history", str(tmp_path / out / "history.csv")]
+            str(tmp_path / out / "model.pt"), "--record", str(tmp_path / out / "train.json"),
+            "--live", str(tmp_path / out / "dvclive")]
 
 
 def test_ddp_trains_one_model_from_two_torchrun_processes(tmp_path, capsys):
@@ -308,9 +344,9 @@ def test_ddp_trains_one_model_from_two_torchrun_processes(tmp_path, capsys):
     assert summary["processes"] == 2 and summary["epochs_run"] == 2 and summary["n_train"] == 16
     ckpt = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True, map_location="cpu")
     assert ckpt["params"]["train"]["processes"] == 2 and ckpt["params"]["train"]["head_epochs"] == 0.5
-    history = list(csv.DictReader(open(tmp_path / "ddp" / "history.csv")))
-    assert [int(r["epoch"]) for r in history] == [1, 2]
-    assert all(np.isfinite(float(r["train_loss"])) and np.isfinite(float(r["val_loss"])) for r in history)
+    for name in ("train/loss", "val/loss"):  # rank 0 logged each epoch once
+        rows = curve(tmp_path / "ddp", name)
+        assert [step for step, _ in rows] == [1, 2] and all(np.isfinite(v) for _, v in rows)
     # Rank 0 reports; the other process is quiet unless something goes wrong.
     err = capsys.readouterr().err
     assert err.count("epoch 2: train_loss=") == 1 and "best val_loss=" in err
