@@ -6,7 +6,9 @@
     medtune ingest-new PATH           # put a labelled batch into the inbox and emit the retrain event
 
 Run them from the project root. `serve`, `retrain` and `ingest-new` talk to the server named by
-PREFECT_API_URL (default here: http://127.0.0.1:4200/api, the one `medtune server` starts).
+PREFECT_API_URL (environment or Prefect profile); without one, to the server `medtune server` started
+(`running_server`): the address it recorded under PREFECT_HOME, else http://127.0.0.1:4200/api, if it
+answers. Only `retrain --once` starts a temporary server of its own when none answers.
 """
 
 from __future__ import annotations
@@ -366,25 +368,75 @@ def drop_snapshot(root: str | Path) -> None:
 # Commands
 # ---------------------------------------------------------------------------------------------
 
+SERVER_RECORD = "medtune-server.json"  # under PREFECT_HOME: where `medtune server` said it listens
+
+
 def _api_url() -> str:
     return os.environ.get("PREFECT_API_URL") or DEFAULT_API
+
+
+def _server_record() -> Path:
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home) / SERVER_RECORD
+
+
+def running_server() -> str | None:
+    """The Prefect API for this process: PREFECT_API_URL (environment or Prefect profile) when set;
+    otherwise the server `medtune server` started, if it answers: the address it recorded under
+    PREFECT_HOME, then the default http://127.0.0.1:4200/api. A server found that way is set as
+    PREFECT_API_URL for this process and its children. None when none answers; no server is started.
+
+    The commands import Prefect before they run (flows/serve.py, flows/retrain.py), and Prefect reads its
+    settings at import, so the settings are refreshed here: without it, an environment variable set
+    now is ignored and a flow run starts a temporary server of its own.
+    """
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    refresh_global_settings_context()  # whatever the caller put into os.environ since the import
+    configured = get_current_settings().api.url
+    if configured:
+        return configured
+    candidates = []
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        candidates.append(str(json.loads(_server_record().read_text())["api"]))
+    for url in dict.fromkeys([*candidates, DEFAULT_API]):
+        if _answers(url):
+            os.environ["PREFECT_API_URL"] = url
+            refresh_global_settings_context()
+            return url
+    return None
 
 
 def cmd_server(args: argparse.Namespace) -> None:
     quiet_env()
     exe = Path(sys.executable).parent / "prefect"
     argv = [str(exe) if exe.is_file() else "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
-    print(f"Prefect server on http://{args.host}:{args.port} (API: http://{args.host}:{args.port}/api)", flush=True)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    api = f"http://{host}:{args.port}/api"
+    print(f"Prefect server on http://{args.host}:{args.port} (API: {api})", flush=True)
+    # For `medtune serve`, `retrain` and `ingest-new` without PREFECT_API_URL (running_server); a stale
+    # record is harmless: they use it only while a server answers there.
+    record = _server_record()
+    with contextlib.suppress(OSError):
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"api": api, "pid": os.getpid()}) + "\n")
     # exec: the server keeps this process id, so whoever started it can stop it by that id.
     os.execve(argv[0], argv, os.environ.copy())
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     quiet_env()
-    os.environ.setdefault("PREFECT_API_URL", DEFAULT_API)
     # The runner looks for due runs every 10 s by default; 2 s makes an event-triggered retrain start
     # within seconds of `medtune ingest-new`, for one cheap query per 2 s.
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+    url = running_server()  # also makes Prefect see the two lines above
+    if url is None:
+        raise StageError(f"serve: no Prefect server answers at {DEFAULT_API} (nor where `medtune server` last "
+                         "recorded it) and PREFECT_API_URL is not set. Start one first, `medtune server` (in another "
+                         "terminal, or `medtune server &`), or set PREFECT_API_URL to the server to use.")
+    print(f"serving the deployments on the Prefect server at {url}", flush=True)
     from flows.serve import serve_deployments
 
     serve_deployments(Path(args.root).resolve(), args.params)
@@ -404,7 +456,9 @@ def cmd_retrain(args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str | None]:
     """The Prefect API for a flow run in this process: the configured one (PREFECT_API_URL, in the
-    environment or the Prefect profile), else a temporary server of this process's own.
+    environment or the Prefect profile) or the one `medtune server` started (running_server), else a
+    temporary server of this process's own.
+
 
     Prefect 3 would start that temporary server itself (SubprocessASGIServer) and stop it only from
     atexit, which a `kill -9` skips: the server lived on. This starts the same server (Prefect's
@@ -416,9 +470,12 @@ def prefect_api() -> Iterator[str | None]:
     from prefect.context import refresh_global_settings_context
     from prefect.settings import get_current_settings
 
+    url = running_server()  # PREFECT_API_URL, or the server `medtune server` started
     settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
-        yield settings.api.url  # a server of its own, or Prefect's error when temporary servers are off
+    if url or not settings.server.ephemeral.enabled:
+        if url:
+            log.info("Prefect server: %s", url)
+        yield url  # a server of its own, or Prefect's error when temporary servers are off
         return
     # Prefect 3.8's SubprocessASGIServer._run_uvicorn_command, word for word.
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
@@ -461,18 +518,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
-    import urllib.error
+def _answers(url: str, timeout: float = 2) -> bool:
+    """A Prefect API answers at `url` (its /health says true)."""
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+            return r.status == 200 and r.read().strip() == b"true"
+    except (OSError, ValueError):  # URLError is an OSError
+        return False
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
+        if _answers(url):
+            return True
         time.sleep(0.2)
     return False
 
@@ -505,7 +566,11 @@ def cmd_ingest_new(args: argparse.Namespace) -> None:
 
 
 def emit_batch_event(root: Path, batch_name: str) -> None:
-    os.environ.setdefault("PREFECT_API_URL", DEFAULT_API)
+    if running_server() is None:
+        raise StageError(f"no Prefect server answers at {DEFAULT_API} (nor where `medtune server` last recorded it) "
+                         "and PREFECT_API_URL is not set, so no event was sent: the batch stays in the inbox for "
+                         "the next scheduled run. Start `medtune server` and `medtune serve`, or run "
+                         "`medtune retrain --once` now.")
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
