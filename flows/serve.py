@@ -8,7 +8,9 @@ Deployments:
 - `medtune-retrain/retrain`: on `retrain.schedule_cron` (or every `retrain.schedule_interval` s)
   with trigger "schedule", and on the event `medtune.inbox.batch-added` for this project's
   inbox (what `medtune ingest-new` emits) with trigger "event".
-The same flows deploy to a work pool (process, Docker, Kubernetes): docs/orchestration.md.
+Each with a Prefect concurrency limit of one run at a time. The same flows deploy to a work pool
+(process, Docker, Kubernetes) with `prefect deploy` and the repository's prefect.yaml:
+docs/orchestration.md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from flows.pipeline import pipeline
 from flows.retrain import retrain
 
 
+CONCURRENCY_LIMIT = 1  # runs of one deployment at a time (prefect.yaml sets the same)
+
+
 def deployments(root: Path, params: str = "params.yaml") -> list:
     """The two RunnerDeployments (also usable with `.deploy(work_pool_name=...)`)."""
     rp = load_params(root / params).retrain
@@ -38,12 +43,15 @@ def deployments(root: Path, params: str = "params.yaml") -> list:
         match={"prefect.resource.id": orchestrate.project_resource(root)},
         parameters={**base, "trigger": "event"},
     )
+    # One run at a time per deployment, enforced by the Prefect server: a further run waits in
+    # "AwaitingConcurrencySlot" instead of starting. The workspace lock stays the last guard (and is
+    # what orders a pipeline run against a retrain run of the same workspace).
     return [
-        pipeline.to_deployment(name="pipeline", parameters=base,
+        pipeline.to_deployment(name="pipeline", parameters=base, concurrency_limit=CONCURRENCY_LIMIT,
                                description="The DVC pipeline as Prefect tasks, on demand."),
         retrain.to_deployment(name="retrain", parameters={**base, "trigger": "schedule"}, triggers=[trigger],
                               description="Retrain on new labelled batches (schedule and inbox event).",
-                              **schedule),
+                              concurrency_limit=CONCURRENCY_LIMIT, **schedule),
     ]
 
 
