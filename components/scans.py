@@ -87,10 +87,11 @@ def _thumbnail(grey: Image.Image | np.ndarray) -> np.ndarray | None:
 
 # --------------------------------------------------------------------------- detection
 
-# No single 2-D image within validate.max_size (8192 px, 16 bits, even RGB) comes near this, so a
-# larger file is refused from its size alone, before a byte is read: hashing or parsing a 4 GiB
-# file named .dcm would take minutes (and a zero-filled one sends pydicom through every zero tag).
-MAX_FILE_BYTES = 512 * 2**20
+# No single 2-D image within validate.max_size (8192 px: 128 MiB at 16 bits, 192 MiB in 8-bit RGB)
+# comes near this, so a larger file is refused from its size alone, before a byte is read: hashing
+# or parsing a 4 GiB file named .dcm would take minutes (and a zero-filled one sends pydicom through
+# every zero tag). Hashing a file just under it takes about 0.4 s here.
+MAX_FILE_BYTES = 256 * 2**20
 # A raw DICOM dataset without the 128-byte preamble starts with its lowest tag, little-endian:
 # the file meta group or one of the groups every image has. Text and zero-filled files never do.
 _DATASET_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x10\x00", b"\x18\x00", b"\x20\x00", b"\x28\x00")

@@ -251,7 +251,7 @@ def test_a_huge_file_is_refused_from_its_size_without_reading_it(tmp_path):
     with open(path, "wb") as fh:
         fh.truncate(4 * 2**30)
     for read in (probe, lambda p: prepare_image(p, 32, 1, "header")):
-        with pytest.raises(ScanError, match=r"huge.dcm: file is 4,096 MiB; expected a single 2-D image of at most 512"):
+        with pytest.raises(ScanError, match=r"huge.dcm: file is 4,096 MiB; expected a single 2-D image of at most 256"):
             read(path)
     row, _, _ = ingest.scan_row(path, "huge.dcm", "normal", "", None, b"salt")
     assert row["sha256"] == "" and row["error"].startswith("file is 4,096 MiB")
