@@ -165,15 +165,83 @@ def dvc(root: str | Path, *args: str, check: bool = True) -> str:
     return run_tool([str(here) if here.is_file() else "dvc", *args], root, check).stdout.strip()
 
 
+# What a pipeline run or a release writes into the project: records of the run, not the code that made it.
+# (registry/ is components.registry.REGISTRY; .dvc/ holds the remote config; *.dvc name data versions.)
+RECORD_PATHS = ("dvc.lock", "params.yaml", ".dvc", "registry")
+RECORD_GLOBS = ("**/*.dvc", "**/.gitignore")
+
+
+def dvc_pipeline_paths(root: str | Path = ".") -> dict[str, set[str]]:
+    """{"outs", "deps", "params"}: the literal paths dvc.yaml and dvc.lock name (outputs, metrics and
+    plots of every stage; dependencies; parameter files), relative to `root`. A path holding `${...}`
+    is left out of dvc.yaml's (dvc.lock holds it resolved). Read as plain YAML: no DVC import or lock."""
+    import yaml
+
+    found: dict[str, set[str]] = {"outs": set(), "deps": set(), "params": set()}
+
+    def names(items: Any) -> Iterator[str]:
+        for item in items or []:  # "path", {"path": {options}} (dvc.yaml) or {"path": ..., "md5": ...} (dvc.lock)
+            if isinstance(item, dict):
+                item = item.get("path", next(iter(item), None))
+            if isinstance(item, str) and "${" not in item:
+                yield item.rstrip("/")
+
+    for name in ("dvc.yaml", "dvc.lock"):
+        try:
+            doc = yaml.safe_load((Path(root) / name).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        stages = doc.get("stages") if isinstance(doc, dict) else None
+        for stage in (stages if isinstance(stages, dict) else {}).values():
+            if not isinstance(stage, dict):
+                continue
+            for key in ("outs", "metrics", "plots"):
+                found["outs"].update(names(stage.get(key)))
+            found["deps"].update(names(stage.get("deps")))
+            params = stage.get("params") or []
+            if isinstance(params, dict):  # dvc.lock: {file: {key: value}}
+                found["params"].update(params)
+            else:  # dvc.yaml: "key" (of params.yaml) or {file: [keys]}
+                for p in params:
+                    found["params"].update(p if isinstance(p, dict) else ["params.yaml"])
+    return found
+
+
+def record_pathspecs(root: str | Path = ".") -> list[str]:
+    """git pathspecs that leave out everything a run or a release writes (dvc.lock, parameter files,
+    .dvc files and .gitignores, .dvc/, the registry, every pipeline output): what is left is the code."""
+    paths = dvc_pipeline_paths(root)
+    specs = [f":(exclude,literal){p}" for p in sorted({*RECORD_PATHS, *paths["params"], *paths["outs"]})]
+    return specs + [f":(exclude,glob){g}" for g in RECORD_GLOBS]
+
+
 def git_facts(cwd: str | Path = ".") -> dict[str, Any]:
-    """Commit and dirty flag of the working tree, or 'unknown' outside git."""
+    """Commit and dirty flag of the working tree's *code*, or 'unknown' outside git.
+
+    `dirty` is True when a tracked file other than the run's own records (record_pathspecs: dvc.lock,
+    params.yaml, the data version's .dvc file, outputs, the registry) differs from HEAD, or when a file
+    a pipeline stage depends on is not in git at all: either way a checkout of `commit` lacks the code
+    that ran. Parameters are recorded in full beside it, and a release commits them with dvc.lock, so a
+    changed params.yaml is not dirty code. `modified` lists the paths (relative to the repository root).
+    """
     try:
         commit = git(cwd, "rev-parse", "HEAD")
-        # dvc.lock is rewritten by the very run being recorded, so it does not make the code dirty.
-        dirty = bool(git(cwd, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
+        excluded = record_pathspecs(cwd)
+        status = ["git", "status", "--porcelain"]  # run_tool, not git(): the first line's leading blank counts
+        lines = run_tool([*status, "--untracked-files=no", "--", ".", *excluded], cwd).stdout.splitlines()
+        pipeline = dvc_pipeline_paths(cwd)
+        # Dependencies that are neither outputs nor DVC-tracked data must be in git (untracked = not in a clone).
+        code_deps = [d for d in sorted(pipeline["deps"])
+                     if not any(d == o or d.startswith(o + "/") for o in pipeline["outs"])
+                     and not (Path(cwd) / f"{d}.dvc").is_file()]
+        if code_deps:
+            found = run_tool([*status, "--untracked-files=all", "--", *(f":(literal){d}" for d in code_deps), *excluded],
+                             cwd).stdout.splitlines()
+            lines += [x for x in found if x.startswith("??")]
     except (StageError, FileNotFoundError):
-        return {"commit": "unknown", "dirty": None}
-    return {"commit": commit, "dirty": dirty}
+        return {"commit": "unknown", "dirty": None, "modified": []}
+    modified = sorted({line[3:].split(" -> ")[-1].strip('"') for line in lines if len(line) > 3})
+    return {"commit": commit, "dirty": bool(modified), "modified": modified}
 
 
 def dvc_data_version(raw_dir: str | Path) -> str:
