@@ -7,8 +7,12 @@ Layout (git-tracked, small, append-only; see docs/architecture.md "Registry"):
     registry/releases.jsonl      one JSON line per event: promoted | rejected | rollback | failed
     registry/current.json        {model_id, git_tag} of the champion
 
-Promotion is one git commit (data/raw.dvc, dvc.lock, the model's registry folder, the release line,
+Promotion is one git commit (what defines the model: data/raw.dvc, dvc.lock, params.yaml, .dvc/config
+with the remote, the outputs DVC does not cache; plus the model's registry folder, the release line,
 current.json) made after `dvc push`, then a tag `<prefix><model_id>`, then the batches are archived.
+A clone checked out at the tag therefore reproduces the model: after `dvc pull`, `dvc status` is clean,
+`dvc repro` has nothing to do and `medtune verify` passes. compare() promotes only a model whose code
+is the committed code (the lineage's `git_dirty`, `unreproducible()`), since the tag holds HEAD's code.
 The whole release is written to PENDING before its first step, so `recover()` (run first by every
 retrain) finishes a release a crashed run left half-made, without retraining: the tag and the archive
 after the commit, or every step again before it (registry files back to HEAD first). Only when the
@@ -22,13 +26,16 @@ recomputed when data is added and those images would flatter the champion.
 
 from __future__ import annotations
 
+import configparser
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -63,6 +70,69 @@ def ensure_remote(root: str | Path, url: str, name: str = "medtune") -> str:
     dvc(root, "remote", "add", "--force", "--default", name, url)
     log.info("configured DVC remote %s -> %s", name, url)
     return name
+
+
+# Remote options that hold a secret: they belong in the environment or .dvc/config.local (git-ignored),
+# never in .dvc/config, which every release commits.
+SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token", "password", "passphrase", "token",
+                  "account_key", "sas_token", "connection_string", "client_secret", "gdrive_client_secret",
+                  "oss_key_id", "oss_key_secret", "key_secret")
+
+
+def refuse_secrets_in_config(root: str | Path) -> None:
+    """StageError when .dvc/config (committed by every release) holds a credential: a secret option of
+    a remote, or a password in a remote's URL. Credentials come from the environment (AWS_ACCESS_KEY_ID,
+    ...) or `dvc remote modify --local` (.dvc/config.local, which DVC keeps out of git)."""
+    path = Path(root) / ".dvc/config"
+    cfg = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        cfg.read(path)
+    except configparser.Error as exc:
+        raise StageError(f"{path}: not readable as DVC config ({exc})") from exc
+    found = [f"[{section}] {key}" for section in cfg.sections() for key, value in cfg[section].items()
+             if key in SECRET_OPTIONS or (key == "url" and urlsplit(value).password)]
+    if found:
+        raise StageError(f"{path} holds credentials ({', '.join(found)}), and a release commits that file to git. "
+                         "Move them out: `dvc remote modify --local <remote> <option> <value>` (.dvc/config.local, "
+                         "git-ignored) or the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3); "
+                         "nothing was pushed or committed (docs/orchestration.md, 'Remote storage').")
+
+
+def release_paths(root: str | Path = ".") -> tuple[list[str], list[str]]:
+    """What a release commits from the workspace so that a clone at its tag reproduces it, read from
+    DVC's own view of the project: `(paths, uncached)`.
+
+    paths: dvc.lock, .dvc/config (the remote), every parameter file a stage reads (params.yaml), every
+    `.dvc` file (the data version) and the .gitignore DVC keeps beside each output. uncached: the
+    outputs DVC does not cache (`cache: false` in dvc.yaml). `dvc push` cannot carry those, so git
+    must, or a clone at the tag misses them and `dvc status` reports them deleted; they are added
+    with `git add -f` because the project's .gitignore may hide their folders (models/, reports/).
+    Only files that exist are listed.
+    """
+    from dvc.repo import Repo
+
+    root = Path(root)
+    paths, uncached = {"dvc.lock", ".dvc/config", "params.yaml"}, set()
+    try:
+        repo = Repo(str(root))
+    except Exception as exc:  # noqa: BLE001 - NotDvcRepoError and config errors alike
+        raise StageError(f"{root}: not readable as a DVC project ({exc}); a release needs one.") from exc
+    with repo:
+        def rel(path: str) -> str:
+            return Path(os.path.relpath(path, repo.root_dir)).as_posix()
+
+        for stage in repo.index.stages:
+            if stage.is_data_source:
+                paths.add(rel(stage.path))
+            for dep in stage.deps:
+                if type(dep).__name__ == "ParamsDependency":
+                    paths.add(rel(dep.fs_path))
+            for out in stage.outs:
+                path = rel(out.fs_path)
+                paths.add((Path(path).parent / ".gitignore").as_posix())
+                if not out.use_cache:
+                    uncached.add(path)
+    return sorted(p for p in paths if (root / p).exists()), sorted(p for p in uncached if (root / p).exists())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +244,46 @@ def comparison_rows(index: pd.DataFrame, champion_manifest: str | Path | None) -
     return keep
 
 
+def unreproducible(root: str | Path, lineage: dict[str, Any]) -> list[str]:
+    """Why a release tag made now would not reproduce the model `lineage` describes (empty: it would).
+
+    The tag is HEAD plus what the release commits (release_paths: data version, dvc.lock, parameters,
+    uncached outputs, registry records), so the code the model was made with must be HEAD's code: the
+    lineage says it was committed (`git_dirty` false) at a commit whose code is HEAD's, the working
+    tree's code is still HEAD's (common.git_facts), and `dvc status` is clean (dvc.lock describes the
+    files it will be committed with). A lineage without a `code` record (older exports) is not checked.
+    """
+    root = Path(root)
+    code = lineage.get("code")
+    if not isinstance(code, dict):
+        return []
+    why = []
+    if code.get("git_dirty") is not False:
+        why.append("the code was not committed when the model was exported (lineage git_dirty: "
+                   f"{json.dumps(code.get('git_dirty'))})")
+    commit = str(code.get("git_commit") or "unknown")
+    found = common.run_tool(["git", "cat-file", "-e", f"{commit}^{{commit}}"], root, check=False).returncode == 0
+    if not found:
+        why.append(f"the lineage's git commit {commit[:12]} is not in this repository")
+    else:
+        changed = git(root, "diff", "--name-only", commit, "HEAD", "--", ".", *common.record_pathspecs(root)).split()
+        if changed:
+            why.append(f"the code changed between the model's commit {commit[:12]} and HEAD: {', '.join(changed[:10])}"
+                       + (f" and {len(changed) - 10} more" if len(changed) > 10 else ""))
+    now = common.git_facts(root)
+    if now["dirty"]:
+        why.append("the working tree's code differs from HEAD (commit it): " + ", ".join(now["modified"][:10])
+                   + (f" and {len(now['modified']) - 10} more" if len(now["modified"]) > 10 else ""))
+    status = dvc(root, "status", "--json", check=False)
+    try:
+        stale = sorted(json.loads(status or "{}"))
+    except ValueError:
+        stale = [status.strip()[-300:] or "dvc status failed"]
+    if stale:
+        why.append(f"`dvc status` is not clean ({', '.join(stale)}): dvc.lock does not describe the workspace")
+    return why
+
+
 def compare(root: str | Path, params: Params, compare_metric: str, margin: float,
             prepared_dir: str | Path = "data/prepared", models_dir: str | Path = "models",
             reports_dir: str | Path = "reports") -> dict[str, Any]:
@@ -242,6 +352,9 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
             else:
                 reasons.append(f"challenger {compare_metric} {a:.4f} >= champion {b:.4f} - margin {margin} on "
                                f"{comparison['n_compared']} shared test images")
+    if not blockers:  # a promotion is tagged: the tag must reproduce the model
+        blockers += [f"a release tag would not reproduce challenger {challenger['model_id']}: {w}"
+                     for w in unreproducible(root, common.read_json(models / "lineage.json"))]
     promote = not blockers
     reasons = blockers + reasons
     if promote and not cur:
@@ -259,7 +372,8 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
 # Under .dvc/tmp, which DVC keeps out of git.
 PENDING = ".dvc/tmp/medtune-release.json"
 # The pipeline outputs a pending release commits or copies into the registry: if any of them changed
-# since (someone ran the pipeline again), the release cannot be finished as it was decided.
+# since (someone ran the pipeline again), the release cannot be finished as it was decided. With them,
+# every file of release_paths() but .dvc/config and the .gitignores (the parameters, the uncached outputs).
 RELEASE_INPUTS = ("data/raw.dvc", "dvc.lock", "data/manifest.csv", "models/lineage.json", "models/model.onnx",
                   "models/model_card.md")
 
@@ -415,12 +529,16 @@ def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_ru
     """Record a retrain outcome: dvc push, one git commit (+ tag when promoted), then move `batches`
     to `processed_dir`. Returns the release record.
 
-    Both outcomes commit data/raw.dvc and dvc.lock (the new data version is real either way); only a
-    promotion stores the model, moves current.json and tags the commit. Everything is decided and
-    written to PENDING first, so a crash at any step is finished by the next run's `recover()`.
+    Both outcomes commit what defines the pipeline's state (release_paths: the data version's .dvc
+    file, dvc.lock, params.yaml, .dvc/config with the remote, the uncached outputs; the new data version
+    is real either way), so that a clone at the commit, after `dvc pull`, has a clean `dvc status`.
+    Only a promotion stores the model, moves current.json and tags the commit (compare() promotes only
+    a model that tag reproduces). Everything is decided and written to PENDING first, so a crash at
+    any step is finished by the next run's `recover()`.
     """
     root = Path(root)
     _refuse_public_salt_record(root, allow_public_salt)
+    refuse_secrets_in_config(root)
     plan = pending(root)
     if plan:
         mine = (plan["record"].get("flow_run_id"), plan["model_id"], plan["record"].get("data_version"))
@@ -432,6 +550,8 @@ def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_ru
     challenger = decision["challenger"]
     model_id = challenger["model_id"] or "none"
     tag = _free_tag(root, f"{tag_prefix}{model_id}") if promote else None
+    paths, uncached = release_paths(root)
+    inputs = sorted({*RELEASE_INPUTS, *uncached, *(p for p in paths if p != ".dvc/config" and not p.endswith(".gitignore"))})
     record = {
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "event": "promoted" if promote else "rejected", "model_id": model_id, "trigger": trigger,
@@ -444,7 +564,8 @@ def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_ru
             "model_id": model_id, "tag": tag, "remote_url": remote_url, "remote_name": remote_name,
             "extra_paths": list(extra_paths), "batches": [str(b) for b in batches], "processed_dir": str(processed_dir),
             "head": git(root, "rev-parse", "--verify", "-q", "HEAD", check=False) or None,
-            "inputs": {rel: common.sha256_file(root / rel) for rel in RELEASE_INPUTS if (root / rel).is_file()}}
+            "paths": paths, "uncached": uncached,
+            "inputs": {rel: common.sha256_file(root / rel) for rel in inputs if (root / rel).is_file()}}
     common.write_json(root / PENDING, plan)
     return _complete(root, plan)
 
@@ -457,8 +578,11 @@ def _complete(root: Path, plan: dict[str, Any]) -> dict[str, Any]:
     if commit is None:
         if plan["remote_url"]:
             ensure_remote(root, plan["remote_url"], plan["remote_name"])
-        paths = [p for p in ("data/raw.dvc", "dvc.lock", "data/.gitignore", ".dvc/config", *plan["extra_paths"])
-                 if (root / p).exists()]
+        refuse_secrets_in_config(root)
+        if "paths" not in plan:  # a release left pending by an earlier version of this module
+            plan["paths"], plan["uncached"] = release_paths(root)
+        paths = [p for p in dict.fromkeys([*plan["paths"], ".dvc/config", *plan["extra_paths"]]) if (root / p).exists()]
+        uncached = [p for p in plan["uncached"] if (root / p).exists()]
         # Push first: a tag must never point at data or models that exist only on this machine.
         dvc(root, "push")
         if promote:
@@ -470,9 +594,11 @@ def _complete(root: Path, plan: dict[str, Any]) -> dict[str, Any]:
             set_current(root, model_id, tag)
             paths.append(f"{REGISTRY}/current.json")
         git(root, "add", "--", *paths)
+        if uncached:  # outputs only git can carry; forced past a .gitignore that hides their folder
+            git(root, "add", "-f", "--", *uncached)
         verb = f"promote model {model_id}" if promote else f"keep champion; challenger {model_id} rejected"
         git(root, "commit", "-q", "-m", f"medtune retrain ({record['trigger']}): {verb}; data {record['data_version']}",
-            "--", *paths)
+            "--", *paths, *uncached)
         commit = git(root, "rev-parse", "HEAD")
     if tag:
         at = git(root, "rev-list", "-n", "1", tag, check=False) if git(root, "tag", "--list", tag) else None

@@ -6,10 +6,13 @@ that replaces `components.registry.git` / `.dvc` with a version that calls `os._
 the targeted command (production code unchanged).
 
 One trained workspace serves every kill point: its retrain run (allowed a public salt by
-`retrain.allow_public_salt`, since the demo's patient ids are made up) is killed right after
-`dvc push`, the first step of the promotion. Each test copies it; for the later kill points the copy's
-next run (which resumes the promotion) is killed again after `git commit` or `git tag`. Then one plain
-`retrain --once` must finish the promotion without retraining or re-exporting.
+`retrain.allow_public_salt`, since the demo's patient ids are made up; params.yaml changed and not
+committed before it, as a user tuning a parameter does) is killed right after `dvc push`, the first
+step of the promotion. Each test copies it; for the later kill points the copy's next run (which
+resumes the promotion) is killed again after `git commit` or `git tag`. Then one plain
+`retrain --once` must finish the promotion without retraining or re-exporting, and commit the
+changed params.yaml with it. The same workspace, built once per session (`shared_killed_workspace`),
+is what tests/test_release_reproduces.py and tests/test_remote_s3.py release and clone.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 
 import pytest
 import workspace
+import yaml
 from test_flows import FAST, base_env, free_port, stop, wait_healthy
-from workspace import BIN, ROOT, make_workspace, merge, tree_digest
+from workspace import BIN, ROOT, make_workspace, merge, set_params, tree_digest
 
 from components.params import GateParams
 
@@ -107,15 +111,34 @@ def server(tmp_path_factory):
         stop(proc)
 
 
+# Changed in params.yaml, and not committed, before the killed run: the release must commit it (FAST
+# trains with batch_size 16; the committed params.yaml says 16, the run and dvc.lock say 8).
+UNCOMMITTED_PARAMS = {"train": {"batch_size": 8}}
+
+
+def shared_killed_workspace(tmp_path_factory, request) -> dict:
+    """A workspace whose first promotion was killed right after `dvc push` (nothing committed), beside
+    its local DVC remote (../dvc-remote), and the killed run's output. Built once per test session
+    (training is most of a test's cost): the first module to ask builds it under the session's base
+    temp folder, with this module's Prefect server, and every user copies it (copy_of)."""
+    base = tmp_path_factory.getbasetemp() / "shared-killed-after-push"
+    ws, record = base / "ws", base / "killed-run.json"
+    if not record.is_file():
+        shutil.rmtree(base, ignore_errors=True)  # a build that failed half-way
+        env = request.getfixturevalue("server")["env"]
+        make_project(ws, env, allow_public_salt=True)
+        set_params(ws, UNCOMMITTED_PARAMS)
+        drop_batch(ws, env)
+        out = retrain(ws, env, kill_after="dvc push")
+        record.write_text(json.dumps({"args": out.args, "returncode": out.returncode, "stdout": out.stdout,
+                                      "stderr": out.stderr}))
+    return {"ws": ws, "out": subprocess.CompletedProcess(**json.loads(record.read_text()))}
+
+
 @pytest.fixture(scope="module")
-def killed_after_push(server):
+def killed_after_push(tmp_path_factory, request):
     """A workspace whose first promotion was killed right after `dvc push` (nothing committed)."""
-    env, base = server["env"], server["tmp"] / "base"
-    ws = base / "ws"
-    make_project(ws, env, allow_public_salt=True)
-    drop_batch(ws, env)
-    out = retrain(ws, env, kill_after="dvc push")
-    return {"ws": ws, "out": out}
+    return shared_killed_workspace(tmp_path_factory, request)
 
 
 def copy_of(base_ws: Path, dst: Path) -> Path:
@@ -195,6 +218,13 @@ def test_a_promotion_killed_at_any_step_is_finished_by_the_next_run(killed_after
     assert [(e["event"], e["model_id"]) for e in events] == [("promoted", current["model_id"])]
     tagged = run(["git", "rev-list", "-n", "1", current["git_tag"]], ws, env).stdout.strip()
     assert tagged == run(["git", "log", "-1", "--format=%H", "--", "registry/current.json"], ws, env).stdout.strip()
+
+    # The parameters the model was trained with were committed with it (changed, uncommitted, before the run).
+    tag = current["git_tag"]
+    at_tag = yaml.safe_load(run(["git", "show", f"{tag}:params.yaml"], ws, env).stdout)
+    lock = yaml.safe_load(run(["git", "show", f"{tag}:dvc.lock"], ws, env).stdout)
+    assert at_tag["train"]["batch_size"] == lock["stages"]["train"]["params"]["params.yaml"]["train"]["batch_size"] == 8
+    assert lineage["code"]["params"]["train"]["batch_size"] == 8
 
     # The promotion is complete and consistent: batch archived, verify passes, git and DVC clean.
     assert not list((ws / "data/inbox").iterdir()) and list((ws / "data/inbox-processed").iterdir())

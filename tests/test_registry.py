@@ -441,3 +441,62 @@ def test_retrain_refuses_real_patient_ids_with_a_public_salt_unless_allowed(tmp_
         registry.refuse_public_salt(tmp_path, public, [png])
     monkeypatch.setenv("MEDTUNE_PATIENT_SALT", "2f9c0d-test-secret")
     assert registry.refuse_public_salt(tmp_path, public, [dicom]) == {"status": "secret", "source": "MEDTUNE_PATIENT_SALT"}
+
+
+# ---------------------------------------------------------------------------------------------
+# A release must reproduce: no promotion of uncommitted code; no credentials in the committed config
+# ---------------------------------------------------------------------------------------------
+
+def _with_code(ws: Path, commit: str, dirty: bool | None) -> None:
+    """The code record export writes into the lineage (common.git_facts at export time)."""
+    lineage = json.loads((ws / "models/lineage.json").read_text())
+    lineage["code"] = {"git_commit": commit, "git_dirty": dirty, "params": {}, "params_sha256": "x"}
+    common.write_json(ws / "models/lineage.json", lineage)
+
+
+def test_a_model_a_release_tag_would_not_reproduce_is_not_promoted(repo):
+    (repo / "src").mkdir()
+    (repo / "src/stage.py").write_text("print('stage')\n")
+    sh(repo, "git", "add", "src/stage.py")
+    sh(repo, "git", "commit", "-qm", "code")
+    head = sh(repo, "git", "rev-parse", "HEAD")
+    write_challenger(repo, "a", +1)
+
+    def blockers(commit: str, dirty: bool | None) -> list[str]:
+        _with_code(repo, commit, dirty)
+        decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+        assert decision["promote"] is (not [r for r in decision["reasons"] if "would not reproduce" in r])
+        return [r for r in decision["reasons"] if "would not reproduce" in r]
+
+    assert blockers(head, False) == []
+    (repo / "params.yaml").write_text("train: {epochs: 8}\n")  # parameters are committed by the release: fine
+    assert blockers(head, False) == []
+    assert "exported (lineage git_dirty: true)" in " ".join(blockers(head, True))
+    assert "exported (lineage git_dirty: null)" in " ".join(blockers(head, None))
+    assert "git commit ffffffffffff is not in this repository" in " ".join(blockers("f" * 40, False))
+    (repo / "src/stage.py").write_text("print('changed')\n")
+    assert "working tree's code differs from HEAD (commit it): src/stage.py" in " ".join(blockers(head, False))
+    sh(repo, "git", "commit", "-qam", "new code")
+    assert f"code changed between the model's commit {head[:12]} and HEAD: src/stage.py" in " ".join(blockers(head, False))
+    new_head = sh(repo, "git", "rev-parse", "HEAD")
+    (repo / "data/raw/b.txt").write_text("a scan that dvc add has not recorded")
+    assert "`dvc status` is not clean" in " ".join(blockers(new_head, False))
+
+
+def test_publish_refuses_credentials_in_the_dvc_config_it_commits(repo, tmp_path):
+    write_challenger(repo, "a", +1)
+    head = sh(repo, "git", "rev-parse", "HEAD")
+    sh(repo, "dvc", "remote", "add", "-d", "store", "s3://bucket/medtune")
+    sh(repo, "dvc", "remote", "modify", "store", "secret_access_key", "do-not-commit-me")
+    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    with pytest.raises(common.StageError, match=r"config holds credentials \(\['remote \"store\"'\] secret_access_key\)"):
+        registry.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1")
+    assert sh(repo, "git", "rev-parse", "HEAD") == head and registry.pending(repo) is None
+    # The same option in .dvc/config.local (git-ignored) is where it belongs; a password in the URL is refused too.
+    sh(repo, "dvc", "remote", "modify", "--unset", "store", "secret_access_key")
+    sh(repo, "dvc", "remote", "modify", "--local", "store", "secret_access_key", "do-not-commit-me")
+    registry.refuse_secrets_in_config(repo)
+    sh(repo, "dvc", "remote", "add", "web", "https://user:hunter2@example.org/dvc")
+    with pytest.raises(common.StageError, match=r"\['remote \"web\"'\] url"):
+        registry.refuse_secrets_in_config(repo)
+    assert "do-not-commit-me" not in (repo / ".dvc/config").read_text()
