@@ -4,17 +4,19 @@
     medtune verify 3f2a9c1e0b7d --json       # an old model from the registry
 
 Checked, each reported by name: the ONNX file and the checkpoint (in the model's folder, the
-registry, or the DVC cache / a local DVC remote at the model's release tag), the manifest copy and
+registry, or the DVC cache / any DVC remote at the model's release tag), the manifest copy and
 its content hash, the DVC listing of the data version, and every raw scan of that data version.
-Scans come from the workspace when `data/raw.dvc` still names the model's data version (a changed
-or missing file there is then a finding), otherwise from the DVC cache or a local remote
-(content-addressed by md5: `files/md5/<2>/<30>`; the listing is `<data_version>.dir`).
+Scans come from the workspace when `data/raw.dvc` still names the model's data version and the raw
+folder exists (a changed or missing file there is then a finding), otherwise from the DVC cache or
+a DVC remote (content-addressed by md5: `files/md5/<2>/<30>`; the listing is `<data_version>.dir`).
+The cache and the remotes are DVC's own object databases (`dvc.repo.Repo`, as DVC configures them from
+.dvc/config, config.local and the environment), so an S3 or any other remote is read directly: a fresh
+clone can be verified without `dvc pull`.
 """
 
 from __future__ import annotations
 
 import argparse
-import configparser
 import hashlib
 import json
 from collections.abc import Sequence
@@ -38,40 +40,95 @@ def _item(item: str, kind: str, status: str, path: Any = None, expected: str | N
 
 
 # ---------------------------------------------------------------------------------------------
-# DVC stores: the cache and local remotes, read as plain content-addressed folders
+# DVC stores: the cache and every remote, read through DVC's own object databases
 # ---------------------------------------------------------------------------------------------
 
-def dvc_stores(root: str | Path) -> tuple[list[tuple[str, Path]], list[str]]:
-    """[(name, folder)] of the DVC cache and every local-path remote; plus notes on skipped remotes."""
-    root = Path(root)
-    dvc_dir = root / ".dvc"
-    cfg = configparser.ConfigParser(interpolation=None)
-    cfg.read([dvc_dir / "config", dvc_dir / "config.local"])
-    cache = cfg.get("cache", "dir", fallback=None)
-    stores = [("DVC cache", (dvc_dir / cache) if cache else dvc_dir / "cache")]
-    notes = []
-    for section in cfg.sections():
-        if not section.startswith("'remote") and not section.startswith("remote"):
+class RemoteObject:
+    """One object in a DVC remote that is not a local folder (S3, GCS, Azure, SSH, HTTP, ...), read
+    through the remote's DVC filesystem, so any remote DVC can push to can be checked."""
+
+    def __init__(self, fs: Any, path: str, url: str):
+        self.fs, self.path, self.url = fs, path, url
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open(self.path, "rb") as fh:
+            return fh.read()
+
+    def sha256(self, chunk: int = 1 << 20) -> str:
+        h = hashlib.sha256()
+        with self.fs.open(self.path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class Store:
+    """A DVC object database (the cache or a remote): `find(md5)` gives the object, a local Path or a
+    RemoteObject, or None. A remote that cannot be read (unreachable, no credentials) is noted once and
+    then treated as not holding anything, so verify reports what it could not check as MISSING."""
+
+    def __init__(self, name: str, odb: Any, notes: list[str]):
+        from dvc_objects.fs.local import LocalFileSystem
+
+        self.name, self.odb, self.notes, self.failed = name, odb, notes, False
+        self.local = isinstance(odb.fs, LocalFileSystem)
+
+    def find(self, md5: str) -> Path | RemoteObject | None:
+        path = self.odb.oid_to_path(md5)
+        if self.local:
+            return Path(path) if Path(path).is_file() else None
+        if self.failed:
+            return None
+        try:
+            if not self.odb.fs.isfile(path):
+                return None
+            return RemoteObject(self.odb.fs, path, self.odb.fs.unstrip_protocol(path))
+        except Exception as exc:  # noqa: BLE001 - any transport or credential error of any remote
+            self.failed = True
+            self.notes.append(f"{self.name} could not be read ({type(exc).__name__}: {str(exc)[:200]}); its objects "
+                              "count as missing (check the remote's URL, endpoint and credentials)")
+            return None
+
+
+def dvc_stores(root: str | Path) -> tuple[list[tuple[str, Store]], list[str]]:
+    """[(name, store)] of the DVC cache, then the default remote, then every other remote, as DVC itself
+    configures them (.dvc/config, config.local, the environment's credentials); plus notes."""
+    from dvc.repo import Repo
+
+    notes: list[str] = []
+    try:
+        repo = Repo(str(root))
+    except Exception as exc:  # noqa: BLE001 - not a DVC project, or a config DVC refuses
+        return [], [f"{root} is not readable as a DVC project ({type(exc).__name__}): no DVC cache or remote read"]
+    stores = [("DVC cache", Store("DVC cache", repo.cache.local, notes))]
+    names = list(repo.config.get("remote") or {})
+    default = (repo.config.get("core") or {}).get("remote")
+    for name in sorted(names, key=lambda n: n != default):
+        try:
+            odb = repo.cloud.get_remote_odb(name, command="medtune verify")
+        except Exception as exc:  # noqa: BLE001 - e.g. a plugin (dvc-s3) missing for its scheme
+            notes.append(f"remote {name} not read ({type(exc).__name__}: {str(exc)[:200]})")
             continue
-        name = section.split('"')[1] if '"' in section else section
-        url = cfg.get(section, "url", fallback="")
-        if url.startswith("file://"):
-            url = url[len("file://"):]
-        if "://" in url or not url:
-            notes.append(f"remote {name} ({url}) not read directly: run `dvc pull` to bring its files into the cache")
-            continue
-        path = Path(url)
-        stores.append((f"DVC remote {name}", path if path.is_absolute() else dvc_dir / path))
+        label = f"DVC remote {name}"
+        stores.append((label, Store(label, odb, notes)))
+    repo.close()
     return stores, notes
 
 
-def dvc_object(stores: list[tuple[str, Path]], md5: str) -> tuple[str, Path] | None:
+def dvc_object(stores: list[tuple[str, Store]], md5: str) -> tuple[str, Path | RemoteObject] | None:
     """The first store holding the object with this md5 (a file, or a directory listing `<md5>.dir`)."""
-    for name, folder in stores:
-        path = folder / "files" / "md5" / md5[:2] / md5[2:]
-        if path.is_file():
-            return name, path
+    for name, store in stores:
+        obj = store.find(md5)
+        if obj is not None:
+            return name, obj
     return None
+
+
+def _sha256(obj: Path | RemoteObject) -> str:
+    return obj.sha256() if isinstance(obj, RemoteObject) else sha256_file(obj)
 
 
 def _lock_md5(lock: bytes | None, out_path: str) -> str | None:
@@ -93,9 +150,10 @@ def _lock_md5(lock: bytes | None, out_path: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 def _model_files(m: ModelRef, root: Path, name: str, lock_path: str, want: str | None, tag: str | None,
-                 stores: list[tuple[str, Path]], kind: str) -> list[dict[str, Any]]:
+                 stores: list[tuple[str, Store]], kind: str) -> list[dict[str, Any]]:
     """Every copy of one of the model's own files (the named ONNX, the model folder, the registry,
-    the workspace when it holds this model); with none on disk, the DVC cache at the release tag."""
+    the workspace when it holds this model); with none on disk, the DVC cache or a remote, by the md5
+    dvc.lock records at the release tag."""
     if not want:
         return [_item(name, kind, MISSING, detail="the lineage records no sha256 for it")]
     paths = [m.onnx_path] if kind == "onnx" and m.onnx_path else []
@@ -114,13 +172,13 @@ def _model_files(m: ModelRef, root: Path, name: str, lock_path: str, want: str |
     md5 = _lock_md5(git_show(root, tag, "dvc.lock"), lock_path) if tag else None
     obj = dvc_object(stores, md5) if md5 else None
     if obj:
-        got = sha256_file(obj[1])
+        got = _sha256(obj[1])
         return [_item(name, kind, OK if got == want else MISMATCH, obj[1], want, got,
                       f"{lock_path} from {obj[0]} (md5 {md5} in dvc.lock at tag {tag})")]
     where = ", ".join(str(d) for d in m.file_dirs)
-    why = (f"not in {where}" + (f"; {lock_path} md5 {md5} (dvc.lock at tag {tag}) is not in the DVC cache or a local "
-                                f"remote: `dvc pull` first" if md5 else
-                                "; no release tag with a dvc.lock to find it in the DVC cache" if not tag else
+    why = (f"not in {where}" + (f"; {lock_path} md5 {md5} (dvc.lock at tag {tag}) is not in the DVC cache or any DVC "
+                                f"remote" if md5 else
+                                "; no release tag with a dvc.lock to find it in DVC" if not tag else
                                 f"; dvc.lock at tag {tag} does not list {lock_path}"))
     return [_item(name, kind, MISSING, None, want, None, why)]
 
@@ -152,19 +210,20 @@ def _manifest(m: ModelRef, root: Path) -> tuple[list[dict[str, Any]], Path | Non
     return items, path
 
 
-def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Store]]) -> list[dict[str, Any]]:
     rows = read_manifest_rows(manifest, LISTING_COLUMNS)
     version = str((m.lineage.get("data") or {}).get("data_version") or "untracked")
     raw_dir = root / str((((m.lineage.get("code") or {}).get("params") or {}).get("data") or {}).get("raw_dir", "data/raw"))
-    workspace_claims = version == "untracked" or dvc_data_version(raw_dir) == version
+    # A fresh clone that has not pulled has no raw folder at all: its scans come from the cache or a remote.
+    workspace_claims = version == "untracked" or (dvc_data_version(raw_dir) == version and raw_dir.is_dir())
     items, listing = [], None
     if version != "untracked":
         obj = dvc_object(stores, version)
         if obj is None:
             if not workspace_claims:
                 return [_item(f"{version}", "data version", MISSING, None, version, None,
-                              f"the listing of data version {version} is not in the DVC cache or a local remote and "
-                              f"{raw_dir}.dvc names another version: `git checkout <tag> -- {raw_dir}.dvc && dvc pull`")]
+                              f"the listing of data version {version} is not in the DVC cache or any DVC remote, and "
+                              f"{raw_dir} does not hold that version (push it from a workspace that has it)")]
         else:
             blob = obj[1].read_bytes()
             got = hashlib.md5(blob).hexdigest() + ".dir"
@@ -195,9 +254,9 @@ def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Path
             else:
                 items.append(_item(rel, "scan", MISSING, None, want, None,
                                    f"not in data version {version}'s listing" if md5 is None else
-                                   f"object md5 {md5} is not in the DVC cache or a local remote"))
+                                   f"object md5 {md5} is not in the DVC cache or any DVC remote"))
             continue
-        got = sha256_file(obj[1])
+        got = _sha256(obj[1])
         items.append(_item(rel, "scan", OK if got == want else MISMATCH, obj[1], want, got,
                            f"from {obj[0]}" + ("" if got == want else ": the stored object was altered")))
     for it in items:
