@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "server": ("components.orchestrate", "start a local Prefect server (UI) on 127.0.0.1:4200"),
     "serve": ("flows.serve", "serve the Prefect deployments: pipeline on demand, retrain on schedule and on events"),
     "retrain": ("flows.retrain", "retrain on new labelled batches in the inbox (--once); champion/challenger promotion"),
+    "pipeline": ("flows.pipeline", "run the pipeline once as a Prefect flow: a task per dvc.yaml stage, `dvc repro` in each"),
     "ingest-new": ("components.inbox", "add a labelled batch to the inbox and emit the retrain event"),
     "trace": ("components.trace", "audit: everything that made a model (data, code, params, evidence); --json"),
     "verify": ("components.verify", "audit: re-hash a model's ONNX, checkpoint and raw scans; exit 1 on a mismatch"),
@@ -38,9 +39,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-npz": ("components.importers", "convert a MedMNIST .npz into PNG files plus labels.csv"),
     "import-folders": ("components.importers", "copy a folder-per-class tree (split folders optional) plus labels.csv"),
 }
-# The pipeline stages: dvc.yaml's `medtune <stage>` commands, run by `_run_stage` (the same tuple as
-# orchestrate.STAGES, spelt out so `medtune --help` imports nothing; tests/test_processes.py compares them).
-STAGES = ("ingest", "validate", "preprocess", "augment", "train", "evaluate", "export")
+# Commands that run a pipeline stage's code (dvc.yaml's `medtune <stage>`): `_run_stage` binds them to
+# their starter and holds the stage's lock. Which stages the pipeline has, and their order, is dvc.yaml's
+# alone (orchestrate.pipeline_stages reads DVC's graph); this set, spelt out so `medtune --help` imports
+# nothing, only says how to run such a command. tests/test_orchestrate.py checks it against dvc.yaml.
+STAGE_COMMANDS = frozenset({"ingest", "validate", "preprocess", "augment", "train", "evaluate", "export"})
 # Commands whose entry point is not their module's `main(argv)` (one module serving several commands).
 FUNCTIONS: dict[str, str] = {"import-folders": "main_folders"}
 
@@ -63,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"medtune: unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
         return 2
-    if command in STAGES:
+    if command in STAGE_COMMANDS:
         return _run_stage(command, rest, entry_point)
     module = importlib.import_module(COMMANDS[command][0])
     return int(getattr(module, FUNCTIONS.get(command, "main"))(rest) or 0)

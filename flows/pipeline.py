@@ -1,28 +1,42 @@
-"""The pipeline as a Prefect flow: one task per dvc.yaml stage, each calling the same function.
+"""The pipeline as a Prefect flow. DVC executes, Prefect orchestrates.
 
+    medtune pipeline                                # one run now, in this process
     medtune serve                                   # serves it as deployment medtune-pipeline/pipeline
     prefect deployment run medtune-pipeline/pipeline
 
-Wiring only: every task calls `components.<stage>.main` (what `dvc repro` runs) through
-`orchestrate.run_stage`. Around the stages: `dvc add` of the raw folder first (so data/raw.dvc names
-the data version trained on) and `dvc commit --force` last (so dvc.lock describes exactly what this
-flow produced and `dvc status` is clean). DVC commands run one at a time, in this process, under the
-workspace lock; no two flows touch the workspace at once.
+One task per dvc.yaml stage, in the order `dvc repro` runs them (DVC's own graph,
+orchestrate.pipeline_stages), each running `dvc repro --single-item STAGE` (orchestrate.run_stage).
+So DVC decides: a stage whose deps, params and outs match dvc.lock is skipped, one DVC's run cache
+knows is restored without running, and dvc.lock is written by DVC for what it ran, never forced. The
+task's state says which: Completed (ran) or Skipped (its message: unchanged, or run cache). The lines
+dvc and the stage print go to the task's run logger as they come, so training epochs, metrics, gate
+reasons and validation failures are in the flow run's logs on the server.
+
+Around the stages: `dvc add` of the raw folder first (so data/raw.dvc names the data version trained
+on). A stage that reads reports/gate.json (export) runs only when the gate passed; otherwise its task
+ends "Gate failed" and the run has no model (`dvc status` then shows that stage changed, as after a
+`dvc repro` that stopped there). DVC commands run one at a time, from this process, under the
+workspace lock; no two flows touch the workspace at once. Retries, on transient errors only, and the
+artifacts (validation, metrics, gate, lineage) are Prefect's part.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
 from components import common, folders, orchestrate
 from components.common import dvc_data_version
+from components.orchestrate import GATE_FILE, OUTCOMES
 from components.params import load_params
 
 
@@ -30,24 +44,29 @@ def _transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's retry
     return orchestrate.is_transient(state.data if isinstance(state.data, BaseException) else None)
 
 
+# Retried only on transient errors (DVC's lock busy, an OSError in a stage); a `dvc repro` again is
+# safe: it runs only what is still out of date. Never on a StageError: bad input stays bad.
 IO = {"retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": _transient}
 
 
-def _stage_task(name: str, io_bound: bool):
-    def body(params: str) -> None:
-        orchestrate.run_stage(name, params)
-    body.__name__ = name
-    return task(name=name, **(IO if io_bound else {}))(body)
+@task(name="dvc-repro", **IO)
+def reproduce(stage: str) -> State:
+    """`dvc repro --single-item STAGE`; the final state is Completed when it ran, Skipped when DVC skipped it."""
+    logger = get_run_logger()
+    run = orchestrate.run_stage(stage, ".", logger)
+    message = f"{OUTCOMES[run.outcome]} (dvc repro --single-item {stage})"
+    logger.log(logging.WARNING if run.outcome == "unknown" else logging.INFO, "%s: %s", stage, message)
+    return Completed(name="Skipped" if run.outcome in ("skipped", "run-cache") else "Completed",
+                     message=message, data=run.outcome)
 
 
-# I/O-bound stages (they read the raw scans or write many files) retry on transient OS errors.
-ingest = _stage_task("ingest", io_bound=True)
-validate = _stage_task("validate", io_bound=False)
-preprocess = _stage_task("preprocess", io_bound=True)
-augment = _stage_task("augment", io_bound=False)
-train = _stage_task("train", io_bound=False)
-evaluate = _stage_task("evaluate", io_bound=False)
-export = _stage_task("export", io_bound=True)
+@task(name="gate-refused")
+def refuse(stage: str, gate: dict[str, Any]) -> State:
+    """A stage that reads the gate (export) after the gate failed: not run, and the state says why."""
+    failed = "; ".join(gate.get("failed") or gate.get("reasons") or ["reports/gate.json: passed is false"])
+    get_run_logger().warning("gate failed: %s not run, no model this run (%s)", stage, failed)
+    return Completed(name="Gate failed", message=f"not run: the gate failed ({failed}); no model this run",
+                     data="gate-failed")
 
 
 @task(name="dvc-add-raw", **IO)
@@ -55,12 +74,6 @@ def version_data(raw_dir: str) -> str:
     folders.refuse_links_out(raw_dir)
     common.dvc(".", "add", raw_dir)
     return dvc_data_version(raw_dir)
-
-
-@task(name="dvc-commit", **IO)
-def dvc_commit(stages: list[str]) -> str:
-    common.dvc(".", "commit", "--force", *stages)
-    return common.dvc(".", "status")
 
 
 def _read(path: str) -> Any:
@@ -99,38 +112,55 @@ def publish_lineage() -> dict | None:
     return lineage
 
 
+# Artifacts by the stage output they show: published after the stage that writes the file (whether it
+# ran or was skipped: the file is this run's either way). After a failed stage only the validation
+# summary, which matters most when validation failed; the others would be a previous run's.
+ARTIFACTS = {"reports/validation.md": "validation", GATE_FILE: "evaluation", "models/lineage.json": "lineage"}
+
+
 @flow(name="medtune-pipeline", log_prints=True)
 def pipeline(root: str = ".", params: str = "params.yaml", lock: bool = True) -> dict[str, Any]:
-    """ingest -> validate -> preprocess -> augment -> train -> evaluate -> export, then dvc commit.
+    """dvc add of the raw folder, then `dvc repro --single-item` of each dvc.yaml stage in DVC's order.
 
-    Export runs only when the gate passed (it would refuse anyway); the result says which stages ran.
+    The result says what each stage did ("ran", "skipped", "run-cache", "gate-failed"); `model_id` is
+    None when the gate failed. `params` must be params.yaml: DVC gives the stages that file.
     `lock=False` when the caller (the retrain flow) already holds the workspace lock.
     """
     logger = get_run_logger()
     os.chdir(root)  # stage defaults are relative to the project root; each flow run is its own process
+    orchestrate.check_params_file(".", params)
     p = load_params(params)
     holder = f"pipeline flow run (pid {os.getpid()})"
+    outcomes: dict[str, str] = {}
+    metrics = gate = lineage = None
     with (orchestrate.workspace_lock(".", holder, 3600, lambda h: logger.info("waiting for the workspace: %s", h))
           if lock else contextlib.nullcontext()):
         data_version = version_data(p.data.raw_dir)
-        ingest(params)
-        try:
-            validate(params)
-        finally:
-            publish_validation()  # the summary matters most when validation failed
-        preprocess(params)
-        augment(params)
-        train(params)
-        evaluate(params)
-        metrics, gate = publish_evaluation()
-        ran = [s for s in orchestrate.STAGES if s != "export"]
-        if gate and gate.get("passed"):
-            export(params)
-            ran.append("export")
-        else:
-            logger.warning("gate failed: export skipped, no model this run (%s)", "; ".join((gate or {}).get("failed", [])))
-        status = dvc_commit(ran)
-        lineage = publish_lineage() if "export" in ran else None
-    logger.info("dvc status after the flow: %s", status or "clean")
-    return {"data_version": data_version, "stages": ran, "gate": gate, "metrics": metrics,
-            "model_id": (lineage or {}).get("model_id"), "dvc_status": status}
+        for stage in orchestrate.pipeline_stages("."):
+            if GATE_FILE in stage.deps and gate is not None and not gate.get("passed"):
+                state = refuse.with_options(name=stage.name, task_run_name=stage.name)(stage.name, gate, return_state=True)
+                outcomes[stage.name] = state.result()
+                continue
+            state = reproduce.with_options(name=stage.name, task_run_name=stage.name)(stage.name, return_state=True)
+            shows = [ARTIFACTS[o] for o in stage.outs if o in ARTIFACTS]
+            if state.is_failed():
+                if "validation" in shows:
+                    publish_validation()
+                state.result()  # raises the stage's error: the flow run fails with it
+            outcomes[stage.name] = state.result()
+            if "validation" in shows:
+                publish_validation()
+            if "evaluation" in shows:
+                metrics, gate = publish_evaluation()
+            if "lineage" in shows:
+                lineage = publish_lineage()
+        status = common.dvc(".", "status")
+    ran = [name for name, outcome in outcomes.items() if outcome == "ran"]
+    logger.info("stages run: %s; dvc status after the flow: %s", ", ".join(ran) or "none (all up to date)", status)
+    return {"data_version": data_version, "stages": outcomes, "ran": ran, "gate": gate, "metrics": metrics,
+            "model_id": (lineage or {}).get("model_id"), "dvc_status": status, "flow_run_id": str(flow_run.id)}
+
+
+def main(argv=None) -> int:
+    """`medtune pipeline` (see components.orchestrate)."""
+    return orchestrate.pipeline_main(argv)

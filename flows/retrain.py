@@ -5,7 +5,7 @@
 1. Nothing in the inbox (and no interrupted release to finish): log it and end (no lock, no git, no DVC).
 2. A public patient salt with real patient ids stops the run (retrain.allow_public_salt to allow it).
    Each batch is checked on its own (components.inbox); a bad one goes to quarantine with a report.
-3. Good batches are appended to the raw data; the pipeline flow runs (dvc add, stages, dvc commit).
+3. Good batches are appended to the raw data; the pipeline flow runs (dvc add, then `dvc repro` of each stage).
 4. components.registry.compare decides (gate AND not worse than the champion by the margin).
 5. components.registry.publish records it: dvc push, one git commit, a tag when promoted, then the
    batches are archived. A run killed in there is finished by the next run's recovery, without retraining.

@@ -1,9 +1,12 @@
-"""Retraining end to end: a real Prefect server on 127.0.0.1, the served retrain deployment, real DVC
-and git in a temporary project, real training/ONNX on tiny synthetic DICOMs.
+"""Retraining and the pipeline flow end to end: a real Prefect server on 127.0.0.1, the served retrain
+deployment, real DVC and git in a temporary project, real training/ONNX on tiny synthetic DICOMs.
 
 Order matters (one served workspace, module-scoped): nothing new (quick no-op) -> a good batch via
-the event (retrain, new data version, promotion as the gate says, clean dvc status) -> a bad batch
-(quarantine, no change). Every process started here is stopped by its own process id.
+the event (retrain, new data version, promotion as the gate says, clean dvc status; its pipeline
+subflow ran every stage, logs on the server) -> a bad batch (quarantine, no change) -> a failed
+pipeline after the append (restored) -> `medtune pipeline` with nothing changed (every stage skipped)
+-> one changed param (only the stages that read it run). Every process started here is stopped by
+its own process id.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 import workspace
 import yaml
-from workspace import BIN, ROOT, make_workspace, merge, tool_env, tree_digest
+from workspace import BIN, make_workspace, merge, set_params, tool_env, tree_digest
 
 # The workspace's TINY params, trimmed further: one epoch per retrain run.
 FAST = {"train": {"epochs": 1, "batch_size": 16}}
@@ -193,6 +196,54 @@ def wait_new_run(api: str, known: set, serve_log: Path, timeout: float = RUN_TIM
     raise AssertionError(f"no retrain run finished within {timeout} s:\n{serve_log.read_text()[-4000:]}")
 
 
+def api_post(api: str, path: str, body: dict) -> list | dict:
+    """Plain REST: this prefect client's read_* calls send null filters that its own server rejects."""
+    req = urllib.request.Request(f"{api}{path}", method="POST", headers={"content-type": "application/json"},
+                                 data=json.dumps(body).encode())
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
+def pipeline_subflow(api: str, parent_run_id) -> dict:
+    """The medtune-pipeline flow run that the retrain run `parent_run_id` ran as its subflow."""
+    runs = api_post(api, "/flow_runs/filter", {"flows": {"name": {"any_": ["medtune-pipeline"]}}, "limit": 200})
+    parents = {r["parent_task_run_id"]: r for r in runs if r.get("parent_task_run_id")}
+    tasks = api_post(api, "/task_runs/filter", {"task_runs": {"id": {"any_": list(parents)}}, "limit": 200}) if parents else []
+    mine = [parents[t["id"]] for t in tasks if t["flow_run_id"] == str(parent_run_id)]
+    assert len(mine) == 1, f"expected one pipeline subflow of retrain run {parent_run_id}, found {len(mine)}"
+    return mine[0]
+
+
+def task_states(api: str, flow_run_id: str) -> dict[str, dict]:
+    """Task run name -> its final state (type, name, message), of one flow run, from the server."""
+    tasks = api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}, "limit": 200})
+    return {t["name"]: {**t["state"], "id": t["id"]} for t in tasks}
+
+
+def server_logs(api: str, flow_run_id: str, want: list[str], timeout: float = 60) -> list[dict]:
+    """Every log line of the flow run on the server, read until each string in `want` is in one of them
+    (a process sends its log lines in batches, so the last ones can arrive after the run ended)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs, offset = [], 0
+        while True:
+            page = api_post(api, "/logs/filter", {"logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+                                                  "sort": "TIMESTAMP_ASC", "limit": 200, "offset": offset})
+            logs += page
+            if len(page) < 200:
+                break
+            offset += 200
+        if all(any(w in x["message"] for x in logs) for w in want) or time.monotonic() > deadline:
+            return logs
+        time.sleep(1)
+
+
+def stage_names(ws: Path) -> list[str]:
+    from components import orchestrate
+
+    return [s.name for s in orchestrate.pipeline_stages(ws)]  # dvc.yaml's stages, as DVC orders them
+
+
 def test_deployment_has_schedule_and_event_trigger(served):
     dep = wait_deployment(served["api"])
     assert dep.schedules, "retrain deployment must run on a schedule"
@@ -229,6 +280,7 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
     fr = wait_new_run(api, known, served["serve_log"])
     assert fr.state.is_completed(), served["serve_log"].read_text()[-4000:]
     assert fr.parameters["trigger"] == "event"
+    served["first_retrain"] = fr.id  # its pipeline subflow is the workspace's first pipeline run
     latency = fr.start_time.timestamp() - sent
     print(f"event -> retrain run start: {latency:.1f} s; run took {(fr.end_time - fr.start_time).total_seconds():.1f} s")
     assert latency < 30
@@ -283,6 +335,29 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
         assert "medtune-lineage" in found
 
 
+def test_the_first_pipeline_run_ran_every_stage_and_its_stage_logs_are_on_the_server(served):
+    """The retrain run's pipeline subflow, on a workspace that never ran the pipeline: every dvc.yaml
+    stage ran (`dvc repro --single-item`, task state Completed), and the stages' own log lines (a
+    training epoch, the gate decision) are in that flow run's logs on the server, under their task."""
+    ws, api = served["ws"], served["api"]
+    sub = pipeline_subflow(api, served["first_retrain"])
+    states = task_states(api, sub["id"])
+    names = stage_names(ws)
+    # dvc.yaml lists its stages in an order DVC's graph allows, so DVC's order is the listing's.
+    assert names == list(yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]), names
+    for name in names:
+        assert states.get(name, {}).get("name") == "Completed", f"task {name}: {states.get(name)}; all: {states}"
+        assert states[name]["message"].startswith("ran"), states[name]
+    logs = server_logs(api, sub["id"], ["epoch 1:", "gate "])
+    by_task = {}
+    for x in logs:
+        by_task.setdefault(x["task_run_id"], []).append(x["message"])
+    train, evaluate = by_task.get(states["train"]["id"], []), by_task.get(states["evaluate"]["id"], [])
+    assert any("Running stage 'train':" in m for m in train), train[:20]
+    assert any("medtune.train: epoch 1:" in m for m in train), f"no epoch line from train on the server: {train[:40]}"
+    assert any("gate PASSED" in m or "GATE FAILED" in m for m in evaluate), f"no gate line: {evaluate[:40]}"
+
+
 def test_bad_batch_is_quarantined_and_nothing_changes(served):
     ws, env, api, tmp = served["ws"], served["env"], served["api"], served["tmp"]
     head = run(["git", "rev-parse", "HEAD"], ws, env).stdout
@@ -314,10 +389,12 @@ def test_bad_batch_is_quarantined_and_nothing_changes(served):
 def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     """A batch that passes its own checks, then the whole-data validation stops the pipeline.
 
-    The run is given a params file whose validate.min_images_per_class_split no split can meet (a
-    check that only the whole data set is subject to). Expected: the run fails, the workspace is
-    back to the last commit (raw files, raw.dvc, dvc.lock, outputs: dvc status clean), the batch is
-    quarantined with the error, a `failed` event is committed, and the champion stays.
+    params.yaml is given a validate.min_images_per_class_split no split can meet (a check that only
+    the whole data set is subject to; the pipeline's stages read params.yaml, as DVC gives it to
+    them). Expected: the run fails, the workspace is back to the last commit (raw files, raw.dvc,
+    dvc.lock, outputs: dvc status clean once the test undoes its own params edit), the batch is
+    quarantined with the error, a `failed` event is committed, the champion stays, and the
+    validation failure is in the pipeline subflow's logs on the server.
     """
     from prefect.deployments import run_deployment
 
@@ -327,19 +404,25 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     manifest_before = (ws / "data/manifest.csv").read_bytes()
     validation_before = (ws / "reports/validation.json").read_bytes()
     current_before = (ws / "registry/current.json").read_text() if (ws / "registry/current.json").exists() else None
-    strict = yaml.safe_load((ws / "params.yaml").read_text())
-    strict["validate"]["min_images_per_class_split"] = 1000
-    (ws / "params-strict.yaml").write_text(yaml.safe_dump(strict))
     batch = tmp / "batch-2024-08"
     run(["medtune", "demo-data", "--out", str(batch), "--patients", "2", "--slices", "2", "--size", "32",
          "--batch-name", "2024-08"], ws, env)
     originals = tree_digest(batch)
     run(medtune("ingest-new", str(batch), "--no-event"), ws, env)
 
-    fr = run_deployment("medtune-retrain/retrain", timeout=RUN_TIMEOUT,
-                        parameters={"params": "params-strict.yaml", "trigger": "manual"})
+    set_params(ws, {"validate": {"min_images_per_class_split": 1000}})
+    try:
+        fr = run_deployment("medtune-retrain/retrain", timeout=RUN_TIMEOUT, parameters={"trigger": "manual"})
+    finally:
+        run(["git", "checkout", "--", "params.yaml"], ws, env)  # the user's edit; the run leaves it alone
     assert fr.state.is_failed(), (fr.state, served["serve_log"].read_text()[-4000:])
     print(f"failed retrain run with restore took {(fr.end_time - fr.start_time).total_seconds():.1f} s")
+    sub = pipeline_subflow(served["api"], fr.id)
+    validate = task_states(served["api"], sub["id"])["validate"]
+    assert validate["type"] == "FAILED" and "images_per_class_split" in validate["message"], validate
+    logs = server_logs(served["api"], sub["id"], ["images_per_class_split"])
+    assert any("images_per_class_split" in x["message"] and x["task_run_id"] == validate["id"] for x in logs), \
+        [x["message"] for x in logs][-30:]
 
     # The workspace is the last committed state again; only the failed event was committed.
     assert raw_md5(ws) == md5 and tree_digest(ws / "data/raw") == raw_before
@@ -366,6 +449,73 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     assert now == current_before
 
 
+def run_pipeline_command(served) -> tuple[dict, str, float]:
+    """`medtune pipeline` in its own process against the test server: (result, stderr, seconds)."""
+    start = time.monotonic()
+    out = run(medtune("pipeline", "--root", str(served["ws"])), served["tmp"], served["env"])
+    return json.loads(out.stdout), out.stderr, time.monotonic() - start
+
+
+def test_medtune_pipeline_with_nothing_changed_runs_no_stage_and_says_so(served):
+    """After the runs above, nothing changed: DVC skips every stage, each task ends Skipped, DVC leaves
+    dvc.lock as it was (no `dvc commit --force` rewriting it), and git sees no change."""
+    ws, env, api = served["ws"], served["env"], served["api"]
+    lock = (ws / "dvc.lock").read_bytes()
+    result, err, took = run_pipeline_command(served)
+    print(f"medtune pipeline, nothing changed: {took:.1f} s")
+    names = stage_names(ws)
+    assert result["stages"] == {name: "skipped" for name in names}, result["stages"]
+    assert result["ran"] == [] and "up to date" in result["dvc_status"], result
+    for name in names:
+        assert f"{name}  " in err and "skipped: unchanged since dvc.lock" in err, err[-3000:]
+    states = task_states(api, result["flow_run_id"])
+    for name in names:
+        assert states.get(name, {}).get("name") == "Skipped", f"task {name}: {states.get(name)}"
+        assert states[name]["type"] == "COMPLETED" and "unchanged" in states[name]["message"], states[name]
+    assert (ws / "dvc.lock").read_bytes() == lock
+    assert "up to date" in run(["dvc", "status"], ws, env).stdout
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], ws, env).stdout == ""
+    logs = server_logs(api, result["flow_run_id"], ["Stage 'train' didn't change, skipping"])
+    assert any(x["message"] == "Stage 'train' didn't change, skipping" for x in logs), [x["message"] for x in logs]
+
+
+def test_one_changed_param_reruns_only_the_stages_that_read_it(served):
+    """evaluate.bootstrap changes: DVC reruns evaluate and export (which records every param), skips
+    the rest, and writes the new value into dvc.lock itself."""
+    ws, env, api = served["ws"], served["env"], served["api"]
+    before = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    bootstrap = yaml.safe_load((ws / "params.yaml").read_text())["evaluate"]["bootstrap"] + 10
+    set_params(ws, {"evaluate": {"bootstrap": bootstrap}})
+    result, _, took = run_pipeline_command(served)
+    print(f"medtune pipeline, evaluate.bootstrap changed: {took:.1f} s")
+    rerun = {"evaluate", "export"}
+    assert result["stages"] == {n: "ran" if n in rerun else "skipped" for n in stage_names(ws)}, result["stages"]
+    states = task_states(api, result["flow_run_id"])
+    assert {n: states[n]["name"] for n in result["stages"]} == \
+        {n: "Completed" if n in rerun else "Skipped" for n in result["stages"]}
+    after = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert after["evaluate"]["params"]["params.yaml"]["evaluate"]["bootstrap"] == bootstrap
+    assert {n: after[n] for n in after if n not in rerun} == {n: before[n] for n in before if n not in rerun}
+    assert "up to date" in run(["dvc", "status"], ws, env).stdout
+    assert result["model_id"] and result["model_id"] == json.loads((ws / "models/lineage.json").read_text())["model_id"]
+
+
+def test_a_failed_gate_stops_before_export_and_the_flow_says_so(served):
+    """A gate no model can pass: evaluate runs (its params changed), export is not run (task state
+    "Gate failed", the reasons in its message), the run has no model, and DVC still sees export
+    out of date, as after a `dvc repro` that export refused."""
+    ws, env, api = served["ws"], served["env"], served["api"]
+    set_params(ws, {"evaluate": {"gate": {"min_auroc": 1.01}}})
+    result, err, _ = run_pipeline_command(served)
+    assert result["stages"]["evaluate"] == "ran" and result["stages"]["export"] == "gate-failed", result["stages"]
+    assert result["gate"]["passed"] is False and result["model_id"] is None, result
+    assert "not run: the gate failed" in err, err[-3000:]
+    export = task_states(api, result["flow_run_id"])["export"]
+    assert export["name"] == "Gate failed" and "min_auroc" in export["message"], export
+    status = run(["dvc", "status"], ws, env).stdout
+    assert "export:" in status and "evaluate:" not in status, status
+
+
 # ---------------------------------------------------------------------------------------------
 # The glue under the flows (no server needed)
 # ---------------------------------------------------------------------------------------------
@@ -390,15 +540,3 @@ def test_a_second_run_waits_for_the_workspace_lock_and_says_who_holds_it(tmp_pat
         stop(holder)
     with orchestrate.workspace_lock(tmp_path, "second", 5):  # released when its holder died
         pass
-
-
-def test_run_stage_raises_with_the_stage_own_error(tmp_path, monkeypatch):
-    from components import orchestrate
-    from components.common import StageError
-
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    with pytest.raises(StageError, match=r"stage validate failed \(exit 1\): .*manifest"):
-        orchestrate.run_stage("validate", "params.yaml")
-    with pytest.raises(ValueError, match="stage 'deploy' is unknown"):
-        orchestrate.run_stage("deploy")
