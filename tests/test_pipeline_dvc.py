@@ -45,8 +45,12 @@ def plot_specs(page: str) -> dict[str, dict]:
 
 
 def train_outputs(ws) -> dict[str, bytes]:
-    """Every output of the train stage (as dvc.yaml declares them), with its bytes."""
-    files = [ws / "models/model.pt", ws / "dvclive/metrics.json", *sorted((ws / "dvclive/plots").rglob("*.tsv"))]
+    """Every file of every output dvc.yaml declares for the train stage (outs, metrics, plots), with its bytes."""
+    stage = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["train"]
+    paths = [ws / (o if isinstance(o, str) else next(iter(o)))
+             for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
+    assert files and all(f.is_file() for f in files), paths
     return {f.relative_to(ws).as_posix(): f.read_bytes() for f in files}
 
 
@@ -193,21 +197,23 @@ def test_a_train_lr_change_is_compared_with_the_baseline(built):
     ws, *_ = built
     lr = yaml.safe_load((ws / "params.yaml").read_text())["train"]["lr"]
     set_params(ws, {"train": {"lr": lr / 2}})
-    assert "Running stage 'train'" in run(["dvc", "repro"], ws).stdout
-    diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], ws).stdout)
-    for name in TEST_METRICS:
-        old, new = diff["reports/metrics.json"][name]["old"], diff["reports/metrics.json"][name]["new"]
-        assert isinstance(old, (int, float)) and isinstance(new, (int, float)), (name, old, new)
-    assert any(v["old"] != v["new"] for v in diff["dvclive/metrics.json"].values())  # another model
-    assert "train.lr" in run(["dvc", "params", "diff"], ws).stdout
+    try:
+        assert "Running stage 'train'" in run(["dvc", "repro"], ws).stdout
+        diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], ws).stdout)
+        for name in TEST_METRICS:
+            old, new = diff["reports/metrics.json"][name]["old"], diff["reports/metrics.json"][name]["new"]
+            assert isinstance(old, (int, float)) and isinstance(new, (int, float)), (name, old, new)
+        assert any(v["old"] != v["new"] for v in diff["dvclive/metrics.json"].values())  # another model
+        assert "train.lr" in run(["dvc", "params", "diff"], ws).stdout
 
-    run(["dvc", "plots", "diff"], ws)
-    page = (ws / "dvc_plots/index.html").read_text()
-    specs = plot_specs(page)
-    for plot in ("reports_roc_csv", "dvclive_plots_metrics_val_loss_tsv"):  # both runs' curves in one plot
-        assert {v["rev"] for v in specs[plot]["data"]["values"]} == {"HEAD", "workspace"}, plot
-    assert not EXTERNAL.search(page)
-    set_params(ws, {"train": {"lr": lr}})
+        run(["dvc", "plots", "diff"], ws)
+        page = (ws / "dvc_plots/index.html").read_text()
+        specs = plot_specs(page)
+        for plot in ("reports_roc_csv", "dvclive_plots_metrics_val_loss_tsv"):  # both runs' curves in one plot
+            assert {v["rev"] for v in specs[plot]["data"]["values"]} == {"HEAD", "workspace"}, plot
+        assert not EXTERNAL.search(page)
+    finally:
+        set_params(ws, {"train": {"lr": lr}})  # the next tests start from the baseline's train params
 
 
 def test_returning_to_earlier_train_params_restores_the_model_from_the_run_cache(built):
