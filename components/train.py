@@ -275,8 +275,15 @@ def open_live(live_dir: Path) -> Any:
             # DVCLive looks for the DVC project (and `dvc init`s a git repository that has none).
             # Only under `dvc repro` / `dvc exp run` (which set DVC_ROOT) is there one to find; a flow
             # calling the stage in-process, a test or a plain `medtune train` just write the files.
-            if os.environ.get("DVC_ROOT"):
+            # Its DVC integration (live updates to DVC Studio) is a bonus: where it fails (a git
+            # repository without commits raises) the files are written all the same.
+            if not os.environ.get("DVC_ROOT"):
+                return
+            try:
                 super()._init_dvc()
+            except Exception as exc:  # noqa: BLE001 - scmrepo and dvc raise several types
+                log.debug("DVCLive without its DVC integration: %s", exc)
+                self._dvc_repo, self._inside_dvc_exp = None, False
 
     return StageLive(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,22 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     assert live["step"] == 2 and live["best_epoch"] == 1 and live["val"]["loss"] == curve(out, "val/loss")[0][1]
     # DVCLive only wrote its files: it did not make the git repository a DVC project.
     assert not (repo / ".dvc").exists() and sorted(p.name for p in repo.iterdir()) == [".git"]
+
+
+def test_dvclive_writes_its_files_under_dvc_repro_in_a_repository_without_commits(tmp_path, monkeypatch):
+    # `dvc repro` runs in a git repository before its first commit (make demo after `git init`);
+    # DVCLive's own DVC integration fails there, and must not take the stage with it.
+    prepared = write_prepared(tmp_path / "prepared", n_train=8, n_val=4, size=16)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run([str(Path(sys.executable).parent / cmd[0]) if cmd[0] == "dvc" else cmd[0], *cmd[1:]],
+                       cwd=repo, check=True)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    summary, out = run(tmp_path, prepared, "a")
+    assert json.loads((out / "dvclive/metrics.json").read_text())["best_epoch"] == summary["best_epoch"] == 1
+    assert curve(out, "val/loss")[0][0] == 1
 
 
 def test_make_loader_scales_and_augments_only_training(tmp_path):
