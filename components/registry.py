@@ -293,7 +293,7 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
     champion metric - margin on the same test images). Returns {promote, reasons, champion,
     challenger, comparison}; the metrics of both models are in it whatever the outcome.
     """
-    from components.evaluate import compute_metrics
+    from components.evaluate import compute_metrics, read_record
     from components.export import model_id
     from components.preprocess import load_split
 
@@ -302,7 +302,7 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
     gate = common.read_json(reports / "gate.json")
     # The model id is known even when export was refused.
     challenger = {"model_id": model_id(common.sha256_file(models / "model.pt")) if (models / "model.pt").is_file() else None,
-                  "metrics": common.read_json(reports / "metrics.json"), "gate": gate}
+                  "metrics": read_record(reports), "gate": gate}
     # A models/model.onnx left by an earlier run must not stand in for this checkpoint.
     exported = ((models / "lineage.json").is_file() and (models / "model.onnx").is_file()
                 and challenger["model_id"] is not None and model_id_of(models) == challenger["model_id"])

@@ -107,7 +107,7 @@ def write_challenger(ws: Path, name: str, sign: float, gate_passed: bool = True,
     images, index = load_split(ws / "data/prepared", "test")
     probs, _ = registry.onnx_probabilities(ws / "models/model.onnx", images, 0.5)
     metrics = compute_metrics(index["label_index"].to_numpy(), probs, ["normal", "lesion"], 1, 0.5, 20, 0)
-    common.write_json(ws / "reports/metrics.json", metrics)
+    common.write_json(ws / "reports/evaluation.json", metrics)  # the record evaluate writes
     common.write_json(ws / "reports/gate.json", {"passed": gate_passed, "reasons": ["test gate"],
                                                  "failed": [] if gate_passed else ["auroc too low"]})
     common.write_json(ws / "models/lineage.json", {"model_id": model_id})

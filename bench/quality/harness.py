@@ -66,15 +66,25 @@ def make_project(name: str, import_cmd: list[str] | Callable[[Path], None], para
     if not (ws / "data/raw.dvc").is_file():
         import_cmd(ws) if callable(import_cmd) else run(import_cmd, ws)
         run(["dvc", "add", "-q", "data/raw"], ws)
-    # DVC-cached outputs stay out of git (dvc.lock versions them); the other reports (metrics,
-    # plots) are git-tracked so every experiment commit carries them for `dvc exp show`.
-    cached = ["models/model.pt", "models/model.onnx", "data/prepared", "data/manifest.csv", "data/manifest.json",
-              "reports/train.json", "reports/train_history.csv", "reports/train_curves.png"]
-    (ws / ".gitignore").write_text("".join(f"/{p}\n" for p in cached))
+    # DVC-cached outputs stay out of git (dvc.lock versions them; `dvc exp show` reads them from the
+    # cache); the uncached ones are git-tracked so every experiment commit carries them.
+    cached = cached_outputs(ws / "dvc.yaml")
+    (ws / ".gitignore").write_text("".join(f"/{p}\n" for p in [*cached, "reports/train.json"]))
     run(["git", "rm", "-r", "-q", "--cached", "--ignore-unmatch", *cached], ws)
     run(["git", "add", "-A"], ws)
     run(["git", "commit", "-qm", "baseline", "--allow-empty"], ws)
     return ws
+
+
+def cached_outputs(dvc_yaml: Path) -> list[str]:
+    """Every output, metric and plot file of dvc.yaml's stages that DVC caches (not `cache: false`)."""
+    out = []
+    for stage in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
+        for entry in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
+            path, opts = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+            if (opts or {}).get("cache", True):
+                out.append(path)
+    return out
 
 
 def exp_run(ws: Path, name: str, sets: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +101,7 @@ def exp_run(ws: Path, name: str, sets: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"dvc exp run {name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    metrics = json.loads((ws / "reports/metrics.json").read_text())
+    metrics = json.loads((ws / "reports/evaluation.json").read_text())  # the whole record: CI, calibration
     train = json.loads((ws / "reports/train.json").read_text())
     return {"name": name, "sets": sets, "seconds": round(seconds, 1), "metrics": metrics, "train": train}
 
