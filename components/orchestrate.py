@@ -572,28 +572,37 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     from flows.retrain import retrain
 
     with prefect_api():
-        result = retrain(root=str(Path(args.root).resolve()), params=args.params, trigger="manual")
+        try:
+            result = retrain(root=str(Path(args.root).resolve()), params=args.params, trigger="manual")
+        finally:
+            _drain_logs()
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+def _drain_logs() -> None:
+    """Send the run's last log lines (a stage's error among them) to the API before a temporary
+    server stops with prefect_api's block, or they are lost with an "Error logging to API"."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=15)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """One pipeline flow run in this process, like `retrain --once`: each stage is `dvc repro --single-item`."""
     quiet_env()
-    from prefect.logging.handlers import APILogWorker
-
     from flows.pipeline import pipeline
 
     with prefect_api():
         try:
             result = pipeline(root=str(Path(args.root).resolve()), params=args.params)
         finally:
-            # A temporary server stops with this block: send it the run's last log lines (the stage's
-            # error among them) first, or they are lost with an "Error logging to API".
-            APILogWorker.drain_all(timeout=15)
+            _drain_logs()
     width = max(map(len, result["stages"]), default=0)
     for stage, outcome in result["stages"].items():
         print(f"{stage:<{width}}  {OUTCOMES.get(outcome, outcome)}", file=sys.stderr)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    if "gate-failed" in result["stages"].values():  # as `dvc repro` fails at export: no model this run
+        raise StageError("the model failed the gate and was not exported; see reports/gate.json")
 
 
 @contextlib.contextmanager
@@ -601,7 +610,6 @@ def prefect_api() -> Iterator[str | None]:
     """The Prefect API for a flow run in this process: the configured one (PREFECT_API_URL, in the
     environment or the Prefect profile) or the one `medtune server` started (running_server), else a
     temporary server of this process's own.
-
 
     Prefect 3 would start that temporary server itself (SubprocessASGIServer) and stop it only from
     atexit, which a `kill -9` skips: the server lived on. This starts the same server (Prefect's

@@ -137,6 +137,7 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
     """Retrain when the inbox holds new labelled batches; promote the challenger only if it earns it."""
     logger = get_run_logger()
     os.chdir(root)
+    orchestrate.check_params_file(".", params)  # before any batch is appended: the pipeline would refuse it
     p = load_params(params)
     rp = p.retrain
     if not inbox.find_batches(rp.inbox_dir) and not registry.pending("."):

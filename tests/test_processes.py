@@ -198,13 +198,6 @@ def test_the_lock_of_a_killed_holder_is_free_again(prepared, holder):
     assert out.returncode == 0, out.stderr
 
 
-def test_stage_lists_agree():
-    from components import cli, orchestrate
-
-    assert cli.STAGES == orchestrate.STAGES
-    assert set(cli.STAGES) == set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
-
-
 # ---------------------------------------------------------------------------------------------
 # The temporary Prefect server of `medtune retrain --once`
 # ---------------------------------------------------------------------------------------------
