@@ -449,10 +449,11 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     assert now == current_before
 
 
-def run_pipeline_command(served) -> tuple[dict, str, float]:
+def run_pipeline_command(served, exit_code: int = 0) -> tuple[dict, str, float]:
     """`medtune pipeline` in its own process against the test server: (result, stderr, seconds)."""
     start = time.monotonic()
-    out = run(medtune("pipeline", "--root", str(served["ws"])), served["tmp"], served["env"])
+    out = run(medtune("pipeline", "--root", str(served["ws"])), served["tmp"], served["env"], check=False)
+    assert out.returncode == exit_code, out.stdout[-2000:] + out.stderr[-3000:]
     return json.loads(out.stdout), out.stderr, time.monotonic() - start
 
 
@@ -506,10 +507,10 @@ def test_a_failed_gate_stops_before_export_and_the_flow_says_so(served):
     out of date, as after a `dvc repro` that export refused."""
     ws, env, api = served["ws"], served["env"], served["api"]
     set_params(ws, {"evaluate": {"gate": {"min_auroc": 1.01}}})
-    result, err, _ = run_pipeline_command(served)
+    result, err, _ = run_pipeline_command(served, exit_code=1)  # no model this run, as `dvc repro` fails
     assert result["stages"]["evaluate"] == "ran" and result["stages"]["export"] == "gate-failed", result["stages"]
     assert result["gate"]["passed"] is False and result["model_id"] is None, result
-    assert "not run: the gate failed" in err, err[-3000:]
+    assert "not run: the gate failed" in err and "error: the model failed the gate" in err, err[-3000:]
     export = task_states(api, result["flow_run_id"])["export"]
     assert export["name"] == "Gate failed" and "min_auroc" in export["message"], export
     status = run(["dvc", "status"], ws, env).stdout
