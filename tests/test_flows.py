@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +23,11 @@ from pathlib import Path
 import pytest
 import workspace
 import yaml
-from workspace import BIN, make_workspace, merge, set_params, tool_env, tree_digest
+from workspace import BIN, free_port, make_workspace, merge, set_params, stop, tool_env, tree_digest, wait_healthy
 
 # The workspace's TINY params, trimmed further: one epoch per retrain run.
 FAST = {"train": {"epochs": 1, "batch_size": 16}}
 RUN_TIMEOUT = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # The demo's DICOMs carry (made-up) PatientIDs: a retrain run refuses to hash them with the public
@@ -54,46 +46,6 @@ def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.
 
 def medtune(command: str, *args: str) -> list[str]:
     return [str(BIN / "medtune"), command, *args]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process we started, and its children, each by its own pid (serve ignores SIGTERM)."""
-    import psutil
-
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    for p in [proc, *kids]:
-        try:
-            os.kill(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=8)
-    except subprocess.TimeoutExpired:
-        pass
-    for p in [proc, *kids]:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=10)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"prefect server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.read().strip() == b"true":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def make_project(ws: Path, env: dict) -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import workspace
 import yaml
-from test_flows import FAST, base_env, free_port, stop, wait_healthy
-from workspace import BIN, ROOT, make_workspace, merge, set_params, tree_digest
+from test_flows import FAST, base_env
+from workspace import BIN, ROOT, free_port, make_workspace, merge, set_params, stop, tree_digest, wait_healthy
 
 from components.params import GateParams
 

@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 import workspace
 import yaml
-from test_flows import free_port, stop
 from test_promotion_recovery import server, shared_killed_workspace  # noqa: F401 (server: builds the shared workspace)
-from workspace import BIN, ROOT, tool_env
+from workspace import BIN, ROOT, free_port, stop, tool_env
 
 BUCKET = "medtune-test"
 # Fake credentials, given to every process through its environment, never written to a file.

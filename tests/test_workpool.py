@@ -20,10 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -33,40 +30,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from workspace import BIN, ROOT, tool_env
+from workspace import BIN, ROOT, free_port, stop, tool_env
 
 STARTUP = 120  # s; a generous bound for a loaded 2-core machine, only ever waited out on failure
 POOL = "medtune-process"  # prefect.yaml's work pool
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen, grace: float = 8) -> None:
-    """Stop a process we started, and its children, each by its own pid (serve and the worker may
-    ignore SIGTERM for a while)."""
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    for p in [proc, *kids]:
-        try:
-            os.kill(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    for p in [proc, *kids]:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=10)
 
 
 def wait_for(what: str, fn, timeout: float = STARTUP, log: Path | None = None):
