@@ -30,6 +30,7 @@ WORK = Path(__file__).resolve().parent / ".work"  # git-ignored; kept so DVC's r
 sys.path.insert(0, str(ROOT / "tests"))
 from workspace import merge, run, tool_env  # noqa: E402  (shared with the integration tests)
 
+from components import common  # noqa: E402
 from components.presets import flatten, preset, set_flags  # noqa: E402
 
 
@@ -66,25 +67,14 @@ def make_project(name: str, import_cmd: list[str] | Callable[[Path], None], para
     if not (ws / "data/raw.dvc").is_file():
         import_cmd(ws) if callable(import_cmd) else run(import_cmd, ws)
         run(["dvc", "add", "-q", "data/raw"], ws)
-    # DVC-cached outputs stay out of git (dvc.lock versions them; `dvc exp show` reads them from the
-    # cache); the uncached ones are git-tracked so every experiment commit carries them.
-    cached = cached_outputs(ws / "dvc.yaml")
+    # Pipeline outputs stay out of git: dvc.lock versions them, and `dvc exp show` reads the metrics
+    # (DVC-cached) from the cache.
+    cached = sorted(common.dvc_pipeline_paths(ws)["outs"])
     (ws / ".gitignore").write_text("".join(f"/{p}\n" for p in [*cached, "reports/train.json"]))
     run(["git", "rm", "-r", "-q", "--cached", "--ignore-unmatch", *cached], ws)
     run(["git", "add", "-A"], ws)
     run(["git", "commit", "-qm", "baseline", "--allow-empty"], ws)
     return ws
-
-
-def cached_outputs(dvc_yaml: Path) -> list[str]:
-    """Every output, metric and plot file of dvc.yaml's stages that DVC caches (not `cache: false`)."""
-    out = []
-    for stage in yaml.safe_load(dvc_yaml.read_text())["stages"].values():
-        for entry in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
-            path, opts = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
-            if (opts or {}).get("cache", True):
-                out.append(path)
-    return out
 
 
 def exp_run(ws: Path, name: str, sets: dict[str, Any]) -> dict[str, Any]:
