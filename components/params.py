@@ -353,6 +353,24 @@ class RetrainParams:
 
 
 @dataclass(frozen=True)
+class ComputeParams:
+    """Where per-file data work (ingest, preprocess) runs. Not a model parameter: the outputs are the
+    same wherever they are computed, so no dvc.yaml stage depends on it."""
+
+    # Local processes for per-file work; 0 = every core this process may use, 1 = in this process.
+    workers: int = 0
+    # A Dask scheduler (e.g. tcp://10.0.0.5:8786) to spread per-file work over its workers instead;
+    # the environment variable MEDTUNE_DASK_SCHEDULER overrides it. The Prefect flows run their
+    # tasks there too (prefect-dask's DaskTaskRunner).
+    dask_scheduler: str | None = None
+
+    def validate(self) -> None:
+        _expect(self.workers >= 0, "compute.workers", self.workers, "an integer >= 0 (0: every core)")
+        _expect(self.dask_scheduler is None or "://" in self.dask_scheduler, "compute.dask_scheduler",
+                self.dask_scheduler, "null or a scheduler address such as tcp://host:8786")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     split: SplitParams = field(default_factory=SplitParams)
@@ -363,6 +381,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     export: ExportParams = field(default_factory=ExportParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
 
     def check(self) -> "Params":
         for f in fields(self):
@@ -396,7 +415,7 @@ class Params:
 # e.g. the retrain schedule neither changes a model's recorded hash nor needs a re-export (dvc.yaml's
 # export stage lists only the model-relevant sections), and a hash recorded before a section
 # existed still matches.
-NOT_MODEL_PARAMS = ("retrain",)
+NOT_MODEL_PARAMS = ("retrain", "compute")
 
 
 def params_digest(params: dict[str, Any]) -> str:

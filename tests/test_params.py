@@ -76,15 +76,17 @@ def test_retrain_section_defaults_and_errors(tmp_path):
             parse_params(raw)
 
 
-def test_digest_ignores_the_retrain_section():
+def test_digest_ignores_the_retrain_and_compute_sections():
     base = parse_params({})
-    other = parse_params({"retrain": {"promotion_margin": 0.2, "schedule_interval": 60}})
+    other = parse_params({"retrain": {"promotion_margin": 0.2, "schedule_interval": 60},
+                          "compute": {"workers": 1, "dask_scheduler": "tcp://127.0.0.1:8786"}})
     assert other.digest() == base.digest()
     # The hash of the model-relevant sections only: a lineage's recorded params dict, with or without
-    # a `retrain` key, recomputes to the params_sha256 export wrote.
+    # the `retrain` and `compute` keys, recomputes to the params_sha256 export wrote.
     d = other.to_dict()
-    assert "retrain" in d and params_digest(d) == other.digest()
+    assert "retrain" in d and "compute" in d and params_digest(d) == other.digest()
     d.pop("retrain")
+    d.pop("compute")
     blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
     assert params_digest(d) == hashlib.sha256(blob).hexdigest() == base.digest()
 
