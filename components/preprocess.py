@@ -1,15 +1,20 @@
-"""Stage 3: decode every readable scan once into a uint8 cache that train/evaluate/export memory-map.
+"""Stage 3: decode every readable scan into a uint8 array file that train/evaluate/export memory-map.
 
-    medtune preprocess          # data/manifest.csv + data/raw -> data/prepared/
+    medtune preprocess          # data/manifest.csv + data/raw -> data/prepared/ (+ data/cache/pixels)
     dvc repro preprocess
 
 Writes `data/prepared/{train,val,test}.npy` (uint8 `(N, C, H, W)`, row by row into
 `np.lib.format.open_memmap`, so memory stays flat whatever the dataset size), `index.csv`
 (`split,row,path,sha256,label,label_index,patient`) and `meta.json` (everything `predict` needs
 to repeat the preprocessing). The folder is built beside the target and renamed over it, so a
-crash never leaves half a cache. Decoding is `components.scans.prepare_image`, the same function
-predict uses. Rows with an `error` in the manifest are skipped (validate already accepted them);
-a raw file whose sha256 no longer matches the manifest stops the stage.
+crash never leaves half of it. Decoding is `components.scans.prepare_image`, the same function
+predict uses, run through `parallel.map_files` (local cores, or a Dask cluster).
+
+Each scan is prepared once: its pixels are kept in `data/cache/pixels` (`components/pixel_cache.py`),
+keyed by the scan's sha256 and everything else they depend on (`cache_settings`), so a run after
+an append prepares only the new scans and copies the rest; data/prepared is the same bytes as a
+run from scratch. Rows with an `error` in the manifest are skipped (validate already accepted
+them); a raw file whose sha256 no longer matches the manifest stops the stage, cached or not.
 """
 
 from __future__ import annotations
@@ -25,16 +30,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+import PIL
+import pydicom
 
+from components import pixel_cache, scans
 from components.common import SPLITS, StageError, read_json, sha256_file, stage_main, write_json, write_text
 from components.manifest import read_manifest
+from components.parallel import map_files
 from components.params import Params, PreprocessParams, load_params
-from components.scans import RESIZE_METHOD, ScanError, prepare_image
+from components.scans import RESIZE_METHOD, ScanError
 
 log = logging.getLogger("medtune.preprocess")
 
 INDEX_COLUMNS = ["split", "row", "path", "sha256", "label", "label_index", "patient"]
+BATCH_BYTES = 256 << 20  # prepared pixels held in memory at a time before they go to the shard
 TEXT = {"path": str, "sha256": str, "label": str, "patient": str, "split": str}
 
 
@@ -52,35 +61,8 @@ def readable_rows(manifest_csv: Path) -> pd.DataFrame:
     return df.sort_values(["split", "path"], kind="stable").reset_index(drop=True)
 
 
-def _fill_split(rows: pd.DataFrame, raw_dir: Path, target: Path, params: Params, bar: tqdm) -> None:
-    """Decode `rows` into a new memmap at `target`, one image at a time."""
-    pp = params.preprocess
-    settings = preparation(pp)
-    shape = (len(rows), pp.channels, pp.image_size, pp.image_size)
-    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)
-    try:
-        for i, (rel, digest) in enumerate(zip(rows["path"], rows["sha256"])):
-            path = raw_dir / rel
-            if not path.is_file():
-                raise StageError(f"{path}: listed in the manifest but missing; rerun `medtune ingest`.")
-            actual = sha256_file(path)
-            if actual != digest:
-                raise StageError(f"{path}: sha256 is {actual} but the manifest says {digest}; the file changed "
-                                 "after ingest. Rerun `dvc repro` (ingest and validate) so the change is reviewed.")
-            try:
-                out[i] = prepare_image(path, **settings)
-            except ScanError as exc:
-                raise StageError(f"{exc} (ingest found it readable; was the file replaced?)") from None
-            bar.update(1)
-        out.flush()
-    finally:
-        del out  # close the mapping before the folder is renamed
-
-
-def preprocess(manifest_csv: Path, raw_dir: Path, out_dir: Path, params: Params) -> dict:
-    """Build `out_dir` (train/val/test .npy, index.csv, meta.json) from the manifest; return meta."""
-    manifest_csv, raw_dir, out_dir = Path(manifest_csv), Path(raw_dir), Path(out_dir)
-    classes = list(params.data.classes)
+def _checked_rows(manifest_csv: Path, classes: list[str]) -> pd.DataFrame:
+    """readable_rows, refused (StageError) when a label is unknown or a split is empty."""
     df = readable_rows(manifest_csv)
     unknown = df.loc[~df["label"].isin(classes)]
     if len(unknown):
@@ -91,16 +73,98 @@ def preprocess(manifest_csv: Path, raw_dir: Path, out_dir: Path, params: Params)
         if not (df["split"] == split).any():
             raise StageError(f"{manifest_csv}: the {split!r} split has no readable images; add data or change "
                              "split.val_fraction / split.test_fraction, then rerun ingest.")
+    return df
+
+
+def check_and_prepare(item: tuple[str, str, dict[str, Any] | None]) -> np.ndarray | None:
+    """(path, manifest sha256, settings or None): check the file still has that sha256, then
+    return scans.prepare_image(path, **settings), or None when no settings are given (cached)."""
+    path, digest, settings = Path(item[0]), item[1], item[2]
+    if not path.is_file():
+        raise StageError(f"{path}: listed in the manifest but missing; rerun `medtune ingest`.")
+    actual = sha256_file(path)
+    if actual != digest:
+        raise StageError(f"{path}: sha256 is {actual} but the manifest says {digest}; the file changed "
+                         "after ingest. Rerun `dvc repro` (ingest and validate) so the change is reviewed.")
+    if settings is None:
+        return None
+    try:
+        return scans.prepare_image(path, **settings)
+    except ScanError as exc:
+        raise StageError(f"{exc} (ingest found it readable; was the file replaced?)") from None
+
+
+def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, params: Params) -> int:
+    """Check every listed file against its sha256 and prepare the scans `store` lacks into one new
+    shard, through parallel.map_files, at most BATCH_BYTES of pixels in memory at a time. Returns
+    how many it prepared. A scan is keyed by its bytes alone: the path matters to prepare_image only
+    through its extension choosing the decoder, and bytes that do not fit it are unreadable (skipped)."""
+    settings = preparation(params.preprocess)
+    new = store.missing(df["sha256"])
+    todo = (~df["sha256"].duplicated() & df["sha256"].isin(new)).tolist()  # the first row of each new key
+    items = [(str(raw_dir / rel), digest, settings if do else None)
+             for rel, digest, do in zip(df["path"], df["sha256"], todo)]
+    position = {key: i for i, key in enumerate(new)}
+    batch = max(1, BATCH_BYTES // int(np.prod(store.shape)))
+    log.info("%d scan(s) to prepare, %d in the pixel cache (%s)", len(new), df["sha256"].nunique() - len(new),
+             store.folder)
+    with store.new_shard(new) as block:
+        for start in range(0, len(items), batch):
+            part = items[start:start + batch]
+            for (_, key, _), pixels in zip(part, map_files(check_and_prepare, part, params.compute, desc="preprocess")):
+                if pixels is not None:
+                    block[position[key]] = pixels
+    store.compact(df["sha256"])
+    return len(new)
+
+
+def _fill_split(keys: pd.Series, store: pixel_cache.Store, target: Path) -> None:
+    """Copy the pixels of `keys` from the cache into a new memmap at `target`, one image at a time."""
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(keys), *store.shape))
+    try:
+        for i, key in enumerate(keys):
+            out[i] = store.get(key)
+        out.flush()
+    finally:
+        del out  # close the mapping before the folder is renamed
+
+
+def cache_settings(pp: PreprocessParams) -> dict[str, Any]:
+    """Everything a scan's prepared pixels depend on besides its bytes: the pixel cache's key.
+    The decoder is identified by the code (scans.py) and the libraries that run it, not by a
+    version number someone must remember to bump: a cached image is always the bytes a run from
+    scratch would write."""
+    decoder = {"scans.py": sha256_file(scans.__file__), "numpy": np.__version__,
+               "pillow": PIL.__version__, "pydicom": pydicom.__version__}
+    return {**preparation(pp), "resize": RESIZE_METHOD, "decoder": decoder}
+
+
+def default_cache_dir(out_dir: Path) -> Path:
+    """cache/pixels beside the output folder: data/prepared -> data/cache/pixels (dvc.yaml's output)."""
+    return Path(out_dir).parent / "cache" / "pixels"
+
+
+def preprocess(manifest_csv: Path, raw_dir: Path, out_dir: Path, params: Params,
+               cache_dir: Path | None = None) -> dict:
+    """Build `out_dir` (train/val/test .npy, index.csv, meta.json) from the manifest; return meta.
+    Scans already in the pixel cache (`cache_dir`, default `default_cache_dir(out_dir)`) are copied
+    from it, the others prepared and added to it; `out_dir` is the same bytes either way."""
+    manifest_csv, raw_dir, out_dir = Path(manifest_csv), Path(raw_dir), Path(out_dir)
+    classes = list(params.data.classes)
+    df = _checked_rows(manifest_csv, classes)
+    pp = params.preprocess
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_dir)
+    store = pixel_cache.open_store(cache_dir, cache_settings(pp), (pp.channels, pp.image_size, pp.image_size))
+    prepared = _prepare_missing(df, raw_dir, store, params)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         index = []
-        with tqdm(total=len(df), desc="preprocess", unit="img") as bar:
-            for split in SPLITS:
-                rows = df.loc[df["split"] == split].reset_index(drop=True)
-                _fill_split(rows, raw_dir, tmp / f"{split}.npy", params, bar)
-                index.append(rows.assign(row=np.arange(len(rows)), label_index=rows["label"].map(classes.index)))
+        for split in SPLITS:
+            rows = df.loc[df["split"] == split].reset_index(drop=True)
+            _fill_split(rows["sha256"], store, tmp / f"{split}.npy")
+            index.append(rows.assign(row=np.arange(len(rows)), label_index=rows["label"].map(classes.index)))
         index_df = pd.concat(index, ignore_index=True)[INDEX_COLUMNS]
         write_text(tmp / "index.csv", index_df.to_csv(index=False, lineterminator="\n"))
         meta = _meta(index_df, params)
@@ -108,7 +172,8 @@ def preprocess(manifest_csv: Path, raw_dir: Path, out_dir: Path, params: Params)
         _swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %s: %s", out_dir, meta["counts"])
+    pixel_cache.drop_other_sets(cache_dir, keep=store)
+    log.info("wrote %s: %s (%d scan(s) prepared, the rest from the pixel cache)", out_dir, meta["counts"], prepared)
     return meta
 
 
@@ -181,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--validation", default="reports/validation.json",
                        help="validate's report; preprocess refuses data that failed validation")
         p.add_argument("--out", default="data/prepared", help="output folder (default: data/prepared)")
+        p.add_argument("--cache", default=None,
+                       help="pixel cache folder (default: cache/pixels beside --out, i.e. data/cache/pixels)")
 
     def run(args: argparse.Namespace) -> None:
         params = load_params(args.params)
@@ -189,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed = [f.get("name") for f in report.get("failures", []) if f.get("critical")]
             raise StageError(f"{args.validation} says validation failed (critical: {failed}); fix the data "
                              "and rerun `medtune validate` before preprocessing.")
-        preprocess(Path(args.manifest), Path(args.raw_dir or params.data.raw_dir), Path(args.out), params)
+        preprocess(Path(args.manifest), Path(args.raw_dir or params.data.raw_dir), Path(args.out), params,
+                   Path(args.cache) if args.cache else None)
 
     return stage_main("Stage 3: decode, window and resize every readable scan into a uint8 cache.",
                       add_args, run, argv)
