@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("components.predict", "run an exported ONNX model on scans and write a CSV"),
     "server": ("components.orchestrate", "start a local Prefect server (UI) on 127.0.0.1:4200"),
     "serve": ("flows.serve", "serve the Prefect deployments: pipeline on demand, retrain on schedule and on events"),
-    "retrain": ("flows.retrain", "retrain on new labelled batches in the inbox (--once); champion/challenger promotion"),
+    "retrain": ("components.orchestrate", "retrain on new labelled batches in the inbox (--once); champion/challenger promotion"),
     "pipeline": ("flows.pipeline", "run the pipeline once as a Prefect flow: a task per dvc.yaml stage, `dvc repro` in each"),
     "ingest-new": ("components.inbox", "add a labelled batch to the inbox and emit the retrain event"),
     "trace": ("components.trace", "audit: everything that made a model (data, code, params, evidence); --json"),
@@ -45,7 +45,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # nothing, only says how to run such a command. tests/test_orchestrate.py checks it against dvc.yaml.
 STAGE_COMMANDS = frozenset({"ingest", "validate", "preprocess", "augment", "train", "evaluate", "export"})
 # Commands whose entry point is not their module's `main(argv)` (one module serving several commands).
-FUNCTIONS: dict[str, str] = {"import-folders": "main_folders"}
+# `retrain` answers an empty inbox before it imports flows.retrain (and with it Prefect).
+FUNCTIONS: dict[str, str] = {"import-folders": "main_folders", "retrain": "retrain_main"}
 
 
 def usage() -> str:

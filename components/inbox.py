@@ -39,6 +39,7 @@ from typing import Any
 import pandas as pd
 from components import common, folders, ingest
 from components.common import StageError
+from components.inbox_listing import find_batches  # noqa: F401 - the flow's listing, light for the CLI
 from components.manifest import COLUMNS, read_manifest
 from components.params import Params
 
@@ -51,14 +52,6 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # ---------------------------------------------------------------------------------------------
 # Finding batches
 # ---------------------------------------------------------------------------------------------
-
-def find_batches(inbox_dir: str | Path) -> list[Path]:
-    """Ready batches in the inbox, oldest name first; ignores "."/"_"-prefixed folders and files."""
-    inbox = Path(inbox_dir)
-    if not inbox.is_dir():
-        return []
-    return sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
-
 
 def add_to_inbox(source: str | Path, inbox_dir: str | Path, name: str | None = None) -> Path:
     """Copy a batch folder into the inbox atomically (copy under a dot-name, then rename).

@@ -569,6 +569,8 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     quiet_env()
     if not args.once:
         raise StageError("retrain: pass --once to run one retrain now; `medtune serve` runs it on schedule and on events.")
+    if _nothing_to_retrain(Path(args.root).resolve(), args.params):
+        return
     from flows.retrain import retrain
 
     with prefect_api():
@@ -577,6 +579,23 @@ def cmd_retrain(args: argparse.Namespace) -> None:
         finally:
             _drain_logs()
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+def _nothing_to_retrain(root: Path, params: str) -> bool:
+    """The flow's first check (same params check, same listing, same pending release), made before
+    Prefect is imported or a temporary server started: an empty inbox costs a fraction of a second,
+    not a server's start and stop. Says so, and prints the result the flow would have returned."""
+    from components import registry
+    from components.inbox_listing import find_batches
+    from components.params import load_params
+
+    check_params_file(root, params)
+    inbox_dir = load_params(root / params).retrain.inbox_dir
+    if find_batches(root / inbox_dir) or registry.pending(root):
+        return False
+    print(f"inbox {inbox_dir}: no new batches; nothing to do", file=sys.stderr)
+    print(json.dumps({"outcome": "nothing-new", "trigger": "manual"}, indent=2, sort_keys=True))
+    return True
 
 
 def _drain_logs() -> None:
@@ -748,8 +767,9 @@ def _run(command: str, description: str, add_args: Callable[[argparse.ArgumentPa
     return common.stage_main(description, add_args, func, argv, prog=f"medtune {command}", params_flag=False)
 
 
-# One `main(argv)` per command; cli.py maps `medtune server` to this module's `main`, `serve`, `retrain`
-# and `pipeline` to flows.serve / flows.retrain / flows.pipeline, `ingest-new` to components.inbox (each calls these).
+# One `main(argv)` per command; cli.py maps `medtune server` to this module's `main`, `retrain` to
+# `retrain_main` (its empty-inbox check comes before Prefect), `serve` and `pipeline` to flows.serve /
+# flows.pipeline, `ingest-new` to components.inbox (each calls these).
 def server_main(argv: Sequence[str] | None = None) -> int:
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
