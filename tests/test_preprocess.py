@@ -122,6 +122,9 @@ def test_preprocess_end_to_end(dataset, tmp_path):
     images, rows = load_split(out, "train")
     assert load_meta(out)["equalize"] is True
     np.testing.assert_array_equal(images[0], prepare_image(raw / rows["path"][0], SIZE, 1, "header", equalize=True))
+    # The pixel cache sits beside the output folder and holds only the last settings' set.
+    [pixel_set] = (tmp_path / "cache/pixels").iterdir()
+    assert load_meta(out)["equalize"] is True and '"equalize":true' in (pixel_set / "settings.json").read_text().replace(" ", "")
 
 
 def test_changed_raw_file_is_refused(dataset, tmp_path):
