@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import common, folders, near_duplicates, scans, splits
+from components import common, folders, near_duplicates, scan_facts, splits
 from components.common import SPLITS
 from components.manifest import COLUMNS, read_manifest_rows
 from components.params import Params, load_params
@@ -124,34 +124,38 @@ def folder_label(rel: str) -> str:
 
 def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
              salt: bytes) -> tuple[dict, str, np.ndarray | None]:
-    """One manifest row (COLUMNS, split and similar_group empty) for the scan at path, where its patient
-    came from: 'csv' (csv_patient), 'dicom' (PatientID), 'pattern' (regex on the file name) or 'none'
-    (the file is its own patient), and its thumbnail (None if unreadable). Only the hash of the id is
-    kept. Shared by ingest and the retrain inbox."""
+    """`fact_row` of the scan at path, read now (no cache), and its near-duplicate signature (None if
+    unreadable). Shared by ingest's tests and the retrain inbox."""
+    sha256, decoder = scan_facts.hash_file(str(path))
+    fact, signature = scan_facts.probe_file(salt, (str(path), sha256, decoder))
+    row, source = fact_row(fact, rel, label, csv_patient, regex, salt)
+    return row, source, None if fact.error else signature
+
+
+def fact_row(fact: scan_facts.Fact, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
+             salt: bytes) -> tuple[dict, str]:
+    """One manifest row (COLUMNS, split and similar_group empty) for the scan at rel with these facts, and
+    where its patient came from: 'csv' (csv_patient), 'dicom' (PatientID), 'pattern' (regex on the
+    file name) or 'none' (the file is its own patient). Only the hash of an id is kept (the DICOM
+    one was hashed under `salt` when the file was read)."""
     row = dict.fromkeys(COLUMNS, "")
-    # A file too large to be a scan is refused by probe from its size alone; hashing it would not be.
-    row.update(path=rel, label=label,
-               sha256="" if path.stat().st_size > scans.MAX_FILE_BYTES else common.sha256_file(path))
-    try:
-        info = scans.probe(path)
-    except scans.ScanError as exc:
-        info = None
-        # Relative paths only: the manifest must not change with where the checkout lives.
-        row["error"] = str(exc).removeprefix(f"{path}: ").replace(str(path), rel)
+    # A file too large to be a scan is refused by probe from its size alone, and never hashed.
+    row.update(path=rel, label=label, sha256=fact.sha256)
+    if fact.error:
+        row["error"] = fact.error_at(rel)  # relative: the manifest must not change with the checkout's place
     else:
-        row.update(width=info.width, height=info.height, channels=info.channels, bit_depth=info.bit_depth,
-                   modality=info.modality)
+        row.update(width=fact.width, height=fact.height, channels=fact.channels, bit_depth=fact.bit_depth,
+                   modality=fact.modality)
     match = regex.search(rel.rsplit("/", 1)[-1]) if regex else None
     if csv_patient:
-        pid, source = csv_patient, "csv"
-    elif info is not None and info.patient_id:
-        pid, source = info.patient_id, "dicom"
+        row["patient"], source = common.hash_patient(csv_patient, salt), "csv"
+    elif fact.patient:
+        row["patient"], source = fact.patient, "dicom"
     elif match and match.group("patient"):
-        pid, source = match.group("patient"), "pattern"
+        row["patient"], source = common.hash_patient(match.group("patient"), salt), "pattern"
     else:
-        pid, source = rel, "none"
-    row["patient"] = common.hash_patient(pid, salt)
-    return row, source, None if info is None else info.thumbnail
+        row["patient"], source = common.hash_patient(rel, salt), "none"
+    return row, source
 
 
 def previous_splits(manifest_csv: Path) -> dict[str, str]:
@@ -190,9 +194,12 @@ def assign_splits(df: pd.DataFrame, units: list[str], table: pd.DataFrame | None
             "StratifiedGroupKFold (patient-level, stratified by label)")
 
 
-def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
-    """Write out_dir/manifest.csv and out_dir/manifest.json for the scans under raw_dir."""
+def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None = None) -> pd.DataFrame:
+    """Write out_dir/manifest.csv and out_dir/manifest.json for the scans under raw_dir. What each file
+    holds is read once per content and kept in cache_dir (default out_dir/cache/facts;
+    components.scan_facts): the outputs are the same bytes with the cache warm, cold or absent."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    cache_dir = out_dir / "cache" / "facts" if cache_dir is None else Path(cache_dir)
     if not raw_dir.is_dir():
         raise common.StageError(f"raw data folder {raw_dir} not found; expected scans in folder-per-class layout "
                                 "(or labels.csv); `medtune demo-data --out data/raw` writes a demo set.")
@@ -204,24 +211,23 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
     table = read_labels_csv(raw_dir, params, files) if params.data.label_source == "csv" else None
     regex, salt = params.data.patient_regex(), common.patient_salt(params.data.patient_salt)
 
-    rows, sources, thumbnails = [], [], []
-    for rel in files:
+    known = scan_facts.gather(raw_dir, files, cache_dir, salt, params.compute)
+    rows, sources = [], []
+    for rel, fact in zip(files, known.facts):
         csv_row = table.loc[rel] if table is not None and rel in table.index else None
         label = folder_label(rel) if table is None else csv_row["label"] if csv_row is not None else ""
         patient = csv_row.get("patient_id", "") if csv_row is not None else ""
-        row, source, thumbnail = scan_row(raw_dir / rel, rel, label, patient, regex, salt)
+        row, source = fact_row(fact, rel, label, patient, regex, salt)
         rows.append(row)
         sources.append(source)
-        if not row["error"]:  # a readable scan without a thumbnail (multi-frame) is alike none
-            thumbnails.append(np.zeros((scans.THUMBNAIL,) * 2) if thumbnail is None else thumbnail)
     df = pd.DataFrame(rows, columns=COLUMNS)
 
     warn = []
     readable = (df["error"] == "").to_numpy()
     threshold = params.split.near_duplicate_correlation
-    linked = near_duplicates.pairs(near_duplicates.standardise(thumbnails), threshold) \
-        if threshold is not None and thumbnails else []
-    leader = near_duplicates.leaders(int(readable.sum()), linked)
+    readable_rows = np.flatnonzero(readable)
+    linked = known.links(readable_rows, threshold) if threshold is not None and len(readable_rows) else []
+    leader = near_duplicates.leaders(len(readable_rows), linked)
     df.loc[readable, "similar_group"] = near_duplicates.groups(list(df["path"][readable]), leader)
     linked = near_duplicates.links(leader)
     if table is not None:
@@ -291,11 +297,13 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", type=Path, default=None, help="raw scans folder (default: data.raw_dir)")
     parser.add_argument("--out", type=Path, default=Path("data"),
                         help="folder for manifest.csv and manifest.json (default: data)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="per-scan facts cache, a DVC output (default: OUT/cache/facts)")
 
 
 def _run(args: argparse.Namespace) -> None:
     params = load_params(args.params)
-    ingest(args.raw or Path(params.data.raw_dir), args.out, params)
+    ingest(args.raw or Path(params.data.raw_dir), args.out, params, args.cache)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

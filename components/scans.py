@@ -160,6 +160,13 @@ def _is_dicom(path: Path) -> bool:
     return _sniff(path) == "dicom"
 
 
+def decoder(path: Path) -> str:
+    """"dicom" or "image": the reader probe and load_pixels use for this file (by its extension, else by
+    its first bytes). The same bytes under another extension may read differently, so facts cached by
+    content (components.scan_facts) are keyed by both."""
+    return "dicom" if _is_dicom(Path(path)) else "image"
+
+
 # --------------------------------------------------------------------------- DICOM
 
 def _read_dicom(path: Path):

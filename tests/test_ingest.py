@@ -170,7 +170,8 @@ def test_labels_csv_errors_name_the_problem(tmp_path):
     write([{"file": r, "class": lab} for r, lab, _ in rows])
     with pytest.raises(common.StageError, match=r"missing column\(s\) \['path', 'label'\]; found \['file', 'class'\]"):
         ingest(raw, tmp_path / "out", p)
-    assert not (tmp_path / "out").exists()  # nothing half-written
+    # No manifest, half or whole (the facts read so far stay in the cache: valid, and not read again).
+    assert not list((tmp_path / "out").glob("manifest*"))
 
 
 def test_csv_without_row_gets_empty_label_and_warning(tmp_path):
