@@ -149,7 +149,7 @@ class Store:
         store.folder.mkdir(parents=True, exist_ok=True)
         for debris in store.folder.glob(".*.tmp"):  # a run killed while writing
             debris.unlink(missing_ok=True)
-        want = compatibility()
+        want, dropped = compatibility(), False
         for path in sorted(store.folder.glob("shard-*.npz")):
             if not _SHARD.fullmatch(path.name):
                 continue
@@ -162,10 +162,13 @@ class Store:
             if header != want:
                 log.info("%s: made under %s, not %s; deleted", path, header, want)
                 path.unlink()
+                dropped = True
                 continue
             store._add(path.name, [Fact(*row) for row in table])
-        for pairs in store.folder.glob("shard-*.pairs-*.npz"):  # of a deleted shard
-            if pairs.name.split(".pairs-")[0] + ".npz" not in store.names:
+        for pairs in store.folder.glob("shard-*.pairs-*.npz"):
+            # Pairs are kept per shard for the keys it was first to store; with a shard gone, which
+            # shard stores a key first can change, so every pair list is searched again (once).
+            if dropped or pairs.name.split(".pairs-")[0] + ".npz" not in store.names:
                 pairs.unlink()
         return store
 
@@ -203,17 +206,22 @@ class Store:
     def key_pairs(self, threshold: float) -> set[tuple[str, str]]:
         """Every near-duplicate pair (a, b) of stored keys at `threshold`; (k, k) for a key alike itself."""
         projections: list[np.ndarray] = []
-        for shard in range(len(self.names)):
-            projections.append(self.projections(shard))
-            if not self.pairs_path(shard, threshold).is_file():
-                self._search(shard, projections, threshold)
         found: set[tuple[str, str]] = set()
         for shard in range(len(self.names)):
-            with np.load(self.pairs_path(shard, threshold), allow_pickle=False) as z:
-                found.update(zip(z["a"].tolist(), z["b"].tolist()))
+            projections.append(self.projections(shard))
+            path = self.pairs_path(shard, threshold)
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    found.update(zip(z["a"].tolist(), z["b"].tolist()))
+                continue
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                log.warning("%s: unreadable (%s); searched again", path, exc)
+            found.update(self._search(shard, projections, threshold))
         return found
 
-    def _search(self, shard: int, projections: list[np.ndarray], threshold: float) -> None:
+    def _search(self, shard: int, projections: list[np.ndarray], threshold: float) -> list[tuple[str, str]]:
         """Compare the keys `shard` added with every key added by it or before it; store what is alike.
         Two shards' signatures in memory at a time (an earlier one only if the filter leaves a pair)."""
         mine = self.signatures(shard)
@@ -226,6 +234,7 @@ class Store:
                 a += [self.fresh[shard][x] for x in i]
                 b += [self.fresh[other][x] for x in j]
         _savez(self.pairs_path(shard, threshold), a=np.array(a, dtype=str), b=np.array(b, dtype=str))
+        return list(zip(a, b))
 
 
 def _text(s: str) -> np.ndarray:
