@@ -226,3 +226,29 @@ def test_facts_of_another_format_are_dropped_and_read_again(raw, tmp_path, monke
     assert len(count.probed) == 30 and outputs(out) == before
     assert sorted(p.name for p in (out / "cache/facts").glob("shard-*")) == ["shard-000000.npz",
                                                                              "shard-000000.pairs-0.99.npz"]
+
+
+def test_dvc_repro_keeps_the_cache_as_a_persistent_output_out_of_git(tmp_path):
+    from workspace import make_workspace, run
+
+    ws = make_workspace(tmp_path / "ws", patients=6)
+    run(["dvc", "repro", "ingest"], ws)
+    facts = ws / "data/cache/facts"
+    assert sorted(p.name for p in facts.iterdir()) == ["shard-000000.npz", "shard-000000.pairs-0.99.npz"]
+    assert list((ws / ".dvc/tmp" / scan_facts.INDEX_DIR).glob("*.json"))  # the stat index: machine-local
+    lock = (ws / "dvc.lock").read_text()
+    assert "path: data/cache/facts" in lock
+    untracked = run(["git", "status", "--porcelain", "--untracked-files=all"], ws).stdout
+    assert "data/cache/facts" not in untracked and "scan-stats" not in untracked, untracked
+
+    # An append: ingest reruns, adds one shard (the old one untouched), and the stage is then up to date.
+    stamp = (facts / "shard-000000.npz").stat().st_mtime_ns
+    run(["medtune", "demo-data", "--out", "data/raw", "--patients", "2", "--slices", "2", "--size", "32",
+         "--batch-name", "more"], ws)
+    run(["dvc", "add", "-q", "data/raw"], ws)
+    run(["dvc", "repro", "ingest"], ws)
+    assert (facts / "shard-000000.npz").stat().st_mtime_ns == stamp
+    assert (facts / "shard-000001.npz").is_file()
+    assert "changed" not in run(["dvc", "status", "ingest"], ws).stdout
+    untracked = run(["git", "status", "--porcelain", "--untracked-files=all"], ws).stdout
+    assert "data/cache/facts" not in untracked, untracked
