@@ -17,7 +17,7 @@ from workspace import ROOT, make_workspace, run, tree_digest
 
 from components import demo_data, pixel_cache, scans
 from components.ingest import ingest
-from components.params import parse_params
+from components.params import load_params, parse_params
 from components.preprocess import load_split, preprocess
 
 SIZE = 16
@@ -256,7 +256,7 @@ def test_on_a_dask_cluster_the_output_is_the_same_bytes(tmp_path, caplog):
     assert ws.prepared() == ws.from_scratch()
 
 
-def test_dvc_repro_after_an_append_adds_one_shard_and_a_clone_pulls_the_cache(tmp_path):
+def test_dvc_repro_after_an_append_adds_one_shard_and_a_clone_pulls_the_cache(tmp_path, calls):
     ws = make_workspace(tmp_path / "ws")
     run(["dvc", "repro", "preprocess"], ws)
     run(["dvc", "remote", "add", "-q", "-d", "local", str(tmp_path / "remote")], ws)
@@ -277,17 +277,18 @@ def test_dvc_repro_after_an_append_adds_one_shard_and_a_clone_pulls_the_cache(tm
     assert sorted(run(["git", "status", "--porcelain"], ws).stdout.splitlines()) == [" M data/raw.dvc", " M dvc.lock"]
     assert "up to date" in run(["dvc", "status", "preprocess"], ws).stdout
 
-    from components.params import load_params
     scratch = tmp_path / "scratch"
     preprocess(ws / "data/manifest.csv", ws / "data/raw", scratch / "prepared", load_params(ws / "params.yaml"),
                cache_dir=scratch / "cache")
     assert tree_digest(ws / "data/prepared") == tree_digest(scratch / "prepared")
 
-    # A fresh clone gets the pixel cache with `dvc pull`, and its preprocess is up to date.
+    # A fresh clone gets the pixel cache with `dvc pull`, and its preprocess prepares nothing.
     run(["git", "commit", "-qam", "append"], ws)
     run(["dvc", "push", "-q"], ws)
     run(["git", "clone", "-q", str(ws), str(tmp_path / "clone")], tmp_path)
     clone = tmp_path / "clone"
-    run(["dvc", "pull", "-q"], clone)
+    run(["dvc", "pull", "-q", "--with-deps", "preprocess"], clone)
     assert tree_digest(clone / "data/cache/pixels") == tree_digest(ws / "data/cache/pixels")
-    assert "up to date" in run(["dvc", "status", "preprocess"], clone).stdout
+    calls.clear()
+    preprocess(clone / "data/manifest.csv", clone / "data/raw", clone / "data/prepared", load_params(clone / "params.yaml"))
+    assert calls == [] and tree_digest(clone / "data/prepared") == tree_digest(ws / "data/prepared")
