@@ -173,8 +173,8 @@ def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, 
         lines.append(f"| {split} | " + " | ".join(str(counts.get(c, 0)) for c in classes)
                      + f" | {sum(counts.get(c, 0) for c in classes)} |")
     lines += ["", "## Model",
-              f"- backbone: `{ckpt.get('backbone')}`; pretrained weights: {pre.get('name')} from {pre.get('source')} "
-              f"(sha256 `{pre.get('sha256')}`)",
+              f"- backbone: `{ckpt.get('backbone')}`; started from: "
+              + (pre.get("description") or f"{pre.get('name')} from {pre.get('source')} (sha256 `{pre.get('sha256')}`)"),
               f"- fine-tuning: freeze = `{train_p.get('freeze')}`"
               + (f" (last {train_p.get('unfreeze_last_n')} blocks)" if train_p.get("freeze") == "last_n" else "")
               + f", optimizer {train_p.get('optimizer')}, lr {train_p.get('lr')}, "
@@ -319,6 +319,8 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
         "metrics": json.dumps(metrics, sort_keys=True),
         "gate": json.dumps(gate, sort_keys=True),
         "checkpoint_sha256": ckpt_sha,
+        # What training started from: ImageNet weights, or a warm start from a champion (its sha256).
+        "pretrained": json.dumps(ckpt.get("pretrained"), sort_keys=True),
         "opset": str(opset),
         "exporter": exp["exporter"],
     }

@@ -296,6 +296,24 @@ def _from_checkpoint(path: Path, num_classes: int, in_channels: int) -> tuple[Cl
     return model, {"name": model.arch, "source": f"checkpoint:{path.as_posix()}", "sha256": sha256_file(path)}
 
 
+def arch_of(backbone: str) -> str:
+    """The architecture a `train.backbone` name builds ("none" is resnet18 with random weights)."""
+    return "resnet18" if backbone == "none" else backbone
+
+
+def describe_start(info: dict[str, str]) -> dict[str, str]:
+    """`build_model`'s `{name, source, sha256}` plus `init` (imagenet | random | checkpoint) and a one-line
+    `description` of the weights training started from, as the lineage and `medtune trace` show it."""
+    source, sha = str(info.get("source", "")), info.get("sha256")
+    if source.startswith("checkpoint:"):
+        init, text = "checkpoint", f"checkpoint {source.removeprefix('checkpoint:')} (sha256 {sha})"
+    elif sha in (None, "none"):
+        init, text = "random", f"random init ({info.get('name')}), no pretrained weights"
+    else:
+        init, text = "imagenet", f"ImageNet {info.get('name')} weights from {source} (sha256 {sha})"
+    return {**info, "init": init, "description": text}
+
+
 def architecture(arch: str, num_classes: int, in_channels: int, members: int = 1) -> Classifier | Ensemble:
     """The untrained network a checkpoint's state_dict fits: one classifier, or an ensemble of `members`."""
     def one() -> Classifier:

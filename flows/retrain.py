@@ -5,7 +5,9 @@
 1. Nothing in the inbox (and no interrupted release to finish): log it and end (no lock, no git, no DVC).
 2. A public patient salt with real patient ids stops the run (retrain.allow_public_salt to allow it).
    Each batch is checked on its own (components.inbox); a bad one goes to quarantine with a report.
-3. Good batches are appended to the raw data; the pipeline flow runs (dvc add, then `dvc repro` of each stage).
+3. Good batches are appended to the raw data; train.init_from in params.yaml is set to the champion's
+   weights (a warm start; retrain.warm_start) or to null (a cold start from ImageNet, the log says why);
+   the pipeline flow runs (dvc add, then `dvc repro` of each stage).
 4. components.registry.compare decides (gate AND not worse than the champion by the margin).
 5. components.registry.publish records it: dvc push, one git commit, a tag when promoted, then the
    batches are archived. A run killed in there is finished by the next run's recovery, without retraining.
@@ -88,6 +90,14 @@ def record_failure(error: str, trigger: str, raw_dir: str, batches: list[dict[st
                    restored: list[str]) -> dict[str, Any]:
     return registry.record_failure(".", error=error, trigger=trigger, flow_run_id=flow_run.id,
                                    data_version=dvc_data_version(raw_dir), batches=batches, restored=restored)
+
+
+@task(name="plan-warm-start")
+def plan_start(params: str) -> dict[str, Any]:
+    """Set train.init_from to the champion's weights (or null, a cold start), as `dvc repro` will read it."""
+    plan = orchestrate.apply_warm_start(".", params)
+    get_run_logger().info("%s", plan["reason"])
+    return plan
 
 
 @task(name="compare-champion")
@@ -185,6 +195,7 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
                 append(checked["batch"], checked["rows"], params)
             create_table_artifact([dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
                                   key="medtune-new-batches", description="Appended batches (label x split)")
+            plan_start(params)
             result = pipeline(root=".", params=params, lock=False)
             decision = compare(params, rp.compare_metric, rp.promotion_margin)
         except Exception as exc:

@@ -16,7 +16,7 @@ from components.export import export, main
 
 METADATA_KEYS = {"model_id", "classes", "input", "output", "normalisation", "preprocessing", "data_version",
                  "content_hash", "git_commit", "git_dirty", "params_sha256", "metrics", "gate",
-                 "checkpoint_sha256", "opset", "exporter"}
+                 "checkpoint_sha256", "pretrained", "opset", "exporter"}
 
 
 def make_project(root, params, classes=("normal", "lesion"), channels=1, members=1):
