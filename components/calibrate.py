@@ -18,10 +18,11 @@ Both are monotone in the positive-class score, so they never change AUROC.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
 
 from components.common import StageError
+
+# scipy (a third of a second to import) only inside the functions that fit or transform:
+# `medtune predict` imports this module for predict_labels alone.
 
 ECE_BINS = 15  # as in Guo et al.; equal-width bins over the top-label confidence
 
@@ -36,6 +37,8 @@ def predict_labels(probs: np.ndarray, positive_index: int, threshold: float) -> 
 
 
 def calibrated_probabilities(logits: np.ndarray, scale: float, bias: list[float] | np.ndarray) -> np.ndarray:
+    from scipy.special import softmax
+
     return softmax(np.asarray(logits, np.float64) * scale + np.asarray(bias, np.float64), axis=1)
 
 
@@ -50,6 +53,9 @@ def fit_calibration(method: str, logits: np.ndarray, y: np.ndarray, positive_ind
                          f"only class index {sorted(set(y.tolist()))} ({len(y)} images). Use calibration: none or "
                          "a larger split.val_fraction.")
     if method == "temperature":
+        from scipy.optimize import minimize_scalar
+        from scipy.special import log_softmax
+
         def nll(log_t: float) -> float:
             return -float(log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean())
 

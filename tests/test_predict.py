@@ -153,3 +153,91 @@ def test_folders_are_searched_for_visible_scans_only(tmp_path):
     found, refused = expand_paths([tmp_path / "a", tmp_path / "given.txt"])
     assert refused == {}
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/deeper/y.dcm", "a/x.png", "given.txt"]
+
+
+def scan_folder(root, n_png=23, n_dicom=5):
+    """PNG and DICOM scans of several sizes, an unreadable PNG among them and a link out of the folder."""
+    rng = np.random.default_rng(7)
+    scans = root / "scans"
+    (scans / "deeper").mkdir(parents=True)
+    for i in range(n_png):
+        size = (40 + i, 30 + 2 * i)
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(scans / f"p{i:02d}.png")
+    for i in range(n_dicom):
+        write_dicom(scans / "deeper" / f"d{i}.dcm", rng.integers(900, 1300, (24 + i, 24)))
+    (scans / "p07.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")  # unreadable, in the middle
+    secret = root / "outside.png"
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(secret)
+    (scans / "p11-link.png").symlink_to(secret)
+    return scans
+
+
+def test_threaded_decoding_writes_the_serial_csv(onnx_model, tmp_path):
+    """Threads decode while ONNX Runtime runs: same CSV bytes as one thread, rows in input order,
+    the unreadable file and the link out of the folder still error rows; and the bytes pandas'
+    to_csv writes for the same table (the writer `medtune predict` used before)."""
+    scans = scan_folder(tmp_path)
+    serial = predict(onnx_model, [scans], tmp_path / "serial.csv", batch_size=3, threads=1)
+    threaded = predict(onnx_model, [scans], tmp_path / "threaded.csv", batch_size=3, threads=4)
+    assert main([str(onnx_model), str(scans), "-o", str(tmp_path / "cli.csv"), "--batch-size", "5"]) == 0
+    text = (tmp_path / "serial.csv").read_bytes()
+    assert (tmp_path / "threaded.csv").read_bytes() == text == (tmp_path / "cli.csv").read_bytes()
+    assert threaded.to_csv(index=False, lineterminator="\n").encode() == text
+    pd.testing.assert_frame_equal(serial, threaded)
+
+    from components.predict import expand_paths
+
+    assert threaded["path"].tolist() == [f.as_posix() for f in expand_paths([scans])[0]]
+    bad = threaded[threaded["error"] != ""]
+    assert [p.rsplit("/", 1)[-1] for p in bad["path"]] == ["p07.png", "p11-link.png"]
+    assert "not a readable" in bad["error"].iloc[0] and "outside the folder" in bad["error"].iloc[1]
+    assert bad["predicted"].tolist() == ["", ""] and bad[["prob_normal", "prob_lesion"]].isna().all().all()
+    assert (threaded["error"] == "").sum() == 23 + 5 - 1
+
+
+def test_decoding_runs_a_bounded_distance_ahead(monkeypatch, tmp_path):
+    """However many files, the threads hold at most `ahead` prepared scans the model has not taken."""
+    import threading
+
+    from components import predict as module
+
+    started, lock = [], threading.Lock()
+
+    def fake_prepare(path, settings):
+        with lock:
+            started.append(path)
+        return np.zeros((1, 2, 2), np.uint8)
+
+    monkeypatch.setattr(module, "_prepare", fake_prepare)
+    files = [tmp_path / f"{i}.png" for i in range(50)]
+    taken = 0
+    for item in module.prepared(files, {}, threads=3, ahead=4):
+        taken += 1
+        assert len(started) <= taken + 4
+    assert taken == 50 and sorted(started) == sorted(files)
+
+
+def test_bad_thread_count_is_a_clear_error(onnx_model, tmp_path, capsys):
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
+    assert main([str(onnx_model), str(tmp_path / "x.png"), "-o", str(tmp_path / "p.csv"), "--threads", "0"]) == 1
+    assert "--threads 0 is invalid; expected an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_the_command_imports_neither_torch_scipy_nor_pandas(onnx_model, tmp_path):
+    """`medtune predict` starts fast: the process (run under -X importtime) never imports torch,
+    scipy or pandas, and still writes its CSV."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
+    medtune = Path(sys.executable).parent / "medtune"
+    out = subprocess.run([sys.executable, "-X", "importtime", str(medtune), "predict", str(onnx_model),
+                          str(tmp_path), "-o", str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*(\S+)\s*$", out.stderr, re.M)}
+    assert {"onnxruntime", "PIL", "numpy"} <= imported  # the probe sees the process's imports
+    assert not imported & {"torch", "scipy", "pandas"}, sorted(imported & {"torch", "scipy", "pandas"})
+    assert (tmp_path / "p.csv").read_text().startswith("path,prob_normal,prob_lesion,predicted,error\n")
