@@ -16,6 +16,11 @@ data/manifest.csv as data is appended; new ones go where their class is short), 
 replaces both; if it names only train and test, validation patients are carved from train. Either
 way no patient may appear in two splits. Unreadable files stay in the manifest with the reason in
 `error` and an empty split; the validate stage decides if that is fatal.
+
+What a file holds (sha256, size and depth, the hashed DICOM PatientID, its near-duplicate signature)
+is read once per content and kept in data/cache/facts (components.scan_facts), so a run after an
+append hashes, decodes and compares only the new scans (`--cache` moves it); the outputs are the
+same bytes as a run without it.
 """
 
 from __future__ import annotations
