@@ -55,7 +55,9 @@ def open_model(model_path: Path) -> tuple[Any, dict[str, Any]]:
     a model does not need the `onnx` package, and a file ONNX Runtime cannot load is refused with why."""
     if not model_path.is_file():
         raise StageError(f"{model_path}: no such model file; expected an ONNX file written by `medtune export`.")
-    session = make_session(model_path)
+    # Not spinning: the decoding threads need the cores between ONNX Runtime's operators and runs
+    # (with spin-waiting threads, predict lost a third of its rate on 2 cores; bench/cheap.py).
+    session = make_session(model_path, spinning=False)
     props = dict(session.get_modelmeta().custom_metadata_map)
     missing = [k for k in REQUIRED_METADATA if k not in props]
     if missing:
