@@ -6,11 +6,18 @@
 pool of local processes (`compute.workers`, 0 = every core) or the workers of a Dask scheduler
 (`compute.dask_scheduler`, or the environment variable MEDTUNE_DASK_SCHEDULER). Outputs built from
 the results are therefore the same bytes in all three cases (tests/test_parallel.py). `fn` must be
-a module-level function (or a functools.partial of one): it is pickled to the workers.
+a module-level function (or a functools.partial of one): it is pickled to the workers, which must
+import its module (the same medtune) and, on Dask, see the files at the same absolute paths.
+
+Failures: fn raising on an item stops the map with `ItemFailed`, a StageError naming the item (and
+the worker's traceback when the exception was not an expected one); a worker that dies (killed,
+out of memory), a scheduler that does not answer or workers that cannot import fn's module each
+stop it with a StageError that says which and what to do. On any exception, Ctrl-C included,
+nothing is left running: the local workers are killed, the Dask work cancelled, the client closed.
 
 The work is sent in chunks, so a worker pays its inter-process round trip once per chunk and not
-per file; below MIN_PARALLEL items the pool's start-up (about 0.3 s) costs more than it saves and
-the work stays in this process.
+per file; below MIN_PARALLEL items the pool's start-up costs more than it saves and the work stays
+in this process. A progress bar (stderr) counts files when `desc` is given.
 """
 
 from __future__ import annotations
@@ -18,12 +25,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent import futures as cf
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from components.common import StageError
 from components.params import ComputeParams
 
 log = logging.getLogger("medtune.parallel")
@@ -32,8 +45,15 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DASK_ENV = "MEDTUNE_DASK_SCHEDULER"
-MIN_PARALLEL = 64   # fewer items than this run in this process
+MIN_PARALLEL = 64   # fewer items than this per worker run in this process
 CHUNKS_PER_WORKER = 8  # chunks per worker: small enough to balance uneven files, large enough to amortise
+CONNECT_TIMEOUT = "10s"  # to reach the Dask scheduler
+# fn's own errors about its input: the message says it all, no traceback needed.
+EXPECTED = (StageError, ValueError, OSError)
+
+
+class ItemFailed(StageError):
+    """fn raised on one item; the message names the item (and carries the worker's traceback)."""
 
 
 def local_cores() -> int:
@@ -49,17 +69,12 @@ def scheduler_address(compute: ComputeParams) -> str | None:
     return os.environ.get(DASK_ENV) or compute.dask_scheduler
 
 
+def _address_source() -> str:
+    return f"the environment variable {DASK_ENV}" if os.environ.get(DASK_ENV) else "compute.dask_scheduler"
+
+
 def workers(compute: ComputeParams) -> int:
     return compute.workers or local_cores()
-
-
-def _run_chunk(fn: Callable[[T], R], chunk: Sequence[T]) -> list[R]:
-    return [fn(item) for item in chunk]
-
-
-def _chunks(items: Sequence[T], n_workers: int) -> list[Sequence[T]]:
-    size = max(1, -(-len(items) // (n_workers * CHUNKS_PER_WORKER)))
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def map_files(fn: Callable[[T], R], items: Iterable[T], compute: ComputeParams, desc: str = "") -> list[R]:
@@ -70,34 +85,173 @@ def map_files(fn: Callable[[T], R], items: Iterable[T], compute: ComputeParams, 
         return _map_dask(fn, items, address, desc)
     n_workers = min(workers(compute), max(1, len(items) // MIN_PARALLEL))
     if n_workers <= 1:
-        return [fn(item) for item in tqdm(items, desc=desc, unit="file", disable=not desc)]
-    # forkserver, not fork: a forked child of a process with threads (Prefect's, torch's) can
-    # inherit a lock held by another thread and hang.
-    context = multiprocessing.get_context("forkserver")
-    results: list[R] = []
-    with ProcessPoolExecutor(n_workers, mp_context=context) as pool, \
-            tqdm(total=len(items), desc=desc, unit="file", disable=not desc) as bar:
-        for part in pool.map(_run_chunk, [fn] * len(chunks := _chunks(items, n_workers)), chunks):
-            results += part
-            bar.update(len(part))
+        with _bar(len(items), desc) as bar:
+            return _run_chunk(fn, items, desc, bar.update)
+    return _map_local(fn, items, n_workers, desc)
+
+
+def _run_chunk(fn: Callable[[T], R], chunk: Sequence[T], desc: str,
+               done: Callable[[int], Any] | None = None) -> list[R]:
+    out = []
+    for item in chunk:
+        try:
+            out.append(fn(item))
+        except Exception as exc:  # noqa: BLE001 - re-raised, naming the item
+            # Message only (no attributes): it must pickle back from a worker process.
+            shown = _show(item[0] if isinstance(item, tuple) and item else item)  # a tuple leads with its path
+            where = f"{desc or 'map_files'}: " + (str(exc) if shown in str(exc) else f"{shown}: {type(exc).__name__}: {exc}")
+            raise ItemFailed(where if isinstance(exc, EXPECTED) else f"{where}\n{traceback.format_exc()}") from exc
+        if done is not None:
+            done(1)
+    return out
+
+
+def _show(item: Any, limit: int = 300) -> str:
+    text = str(item)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _chunks(items: Sequence[T], n_workers: int) -> list[Sequence[T]]:
+    size = max(1, -(-len(items) // (n_workers * CHUNKS_PER_WORKER)))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="file", disable=not desc)
+
+
+def _collect(pending: dict[Any, int], chunks: list[Sequence], completed: Iterable, desc: str,
+             lost: Callable[[BaseException, Sequence], str]) -> list:
+    """Results of every chunk's future, in chunk order; the first failure (as they complete) raised
+    as ItemFailed, or as a StageError that `lost` words (a dead worker, a broken cluster)."""
+    parts: list[list | None] = [None] * len(chunks)
+    with _bar(sum(map(len, chunks)), desc) as bar:
+        for future in completed:
+            i = pending[future]
+            try:
+                parts[i] = future.result()
+            except ItemFailed:
+                raise
+            except Exception as exc:  # noqa: BLE001 - said with the chunk it lost
+                raise StageError(lost(exc, chunks[i])) from exc
+            bar.update(len(chunks[i]))
+    return [r for part in parts for r in part]  # type: ignore[union-attr]
+
+
+def _span(chunk: Sequence) -> str:
+    return _show(chunk[0], 150) + (f" and {len(chunk) - 1} more" if len(chunk) > 1 else "")
+
+
+# --------------------------------------------------------------------------- local processes
+
+def _map_local(fn: Callable[[T], R], items: list[T], n_workers: int, desc: str) -> list[R]:
+    # spawn: each worker is this process's child and watches it (_bind_to_parent). A forkserver's
+    # workers are the fork server's children: they kept running after a kill -9 of the stage. And
+    # not fork: a forked child of a process with threads (Prefect's, torch's) can inherit a lock
+    # held by another thread and hang.
+    pool = cf.ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_bind_to_parent, initargs=(os.getpid(),))
+    chunks = _chunks(items, n_workers)
+    try:
+        pending = {pool.submit(_run_chunk, fn, chunk, desc): i for i, chunk in enumerate(chunks)}
+        results = _collect(pending, chunks, cf.as_completed(pending), desc, _local_loss)
+    except BaseException:
+        _kill(pool)  # an error, Ctrl-C: the other chunks are not worth waiting for
+        raise
+    pool.shutdown(wait=True)
     return results
 
+
+def _local_loss(exc: BaseException, chunk: Sequence) -> str:
+    if isinstance(exc, cf.process.BrokenProcessPool):
+        return (f"a local worker process died (killed, or out of memory?) while the files from {_span(chunk)} "
+                "were not finished; run again, or set compute.workers to fewer processes (1: none)")
+    return f"a local worker process failed on the files from {_span(chunk)}: {type(exc).__name__}: {exc}"
+
+
+def _kill(pool: cf.ProcessPoolExecutor) -> None:
+    # ProcessPoolExecutor offers no kill before Python 3.14 (terminate_workers): its process table.
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.join()
+
+
+def _bind_to_parent(parent: int) -> None:
+    """In each pool worker: Ctrl-C is the parent's to handle (it kills the pool), and the worker ends
+    when the parent is gone however it died (a kill -9 leaves no one to shut the pool down)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="medtune-watch-parent", daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+# --------------------------------------------------------------------------- Dask
 
 def _map_dask(fn: Callable[[T], R], items: list[T], address: str, desc: str) -> list[R]:
-    from distributed import Client  # imported only when a cluster is configured (about 1 s)
+    from distributed import Client, as_completed  # imported only when a cluster is configured (about 1 s)
 
+    _refuse_relative_paths(fn, items, desc)
     try:
-        client = Client(address, timeout="10s")
-    except OSError as exc:
-        raise RuntimeError(f"Dask scheduler {address} (compute.dask_scheduler / {DASK_ENV}) did not answer: "
-                           f"{exc}; start it (`dask scheduler`) or unset it to use local cores.") from None
-    with client:
-        n_workers = max(1, sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()))
-        log.info("%s: %d file(s) on the Dask cluster at %s (%d threads)", desc or "map", len(items), address,
-                 n_workers)
-        # pure=False: two chunks with equal contents are still two pieces of work to return.
-        futures = client.map(_run_chunk, [fn] * len(chunks := _chunks(items, n_workers)), chunks, pure=False)
-        results: list[Any] = []
-        for part in client.gather(futures):
-            results += part
-    return results
+        client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise StageError(f"Dask scheduler {address} (from {_address_source()}) did not answer: {exc}. Start it "
+                         f"(`dask scheduler`, then `dask worker {address}` on each machine), or unset "
+                         f"compute.dask_scheduler and {DASK_ENV} to use this machine's cores.") from None
+    futures: list = []
+    with client:  # closed on the way out, whatever happens
+        try:
+            n_workers = _check_workers(client, fn, address)
+            chunks = _chunks(items, n_workers)
+            log.info("%s: %d file(s) in %d chunk(s) on the Dask cluster at %s (%d threads)", desc or "map",
+                     len(items), len(chunks), address, n_workers)
+            # pure=False: two chunks with equal contents are still two pieces of work to return.
+            futures = client.map(_run_chunk, [fn] * len(chunks), chunks, [desc] * len(chunks), pure=False)
+            pending = dict(zip(futures, range(len(chunks))))
+            return _collect(pending, chunks, as_completed(futures, loop=client.loop), desc,
+                            lambda exc, chunk: f"the Dask cluster at {address} lost the files from {_span(chunk)}: "
+                                               f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            if futures:
+                client.cancel(futures)
+            raise
+
+
+def _fn_module(fn: Callable) -> str:
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    return fn.__module__
+
+
+def _check_workers(client, fn: Callable, address: str) -> int:
+    """Threads on the cluster; StageError when there are none, or when a worker cannot import fn's
+    module: a task it cannot unpickle breaks the worker's connection and the map would wait forever."""
+    threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+    if not threads:
+        raise StageError(f"the Dask scheduler at {address} has no workers; start some with `dask worker {address}`.")
+    module = _fn_module(fn)
+    try:
+        # exec, a builtin, unpickles on any worker (a function of ours would need the very module in question).
+        client.run(exec, f"import {module}", {})
+    except ImportError as exc:
+        raise StageError(f"a Dask worker of {address} cannot import {module} ({exc}): the workers need the same "
+                         "medtune installed (pip install of this project in their environment).") from None
+    return threads
+
+
+def _refuse_relative_paths(fn: Callable, items: list, desc: str) -> None:
+    """A Dask worker resolves a relative path against its own working directory, not this one's."""
+    args = [*getattr(fn, "args", ()), *getattr(fn, "keywords", {}).values()]
+    for value in args + items[:1000]:
+        for part in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(part, (str, PurePath)) and os.sep in str(part) and not os.path.isabs(part) \
+                    and os.path.exists(part):
+                raise StageError(f"{desc or 'map_files'}: relative path {part!s} sent to Dask workers, which resolve "
+                                 f"it against their own working directory, not {os.getcwd()}. Pass absolute "
+                                 "paths (Path.resolve()); workers must see the files at the same path.")
