@@ -632,11 +632,12 @@ def _drain_logs() -> None:
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """One pipeline flow run in this process, like `retrain --once`: each stage is `dvc repro --single-item`."""
     quiet_env()
-    from flows.pipeline import pipeline
+    from flows.pipeline import on_cluster, pipeline
 
+    root = Path(args.root).resolve()
     with prefect_api():
-        try:
-            result = pipeline(root=str(Path(args.root).resolve()), params=args.params)
+        try:  # on a Dask cluster when one is configured (flows.pipeline.task_runner)
+            result = on_cluster(pipeline, root / args.params)(root=str(root), params=args.params)
         finally:
             _drain_logs()
     width = max(map(len, result["stages"]), default=0)

@@ -18,6 +18,9 @@ ends "Gate failed" and the run has no model (`dvc status` then shows that stage 
 `dvc repro` that stopped there). DVC commands run one at a time, from this process, under the
 workspace lock; no two flows touch the workspace at once. Retries, on transient errors only, and the
 artifacts (validation, metrics, gate, lineage) are Prefect's part.
+
+With a Dask scheduler configured (compute.dask_scheduler or MEDTUNE_DASK_SCHEDULER), `on_cluster`
+gives the flow Prefect's DaskTaskRunner: see `task_runner`.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from components import common, folders, orchestrate
+from components import common, folders, orchestrate, parallel
 from components.common import dvc_data_version
 from components.orchestrate import GATE_FILE, OUTCOMES
-from components.params import load_params
+from components.params import ComputeParams, load_params
 
 
 def _transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's retry_condition_fn signature
@@ -49,11 +52,39 @@ def _transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's retry
 IO = {"retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": _transient}
 
 
+def task_runner(compute: ComputeParams):
+    """Prefect's DaskTaskRunner on the scheduler map_files would use, or None (Prefect's default:
+    threads of the flow's own process).
+
+    What it changes is where a task's process lives, not how many run at once: each task, and the
+    `dvc repro` it starts, runs in a Dask worker (on the cluster's machines, which must see the
+    workspace at the same absolute path), while the flow still submits the stages one at a time,
+    because DVC executes them and two DVC commands in one workspace fail. The stage started there
+    is given the scheduler's address, so its per-file work spreads over the same workers.
+    """
+    address = parallel.scheduler_address(compute)
+    if not address:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(address=address)
+
+
+def on_cluster(flow_obj, params_file: str | Path):
+    """`flow_obj` with the task runner that `params_file`'s compute section (or the environment) asks for."""
+    runner = task_runner(load_params(params_file).compute)
+    return flow_obj if runner is None else flow_obj.with_options(task_runner=runner)
+
+
 @task(name="dvc-repro", **IO)
-def reproduce(stage: str) -> State:
-    """`dvc repro --single-item STAGE`; the final state is Completed when it ran, Skipped when DVC skipped it."""
+def reproduce(stage: str, root: str, scheduler: str | None = None) -> State:
+    """`dvc repro --single-item STAGE`; the final state is Completed when it ran, Skipped when DVC skipped it.
+
+    `root` is absolute: on a Dask worker the flow's working directory does not apply."""
     logger = get_run_logger()
-    run = orchestrate.run_stage(stage, ".", logger)
+    if scheduler:  # the stage reads it from here when it came from the flow's environment, not params.yaml
+        os.environ[parallel.DASK_ENV] = scheduler
+    run = orchestrate.run_stage(stage, root, logger)
     message = f"{OUTCOMES[run.outcome]} (dvc repro --single-item {stage})"
     logger.log(logging.WARNING if run.outcome == "unknown" else logging.INFO, "%s: %s", stage, message)
     return Completed(name="Skipped" if run.outcome in ("skipped", "run-cache") else "Completed",
@@ -70,10 +101,10 @@ def refuse(stage: str, gate: dict[str, Any]) -> State:
 
 
 @task(name="dvc-add-raw", **IO)
-def version_data(raw_dir: str) -> str:
-    folders.refuse_links_out(raw_dir)
-    common.dvc(".", "add", raw_dir)
-    return dvc_data_version(raw_dir)
+def version_data(raw_dir: str, root: str) -> str:
+    folders.refuse_links_out(Path(root) / raw_dir)
+    common.dvc(root, "add", raw_dir)
+    return dvc_data_version(Path(root) / raw_dir)
 
 
 def _read(path: str) -> Any:
@@ -135,13 +166,15 @@ def pipeline(root: str = ".", params: str = "params.yaml", lock: bool = True) ->
     metrics = gate = lineage = None
     with (orchestrate.workspace_lock(".", holder, 3600, lambda h: logger.info("waiting for the workspace: %s", h))
           if lock else contextlib.nullcontext()):
-        data_version = version_data(p.data.raw_dir)
+        here, scheduler = os.getcwd(), parallel.scheduler_address(p.compute)
+        data_version = version_data(p.data.raw_dir, here)
         for stage in orchestrate.pipeline_stages("."):
             if GATE_FILE in stage.deps and gate is not None and not gate.get("passed"):
                 state = refuse.with_options(name=stage.name, task_run_name=stage.name)(stage.name, gate, return_state=True)
                 outcomes[stage.name] = state.result()
                 continue
-            state = reproduce.with_options(name=stage.name, task_run_name=stage.name)(stage.name, return_state=True)
+            state = reproduce.with_options(name=stage.name, task_run_name=stage.name)(stage.name, here, scheduler,
+                                                                                      return_state=True)
             shows = [ARTIFACTS[o] for o in stage.outs if o in ARTIFACTS]
             if state.is_failed():
                 if "validation" in shows:

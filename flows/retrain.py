@@ -30,7 +30,7 @@ from prefect.runtime import flow_run
 from components import inbox, orchestrate, registry
 from components.common import dvc_data_version
 from components.params import RetrainParams, load_params
-from flows.pipeline import IO, pipeline
+from flows.pipeline import IO, on_cluster, pipeline
 
 
 @task(name="recover-registry")
@@ -196,7 +196,10 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
             create_table_artifact([dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
                                   key="medtune-new-batches", description="Appended batches (label x split)")
             plan_start(params)
-            result = pipeline(root=".", params=params, lock=False)
+            # The stages (and their per-file work) on the Dask cluster when one is configured
+            # (flows.pipeline.task_runner). This flow's own tasks stay in its process: small
+            # bookkeeping on the workspace (batches, git, the registry), by paths relative to it.
+            result = on_cluster(pipeline, params)(root=".", params=params, lock=False)
             decision = compare(params, rp.compare_metric, rp.promotion_margin)
         except Exception as exc:
             _fail(exc, good, snap, dests, params, trigger, p.data.raw_dir, rp.quarantine_dir, logger)

@@ -181,6 +181,25 @@ def test_relative_paths_are_refused_on_dask(cluster, tmp_path, monkeypatch):
         parallel.map_files(len, ["raw/a.png"], ComputeParams(dask_scheduler=cluster["address"]), desc="hash")
 
 
+def test_flows_run_their_tasks_on_the_configured_scheduler(tmp_path, monkeypatch):
+    # The selection only: a pipeline flow run on the cluster needs the stages' per-file work to send
+    # absolute paths (test_relative_paths_are_refused_on_dask).
+    from prefect_dask import DaskTaskRunner
+
+    from flows.pipeline import on_cluster, pipeline, task_runner
+
+    assert task_runner(ComputeParams()) is None
+    assert task_runner(ComputeParams(dask_scheduler="tcp://10.0.0.5:8786")).address == "tcp://10.0.0.5:8786"
+    params = tmp_path / "params.yaml"
+    params.write_text("compute:\n  dask_scheduler: tcp://10.0.0.5:8786\n")
+    monkeypatch.setenv(parallel.DASK_ENV, "tcp://10.0.0.6:8786")
+    flow = on_cluster(pipeline, params)
+    assert isinstance(flow.task_runner, DaskTaskRunner) and flow.task_runner.address == "tcp://10.0.0.6:8786"
+    monkeypatch.delenv(parallel.DASK_ENV)
+    params.write_text("compute:\n  workers: 2\n")
+    assert on_cluster(pipeline, params) is pipeline
+
+
 # --------------------------------------------------------------------------- the stages
 
 def stage_outputs(raw: Path, out: Path, compute: dict) -> dict[str, bytes]:
