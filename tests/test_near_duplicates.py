@@ -117,3 +117,27 @@ def test_validate_names_near_duplicates_that_a_given_split_separates(tmp_path):
     assert [(f["name"], f["critical"]) for f in report["failures"]] == [("near_duplicates_in_one_split", False)]
     entry = next(e for e in report["expectations"] if e["name"] == "near_duplicates_in_one_split")
     assert entry["details"]["n_offending"] == 1  # what the model card counts
+
+
+def test_pairs_match_a_float64_search_and_new_against_old_finds_the_same(monkeypatch):
+    """The filtered, exact search finds what a plain float64 product finds (away from the threshold by
+    more than rounding), whatever the blocks; comparing the last rows with all finds their share of it."""
+    rng = np.random.default_rng(5)
+    base = np.stack([gaussian_filter(rng.normal(size=(32, 32)), 3) for _ in range(60)])
+    noisy = base + rng.normal(size=base.shape) * base.std() * np.linspace(0, 0.4, 60)[:, None, None]
+    x = near_duplicates.standardise(list(np.concatenate([base, noisy, rng.normal(size=(20, 32, 32))])))
+    corr = x.astype(np.float64) @ x.astype(np.float64).T
+    monkeypatch.setattr(near_duplicates, "BLOCK", 7)  # many blocks, uneven edges
+    for threshold in (0.5, 0.9, 0.99):
+        expected = {(i, j) for i, j in zip(*np.nonzero(corr >= threshold)) if i < j}
+        unsure = {(i, j) for i, j in zip(*np.nonzero(abs(corr - threshold) < 1e-6)) if i < j}
+        found = set(near_duplicates.pairs(x, threshold))
+        assert found ^ expected <= unsure and len(expected) > 10
+        # As ingest does after an append: the new rows (the last 25) against every row.
+        q = np.stack([near_duplicates.signature(t.reshape(32, 32), 32) for t in x])
+        p = near_duplicates.project(q)
+        new = range(len(x) - 25, len(x))
+        pieces = near_duplicates.linked(p[new.start:], p, lambda r: q[new.start:][r], q.__getitem__, threshold)
+        later = {(int(min(i + new.start, j)), int(max(i + new.start, j))) for a, b in pieces for i, j in zip(a, b)
+                 if i + new.start != j}
+        assert later == {(i, j) for i, j in found if j in new}
