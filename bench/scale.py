@@ -122,7 +122,8 @@ def bench_dvc_files(n: int = 100_000, layouts: tuple[str, ...] = ("one", "per_ba
     with tempfile.TemporaryDirectory(prefix="medtune-scale-", dir=os.environ.get("MEDTUNE_BENCH_TMP")) as tmp:
         for layout in layouts:
             out[layout] = _layout_run(Path(tmp) / layout, n, layout)
-            shutil.rmtree(Path(tmp) / layout, ignore_errors=True)
+            for leftover in (layout, f"{layout}-remote"):
+                shutil.rmtree(Path(tmp) / leftover, ignore_errors=True)
     line = " | ".join(f"{k}: add {v['add_first']:.1f} s, status {v['status_noop']:.2f} s (with a stage on data/raw {v['status_with_stage']:.2f} s), add 1% {v['add_append']:.1f} s, "
                       f"push {v['push_first']:.1f} s, push 1% {v['push_append']:.1f} s, cache {v['cache_files']} files"
                       for k, v in out.items() if isinstance(v, dict))
@@ -172,13 +173,42 @@ def _unit_scan_costs(folder: Path, n: int) -> dict[str, float]:
     return out
 
 
-def _pair_cost(n: int, reps: int = 2) -> float:
-    """Seconds per compared pair: near_duplicates.pairs on n random thumbnails / (n^2 / 2)."""
+def _ct_thumbnails(n: int) -> np.ndarray:
+    """n 32 px synthetic CT slices (components.demo_data's anatomy, 10 slices per patient): alike
+    bodies, so the near-duplicate filter lets many pairs through (a hard case for it)."""
+    from components import demo_data, scans
+
+    out = []
+    for number in range(-(-n // 10)):
+        rng = np.random.default_rng([0, number])
+        anatomy = demo_data._anatomy(rng)
+        out += [demo_data._slice_hu(rng, anatomy, scans.THUMBNAIL, s / 9, lesion=number % 2 == 0) for s in range(10)]
+    return np.stack(out[:n]).astype(np.float32)
+
+
+def _pair_cost(n: int, kind: str, reps: int = 2) -> float:
+    """Seconds per compared pair: near_duplicates.pairs on n thumbnails / (n^2 / 2). kind "random":
+    unrelated thumbnails (the filter rules out nearly all); "ct": synthetic CT slices."""
     from components import near_duplicates, scans
 
-    thumbs = np.random.default_rng(n).random((n, scans.THUMBNAIL, scans.THUMBNAIL), dtype=np.float32)
+    thumbs = _ct_thumbnails(n) if kind == "ct" else \
+        np.random.default_rng(n).random((n, scans.THUMBNAIL, scans.THUMBNAIL), dtype=np.float32)
     x = near_duplicates.standardise(list(thumbs))
     return _best(lambda: near_duplicates.pairs(x, 0.99), reps) / (n * n / 2)
+
+
+def _listing_cost(folder: Path, n: int = 20_000) -> dict[str, float]:
+    """Per file: folders.list_folder (what ingest's find_scans walks) and one os.stat, on n small .dcm files."""
+    from components import folders
+
+    tree = folder / "listing"
+    for b in range(-(-n // PER_FOLDER)):
+        (tree / f"b{b:04d}").mkdir(parents=True)
+        for i in range(min(PER_FOLDER, n - b * PER_FOLDER)):
+            (tree / f"b{b:04d}" / f"s{i:05d}.dcm").write_bytes(b"x")
+    paths = [tree / rel for rel in folders.list_folder(tree).scans]
+    return {"list_per_file": _best(lambda: folders.list_folder(tree)) / n,
+            "stat_per_file": _best(lambda: [os.stat(p) for p in paths]) / n}
 
 
 def _validate_costs(sizes: tuple[int, ...] = (20_000, 100_000)) -> dict[str, float]:
@@ -248,16 +278,53 @@ def bench_unit_costs(n_files: int = 200, pair_sizes: tuple[int, ...] = (4000, 80
     out: dict[str, Any] = {"n_files": n_files, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="medtune-units-") as tmp:
         out.update(_unit_scan_costs(Path(tmp), n_files))
-        out.update({f"pair_{n}": _pair_cost(n) for n in pair_sizes})
+        out.update({f"pair_{kind}_{n}": _pair_cost(n, kind) for n in pair_sizes for kind in ("random", "ct")})
+        out.update(_listing_cost(Path(tmp)))
         out.update(_validate_costs())
         out.update(_hash_throughput())
         out["train_img_s_64"] = _train_rate()
         out.update(_fixed_costs(Path(tmp)))
     ms = {k: f"{v * 1e3:.2f}" for k, v in out.items() if k.startswith(("sha256", "probe", "prepare"))}
-    print(f"units  per scan (ms, 1 process): {ms} | per pair {out[f'pair_{pair_sizes[-1]}'] * 1e9:.2f} ns | "
+    print(f"units  per scan (ms, 1 process): {ms} | per pair {out[f'pair_random_{pair_sizes[-1]}'] * 1e9:.2f} ns (random) / {out[f'pair_ct_{pair_sizes[-1]}'] * 1e9:.2f} ns (CT slices) | "
           f"train {out['train_img_s_64']:.0f} img/s at 64 px | medtune --help {out['medtune_help']:.2f} s | "
           f"dvc status (demo) {out['dvc_status_demo']:.2f} s (best of 3 each)", flush=True)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection (docs/scaling.md shows these formulas)
+# ---------------------------------------------------------------------------------------------
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys = a + b * xs."""
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return float(a), float(b)
+
+
+def dvc_fits(runs: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per layout and command, (fixed s, s per file) fitted over the file counts measured."""
+    layouts = [k for k, v in runs[0].items() if isinstance(v, dict)]
+    keys = [k for k in runs[0][layouts[0]] if not k.startswith("cache")]
+    return {lay: {k: fit_line([r["n"] for r in runs], [r[lay][k] for r in runs]) for k in keys} for lay in layouts}
+
+
+def project(u: dict[str, float], n: int, cores: int, kind: str = "dicom_512", pair_kind: str = "ct",
+            epochs: int = 1, train_fraction: float = 0.6) -> dict[str, dict[str, float]]:
+    """Seconds per pipeline part for an append of 1% (k = n / 100) and a full build of n scans, with
+    per-file work divided over `cores` and the near-duplicate products over min(cores, 16) BLAS
+    threads (measured with 2). u: bench_unit_costs()'s dict (plus _listing_cost's)."""
+    k, pair = n / 100, u[f"pair_{pair_kind}_8000"] * 2 / min(cores, 16)
+    hash_probe, hash_prep = u[f"sha256_{kind}"] + u[f"probe_{kind}"], u[f"sha256_{kind}"] + u[f"prepare_{kind}"]
+    a, b = fit_line([20_000, 100_000], [u["validate_20000"], u["validate_100000"]])
+    listing = (u["list_per_file"] + u["stat_per_file"]) * n  # walked in one process
+    per_epoch = train_fraction * n / (u["train_img_s_64"] * cores / 2)
+    return {"append": {"list_and_stat": listing, "hash_probe_new": hash_probe * k / cores,
+                       "near_dups_k_x_n": pair * k * n, "validate": a + b * n,
+                       "rehash_all_in_preprocess": u[f"sha256_{kind}"] * n / cores,
+                       "prepare_new": u[f"prepare_{kind}"] * k / cores, "train_epoch": per_epoch * epochs},
+            "full": {"list_and_stat": listing, "hash_probe_all": hash_probe * n / cores,
+                     "near_dups_n2_half": pair * n * n / 2, "validate": a + b * n,
+                     "hash_prepare_all": hash_prep * n / cores, "train_epoch": per_epoch * epochs}}
 
 
 def main(argv: list[str]) -> int:
