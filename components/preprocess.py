@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from components import pixel_cache, scans
 from components.common import SPLITS, StageError, read_json, sha256_file, stage_main, write_json, write_text
 from components.manifest import read_manifest
 from components.parallel import map_files
-from components.params import Params, PreprocessParams, load_params
+from components.parallel import workers as parallel_workers
+from components.params import ComputeParams, Params, PreprocessParams, load_params
 from components.scans import RESIZE_METHOD, ScanError
 
 log = logging.getLogger("medtune.preprocess")
@@ -96,26 +98,34 @@ def check_and_prepare(item: tuple[str, str, dict[str, Any] | None]) -> np.ndarra
 
 def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, params: Params) -> int:
     """Check every listed file against its sha256 and prepare the scans `store` lacks into one new
-    shard, through parallel.map_files, at most BATCH_BYTES of pixels in memory at a time. Returns
-    how many it prepared. A scan is keyed by its bytes alone: the path matters to prepare_image only
-    through its extension choosing the decoder, and bytes that do not fit it are unreadable (skipped)."""
-    settings = preparation(params.preprocess)
+    shard, at most BATCH_BYTES of pixels in memory at a time; return how many it prepared. A scan
+    is keyed by its bytes alone: the path matters to prepare_image only through its extension
+    choosing the decoder, and bytes that do not fit it are unreadable (ingest marks them)."""
     new = store.missing(df["sha256"])
     todo = (~df["sha256"].duplicated() & df["sha256"].isin(new)).tolist()  # the first row of each new key
-    items = [(str(raw_dir / rel), digest, settings if do else None)
-             for rel, digest, do in zip(df["path"], df["sha256"], todo)]
-    position = {key: i for i, key in enumerate(new)}
-    batch = max(1, BATCH_BYTES // int(np.prod(store.shape)))
+    paths = [str(raw_dir / rel) for rel in df["path"]]
+    _check_files([(p, key, None) for p, key, do in zip(paths, df["sha256"], todo) if not do], params.compute)
+    settings = preparation(params.preprocess)
+    items = [(p, key, settings) for p, key, do in zip(paths, df["sha256"], todo) if do]  # in `new` order
     log.info("%d scan(s) to prepare, %d in the pixel cache (%s)", len(new), df["sha256"].nunique() - len(new),
              store.folder)
+    batch = max(1, BATCH_BYTES // int(np.prod(store.shape)))
     with store.new_shard(new) as block:
         for start in range(0, len(items), batch):
-            part = items[start:start + batch]
-            for (_, key, _), pixels in zip(part, map_files(check_and_prepare, part, params.compute, desc="preprocess")):
-                if pixels is not None:
-                    block[position[key]] = pixels
+            # Decoding is the costly part: local processes or a Dask cluster (compute.*).
+            part = map_files(check_and_prepare, items[start:start + batch], params.compute, desc="preprocess")
+            for i, pixels in enumerate(part, start):
+                block[i] = pixels
     store.compact(df["sha256"])
     return len(new)
+
+
+def _check_files(items: list[tuple[str, str, None]], compute: ComputeParams) -> None:
+    """check_and_prepare (sha256 only) on threads: hashlib releases the GIL, and a process pool's
+    start-up (importing this stage in each worker) would cost more than hashing small files."""
+    with ThreadPoolExecutor(parallel_workers(compute)) as pool:
+        for _ in pool.map(check_and_prepare, items):
+            pass
 
 
 def _fill_split(keys: pd.Series, store: pixel_cache.Store, target: Path) -> None:
