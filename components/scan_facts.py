@@ -63,6 +63,7 @@ log = logging.getLogger("medtune.scan_facts")
 FORMAT = 1  # the fact and shard layout below; another value makes every stored shard stale
 SHARD_ROWS = 4096  # facts per shard: also the files decoded (and their signatures held) at a time
 RACY_NS = 2_000_000_000
+HASH_HERE_BYTES = 256 * 2**20  # files to hash below this many bytes in all are hashed in this process
 PATH_MARK = "\x00path\x00"  # where an error message named the file (no path can hold a NUL)
 INDEX_DIR = "medtune-scan-stats"
 _SHARD = re.compile(r"shard-(\d{6})\.npz")
@@ -305,8 +306,14 @@ def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, co
     ids: list[tuple[str, str] | None] = [tuple(index[rel][3:5]) if index.get(rel, [None])[:3] == st else None
                                          for rel, st in zip(files, stats)]
     todo = [i for i, known in enumerate(ids) if known is None]
-    for i, found in zip(todo, map_files(hash_file, [str(raw_dir / files[i]) for i in todo], compute,
-                                        desc="hash" if todo else "")):
+    paths = [str(raw_dir / files[i]) for i in todo]
+    # Hashing is bound by reading: a few hundred MB take a core a second or less, while starting a
+    # process pool (or reaching a cluster) takes about as long; only a larger volume is spread out.
+    if sum(stats[i][0] for i in todo) < HASH_HERE_BYTES:
+        hashed = [hash_file(p) for p in paths]
+    else:
+        hashed = map_files(hash_file, paths, compute, desc="hash")
+    for i, found in zip(todo, hashed):
         ids[i] = found
     uncached: dict[str, int] = {}  # key -> the first file with it, for keys the store lacks
     for i, (sha, decoder) in enumerate(ids):

@@ -252,3 +252,12 @@ def test_dvc_repro_keeps_the_cache_as_a_persistent_output_out_of_git(tmp_path):
     assert "changed" not in run(["dvc", "status", "ingest"], ws).stdout
     untracked = run(["git", "status", "--porcelain", "--untracked-files=all"], ws).stdout
     assert "data/cache/facts" not in untracked, untracked
+
+
+def test_new_scans_are_read_in_worker_processes_with_the_same_result(raw, tmp_path):
+    add_pngs(raw, 600, 80)  # above parallel.MIN_PARALLEL: a real process pool
+    pooled = parse_params({"data": {"patient_pattern": r"^(?P<patient>p\d+)_"}, "split": SPLIT,
+                           "compute": {"workers": 2}})
+    ingest(raw, tmp_path / "pooled", pooled)
+    ingest(raw, tmp_path / "alone", params())
+    assert outputs(tmp_path / "pooled") == outputs(tmp_path / "alone")
