@@ -255,7 +255,7 @@ def test_dvc_repro_keeps_the_cache_as_a_persistent_output_out_of_git(tmp_path):
 
 
 def test_new_scans_are_read_in_worker_processes_with_the_same_result(raw, tmp_path):
-    add_pngs(raw, 600, 80)  # above parallel.MIN_PARALLEL: a real process pool
+    add_pngs(raw, 600, 140)  # 2 x parallel.MIN_PARALLEL files to read: a pool of two processes
     pooled = parse_params({"data": {"patient_pattern": r"^(?P<patient>p\d+)_"}, "split": SPLIT,
                            "compute": {"workers": 2}})
     ingest(raw, tmp_path / "pooled", pooled)
