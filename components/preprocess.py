@@ -103,7 +103,7 @@ def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, 
     choosing the decoder, and bytes that do not fit it are unreadable (ingest marks them)."""
     new = store.missing(df["sha256"])
     todo = (~df["sha256"].duplicated() & df["sha256"].isin(new)).tolist()  # the first row of each new key
-    paths = [str(raw_dir / rel) for rel in df["path"]]
+    paths = [str(raw_dir.absolute() / rel) for rel in df["path"]]  # a Dask worker has another working dir
     _check_files([(p, key, None) for p, key, do in zip(paths, df["sha256"], todo) if not do], params.compute)
     settings = preparation(params.preprocess)
     items = [(p, key, settings) for p, key, do in zip(paths, df["sha256"], todo) if do]  # in `new` order

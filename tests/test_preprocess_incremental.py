@@ -242,15 +242,17 @@ def test_store_keeps_nothing_of_a_failed_shard_and_refuses_other_keys(tmp_path):
     assert not again.get(key).flags.writeable
 
 
-def test_on_a_dask_cluster_the_output_is_the_same_bytes(tmp_path, calls):
+def test_on_a_dask_cluster_the_output_is_the_same_bytes(tmp_path, calls, monkeypatch):
     from distributed import LocalCluster
 
     ws = Workspace(tmp_path / "ws", patients=12)
     ws.preprocess()
     ws.append("2024-06")
     calls.clear()
+    monkeypatch.chdir(ws.root)  # relative paths, as `medtune preprocess` in dvc.yaml has them
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster:
-        ws.preprocess(params(dask_scheduler=cluster.scheduler_address))
+        preprocess(Path("data/manifest.csv"), Path("data/raw"), Path("data/prepared"),
+                   params(dask_scheduler=cluster.scheduler_address))
     assert calls == []  # the new scans were decoded by the cluster's worker processes, not here
     assert ws.prepared() == ws.from_scratch()
 
