@@ -306,7 +306,12 @@ def test_verify_current_workspace_model_passes(project, capsys):
 
 def test_verify_old_model_from_the_dvc_cache(project):
     ws, a = project["ws"], project["a"]
-    rep = verify.verify(a, ws)
+    kept = ws / f"registry/models/{a}/model.pt"  # the registry's copy (for warm starts); without it, DVC's
+    kept.rename(kept.with_suffix(".aside"))
+    try:
+        rep = verify.verify(a, ws)
+    finally:
+        kept.with_suffix(".aside").rename(kept)
     assert rep["ok"], [i for i in rep["items"] if i["status"] != "ok"]
     by_kind = {i["kind"]: i for i in rep["items"]}
     assert by_kind["onnx"]["path"].endswith(f"registry/models/{a}/model.onnx")
@@ -357,6 +362,7 @@ def test_verify_finds_files_at_the_release_tag_and_reports_a_missing_checkpoint(
         lock_md5 = verify._lock_md5(audit.git_show(ws, f"model-{a}", "dvc.lock"), "models/model.pt")
         (d / lock_md5[:2] / lock_md5[2:]).unlink()
     (ws / f"registry/models/{a}/model.onnx").unlink()  # git-ignored: absent in a fresh clone
+    (ws / f"registry/models/{a}/model.pt").unlink()  # git-ignored too
     manifest = ws / f"registry/models/{a}/manifest.csv"
     manifest.write_text(manifest.read_text().replace("lesion/P002_0.png", "lesion/P002_9.png"))
     rep = verify.verify(a, ws)
