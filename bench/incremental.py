@@ -119,7 +119,9 @@ def _full_run(n: int, folder: str) -> None:
     params = _params()
     start = time.perf_counter()
     _stages(work / "raw", work / "data", work / "reports", params, run_validate=False)
-    print(json.dumps({"seconds": time.perf_counter() - start}))
+    # This process's own peak (the stages; their pool workers are other processes).
+    print(json.dumps({"seconds": time.perf_counter() - start,
+                      "self_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def bench_linear(sizes: tuple[int, ...] = (20000, 40000, 80000)) -> dict:
@@ -130,14 +132,16 @@ def bench_linear(sizes: tuple[int, ...] = (20000, 40000, 80000)) -> dict:
             out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"full run of {n} scans failed: {out.stderr[-3000:]}")
-            seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+            result = json.loads(out.stdout.strip().splitlines()[-1])
             # ru_maxrss of children: the largest so far (KiB on Linux); sizes grow, so it is this run's.
             rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-            rows.append({"n": n, "seconds": round(seconds, 2), "peak_rss_mib": round(rss, 1)})
-    per_doubling = [round((b["seconds"] / a["seconds"]) ** (1 / np.log2(b["n"] / a["n"])), 3)
+            rows.append({"n": n, "seconds": round(result["seconds"], 2), "peak_rss_mib": round(rss, 1),
+                         "stage_process_rss_mib": round(result["self_rss_mib"], 1)})
+    per_doubling = [round(float((b["seconds"] / a["seconds"]) ** (1 / np.log2(b["n"] / a["n"]))), 3)
                     for a, b in zip(rows, rows[1:])]
     spread = round(max(r["peak_rss_mib"] for r in rows) / min(r["peak_rss_mib"] for r in rows) - 1, 3)
-    print("incremental linear: " + ", ".join(f"{r['n']} scans {r['seconds']} s {r['peak_rss_mib']} MiB" for r in rows)
+    print("incremental linear: " + ", ".join(f"{r['n']} scans {r['seconds']} s {r['peak_rss_mib']} MiB "
+                                              f"(stage process {r['stage_process_rss_mib']} MiB)" for r in rows)
           + f"; time ratio per doubling {per_doubling} (target <= 2.2); peak RSS spread {spread:.0%} (target <= 20%)")
     return {"sizes": rows, "time_ratio_per_doubling": per_doubling, "rss_spread": spread}
 
