@@ -306,7 +306,9 @@ def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, co
     ids: list[tuple[str, str] | None] = [tuple(index[rel][3:5]) if index.get(rel, [None])[:3] == st else None
                                          for rel, st in zip(files, stats)]
     todo = [i for i, known in enumerate(ids) if known is None]
-    paths = [str(raw_dir / files[i]) for i in todo]
+    # Absolute: a Dask worker would resolve a relative path against its own working directory.
+    root = Path(os.path.abspath(raw_dir))
+    paths = [str(root / files[i]) for i in todo]
     # Hashing is bound by reading: a few hundred MB take a core a second or less, while starting a
     # process pool (or reaching a cluster) takes about as long; only a larger volume is spread out.
     if sum(stats[i][0] for i in todo) < HASH_HERE_BYTES:
@@ -321,7 +323,7 @@ def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, co
             uncached.setdefault(f"{sha}/{decoder}" if sha else f"/{i}", i)
     log.info("%s: %d scan(s), %d hashed, %d read (the rest known to %s)", raw_dir, len(files), len(todo),
              len(uncached), cache_dir)
-    direct = _probe(raw_dir, files, ids, list(uncached.values()), store, salt, compute)
+    direct = _probe(root, files, ids, list(uncached.values()), store, salt, compute)
     common.write_json(index_file, {"format": FORMAT, "listed_ns": listed_ns,
                                    "files": {rel: [*st, *ids[i]] for i, (rel, st) in enumerate(zip(files, stats))}})
     return Found([direct.get(i) or store.facts[f"{sha}/{decoder}"] for i, (sha, decoder) in enumerate(ids)], store)
