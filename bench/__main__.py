@@ -1,7 +1,8 @@
 """Benchmarks, printed as ratios measured in one run (not tests: nothing here asserts a time).
 
-    python -m bench            # all six, about 5-6 minutes on 2 CPU cores
-    python -m bench data onnx  # a subset: data | onnx | dvc | layout | backbones | ddp
+    python -m bench            # all, about 30 minutes on 2 CPU cores
+    python -m bench data onnx  # a subset: data | onnx | dvc | layout | backbones | ddp | append | linear |
+                               #   stability | warmstart | noop | predict
 
 1. data: training images/s through the real data path (uint8 memmap on disk -> Dataset ->
    DataLoader -> on-the-fly augmentation) divided by images/s of the same training steps on the
@@ -18,6 +19,11 @@
    against 1 process, same tiny project and global batch: the training images/s the stage itself
    reports. On GPUs this is DDP's speed-up; on a CPU it is only the overhead of splitting the
    same cores between processes.
+7-12. What an append costs (each module's docstring says how): append and linear (bench/incremental.py:
+   an append of k scans to n against the full ingest + validate + preprocess, and full runs at growing n),
+   stability (bench/stability.py: images that change split over ten appends), warmstart
+   (bench/warm_start.py: time to the champion's validation metric, warm vs cold start), noop and predict
+   (bench/cheap.py: `retrain --once` with an empty inbox; `medtune predict` against ONNX Runtime alone).
 """
 
 from __future__ import annotations
@@ -236,14 +242,35 @@ def bench_ddp(patients: int = 160, size: int = 64) -> None:
           "2 epochs, best of 2)")
 
 
+def _lazy(module: str, name: str) -> Callable[[], object]:
+    """A benchmark of another bench module, imported only when it runs."""
+    def run() -> object:
+        import importlib
+        return getattr(importlib.import_module(f"bench.{module}"), name)()
+    return run
+
+
+BENCHES: dict[str, Callable[[], object]] = {
+    "data": bench_data, "onnx": bench_onnx, "dvc": bench_dvc, "layout": bench_layout,
+    "backbones": bench_backbones, "ddp": bench_ddp,
+    # Cost grows with what is new (docs/benchmarks.md, 'Appends'; docs/scaling.md).
+    "append": _lazy("incremental", "bench_append"), "linear": _lazy("incremental", "bench_linear"),
+    "stability": _lazy("stability", "bench_stability"), "warmstart": _lazy("warm_start", "bench_warm_start"),
+    "noop": _lazy("cheap", "bench_noop_retrain"), "predict": _lazy("cheap", "bench_predict"),
+}
+# Not in the default run (long; see docs/scaling.md): python -m bench.scale units | dvc N...
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    which = argv or ["data", "onnx", "dvc", "layout", "backbones", "ddp"]
+    unknown = sorted(set(argv) - set(BENCHES))
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; expected some of {list(BENCHES)}", file=sys.stderr)
+        return 2
     print(f"medtune benchmarks: torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"cuda={'yes' if torch.cuda.is_available() else 'no'}")
-    for name in which:
-        {"data": bench_data, "onnx": bench_onnx, "dvc": bench_dvc, "layout": bench_layout,
-         "backbones": bench_backbones, "ddp": bench_ddp}[name]()
+    for name in argv or list(BENCHES):
+        BENCHES[name]()
     return 0
 
 
