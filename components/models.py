@@ -19,6 +19,9 @@ Backbones (`train.backbone`):
 - `none`: the resnet18 architecture with random weights (a baseline; `pretrained` is ignored).
 - a path to a medtune checkpoint `.pt`: its architecture and weights; the head is replaced when
   the number of classes differs (`pretrained` is ignored: the checkpoint *is* the starting point).
+
+A retrain's warm start (`train.init_from`, components/warm_start.py) is not a backbone: the network is
+built as for its backbone, and train then loads the champion's weights, head included, by hash.
 """
 
 from __future__ import annotations

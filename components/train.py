@@ -12,6 +12,9 @@ train.json and the checkpoint record the processor). On a GPU it uses CUDA and, 
 (DDP) under torchrun: each process a share of every batch, rank 0 validates and writes
 (components/distributed.py).
 
+With `train.init_from` (the sha256 of a registry model.pt; the retrain flow sets the champion's) the
+network starts from those weights instead of ImageNet's: a warm start (components/warm_start.py).
+
 The checkpoint is a plain dict of tensors, strings and numbers, so `torch.load(...,
 weights_only=True)` reads it; it carries the train+augment params and the preprocessing meta, so
 it explains itself.
