@@ -232,6 +232,8 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
     fr = wait_new_run(api, known, served["serve_log"])
     assert fr.state.is_completed(), served["serve_log"].read_text()[-4000:]
     assert fr.parameters["trigger"] == "event"
+    logs = server_logs(api, fr.id, ["cold start: no champion yet"])  # the first model: nothing to warm start from
+    assert any(x["message"] == "cold start: no champion yet" for x in logs), [x["message"] for x in logs][-30:]
     served["first_retrain"] = fr.id  # its pipeline subflow is the workspace's first pipeline run
     latency = fr.start_time.timestamp() - sent
     print(f"event -> retrain run start: {latency:.1f} s; run took {(fr.end_time - fr.start_time).total_seconds():.1f} s")
@@ -363,10 +365,20 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     run(medtune("ingest-new", str(batch), "--no-event"), ws, env)
 
     set_params(ws, {"validate": {"min_images_per_class_split": 1000}})
+    edited = (ws / "params.yaml").read_text()
     try:
         fr = run_deployment("medtune-retrain/retrain", timeout=RUN_TIMEOUT, parameters={"trigger": "manual"})
+        after = (ws / "params.yaml").read_text()
     finally:
         run(["git", "checkout", "--", "params.yaml"], ws, env)  # the user's edit; the run leaves it alone
+    # The run set train.init_from before the pipeline (a warm start from the champion, when there is one)
+    # and put params.yaml back as it was, the user's uncommitted edit included.
+    assert after == edited
+    if current_before:
+        champion = json.loads(current_before)["model_id"]
+        logs = server_logs(served["api"], fr.id, [f"warm start from champion {champion}"])
+        assert any(f"warm start from champion {champion} (sha256 " in x["message"] for x in logs), \
+            [x["message"] for x in logs][-30:]
     assert fr.state.is_failed(), (fr.state, served["serve_log"].read_text()[-4000:])
     print(f"failed retrain run with restore took {(fr.end_time - fr.start_time).total_seconds():.1f} s")
     sub = pipeline_subflow(served["api"], fr.id)
