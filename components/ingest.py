@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import common, folders, near_duplicates, scan_facts, splits
+from components import common, folders, near_duplicates, scan_facts, splits, stat_index
 from components.common import SPLITS
 from components.manifest import COLUMNS, read_manifest_rows
 from components.params import Params, load_params
@@ -204,7 +204,7 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None 
     holds is read once per content and kept in cache_dir (default out_dir/cache/facts;
     components.scan_facts): the outputs are the same bytes with the cache warm, cold or absent."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    cache_dir = out_dir / "cache" / "facts" if cache_dir is None else Path(cache_dir)
+    cache_dir = stat_index.facts_dir(out_dir) if cache_dir is None else Path(cache_dir)
     if not raw_dir.is_dir():
         raise common.StageError(f"raw data folder {raw_dir} not found; expected scans in folder-per-class layout "
                                 "(or labels.csv); `medtune demo-data --out data/raw` writes a demo set.")

@@ -5,6 +5,7 @@
     with store.new_shard(new) as block:    # uint8 (len(new), *shape), filled by the caller
         block[0] = pixels
     store.get(key)                         # a read-only (C, H, W) view
+    store.copy_to(keys, out)               # out[i] = the pixels of keys[i], copied a block at a time
 
 Layout: `cache_dir/<digest>/settings.json` plus `shard-<id>.npy` (uint8 `(n, C, H, W)`) and
 `shard-<id>.keys` (n sha256 lines, row i is the pixels of key i). `<digest>` hashes `settings`,
@@ -34,7 +35,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,17 @@ class Store:
     def get(self, key: str) -> np.ndarray:
         shard, row = self.where[key]
         return self.shards[shard][1][row]
+
+    def copy_to(self, keys: Sequence[str], out: np.ndarray, block: int = 4096) -> None:
+        """out[i] = the pixels of keys[i]: `block` rows at a time, each shard's share in one indexed copy."""
+        names = list(self.shards)
+        number = {name: i for i, name in enumerate(names)}
+        where = np.array([(number[s], r) for s, r in map(self.where.__getitem__, keys)], np.int64).reshape(-1, 2)
+        for start in range(0, len(where), block):
+            part = where[start:start + block]
+            for shard in np.unique(part[:, 0]):
+                rows = np.flatnonzero(part[:, 0] == shard)
+                out[start + rows] = self.shards[names[shard]][1][part[rows, 1]]
 
     @contextlib.contextmanager
     def new_shard(self, keys: list[str]) -> Iterator[np.ndarray]:

@@ -14,7 +14,10 @@ Each scan is prepared once: its pixels are kept in `data/cache/pixels` (`compone
 keyed by the scan's sha256 and everything else they depend on (`cache_settings`), so a run after
 an append prepares only the new scans and copies the rest; data/prepared is the same bytes as a
 run from scratch. Rows with an `error` in the manifest are skipped (validate already accepted
-them); a raw file whose sha256 no longer matches the manifest stops the stage, cached or not.
+them); a raw file whose sha256 no longer matches the manifest stops the stage, cached or not. A
+file is read for that check only when ingest's stat index (components/stat_index.py) does not
+vouch for it: a scan whose size, mtime and inode are those ingest recorded with that sha256 has not
+changed since; any other file is hashed.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import pandas as pd
 import PIL
 import pydicom
 
-from components import pixel_cache, scans
+from components import pixel_cache, scans, stat_index
 from components.common import SPLITS, StageError, read_json, sha256_file, stage_main, write_json, write_text
 from components.manifest import read_manifest
 from components.parallel import map_files
@@ -96,15 +99,20 @@ def check_and_prepare(item: tuple[str, str, dict[str, Any] | None]) -> np.ndarra
         raise StageError(f"{exc} (ingest found it readable; was the file replaced?)") from None
 
 
-def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, params: Params) -> int:
+def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, params: Params,
+                     facts_dir: Path) -> int:
     """Check every listed file against its sha256 and prepare the scans `store` lacks into one new
     shard, at most BATCH_BYTES of pixels in memory at a time; return how many it prepared. A scan
     is keyed by its bytes alone: the path matters to prepare_image only through its extension
     choosing the decoder, and bytes that do not fit it are unreadable (ingest marks them)."""
     new = store.missing(df["sha256"])
-    todo = (~df["sha256"].duplicated() & df["sha256"].isin(new)).tolist()  # the first row of each new key
-    paths = [str(raw_dir.absolute() / rel) for rel in df["path"]]  # a Dask worker has another working dir
-    _check_files([(p, key, None) for p, key, do in zip(paths, df["sha256"], todo) if not do], params.compute)
+    todo = (~df["sha256"].duplicated() & df["sha256"].isin(new)).to_numpy()  # the first row of each new key
+    root = os.path.abspath(raw_dir)  # a Dask worker has another working directory
+    paths = [os.path.join(root, rel) for rel in df["path"]]
+    # Cached scans are checked here; those to prepare, by check_and_prepare as it reads them.
+    known = stat_index.known_hashes(raw_dir, df["path"][~todo], facts_dir)
+    _check_files([(p, key, None) for p, rel, key, do in zip(paths, df["path"], df["sha256"], todo)
+                  if not do and known.get(rel) != key], params.compute)
     settings = preparation(params.preprocess)
     items = [(p, key, settings) for p, key, do in zip(paths, df["sha256"], todo) if do]  # in `new` order
     log.info("%d scan(s) to prepare, %d in the pixel cache (%s)", len(new), df["sha256"].nunique() - len(new),
@@ -123,17 +131,18 @@ def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, 
 def _check_files(items: list[tuple[str, str, None]], compute: ComputeParams) -> None:
     """check_and_prepare (sha256 only) on threads: hashlib releases the GIL, and a process pool's
     start-up (importing this stage in each worker) would cost more than hashing small files."""
+    if not items:
+        return
     with ThreadPoolExecutor(parallel_workers(compute)) as pool:
         for _ in pool.map(check_and_prepare, items):
             pass
 
 
 def _fill_split(keys: pd.Series, store: pixel_cache.Store, target: Path) -> None:
-    """Copy the pixels of `keys` from the cache into a new memmap at `target`, one image at a time."""
+    """Copy the pixels of `keys` from the cache into a new memmap at `target` (block copies per shard)."""
     out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(keys), *store.shape))
     try:
-        for i, key in enumerate(keys):
-            out[i] = store.get(key)
+        store.copy_to(list(keys), out)
         out.flush()
     finally:
         del out  # close the mapping before the folder is renamed
@@ -155,17 +164,20 @@ def default_cache_dir(out_dir: Path) -> Path:
 
 
 def preprocess(manifest_csv: Path, raw_dir: Path, out_dir: Path, params: Params,
-               cache_dir: Path | None = None) -> dict:
+               cache_dir: Path | None = None, facts_dir: Path | None = None) -> dict:
     """Build `out_dir` (train/val/test .npy, index.csv, meta.json) from the manifest; return meta.
     Scans already in the pixel cache (`cache_dir`, default `default_cache_dir(out_dir)`) are copied
-    from it, the others prepared and added to it; `out_dir` is the same bytes either way."""
+    from it, the others prepared and added to it; `out_dir` is the same bytes either way.
+    `facts_dir` is ingest's facts cache (default: cache/facts beside the manifest), whose stat index
+    spares re-hashing unchanged scans; without one every scan is hashed."""
     manifest_csv, raw_dir, out_dir = Path(manifest_csv), Path(raw_dir), Path(out_dir)
     classes = list(params.data.classes)
     df = _checked_rows(manifest_csv, classes)
     pp = params.preprocess
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_dir)
     store = pixel_cache.open_store(cache_dir, cache_settings(pp), (pp.channels, pp.image_size, pp.image_size))
-    prepared = _prepare_missing(df, raw_dir, store, params)
+    facts_dir = stat_index.facts_dir(manifest_csv.parent) if facts_dir is None else Path(facts_dir)
+    prepared = _prepare_missing(df, raw_dir, store, params, facts_dir)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

@@ -24,14 +24,10 @@ Patients: a fact holds only the HMAC hash of the DICOM PatientID, with `salt_fin
 salt that made it (an HMAC of a constant under that salt, which does not reveal it). A fact made
 under another salt is never used: the file is read again and its new fact goes in a new shard.
 
-Which file has which key is the stat index (relative path -> size, mtime_ns, inode, sha256,
-decoder). A file whose stat differs is hashed again, and decoded only if its content is new. The
-index is machine-specific (inodes and mtimes differ in every clone), so it is no part of the DVC
-output: it lies in `.dvc/tmp/` of the DVC project that holds the cache (DVC's machine-local scratch
-space, ignored by git, never pushed), or beside the cache folder outside a DVC project. A clone
-therefore hashes every file once and decodes none. An entry whose file changed within RACY_NS of
-the listing is not trusted next time (a same-size rewrite inside one tick of the file system's
-clock leaves the stat as it was: git's "racy" rule).
+Which file has which key is the stat index (components/stat_index.py: relative path -> size,
+mtime_ns, inode, sha256, decoder), machine-local and outside the DVC output. A file whose stat
+differs is hashed again, and decoded only if its content is new; a clone therefore hashes every
+file once and decodes none. Preprocess reads the same index to skip re-hashing unchanged scans.
 
 A kill at any point leaves the cache usable: every file is written under a temporary name
 (`.<name>.<random>.tmp`, which .dvcignore hides from DVC) and renamed; the next run deletes leftovers.
@@ -54,18 +50,17 @@ from pathlib import Path
 
 import numpy as np
 
-from components import common, near_duplicates, scans
+from components import common, near_duplicates, scans, stat_index
 from components.parallel import map_files
 from components.params import ComputeParams
+from components.stat_index import INDEX_DIR, RACY_NS, index_path  # noqa: F401 - where tests and tools look
 
 log = logging.getLogger("medtune.scan_facts")
 
 FORMAT = 1  # the fact and shard layout below; another value makes every stored shard stale
 SHARD_ROWS = 4096  # facts per shard: also the files decoded (and their signatures held) at a time
-RACY_NS = 2_000_000_000
 HASH_HERE_BYTES = 256 * 2**20  # files to hash below this many bytes in all are hashed in this process
 PATH_MARK = "\x00path\x00"  # where an error message named the file (no path can hold a NUL)
-INDEX_DIR = "medtune-scan-stats"
 _SHARD = re.compile(r"shard-(\d{6})\.npz")
 _FIELDS = ("sha256", "decoder", "size", "width", "height", "channels", "bit_depth", "modality", "error", "patient",
            "salt")
@@ -247,34 +242,6 @@ def _savez(target: Path, **arrays: np.ndarray) -> None:
         np.savez(fh, **arrays)
 
 
-# --------------------------------------------------------------------------- the stat index
-
-def index_path(cache_dir: Path, raw_dir: Path) -> Path:
-    """Where the stat index of (raw_dir, cache_dir) lives (module doc): .dvc/tmp of the DVC project, else
-    beside the cache folder; one file per pair of folders."""
-    cache = Path(os.path.realpath(cache_dir))
-    name = common.sha256_bytes(f"{os.path.realpath(raw_dir)}\n{cache}".encode())[:16] + ".json"
-    for folder in cache.parents:
-        if (folder / ".dvc").is_dir():
-            return folder / ".dvc" / "tmp" / INDEX_DIR / name
-    return cache.parent / f".{cache.name}-stats" / name
-
-
-def _read_index(path: Path) -> dict[str, list]:
-    """rel -> [size, mtime_ns, inode, sha256, decoder], the trusted entries only; {} if absent or unreadable."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("format") != FORMAT:
-            return {}
-        return {rel: e for rel, e in doc["files"].items() if e[1] < doc["listed_ns"] - RACY_NS}
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return {}
-
-
-def _stat_key(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
-
-
 # --------------------------------------------------------------------------- gathering
 
 @dataclass
@@ -301,14 +268,15 @@ def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, co
     raw_dir, cache_dir = Path(raw_dir), Path(cache_dir)
     store = Store.open(cache_dir, salt_fingerprint(salt))
     index_file = index_path(cache_dir, raw_dir)
-    index, listed_ns = _read_index(index_file), time.time_ns()
-    stats = [_stat_key(os.stat(raw_dir / rel)) for rel in files]
+    index, listed_ns = stat_index.read(index_file), time.time_ns()
+    # Absolute: a Dask worker would resolve a relative path against its own working directory.
+    root = Path(os.path.abspath(raw_dir))
+    base = os.fspath(root)
+    stats = [stat_index.stat_key(os.stat(os.path.join(base, rel))) for rel in files]
     ids: list[tuple[str, str] | None] = [tuple(index[rel][3:5]) if index.get(rel, [None])[:3] == st else None
                                          for rel, st in zip(files, stats)]
     todo = [i for i, known in enumerate(ids) if known is None]
-    # Absolute: a Dask worker would resolve a relative path against its own working directory.
-    root = Path(os.path.abspath(raw_dir))
-    paths = [str(root / files[i]) for i in todo]
+    paths = [os.path.join(base, files[i]) for i in todo]
     # Hashing is bound by reading: a few hundred MB take a core a second or less, while starting a
     # process pool (or reaching a cluster) takes about as long; only a larger volume is spread out.
     if sum(stats[i][0] for i in todo) < HASH_HERE_BYTES:
@@ -324,8 +292,7 @@ def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, co
     log.info("%s: %d scan(s), %d hashed, %d read (the rest known to %s)", raw_dir, len(files), len(todo),
              len(uncached), cache_dir)
     direct = _probe(root, files, ids, list(uncached.values()), store, salt, compute)
-    common.write_json(index_file, {"format": FORMAT, "listed_ns": listed_ns,
-                                   "files": {rel: [*st, *ids[i]] for i, (rel, st) in enumerate(zip(files, stats))}})
+    stat_index.write(index_file, listed_ns, {rel: [*st, *ids[i]] for i, (rel, st) in enumerate(zip(files, stats))})
     return Found([direct.get(i) or store.facts[f"{sha}/{decoder}"] for i, (sha, decoder) in enumerate(ids)], store)
 
 

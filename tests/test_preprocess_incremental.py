@@ -6,7 +6,9 @@ comparison is against `preprocess` into another folder with an empty pixel cache
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,9 @@ import pydicom
 import pytest
 from workspace import ROOT, make_workspace, run, tree_digest
 
-from components import demo_data, pixel_cache, scans
+from components import demo_data, pixel_cache, scans, stat_index
+from components import preprocess as preprocess_module
+from components.common import StageError
 from components.ingest import ingest
 from components.params import load_params, parse_params
 from components.preprocess import load_split, preprocess
@@ -240,6 +244,62 @@ def test_store_keeps_nothing_of_a_failed_shard_and_refuses_other_keys(tmp_path):
     assert again.missing([key, "b" * 64, key]) == ["b" * 64]
     np.testing.assert_array_equal(again.get(key), np.full((1, 4, 4), 7, np.uint8))
     assert not again.get(key).flags.writeable
+
+
+def test_copy_to_gathers_keys_from_several_shards_in_any_order(tmp_path):
+    store = pixel_cache.open_store(tmp_path, {"image_size": 2}, (1, 2, 2))
+    keys = [f"{n:064x}" for n in range(7)]
+    for shard in (keys[:4], keys[4:]):
+        with store.new_shard(shard) as block:
+            for i, key in enumerate(shard):
+                block[i] = int(key, 16) * 10
+    wanted = [keys[n] for n in (6, 0, 3, 4, 4, 1, 5, 2, 0)]
+    out = np.zeros((len(wanted), 1, 2, 2), np.uint8)
+    store.copy_to(wanted, out, block=4)  # blocks that straddle both shards
+    np.testing.assert_array_equal(out, np.stack([store.get(k) for k in wanted]))
+
+
+def age(folder: Path) -> None:
+    """Date every file back a minute: older than stat_index.RACY_NS when ingest lists it, as scans
+    usually are (one written the moment before the listing is not vouched for by its stat)."""
+    then = time.time_ns() - 60 * 10**9
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.utime(p, ns=(then, then))
+
+
+def test_unchanged_scans_are_not_read_again_and_a_changed_one_is_still_refused(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws", patients=6)
+    age(ws.raw)
+    ws.ingest()  # its stat index now vouches for every scan
+    ws.preprocess()
+    hashed: list[str] = []
+    real = preprocess_module.sha256_file
+    def counting(path, *args):
+        if Path(path).suffix == ".dcm":  # not scans.py, which cache_settings hashes
+            hashed.append(Path(path).name)
+        return real(path, *args)
+
+    monkeypatch.setattr(preprocess_module, "sha256_file", counting)
+    ws.preprocess()
+    assert hashed == []  # 24 cached scans checked against the manifest by their stat alone
+
+    # Without the index (another facts cache) every cached scan is hashed, as it is in a fresh clone.
+    preprocess(ws.data / "manifest.csv", ws.raw, ws.data / "prepared", params(), facts_dir=tmp_path / "elsewhere")
+    assert len(hashed) == 24
+
+    # Changed after ingest, same size: the stat no longer matches, so it is read, and refused.
+    hashed.clear()
+    changed = sorted(ws.raw.rglob("*.dcm"))[0]
+    size = changed.stat().st_size
+    ds = pydicom.dcmread(changed)
+    ds.PixelData = (ds.pixel_array // 2).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(changed)
+    assert changed.stat().st_size == size
+    with pytest.raises(StageError, match=f"{changed.name}: sha256 is .* but the manifest says .*changed after ingest"):
+        ws.preprocess()
+    assert hashed == [changed.name]
+    assert stat_index.known_hashes(ws.raw, [changed.relative_to(ws.raw).as_posix()], ws.data / "cache/facts") == {}
 
 
 def test_on_a_dask_cluster_the_output_is_the_same_bytes(tmp_path, calls, monkeypatch):
