@@ -40,7 +40,7 @@ import pydicom
 from components import pixel_cache, scans, stat_index
 from components.common import SPLITS, StageError, read_json, sha256_file, stage_main, write_json, write_text
 from components.manifest import read_manifest
-from components.parallel import map_files
+from components.parallel import decode_seconds, map_files
 from components.parallel import workers as parallel_workers
 from components.params import ComputeParams, Params, PreprocessParams, load_params
 from components.scans import RESIZE_METHOD, ScanError
@@ -120,12 +120,21 @@ def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, 
     batch = max(1, BATCH_BYTES // int(np.prod(store.shape)))
     with store.new_shard(new) as block:
         for start in range(0, len(items), batch):
-            # Decoding is the costly part: local processes or a Dask cluster (compute.*).
-            part = map_files(check_and_prepare, items[start:start + batch], params.compute, desc="preprocess")
-            for i, pixels in enumerate(part, start):
+            # Decoding is the costly part: local processes when it pays for them, or a Dask cluster.
+            part = items[start:start + batch]
+            decoded = map_files(check_and_prepare, part, params.compute, desc="preprocess",
+                                work_seconds=decode_seconds(len(part), sum(_size(item[0]) for item in part)))
+            for i, pixels in enumerate(decoded, start):
                 block[i] = pixels
     store.compact(df["sha256"])
     return len(new)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # missing: check_and_prepare says so
+        return 0
 
 
 def _check_files(items: list[tuple[str, str, None]], compute: ComputeParams) -> None:

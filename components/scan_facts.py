@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from components import common, near_duplicates, scans, stat_index
-from components.parallel import map_files
+from components.parallel import decode_seconds, map_files
 from components.params import ComputeParams
 from components.stat_index import INDEX_DIR, RACY_NS, index_path  # noqa: F401 - where tests and tools look
 
@@ -291,20 +291,23 @@ def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, co
             uncached.setdefault(f"{sha}/{decoder}" if sha else f"/{i}", i)
     log.info("%s: %d scan(s), %d hashed, %d read (the rest known to %s)", raw_dir, len(files), len(todo),
              len(uncached), cache_dir)
-    direct = _probe(root, files, ids, list(uncached.values()), store, salt, compute)
+    direct = _probe(root, files, ids, list(uncached.values()), [st[0] for st in stats], store, salt, compute)
     stat_index.write(index_file, listed_ns, {rel: [*st, *ids[i]] for i, (rel, st) in enumerate(zip(files, stats))})
     return Found([direct.get(i) or store.facts[f"{sha}/{decoder}"] for i, (sha, decoder) in enumerate(ids)], store)
 
 
-def _probe(raw_dir: Path, files: Sequence[str], ids: list, todo: list[int], store: Store, salt: bytes,
-           compute: ComputeParams) -> dict[int, Fact]:
-    """Read the files `todo` (indices), SHARD_ROWS at a time, each batch stored as a shard; return the
-    facts of files too large to hash (never stored: they have no content key)."""
+def _probe(raw_dir: Path, files: Sequence[str], ids: list, todo: list[int], sizes: Sequence[int], store: Store,
+           salt: bytes, compute: ComputeParams) -> dict[int, Fact]:
+    """Read the files `todo` (indices; `sizes` in bytes per file), SHARD_ROWS at a time, each batch stored
+    as a shard; return the facts of files too large to hash (never stored: they have no content key)."""
     direct: dict[int, Fact] = {}
     probe = functools.partial(probe_file, salt)
     for start in range(0, len(todo), SHARD_ROWS):
         batch = todo[start:start + SHARD_ROWS]
-        results = map_files(probe, [(str(raw_dir / files[i]), *ids[i]) for i in batch], compute, desc="probe")
+        # A file over scans.MAX_FILE_BYTES is refused from its size, never read.
+        work = decode_seconds(len(batch), sum(sizes[i] for i in batch if sizes[i] <= scans.MAX_FILE_BYTES))
+        results = map_files(probe, [(str(raw_dir / files[i]), *ids[i]) for i in batch], compute, desc="probe",
+                            work_seconds=work)
         keep = [n for n, (fact, _) in enumerate(results) if fact.sha256]
         direct.update((batch[n], fact) for n, (fact, _) in enumerate(results) if not fact.sha256)
         if keep:

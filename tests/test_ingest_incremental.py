@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from test_near_duplicates import picture
 
-from components import common, demo_data, scan_facts, scans
+from components import common, demo_data, parallel, scan_facts, scans
 from components.ingest import find_scans, ingest
 from components.params import parse_params
 
@@ -254,10 +254,15 @@ def test_dvc_repro_keeps_the_cache_as_a_persistent_output_out_of_git(tmp_path):
     assert "data/cache/facts" not in untracked, untracked
 
 
-def test_new_scans_are_read_in_worker_processes_with_the_same_result(raw, tmp_path):
-    add_pngs(raw, 600, 140)  # 2 x parallel.MIN_PARALLEL files to read: a pool of two processes
+def test_new_scans_are_read_in_worker_processes_with_the_same_result(raw, tmp_path, monkeypatch):
+    add_pngs(raw, 600, 140)
+    # Too little work to pay for a pool's start: pretend a start is free, so two processes read them.
+    monkeypatch.setattr(parallel, "WORKER_START_SECONDS", 1e-4)
+    pools, real = [], parallel._map_local
+    monkeypatch.setattr(parallel, "_map_local", lambda fn, items, n, desc: (pools.append(n), real(fn, items, n, desc))[1])
     pooled = parse_params({"data": {"patient_pattern": r"^(?P<patient>p\d+)_"}, "split": SPLIT,
                            "compute": {"workers": 2}})
     ingest(raw, tmp_path / "pooled", pooled)
     ingest(raw, tmp_path / "alone", params())
+    assert pools == [2]  # the probe, on two processes (hashing 5 MB stays in this one)
     assert outputs(tmp_path / "pooled") == outputs(tmp_path / "alone")
