@@ -77,7 +77,17 @@ def _classify(fence: Path, entry: os.DirEntry, labels_name: str | None, rel: str
         return ""
     if entry.stat().st_size > scans.MAX_FILE_BYTES:  # before is_candidate reads its first bytes
         return TOO_LARGE
-    return None if scans.is_candidate(Path(entry.path)) else NOT_A_SCAN
+    return None if _is_scan(entry) else NOT_A_SCAN
+
+
+def _is_scan(entry: os.DirEntry) -> bool:
+    """scans.is_candidate's answer, read off the DirEntry (no Path, no second stat) for a plain file named
+    like a scan, which is nearly every file of a raw folder; any other file is asked of is_candidate."""
+    suffix = os.path.splitext(entry.name)[1].lower()
+    if not entry.is_symlink() and not entry.name.startswith(".") and (suffix in scans.PIL_SUFFIXES
+                                                                      or suffix in scans.DICOM_SUFFIXES):
+        return entry.is_file()
+    return scans.is_candidate(Path(entry.path))
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import common, folders, inbox, ingest
+from components import common, folders, inbox, ingest, scans
 from components import validate as V
 from components.demo_data import generate
 from components.importers import import_folders
@@ -56,6 +56,22 @@ def test_list_folder_names_every_entry_it_does_not_take(tmp_path, secret):
     assert {s.path: s.reason for s in listing.skipped} == {
         ".git": folders.HIDDEN, "a/broken.png": folders.LINK_BROKEN, "a/climb.png": folders.LINK_OUTSIDE,
         "a/dirlink": folders.LINK_OUTSIDE, "a/notes.txt": folders.NOT_A_SCAN, "a/outside.png": folders.LINK_OUTSIDE}
+
+
+def test_the_listing_answers_as_scans_is_candidate(tmp_path, secret):
+    root = tmp_path / "raw"
+    png(root / "x.PNG", 1)
+    png(root / "y.dcm", 2)  # named like a scan: listed as one (probe later finds it unreadable)
+    png(root / "no_extension", 3, fmt="JPEG")
+    (root / "labels.csv").write_text("path,label\n")
+    (root / "notes.txt").write_text("n")
+    (root / "fifo.png").mkdir()  # a folder named like a scan
+    os.mkfifo(root / "pipe.png")
+    (root / "link.jpg").symlink_to(root / "x.PNG")
+    with os.scandir(root) as entries:
+        answers = {e.name: folders._is_scan(e) for e in entries}
+    assert answers == {e.name: scans.is_candidate(root / e.name) for e in os.scandir(root)}
+    assert answers["x.PNG"] and answers["no_extension"] and not answers["pipe.png"] and not answers["fifo.png"]
 
 
 @pytest.mark.parametrize("bad", ["/etc/passwd", "../x.png", "a/../../x.png", "C:\\scans\\x.png", ""])
