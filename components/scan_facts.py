@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import struct
 import time
 import zipfile
 from collections.abc import Sequence
@@ -187,14 +188,13 @@ class Store:
                signatures=signatures, projections=near_duplicates.project(signatures))
         self._add(name, facts)
 
-    def signatures(self, shard: int) -> np.ndarray:
-        """(rows of the keys `shard` added, pixels) int32."""
-        with np.load(self.folder / self.names[shard], allow_pickle=False) as z:
-            return z["signatures"][self.rows[shard]]
+    def signatures(self, shard: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """(rows, pixels) int32: of the keys `shard` added, those `rows` (default all); only they are read."""
+        fresh = self.rows[shard] if rows is None else self.rows[shard][rows]
+        return _stored_array(self.folder / self.names[shard], "signatures")[fresh]
 
     def projections(self, shard: int) -> np.ndarray:
-        with np.load(self.folder / self.names[shard], allow_pickle=False) as z:
-            return z["projections"][self.rows[shard]]
+        return _stored_array(self.folder / self.names[shard], "projections")[self.rows[shard]]
 
     def pairs_path(self, shard: int, threshold: float) -> Path:
         return self.folder / self.names[shard].replace(".npz", f".pairs-{float(threshold)!r}.npz")
@@ -219,18 +219,35 @@ class Store:
 
     def _search(self, shard: int, projections: list[np.ndarray], threshold: float) -> list[tuple[str, str]]:
         """Compare the keys `shard` added with every key added by it or before it; store what is alike.
-        Two shards' signatures in memory at a time (an earlier one only if the filter leaves a pair)."""
+        Of an earlier shard, only the signatures of the rows the filter leaves are read."""
         mine = self.signatures(shard)
         a, b = [], []
         for other in range(shard + 1):
-            theirs = functools.cache(lambda other=other: mine if other == shard else self.signatures(other))
-            for i, j in near_duplicates.linked(projections[shard], projections[other], mine.__getitem__,
-                                               lambda r, t=theirs: t()[r], threshold, same=other == shard,
-                                               self_pairs=True):
+            theirs = mine.__getitem__ if other == shard else functools.partial(self.signatures, other)
+            for i, j in near_duplicates.linked(projections[shard], projections[other], mine.__getitem__, theirs,
+                                               threshold, same=other == shard, self_pairs=True):
                 a += [self.fresh[shard][x] for x in i]
                 b += [self.fresh[other][x] for x in j]
         _savez(self.pairs_path(shard, threshold), a=np.array(a, dtype=str), b=np.array(b, dtype=str))
         return list(zip(a, b))
+
+
+def _stored_array(path: Path, name: str) -> np.ndarray:
+    """Array `name` of an .npz written by `_savez` (uncompressed), memory-mapped read-only: indexing it
+    reads only the rows asked for, where np.load reads the whole member (16 MB of signatures a shard)."""
+    with open(path, "rb") as fh:
+        info = zipfile.ZipFile(fh).getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path}: {name} is compressed; expected np.savez's stored members")
+        fh.seek(info.header_offset + 26)  # the local header's name and extra-field lengths
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{path}: {name} is not a plain C-ordered array")
+        return np.memmap(path, dtype, "r", offset=fh.tell(), shape=shape)
 
 
 def _text(s: str) -> np.ndarray:
