@@ -1,11 +1,15 @@
 """What a run costs after an append, and how a full run grows with the number of scans.
 
-    python -m bench.incremental append 20000 200    # full ingest + validate + preprocess, then an append of 200
+    python -m bench.incremental append 20000 200            # 64 px PNGs (one in twenty a DICOM)
+    python -m bench.incremental append 20000 200 dicom 256  # 256 px 16-bit DICOMs, as the demo's
     python -m bench.incremental linear 20000 40000 80000
 
-`bench_append(n, k)`: n synthetic scans (64 px PNGs, one in twenty a DICOM with a patient id), a
-full run of the ingest, validate and preprocess stage functions, then k new scans and the same
-three again; prints and returns time(append) / time(full) (target <= 0.1), per stage, and whether
+`bench_append(n, k, kind, size)`: n synthetic scans, a full run of the ingest, validate and
+preprocess stage functions, then k new scans and the same three again. kind "png": `size` px PNGs,
+one in twenty a demo DICOM with a patient id (tiny per-scan work, so what grows with n weighs most:
+the worst case for the ratio); kind "dicom": every scan a demo DICOM slice (components/demo_data.py,
+16-bit CT-like, patient ids in the header), closer to real scans. Preprocess resizes to 64 px in both.
+It prints and returns time(append) / time(full) (target <= 0.1), per stage, and whether
 manifest.csv and manifest.json are the same bytes as a rebuild from scratch (no facts cache, the
 previous manifest given, as the stable split needs it).
 
@@ -35,29 +39,33 @@ from components.params import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("normal", "lesion")
-DICOM_EVERY = 20  # one scan in DICOM_EVERY is a DICOM (the demo generator's, with a PatientID)
-SIZE = 64
+DICOM_EVERY = 20  # kind "png": one scan in DICOM_EVERY is a DICOM (the demo generator's, with a PatientID)
+KINDS = ("png", "dicom")
+IMAGE_SIZE = 64  # preprocess.image_size
 
 
 def _params():
     return parse_params({"data": {"patient_pattern": r"^(?P<patient>p\d+)_"},
                          "validate": {"min_images_per_class_split": 1, "max_split_deviation": 0.5},
-                         "preprocess": {"image_size": SIZE}})
+                         "preprocess": {"image_size": IMAGE_SIZE}})
 
 
-def write_scans(raw: Path, first: int, count: int) -> None:
-    """`count` scans numbered from `first`: 64 px PNGs (a smooth random field plus noise, distinct by
-    number, two per patient) and, for one in DICOM_EVERY, demo DICOM slices under their own patients."""
-    patients = count // DICOM_EVERY // 2
+def write_scans(raw: Path, first: int, count: int, kind: str = "png", size: int = 64) -> None:
+    """`count` scans numbered from `first`, `size` px. kind "png": PNGs (a smooth random field plus
+    noise, distinct by number, two per patient) and, for one in DICOM_EVERY, demo DICOM slices under
+    their own patients; kind "dicom": demo DICOM slices only (two per patient)."""
+    if kind not in KINDS:
+        raise ValueError(f"bench.incremental: kind = {kind!r}; expected one of {KINDS}")
+    patients = count // 2 if kind == "dicom" else count // DICOM_EVERY // 2
     n_dicom = 2 * patients
     if patients:
-        demo_data.generate(raw, patients=patients, slices=2, size=SIZE, seed=0, classes=list(CLASSES),
+        demo_data.generate(raw, patients=patients, slices=2, size=size, seed=0, classes=list(CLASSES),
                            patient_offset=first)  # case<number>_<slice>.dcm: new numbers, new files
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    yy, xx = np.mgrid[0:size, 0:size] / size
     for n in range(first, first + count - n_dicom):
         rng = np.random.default_rng(n)
         a, b, c = rng.uniform(-1, 1, 3)
-        field = 128 + 60 * np.sin(6 * (a * xx + b * yy) + c) + rng.normal(0, 20, (SIZE, SIZE))
+        field = 128 + 60 * np.sin(6 * (a * xx + b * yy) + c) + rng.normal(0, 20, (size, size))
         folder = raw / CLASSES[n % 2]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(folder / f"p{n // 2:07d}_{n % 2}.png")
@@ -87,24 +95,24 @@ def _same_as_scratch(raw: Path, data: Path, previous_csv: Path, params, work: Pa
     return all((data / n).read_bytes() == (scratch / n).read_bytes() for n in ("manifest.csv", "manifest.json"))
 
 
-def bench_append(n: int = 20000, k: int = 200) -> dict:
+def bench_append(n: int = 20000, k: int = 200, kind: str = "png", size: int = 64) -> dict:
     params = _params()
     with tempfile.TemporaryDirectory(prefix="bench-incremental-") as tmp:
         work = Path(tmp)
         raw, data, reports = work / "raw", work / "data", work / "reports"
-        write_scans(raw, 0, n)
+        write_scans(raw, 0, n, kind, size)
         time.sleep(2.5)  # older than scan_facts.RACY_NS when ingest lists them, as scans usually are
         full = _stages(raw, data, reports, params)
         shutil.copy(data / "manifest.csv", work / "previous.csv")
-        write_scans(raw, n, k)
+        write_scans(raw, n, k, kind, size)
         time.sleep(2.5)
         append = _stages(raw, data, reports, params)
         same = _same_as_scratch(raw, data, work / "previous.csv", params, work)
     ratio = sum(append.values()) / sum(full.values())
-    out = {"n": n, "k": k, "full_s": round(sum(full.values()), 2), "append_s": round(sum(append.values()), 2),
+    out = {"n": n, "k": k, "kind": kind, "size": size, "full_s": round(sum(full.values()), 2), "append_s": round(sum(append.values()), 2),
            "ratio": round(ratio, 4), "same_as_scratch": same,
            "full": {s: round(t, 2) for s, t in full.items()}, "append": {s: round(t, 2) for s, t in append.items()}}
-    print(f"incremental append: {n} scans + {k}: append {out['append_s']} s / full {out['full_s']} s = "
+    print(f"incremental append: {n} {size} px {kind} scans + {k}: append {out['append_s']} s / full {out['full_s']} s = "
           f"{ratio:.3f} (target <= 0.1); per stage append/full "
           + ", ".join(f"{s} {append[s]:.2f}/{full[s]:.2f}" for s in full)
           + f"; manifest same bytes as from scratch: {same}")
@@ -149,6 +157,7 @@ def bench_linear(sizes: tuple[int, ...] = (20000, 40000, 80000)) -> dict:
 if __name__ == "__main__":
     what, *numbers = sys.argv[1:] or ["append"]
     if what == "append":
-        bench_append(*(int(x) for x in numbers))
+        n, k, kind, size = [*numbers, *["20000", "200", "png", "64"][len(numbers):]]
+        bench_append(int(n), int(k), kind, int(size))
     else:
         bench_linear(tuple(int(x) for x in numbers) or (20000, 40000, 80000))
