@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from components import folders
@@ -137,11 +138,7 @@ def _normalise(df: pd.DataFrame, source: str) -> pd.DataFrame:
     df = df.copy()
     for col in TEXT_COLUMNS:
         if col in df.columns:
-            # Empty and blank strings mean "no value", whichever way the frame was built;
-            # other values are kept exactly (a label "normal " must still fail, not be fixed here).
-            s = df[col].astype("string")
-            blank = s.isna() | (s.str.strip() == "")
-            df[col] = s.astype(object).where(~blank, None)
+            df[col] = _text_or_none(df[col])
     if "similar_group" not in df.columns:  # a manifest from before near-duplicates were found
         df["similar_group"] = None
     for col in NUMERIC_COLUMNS:
@@ -151,6 +148,19 @@ def _normalise(df: pd.DataFrame, source: str) -> pd.DataFrame:
             s = s.astype("Int64")
         df[col] = s
     return df.reset_index(drop=True)
+
+
+def _text_or_none(column: pd.Series) -> pd.Series:
+    """Each value as text, None where missing, empty or blank: that means "no value", whichever way the
+    frame was built; other values are kept exactly (a label "normal " must still fail, not be fixed
+    here). numpy's string functions, not a Python call per row."""
+    values = column.to_numpy(dtype=object)
+    missing = pd.isna(values)
+    text = np.where(missing, "", values).astype(str)
+    # A string column's values are kept as they are (no new objects); any other is made text.
+    out = values.copy() if isinstance(column.dtype, pd.StringDtype) else text.astype(object)
+    out[missing | (np.strings.str_len(np.strings.strip(text)) == 0)] = None
+    return pd.Series(out, index=column.index, dtype=object)
 
 
 def _split_balance(readable: pd.DataFrame, split: dict[str, Any] | None) -> pd.DataFrame:
