@@ -22,6 +22,7 @@ out without a word. The rules:
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -48,6 +49,10 @@ class Skipped:
 class Listing:
     scans: list[str] = field(default_factory=list)  # posix, relative to the folder, sorted
     skipped: list[Skipped] = field(default_factory=list)  # sorted by path
+    # Per scan, (st_size, st_mtime_ns, st_ino) of the stat the listing made (through links), and the
+    # clock before it began: ingest's stat index takes them from here instead of stat'ing each file again.
+    stats: dict[str, tuple[int, int, int]] = field(default_factory=dict, compare=False, repr=False)
+    started_ns: int = 0
 
     def with_reason(self, reason: str) -> list[str]:
         return [s.path for s in self.skipped if s.reason == reason]
@@ -113,7 +118,7 @@ def list_folder(folder: str | Path, labels_name: str | None = "labels.csv", with
     class folder of a source tree at a time); default `folder` itself."""
     root = Path(folder)
     fence = Path(within) if within is not None else root
-    found, skipped = [], []
+    found, skipped, stats, started_ns = [], [], {}, time.time_ns()
     if leaves(fence, root):  # a class folder that is itself a link out of the tree
         return Listing([], [Skipped(".", LINK_OUTSIDE)])
     # os.scandir, not os.walk + pathlib: each DirEntry carries its type (and caches its stat), so a
@@ -134,9 +139,11 @@ def list_folder(folder: str | Path, labels_name: str | None = "labels.csv", with
             reason = HIDDEN if scans.is_hidden(name) else _classify(fence, entry, labels_name, rel)
             if reason is None:
                 found.append(rel)
+                st = entry.stat()  # cached by the DirEntry: _classify asked it for the size
+                stats[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
             elif reason:
                 skipped.append(Skipped(rel, reason))
-    return Listing(sorted(found), sorted(skipped, key=lambda s: s.path))
+    return Listing(sorted(found), sorted(skipped, key=lambda s: s.path), stats, started_ns)
 
 
 def summary(listing: Listing, limit: int = 5) -> str:

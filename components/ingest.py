@@ -216,7 +216,7 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None 
     table = read_labels_csv(raw_dir, params, files) if params.data.label_source == "csv" else None
     regex, salt = params.data.patient_regex(), common.patient_salt(params.data.patient_salt)
 
-    known = scan_facts.gather(raw_dir, files, cache_dir, salt, params.compute)
+    known = scan_facts.gather(raw_dir, files, cache_dir, salt, params.compute, found)
     rows, sources = [], []
     for rel, fact in zip(files, known.facts):
         csv_row = table.loc[rel] if table is not None and rel in table.index else None

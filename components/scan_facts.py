@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components import common, near_duplicates, scans, stat_index
+from components import common, folders, near_duplicates, scans, stat_index
 from components.parallel import decode_seconds, map_files
 from components.params import ComputeParams
 from components.stat_index import INDEX_DIR, RACY_NS, index_path  # noqa: F401 - where tests and tools look
@@ -280,16 +280,23 @@ class Found:
         return sorted(out)
 
 
-def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, compute: ComputeParams) -> Found:
-    """The Fact of every file (paths relative to raw_dir), reading only what the cache lacks (module doc)."""
+def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, compute: ComputeParams,
+           listing: folders.Listing | None = None) -> Found:
+    """The Fact of every file (paths relative to raw_dir), reading only what the cache lacks (module doc).
+    `listing`: the folders.Listing that found the files, whose stats are used (else each file is stat'ed)."""
     raw_dir, cache_dir = Path(raw_dir), Path(cache_dir)
     store = Store.open(cache_dir, salt_fingerprint(salt))
     index_file = index_path(cache_dir, raw_dir)
-    index, listed_ns = stat_index.read(index_file), time.time_ns()
     # Absolute: a Dask worker would resolve a relative path against its own working directory.
     root = Path(os.path.abspath(raw_dir))
     base = os.fspath(root)
-    stats = [stat_index.stat_key(os.stat(os.path.join(base, rel))) for rel in files]
+    # listed_ns: a clock reading from before the stats were taken (stat_index's racy rule needs that).
+    if listing is not None:
+        listed_ns, stats = listing.started_ns, [list(listing.stats[rel]) for rel in files]
+    else:
+        listed_ns = time.time_ns()
+        stats = [stat_index.stat_key(os.stat(os.path.join(base, rel))) for rel in files]
+    index = stat_index.read(index_file)
     ids: list[tuple[str, str] | None] = [tuple(index[rel][3:5]) if index.get(rel, [None])[:3] == st else None
                                          for rel, st in zip(files, stats)]
     todo = [i for i, known in enumerate(ids) if known is None]
