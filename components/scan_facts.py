@@ -170,14 +170,13 @@ class Store:
         return store
 
     def _add(self, name: str, facts: list[Fact]) -> None:
-        fresh = [(row, f.key) for row, f in enumerate(facts) if f.key not in self.seen]
-        self.seen.update(k for _, k in fresh)
+        keys = [f.key for f in facts]
+        rows = [row for row, key in enumerate(keys) if key not in self.seen]
+        self.seen.update(keys)
         self.names.append(name)
-        self.fresh.append([k for _, k in fresh])
-        self.rows.append(np.array([r for r, _ in fresh], np.int64))
-        for f in facts:
-            if not f.salt or f.salt == self.salt:
-                self.facts[f.key] = f
+        self.fresh.append([keys[row] for row in rows])
+        self.rows.append(np.array(rows, np.int64))
+        self.facts.update((key, f) for key, f in zip(keys, facts) if not f.salt or f.salt == self.salt)
 
     def write(self, facts: list[Fact], signatures: np.ndarray) -> None:
         """Store new facts (and their signatures) as one new shard."""
