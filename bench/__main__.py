@@ -2,7 +2,7 @@
 
     python -m bench            # all, about 30 minutes on 2 CPU cores
     python -m bench data onnx  # a subset: data | onnx | dvc | layout | backbones | ddp | append | linear |
-                               #   stability | warmstart | noop | predict
+                               #   stability | warm_start | noop | predict
 
 1. data: training images/s through the real data path (uint8 memmap on disk -> Dataset ->
    DataLoader -> on-the-fly augmentation) divided by images/s of the same training steps on the
@@ -21,7 +21,7 @@
    same cores between processes.
 7-12. What an append costs (each module's docstring says how): append and linear (bench/incremental.py:
    an append of k scans to n against the full ingest + validate + preprocess, and full runs at growing n),
-   stability (bench/stability.py: images that change split over ten appends), warmstart
+   stability (bench/stability.py: images that change split over ten appends), warm_start
    (bench/warm_start.py: time to the champion's validation metric, warm vs cold start), noop and predict
    (bench/cheap.py: `retrain --once` with an empty inbox; `medtune predict` against ONNX Runtime alone).
 """
@@ -255,7 +255,7 @@ BENCHES: dict[str, Callable[[], object]] = {
     "backbones": bench_backbones, "ddp": bench_ddp,
     # Cost grows with what is new (docs/benchmarks.md, 'Appends'; docs/scaling.md).
     "append": _lazy("incremental", "bench_append"), "linear": _lazy("incremental", "bench_linear"),
-    "stability": _lazy("stability", "bench_stability"), "warmstart": _lazy("warm_start", "bench_warm_start"),
+    "stability": _lazy("stability", "bench_stability"), "warm_start": _lazy("warm_start", "bench_warm_start"),
     "noop": _lazy("cheap", "bench_noop_retrain"), "predict": _lazy("cheap", "bench_predict"),
 }
 # Not in the default run (long; see docs/scaling.md): python -m bench.scale units | dvc N...
