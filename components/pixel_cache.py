@@ -6,6 +6,7 @@
         block[0] = pixels
     store.get(key)                         # a read-only (C, H, W) view
     store.copy_to(keys, out)               # out[i] = the pixels of keys[i], copied a block at a time
+    store.blocks(keys)                     # the same, as (start, block) pairs, for a sequential writer
 
 Layout: `cache_dir/<digest>/settings.json` plus `shard-<id>.npy` (uint8 `(n, C, H, W)`) and
 `shard-<id>.keys` (n sha256 lines, row i is the pixels of key i). `<digest>` hashes `settings`,
@@ -81,14 +82,21 @@ class Store:
 
     def copy_to(self, keys: Sequence[str], out: np.ndarray, block: int = 4096) -> None:
         """out[i] = the pixels of keys[i]: `block` rows at a time, each shard's share in one indexed copy."""
+        for start, pixels in self.blocks(keys, block):
+            out[start:start + len(pixels)] = pixels
+
+    def blocks(self, keys: Sequence[str], block: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, pixels of keys[start:start + block]) in order: one new array per block."""
         names = list(self.shards)
         number = {name: i for i, name in enumerate(names)}
         where = np.array([(number[s], r) for s, r in map(self.where.__getitem__, keys)], np.int64).reshape(-1, 2)
         for start in range(0, len(where), block):
             part = where[start:start + block]
+            out = np.empty((len(part), *self.shape), np.uint8)
             for shard in np.unique(part[:, 0]):
                 rows = np.flatnonzero(part[:, 0] == shard)
-                out[start + rows] = self.shards[names[shard]][1][part[rows, 1]]
+                out[rows] = self.shards[names[shard]][1][part[rows, 1]]
+            yield start, out
 
     @contextlib.contextmanager
     def new_shard(self, keys: list[str]) -> Iterator[np.ndarray]:
