@@ -101,6 +101,22 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def load_tensors(path: Path, data: bytes, remedy: str) -> Any:
+    """`data` (the bytes of `path`, already checked against their hash) unpickled as tensors and plain
+    containers only (`torch.load(weights_only=True)`): a planted pickle never runs. StageError otherwise,
+    ending with `remedy`."""
+    import io
+
+    import torch  # here, not at the top: most commands never load weights
+
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, ...: all mean "not plain weights"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise StageError(f"{path}: not a plain file of tensors ({exc.__class__.__name__}: {first}); refused to "
+                         f"unpickle it. {remedy}") from None
+
+
 def patient_salt(default: str) -> bytes:
     return os.environ.get("MEDTUNE_PATIENT_SALT", default).encode()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import logging
 import pickle
 import zipfile
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.common import StageError, sha256_file
+from components.common import StageError, load_tensors, sha256_file
 
 log = logging.getLogger("medtune.models")
 
@@ -210,13 +209,8 @@ def _load_checked_weights(path: Path, hash_prefix: str) -> tuple[dict[str, torch
             "torchvision publishes for this file; it is not the published weight file (a truncated download, "
             "another file under its name, or a planted one) and was not loaded. Delete it so it is downloaded "
             "again, or copy the right file in from a trusted machine.")
-    try:
-        # weights_only: even a file whose hash matches is unpickled as tensors and containers only.
-        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, ...: all mean "not plain weights"
-        raise StageError(f"{path}: not a plain file of tensors ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
-                         "refused to unpickle it. Delete it so it is downloaded again, or copy the right file "
-                         "in from a trusted machine.") from None
+    state = load_tensors(path, data, "Delete it so it is downloaded again, or copy the right file in from a trusted "
+                         "machine.")
     if not isinstance(state, dict):
         raise StageError(f"{path}: holds a {type(state).__name__}, expected a state_dict (a dict of tensors); "
                          "delete it so it is downloaded again, or copy the right file in.")

@@ -21,12 +21,11 @@ head alone first.
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Any
 
-from components.common import StageError, atomic_path, dvc, git, sha256_bytes
+from components.common import StageError, atomic_path, dvc, git, load_tensors, sha256_bytes
 
 log = logging.getLogger("medtune.warm_start")
 
@@ -65,8 +64,6 @@ def fetch(root: str | Path, model_id: str, rev: str | None = None) -> Path:
 
 def read_checkpoint(path: str | Path, sha256: str) -> dict[str, Any]:
     """The checkpoint at `path` as tensors and plain values, after its bytes' sha256 matched `sha256`."""
-    import torch
-
     path = Path(path)
     data = path.read_bytes()  # read once: the bytes hashed are the bytes loaded
     digest = sha256_bytes(data)
@@ -74,11 +71,7 @@ def read_checkpoint(path: str | Path, sha256: str) -> dict[str, Any]:
         raise StageError(f"{path}: sha256 {digest}, but train.init_from is {sha256}; the file is not the weights "
                          "the parameter names (replaced or damaged). Delete it so it is fetched again, or set "
                          "train.init_from to the sha256 of the model you mean.")
-    try:
-        ckpt = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, ...: all mean "not plain weights"
-        raise StageError(f"{path}: not a plain file of tensors ({exc.__class__.__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); refused to unpickle it.") from None
+    ckpt = load_tensors(path, data, "Delete it so it is fetched again.")
     missing = [k for k in ("state_dict", "backbone", "classes", "in_channels", "image_size")
                if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
