@@ -39,6 +39,7 @@ BLOCK = 2048  # rows compared at a time: BLOCK x BLOCK float32 (16 MB), whatever
 SCALE = 2.0 ** 25  # a signature's unit: |dot| <= SCALE^2 (plus rounding) < 2^53, so float64 sums are exact
 SIDE = 8  # project: the thumbnail's mean over SIDE x SIDE blocks
 PAIRS = 2048  # candidate pairs confirmed at a time: two PAIRS x pixels float64 gathers (16 MB each at 32 x 32)
+PAIR_COST = 128  # one pair's gathered dot ~ this many cells of a BLAS product (110-220 measured, 2 cores)
 MARGIN = 1e-3  # slack on the filter's squared distance: float32 rounding must never rule out a true pair
 
 
@@ -105,11 +106,15 @@ def linked(pa: np.ndarray, pb: np.ndarray, vectors_a: Callable[[np.ndarray], np.
 
 
 def _exact_dots(a: np.ndarray, b: np.ndarray, ai: np.ndarray, bj: np.ndarray) -> np.ndarray:
-    """float64 dot of signature rows a[ai[n]] and b[bj[n]], for each candidate pair n, PAIRS at a time.
-    Only the pairs themselves: the filter leaves a few per row but touches most rows and columns, so a
-    rows x columns product would do hundreds of times the work. Exact in any summation order: every
-    partial sum is an integer no larger than the product of the norms (SCALE^2 < 2^53)."""
+    """float64 dot of signature rows a[ai[n]] and b[bj[n]], for each candidate pair n. The filter
+    usually leaves a few pairs per row yet touches most rows and columns: then each pair's own dot
+    (PAIRS at a time) is far less work than a rows x columns product; when the pairs are dense (alike
+    images, e.g. slices of one body), the product is cheaper (a pair's own dot costs about
+    PAIR_COST cells of it, measured). Exact in any summation order: every partial sum is an integer
+    no larger than the product of the norms (SCALE^2 < 2^53)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
+    if len(ai) * PAIR_COST > len(a) * len(b):
+        return (a @ b.T)[ai, bj]
     out = np.empty(len(ai), np.float64)
     for s in range(0, len(ai), PAIRS):
         out[s:s + PAIRS] = np.einsum("ij,ij->i", a[ai[s:s + PAIRS]], b[bj[s:s + PAIRS]])

@@ -119,9 +119,12 @@ def test_validate_names_near_duplicates_that_a_given_split_separates(tmp_path):
     assert entry["details"]["n_offending"] == 1  # what the model card counts
 
 
-def test_pairs_match_a_float64_search_and_new_against_old_finds_the_same(monkeypatch):
+@pytest.mark.parametrize("pair_cost", [0, 10**9])  # each candidate pair's own dot / always the product
+def test_pairs_match_a_float64_search_and_new_against_old_finds_the_same(monkeypatch, pair_cost):
     """The filtered, exact search finds what a plain float64 product finds (away from the threshold by
-    more than rounding), whatever the blocks; comparing the last rows with all finds their share of it."""
+    more than rounding), whatever the blocks and however the candidates are confirmed; comparing the
+    last rows with all finds their share of it."""
+    monkeypatch.setattr(near_duplicates, "PAIR_COST", pair_cost)
     rng = np.random.default_rng(5)
     base = np.stack([gaussian_filter(rng.normal(size=(32, 32)), 3) for _ in range(60)])
     noisy = base + rng.normal(size=base.shape) * base.std() * np.linspace(0, 0.4, 60)[:, None, None]
