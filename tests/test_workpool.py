@@ -209,6 +209,12 @@ def test_serve_uses_the_running_server_with_one_run_per_deployment(server, check
 def test_retrain_once_and_ingest_new_use_the_running_server(server, checkout):
     api = server["api"]
     env = serve_env(server)
+    # A batch to look at (an empty inbox is answered without Prefect): one that names a missing file, so
+    # the run quarantines it without training. A run with a batch first checks the registry in git.
+    subprocess.run(["git", "init", "-q"], cwd=checkout, check=True)
+    bad = checkout / "data" / "inbox" / "batch-missing-file"
+    bad.mkdir(parents=True)
+    (bad / "labels.csv").write_text("path,label\nmissing.png,normal\n")
     code, out, servers = run_watched([str(BIN / "medtune"), "retrain", "--once", "--root", str(checkout)],
                                      server["tmp"], env)
     assert code == 0, out
@@ -216,7 +222,7 @@ def test_retrain_once_and_ingest_new_use_the_running_server(server, checkout):
     assert f"View at {api.removesuffix('/api')}/runs/flow-run/" in out, out  # Prefect's link to the run
     lines = out.splitlines()  # the flow's result, printed last as JSON
     result = json.loads("\n".join(lines[max(i for i, line in enumerate(lines) if line == "{"):]))
-    assert result["outcome"] == "nothing-new"
+    assert result["outcome"] == "quarantined", result
     manual = [r for r in api_call(api, "POST", "/flow_runs/filter",
                                   {"flows": {"name": {"any_": ["medtune-retrain"]}}, "limit": 200})
               if r["parameters"].get("trigger") == "manual" and r["parameters"].get("root") == str(checkout)]
