@@ -2,8 +2,8 @@
 
     store = pixel_cache.open_store(Path("data/cache/pixels"), settings, shape=(1, 64, 64))
     new = store.missing(keys)              # keys (a scan's sha256) not stored yet, in order, once each
-    with store.new_shard(new) as block:    # uint8 (len(new), *shape), filled by the caller
-        block[0] = pixels
+    with store.new_shard(new) as block:    # a ShardWriter: rows written in order, straight to the file
+        block[0:2] = pixels                # block.append(pixels) the same
     store.get(key)                         # a read-only (C, H, W) view
     store.copy_to(keys, out)               # out[i] = the pixels of keys[i], copied a block at a time
     store.blocks(keys)                     # the same, as (start, block) pairs, for a sequential writer
@@ -14,6 +14,11 @@ everything besides a scan's bytes that its pixels depend on (preprocess.cache_se
 change of preprocess.image_size starts a new set. A run adds at most one shard and never rewrites
 one: DVC, which tracks the folder as a persistent output of the preprocess stage, then hashes and
 stores only that run's shard (file by file; the unchanged ones it knows by their stat).
+
+Memory stays flat in the number of scans: a new shard is written a block at a time to a file
+(after the header np.save writes), not through a memory map, and after each block read from a
+shard's memory map its pages are dropped from this process (they stay in the page cache): every
+page touched through a mapping counts in the process's resident memory until it is unmapped.
 
 A shard counts once its .keys file exists. The .npy is written to a temp file and renamed first,
 the .keys file the same way after it, so a kill at any point leaves a complete shard or debris
@@ -34,11 +39,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
+import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -95,28 +102,29 @@ class Store:
             out = np.empty((len(part), *self.shape), np.uint8)
             for shard in np.unique(part[:, 0]):
                 rows = np.flatnonzero(part[:, 0] == shard)
-                out[rows] = self.shards[names[shard]][1][part[rows, 1]]
+                images = self.shards[names[shard]][1]
+                out[rows] = images[part[rows, 1]]
+                _drop_pages(images)
             yield start, out
 
     @contextlib.contextmanager
-    def new_shard(self, keys: list[str]) -> Iterator[np.ndarray]:
-        """Yield a writable uint8 (len(keys), *shape) block; store it as a shard if the block exits
-        cleanly (a failure leaves nothing). No keys: an empty block, no shard."""
-        if not keys:
-            yield np.empty((0, *self.shape), np.uint8)
-            return
+    def new_shard(self, keys: list[str]) -> Iterator[ShardWriter]:
+        """Yield a ShardWriter for uint8 (len(keys), *shape) rows, written in order; store them as a
+        shard if the block exits cleanly with every row written (a failure leaves nothing)."""
         bad = [k for k in keys if not _KEY.fullmatch(k)]
         if bad:
             raise ValueError(f"pixel cache keys must be sha256 hex digests; got {bad[0]!r}")
+        if not keys:
+            with open(os.devnull, "wb") as fh:
+                yield ShardWriter(fh, 0, self.shape)
+            return
         shard = shard_name(keys)
         npy = self.folder / f"{shard}.npy"
-        with atomic_path(npy) as tmp:
-            block = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keys), *self.shape))
-            try:
-                yield block
-                block.flush()
-            finally:
-                del block  # unmap before the rename (or the temp file's removal)
+        with atomic_path(npy) as tmp, open(tmp, "wb") as fh:
+            writer = ShardWriter(fh, len(keys), self.shape)
+            yield writer
+            if writer.rows != len(keys):
+                raise ValueError(f"{npy}: {writer.rows} of {len(keys)} rows written; a shard needs every row")
         write_text(self.folder / f"{shard}.keys", "".join(k + "\n" for k in keys))  # the shard now counts
         self._add(shard, list(keys), np.load(npy, mmap_mode="r", allow_pickle=False))
 
@@ -129,8 +137,8 @@ class Store:
             return False
         old, live = list(self.shards), sorted(live)
         with self.new_shard(live) as block:
-            for i, key in enumerate(live):
-                block[i] = self.get(key)
+            for _, pixels in self.blocks(live):
+                block.append(pixels)
         for shard in old:
             if shard != shard_name(live):
                 self.shards.pop(shard)
@@ -140,6 +148,46 @@ class Store:
             self._add(shard, keys, images)
         log.info("%s: compacted %d shard(s) (%d rows) into one of %d", self.folder, len(old), stored, len(live))
         return True
+
+
+class ShardWriter:
+    """The rows of a new shard, written in order to an open file after the .npy header np.save
+    writes (the same bytes as np.save of the whole array). `writer[i] = pixels` or
+    `writer[i:j] = pixels` (broadcast like numpy's) must start at the next row; `append(pixels)`
+    writes (n, *shape) rows."""
+
+    def __init__(self, fh: BinaryIO, n: int, shape: tuple[int, ...]):
+        self.fh, self.n, self.shape, self.rows = fh, n, shape, 0
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (n, *shape)}
+        if n:
+            np.lib.format.write_array_header_1_0(fh, header)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __setitem__(self, index: int | slice, pixels: Any) -> None:
+        start, stop, step = (index.indices(self.n) if isinstance(index, slice) else
+                             (index, index + 1, 1) if 0 <= index < self.n else (index, index, 1))
+        if start != self.rows or step != 1 or stop <= start:
+            raise IndexError(f"shard rows are written in order: next is row {self.rows} of {self.n}, got {index!r}")
+        self.append(np.broadcast_to(np.asarray(pixels, np.uint8), (stop - start, *self.shape)))
+
+    def append(self, pixels: np.ndarray) -> None:
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != self.shape or self.rows + len(pixels) > self.n:
+            raise ValueError(f"shard rows {self.rows}..: got {pixels.dtype} {pixels.shape}; expected uint8 "
+                             f"(<= {self.n - self.rows}, *{self.shape})")
+        self.fh.write(np.ascontiguousarray(pixels).tobytes())
+        self.rows += len(pixels)
+
+
+def _drop_pages(images: np.ndarray) -> None:
+    """Unmap the pages of a read-only shard map that this process touched (they stay in the page
+    cache; the next read maps them again), so reading every shard does not grow its resident memory."""
+    base = getattr(images, "_mmap", None)  # np.memmap's mmap.mmap
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
 
 
 def shard_name(keys: list[str]) -> str:

@@ -48,7 +48,8 @@ from components.scans import RESIZE_METHOD, ScanError
 log = logging.getLogger("medtune.preprocess")
 
 INDEX_COLUMNS = ["split", "row", "path", "sha256", "label", "label_index", "patient"]
-BATCH_BYTES = 256 << 20  # prepared pixels held in memory at a time before they go to the shard
+BATCH_BYTES = 32 << 20  # prepared pixels held in memory at a time before they go to the shard: a bound on
+# the stage's memory whatever the number of scans (8,192 scans at 64 px; each batch may start a pool)
 TEXT = {"path": str, "sha256": str, "label": str, "patient": str, "split": str}
 
 
