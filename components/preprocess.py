@@ -3,8 +3,8 @@
     medtune preprocess          # data/manifest.csv + data/raw -> data/prepared/ (+ data/cache/pixels)
     dvc repro preprocess
 
-Writes `data/prepared/{train,val,test}.npy` (uint8 `(N, C, H, W)`, row by row into
-`np.lib.format.open_memmap`, so memory stays flat whatever the dataset size), `index.csv`
+Writes `data/prepared/{train,val,test}.npy` (uint8 `(N, C, H, W)`, a block at a time after
+the header np.save writes, so memory stays flat whatever the dataset size), `index.csv`
 (`split,row,path,sha256,label,label_index,patient`) and `meta.json` (everything `predict` needs
 to repeat the preprocessing). The folder is built beside the target and renamed over it, so a
 crash never leaves half of it. Decoding is `components.scans.prepare_image`, the same function

@@ -353,3 +353,21 @@ def test_dvc_repro_after_an_append_adds_one_shard_and_a_clone_pulls_the_cache(tm
     calls.clear()
     preprocess(clone / "data/manifest.csv", clone / "data/raw", clone / "data/prepared", load_params(clone / "params.yaml"))
     assert calls == [] and tree_digest(clone / "data/prepared") == tree_digest(ws / "data/prepared")
+
+
+def test_shard_rows_are_written_in_order_and_a_short_shard_is_refused(tmp_path):
+    store = pixel_cache.open_store(tmp_path, {"image_size": 2}, (1, 2, 2))
+    keys = [f"{n:064x}" for n in range(3)]
+    with pytest.raises(IndexError, match="next is row 0"), store.new_shard(keys) as block:
+        block[1] = 5
+    with pytest.raises(ValueError, match="2 of 3 rows"), store.new_shard(keys) as block:
+        block[0:2] = 5
+    assert store.missing(keys) == keys and [p.name for p in store.folder.iterdir()] == ["settings.json"]
+    with store.new_shard(keys) as block:
+        block[0] = 1
+        block.append(np.full((2, 1, 2, 2), 9, np.uint8))
+    [npy] = store.folder.glob("*.npy")
+    expected = np.concatenate([np.ones((1, 1, 2, 2), np.uint8), np.full((2, 1, 2, 2), 9, np.uint8)])
+    saved = tmp_path / "saved.npy"
+    np.save(saved, expected)
+    assert npy.read_bytes() == saved.read_bytes()  # the bytes np.save writes
