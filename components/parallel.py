@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures as cf
 from pathlib import PurePath
 from typing import Any, TypeVar
@@ -54,6 +54,7 @@ MIN_PARALLEL = 64   # without a work estimate: fewer items than this per worker 
 # 0.45-0.6 s each, measured on 2 shared cores (a pool of two, start to first result, 0.9-1.2 s).
 WORKER_START_SECONDS = 0.5
 CHUNKS_PER_WORKER = 8  # chunks per worker: small enough to balance uneven files, large enough to amortise
+MAX_CHUNK = 256  # items: what imap_files holds per finished chunk waiting for an earlier one stays small
 CONNECT_TIMEOUT = "10s"  # to reach the Dask scheduler
 # fn's own errors about its input: the message says it all, no traceback needed.
 EXPECTED = (StageError, ValueError, OSError)
@@ -100,18 +101,30 @@ def map_files(fn: Callable[[T], R], items: Iterable[T], compute: ComputeParams, 
               work_seconds: float | None = None) -> list[R]:
     """[fn(item) for item in items], computed where `compute` says (see the module doc). `work_seconds`:
     the caller's estimate of the whole work on one core, which decides whether a local pool pays."""
+    return list(imap_files(fn, items, compute, desc, work_seconds))
+
+
+def imap_files(fn: Callable[[T], R], items: Iterable[T], compute: ComputeParams, desc: str = "",
+               work_seconds: float | None = None) -> Iterator[R]:
+    """map_files, yielding each result in item order as soon as it and those before it are ready: a
+    caller that writes results away as they come (preprocess, into a shard) holds a few chunks of
+    them in memory, not all, and one pool serves every item (a pool per batch would pay its start-up
+    again for every batch)."""
     items = list(items)
     address = scheduler_address(compute)
     if address:
-        return _map_dask(fn, items, address, desc)
+        yield from _map_dask(fn, items, address, desc)
+        return
     if work_seconds is None:
         n_workers = min(workers(compute), max(1, len(items) // MIN_PARALLEL))
     else:
         n_workers = min(pool_size(work_seconds, workers(compute)), len(items))
     if n_workers <= 1:
         with _bar(len(items), desc) as bar:
-            return _run_chunk(fn, items, desc, bar.update)
-    return _map_local(fn, items, n_workers, desc)
+            for item in items:
+                yield _run_chunk(fn, [item], desc, bar.update)[0]
+        return
+    yield from _map_local(fn, items, n_workers, desc)
 
 
 def _run_chunk(fn: Callable[[T], R], chunk: Sequence[T], desc: str,
@@ -136,7 +149,7 @@ def _show(item: Any, limit: int = 300) -> str:
 
 
 def _chunks(items: Sequence[T], n_workers: int) -> list[Sequence[T]]:
-    size = max(1, -(-len(items) // (n_workers * CHUNKS_PER_WORKER)))
+    size = min(MAX_CHUNK, max(1, -(-len(items) // (n_workers * CHUNKS_PER_WORKER))))
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
@@ -144,11 +157,13 @@ def _bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="file", disable=not desc)
 
 
-def _collect(pending: dict[Any, int], chunks: list[Sequence], completed: Iterable, desc: str,
-             lost: Callable[[BaseException, Sequence], str]) -> list:
-    """Results of every chunk's future, in chunk order; the first failure (as they complete) raised
-    as ItemFailed, or as a StageError that `lost` words (a dead worker, a broken cluster)."""
-    parts: list[list | None] = [None] * len(chunks)
+def _in_order(pending: dict[Any, int], chunks: list[Sequence], completed: Iterable, desc: str,
+              lost: Callable[[BaseException, Sequence], str]) -> Iterator:
+    """The results of every chunk's future, in chunk order, each chunk as soon as those before it are
+    in; the first failure (as they complete) raised as ItemFailed, or as a StageError that `lost`
+    words (a dead worker, a broken cluster)."""
+    parts: dict[int, list] = {}
+    following = 0
     with _bar(sum(map(len, chunks)), desc) as bar:
         for future in completed:
             i = pending[future]
@@ -159,7 +174,9 @@ def _collect(pending: dict[Any, int], chunks: list[Sequence], completed: Iterabl
             except Exception as exc:  # noqa: BLE001 - said with the chunk it lost
                 raise StageError(lost(exc, chunks[i])) from exc
             bar.update(len(chunks[i]))
-    return [r for part in parts for r in part]  # type: ignore[union-attr]
+            while following in parts:
+                yield from parts.pop(following)
+                following += 1
 
 
 def _span(chunk: Sequence) -> str:
@@ -168,7 +185,7 @@ def _span(chunk: Sequence) -> str:
 
 # --------------------------------------------------------------------------- local processes
 
-def _map_local(fn: Callable[[T], R], items: list[T], n_workers: int, desc: str) -> list[R]:
+def _map_local(fn: Callable[[T], R], items: list[T], n_workers: int, desc: str) -> Iterator[R]:
     # spawn: each worker is this process's child and watches it (_bind_to_parent). A forkserver's
     # workers are the fork server's children: they kept running after a kill -9 of the stage. And
     # not fork: a forked child of a process with threads (Prefect's, torch's) can inherit a lock
@@ -178,12 +195,11 @@ def _map_local(fn: Callable[[T], R], items: list[T], n_workers: int, desc: str) 
     chunks = _chunks(items, n_workers)
     try:
         pending = {pool.submit(_run_chunk, fn, chunk, desc): i for i, chunk in enumerate(chunks)}
-        results = _collect(pending, chunks, cf.as_completed(pending), desc, _local_loss)
-    except BaseException:
-        _kill(pool)  # an error, Ctrl-C: the other chunks are not worth waiting for
+        yield from _in_order(pending, chunks, cf.as_completed(pending), desc, _local_loss)
+    except BaseException:  # an error, Ctrl-C, a caller that stops early (GeneratorExit)
+        _kill(pool)  # the other chunks are not worth waiting for
         raise
     pool.shutdown(wait=True)
-    return results
 
 
 def _local_loss(exc: BaseException, chunk: Sequence) -> str:
@@ -218,7 +234,7 @@ def _exit_when_orphaned(parent: int) -> None:
 
 # --------------------------------------------------------------------------- Dask
 
-def _map_dask(fn: Callable[[T], R], items: list[T], address: str, desc: str) -> list[R]:
+def _map_dask(fn: Callable[[T], R], items: list[T], address: str, desc: str) -> Iterator[R]:
     from distributed import Client, as_completed  # imported only when a cluster is configured (about 1 s)
 
     _refuse_relative_paths(fn, items, desc)
@@ -238,7 +254,7 @@ def _map_dask(fn: Callable[[T], R], items: list[T], address: str, desc: str) -> 
             # pure=False: two chunks with equal contents are still two pieces of work to return.
             futures = client.map(_run_chunk, [fn] * len(chunks), chunks, [desc] * len(chunks), pure=False)
             pending = dict(zip(futures, range(len(chunks))))
-            return _collect(pending, chunks, as_completed(futures, loop=client.loop), desc,
+            yield from _in_order(pending, chunks, as_completed(futures, loop=client.loop), desc,
                             lambda exc, chunk: f"the Dask cluster at {address} lost the files from {_span(chunk)}: "
                                                f"{type(exc).__name__}: {exc}")
         except BaseException:

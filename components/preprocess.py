@@ -8,7 +8,7 @@ the header np.save writes, so memory stays flat whatever the dataset size), `ind
 (`split,row,path,sha256,label,label_index,patient`) and `meta.json` (everything `predict` needs
 to repeat the preprocessing). The folder is built beside the target and renamed over it, so a
 crash never leaves half of it. Decoding is `components.scans.prepare_image`, the same function
-predict uses, run through `parallel.map_files` (local cores, or a Dask cluster).
+predict uses, run through `parallel.imap_files` (local cores, or a Dask cluster).
 
 Each scan is prepared once: its pixels are kept in `data/cache/pixels` (`components/pixel_cache.py`),
 keyed by the scan's sha256 and everything else they depend on (`cache_settings`), so a run after
@@ -40,7 +40,7 @@ import pydicom
 from components import pixel_cache, scans, stat_index
 from components.common import SPLITS, StageError, read_json, sha256_file, stage_main, write_json, write_text
 from components.manifest import read_manifest
-from components.parallel import decode_seconds, map_files
+from components.parallel import decode_seconds, imap_files
 from components.parallel import workers as parallel_workers
 from components.params import ComputeParams, Params, PreprocessParams, load_params
 from components.scans import RESIZE_METHOD, ScanError
@@ -48,8 +48,6 @@ from components.scans import RESIZE_METHOD, ScanError
 log = logging.getLogger("medtune.preprocess")
 
 INDEX_COLUMNS = ["split", "row", "path", "sha256", "label", "label_index", "patient"]
-BATCH_BYTES = 32 << 20  # prepared pixels held in memory at a time before they go to the shard: a bound on
-# the stage's memory whatever the number of scans (8,192 scans at 64 px; each batch may start a pool)
 TEXT = {"path": str, "sha256": str, "label": str, "patient": str, "split": str}
 
 
@@ -103,8 +101,8 @@ def check_and_prepare(item: tuple[str, str, dict[str, Any] | None]) -> np.ndarra
 def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, params: Params,
                      facts_dir: Path) -> int:
     """Check every listed file against its sha256 and prepare the scans `store` lacks into one new
-    shard, at most BATCH_BYTES of pixels in memory at a time; return how many it prepared. A scan
-    is keyed by its bytes alone: the path matters to prepare_image only through its extension
+    shard, written as they are decoded (a few chunks of pixels in memory at a time); return how many
+    it prepared. A scan is keyed by its bytes alone: the path matters to prepare_image only through its extension
     choosing the decoder, and bytes that do not fit it are unreadable (ingest marks them)."""
     new = store.missing(df["sha256"])
     todo = (~df["sha256"].duplicated() & df["sha256"].isin(new)).to_numpy()  # the first row of each new key
@@ -118,15 +116,13 @@ def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, 
     items = [(p, key, settings) for p, key, do in zip(paths, df["sha256"], todo) if do]  # in `new` order
     log.info("%d scan(s) to prepare, %d in the pixel cache (%s)", len(new), df["sha256"].nunique() - len(new),
              store.folder)
-    batch = max(1, BATCH_BYTES // int(np.prod(store.shape)))
+    # Decoding is the costly part: local processes when it pays for them, or a Dask cluster. Each
+    # result goes to the shard file as it comes, so few are in memory at a time.
+    decoded = imap_files(check_and_prepare, items, params.compute, desc="preprocess",
+                         work_seconds=decode_seconds(len(items), sum(_size(item[0]) for item in items)))
     with store.new_shard(new) as block:
-        for start in range(0, len(items), batch):
-            # Decoding is the costly part: local processes when it pays for them, or a Dask cluster.
-            part = items[start:start + batch]
-            decoded = map_files(check_and_prepare, part, params.compute, desc="preprocess",
-                                work_seconds=decode_seconds(len(part), sum(_size(item[0]) for item in part)))
-            for i, pixels in enumerate(decoded, start):
-                block[i] = pixels
+        for i, pixels in enumerate(decoded):
+            block[i] = pixels
     store.compact(df["sha256"])
     return len(new)
 

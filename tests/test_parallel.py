@@ -95,6 +95,21 @@ def test_a_pool_starts_only_when_the_work_pays_for_it():
     assert os.getpid() not in {r[2] for r in pooled} and [r[:2] for r in pooled] == [r[:2] for r in here]
 
 
+def test_imap_serves_every_item_from_one_pool_in_order_and_a_caller_that_stops_leaves_no_worker():
+    items, compute = list(range(2000)), ComputeParams(workers=2)
+    it = parallel.imap_files(functools.partial(work, "i"), items, compute, work_seconds=10)
+    first = [next(it) for _ in range(600)]  # more chunks than one (MAX_CHUNK), consumed as they come
+    assert [r[:2] for r in first] == [work("i", i)[:2] for i in range(600)]
+    pool = {r[2] for r in first}
+    assert len(pool) == 2 and os.getpid() not in pool
+    assert {p.pid for p in psutil.Process().children()} >= pool  # the pool is alive while the caller reads
+    it.close()  # a caller that stops early: the pool is killed, not left running
+    assert not pool & {p.pid for p in psutil.Process().children()}
+    # A whole run: every item, in order, all from the one pool of two workers.
+    out = list(parallel.imap_files(functools.partial(work, "i"), items, compute, work_seconds=10))
+    assert [r[:2] for r in out] == [work("i", i)[:2] for i in items] and len({r[2] for r in out}) == 2
+
+
 def test_env_var_overrides_params(cluster, monkeypatch):
     monkeypatch.setenv(parallel.DASK_ENV, cluster["address"])
     out = parallel.map_files(functools.partial(work, "e"), range(10), ComputeParams(workers=1))
