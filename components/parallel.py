@@ -166,7 +166,7 @@ def _in_order(pending: dict[Any, int], chunks: list[Sequence], completed: Iterab
     following = 0
     with _bar(sum(map(len, chunks)), desc) as bar:
         for future in completed:
-            i = pending[future]
+            i = pending.pop(future)  # a future keeps its result: dropped here, it is held only until yielded
             try:
                 parts[i] = future.result()
             except ItemFailed:
