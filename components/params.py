@@ -66,8 +66,8 @@ class SplitParams:
     # "stratified": StratifiedGroupKFold (k-fold cross-validation), recomputed from all data each time.
     method: str = "stable"
     seed: int = 42
-    val_fraction: float = 0.15
-    test_fraction: float = 0.2
+    val_fraction: float = 0.2
+    test_fraction: float = 0.25
     # stratified only: which of the round(1 / test_fraction) patient-level folds is the test set.
     # Patient-level k-fold cross-validation = one run per fold (`dvc exp run -S split.test_fold=K`).
     test_fold: int = 0
@@ -205,7 +205,7 @@ class TrainParams:
     warmup_epochs: float = 0.0
     step_size: int = 5
     gamma: float = 0.1
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 32
     class_weighting: bool = True
     label_smoothing: float = 0.0

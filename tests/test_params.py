@@ -91,6 +91,20 @@ def test_digest_ignores_the_retrain_and_compute_sections():
     assert params_digest(d) == hashlib.sha256(blob).hexdigest() == base.digest()
 
 
+def test_params_yaml_is_the_defaults_spelt_out():
+    # One source per default: params.yaml names every key of every section with the value a project
+    # without it gets (parse_params fills missing keys from components/params.py).
+    from ruamel.yaml import YAML
+
+    shipped = YAML(typ="safe", pure=True).load((ROOT / "params.yaml").read_text())
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        return {k2 for k, v in d.items() for k2 in (keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k})}
+
+    assert keys(shipped) == keys(parse_params({}).to_dict())
+    assert load_params(ROOT / "params.yaml") == parse_params({})
+
+
 def test_gate_defaults_are_the_ones_params_yaml_ships():
     # One gate, not two: a project without evaluate.gate in its params.yaml (or a test using
     # parse_params) must be held to the same floors as the pipeline's own params.yaml.
