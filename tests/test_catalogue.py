@@ -110,6 +110,7 @@ def test_import_folders(case, tmp_path, capsys, caplog):
             assert case.named in caplog.text, caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if c.batch != "quarantine"], ids=ids)
 def test_batch_checks(case, batch_workspace, tmp_path, capsys):
     """ingest-new for real (in-process); a batch expected to pass is checked as the flow checks it. The
@@ -146,6 +147,7 @@ def batch_workspace(tmp_path_factory):
     return ws, inbox.current_manifest(ws / "data/manifest.csv", ws / "data/raw", params)
 
 
+@pytest.mark.slow
 def test_retrain_once_quarantines_every_bad_batch(batch_workspace, tmp_path):
     ws, _ = batch_workspace
     bad = [c for c in CASES if c.batch == "quarantine"]

@@ -20,6 +20,8 @@ from workspace import BIN, ROOT, free_port, tool_env
 from components import inbox, inbox_listing, orchestrate
 from components.registry import PENDING
 
+pytestmark = pytest.mark.slow
+
 HEAVY = ("prefect", "torch", "dvc")
 
 

@@ -152,6 +152,7 @@ def test_gate_for_another_checkpoint_is_refused(tmp_path, monkeypatch):
     assert not (p["out"] / "model.onnx").exists()
 
 
+@pytest.mark.slow
 def test_tta_calibration_and_threshold_are_what_the_onnx_graph_ships(tmp_path, monkeypatch):
     from components.params import parse_params
 
@@ -177,6 +178,7 @@ def test_tta_calibration_and_threshold_are_what_the_onnx_graph_ships(tmp_path, m
     assert "chosen on the validation split (Youden's J)" in card and "Test-time augmentation: hflip" in card
 
 
+@pytest.mark.slow
 def test_an_ensemble_ships_as_one_onnx_graph_that_reproduces_the_evaluation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = tiny_params()

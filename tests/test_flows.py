@@ -25,6 +25,8 @@ import workspace
 import yaml
 from workspace import BIN, free_port, make_workspace, merge, set_params, stop, tool_env, tree_digest, wait_healthy
 
+pytestmark = pytest.mark.slow
+
 # The workspace's TINY params, trimmed further: one epoch per retrain run.
 FAST = {"train": {"epochs": 1, "batch_size": 16}}
 RUN_TIMEOUT = 300

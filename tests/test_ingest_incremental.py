@@ -228,6 +228,7 @@ def test_facts_of_another_format_are_dropped_and_read_again(raw, tmp_path, monke
                                                                              "shard-000000.pairs-0.99.npz"]
 
 
+@pytest.mark.slow
 def test_dvc_repro_keeps_the_cache_as_a_persistent_output_out_of_git(tmp_path):
     from workspace import make_workspace, run
 

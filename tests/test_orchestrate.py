@@ -139,6 +139,7 @@ def toy(tmp_path, monkeypatch):
     return root
 
 
+@pytest.mark.slow
 def test_pipeline_stages_come_from_dvcs_graph_not_the_listing_order(toy):
     stages = orchestrate.pipeline_stages(toy)
     names = [s.name for s in stages]
@@ -148,6 +149,7 @@ def test_pipeline_stages_come_from_dvcs_graph_not_the_listing_order(toy):
     assert "made.txt" in report.deps and report.outs == ("report.txt",)
 
 
+@pytest.mark.slow
 def test_run_stage_streams_its_lines_while_it_runs_then_dvc_skips_it(toy, monkeypatch):
     monkeypatch.setenv("TOY_WAIT", "1")
     monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # run_stage must see to it itself
@@ -167,6 +169,7 @@ def test_run_stage_streams_its_lines_while_it_runs_then_dvc_skips_it(toy, monkey
     assert not any(m == "making 1" for _, m in again.got), "an unchanged stage must not run"
 
 
+@pytest.mark.slow
 def test_run_stage_restores_from_dvcs_run_cache(toy):
     assert orchestrate.run_stage("make", toy).outcome == "ran"
     (toy / "params.yaml").write_text("n: 2\n")
@@ -177,6 +180,7 @@ def test_run_stage_restores_from_dvcs_run_cache(toy):
     assert (toy / "made.txt").read_text() == "1"
 
 
+@pytest.mark.slow
 def test_a_failed_stage_raises_its_own_error(toy, monkeypatch):
     with pytest.raises(StageError) as err:
         orchestrate.run_stage("fail", toy)
@@ -197,6 +201,7 @@ def test_a_failed_stage_raises_its_own_error(toy, monkeypatch):
     assert not orchestrate.is_transient(err.value)
 
 
+@pytest.mark.slow
 def test_dvcs_lock_held_elsewhere_is_transient(toy):
     from dvc.repo import Repo
 
@@ -207,6 +212,7 @@ def test_dvcs_lock_held_elsewhere_is_transient(toy):
     assert not (toy / "made.txt").exists()
 
 
+@pytest.mark.slow
 def test_a_stage_another_process_runs_is_refused_even_when_unchanged(toy):
     assert orchestrate.run_stage("make", toy).outcome == "ran"
     with lifetime.stage_lock("make", toy, "medtune make (by hand)"):
@@ -214,6 +220,7 @@ def test_a_stage_another_process_runs_is_refused_even_when_unchanged(toy):
             orchestrate.run_stage("make", toy)
 
 
+@pytest.mark.slow
 def test_unknown_stage_is_dvcs_error(toy):
     with pytest.raises(StageError, match="stage deploy failed .*deploy"):
         orchestrate.run_stage("deploy", toy)

@@ -69,6 +69,7 @@ def no_env_scheduler(monkeypatch):
     monkeypatch.delenv(parallel.DASK_ENV, raising=False)
 
 
+@pytest.mark.slow
 def test_same_results_in_order_wherever_computed(cluster):
     items = list(range(300))
     expected = [work("s", i)[:2] for i in items]
@@ -110,6 +111,7 @@ def test_imap_serves_every_item_from_one_pool_in_order_and_a_caller_that_stops_l
     assert [r[:2] for r in out] == [work("i", i)[:2] for i in items] and len({r[2] for r in out}) == 2
 
 
+@pytest.mark.slow
 def test_env_var_overrides_params(cluster, monkeypatch):
     monkeypatch.setenv(parallel.DASK_ENV, cluster["address"])
     out = parallel.map_files(functools.partial(work, "e"), range(10), ComputeParams(workers=1))
@@ -117,6 +119,7 @@ def test_env_var_overrides_params(cluster, monkeypatch):
     assert {r[2] for r in out} <= worker_pids(cluster["client"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_an_error_in_fn_names_the_item(cluster, mode):
     items = [f"scans/{i:03d}.dcm" for i in range(200)]
@@ -155,6 +158,7 @@ def nap(item: int) -> int:
     return item
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_no_worker_outlives_an_interrupted_or_killed_map(tmp_path, sig):
     script = tmp_path / "slow_map.py"
@@ -191,6 +195,7 @@ def test_unreachable_scheduler_names_address_and_setting(monkeypatch):
         parallel.map_files(str, ["a"], ComputeParams(dask_scheduler="tcp://127.0.0.1:1"))
 
 
+@pytest.mark.slow
 def test_workers_that_cannot_import_fn_are_named(cluster, tmp_path, monkeypatch):
     # A module only this process can import (the workers started before it existed, elsewhere on sys.path).
     (tmp_path / "only_on_the_client.py").write_text("def echo(x):\n    return x\n")
@@ -201,6 +206,7 @@ def test_workers_that_cannot_import_fn_are_named(cluster, tmp_path, monkeypatch)
         parallel.map_files(only_on_the_client.echo, [1, 2], ComputeParams(dask_scheduler=cluster["address"]))
 
 
+@pytest.mark.slow
 def test_relative_paths_are_refused_on_dask(cluster, tmp_path, monkeypatch):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.png").write_bytes(b"x")
@@ -244,6 +250,7 @@ def stage_outputs(raw: Path, out: Path, compute: dict) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow
 def test_ingest_and_preprocess_give_the_same_bytes_on_the_cluster(cluster, tmp_path, monkeypatch):
     from distributed import get_task_stream
 
@@ -264,6 +271,7 @@ def test_ingest_and_preprocess_give_the_same_bytes_on_the_cluster(cluster, tmp_p
     assert chunks and {t["worker"] for t in chunks} == set(cluster["client"].scheduler_info()["workers"])
 
 
+@pytest.mark.slow
 def test_a_killed_dask_worker_is_named(cluster):
     # Last: it costs the cluster four worker restarts (Dask retries the task on other workers first).
     with pytest.raises(StageError, match=r"the Dask cluster at .* lost the files from \d+.*: KilledWorker"):

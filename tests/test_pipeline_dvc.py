@@ -22,6 +22,8 @@ from workspace import ROOT, make_workspace, run, set_params, tree_digest
 
 from components.common import sha256_file
 
+pytestmark = pytest.mark.slow
+
 # An attribute that makes a browser fetch something from another host (the page must render offline).
 EXTERNAL = re.compile(r"""\b(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
 TEST_METRICS = ("auroc", "sensitivity", "specificity")

@@ -224,6 +224,7 @@ def test_bad_thread_count_is_a_clear_error(onnx_model, tmp_path, capsys):
     assert not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.slow
 def test_the_command_imports_neither_torch_scipy_nor_pandas(onnx_model, tmp_path):
     """`medtune predict` starts fast: the process (run under -X importtime) never imports torch,
     scipy or pandas, and still writes its CSV."""

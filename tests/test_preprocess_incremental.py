@@ -302,6 +302,7 @@ def test_unchanged_scans_are_not_read_again_and_a_changed_one_is_still_refused(t
     assert stat_index.known_hashes(ws.raw, [changed.relative_to(ws.raw).as_posix()], ws.data / "cache/facts") == {}
 
 
+@pytest.mark.slow
 def test_on_a_dask_cluster_the_output_is_the_same_bytes(tmp_path, calls, monkeypatch):
     from distributed import LocalCluster
 
@@ -317,6 +318,7 @@ def test_on_a_dask_cluster_the_output_is_the_same_bytes(tmp_path, calls, monkeyp
     assert ws.prepared() == ws.from_scratch()
 
 
+@pytest.mark.slow
 def test_dvc_repro_after_an_append_adds_one_shard_and_a_clone_pulls_the_cache(tmp_path, calls):
     ws = make_workspace(tmp_path / "ws")
     run(["dvc", "repro", "preprocess"], ws)

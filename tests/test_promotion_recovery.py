@@ -32,6 +32,8 @@ from workspace import BIN, ROOT, free_port, make_workspace, merge, set_params, s
 
 from components.params import GateParams
 
+pytestmark = pytest.mark.slow
+
 RUN_TIMEOUT = 600
 # Open gates whatever the defaults are: the test is about recording a promotion, not about the model.
 OPEN_GATE = {"evaluate": {"gate": {f: 0.0 for f in GateParams.__dataclass_fields__}}}

@@ -139,6 +139,7 @@ def promote_first(ws: Path, remote: Path) -> dict:
                             remote_url=str(remote))
 
 
+@pytest.mark.slow
 def test_first_model_that_passes_the_gate_is_promoted_tagged_and_pushed(repo, tmp_path):
     rec = promote_first(repo, tmp_path / "remote")
     assert rec["event"] == "promoted" and rec["git_tag"] == f"model-{A}"
@@ -156,6 +157,7 @@ def test_first_model_that_passes_the_gate_is_promoted_tagged_and_pushed(repo, tm
     assert any((tmp_path / "remote").rglob("*")), "dvc push to the local remote"
 
 
+@pytest.mark.slow
 def test_worse_challenger_is_rejected_and_the_champion_stays(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")
     tags = sh(repo, "git", "tag", "--list")
@@ -174,6 +176,7 @@ def test_worse_challenger_is_rejected_and_the_champion_stays(repo, tmp_path):
     assert [r["event"] for r in registry.releases(repo)] == ["promoted", "rejected"]
 
 
+@pytest.mark.slow
 def test_equal_challenger_within_margin_is_promoted(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")
     write_challenger(repo, "c", +1)
@@ -183,6 +186,7 @@ def test_equal_challenger_within_margin_is_promoted(repo, tmp_path):
     assert registry.current(repo) == {"model_id": C, "git_tag": rec["git_tag"]}
 
 
+@pytest.mark.slow
 def test_gate_failure_rejects_even_without_champion(repo):
     write_challenger(repo, "d", +1, gate_passed=False)
     decision = registry.compare(repo, PARAMS, "auroc", 0.01)
@@ -190,6 +194,7 @@ def test_gate_failure_rejects_even_without_champion(repo):
     assert decision["reasons"][0].startswith("challenger failed the absolute gate")
 
 
+@pytest.mark.slow
 def test_comparison_leaves_out_patients_the_champion_trained_on(repo, tmp_path):
     write_challenger(repo, "a", +1, manifest_rows=[
         {"path": "x.png", "sha256": "1", "label": "normal", "patient": "p1", "split": "train"},
@@ -204,6 +209,7 @@ def test_comparison_leaves_out_patients_the_champion_trained_on(repo, tmp_path):
     assert decision["comparison"]["excluded_champion_train_patients"] == 4
 
 
+@pytest.mark.slow
 def test_recover_undoes_an_uncommitted_promotion_and_finishes_a_missing_tag(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")
     before = (repo / "registry/releases.jsonl").read_text()
@@ -219,11 +225,13 @@ def test_recover_undoes_an_uncommitted_promotion_and_finishes_a_missing_tag(repo
     assert registry.recover(repo) == []
 
 
+@pytest.mark.slow
 def test_recover_removes_an_uncommitted_first_promotion(repo):
     registry.set_current(repo, "ffffffffffff", "model-ffffffffffff")
     assert registry.recover(repo) and registry.current(repo) is None
 
 
+@pytest.mark.slow
 def test_release_records_are_validated_and_appended(repo):
     with pytest.raises(ValueError, match="promoted, rejected, rollback, failed"):
         registry.record_release(repo, {"event": "deleted", "model_id": "x", "trigger": "manual"})
@@ -234,6 +242,7 @@ def test_release_records_are_validated_and_appended(repo):
     assert [r["model_id"] for r in registry.releases(repo)] == ["a", "b"] and a["time"]
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_recorded_in_a_commit_of_its_own(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")
     head = sh(repo, "git", "rev-parse", "HEAD")
@@ -251,6 +260,7 @@ def test_a_failed_run_is_recorded_in_a_commit_of_its_own(repo, tmp_path):
     assert registry.current(repo)["model_id"] == A and registry.recover(repo) == []
 
 
+@pytest.mark.slow
 def test_champion_with_other_input_shape_is_not_compared(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")
     write_prepared(repo, ["p1", "p2"])
@@ -266,6 +276,7 @@ def test_champion_with_other_input_shape_is_not_compared(repo, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_stale_onnx_of_an_earlier_run_does_not_stand_in_for_the_challenger(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")  # leaves models/model.onnx + lineage.json of model A
     (repo / "models/model.pt").write_bytes(b"checkpoint x")  # a new checkpoint that export did not take
@@ -314,6 +325,7 @@ STEPS = ["ensure_remote", "dvc push", "store_model", "record_release", "set_curr
          "git tag -a", "inbox-archive"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", STEPS)
 def test_a_release_killed_after_any_step_is_finished_by_recover(repo, tmp_path, monkeypatch, step):
     write_challenger(repo, "a", +1)
@@ -345,6 +357,7 @@ def test_a_release_killed_after_any_step_is_finished_by_recover(repo, tmp_path, 
     assert not batch.exists() and len(list((repo / "data/inbox-processed").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_an_uncommitted_release_whose_outputs_changed_is_dropped_and_its_batch_stays(repo, tmp_path, monkeypatch):
     promote_first(repo, tmp_path / "remote")
     write_challenger(repo, "c", +1)
@@ -368,6 +381,7 @@ def test_an_uncommitted_release_whose_outputs_changed_is_dropped_and_its_batch_s
     assert rec["model_id"] == E and registry.current(repo)["model_id"] == E and not batch.exists()
 
 
+@pytest.mark.slow
 def test_publish_refuses_a_second_release_while_one_is_pending(repo, tmp_path, monkeypatch):
     write_challenger(repo, "a", +1)
     with monkeypatch.context() as m:
@@ -385,6 +399,7 @@ def test_publish_refuses_a_second_release_while_one_is_pending(repo, tmp_path, m
 # The public patient salt
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_publish_refuses_data_hashed_with_a_public_salt_before_pushing(repo, tmp_path):
     write_challenger(repo, "a", +1)
     head = sh(repo, "git", "rev-parse", "HEAD")
@@ -454,6 +469,7 @@ def _with_code(ws: Path, commit: str, dirty: bool | None) -> None:
     common.write_json(ws / "models/lineage.json", lineage)
 
 
+@pytest.mark.slow
 def test_a_model_a_release_tag_would_not_reproduce_is_not_promoted(repo):
     (repo / "src").mkdir()
     (repo / "src/stage.py").write_text("print('stage')\n")
@@ -483,6 +499,7 @@ def test_a_model_a_release_tag_would_not_reproduce_is_not_promoted(repo):
     assert "`dvc status` is not clean" in " ".join(blockers(new_head, False))
 
 
+@pytest.mark.slow
 def test_publish_refuses_credentials_in_the_dvc_config_it_commits(repo, tmp_path):
     write_challenger(repo, "a", +1)
     head = sh(repo, "git", "rev-parse", "HEAD")

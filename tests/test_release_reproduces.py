@@ -24,6 +24,8 @@ from workspace import ROOT, tool_env
 
 from components import common
 
+pytestmark = pytest.mark.slow
+
 RECOVER = "import json; from components import registry; print(json.dumps(registry.recover('.')))"
 
 

@@ -26,6 +26,8 @@ import yaml
 from test_promotion_recovery import server, shared_killed_workspace  # noqa: F401 (server: builds the shared workspace)
 from workspace import BIN, ROOT, free_port, stop, tool_env
 
+pytestmark = pytest.mark.slow
+
 BUCKET = "medtune-test"
 # Fake credentials, given to every process through its environment, never written to a file.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "medtune-test-key-2b7f", "AWS_SECRET_ACCESS_KEY": "medtune-test-secret-5d1e",

@@ -59,6 +59,7 @@ def live_files(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "dvclive").rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_train_writes_the_contracted_artefacts(tmp_path):
     prepared = write_prepared(tmp_path / "prepared", n_train=12, n_val=6)
     summary, out = run(tmp_path, prepared, "a", backbone="efficientnet_lite0", freeze="last_n",
@@ -100,6 +101,7 @@ def test_train_writes_the_contracted_artefacts(tmp_path):
         "metrics.json", *(f"plots/metrics/{n}.tsv" for n in ("train/loss", "val/loss", "val/auroc", "val/accuracy", "lr"))}
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_bytes(tmp_path):
     prepared = write_prepared(tmp_path / "prepared", n_train=8, n_val=4, size=16)
     # Everything trainable, augmentation on, shuffled: every source of randomness is exercised.
@@ -112,6 +114,7 @@ def test_same_seed_gives_identical_weights_and_bytes(tmp_path):
     assert live_files(a) and live_files(a) == live_files(b)  # the same DVCLive files (no timestamps, no throughput)
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     prepared = write_prepared(tmp_path / "prepared", n_train=8, n_val=4, size=16)
     # Run from a git repository that is no DVC project (no DVC_ROOT: not under dvc repro).
@@ -133,6 +136,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     assert not (repo / ".dvc").exists() and sorted(p.name for p in repo.iterdir()) == [".git"]
 
 
+@pytest.mark.slow
 def test_dvclive_writes_its_files_under_dvc_repro_in_a_repository_without_commits(tmp_path, monkeypatch):
     # `dvc repro` runs in a git repository before its first commit (make demo after `git init`);
     # DVCLive's own DVC integration fails there, and must not take the stage with it.
@@ -236,6 +240,7 @@ def test_discriminative_learning_rates_put_the_head_at_lr():
     assert len(make_optimizer(model, tp).param_groups) == 1  # a frozen backbone gets no group
 
 
+@pytest.mark.slow
 def test_label_smoothing_warmup_and_dropout_train_end_to_end(tmp_path):
     prepared = write_prepared(tmp_path / "prepared")
     summary, out = run(tmp_path, prepared, "s", epochs=2, warmup_epochs=0.5, label_smoothing=0.1, dropout=0.2,
@@ -265,6 +270,7 @@ def test_ema_ramps_up_then_follows_the_decay_and_skips_counters():
     assert int(ema.module[1].num_batches_tracked) == 9  # copied, never averaged
 
 
+@pytest.mark.slow
 def test_ema_weights_are_what_is_validated_and_saved(tmp_path):
     prepared = write_prepared(tmp_path / "prepared")
     plain, a = run(tmp_path, prepared, "plain", epochs=2, early_stopping_metric="val_auroc")
@@ -296,6 +302,7 @@ def test_mixup_blends_images_and_losses_with_its_own_seeded_draws():
     assert loss.item() == pytest.approx(expected.item())
 
 
+@pytest.mark.slow
 def test_mixup_trains_another_model_reproducibly(tmp_path):
     prepared = write_prepared(tmp_path / "prepared")
     _, a = run(tmp_path, prepared, "plain", epochs=1)
@@ -306,6 +313,7 @@ def test_mixup_trains_another_model_reproducibly(tmp_path):
     assert torch.equal(sb["state_dict"]["head.weight"], sc["state_dict"]["head.weight"])
 
 
+@pytest.mark.slow
 def test_an_ensemble_is_its_members_trained_alone_with_consecutive_seeds_and_averaged(tmp_path):
     from components.models import Ensemble
 
@@ -334,6 +342,7 @@ def test_an_ensemble_is_its_members_trained_alone_with_consecutive_seeds_and_ave
     assert live == {"step": 1, "val": {k.removeprefix("val_"): v for k, v in summary["ensemble_val"].items()}}
 
 
+@pytest.mark.slow
 def test_an_ensemble_cannot_be_the_starting_point_of_another_training(tmp_path):
     from components.common import StageError
 
@@ -349,6 +358,7 @@ def _args(tmp_path: Path, prepared: Path, out: str) -> list[str]:
             "--live", str(tmp_path / out / "dvclive")]
 
 
+@pytest.mark.slow
 def test_ddp_trains_one_model_from_two_torchrun_processes(tmp_path, capsys):
     """train.processes: 2 starts torchrun (gloo on CPU); the replicas end identical (checked in fit) and
     rank 0 writes the artefacts once. Half an epoch of head-only training first: the backbone's
@@ -369,6 +379,7 @@ def test_ddp_trains_one_model_from_two_torchrun_processes(tmp_path, capsys):
     assert err.count("epoch 2: train_loss=") == 1 and "best val_loss=" in err
 
 
+@pytest.mark.slow
 def test_ddp_worker_errors_reach_the_caller(tmp_path, capsys):
     prepared = write_prepared(tmp_path / "prepared", n_train=4, n_val=2)
     (tmp_path / "params.yaml").write_text(

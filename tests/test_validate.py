@@ -193,6 +193,7 @@ def test_long_lists_are_truncated_in_the_message(tmp_path):
         run(tmp_path, rows)
 
 
+@pytest.mark.slow
 def test_output_is_deterministic(tmp_path, monkeypatch):
     """Same manifest, two processes with different hash seeds: byte-identical reports (DVC outs)."""
     rows = clean_rows()

@@ -50,6 +50,7 @@ def champion(tmp_path_factory) -> dict:
             "sha": register(tmp / "registry", path), "ckpt": torch.load(path, weights_only=True)}
 
 
+@pytest.mark.slow
 def test_a_warm_start_begins_at_the_champions_weights(champion, tmp_path):
     """A vanishing lr with a frozen backbone (its BatchNorm statistics kept): the warm-started model
     is still the champion after an epoch, and so is its validation loss; a cold start is not."""
@@ -74,6 +75,7 @@ def test_a_warm_start_begins_at_the_champions_weights(champion, tmp_path):
     assert cold["pretrained"]["init"] == "random" and "no pretrained weights" in cold["pretrained"]["description"]
 
 
+@pytest.mark.slow
 def test_weights_that_are_not_the_named_ones_are_refused_precisely(champion, tmp_path):
     c = champion
     reg = tmp_path / "registry"
@@ -95,6 +97,7 @@ def test_weights_that_are_not_the_named_ones_are_refused_precisely(champion, tmp
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_a_champion_of_other_classes_shape_or_backbone_is_refused_naming_them(champion, tmp_path):
     c = champion
     reg = tmp_path / "registry"
@@ -121,6 +124,7 @@ def test_init_from_is_checked_as_a_parameter():
     assert BACKBONE_NAMES == models.BACKBONES
 
 
+@pytest.mark.slow
 def test_the_retrain_plan_warm_starts_only_a_matching_champion_and_says_why_not(champion, tmp_path):
     c = champion
     root = tmp_path / "ws"
@@ -159,6 +163,7 @@ def test_the_retrain_plan_warm_starts_only_a_matching_champion_and_says_why_not(
     assert "init_from: null" in params.read_text()
 
 
+@pytest.mark.slow
 def test_dvc_repro_warm_starts_from_the_champion_fetched_at_its_release(tmp_path, monkeypatch):
     """End to end on a real git + DVC project: the first model is promoted (its release pushes model.pt);
     the retrain step sets train.init_from, `dvc params diff` shows it, and `dvc repro` retrains from the

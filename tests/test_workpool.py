@@ -32,6 +32,8 @@ import psutil
 import pytest
 from workspace import BIN, ROOT, free_port, stop, tool_env
 
+pytestmark = pytest.mark.slow
+
 STARTUP = 120  # s; a generous bound for a loaded 2-core machine, only ever waited out on failure
 POOL = "medtune-process"  # prefect.yaml's work pool
 
