@@ -106,7 +106,7 @@ def bench_append(n: int = 20000, k: int = 200, kind: str = "png", size: int = 64
         work = Path(tmp)
         raw, data, reports = work / "raw", work / "data", work / "reports"
         write_scans(raw, 0, n, kind, size)
-        time.sleep(2.5)  # older than scan_facts.RACY_NS when ingest lists them, as scans usually are
+        time.sleep(2.5)  # older than stat_index.RACY_NS when ingest lists them, as scans usually are
         full = _stages(raw, data, reports, params)
         shutil.copy(data / "manifest.csv", work / "previous.csv")
         write_scans(raw, n, k, kind, size)

@@ -148,12 +148,10 @@ def _fill_split(keys: pd.Series, store: pixel_cache.Store, target: Path) -> None
     """Write the pixels of `keys` from the cache as an .npy at `target`, a block at a time. Written, not
     memory-mapped: every page written through a mapping stays in this process's memory until it is
     unmapped, so a full split (4 KB a scan) made the stage's peak memory grow with the number of scans."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (len(keys), *store.shape)}
     with open(target, "wb") as fh:
-        np.lib.format.write_array_header_1_0(fh, header)  # the header open_memmap and np.save write
+        split = pixel_cache.ShardWriter(fh, len(keys), store.shape)  # the bytes np.save writes
         for _, pixels in store.blocks(list(keys)):
-            fh.write(pixels.tobytes())
+            split.append(pixels)
 
 
 def cache_settings(pp: PreprocessParams) -> dict[str, Any]:

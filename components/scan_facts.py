@@ -54,7 +54,6 @@ import numpy as np
 from components import common, folders, near_duplicates, scans, stat_index
 from components.parallel import decode_seconds, map_files
 from components.params import ComputeParams
-from components.stat_index import INDEX_DIR, RACY_NS, index_path  # noqa: F401 - where tests and tools look
 
 log = logging.getLogger("medtune.scan_facts")
 
@@ -285,7 +284,7 @@ def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, co
     `listing`: the folders.Listing that found the files, whose stats are used (else each file is stat'ed)."""
     raw_dir, cache_dir = Path(raw_dir), Path(cache_dir)
     store = Store.open(cache_dir, salt_fingerprint(salt))
-    index_file = index_path(cache_dir, raw_dir)
+    index_file = stat_index.index_path(cache_dir, raw_dir)
     # Absolute: a Dask worker would resolve a relative path against its own working directory.
     root = Path(os.path.abspath(raw_dir))
     base = os.fspath(root)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from test_near_duplicates import picture
 
-from components import common, demo_data, parallel, scan_facts, scans
+from components import common, demo_data, parallel, scan_facts, scans, stat_index
 from components.ingest import find_scans, ingest
 from components.params import parse_params
 
@@ -39,7 +39,7 @@ def add_pngs(raw: Path, first: int, count: int) -> list[str]:
 
 def age(raw: Path) -> None:
     """Date the files written in the last 30 s back a minute. A file written the moment before ingest
-    lists is hashed again by the next run (scan_facts.RACY_NS), so tests that count hashing age them."""
+    lists is hashed again by the next run (stat_index.RACY_NS), so tests that count hashing age them."""
     now = time.time_ns()
     for p in raw.rglob("*"):
         if p.is_file() and p.stat().st_mtime_ns > now - 30 * 10**9:
@@ -140,11 +140,11 @@ def test_only_new_scans_are_read_and_a_fresh_index_rehashes_without_decoding(raw
     clone = tmp_path / "clone"
     shutil.copytree(out / "cache/facts", clone / "facts")
     shutil.copy(out / "manifest.csv", clone / "manifest.csv")
-    assert not scan_facts.index_path(clone / "facts", raw).exists()
+    assert not stat_index.index_path(clone / "facts", raw).exists()
     count.reset()
     ingest(raw, clone, params(), cache_dir=clone / "facts")
     assert count.probed == [] and sorted(count.hashed) == sorted(Path(r).name for r in find_scans(raw).scans)
-    assert outputs(clone) == outputs(out) and scan_facts.index_path(clone / "facts", raw).is_file()
+    assert outputs(clone) == outputs(out) and stat_index.index_path(clone / "facts", raw).is_file()
 
 
 def test_a_scan_written_just_before_the_listing_is_hashed_again_but_not_read(raw, tmp_path, monkeypatch):
@@ -164,7 +164,7 @@ def test_another_salt_rereads_only_dicoms_with_a_patient_id_and_no_id_reaches_th
     assert sorted(count.probed) == sorted(p.name for p in raw.rglob("*.dcm")) and len(count.probed) == 12
     assert outputs(out) == from_scratch(raw, out, tmp_path)
     stored = b"".join(p.read_bytes() for p in (out / "cache/facts").iterdir())
-    stored += scan_facts.index_path(out / "cache/facts", raw).read_bytes()
+    stored += stat_index.index_path(out / "cache/facts", raw).read_bytes()
     assert b"DEMO-0" not in stored and b"Demo^Patient" not in stored and b"another-secret" not in stored
 
 
@@ -236,7 +236,7 @@ def test_dvc_repro_keeps_the_cache_as_a_persistent_output_out_of_git(tmp_path):
     run(["dvc", "repro", "ingest"], ws)
     facts = ws / "data/cache/facts"
     assert sorted(p.name for p in facts.iterdir()) == ["shard-000000.npz", "shard-000000.pairs-0.99.npz"]
-    assert list((ws / ".dvc/tmp" / scan_facts.INDEX_DIR).glob("*.json"))  # the stat index: machine-local
+    assert list((ws / ".dvc/tmp" / stat_index.INDEX_DIR).glob("*.json"))  # the stat index: machine-local
     lock = (ws / "dvc.lock").read_text()
     assert "path: data/cache/facts" in lock
     untracked = run(["git", "status", "--porcelain", "--untracked-files=all"], ws).stdout
