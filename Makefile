@@ -38,7 +38,7 @@ demo: setup
 	dvc repro
 	@$(MAKE) --no-print-directory demo-commit
 	@echo
-	@echo "Done. The demo scans are SYNTHETIC (components/demo_data.py); data version: data/raw.dvc"
+	@echo "Done. The demo scans are SYNTHETIC (components/data/demo_data.py); data version: data/raw.dvc"
 	@echo "  model          models/model.onnx  (card: models/model_card.md, lineage: models/lineage.json)"
 	@echo "  metrics        reports/metrics.json  (dvc metrics show; whole record: reports/evaluation.json, gate: reports/gate.json)"
 	@echo "  training       dvclive/  (per-epoch curves; run record: reports/train.json)"

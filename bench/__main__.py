@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.augment import build_transform
-from components.models import Deployed, build_model
+from components.data.augment import build_transform
+from components.model.models import Deployed, build_model
 from components.params import Params
-from components.train import make_loader
+from components.model.train import make_loader
 
 BATCH = 32
 
@@ -121,7 +121,7 @@ def _cycle(batches):
 def bench_onnx(size: int = 224, reps: int = 5) -> None:
     import onnxruntime as ort
 
-    from components.export import export_onnx
+    from components.release.export import export_onnx
 
     model, _ = build_model("efficientnet_lite0", 2, 1, pretrained=True)
     wrapper = Deployed(model).eval()

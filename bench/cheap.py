@@ -7,7 +7,7 @@
 2. predict: `medtune predict` over N generated 256 px PNGs with a demo-size model (efficientnet_lite0,
    random weights, 64 px by default, 1 channel, exported like `medtune export` with its metadata): N / the whole
    process's wall time, divided by ONNX Runtime's own images/s on the same prepared tensors in one
-   session (components.onnx_runtime.make_session, the same batch size; the better of its default
+   session (components.release.onnx_runtime.make_session, the same batch size; the better of its default
    session and one without spin-waiting threads). Best of 3 each, in alternating rounds. Target >= 0.8.
    Also printed: the process's fixed start-up (one file) and the rate past it. On 2 cores the two
    share the CPU: the ratio cannot exceed ORT's CPU time / (ORT's + decoding's) per image, so a
@@ -67,8 +67,8 @@ def demo_model(path: Path, size: int = 64) -> Path:
     """efficientnet_lite0 (random weights), 1 channel, `size` px, exported like `medtune export`."""
     import onnx
 
-    from components.export import export_onnx
-    from components.models import Deployed, build_model
+    from components.release.export import export_onnx
+    from components.model.models import Deployed, build_model
 
     model, _ = build_model("efficientnet_lite0", 2, 1, pretrained=False)
     example = np.zeros((1, 1, size, size), dtype=np.uint8)
@@ -113,9 +113,9 @@ def bench_predict(n: int = 512, reps: int = 3, size: int = 64) -> dict:
     """Whole `medtune predict` processes against ONNX Runtime on the same prepared tensors, in
     alternating rounds (the machine's speed drifts), best of `reps` each. ONNX Runtime's rate is the
     better of its default session and one without spin-waiting threads (what predict uses)."""
-    from components.onnx_runtime import make_session
-    from components.predict import open_model
-    from components.scans import prepare_image
+    from components.release.onnx_runtime import make_session
+    from components.release.predict import open_model
+    from components.data.scans import prepare_image
 
     with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
         tmp = Path(tmp)

@@ -7,7 +7,7 @@
 `bench_append(n, k, kind, size)`: n synthetic scans, a full run of the ingest, validate and
 preprocess stage functions, then k new scans and the same three again. kind "png": `size` px PNGs,
 one in twenty a demo DICOM with a patient id (tiny per-scan work, so what grows with n weighs most:
-the worst case for the ratio); kind "dicom": every scan a demo DICOM slice (components/demo_data.py,
+the worst case for the ratio); kind "dicom": every scan a demo DICOM slice (components/data/demo_data.py,
 16-bit CT-like, patient ids in the header), closer to real scans. Preprocess resizes to 64 px in both.
 `correlation` is split.near_duplicate_correlation: the demo's synthetic bodies are so alike at 256 px
 that at 0.99, with 20,000 scans, near-duplicate groups joined every patient into one unit (ingest
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components import demo_data, ingest, preprocess, validate
+from components.data import demo_data, ingest, preprocess, validate
 from components.params import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -136,10 +136,10 @@ def bench_dvc_files(n: int = 100_000, layouts: tuple[str, ...] = ("one", "per_ba
 # ---------------------------------------------------------------------------------------------
 
 def _scan_files(folder: Path, n: int, size: int) -> dict[str, list[Path]]:
-    """n synthetic CT DICOMs (components.demo_data) and the same pixels as 8-bit PNGs."""
+    """n synthetic CT DICOMs (components.data.demo_data) and the same pixels as 8-bit PNGs."""
     from PIL import Image
 
-    from components import demo_data, scans
+    from components.data import demo_data, scans
 
     dcm_dir, png_dir = folder / f"dcm{size}", folder / f"png{size}"
     demo_data.generate(dcm_dir, patients=max(1, n // 10), slices=10, size=size, seed=0, classes=["a", "b"])
@@ -157,9 +157,10 @@ def _per_file(fn: Callable[[Path], Any], files: list[Path], reps: int = 3) -> fl
 
 
 def _unit_scan_costs(folder: Path, n: int) -> dict[str, float]:
-    from components import common, scans
+    from components import common
+    from components.data import scans
     from components.params import Params
-    from components.preprocess import preparation
+    from components.data.preprocess import preparation
 
     settings = preparation(Params().preprocess)
     out: dict[str, float] = {}
@@ -174,9 +175,9 @@ def _unit_scan_costs(folder: Path, n: int) -> dict[str, float]:
 
 
 def _ct_thumbnails(n: int) -> np.ndarray:
-    """n 32 px synthetic CT slices (components.demo_data's anatomy, 10 slices per patient): alike
+    """n 32 px synthetic CT slices (components.data.demo_data's anatomy, 10 slices per patient): alike
     bodies, so the near-duplicate filter lets many pairs through (a hard case for it)."""
-    from components import demo_data, scans
+    from components.data import demo_data, scans
 
     out = []
     for number in range(-(-n // 10)):
@@ -189,7 +190,7 @@ def _ct_thumbnails(n: int) -> np.ndarray:
 def _pair_cost(n: int, kind: str, reps: int = 2) -> float:
     """Seconds per compared pair: near_duplicates.pairs on n thumbnails / (n^2 / 2). kind "random":
     unrelated thumbnails (the filter rules out nearly all); "ct": synthetic CT slices."""
-    from components import near_duplicates, scans
+    from components.data import near_duplicates, scans
 
     thumbs = _ct_thumbnails(n) if kind == "ct" else \
         np.random.default_rng(n).random((n, scans.THUMBNAIL, scans.THUMBNAIL), dtype=np.float32)
@@ -199,7 +200,7 @@ def _pair_cost(n: int, kind: str, reps: int = 2) -> float:
 
 def _listing_cost(folder: Path, n: int = 20_000) -> dict[str, float]:
     """Per file: folders.list_folder (what ingest's find_scans walks) and one os.stat, on n small .dcm files."""
-    from components import folders
+    from components.data import folders
 
     tree = folder / "listing"
     for b in range(-(-n // PER_FOLDER)):
@@ -215,7 +216,7 @@ def _validate_costs(sizes: tuple[int, ...] = (20_000, 100_000)) -> dict[str, flo
     """validate.run_suite (Great Expectations over the manifest) on generated manifests of each size."""
     import pandas as pd
 
-    from components.manifest import COLUMNS
+    from components.data.manifest import COLUMNS
     from components.params import Params
 
     out = {}
@@ -228,7 +229,7 @@ def _validate_costs(sizes: tuple[int, ...] = (20_000, 100_000)) -> dict[str, flo
                            "width": "512", "height": "512", "channels": "1", "bit_depth": "16", "modality": "CT",
                            "similar_group": "", "split": split, "error": ""})
         df["label"] = df["path"].str.split("/").str[0]
-        run = partial(__import__("components.validate", fromlist=["run_suite"]).run_suite, df[COLUMNS], Params())
+        run = partial(__import__("components.data.validate", fromlist=["run_suite"]).run_suite, df[COLUMNS], Params())
         out[f"validate_{n}"] = _best(run, 2)
     return out
 
@@ -245,7 +246,7 @@ def _train_rate(size: int = 64, steps: int = 8) -> float:
     import torch
 
     from bench.__main__ import BATCH, _best_of, _cycle, _steps_per_second
-    from components.models import build_model
+    from components.model.models import build_model
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.random((BATCH, 1, size, size), dtype=np.float32)).contiguous(memory_format=torch.channels_last)
@@ -258,8 +259,8 @@ def _train_rate(size: int = 64, steps: int = 8) -> float:
 def _fixed_costs(folder: Path) -> dict[str, float]:
     py = sys.executable
     out = {"medtune_help": _best(lambda: _run(ROOT, str(BIN / "medtune"), "--help")),
-           "import_ingest": _best(lambda: _run(ROOT, py, "-c", "import components.ingest")),
-           "import_preprocess": _best(lambda: _run(ROOT, py, "-c", "import components.preprocess")),
+           "import_ingest": _best(lambda: _run(ROOT, py, "-c", "import components.data.ingest")),
+           "import_preprocess": _best(lambda: _run(ROOT, py, "-c", "import components.data.preprocess")),
            "python_bare": _best(lambda: _run(ROOT, py, "-c", "pass"))}
     sys.path.insert(0, str(ROOT / "tests"))
     from workspace import make_workspace

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from components.ingest import ingest
+from components.data.ingest import ingest
 from components.params import parse_params
 
 CLASSES = ("normal", "lesion")

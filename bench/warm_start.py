@@ -2,13 +2,13 @@
 
     python -m bench warm_start
 
-A synthetic project (components.demo_data: 160 patients x 3 slices, 64 px, efficientnet_lite0 from its
+A synthetic project (components.data.demo_data: 160 patients x 3 slices, 64 px, efficientnet_lite0 from its
 ImageNet weights, the default train parameters), ingested and preprocessed by the real stage functions.
 The champion is a cold run of E epochs on it; its validation loss (the kept epoch's, the metric train
 selects by: AUROC saturates near 1 on this data) is the target. Then 40 new patients are appended (stable
 split: the old patients keep theirs) and the data prepared again. On the new data, (a) a cold start
 (ImageNet) and (b) a warm start from the champion's model.pt (train.init_from, loaded through
-components.warm_start as the train stage does) each train E epochs with the same parameters. Printed for
+components.model.warm_start as the train stage does) each train E epochs with the same parameters. Printed for
 each run: the first epoch whose validation loss is at or below the target; the time to the target is those epochs times the cost of one epoch (the fastest epoch of either
 run: both do the same work per epoch, and on shared cores the others are slowed by other processes), plus,
 for the warm start, the time to load the champion's weights; then warm / cold time (target <= 0.6). Each
@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from components import warm_start
+from components.model import warm_start
 from components.common import sha256_file
-from components.demo_data import generate
-from components.ingest import ingest
-from components.models import arch_of
+from components.data.demo_data import generate
+from components.data.ingest import ingest
+from components.model.models import arch_of
 from components.params import Params, parse_params
-from components.preprocess import load_meta, preprocess
-from components.train import _split, fit, train
+from components.data.preprocess import load_meta, preprocess
+from components.model.train import _split, fit, train
 
 CLASSES = ["normal", "lesion"]
 

@@ -18,35 +18,36 @@ from collections.abc import Sequence
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "ingest": ("components.ingest", "stage 1: scan the raw folder and write the manifest (with the patient-level split)"),
-    "validate": ("components.validate", "stage 2: Great Expectations suite over the manifest"),
-    "preprocess": ("components.preprocess", "stage 3: decode, window, resize into a uint8 cache"),
-    "augment": ("components.augment", "stage 4: write a preview grid of the training augmentation"),
-    "train": ("components.train", "stage 5: fine-tune a pretrained backbone with a new head"),
-    "evaluate": ("components.evaluate", "stage 6: test metrics with intervals, plots and the gate"),
-    "export": ("components.export", "stage 7: ONNX export, parity check, metadata and model card"),
-    "predict": ("components.predict", "run an exported ONNX model on scans and write a CSV"),
-    "server": ("components.orchestrate", "start a local Prefect server (UI) on 127.0.0.1:4200"),
-    "serve": ("flows.serve", "serve the Prefect deployments: pipeline on demand, retrain on schedule and on events"),
-    "retrain": ("components.orchestrate", "retrain on new labelled batches in the inbox (--once); champion/challenger promotion"),
-    "pipeline": ("flows.pipeline", "run the pipeline once as a Prefect flow: a task per dvc.yaml stage, `dvc repro` in each"),
-    "ingest-new": ("components.inbox", "add a labelled batch to the inbox and emit the retrain event"),
-    "trace": ("components.trace", "audit: everything that made a model (data, code, params, evidence); --json"),
-    "verify": ("components.verify", "audit: re-hash a model's ONNX, checkpoint and raw scans; exit 1 on a mismatch"),
-    "models": ("components.audit", "audit: `models list` every model; `models rollback ID` to an earlier one"),
+    "ingest": ("components.data.ingest", "stage 1: scan the raw folder and write the manifest (with the patient-level split)"),
+    "validate": ("components.data.validate", "stage 2: Great Expectations suite over the manifest"),
+    "preprocess": ("components.data.preprocess", "stage 3: decode, window, resize into a uint8 cache"),
+    "augment": ("components.data.augment", "stage 4: write a preview grid of the training augmentation"),
+    "train": ("components.model.train", "stage 5: fine-tune a pretrained backbone with a new head"),
+    "evaluate": ("components.model.evaluate", "stage 6: test metrics with intervals, plots and the gate"),
+    "export": ("components.release.export", "stage 7: ONNX export, parity check, metadata and model card"),
+    "predict": ("components.release.predict", "run an exported ONNX model on scans and write a CSV"),
+    "server": ("flows.commands", "start a local Prefect server (UI) on 127.0.0.1:4200"),
+    "serve": ("flows.commands", "serve the Prefect deployments: pipeline on demand, retrain on schedule and on events"),
+    "retrain": ("flows.commands", "retrain on new labelled batches in the inbox (--once); champion/challenger promotion"),
+    "pipeline": ("flows.commands", "run the pipeline once as a Prefect flow: a task per dvc.yaml stage, `dvc repro` in each"),
+    "ingest-new": ("flows.commands", "add a labelled batch to the inbox and emit the retrain event"),
+    "trace": ("components.audit.trace", "audit: everything that made a model (data, code, params, evidence); --json"),
+    "verify": ("components.audit.verify", "audit: re-hash a model's ONNX, checkpoint and raw scans; exit 1 on a mismatch"),
+    "models": ("components.audit.history", "audit: `models list` every model; `models rollback ID` to an earlier one"),
     "preset": ("components.presets", "list the named parameter presets, print one as `dvc exp run -S` flags, or --apply it"),
-    "demo-data": ("components.demo_data", "write synthetic DICOM demo scans (optionally an extra batch)"),
-    "import-npz": ("components.importers", "convert a MedMNIST .npz into PNG files plus labels.csv"),
-    "import-folders": ("components.importers", "copy a folder-per-class tree (split folders optional) plus labels.csv"),
+    "demo-data": ("components.data.demo_data", "write synthetic DICOM demo scans (optionally an extra batch)"),
+    "import-npz": ("components.data.importers", "convert a MedMNIST .npz into PNG files plus labels.csv"),
+    "import-folders": ("components.data.importers", "copy a folder-per-class tree (split folders optional) plus labels.csv"),
 }
 # Commands that run a pipeline stage's code (dvc.yaml's `medtune <stage>`): `_run_stage` binds them to
 # their starter and holds the stage's lock. Which stages the pipeline has, and their order, is dvc.yaml's
-# alone (orchestrate.pipeline_stages reads DVC's graph); this set, spelt out so `medtune --help` imports
-# nothing, only says how to run such a command. tests/test_orchestrate.py checks it against dvc.yaml.
+# alone (components.retrain.stages.pipeline_stages reads DVC's graph); this set, spelt out so `medtune --help` imports
+# nothing, only says how to run such a command. tests/test_stages.py checks it against dvc.yaml.
 STAGE_COMMANDS = frozenset({"ingest", "validate", "preprocess", "augment", "train", "evaluate", "export"})
 # Commands whose entry point is not their module's `main(argv)` (one module serving several commands).
 # `retrain` answers an empty inbox before it imports flows.retrain (and with it Prefect).
-FUNCTIONS: dict[str, str] = {"import-folders": "main_folders", "retrain": "retrain_main"}
+FUNCTIONS: dict[str, str] = {"import-folders": "main_folders", "server": "server_main", "serve": "serve_main",
+                             "retrain": "retrain_main", "pipeline": "pipeline_main", "ingest-new": "ingest_new_main"}
 
 
 def usage() -> str:

@@ -182,7 +182,7 @@ def dvc(root: str | Path, *args: str, check: bool = True) -> str:
 
 
 # What a pipeline run or a release writes into the project: records of the run, not the code that made it.
-# (registry/ is components.registry.REGISTRY; .dvc/ holds the remote config; *.dvc name data versions.)
+# (registry/ is components.release.registry.REGISTRY; .dvc/ holds the remote config; *.dvc name data versions.)
 RECORD_PATHS = ("dvc.lock", "params.yaml", ".dvc", "registry")
 RECORD_GLOBS = ("**/*.dvc", "**/.gitignore")
 

@@ -141,7 +141,7 @@ class PreprocessParams:
     # DICOM windowing: "header" (WindowCenter/WindowWidth, else min-max), "minmax", or [center, width].
     window: str | list[float] = "header"
     # Histogram equalization of each scan after windowing: removes global exposure differences
-    # between scanners or sites (components.scans.prepare_image; predict repeats it).
+    # between scanners or sites (components.data.scans.prepare_image; predict repeats it).
     equalize: bool = False
 
     def validate(self) -> None:
@@ -227,14 +227,14 @@ class TrainParams:
     num_workers: int = 0
     # Use CUDA mixed precision when a GPU is present (ignored on CPU).
     amp: bool = True
-    # Data-parallel processes (DDP under torchrun, one per GPU; components/distributed.py). batch_size
+    # Data-parallel processes (DDP under torchrun, one per GPU; components/model/distributed.py). batch_size
     # stays the global batch, split evenly between them.
     processes: int = 1
     # Warm start: the sha256 of a medtune model.pt to start from instead of ImageNet (null: cold start).
     # The retrain flow sets it to the champion's (retrain.warm_start); train finds the file as
     # registry/models/<first 12 hex>/model.pt, fetched from the DVC remote at that model's release when
     # missing, checks its sha256, classes, input shape and backbone, and loads it as tensors only
-    # (components/warm_start.py). A parameter, so `dvc params diff` shows it and DVC retrains when it changes.
+    # (components/model/warm_start.py). A parameter, so `dvc params diff` shows it and DVC retrains when it changes.
     init_from: str | None = None
 
     def validate(self) -> None:

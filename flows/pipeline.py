@@ -5,7 +5,7 @@
     prefect deployment run medtune-pipeline/pipeline
 
 One task per dvc.yaml stage, in the order `dvc repro` runs them (DVC's own graph,
-orchestrate.pipeline_stages), each running `dvc repro --single-item STAGE` (orchestrate.run_stage).
+stages.pipeline_stages), each running `dvc repro --single-item STAGE` (stages.run_stage).
 So DVC decides: a stage whose deps, params and outs match dvc.lock is skipped, one DVC's run cache
 knows is restored without running, and dvc.lock is written by DVC for what it ran, never forced. The
 task's state says which: Completed (ran) or Skipped (its message: unchanged, or run cache). The lines
@@ -37,14 +37,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from components import common, folders, orchestrate, parallel
+from components import common, parallel
 from components.common import dvc_data_version
-from components.orchestrate import GATE_FILE, OUTCOMES
+from components.data import folders
 from components.params import ComputeParams, load_params
+from components.retrain import stages
+from components.retrain.stages import GATE_FILE, OUTCOMES
+from components.retrain.workspace import workspace_lock
 
 
 def _transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's retry_condition_fn signature
-    return orchestrate.is_transient(state.data if isinstance(state.data, BaseException) else None)
+    return stages.is_transient(state.data if isinstance(state.data, BaseException) else None)
 
 
 # Retried only on transient errors (DVC's lock busy, an OSError in a stage); a `dvc repro` again is
@@ -84,7 +87,7 @@ def reproduce(stage: str, root: str, scheduler: str | None = None) -> State:
     logger = get_run_logger()
     if scheduler:  # the stage reads it from here when it came from the flow's environment, not params.yaml
         os.environ[parallel.DASK_ENV] = scheduler
-    run = orchestrate.run_stage(stage, root, logger)
+    run = stages.run_stage(stage, root, logger)
     message = f"{OUTCOMES[run.outcome]} (dvc repro --single-item {stage})"
     logger.log(logging.WARNING if run.outcome == "unknown" else logging.INFO, "%s: %s", stage, message)
     return Completed(name="Skipped" if run.outcome in ("skipped", "run-cache") else "Completed",
@@ -159,16 +162,16 @@ def pipeline(root: str = ".", params: str = "params.yaml", lock: bool = True) ->
     """
     logger = get_run_logger()
     os.chdir(root)  # stage defaults are relative to the project root; each flow run is its own process
-    orchestrate.check_params_file(".", params)
+    stages.check_params_file(".", params)
     p = load_params(params)
     holder = f"pipeline flow run (pid {os.getpid()})"
     outcomes: dict[str, str] = {}
     metrics = gate = lineage = None
-    with (orchestrate.workspace_lock(".", holder, 3600, lambda h: logger.info("waiting for the workspace: %s", h))
+    with (workspace_lock(".", holder, 3600, lambda h: logger.info("waiting for the workspace: %s", h))
           if lock else contextlib.nullcontext()):
         here, scheduler = os.getcwd(), parallel.scheduler_address(p.compute)
         data_version = version_data(p.data.raw_dir, here)
-        for stage in orchestrate.pipeline_stages("."):
+        for stage in stages.pipeline_stages("."):
             if GATE_FILE in stage.deps and gate is not None and not gate.get("passed"):
                 state = refuse.with_options(name=stage.name, task_run_name=stage.name)(stage.name, gate, return_state=True)
                 outcomes[stage.name] = state.result()
@@ -192,8 +195,3 @@ def pipeline(root: str = ".", params: str = "params.yaml", lock: bool = True) ->
     logger.info("stages run: %s; dvc status after the flow: %s", ", ".join(ran) or "none (all up to date)", status)
     return {"data_version": data_version, "stages": outcomes, "ran": ran, "gate": gate, "metrics": metrics,
             "model_id": (lineage or {}).get("model_id"), "dvc_status": status, "flow_run_id": str(flow_run.id)}
-
-
-def main(argv=None) -> int:
-    """`medtune pipeline` (see components.orchestrate)."""
-    return orchestrate.pipeline_main(argv)

@@ -4,12 +4,12 @@
 
 1. Nothing in the inbox (and no interrupted release to finish): log it and end (no lock, no git, no DVC).
 2. A public patient salt with real patient ids stops the run (retrain.allow_public_salt to allow it).
-   Each batch is checked on its own (components.inbox); a bad one goes to quarantine with a report.
+   Each batch is checked on its own (components.retrain.inbox); a bad one goes to quarantine with a report.
 3. Good batches are appended to the raw data; train.init_from in params.yaml is set to the champion's
    weights (a warm start; retrain.warm_start) or to null (a cold start from ImageNet, the log says why);
    the pipeline flow runs (dvc add, then `dvc repro` of each stage).
-4. components.registry.compare decides (gate AND not worse than the champion by the margin).
-5. components.registry.publish records it: dvc push, one git commit, a tag when promoted, then the
+4. components.retrain.challenger.compare decides (gate AND not worse than the champion by the margin).
+5. components.retrain.promote.publish records it: dvc push, one git commit, a tag when promoted, then the
    batches are archived. A run killed in there is finished by the next run's recovery, without retraining.
 If step 3 or 4 fails (the pipeline stops, e.g. whole-data validation), the workspace goes back to
 the last commit and the appended batches go to quarantine with the
@@ -27,21 +27,22 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from components import inbox, orchestrate, registry
 from components.common import dvc_data_version
 from components.params import RetrainParams, load_params
+from components.retrain import challenger, inbox, promote, workspace
+from components.retrain.stages import check_params_file
 from flows.pipeline import IO, on_cluster, pipeline
 
 
 @task(name="recover-registry")
 def recover() -> list[str]:
-    return registry.recover(".")
+    return promote.recover(".")
 
 
 @task(name="check-patient-salt")
 def check_salt(params: str, batches: list[str]) -> dict[str, str]:
     """Refuse the run, before anything is appended, when real patient ids would be hashed with a public salt."""
-    return registry.refuse_public_salt(".", load_params(params), batches)
+    return promote.refuse_public_salt(".", load_params(params), batches)
 
 
 @task(name="check-batch")
@@ -75,40 +76,40 @@ def append(batch: str, rows: list[dict[str, Any]], params: str) -> list[str]:
 
 @task(name="snapshot-workspace")
 def snapshot(params: str, dests: list[str]) -> dict[str, Any]:
-    return orchestrate.snapshot_workspace(".", load_params(params).data.raw_dir, dests)
+    return workspace.snapshot_workspace(".", load_params(params).data.raw_dir, dests)
 
 
 @task(name="undo-failed-run")
 def undo(snap: dict[str, Any], dests: list[str], params: str, batches: list[str], error: str,
          quarantine_dir: str) -> tuple[list[str], list[dict[str, Any]]]:
-    return orchestrate.undo_failed_run(".", snap, dests, load_params(params), batches, error, quarantine_dir,
+    return workspace.undo_failed_run(".", snap, dests, load_params(params), batches, error, quarantine_dir,
                                        {"flow_run_id": flow_run.id})
 
 
 @task(name="record-failure", **IO)
 def record_failure(error: str, trigger: str, raw_dir: str, batches: list[dict[str, Any]],
                    restored: list[str]) -> dict[str, Any]:
-    return registry.record_failure(".", error=error, trigger=trigger, flow_run_id=flow_run.id,
+    return promote.record_failure(".", error=error, trigger=trigger, flow_run_id=flow_run.id,
                                    data_version=dvc_data_version(raw_dir), batches=batches, restored=restored)
 
 
 @task(name="plan-warm-start")
 def plan_start(params: str) -> dict[str, Any]:
     """Set train.init_from to the champion's weights (or null, a cold start), as `dvc repro` will read it."""
-    plan = orchestrate.apply_warm_start(".", params)
+    plan = workspace.apply_warm_start(".", params)
     get_run_logger().info("%s", plan["reason"])
     return plan
 
 
 @task(name="compare-champion")
 def compare(params: str, metric: str, margin: float) -> dict[str, Any]:
-    return registry.compare(".", load_params(params), metric, margin)
+    return challenger.compare(".", load_params(params), metric, margin)
 
 
 @task(name="record-release", **IO)
 def publish(decision: dict[str, Any], trigger: str, raw_dir: str, rp: RetrainParams, batches: list[str]) -> dict[str, Any]:
     """Push, commit, tag, then archive the batches: one release that `recover` finishes if the run dies."""
-    return registry.publish(".", decision, trigger=trigger, flow_run_id=flow_run.id,
+    return promote.publish(".", decision, trigger=trigger, flow_run_id=flow_run.id,
                             data_version=dvc_data_version(raw_dir), tag_prefix=rp.tag_prefix,
                             remote_url=rp.dvc_remote, remote_name=rp.dvc_remote_name, batches=batches,
                             processed_dir=rp.processed_dir, allow_public_salt=rp.allow_public_salt)
@@ -147,15 +148,15 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
     """Retrain when the inbox holds new labelled batches; promote the challenger only if it earns it."""
     logger = get_run_logger()
     os.chdir(root)
-    orchestrate.check_params_file(".", params)  # before any batch is appended: the pipeline would refuse it
+    check_params_file(".", params)  # before any batch is appended: the pipeline would refuse it
     p = load_params(params)
     rp = p.retrain
-    if not inbox.find_batches(rp.inbox_dir) and not registry.pending("."):
+    if not inbox.find_batches(rp.inbox_dir) and not promote.pending("."):
         logger.info("nothing new in %s: no retraining, nothing changed (trigger: %s)", rp.inbox_dir, trigger)
         return {"outcome": "nothing-new", "trigger": trigger}
 
     holder = f"retrain flow run {flow_run.id} (pid {os.getpid()}, trigger {trigger})"
-    with orchestrate.workspace_lock(".", holder, rp.lock_timeout,
+    with workspace.workspace_lock(".", holder, rp.lock_timeout,
                                     lambda h: logger.info("another run holds the workspace (%s); waiting", h)):
         recovered = recover()
         for line in recovered:
@@ -204,7 +205,7 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
         except Exception as exc:
             _fail(exc, good, snap, dests, params, trigger, p.data.raw_dir, rp.quarantine_dir, logger)
             raise  # the run is marked failed; the champion stays
-        orchestrate.drop_snapshot(".")
+        workspace.drop_snapshot(".")
         record = None
         if decision.get("same_model"):
             logger.info("the challenger is the current champion (a resumed run); nothing to record")
@@ -241,8 +242,3 @@ def _fail(exc: BaseException, good: list[dict[str, Any]], snap: dict[str, Any], 
         + ", ".join(f"`{w['batch']}` -> `{w['quarantine']}`" for w in where)
         + "\n\nWorkspace restored:\n" + "\n".join(f"- {x}" for x in restored) + "\n",
         key="medtune-decision", description="Retrain failed; champion kept")
-
-
-def main(argv=None) -> int:
-    """`medtune retrain --once` (see components.orchestrate)."""
-    return orchestrate.retrain_main(argv)

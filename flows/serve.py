@@ -21,12 +21,10 @@ from pathlib import Path
 from prefect import serve
 from prefect.events import DeploymentEventTrigger
 
-from components import orchestrate
-from components.inbox import EVENT
 from components.params import load_params
+from components.retrain.inbox import EVENT, project_resource
 from flows.pipeline import pipeline
 from flows.retrain import retrain
-
 
 CONCURRENCY_LIMIT = 1  # runs of one deployment at a time (prefect.yaml sets the same)
 
@@ -40,7 +38,7 @@ def deployments(root: Path, params: str = "params.yaml") -> list:
     trigger = DeploymentEventTrigger(
         name="medtune: new labelled batch",
         expect={EVENT},
-        match={"prefect.resource.id": orchestrate.project_resource(root)},
+        match={"prefect.resource.id": project_resource(root)},
         parameters={**base, "trigger": "event"},
     )
     # One run at a time per deployment, enforced by the Prefect server: a further run waits in
@@ -57,8 +55,3 @@ def deployments(root: Path, params: str = "params.yaml") -> list:
 
 def serve_deployments(root: Path, params: str = "params.yaml") -> None:
     serve(*deployments(root, params))
-
-
-def main(argv=None) -> int:
-    """`medtune serve` (see components.orchestrate)."""
-    return orchestrate.serve_main(argv)

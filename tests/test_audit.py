@@ -2,7 +2,7 @@
 
 The project is built in a temporary folder with real tools: `dvc init`, `dvc add data/raw` (two data
 versions), a one-stage `dvc.yaml` whose outputs are the model files (so dvc.lock and the DVC cache
-hold them, as in the real pipeline), and `components.registry.publish` (dvc push to a local remote,
+hold them, as in the real pipeline), and `components.release.registry.publish` (dvc push to a local remote,
 git commit, tag) to promote two models. The models are stand-ins written by the test (a tiny ONNX
 graph with the export stage's metadata, random checkpoint bytes, a lineage in export's format), so
 no torch is needed and the whole module runs in a few seconds.
@@ -23,8 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from components import audit, registry, trace, verify
+from components.audit import trace, verify
 from components.common import hash_patient, sha256_file
+from components.audit import history
+from components.release import records
+from components.retrain import promote as promotion
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +147,7 @@ def promote(ws: Path, mid: str, champion: str | None, trigger: str, flow_run_id:
                 "champion": {"model_id": champion, "metrics": champ_metrics},
                 "challenger": {"model_id": mid, "metrics": lineage["evaluation"]["metrics"],
                                "gate": lineage["evaluation"]["gate"]}}
-    registry.publish(ws, decision, trigger=trigger, flow_run_id=flow_run_id,
+    promotion.publish(ws, decision, trigger=trigger, flow_run_id=flow_run_id,
                      data_version=lineage["data"]["data_version"], remote_url=str(ws.parent / "remote"))
 
 
@@ -273,7 +276,7 @@ def test_trace_cli_text_and_json(project, capsys):
 def test_trace_imports_neither_torch_nor_pandas(project):
     ws, a = project["ws"], project["a"]
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "components.trace", a, "--root", str(ws), "--json"],
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "components.audit.trace", a, "--root", str(ws), "--json"],
                          cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     assert out.returncode == 0, out.stderr[-2000:]
@@ -361,7 +364,7 @@ def test_verify_reports_a_swapped_onnx_file(copy, capsys):
 def test_verify_finds_files_at_the_release_tag_and_reports_a_missing_checkpoint(copy):
     ws, a = copy["ws"], copy["a"]
     for d in (ws / ".dvc/cache/files/md5", ws.parent / "remote/files/md5"):
-        lock_md5 = verify._lock_md5(audit.git_show(ws, f"model-{a}", "dvc.lock"), "models/model.pt")
+        lock_md5 = verify._lock_md5(records.git_show(ws, f"model-{a}", "dvc.lock"), "models/model.pt")
         (d / lock_md5[:2] / lock_md5[2:]).unlink()
     (ws / f"registry/models/{a}/model.onnx").unlink()  # git-ignored: absent in a fresh clone
     (ws / f"registry/models/{a}/model.pt").unlink()  # git-ignored too
@@ -381,34 +384,34 @@ def test_verify_finds_files_at_the_release_tag_and_reports_a_missing_checkpoint(
 
 def test_models_list(project, capsys):
     ws, a, b = project["ws"], project["a"], project["b"]
-    rows = audit.list_models(ws)
+    rows = history.list_models(ws)
     assert [r["model_id"] for r in rows] == [a, b]
     assert [r["current"] for r in rows] == [False, True]
     assert rows[0]["data_version"] == project["v1"] and rows[1]["data_version"] == project["v2"]
     assert rows[1]["metrics"]["auroc"] == 0.86 and rows[1]["gate"] is True and rows[1]["git_tag"] == f"model-{b}"
-    assert audit.main(["list", "--root", str(ws)]) == 0
+    assert history.main(["list", "--root", str(ws)]) == 0
     out = capsys.readouterr().out
     assert re.search(rf"^\* {b}", out, re.M) and re.search(rf"^  {a}", out, re.M), out
-    assert audit.main(["list", "--root", str(ws), "--json"]) == 0
+    assert history.main(["list", "--root", str(ws), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
 
 
 def test_rollback_is_one_recorded_command(copy, capsys):
     ws, a, b = copy["ws"], copy["a"], copy["b"]
-    assert audit.main(["rollback", a[:8], "--root", str(ws), "--reason", "B misses small lesions"]) == 0
+    assert history.main(["rollback", a[:8], "--root", str(ws), "--reason", "B misses small lesions"]) == 0
     assert f"current model is now {a}" in capsys.readouterr().out
     assert json.loads((ws / "registry/current.json").read_text()) == {"model_id": a, "git_tag": f"model-{a}"}
-    last = audit.read_releases(ws / "registry")[-1]
+    last = records.read_releases(ws / "registry")[-1]
     assert last["event"] == "rollback" and last["model_id"] == a and last["champion"]["model_id"] == b
     assert last["reasons"] == ["B misses small lesions"] and last["time"]
     log = sh(["git", "log", "-1", "--format=%s", "--name-only"], ws)
     assert "rollback" in log and "registry/current.json" in log and "registry/releases.jsonl" in log
     assert sh(["git", "status", "--porcelain", "registry"], ws) == ""
-    rows = {r["model_id"]: r for r in audit.list_models(ws)}
+    rows = {r["model_id"]: r for r in history.list_models(ws)}
     assert rows[a]["current"] and not rows[b]["current"]
     assert trace.trace("current", ws)["model"]["model_id"] == a
     # A second rollback to the same model, or to an unknown one, is refused with a clear message.
-    assert audit.main(["rollback", a, "--root", str(ws)]) == 1
+    assert history.main(["rollback", a, "--root", str(ws)]) == 1
     assert "already the current model" in capsys.readouterr().err
-    assert audit.main(["rollback", "feedbeef0000", "--root", str(ws)]) == 1
+    assert history.main(["rollback", "feedbeef0000", "--root", str(ws)]) == 1
     assert "not in" in capsys.readouterr().err

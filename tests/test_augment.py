@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from components.augment import build_transform, main, preview
+from components.data.augment import build_transform, main, preview
 from components.params import AugmentParams, parse_params
 
 ZERO = AugmentParams(hflip=0, vflip=0, rotation=0, translate=0, scale=[1.0, 1.0], brightness=0, contrast=0,

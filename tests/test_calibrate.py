@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from components.calibrate import (brier, calibrated_probabilities, choose_threshold, ece, fit_calibration)
+from components.model.calibrate import (brier, calibrated_probabilities, choose_threshold, ece, fit_calibration)
 from components.common import StageError
 
 

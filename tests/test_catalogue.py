@@ -22,9 +22,14 @@ import yaml
 from bad_inputs import CASES, CLASSES, FILE_CASES, good_tree
 from workspace import BIN, make_workspace, run, tool_env
 
-from components import importers, inbox, ingest, orchestrate, predict
-from components import validate as V
+from components.data import importers, ingest
+
+from components.release import predict
+
+from components.retrain import inbox
+from components.data import validate as V
 from components.params import load_params
+from flows import commands
 
 SALT = "catalogue-test-secret"  # a secret salt, as a real workspace has (the public one stops retrain)
 
@@ -118,7 +123,7 @@ def test_batch_checks(case, batch_workspace, tmp_path, capsys):
     ws, manifest = batch_workspace
     src = tree(tmp_path, case, seed=1)
     before = digest(src)
-    rc = orchestrate.ingest_new_main([str(src), "--name", case.name + "-check", "--no-event", "--root", str(ws)])
+    rc = commands.ingest_new_main([str(src), "--name", case.name + "-check", "--no-event", "--root", str(ws)])
     err = capsys.readouterr().err
     assert "Traceback" not in err and digest(src) == before
     batch = ws / "data" / "inbox" / f"{case.name}-check"
@@ -154,7 +159,7 @@ def test_retrain_once_quarantines_every_bad_batch(batch_workspace, tmp_path):
     sources = {}
     for case in bad:
         sources[case.name] = src = tree(tmp_path / case.name, case, seed=1)
-        assert orchestrate.ingest_new_main([str(src), "--name", case.name, "--no-event", "--root", str(ws)]) == 0
+        assert commands.ingest_new_main([str(src), "--name", case.name, "--no-event", "--root", str(ws)]) == 0
     before_src = {name: digest(src) for name, src in sources.items()}
     raw_before = digest(ws / "data" / "raw")
     env = tool_env(MEDTUNE_PATIENT_SALT=SALT, PREFECT_HOME=str(tmp_path / "prefect-home"),

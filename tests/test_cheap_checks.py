@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from workspace import BIN, ROOT, free_port, tool_env
 
-from components import inbox, inbox_listing, orchestrate
-from components.registry import PENDING
+from components.retrain import inbox, inbox_listing
+from components.retrain.promote import PENDING
+from flows import commands
 
 pytestmark = pytest.mark.slow
 
@@ -96,9 +97,9 @@ def test_params_errors_are_reported_before_the_inbox_is_looked_at(tmp_path):
 @pytest.mark.parametrize("what", ["batch", "pending-release"])
 def test_work_to_do_is_never_mistaken_for_an_empty_inbox(tmp_path, what, capsys):
     """The same listing as the flow (inbox.find_batches), and an interrupted release to finish
-    (registry.PENDING) is work too: the flow's recovery runs it."""
+    (promote.PENDING) is work too: the flow's recovery runs it."""
     ws = project(tmp_path)
-    assert orchestrate._nothing_to_retrain(ws, "params.yaml") is True
+    assert commands._nothing_to_retrain(ws, "params.yaml") is True
     capsys.readouterr()
     if what == "batch":
         (ws / "data/inbox/2024-06").mkdir()
@@ -107,5 +108,5 @@ def test_work_to_do_is_never_mistaken_for_an_empty_inbox(tmp_path, what, capsys)
     else:
         (ws / PENDING).parent.mkdir(parents=True)
         (ws / PENDING).write_text(json.dumps({"record": {}}))
-    assert orchestrate._nothing_to_retrain(ws, "params.yaml") is False
+    assert commands._nothing_to_retrain(ws, "params.yaml") is False
     assert capsys.readouterr().out == ""  # said nothing: the flow speaks for itself

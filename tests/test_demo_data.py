@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from components import demo_data, ingest, scans
+from components.data import demo_data, ingest, scans
 from components.params import Params
 
 CLASSES = ["normal", "lesion"]
@@ -96,7 +96,7 @@ def test_default_demo_has_no_group_of_near_duplicates_that_could_fill_a_split(tm
     """Synthetic bodies are alike; their outlines vary enough that no near-duplicate group (leader
     grouping, split.near_duplicate_correlation 0.99) holds more than a tenth of the 240 images (23
     at most: the slices of about four patients). Chained by connected components, one held 84."""
-    from components import near_duplicates
+    from components.data import near_duplicates
 
     demo_data.generate(tmp_path, patients=40, slices=6, size=64, seed=0, classes=CLASSES)
     files = sorted(tmp_path.rglob("*.dcm"))

@@ -1,54 +1,39 @@
-"""dvc.yaml lists, for every stage, each components/ module the stage's code imports.
+"""dvc.yaml lists, for every stage, exactly the components/ modules the stage's code imports.
 
 DVC re-runs a stage only when a listed dependency changes. A module left out (say params.py, whose
 defaults fill keys that params.yaml lacks) could change what a stage produces without re-running
-it, and the model's lineage would then name code that did not build it.
+it, and the model's lineage would then name code that did not build it. A module listed that the
+stage does not import re-runs it for nothing (a plot title retraining the model).
 """
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 import yaml
+from import_graph import ROOT, closure, module_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from components.cli import COMMANDS
+
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def imported_modules(path: Path) -> set[str]:
-    """components/ modules imported anywhere in a file (module level or inside functions)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module == "components":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("components.")}
-    return found
-
-
-def closure(module: str) -> set[str]:
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo += imported_modules(ROOT / "components" / f"{name}.py")
-    return seen
+def stage_code(stage: str) -> set[str]:
+    """The files of the stage's command module and of everything it imports (package __init__s, empty, aside)."""
+    cmd = STAGES[stage]["cmd"]
+    assert cmd.startswith("medtune "), f"stage {stage}: expected a `medtune <stage>` command, got {cmd!r}"
+    files = {module_file(m) for m in closure(COMMANDS[cmd.split()[1]][0])}
+    return {f.relative_to(ROOT).as_posix() for f in files if f.name != "__init__.py"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stage_depends_on_every_module_its_code_imports(stage):
-    cmd = STAGES[stage]["cmd"]
-    assert cmd.startswith("medtune "), f"stage {stage}: expected a `medtune <stage>` command, got {cmd!r}"
+def test_stage_depends_on_exactly_the_modules_its_code_imports(stage):
     listed = {d for d in STAGES[stage]["deps"] if isinstance(d, str) and d.startswith("components/")}
-    needed = {f"components/{m}.py" for m in closure(cmd.split()[1])}
+    needed = stage_code(stage)
     assert not needed - listed, f"dvc.yaml stage {stage} misses code it imports: {sorted(needed - listed)}"
+    assert not listed - needed, f"dvc.yaml stage {stage} lists code it does not import: {sorted(listed - needed)}"
 
 
 def test_closure_follows_imports_inside_functions():
     # export imports models and preprocess only inside functions; they must still count.
-    assert {"models", "preprocess", "scans", "params", "common"} <= closure("export")
+    assert {"components/model/models.py", "components/data/preprocess.py", "components/data/scans.py",
+            "components/params.py", "components/common.py"} <= stage_code("export")

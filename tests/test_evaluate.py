@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score, roc_auc_score
 
-from components.calibrate import predict_labels
-from components.evaluate import apply_gate, compute_metrics, metrics_view
+from components.model.calibrate import predict_labels
+from components.model.evaluate import apply_gate, compute_metrics, metrics_view
 from components.params import parse_params
 
 BINARY = ["normal", "lesion"]
@@ -218,7 +218,7 @@ def make_checkpoint(path, classes=("normal", "lesion"), channels=1, size=32, see
     ensemble of `members` such models when members > 1)."""
     import torch
 
-    from components.models import Ensemble, build_model
+    from components.model.models import Ensemble, build_model
 
     models = []
     for m in range(members):
@@ -247,8 +247,8 @@ def test_evaluate_stage_writes_reports(tmp_path):
     import pandas as pd
     import torch
 
-    from components.evaluate import evaluate
-    from components.models import load_checkpoint
+    from components.model.evaluate import evaluate
+    from components.model.models import load_checkpoint
 
     prepared = make_prepared(tmp_path / "prepared")
     ckpt = make_checkpoint(tmp_path / "model.pt")
@@ -298,7 +298,7 @@ def test_evaluate_stage_writes_reports(tmp_path):
 
 
 def test_evaluate_failed_gate_still_writes_metrics(tmp_path, caplog):
-    from components.evaluate import evaluate
+    from components.model.evaluate import evaluate
 
     prepared = make_prepared(tmp_path / "prepared")
     ckpt = make_checkpoint(tmp_path / "model.pt")
@@ -311,7 +311,7 @@ def test_evaluate_failed_gate_still_writes_metrics(tmp_path, caplog):
 
 
 def test_evaluate_main_reports_class_mismatch(tmp_path, capsys):
-    from components.evaluate import main
+    from components.model.evaluate import main
 
     prepared = make_prepared(tmp_path / "prepared")
     ckpt = make_checkpoint(tmp_path / "model.pt", classes=("a", "b"))

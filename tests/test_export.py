@@ -11,8 +11,8 @@ import pytest
 from test_evaluate import RAW_PATIENT, make_checkpoint, make_prepared, tiny_params
 
 from components.common import StageError, sha256_file
-from components.evaluate import evaluate
-from components.export import export, main
+from components.model.evaluate import evaluate
+from components.release.export import export, main
 
 METADATA_KEYS = {"model_id", "classes", "input", "output", "normalisation", "preprocessing", "data_version",
                  "content_hash", "git_commit", "git_dirty", "params_sha256", "metrics", "gate",

@@ -25,6 +25,9 @@ import workspace
 import yaml
 from workspace import BIN, free_port, make_workspace, merge, set_params, stop, tool_env, tree_digest, wait_healthy
 
+from components.retrain import stages
+from components.retrain import workspace as project
+
 pytestmark = pytest.mark.slow
 
 # The workspace's TINY params, trimmed further: one epoch per retrain run.
@@ -193,9 +196,8 @@ def server_logs(api: str, flow_run_id: str, want: list[str], timeout: float = 60
 
 
 def stage_names(ws: Path) -> list[str]:
-    from components import orchestrate
 
-    return [s.name for s in orchestrate.pipeline_stages(ws)]  # dvc.yaml's stages, as DVC orders them
+    return [s.name for s in stages.pipeline_stages(ws)]  # dvc.yaml's stages, as DVC orders them
 
 
 def test_deployment_has_schedule_and_event_trigger(served):
@@ -488,11 +490,10 @@ def test_a_failed_gate_stops_before_export_and_the_flow_says_so(served):
 # ---------------------------------------------------------------------------------------------
 
 def test_a_second_run_waits_for_the_workspace_lock_and_says_who_holds_it(tmp_path):
-    from components import orchestrate
     from components.common import StageError
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from components.orchestrate import workspace_lock\n"
+        "import sys, time; from components.retrain.workspace import workspace_lock\n"
         "with workspace_lock(sys.argv[1], 'retrain flow run R1 (pid 42)', 5):\n"
         "    print('locked', flush=True); time.sleep(60)\n"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -500,10 +501,10 @@ def test_a_second_run_waits_for_the_workspace_lock_and_says_who_holds_it(tmp_pat
         told = []
         start = time.monotonic()
         with pytest.raises(StageError, match="held by retrain flow run R1"):
-            with orchestrate.workspace_lock(tmp_path, "second", 1.5, told.append):
+            with project.workspace_lock(tmp_path, "second", 1.5, told.append):
                 pass
         assert time.monotonic() - start >= 1.5 and told == ["retrain flow run R1 (pid 42)"]
     finally:
         stop(holder)
-    with orchestrate.workspace_lock(tmp_path, "second", 5):  # released when its holder died
+    with project.workspace_lock(tmp_path, "second", 5):  # released when its holder died
         pass

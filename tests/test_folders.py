@@ -1,4 +1,4 @@
-"""The one folder rule (components.folders) as ingest, validate, import-folders, the inbox and predict
+"""The one folder rule (components.data.folders) as ingest, validate, import-folders, the inbox and predict
 apply it: links out of the folder are never read, labels.csv paths stay inside, nothing is skipped
 without a word, and a file is a scan by its bytes when its name does not say."""
 
@@ -13,11 +13,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import common, folders, inbox, ingest, scans
-from components import validate as V
-from components.demo_data import generate
-from components.importers import import_folders
-from components.manifest import read_manifest
+from components import common
+
+from components.data import folders, ingest, scans
+
+from components.retrain import inbox
+from components.data import validate as V
+from components.data.demo_data import generate
+from components.data.importers import import_folders
+from components.data.manifest import read_manifest
 from components.params import parse_params
 
 CLASSES = ["normal", "lesion"]
@@ -178,7 +182,7 @@ def test_a_batch_labels_row_naming_a_hidden_or_missing_file_is_named(tmp_path, r
 
 
 def test_predict_gives_a_link_out_of_the_folder_an_error_row_not_a_prediction(tmp_path, secret):
-    from components.predict import expand_paths
+    from components.release.predict import expand_paths
 
     folder = tmp_path / "scans"
     png(folder / "a.png", 5)

@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import common, inbox
-from components.demo_data import generate
-from components.ingest import ingest
-from components.manifest import read_manifest
+from components import common
+
+from components.retrain import inbox
+from components.data.demo_data import generate
+from components.data.ingest import ingest
+from components.data.manifest import read_manifest
 from components.params import parse_params
 
 CLASSES = ["normal", "lesion"]
@@ -28,7 +30,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture()
 def raw(tmp_path):
-    """Raw data of 8 demo patients and its real manifest (components.ingest)."""
+    """Raw data of 8 demo patients and its real manifest (components.data.ingest)."""
     raw = tmp_path / "raw"
     generate(raw, patients=8, slices=2, size=32, seed=0, classes=CLASSES)
     ingest(raw, tmp_path / "data", PARAMS)

@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components import common, demo_data
-from components.ingest import COLUMNS, NO_PATIENT, ingest, main
+from components import common
+
+from components.data import demo_data
+from components.data.ingest import COLUMNS, NO_PATIENT, ingest, main
 from components.params import parse_params
 
 CLASSES = ["normal", "lesion"]

@@ -1,4 +1,4 @@
-"""Ingest reads what is new (components.scan_facts): the same manifest bytes as a run from scratch,
+"""Ingest reads what is new (components.data.scan_facts): the same manifest bytes as a run from scratch,
 with only appended or changed scans hashed and decoded, and near-duplicates found across old and new."""
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 from test_near_duplicates import picture
 
-from components import common, demo_data, parallel, scan_facts, scans, stat_index
-from components.ingest import find_scans, ingest
+from components import common, parallel
+
+from components.data import demo_data, scan_facts, scans, stat_index
+from components.data.ingest import find_scans, ingest
 from components.params import parse_params
 
 SPLIT = {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.25}

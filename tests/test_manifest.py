@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from components.common import StageError
-from components.manifest import COLUMNS, LISTING_COLUMNS, read_manifest, read_manifest_rows
+from components.data.manifest import COLUMNS, LISTING_COLUMNS, read_manifest, read_manifest_rows
 
 HEADER = ",".join(COLUMNS)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from components.common import StageError, sha256_file
-from components.models import Classifier, build_model, freeze, load_checkpoint, pick_device
+from components.model.models import Classifier, build_model, freeze, load_checkpoint, pick_device
 
 
 def _save_ckpt(model: Classifier, path: Path, classes: list[str]) -> Path:
@@ -189,7 +189,7 @@ def test_planted_pickle_in_the_hub_cache_is_refused_not_run(tmp_path, monkeypatc
 
 
 def test_checked_loader_refuses_a_pickle_even_with_a_matching_hash(tmp_path):
-    from components.models import _load_checked_weights
+    from components.model.models import _load_checked_weights
 
     marker = tmp_path / "ran.txt"
     staged = _plant(tmp_path / "staged.pth", marker)
@@ -203,7 +203,7 @@ def test_checked_loader_refuses_a_pickle_even_with_a_matching_hash(tmp_path):
 def test_checked_loader_loads_a_genuine_state_dict_with_its_own_hash(tmp_path):
     import torchvision
 
-    from components.models import _load_checked_weights
+    from components.model.models import _load_checked_weights
 
     torch.manual_seed(0)
     state = torchvision.models.resnet18(weights=None).state_dict()

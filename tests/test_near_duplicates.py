@@ -1,4 +1,4 @@
-"""Near-duplicate images (components.near_duplicates): found across formats and exposures, kept in
+"""Near-duplicate images (components.data.near_duplicates): found across formats and exposures, kept in
 one split by ingest, and reported by validate when a given split separates them."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from test_predict import write_dicom
 
-from components import near_duplicates, scans
+from components.data import near_duplicates, scans
 from components.common import StageError
-from components.ingest import ingest
+from components.data.ingest import ingest
 from components.params import parse_params
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -20,7 +18,9 @@ import psutil
 import pytest
 from workspace import ROOT, free_port, tree_digest
 
-from components import demo_data, parallel
+from components import parallel
+
+from components.data import demo_data
 from components.common import StageError
 from components.params import ComputeParams, parse_params
 
@@ -238,8 +238,8 @@ def test_flows_run_their_tasks_on_the_configured_scheduler(tmp_path, monkeypatch
 
 def stage_outputs(raw: Path, out: Path, compute: dict) -> dict[str, bytes]:
     """ingest then preprocess of `raw` into `out`, caches inside `out` (so each run reads every scan)."""
-    from components.ingest import ingest
-    from components.preprocess import preprocess
+    from components.data.ingest import ingest
+    from components.data.preprocess import preprocess
 
     params = parse_params({"split": {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.25},
                            "preprocess": {"image_size": 16}, "compute": compute})

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from components.common import StageError
-from components.predict import main, predict
+from components.release.predict import main, predict
 
 RAW_NAME, RAW_ID = "Doe^Jane", "PID-775533"
 
@@ -144,7 +144,7 @@ def test_main_writes_csv(onnx_model, tmp_path):
 
 
 def test_folders_are_searched_for_visible_scans_only(tmp_path):
-    from components.predict import expand_paths
+    from components.release.predict import expand_paths
 
     for rel in ["a/x.png", "a/deeper/y.dcm", "a/.ipynb_checkpoints/x.png", "a/__MACOSX/._x.png", "a/notes.txt"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ def test_threaded_decoding_writes_the_serial_csv(onnx_model, tmp_path):
     assert threaded.to_csv(index=False, lineterminator="\n").encode() == text
     pd.testing.assert_frame_equal(serial, threaded)
 
-    from components.predict import expand_paths
+    from components.release.predict import expand_paths
 
     assert threaded["path"].tolist() == [f.as_posix() for f in expand_paths([scans])[0]]
     bad = threaded[threaded["error"] != ""]
@@ -199,7 +199,7 @@ def test_decoding_runs_a_bounded_distance_ahead(monkeypatch, tmp_path):
     """However many files, the threads hold at most `ahead` prepared scans the model has not taken."""
     import threading
 
-    from components import predict as module
+    from components.release import predict as module
 
     started, lock = [], threading.Lock()
 

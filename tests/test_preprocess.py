@@ -1,4 +1,4 @@
-"""components/preprocess.py end to end on a tiny hand-written manifest (PNG, JPEG and DICOM)."""
+"""components/data/preprocess.py end to end on a tiny hand-written manifest (PNG, JPEG and DICOM)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from components.common import StageError, hash_patient
 from components.params import parse_params
-from components.preprocess import load_meta, load_split, main, preprocess
-from components.scans import prepare_image, recorded_preparation
+from components.data.preprocess import load_meta, load_split, main, preprocess
+from components.data.scans import prepare_image, recorded_preparation
 
 SECRET_ID = "MRN-777-SECRET"
 SIZE = 16

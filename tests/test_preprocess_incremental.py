@@ -1,6 +1,6 @@
 """preprocess after an append prepares only the new scans, and writes the bytes a run from scratch writes.
 
-A workspace is synthetic demo DICOMs (components/demo_data.py) ingested by the real ingest; every
+A workspace is synthetic demo DICOMs (components/data/demo_data.py) ingested by the real ingest; every
 comparison is against `preprocess` into another folder with an empty pixel cache, file by file.
 """
 
@@ -16,12 +16,12 @@ import pydicom
 import pytest
 from workspace import ROOT, make_workspace, run, tree_digest
 
-from components import demo_data, pixel_cache, scans, stat_index
-from components import preprocess as preprocess_module
+from components.data import demo_data, pixel_cache, scans, stat_index
+from components.data import preprocess as preprocess_module
 from components.common import StageError
-from components.ingest import ingest
+from components.data.ingest import ingest
 from components.params import load_params, parse_params
-from components.preprocess import load_split, preprocess
+from components.data.preprocess import load_split, preprocess
 
 SIZE = 16
 BATCH = 3  # patients per appended batch, 4 slices each

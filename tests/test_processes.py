@@ -18,8 +18,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from workspace import ROOT, make_workspace, run, set_params, tool_env
+
+from components.retrain import stages
+from components.retrain import workspace as project
+from flows import commands
 
 pytestmark = pytest.mark.slow
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
@@ -96,7 +99,7 @@ def kill_dvc_during_training(ws: Path, tmp_path: Path, shell: str, workers: int)
         train = next(p for p in tree if is_stage(p, "train"))
         procs = [train, *train.children(recursive=True)]
         agents = [p for p in procs if "torch.distributed.run" in cmdline(p)]
-        ranks = [p for p in procs if "components.train" in cmdline(p) and p not in agents]
+        ranks = [p for p in procs if "components.model.train" in cmdline(p) and p not in agents]
         assert (len(agents), len(ranks)) == ((1, workers) if workers > 1 else (0, 0)), [cmdline(p) for p in procs]
         parent = train.parent().name()
         dvc.send_signal(signal.SIGKILL)
@@ -181,13 +184,12 @@ def test_a_second_writer_of_a_stage_is_refused_naming_the_holder(prepared, holde
 
 
 def test_a_flow_stage_is_refused_too(prepared, holder, monkeypatch):
-    from components import orchestrate
     from components.lifetime import StageBusy
 
     monkeypatch.chdir(prepared)
     before = outputs_state(prepared)
     with pytest.raises(StageBusy, match=f"stage augment is already running.*pid {holder.pid}"):
-        orchestrate.run_stage("augment")
+        stages.run_stage("augment")
     assert outputs_state(prepared) == before
 
 
@@ -215,7 +217,6 @@ def is_prefect_server(p: psutil.Process) -> bool:
 
 @linux_only
 def test_the_temporary_prefect_server_dies_with_a_killed_retrain(prepared, tmp_path):
-    from components import orchestrate
 
     # A batch in the inbox, and the workspace held by "another run": the retrain run waits for it,
     # with its flow run on the temporary server, until it is killed.
@@ -225,7 +226,7 @@ def test_the_temporary_prefect_server_dies_with_a_killed_retrain(prepared, tmp_p
     log = tmp_path / "retrain.log"
     server = None
     try:
-        with orchestrate.workspace_lock(prepared, "the test", timeout=1), open(log, "w") as fh:
+        with project.workspace_lock(prepared, "the test", timeout=1), open(log, "w") as fh:
             retrain = subprocess.Popen(["medtune", "retrain", "--once"], cwd=prepared, env=prefect_env(tmp_path),
                                        stdout=fh, stderr=subprocess.STDOUT)
             try:
@@ -248,14 +249,12 @@ def test_the_temporary_prefect_server_stops_when_the_run_ends(tmp_path, monkeypa
     # In this process, which lives on: only the context's own stop can end the server.
     from prefect.context import refresh_global_settings_context
 
-    from components import orchestrate
-
     for key, value in prefect_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     refresh_global_settings_context()
     try:
-        with orchestrate.prefect_api() as url:
+        with commands.prefect_api() as url:
             assert url and url.startswith("http://127.0.0.1:") and os.environ["PREFECT_API_URL"] == url
             server = next(p for p in psutil.Process().children() if is_prefect_server(p))
             assert alive(server)

@@ -17,8 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import common, registry
+from components import common
+
+from components.release import registry
 from components.params import parse_params
+from components.retrain import challenger
+from components.retrain import promote
 
 BIN = Path(sys.executable).parent
 # The tiny test graphs use the legacy exporter (no onnxscript needed); its deprecation notice is noise here.
@@ -59,13 +63,13 @@ def test_onnx_probabilities_return_the_threshold_the_model_records(tmp_path):
     path = tmp_path / "model.onnx"
     export_onnx(path, 1.0)
     images = np.stack([np.zeros((1, 8, 8), np.uint8), np.full((1, 8, 8), 255, np.uint8)])
-    probs, threshold = registry.onnx_probabilities(path, images, 0.5)
+    probs, threshold = challenger.onnx_probabilities(path, images, 0.5)
     assert threshold == 0.5  # no metadata: the params threshold
     assert probs.shape == (2, 2) and probs[0, 1] < 0.01 and probs[1, 1] > 0.99
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {"metrics": json.dumps({"threshold": 0.27})})
     onnx.save(proto, str(path))
-    assert registry.onnx_probabilities(path, images, 0.5)[1] == 0.27
+    assert challenger.onnx_probabilities(path, images, 0.5)[1] == 0.27
 
 
 def mid(name: str) -> str:
@@ -100,12 +104,12 @@ def write_challenger(ws: Path, name: str, sign: float, gate_passed: bool = True,
     (ws / "models").mkdir(parents=True, exist_ok=True)
     (ws / "models/model.pt").write_bytes(f"checkpoint {name}".encode())
     model_id = common.sha256_file(ws / "models/model.pt")[:12]
-    from components.evaluate import compute_metrics
-    from components.preprocess import load_split
+    from components.model.evaluate import compute_metrics
+    from components.data.preprocess import load_split
 
     export_onnx(ws / "models/model.onnx", sign)
     images, index = load_split(ws / "data/prepared", "test")
-    probs, _ = registry.onnx_probabilities(ws / "models/model.onnx", images, 0.5)
+    probs, _ = challenger.onnx_probabilities(ws / "models/model.onnx", images, 0.5)
     metrics = compute_metrics(index["label_index"].to_numpy(), probs, ["normal", "lesion"], 1, 0.5, 20, 0)
     common.write_json(ws / "reports/evaluation.json", metrics)  # the record evaluate writes
     common.write_json(ws / "reports/gate.json", {"passed": gate_passed, "reasons": ["test gate"],
@@ -134,8 +138,8 @@ def repo(tmp_path):
 
 def promote_first(ws: Path, remote: Path) -> dict:
     write_challenger(ws, "a", +1)
-    decision = registry.compare(ws, PARAMS, "auroc", 0.01)
-    return registry.publish(ws, decision, trigger="event", flow_run_id="run-1", data_version="v1",
+    decision = challenger.compare(ws, PARAMS, "auroc", 0.01)
+    return promote.publish(ws, decision, trigger="event", flow_run_id="run-1", data_version="v1",
                             remote_url=str(remote))
 
 
@@ -162,12 +166,12 @@ def test_worse_challenger_is_rejected_and_the_champion_stays(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")
     tags = sh(repo, "git", "tag", "--list")
     write_challenger(repo, "b", -1)  # passes the (test) gate, but is worse than the champion
-    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["promote"] is False
     assert any("worse than champion" in r for r in decision["reasons"]), decision["reasons"]
     assert decision["champion"]["metrics"]["auroc"] == 1.0
     assert decision["comparison"]["challenger"]["auroc"] == 0.0
-    rec = registry.publish(repo, decision, trigger="schedule", flow_run_id="run-2", data_version="v2")
+    rec = promote.publish(repo, decision, trigger="schedule", flow_run_id="run-2", data_version="v2")
     assert rec["event"] == "rejected" and rec["git_tag"] is None
     assert rec["champion"]["metrics"]["auroc"] == 1.0 and rec["challenger"]["model_id"] == B
     assert registry.current(repo)["model_id"] == A
@@ -180,16 +184,16 @@ def test_worse_challenger_is_rejected_and_the_champion_stays(repo, tmp_path):
 def test_equal_challenger_within_margin_is_promoted(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")
     write_challenger(repo, "c", +1)
-    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["promote"] is True, decision["reasons"]
-    rec = registry.publish(repo, decision, trigger="event", flow_run_id="run-3", data_version="v3")
+    rec = promote.publish(repo, decision, trigger="event", flow_run_id="run-3", data_version="v3")
     assert registry.current(repo) == {"model_id": C, "git_tag": rec["git_tag"]}
 
 
 @pytest.mark.slow
 def test_gate_failure_rejects_even_without_champion(repo):
     write_challenger(repo, "d", +1, gate_passed=False)
-    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["promote"] is False
     assert decision["reasons"][0].startswith("challenger failed the absolute gate")
 
@@ -200,10 +204,10 @@ def test_comparison_leaves_out_patients_the_champion_trained_on(repo, tmp_path):
         {"path": "x.png", "sha256": "1", "label": "normal", "patient": "p1", "split": "train"},
         {"path": "y.png", "sha256": "2", "label": "normal", "patient": "p2", "split": "val"},
         {"path": "z.png", "sha256": "3", "label": "normal", "patient": "p3", "split": "test"}])
-    registry.publish(repo, registry.compare(repo, PARAMS, "auroc", 0.01), trigger="manual", flow_run_id=None,
+    promote.publish(repo, challenger.compare(repo, PARAMS, "auroc", 0.01), trigger="manual", flow_run_id=None,
                      data_version="v1", remote_url=str(tmp_path / "remote"))
     write_challenger(repo, "e", +1)
-    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["comparison"]["n_test"] == 8
     assert decision["comparison"]["n_compared"] == 4  # p3 and p4 only: p1/p2 were champion train/val
     assert decision["comparison"]["excluded_champion_train_patients"] == 4
@@ -217,18 +221,18 @@ def test_recover_undoes_an_uncommitted_promotion_and_finishes_a_missing_tag(repo
     registry.record_release(repo, {"event": "promoted", "model_id": "ffffffffffff", "trigger": "event"})
     registry.set_current(repo, "ffffffffffff", "model-ffffffffffff")
     sh(repo, "git", "tag", "-d", f"model-{A}")  # and a crash between commit and tag, earlier
-    done = registry.recover(repo)
+    done = promote.recover(repo)
     assert len(done) == 3, done
     assert registry.current(repo)["model_id"] == A
     assert (repo / "registry/releases.jsonl").read_text() == before
     assert sh(repo, "git", "tag", "--list") == f"model-{A}"
-    assert registry.recover(repo) == []
+    assert promote.recover(repo) == []
 
 
 @pytest.mark.slow
 def test_recover_removes_an_uncommitted_first_promotion(repo):
     registry.set_current(repo, "ffffffffffff", "model-ffffffffffff")
-    assert registry.recover(repo) and registry.current(repo) is None
+    assert promote.recover(repo) and registry.current(repo) is None
 
 
 @pytest.mark.slow
@@ -248,7 +252,7 @@ def test_a_failed_run_is_recorded_in_a_commit_of_its_own(repo, tmp_path):
     head = sh(repo, "git", "rev-parse", "HEAD")
     (repo / "notes.txt").write_text("someone else's work")
     sh(repo, "git", "add", "notes.txt")  # staged by someone else: must not ride along
-    rec = registry.record_failure(repo, error="StageError: stage validate failed (exit 1): too few images",
+    rec = promote.record_failure(repo, error="StageError: stage validate failed (exit 1): too few images",
                                   trigger="schedule", flow_run_id="run-2", data_version="v1",
                                   batches=[{"batch": "b1", "quarantine": "data/quarantine/b1-x"}],
                                   restored=["dvc status: Data and pipelines are up to date."])
@@ -257,7 +261,7 @@ def test_a_failed_run_is_recorded_in_a_commit_of_its_own(repo, tmp_path):
     assert sh(repo, "git", "diff", "--cached", "--name-only") == "notes.txt"
     last = registry.releases(repo)[-1]
     assert last["event"] == "failed" and "too few images" in last["reasons"][0] and last["batches"][0]["batch"] == "b1"
-    assert registry.current(repo)["model_id"] == A and registry.recover(repo) == []
+    assert registry.current(repo)["model_id"] == A and promote.recover(repo) == []
 
 
 @pytest.mark.slow
@@ -270,7 +274,7 @@ def test_champion_with_other_input_shape_is_not_compared(repo, tmp_path):
     (repo / "models/model.pt").write_bytes(b"checkpoint g")
     common.write_json(repo / "models/lineage.json", {"model_id": mid("g")})
     export_onnx(repo / "models/model.onnx", +1)
-    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["promote"] is False
     assert any("cannot compare" in r and "expects input" in r for r in decision["reasons"]), decision["reasons"]
 
@@ -280,7 +284,7 @@ def test_champion_with_other_input_shape_is_not_compared(repo, tmp_path):
 def test_stale_onnx_of_an_earlier_run_does_not_stand_in_for_the_challenger(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")  # leaves models/model.onnx + lineage.json of model A
     (repo / "models/model.pt").write_bytes(b"checkpoint x")  # a new checkpoint that export did not take
-    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["promote"] is False
     assert decision["challenger"]["model_id"] == mid("x")
     assert any("has no exported model" in r for r in decision["reasons"]), decision["reasons"]
@@ -315,8 +319,8 @@ def _batch(ws: Path) -> Path:
 
 
 def _publish(ws: Path, remote: Path, batch: Path, flow_run_id: str = "run-1") -> dict:
-    decision = registry.compare(ws, PARAMS, "auroc", 0.01)
-    return registry.publish(ws, decision, trigger="event", flow_run_id=flow_run_id, data_version="v1",
+    decision = challenger.compare(ws, PARAMS, "auroc", 0.01)
+    return promote.publish(ws, decision, trigger="event", flow_run_id=flow_run_id, data_version="v1",
                             remote_url=str(remote), batches=[batch.relative_to(ws)],
                             processed_dir="data/inbox-processed")
 
@@ -333,7 +337,7 @@ def test_a_release_killed_after_any_step_is_finished_by_recover(repo, tmp_path, 
     onnx = (repo / "models/model.onnx").read_bytes()
     with monkeypatch.context() as m:
         if step == "inbox-archive":  # the last step: the batch is archived, the pending record not yet removed
-            from components import inbox
+            from components.retrain import inbox
 
             def archive_and_die(*args, real=inbox.archive):
                 real(*args)
@@ -343,11 +347,11 @@ def test_a_release_killed_after_any_step_is_finished_by_recover(repo, tmp_path, 
             _kill_after(m, step)
         with pytest.raises(Killed):
             _publish(repo, tmp_path / "remote", batch)
-    assert registry.pending(repo), "the release stays pending until its batches are archived"
+    assert promote.pending(repo), "the release stays pending until its batches are archived"
 
-    done = registry.recover(repo)
+    done = promote.recover(repo)
     assert any("finishing the interrupted promoted release of model " + A in d for d in done), done
-    assert registry.pending(repo) is None and registry.recover(repo) == []
+    assert promote.pending(repo) is None and promote.recover(repo) == []
     assert registry.current(repo) == {"model_id": A, "git_tag": f"model-{A}"}
     assert [(r["event"], r["model_id"], r["flow_run_id"]) for r in registry.releases(repo)] == [("promoted", A, "run-1")]
     assert sh(repo, "git", "rev-list", "-n", "1", f"model-{A}") == sh(repo, "git", "rev-parse", "HEAD")
@@ -369,11 +373,11 @@ def test_an_uncommitted_release_whose_outputs_changed_is_dropped_and_its_batch_s
             _publish(repo, tmp_path / "remote", batch, flow_run_id="run-2")
     write_challenger(repo, "e", +1)  # the pipeline ran again since: the pending release is not this model
 
-    done = registry.recover(repo)
+    done = promote.recover(repo)
     assert len(done) == 3 and f"dropped the interrupted promoted release of model {C}" in done[-1], done
     assert "models/lineage.json" in done[-1] and "stay in the inbox" in done[-1]
     assert {n: (repo / "registry" / n).read_text() for n in before} == before
-    assert registry.pending(repo) is None and not (repo / f"registry/models/{C}").exists()
+    assert promote.pending(repo) is None and not (repo / f"registry/models/{C}").exists()
     assert batch.is_dir() and not (repo / "data/inbox-processed").exists()
     assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no", "--", "registry") == ""
     # The batch is retrained and recorded as usual.
@@ -392,7 +396,7 @@ def test_publish_refuses_a_second_release_while_one_is_pending(repo, tmp_path, m
         _publish(repo, tmp_path / "remote", repo / "data/inbox/b1", flow_run_id="run-2")
     # The same release again (the task's retry after an I/O error) finishes it.
     assert _publish(repo, tmp_path / "remote", repo / "data/inbox/b1")["flow_run_id"] == "run-1"
-    assert registry.pending(repo) is None and registry.current(repo)["model_id"] == A
+    assert promote.pending(repo) is None and registry.current(repo)["model_id"] == A
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,14 +409,14 @@ def test_publish_refuses_data_hashed_with_a_public_salt_before_pushing(repo, tmp
     head = sh(repo, "git", "rev-parse", "HEAD")
     common.write_json(repo / "data/manifest.json", {"patient_salt": {
         "status": "public", "source": "params.yaml default", "real_patient_ids": True}})
-    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
     with pytest.raises(common.StageError, match=r"public salt \(params.yaml default\); not recording \(nothing "
                                                 r"committed or pushed\)\. Set a secret MEDTUNE_PATIENT_SALT"):
-        registry.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1",
+        promote.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1",
                          remote_url=str(tmp_path / "remote"))
     assert sh(repo, "git", "rev-parse", "HEAD") == head and not (tmp_path / "remote").exists()
-    assert registry.pending(repo) is None and registry.current(repo) is None
-    rec = registry.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1",
+    assert promote.pending(repo) is None and registry.current(repo) is None
+    rec = promote.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1",
                            remote_url=str(tmp_path / "remote"), allow_public_salt=True)
     assert rec["event"] == "promoted"
 
@@ -430,7 +434,7 @@ def test_salt_status_is_secret_only_from_a_distinct_environment_variable(monkeyp
 
 
 def test_retrain_refuses_real_patient_ids_with_a_public_salt_unless_allowed(tmp_path, monkeypatch, caplog):
-    from components import demo_data
+    from components.data import demo_data
 
     monkeypatch.delenv("MEDTUNE_PATIENT_SALT", raising=False)
     dicom = tmp_path / "inbox/dicom"  # made-up DICOM PatientIDs: real ids as far as medtune can tell
@@ -441,21 +445,21 @@ def test_retrain_refuses_real_patient_ids_with_a_public_salt_unless_allowed(tmp_
     PIL.Image.new("L", (32, 32)).save(png / "normal/x.png")
     public, allowed = PARAMS, parse_params({"retrain": {"allow_public_salt": True}})
 
-    assert registry.refuse_public_salt(tmp_path, public, [png]) == {"status": "public", "source": "params.yaml default"}
+    assert promote.refuse_public_salt(tmp_path, public, [png]) == {"status": "public", "source": "params.yaml default"}
     with caplog.at_level("WARNING"), pytest.raises(common.StageError) as err:
-        registry.refuse_public_salt(tmp_path, public, [png, dicom])
+        promote.refuse_public_salt(tmp_path, public, [png, dicom])
     assert f"batch {dicom} (1 scan(s) with a patient id) would be hashed with a public salt (params.yaml default)" \
         in str(err.value) and "Nothing was appended" in str(err.value) and "retrain.allow_public_salt" in str(err.value)
     warned = [r.getMessage() for r in caplog.records if "PUBLIC salt" in r.getMessage()]
     assert len(warned) == 1 and str(dicom) in warned[0] and "token_hex" in warned[0]  # once, for the DICOM batch
-    assert registry.refuse_public_salt(tmp_path, allowed, [dicom])["status"] == "public"
+    assert promote.refuse_public_salt(tmp_path, allowed, [dicom])["status"] == "public"
     # The raw data already holds real ids (ingest's record): refused even for a batch without any.
     common.write_json(tmp_path / "data/manifest.json", {"patient_source": "DICOM PatientID", "patient_salt": {
         "status": "secret", "source": "MEDTUNE_PATIENT_SALT", "real_patient_ids": True}})
     with pytest.raises(common.StageError, match=r"the raw data \(patients from DICOM PatientID"):
-        registry.refuse_public_salt(tmp_path, public, [png])
+        promote.refuse_public_salt(tmp_path, public, [png])
     monkeypatch.setenv("MEDTUNE_PATIENT_SALT", "2f9c0d-test-secret")
-    assert registry.refuse_public_salt(tmp_path, public, [dicom]) == {"status": "secret", "source": "MEDTUNE_PATIENT_SALT"}
+    assert promote.refuse_public_salt(tmp_path, public, [dicom]) == {"status": "secret", "source": "MEDTUNE_PATIENT_SALT"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +484,7 @@ def test_a_model_a_release_tag_would_not_reproduce_is_not_promoted(repo):
 
     def blockers(commit: str, dirty: bool | None) -> list[str]:
         _with_code(repo, commit, dirty)
-        decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+        decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
         assert decision["promote"] is (not [r for r in decision["reasons"] if "would not reproduce" in r])
         return [r for r in decision["reasons"] if "would not reproduce" in r]
 
@@ -505,15 +509,15 @@ def test_publish_refuses_credentials_in_the_dvc_config_it_commits(repo, tmp_path
     head = sh(repo, "git", "rev-parse", "HEAD")
     sh(repo, "dvc", "remote", "add", "-d", "store", "s3://bucket/medtune")
     sh(repo, "dvc", "remote", "modify", "store", "secret_access_key", "do-not-commit-me")
-    decision = registry.compare(repo, PARAMS, "auroc", 0.01)
+    decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
     with pytest.raises(common.StageError, match=r"config holds credentials \(\['remote \"store\"'\] secret_access_key\)"):
-        registry.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1")
-    assert sh(repo, "git", "rev-parse", "HEAD") == head and registry.pending(repo) is None
+        promote.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1")
+    assert sh(repo, "git", "rev-parse", "HEAD") == head and promote.pending(repo) is None
     # The same option in .dvc/config.local (git-ignored) is where it belongs; a password in the URL is refused too.
     sh(repo, "dvc", "remote", "modify", "--unset", "store", "secret_access_key")
     sh(repo, "dvc", "remote", "modify", "--local", "store", "secret_access_key", "do-not-commit-me")
-    registry.refuse_secrets_in_config(repo)
+    promote.refuse_secrets_in_config(repo)
     sh(repo, "dvc", "remote", "add", "web", "https://user:hunter2@example.org/dvc")
     with pytest.raises(common.StageError, match=r"\['remote \"web\"'\] url"):
-        registry.refuse_secrets_in_config(repo)
+        promote.refuse_secrets_in_config(repo)
     assert "do-not-commit-me" not in (repo / ".dvc/config").read_text()

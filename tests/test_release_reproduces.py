@@ -5,8 +5,8 @@ says whether the *code* was modified, not the data version, dvc.lock or params.y
 The promotion is the retrain flow's, on the session's shared trained workspace
 (test_promotion_recovery.shared_killed_workspace): params.yaml was changed and not committed before
 the run, which trained and exported with it and was killed right after the promotion's `dvc push`.
-`registry.recover()`, the first task of every retrain run, then records the release with the same code
-an uninterrupted run uses (`registry._complete`: push, registry copy, one commit, tag).
+`promote.recover()`, the first task of every retrain run, then records the release with the same code
+an uninterrupted run uses (`promote._complete`: push, registry copy, one commit, tag).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from components import common
 
 pytestmark = pytest.mark.slow
 
-RECOVER = "import json; from components import registry; print(json.dumps(registry.recover('.')))"
+RECOVER = "import json; from components.retrain import promote; print(json.dumps(promote.recover('.')))"
 
 
 def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -102,10 +102,10 @@ def test_the_lineage_says_the_code_was_clean_though_params_and_data_changed(rele
 
 def test_no_patient_identifier_reaches_the_release(released):
     ws, env, tag = released["ws"], released["env"], released["tag"]
-    # The demo's DICOM headers carry PatientID DEMO-<n> and PatientName Demo^Patient<n> (components/demo_data.py,
+    # The demo's DICOM headers carry PatientID DEMO-<n> and PatientName Demo^Patient<n> (components/data/demo_data.py,
     # the code that writes them, is the one file allowed to name the pattern). Binary files included (-a).
     found = run(["git", "grep", "-a", "-l", "-e", "DEMO-", "-e", "Demo^Patient", tag, "--", ".",
-                 ":(exclude)components/demo_data.py"], ws, env, check=False)
+                 ":(exclude)components/data/demo_data.py"], ws, env, check=False)
     assert found.returncode == 1 and found.stdout == "", found.stdout
     messages = run(["git", "log", "--all", "--format=%B"], ws, env).stdout
     assert "DEMO-" not in messages and "Demo^Patient" not in messages

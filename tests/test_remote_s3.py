@@ -1,4 +1,5 @@
 """DVC remote storage on S3, for real: a promotion pushes to an S3-compatible server, a fresh clone pulls
+from components.retrain import promote
 from it, and `medtune verify` reads models, listings and scans straight from it (no pull needed).
 
 The server is moto's server mode (`moto_server`, a real S3 HTTP endpoint on 127.0.0.1), started here
@@ -6,7 +7,7 @@ and stopped by its own process id. Credentials are fake and come from the enviro
 (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); the remote's URL and `endpointurl` are in .dvc/config,
 which the release commits. The release is the retrain flow's, on the session's shared trained workspace
 (test_promotion_recovery.shared_killed_workspace, killed right after its first `dvc push`): its DVC
-remote is switched to S3 and `registry.recover()`, the first task of every retrain run, records the
+remote is switched to S3 and `promote.recover()`, the first task of every retrain run, records the
 release (push, registry copy, commit, tag) exactly as an uninterrupted run does.
 """
 
@@ -32,7 +33,7 @@ BUCKET = "medtune-test"
 # Fake credentials, given to every process through its environment, never written to a file.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "medtune-test-key-2b7f", "AWS_SECRET_ACCESS_KEY": "medtune-test-secret-5d1e",
           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-RECOVER = "import json; from components import registry; print(json.dumps(registry.recover('.')))"
+RECOVER = "import json; from components.retrain import promote; print(json.dumps(promote.recover('.')))"
 
 
 def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""components/scans.py on tiny files written here: DICOM variants, PNG 8/16-bit, JPEG, corrupt files."""
+"""components/data/scans.py on tiny files written here: DICOM variants, PNG 8/16-bit, JPEG, corrupt files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless,
                          SecondaryCaptureImageStorage, generate_uid)
 
-from components.scans import PREPARATION, ScanError, ScanInfo, is_candidate, load_pixels, prepare_image, probe
+from components.data.scans import PREPARATION, ScanError, ScanInfo, is_candidate, load_pixels, prepare_image, probe
 
 SECRET_ID = "PAT-SECRET-0042"
 SECRET_NAME = "Doe^Jane"
@@ -245,7 +245,7 @@ def test_a_zero_filled_dcm_is_refused_from_its_first_bytes(tmp_path):
 
 def test_a_huge_file_is_refused_from_its_size_without_reading_it(tmp_path):
     """A sparse 4 GiB file: refused by stat alone (reading it would take minutes); never hashed."""
-    from components import ingest, scans
+    from components.data import ingest, scans
 
     path = tmp_path / "huge.dcm"
     with open(path, "wb") as fh:

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from components.augment import build_transform
+from components.data.augment import build_transform
 from components.common import processor, sha256_file
-from components.models import load_checkpoint
+from components.model.models import load_checkpoint
 from components.params import AugmentParams, parse_params
-from components.train import main, make_loader, train
+from components.model.train import main, make_loader, train
 
 CLASSES = ["normal", "lesion"]
 
@@ -179,7 +179,7 @@ def test_main_refuses_mismatched_classes(tmp_path, capsys):
 
 
 def test_warmup_then_cosine_per_batch_and_step_schedule():
-    from components.train import lr_factor
+    from components.model.train import lr_factor
 
     tp = parse_params({"train": {"epochs": 4, "warmup_epochs": 1, "scheduler": "cosine"}}).train
     f = [lr_factor(s, 10, tp) for s in range(40)]
@@ -194,8 +194,8 @@ def test_warmup_then_cosine_per_batch_and_step_schedule():
 
 
 def test_head_epochs_hold_the_backbone_then_warm_it_up():
-    from components.models import build_model
-    from components.train import lr_factor, make_optimizer, make_scheduler
+    from components.model.models import build_model
+    from components.model.train import lr_factor, make_optimizer, make_scheduler
 
     tp = parse_params({"train": {"epochs": 4, "warmup_epochs": 1, "head_epochs": 1}}).train
     head = [lr_factor(s, 10, tp) for s in range(40)]
@@ -226,8 +226,8 @@ def test_head_epochs_hold_the_backbone_then_warm_it_up():
 
 
 def test_discriminative_learning_rates_put_the_head_at_lr():
-    from components.models import build_model, freeze
-    from components.train import make_optimizer
+    from components.model.models import build_model, freeze
+    from components.model.train import make_optimizer
 
     model, _ = build_model("none", 2, 1, False)
     tp = parse_params({"train": {"lr": 0.01, "backbone_lr_scale": 0.1}}).train
@@ -253,7 +253,7 @@ def test_label_smoothing_warmup_and_dropout_train_end_to_end(tmp_path):
 
 
 def test_ema_ramps_up_then_follows_the_decay_and_skips_counters():
-    from components.train import make_ema
+    from components.model.train import make_ema
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.BatchNorm1d(1))
     ema = make_ema(model, decay=0.9)
@@ -285,7 +285,7 @@ def test_ema_weights_are_what_is_validated_and_saved(tmp_path):
 
 
 def test_mixup_blends_images_and_losses_with_its_own_seeded_draws():
-    from components.train import Mixup
+    from components.model.train import Mixup
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
@@ -315,7 +315,7 @@ def test_mixup_trains_another_model_reproducibly(tmp_path):
 
 @pytest.mark.slow
 def test_an_ensemble_is_its_members_trained_alone_with_consecutive_seeds_and_averaged(tmp_path):
-    from components.models import Ensemble
+    from components.model.models import Ensemble
 
     prepared = write_prepared(tmp_path / "prepared")
     _, a = run(tmp_path, prepared, "a", seed=7)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import validate as V
+from components.data import validate as V
 from components.common import StageError, hash_patient, sha256_bytes
 from components.params import Params
 

@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train import CLASSES, write_prepared
+from test_train import write_prepared
 from workspace import make_workspace, run, tool_env
 
-from components import models, orchestrate, registry
+from components.model import models
+
+from components.release import registry
 from components.common import StageError, sha256_file, write_json
 from components.params import BACKBONE_NAMES, parse_params
-from components.train import train
+from components.model.train import train
+from components.retrain import challenger
+from components.retrain import promote
+from components.retrain import workspace as project
 
 TRAIN = {"backbone": "none", "epochs": 1, "batch_size": 8}
 
@@ -151,14 +156,14 @@ def test_the_retrain_plan_warm_starts_only_a_matching_champion_and_says_why_not(
     params = root / "params.yaml"
     params.write_text("# the project's parameters\npreprocess:\n  image_size: 32\ntrain:\n  backbone: none  # test\n"
                       "  init_from: null  # set by the retrain flow\n")
-    assert orchestrate.apply_warm_start(root)["init_from"] == c["sha"]
+    assert project.apply_warm_start(root)["init_from"] == c["sha"]
     text = params.read_text()
     assert f"init_from: {c['sha']}" in text and "# the project's parameters" in text and "# test" in text
     before = params.stat().st_mtime_ns
-    orchestrate.apply_warm_start(root)
+    project.apply_warm_start(root)
     assert params.stat().st_mtime_ns == before
     shutil.rmtree(root / "registry/models")  # the champion's weights lost, and no git to fetch them from
-    plan = orchestrate.apply_warm_start(root)
+    plan = project.apply_warm_start(root)
     assert plan["init_from"] is None and plan["reason"].startswith(f"cold start: champion {mid}'s weights:")
     assert "init_from: null" in params.read_text()
 
@@ -178,9 +183,9 @@ def test_dvc_repro_warm_starts_from_the_champion_fetched_at_its_release(tmp_path
     run(["dvc", "repro", "-q"], ws)
     params = yaml.safe_load((ws / "params.yaml").read_text())
     p = parse_params(params)
-    decision = registry.compare(ws, p, "auroc", 0.01)
+    decision = challenger.compare(ws, p, "auroc", 0.01)
     assert decision["promote"], decision["reasons"]
-    rec = registry.publish(ws, decision, trigger="manual", flow_run_id="t", data_version="v1",
+    rec = promote.publish(ws, decision, trigger="manual", flow_run_id="t", data_version="v1",
                            remote_url=str(tmp_path / "remote"), allow_public_salt=True)  # made-up ids
     mid = rec["model_id"]
     kept = ws / f"registry/models/{mid}/model.pt"
@@ -188,7 +193,7 @@ def test_dvc_repro_warm_starts_from_the_champion_fetched_at_its_release(tmp_path
     assert "model.pt" not in run(["git", "show", "--name-only", "--format=", rec["git_tag"]], ws).stdout
 
     kept.unlink()  # a champion promoted before the registry kept its weights: fetched at its tag
-    plan = orchestrate.apply_warm_start(ws)
+    plan = project.apply_warm_start(ws)
     assert plan["init_from"] == sha256_file(ws / "models/model.pt") and plan["model_id"] == mid
     diff = json.loads(run(["dvc", "params", "diff", "--json"], ws).stdout)
     assert diff["params.yaml"]["train.init_from"] == {"old": None, "new": plan["init_from"]}

@@ -241,7 +241,7 @@ def test_retrain_once_and_ingest_new_use_the_running_server(server, checkout):
                                      env)
     assert code == 0 and servers == [], out
     assert f"to {api}" in out, out
-    from components.orchestrate import project_resource
+    from components.retrain.inbox import project_resource
 
     def events():
         found = api_call(api, "POST", "/events/filter", {"filter": {
@@ -273,8 +273,8 @@ def test_without_a_server_serve_and_ingest_new_say_what_to_do(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_the_triggered_retrain(server, checkout):
-    from components.inbox import EVENT
-    from components.orchestrate import project_resource
+    from components.retrain.inbox import EVENT
+    from components.retrain.inbox import project_resource
     from flows.serve import deployments
 
     api, tmp = server["api"], server["tmp"]

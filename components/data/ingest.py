@@ -1,0 +1,320 @@
+"""Stage 1: scan the raw folder, label every file, pseudonymise patients, split by patient.
+
+    medtune ingest                        # data/raw -> data/manifest.csv + data/manifest.json
+    medtune ingest --raw other/raw --out data
+
+Labels come from the folder (`OUT/<class>/...`, data.label_source: folder) or from labels.csv
+(path,label[,patient_id][,split], paths relative to the raw folder). The patient of a file is, in
+order: the CSV's patient_id, the DICOM PatientID, the group "patient" of data.patient_pattern on
+the file name; failing all three, every image is its own patient (and a loud warning says so).
+Only HMAC hashes of patient ids are stored or logged, never the ids themselves.
+
+The split is patient-level (components.data.splits): by default `stable` (a patient, and every patient
+sharing a byte-identical or near-duplicate image with it, keeps the split it had in the previous
+data/manifest.csv as data is appended; new ones go where their class is short), or `stratified`
+(StratifiedGroupKFold, one run per fold for k-fold cross-validation). A `split` column in labels.csv
+replaces both; if it names only train and test, validation patients are carved from train. Either
+way no patient may appear in two splits. Unreadable files stay in the manifest with the reason in
+`error` and an empty split; the validate stage decides if that is fatal.
+
+What a file holds (sha256, size and depth, the hashed DICOM PatientID, its near-duplicate signature)
+is read once per content and kept in data/cache/facts (components.data.scan_facts), so a run after an
+append hashes, decodes and compares only the new scans (`--cache` moves it); the outputs are the
+same bytes as a run without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components import common
+from components.common import SPLITS
+from components.data import folders, near_duplicates, scan_facts, splits, stat_index
+from components.data.manifest import COLUMNS, read_manifest_rows
+from components.params import Params, load_params
+
+log = logging.getLogger("medtune.ingest")
+
+NO_PATIENT = "none (one image = one patient)"
+SOURCE_NAMES = {"csv": "labels.csv patient_id", "dicom": "DICOM PatientID", "pattern": "data.patient_pattern",
+                "none": NO_PATIENT}
+
+
+def find_scans(raw_dir: Path, labels_name: str = "labels.csv") -> folders.Listing:
+    """The scans under raw_dir (sorted posix paths relative to it) and every other entry with the
+    reason it is skipped (components.data.folders); the skipped ones are logged, and listed by validate."""
+    listing = folders.list_folder(raw_dir, labels_name)
+    hidden = listing.with_reason(folders.HIDDEN)
+    if hidden:
+        log.info("%s: skipped %d hidden entr(ies) (names starting with '.' or '_'), e.g. %s", raw_dir, len(hidden),
+                 hidden[:5])
+    others = [s for s in listing.skipped if s.reason != folders.HIDDEN]
+    if others:
+        log.warning("%s: %s", raw_dir, folders.summary(folders.Listing(skipped=others)))
+    return listing
+
+
+def parse_labels_csv(csv_path: Path) -> pd.DataFrame:
+    """A labels.csv as stripped strings with posix paths and its `line` numbers; StageError naming the
+    file (and line) if it cannot be read, lacks path or label, names a path twice, or has a path that
+    is absolute or climbs out of its folder (folders.check_relative). Shared by ingest and the inbox."""
+    try:
+        # utf-8-sig: spreadsheet programs write a byte-order mark that would rename the first column.
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise common.StageError(f"{csv_path}: not a readable CSV ({exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise common.StageError(f"{csv_path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at "
+                                f"offset {exc.start}); expected a UTF-8 CSV: save it as UTF-8.") from None
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in ("path", "label") if c not in table.columns]
+    if missing:
+        raise common.StageError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}, expected "
+                                "a header line path,label[,patient_id][,split].")
+    table = table.map(str.strip)
+    table["line"] = np.arange(len(table)) + 2  # header is line 1
+    try:
+        table["path"] = [folders.check_relative(p, f"{csv_path} line {n}") for p, n in zip(table["path"], table["line"])]
+    except ValueError as exc:
+        raise common.StageError(str(exc)) from None
+    dupes = table[table["path"].duplicated(keep=False)]
+    if len(dupes):
+        first = dupes.iloc[0]
+        raise common.StageError(f"{csv_path}: path {first['path']!r} appears on lines "
+                                f"{list(dupes[dupes['path'] == first['path']]['line'])}; expected one row per file.")
+    return table
+
+
+def labels_file(folder: Path, name: str) -> Path:
+    """folder / name, the labels file; StageError if the name leaves the folder (an absolute path, '..',
+    or a link to outside): it is read from there and its rows copied into the raw data."""
+    try:
+        return folders.path_inside(folder, name, "data.labels_csv")
+    except ValueError as exc:
+        raise common.StageError(str(exc)) from None
+
+
+def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataFrame:
+    """labels.csv indexed by path; errors for missing columns, duplicates and rows without a file."""
+    csv_path = labels_file(raw_dir, params.data.labels_csv)
+    if not csv_path.is_file():
+        raise common.StageError(f"{csv_path} not found; data.label_source is 'csv', so it must exist with "
+                                "columns path,label[,patient_id][,split] (paths relative to the raw folder).")
+    table = parse_labels_csv(csv_path)
+    known = set(files)
+    absent = table[~table["path"].isin(known)]
+    if len(absent):
+        shown = ", ".join(f"line {r.line}: {r.path!r}" for r in absent.head(5).itertuples())
+        raise common.StageError(f"{csv_path}: {len(absent)} row(s) name no scan file under {raw_dir} ({shown}); "
+                                "paths must be relative to the raw folder and point to PNG/JPEG/DICOM files.")
+    if "split" in table.columns:
+        bad = table[~table["split"].isin(SPLITS)]
+        if len(bad):
+            r = bad.iloc[0]
+            raise common.StageError(f"{csv_path} line {r['line']} ({r['path']}): split = {r['split']!r}; expected "
+                                    f"one of {list(SPLITS)}.")
+    return table.set_index("path")
+
+
+def folder_label(rel: str) -> str:
+    """The label of a file in the folder-per-class layout: its top folder ("" for a file at the top)."""
+    return rel.split("/")[0] if "/" in rel else ""
+
+
+def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
+             salt: bytes) -> tuple[dict, str, np.ndarray | None]:
+    """`fact_row` of the scan at path, read now (no cache), and its near-duplicate signature (None if
+    unreadable). Shared by ingest's tests and the retrain inbox."""
+    sha256, decoder = scan_facts.hash_file(str(path))
+    fact, signature = scan_facts.probe_file(salt, (str(path), sha256, decoder))
+    row, source = fact_row(fact, rel, label, csv_patient, regex, salt)
+    return row, source, None if fact.error else signature
+
+
+def fact_row(fact: scan_facts.Fact, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
+             salt: bytes) -> tuple[dict, str]:
+    """One manifest row (COLUMNS, split and similar_group empty) for the scan at rel with these facts, and
+    where its patient came from: 'csv' (csv_patient), 'dicom' (PatientID), 'pattern' (regex on the
+    file name) or 'none' (the file is its own patient). Only the hash of an id is kept (the DICOM
+    one was hashed under `salt` when the file was read)."""
+    row = dict.fromkeys(COLUMNS, "")
+    # A file too large to be a scan is refused by probe from its size alone, and never hashed.
+    row.update(path=rel, label=label, sha256=fact.sha256)
+    if fact.error:
+        row["error"] = fact.error_at(rel)  # relative: the manifest must not change with the checkout's place
+    else:
+        row.update(width=fact.width, height=fact.height, channels=fact.channels, bit_depth=fact.bit_depth,
+                   modality=fact.modality)
+    match = regex.search(rel.rsplit("/", 1)[-1]) if regex else None
+    if csv_patient:
+        row["patient"], source = common.hash_patient(csv_patient, salt), "csv"
+    elif fact.patient:
+        row["patient"], source = fact.patient, "dicom"
+    elif match and match.group("patient"):
+        row["patient"], source = common.hash_patient(match.group("patient"), salt), "pattern"
+    else:
+        row["patient"], source = common.hash_patient(rel, salt), "none"
+    return row, source
+
+
+def previous_splits(manifest_csv: Path) -> dict[str, str]:
+    """patient -> split in the manifest an earlier ingest wrote (empty when there is none)."""
+    if not manifest_csv.is_file():
+        return {}
+    try:
+        rows = read_manifest_rows(manifest_csv, ("patient", "split"))
+    except common.StageError as exc:
+        raise common.StageError(f"{exc} It holds the splits that `split.method: stable` keeps; delete it to "
+                                "split afresh.") from None
+    return {r["patient"]: r["split"] for r in rows if r["split"]}
+
+
+def assign_splits(df: pd.DataFrame, units: list[str], table: pd.DataFrame | None, out_dir: Path,
+                  params: Params) -> tuple[list[str], str, str]:
+    """(split per readable row of df, its source, how it was made); see components.data.splits."""
+    labels, patients = list(df["label"]), list(df["patient"])
+    if table is not None and "split" in table.columns:
+        given = [table.loc[p, "split"] if p in table.index else "" for p in df["path"]]
+        if "val" in given:
+            return given, "labels.csv", "explicit split column in labels.csv"
+        # Public sets often give only train and test: validation patients come from train, never test.
+        train = [i for i, s in enumerate(given) if s == "train"]
+        carved = splits.stable_split([labels[i] for i in train], [units[i] for i in train],
+                                     [patients[i] for i in train], previous_splits(out_dir / "manifest.csv"),
+                                     params, ("train", "val"))
+        for i, s in zip(train, carved):
+            given[i] = s
+        return given, "labels.csv", "labels.csv split column; validation patients carved from its train split"
+    if params.split.method == "stable":
+        previous = previous_splits(out_dir / "manifest.csv")
+        return (splits.stable_split(labels, units, patients, previous, params), "stable",
+                "stable: groups keep their split as data grows; new groups go where their class is short")
+    return (splits.stratified_split(labels, units, params), "stratified-group",
+            "StratifiedGroupKFold (patient-level, stratified by label)")
+
+
+def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None = None) -> pd.DataFrame:
+    """Write out_dir/manifest.csv and out_dir/manifest.json for the scans under raw_dir. What each file
+    holds is read once per content and kept in cache_dir (default out_dir/cache/facts;
+    components.data.scan_facts): the outputs are the same bytes with the cache warm, cold or absent."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    cache_dir = stat_index.facts_dir(out_dir) if cache_dir is None else Path(cache_dir)
+    if not raw_dir.is_dir():
+        raise common.StageError(f"raw data folder {raw_dir} not found; expected scans in folder-per-class layout "
+                                "(or labels.csv); `medtune demo-data --out data/raw` writes a demo set.")
+    found = find_scans(raw_dir, params.data.labels_csv)
+    files = found.scans
+    if not files:
+        raise common.StageError(f"{raw_dir}: no scan files found; expected PNG, JPEG or DICOM files. "
+                                + folders.summary(found))
+    table = read_labels_csv(raw_dir, params, files) if params.data.label_source == "csv" else None
+    regex, salt = params.data.patient_regex(), common.patient_salt(params.data.patient_salt)
+
+    known = scan_facts.gather(raw_dir, files, cache_dir, salt, params.compute, found)
+    rows, sources = [], []
+    for rel, fact in zip(files, known.facts):
+        csv_row = table.loc[rel] if table is not None and rel in table.index else None
+        label = folder_label(rel) if table is None else csv_row["label"] if csv_row is not None else ""
+        patient = csv_row.get("patient_id", "") if csv_row is not None else ""
+        row, source = fact_row(fact, rel, label, patient, regex, salt)
+        rows.append(row)
+        sources.append(source)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+
+    warn = []
+    readable = (df["error"] == "").to_numpy()
+    threshold = params.split.near_duplicate_correlation
+    readable_rows = np.flatnonzero(readable)
+    linked = known.links(readable_rows, threshold) if threshold is not None and len(readable_rows) else []
+    leader = near_duplicates.leaders(len(readable_rows), linked)
+    df.loc[readable, "similar_group"] = near_duplicates.groups(list(df["path"][readable]), leader)
+    linked = near_duplicates.links(leader)
+    if table is not None:
+        unlabelled = [f for f in files if f not in table.index]
+        if unlabelled:
+            warn.append(f"{len(unlabelled)} scan file(s) have no row in {params.data.labels_csv} and get an empty "
+                        f"label (e.g. {unlabelled[:3]}); add them to the CSV or remove them.")
+    units = splits.split_groups(list(df["patient"][readable]), list(df["sha256"][readable]), linked)
+    assigned, split_source, method = assign_splits(df[readable], units, table, out_dir, params)
+    df.loc[readable, "split"] = assigned
+    splits.check_overlap(list(df["patient"]), list(df["path"]), list(df["split"]), split_source)
+    splits.require_val(assigned, len(set(units)), params)
+
+    n_none = sources.count("none")
+    if n_none:
+        warn.append(f"{n_none} of {len(files)} image(s) have no patient id (no labels.csv patient_id, no DICOM "
+                    "PatientID, no match of data.patient_pattern), so each is treated as its own patient: slices "
+                    "of one patient may leak across train/val/test and inflate the test metrics. Set "
+                    "data.patient_pattern in params.yaml to a regex whose group 'patient' matches the file name "
+                    "(e.g. '^(?P<patient>[^_]+)_' for 'p017_03.png'), or add a patient_id column to labels.csv.")
+    for w in warn:
+        log.warning(w)
+    n_real = len(sources) - n_none  # scans whose patient hash stands for a real id
+    common.warn_public_salt(params.data.patient_salt, str(raw_dir), n_real, log)
+    used = sorted(set(sources), key=list(SOURCE_NAMES).index)
+    patient_source = (SOURCE_NAMES[used[0]] if len(used) == 1 else
+                      "mixed: " + ", ".join(f"{SOURCE_NAMES[s]} ({sources.count(s)})" for s in used))
+
+    for col in ("width", "height", "channels", "bit_depth"):
+        df[col] = pd.array([None if v == "" else v for v in df[col]], dtype="Int64")
+    with common.atomic_path(out_dir / "manifest.csv") as tmp:
+        df.to_csv(tmp, index=False, lineterminator="\n")
+
+    ok = df[readable]
+    similar = ok["similar_group"][ok["similar_group"] != ""]
+    classes = list(params.data.classes) + sorted(set(ok["label"]) - set(params.data.classes))
+    counts = {s: {c: int(((ok["split"] == s) & (ok["label"] == c)).sum()) for c in classes} for s in SPLITS}
+    listing = "".join(f"{p}  {h}\n" for p, h in zip(df["path"], df["sha256"]))  # sha256sum format, sorted
+    manifest = {
+        "data_version": common.dvc_data_version(raw_dir),
+        "content_hash": common.sha256_bytes(listing.encode()),
+        "n_images": len(df),
+        "n_unreadable": int((~readable).sum()),
+        "counts": counts,
+        "split": {"method": method, "source": split_source, "seed": params.split.seed,
+                  "test_fold": params.split.test_fold if split_source == "stratified-group" else None,
+                  "val_fraction": params.split.val_fraction, "test_fraction": params.split.test_fraction,
+                  "patients": {s: int(ok[ok["split"] == s]["patient"].nunique()) for s in SPLITS},
+                  "patient_overlap": 0},
+        "patient_source": patient_source,
+        # Which salt hashed the patients (never the salt): a public one makes them re-identifiable.
+        "patient_salt": {**common.salt_status(params.data.patient_salt), "real_patient_ids": n_real > 0},
+        "near_duplicates": {"correlation": params.split.near_duplicate_correlation,
+                            "groups": int(similar.nunique()), "images": len(similar)},
+        # Every entry under raw_dir that is not in manifest.csv, with why (validate lists them).
+        "skipped": [{"path": s.path, "reason": s.reason} for s in found.skipped],
+        "warnings": warn,
+    }
+    common.write_json(out_dir / "manifest.json", manifest)
+    log.info("manifest: %d images (%d unreadable), patients %s, images per split %s", len(df),
+             manifest["n_unreadable"], manifest["split"]["patients"],
+             {s: sum(c.values()) for s, c in counts.items()})
+    return df
+
+
+def _add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--raw", type=Path, default=None, help="raw scans folder (default: data.raw_dir)")
+    parser.add_argument("--out", type=Path, default=Path("data"),
+                        help="folder for manifest.csv and manifest.json (default: data)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="per-scan facts cache, a DVC output (default: OUT/cache/facts)")
+
+
+def _run(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    ingest(args.raw or Path(params.data.raw_dir), args.out, params, args.cache)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.stage_main(__doc__.splitlines()[0], _add_args, _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

