@@ -17,18 +17,19 @@ DATASET = Dataset(
     name="brain_tumor", source="brain-tumor-yesno", classes=["no", "yes"], positive="yes",
     title="brain-tumor-yesno (253 MRI images, no official split): held-out test AUROC",
     published=[],
-    # The recorded runs used the stratified split (the default before `stable`); kept so they repeat.
+    # The stratified split, not the default `stable`: the recorded runs used it, so they repeat.
     params={"data": {"label_source": "csv"}, "split": {"method": "stratified"}, "preprocess": {"image_size": 128}},
     recipes={
         "params.yaml defaults @128px": {},
         "messy-photos": {"preset": "messy-photos"},
-        # Stop 10: histogram equalization per scan (the folder mixes exposures and sources).
+        # Histogram equalization per scan (the folder mixes exposures and sources).
         "messy-photos, equalized": {"preset": "messy-photos", "sets": {"preprocess.equalize": True}},
-        # Stop 14: ingest now also keeps near-duplicate images (33 groups here, against 22 byte-identical
-        # ones) in one split, so the same recipe meets another, leak-free split.
+        # The same recipe with ingest keeping near-duplicate images (33 groups here, against 22
+        # byte-identical ones) in one split: another, leak-free split, under its own label.
         "messy-photos, near-duplicates split together": {"preset": "messy-photos"},
-        # Stop 15: the same runs again on another processor (seeded CPU training is deterministic on one
-        # machine; is it across processors?). Its own label, so the first runs stay recorded beside it.
+        # The same runs on another processor: seeded CPU training is deterministic on one kind of
+        # processor, and this measures how far it moves across processors. Its own label, so the
+        # first processor's runs stay recorded beside it.
         "messy-photos, near-duplicates split together, rerun": {"preset": "messy-photos"},
     },
     notes=["No published baseline and no official split: test = 25% of the images (patient-level "

@@ -24,11 +24,10 @@ DATASET = Dataset(
     recipes={
         "params.yaml defaults @64px": {"sets": {"train.batch_size": 64}},
         "small-scans": {"preset": "small-scans"},
-        # Variants of evaluate only: with DVC's run cache they reuse the trained models (not run
-        # at stop 7: the cache missed and each would have retrained for 12 minutes).
+        # Variants of evaluate only: with DVC's run cache they reuse the trained models.
         "small-scans, Youden threshold": {"preset": "small-scans", "sets": {"evaluate.threshold_method": "youden"}},
         "small-scans, no TTA": {"preset": "small-scans", "sets": {"evaluate.tta": "none"}},
-        # Stop 8 (channels_last made 128 px affordable): the same recipe on larger upsampled inputs.
+        # The same recipe on larger upsampled inputs.
         "small-scans @128px": {"preset": "small-scans", "sets": {"preprocess.image_size": 128}},
         # A deep ensemble (train.ensemble): members with seeds seed..seed+N-1, averaged logits, one ONNX graph.
         "small-scans, ensemble of 3": {"preset": "small-scans", "sets": {"train.ensemble": 3}},
@@ -37,7 +36,7 @@ DATASET = Dataset(
             "train.ensemble": 3, "evaluate.threshold_method": "youden"}},
         "small-scans, ensemble of 3, no TTA": {"preset": "small-scans", "sets": {
             "train.ensemble": 3, "evaluate.tta": "none"}},
-        # Stop 9: a larger ImageNet backbone whose weights also install offline.
+        # A larger ImageNet backbone whose weights also install offline.
         "small-scans, efficientnet_lite2": {"preset": "small-scans", "sets": {"train.backbone": "efficientnet_lite2"}},
         # Evaluate-only variants of it (the train stage comes from DVC's run cache).
         "small-scans, efficientnet_lite2, no calibration": {"preset": "small-scans", "sets": {
@@ -55,24 +54,24 @@ DATASET = Dataset(
         "small-scans, no brightness/contrast augmentation": {"preset": "small-scans", "sets": {
             "augment.brightness": 0.0, "augment.contrast": 0.0}},
         "small-scans, mixup 0.4": {"preset": "small-scans", "sets": {"train.mixup_alpha": 0.4}},
-        # Stop 10: histogram equalization per scan removes that exposure difference instead of training
-        # the model to ignore it.
+        # Histogram equalization per scan removes that exposure difference instead of training the
+        # model to ignore it.
         "small-scans, equalized": {"preset": "small-scans", "sets": {"preprocess.equalize": True}},
         "small-scans, efficientnet_lite2, ensemble of 3, equalized, Youden threshold": {"preset": "small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "train.ensemble": 3, "preprocess.equalize": True,
             "evaluate.threshold_method": "youden"}},
-        # Stop 11: the weight decay that lifted BreastMNIST (0.05 instead of 1e-4).
+        # The weight decay that lifted BreastMNIST (0.05 instead of 1e-4).
         "small-scans, efficientnet_lite2, ensemble of 3, weight decay 0.05, Youden threshold": {
             "preset": "small-scans", "sets": {"train.backbone": "efficientnet_lite2", "train.ensemble": 3,
                                               "train.weight_decay": 0.05, "evaluate.threshold_method": "youden"}},
-        # Stop 12: the ensemble of 3 Lite2 models gained 0.005 over one model; do two more members add more?
+        # 3 Lite2 members gained 0.005 over one model: 5 test whether more members add more.
         "small-scans, efficientnet_lite2, ensemble of 5, Youden threshold": {"preset": "small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "train.ensemble": 5, "evaluate.threshold_method": "youden"}},
         # Lite2 was pretrained at 260 px; at 64 px its last feature map is 2 x 2. One model at 96 px (3 x 3).
         "small-scans @96px, efficientnet_lite2, Youden threshold": {"preset": "small-scans", "sets": {
             "preprocess.image_size": 96, "train.backbone": "efficientnet_lite2", "evaluate.threshold_method": "youden"}},
-        # Stop 13: validation AUROC is 0.995+ at the best epochs, so picking one epoch is close to a coin
-        # toss among the last few; a weight EMA (about 200 steps, under 3 of the 12 epochs) averages them.
+        # Validation AUROC is 0.995+ at the best epochs, so picking one epoch is close to a coin toss
+        # among the last few; a weight EMA (about 200 steps, under 3 of the 12 epochs) averages them.
         "small-scans, efficientnet_lite2, ensemble of 3, EMA 0.995, Youden threshold": {"preset": "small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "train.ensemble": 3, "train.ema_decay": 0.995,
             "evaluate.threshold_method": "youden"}},
@@ -81,13 +80,13 @@ DATASET = Dataset(
         "small-scans, efficientnet_lite2, ensemble of 3, 1 head epoch, Youden threshold": {"preset": "small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "train.ensemble": 3, "train.head_epochs": 1,
             "evaluate.threshold_method": "youden"}},
-        # Stop 15: warm-up with label smoothing 0.05 was the largest test gain after the selection metric
-        # (+0.015); its strength was never varied. Twice as much, paired with the baseline's seeds.
+        # Warm-up with label smoothing 0.05 was the largest test gain after the selection metric
+        # (+0.015): twice the smoothing, on the baseline's seeds.
         "small-scans, efficientnet_lite2, ensemble of 3, label smoothing 0.1, Youden threshold": {
             "preset": "small-scans", "sets": {"train.backbone": "efficientnet_lite2", "train.ensemble": 3,
                                               "train.label_smoothing": 0.1, "evaluate.threshold_method": "youden"}},
-        # The baseline again on this session's processor, so the label-smoothing runs have exact pairs (seeded
-        # CPU training repeats only on one kind of processor). Its own label: the first runs stay recorded.
+        # The baseline on the processor that ran the label-smoothing variant, so it has exact pairs (seeded
+        # CPU training repeats only on one kind of processor); its own label keeps the other runs recorded.
         "small-scans, efficientnet_lite2, ensemble of 3, Youden threshold, rerun": {"preset": "small-scans", "sets": {
             "train.backbone": "efficientnet_lite2", "train.ensemble": 3, "evaluate.threshold_method": "youden"}},
     },
