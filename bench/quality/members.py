@@ -27,8 +27,8 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from bench.quality.harness import WORK, experiments, run
-from components.models import Deployed, Ensemble, load_checkpoint
-from components.preprocess import load_split
+from components.data.preprocess import load_split
+from components.model.models import Deployed, Ensemble, load_checkpoint
 
 
 def out_md5(lock: dict, stage: str, path: str) -> str:

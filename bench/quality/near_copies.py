@@ -23,7 +23,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from bench.quality.harness import WORK, experiments, run
-from components.ingest import ingest
+from components.data.ingest import ingest
 from components.params import load_params
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from bench.quality import harness
-from components.manifest import read_manifest
+from components.data.manifest import read_manifest
 
 NAME = "siim_ct"
 FOLDS = 5  # split.test_fraction 0.2
