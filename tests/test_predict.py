@@ -137,6 +137,46 @@ def test_model_without_metadata_is_a_clear_error(onnx_model, tmp_path, capsys):
         predict(tmp_path / "junk.onnx", [tmp_path / "x.png"], None)
 
 
+def test_one_reader_of_the_metadata_with_or_without_a_session(onnx_model, tmp_path):
+    """read_metadata gives the same decoded record from the file alone as through a session; a bad
+    JSON value or a file that is not ONNX names the file (and the key); lookup's wrapper says None."""
+    import json
+
+    from components.audit.lookup import onnx_metadata_id
+    from components.release.onnx_runtime import make_session, read_metadata
+
+    meta = read_metadata(onnx_model)
+    assert meta == read_metadata(onnx_model, make_session(onnx_model))
+    assert meta["classes"] == ["normal", "lesion"] and meta["preprocessing"]["image_size"] == 32
+    assert meta["metrics"]["positive_class"] == "lesion" and meta["gate"]["passed"] is True
+    assert onnx_metadata_id(onnx_model) == meta["model_id"] and len(meta["model_id"]) == 12
+
+    proto = onnx.load(str(onnx_model))
+    for prop in proto.metadata_props:
+        if prop.key == "gate":
+            prop.value = '{"passed": tru'
+    bad = tmp_path / "bad-json.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(StageError, match=r"bad-json\.onnx: metadata 'gate' is not valid JSON .*re-export"):
+        read_metadata(bad)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(StageError, match=r"bad-json\.onnx: metadata 'gate' is not valid JSON"):
+        predict(bad, [tmp_path / "x.png"], None)
+
+    (tmp_path / "junk.onnx").write_bytes(b"definitely not onnx")
+    with pytest.raises(StageError, match=r"junk\.onnx: not an ONNX file \(DecodeError"):
+        read_metadata(tmp_path / "junk.onnx")
+    with pytest.raises(StageError, match=r"absent\.onnx: no such file"):
+        read_metadata(tmp_path / "absent.onnx")
+    assert onnx_metadata_id(tmp_path / "junk.onnx") is None
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    with pytest.raises(StageError, match=r"bare\.onnx: ONNX file has no medtune metadata \(missing keys \['model_id'"):
+        read_metadata(tmp_path / "bare.onnx")
+    assert onnx_metadata_id(tmp_path / "bare.onnx") is None
+    assert json.loads(json.dumps(meta["input"]))["name"] == "image"
+
+
 def test_main_writes_csv(onnx_model, tmp_path):
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
     assert main([str(onnx_model), str(tmp_path), "-o", str(tmp_path / "out.csv"), "--batch-size", "4"]) == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common import StageError, sha256_file
+from components.release.onnx_runtime import read_metadata
 from components.release.records import (
     HEX_ID,
     LINEAGE,
@@ -43,13 +44,10 @@ class ModelRef:
 
 def onnx_metadata_id(path: Path) -> str | None:
     """The model_id in an ONNX file's metadata; None when it is not an ONNX file (or has none)."""
-    import onnx  # only for an ONNX file with no lineage found by its hash (about 0.3 s)
-
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - not an ONNX file: the caller says what was expected
+        return str(read_metadata(path, required=("model_id",))["model_id"])
+    except StageError:  # not an ONNX file, or not a medtune one: the caller says what was expected
         return None
-    return {p.key: p.value for p in proto.metadata_props}.get("model_id")
 
 
 def _by_onnx_hash(sha: str, registry: Path) -> str | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 from collections import Counter, deque
@@ -39,37 +38,25 @@ from components.common import StageError, atomic_path, stage_main
 from components.data.folders import REFUSED, list_folder
 from components.data.scans import ScanError, prepare_image, recorded_preparation
 from components.model import calibrate
-from components.release.onnx_runtime import make_session
+from components.release.onnx_runtime import make_session, read_metadata
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger("medtune.predict")
 
-REQUIRED_METADATA = ("model_id", "classes", "preprocessing", "input", "output")
-
 
 def open_model(model_path: Path) -> tuple[Any, dict[str, Any]]:
     """An ONNX Runtime session on a model written by `medtune export`, and its medtune metadata (JSON
-    values decoded); StageError if it is not one. The metadata is read through the session: running
-    a model does not need the `onnx` package, and a file ONNX Runtime cannot load is refused with why."""
+    values decoded, onnx_runtime.read_metadata); StageError if it is not one. The metadata is read
+    through the session: running a model does not need the `onnx` package, and a file ONNX Runtime
+    cannot load is refused with why."""
     if not model_path.is_file():
         raise StageError(f"{model_path}: no such model file; expected an ONNX file written by `medtune export`.")
     # Not spinning: the decoding threads need the cores between ONNX Runtime's operators and runs
     # (with spin-waiting threads, predict lost a third of its rate on 2 cores; bench/cheap.py).
     session = make_session(model_path, spinning=False)
-    props = dict(session.get_modelmeta().custom_metadata_map)
-    missing = [k for k in REQUIRED_METADATA if k not in props]
-    if missing:
-        raise StageError(f"{model_path}: ONNX file has no medtune metadata (missing {missing}); expected a model "
-                         "exported by `medtune export`, which records the classes and preprocessing.")
-    meta: dict[str, Any] = dict(props)
-    for key in ("classes", "preprocessing", "input", "metrics"):
-        if key in props:
-            try:
-                meta[key] = json.loads(props[key])
-            except json.JSONDecodeError:
-                raise StageError(f"{model_path}: metadata {key!r} is not valid JSON: {props[key][:80]!r}.") from None
+    meta = read_metadata(model_path, session)
     try:
         meta["preparation"] = recorded_preparation(meta["preprocessing"])  # prepare_image's settings
     except ValueError as exc:

@@ -22,7 +22,7 @@ from components import common
 from components.common import StageError, dvc, git
 from components.data.manifest import read_manifest
 from components.params import Params
-from components.release.onnx_runtime import make_session
+from components.release.onnx_runtime import make_session, read_metadata
 from components.release.registry import champion_onnx, current, model_dir, model_id_of
 
 log = logging.getLogger("medtune.challenger")
@@ -37,7 +37,7 @@ def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, default_thresh
     """The model's probabilities on uint8 `images`, and the binary threshold it was evaluated (and is
     deployed) with, from its ONNX metadata (`default_threshold` for a model that records none)."""
     session = make_session(Path(onnx_path))
-    threshold = json.loads(session.get_modelmeta().custom_metadata_map.get("metrics", "{}")).get("threshold")
+    threshold = (read_metadata(Path(onnx_path), session, required=()).get("metrics") or {}).get("threshold")
     inp = session.get_inputs()[0]
     shape = [d if isinstance(d, int) else None for d in inp.shape]
     if shape[1:] != list(images.shape[1:]):
