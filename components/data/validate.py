@@ -29,6 +29,7 @@ from components.common import SPLITS, StageError, read_json, stage_main, write_j
 from components.data import folders
 from components.data.manifest import read_manifest
 from components.params import Params, load_params
+from components.templates import render
 
 SUITE = "medtune_manifest"
 COLUMNS = ("path", "sha256", "label", "patient", "width", "height", "bit_depth", "split", "error")
@@ -387,45 +388,24 @@ def _failure_message(c: Check, details: dict, offending: list[str]) -> str:
     return f"{c.name} (expected {c.description}): {len(offending)} {c.noun}: " + "; ".join(_truncate(offending))
 
 
+SKIPPED_SHOWN = 200  # skipped entries listed in validation.md (validation.json has them all)
+
+
 def render_markdown(report: dict) -> str:
-    verdict = "PASS" if report["success"] else "FAIL"
-    lines = [f"# Manifest validation: {verdict}", "",
-             f"Suite `{report['suite']}` (Great Expectations): {report['n_rows']} files, "
-             f"{report['n_readable']} readable, {report['n_unreadable']} unreadable, "
-             f"{report['n_patients']} patients."]
-    if "manifest" in report:
-        m = report["manifest"]
-        lines.append(f"Data version `{m.get('data_version')}`, content hash `{m.get('content_hash')}`.")
-    lines += ["", "## Checks", "", "| check | expected | critical | result | unexpected |", "|---|---|---|---|---|"]
-    for e in report["expectations"]:
-        d = e["details"]
-        n = d.get("unexpected_count", d.get("observed_value", ""))
-        result = "PASS" if e["success"] else ("FAIL" if e["critical"] else "WARN")
-        lines.append(f"| {e['name']} | {e['description']} | {'yes' if e['critical'] else 'no'} | {result} | {n} |")
-    classes = list(next(iter(report["counts"].values()), {}).keys())
-    lines += ["", "## Images per split and class", "", "| split | " + " | ".join(classes) + " |",
-              "|---|" + "---|" * len(classes)]
-    for split, row in report["counts"].items():
-        lines.append(f"| {split} | " + " | ".join(str(row[k]) for k in classes) + " |")
-    if report["unreadable"]:
-        lines += ["", "## Unreadable files", ""]
-        lines += [f"- `{u['path']}`: {u['error']}" for u in report["unreadable"]]
-    if report.get("skipped"):
-        lines += ["", f"## Skipped ({len(report['skipped'])} entries under the raw folder that are not in the manifest)", ""]
-        lines += [f"- `{k['path']}`: {k['reason']}" for k in report["skipped"][:200]]
-        if len(report["skipped"]) > 200:
-            lines.append(f"- ... and {len(report['skipped']) - 200} more (validation.json)")
-    if report["failures"]:
-        lines += ["", "## Failures", ""]
-        for f in report["failures"]:
-            e = next(e for e in report["expectations"] if e["name"] == f["name"])
-            lines += [f"### {f['name']} ({'critical' if f['critical'] else 'warning'})", "",
-                      f"Expected: {e['description']}.", ""]
-            if "exception" in e["details"]:
-                lines.append(f"GX error: {e['details']['exception']}")
-            lines += [f"- {o}" for o in e["details"]["offending"]]
-            lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    """reports/validation.md: the report laid out by data/templates/validation.md.j2."""
+    checks = [{"name": e["name"], "description": e["description"], "critical": e["critical"],
+               "result": "PASS" if e["success"] else ("FAIL" if e["critical"] else "WARN"),
+               "unexpected": e["details"].get("unexpected_count", e["details"].get("observed_value", ""))}
+              for e in report["expectations"]]
+    by_name = {e["name"]: e for e in report["expectations"]}
+    failures = [{"name": f["name"], "critical": f["critical"], "description": by_name[f["name"]]["description"],
+                 "exception": by_name[f["name"]]["details"].get("exception"),
+                 "offending": by_name[f["name"]]["details"]["offending"]} for f in report["failures"]]
+    text = render("data/templates/validation.md.j2", report=report, manifest=report.get("manifest"),
+                  checks=checks, classes=list(next(iter(report["counts"].values()), {}).keys()),
+                  counts=report["counts"], unreadable=report["unreadable"], skipped=report.get("skipped") or [],
+                  skipped_shown=SKIPPED_SHOWN, failures=failures)
+    return text.rstrip() + "\n"
 
 
 def validate(manifest_csv: Path, manifest_json: Path, out_json: Path, out_md: Path, params: Params) -> dict:
