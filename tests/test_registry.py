@@ -299,16 +299,16 @@ class Killed(BaseException):
 
 
 def _kill_after(monkeypatch, step: str) -> None:
-    """Make `registry.<function> [args...]` (e.g. "git commit") raise Killed right after it ran."""
+    """Make `promote.<function> [args...]` (e.g. "git commit") raise Killed right after it ran."""
     name, *words = step.split()
-    real = getattr(registry, name)
+    real = getattr(promote, name)
 
     def killing(*args, **kwargs):
         out = real(*args, **kwargs)
         if list(args[1:1 + len(words)]) == words:
             raise Killed(step)
         return out
-    monkeypatch.setattr(registry, name, killing)
+    monkeypatch.setattr(promote, name, killing)
 
 
 def _batch(ws: Path) -> Path:

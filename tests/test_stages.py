@@ -143,11 +143,11 @@ def toy(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_pipeline_stages_come_from_dvcs_graph_not_the_listing_order(toy):
-    stages = stages.pipeline_stages(toy)
-    names = [s.name for s in stages]
+    found = stages.pipeline_stages(toy)
+    names = [s.name for s in found]
     assert names.index("make") < names.index("report"), names
     assert sorted(names) == ["fail", "make", "report"]
-    report = stages[names.index("report")]
+    report = found[names.index("report")]
     assert "made.txt" in report.deps and report.outs == ("report.txt",)
 
 
@@ -237,8 +237,8 @@ def test_the_pipeline_flow_refuses_a_params_file_dvc_would_ignore(tmp_path):
 
 def test_every_dvc_yaml_stage_is_a_medtune_stage_command():
     """dvc.yaml is the only list of stages; the CLI knows only which commands run one (to lock them)."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert {name: spec["cmd"] for name, spec in stages.items()} == {name: f"medtune {name}" for name in stages}
-    assert set(stages) == cli.STAGE_COMMANDS
+    listed = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert {name: spec["cmd"] for name, spec in listed.items()} == {name: f"medtune {name}" for name in listed}
+    assert set(listed) == cli.STAGE_COMMANDS
     assert not hasattr(stages, "STAGES") and not hasattr(cli, "STAGES")
 
