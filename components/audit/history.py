@@ -35,6 +35,7 @@ from components.release.records import (
     registered_ids,
     registry_dir,
 )
+from components.templates import format_table
 
 
 def list_models(root: str | Path = ".") -> list[dict[str, Any]]:
@@ -85,12 +86,14 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
+COLUMNS = ("  model_id", "date", "data_version", "auroc [95% CI]", "sens", "spec", "gate", "status")
+
+
 def render_models(rows: list[dict[str, Any]]) -> str:
+    """`medtune models list`: one line per model, the current one marked with `*`."""
     if not rows:
         return "no models yet: run `dvc repro` (or the retraining flow) to produce one."
-    head = f"  {'model_id':<12}  {'date':<25}  {'data_version':<14}  {'auroc [95% CI]':<22}  {'sens':>5}  " \
-           f"{'spec':>5}  {'gate':<6}  status"
-    lines = [head]
+    table = []
     for r in rows:
         m = r["metrics"]
         ci = m.get("auroc_ci") or [None, None]
@@ -100,10 +103,9 @@ def render_models(rows: list[dict[str, Any]]) -> str:
         dv = "-" if dv.startswith(NOT_RECORDED) else dv[:14]
         gate = {True: "passed", False: "failed"}.get(r["gate"], "-")
         status = r["status"] + (f" ({r['git_tag']})" if r["git_tag"] else "")
-        lines.append(f"{'*' if r['current'] else ' '} {r['model_id']:<12}  {date:<25}  {dv:<14}  {auroc:<22}  "
-                     f"{_fmt(m.get('sensitivity')):>5}  {_fmt(m.get('specificity')):>5}  {gate:<6}  {status}")
-    lines.append("* = current (registry/current.json)")
-    return "\n".join(lines)
+        table.append((f"{'*' if r['current'] else ' '} {r['model_id']}", date, dv, auroc,
+                      _fmt(m.get("sensitivity")), _fmt(m.get("specificity")), gate, status))
+    return format_table(table, COLUMNS, align="<<<<>><<") + "\n* = current (registry/current.json)"
 
 
 # ---------------------------------------------------------------------------------------------

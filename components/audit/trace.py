@@ -34,6 +34,7 @@ from components.release.records import (
     read_releases,
     registry_dir,
 )
+from components.templates import render as render_template
 
 SECTIONS = ("model", "code", "data", "split", "validation", "environment", "pretrained", "training",
             "evaluation", "export", "model_card", "release", "drift")
@@ -318,72 +319,37 @@ def _flat(v: Any) -> bool:
             and len(", ".join(f"{a}={_scalar(b)}" for a, b in v.items())) <= 110)
 
 
-def _lines(obj: Any, indent: int) -> list[str]:
-    pad = "  " * indent
-    if not isinstance(obj, dict):
-        return [pad + _scalar(obj)]
-    out = []
-    for k, v in obj.items():
-        if _flat(v):
-            out.append(f"{pad}{k}: " + ", ".join(f"{a}={_scalar(b)}" for a, b in v.items()))
-        elif isinstance(v, dict) and v:
-            out.append(f"{pad}{k}:")
-            out += _lines(v, indent + 1)
-        elif isinstance(v, list) and v and all(isinstance(x, (str, dict)) for x in v):
-            out.append(f"{pad}{k}:")
-            out += [f"{pad}  - " + (", ".join(f"{a}={_scalar(b)}" for a, b in x.items() if b is not None)
-                                    if isinstance(x, dict) else x) for x in v]
-        else:
-            out.append(f"{pad}{k}: {_scalar(v)}")
-    return out
+def _pairs(v: dict[str, Any], skip_none: bool = False) -> str:
+    """A flat mapping on one line: "a=1, b=x" (with skip_none, None values left out)."""
+    return ", ".join(f"{a}={_scalar(b)}" for a, b in v.items() if not (skip_none and b is None))
 
 
-def _metrics_lines(metrics: Any) -> list[str]:
+def _listed(v: Any) -> bool:
+    """A list shown one item a line."""
+    return isinstance(v, list) and bool(v) and all(isinstance(x, (str, dict)) for x in v)
+
+
+def _metric_lines(metrics: Any) -> list[str]:
     if not isinstance(metrics, dict):
-        return [f"    {_scalar(metrics)}"]
+        return [_scalar(metrics)]
     ci = metrics.get("auroc_ci") or [None, None]
-    out = [f"    auroc {_scalar(metrics.get('auroc'))} (95% CI {_scalar(ci[0])} - {_scalar(ci[1])}), n_test "
-           f"{metrics.get('n_test')}"]
-    out.append("    " + ", ".join(f"{k} {_scalar(metrics[k])}" for k in
-                                  ("accuracy", "sensitivity", "specificity", "precision", "f1") if k in metrics))
-    return out
+    return [f"auroc {_scalar(metrics.get('auroc'))} (95% CI {_scalar(ci[0])} - {_scalar(ci[1])}), n_test "
+            f"{metrics.get('n_test')}",
+            ", ".join(f"{k} {_scalar(metrics[k])}" for k in
+                      ("accuracy", "sensitivity", "specificity", "precision", "f1") if k in metrics)]
 
 
 def render(rec: dict[str, Any]) -> str:
-    """The readable report: one titled block per section."""
-    out = [f"medtune trace: model {rec['model']['model_id']}  ({rec['resolved']['how']}; lineage "
-           f"{rec['resolved']['lineage']})"]
-    out += [f"  note: {n}" for n in rec["resolved"]["notes"]]
+    """The readable report (audit/templates/trace.txt.j2): one titled block per section."""
+    sections = []
     for name in SECTIONS:
         sec = rec[name]
-        out += ["", TITLES[name]]
-        if name == "code" and isinstance(sec.get("params"), dict):
+        if name == "code" and isinstance(sec.get("params"), dict):  # one JSON line per parameter group
             sec = {**sec, "params": {k: json.dumps(v, sort_keys=True) for k, v in sec["params"].items()}}
-        if name == "evaluation":
-            out.append("  test metrics:")
-            out += _metrics_lines(sec["metrics"])
-            gate = sec["gate"]
-            if isinstance(gate, dict):
-                out.append(f"  gate: {'PASSED' if gate.get('passed') else 'FAILED'}; thresholds "
-                           f"{_scalar(gate.get('thresholds'))}")
-                out += [f"    - {r}" for r in gate.get("reasons") or []]
-            else:
-                out.append(f"  gate: {gate}")
-            champ = sec["champion"]
-            if isinstance(champ, dict):
-                out.append(f"  champion when it was a challenger: {champ['model_id']}")
-                out += _metrics_lines(champ["metrics"])
-            else:
-                out.append(f"  champion when it was a challenger: {champ}")
-            continue
-        if name == "model_card" and isinstance(sec, dict):
-            out.append(f"  path: {sec['path']} (sha256 {sec['sha256'][:12]}...)")
-            out += ["  | " + line for line in sec["text"].rstrip().splitlines()]
-            continue
-        out += _lines(sec, 1)
-        if name == "data" and public_salt(sec.get("patient_salt")):
-            out.append(f"  WARNING: {PUBLIC_SALT_NOTE}")
-    return "\n".join(out)
+        sections.append((name, TITLES[name], sec))
+    return render_template("audit/templates/trace.txt.j2", rec=rec, sections=sections, scalar=_scalar, flat=_flat,
+                           pairs=_pairs, listed=_listed, metric_lines=_metric_lines, public_salt=public_salt,
+                           public_salt_note=PUBLIC_SALT_NOTE).rstrip("\n")
 
 
 PUBLIC_SALT_NOTE = ("real patient ids were hashed with a public salt: anyone with the ids or the scan headers can "

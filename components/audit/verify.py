@@ -29,6 +29,7 @@ from components.audit.lookup import ModelRef, add_common_args, onnx_metadata_id,
 from components.common import dvc_data_version, run_cli, sha256_bytes, sha256_file
 from components.data.manifest import LISTING_COLUMNS, read_manifest_rows
 from components.release.records import events_for, git_show, read_releases, registry_dir
+from components.templates import render as render_template
 
 OK, MISMATCH, MISSING = "ok", "mismatch", "missing"
 
@@ -286,25 +287,23 @@ def verify(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
             "checked": len(items), "failed": len(bad), "notes": list(m.notes) + notes, "items": items}
 
 
+def _finding(i: dict[str, Any]) -> tuple[str, str, str]:
+    """One checked item as (STATUS, kind, what: the item, where it was read, and for a failure the hashes)."""
+    what = i["item"]
+    if i["path"] and i["path"] != i["item"]:
+        what += f"  [{i['path']}]"
+    if i["status"] != OK:
+        what += f"  expected {(i['expected'] or '-')[:16]}, found {(i['actual'] or '-')[:16]}"
+    return i["status"].upper(), i["kind"], what + (f"  ({i['detail']})" if i["detail"] else "")
+
+
 def render(rep: dict[str, Any]) -> str:
-    out = [f"medtune verify: model {rep['model_id']} (lineage {rep['lineage']})"]
-    out += [f"  note: {n}" for n in rep["notes"]]
+    """The readable report (audit/templates/verify.txt.j2): every item but the matching scans, which are
+    counted in one line."""
     scans = [i for i in rep["items"] if i["kind"] == "scan"]
-    for i in rep["items"]:
-        if i["kind"] == "scan" and i["status"] == OK:
-            continue
-        line = f"  {i['status'].upper():<8} {i['kind']:<12} {i['item']}"
-        if i["path"] and i["path"] != i["item"]:
-            line += f"  [{i['path']}]"
-        if i["status"] != OK:
-            line += f"  expected {(i['expected'] or '-')[:16]}, found {(i['actual'] or '-')[:16]}"
-        out.append(line + (f"  ({i['detail']})" if i["detail"] else ""))
-    if scans:
-        n_ok = sum(i["status"] == OK for i in scans)
-        out.append(f"  scans: {n_ok} of {len(scans)} match (source: {scans[0].get('source')})")
-    verdict = "OK, everything matches" if rep["ok"] else f"FAILED, {rep['failed']} of {rep['checked']} items do not match"
-    out.append(f"RESULT: {verdict}")
-    return "\n".join(out)
+    findings = [_finding(i) for i in rep["items"] if not (i["kind"] == "scan" and i["status"] == OK)]
+    return render_template("audit/templates/verify.txt.j2", rep=rep, findings=findings, scans=scans,
+                           scans_ok=sum(i["status"] == OK for i in scans)).rstrip("\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
