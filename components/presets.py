@@ -21,6 +21,7 @@ import yaml
 
 from components.common import run_cli, write_text
 from components.params import load_params, parse_params
+from components.templates import format_table
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
@@ -80,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run(args: argparse.Namespace) -> None:
         if not args.name:
-            for name, entry in load_presets().items():
-                print(f"{name}: {entry.get('description', '')}")
+            print(format_table(((name, entry.get("description", "")) for name, entry in load_presets().items()),
+                               ("preset", "what it is for")))
             return
         overrides = preset(args.name)
         known = flatten(load_params(args.params).to_dict())

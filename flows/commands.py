@@ -30,6 +30,7 @@ from pathlib import Path
 from components import common, lifetime
 from components.common import StageError
 from components.retrain.stages import OUTCOMES, check_params_file
+from components.templates import format_table
 
 log = logging.getLogger("medtune.commands")
 
@@ -175,9 +176,9 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
             result = on_cluster(pipeline, root / args.params)(root=str(root), params=args.params)
         finally:
             _drain_logs()
-    width = max(map(len, result["stages"]), default=0)
-    for stage, outcome in result["stages"].items():
-        print(f"{stage:<{width}}  {OUTCOMES.get(outcome, outcome)}", file=sys.stderr)
+    if result["stages"]:
+        print(format_table((stage, OUTCOMES.get(outcome, outcome)) for stage, outcome in result["stages"].items()),
+              file=sys.stderr)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     if "gate-failed" in result["stages"].values():  # as `dvc repro` fails at export: no model this run
         raise StageError("the model failed the gate and was not exported; see reports/gate.json")

@@ -70,3 +70,13 @@ def test_params_read_as_dvc_writes_them_yes_and_no_stay_class_names(tmp_path):
     assert p.data.classes == ["no", "yes"] and p.evaluate.positive_class == "yes" and p.evaluate.threshold == 0.5
     with pytest.raises(ValueError, match=r"data.classes = \[True, 'b'\] is invalid; expected non-empty strings"):
         parse_params({"data": {"classes": [True, "b"]}})
+
+
+def test_listing_names_every_preset_with_its_description(capsys):
+    assert main([]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    presets = load_presets()
+    assert header.split() == ["preset", "what", "it", "is", "for"]
+    assert [line.split()[0] for line in lines] == list(presets)
+    assert all(line.endswith(entry["description"]) for line, entry in zip(lines, presets.values()))
+    assert len({line.index(entry["description"]) for line, entry in zip(lines, presets.values())}) == 1  # one column
