@@ -14,9 +14,10 @@ from components.common import StageError, sha256_file
 from components.model.evaluate import evaluate
 from components.release.export import export, main
 
+# Only facts the stage's inputs determine (DVC caches model.onnx); the run's facts are in lineage.json.
 METADATA_KEYS = {"model_id", "classes", "input", "output", "normalisation", "preprocessing", "data_version",
-                 "content_hash", "git_commit", "git_dirty", "params_sha256", "metrics", "gate",
-                 "checkpoint_sha256", "pretrained", "opset", "exporter"}
+                 "content_hash", "params_sha256", "metrics", "gate", "checkpoint_sha256", "pretrained", "opset",
+                 "exporter"}
 
 
 def make_project(root, params, classes=("normal", "lesion"), channels=1, members=1):
@@ -78,6 +79,7 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
     assert json.loads(meta["preprocessing"])["image_size"] == 32
     assert json.loads(meta["gate"])["passed"] is True
     assert meta["params_sha256"] == params.digest() and meta["opset"] == str(params.export.opset)
+    assert proto.producer_name == "pytorch" and proto.producer_version  # the exporting torch, in the graph itself
     # The whole evaluation record ships (predict reads its positive class and threshold), not only
     # the numbers of metrics.json.
     record = json.loads((p["reports"] / "evaluation.json").read_text())
@@ -100,6 +102,7 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
                                      "failed": ["size_range", "near_duplicates_in_one_split"]}
     assert lineage["data"]["manifest_sha256"] == sha256_file(p["manifest"].with_suffix(".csv"))
     assert "torch" in lineage["environment"]["packages"] and "dvc_lock_sha256" not in lineage["code"]
+    assert set(lineage["code"]) == {"git_commit", "git_dirty", "params", "params_sha256"}
     # Where the weights were made, from the checkpoint (CPU training reproduces only on that processor).
     assert lineage["environment"]["training_device"] == "cpu"
     assert lineage["environment"]["training_processor"] == "Test Processor 9000"
@@ -122,6 +125,51 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
     before = {f.name: f.read_bytes() for f in p["out"].iterdir()}
     run_export(p, params)
     assert {f.name: f.read_bytes() for f in p["out"].iterdir()} == before
+
+
+@pytest.mark.slow
+def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(tmp_path, monkeypatch):
+    """DVC caches models/model.onnx, so the same checkpoint and inputs exported again (after a commit,
+    by the `medtune export` command in a new process) give the same bytes, and the same card; only
+    the uncached lineage.json names the commit each export ran at."""
+    import subprocess
+
+    import yaml
+    from workspace import BIN, run, tool_env
+
+    from components.params import load_params
+
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params()
+    p = make_project(tmp_path, params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {
+        "positive_class": "lesion", "bootstrap": 40,
+        "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0, "min_balanced_accuracy": 0.0}}}))
+    assert load_params(tmp_path / "params.yaml").digest() == params.digest()  # both runs use the same parameters
+    env = tool_env()
+    run(["git", "init", "-q"], tmp_path, env)
+    run(["git", "add", "params.yaml"], tmp_path, env)
+    run(["git", "commit", "-q", "-m", "first"], tmp_path, env)
+
+    run_export(p, params)
+    outputs = ("model.onnx", "model_card.md")
+    first = {name: sha256_file(p["out"] / name) for name in outputs}
+    first_lineage = json.loads((p["out"] / "lineage.json").read_text())
+
+    (tmp_path / "README.md").write_text("a later commit\n")
+    run(["git", "add", "README.md"], tmp_path, env)
+    run(["git", "commit", "-q", "-m", "second"], tmp_path, env)
+    out = subprocess.run([str(BIN / "medtune"), "export", "--model", str(p["model"]), "--prepared", str(p["prepared"]),
+                          "--reports", str(p["reports"]), "--out", str(p["out"]), "--manifest", str(p["manifest"])],
+                         cwd=tmp_path, env={**env, "PYTHONHASHSEED": "12345"}, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lineage = json.loads((p["out"] / "lineage.json").read_text())
+
+    head = run(["git", "rev-parse", "HEAD"], tmp_path, env).stdout.strip()
+    assert lineage["code"]["git_commit"] == head != first_lineage["code"]["git_commit"]  # the runs did differ
+    assert {name: sha256_file(p["out"] / name) for name in outputs} == first
+    assert lineage["onnx_sha256"] == first_lineage["onnx_sha256"] == first["model.onnx"]
 
 
 def test_failed_gate_refuses_and_writes_nothing(tmp_path, monkeypatch, capsys):

@@ -313,6 +313,9 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
     exp = {"opset": opset, "exporter": f"{EXPORTER}, torch {torch.__version__}", "tolerance": tol,
            "max_abs_diff_batch1": diff1, "max_abs_diff_batchN": diff_n, "batch_n": batch_n}
     c, h, w = (int(s) for s in images.shape[1:])
+    # DVC caches model.onnx: its metadata holds only what the stage's inputs determine, so the same
+    # inputs give the same bytes. Facts of the run (git commit, dirty flag, device, package versions)
+    # go to the uncached lineage.json.
     props = {
         "model_id": mid,
         "classes": json.dumps(classes),
@@ -323,8 +326,6 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
         "preprocessing": json.dumps(meta, sort_keys=True),
         "data_version": str(manifest.get("data_version")),
         "content_hash": str(manifest.get("content_hash")),
-        "git_commit": str(git["commit"]),
-        "git_dirty": json.dumps(git["dirty"]),
         "params_sha256": params.digest(),
         "metrics": json.dumps(metrics, sort_keys=True),
         "gate": json.dumps(gate, sort_keys=True),
@@ -332,7 +333,7 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
         # What training started from: ImageNet weights, or a warm start from a champion (its sha256).
         "pretrained": json.dumps(ckpt.get("pretrained"), sort_keys=True),
         "opset": str(opset),
-        "exporter": exp["exporter"],
+        "exporter": EXPORTER,  # the torch version is the graph's own producer_version
     }
     del proto.metadata_props[:]
     for key, value in props.items():
