@@ -104,7 +104,7 @@ def _register(name: str, command: Command) -> None:
         if name in STAGE_COMMANDS:
             code = _run_stage(name, ctx.args, ctx.obj["entry_point"])
         else:
-            code = int(getattr(importlib.import_module(command.module), command.function)(ctx.args) or 0)
+            code = _call(name, ctx.args)
         raise typer.Exit(code)  # click's standalone mode would exit 0 whatever a command returned
 
     # short_help: the whole line in the command list (click would cut it at 45 characters).
@@ -137,6 +137,17 @@ def _exit_code(code: Any) -> int:
     return 1
 
 
+def _call(name: str, args: list[str]) -> int:
+    """Run command `name`'s entry point. argparse names its program after sys.argv[0], so every
+    command's usage line reads `usage: medtune NAME ...`, however medtune was started."""
+    command = COMMANDS[name]
+    program, sys.argv[0] = sys.argv[0], f"medtune {name}"
+    try:
+        return int(getattr(importlib.import_module(command.module), command.function)(args) or 0)
+    finally:
+        sys.argv[0] = program
+
+
 def _run_stage(stage: str, rest: list[str], entry_point: bool) -> int:
     """A pipeline stage (what dvc.yaml runs): bound to the process that started it before anything
     else (a stage outlived by its starter would race the next run on the same outputs), then run under
@@ -157,8 +168,7 @@ def _run_stage(stage: str, rest: list[str], entry_point: bool) -> int:
         else:
             lock = lifetime.stage_lock(stage, ".", f"medtune {stage} {' '.join(rest)}".strip())
         with lock:
-            command = COMMANDS[stage]
-            return int(getattr(importlib.import_module(command.module), command.function)(rest) or 0)
+            return _call(stage, rest)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

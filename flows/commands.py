@@ -327,7 +327,7 @@ def _run(command: str, description: str, add_args: Callable[[argparse.ArgumentPa
     return common.stage_main(description, add_args, func, argv, prog=f"medtune {command}", params_flag=False)
 
 
-# One `<command>_main(argv)` per command (components/cli.py's FUNCTIONS). `retrain_main` answers an
+# One `<command>_main(argv)` per command (components/cli.py's COMMANDS). `retrain_main` answers an
 # empty inbox before Prefect is imported.
 def server_main(argv: Sequence[str] | None = None) -> int:
     def add(p: argparse.ArgumentParser) -> None:

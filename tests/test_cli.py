@@ -155,3 +155,9 @@ def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "components.cli", "--version"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0 and out.stdout.startswith("medtune "), out.stderr
+
+
+@pytest.mark.parametrize("command", ["ingest", "import-npz", "predict", "models"])
+def test_every_usage_line_names_medtune_and_the_command(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: medtune {command} ")
