@@ -12,12 +12,13 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo demo-commit test test-fast bench lock image clean-demo help
+.PHONY: setup demo demo-commit test test-fast lint bench lock image clean-demo help
 
 help:
 	@echo "make demo   - set up, create synthetic demo scans, dvc add + dvc repro, commit that run as the baseline"
 	@echo "make test   - set up and run the test suite (what CI runs)"
 	@echo "make test-fast - the tests not marked slow (no DVC/git workspaces, Prefect servers, Dask clusters, training)"
+	@echo "make lint   - ruff: lint and format check (CI runs it before the tests)"
 	@echo "make bench  - benchmarks (bench/), printed as ratios"
 	@echo "make image  - build the Docker image with buildah and smoke-test it (root, minutes)"
 	@echo "make lock   - re-pin requirements.lock from the current venv"
@@ -75,6 +76,11 @@ test: setup
 # The unit tests only (pytest marker `slow` deselected): about a minute on 2 cores, for the edit-test loop.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# ruff: the lint rules and the format in pyproject.toml ([tool.ruff]). `ruff format .` fixes the format.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/python -m bench
