@@ -104,7 +104,7 @@ def write_challenger(ws: Path, name: str, sign: float, gate_passed: bool = True,
     (ws / "models").mkdir(parents=True, exist_ok=True)
     (ws / "models/model.pt").write_bytes(f"checkpoint {name}".encode())
     model_id = common.sha256_file(ws / "models/model.pt")[:12]
-    from components.model.evaluate import compute_metrics
+    from components.model.metrics import compute_metrics
     from components.data.preprocess import load_split
 
     export_onnx(ws / "models/model.onnx", sign)

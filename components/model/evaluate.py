@@ -21,13 +21,13 @@ Binary tasks score the positive class (`evaluate.positive_class`, default the la
 its probability, predicted label = probability >= the threshold. Multi-class tasks use
 argmax, macro one-vs-rest AUROC / sensitivity / specificity / precision / F1, and the ROC curve
 written to roc.csv is the micro-average (every class's one-vs-rest scores pooled). Balanced
-accuracy is the mean per-class recall in both cases (sklearn's balanced_accuracy_score).
+accuracy is the mean per-class recall in both cases. components/model/metrics.py computes them
+(with scikit-learn); this module adds the operating point, the gate, the reports and the plots.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -36,130 +36,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from components.common import StageError, atomic_path, read_json, sha256_file, stage_main, write_json
 from components.model import calibrate
+from components.model.metrics import auroc, compute_metrics
 from components.params import Params, load_params
+from components.plots import figure, save_png
 
 log = logging.getLogger("medtune.evaluate")
 
 BATCH_SIZE = 64  # inference only; does not change the results
-# PNG metadata without matplotlib's version string, so the plots are byte-reproducible.
-PNG_METADATA = {"Software": None}
 RECORD, METRICS = "evaluation.json", "metrics.json"  # in the reports folder
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (pure functions over arrays; the retraining flow reuses them to score the champion)
+# The gate and the records (the metrics themselves: components/model/metrics.py)
 # ---------------------------------------------------------------------------------------------
-
-def auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int) -> float:
-    """Binary: AUROC of the positive class probability; multi-class: macro one-vs-rest."""
-    k = probs.shape[1]
-    if k == 2:
-        return float(roc_auc_score((y_true == positive_index).astype(int), probs[:, positive_index]))
-    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(k))))
-
-
-def bootstrap_auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int,
-                    n_boot: int, seed: int) -> tuple[list[float | None], int]:
-    """Percentile 95% interval of AUROC over test images resampled with replacement.
-
-    Resamples that miss a class (AUROC undefined) are skipped; the number of valid ones is
-    returned so a reader can tell a 1000-sample interval from a 12-sample one.
-    """
-    k = probs.shape[1]
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    values = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, size=n)
-        yb = y_true[idx]
-        if len(np.unique(yb)) < k:
-            continue
-        values.append(auroc(yb, probs[idx], positive_index))
-    if not values:
-        return [None, None], 0
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)], len(values)
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
-    """Counts, rows = true class, columns = predicted class."""
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    return cm
-
-
-def _ratio(num: float, den: float) -> float:
-    # An empty denominator (e.g. no predicted positives) scores 0, as sklearn's zero_division=0.
-    return float(num / den) if den else 0.0
-
-
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], positive_index: int,
-                    threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
-    """All test metrics for class indices `y_true` (N,) and probabilities `probs` (N, K).
-
-    Every class must occur in `y_true` (AUROC is undefined otherwise): ValueError if not.
-    """
-    y_true = np.asarray(y_true).astype(np.int64)
-    probs = np.asarray(probs, dtype=np.float64)
-    k = len(classes)
-    if probs.ndim != 2 or probs.shape != (len(y_true), k):
-        raise ValueError(f"probabilities have shape {probs.shape}; expected ({len(y_true)}, {k}) "
-                         f"for {len(y_true)} images and classes {list(classes)}.")
-    if y_true.size and (y_true.min() < 0 or y_true.max() >= k):
-        raise ValueError(f"labels {sorted(set(y_true.tolist()))} are outside 0..{k - 1} (classes {list(classes)}).")
-    missing = [classes[i] for i in range(k) if not np.any(y_true == i)]
-    if missing:
-        raise ValueError(f"the test set has no images of class(es) {missing}; AUROC needs every class of "
-                         f"{list(classes)} in the test split (add data or change split.test_fraction).")
-    if not 0 <= positive_index < k:
-        raise ValueError(f"positive_index {positive_index} is outside 0..{k - 1}.")
-
-    y_pred = calibrate.predict_labels(probs, positive_index, threshold)
-    cm = confusion_matrix(y_true, y_pred, k)
-    # One-vs-rest counts per class; for a binary task only the positive class's row is reported.
-    tp = np.diag(cm).astype(float)
-    fn = cm.sum(axis=1) - tp
-    fp = cm.sum(axis=0) - tp
-    tn = cm.sum() - tp - fn - fp
-    sens = [_ratio(tp[i], tp[i] + fn[i]) for i in range(k)]
-    spec = [_ratio(tn[i], tn[i] + fp[i]) for i in range(k)]
-    prec = [_ratio(tp[i], tp[i] + fp[i]) for i in range(k)]
-    f1 = [_ratio(2 * p * s, p + s) for p, s in zip(prec, sens)]
-    if k == 2:
-        pick = lambda values: values[positive_index]  # noqa: E731
-        averaging = f"binary, positive class {classes[positive_index]!r}"
-    else:
-        pick = lambda values: float(np.mean(values))  # noqa: E731
-        averaging = "macro one-vs-rest (sensitivity, specificity, precision, F1, AUROC)"
-
-    ci, n_valid = bootstrap_auroc(y_true, probs, positive_index, n_boot, seed)
-    return {
-        "auroc": auroc(y_true, probs, positive_index),
-        "auroc_ci": ci,
-        "auroc_ci_level": 0.95,
-        "bootstrap_resamples": int(n_boot),
-        "bootstrap_valid": n_valid,
-        "accuracy": _ratio(np.trace(cm), cm.sum()),
-        # Mean recall over all classes (binary: (sensitivity + specificity) / 2): chance is 1/K
-        # whatever the class balance, so a model calling everything one class scores 1/K here even
-        # when its accuracy or one-class sensitivity looks good.
-        "balanced_accuracy": float(np.mean(sens)),
-        "sensitivity": pick(sens),
-        "specificity": pick(spec),
-        "precision": pick(prec),
-        "f1": pick(f1),
-        "n_test": int(len(y_true)),
-        "confusion_matrix": cm.tolist(),
-        "classes": list(classes),
-        "positive_class": classes[positive_index] if k == 2 else None,
-        "threshold": float(threshold) if k == 2 else None,
-        "averaging": averaging,
-    }
-
 
 def apply_gate(metrics: dict[str, Any], params: Params) -> dict[str, Any]:
     """Compare metrics with `evaluate.gate`; every check is listed in `reasons`, failures in `failed`.
@@ -168,7 +61,7 @@ def apply_gate(metrics: dict[str, Any], params: Params) -> dict[str, Any]:
     metric fails its check.
     """
     # Every GateParams field, so a new gate key cannot be declared and then silently left unchecked.
-    thresholds = dataclasses.asdict(params.evaluate.gate)
+    thresholds = params.to_dict()["evaluate"]["gate"]
     reasons, failed, used = [], [], {}
     for key, minimum in thresholds.items():
         name = key.removeprefix("min_")
@@ -236,23 +129,11 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
         df.to_csv(tmp, index=False, lineterminator="\n")
 
 
-def save_png(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata=PNG_METADATA)
-    plt.close(fig)
-
-
 def plot_roc(roc: pd.DataFrame, metrics: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lo, hi = metrics["auroc_ci"]
     ci = f" (95% CI {lo:.3f}-{hi:.3f})" if lo is not None else ""
     what = f"positive class {metrics['positive_class']}" if metrics["positive_class"] else "micro-average"
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = figure(4.5, 4.5)
     ax.plot(roc["fpr"], roc["tpr"], lw=2, label=f"AUROC {metrics['auroc']:.3f}{ci}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
@@ -264,13 +145,9 @@ def plot_roc(roc: pd.DataFrame, metrics: dict[str, Any], path: Path) -> None:
 
 
 def plot_confusion(metrics: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cm = np.asarray(metrics["confusion_matrix"])
     classes = metrics["classes"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    fig, ax = figure(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2)
     ax.imshow(cm, cmap="Blues")
     for (i, j), n in np.ndenumerate(cm):
         ax.text(j, i, str(n), ha="center", va="center", color="white" if n > cm.max() / 2 else "black")
@@ -316,8 +193,9 @@ def operating_point(deployed: Any, prepared_dir: Path, device: Any, params: Para
     threshold = (calibrate.choose_threshold(ev.threshold_method, y, probs[:, pos], pos, ev.threshold)
                  if probs.shape[1] == 2 else ev.threshold)
     val = {"n": int(len(y)), **calibrate.calibration_report(y, raw, probs, pos)}
-    if len(np.unique(y)) == probs.shape[1]:
-        val["auroc"] = auroc(y, probs, pos)
+    val_auroc = auroc(y, probs, pos)
+    if math.isfinite(val_auroc):  # nan when the validation split lacks a class: left out
+        val["auroc"] = val_auroc
     return {"scale": scale, "bias": bias, "threshold": threshold, "val": val}
 
 
@@ -364,14 +242,24 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     # Export checks this, so a gate computed for another checkpoint can never release this one.
     gate["checkpoint_sha256"] = sha256_file(model_path)
 
-    y_pred = calibrate.predict_labels(probs, pos, threshold)
+    write_reports(reports_dir, metrics, gate, index, probs, calibrate.predict_labels(probs, pos, threshold), pos)
+    log_result(metrics, gate, reports_dir)
+    return {"metrics": metrics, "gate": gate}
+
+
+def write_reports(reports_dir: Path, metrics: dict[str, Any], gate: dict[str, Any], index: pd.DataFrame,
+                  probs: np.ndarray, y_pred: np.ndarray, positive_index: int) -> None:
+    """The stage's outputs in `reports_dir`: the record, metrics.json, the gate, the CSVs and the plots
+    (`index` the test split's rows, `probs` and `y_pred` the shipped model's output for them)."""
+    classes = metrics["classes"]
+    y_true = index["label_index"].to_numpy().astype(np.int64)
     names = np.asarray(classes, dtype=object)
     preds = pd.DataFrame({"path": index["path"].to_numpy(), "sha256": index["sha256"].to_numpy(),
                           "label": index["label"].to_numpy()})
     for i, c in enumerate(classes):
         preds[f"prob_{c}"] = np.round(probs[:, i], 6)
     preds["predicted"] = names[y_pred]
-    roc = roc_points(y_true, probs, pos)
+    roc = roc_points(y_true, probs, positive_index)
 
     reports_dir.mkdir(parents=True, exist_ok=True)
     write_json(reports_dir / RECORD, metrics)
@@ -383,21 +271,25 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     plot_roc(roc, metrics, reports_dir / "roc.png")
     plot_confusion(metrics, reports_dir / "confusion.png")
 
+
+def log_result(metrics: dict[str, Any], gate: dict[str, Any], reports_dir: Path) -> None:
+    """One line of test metrics, then the gate's verdict (a failure under a banner)."""
     lo, hi = metrics["auroc_ci"]
     ci = f"{lo:.3f}-{hi:.3f}" if lo is not None else "n/a"
-    cal = metrics["calibration"]["test"]
+    cal, threshold = metrics["calibration"], metrics["threshold"]
+    decision = f"threshold {threshold:.3f} ({metrics['threshold_method']})" if threshold is not None else "argmax"
     log.info("test n=%d auroc=%.3f (95%% CI %s, %d valid resamples) accuracy=%.3f balanced accuracy=%.3f "
-             "sensitivity=%.3f specificity=%.3f at threshold %.3f (%s); ECE %.3f -> %.3f, Brier %.3f -> %.3f (%s)",
+             "sensitivity=%.3f specificity=%.3f at %s; ECE %.3f -> %.3f, Brier %.3f -> %.3f (%s)",
              metrics["n_test"], metrics["auroc"], ci, metrics["bootstrap_valid"], metrics["accuracy"],
-             metrics["balanced_accuracy"], metrics["sensitivity"], metrics["specificity"], threshold, ev.threshold_method,
-             cal["ece_before"], cal["ece_after"], cal["brier_before"], cal["brier_after"], ev.calibration)
+             metrics["balanced_accuracy"], metrics["sensitivity"], metrics["specificity"], decision,
+             cal["test"]["ece_before"], cal["test"]["ece_after"], cal["test"]["brier_before"],
+             cal["test"]["brier_after"], cal["method"])
     if gate["passed"]:
         log.info("gate PASSED: %s", "; ".join(gate["reasons"]))
     else:
         banner = "!" * 72
         log.warning("%s\nGATE FAILED: %s\nThe export stage will refuse this model; metrics are in %s.\n%s",
-                    banner, "; ".join(gate["failed"]), reports_dir / "metrics.json", banner)
-    return {"metrics": metrics, "gate": gate}
+                    banner, "; ".join(gate["failed"]), reports_dir / METRICS, banner)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,7 +109,8 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
     challenger, comparison}; the metrics of both models are in it whatever the outcome.
     """
     from components.data.preprocess import load_split
-    from components.model.evaluate import compute_metrics, read_record
+    from components.model.evaluate import read_record
+    from components.model.metrics import compute_metrics
     from components.release.export import model_id
 
     root = Path(root)
