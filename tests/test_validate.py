@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -13,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.data import validate as V
 from components.common import StageError, hash_patient, sha256_bytes
+from components.data import validate as V
 from components.params import Params
 
 SALT = b"test-salt"
@@ -27,9 +26,21 @@ def clean_rows() -> list[dict]:
         for label in ("normal", "lesion"):
             for i in range(2):
                 name = f"{label}/{split}_{i}.png"
-                rows.append(dict(path=name, sha256=sha256_bytes(name.encode()), label=label,
-                                 patient=hash_patient(f"{split}-{i}", SALT), width=32, height=32, channels=1,
-                                 bit_depth=8, modality="PNG", split=split, error=""))
+                rows.append(
+                    dict(
+                        path=name,
+                        sha256=sha256_bytes(name.encode()),
+                        label=label,
+                        patient=hash_patient(f"{split}-{i}", SALT),
+                        width=32,
+                        height=32,
+                        channels=1,
+                        bit_depth=8,
+                        modality="PNG",
+                        split=split,
+                        error="",
+                    )
+                )
     return rows
 
 
@@ -49,7 +60,7 @@ def run(tmp_path: Path, rows: list[dict], params: Params | None = None) -> tuple
 
 def with_validate(**kw) -> Params:
     p = Params()
-    return dataclasses.replace(p, validate=dataclasses.replace(p.validate, **kw))
+    return p.model_copy(update={"validate": p.validate.model_copy(update=kw)}).check()
 
 
 def test_clean_manifest_passes(tmp_path):
@@ -61,8 +72,11 @@ def test_clean_manifest_passes(tmp_path):
     assert report["counts"] == {s: {"normal": 2, "lesion": 2} for s in ("train", "val", "test")}
     # Each entry carries GX's own result, so the verdict is GX's, not ours.
     types = {e["gx"]["expectation_config"]["type"] for e in report["expectations"]}
-    assert {"expect_column_values_to_be_unique", "expect_column_values_to_be_in_set",
-            "expect_table_row_count_to_be_between"} <= types
+    assert {
+        "expect_column_values_to_be_unique",
+        "expect_column_values_to_be_in_set",
+        "expect_table_row_count_to_be_between",
+    } <= types
     md = out_md.read_text()
     assert md.startswith("# Manifest validation: PASS") and "| sha256_unique |" in md
 
@@ -98,20 +112,36 @@ def _too_few_per_class(rows):
 
 
 def _unreadable(rows):
-    rows.append(dict(path="broken.dcm", sha256="f" * 64, label="", patient="", width="", height="", channels="",
-                     bit_depth="", modality="", split="", error="not a DICOM file"))
+    rows.append(
+        dict(
+            path="broken.dcm",
+            sha256="f" * 64,
+            label="",
+            patient="",
+            width="",
+            height="",
+            channels="",
+            bit_depth="",
+            modality="",
+            split="",
+            error="not a DICOM file",
+        )
+    )
     return "broken.dcm", "not a DICOM file"
 
 
-@pytest.mark.parametrize("corrupt, check", [
-    (_unknown_label, "label_in_classes"),
-    (_duplicate_across_splits, "duplicates_in_one_split"),
-    (_duplicate_with_two_labels, "duplicates_agree_on_label"),
-    (_patient_in_two_splits, "patient_in_one_split"),
-    (_too_small, "height_in_range"),
-    (_too_few_per_class, "images_per_class_split"),
-    (_unreadable, "unreadable_within_limit"),
-])
+@pytest.mark.parametrize(
+    "corrupt, check",
+    [
+        (_unknown_label, "label_in_classes"),
+        (_duplicate_across_splits, "duplicates_in_one_split"),
+        (_duplicate_with_two_labels, "duplicates_agree_on_label"),
+        (_patient_in_two_splits, "patient_in_one_split"),
+        (_too_small, "height_in_range"),
+        (_too_few_per_class, "images_per_class_split"),
+        (_unreadable, "unreadable_within_limit"),
+    ],
+)
 def test_each_failure_kind_is_critical_and_named(tmp_path, corrupt, check):
     rows = clean_rows()
     expected = corrupt(rows)
@@ -146,8 +176,10 @@ def test_duplicates_within_the_limit_pass_as_a_listed_warning(tmp_path):
     out_json, out_md = run(tmp_path, rows, with_validate(max_duplicates=1))
     report = json.loads(out_json.read_text())
     assert report["success"] is True
-    assert [(f["name"], f["critical"]) for f in report["failures"]] == [("sha256_unique", False),
-                                                                       ("duplicates_in_one_split", False)]
+    assert [(f["name"], f["critical"]) for f in report["failures"]] == [
+        ("sha256_unique", False),
+        ("duplicates_in_one_split", False),
+    ]
     assert copy in out_md.read_text() and original in out_md.read_text()
 
 
@@ -200,16 +232,29 @@ def test_output_is_deterministic(tmp_path, monkeypatch):
     _duplicate_across_splits(rows)
     write_manifest(tmp_path, rows)
     monkeypatch.chdir(tmp_path)  # the default paths are relative to the project root
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(Params())))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(Params().to_dict()))
     assert V.main(["--manifest", "manifest.csv", "--manifest-json", "manifest.json"]) == 1
     reports = [tmp_path / "reports" / n for n in ("validation.json", "validation.md")]
     first = [p.read_bytes() for p in reports]
     for p in reports:
         p.unlink()
     env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "components.cli", "validate", "--manifest", "manifest.csv",
-                           "--manifest-json", "manifest.json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "components.cli",
+            "validate",
+            "--manifest",
+            "manifest.csv",
+            "--manifest-json",
+            "manifest.json",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and "duplicates_in_one_split" in proc.stderr and "Traceback" not in proc.stderr
     assert "great_expectations" not in proc.stderr  # GX logging stays quiet
     assert [p.read_bytes() for p in reports] == first
@@ -231,18 +276,36 @@ def test_missing_column_and_stale_manifest_json(tmp_path):
 def test_main_exit_codes(tmp_path, capsys):
     csv, js = write_manifest(tmp_path, clean_rows())
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(dataclasses.asdict(Params())))
-    argv = ["--params", str(params), "--manifest", str(csv), "--manifest-json", str(js),
-            "--out-json", str(tmp_path / "v.json"), "--out-md", str(tmp_path / "v.md")]
+    params.write_text(yaml.safe_dump(Params().to_dict()))
+    argv = [
+        "--params",
+        str(params),
+        "--manifest",
+        str(csv),
+        "--manifest-json",
+        str(js),
+        "--out-json",
+        str(tmp_path / "v.json"),
+        "--out-md",
+        str(tmp_path / "v.md"),
+    ]
     assert V.main(argv) == 0
-    params.write_text(yaml.safe_dump(dataclasses.asdict(with_validate(min_images_per_class_split=3))))
+    params.write_text(yaml.safe_dump(with_validate(min_images_per_class_split=3).to_dict()))
     assert V.main(argv) == 1
     assert "images_per_class_split" in capsys.readouterr().err
 
 
 def _extra_lesions_in_val(rows, n):
-    return rows + [dict(rows[-1], path=f"lesion/val_extra{i}.png", sha256=sha256_bytes(f"x{i}".encode()),
-                        patient=hash_patient(f"extra-{i}", SALT), split="val") for i in range(n)]
+    return rows + [
+        dict(
+            rows[-1],
+            path=f"lesion/val_extra{i}.png",
+            sha256=sha256_bytes(f"x{i}".encode()),
+            patient=hash_patient(f"extra-{i}", SALT),
+            split="val",
+        )
+        for i in range(n)
+    ]
 
 
 def test_a_split_far_from_the_class_balance_fails_naming_the_share(tmp_path):
@@ -262,8 +325,9 @@ def test_a_small_imbalance_is_a_listed_warning(tmp_path):
 def test_split_fractions_are_checked_where_ingest_made_the_split(tmp_path):
     csv, js = write_manifest(tmp_path, clean_rows())  # a third of the images in each split
     meta = json.loads(js.read_text())
-    js.write_text(json.dumps({**meta, "split": {"source": "stratified-group", "val_fraction": 0.2,
-                                                "test_fraction": 0.25}}))
+    js.write_text(
+        json.dumps({**meta, "split": {"source": "stratified-group", "val_fraction": 0.2, "test_fraction": 0.25}})
+    )
     with pytest.raises(StageError, match=r"images in train: 0.33, expected 0.55"):
         V.validate(csv, js, tmp_path / "v.json", tmp_path / "v.md", Params())
     js.write_text(json.dumps({**meta, "split": {"source": "labels.csv", "val_fraction": 0.2, "test_fraction": 0.25}}))
