@@ -36,7 +36,7 @@ import pandas as pd
 
 from components import common
 from components.common import SPLITS
-from components.data import folders, near_duplicates, scan_facts, splits, stat_index
+from components.data import folders, labels_csv, near_duplicates, scan_facts, splits, stat_index
 from components.data.manifest import COLUMNS, read_manifest_rows
 from components.params import Params, load_params
 
@@ -59,68 +59,6 @@ def find_scans(raw_dir: Path, labels_name: str = "labels.csv") -> folders.Listin
     if others:
         log.warning("%s: %s", raw_dir, folders.summary(folders.Listing(skipped=others)))
     return listing
-
-
-def parse_labels_csv(csv_path: Path) -> pd.DataFrame:
-    """A labels.csv as stripped strings with posix paths and its `line` numbers; StageError naming the
-    file (and line) if it cannot be read, lacks path or label, names a path twice, or has a path that
-    is absolute or climbs out of its folder (folders.check_relative). Shared by ingest and the inbox."""
-    try:
-        # utf-8-sig: spreadsheet programs write a byte-order mark that would rename the first column.
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise common.StageError(f"{csv_path}: not a readable CSV ({exc}).") from None
-    except UnicodeDecodeError as exc:
-        raise common.StageError(f"{csv_path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at "
-                                f"offset {exc.start}); expected a UTF-8 CSV: save it as UTF-8.") from None
-    table.columns = [c.strip() for c in table.columns]
-    missing = [c for c in ("path", "label") if c not in table.columns]
-    if missing:
-        raise common.StageError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}, expected "
-                                "a header line path,label[,patient_id][,split].")
-    table = table.map(str.strip)
-    table["line"] = np.arange(len(table)) + 2  # header is line 1
-    try:
-        table["path"] = [folders.check_relative(p, f"{csv_path} line {n}") for p, n in zip(table["path"], table["line"])]
-    except ValueError as exc:
-        raise common.StageError(str(exc)) from None
-    dupes = table[table["path"].duplicated(keep=False)]
-    if len(dupes):
-        first = dupes.iloc[0]
-        raise common.StageError(f"{csv_path}: path {first['path']!r} appears on lines "
-                                f"{list(dupes[dupes['path'] == first['path']]['line'])}; expected one row per file.")
-    return table
-
-
-def labels_file(folder: Path, name: str) -> Path:
-    """folder / name, the labels file; StageError if the name leaves the folder (an absolute path, '..',
-    or a link to outside): it is read from there and its rows copied into the raw data."""
-    try:
-        return folders.path_inside(folder, name, "data.labels_csv")
-    except ValueError as exc:
-        raise common.StageError(str(exc)) from None
-
-
-def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataFrame:
-    """labels.csv indexed by path; errors for missing columns, duplicates and rows without a file."""
-    csv_path = labels_file(raw_dir, params.data.labels_csv)
-    if not csv_path.is_file():
-        raise common.StageError(f"{csv_path} not found; data.label_source is 'csv', so it must exist with "
-                                "columns path,label[,patient_id][,split] (paths relative to the raw folder).")
-    table = parse_labels_csv(csv_path)
-    known = set(files)
-    absent = table[~table["path"].isin(known)]
-    if len(absent):
-        shown = ", ".join(f"line {r.line}: {r.path!r}" for r in absent.head(5).itertuples())
-        raise common.StageError(f"{csv_path}: {len(absent)} row(s) name no scan file under {raw_dir} ({shown}); "
-                                "paths must be relative to the raw folder and point to PNG/JPEG/DICOM files.")
-    if "split" in table.columns:
-        bad = table[~table["split"].isin(SPLITS)]
-        if len(bad):
-            r = bad.iloc[0]
-            raise common.StageError(f"{csv_path} line {r['line']} ({r['path']}): split = {r['split']!r}; expected "
-                                    f"one of {list(SPLITS)}.")
-    return table.set_index("path")
 
 
 def folder_label(rel: str) -> str:
@@ -206,47 +144,87 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None 
     components.data.scan_facts): the outputs are the same bytes with the cache warm, cold or absent."""
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     cache_dir = stat_index.facts_dir(out_dir) if cache_dir is None else Path(cache_dir)
+    found = _list_raw(raw_dir, params)
+    files = found.scans
+    table = labels_csv.read_labels_csv(raw_dir, params, files) if params.data.label_source == "csv" else None
+    regex, salt = params.data.patient_regex(), common.patient_salt(params.data.patient_salt)
+    known = scan_facts.gather(raw_dir, files, cache_dir, salt, params.compute, found)
+    df, sources = _manifest_rows(files, known.facts, table, regex, salt)
+    readable = (df["error"] == "").to_numpy()
+    linked = _group_near_duplicates(df, readable, known, params.split.near_duplicate_correlation)
+    split_source, method = _fill_splits(df, readable, linked, table, out_dir, params)
+    warn = _warnings(files, table, sources, params)
+    for w in warn:
+        log.warning(w)
+    n_real = len(sources) - sources.count("none")  # scans whose patient hash stands for a real id
+    common.warn_public_salt(params.data.patient_salt, str(raw_dir), n_real, log)
+    _write_manifest_csv(df, out_dir / "manifest.csv")
+    manifest = _manifest_record(df, readable, found, sources, (split_source, method), warn, raw_dir, params)
+    common.write_json(out_dir / "manifest.json", manifest)
+    log.info("manifest: %d images (%d unreadable), patients %s, images per split %s", len(df),
+             manifest["n_unreadable"], manifest["split"]["patients"],
+             {s: sum(c.values()) for s, c in manifest["counts"].items()})
+    return df
+
+
+def _list_raw(raw_dir: Path, params: Params) -> folders.Listing:
+    """find_scans of raw_dir; StageError when the folder is missing or holds no scan."""
     if not raw_dir.is_dir():
         raise common.StageError(f"raw data folder {raw_dir} not found; expected scans in folder-per-class layout "
                                 "(or labels.csv); `medtune demo-data --out data/raw` writes a demo set.")
     found = find_scans(raw_dir, params.data.labels_csv)
-    files = found.scans
-    if not files:
+    if not found.scans:
         raise common.StageError(f"{raw_dir}: no scan files found; expected PNG, JPEG or DICOM files. "
                                 + folders.summary(found))
-    table = read_labels_csv(raw_dir, params, files) if params.data.label_source == "csv" else None
-    regex, salt = params.data.patient_regex(), common.patient_salt(params.data.patient_salt)
+    return found
 
-    known = scan_facts.gather(raw_dir, files, cache_dir, salt, params.compute, found)
+
+def _manifest_rows(files: list[str], facts: Sequence[scan_facts.Fact], table: pd.DataFrame | None,
+                  regex: re.Pattern | None, salt: bytes) -> tuple[pd.DataFrame, list[str]]:
+    """The manifest rows of `files` (their `fact_row`, split and similar_group empty), labelled by
+    labels.csv (`table`, indexed by path) or else by folder, and where each row's patient came from."""
     rows, sources = [], []
-    for rel, fact in zip(files, known.facts):
+    for rel, fact in zip(files, facts):
         csv_row = table.loc[rel] if table is not None and rel in table.index else None
         label = folder_label(rel) if table is None else csv_row["label"] if csv_row is not None else ""
         patient = csv_row.get("patient_id", "") if csv_row is not None else ""
         row, source = fact_row(fact, rel, label, patient, regex, salt)
         rows.append(row)
         sources.append(source)
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS), sources
 
-    warn = []
-    readable = (df["error"] == "").to_numpy()
-    threshold = params.split.near_duplicate_correlation
+
+def _group_near_duplicates(df: pd.DataFrame, readable: np.ndarray, known: scan_facts.Found,
+                           threshold: float | None) -> list[tuple[int, int]]:
+    """Fill similar_group of df's readable rows (components.data.near_duplicates) and return the links
+    between those rows (positions among them) that keep a group in one split."""
     readable_rows = np.flatnonzero(readable)
     linked = known.links(readable_rows, threshold) if threshold is not None and len(readable_rows) else []
     leader = near_duplicates.leaders(len(readable_rows), linked)
     df.loc[readable, "similar_group"] = near_duplicates.groups(list(df["path"][readable]), leader)
-    linked = near_duplicates.links(leader)
-    if table is not None:
-        unlabelled = [f for f in files if f not in table.index]
-        if unlabelled:
-            warn.append(f"{len(unlabelled)} scan file(s) have no row in {params.data.labels_csv} and get an empty "
-                        f"label (e.g. {unlabelled[:3]}); add them to the CSV or remove them.")
+    return near_duplicates.links(leader)
+
+
+def _fill_splits(df: pd.DataFrame, readable: np.ndarray, linked: list[tuple[int, int]], table: pd.DataFrame | None,
+           out_dir: Path, params: Params) -> tuple[str, str]:
+    """Fill the split of df's readable rows; return its source and how it was made. StageError when a
+    patient lands in two splits or validation is left empty (components.data.splits)."""
     units = splits.split_groups(list(df["patient"][readable]), list(df["sha256"][readable]), linked)
     assigned, split_source, method = assign_splits(df[readable], units, table, out_dir, params)
     df.loc[readable, "split"] = assigned
     splits.check_overlap(list(df["patient"]), list(df["path"]), list(df["split"]), split_source)
     splits.require_val(assigned, len(set(units)), params)
+    return split_source, method
 
+
+def _warnings(files: list[str], table: pd.DataFrame | None, sources: list[str], params: Params) -> list[str]:
+    """What manifest.json's `warnings` say: scans without a labels.csv row, scans without a patient id."""
+    warn = []
+    if table is not None:
+        unlabelled = [f for f in files if f not in table.index]
+        if unlabelled:
+            warn.append(f"{len(unlabelled)} scan file(s) have no row in {params.data.labels_csv} and get an empty "
+                        f"label (e.g. {unlabelled[:3]}); add them to the CSV or remove them.")
     n_none = sources.count("none")
     if n_none:
         warn.append(f"{n_none} of {len(files)} image(s) have no patient id (no labels.csv patient_id, no DICOM "
@@ -254,25 +232,36 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None 
                     "of one patient may leak across train/val/test and inflate the test metrics. Set "
                     "data.patient_pattern in params.yaml to a regex whose group 'patient' matches the file name "
                     "(e.g. '^(?P<patient>[^_]+)_' for 'p017_03.png'), or add a patient_id column to labels.csv.")
-    for w in warn:
-        log.warning(w)
-    n_real = len(sources) - n_none  # scans whose patient hash stands for a real id
-    common.warn_public_salt(params.data.patient_salt, str(raw_dir), n_real, log)
-    used = sorted(set(sources), key=list(SOURCE_NAMES).index)
-    patient_source = (SOURCE_NAMES[used[0]] if len(used) == 1 else
-                      "mixed: " + ", ".join(f"{SOURCE_NAMES[s]} ({sources.count(s)})" for s in used))
+    return warn
 
+
+def _patient_source(sources: list[str]) -> str:
+    """manifest.json's `patient_source`: the one source of every row's patient, or each with its count."""
+    used = sorted(set(sources), key=list(SOURCE_NAMES).index)
+    return (SOURCE_NAMES[used[0]] if len(used) == 1 else
+            "mixed: " + ", ".join(f"{SOURCE_NAMES[s]} ({sources.count(s)})" for s in used))
+
+
+def _write_manifest_csv(df: pd.DataFrame, target: Path) -> None:
+    """Write df to target; its size and depth columns become nullable integers first (in df too), so an
+    unreadable row's stay empty and the others print without a decimal point."""
     for col in ("width", "height", "channels", "bit_depth"):
         df[col] = pd.array([None if v == "" else v for v in df[col]], dtype="Int64")
-    with common.atomic_path(out_dir / "manifest.csv") as tmp:
+    with common.atomic_path(target) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
 
+
+def _manifest_record(df: pd.DataFrame, readable: np.ndarray, found: folders.Listing, sources: list[str],
+                     split: tuple[str, str], warn: list[str], raw_dir: Path, params: Params) -> dict:
+    """manifest.json: what ingest made of raw_dir (counts, how it split, the patients' source and salt)."""
+    split_source, method = split
     ok = df[readable]
     similar = ok["similar_group"][ok["similar_group"] != ""]
     classes = list(params.data.classes) + sorted(set(ok["label"]) - set(params.data.classes))
     counts = {s: {c: int(((ok["split"] == s) & (ok["label"] == c)).sum()) for c in classes} for s in SPLITS}
     listing = "".join(f"{p}  {h}\n" for p, h in zip(df["path"], df["sha256"]))  # sha256sum format, sorted
-    manifest = {
+    n_real = len(sources) - sources.count("none")
+    return {
         "data_version": common.dvc_data_version(raw_dir),
         "content_hash": common.sha256_bytes(listing.encode()),
         "n_images": len(df),
@@ -283,7 +272,7 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None 
                   "val_fraction": params.split.val_fraction, "test_fraction": params.split.test_fraction,
                   "patients": {s: int(ok[ok["split"] == s]["patient"].nunique()) for s in SPLITS},
                   "patient_overlap": 0},
-        "patient_source": patient_source,
+        "patient_source": _patient_source(sources),
         # Which salt hashed the patients (never the salt): a public one makes them re-identifiable.
         "patient_salt": {**common.salt_status(params.data.patient_salt), "real_patient_ids": n_real > 0},
         "near_duplicates": {"correlation": params.split.near_duplicate_correlation,
@@ -292,11 +281,6 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None 
         "skipped": [{"path": s.path, "reason": s.reason} for s in found.skipped],
         "warnings": warn,
     }
-    common.write_json(out_dir / "manifest.json", manifest)
-    log.info("manifest: %d images (%d unreadable), patients %s, images per split %s", len(df),
-             manifest["n_unreadable"], manifest["split"]["patients"],
-             {s: sum(c.values()) for s, c in counts.items()})
-    return df
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:

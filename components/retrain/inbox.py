@@ -42,6 +42,7 @@ import pandas as pd
 from components import common
 from components.common import StageError
 from components.data import folders, ingest
+from components.data.labels_csv import labels_file, parse_labels_csv
 from components.data.manifest import COLUMNS, read_manifest
 from components.params import Params
 from components.retrain.inbox_listing import find_batches  # noqa: F401 - the flow's listing, light for the CLI
@@ -113,9 +114,9 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
     problems: list[str] = []
     labels = None
     try:
-        labels_csv = ingest.labels_file(batch, "labels.csv")
+        labels_csv = labels_file(batch, "labels.csv")
         if labels_csv.is_file():
-            labels = ingest.parse_labels_csv(labels_csv)
+            labels = parse_labels_csv(labels_csv)
     except StageError as exc:  # one bad row or header quarantines the whole batch, naming it
         return pd.DataFrame(columns=COLUMNS), [str(exc)]
     listing = folders.list_folder(batch)
@@ -233,7 +234,7 @@ def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFram
 # ---------------------------------------------------------------------------------------------
 
 def _stamp() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def quarantine(batch_dir: str | Path, quarantine_dir: str | Path, problems: Sequence[str],
@@ -317,7 +318,7 @@ def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: lis
         return
     # Read again, not carried from read_batch: the batch rows travel between flow tasks (and so into
     # Prefect's result storage), and they must hold only hashed patients; raw ids stay in raw labels.csv.
-    src = ingest.parse_labels_csv(batch / "labels.csv") if (batch / "labels.csv").is_file() else None
+    src = parse_labels_csv(batch / "labels.csv") if (batch / "labels.csv").is_file() else None
     extra = pd.DataFrame({"path": dests, "label": rows["label"].tolist()})
     if src is not None:
         by = {p: i for i, p in enumerate(src["path"])}
