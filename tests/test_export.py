@@ -172,6 +172,52 @@ def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(
     assert lineage["onnx_sha256"] == first_lineage["onnx_sha256"] == first["model.onnx"]
 
 
+def test_the_card_template_lays_out_every_branch():
+    """The card's other branches (three classes, no bootstrap interval, sparse records, a synthetic data
+    set, both leak kinds, a failed gate, an ensemble warm-started from a champion): each line exact."""
+    from components.release.export import model_card
+
+    metrics = {"classes": ["a", "b", "c"], "n_test": 9, "averaging": "macro", "auroc": 0.7, "auroc_ci": [None, None],
+               "confusion_matrix": [[1, 1, 1], [0, 3, 0], [0, 0, 3]], "sensitivity": 0.7, "specificity": 0.8,
+               "precision": 0.71, "accuracy": 0.777, "f1": 0.7, "threshold_method": "accuracy"}
+    ckpt = {"backbone": "resnet18", "members": 3, "pretrained": {"description": "champion 3f2a9c1e0b7d"},
+            "params": {"train": {"freeze": "last_n", "unfreeze_last_n": 2, "seed": 5}}}
+    leaks = {"expectations": [
+        {"name": "duplicates_in_one_split", "success": False, "details": {}},
+        {"name": "near_duplicates_in_one_split", "success": False, "details": {"n_offending": 2}}]}
+    exp = {"opset": 17, "max_abs_diff_batch1": 3.2e-7, "max_abs_diff_batchN": 0.0, "batch_n": 8}
+    card = model_card("abc123def456", ckpt, {}, metrics, {"passed": False}, {}, exp, True, leaks)
+    lines = card.splitlines()
+    for line in [
+        "Research and decision support only: ranks scans as `a` / `b` / `c` to help a qualified reader prioritise. "
+        "It is **not a diagnostic device**, is not cleared or approved by any regulator, and must not be used to "
+        "make or rule out a diagnosis on its own.",
+        "- images: None (0 unreadable, excluded); patient-level split (unknown), no patient in two splits",
+        "| split | a | b | c | total |", "|---|---|---|---|---|", "| test | 0 | 0 | 0 | 0 |",
+        "- backbone: `resnet18`; started from: champion 3f2a9c1e0b7d",
+        "- fine-tuning: freeze = `last_n` (last 2 blocks), optimizer None, lr None, None epochs run, best epoch None "
+        "by None; an ensemble of 3 models (seeds 5 to 7, one per list entry), logits averaged",
+        "- input: None channel(s), None x None px, DICOM window `None`, resize as recorded",
+        "- ONNX: opset 17, parity with PyTorch max |diff| 3.20e-07 (batch 1), 0.00e+00 (batch 8)",
+        "| AUROC | 0.700 | n/a |", "| accuracy | 0.777 | 0.453 - 0.937 (Wilson, 7/9) |", "| F1 | 0.700 | |",
+        "| specificity (macro) | 0.800 | |",
+        "Decision rule: the class with the highest probability (threshold chosen on the validation split (best "
+        "accuracy)). Confusion matrix (rows = actual, columns = predicted, order ['a', 'b', 'c']): "
+        "`[[1, 1, 1], [0, 3, 0], [0, 0, 3]]`.",
+        "Test-time augmentation: none. Calibration: none. Both are inside the ONNX graph.",
+        "Decision: **failed**.",
+        "- **Some group(s) of byte-identical images sit in more than one split** (tolerated by "
+        "`validate.max_duplicates`; listed in reports/validation.md): the model was tested partly on pictures it "
+        "trained on, so the test metrics are optimistic.",
+        "- **The data is the synthetic demo set** (`medtune demo-data`): these numbers say nothing about "
+        "performance on real scans.",
+    ]:
+        assert line in lines, line
+    assert "- **2 group(s) of near-duplicate images" in card and "sensitivity |" not in card
+    assert card.startswith("# Model card: medtune classifier `abc123def456`\n\n## Intended use\n")
+    assert card.endswith("Lineage: `models/lineage.json`.\n") and "\n\n\n" not in card
+
+
 def test_failed_gate_refuses_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     params = tiny_params(min_auroc=1.01)

@@ -46,6 +46,7 @@ from components.common import (
 )
 from components.params import Params, load_params
 from components.release.onnx_runtime import make_session
+from components.templates import render
 
 log = logging.getLogger("medtune.export")
 
@@ -161,98 +162,67 @@ LEAKS = {"duplicates_in_one_split": ("byte-identical", "max_duplicates"),
          "near_duplicates_in_one_split": ("near-duplicate", "max_near_duplicates")}
 
 
+CARD_TEMPLATE = "release/templates/model_card.md.j2"
+
+
 def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, meta: dict,
                exp: dict, synthetic: bool, validation: dict | None = None) -> str:
-    """The human-readable summary of one model (Markdown)."""
-    classes = metrics["classes"]
-    train_p = (ckpt.get("params") or {}).get("train", {})
-    pre = ckpt.get("pretrained") or {}
-    lines = [f"# Model card: medtune classifier `{mid}`", "",
-             "## Intended use",
-             "Research and decision support only: ranks scans as "
-             + " / ".join(f"`{c}`" for c in classes) + " to help a qualified reader prioritise. "
-             "It is **not a diagnostic device**, is not cleared or approved by any regulator, and must not "
-             "be used to make or rule out a diagnosis on its own.", "",
-             "## Data",
-             f"- data version: `{manifest.get('data_version')}`; content hash: `{manifest.get('content_hash')}`",
-             f"- images: {manifest.get('n_images')} ({manifest.get('n_unreadable', 0)} unreadable, excluded); "
-             f"patient-level split ({(manifest.get('split') or {}).get('method', 'unknown')}), no patient in two splits",
-             "", "| split | " + " | ".join(classes) + " | total |", "|---|" + "---|" * (len(classes) + 1)]
-    for split in SPLITS:
-        counts = (manifest.get("counts") or {}).get(split, {})
-        lines.append(f"| {split} | " + " | ".join(str(counts.get(c, 0)) for c in classes)
-                     + f" | {sum(counts.get(c, 0) for c in classes)} |")
-    lines += ["", "## Model",
-              f"- backbone: `{ckpt.get('backbone')}`; started from: "
-              + (pre.get("description") or f"{pre.get('name')} from {pre.get('source')} (sha256 `{pre.get('sha256')}`)"),
-              f"- fine-tuning: freeze = `{train_p.get('freeze')}`"
-              + (f" (last {train_p.get('unfreeze_last_n')} blocks)" if train_p.get("freeze") == "last_n" else "")
-              + f", optimizer {train_p.get('optimizer')}, lr {train_p.get('lr')}, "
-              f"{ckpt.get('epochs_run')} epochs run, best epoch {ckpt.get('best_epoch')} by "
-              f"{(ckpt.get('best_metric') or {}).get('name')}"
-              + (f"; an ensemble of {ckpt['members']} models (seeds {train_p.get('seed')} to "
-                 f"{train_p.get('seed', 0) + ckpt['members'] - 1}, one per list entry), logits averaged"
-                 if ckpt.get("members", 1) > 1 else ""),
-              f"- input: {meta.get('channels')} channel(s), {meta.get('image_size')} x {meta.get('image_size')} px, "
-              f"DICOM window `{meta.get('window')}`" + (", histogram-equalized" if meta.get("equalize") else "")
-              + f", resize {meta.get('resize', 'as recorded')}",
-              f"- ONNX: opset {exp['opset']}, parity with PyTorch max |diff| {exp['max_abs_diff_batch1']:.2e} (batch 1), "
-              f"{exp['max_abs_diff_batchN']:.2e} (batch {exp['batch_n']})", "",
-              f"## Test metrics (n = {metrics['n_test']}; {metrics.get('averaging', '')})",
-              "| metric | value | 95% interval |", "|---|---|---|"]
+    """The human-readable summary of one model (Markdown), laid out by CARD_TEMPLATE."""
+    return render(CARD_TEMPLATE, **card_context(mid, ckpt, manifest, metrics, gate, meta, exp, synthetic, validation))
+
+
+def card_context(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, meta: dict,
+                 exp: dict, synthetic: bool, validation: dict | None) -> dict[str, Any]:
+    """The card's values, each present (None where a record lacks it: the template is strict)."""
+    classes = list(metrics["classes"])
+    train = {k: None for k in ("freeze", "unfreeze_last_n", "optimizer", "lr", "seed")}
+    train.update((ckpt.get("params") or {}).get("train", {}))
+    counts = manifest.get("counts") or {}
+    members = ckpt.get("members", 1)
     lo, hi = metrics["auroc_ci"]
-    ci = f"{lo:.3f} - {hi:.3f} (bootstrap, {metrics.get('bootstrap_valid')} resamples)" if lo is not None else "n/a"
-    lines.append(f"| AUROC | {metrics['auroc']:.3f} | {ci} |")
-    cm = np.asarray(metrics["confusion_matrix"])
+    leaks = [{"kind": LEAKS[e["name"]][0], "key": LEAKS[e["name"]][1],
+              "n_offending": e.get("details", {}).get("n_offending", "Some")}
+             for e in (validation or {}).get("expectations", []) if e.get("name") in LEAKS and not e.get("success")]
+    return {
+        "model_id": mid, "classes": classes, "synthetic": synthetic, "export": exp, "leaks": leaks,
+        "data": {"data_version": manifest.get("data_version"), "content_hash": manifest.get("content_hash"),
+                 "n_images": manifest.get("n_images"), "n_unreadable": manifest.get("n_unreadable", 0),
+                 "split_method": (manifest.get("split") or {}).get("method", "unknown")},
+        "splits": [{"name": s, "counts": [counts.get(s, {}).get(c, 0) for c in classes]} for s in SPLITS],
+        "pretrained": {k: (ckpt.get("pretrained") or {}).get(k) for k in ("description", "name", "source", "sha256")},
+        "train": train,
+        "model": {"backbone": ckpt.get("backbone"), "epochs_run": ckpt.get("epochs_run"),
+                  "best_epoch": ckpt.get("best_epoch"), "best_metric": (ckpt.get("best_metric") or {}).get("name"),
+                  "members": members, "last_seed": (train["seed"] or 0) + members - 1},
+        "input": {k: meta.get(k) for k in ("channels", "image_size", "window", "equalize")}
+        | {"resize": meta.get("resize", "as recorded")},
+        "metrics": {**{k: metrics[k] for k in ("n_test", "auroc", "f1", "confusion_matrix")},
+                    "averaging": metrics.get("averaging", ""), "auroc_low": lo, "auroc_high": hi,
+                    "bootstrap_valid": metrics.get("bootstrap_valid"), "tta": metrics.get("tta", "none"),
+                    "positive_class": metrics.get("positive_class"), "threshold": metrics.get("threshold"),
+                    "threshold_method": metrics.get("threshold_method") or "fixed"},
+        "intervals": interval_rows(metrics),
+        "macro": [(n, metrics[n]) for n in ("sensitivity", "specificity", "precision")] if len(classes) > 2 else [],
+        "calibration": metrics.get("calibration") or {"method": "none"},
+        "gate_passed": gate["passed"], "gate_reasons": gate.get("reasons", []),
+    }
+
+
+def interval_rows(metrics: dict) -> list[dict[str, Any]]:
+    """Test metrics that are proportions, each with its 95% Wilson interval and the counts behind it."""
+    classes, cm = metrics["classes"], np.asarray(metrics["confusion_matrix"])
     if len(classes) == 2:
         pos = classes.index(metrics["positive_class"])
         neg = 1 - pos
-        rows = {"sensitivity": (cm[pos, pos], cm[pos].sum()), "specificity": (cm[neg, neg], cm[neg].sum()),
-                "precision": (cm[pos, pos], cm[:, pos].sum()), "accuracy": (np.trace(cm), cm.sum())}
+        counts = {"sensitivity": (cm[pos, pos], cm[pos].sum()), "specificity": (cm[neg, neg], cm[neg].sum()),
+                  "precision": (cm[pos, pos], cm[:, pos].sum()), "accuracy": (np.trace(cm), cm.sum())}
     else:
-        rows = {"accuracy": (np.trace(cm), cm.sum())}
-    for name, (k, n) in rows.items():
-        a, b = _wilson(int(k), int(n))
-        ci = f"{a:.3f} - {b:.3f} (Wilson, {int(k)}/{int(n)})" if n else "n/a (no cases)"
-        lines.append(f"| {name} | {metrics[name]:.3f} | {ci} |")
-    lines.append(f"| F1 | {metrics['f1']:.3f} | |")
-    if len(classes) > 2:
-        for name in ("sensitivity", "specificity", "precision"):
-            lines.append(f"| {name} (macro) | {metrics[name]:.3f} | |")
-    rule = (f"`{metrics['positive_class']}` when its probability >= {metrics['threshold']}"
-            if len(classes) == 2 else "the class with the highest probability")
-    cal = metrics.get("calibration") or {"method": "none"}
-    how = {"fixed": "fixed in params.yaml", "youden": "chosen on the validation split (Youden's J)",
-           "accuracy": "chosen on the validation split (best accuracy)"}.get(metrics.get("threshold_method") or "fixed")
-    lines += ["", f"Decision rule: {rule} (threshold {how}). Confusion matrix (rows = actual, columns = predicted, "
-              f"order {classes}): `{metrics['confusion_matrix']}`.", "",
-              f"Test-time augmentation: {metrics.get('tta', 'none')}. Calibration: {cal['method']}"
-              + (f", fitted on the validation split; test ECE {cal['test']['ece_before']:.3f} -> "
-                 f"{cal['test']['ece_after']:.3f}, Brier {cal['test']['brier_before']:.3f} -> "
-                 f"{cal['test']['brier_after']:.3f}" if cal["method"] != "none" else "")
-              + ". Both are inside the ONNX graph.", "",
-              "## Release gate", f"Decision: **{'passed' if gate['passed'] else 'failed'}**."]
-    lines += [f"- {r}" for r in gate.get("reasons", [])]
-    lines += ["", "## Limitations"]
-    for e in (validation or {}).get("expectations", []):
-        if e.get("name") in LEAKS and not e.get("success"):
-            kind, key = LEAKS[e["name"]]
-            lines.append(f"- **{e.get('details', {}).get('n_offending', 'Some')} group(s) of {kind} images sit in "
-                         f"more than one split** (tolerated by `validate.{key}`; listed in reports/validation.md): "
-                         "the model was tested partly on pictures it trained on, so the test metrics are optimistic.")
-    if synthetic:
-        lines.append("- **The data is the synthetic demo set** (`medtune demo-data`): these numbers say nothing "
-                     "about performance on real scans.")
-    lines += [f"- Small test set ({metrics['n_test']} images): the intervals above are wide; treat point estimates "
-              "with caution.",
-              "- Data from a single source/site unless stated otherwise; performance on other scanners, protocols, "
-              "populations and prevalences is unknown and must be validated locally before any use.",
-              "- Images are reduced to a small fixed resolution; fine findings may be invisible to the model.",
-              "- The threshold was not tuned for a clinical operating point; choose one locally.", "",
-              "## How to run", "```", "medtune predict models/model.onnx path/to/scans/ -o predictions.csv", "```",
-              "The ONNX file carries the class names and the preprocessing (image size, channels, DICOM window, equalization) "
-              "in its metadata; `predict` repeats exactly that preprocessing. Lineage: `models/lineage.json`.", ""]
-    return "\n".join(lines)
+        counts = {"accuracy": (np.trace(cm), cm.sum())}
+    rows = []
+    for name, (k, n) in counts.items():
+        low, high = _wilson(int(k), int(n))
+        rows.append({"name": name, "value": metrics[name], "k": int(k), "n": int(n), "low": low, "high": high})
+    return rows
 
 
 def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | Path, out_dir: str | Path,
