@@ -158,7 +158,7 @@ def _per_file(fn: Callable[[Path], Any], files: list[Path], reps: int = 3) -> fl
 
 def _unit_scan_costs(folder: Path, n: int) -> dict[str, float]:
     from components import common
-    from components.data import scans
+    from components.data import scan_info, scans
     from components.params import Params
     from components.data.preprocess import preparation
 
@@ -169,7 +169,7 @@ def _unit_scan_costs(folder: Path, n: int) -> dict[str, float]:
         for kind, paths in files.items():
             out[f"bytes_{kind}_{size}"] = float(np.mean([p.stat().st_size for p in paths]))
             out[f"sha256_{kind}_{size}"] = _per_file(common.sha256_file, paths)
-            out[f"probe_{kind}_{size}"] = _per_file(scans.probe, paths)
+            out[f"probe_{kind}_{size}"] = _per_file(scan_info.probe, paths)
             out[f"prepare_{kind}_{size}"] = _per_file(partial(scans.prepare_image, **settings), paths)
     return out
 
@@ -177,23 +177,23 @@ def _unit_scan_costs(folder: Path, n: int) -> dict[str, float]:
 def _ct_thumbnails(n: int) -> np.ndarray:
     """n 32 px synthetic CT slices (components.data.demo_data's anatomy, 10 slices per patient): alike
     bodies, so the near-duplicate filter lets many pairs through (a hard case for it)."""
-    from components.data import demo_data, scans
+    from components.data import demo_data, scan_info
 
     out = []
     for number in range(-(-n // 10)):
         rng = np.random.default_rng([0, number])
         anatomy = demo_data._anatomy(rng)
-        out += [demo_data._slice_hu(rng, anatomy, scans.THUMBNAIL, s / 9, lesion=number % 2 == 0) for s in range(10)]
+        out += [demo_data._slice_hu(rng, anatomy, scan_info.THUMBNAIL, s / 9, lesion=number % 2 == 0) for s in range(10)]
     return np.stack(out[:n]).astype(np.float32)
 
 
 def _pair_cost(n: int, kind: str, reps: int = 2) -> float:
     """Seconds per compared pair: near_duplicates.pairs on n thumbnails / (n^2 / 2). kind "random":
     unrelated thumbnails (the filter rules out nearly all); "ct": synthetic CT slices."""
-    from components.data import near_duplicates, scans
+    from components.data import near_duplicates, scan_info
 
     thumbs = _ct_thumbnails(n) if kind == "ct" else \
-        np.random.default_rng(n).random((n, scans.THUMBNAIL, scans.THUMBNAIL), dtype=np.float32)
+        np.random.default_rng(n).random((n, scan_info.THUMBNAIL, scan_info.THUMBNAIL), dtype=np.float32)
     x = near_duplicates.standardise(list(thumbs))
     return _best(lambda: near_duplicates.pairs(x, 0.99), reps) / (n * n / 2)
 

@@ -86,7 +86,7 @@ def workers(compute: ComputeParams) -> int:
 
 
 def decode_seconds(n_files: int, n_bytes: int) -> float:
-    """Single-core seconds to decode scans (scans.probe or prepare_image): about 0.5 ms a file plus 10 ns
+    """Single-core seconds to decode scans (scan_info.probe or prepare_image): about 0.5 ms a file plus 10 ns
     a byte, measured on PNG and DICOM from 64 px (5 kB: 0.2-0.7 ms) to 2048 px (3.6 MB: 30-34 ms)."""
     return n_files * 5e-4 + n_bytes * 1e-8
 

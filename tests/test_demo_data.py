@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from components.data import demo_data, ingest, scans
+from components.data import demo_data, ingest, scan_info, scans
 from components.params import Params
 
 CLASSES = ["normal", "lesion"]
@@ -100,6 +100,6 @@ def test_default_demo_has_no_group_of_near_duplicates_that_could_fill_a_split(tm
 
     demo_data.generate(tmp_path, patients=40, slices=6, size=64, seed=0, classes=CLASSES)
     files = sorted(tmp_path.rglob("*.dcm"))
-    thumbs = near_duplicates.standardise([scans.probe(f).thumbnail for f in files])
+    thumbs = near_duplicates.standardise([scan_info.probe(f).thumbnail for f in files])
     leader = near_duplicates.leaders(len(files), near_duplicates.pairs(thumbs, 0.99))
     assert np.bincount(leader).max() <= len(files) // 10

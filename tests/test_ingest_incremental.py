@@ -16,7 +16,7 @@ from test_near_duplicates import picture
 
 from components import common, parallel
 
-from components.data import demo_data, scan_facts, scans, stat_index
+from components.data import demo_data, scan_facts, scan_info, stat_index
 from components.data.ingest import find_scans, ingest
 from components.params import parse_params
 
@@ -63,12 +63,12 @@ def raw(tmp_path) -> Path:
 
 
 class Count:
-    """Calls of scans.probe and common.sha256_file (compute.workers = 1: all in this process), by file name."""
+    """Calls of scan_info.probe and common.sha256_file (compute.workers = 1: all in this process), by file name."""
 
     def __init__(self, monkeypatch):
         self.probed, self.hashed = [], []
-        probe, sha = scans.probe, common.sha256_file
-        monkeypatch.setattr(scans, "probe", lambda p: (self.probed.append(Path(p).name), probe(p))[1])
+        probe, sha = scan_info.probe, common.sha256_file
+        monkeypatch.setattr(scan_info, "probe", lambda p: (self.probed.append(Path(p).name), probe(p))[1])
         monkeypatch.setattr(common, "sha256_file", lambda p, *a: (self.hashed.append(Path(p).name), sha(p, *a))[1])
 
     def reset(self):

@@ -11,7 +11,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from test_predict import write_dicom
 
-from components.data import near_duplicates, scans
+from components.data import near_duplicates, scan_info
 from components.common import StageError
 from components.data.ingest import ingest
 from components.params import parse_params
@@ -37,7 +37,7 @@ def test_one_picture_in_three_formats_is_alike_and_another_is_not(tmp_path):
     paths = variants(tmp_path, picture(0))
     Image.fromarray(picture(1)).save(tmp_path / "other.png")
     files = [*paths.values(), tmp_path / "other.png"]
-    thumbs = near_duplicates.standardise([scans.probe(f).thumbnail for f in files])
+    thumbs = near_duplicates.standardise([scan_info.probe(f).thumbnail for f in files])
     corr = thumbs @ thumbs.T
     assert corr[:3, :3].min() >= 0.99, corr  # format, size, exposure and bit depth do not hide it
     assert corr[3, :3].max() < 0.9, corr

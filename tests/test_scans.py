@@ -1,4 +1,5 @@
-"""components/data/scans.py on tiny files written here: DICOM variants, PNG 8/16-bit, JPEG, corrupt files."""
+"""components/data/scans.py and scan_info.py on tiny files written here: DICOM variants, PNG 8/16-bit, JPEG,
+corrupt files."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless,
                          SecondaryCaptureImageStorage, generate_uid)
 
-from components.data.scans import PREPARATION, ScanError, ScanInfo, is_candidate, load_pixels, prepare_image, probe
+from components.data.scan_info import ScanInfo, probe
+from components.data.scans import PREPARATION, ScanError, is_candidate, load_pixels, prepare_image
 
 SECRET_ID = "PAT-SECRET-0042"
 SECRET_NAME = "Doe^Jane"

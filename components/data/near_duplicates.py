@@ -6,7 +6,7 @@ with a training image, so a model is partly tested on pictures it trained on; Pn
 ingest makes the split, such images are kept together like byte-identical ones; where the split is
 given (labels.csv), validate reports the groups that cross it.
 
-Each readable image has a 32 x 32 grey thumbnail (`scans.ScanInfo.thumbnail`, taken while ingest
+Each readable image has a 32 x 32 grey thumbnail (`scan_info.ScanInfo.thumbnail`, taken while ingest
 probes the file), standardised here to zero mean and unit norm; two images are near-duplicates
 when the Pearson correlation of their thumbnails, a dot product here, is at least the threshold
 (`split.near_duplicate_correlation`). A group is an image and the later images (in path order)

@@ -4,7 +4,7 @@
     found.facts[i]               # Fact of files[i]: sha256, header facts or the error, DICOM patient hash
     found.links(rows, 0.99)      # near-duplicate pairs (i, j) among those rows (components.data.near_duplicates)
 
-Per file, ingest needs its sha256, what `scans.probe` reads (width, height, channels, bit depth,
+Per file, ingest needs its sha256, what `scan_info.probe` reads (width, height, channels, bit depth,
 modality, or why it is unreadable), the HMAC hash of its DICOM PatientID and its near-duplicate
 signature. All of it depends only on the file's bytes and on the reader that opens it
 (`scans.decoder`: the extension can decide), so it is stored under that key, once: an append of k
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from components import common
-from components.data import folders, near_duplicates, scans, stat_index
+from components.data import folders, near_duplicates, scan_info, scans, stat_index
 from components.parallel import decode_seconds, map_files
 from components.params import ComputeParams
 
@@ -99,7 +99,7 @@ def compatibility() -> dict:
     import PIL
     import pydicom
 
-    return {"format": FORMAT, "thumbnail": scans.THUMBNAIL, "pillow": PIL.__version__, "pydicom": pydicom.__version__}
+    return {"format": FORMAT, "thumbnail": scan_info.THUMBNAIL, "pillow": PIL.__version__, "pydicom": pydicom.__version__}
 
 
 # --------------------------------------------------------------------------- per-file work (workers)
@@ -116,15 +116,15 @@ def probe_file(salt: bytes, item: tuple[str, str, str]) -> tuple[Fact, np.ndarra
     path, sha256, decoder = item
     size = Path(path).stat().st_size
     try:
-        info = scans.probe(Path(path))
+        info = scan_info.probe(Path(path))
     except scans.ScanError as exc:
         # Without the path: the manifest must not change with where the checkout (or the worker) lives.
         error = str(exc).removeprefix(f"{path}: ").replace(path, PATH_MARK)
-        return Fact(sha256, decoder, size, error=error), near_duplicates.signature(None, scans.THUMBNAIL)
+        return Fact(sha256, decoder, size, error=error), near_duplicates.signature(None, scan_info.THUMBNAIL)
     patient = common.hash_patient(info.patient_id, salt) if info.patient_id else ""
     fact = Fact(sha256, decoder, size, info.width, info.height, info.channels, info.bit_depth, info.modality,
                 patient=patient, salt=salt_fingerprint(salt) if patient else "")
-    return fact, near_duplicates.signature(info.thumbnail, scans.THUMBNAIL)
+    return fact, near_duplicates.signature(info.thumbnail, scan_info.THUMBNAIL)
 
 
 # --------------------------------------------------------------------------- the shards

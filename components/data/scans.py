@@ -1,10 +1,10 @@
 """Decode one scan (DICOM, PNG or JPEG) into display-ready uint8 pixels.
 
-The single place that turns a file into pixels, shared by ingest (probe), preprocess and
-predict (prepare_image), so training and serving see exactly the same image:
+The single place that turns a file into pixels, shared by ingest (components.data.scan_info, whose
+probe opens a file with read_dicom / open_pil), preprocess and predict (prepare_image), so training
+and serving see exactly the same image:
 
-    from components.data.scans import is_candidate, probe, prepare_image
-    info = probe(Path("data/raw/lesion/scan01.dcm"))      # ScanInfo, or raises ScanError
+    from components.data.scans import is_candidate, prepare_image
     x = prepare_image(path, image_size=64, channels=1, window="header")   # uint8 (1, 64, 64)
 
 Decisions (each one is a choice a reader should be able to find):
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,36 +52,6 @@ _DECODER_HINT = ("install a pydicom decoder plugin, e.g. `pip install pylibjpeg 
 
 class ScanError(Exception):
     """The file is unreadable or unsupported; the message says why (never patient identifiers)."""
-
-
-@dataclass(frozen=True)
-class ScanInfo:
-    width: int
-    height: int
-    channels: int
-    bit_depth: int
-    modality: str  # DICOM Modality, or "PNG" / "JPEG"
-    patient_id: str | None  # raw DICOM PatientID: the caller hashes it; never log or store it
-    is_dicom: bool
-    # What the scan looks like, small: THUMBNAIL x THUMBNAIL float32 grey in the file's own units
-    # (for components.data.near_duplicates), taken from the pixels probe decodes anyway.
-    thumbnail: np.ndarray | None = field(default=None, compare=False, repr=False)
-
-
-THUMBNAIL = 32
-
-
-def _thumbnail(grey: Image.Image | np.ndarray) -> np.ndarray | None:
-    """ScanInfo.thumbnail of a decoded image: a grey PIL image, or a (H, W) grey / (H, W, >= 3)
-    colour array (averaged to grey); None for other shapes (e.g. multi-frame)."""
-    if isinstance(grey, np.ndarray):
-        if grey.ndim == 3 and grey.shape[-1] >= 3:
-            grey = grey[..., :3].mean(axis=-1)
-        if grey.ndim != 2:
-            return None
-        grey = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32))
-    # reducing_gap: a fast box reduction first, then bilinear (as preprocess resizes).
-    return np.asarray(grey.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR, reducing_gap=2.0), np.float32)
 
 
 # --------------------------------------------------------------------------- detection
@@ -119,7 +88,7 @@ def _has_dicom_signature(path: Path) -> bool:
     return _sniff(path) == "dicom"
 
 
-def _check_size(path: Path) -> None:
+def check_size(path: Path) -> None:
     """ScanError for a missing file, an empty one, or one over MAX_FILE_BYTES (from stat alone)."""
     if not path.is_file():
         raise ScanError(f"{path}: no such file")
@@ -161,15 +130,15 @@ def _is_dicom(path: Path) -> bool:
 
 
 def decoder(path: Path) -> str:
-    """"dicom" or "image": the reader probe and load_pixels use for this file (by its extension, else by
-    its first bytes). The same bytes under another extension may read differently, so facts cached by
-    content (components.data.scan_facts) are keyed by both."""
+    """"dicom" or "image": the reader scan_info.probe and load_pixels use for this file (by its extension,
+    else by its first bytes). The same bytes under another extension may read differently, so facts
+    cached by content (components.data.scan_facts) are keyed by both."""
     return "dicom" if _is_dicom(Path(path)) else "image"
 
 
 # --------------------------------------------------------------------------- DICOM
 
-def _read_dicom(path: Path):
+def read_dicom(path: Path):
     """Return (dataset, pixel array) or raise ScanError naming the reason."""
     if not _has_dicom_signature(path):
         # force=True below would otherwise read any bytes as tags: a zero-filled file is millions
@@ -251,7 +220,7 @@ def _dicom_pixels(path: Path, window) -> np.ndarray:
     """uint8 (H, W) for greyscale DICOM, (H, W, 3) for colour."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-    ds, pixels = _read_dicom(path)
+    ds, pixels = read_dicom(path)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)
@@ -274,25 +243,12 @@ def _dicom_pixels(path: Path, window) -> np.ndarray:
     return out
 
 
-def _dicom_info(path: Path) -> ScanInfo:
-    ds, pixels = _read_dicom(path)
-    patient = str(ds.get("PatientID", "") or "").strip() or None
-    channels = int(ds.get("SamplesPerPixel", 1) or 1)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
-        channels = 3
-    bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 0) or pixels.dtype.itemsize * 8)
-    modality = str(ds.get("Modality", "") or "").strip() or "OT"  # OT = "other" in DICOM terms
-    return ScanInfo(width=int(pixels.shape[1]), height=int(pixels.shape[0]), channels=channels,
-                    bit_depth=bits, modality=modality, patient_id=patient, is_dicom=True,
-                    thumbnail=_thumbnail(pixels))
-
-
 # --------------------------------------------------------------------------- PNG / JPEG
 
-_HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def _open_pil(path: Path) -> Image.Image:
+def open_pil(path: Path) -> Image.Image:
     """Open, decode fully (proves readability) and apply the EXIF orientation."""
     try:
         with Image.open(path) as img:
@@ -317,9 +273,9 @@ def _composite_on_black(arr: np.ndarray) -> np.ndarray:
 
 def _pil_pixels(path: Path, window) -> np.ndarray:
     """uint8 (H, W) for greyscale images, (H, W, 3) for colour."""
-    img = _open_pil(path)
+    img = open_pil(path)
     mode = img.mode
-    if mode in _HIGH_DEPTH_MODES:
+    if mode in HIGH_DEPTH_MODES:
         return _apply_window(path, np.asarray(img).astype(np.float64), window, header=None)
     if mode == "L":
         return np.asarray(img, dtype=np.uint8)
@@ -340,24 +296,7 @@ def _pil_pixels(path: Path, window) -> np.ndarray:
     raise ScanError(f"{path}: unsupported image mode {mode!r}; expected L, I;16, I, RGB, RGBA, P or LA")
 
 
-def _pil_info(path: Path) -> ScanInfo:
-    img = _open_pil(path)
-    mode = img.mode
-    channels = 1 if mode in _HIGH_DEPTH_MODES | {"L", "LA", "1"} else 3
-    bits = 16 if mode in _HIGH_DEPTH_MODES else 1 if mode == "1" else 8
-    grey = img.convert("F" if mode in _HIGH_DEPTH_MODES else "L")
-    return ScanInfo(width=img.width, height=img.height, channels=channels, bit_depth=bits,
-                    modality=img.format, patient_id=None, is_dicom=False, thumbnail=_thumbnail(grey))
-
-
 # --------------------------------------------------------------------------- public API
-
-def probe(path: Path) -> ScanInfo:
-    """Header facts of one scan; decodes the pixels too, so a ScanInfo means 'readable'."""
-    path = Path(path)
-    _check_size(path)
-    return _dicom_info(path) if _is_dicom(path) else _pil_info(path)
-
 
 def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1:
@@ -372,7 +311,7 @@ def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
 def load_pixels(path: Path, window: str | list[float], channels: int) -> np.ndarray:
     """Decoded, windowed pixels at full resolution: uint8 (H, W, channels)."""
     path = Path(path)
-    _check_size(path)
+    check_size(path)
     pixels = _dicom_pixels(path, window) if _is_dicom(path) else _pil_pixels(path, window)
     return np.ascontiguousarray(_to_channels(pixels, channels))
 

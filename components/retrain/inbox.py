@@ -8,7 +8,7 @@ folder-per-class (`<batch>/<class>/<file>`) or files plus `labels.csv` (`path,la
 [,split]`, paths relative to the batch). Folders whose name starts with "." or "_" are ignored, so
 a batch being copied in (under a dot-name, then renamed) is never picked up half-written.
 
-Checks (each names the file and the value): no scans at all; unreadable files (`scans.probe`);
+Checks (each names the file and the value): no scans at all; unreadable files (`scan_info.probe`);
 labels missing or not in `data.classes`; sizes and bit depths outside `validate.*`; files that
 duplicate a scan already in the raw data or another file of the batch (sha256); patients already
 present in the raw data. Patient rule: a batch must bring new patients. A batch patient already in
