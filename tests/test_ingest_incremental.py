@@ -16,7 +16,7 @@ from test_near_duplicates import picture
 
 from components import common, parallel
 
-from components.data import demo_data, scan_facts, scan_info, stat_index
+from components.data import demo_data, fact_shards, scan_facts, scan_info, stat_index
 from components.data.ingest import find_scans, ingest
 from components.params import parse_params
 
@@ -173,17 +173,17 @@ def test_another_salt_rereads_only_dicoms_with_a_patient_id_and_no_id_reaches_th
 def test_a_kill_between_shards_or_mid_write_leaves_a_usable_cache(raw, tmp_path, monkeypatch):
     out = tmp_path / "data"
     monkeypatch.setattr(scan_facts, "SHARD_ROWS", 8)
-    write = scan_facts.Store.write
+    write = fact_shards.Store.write
 
     def die_after_two(store, *args):
         if len(store.names) == 2:
             raise KeyboardInterrupt  # a kill once two shards are stored
         write(store, *args)
 
-    monkeypatch.setattr(scan_facts.Store, "write", die_after_two)
+    monkeypatch.setattr(fact_shards.Store, "write", die_after_two)
     with pytest.raises(KeyboardInterrupt):
         ingest(raw, out, params())
-    monkeypatch.setattr(scan_facts.Store, "write", write)
+    monkeypatch.setattr(fact_shards.Store, "write", write)
     facts = out / "cache/facts"
     assert sorted(p.name for p in facts.iterdir()) == ["shard-000000.npz", "shard-000001.npz"]
     (facts / ".shard-000002.npz.x1y2.tmp").write_bytes(b"half a shard")  # killed mid-write
@@ -222,7 +222,7 @@ def test_facts_of_another_format_are_dropped_and_read_again(raw, tmp_path, monke
     out = tmp_path / "data"
     ingest(raw, out, params())
     before = outputs(out)
-    monkeypatch.setattr(scan_facts, "FORMAT", scan_facts.FORMAT + 1)
+    monkeypatch.setattr(fact_shards, "FORMAT", fact_shards.FORMAT + 1)
     count = Count(monkeypatch)
     ingest(raw, out, params())
     assert len(count.probed) == 30 and outputs(out) == before

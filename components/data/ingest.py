@@ -36,7 +36,7 @@ import pandas as pd
 
 from components import common
 from components.common import SPLITS
-from components.data import folders, labels_csv, near_duplicates, scan_facts, splits, stat_index
+from components.data import fact_shards, folders, labels_csv, near_duplicates, scan_facts, splits, stat_index
 from components.data.manifest import COLUMNS, read_manifest_rows
 from components.params import Params, load_params
 
@@ -76,7 +76,7 @@ def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Patte
     return row, source, None if fact.error else signature
 
 
-def fact_row(fact: scan_facts.Fact, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
+def fact_row(fact: fact_shards.Fact, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
              salt: bytes) -> tuple[dict, str]:
     """One manifest row (COLUMNS, split and similar_group empty) for the scan at rel with these facts, and
     where its patient came from: 'csv' (csv_patient), 'dicom' (PatientID), 'pattern' (regex on the
@@ -179,7 +179,7 @@ def _list_raw(raw_dir: Path, params: Params) -> folders.Listing:
     return found
 
 
-def _manifest_rows(files: list[str], facts: Sequence[scan_facts.Fact], table: pd.DataFrame | None,
+def _manifest_rows(files: list[str], facts: Sequence[fact_shards.Fact], table: pd.DataFrame | None,
                   regex: re.Pattern | None, salt: bytes) -> tuple[pd.DataFrame, list[str]]:
     """The manifest rows of `files` (their `fact_row`, split and similar_group empty), labelled by
     labels.csv (`table`, indexed by path) or else by folder, and where each row's patient came from."""
