@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from components.model.calibrate import (brier, calibrated_probabilities, choose_threshold, ece, fit_calibration)
 from components.common import StageError
+from components.model.calibrate import brier, calibrated_probabilities, choose_threshold, ece, fit_calibration
+from components.params import parse_params
 
 
 def overconfident(n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -76,3 +77,25 @@ def test_ece_and_brier_hand_computed():
     assert brier(y, probs, 1) == pytest.approx((0.01 + 0.81 + 0.16 + 0.16) / 4)
     three = np.array([[1.0, 0, 0], [0, 0.5, 0.5]])
     assert brier(np.array([0, 1]), three, 0) == pytest.approx((0 + 0.5) / 2)
+
+
+def test_every_method_params_allow_is_the_one_implemented():
+    # fit_calibration and choose_threshold trust params.py for the method names (no fallback error of
+    # their own): a name added to params must come with its implementation; an unknown one is refused.
+    from typing import get_args
+
+    from components.params import EvaluateParams
+
+    logits, y = overconfident(400)
+    fitted = {m: fit_calibration(m, logits, y, 1) for m in ("none", "temperature", "platt")}
+    assert set(get_args(EvaluateParams.model_fields["calibration"].annotation)) == set(fitted)
+    assert fitted["none"] == (1.0, [0.0, 0.0])
+    assert fitted["temperature"][1] == [0.0, 0.0] and fitted["platt"][1][1] != 0.0  # platt: a bias on the positive class
+    y2, s2 = np.array([0, 0, 1, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.9])
+    chosen = {m: choose_threshold(m, y2, s2, 1, 0.3) for m in ("fixed", "youden", "accuracy")}
+    assert set(get_args(EvaluateParams.model_fields["threshold_method"].annotation)) == set(chosen)
+    # Cuts 0.25 and 0.5 both misclassify one image; the one nearer the default 0.3 wins.
+    assert chosen["fixed"] == 0.3 and chosen["youden"] == chosen["accuracy"] == pytest.approx(0.25)
+    for key, value in (("calibration", "isotonic"), ("threshold_method", "f1")):
+        with pytest.raises(ValueError, match=rf"evaluate.{key} = '{value}' is invalid"):
+            parse_params({"evaluate": {key: value}})

@@ -53,33 +53,42 @@ def fit_calibration(method: str, logits: np.ndarray, y: np.ndarray, positive_ind
                          f"only class index {sorted(set(y.tolist()))} ({len(y)} images). Use calibration: none or "
                          "a larger split.val_fraction.")
     if method == "temperature":
-        from scipy.optimize import minimize_scalar
-        from scipy.special import log_softmax
+        return _fit_temperature(logits, y), [0.0] * k
+    return _fit_platt(logits, y, positive_index)  # "platt": params.py allows no other method
 
-        def nll(log_t: float) -> float:
-            return -float(log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean())
 
-        # T in [e^-4, e^4]: wide enough for any real model, bounded so a separable split stays finite.
-        log_t = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x
-        return float(np.exp(-log_t)), [0.0] * k
-    if method == "platt":
-        if k != 2:
-            raise StageError(f"evaluate.calibration = 'platt' is for two classes; this model has {k}. "
-                             "Use 'temperature'.")
-        from sklearn.linear_model import LogisticRegression
+def _fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """scale = 1 / T minimising the negative log-likelihood of softmax(logits / T)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
 
-        margin = (logits[:, positive_index] - logits[:, 1 - positive_index]).reshape(-1, 1)
-        # Large C: Platt's method is (nearly) unregularised maximum likelihood.
-        fit = LogisticRegression(C=1e4).fit(margin, (y == positive_index).astype(int))
-        a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
-        if a <= 0:
-            raise StageError(f"Platt scaling on the validation split fitted slope {a:.4g} <= 0: the model ranks "
-                             "validation images no better than chance, so calibrating it would invert or flatten "
-                             "its scores. Use calibration: temperature or none, or improve the model.")
-        bias = [0.0, 0.0]
-        bias[positive_index] = b
-        return a, bias
-    raise ValueError(f"evaluate.calibration = {method!r} is invalid; expected 'none', 'temperature' or 'platt'.")
+    def nll(log_t: float) -> float:
+        return -float(log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean())
+
+    # T in [e^-4, e^4]: wide enough for any real model, bounded so a separable split stays finite.
+    log_t = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x
+    return float(np.exp(-log_t))
+
+
+def _fit_platt(logits: np.ndarray, y: np.ndarray, positive_index: int) -> tuple[float, list[float]]:
+    """(a, bias with b on the positive class) of p(positive) = sigmoid(a * (z_pos - z_neg) + b)."""
+    k = logits.shape[1]
+    if k != 2:  # params.py refuses platt for other than two data.classes; these logits may still differ
+        raise StageError(f"evaluate.calibration = 'platt' is for two classes; this model has {k}. "
+                         "Use 'temperature'.")
+    from sklearn.linear_model import LogisticRegression
+
+    margin = (logits[:, positive_index] - logits[:, 1 - positive_index]).reshape(-1, 1)
+    # Large C: Platt's method is (nearly) unregularised maximum likelihood.
+    fit = LogisticRegression(C=1e4).fit(margin, (y == positive_index).astype(int))
+    a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if a <= 0:
+        raise StageError(f"Platt scaling on the validation split fitted slope {a:.4g} <= 0: the model ranks "
+                         "validation images no better than chance, so calibrating it would invert or flatten "
+                         "its scores. Use calibration: temperature or none, or improve the model.")
+    bias = [0.0, 0.0]
+    bias[positive_index] = b
+    return a, bias
 
 
 def choose_threshold(method: str, y: np.ndarray, scores: np.ndarray, positive_index: int, default: float) -> float:
@@ -104,10 +113,8 @@ def choose_threshold(method: str, y: np.ndarray, scores: np.ndarray, positive_in
     tn = (~predicted & ~pos).sum(1)
     if method == "youden":
         score = tp / pos.sum() + tn / (~pos).sum() - 1
-    elif method == "accuracy":
+    else:  # "accuracy", the one method left that params.py allows (evaluate.threshold_method)
         score = (tp + tn) / len(s)
-    else:
-        raise ValueError(f"evaluate.threshold_method = {method!r} is invalid; expected 'fixed', 'youden' or 'accuracy'.")
     best = np.flatnonzero(np.isclose(score, score.max()))
     return float(cuts[best[np.argmin(np.abs(cuts[best] - default))]])
 
