@@ -32,7 +32,8 @@ from components.data.ingest import ingest
 from components.model.models import arch_of
 from components.params import Params, parse_params
 from components.data.preprocess import load_meta, preprocess
-from components.model.train import _split, fit, train
+from components.model.fit import fit
+from components.model.train import _split, train
 
 CLASSES = ["normal", "lesion"]
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from components.data.augment import build_transform
 from components.common import processor, sha256_file
+from components.data.augment import build_transform
+from components.model.fit import make_loader
 from components.model.models import load_checkpoint
+from components.model.train import main, train
 from components.params import AugmentParams, parse_params
-from components.model.train import main, make_loader, train
 
 CLASSES = ["normal", "lesion"]
 
@@ -179,7 +180,7 @@ def test_main_refuses_mismatched_classes(tmp_path, capsys):
 
 
 def test_warmup_then_cosine_per_batch_and_step_schedule():
-    from components.model.train import lr_factor
+    from components.model.optim import lr_factor
 
     tp = parse_params({"train": {"epochs": 4, "warmup_epochs": 1, "scheduler": "cosine"}}).train
     f = [lr_factor(s, 10, tp) for s in range(40)]
@@ -195,7 +196,7 @@ def test_warmup_then_cosine_per_batch_and_step_schedule():
 
 def test_head_epochs_hold_the_backbone_then_warm_it_up():
     from components.model.models import build_model
-    from components.model.train import lr_factor, make_optimizer, make_scheduler
+    from components.model.optim import lr_factor, make_optimizer, make_scheduler
 
     tp = parse_params({"train": {"epochs": 4, "warmup_epochs": 1, "head_epochs": 1}}).train
     head = [lr_factor(s, 10, tp) for s in range(40)]
@@ -227,7 +228,7 @@ def test_head_epochs_hold_the_backbone_then_warm_it_up():
 
 def test_discriminative_learning_rates_put_the_head_at_lr():
     from components.model.models import build_model, freeze
-    from components.model.train import make_optimizer
+    from components.model.optim import make_optimizer
 
     model, _ = build_model("none", 2, 1, False)
     tp = parse_params({"train": {"lr": 0.01, "backbone_lr_scale": 0.1}}).train
@@ -238,6 +239,40 @@ def test_discriminative_learning_rates_put_the_head_at_lr():
     assert len(head["params"]) + len(body["params"]) == len(list(model.parameters()))
     freeze(model, "head")
     assert len(make_optimizer(model, tp).param_groups) == 1  # a frozen backbone gets no group
+
+
+def test_every_optimizer_and_scheduler_params_allow_is_the_one_implemented():
+    # optim.py trusts params.py for the option names (no fallback error of its own): a name added to
+    # params must come with its implementation, and an unknown name never gets past params.
+    from typing import get_args
+
+    from components.model.models import build_model
+    from components.model.optim import lr_factor, make_optimizer
+    from components.params import TrainParams
+
+    optimizers = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    assert set(get_args(TrainParams.model_fields["optimizer"].annotation)) == set(optimizers)
+    model, _ = build_model("none", 2, 1, False)
+    for name, cls in optimizers.items():
+        assert type(make_optimizer(model, parse_params({"train": {"optimizer": name}}).train)) is cls
+    # 4 epochs of 10 steps, factor at step 20 (half-way): cosine 0.5, step (gamma 0.5 every epoch) 0.25, none 1.
+    factors = {"cosine": 0.5, "step": 0.25, "none": 1.0}
+    assert set(get_args(TrainParams.model_fields["scheduler"].annotation)) == set(factors)
+    for name, factor in factors.items():
+        tp = parse_params({"train": {"epochs": 4, "scheduler": name, "step_size": 1, "gamma": 0.5}}).train
+        assert lr_factor(20, 10, tp) == pytest.approx(factor), name
+    for key, value in (("optimizer", "adam"), ("scheduler", "linear")):
+        with pytest.raises(ValueError, match=rf"train.{key} = '{value}' is invalid"):
+            parse_params({"train": {key: value}})
+
+
+def test_train_does_not_depend_on_evaluation_or_plotting_code():
+    # dvc.yaml's train deps are what train imports: a plot title or a gate rule must not retrain the model.
+    from import_graph import closure
+
+    modules = closure("components.model.train")
+    assert "components.model.metrics" in modules  # validation AUROC: the one definition evaluate uses too
+    assert not {"components.model.evaluate", "components.plots"} & modules
 
 
 @pytest.mark.slow
@@ -253,7 +288,7 @@ def test_label_smoothing_warmup_and_dropout_train_end_to_end(tmp_path):
 
 
 def test_ema_ramps_up_then_follows_the_decay_and_skips_counters():
-    from components.model.train import make_ema
+    from components.model.optim import make_ema
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.BatchNorm1d(1))
     ema = make_ema(model, decay=0.9)
@@ -285,7 +320,7 @@ def test_ema_weights_are_what_is_validated_and_saved(tmp_path):
 
 
 def test_mixup_blends_images_and_losses_with_its_own_seeded_draws():
-    from components.model.train import Mixup
+    from components.model.optim import Mixup
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
