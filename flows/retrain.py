@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 
 from components.common import dvc_data_version
 from components.params import RetrainParams, load_params
-from components.retrain import challenger, inbox, promote, workspace
+from components.retrain import challenger, inbox, promote, raw_append, workspace
 from components.retrain.stages import check_params_file
 from flows.pipeline import IO, on_cluster, pipeline
 
@@ -55,7 +55,7 @@ def check_batch(batch: str, params: str, extra_known: list[dict[str, str]]) -> d
     manifest = inbox.current_manifest("data/manifest.csv", p.data.raw_dir, p)
     if extra_known:
         manifest = pd.concat([manifest, pd.DataFrame(extra_known)], ignore_index=True).fillna("")
-    mine = inbox.appended_paths(Path(batch).name, rows, p) if not rows.empty else []
+    mine = raw_append.appended_paths(Path(batch).name, rows, p) if not rows.empty else []
     problems += inbox.check_batch(batch, rows, manifest, p, already_appended=mine)
     return {"batch": batch, "problems": problems, "rows": rows.to_dict("records"), "dests": mine,
             "summary": inbox.summary_table(rows)}
@@ -71,7 +71,7 @@ def append(batch: str, rows: list[dict[str, Any]], params: str) -> list[str]:
     import pandas as pd
 
     p = load_params(params)
-    return inbox.append_to_raw(batch, pd.DataFrame(rows), p.data.raw_dir, p)
+    return raw_append.append_to_raw(batch, pd.DataFrame(rows), p.data.raw_dir, p)
 
 
 @task(name="snapshot-workspace")
@@ -180,7 +180,7 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
                 continue
             logger.info("batch %s is good: %s", Path(batch).name, checked["summary"])
             good.append(checked)
-            # Where these files will sit in raw (inbox.raw_destination), so a later batch's duplicate
+            # Where these files will sit in raw (raw_append.raw_destination), so a later batch's duplicate
             # message names the right path.
             known += [{"path": dest, "sha256": r["sha256"], "patient": r["patient"], "split": r["split"]}
                       for dest, r in zip(checked["dests"], checked["rows"])]

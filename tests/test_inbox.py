@@ -13,7 +13,7 @@ from PIL import Image
 
 from components import common
 
-from components.retrain import inbox
+from components.retrain import inbox, raw_append
 from components.data.demo_data import generate
 from components.data.ingest import ingest
 from components.data.manifest import read_manifest
@@ -40,7 +40,7 @@ def raw(tmp_path):
 def check(batch: Path, manifest: pd.DataFrame, params=PARAMS) -> tuple[pd.DataFrame, list[str]]:
     rows, problems = inbox.read_batch(batch, params)
     return rows, problems + inbox.check_batch(batch, rows, manifest, params,
-                                              inbox.appended_paths(batch.name, rows, params) if len(rows) else [])
+                                              raw_append.appended_paths(batch.name, rows, params) if len(rows) else [])
 
 
 def test_good_batch_is_appended_without_touching_existing_raw_files(raw, tmp_path):
@@ -53,18 +53,18 @@ def test_good_batch_is_appended_without_touching_existing_raw_files(raw, tmp_pat
     assert not rows["patient"].isin(manifest["patient"]).any()
     before = tree(raw_dir)
 
-    dests = inbox.append_to_raw(batch, rows, raw_dir, PARAMS)
+    dests = raw_append.append_to_raw(batch, rows, raw_dir, PARAMS)
     after = tree(raw_dir)
     assert all(after[k] == v for k, v in before.items())
     assert sorted(set(after) - set(before)) == sorted(dests)
     assert all(d.split("/")[1] == "2024-06" and d.split("/")[0] in CLASSES for d in dests)
-    assert inbox.append_to_raw(batch, rows, raw_dir, PARAMS) == dests and tree(raw_dir) == after  # idempotent
+    assert raw_append.append_to_raw(batch, rows, raw_dir, PARAMS) == dests and tree(raw_dir) == after  # idempotent
 
     # The real ingest sees the new scans with the batch's labels and patients.
     m = ingest(raw_dir, tmp_path / "data2", PARAMS)
     new = m[m["path"].isin(dests)].set_index("path")
     for r in rows.itertuples():
-        d = inbox.raw_destination("2024-06", r.path, r.label, PARAMS)
+        d = raw_append.raw_destination("2024-06", r.path, r.label, PARAMS)
         assert new.loc[d, "label"] == r.label and new.loc[d, "patient"] == r.patient
 
 
@@ -153,11 +153,11 @@ def test_csv_batches_follow_the_split_rule_and_extend_labels_csv(tmp_path):
     rows, problems = check(batch, manifest, params)
     assert problems == []
     old = (raw / "labels.csv").read_text()
-    dests = inbox.append_to_raw(batch, rows, raw, params)
+    dests = raw_append.append_to_raw(batch, rows, raw, params)
     assert dests == ["csv1/a.png", "csv1/b.png", "csv1/c.png"]
     text = (raw / "labels.csv").read_text()
     assert text.startswith(old) and text.endswith("csv1/c.png,normal,P9,test\n")
-    inbox.append_to_raw(batch, rows, raw, params)
+    raw_append.append_to_raw(batch, rows, raw, params)
     assert (raw / "labels.csv").read_text() == text  # no duplicate rows on a resumed run
     m = ingest(raw, tmp_path / "data2", params).set_index("path")
     assert m.loc["csv1/b.png", "split"] == "val" and m.loc["csv1/c.png", "split"] == "test"
@@ -185,10 +185,10 @@ def test_append_refuses_a_reused_batch_name(raw, tmp_path):
     batch = tmp_path / "inbox/again"
     generate(batch, patients=1, slices=1, size=32, seed=0, classes=CLASSES, patient_offset=700)
     rows, _ = check(batch, manifest)
-    dests = inbox.append_to_raw(batch, rows, raw_dir, PARAMS)
+    dests = raw_append.append_to_raw(batch, rows, raw_dir, PARAMS)
     (raw_dir / dests[0]).write_bytes(b"other")  # a different file already sits at that path
     with pytest.raises(common.StageError, match="already exists with other content"):
-        inbox.append_to_raw(batch, rows, raw_dir, PARAMS)
+        raw_append.append_to_raw(batch, rows, raw_dir, PARAMS)
 
 
 def test_remove_from_raw_undoes_only_the_appended_files(raw, tmp_path):
@@ -198,13 +198,13 @@ def test_remove_from_raw_undoes_only_the_appended_files(raw, tmp_path):
     generate(batch, patients=2, slices=1, size=32, seed=0, classes=CLASSES, patient_offset=600)
     rows, problems = check(batch, manifest)
     assert problems == []
-    dests = inbox.append_to_raw(batch, rows, raw_dir, PARAMS)
-    assert inbox.remove_from_raw(raw_dir, dests, PARAMS) == dests
+    dests = raw_append.append_to_raw(batch, rows, raw_dir, PARAMS)
+    assert raw_append.remove_from_raw(raw_dir, dests, PARAMS) == dests
     assert tree(raw_dir) == before  # every original byte-identical, nothing of the batch left
     assert not any(p.name == "2024-07" for p in raw_dir.rglob("*"))  # its empty folders are gone too
     assert tree(batch) and len(tree(batch)) == len(dests)  # the originals stay with the batch
     with pytest.raises(common.StageError, match="not inside"):
-        inbox.remove_from_raw(raw_dir, ["../elsewhere.dcm"], PARAMS)
+        raw_append.remove_from_raw(raw_dir, ["../elsewhere.dcm"], PARAMS)
 
 
 def test_remove_from_raw_drops_only_its_labels_csv_rows(tmp_path):
@@ -220,9 +220,9 @@ def test_remove_from_raw_drops_only_its_labels_csv_rows(tmp_path):
     png(batch / "b.png", 201)
     (batch / "labels.csv").write_text("path,label,patient_id\na.png,lesion,P7\nb.png,normal,P8\n")
     rows, _ = inbox.read_batch(batch, params)
-    dests = inbox.append_to_raw(batch, rows, raw, params)
+    dests = raw_append.append_to_raw(batch, rows, raw, params)
     assert (raw / "labels.csv").read_text() != old
-    inbox.remove_from_raw(raw, dests, params)
+    raw_append.remove_from_raw(raw, dests, params)
     assert tree(raw) == before  # the old lines keep their exact bytes (quotes included)
 
 

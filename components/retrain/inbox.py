@@ -18,10 +18,11 @@ silently move the patient's existing scans, so the batch is rejected.
 
 A bad batch is moved, unchanged, to `retrain.quarantine_dir/<batch>-<time>/batch/` next to a
 `report.json` and `report.md`. A good batch is copied into the raw data under its own name
-(`raw/<class>/<batch>/...` or `raw/<batch>/...` plus rows appended to raw labels.csv); existing raw
-files are never modified or removed, and the copy is idempotent, so a crashed retrain resumes.
-When the pipeline then fails, `remove_from_raw` takes exactly the batch's files (and labels.csv
-lines) out again and the batch goes to quarantine with the error (flows/retrain.py).
+(`raw/<class>/<batch>/...` or `raw/<batch>/...` plus rows appended to raw labels.csv;
+components.retrain.raw_append); existing raw files are never modified or removed, and the copy is
+idempotent, so a crashed retrain resumes. When the pipeline then fails, `raw_append.remove_from_raw`
+takes exactly the batch's files (and labels.csv lines) out again and the batch goes to quarantine with
+the error (flows/retrain.py).
 """
 
 from __future__ import annotations
@@ -180,8 +181,16 @@ def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFram
         problems.append(f"{batch}: batch name {batch.name!r} is invalid; expected letters, digits, '.', '_', '-'.")
     if rows.empty:
         return problems + [f"{batch}: no scans found; expected class sub-folders or files plus labels.csv."]
+    existing = manifest[~manifest["path"].isin(set(already_appended))]
+    return (problems + _file_problems(batch, rows, params) + _split_problems(batch, rows)
+            + _duplicate_problems(batch, rows, existing) + _known_patient_problems(batch, rows, existing))
+
+
+def _file_problems(batch: Path, rows: pd.DataFrame, params: Params) -> list[str]:
+    """Each file on its own: unreadable, label, size, bit depth, split."""
     classes = list(params.data.classes)
     v = params.validate
+    problems: list[str] = []
     for r in rows.itertuples(index=False):
         where = batch / r.path
         if r.error:
@@ -198,26 +207,38 @@ def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFram
             problems.append(f"{where}: bit depth {r.bit_depth} is not one of validate.bit_depths {v.bit_depths}.")
         if r.split and r.split not in common.SPLITS:
             problems.append(f"{where}: split {r.split!r} is invalid; expected train, val or test.")
+    return problems
 
+
+def _split_problems(batch: Path, rows: pd.DataFrame) -> list[str]:
+    """Patients the batch's labels.csv puts in two splits."""
+    problems: list[str] = []
     split_of = rows[(rows["patient"] != "") & (rows["split"] != "")].groupby("patient")["split"].unique()
     for patient, splits in split_of[split_of.map(len) > 1].items():
         paths = list(rows.loc[rows["patient"] == patient, "path"])[:4]
         problems.append(f"{batch}: patient {patient} (hashed) is in splits {sorted(splits)} within the batch "
                         f"({paths}); expected each patient in one split.")
+    return problems
 
+
+def _duplicate_problems(batch: Path, rows: pd.DataFrame, existing: pd.DataFrame) -> list[str]:
+    """Files whose bytes (sha256) another file of the batch, or a raw scan already in the data, has."""
+    problems: list[str] = []
     dup_in_batch = rows[rows.duplicated("sha256", keep="first")]
     for r in dup_in_batch.itertuples(index=False):
         first = rows.loc[rows["sha256"] == r.sha256, "path"].iloc[0]
         problems.append(f"{batch / r.path}: duplicates {batch / first} in the same batch (sha256 {r.sha256[:12]}).")
-
-    existing = manifest[~manifest["path"].isin(set(already_appended))]
     known = dict(zip(existing["sha256"], existing["path"]))
     for r in rows.itertuples(index=False):
         if r.sha256 in known:
             problems.append(f"{batch / r.path}: duplicates raw scan {known[r.sha256]!r} already in the data "
                             f"(sha256 {r.sha256[:12]}).")
+    return problems
 
-    # Patient rule (module docstring): a known patient only with an explicit, identical split.
+
+def _known_patient_problems(batch: Path, rows: pd.DataFrame, existing: pd.DataFrame) -> list[str]:
+    """Patient rule (module docstring): a known patient only with an explicit, identical split."""
+    problems: list[str] = []
     have = existing[existing["patient"] != ""].groupby("patient")["split"].agg(lambda s: sorted(set(s) - {""}))
     for r in rows.itertuples(index=False):
         if r.patient and r.patient in have.index:
@@ -230,7 +251,7 @@ def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFram
 
 
 # ---------------------------------------------------------------------------------------------
-# Outcomes: quarantine, append, archive
+# Outcomes: quarantine, archive (the append: components.retrain.raw_append)
 # ---------------------------------------------------------------------------------------------
 
 def _stamp() -> str:
@@ -262,119 +283,6 @@ def quarantine(batch_dir: str | Path, quarantine_dir: str | Path, problems: Sequ
     shutil.move(str(batch), str(dest / "batch"))
     log.warning("quarantined batch %s -> %s: %d problem(s), first: %s", batch.name, dest, len(problems), problems[0])
     return dest
-
-
-def raw_destination(batch_name: str, rel: str, label: str, params: Params) -> str:
-    """Where a batch file goes under raw_dir, keeping the raw data's own layout."""
-    if params.data.label_source == "folder":
-        return f"{label}/{batch_name}/{Path(rel).name if '/' in rel else rel}" if label else rel
-    return f"{batch_name}/{rel}"
-
-
-def appended_paths(batch_name: str, rows: pd.DataFrame, params: Params) -> list[str]:
-    return [raw_destination(batch_name, r.path, r.label, params) for r in rows.itertuples(index=False)]
-
-
-def append_to_raw(batch_dir: str | Path, rows: pd.DataFrame, raw_dir: str | Path, params: Params) -> list[str]:
-    """Copy a checked batch into raw_dir without touching existing files; return the new raw paths.
-
-    Idempotent: a file already at its destination with the same sha256 is left alone (a resumed
-    run); a different file there is an error (the batch name was used before). In csv mode the
-    batch's rows are appended to raw labels.csv (rewritten atomically, existing lines unchanged).
-    """
-    batch, raw = Path(batch_dir), Path(raw_dir)
-    dests = appended_paths(batch.name, rows, params)
-    if len(set(dests)) != len(dests):
-        raise StageError(f"{batch}: two files map to the same raw path; file names must be unique per class.")
-    for dest in dests:
-        target = raw / dest
-        if target.exists() and target.is_dir():
-            raise StageError(f"{target} is a folder; expected nothing or a file there.")
-    plan = []
-    for r, dest in zip(rows.itertuples(index=False), dests):
-        target = raw / dest
-        if target.exists():
-            if common.sha256_file(target) != r.sha256:
-                raise StageError(f"{target} already exists with other content; batch name {batch.name!r} was used "
-                                 "before: rename the batch folder and drop it again.")
-            continue
-        plan.append((batch / r.path, target))
-    for src, target in plan:
-        with common.atomic_path(target) as tmp:
-            shutil.copyfile(src, tmp)
-    if params.data.label_source == "csv":
-        _append_labels(raw / params.data.labels_csv, batch, rows, dests)
-    log.info("appended batch %s to %s: %d new file(s), %d already there", batch.name, raw, len(plan),
-             len(dests) - len(plan))
-    return dests
-
-
-def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: list[str]) -> None:
-    existing = pd.read_csv(labels_csv, dtype=str, keep_default_na=False) if labels_csv.is_file() \
-        else pd.DataFrame(columns=["path", "label"])
-    have = set(existing["path"])
-    new_paths = [d for d in dests if d not in have]
-    if not new_paths:
-        return
-    # Read again, not carried from read_batch: the batch rows travel between flow tasks (and so into
-    # Prefect's result storage), and they must hold only hashed patients; raw ids stay in raw labels.csv.
-    src = parse_labels_csv(batch / "labels.csv") if (batch / "labels.csv").is_file() else None
-    extra = pd.DataFrame({"path": dests, "label": rows["label"].tolist()})
-    if src is not None:
-        by = {p: i for i, p in enumerate(src["path"])}
-        for col in ("patient_id", "split"):
-            if col in src.columns:
-                extra[col] = [src[col].iloc[by[p]] if p in by else "" for p in rows["path"]]
-    for col in existing.columns:
-        if col not in extra.columns:
-            extra[col] = ""
-    unknown = [c for c in extra.columns if c not in existing.columns]
-    if unknown and len(existing):
-        raise StageError(f"{batch / 'labels.csv'}: column(s) {unknown} are not in {labels_csv}; the batch must use "
-                         f"the raw labels.csv columns {list(existing.columns)}.")
-    extra = extra[extra["path"].isin(new_paths)]
-    header = not labels_csv.is_file() or labels_csv.stat().st_size == 0
-    old = labels_csv.read_text(encoding="utf-8") if not header else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    cols = list(existing.columns) if len(existing.columns) else list(extra.columns)
-    common.write_text(labels_csv, old + extra[cols].to_csv(index=False, header=header, lineterminator="\n"))
-
-
-def remove_from_raw(raw_dir: str | Path, paths: Sequence[str], params: Params) -> list[str]:
-    """Undo `append_to_raw` for `paths` (raw-relative; the caller passes only files a batch put there
-    that the committed data version does not hold). Returns the paths removed.
-
-    Removes those files, then the folders that became empty (never raw_dir itself); in csv mode
-    drops exactly the raw labels.csv lines naming them (every other line kept byte for byte).
-    """
-    import csv
-
-    raw = Path(raw_dir).resolve()
-    removed = []
-    for rel in paths:
-        target = (raw / rel).resolve()
-        if raw not in target.parents:
-            raise StageError(f"{rel!r} is not inside {raw}; refusing to remove it.")
-        if target.is_file():
-            target.unlink()
-            removed.append(rel)
-        parent = target.parent
-        while parent != raw and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent
-    labels_csv = raw / params.data.labels_csv
-    if params.data.label_source == "csv" and labels_csv.is_file() and paths:
-        drop = {Path(x).as_posix() for x in paths}
-        text = labels_csv.read_text(encoding="utf-8")
-        lines = text.splitlines(keepends=True)
-        kept = lines[:1] + [ln for ln in lines[1:]
-                            if not ln.strip() or next(csv.reader([ln]), [""])[0] not in drop]
-        if len(kept) != len(lines):
-            common.write_text(labels_csv, "".join(kept))
-    if removed:
-        log.warning("removed %d file(s) of a failed run's batch from %s", len(removed), raw)
-    return removed
 
 
 def archive(batch_dir: str | Path, processed_dir: str | Path) -> Path:

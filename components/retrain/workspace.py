@@ -138,7 +138,7 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
 
     import yaml
 
-    from components.retrain import inbox
+    from components.retrain import raw_append
 
     root = Path(root)
     store = root / snap["store"]
@@ -175,7 +175,7 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
     created = set(batch_dests) - set(snap["raw_existing"])
     doomed = sorted(created | (set(batch_dests) & (added or set())))
     removed = step("remove the appended batch files from the raw data",
-                   lambda: inbox.remove_from_raw(root / raw_dir, doomed, params)) or []
+                   lambda: raw_append.remove_from_raw(root / raw_dir, doomed, params)) or []
     done.append(f"{raw_dir}: removed {len(removed)} appended file(s) of the failed batch(es); "
                 "existing raw files untouched")
 
