@@ -339,14 +339,17 @@ def test_verify_reports_tampered_and_missing_scans_by_name(copy, capsys):
 
 def test_verify_reports_a_tampered_cache_object_of_an_old_data_version(copy):
     ws, a = copy["ws"], copy["a"]
-    listing = json.loads(verify.dvc_object(verify.dvc_stores(ws)[0], copy["v1"])[1].read_text())
+    stores = verify.dvc_stores(ws)[0]
+    listing = json.loads(verify.dvc_object(stores, copy["v1"])[1].read_text())
     md5 = next(e["md5"] for e in listing if e["relpath"] == "normal/P001_0.png")
-    (ws / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).write_bytes(b"tampered")
+    where, cached = verify.dvc_object(stores, md5)
+    assert where == "DVC cache" and cached.is_relative_to(ws / ".dvc/cache")
+    cached.write_bytes(b"tampered")
     rep = verify.verify(a, ws)
     bad = {i["item"]: i["status"] for i in rep["items"] if i["status"] != "ok"}
     assert bad == {"normal/P001_0.png": "mismatch"}
     # With the cache object gone, the local DVC remote still holds the intact scan.
-    (ws / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).unlink()
+    cached.unlink()
     rep = verify.verify(a, ws)
     assert rep["ok"], [i for i in rep["items"] if i["status"] != "ok"]
 
@@ -363,9 +366,13 @@ def test_verify_reports_a_swapped_onnx_file(copy, capsys):
 
 def test_verify_finds_files_at_the_release_tag_and_reports_a_missing_checkpoint(copy):
     ws, a = copy["ws"], copy["a"]
-    for d in (ws / ".dvc/cache/files/md5", ws.parent / "remote/files/md5"):
-        lock_md5 = verify._lock_md5(records.git_show(ws, f"model-{a}", "dvc.lock"), "models/model.pt")
-        (d / lock_md5[:2] / lock_md5[2:]).unlink()
+    at_tag = verify.release_outs(ws, f"model-{a}")  # DVC's reading of dvc.lock at the tag
+    assert at_tag["models/model.pt"] == re.search(r"path: models/model.pt\n.*?md5: (\w+)",
+                                                  records.git_show(ws, f"model-{a}", "dvc.lock").decode(), re.S)[1]
+    stores = verify.dvc_stores(ws)[0]
+    assert [name for name, _ in stores] == ["DVC cache", "DVC remote medtune"]
+    for _, store in stores:  # the checkpoint leaves the cache and the remote: only the lineage knows it
+        Path(store.odb.oid_to_path(at_tag["models/model.pt"])).unlink()
     (ws / f"registry/models/{a}/model.onnx").unlink()  # git-ignored: absent in a fresh clone
     (ws / f"registry/models/{a}/model.pt").unlink()  # git-ignored too
     manifest = ws / f"registry/models/{a}/manifest.csv"
@@ -376,6 +383,34 @@ def test_verify_finds_files_at_the_release_tag_and_reports_a_missing_checkpoint(
                    ("manifest", "content_hash"): "mismatch", ("scan", "lesion/P002_9.png"): "missing"}
     onnx = next(i for i in rep["items"] if i["kind"] == "onnx")
     assert onnx["status"] == "ok" and f"dvc.lock at tag model-{a}" in onnx["detail"]
+
+
+def test_verify_says_when_dvc_cannot_read_the_lock_at_the_release_tag(copy):
+    """The release tag moved onto a commit whose dvc.lock is corrupted: a file found nowhere on disk is
+    missing, and the report says why (DVC's own error), instead of claiming dvc.lock does not list it."""
+    ws, a = copy["ws"], copy["a"]
+    (ws / "dvc.lock").write_text("schema: '2.0'\nstages: [1, 2\n")
+    sh(["git", "commit", "-q", "-am", "a corrupted dvc.lock"], ws)
+    sh(["git", "tag", "-f", f"model-{a}"], ws)
+    (ws / f"registry/models/{a}/model.pt").unlink()
+    rep = verify.verify(a, ws)
+    bad = {(i["kind"], i["item"]): i for i in rep["items"] if i["status"] != "ok"}
+    assert list(bad) == [("checkpoint", "model.pt")], bad
+    assert bad[("checkpoint", "model.pt")]["detail"].endswith(f"DVC could not read dvc.lock at tag model-{a} (see the notes)")
+    assert any(n.startswith(f"DVC could not read dvc.yaml / dvc.lock at tag model-{a} (YAMLSyntaxError") for n in rep["notes"])
+    text = verify.render(rep)
+    assert re.search(r"MISSING\s+checkpoint\s+model.pt", text) and "note: DVC could not read" in text
+
+
+def test_verify_imports_no_torch(project):
+    ws, a = project["ws"], project["a"]
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "components.audit.verify", a, "--root", str(ws),
+                          "--json"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["ok"] is True
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "dvc.repo" in imported and "jinja2" not in imported  # DVC read the stores; --json renders no template
+    assert "torch" not in imported, "verify must not import torch"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ registry, or the DVC cache / any DVC remote at the model's release tag), the man
 its content hash, the DVC listing of the data version, and every raw scan of that data version.
 Scans come from the workspace when `data/raw.dvc` still names the model's data version and the raw
 folder exists (a changed or missing file there is then a finding), otherwise from the DVC cache or
-a DVC remote (content-addressed by md5: `files/md5/<2>/<30>`; the listing is `<data_version>.dir`).
-The cache and the remotes are DVC's own object databases (`dvc.repo.Repo`, as DVC configures them from
-.dvc/config, config.local and the environment), so an S3 or any other remote is read directly: a fresh
-clone can be verified without `dvc pull`.
+a DVC remote, by the md5 the data version's listing (`<data_version>.dir`) gives each scan.
+Everything DVC-specific is read through DVC itself: the cache and the remotes are its object databases
+(`dvc.repo.Repo`, configured from .dvc/config, config.local and the environment), so an S3 or any other
+remote is read directly and a fresh clone can be verified without `dvc pull`; the md5 of a model file
+at its release tag is what DVC's index of that commit says (dvc.yaml + dvc.lock); a listing is read
+by dvc-data's Tree.
 """
 
 from __future__ import annotations
@@ -23,12 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from components.audit.lookup import ModelRef, add_common_args, onnx_metadata_id, resolve_model
 from components.common import dvc_data_version, run_cli, sha256_bytes, sha256_file
 from components.data.manifest import LISTING_COLUMNS, read_manifest_rows
-from components.release.records import events_for, git_show, read_releases, registry_dir
+from components.release.records import events_for, read_releases, registry_dir
 from components.templates import render as render_template
 
 OK, MISMATCH, MISSING = "ok", "mismatch", "missing"
@@ -132,26 +132,46 @@ def _sha256(obj: Path | RemoteObject) -> str:
     return obj.sha256() if isinstance(obj, RemoteObject) else sha256_file(obj)
 
 
-def _lock_md5(lock: bytes | None, out_path: str) -> str | None:
-    if not lock:
-        return None
+def release_outs(root: str | Path, tag: str) -> dict[str, str]:
+    """{output path: md5} of every output DVC tracks at git revision `tag`, as DVC itself reads that commit's
+    dvc.yaml, dvc.lock and .dvc files (nothing is checked out). DvcException when DVC cannot read them."""
+    from dvc.repo import Repo
+
+    with Repo(str(root), rev=tag) as repo:
+        return {repo.fs.relpath(out.fs_path, repo.root_dir): str(out.hash_info.value) for out in repo.index.outs
+                if out.hash_info and out.hash_info.value}
+
+
+def _tag_outs(root: Path, tag: str | None, notes: list[str]) -> dict[str, str] | None:
+    """release_outs at the model's release tag; {} without a tag, None (and a note) when DVC cannot read it."""
+    from dvc.exceptions import DvcException
+
+    if not tag:
+        return {}
     try:
-        doc = yaml.safe_load(lock) or {}
-    except yaml.YAMLError:
+        return release_outs(root, tag)
+    except DvcException as exc:
+        notes.append(f"DVC could not read dvc.yaml / dvc.lock at tag {tag} ({type(exc).__name__}: {str(exc)[:200]}): "
+                     "model files absent from disk cannot be looked up in the DVC cache or remotes")
         return None
-    for stage in (doc.get("stages") or {}).values():
-        for out in stage.get("outs") or []:
-            if out.get("path") == out_path and out.get("md5"):
-                return str(out["md5"])
-    return None
+
+
+def _listing(blob: bytes) -> dict[str, str]:
+    """{relpath: md5} of a DVC directory listing (`<md5>.dir`), read by DVC's own Tree; {} when unreadable."""
+    from dvc_data.hashfile.tree import Tree
+
+    try:
+        return {"/".join(key): str(hash_info.value) for key, _, hash_info in Tree.from_list(json.loads(blob), "md5")}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}  # reported by the listing's own hash check; every scan of it is then missing
 
 
 # ---------------------------------------------------------------------------------------------
 # The checks
 # ---------------------------------------------------------------------------------------------
 
-def _model_files(m: ModelRef, root: Path, name: str, lock_path: str, want: str | None, tag: str | None,
-                 stores: list[tuple[str, Store]], kind: str) -> list[dict[str, Any]]:
+def _model_files(m: ModelRef, name: str, lock_path: str, want: str | None, tag: str | None,
+                 tag_outs: dict[str, str] | None, stores: list[tuple[str, Store]], kind: str) -> list[dict[str, Any]]:
     """Every copy of one of the model's own files (the named ONNX, the model folder, the registry,
     the workspace when it holds this model); with none on disk, the DVC cache or a remote, by the md5
     dvc.lock records at the release tag."""
@@ -170,7 +190,7 @@ def _model_files(m: ModelRef, root: Path, name: str, lock_path: str, want: str |
         items.append(_item(name, kind, OK if got == want else MISMATCH, path, want, got, detail))
     if items:
         return items
-    md5 = _lock_md5(git_show(root, tag, "dvc.lock"), lock_path) if tag else None
+    md5 = (tag_outs or {}).get(lock_path)
     obj = dvc_object(stores, md5) if md5 else None
     if obj:
         got = _sha256(obj[1])
@@ -180,6 +200,7 @@ def _model_files(m: ModelRef, root: Path, name: str, lock_path: str, want: str |
     why = (f"not in {where}" + (f"; {lock_path} md5 {md5} (dvc.lock at tag {tag}) is not in the DVC cache or any DVC "
                                 f"remote" if md5 else
                                 "; no release tag with a dvc.lock to find it in DVC" if not tag else
+                                f"; DVC could not read dvc.lock at tag {tag} (see the notes)" if tag_outs is None else
                                 f"; dvc.lock at tag {tag} does not list {lock_path}"))
     return [_item(name, kind, MISSING, None, want, None, why)]
 
@@ -230,10 +251,7 @@ def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Stor
             got = hashlib.md5(blob).hexdigest() + ".dir"
             items.append(_item(version, "data version", OK if got == version else MISMATCH, obj[1], version, got,
                                f"DVC listing from {obj[0]}"))
-            try:
-                listing = {e["relpath"]: e["md5"] for e in json.loads(blob)}
-            except (ValueError, TypeError, KeyError):
-                listing = {}  # an unreadable listing: reported above, and every scan below is missing
+            listing = _listing(blob)
     source = f"workspace {raw_dir}" if workspace_claims else "DVC cache/remote"
     for r in rows:
         rel, want = r["path"], r["sha256"]
@@ -273,11 +291,12 @@ def verify(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
     tag = next((e.get("git_tag") for e in events_for(read_releases(registry_dir(root)), m.model_id)
                 if e.get("git_tag")), None)
     stores, notes = dvc_stores(root)
+    tag_outs = _tag_outs(root, tag, notes)
     ckpt = L.get("checkpoint_sha256")
     items = [_item("model_id", "identity", OK if ckpt and ckpt[:12] == m.model_id else MISMATCH, m.lineage_path,
                    m.model_id, (ckpt or "")[:12] or None, "model id = first 12 hex of the checkpoint sha256")]
-    items += _model_files(m, root, "model.onnx", "models/model.onnx", L.get("onnx_sha256"), tag, stores, "onnx")
-    items += _model_files(m, root, "model.pt", "models/model.pt", ckpt, tag, stores, "checkpoint")
+    items += _model_files(m, "model.onnx", "models/model.onnx", L.get("onnx_sha256"), tag, tag_outs, stores, "onnx")
+    items += _model_files(m, "model.pt", "models/model.pt", ckpt, tag, tag_outs, stores, "checkpoint")
     manifest_items, manifest = _manifest(m, root)
     items += manifest_items
     if manifest is not None:
