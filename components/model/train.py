@@ -159,16 +159,7 @@ def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path,
     started = time.perf_counter()
     prepared_dir, tp = Path(prepared_dir), params.train
     meta, x_train, y_train, x_val, y_val = load_data(prepared_dir, params)
-    # Equal to data.classes (load_data checks). meta's own strings: pickle writes a string that the
-    # checkpoint holds twice (classes, meta) once, so the checkpoint's bytes depend on it.
-    classes = list(meta["classes"])
-    inits: list[tuple[dict[str, Any], dict[str, str]] | None] = [None] * tp.ensemble
-    if tp.init_from:
-        states, info = warm_start.load_init(
-            registry, tp.init_from, classes=classes, in_channels=int(x_train.shape[1]),
-            image_size=int(meta.get("image_size", x_train.shape[-1])), arch=arch_of(tp.backbone), members=tp.ensemble)
-        inits = [(state, info) for state in states]
-        log.info("%s", info["description"])
+    inits = warm_inits(registry, params, meta, x_train.shape)
 
     world = distributed.world()
     if world.size != tp.processes:
@@ -186,7 +177,7 @@ def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path,
 
     with deterministic(), distributed.process_group(world, device):
         # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
-        fits = [fit(x_train, y_train, x_val, y_val, len(classes), params, tp.seed + m, device, use_amp,
+        fits = [fit(x_train, y_train, x_val, y_val, len(params.data.classes), params, tp.seed + m, device, use_amp,
                     f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", world, logger(m), inits[m])
                 for m in range(tp.ensemble)]
     if not world.main:
@@ -197,17 +188,7 @@ def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path,
     if tp.ensemble > 1:
         state, summary["ensemble_val"] = ensemble(fits, x_train, y_train, x_val, y_val, params, device, use_amp)
         log.info("ensemble of %d on the validation split: %s", tp.ensemble, summary["ensemble_val"])
-    checkpoint = {
-        "state_dict": state, "members": tp.ensemble, "backbone": fits[0]["arch"], "classes": classes,
-        "in_channels": int(x_train.shape[1]), "image_size": int(meta.get("image_size", x_train.shape[-1])),
-        "params": {"train": params.to_dict()["train"], "augment": params.to_dict()["augment"]},
-        "meta": meta, "pretrained": fits[0]["pretrained"],
-        "history": [{**row, "member": m} for m, f in enumerate(fits) for row in f["history"]],
-        **{k: summary[k] for k in ("best_epoch", "epochs_run")},
-        "best_metric": {"name": tp.early_stopping_metric, "value": summary["best_value"]}, "device": str(device),
-        "processor": summary["processor"],
-    }
-    blob = save_checkpoint(checkpoint, out_model)
+    blob = save_checkpoint(checkpoint(fits, state, summary, meta, x_train.shape, params), out_model)
     live.summary = live_summary(fits, summary.get("ensemble_val"))
     live.end()
     summary.update(checkpoint_sha256=sha256_bytes(blob), seconds=round(time.perf_counter() - started, 1))
@@ -247,6 +228,38 @@ def ensemble(fits: list[dict[str, Any]], x_train: Any, y_train: np.ndarray, x_va
     criterion = make_criterion(y_train, num_classes, tp, device)
     return state, evaluate_epoch(model.to(device, memory_format=torch.channels_last), val_loader, criterion, device,
                                  params.positive_index, use_amp)
+
+
+def warm_inits(registry: Path, params: Params, meta: dict[str, Any],
+               shape: tuple[int, ...]) -> list[tuple[dict[str, Any], dict[str, str]] | None]:
+    """Per ensemble member, the (state_dict, pretrained record) of `train.init_from` (a warm start), or None."""
+    tp = params.train
+    if not tp.init_from:
+        return [None] * tp.ensemble
+    states, info = warm_start.load_init(
+        registry, tp.init_from, classes=list(meta["classes"]), in_channels=int(shape[1]),
+        image_size=int(meta.get("image_size", shape[-1])), arch=arch_of(tp.backbone), members=tp.ensemble)
+    log.info("%s", info["description"])
+    return [(state, info) for state in states]
+
+
+def checkpoint(fits: list[dict[str, Any]], state: dict[str, Any], summary: dict[str, Any], meta: dict[str, Any],
+               shape: tuple[int, ...], params: Params) -> dict[str, Any]:
+    """models/model.pt's contents: the weights and everything that explains them (params, preprocessing
+    meta, starting weights, per-epoch history, selection). `shape`: the training images' (N, C, H, W)."""
+    tp = params.train
+    # classes: equal to data.classes (load_data checks), as meta's own strings: pickle writes a string
+    # the checkpoint holds twice (here and in meta) once, so which objects they are shows in its bytes.
+    return {
+        "state_dict": state, "members": tp.ensemble, "backbone": fits[0]["arch"], "classes": list(meta["classes"]),
+        "in_channels": int(shape[1]), "image_size": int(meta.get("image_size", shape[-1])),
+        "params": {"train": params.to_dict()["train"], "augment": params.to_dict()["augment"]},
+        "meta": meta, "pretrained": fits[0]["pretrained"],
+        "history": [{**row, "member": m} for m, f in enumerate(fits) for row in f["history"]],
+        **{k: summary[k] for k in ("best_epoch", "epochs_run")},
+        "best_metric": {"name": tp.early_stopping_metric, "value": summary["best_value"]}, "device": summary["device"],
+        "processor": summary["processor"],
+    }
 
 
 def save_checkpoint(checkpoint: dict[str, Any], out_model: Path) -> bytes:
