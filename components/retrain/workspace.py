@@ -135,60 +135,82 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
     Returns what was done, ending with the `dvc status` afterwards. A step that fails is reported
     in that list, and the remaining steps still run.
     """
-
-    import yaml
-
-    from components.retrain import raw_append
-
     root = Path(root)
-    store = root / snap["store"]
-    raw_dir = snap["raw_dir"]
     done: list[str] = []
+    _restore_dvc_files(root, snap, done)
+    _remove_appended(root, snap, batch_dests, params, done)
+    _restore_outputs(root, snap, done)
+    if PARAMS_FILE in snap["saved"]:
+        if _step(done, f"restore {PARAMS_FILE}",
+                 lambda: shutil.copy2(root / snap["store"] / PARAMS_FILE, root / PARAMS_FILE) or True):
+            done.append(f"{PARAMS_FILE}: restored as it was before the run")
+    status = _step(done, "run dvc status", lambda: common.dvc(root, "status"))
+    done.append(f"dvc status: {status}" if status is not None else "dvc status: unknown")
+    return done
 
-    def step(what: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - keep restoring; the caller reports every failed step
-            done.append(f"FAILED to {what}: {exc}")
-            log.error("restore: could not %s: %s", what, exc)
-            return None
 
-    for rel in (f"{raw_dir}.dvc", "dvc.lock"):
+def _step(done: list[str], what: str, fn: Callable[[], Any]) -> Any:
+    """fn()'s result, or None when it raised: the failure is logged and added to `done`."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - keep restoring; the caller reports every failed step
+        done.append(f"FAILED to {what}: {exc}")
+        log.error("restore: could not %s: %s", what, exc)
+        return None
+
+
+def _restore_dvc_files(root: Path, snap: dict[str, Any], done: list[str]) -> None:
+    """restore_workspace step 1: data/raw.dvc and dvc.lock as HEAD (or the snapshot) has them."""
+    store = root / snap["store"]
+    for rel in (f"{snap['raw_dir']}.dvc", "dvc.lock"):
         if _tracked_at_head(root, rel):
-            if step(f"git checkout HEAD -- {rel}",
-                    lambda rel=rel: common.git(root, "checkout", "HEAD", "--", rel) or True):
+            if _step(done, f"git checkout HEAD -- {rel}",
+                     lambda rel=rel: common.git(root, "checkout", "HEAD", "--", rel) or True):
                 done.append(f"{rel}: checked out from HEAD")
         elif rel in snap["saved"]:
-            if step(f"restore {rel}", lambda rel=rel: shutil.copy2(store / rel, root / rel) or True):
+            if _step(done, f"restore {rel}", lambda rel=rel: shutil.copy2(store / rel, root / rel) or True):
                 done.append(f"{rel}: not tracked by git; restored the copy taken before the run")
         elif (root / rel).exists():
-            if step(f"remove {rel}", lambda rel=rel: (root / rel).unlink() or True):
+            if _step(done, f"remove {rel}", lambda rel=rel: (root / rel).unlink() or True):
                 done.append(f"{rel}: removed (created by this run; not tracked by git)")
 
-    # Raw data: what this run (or an earlier crashed attempt of the same batch) added, nothing else.
+
+def _remove_appended(root: Path, snap: dict[str, Any], batch_dests: Sequence[str], params: Any,
+                     done: list[str]) -> None:
+    """restore_workspace step 2: what this run (or an earlier crashed attempt of the same batch) added
+    to the raw data, nothing else."""
+    from components.retrain import raw_append
+
+    raw_dir = snap["raw_dir"]
+
     def uncommitted() -> set[str]:
         diff = json.loads(common.dvc(root, "diff", "--json", "--targets", raw_dir) or "{}")
         prefix = raw_dir.rstrip("/") + "/"
         return {d["path"][len(prefix):] for d in diff.get("added", []) if d["path"].startswith(prefix)}
 
-    added = step("list the raw files the committed data version does not hold (dvc diff)", uncommitted)
+    added = _step(done, "list the raw files the committed data version does not hold (dvc diff)", uncommitted)
     created = set(batch_dests) - set(snap["raw_existing"])
     doomed = sorted(created | (set(batch_dests) & (added or set())))
-    removed = step("remove the appended batch files from the raw data",
-                   lambda: raw_append.remove_from_raw(root / raw_dir, doomed, params)) or []
+    removed = _step(done, "remove the appended batch files from the raw data",
+                    lambda: raw_append.remove_from_raw(root / raw_dir, doomed, params)) or []
     done.append(f"{raw_dir}: removed {len(removed)} appended file(s) of the failed batch(es); "
                 "existing raw files untouched")
 
-    # Pipeline outputs.
+
+def _restore_outputs(root: Path, snap: dict[str, Any], done: list[str]) -> None:
+    """restore_workspace step 3: the pipeline outputs as the committed dvc.lock and the snapshot have them."""
+    import yaml
+
+    store = root / snap["store"]
     for out in snap["outs"]:
         if not out["existed"] and (root / out["path"]).exists():
-            if step(f"remove {out['path']}", lambda out=out: _remove(root / out["path"]) or True):
+            if _step(done, f"remove {out['path']}", lambda out=out: _remove(root / out["path"]) or True):
                 done.append(f"{out['path']}: removed (created by the failed run)")
     lock = root / "dvc.lock"
     stages = sorted((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else []
     if stages:
-        if step("dvc checkout the committed outputs",
-                lambda: common.dvc(root, "checkout", "--force", *stages) or True):
+        if _step(done, "dvc checkout the committed outputs",
+                 lambda: common.dvc(root, "checkout", "--force", *stages) or True):
             done.append(f"dvc checkout --force {' '.join(stages)}")
     for out in snap["outs"]:
         if not out["cached"] and out["path"] in snap["saved"]:
@@ -198,14 +220,8 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
                     shutil.copytree(store / rel, root / rel)
                 else:
                     shutil.copy2(store / rel, root / rel)
-            step(f"restore {out['path']}", put_back)
+            _step(done, f"restore {out['path']}", put_back)
     done.append("uncached outputs (reports, lineage, model card) restored from the snapshot")
-    if PARAMS_FILE in snap["saved"]:
-        if step(f"restore {PARAMS_FILE}", lambda: shutil.copy2(store / PARAMS_FILE, root / PARAMS_FILE) or True):
-            done.append(f"{PARAMS_FILE}: restored as it was before the run")
-    status = step("run dvc status", lambda: common.dvc(root, "status"))
-    done.append(f"dvc status: {status}" if status is not None else "dvc status: unknown")
-    return done
 
 
 def apply_warm_start(root: str | Path, params_path: str | Path = PARAMS_FILE) -> dict[str, Any]:
