@@ -61,7 +61,7 @@ def apply_gate(metrics: dict[str, Any], params: Params) -> dict[str, Any]:
     metric fails its check.
     """
     # Every GateParams field, so a new gate key cannot be declared and then silently left unchecked.
-    thresholds = params.to_dict()["evaluate"]["gate"]
+    thresholds = params.evaluate.gate.to_dict()
     reasons, failed, used = [], [], {}
     for key, minimum in thresholds.items():
         name = key.removeprefix("min_")

@@ -253,7 +253,7 @@ def checkpoint(fits: list[dict[str, Any]], state: dict[str, Any], summary: dict[
     return {
         "state_dict": state, "members": tp.ensemble, "backbone": fits[0]["arch"], "classes": list(meta["classes"]),
         "in_channels": int(shape[1]), "image_size": int(meta.get("image_size", shape[-1])),
-        "params": {"train": params.to_dict()["train"], "augment": params.to_dict()["augment"]},
+        "params": {"train": tp.to_dict(), "augment": params.augment.to_dict()},
         "meta": meta, "pretrained": fits[0]["pretrained"],
         "history": [{**row, "member": m} for m, f in enumerate(fits) for row in f["history"]],
         **{k: summary[k] for k in ("best_epoch", "epochs_run")},
