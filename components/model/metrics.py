@@ -8,8 +8,10 @@ images) share.
 
 Binary tasks score the positive class: AUROC on its probability, sensitivity / specificity /
 precision / F1 of that class. Multi-class tasks average one-vs-rest per class (macro). Balanced
-accuracy is the mean per-class recall in both cases. scikit-learn computes every number; only
-specificity (which it lacks) is read off its per-class one-vs-rest confusion matrices.
+accuracy is the mean per-class recall in both cases. scikit-learn computes the numbers (F1 as
+2 TP / (2 TP + FP + FN), from the counts); specificity, which it lacks, is read off its per-class
+one-vs-rest confusion matrices, and the bootstrap interval is the percentiles of its AUROC over
+resampled test sets.
 """
 
 from __future__ import annotations
