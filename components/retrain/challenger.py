@@ -108,63 +108,33 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
     champion metric - margin on the same test images). Returns {promote, reasons, champion,
     challenger, comparison}; the metrics of both models are in it whatever the outcome.
     """
-    from components.data.preprocess import load_split
-    from components.model.evaluate import read_record
-    from components.model.metrics import compute_metrics
-    from components.release.export import model_id
-
     root = Path(root)
-    reports, models = root / reports_dir, root / models_dir
-    gate = common.read_json(reports / "gate.json")
-    # The model id is known even when export was refused.
-    challenger = {"model_id": model_id(common.sha256_file(models / "model.pt")) if (models / "model.pt").is_file() else None,
-                  "metrics": read_record(reports), "gate": gate}
-    # A models/model.onnx left by an earlier run must not stand in for this checkpoint.
-    exported = ((models / "lineage.json").is_file() and (models / "model.onnx").is_file()
-                and challenger["model_id"] is not None and model_id_of(models) == challenger["model_id"])
+    models = root / models_dir
+    challenger, exported = _challenger(root / reports_dir, models)
     cur = current(root)
     champion = {"model_id": cur["model_id"] if cur else None, "metrics": None}
+    blockers = _gate_blockers(challenger, exported, models)  # the subset of reasons that stop a promotion
     reasons: list[str] = []
-    blockers: list[str] = []  # the subset of reasons that stop a promotion
-    if not gate.get("passed"):
-        blockers.append("challenger failed the absolute gate: " + "; ".join(gate.get("failed") or gate.get("reasons", [])))
-    elif not exported:
-        blockers.append(f"challenger {challenger['model_id']} has no exported model in {models} (export did not run)")
     if cur and cur["model_id"] == challenger["model_id"]:
         return {"promote": False, "reasons": ["challenger is the current champion (same model id); nothing to do"],
                 "champion": champion, "challenger": challenger, "comparison": None, "same_model": True}
 
     comparison = None
     if cur:
-        images, index = load_split(root / prepared_dir, "test")
-        keep = comparison_rows(index, model_dir(root, cur["model_id"]) / "manifest.csv")
-        y = index["label_index"].to_numpy()[keep]
-        ev = params.evaluate
-        comparison = {"metric": compare_metric, "margin": margin, "n_test": int(len(index)),
-                      "n_compared": int(keep.sum()), "excluded_champion_train_patients": int((~keep).sum())}
-        try:
-            onnx = champion_onnx(root)
-            if onnx is None:
-                raise StageError(f"champion {cur['model_id']}: its ONNX is neither in the registry nor retrievable "
-                                 f"with dvc get at tag {cur.get('git_tag')}")
-            subset = np.asarray(images)[keep]
-            # Each model at its own recorded threshold (it may have been chosen on its validation split).
-            probs, threshold = onnx_probabilities(onnx, subset, ev.threshold)
-            champion["metrics"] = compute_metrics(y, probs, params.data.classes, params.positive_index,
-                                                  threshold, ev.bootstrap, ev.seed)
-            if exported:
-                cprobs, cthreshold = onnx_probabilities(models / "model.onnx", subset, ev.threshold)
-                comparison["challenger"] = compute_metrics(y, cprobs, params.data.classes, params.positive_index,
-                                                           cthreshold, ev.bootstrap, ev.seed)
-        except (StageError, ValueError) as exc:
-            blockers.append(f"cannot compare with champion {cur['model_id']} on the same test data: {exc}")
+        counts, champion["metrics"], shared, problem = _shared_test_metrics(
+            root / prepared_dir, root, params, cur, models / "model.onnx" if exported else None)
+        comparison = {"metric": compare_metric, "margin": margin, **counts}
+        if shared is not None:
+            comparison["challenger"] = shared
+        if problem:
+            blockers.append(problem)
         if champion["metrics"] and comparison.get("challenger"):
             a = float(comparison["challenger"][compare_metric])
             b = float(champion["metrics"][compare_metric])
             comparison.update(challenger_value=a, champion_value=b)
             if not np.isfinite(a) or a < b - margin:
                 blockers.append(f"challenger {compare_metric} {a:.4f} is worse than champion {b:.4f} by more than "
-                               f"the margin {margin} on {comparison['n_compared']} shared test images")
+                                f"the margin {margin} on {comparison['n_compared']} shared test images")
             else:
                 reasons.append(f"challenger {compare_metric} {a:.4f} >= champion {b:.4f} - margin {margin} on "
                                f"{comparison['n_compared']} shared test images")
@@ -179,3 +149,61 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
             "comparison": comparison}
 
 
+def _challenger(reports: Path, models: Path) -> tuple[dict[str, Any], bool]:
+    """The challenger's {model_id, metrics, gate}, and whether models/ holds its export."""
+    from components.model.evaluate import read_record
+    from components.release.export import model_id
+
+    gate = common.read_json(reports / "gate.json")
+    # The model id is known even when export was refused.
+    challenger = {"model_id": model_id(common.sha256_file(models / "model.pt")) if (models / "model.pt").is_file() else None,
+                  "metrics": read_record(reports), "gate": gate}
+    # A models/model.onnx left by an earlier run must not stand in for this checkpoint.
+    exported = ((models / "lineage.json").is_file() and (models / "model.onnx").is_file()
+                and challenger["model_id"] is not None and model_id_of(models) == challenger["model_id"])
+    return challenger, exported
+
+
+def _gate_blockers(challenger: dict[str, Any], exported: bool, models: Path) -> list[str]:
+    """Why the challenger cannot be promoted whatever the champion: it failed the gate, or was not exported."""
+    gate = challenger["gate"]
+    if not gate.get("passed"):
+        return ["challenger failed the absolute gate: " + "; ".join(gate.get("failed") or gate.get("reasons", []))]
+    if not exported:
+        return [f"challenger {challenger['model_id']} has no exported model in {models} (export did not run)"]
+    return []
+
+
+def _shared_test_metrics(prepared: Path, root: Path, params: Params, cur: dict[str, Any],
+                         challenger_onnx: Path | None) -> tuple[dict[str, int], dict | None, dict | None, str | None]:
+    """The champion's and challenger's (if exported) metrics on the test images of patients the champion
+    never trained or validated on: (their counts, champion metrics, challenger metrics, why a model
+    could not be scored there, or None). Metrics are None when not computed."""
+    from components.data.preprocess import load_split
+    from components.model.evaluate import compute_metrics
+
+    images, index = load_split(prepared, "test")
+    keep = comparison_rows(index, model_dir(root, cur["model_id"]) / "manifest.csv")
+    y = index["label_index"].to_numpy()[keep]
+    ev = params.evaluate
+    counts = {"n_test": int(len(index)), "n_compared": int(keep.sum()),
+              "excluded_champion_train_patients": int((~keep).sum())}
+    champion_metrics = challenger_metrics = None
+    try:
+        onnx = champion_onnx(root)
+        if onnx is None:
+            raise StageError(f"champion {cur['model_id']}: its ONNX is neither in the registry nor retrievable "
+                             f"with dvc get at tag {cur.get('git_tag')}")
+        subset = np.asarray(images)[keep]
+        # Each model at its own recorded threshold (it may have been chosen on its validation split).
+        probs, threshold = onnx_probabilities(onnx, subset, ev.threshold)
+        champion_metrics = compute_metrics(y, probs, params.data.classes, params.positive_index,
+                                           threshold, ev.bootstrap, ev.seed)
+        if challenger_onnx is not None:
+            cprobs, cthreshold = onnx_probabilities(challenger_onnx, subset, ev.threshold)
+            challenger_metrics = compute_metrics(y, cprobs, params.data.classes, params.positive_index,
+                                                 cthreshold, ev.bootstrap, ev.seed)
+    except (StageError, ValueError) as exc:
+        return (counts, champion_metrics, challenger_metrics,
+                f"cannot compare with champion {cur['model_id']} on the same test data: {exc}")
+    return counts, champion_metrics, challenger_metrics, None
