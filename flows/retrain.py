@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from components.common import dvc_data_version
-from components.params import RetrainParams, load_params
+from components.params import Params, RetrainParams, load_params
 from components.retrain import challenger, inbox, promote, raw_append, workspace
 from components.retrain.stages import check_params_file
 from flows.pipeline import IO, on_cluster, pipeline
@@ -167,60 +167,84 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
             return {"outcome": "recovered" if recovered else "nothing-new", "trigger": trigger, "recovered": recovered}
         # Before any batch is read into a task result, quarantined or appended.
         check_salt(params, batches)
-
-        good, bad, known = [], [], []
-        for batch in batches:
-            checked = check_batch(batch, params, known)
-            if checked["problems"]:
-                where = quarantine(batch, rp.quarantine_dir, checked["problems"])
-                bad.append({"batch": Path(batch).name, "quarantine": where, "problems": checked["problems"]})
-                create_markdown_artifact(
-                    f"# Quarantined `{Path(batch).name}`\n\nMoved to `{where}`.\n\n"
-                    + "\n".join(f"- {x}" for x in checked["problems"][:50]), key="medtune-quarantine")
-                continue
-            logger.info("batch %s is good: %s", Path(batch).name, checked["summary"])
-            good.append(checked)
-            # Where these files will sit in raw (raw_append.raw_destination), so a later batch's duplicate
-            # message names the right path.
-            known += [{"path": dest, "sha256": r["sha256"], "patient": r["patient"], "split": r["split"]}
-                      for dest, r in zip(checked["dests"], checked["rows"])]
+        good, bad = _check_batches(batches, params, rp.quarantine_dir, logger)
         if not good:
             logger.warning("every new batch was quarantined: nothing retrained, the champion stays")
             return {"outcome": "quarantined", "trigger": trigger, "quarantined": bad}
-
-        # Taken before anything changes; a failure here leaves the batches in the inbox for the next run.
-        dests = [d for checked in good for d in checked["dests"]]
-        snap = snapshot(params, dests)
-        try:
-            for checked in good:
-                append(checked["batch"], checked["rows"], params)
-            create_table_artifact([dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
-                                  key="medtune-new-batches", description="Appended batches (label x split)")
-            plan_start(params)
-            # The stages (and their per-file work) on the Dask cluster when one is configured
-            # (flows.pipeline.task_runner). This flow's own tasks stay in its process: small
-            # bookkeeping on the workspace (batches, git, the registry), by paths relative to it.
-            result = on_cluster(pipeline, params)(root=".", params=params, lock=False)
-            decision = compare(params, rp.compare_metric, rp.promotion_margin)
-        except Exception as exc:
-            _fail(exc, good, snap, dests, params, trigger, p.data.raw_dir, rp.quarantine_dir, logger)
-            raise  # the run is marked failed; the champion stays
-        workspace.drop_snapshot(".")
-        record = None
-        if decision.get("same_model"):
-            logger.info("the challenger is the current champion (a resumed run); nothing to record")
-            for checked in good:
-                archive(checked["batch"], rp.processed_dir)
-        else:  # archives the batches last, once the release is committed and tagged
-            record = publish(decision, trigger, p.data.raw_dir, rp, [c["batch"] for c in good])
-        create_markdown_artifact(_decision_markdown(decision, record), key="medtune-decision",
-                                 description="Champion/challenger decision")
-        create_table_artifact(_metrics_rows(decision), key="medtune-champion-vs-challenger")
+        result, decision = _append_and_run(good, params, p, trigger, logger)
+        record = _record_decision(decision, good, trigger, p, logger)
     outcome = "promoted" if decision["promote"] else "kept-champion"
     logger.info("retrain %s: %s", outcome, "; ".join(decision["reasons"]))
     return {"outcome": outcome, "trigger": trigger, "model_id": result.get("model_id"),
             "data_version": result.get("data_version"), "reasons": decision["reasons"],
             "git_tag": (record or {}).get("git_tag"), "quarantined": bad}
+
+
+def _check_batches(batches: list[str], params: str, quarantine_dir: str,
+                   logger) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Check each batch in turn (against the data and the batches accepted before it); quarantine the
+    bad ones. Returns (the good ones' check results, {batch, quarantine, problems} per bad one)."""
+    good, bad, known = [], [], []
+    for batch in batches:
+        checked = check_batch(batch, params, known)
+        if checked["problems"]:
+            where = quarantine(batch, quarantine_dir, checked["problems"])
+            bad.append({"batch": Path(batch).name, "quarantine": where, "problems": checked["problems"]})
+            create_markdown_artifact(
+                f"# Quarantined `{Path(batch).name}`\n\nMoved to `{where}`.\n\n"
+                + "\n".join(f"- {x}" for x in checked["problems"][:50]), key="medtune-quarantine")
+            continue
+        logger.info("batch %s is good: %s", Path(batch).name, checked["summary"])
+        good.append(checked)
+        # Where these files will sit in raw (raw_append.raw_destination), so a later batch's duplicate
+        # message names the right path.
+        known += [{"path": dest, "sha256": r["sha256"], "patient": r["patient"], "split": r["split"]}
+                  for dest, r in zip(checked["dests"], checked["rows"])]
+    return good, bad
+
+
+def _append_and_run(good: list[dict[str, Any]], params: str, p: Params, trigger: str,
+                    logger) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Append the good batches, run the pipeline and decide: (the pipeline's result, the decision).
+    On a failure the run is undone (_fail) and the error raised again."""
+    rp = p.retrain
+    # Taken before anything changes; a failure here leaves the batches in the inbox for the next run.
+    dests = [d for checked in good for d in checked["dests"]]
+    snap = snapshot(params, dests)
+    try:
+        for checked in good:
+            append(checked["batch"], checked["rows"], params)
+        create_table_artifact([dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
+                              key="medtune-new-batches", description="Appended batches (label x split)")
+        plan_start(params)
+        # The stages (and their per-file work) on the Dask cluster when one is configured
+        # (flows.pipeline.task_runner). This flow's own tasks stay in its process: small
+        # bookkeeping on the workspace (batches, git, the registry), by paths relative to it.
+        result = on_cluster(pipeline, params)(root=".", params=params, lock=False)
+        decision = compare(params, rp.compare_metric, rp.promotion_margin)
+    except Exception as exc:
+        _fail(exc, good, snap, dests, params, trigger, p.data.raw_dir, rp.quarantine_dir, logger)
+        raise  # the run is marked failed; the champion stays
+    workspace.drop_snapshot(".")
+    return result, decision
+
+
+def _record_decision(decision: dict[str, Any], good: list[dict[str, Any]], trigger: str, p: Params,
+                     logger) -> dict[str, Any] | None:
+    """Publish the decision (or, for the champion itself, only archive the batches) and show it in the
+    UI; returns the release record (None when nothing was recorded)."""
+    rp = p.retrain
+    record = None
+    if decision.get("same_model"):
+        logger.info("the challenger is the current champion (a resumed run); nothing to record")
+        for checked in good:
+            archive(checked["batch"], rp.processed_dir)
+    else:  # archives the batches last, once the release is committed and tagged
+        record = publish(decision, trigger, p.data.raw_dir, rp, [c["batch"] for c in good])
+    create_markdown_artifact(_decision_markdown(decision, record), key="medtune-decision",
+                             description="Champion/challenger decision")
+    create_table_artifact(_metrics_rows(decision), key="medtune-champion-vs-challenger")
+    return record
 
 
 def _fail(exc: BaseException, good: list[dict[str, Any]], snap: dict[str, Any], dests: list[str], params: str,
