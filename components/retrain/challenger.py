@@ -180,7 +180,7 @@ def _shared_test_metrics(prepared: Path, root: Path, params: Params, cur: dict[s
     never trained or validated on: (their counts, champion metrics, challenger metrics, why a model
     could not be scored there, or None). Metrics are None when not computed."""
     from components.data.preprocess import load_split
-    from components.model.evaluate import compute_metrics
+    from components.model.metrics import compute_metrics
 
     images, index = load_split(prepared, "test")
     keep = comparison_rows(index, model_dir(root, cur["model_id"]) / "manifest.csv")
