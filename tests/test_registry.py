@@ -504,6 +504,25 @@ def test_a_model_a_release_tag_would_not_reproduce_is_not_promoted(repo):
 
 
 @pytest.mark.slow
+def test_ensure_remote_keeps_the_default_dvc_resolves_and_an_unreadable_config_is_named(tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    sh(ws, "git", "init", "-q")
+    sh(ws, "dvc", "init", "-q")
+    # A default remote set only in .dvc/config.local (git-ignored) is the default: nothing is added.
+    sh(ws, "dvc", "remote", "add", "--local", "-d", "mine", str(tmp_path / "mine"))
+    assert promote.ensure_remote(ws, str(tmp_path / "other")) == "mine"
+    assert "remote" not in (ws / ".dvc/config").read_text() and not (tmp_path / "other").exists()
+    (ws / ".dvc/config.local").unlink()
+    assert promote.ensure_remote(ws, str(tmp_path / "other")) == "medtune"
+    assert sh(ws, "dvc", "remote", "default") == "medtune" and (tmp_path / "other").is_dir()
+    (ws / ".dvc/config").write_text("[core\n")
+    for check in (promote.refuse_secrets_in_config, lambda root: promote.ensure_remote(root, "x")):
+        with pytest.raises(common.StageError, match=r"\.dvc/config: not readable as DVC config \(.*line 1"):
+            check(ws)
+
+
+@pytest.mark.slow
 def test_publish_refuses_credentials_in_the_dvc_config_it_commits(repo, tmp_path):
     write_challenger(repo, "a", +1)
     head = sh(repo, "git", "rev-parse", "HEAD")

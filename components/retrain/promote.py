@@ -15,7 +15,6 @@ release dropped, its batches retrained.
 
 from __future__ import annotations
 
-import configparser
 import datetime as dt
 import json
 import logging
@@ -39,11 +38,25 @@ log = logging.getLogger("medtune.promote")
 # git and DVC commands: common.run_tool / common.git / common.dvc (one at a time in the project root).
 
 
+def dvc_config(root: str | Path, level: str | None = None) -> dict[str, Any]:
+    """The project's DVC configuration as DVC itself reads it: every level merged (system, global,
+    .dvc/config, .dvc/config.local), or one file (`level="repo"` is .dvc/config); remotes come as
+    {"remote": {name: {option: value}}}. StageError naming the file when DVC cannot read it."""
+    from dvc.config import Config, ConfigError
+
+    dvc_dir = Path(root) / ".dvc"
+    try:
+        config = Config(dvc_dir=str(dvc_dir), validate=level is None)
+        return config.read(level) if level else dict(config)
+    except ConfigError as exc:
+        raise StageError(f"{dvc_dir / 'config'}: not readable as DVC config ({exc})") from exc
+
+
 def ensure_remote(root: str | Path, url: str, name: str = "medtune") -> str:
     """Make sure a default DVC remote exists; add `url` (a local folder by default) if none is set."""
     root = Path(root)
-    current = dvc(root, "remote", "default", check=False)
-    if current and "No default remote" not in current:
+    current = (dvc_config(root).get("core") or {}).get("remote")
+    if current:
         return current
     path = Path(url)
     if "://" not in url:
@@ -65,18 +78,24 @@ def refuse_secrets_in_config(root: str | Path) -> None:
     a remote, or a password in a remote's URL. Credentials come from the environment (AWS_ACCESS_KEY_ID,
     ...) or `dvc remote modify --local` (.dvc/config.local, which DVC keeps out of git)."""
     path = Path(root) / ".dvc/config"
-    cfg = configparser.ConfigParser(interpolation=None, strict=False)
-    try:
-        cfg.read(path)
-    except configparser.Error as exc:
-        raise StageError(f"{path}: not readable as DVC config ({exc})") from exc
-    found = [f"[{section}] {key}" for section in cfg.sections() for key, value in cfg[section].items()
-             if key in SECRET_OPTIONS or (key == "url" and urlsplit(value).password)]
+    found = [f"[{section}] {key}" for section, options in _sections(dvc_config(root, "repo")) for key, value in
+             options.items() if key in SECRET_OPTIONS or (key == "url" and urlsplit(str(value)).password)]
     if found:
         raise StageError(f"{path} holds credentials ({', '.join(found)}), and a release commits that file to git. "
                          "Move them out: `dvc remote modify --local <remote> <option> <value>` (.dvc/config.local, "
                          "git-ignored) or the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3); "
                          "nothing was pushed or committed (docs/orchestration.md, 'Remote storage').")
+
+
+def _sections(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(header, options) of each section of a DVC config, the header spelt as in the file: `core`, and
+    `'remote "name"'` for a named section (which DVC reads as {"remote": {"name": {...}}})."""
+    out = []
+    for section, options in config.items():
+        plain = {k: v for k, v in options.items() if not isinstance(v, dict)}
+        out += [(section, plain)] if plain else []
+        out += [(f"'{section} \"{name}\"'", sub) for name, sub in options.items() if isinstance(sub, dict)]
+    return out
 
 
 def release_paths(root: str | Path = ".") -> tuple[list[str], list[str]]:
