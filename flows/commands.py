@@ -8,8 +8,8 @@
 
 Run them from the project root. `serve`, `retrain` and `ingest-new` talk to the server named by
 PREFECT_API_URL (environment or Prefect profile); without one, to the server `medtune server` started
-(`running_server`): the address it recorded under PREFECT_HOME, else http://127.0.0.1:4200/api, if it
-answers. Only `retrain --once` starts a temporary server of its own when none answers.
+(flows/prefect_server.py): the address it recorded under PREFECT_HOME, else http://127.0.0.1:4200/api,
+if it answers. Only `retrain --once` starts a temporary server of its own when none answers.
 """
 
 
@@ -18,23 +18,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from components import common, lifetime
+from components import common
 from components.common import StageError
 from components.retrain.stages import OUTCOMES, check_params_file
 from components.templates import format_table
+from flows.prefect_server import DEFAULT_API, prefect_api, running_server, server_record
 
-log = logging.getLogger("medtune.commands")
-
-DEFAULT_API = "http://127.0.0.1:4200/api"
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
              # What the flows call in-process (inbox, registry) logs to "medtune.*"; this shows those lines
              # in the Prefect UI too. The stages' own lines come through run_stage.
@@ -50,45 +44,8 @@ def quiet_env() -> None:
 # Commands
 # ---------------------------------------------------------------------------------------------
 
-SERVER_RECORD = "medtune-server.json"  # under PREFECT_HOME: where `medtune server` said it listens
-
-
 def _api_url() -> str:
     return os.environ.get("PREFECT_API_URL") or DEFAULT_API
-
-
-def _server_record() -> Path:
-    from prefect.settings import get_current_settings
-
-    return Path(get_current_settings().home) / SERVER_RECORD
-
-
-def running_server() -> str | None:
-    """The Prefect API for this process: PREFECT_API_URL (environment or Prefect profile) when set;
-    otherwise the server `medtune server` started, if it answers: the address it recorded under
-    PREFECT_HOME, then the default http://127.0.0.1:4200/api. A server found that way is set as
-    PREFECT_API_URL for this process and its children. None when none answers; no server is started.
-
-    The commands import Prefect before they run (flows/serve.py, flows/retrain.py), and Prefect reads its
-    settings at import, so the settings are refreshed here: without it, an environment variable set
-    now is ignored and a flow run starts a temporary server of its own.
-    """
-    from prefect.context import refresh_global_settings_context
-    from prefect.settings import get_current_settings
-
-    refresh_global_settings_context()  # whatever the caller put into os.environ since the import
-    configured = get_current_settings().api.url
-    if configured:
-        return configured
-    candidates = []
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        candidates.append(str(json.loads(_server_record().read_text())["api"]))
-    for url in dict.fromkeys([*candidates, DEFAULT_API]):
-        if _answers(url):
-            os.environ["PREFECT_API_URL"] = url
-            refresh_global_settings_context()
-            return url
-    return None
 
 
 def cmd_server(args: argparse.Namespace) -> None:
@@ -100,7 +57,7 @@ def cmd_server(args: argparse.Namespace) -> None:
     print(f"Prefect server on http://{args.host}:{args.port} (API: {api})", flush=True)
     # For `medtune serve`, `retrain` and `ingest-new` without PREFECT_API_URL (running_server); a stale
     # record is harmless: they use it only while a server answers there.
-    record = _server_record()
+    record = server_record()
     with contextlib.suppress(OSError):
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"api": api, "pid": os.getpid()}) + "\n")
@@ -182,101 +139,6 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     if "gate-failed" in result["stages"].values():  # as `dvc repro` fails at export: no model this run
         raise StageError("the model failed the gate and was not exported; see reports/gate.json")
-
-
-@contextlib.contextmanager
-def prefect_api() -> Iterator[str | None]:
-    """The Prefect API for a flow run in this process: the configured one (PREFECT_API_URL, in the
-    environment or the Prefect profile) or the one `medtune server` started (running_server), else a
-    temporary server of this process's own.
-
-    Prefect 3 would start that temporary server itself (SubprocessASGIServer) and stop it only from
-    atexit, which a `kill -9` skips: the server lived on. This starts the same server (Prefect's
-    own command line) through components.lifetime, so the kernel kills it when this process dies
-    however it dies, on a free 127.0.0.1 port; points PREFECT_API_URL at it for this process and its
-    threads; and stops it when the block ends, normally or by an exception.
-    """
-    import prefect
-    from prefect.context import refresh_global_settings_context
-    from prefect.settings import get_current_settings
-
-    url = running_server()  # PREFECT_API_URL, or the server `medtune server` started
-    settings = get_current_settings()
-    if url or not settings.server.ephemeral.enabled:
-        if url:
-            log.info("Prefect server: %s", url)
-        yield url  # a server of its own, or Prefect's error when temporary servers are off
-        return
-    # Prefect 3.8's SubprocessASGIServer._run_uvicorn_command, word for word.
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           **settings.to_environment_variables(exclude_unset=True)}
-    timeout = settings.server.ephemeral.startup_timeout_seconds
-    proc, url = None, ""
-    for _ in range(3):  # the free port can be taken between our probe and the server's bind
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}/api"
-        proc = subprocess.Popen([sys.executable, "-m", *lifetime.module_argv("uvicorn", [
-            "--app-dir", str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"])], env=env)
-        if _wait_healthy(proc, url, timeout):
-            break
-        _stop(proc)
-    else:
-        raise StageError(f"the temporary Prefect server did not answer on {url}/health within {timeout} s "
-                         f"(exit code {proc.returncode}); see its output above. Or start one (`medtune server`) "
-                         "and set PREFECT_API_URL=http://127.0.0.1:4200/api.")
-    log.info("temporary Prefect server for this run on %s (pid %d); it stops with this process", url, proc.pid)
-    saved = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
-    # Prefect's settings were read at import; this makes every thread (the events and log workers
-    # too, which do not see a temporary_settings context) use this server.
-    refresh_global_settings_context()
-    try:
-        yield url
-    finally:
-        if saved is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = saved
-        refresh_global_settings_context()
-        _stop(proc)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str, timeout: float = 2) -> bool:
-    """A Prefect API answers at `url` (its /health says true)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
-            return r.status == 200 and r.read().strip() == b"true"
-    except (OSError, ValueError):  # URLError is an OSError
-        return False
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _answers(url):
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (uvicorn shuts down cleanly), SIGKILL after 10 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cmd_ingest_new(args: argparse.Namespace) -> None:

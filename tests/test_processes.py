@@ -22,7 +22,7 @@ from workspace import ROOT, make_workspace, run, set_params, tool_env
 
 from components.retrain import stages
 from components.retrain import workspace as project
-from flows import commands
+from flows import prefect_server
 
 pytestmark = pytest.mark.slow
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
@@ -254,7 +254,7 @@ def test_the_temporary_prefect_server_stops_when_the_run_ends(tmp_path, monkeypa
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     refresh_global_settings_context()
     try:
-        with commands.prefect_api() as url:
+        with prefect_server.prefect_api() as url:
             assert url and url.startswith("http://127.0.0.1:") and os.environ["PREFECT_API_URL"] == url
             server = next(p for p in psutil.Process().children() if is_prefect_server(p))
             assert alive(server)
