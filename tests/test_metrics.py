@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score, roc_auc_score
 
-from components.model.calibrate import predict_labels
+from components.model.decision import predict_labels
 from components.model.metrics import auroc, bootstrap_auroc, compute_metrics, confusion_matrix, per_class
 
 BINARY = ["normal", "lesion"]

@@ -5,7 +5,6 @@ Pure functions over numpy arrays, used by the evaluate stage:
     scale, bias = fit_calibration("temperature", val_logits, y_val, positive_index)
     probs = calibrated_probabilities(test_logits, scale, bias)
     threshold = choose_threshold("youden", y_val, val_probs[:, pos], pos)
-    labels = predict_labels(probs, pos, threshold)
     ece(y_test, probs), brier(y_test, probs, pos)
 
 Every calibration is the affine map `logits * scale + bias` before the softmax:
@@ -21,19 +20,9 @@ import numpy as np
 
 from components.common import StageError
 
-# scipy (a third of a second to import) only inside the functions that fit or transform:
-# `medtune predict` imports this module for predict_labels alone.
+# scipy (a third of a second to import) only inside the functions that fit or transform.
 
 ECE_BINS = 15  # as in Guo et al.; equal-width bins over the top-label confidence
-
-
-def predict_labels(probs: np.ndarray, positive_index: int, threshold: float) -> np.ndarray:
-    """Binary: positive class iff its probability >= threshold; multi-class: argmax. The one
-    decision rule of evaluate (test metrics) and predict (the shipped model's threshold)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape[1] == 2:
-        return np.where(probs[:, positive_index] >= threshold, positive_index, 1 - positive_index)
-    return probs.argmax(axis=1)
 
 
 def calibrated_probabilities(logits: np.ndarray, scale: float, bias: list[float] | np.ndarray) -> np.ndarray:

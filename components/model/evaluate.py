@@ -40,6 +40,7 @@ from sklearn.metrics import roc_curve
 
 from components.common import StageError, atomic_path, read_json, sha256_file, stage_main, write_json
 from components.model import calibrate
+from components.model.decision import predict_labels
 from components.model.metrics import auroc, compute_metrics
 from components.params import Params, load_params
 from components.plots import figure, save_png
@@ -242,7 +243,7 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     # Export checks this, so a gate computed for another checkpoint can never release this one.
     gate["checkpoint_sha256"] = sha256_file(model_path)
 
-    write_reports(reports_dir, metrics, gate, index, probs, calibrate.predict_labels(probs, pos, threshold), pos)
+    write_reports(reports_dir, metrics, gate, index, probs, predict_labels(probs, pos, threshold), pos)
     log_result(metrics, gate, reports_dir)
     return {"metrics": metrics, "gate": gate}
 

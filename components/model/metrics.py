@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from components.model.calibrate import predict_labels
+from components.model.decision import predict_labels
 
 CI_LEVEL, CI_PERCENTILES = 0.95, (2.5, 97.5)  # the bootstrap interval of AUROC
 

@@ -37,7 +37,7 @@ import numpy as np
 from components.common import StageError, atomic_path, stage_main
 from components.data.folders import REFUSED, list_folder
 from components.data.scans import ScanError, prepare_image, recorded_preparation
-from components.model import calibrate
+from components.model.decision import predict_labels
 from components.release.onnx_runtime import make_session, read_metadata
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def decide(probs: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     metrics = meta.get("metrics") or {}
     positive, threshold = metrics.get("positive_class"), metrics.get("threshold")
     if len(classes) == 2 and positive in classes and threshold is not None:
-        return calibrate.predict_labels(probs, classes.index(positive), float(threshold))
+        return predict_labels(probs, classes.index(positive), float(threshold))
     return probs.argmax(axis=1)
 
 
