@@ -43,7 +43,7 @@ import torch
 from components.data.augment import build_transform
 from components.model.models import Deployed, build_model
 from components.params import Params
-from components.model.train import make_loader
+from components.model.fit import make_loader
 
 BATCH = 32
 
