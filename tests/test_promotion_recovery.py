@@ -2,7 +2,7 @@
 
 Real Prefect server (one per module, its own PREFECT_HOME), real `medtune retrain --once`, git, DVC
 with a local remote, tiny synthetic DICOMs. A run is killed at an exact step by a wrapper script
-that replaces `components.release.registry.git` / `.dvc` with a version that calls `os._exit(137)` right after
+that replaces `components.retrain.promote.git` / `.dvc` with a version that calls `os._exit(137)` right after
 the targeted command (production code unchanged).
 
 One trained workspace serves every kill point: its retrain run (allowed a public salt by
@@ -39,13 +39,13 @@ RUN_TIMEOUT = 600
 OPEN_GATE = {"evaluate": {"gate": {f: 0.0 for f in GateParams.model_fields}}}
 KILLED = 137
 
-# Runs `medtune retrain` with one git/DVC command of components.release.registry followed by os._exit.
+# Runs `medtune retrain` with one git/DVC command of components.retrain.promote (where a release runs them) followed by os._exit.
 WRAPPER = """
 import os, sys
 sys.path.insert(0, {root!r})
-from components.release import registry
+from components.retrain import promote
 tool, *words = sys.argv[1].split()
-real = getattr(registry, tool)  # the names registry calls its git and DVC commands by
+real = getattr(promote, tool)  # the names promote calls its git and DVC commands by
 
 def killing(root, *args, **kwargs):
     out = real(root, *args, **kwargs)
@@ -54,7 +54,7 @@ def killing(root, *args, **kwargs):
         os._exit({killed})
     return out
 
-setattr(registry, tool, killing)
+setattr(promote, tool, killing)
 from flows.commands import retrain_main
 sys.exit(retrain_main(sys.argv[2:]))
 """
