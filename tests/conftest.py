@@ -1,17 +1,78 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules (pytest finds them here; their builders are in
+tests/builders.py and tests/workspace.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+
 import pytest
+from builders import make_project, run_export, tiny_params
+from workspace import (
+    BIN,
+    ROOT,
+    UNCOMMITTED_PARAMS,
+    base_env,
+    drop_batch,
+    free_port,
+    make_retrain_project,
+    retrain,
+    set_params,
+    stop,
+    wait_healthy,
+)
 
 
 @pytest.fixture(scope="session")
 def onnx_model(tmp_path_factory):
     """A tiny exported medtune model (random weights, real export with its metadata), built once."""
-    from test_evaluate import tiny_params
-    from test_export import make_project, run_export
-
     params = tiny_params()
     project = make_project(tmp_path_factory.mktemp("onnx-model"), params)
     run_export(project, params)
     return project["out"] / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A Prefect server on 127.0.0.1 with its own PREFECT_HOME, and the environment of the `medtune`
+    runs that use it: no MEDTUNE_PATIENT_SALT (the public salt is what test_promotion_recovery is
+    about), this checkout's code first on PYTHONPATH. One per module that asks for it."""
+    tmp = tmp_path_factory.mktemp("recovery")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = base_env(tmp, api)
+    env.pop("MEDTUNE_PATIENT_SALT", None)  # these tests are about the public salt
+    # `medtune` subprocesses import the code under test, wherever this checkout is.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    log = tmp / "server.log"
+    proc = subprocess.Popen([str(BIN / "medtune"), "server", "--port", str(port)], cwd=tmp, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(api, proc, log)
+        yield {"env": env, "tmp": tmp}
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def killed_after_push(tmp_path_factory, request) -> dict:
+    """A workspace whose first promotion was killed right after `dvc push` (nothing committed), beside
+    its local DVC remote (../dvc-remote), and the killed run's output. Built once per test process
+    (training is most of a test's cost): the first module to ask builds it under the process's base
+    temp folder, with that module's Prefect server (`server`, started only then), and every user
+    copies it (workspace.copy_of). Its retrain run was allowed the public salt, with params.yaml
+    changed and not committed before it (UNCOMMITTED_PARAMS)."""
+    base = tmp_path_factory.getbasetemp() / "shared-killed-after-push"
+    ws, record = base / "ws", base / "killed-run.json"
+    if not record.is_file():
+        shutil.rmtree(base, ignore_errors=True)  # a build that failed half-way
+        env = request.getfixturevalue("server")["env"]
+        make_retrain_project(ws, env, allow_public_salt=True)
+        set_params(ws, UNCOMMITTED_PARAMS)
+        drop_batch(ws, env)
+        out = retrain(ws, env, kill_after="dvc push")
+        record.write_text(json.dumps({"args": out.args, "returncode": out.returncode, "stdout": out.stdout,
+                                      "stderr": out.stderr}))
+    return {"ws": ws, "out": subprocess.CompletedProcess(**json.loads(record.read_text()))}

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from builders import RAW_PATIENT, make_checkpoint, make_prepared, tiny_params
 from sklearn.metrics import roc_auc_score
 
 from components.model.evaluate import apply_gate, metrics_view
@@ -111,69 +112,8 @@ def test_default_gate_passes_a_decent_model():
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage on a tiny prepared folder and a random-weight checkpoint (helpers reused by the
-# export and predict tests)
+# The stage on a tiny prepared folder and a random-weight checkpoint (tests/builders.py)
 # ---------------------------------------------------------------------------------------------
-
-RAW_PATIENT = "PAT-RAW-0001"  # a raw id that must never reach an artefact
-
-
-def make_prepared(root, classes=("normal", "lesion"), per_class=None, channels=1, size=32, seed=0):
-    """A data/prepared folder as preprocess writes it: {split}.npy, index.csv, meta.json."""
-    import pandas as pd
-
-    from components.common import hash_patient
-
-    per_class = per_class or {"train": 2, "val": 2, "test": 4}
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split, n in per_class.items():
-        images = []
-        for li, cls in enumerate(classes):
-            for i in range(n):
-                img = rng.integers(0, 120, size=(channels, size, size), dtype=np.uint8)
-                img[:, 8:20, 8:20] += np.uint8(100 * li)  # a brighter square for later classes
-                images.append(img)
-                rows.append({"split": split, "row": len(images) - 1, "path": f"{cls}/{split}_{i}.png",
-                             "sha256": f"{split}{li}{i}".ljust(64, "0"), "label": cls, "label_index": li,
-                             "patient": hash_patient(f"{RAW_PATIENT}-{split}-{i}", b"salt")})
-        np.save(root / f"{split}.npy", np.stack(images))
-    pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
-    meta = {"classes": list(classes), "image_size": size, "channels": channels, "window": "header",
-            "resize": "bilinear", "input": "uint8 NCHW"}
-    (root / "meta.json").write_text(json.dumps(meta))
-    return root
-
-
-def make_checkpoint(path, classes=("normal", "lesion"), channels=1, size=32, seed=0, members=1):
-    """A checkpoint in the documented train format, with random `none`-backbone weights (an
-    ensemble of `members` such models when members > 1)."""
-    import torch
-
-    from components.model.models import Ensemble, build_model
-
-    models = []
-    for m in range(members):
-        torch.manual_seed(seed + m)
-        model, info = build_model("none", len(classes), channels, False)
-        models.append(model)
-    model = Ensemble(models) if members > 1 else models[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "members": members, "backbone": model.arch, "classes": list(classes),
-                "in_channels": channels, "image_size": size,
-                "params": {"train": {"freeze": "all", "optimizer": "adamw", "lr": 1e-3, "seed": seed}, "augment": {}},
-                "pretrained": info, "history": [], "best_epoch": 1, "epochs_run": 1,
-                "best_metric": {"name": "val_auroc", "value": 0.5}, "device": "cpu",
-                "processor": "Test Processor 9000"}, path)
-    return path
-
-
-def tiny_params(**gate):
-    # A random-weight model on 8 images: every gate open unless a test closes one.
-    return parse_params({"evaluate": {"positive_class": "lesion", "bootstrap": 40,
-                                      "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0,
-                                               "min_balanced_accuracy": 0.0, **gate}}})
 
 
 def test_evaluate_stage_writes_reports(tmp_path):

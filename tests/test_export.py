@@ -8,44 +8,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from test_evaluate import RAW_PATIENT, make_checkpoint, make_prepared, tiny_params
+from builders import RAW_PATIENT, make_checkpoint, make_project, run_export, tiny_params
 
 from components.common import StageError, sha256_file
-from components.model.evaluate import evaluate
-from components.release.export import export, main
+from components.release.export import main
 
 # Only facts the stage's inputs determine (DVC caches model.onnx); the run's facts are in lineage.json.
 METADATA_KEYS = {"model_id", "classes", "input", "output", "normalisation", "preprocessing", "data_version",
                  "content_hash", "params_sha256", "metrics", "gate", "checkpoint_sha256", "pretrained", "opset",
                  "exporter"}
-
-
-def make_project(root, params, classes=("normal", "lesion"), channels=1, members=1):
-    """Everything export reads: prepared data, checkpoint, evaluate's reports, manifest, validation."""
-    prepared = make_prepared(root / "data" / "prepared", classes=classes, channels=channels)
-    ckpt = make_checkpoint(root / "models" / "model.pt", classes=classes, channels=channels, members=members)
-    reports = root / "reports"
-    evaluate(ckpt, prepared, reports, params)
-    manifest = root / "data" / "manifest.json"
-    counts = {s: {c: n for c in classes} for s, n in (("train", 2), ("val", 2), ("test", 4))}
-    manifest.write_text(json.dumps({
-        "data_version": "d41d8cd98f00b204e9800998ecf8427e.dir", "content_hash": "ab" * 32, "n_images": 16 * len(classes),
-        "n_unreadable": 0, "counts": counts, "patient_source": "dicom",
-        "split": {"method": "stratified-group", "seed": 42, "val_fraction": 0.2, "test_fraction": 0.25,
-                  "patients": {"train": 2, "val": 2, "test": 4}, "patient_overlap": 0, "source": "stratified-group"}}))
-    manifest.with_suffix(".csv").write_text("path,sha256,label,patient\nnormal/a.png,00,normal,0123456789abcdef\n")
-    (reports / "validation.json").write_text(json.dumps({
-        "success": True, "suite": "manifest", "failures": [],
-        "expectations": [{"name": "labels_known", "critical": True, "success": True, "details": {}},
-                         {"name": "size_range", "critical": False, "success": False, "details": {}},
-                         {"name": "duplicates_in_one_split", "critical": False, "success": True, "details": {}},
-                         {"name": "near_duplicates_in_one_split", "critical": False, "success": False,
-                          "details": {"n_offending": 3}}]}))
-    return {"model": ckpt, "prepared": prepared, "reports": reports, "out": root / "models", "manifest": manifest}
-
-
-def run_export(p, params):
-    return export(p["model"], p["prepared"], p["reports"], p["out"], params, manifest_path=p["manifest"])
 
 
 def shipped_and_evaluated(p, params) -> tuple[np.ndarray, np.ndarray]:

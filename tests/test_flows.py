@@ -23,26 +23,15 @@ from pathlib import Path
 import pytest
 import workspace
 import yaml
-from workspace import BIN, free_port, make_workspace, merge, set_params, stop, tool_env, tree_digest, wait_healthy
+from workspace import (BIN, FAST, TEST_SALT, base_env, free_port, make_workspace, merge, set_params, stop, tree_digest,
+                       wait_healthy)
 
 from components.retrain import stages
 from components.retrain import workspace as project
 
 pytestmark = pytest.mark.slow
 
-# The workspace's TINY params, trimmed further: one epoch per retrain run.
-FAST = {"train": {"epochs": 1, "batch_size": 16}}
 RUN_TIMEOUT = 300
-
-
-# The demo's DICOMs carry (made-up) PatientIDs: a retrain run refuses to hash them with the public
-# salt, so the worker's environment holds a secret, as a real deployment's must.
-TEST_SALT = "medtune-test-secret-7c41"
-
-
-def base_env(tmp: Path, api: str) -> dict[str, str]:
-    return tool_env(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api, MEDTUNE_PATIENT_SALT=TEST_SALT,
-                    PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_RUNNER_POLL_FREQUENCY="2")
 
 
 def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import picture
 from PIL import Image
-from test_near_duplicates import picture
 
 from components import common, parallel
 

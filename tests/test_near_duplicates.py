@@ -7,20 +7,14 @@ import json
 
 import numpy as np
 import pytest
+from builders import clean_rows, picture, validate_rows, with_validate, write_dicom
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from test_predict import write_dicom
 
 from components.data import near_duplicates, scan_info
 from components.common import StageError
 from components.data.ingest import ingest
 from components.params import parse_params
-
-
-def picture(seed: int, size: int = 64) -> np.ndarray:
-    """A smooth, scan-like grey picture (uint8), different for every seed."""
-    field = gaussian_filter(np.random.default_rng(seed).normal(size=(size, size)), sigma=size / 10)
-    return np.interp(field, (field.min(), field.max()), (0, 255)).astype(np.uint8)
 
 
 def variants(tmp_path, img: np.ndarray) -> dict[str, object]:
@@ -97,8 +91,6 @@ def test_ingest_keeps_near_duplicates_in_one_split(tmp_path, method):
 
 
 def test_validate_names_near_duplicates_that_a_given_split_separates(tmp_path):
-    from test_validate import clean_rows, run, with_validate
-
     rows = clean_rows()
     train, test = rows[0], rows[-1]
     train["similar_group"] = test["similar_group"] = train["path"]
@@ -106,12 +98,12 @@ def test_validate_names_near_duplicates_that_a_given_split_separates(tmp_path):
         (tmp_path / name).mkdir()
     with pytest.raises(StageError, match=r"near-duplicates of normal/train_0\.png in splits test "
                                          r"\(lesion/test_1\.png\); train \(normal/train_0\.png\)"):
-        run(tmp_path / "strict", rows)
+        validate_rows(tmp_path / "strict", rows)
     report = json.loads((tmp_path / "strict/reports/validation.json").read_text())
     assert report["success"] is False
     assert [f["critical"] for f in report["failures"] if f["name"] == "near_duplicates_in_one_split"] == [True]
 
-    out_json, _ = run(tmp_path / "tolerant", rows, with_validate(max_near_duplicates=1))
+    out_json, _ = validate_rows(tmp_path / "tolerant", rows, with_validate(max_near_duplicates=1))
     report = json.loads(out_json.read_text())
     assert report["success"] is True
     assert [(f["name"], f["critical"]) for f in report["failures"]] == [("near_duplicates_in_one_split", False)]

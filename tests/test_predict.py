@@ -6,33 +6,11 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+from builders import RAW_ID, RAW_NAME, write_dicom
 from PIL import Image
 
 from components.common import StageError
 from components.release.predict import main, predict
-
-RAW_NAME, RAW_ID = "Doe^Jane", "PID-775533"
-
-
-def write_dicom(path, pixels):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = RAW_NAME, RAW_ID, "19700101"
-    ds.Modality, ds.SOPClassUID, ds.SOPInstanceUID = "CT", meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-    ds.WindowCenter, ds.WindowWidth = 40, 400
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_predict_png_dicom_and_corrupt_files(onnx_model, tmp_path):

@@ -11,67 +11,27 @@ committed before it, as a user tuning a parameter does) is killed right after `d
 step of the promotion. Each test copies it; for the later kill points the copy's next run (which
 resumes the promotion) is killed again after `git commit` or `git tag`. Then one plain
 `retrain --once` must finish the promotion without retraining or re-exporting, and commit the
-changed params.yaml with it. The same workspace, built once per session (`shared_killed_workspace`),
-is what tests/test_release_reproduces.py and tests/test_remote_s3.py release and clone.
+changed params.yaml with it. The Prefect server (`server`) and the killed workspace (`killed_after_push`,
+built once per test process) are fixtures of tests/conftest.py, their steps in tests/workspace.py; the
+same workspace is what tests/test_release_reproduces.py and tests/test_remote_s3.py release and clone.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import workspace
 import yaml
-from test_flows import FAST, base_env
-from workspace import BIN, ROOT, free_port, make_workspace, merge, set_params, stop, tree_digest, wait_healthy
-
-from components.params import GateParams
+from workspace import RETRAIN_TIMEOUT, copy_of, drop_batch, make_retrain_project, onnx_model_id, retrain, tree_digest
 
 pytestmark = pytest.mark.slow
 
-RUN_TIMEOUT = 600
-# Open gates whatever the defaults are: the test is about recording a promotion, not about the model.
-OPEN_GATE = {"evaluate": {"gate": {f: 0.0 for f in GateParams.model_fields}}}
-KILLED = 137
-
-# Runs `medtune retrain` with one git/DVC command of components.retrain.promote (where a release runs them) followed by os._exit.
-WRAPPER = """
-import os, sys
-sys.path.insert(0, {root!r})
-from components.retrain import promote
-tool, *words = sys.argv[1].split()
-real = getattr(promote, tool)  # the names promote calls its git and DVC commands by
-
-def killing(root, *args, **kwargs):
-    out = real(root, *args, **kwargs)
-    if list(args[:len(words)]) == words:
-        print(f"KILLED after {{tool}} {{' '.join(args)}}", file=sys.stderr, flush=True)
-        os._exit({killed})
-    return out
-
-setattr(promote, tool, killing)
-from flows.commands import retrain_main
-sys.exit(retrain_main(sys.argv[2:]))
-"""
-
 
 def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    return workspace.run(cmd, cwd, env, check, timeout=RUN_TIMEOUT)
-
-
-def retrain(ws: Path, env: dict, kill_after: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    if kill_after is None:
-        return run([str(BIN / "medtune"), "retrain", "--once"], ws, env, check)
-    script = ws.parent / "kill_wrapper.py"
-    script.write_text(WRAPPER.format(root=str(ROOT), killed=KILLED))
-    out = run([sys.executable, str(script), kill_after, "--once"], ws, env, check=False)
-    assert out.returncode == KILLED, f"expected a kill after {kill_after}:\n{out.stdout}\n{out.stderr[-4000:]}"
-    return out
+    return workspace.run(cmd, cwd, env, check, timeout=RETRAIN_TIMEOUT)
 
 
 def result(out: subprocess.CompletedProcess) -> dict:
@@ -81,85 +41,10 @@ def result(out: subprocess.CompletedProcess) -> dict:
     return json.loads("\n".join(lines[start:]))
 
 
-def make_project(ws: Path, env: dict, allow_public_salt: bool) -> None:
-    over = {"retrain": {"dvc_remote": "../dvc-remote", "allow_public_salt": allow_public_salt}}
-    make_workspace(ws, patients=8, params=merge(merge(FAST, OPEN_GATE), over), env=env)
-    (ws / ".gitignore").write_text("/models/\n/reports/\n/data/inbox\n/data/quarantine\n/data/inbox-processed\n")
-    run(["git", "add", "-A"], ws, env)
-    run(["git", "commit", "-qm", "initial data"], ws, env)
-
-
-def drop_batch(ws: Path, env: dict, name: str = "2024-06") -> None:
-    run(["medtune", "demo-data", "--out", f"data/inbox/batch-{name}", "--patients", "4", "--slices", "3",
-         "--size", "32", "--batch-name", name], ws, env)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("recovery")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = base_env(tmp, api)
-    env.pop("MEDTUNE_PATIENT_SALT", None)  # these tests are about the public salt
-    # `medtune` subprocesses import the code under test, wherever this checkout is.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    log = tmp / "server.log"
-    proc = subprocess.Popen([str(BIN / "medtune"), "server", "--port", str(port)], cwd=tmp, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(api, proc, log)
-        yield {"env": env, "tmp": tmp}
-    finally:
-        stop(proc)
-
-
-# Changed in params.yaml, and not committed, before the killed run: the release must commit it (FAST
-# trains with batch_size 16; the committed params.yaml says 16, the run and dvc.lock say 8).
-UNCOMMITTED_PARAMS = {"train": {"batch_size": 8}}
-
-
-def shared_killed_workspace(tmp_path_factory, request) -> dict:
-    """A workspace whose first promotion was killed right after `dvc push` (nothing committed), beside
-    its local DVC remote (../dvc-remote), and the killed run's output. Built once per test session
-    (training is most of a test's cost): the first module to ask builds it under the session's base
-    temp folder, with this module's Prefect server, and every user copies it (copy_of)."""
-    base = tmp_path_factory.getbasetemp() / "shared-killed-after-push"
-    ws, record = base / "ws", base / "killed-run.json"
-    if not record.is_file():
-        shutil.rmtree(base, ignore_errors=True)  # a build that failed half-way
-        env = request.getfixturevalue("server")["env"]
-        make_project(ws, env, allow_public_salt=True)
-        set_params(ws, UNCOMMITTED_PARAMS)
-        drop_batch(ws, env)
-        out = retrain(ws, env, kill_after="dvc push")
-        record.write_text(json.dumps({"args": out.args, "returncode": out.returncode, "stdout": out.stdout,
-                                      "stderr": out.stderr}))
-    return {"ws": ws, "out": subprocess.CompletedProcess(**json.loads(record.read_text()))}
-
-
-@pytest.fixture(scope="module")
-def killed_after_push(tmp_path_factory, request):
-    """A workspace whose first promotion was killed right after `dvc push` (nothing committed)."""
-    return shared_killed_workspace(tmp_path_factory, request)
-
-
-def copy_of(base_ws: Path, dst: Path) -> Path:
-    """The workspace and its DVC remote (../dvc-remote), copied with their mtimes."""
-    shutil.copytree(base_ws.parent / "dvc-remote", dst / "dvc-remote", symlinks=True)
-    shutil.copytree(base_ws, dst / "ws", symlinks=True)
-    return dst / "ws"
-
-
-def onnx_model_id(path: Path) -> str:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}["model_id"]
-
-
 def test_public_salt_refuses_the_run_before_anything_is_appended(server, tmp_path):
     env = server["env"]
     ws = tmp_path / "ws"
-    make_project(ws, env, allow_public_salt=False)
+    make_retrain_project(ws, env, allow_public_salt=False)
     drop_batch(ws, env)
     head = run(["git", "rev-parse", "HEAD"], ws, env).stdout
     raw, batch = tree_digest(ws / "data/raw"), tree_digest(ws / "data/inbox")

@@ -2,8 +2,8 @@
 `dvc status`, `dvc repro` has nothing to do and `medtune verify` passes; and the lineage's `git_dirty`
 says whether the *code* was modified, not the data version, dvc.lock or params.yaml a run writes.
 
-The promotion is the retrain flow's, on the session's shared trained workspace
-(test_promotion_recovery.shared_killed_workspace): params.yaml was changed and not committed before
+The promotion is the retrain flow's, on the shared trained workspace
+(conftest's `killed_after_push`): params.yaml was changed and not committed before
 the run, which trained and exported with it and was killed right after the promotion's `dvc push`.
 `promote.recover()`, the first task of every retrain run, then records the release with the same code
 an uninterrupted run uses (`promote._complete`: push, registry copy, one commit, tag).
@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import workspace
 import yaml
-from test_promotion_recovery import UNCOMMITTED_PARAMS, copy_of, onnx_model_id, server, shared_killed_workspace  # noqa: F401
-from workspace import ROOT, tool_env
+from workspace import ROOT, UNCOMMITTED_PARAMS, copy_of, onnx_model_id, tool_env
 
 from components import common
 
@@ -40,11 +39,10 @@ def env_for() -> dict:
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory, request):
+def released(killed_after_push, tmp_path_factory):
     """The shared workspace's promotion, finished: committed and tagged, its data in the local remote."""
-    shared = shared_killed_workspace(tmp_path_factory, request)
     tmp = tmp_path_factory.mktemp("released")
-    ws, env = copy_of(shared["ws"], tmp), env_for()
+    ws, env = copy_of(killed_after_push["ws"], tmp), env_for()
     done = json.loads(run([sys.executable, "-c", RECOVER], ws, env).stdout.splitlines()[-1])
     assert any("finishing the interrupted promoted release" in d for d in done), done
     current = json.loads((ws / "registry/current.json").read_text())

@@ -1,12 +1,11 @@
 """DVC remote storage on S3, for real: a promotion pushes to an S3-compatible server, a fresh clone pulls
-from components.retrain import promote
 from it, and `medtune verify` reads models, listings and scans straight from it (no pull needed).
 
 The server is moto's server mode (`moto_server`, a real S3 HTTP endpoint on 127.0.0.1), started here
 and stopped by its own process id. Credentials are fake and come from the environment only
 (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); the remote's URL and `endpointurl` are in .dvc/config,
-which the release commits. The release is the retrain flow's, on the session's shared trained workspace
-(test_promotion_recovery.shared_killed_workspace, killed right after its first `dvc push`): its DVC
+which the release commits. The release is the retrain flow's, on the shared trained workspace
+(conftest's `killed_after_push`, killed right after its first `dvc push`): its DVC
 remote is switched to S3 and `promote.recover()`, the first task of every retrain run, records the
 release (push, registry copy, commit, tag) exactly as an uninterrupted run does.
 """
@@ -24,7 +23,6 @@ from pathlib import Path
 import pytest
 import workspace
 import yaml
-from test_promotion_recovery import server, shared_killed_workspace  # noqa: F401 (server: builds the shared workspace)
 from workspace import BIN, ROOT, free_port, stop, tool_env
 
 pytestmark = pytest.mark.slow
@@ -72,12 +70,11 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def released(s3, tmp_path_factory, request):
+def released(s3, killed_after_push, tmp_path_factory):
     """The shared workspace, its remote switched to S3, its promotion finished: pushed, committed, tagged."""
-    shared = shared_killed_workspace(tmp_path_factory, request)
     tmp = tmp_path_factory.mktemp("s3-release")
     ws = tmp / "ws"
-    shutil.copytree(shared["ws"], ws, symlinks=True)  # not its local remote: the release must go to S3
+    shutil.copytree(killed_after_push["ws"], ws, symlinks=True)  # not its local remote: the release must go to S3
     env = tool_env(PYTHONPATH=str(ROOT), **S3_ENV)
     env.pop("MEDTUNE_PATIENT_SALT", None)  # the shared workspace was built with the (allowed) public salt
     run(["dvc", "remote", "add", "--force", "--default", "medtune", f"s3://{BUCKET}/medtune"], ws, env)

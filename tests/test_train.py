@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from builders import write_prepared
 from torch import nn
 
 from components.common import processor, sha256_file
@@ -21,25 +21,6 @@ from components.model.train import main, train
 from components.params import AugmentParams, parse_params
 
 CLASSES = ["normal", "lesion"]
-
-
-def write_prepared(root: Path, n_train: int = 16, n_val: int = 8, size: int = 32, channels: int = 1) -> Path:
-    """A tiny data/prepared folder as preprocess writes it; lesions are a bright square."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split, n in (("train", n_train), ("val", n_val), ("test", 4)):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 80, (n, channels, size, size), dtype=np.uint8)
-        images[labels == 1, :, size // 4:size // 2, size // 4:size // 2] = 230
-        np.save(root / f"{split}.npy", images)
-        rows += [{"split": split, "row": i, "path": f"{split}/{i}.png", "sha256": f"{i:064x}",
-                  "label": CLASSES[lab], "label_index": int(lab), "patient": f"{i:016x}"}
-                 for i, lab in enumerate(labels)]
-    pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
-    (root / "meta.json").write_text(json.dumps({"classes": CLASSES, "image_size": size, "channels": channels,
-                                                "window": "header", "input": "uint8 NCHW"}))
-    return root
 
 
 def run(tmp_path: Path, prepared: Path, name: str, **overrides: object) -> tuple[dict, Path]:

@@ -11,56 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from builders import SALT, clean_rows, with_validate, write_manifest
+from builders import validate_rows as run
 
 from components.common import StageError, hash_patient, sha256_bytes
 from components.data import validate as V
 from components.params import Params
-
-SALT = b"test-salt"
-
-
-def clean_rows() -> list[dict]:
-    """Two images per (split, class); one patient per image pair, each patient in one split."""
-    rows = []
-    for split in ("train", "val", "test"):
-        for label in ("normal", "lesion"):
-            for i in range(2):
-                name = f"{label}/{split}_{i}.png"
-                rows.append(
-                    dict(
-                        path=name,
-                        sha256=sha256_bytes(name.encode()),
-                        label=label,
-                        patient=hash_patient(f"{split}-{i}", SALT),
-                        width=32,
-                        height=32,
-                        channels=1,
-                        bit_depth=8,
-                        modality="PNG",
-                        split=split,
-                        error="",
-                    )
-                )
-    return rows
-
-
-def write_manifest(tmp_path: Path, rows: list[dict]) -> tuple[Path, Path]:
-    csv, js = tmp_path / "manifest.csv", tmp_path / "manifest.json"
-    pd.DataFrame(rows).sort_values("path").to_csv(csv, index=False)
-    js.write_text(json.dumps({"n_images": len(rows), "data_version": "untracked", "content_hash": "abc"}))
-    return csv, js
-
-
-def run(tmp_path: Path, rows: list[dict], params: Params | None = None) -> tuple[Path, Path]:
-    csv, js = write_manifest(tmp_path, rows)
-    out_json, out_md = tmp_path / "reports" / "validation.json", tmp_path / "reports" / "validation.md"
-    V.validate(csv, js, out_json, out_md, params or Params())
-    return out_json, out_md
-
-
-def with_validate(**kw) -> Params:
-    p = Params()
-    return p.model_copy(update={"validate": p.validate.model_copy(update=kw)}).check()
 
 
 def test_clean_manifest_passes(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train import write_prepared
+from builders import write_prepared
 from workspace import make_workspace, run, tool_env
 
 from components.model import models

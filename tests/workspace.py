@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from components.params import GateParams
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -130,3 +132,90 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
             pass
         time.sleep(0.5)
     raise AssertionError(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+# A retrain project beside a Prefect server (test_flows, test_promotion_recovery, and the killed
+# promotion conftest's `killed_after_push` builds for the release tests).
+
+# The workspace's TINY params, trimmed further: one epoch per retrain run.
+FAST = {"train": {"epochs": 1, "batch_size": 16}}
+
+# The demo's DICOMs carry (made-up) PatientIDs: a retrain run refuses to hash them with the public
+# salt, so the worker's environment holds a secret, as a real deployment's must.
+TEST_SALT = "medtune-test-secret-7c41"
+
+RETRAIN_TIMEOUT = 600
+# Open gates whatever the defaults are: a promotion test is about recording a promotion, not about the model.
+OPEN_GATE = {"evaluate": {"gate": {f: 0.0 for f in GateParams.model_fields}}}
+KILLED = 137
+
+# Changed in params.yaml, and not committed, before the killed run: the release must commit it (FAST
+# trains with batch_size 16; the committed params.yaml says 16, the run and dvc.lock say 8).
+UNCOMMITTED_PARAMS = {"train": {"batch_size": 8}}
+
+# Runs `medtune retrain` with one git/DVC command of components.retrain.promote (where a release runs them) followed by os._exit.
+WRAPPER = """
+import os, sys
+sys.path.insert(0, {root!r})
+from components.retrain import promote
+tool, *words = sys.argv[1].split()
+real = getattr(promote, tool)  # the names promote calls its git and DVC commands by
+
+def killing(root, *args, **kwargs):
+    out = real(root, *args, **kwargs)
+    if list(args[:len(words)]) == words:
+        print(f"KILLED after {{tool}} {{' '.join(args)}}", file=sys.stderr, flush=True)
+        os._exit({killed})
+    return out
+
+setattr(promote, tool, killing)
+from flows.commands import retrain_main
+sys.exit(retrain_main(sys.argv[2:]))
+"""
+
+
+def base_env(tmp: Path, api: str) -> dict[str, str]:
+    """tool_env for a Prefect server at `api` and the processes that talk to it (PREFECT_HOME under tmp)."""
+    return tool_env(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api, MEDTUNE_PATIENT_SALT=TEST_SALT,
+                    PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_RUNNER_POLL_FREQUENCY="2")
+
+
+def make_retrain_project(ws: Path, env: dict, allow_public_salt: bool) -> None:
+    """A committed project whose retrain runs promote into ../dvc-remote, gates open, FAST training."""
+    over = {"retrain": {"dvc_remote": "../dvc-remote", "allow_public_salt": allow_public_salt}}
+    make_workspace(ws, patients=8, params=merge(merge(FAST, OPEN_GATE), over), env=env)
+    (ws / ".gitignore").write_text("/models/\n/reports/\n/data/inbox\n/data/quarantine\n/data/inbox-processed\n")
+    run(["git", "add", "-A"], ws, env, timeout=RETRAIN_TIMEOUT)
+    run(["git", "commit", "-qm", "initial data"], ws, env, timeout=RETRAIN_TIMEOUT)
+
+
+def drop_batch(ws: Path, env: dict, name: str = "2024-06") -> None:
+    """A new batch of demo scans in data/inbox/batch-<name>."""
+    run(["medtune", "demo-data", "--out", f"data/inbox/batch-{name}", "--patients", "4", "--slices", "3",
+         "--size", "32", "--batch-name", name], ws, env, timeout=RETRAIN_TIMEOUT)
+
+
+def retrain(ws: Path, env: dict, kill_after: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`medtune retrain --once`; with `kill_after` ("dvc push", "git commit", ...), killed (exit
+    KILLED) right after promote runs that command."""
+    if kill_after is None:
+        return run([str(BIN / "medtune"), "retrain", "--once"], ws, env, check, timeout=RETRAIN_TIMEOUT)
+    script = ws.parent / "kill_wrapper.py"
+    script.write_text(WRAPPER.format(root=str(ROOT), killed=KILLED))
+    out = run([sys.executable, str(script), kill_after, "--once"], ws, env, check=False, timeout=RETRAIN_TIMEOUT)
+    assert out.returncode == KILLED, f"expected a kill after {kill_after}:\n{out.stdout}\n{out.stderr[-4000:]}"
+    return out
+
+
+def copy_of(base_ws: Path, dst: Path) -> Path:
+    """The workspace and its DVC remote (../dvc-remote), copied with their mtimes."""
+    shutil.copytree(base_ws.parent / "dvc-remote", dst / "dvc-remote", symlinks=True)
+    shutil.copytree(base_ws, dst / "ws", symlinks=True)
+    return dst / "ws"
+
+
+def onnx_model_id(path: Path) -> str:
+    """The model_id an exported model.onnx carries in its metadata."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}["model_id"]
