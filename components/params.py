@@ -220,7 +220,7 @@ class AugmentParams(_Section):
     brightness: float = Field(0.1, ge=0)
     contrast: float = Field(0.1, ge=0)
     noise_std: float = Field(0.02, ge=0)  # on [0, 1] intensities
-    preview_count: int = 16
+    preview_count: int = Field(16, ge=1)  # images in reports/augment_preview.png
     seed: int = 0
 
 

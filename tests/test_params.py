@@ -149,6 +149,7 @@ def test_every_wrong_key_is_named_in_one_error(tmp_path):
     [
         ({"augment": {"hflip": 1.5}}, "augment.hflip = 1.5 is invalid; expected a number in [0, 1]."),
         ({"train": {"ensemble": 0}}, "train.ensemble = 0 is invalid; expected an integer in [1, 20]."),
+        ({"augment": {"preview_count": 0}}, "augment.preview_count = 0 is invalid; expected an integer >= 1."),
         (
             {"train": {"warmup_epochs": 8}},
             "train.warmup_epochs = 8.0 is invalid; expected epochs in [0, train.epochs = 8).",

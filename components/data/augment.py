@@ -66,8 +66,6 @@ def preview(prepared_dir: Path, out_png: Path, params: Params) -> Path:
     prepared_dir, out_png = Path(prepared_dir), Path(out_png)
     images, _ = load_split(prepared_dir, "train")  # raises StageError on a missing or empty split
     count = min(params.augment.preview_count, len(images))
-    if count < 1:
-        raise ValueError(f"params: augment.preview_count = {params.augment.preview_count!r} is invalid; expected >= 1.")
     transform = build_transform(params.augment)
     # fork_rng: the seed fixes the preview without disturbing the caller's random state.
     with torch.random.fork_rng(devices=[]):
