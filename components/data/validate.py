@@ -8,282 +8,32 @@ with two labels; duplicates within one split are listed as a warning), no patien
 (split, class), unreadable files within `validate.max_unreadable`, valid split names.
 
 Tables that are not the manifest itself (patient -> split pairs, counts per split and class,
-unreadable files) are derived here with pandas and validated by GX like any other batch, so every
-verdict in the report is a GX result. `run_suite(df, params)` does the work without writing files.
+unreadable files) are derived with pandas (components.data.validation_tables) and validated by GX
+like any other batch (the suite: components.data.expectations), so every verdict in the report is a
+GX result. This module turns the results into the report and runs the stage. `run_suite(df, params)`
+does the work without writing files.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from components.common import SPLITS, StageError, read_json, stage_main, write_json, write_text
-from components.data import folders
+from components.common import StageError, read_json, stage_main, write_json, write_text
+from components.data.expectations import SUITE, Check, build_checks, run_gx
 from components.data.manifest import read_manifest
+from components.data.validation_tables import NUMERIC_COLUMNS, build_tables, normalise
 from components.params import Params, load_params
 from components.templates import render
 
-SUITE = "medtune_manifest"
-COLUMNS = ("path", "sha256", "label", "patient", "width", "height", "bit_depth", "split", "error")
-TEXT_COLUMNS = ("path", "sha256", "label", "patient", "split", "error", "modality", "similar_group")
-NUMERIC_COLUMNS = ("width", "height", "bit_depth")
 SHOWN = 10  # offending values shown per failure in messages and the markdown summary
-GX_LIST_CAP = 100  # full GX lists are capped in validation.json so a bad manifest cannot bloat it
 
 log = logging.getLogger("medtune.validate")
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    table: str
-    critical: bool
-    description: str
-    expectation: Callable[[Any], Any]  # gxe module -> Expectation (built lazily: GX imports slowly)
-    noun: str = "file(s)"  # what one offending entry is, for the failure message
-
-
-def _checks(p: Params) -> list[Check]:
-    v, classes = p.validate, list(p.data.classes)
-    size = f"[{v.min_size}, {v.max_size}] px"
-    return [
-        Check("path_present", "files", True, "every row has a path",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="path")),
-        Check("sha256_present", "files", True, "every row has a sha256",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="sha256")),
-        # Duplicates are listed always, but stop the pipeline only where they do harm: across splits
-        # (test images seen in training; ingest keeps duplicates together, so only an explicit split
-        # column can do this) or with different labels.
-        Check("sha256_unique", "files", False, "no duplicate images (listed; harmless within one split)",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) shared by several files"),
-        Check("duplicates_in_one_split", "hash_splits", True, "no image in two splits "
-              f"(validate.max_duplicates={v.max_duplicates} group(s) tolerated)",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) in several splits"),
-        Check("duplicates_agree_on_label", "hash_labels", True, "byte-identical images carry the same label "
-              f"(validate.max_label_conflicts={v.max_label_conflicts} group(s) tolerated)",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) with several labels"),
-        Check("unreadable_within_limit", "unreadable", True,
-              f"at most validate.max_unreadable={v.max_unreadable} unreadable files",
-              lambda x: x.ExpectTableRowCountToBeBetween(min_value=0, max_value=v.max_unreadable),
-              "unreadable file(s)"),
-        Check("label_present", "readable", True, "every readable image has a label",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="label")),
-        Check("label_in_classes", "readable", True, f"labels in data.classes {classes}",
-              lambda x: x.ExpectColumnValuesToBeInSet(column="label", value_set=classes)),
-        Check("split_present", "readable", True, "every readable image has a split",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="split")),
-        Check("split_in_set", "readable", True, f"split in {list(SPLITS)}",
-              lambda x: x.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS))),
-        # A patient-less row cannot be checked for leakage; ingest always sets one, so only warn.
-        Check("patient_present", "readable", False, "every readable image has a (hashed) patient",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="patient")),
-        *[Check(f"{col}_present", "readable", True, f"every readable image has a numeric {col}",
-                lambda x, col=col: x.ExpectColumnValuesToNotBeNull(column=col)) for col in NUMERIC_COLUMNS],
-        Check("width_in_range", "readable", True, f"width in {size}",
-              lambda x: x.ExpectColumnValuesToBeBetween(column="width", min_value=v.min_size, max_value=v.max_size)),
-        Check("height_in_range", "readable", True, f"height in {size}",
-              lambda x: x.ExpectColumnValuesToBeBetween(column="height", min_value=v.min_size, max_value=v.max_size)),
-        Check("bit_depth_allowed", "readable", True, f"bit depth in validate.bit_depths {list(v.bit_depths)}",
-              lambda x: x.ExpectColumnValuesToBeInSet(column="bit_depth", value_set=list(v.bit_depths))),
-        Check("patient_in_one_split", "patient_splits", True, "no patient in two splits",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="patient"), "patient(s) in several splits"),
-        # Ingest keeps near-duplicates in one split, so only a given split column can do this.
-        Check("near_duplicates_in_one_split", "similar_splits", True, "no near-duplicate images in two splits "
-              f"(validate.max_near_duplicates={v.max_near_duplicates} group(s) tolerated)",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="similar_group"),
-              "group(s) of near-duplicate images (named by their first file) in several splits"),
-        # components.data.folders lists what ingest did not take; a link out of the raw folder is refused.
-        Check("links_stay_inside", "skipped", True, "no symbolic link from the raw folder to outside it",
-              lambda x: x.ExpectColumnValuesToNotBeInSet(column="reason", value_set=[folders.LINK_OUTSIDE]),
-              "link(s) to outside the raw folder (never opened): remove them, or copy the files in"),
-        Check("nothing_skipped", "skipped_visible", False, "every visible file under the raw folder is a scan",
-              lambda x: x.ExpectTableRowCountToEqual(value=0), "file(s) skipped"),
-        Check("split_balance_close", "split_balance", False,
-              f"split and class shares within validate.warn_split_deviation={v.warn_split_deviation} of the "
-              "configured ones", lambda x: x.ExpectColumnValuesToBeBetween(column="deviation",
-                                                                            max_value=v.warn_split_deviation),
-              "share(s) off"),
-        Check("split_balance_within_limit", "split_balance", True,
-              f"split and class shares within validate.max_split_deviation={v.max_split_deviation} of the "
-              "configured ones", lambda x: x.ExpectColumnValuesToBeBetween(column="deviation",
-                                                                            max_value=v.max_split_deviation),
-              "share(s) far off"),
-        Check("images_per_class_split", "class_split_counts", True,
-              f"at least validate.min_images_per_class_split={v.min_images_per_class_split} images "
-              "per (split, class)",
-              lambda x: x.ExpectColumnValuesToBeBetween(column="n", min_value=v.min_images_per_class_split),
-              "(split, class) pair(s) short of images"),
-    ]
-
-
-# Columns GX reports beside each unexpected value, so a failure names the file (or the group).
-INDEX_COLUMNS = {"files": ["path"], "readable": ["path"], "unreadable": ["path"],
-                 "hash_splits": ["sha256"], "hash_labels": ["sha256"],
-                 "patient_splits": ["split"], "similar_splits": ["split"], "class_split_counts": ["split", "label"],
-                 "skipped": ["path"], "skipped_visible": ["path"], "split_balance": ["share", "realised", "expected"]}
-
-
-def _normalise(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise StageError(f"{source}: missing column(s) {missing}; expected at least {list(COLUMNS)} "
-                         "(rerun `medtune ingest`).")
-    df = df.copy()
-    for col in TEXT_COLUMNS:
-        if col in df.columns:
-            df[col] = _text_or_none(df[col])
-    if "similar_group" not in df.columns:  # a manifest from before near-duplicates were found
-        df["similar_group"] = None
-    for col in NUMERIC_COLUMNS:
-        # Non-numbers become missing and fail the *_present checks instead of crashing GX.
-        s = pd.to_numeric(df[col], errors="coerce")
-        if s.dropna().mod(1).eq(0).all():
-            s = s.astype("Int64")
-        df[col] = s
-    return df.reset_index(drop=True)
-
-
-def _text_or_none(column: pd.Series) -> pd.Series:
-    """Each value as text, None where missing, empty or blank: that means "no value", whichever way the
-    frame was built; other values are kept exactly (a label "normal " must still fail, not be fixed
-    here). numpy's string functions, not a Python call per row."""
-    values = column.to_numpy(dtype=object)
-    missing = pd.isna(values)
-    text = np.where(missing, "", values).astype(str)
-    # A string column's values are kept as they are (no new objects); any other is made text.
-    out = values.copy() if isinstance(column.dtype, pd.StringDtype) else text.astype(object)
-    out[missing | (np.strings.str_len(np.strings.strip(text)) == 0)] = None
-    return pd.Series(out, index=column.index, dtype=object)
-
-
-def _split_balance(readable: pd.DataFrame, split: dict[str, Any] | None) -> pd.DataFrame:
-    """One row per share the split should keep: each split's share of the images (only where ingest
-    made the split: a given one is what it is), and each class's share within each split against
-    its share of all images. `deviation` is |realised - expected|."""
-    rows = []
-    n = len(readable)
-    if n and split and split.get("source") != "labels.csv":
-        test, val = float(split.get("test_fraction", 0)), float(split.get("val_fraction", 0))
-        for name, expected in (("train", 1 - test - val), ("val", val), ("test", test)):
-            rows.append((f"images in {name}", (readable["split"] == name).sum() / n, expected))
-    overall = readable["label"].value_counts(normalize=True)
-    for name, part in readable.groupby("split"):
-        share = part["label"].value_counts(normalize=True)
-        rows += [(f"class {label!r} in {name}", share.get(label, 0.0), overall[label]) for label in overall.index]
-    table = pd.DataFrame(rows, columns=["share", "realised", "expected"]).astype({"realised": float, "expected": float})
-    table["deviation"] = (table["realised"] - table["expected"]).abs().round(4)
-    return table
-
-
-def _skipped(meta: dict[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame(meta.get("skipped") or [], columns=["path", "reason"], dtype=object)
-
-
-def _tables(df: pd.DataFrame, classes: list[str], meta: dict[str, Any]) -> dict[str, pd.DataFrame]:
-    readable = df[df["error"].isna()]
-    pairs, similar = ((readable.dropna(subset=[col, "split"])[[col, "split"]]
-                       .drop_duplicates().sort_values([col, "split"]).reset_index(drop=True))
-                      for col in ("patient", "similar_group"))
-    # Every (split, class) appears, with 0 when absent, so a missing split or class fails too.
-    grid = pd.MultiIndex.from_product([SPLITS, classes], names=["split", "label"])
-    counts = (readable.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
-              .rename("n").reset_index())
-    counts["n"] = counts["n"].astype("int64")
-    unreadable = df[df["error"].notna()][["path", "error"]]
-    hash_splits, hash_labels = (readable.dropna(subset=["sha256", col])[["sha256", col]].drop_duplicates()
-                                .sort_values(["sha256", col]).reset_index(drop=True) for col in ("split", "label"))
-    skipped = _skipped(meta)
-    return {"files": df, "unreadable": unreadable, "readable": readable, "skipped": skipped,
-            "skipped_visible": skipped[skipped["reason"] != folders.HIDDEN].reset_index(drop=True),
-            "split_balance": _split_balance(readable.dropna(subset=["split", "label"]), meta.get("split")),
-            "hash_splits": hash_splits, "hash_labels": hash_labels,
-            "patient_splits": pairs, "similar_splits": similar, "class_split_counts": counts}
-
-
-def _quiet_gx() -> None:
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
-
-
-def _run_gx(tables: dict[str, pd.DataFrame], checks: list[Check]) -> dict[str, dict]:
-    """Run one GX validation per table; return the serialised GX result of each check by name."""
-    _quiet_gx()  # before the import: GX logs hundreds of INFO lines while importing
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
-
-    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-                               progress_bars=ProgressBarsConfig(globally=False), analytics_enabled=False)
-    ctx = gx.get_context(project_config=config, mode="ephemeral")
-    source = ctx.data_sources.add_pandas("medtune")
-    out: dict[str, dict] = {}
-    for table, frame in tables.items():
-        mine = [c for c in checks if c.table == table]
-        if not mine:
-            continue
-        suite = ctx.suites.add(gx.ExpectationSuite(name=f"{SUITE}.{table}"))
-        for c in mine:
-            exp = c.expectation(gxe)
-            exp.meta = {"name": c.name, "critical": c.critical}
-            exp.severity = "critical" if c.critical else "warning"
-            suite.add_expectation(exp)
-        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
-        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{SUITE}.{table}", data=batch, suite=suite))
-        result = vd.run(batch_parameters={"dataframe": frame},
-                        result_format={"result_format": "COMPLETE",
-                                       "unexpected_index_column_names": INDEX_COLUMNS[table]})
-        for r in result.results:
-            out[r.expectation_config.meta["name"]] = _clean_gx(r.to_json_dict())
-    return out
-
-
-def _clean_gx(d: dict) -> dict:
-    """JSON-safe, deterministic copy of one GX result: no random ids, tracebacks or huge lists."""
-    d = _json_safe(d)
-    d.get("expectation_config", {}).pop("id", None)
-    info = d.get("exception_info") or {}
-    # On errors GX keys exception_info by metric id, each with a traceback; keep just the messages.
-    messages = sorted({str(v.get("exception_message")) for v in info.values() if isinstance(v, dict)})
-    if info.get("raised_exception") or messages:
-        d["exception_info"] = {"raised_exception": True,
-                               "exception_message": info.get("exception_message") or "; ".join(messages)}
-    else:
-        d["exception_info"] = {"raised_exception": False, "exception_message": None}
-    res = d.get("result") or {}
-    for key, value in list(res.items()):
-        if isinstance(value, list) and len(value) > GX_LIST_CAP:
-            res[key] = value[:GX_LIST_CAP]
-            res[f"{key}_truncated_from"] = len(value)
-        elif isinstance(value, str) and len(value) > 1000:
-            res[key] = value[:1000] + "..."
-    return d
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if hasattr(obj, "item"):  # numpy scalar
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (int, float)):
-        return obj
-    return None if pd.isna(obj) else str(obj)
 
 
 def _offending(c: Check, res: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
@@ -338,11 +88,11 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest", meta: 
     failed check with its offending files/values. `source` names the data in error messages.
     """
     classes = list(params.data.classes)
-    df = _normalise(df, source)
+    df = normalise(df, source)
     meta = meta or {}
-    tables = _tables(df, classes, meta)
-    checks = _checks(params)
-    gx_results = _run_gx(tables, checks)
+    tables = build_tables(df, classes, meta)
+    checks = build_checks(params)
+    gx_results = run_gx(tables, checks)
 
     tolerated = {"duplicates_in_one_split": params.validate.max_duplicates,
                  "duplicates_agree_on_label": params.validate.max_label_conflicts,
