@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from components.data.augment import build_transform
+from components.model.fit import make_loader
 from components.model.models import Deployed, build_model
 from components.params import Params
-from components.model.fit import make_loader
 
 BATCH = 32
 
@@ -161,8 +161,7 @@ def _timed(fn, reps: int):
 
 
 def _workspace_tools():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from workspace import make_workspace, run, set_params
+    from tests.workspace import make_workspace, run, set_params  # run from the project root: `python -m bench`
     return make_workspace, run, set_params
 
 

@@ -159,8 +159,8 @@ def _per_file(fn: Callable[[Path], Any], files: list[Path], reps: int = 3) -> fl
 def _unit_scan_costs(folder: Path, n: int) -> dict[str, float]:
     from components import common
     from components.data import scan_info, scans
-    from components.params import Params
     from components.data.preprocess import preparation
+    from components.params import Params
 
     settings = preparation(Params().preprocess)
     out: dict[str, float] = {}
@@ -262,8 +262,7 @@ def _fixed_costs(folder: Path) -> dict[str, float]:
            "import_ingest": _best(lambda: _run(ROOT, py, "-c", "import components.data.ingest")),
            "import_preprocess": _best(lambda: _run(ROOT, py, "-c", "import components.data.preprocess")),
            "python_bare": _best(lambda: _run(ROOT, py, "-c", "pass"))}
-    sys.path.insert(0, str(ROOT / "tests"))
-    from workspace import make_workspace
+    from tests.workspace import make_workspace
 
     ws = make_workspace(folder / "ws", patients=12)
     _run(ws, "dvc", "repro", "-q")

@@ -9,8 +9,9 @@ import shutil
 import subprocess
 
 import pytest
-from builders import make_project, run_export, tiny_params
-from workspace import (
+
+from tests.builders import make_project, run_export, tiny_params
+from tests.workspace import (
     BIN,
     ROOT,
     UNCOMMITTED_PARAMS,

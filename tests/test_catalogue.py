@@ -19,17 +19,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from bad_inputs import CASES, CLASSES, FILE_CASES, good_tree
-from workspace import BIN, make_workspace, run, tool_env
 
 from components.data import importers, ingest
-
-from components.release import predict
-
-from components.retrain import inbox
 from components.data import validate as V
 from components.params import load_params
+from components.release import predict
+from components.retrain import inbox
 from flows import commands
+from tests.bad_inputs import CASES, CLASSES, FILE_CASES, good_tree
+from tests.workspace import BIN, make_workspace, run, tool_env
 
 SALT = "catalogue-test-secret"  # a secret salt, as a real workspace has (the public one stops retrain)
 

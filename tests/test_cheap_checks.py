@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from workspace import BIN, ROOT, free_port, tool_env
 
 from components.retrain import inbox, inbox_listing
 from components.retrain.promote import PENDING
 from flows import commands
+from tests.workspace import BIN, ROOT, free_port, tool_env
 
 pytestmark = pytest.mark.slow
 

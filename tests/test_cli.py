@@ -11,9 +11,9 @@ import sys
 from importlib.metadata import version
 
 import pytest
-from workspace import BIN, ROOT, tool_env
 
 from components import cli, lifetime
+from tests.workspace import BIN, ROOT, tool_env
 
 HEAVY = {"torch", "pandas", "numpy", "prefect", "dvc", "great_expectations", "rich", "pydantic"}
 

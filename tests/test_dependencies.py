@@ -12,7 +12,7 @@ import sys
 import tomllib
 from importlib.metadata import packages_distributions
 
-from import_graph import PACKAGES, ROOT, all_modules, module_file
+from tests.import_graph import PACKAGES, ROOT, all_modules, module_file
 
 
 def third_party_imports() -> dict[str, set[str]]:

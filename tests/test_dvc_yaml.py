@@ -13,9 +13,9 @@ import ast
 
 import pytest
 import yaml
-from import_graph import ROOT, closure, module_file
 
 from components.cli import COMMANDS
+from tests.import_graph import ROOT, closure, module_file
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 

@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from builders import RAW_PATIENT, make_checkpoint, make_prepared, tiny_params
 from sklearn.metrics import roc_auc_score
 
 from components.model.evaluate import apply_gate, metrics_view
 from components.model.metrics import compute_metrics
 from components.params import parse_params
+from tests.builders import RAW_PATIENT, make_checkpoint, make_prepared, tiny_params
 
 BINARY = ["normal", "lesion"]
 

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import RAW_PATIENT, make_checkpoint, make_project, run_export, tiny_params
 
 from components.common import StageError, sha256_file
 from components.release.export import main
+from tests.builders import RAW_PATIENT, make_checkpoint, make_project, run_export, tiny_params
 
 # Only facts the stage's inputs determine (DVC caches model.onnx); the run's facts are in lineage.json.
 METADATA_KEYS = {"model_id", "classes", "input", "output", "normalisation", "preprocessing", "data_version",
@@ -106,9 +106,9 @@ def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(
     import subprocess
 
     import yaml
-    from workspace import BIN, run, tool_env
 
     from components.params import load_params
+    from tests.workspace import BIN, run, tool_env
 
     monkeypatch.chdir(tmp_path)
     params = tiny_params()

@@ -21,13 +21,24 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import workspace
 import yaml
-from workspace import (BIN, FAST, TEST_SALT, base_env, free_port, make_workspace, merge, set_params, stop, tree_digest,
-                       wait_healthy)
 
 from components.retrain import stages
 from components.retrain import workspace as project
+from tests import workspace
+from tests.workspace import (
+    BIN,
+    FAST,
+    TEST_SALT,
+    base_env,
+    free_port,
+    make_workspace,
+    merge,
+    set_params,
+    stop,
+    tree_digest,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.slow
 

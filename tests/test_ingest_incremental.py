@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from builders import picture
 from PIL import Image
 
 from components import common, parallel
-
 from components.data import demo_data, fact_shards, scan_facts, scan_info, stat_index
 from components.data.ingest import find_scans, ingest
 from components.params import parse_params
+from tests.builders import picture
 
 SPLIT = {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.25}
 
@@ -232,7 +231,7 @@ def test_facts_of_another_format_are_dropped_and_read_again(raw, tmp_path, monke
 
 @pytest.mark.slow
 def test_dvc_repro_keeps_the_cache_as_a_persistent_output_out_of_git(tmp_path):
-    from workspace import make_workspace, run
+    from tests.workspace import make_workspace, run
 
     ws = make_workspace(tmp_path / "ws", patients=6)
     run(["dvc", "repro", "ingest"], ws)

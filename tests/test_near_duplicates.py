@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from builders import clean_rows, picture, validate_rows, with_validate, write_dicom
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from components.data import near_duplicates, scan_info
 from components.common import StageError
+from components.data import near_duplicates, scan_info
 from components.data.ingest import ingest
 from components.params import parse_params
+from tests.builders import clean_rows, picture, validate_rows, with_validate, write_dicom
 
 
 def variants(tmp_path, img: np.ndarray) -> dict[str, object]:

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from workspace import ROOT, free_port, tree_digest
 
 from components import parallel
-
-from components.data import demo_data
 from components.common import StageError
+from components.data import demo_data
 from components.params import ComputeParams, parse_params
+from tests.workspace import ROOT, free_port, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +143,10 @@ def test_a_killed_local_worker_is_named_and_the_pool_is_gone():
 
 SLOW_MAP = """
 import sys, time
-sys.path[:0] = [{root!r}, {tests!r}]
+sys.path[:0] = [{root!r}]
 from components import parallel
 from components.params import ComputeParams
-import test_parallel
+from tests import test_parallel
 if __name__ == "__main__":
     parallel.map_files(test_parallel.nap, range(400), ComputeParams(workers=2))
 """
@@ -162,7 +161,7 @@ def nap(item: int) -> int:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_no_worker_outlives_an_interrupted_or_killed_map(tmp_path, sig):
     script = tmp_path / "slow_map.py"
-    script.write_text(SLOW_MAP.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    script.write_text(SLOW_MAP.format(root=str(ROOT)))
     proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
     try:
         parent = psutil.Process(proc.pid)

@@ -18,9 +18,9 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-from workspace import ROOT, make_workspace, run, set_params, tree_digest
 
 from components.common import sha256_file
+from tests.workspace import ROOT, make_workspace, run, set_params, tree_digest
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-from builders import RAW_ID, RAW_NAME, write_dicom
 from PIL import Image
 
 from components.common import StageError
 from components.release.predict import main, predict
+from tests.builders import RAW_ID, RAW_NAME, write_dicom
 
 
 def test_predict_png_dicom_and_corrupt_files(onnx_model, tmp_path):

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from workspace import ROOT, make_workspace, run, tree_digest
 
+from components.common import StageError
 from components.data import demo_data, pixel_cache, scans, stat_index
 from components.data import preprocess as preprocess_module
-from components.common import StageError
 from components.data.ingest import ingest
-from components.params import load_params, parse_params
 from components.data.preprocess import load_split, preprocess
+from components.params import load_params, parse_params
+from tests.workspace import ROOT, make_workspace, run, tree_digest
 
 SIZE = 16
 BATCH = 3  # patients per appended batch, 4 slices each

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from workspace import ROOT, make_workspace, run, set_params, tool_env
 
 from components.retrain import stages
 from components.retrain import workspace as project
 from flows import prefect_server
+from tests.workspace import ROOT, make_workspace, run, set_params, tool_env
 
 pytestmark = pytest.mark.slow
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")

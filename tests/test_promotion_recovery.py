@@ -23,9 +23,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import workspace
 import yaml
-from workspace import RETRAIN_TIMEOUT, copy_of, drop_batch, make_retrain_project, onnx_model_id, retrain, tree_digest
+
+from tests import workspace
+from tests.workspace import (
+    RETRAIN_TIMEOUT,
+    copy_of,
+    drop_batch,
+    make_retrain_project,
+    onnx_model_id,
+    retrain,
+    tree_digest,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import workspace
 import yaml
-from workspace import ROOT, UNCOMMITTED_PARAMS, copy_of, onnx_model_id, tool_env
 
 from components import common
+from tests import workspace
+from tests.workspace import ROOT, UNCOMMITTED_PARAMS, copy_of, onnx_model_id, tool_env
 
 pytestmark = pytest.mark.slow
 

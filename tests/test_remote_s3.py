@@ -21,9 +21,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import workspace
 import yaml
-from workspace import BIN, ROOT, free_port, stop, tool_env
+
+from tests import workspace
+from tests.workspace import BIN, ROOT, free_port, stop, tool_env
 
 pytestmark = pytest.mark.slow
 

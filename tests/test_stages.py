@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workspace import ROOT, run, tool_env
 
 from components import cli, lifetime
 from components.common import StageError
 from components.params import parse_params
 from components.retrain import stages
 from components.retrain import workspace as project
+from tests.workspace import ROOT, run, tool_env
 
 
 def test_undo_reports_failed_steps_keeps_the_evidence_and_never_raises(tmp_path):

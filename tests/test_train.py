@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import write_prepared
 from torch import nn
 
 from components.common import processor, sha256_file
@@ -19,6 +18,7 @@ from components.model.fit import make_loader
 from components.model.models import load_checkpoint
 from components.model.train import main, train
 from components.params import AugmentParams, parse_params
+from tests.builders import write_prepared
 
 CLASSES = ["normal", "lesion"]
 
@@ -249,7 +249,7 @@ def test_every_optimizer_and_scheduler_params_allow_is_the_one_implemented():
 
 def test_train_does_not_depend_on_evaluation_or_plotting_code():
     # dvc.yaml's train deps are what train imports: a plot title or a gate rule must not retrain the model.
-    from import_graph import closure
+    from tests.import_graph import closure
 
     modules = closure("components.model.train")
     assert "components.model.metrics" in modules  # validation AUROC: the one definition evaluate uses too

@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from builders import SALT, clean_rows, with_validate, write_manifest
-from builders import validate_rows as run
 
 from components.common import StageError, hash_patient, sha256_bytes
 from components.data import validate as V
 from components.params import Params
+from tests.builders import SALT, clean_rows, with_validate, write_manifest
+from tests.builders import validate_rows as run
 
 
 def test_clean_manifest_passes(tmp_path):

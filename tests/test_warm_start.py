@@ -13,18 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from builders import write_prepared
-from workspace import make_workspace, run, tool_env
 
-from components.model import models
-
-from components.release import registry
 from components.common import StageError, sha256_file, write_json
-from components.params import BACKBONE_NAMES, parse_params
+from components.model import models
 from components.model.train import train
-from components.retrain import challenger
-from components.retrain import promote
+from components.params import BACKBONE_NAMES, parse_params
+from components.release import registry
+from components.retrain import challenger, promote
 from components.retrain import workspace as project
+from tests.builders import write_prepared
+from tests.workspace import make_workspace, run, tool_env
 
 TRAIN = {"backbone": "none", "epochs": 1, "batch_size": 8}
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from workspace import BIN, ROOT, free_port, stop, tool_env
+
+from tests.workspace import BIN, ROOT, free_port, stop, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -273,8 +274,7 @@ def test_without_a_server_serve_and_ingest_new_say_what_to_do(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_the_triggered_retrain(server, checkout):
-    from components.retrain.inbox import EVENT
-    from components.retrain.inbox import project_resource
+    from components.retrain.inbox import EVENT, project_resource
     from flows.serve import deployments
 
     api, tmp = server["api"], server["tmp"]

@@ -1,6 +1,6 @@
 """Shared by the integration tests and the benchmarks: a tiny git + DVC medtune project.
 
-    from workspace import make_workspace, run      # tests/ is on sys.path under pytest
+    from tests.workspace import make_workspace, run   # pytest and `python -m bench` run from the project root
 """
 
 from __future__ import annotations

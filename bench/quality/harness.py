@@ -14,24 +14,22 @@ import platform
 import secrets
 import shutil
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
+
+from components import common
+from components.presets import flatten, preset, set_flags
+from tests.workspace import merge, run, tool_env  # shared with the integration tests
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_SALT = secrets.token_hex(32)
 DATASETS = Path(os.environ.get("MEDTUNE_DATASETS", ROOT.parent / "shared" / "datasets"))
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / ".work"  # git-ignored; kept so DVC's run cache is reused
-
-sys.path.insert(0, str(ROOT / "tests"))
-from workspace import merge, run, tool_env  # noqa: E402  (shared with the integration tests)
-
-from components import common  # noqa: E402
-from components.presets import flatten, preset, set_flags  # noqa: E402
 
 
 def dataset(rel: str) -> Path | None:
