@@ -36,7 +36,7 @@ def onnx_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def salt_free_server(tmp_path_factory):
     """A Prefect server on 127.0.0.1 with its own PREFECT_HOME, and the environment of the `medtune`
     runs that use it: no MEDTUNE_PATIENT_SALT (the public salt is what test_promotion_recovery is
     about), this checkout's code first on PYTHONPATH. One per module that asks for it."""
@@ -62,14 +62,14 @@ def killed_after_push(tmp_path_factory, request) -> dict:
     """A workspace whose first promotion was killed right after `dvc push` (nothing committed), beside
     its local DVC remote (../dvc-remote), and the killed run's output. Built once per test process
     (training is most of a test's cost): the first module to ask builds it under the process's base
-    temp folder, with that module's Prefect server (`server`, started only then), and every user
+    temp folder, with that module's Prefect server (`salt_free_server`, started only then), and every user
     copies it (workspace.copy_of). Its retrain run was allowed the public salt, with params.yaml
     changed and not committed before it (UNCOMMITTED_PARAMS)."""
     base = tmp_path_factory.getbasetemp() / "shared-killed-after-push"
     ws, record = base / "ws", base / "killed-run.json"
     if not record.is_file():
         shutil.rmtree(base, ignore_errors=True)  # a build that failed half-way
-        env = request.getfixturevalue("server")["env"]
+        env = request.getfixturevalue("salt_free_server")["env"]
         make_retrain_project(ws, env, allow_public_salt=True)
         set_params(ws, UNCOMMITTED_PARAMS)
         drop_batch(ws, env)

@@ -11,7 +11,7 @@ committed before it, as a user tuning a parameter does) is killed right after `d
 step of the promotion. Each test copies it; for the later kill points the copy's next run (which
 resumes the promotion) is killed again after `git commit` or `git tag`. Then one plain
 `retrain --once` must finish the promotion without retraining or re-exporting, and commit the
-changed params.yaml with it. The Prefect server (`server`) and the killed workspace (`killed_after_push`,
+changed params.yaml with it. The Prefect server (`salt_free_server`) and the killed workspace (`killed_after_push`,
 built once per test process) are fixtures of tests/conftest.py, their steps in tests/workspace.py; the
 same workspace is what tests/test_release_reproduces.py and tests/test_remote_s3.py release and clone.
 """
@@ -50,8 +50,8 @@ def result(out: subprocess.CompletedProcess) -> dict:
     return json.loads("\n".join(lines[start:]))
 
 
-def test_public_salt_refuses_the_run_before_anything_is_appended(server, tmp_path):
-    env = server["env"]
+def test_public_salt_refuses_the_run_before_anything_is_appended(salt_free_server, tmp_path):
+    env = salt_free_server["env"]
     ws = tmp_path / "ws"
     make_retrain_project(ws, env, allow_public_salt=False)
     drop_batch(ws, env)
@@ -73,8 +73,8 @@ def test_public_salt_refuses_the_run_before_anything_is_appended(server, tmp_pat
 
 
 
-def test_public_salt_allowed_by_the_flag_is_warned_and_recorded(killed_after_push, server):
-    ws, out, env = killed_after_push["ws"], killed_after_push["out"], server["env"]
+def test_public_salt_allowed_by_the_flag_is_warned_and_recorded(killed_after_push, salt_free_server):
+    ws, out, env = killed_after_push["ws"], killed_after_push["out"], salt_free_server["env"]
     assert "KILLED after dvc push" in out.stderr  # the flag let the run train, export and start promoting
     assert out.stderr.count("hashed with a PUBLIC salt (params.yaml default)") >= 2, out.stderr[-4000:]  # batch, ingest
     expected = {"status": "public", "source": "params.yaml default", "real_patient_ids": True}
@@ -89,8 +89,8 @@ def test_public_salt_allowed_by_the_flag_is_warned_and_recorded(killed_after_pus
 
 
 @pytest.mark.parametrize("kill_after", ["dvc push", "git commit", "git tag -a"])
-def test_a_promotion_killed_at_any_step_is_finished_by_the_next_run(killed_after_push, server, tmp_path, kill_after):
-    env = server["env"]
+def test_a_promotion_killed_at_any_step_is_finished_by_the_next_run(killed_after_push, salt_free_server, tmp_path, kill_after):
+    env = salt_free_server["env"]
     ws = copy_of(killed_after_push["ws"], tmp_path)
     onnx = ws / "models/model.onnx"
     exported = (onnx.read_bytes(), onnx.stat().st_mtime_ns, (ws / "models/model.pt").stat().st_mtime_ns)
