@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 
 from components.common import dvc_data_version
 from components.params import Params, RetrainParams, load_params
-from components.retrain import challenger, inbox, promote, raw_append, workspace
+from components.retrain import challenger, inbox, promote, raw_append, salt_guard, workspace
 from components.retrain.stages import check_params_file
 from flows.pipeline import IO, on_cluster, pipeline
 
@@ -42,7 +42,7 @@ def recover() -> list[str]:
 @task(name="check-patient-salt")
 def check_salt(params: str, batches: list[str]) -> dict[str, str]:
     """Refuse the run, before anything is appended, when real patient ids would be hashed with a public salt."""
-    return promote.refuse_public_salt(".", load_params(params), batches)
+    return salt_guard.refuse_public_salt(".", load_params(params), batches)
 
 
 @task(name="check-batch")

@@ -22,7 +22,7 @@ from components import common
 from components.release import registry
 from components.params import parse_params
 from components.retrain import challenger
-from components.retrain import promote
+from components.retrain import dvc_project, promote, salt_guard
 
 BIN = Path(sys.executable).parent
 # The tiny test graphs use the legacy exporter (no onnxscript needed); its deprecation notice is noise here.
@@ -445,21 +445,21 @@ def test_retrain_refuses_real_patient_ids_with_a_public_salt_unless_allowed(tmp_
     PIL.Image.new("L", (32, 32)).save(png / "normal/x.png")
     public, allowed = PARAMS, parse_params({"retrain": {"allow_public_salt": True}})
 
-    assert promote.refuse_public_salt(tmp_path, public, [png]) == {"status": "public", "source": "params.yaml default"}
+    assert salt_guard.refuse_public_salt(tmp_path, public, [png]) == {"status": "public", "source": "params.yaml default"}
     with caplog.at_level("WARNING"), pytest.raises(common.StageError) as err:
-        promote.refuse_public_salt(tmp_path, public, [png, dicom])
+        salt_guard.refuse_public_salt(tmp_path, public, [png, dicom])
     assert f"batch {dicom} (1 scan(s) with a patient id) would be hashed with a public salt (params.yaml default)" \
         in str(err.value) and "Nothing was appended" in str(err.value) and "retrain.allow_public_salt" in str(err.value)
     warned = [r.getMessage() for r in caplog.records if "PUBLIC salt" in r.getMessage()]
     assert len(warned) == 1 and str(dicom) in warned[0] and "token_hex" in warned[0]  # once, for the DICOM batch
-    assert promote.refuse_public_salt(tmp_path, allowed, [dicom])["status"] == "public"
+    assert salt_guard.refuse_public_salt(tmp_path, allowed, [dicom])["status"] == "public"
     # The raw data already holds real ids (ingest's record): refused even for a batch without any.
     common.write_json(tmp_path / "data/manifest.json", {"patient_source": "DICOM PatientID", "patient_salt": {
         "status": "secret", "source": "MEDTUNE_PATIENT_SALT", "real_patient_ids": True}})
     with pytest.raises(common.StageError, match=r"the raw data \(patients from DICOM PatientID"):
-        promote.refuse_public_salt(tmp_path, public, [png])
+        salt_guard.refuse_public_salt(tmp_path, public, [png])
     monkeypatch.setenv("MEDTUNE_PATIENT_SALT", "2f9c0d-test-secret")
-    assert promote.refuse_public_salt(tmp_path, public, [dicom]) == {"status": "secret", "source": "MEDTUNE_PATIENT_SALT"}
+    assert salt_guard.refuse_public_salt(tmp_path, public, [dicom]) == {"status": "secret", "source": "MEDTUNE_PATIENT_SALT"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,13 +511,13 @@ def test_ensure_remote_keeps_the_default_dvc_resolves_and_an_unreadable_config_i
     sh(ws, "dvc", "init", "-q")
     # A default remote set only in .dvc/config.local (git-ignored) is the default: nothing is added.
     sh(ws, "dvc", "remote", "add", "--local", "-d", "mine", str(tmp_path / "mine"))
-    assert promote.ensure_remote(ws, str(tmp_path / "other")) == "mine"
+    assert dvc_project.ensure_remote(ws, str(tmp_path / "other")) == "mine"
     assert "remote" not in (ws / ".dvc/config").read_text() and not (tmp_path / "other").exists()
     (ws / ".dvc/config.local").unlink()
-    assert promote.ensure_remote(ws, str(tmp_path / "other")) == "medtune"
+    assert dvc_project.ensure_remote(ws, str(tmp_path / "other")) == "medtune"
     assert sh(ws, "dvc", "remote", "default") == "medtune" and (tmp_path / "other").is_dir()
     (ws / ".dvc/config").write_text("[core\n")
-    for check in (promote.refuse_secrets_in_config, lambda root: promote.ensure_remote(root, "x")):
+    for check in (dvc_project.refuse_secrets_in_config, lambda root: dvc_project.ensure_remote(root, "x")):
         with pytest.raises(common.StageError, match=r"\.dvc/config: not readable as DVC config \(.*line 1"):
             check(ws)
 
@@ -535,8 +535,8 @@ def test_publish_refuses_credentials_in_the_dvc_config_it_commits(repo, tmp_path
     # The same option in .dvc/config.local (git-ignored) is where it belongs; a password in the URL is refused too.
     sh(repo, "dvc", "remote", "modify", "--unset", "store", "secret_access_key")
     sh(repo, "dvc", "remote", "modify", "--local", "store", "secret_access_key", "do-not-commit-me")
-    promote.refuse_secrets_in_config(repo)
+    dvc_project.refuse_secrets_in_config(repo)
     sh(repo, "dvc", "remote", "add", "web", "https://user:hunter2@example.org/dvc")
     with pytest.raises(common.StageError, match=r"\['remote \"web\"'\] url"):
-        promote.refuse_secrets_in_config(repo)
+        dvc_project.refuse_secrets_in_config(repo)
     assert "do-not-commit-me" not in (repo / ".dvc/config").read_text()

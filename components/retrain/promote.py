@@ -1,6 +1,7 @@
 """Promotion: the release commit and tag that make a model the champion, done so a crash at any step
-can be finished or undone (recover), and the refusals that keep a release honest (a public patient
-salt, credentials in .dvc/config).
+can be finished or undone (recover). The refusals that keep a release honest are
+components.retrain.salt_guard (a public patient salt) and components.retrain.dvc_project (credentials
+in .dvc/config, which also says what a release commits).
 
 Promotion is one git commit (what defines the model: data/raw.dvc, dvc.lock, params.yaml, .dvc/config
 with the remote, the outputs DVC does not cache; plus the model's registry folder, the release line,
@@ -18,121 +19,23 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from components import common
 from components.common import StageError, dvc, git
-from components.params import Params
 from components.release.records import registry_dir
 from components.release.registry import REGISTRY, current, record_release, set_current, store_model
+from components.retrain.dvc_project import ensure_remote, refuse_secrets_in_config, release_paths
+from components.retrain.salt_guard import refuse_public_salt_record
 
 log = logging.getLogger("medtune.promote")
 
 
-
 # git and DVC commands: common.run_tool / common.git / common.dvc (one at a time in the project root).
 
-
-def dvc_config(root: str | Path, level: str | None = None) -> dict[str, Any]:
-    """The project's DVC configuration as DVC itself reads it: every level merged (system, global,
-    .dvc/config, .dvc/config.local), or one file (`level="repo"` is .dvc/config); remotes come as
-    {"remote": {name: {option: value}}}. StageError naming the file when DVC cannot read it."""
-    from dvc.config import Config, ConfigError
-
-    dvc_dir = Path(root) / ".dvc"
-    try:
-        config = Config(dvc_dir=str(dvc_dir), validate=level is None)
-        return config.read(level) if level else dict(config)
-    except ConfigError as exc:
-        raise StageError(f"{dvc_dir / 'config'}: not readable as DVC config ({exc})") from exc
-
-
-def ensure_remote(root: str | Path, url: str, name: str = "medtune") -> str:
-    """Make sure a default DVC remote exists; add `url` (a local folder by default) if none is set."""
-    root = Path(root)
-    current = (dvc_config(root).get("core") or {}).get("remote")
-    if current:
-        return current
-    path = Path(url)
-    if "://" not in url:
-        (path if path.is_absolute() else root / path).mkdir(parents=True, exist_ok=True)
-    dvc(root, "remote", "add", "--force", "--default", name, url)
-    log.info("configured DVC remote %s -> %s", name, url)
-    return name
-
-
-# Remote options that hold a secret: they belong in the environment or .dvc/config.local (git-ignored),
-# never in .dvc/config, which every release commits.
-SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token", "password", "passphrase", "token",
-                  "account_key", "sas_token", "connection_string", "client_secret", "gdrive_client_secret",
-                  "oss_key_id", "oss_key_secret", "key_secret")
-
-
-def refuse_secrets_in_config(root: str | Path) -> None:
-    """StageError when .dvc/config (committed by every release) holds a credential: a secret option of
-    a remote, or a password in a remote's URL. Credentials come from the environment (AWS_ACCESS_KEY_ID,
-    ...) or `dvc remote modify --local` (.dvc/config.local, which DVC keeps out of git)."""
-    path = Path(root) / ".dvc/config"
-    found = [f"[{section}] {key}" for section, options in _sections(dvc_config(root, "repo")) for key, value in
-             options.items() if key in SECRET_OPTIONS or (key == "url" and urlsplit(str(value)).password)]
-    if found:
-        raise StageError(f"{path} holds credentials ({', '.join(found)}), and a release commits that file to git. "
-                         "Move them out: `dvc remote modify --local <remote> <option> <value>` (.dvc/config.local, "
-                         "git-ignored) or the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3); "
-                         "nothing was pushed or committed (docs/orchestration.md, 'Remote storage').")
-
-
-def _sections(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(header, options) of each section of a DVC config, the header spelt as in the file: `core`, and
-    `'remote "name"'` for a named section (which DVC reads as {"remote": {"name": {...}}})."""
-    out = []
-    for section, options in config.items():
-        plain = {k: v for k, v in options.items() if not isinstance(v, dict)}
-        out += [(section, plain)] if plain else []
-        out += [(f"'{section} \"{name}\"'", sub) for name, sub in options.items() if isinstance(sub, dict)]
-    return out
-
-
-def release_paths(root: str | Path = ".") -> tuple[list[str], list[str]]:
-    """What a release commits from the workspace so that a clone at its tag reproduces it, read from
-    DVC's own view of the project: `(paths, uncached)`.
-
-    paths: dvc.lock, .dvc/config (the remote), every parameter file a stage reads (params.yaml), every
-    `.dvc` file (the data version) and the .gitignore DVC keeps beside each output. uncached: the
-    outputs DVC does not cache (`cache: false` in dvc.yaml). `dvc push` cannot carry those, so git
-    must, or a clone at the tag misses them and `dvc status` reports them deleted; they are added
-    with `git add -f` because the project's .gitignore may hide their folders (models/, reports/).
-    Only files that exist are listed.
-    """
-    from dvc.repo import Repo
-
-    root = Path(root)
-    paths, uncached = {"dvc.lock", ".dvc/config", "params.yaml"}, set()
-    try:
-        repo = Repo(str(root))
-    except Exception as exc:  # noqa: BLE001 - NotDvcRepoError and config errors alike
-        raise StageError(f"{root}: not readable as a DVC project ({exc}); a release needs one.") from exc
-    with repo:
-        def rel(path: str) -> str:
-            return Path(os.path.relpath(path, repo.root_dir)).as_posix()
-
-        for stage in repo.index.stages:
-            if stage.is_data_source:
-                paths.add(rel(stage.path))
-            for dep in stage.deps:
-                if type(dep).__name__ == "ParamsDependency":
-                    paths.add(rel(dep.fs_path))
-            for out in stage.outs:
-                path = rel(out.fs_path)
-                paths.add((Path(path).parent / ".gitignore").as_posix())
-                if not out.use_cache:
-                    uncached.add(path)
-    return sorted(p for p in paths if (root / p).exists()), sorted(p for p in uncached if (root / p).exists())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,52 +150,6 @@ def _free_tag(root: Path, name: str) -> str:
     return tag
 
 
-def refuse_public_salt(root: str | Path, params: Params, batches: Sequence[str | Path] = ()) -> dict[str, str]:
-    """Raise StageError when this retrain would hash real patient ids with a public salt (see
-    common.salt_status) and `retrain.allow_public_salt` is false; else return the salt status.
-
-    Real ids: the raw data's (data/manifest.json of the last ingest) or any of `batches`' (read as
-    the batch check reads them). Run before anything is appended: a promotion commits the hashed
-    manifest to git and pushes the data, and a public salt makes those hashes re-identifiable.
-    """
-    from components.data.ingest import NO_PATIENT
-    from components.retrain import inbox
-
-    status = common.salt_status(params.data.patient_salt)
-    if status["status"] == "secret" or params.retrain.allow_public_salt:
-        return status
-    found = []
-    manifest = Path(root) / "data/manifest.json"
-    if manifest.is_file():
-        meta = json.loads(manifest.read_text())
-        recorded = meta.get("patient_salt") or {}
-        real = recorded.get("real_patient_ids", meta.get("patient_source", NO_PATIENT) != NO_PATIENT)
-        if real:
-            found.append(f"the raw data (patients from {meta.get('patient_source')}, {manifest})")
-    for batch in batches:
-        rows, _ = inbox.read_batch(batch, params)
-        n = int((rows["patient"] != "").sum()) if len(rows) else 0
-        if n:
-            found.append(f"batch {batch} ({n} scan(s) with a patient id)")
-    if found:
-        raise StageError(
-            f"patient salt: {' and '.join(found)} would be hashed with a public salt ({status['source']}), and a "
-            "promotion commits and pushes those hashes, which anyone with the ids or headers can reverse. Nothing was "
-            "appended; the batches stay in the inbox. Set a secret MEDTUNE_PATIENT_SALT in the environment of the "
-            "run (the Prefect worker's; the same salt this workspace was built with, if it had one), or set "
-            "retrain.allow_public_salt: true in params.yaml only if the patient ids are made up (README, 'Patient salt').")
-    return status
-
-
-def _refuse_public_salt_record(root: Path, allow: bool) -> None:
-    """publish's own guard, for callers other than the retrain flow: ingest's record of the salt."""
-    manifest = root / "data/manifest.json"
-    recorded = (json.loads(manifest.read_text()).get("patient_salt") if manifest.is_file() else None) or {}
-    if not allow and recorded.get("status") == "public" and recorded.get("real_patient_ids"):
-        raise StageError(f"{manifest}: real patient ids were hashed with a public salt ({recorded.get('source')}); "
-                         "not recording (nothing committed or pushed). Set a secret MEDTUNE_PATIENT_SALT and rerun the "
-                         "pipeline, or pass allow_public_salt (retrain.allow_public_salt: true) for made-up ids.")
-
 
 def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_run_id: str | None,
             data_version: str, tag_prefix: str = "model-", remote_url: str | None = None,
@@ -309,7 +166,7 @@ def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_ru
     any step is finished by the next run's `recover()`.
     """
     root = Path(root)
-    _refuse_public_salt_record(root, allow_public_salt)
+    refuse_public_salt_record(root, allow_public_salt)
     refuse_secrets_in_config(root)
     plan = pending(root)
     if plan:
@@ -412,5 +269,3 @@ def record_failure(root: str | Path, *, error: str, trigger: str, flow_run_id: s
         "champion kept", "--", rel)
     log.warning("retrain failed; recorded in %s", registry_dir(root) / "releases.jsonl")
     return record
-
-
