@@ -303,19 +303,48 @@ def test_ema_weights_are_what_is_validated_and_saved(tmp_path):
 def test_mixup_blends_images_and_losses_with_its_own_seeded_draws():
     from components.model.optim import Mixup
 
+    seen = []  # the batch the model was given, one row per image
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 2)
+
+        def forward(self, x):
+            seen.append(x.detach().flatten(1))
+            return self.linear(x.flatten(1))
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    x, y = torch.rand(6, 1, 2, 2), torch.tensor([0, 1, 0, 1, 1, 0])
-    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0]), label_smoothing=0.1)
+    model = Recording()
+    # Image i is the i-th unit vector, so a blend shows which images it is made of, and how much of each.
+    x, y = torch.eye(6).reshape(6, 1, 2, 3), torch.tensor([0, 1, 0, 1, 1, 0])
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0]), label_smoothing=0.1)
     state = torch.get_rng_state()
-    loss = Mixup(0.4, seed=3).loss(model, criterion, x, y)
+    loss = Mixup(0.4, seed=3).loss(model, weighted, x, y)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG (augmentation, dropout) is untouched
-    lam = np.random.default_rng(3).beta(0.4, 0.4)
-    perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
-    out = model(lam * x + (1 - lam) * x[perm])
-    expected = lam * criterion(out, y) + (1 - lam) * criterion(out, y[perm])
-    assert 0 < lam < 1 and not torch.equal(perm, torch.arange(6))
-    assert loss.item() == pytest.approx(expected.item())
+
+    # Row i is lam * image i + (1 - lam) * image perm[i]: one lam in (0, 1) for the batch, perm a shuffle.
+    blend = seen[0]
+    own = blend.diagonal()
+    perm = torch.where(own == 1, torch.arange(6), (blend - torch.diag(own)).argmax(1))
+    moved = perm != torch.arange(6)
+    assert sorted(perm.tolist()) == list(range(6)) and moved.any(), perm
+    lam = own[moved][0].item()
+    assert 0 < lam < 1
+    torch.testing.assert_close(blend, lam * x.flatten(1) + (1 - lam) * x.flatten(1)[perm])
+
+    # Each image's loss is blended the same way between its own label and its partner's, so class
+    # weights and label smoothing apply to integer labels; unweighted, that is the cross-entropy against
+    # the blended one-hot labels of the mixup paper.
+    out = model.linear(blend)
+    assert loss.item() == pytest.approx((lam * weighted(out, y) + (1 - lam) * weighted(out, y[perm])).item())
+    plain = nn.CrossEntropyLoss()
+    soft = lam * nn.functional.one_hot(y, 2).float() + (1 - lam) * nn.functional.one_hot(y[perm], 2).float()
+    again = Mixup(0.4, seed=3).loss(model, plain, x, y)
+    assert torch.equal(seen[1], blend)  # the same seed draws the same blend
+    assert again.item() == pytest.approx(plain(out, soft).item())
+    Mixup(0.4, seed=4).loss(model, plain, x, y)
+    assert not torch.equal(seen[2], blend)
 
 
 @pytest.mark.slow
