@@ -53,8 +53,8 @@ COMMANDS: dict[str, Command] = {
     "models": Command("components.audit.history", "audit: `models list` every model; `models rollback ID` to an earlier one"),
     "preset": Command("components.presets", "list the named parameter presets, print one as `dvc exp run -S` flags, or --apply it"),
     "demo-data": Command("components.data.demo_data", "write synthetic DICOM demo scans (optionally an extra batch)"),
-    "import-npz": Command("components.data.importers", "convert a MedMNIST .npz into PNG files plus labels.csv"),
-    "import-folders": Command("components.data.importers", "copy a folder-per-class tree (split folders optional) plus labels.csv",
+    "import-npz": Command("components.data.npz_import", "convert a MedMNIST .npz into PNG files plus labels.csv"),
+    "import-folders": Command("components.data.folder_import", "copy a folder-per-class tree (split folders optional) plus labels.csv",
                               "main_folders"),
 }
 # Commands that run a pipeline stage's code (dvc.yaml's `medtune <stage>`): `_run_stage` binds them to

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.data import importers, ingest
+from components.data import folder_import, ingest
 from components.data import validate as V
 from components.params import load_params
 from components.release import predict
@@ -96,7 +96,7 @@ def test_import_folders(case, tmp_path, capsys, caplog):
     before = digest(root)
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
-        rc = importers.main_folders([str(root), "--out", str(out)])
+        rc = folder_import.main_folders([str(root), "--out", str(out)])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert digest(root) == before

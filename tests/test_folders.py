@@ -14,15 +14,13 @@ import pytest
 from PIL import Image
 
 from components import common
-
 from components.data import folders, ingest, scans
-
-from components.retrain import inbox
 from components.data import validate as V
 from components.data.demo_data import generate
-from components.data.importers import import_folders
+from components.data.folder_import import import_folders
 from components.data.manifest import read_manifest
 from components.params import parse_params
+from components.retrain import inbox
 
 CLASSES = ["normal", "lesion"]
 PARAMS = parse_params({"split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.3},

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from components import cli, common
-from components.data.importers import import_folders, import_npz, main, main_folders
+from components.data.folder_import import import_folders, main_folders
 from components.data.ingest import ingest
+from components.data.npz_import import import_npz, main
 from components.params import parse_params
 
 SIZES = {"train": 6, "val": 3, "test": 4}
