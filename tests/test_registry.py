@@ -18,11 +18,9 @@ import pandas as pd
 import pytest
 
 from components import common
-
-from components.release import registry
 from components.params import parse_params
-from components.retrain import challenger
-from components.retrain import dvc_project, promote, salt_guard
+from components.release import registry
+from components.retrain import challenger, dvc_project, promote, salt_guard
 
 BIN = Path(sys.executable).parent
 # The tiny test graphs use the legacy exporter (no onnxscript needed); its deprecation notice is noise here.
@@ -104,8 +102,8 @@ def write_challenger(ws: Path, name: str, sign: float, gate_passed: bool = True,
     (ws / "models").mkdir(parents=True, exist_ok=True)
     (ws / "models/model.pt").write_bytes(f"checkpoint {name}".encode())
     model_id = common.sha256_file(ws / "models/model.pt")[:12]
-    from components.model.metrics import compute_metrics
     from components.data.preprocess import load_split
+    from components.model.metrics import compute_metrics
 
     export_onnx(ws / "models/model.onnx", sign)
     images, index = load_split(ws / "data/prepared", "test")
