@@ -189,7 +189,7 @@ def test_planted_pickle_in_the_hub_cache_is_refused_not_run(tmp_path, monkeypatc
 
 
 def test_checked_loader_refuses_a_pickle_even_with_a_matching_hash(tmp_path):
-    from components.model.models import _load_checked_weights
+    from components.model.pretrained import _load_checked_weights
 
     marker = tmp_path / "ran.txt"
     staged = _plant(tmp_path / "staged.pth", marker)
@@ -203,7 +203,7 @@ def test_checked_loader_refuses_a_pickle_even_with_a_matching_hash(tmp_path):
 def test_checked_loader_loads_a_genuine_state_dict_with_its_own_hash(tmp_path):
     import torchvision
 
-    from components.model.models import _load_checked_weights
+    from components.model.pretrained import _load_checked_weights
 
     torch.manual_seed(0)
     state = torchvision.models.resnet18(weights=None).state_dict()
