@@ -146,7 +146,7 @@ def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(
 def test_the_card_template_lays_out_every_branch():
     """The card's other branches (three classes, no bootstrap interval, sparse records, a synthetic data
     set, both leak kinds, a failed gate, an ensemble warm-started from a champion): each line exact."""
-    from components.release.export import model_card
+    from components.release.model_card import model_card
 
     metrics = {"classes": ["a", "b", "c"], "n_test": 9, "averaging": "macro", "auroc": 0.7, "auroc_ci": [None, None],
                "confusion_matrix": [[1, 1, 1], [0, 3, 0], [0, 0, 3]], "sensitivity": 0.7, "specificity": 0.8,

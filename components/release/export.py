@@ -9,8 +9,9 @@ the evaluated test-time augmentation and calibration, then softmax; input `image
 (batch, C, H, W) in [0, 1], output `probabilities`. ONNX Runtime must agree with PyTorch
 within `export.tolerance` on real test images at batch 1 and batch N, and the batch dimension
 must be symbolic. Writes `models/model.onnx` (metadata_props per docs/architecture.md),
-`models/model_card.md`, `models/lineage.json` and `reports/export.json`; all are built in memory
-or in a temporary folder first and only renamed into place once every check has passed.
+`models/model_card.md` (components.release.model_card), `models/lineage.json` and
+`reports/export.json`; all are built in memory or in a temporary folder first and only renamed
+into place once every check has passed.
 
 The evaluation record it ships (ONNX `metrics` metadata, lineage `evaluation.metrics`, the card) is
 `reports/evaluation.json`, the whole record evaluate wrote; `reports/metrics.json` holds only its
@@ -27,13 +28,13 @@ import platform
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from components.common import (
-    SPLITS,
     StageError,
     atomic_path,
     git_facts,
@@ -45,8 +46,8 @@ from components.common import (
     write_text,
 )
 from components.params import Params, load_params
+from components.release.model_card import model_card, synthetic_demo
 from components.release.onnx_runtime import make_session
-from components.templates import render
 
 log = logging.getLogger("medtune.export")
 
@@ -131,113 +132,31 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _wilson(k: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (sound for small test sets)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    z, p = 1.959964, k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+@dataclass
+class _Inputs:
+    """What export reads, checked: the checkpoint and its gate, evaluate's record, ingest's manifest,
+    validate's report, preprocess's meta and the test images parity runs on."""
+    ckpt_sha: str
+    mid: str
+    gate: dict[str, Any]
+    metrics: dict[str, Any]
+    manifest: dict[str, Any]
+    manifest_csv: Path
+    validation: dict[str, Any]
+    meta: dict[str, Any]
+    model: Any
+    ckpt: dict[str, Any]
+    classes: list[str]
+    images: np.ndarray
+    index: Any
+    batch_n: int
 
 
-def _synthetic_demo(raw_dir: Path, index_paths: Sequence[str]) -> bool:
-    """True when the scans come from `medtune demo-data` (its StudyDescription says so)."""
-    import pydicom
-
-    for rel in list(index_paths)[:3]:
-        path = raw_dir / rel
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyDescription"])
-        except Exception:  # noqa: BLE001 - not DICOM or not there: we simply cannot tell
-            continue
-        if "synthetic demo" in str(ds.get("StudyDescription", "")):
-            return True
-    return False
-
-
-# Validation checks that a params tolerance can let fail without stopping; the test metrics of a
-# model trained past them are optimistic, and its card says so.
-LEAKS = {"duplicates_in_one_split": ("byte-identical", "max_duplicates"),
-         "near_duplicates_in_one_split": ("near-duplicate", "max_near_duplicates")}
-
-
-CARD_TEMPLATE = "release/templates/model_card.md.j2"
-
-
-def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, meta: dict,
-               exp: dict, synthetic: bool, validation: dict | None = None) -> str:
-    """The human-readable summary of one model (Markdown), laid out by CARD_TEMPLATE."""
-    return render(CARD_TEMPLATE, **card_context(mid, ckpt, manifest, metrics, gate, meta, exp, synthetic, validation))
-
-
-def card_context(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, meta: dict,
-                 exp: dict, synthetic: bool, validation: dict | None) -> dict[str, Any]:
-    """The card's values, each present (None where a record lacks it: the template is strict)."""
-    classes = list(metrics["classes"])
-    train = {k: None for k in ("freeze", "unfreeze_last_n", "optimizer", "lr", "seed")}
-    train.update((ckpt.get("params") or {}).get("train", {}))
-    counts = manifest.get("counts") or {}
-    members = ckpt.get("members", 1)
-    lo, hi = metrics["auroc_ci"]
-    leaks = [{"kind": LEAKS[e["name"]][0], "key": LEAKS[e["name"]][1],
-              "n_offending": e.get("details", {}).get("n_offending", "Some")}
-             for e in (validation or {}).get("expectations", []) if e.get("name") in LEAKS and not e.get("success")]
-    return {
-        "model_id": mid, "classes": classes, "synthetic": synthetic, "export": exp, "leaks": leaks,
-        "data": {"data_version": manifest.get("data_version"), "content_hash": manifest.get("content_hash"),
-                 "n_images": manifest.get("n_images"), "n_unreadable": manifest.get("n_unreadable", 0),
-                 "split_method": (manifest.get("split") or {}).get("method", "unknown")},
-        "splits": [{"name": s, "counts": [counts.get(s, {}).get(c, 0) for c in classes]} for s in SPLITS],
-        "pretrained": {k: (ckpt.get("pretrained") or {}).get(k) for k in ("description", "name", "source", "sha256")},
-        "train": train,
-        "model": {"backbone": ckpt.get("backbone"), "epochs_run": ckpt.get("epochs_run"),
-                  "best_epoch": ckpt.get("best_epoch"), "best_metric": (ckpt.get("best_metric") or {}).get("name"),
-                  "members": members, "last_seed": (train["seed"] or 0) + members - 1},
-        "input": {k: meta.get(k) for k in ("channels", "image_size", "window", "equalize")}
-        | {"resize": meta.get("resize", "as recorded")},
-        "metrics": {**{k: metrics[k] for k in ("n_test", "auroc", "f1", "confusion_matrix")},
-                    "averaging": metrics.get("averaging", ""), "auroc_low": lo, "auroc_high": hi,
-                    "bootstrap_valid": metrics.get("bootstrap_valid"), "tta": metrics.get("tta", "none"),
-                    "positive_class": metrics.get("positive_class"), "threshold": metrics.get("threshold"),
-                    "threshold_method": metrics.get("threshold_method") or "fixed"},
-        "intervals": interval_rows(metrics),
-        "macro": [(n, metrics[n]) for n in ("sensitivity", "specificity", "precision")] if len(classes) > 2 else [],
-        "calibration": metrics.get("calibration") or {"method": "none"},
-        "gate_passed": gate["passed"], "gate_reasons": gate.get("reasons", []),
-    }
-
-
-def interval_rows(metrics: dict) -> list[dict[str, Any]]:
-    """Test metrics that are proportions, each with its 95% Wilson interval and the counts behind it."""
-    classes, cm = metrics["classes"], np.asarray(metrics["confusion_matrix"])
-    if len(classes) == 2:
-        pos = classes.index(metrics["positive_class"])
-        neg = 1 - pos
-        counts = {"sensitivity": (cm[pos, pos], cm[pos].sum()), "specificity": (cm[neg, neg], cm[neg].sum()),
-                  "precision": (cm[pos, pos], cm[:, pos].sum()), "accuracy": (np.trace(cm), cm.sum())}
-    else:
-        counts = {"accuracy": (np.trace(cm), cm.sum())}
-    rows = []
-    for name, (k, n) in counts.items():
-        low, high = _wilson(int(k), int(n))
-        rows.append({"name": name, "value": metrics[name], "k": int(k), "n": int(n), "low": low, "high": high})
-    return rows
-
-
-def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | Path, out_dir: str | Path,
-           params: Params, manifest_path: str | Path = "data/manifest.json",
-           validation_path: str | Path | None = None) -> dict:
-    """Export `model_path` to `out_dir`/model.onnx with card and lineage; returns the export report."""
-    import onnx
-    import torch
-
+def _read_inputs(model_path: Path, prepared_dir: Path, reports_dir: Path, manifest_path: Path,
+                 validation_path: Path, params: Params) -> _Inputs:
     from components.data.preprocess import load_meta, load_split
-    from components.model.models import load_checkpoint, pick_device
+    from components.model.models import load_checkpoint
 
-    model_path, prepared_dir, reports_dir, out_dir = map(Path, (model_path, prepared_dir, reports_dir, out_dir))
-    manifest_path = Path(manifest_path)
-    validation_path = Path(validation_path) if validation_path else reports_dir / "validation.json"
     if not model_path.is_file():
         raise StageError(f"{model_path} not found; run the train stage first (dvc repro train).")
     ckpt_sha = sha256_file(model_path)
@@ -259,9 +178,18 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
     images, index = load_split(prepared_dir, "test")  # StageError if the split is empty
     batch_n = min(params.export.parity_batch, len(images))
     images = np.asarray(images[:batch_n])  # parity needs only these; the memmap stays on disk
-    opset = params.export.opset
+    return _Inputs(ckpt_sha, mid, gate, metrics, manifest, manifest_csv, validation, meta, model, ckpt, classes,
+                   images, index, batch_n)
 
-    wrapper = deployed_model(model, metrics)
+
+def _checked_onnx(wrapper: Any, i: _Inputs, params: Params, prepared_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """The exported graph (no metadata yet), checked and in parity with PyTorch; returns (proto, device, exp)."""
+    import onnx
+    import torch
+
+    from components.model.models import pick_device
+
+    opset, images, batch_n = params.export.opset, i.images, i.batch_n
     with tempfile.TemporaryDirectory(prefix="medtune-export-") as tmp:
         raw_onnx = Path(tmp) / "model.onnx"
         proto = export_onnx(wrapper, images, opset, raw_onnx)
@@ -278,55 +206,55 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
                          f"{diff1:.3g} (batch 1), {diff_n:.3g} (batch {batch_n}); expected <= export.tolerance {tol}. "
                          "Not exported.")
     log.info("parity ok: max |diff| %.2e (batch 1), %.2e (batch %d) <= %g", diff1, diff_n, batch_n, tol)
-
-    git = git_facts()
     exp = {"opset": opset, "exporter": f"{EXPORTER}, torch {torch.__version__}", "tolerance": tol,
            "max_abs_diff_batch1": diff1, "max_abs_diff_batchN": diff_n, "batch_n": batch_n}
-    c, h, w = (int(s) for s in images.shape[1:])
+    return proto, device, exp
+
+
+def _metadata(i: _Inputs, params: Params) -> dict[str, str]:
+    """The ONNX metadata_props (docs/architecture.md)."""
+    c, h, w = (int(s) for s in i.images.shape[1:])
+    model, manifest = i.model, i.manifest
     # DVC caches model.onnx: its metadata holds only what the stage's inputs determine, so the same
     # inputs give the same bytes. Facts of the run (git commit, dirty flag, device, package versions)
     # go to the uncached lineage.json.
-    props = {
-        "model_id": mid,
-        "classes": json.dumps(classes),
+    return {
+        "model_id": i.mid,
+        "classes": json.dumps(i.classes),
         "input": json.dumps({"name": INPUT_NAME, "shape": ["batch", c, h, w], "dtype": "float32", "range": [0, 1]}),
         "output": OUTPUT_NAME,
         "normalisation": json.dumps({"mean": list(model.mean.flatten().tolist()), "std": list(model.std.flatten().tolist()),
                                      "applied": "inside the graph, after grey->RGB; clients only scale uint8 to [0, 1]"}),
-        "preprocessing": json.dumps(meta, sort_keys=True),
+        "preprocessing": json.dumps(i.meta, sort_keys=True),
         "data_version": str(manifest.get("data_version")),
         "content_hash": str(manifest.get("content_hash")),
         "params_sha256": params.digest(),
-        "metrics": json.dumps(metrics, sort_keys=True),
-        "gate": json.dumps(gate, sort_keys=True),
-        "checkpoint_sha256": ckpt_sha,
+        "metrics": json.dumps(i.metrics, sort_keys=True),
+        "gate": json.dumps(i.gate, sort_keys=True),
+        "checkpoint_sha256": i.ckpt_sha,
         # What training started from: ImageNet weights, or a warm start from a champion (its sha256).
-        "pretrained": json.dumps(ckpt.get("pretrained"), sort_keys=True),
-        "opset": str(opset),
+        "pretrained": json.dumps(i.ckpt.get("pretrained"), sort_keys=True),
+        "opset": str(params.export.opset),
         "exporter": EXPORTER,  # the torch version is the graph's own producer_version
     }
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx_bytes = proto.SerializeToString()
-    onnx_sha = sha256_bytes(onnx_bytes)
 
-    raw_dir = Path(params.data.raw_dir)
-    card = model_card(mid, ckpt, manifest, metrics, gate, meta, exp, _synthetic_demo(raw_dir, index["path"].tolist()),
-                      validation)
-    card_path, lineage_path = out_dir / "model_card.md", out_dir / "lineage.json"
-    lineage = {
-        "model_id": mid,
+
+def _lineage(i: _Inputs, params: Params, onnx_sha: str, device: Any, exp: dict[str, Any],
+             card_path: Path) -> dict[str, Any]:
+    """models/lineage.json: the whole audit record of the model (docs/architecture.md)."""
+    git = git_facts()
+    manifest, validation, ckpt = i.manifest, i.validation, i.ckpt
+    return {
+        "model_id": i.mid,
         "onnx_sha256": onnx_sha,
-        "checkpoint_sha256": ckpt_sha,
+        "checkpoint_sha256": i.ckpt_sha,
         # No dvc_lock_sha256: dvc.lock is rewritten *after* this stage runs, so any hash taken here
         # would be stale; the git commit of the release pins dvc.lock instead.
         "code": {"git_commit": git["commit"], "git_dirty": git["dirty"], "params": params.to_dict(),
                  "params_sha256": params.digest()},
         "data": {"data_version": manifest.get("data_version"), "content_hash": manifest.get("content_hash"),
-                 "counts": manifest.get("counts"), "manifest_sha256": sha256_file(manifest_csv),
-                 "manifest_path": manifest_csv.as_posix(),
+                 "counts": manifest.get("counts"), "manifest_sha256": sha256_file(i.manifest_csv),
+                 "manifest_path": i.manifest_csv.as_posix(),
                  # public or secret, and from where (ingest's record; never the salt itself)
                  "patient_salt": manifest.get("patient_salt")},
         "split": manifest.get("split"),
@@ -342,11 +270,36 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
                      "selection_metric": (ckpt.get("best_metric") or {}).get("name"),
                      "best_value": (ckpt.get("best_metric") or {}).get("value"),
                      "backbone": ckpt.get("backbone"), "params": ckpt.get("params")},
-        "evaluation": {"metrics": metrics, "gate": gate},
+        "evaluation": {"metrics": i.metrics, "gate": i.gate},
         "export": exp,
         "model_card": card_path.as_posix(),
     }
-    report = {**exp, "onnx_sha256": onnx_sha, "model_id": mid}
+
+
+def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | Path, out_dir: str | Path,
+           params: Params, manifest_path: str | Path = "data/manifest.json",
+           validation_path: str | Path | None = None) -> dict:
+    """Export `model_path` to `out_dir`/model.onnx with card and lineage; returns the export report."""
+    model_path, prepared_dir, reports_dir, out_dir = map(Path, (model_path, prepared_dir, reports_dir, out_dir))
+    manifest_path = Path(manifest_path)
+    validation_path = Path(validation_path) if validation_path else reports_dir / "validation.json"
+    i = _read_inputs(model_path, prepared_dir, reports_dir, manifest_path, validation_path, params)
+
+    wrapper = deployed_model(i.model, i.metrics)
+    proto, device, exp = _checked_onnx(wrapper, i, params, prepared_dir)
+    del proto.metadata_props[:]
+    for key, value in _metadata(i, params).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx_bytes = proto.SerializeToString()
+    onnx_sha = sha256_bytes(onnx_bytes)
+
+    raw_dir = Path(params.data.raw_dir)
+    card = model_card(i.mid, i.ckpt, i.manifest, i.metrics, i.gate, i.meta, exp,
+                      synthetic_demo(raw_dir, i.index["path"].tolist()), i.validation)
+    card_path, lineage_path = out_dir / "model_card.md", out_dir / "lineage.json"
+    lineage = _lineage(i, params, onnx_sha, device, exp, card_path)
+    report = {**exp, "onnx_sha256": onnx_sha, "model_id": i.mid}
 
     # Every check has passed: only now does anything land in models/ (each file renamed into place).
     with atomic_path(out_dir / "model.onnx") as tmp:
@@ -354,7 +307,7 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
     write_text(card_path, card)
     write_json(lineage_path, lineage)
     write_json(reports_dir / "export.json", report)
-    log.info("exported model %s -> %s (sha256 %s)", mid, out_dir / "model.onnx", onnx_sha[:12])
+    log.info("exported model %s -> %s (sha256 %s)", i.mid, out_dir / "model.onnx", onnx_sha[:12])
     return report
 
 
