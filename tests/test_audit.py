@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from components.audit import trace, verify
+from components.audit import history, trace, trace_text, verify
 from components.common import hash_patient, sha256_file
-from components.audit import history
 from components.release import records
 from components.retrain import promote as promotion
 
@@ -198,7 +197,7 @@ def copy(project, tmp_path):
 def test_trace_of_an_old_model_after_new_data_and_a_new_model(project):
     ws, a = project["ws"], project["a"]
     rec = trace.trace(a, ws)
-    assert set(trace.SECTIONS) <= set(rec)
+    assert set(trace_text.SECTIONS) <= set(rec)
     assert rec["model"]["model_id"] == a
     assert rec["data"]["data_version"] == project["v1"] != project["v2"]
     assert rec["data"]["counts"]["train"] == {"normal": 4, "lesion": 4}
@@ -258,8 +257,8 @@ def test_every_field_is_present_or_says_why_not(project, tmp_path):
     assert rec["code"]["dvc_lock_sha256"].startswith("not recorded: ")
     assert rec["split"]["overlap_check"].startswith("not recorded: ")
     assert rec["model_card"].startswith("not recorded: ")
-    text = trace.render(rec)
-    for title in trace.TITLES.values():
+    text = trace_text.render(rec)
+    for title in trace_text.TITLES.values():
         assert title in text
 
 

@@ -7,20 +7,22 @@ Reads the model's lineage (models/lineage.json, or its copy in registry/models/<
 registry's release events and manifest copies, `git show <tag>:dvc.lock`: plain files only, never
 torch, so it works on an old model after newer data and models have arrived. Thirteen sections:
 model, code, data, split, validation, environment, pretrained, training, evaluation, export,
-model_card, release, drift. A field that cannot be known reads "not recorded: <why>".
+model_card, release, drift. A field that cannot be known reads "not recorded: <why>". The text
+report is components.audit.trace_text's, the drift section components.audit.drift's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from components.audit.drift import drift
 from components.audit.lookup import ModelRef, add_common_args, resolve_model
+from components.audit.trace_text import render
 from components.common import run_cli, sha256_bytes, sha256_file
 from components.data.manifest import LISTING_COLUMNS, read_manifest_rows
 from components.params import params_digest
@@ -34,16 +36,9 @@ from components.release.records import (
     read_releases,
     registry_dir,
 )
-from components.templates import render as render_template
 
-SECTIONS = ("model", "code", "data", "split", "validation", "environment", "pretrained", "training",
-            "evaluation", "export", "model_card", "release", "drift")
-TITLES = {"model": "1. Model identity", "code": "2. Code version", "data": "3. Data version",
-          "split": "4. Split", "validation": "5. Validation", "environment": "6. Environment",
-          "pretrained": "7. Pretrained weights", "training": "8. Training", "evaluation": "9. Evaluation",
-          "export": "10. Export", "model_card": "11. Model card", "release": "12. Release",
-          "drift": "13. Data drift at retraining"}
 KEY_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime")
+OLD = "lineage written by an older export"  # why a field the current export writes is missing
 
 
 def _pick(d: Any, keys: Sequence[str], why: str) -> dict[str, Any]:
@@ -89,61 +84,6 @@ def _split_check(rows: list[dict[str, str]] | None, path: Path | None, why: str)
             "patients_in_two_splits": len(shared), "ok": not shared, "examples": shared[:3]}
 
 
-def _numeric(rows: list[dict[str, str]], col: str) -> dict[str, Any]:
-    vals = [float(r[col]) for r in rows if (r.get(col) or "").strip()]
-    if not vals:
-        return {"n": 0}
-    return {"n": len(vals), "min": min(vals), "median": statistics.median(vals), "mean": round(statistics.fmean(vals), 3),
-            "max": max(vals)}
-
-
-def data_profile(rows: list[dict[str, str]]) -> dict[str, Any]:
-    """Class balance and image statistics of one manifest (readable images only)."""
-    ok = [r for r in rows if not r.get("error")]
-    labels = Counter(r.get("label", "") for r in ok)
-    return {"n_images": len(rows), "n_readable": len(ok),
-            "classes": {k: {"n": n, "fraction": round(n / len(ok), 4)} for k, n in sorted(labels.items())} if ok else {},
-            "width": _numeric(ok, "width"), "height": _numeric(ok, "height"),
-            "bit_depth": dict(sorted(Counter(f"{r.get('bit_depth', '')}-bit" for r in ok).items())),
-            "channels": dict(sorted(Counter(f"{r.get('channels', '')}-channel" for r in ok).items())),
-            "modality": dict(sorted(Counter(r.get("modality", "") for r in ok).items()))}
-
-
-def drift(new_rows: list[dict[str, str]], old_rows: list[dict[str, str]]) -> dict[str, Any]:
-    """How the new manifest compares with the previous one: files, class balance, image statistics."""
-    new, old = data_profile(new_rows), data_profile(old_rows)
-    new_files = {r["path"]: r["sha256"] for r in new_rows}
-    old_files = {r["path"]: r["sha256"] for r in old_rows}
-    classes = sorted(set(new["classes"]) | set(old["classes"]))
-    balance = {}
-    for c in classes:
-        a, b = old["classes"].get(c, {"n": 0, "fraction": 0.0}), new["classes"].get(c, {"n": 0, "fraction": 0.0})
-        balance[c] = {"previous": a["n"], "current": b["n"], "previous_fraction": a["fraction"],
-                      "current_fraction": b["fraction"], "fraction_change": round(b["fraction"] - a["fraction"], 4)}
-    summary = []
-    biggest = max(balance.items(), key=lambda kv: abs(kv[1]["fraction_change"]), default=None)
-    if biggest:
-        summary.append(f"largest class-balance change: {biggest[0]} {biggest[1]['previous_fraction']:.1%} -> "
-                       f"{biggest[1]['current_fraction']:.1%}")
-    for col in ("width", "height"):
-        if old[col].get("n") and new[col].get("n"):
-            summary.append(f"{col} median {old[col]['median']:g} -> {new[col]['median']:g} px")
-    for col in ("bit_depth", "channels", "modality"):
-        if set(old[col]) != set(new[col]):
-            summary.append(f"{col} values {sorted(old[col])} -> {sorted(new[col])}")
-    if not summary[1:] and biggest and abs(biggest[1]["fraction_change"]) < 0.05:
-        summary.append("no notable change in class balance or image statistics")
-    return {
-        "files": {"previous": len(old_files), "current": len(new_files),
-                  "added": len(new_files.keys() - old_files.keys()), "removed": len(old_files.keys() - new_files.keys()),
-                  "changed": sum(1 for p in new_files.keys() & old_files.keys() if new_files[p] != old_files[p])},
-        "class_balance": balance,
-        "image_stats": {col: {"previous": old[col], "current": new[col]}
-                        for col in ("width", "height", "bit_depth", "channels", "modality")},
-        "summary": summary,
-    }
-
-
 def _dvc_lock(ref: ModelRef, root: Path, tag: str | None) -> dict[str, Any]:
     recorded = (ref.lineage.get("code") or {}).get("dvc_lock_sha256")
     if recorded:
@@ -182,6 +122,93 @@ def _params_match(params: Any, digest: str | None, recorded: str | None) -> Any:
     return digest == recorded
 
 
+
+def _champion(first: dict[str, Any] | None) -> Any:
+    """The champion the model was compared with when it was released."""
+    champ = (first or {}).get("champion") or {}
+    if first is None:
+        return not_recorded("no release event: the model was never compared with a champion")
+    if not champ.get("model_id"):
+        return not_recorded("no champion when it was released (first promoted model)")
+    return {"model_id": champ["model_id"], "metrics": champ.get("metrics")
+            or not_recorded("the champion could not be scored on the same data"),
+            "comparison": (first or {}).get("comparison") or not_recorded("no comparison in the event")}
+
+
+def _model_card(m: ModelRef) -> Any:
+    card_path = next((d / "model_card.md" for d in m.file_dirs if (d / "model_card.md").is_file()), None)
+    return ({"path": str(card_path), "sha256": sha256_file(card_path), "text": card_path.read_text(encoding="utf-8")}
+            if card_path else not_recorded(f"no model_card.md beside {m.lineage_path} nor in the registry"))
+
+
+def _release(m: ModelRef, registry: Path, mine: list[dict[str, Any]], promoted: dict[str, Any] | None,
+             tag: str | None) -> dict[str, Any]:
+    current = (read_current(registry) or {}).get("model_id") == m.model_id
+    if not mine:
+        return {"current": current, "promoted": not_recorded(f"no event for {m.model_id} in "
+                                                             f"{registry / 'releases.jsonl'}: built by dvc repro, not released"),
+                "git_tag": not_recorded("not released"), "events": []}
+    return {
+        "current": current,
+        "promoted": ({k: promoted.get(k) for k in ("time", "trigger", "flow_run_id", "git_tag", "data_version")}
+                     | {"how": "Prefect flow run " + str(promoted["flow_run_id"]) if promoted.get("flow_run_id")
+                        else str(promoted.get("trigger"))}) if promoted
+        else not_recorded("never promoted (see events)"),
+        "git_tag": tag or not_recorded("no release event carries a git tag"),
+        "events": [{k: e.get(k) for k in ("event", "time", "trigger", "flow_run_id", "git_tag", "reasons")}
+                   for e in mine],
+    }
+
+
+def _drift(m: ModelRef, registry: Path, events: list[dict[str, Any]], data: dict[str, Any],
+           rows: list[dict[str, str]] | None, manifest_why: str) -> Any:
+    """The data's drift from the previous model's, when both manifests are at hand."""
+    prev = previous_model(events, m.model_id)
+    if prev is None:
+        return not_recorded("no previous model: first release, or never released")
+    prev_dir = registry / "models" / prev
+    prev_manifest = prev_dir / "manifest.csv"
+    prev_lineage = load_lineage(prev_dir / "lineage.json") if (prev_dir / "lineage.json").is_file() else {}
+    prev_version = (prev_lineage.get("data") or {}).get("data_version")
+    if rows is None:
+        return not_recorded(manifest_why)
+    if not prev_manifest.is_file():
+        return not_recorded(f"previous model {prev}: {prev_manifest} not found")
+    return {"previous_model": prev, "previous_data_version": prev_version,
+            "data_version": data.get("data_version"),
+            "same_data_version": prev_version == data.get("data_version"),
+            **drift(rows, read_manifest_rows(prev_manifest, LISTING_COLUMNS))}
+
+
+
+def _code(m: ModelRef, root: Path, tag: str | None) -> dict[str, Any]:
+    code = m.lineage.get("code") or {}
+    params = code.get("params")
+    recomputed = params_digest(params) if isinstance(params, dict) else None
+    lock = _dvc_lock(m, root, tag)
+    return {"git_commit": code.get("git_commit") or not_recorded(OLD),
+            "git_dirty": code.get("git_dirty") if code.get("git_dirty") is not None
+            else not_recorded("git status unknown at export"),
+            "dvc_lock_sha256": lock["sha256"], "dvc_lock_source": lock["source"],
+            "params_sha256": code.get("params_sha256") or not_recorded(OLD),
+            "params_sha256_matches_params": _params_match(params, recomputed, code.get("params_sha256")),
+            "params": params if params is not None else not_recorded(OLD)}
+
+
+def _data(data: dict[str, Any], manifest: Path | None, manifest_why: str) -> dict[str, Any]:
+    counts = data.get("counts")
+    return {"data_version": data.get("data_version") or not_recorded(OLD),
+            "content_hash": data.get("content_hash") or not_recorded(OLD),
+            "counts": counts or not_recorded(OLD),
+            "totals": {s: sum(c.values()) for s, c in counts.items()} if isinstance(counts, dict) else None,
+            "patient_salt": _pick(data["patient_salt"], ("status", "source", "real_patient_ids"), OLD)
+            if isinstance(data.get("patient_salt"), dict) else not_recorded(OLD),
+            "manifest": {"recorded_path": data.get("manifest_path"), "sha256": data.get("manifest_sha256"),
+                         "copy": str(manifest) if manifest else not_recorded(manifest_why),
+                         "columns": "path, sha256 (of every scan used), label, patient (hashed), width, height, "
+                                    "channels, bit_depth, modality, split, error"}}
+
+
 def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
     """The full audit record of one model (every section present; unknowns say why)."""
     root = Path(root)
@@ -192,174 +219,39 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
     promoted = next((e for e in mine if e.get("event") == "promoted"), None)
     first = promoted or next((e for e in mine if e.get("event") != "rollback"), None)
     tag = next((e.get("git_tag") for e in mine if e.get("git_tag")), None)
-    old = "lineage written by an older export"
-
-    code = L.get("code") or {}
-    params = code.get("params")
-    recomputed = params_digest(params) if isinstance(params, dict) else None
-    lock = _dvc_lock(m, root, tag)
 
     data = L.get("data") or {}
     manifest, manifest_why = find_manifest(m, root)
     rows = read_manifest_rows(manifest, LISTING_COLUMNS) if manifest else None
-    counts = data.get("counts")
-
-    split = dict(L.get("split") or {})
-    split_rec = _pick(split, ("method", "source", "seed", "val_fraction", "test_fraction", "patients", "patient_overlap"),
-                      "not in the lineage's split record")
+    split_rec = _pick(dict(L.get("split") or {}), ("method", "source", "seed", "val_fraction", "test_fraction",
+                                                  "patients", "patient_overlap"), "not in the lineage's split record")
     split_rec["overlap_check"] = _split_check(rows, manifest, manifest_why)
-
     ev = L.get("evaluation") or {}
-    champ = (first or {}).get("champion") or {}
-    if first is None:
-        champion = not_recorded("no release event: the model was never compared with a champion")
-    elif not champ.get("model_id"):
-        champion = not_recorded("no champion when it was released (first promoted model)")
-    else:
-        champion = {"model_id": champ["model_id"], "metrics": champ.get("metrics")
-                    or not_recorded("the champion could not be scored on the same data"),
-                    "comparison": (first or {}).get("comparison") or not_recorded("no comparison in the event")}
-
-    card_path = next((d / "model_card.md" for d in m.file_dirs if (d / "model_card.md").is_file()), None)
-    card = ({"path": str(card_path), "sha256": sha256_file(card_path), "text": card_path.read_text(encoding="utf-8")}
-            if card_path else not_recorded(f"no model_card.md beside {m.lineage_path} nor in the registry"))
-
-    current = (read_current(registry) or {}).get("model_id") == m.model_id
-    if mine:
-        release: dict[str, Any] = {
-            "current": current,
-            "promoted": ({k: promoted.get(k) for k in ("time", "trigger", "flow_run_id", "git_tag", "data_version")}
-                         | {"how": "Prefect flow run " + str(promoted["flow_run_id"]) if promoted.get("flow_run_id")
-                            else str(promoted.get("trigger"))}) if promoted
-            else not_recorded("never promoted (see events)"),
-            "git_tag": tag or not_recorded("no release event carries a git tag"),
-            "events": [{k: e.get(k) for k in ("event", "time", "trigger", "flow_run_id", "git_tag", "reasons")}
-                       for e in mine],
-        }
-    else:
-        release = {"current": current, "promoted": not_recorded(f"no event for {m.model_id} in "
-                                                                f"{registry / 'releases.jsonl'}: built by dvc repro, not released"),
-                   "git_tag": not_recorded("not released"), "events": []}
-
-    prev = previous_model(events, m.model_id)
-    if prev is None:
-        drift_rec: Any = not_recorded("no previous model: first release, or never released")
-    else:
-        prev_dir = registry / "models" / prev
-        prev_manifest = prev_dir / "manifest.csv"
-        prev_lineage = load_lineage(prev_dir / "lineage.json") if (prev_dir / "lineage.json").is_file() else {}
-        prev_version = (prev_lineage.get("data") or {}).get("data_version")
-        if rows is None:
-            drift_rec = not_recorded(manifest_why)
-        elif not prev_manifest.is_file():
-            drift_rec = not_recorded(f"previous model {prev}: {prev_manifest} not found")
-        else:
-            drift_rec = {"previous_model": prev, "previous_data_version": prev_version,
-                         "data_version": data.get("data_version"),
-                         "same_data_version": prev_version == data.get("data_version"),
-                         **drift(rows, read_manifest_rows(prev_manifest, LISTING_COLUMNS))}
-
-    train = L.get("training") or {}
     return {
         "resolved": {"how": m.how, "lineage": str(m.lineage_path), "notes": list(m.notes)},
-        "model": {"model_id": m.model_id, "onnx_sha256": L.get("onnx_sha256") or not_recorded(old),
-                  "checkpoint_sha256": L.get("checkpoint_sha256") or not_recorded(old),
+        "model": {"model_id": m.model_id, "onnx_sha256": L.get("onnx_sha256") or not_recorded(OLD),
+                  "checkpoint_sha256": L.get("checkpoint_sha256") or not_recorded(OLD),
                   "onnx_file": str(m.onnx_path) if m.onnx_path else None},
-        "code": {"git_commit": code.get("git_commit") or not_recorded(old),
-                 "git_dirty": code.get("git_dirty") if code.get("git_dirty") is not None
-                 else not_recorded("git status unknown at export"),
-                 "dvc_lock_sha256": lock["sha256"], "dvc_lock_source": lock["source"],
-                 "params_sha256": code.get("params_sha256") or not_recorded(old),
-                 "params_sha256_matches_params": _params_match(params, recomputed, code.get("params_sha256")),
-                 "params": params if params is not None else not_recorded(old)},
-        "data": {"data_version": data.get("data_version") or not_recorded(old),
-                 "content_hash": data.get("content_hash") or not_recorded(old),
-                 "counts": counts or not_recorded(old),
-                 "totals": {s: sum(c.values()) for s, c in counts.items()} if isinstance(counts, dict) else None,
-                 "patient_salt": _pick(data["patient_salt"], ("status", "source", "real_patient_ids"), old)
-                 if isinstance(data.get("patient_salt"), dict) else not_recorded(old),
-                 "manifest": {"recorded_path": data.get("manifest_path"), "sha256": data.get("manifest_sha256"),
-                              "copy": str(manifest) if manifest else not_recorded(manifest_why),
-                              "columns": "path, sha256 (of every scan used), label, patient (hashed), width, height, "
-                                         "channels, bit_depth, modality, split, error"}},
+        "code": _code(m, root, tag),
+        "data": _data(data, manifest, manifest_why),
         "split": split_rec,
-        "validation": _pick(L.get("validation"), ("suite", "success", "failed"), old),
+        "validation": _pick(L.get("validation"), ("suite", "success", "failed"), OLD),
         "environment": {**_pick(L.get("environment"),
-                                ("python", "device", "training_device", "training_processor"), old),
+                                ("python", "device", "training_device", "training_processor"), OLD),
                         "packages": _packages(L.get("environment") or {})},
         "pretrained": {"starting_weights": starting_weights(L.get("pretrained")),
                        **_pick(L.get("pretrained"), ("name", "source", "sha256"),
                                "the checkpoint records no pretrained weights (random init?)")},
-        "training": _pick(train, ("ensemble", "epochs_run", "best_epoch", "selection_metric", "best_value", "backbone"),
-                          old),
-        "evaluation": {"metrics": ev.get("metrics") or not_recorded(old),
-                       "gate": ev.get("gate") or not_recorded(old), "champion": champion},
+        "training": _pick(L.get("training") or {}, ("ensemble", "epochs_run", "best_epoch", "selection_metric",
+                                                    "best_value", "backbone"), OLD),
+        "evaluation": {"metrics": ev.get("metrics") or not_recorded(OLD),
+                       "gate": ev.get("gate") or not_recorded(OLD), "champion": _champion(first)},
         "export": _pick(L.get("export"), ("opset", "exporter", "tolerance", "max_abs_diff_batch1",
-                                          "max_abs_diff_batchN", "batch_n"), old),
-        "model_card": card,
-        "release": release,
-        "drift": drift_rec,
+                                          "max_abs_diff_batchN", "batch_n"), OLD),
+        "model_card": _model_card(m),
+        "release": _release(m, registry, mine, promoted, tag),
+        "drift": _drift(m, registry, events, data, rows, manifest_why),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Text report
-# ---------------------------------------------------------------------------------------------
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (dict, list)):
-        return json.dumps(v, sort_keys=True)
-    return "-" if v is None else str(v)
-
-
-def _flat(v: Any) -> bool:
-    return (isinstance(v, dict) and bool(v) and all(not isinstance(x, (dict, list)) for x in v.values())
-            and len(", ".join(f"{a}={_scalar(b)}" for a, b in v.items())) <= 110)
-
-
-def _pairs(v: dict[str, Any], skip_none: bool = False) -> str:
-    """A flat mapping on one line: "a=1, b=x" (with skip_none, None values left out)."""
-    return ", ".join(f"{a}={_scalar(b)}" for a, b in v.items() if not (skip_none and b is None))
-
-
-def _listed(v: Any) -> bool:
-    """A list shown one item a line."""
-    return isinstance(v, list) and bool(v) and all(isinstance(x, (str, dict)) for x in v)
-
-
-def _metric_lines(metrics: Any) -> list[str]:
-    if not isinstance(metrics, dict):
-        return [_scalar(metrics)]
-    ci = metrics.get("auroc_ci") or [None, None]
-    return [f"auroc {_scalar(metrics.get('auroc'))} (95% CI {_scalar(ci[0])} - {_scalar(ci[1])}), n_test "
-            f"{metrics.get('n_test')}",
-            ", ".join(f"{k} {_scalar(metrics[k])}" for k in
-                      ("accuracy", "sensitivity", "specificity", "precision", "f1") if k in metrics)]
-
-
-def render(rec: dict[str, Any]) -> str:
-    """The readable report (audit/templates/trace.txt.j2): one titled block per section."""
-    sections = []
-    for name in SECTIONS:
-        sec = rec[name]
-        if name == "code" and isinstance(sec.get("params"), dict):  # one JSON line per parameter group
-            sec = {**sec, "params": {k: json.dumps(v, sort_keys=True) for k, v in sec["params"].items()}}
-        sections.append((name, TITLES[name], sec))
-    return render_template("audit/templates/trace.txt.j2", rec=rec, sections=sections, scalar=_scalar, flat=_flat,
-                           pairs=_pairs, listed=_listed, metric_lines=_metric_lines, public_salt=public_salt,
-                           public_salt_note=PUBLIC_SALT_NOTE).rstrip("\n")
-
-
-PUBLIC_SALT_NOTE = ("real patient ids were hashed with a public salt: anyone with the ids or the scan headers can "
-                    "re-identify the patients in this model's manifest copies. Set a secret MEDTUNE_PATIENT_SALT "
-                    "and rerun the pipeline (README, 'Patient salt').")
-
-
-def public_salt(record: Any) -> bool:
-    """A lineage's data.patient_salt says real patient ids were hashed with a public salt."""
-    return isinstance(record, dict) and record.get("status") == "public" and bool(record.get("real_patient_ids"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
