@@ -94,23 +94,34 @@ def bench_data(size: int = 64, n: int = 640, steps: int = 16) -> None:
         transform = build_transform(params.augment)
 
         def rate(source) -> float:
-            return _steps_per_second(model, _cycle(make_loader(source, labels, BATCH, train=True,
-                                                               transform=transform, seed=0)), steps)
+            return _steps_per_second(
+                model, _cycle(make_loader(source, labels, BATCH, train=True, transform=transform, seed=0)), steps
+            )
 
         ram = torch.from_numpy(np.array(images))
         # Upper bound: the batches materialised beforehand (no data work at all during the steps).
-        cached = [b for _, b in zip(range(steps + 1), make_loader(images, labels, BATCH, train=True,
-                                                                  transform=transform, seed=0))]
-        best = _best_of(3,
-                        real=lambda: rate(images),  # uint8 memmap on disk, decoded per image, augmented on the fly
-                        in_ram=lambda: rate(ram),  # the same tensors in RAM, same loader and augmentation
-                        bound=lambda: _steps_per_second(model, _cycle(cached), steps))
+        cached = [
+            b
+            for _, b in zip(
+                range(steps + 1), make_loader(images, labels, BATCH, train=True, transform=transform, seed=0)
+            )
+        ]
+        best = _best_of(
+            3,
+            real=lambda: rate(images),  # uint8 memmap on disk, decoded per image, augmented on the fly
+            in_ram=lambda: rate(ram),  # the same tensors in RAM, same loader and augmentation
+            bound=lambda: _steps_per_second(model, _cycle(cached), steps),
+        )
         real, in_ram, bound = best["real"], best["in_ram"], best["bound"]
     what = f"efficientnet_lite0, {size} px, batch {BATCH}, best of 3 x {steps} steps, num_workers 0, {torch.get_num_threads()} threads"
-    print(f"data   real path {real:6.1f} img/s | same tensors in RAM {in_ram:6.1f} img/s | ratio {real / in_ram:.3f} "
-          f"(target >= 0.95; {what})")
-    print(f"data   real path {real:6.1f} img/s | pre-made batches {bound:6.1f} img/s | ratio {real / bound:.3f} "
-          f"(the on-the-fly augmentation's share of a CPU step; a GPU run hides it behind loader workers)")
+    print(
+        f"data   real path {real:6.1f} img/s | same tensors in RAM {in_ram:6.1f} img/s | ratio {real / in_ram:.3f} "
+        f"(target >= 0.95; {what})"
+    )
+    print(
+        f"data   real path {real:6.1f} img/s | pre-made batches {bound:6.1f} img/s | ratio {real / bound:.3f} "
+        f"(the on-the-fly augmentation's share of a CPU step; a GPU run hides it behind loader workers)"
+    )
 
 
 def _cycle(batches):
@@ -145,9 +156,11 @@ def bench_onnx(size: int = 224, reps: int = 5) -> None:
     t_torch, p_torch = _timed(torch_run, reps)
     t_ort, p_ort = _timed(ort_run, reps)
     diff = float(np.abs(p_torch - p_ort).max())
-    print(f"onnx   onnxruntime {BATCH / t_ort:7.1f} img/s | torch eager {BATCH / t_torch:7.1f} img/s | "
-          f"ratio {t_torch / t_ort:.2f} (target >= 1.5) | max |dp| {diff:.1e} "
-          f"(efficientnet_lite0, {size} px, batch {BATCH}, best of {reps}, CPU, {torch.get_num_threads()} threads)")
+    print(
+        f"onnx   onnxruntime {BATCH / t_ort:7.1f} img/s | torch eager {BATCH / t_torch:7.1f} img/s | "
+        f"ratio {t_torch / t_ort:.2f} (target >= 1.5) | max |dp| {diff:.1e} "
+        f"(efficientnet_lite0, {size} px, batch {BATCH}, best of {reps}, CPU, {torch.get_num_threads()} threads)"
+    )
 
 
 def _timed(fn, reps: int):
@@ -162,6 +175,7 @@ def _timed(fn, reps: int):
 
 def _workspace_tools():
     from tests.workspace import make_workspace, run, set_params  # run from the project root: `python -m bench`
+
     return make_workspace, run, set_params
 
 
@@ -178,8 +192,10 @@ def bench_dvc() -> None:
             out = run(["dvc", "repro"], ws)
             times.append(time.perf_counter() - start)
             assert "up to date" in out.stdout, out.stdout
-    print(f"dvc    no-op dvc repro {min(times):.2f} s (best of 3; median {sorted(times)[1]:.2f} s) | "
-          f"first full repro {first:.1f} s (7 stages, 36 synthetic 32 px DICOMs, 2 epochs)")
+    print(
+        f"dvc    no-op dvc repro {min(times):.2f} s (best of 3; median {sorted(times)[1]:.2f} s) | "
+        f"first full repro {first:.1f} s (7 stages, 36 synthetic 32 px DICOMs, 2 epochs)"
+    )
 
 
 def bench_layout(sizes: tuple[int, ...] = (64, 96, 128), steps: int = 6) -> None:
@@ -192,11 +208,16 @@ def bench_layout(sizes: tuple[int, ...] = (64, 96, 128), steps: int = 6) -> None
         nhwc, _ = build_model("efficientnet_lite0", 2, 1, pretrained=True)
         nhwc.to(memory_format=torch.channels_last)
         x_last = x.contiguous(memory_format=torch.channels_last)
-        best = _best_of(2, plain=lambda: _steps_per_second(nchw, _cycle([(x, y)]), steps),
-                        last=lambda: _steps_per_second(nhwc, _cycle([(x_last, y)]), steps))
+        best = _best_of(
+            2,
+            plain=lambda: _steps_per_second(nchw, _cycle([(x, y)]), steps),
+            last=lambda: _steps_per_second(nhwc, _cycle([(x_last, y)]), steps),
+        )
         plain, last = best["plain"], best["last"]
-        print(f"layout {size:3d} px: channels_last {last:6.1f} img/s | NCHW {plain:6.1f} img/s | ratio "
-              f"{last / plain:.2f} (efficientnet_lite0, batch {BATCH}, {torch.get_num_threads()} threads)")
+        print(
+            f"layout {size:3d} px: channels_last {last:6.1f} img/s | NCHW {plain:6.1f} img/s | ratio "
+            f"{last / plain:.2f} (efficientnet_lite0, batch {BATCH}, {torch.get_num_threads()} threads)"
+        )
 
 
 def bench_backbones(sizes: tuple[int, ...] = (64, 128), steps: int = 6) -> None:
@@ -205,14 +226,22 @@ def bench_backbones(sizes: tuple[int, ...] = (64, 128), steps: int = 6) -> None:
     for size in sizes:
         x = torch.from_numpy(rng.random((BATCH, 1, size, size), dtype=np.float32))
         batch = [(x.contiguous(memory_format=torch.channels_last), torch.from_numpy(rng.integers(0, 2, BATCH)))]
-        models = {arch: build_model(arch, 2, 1, pretrained=True)[0].to(memory_format=torch.channels_last)
-                  for arch in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")}
-        speed = _best_of(2, **{arch: partial(_steps_per_second, model, _cycle(batch), steps)
-                               for arch, model in models.items()})
+        models = {
+            arch: build_model(arch, 2, 1, pretrained=True)[0].to(memory_format=torch.channels_last)
+            for arch in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+        }
+        speed = _best_of(
+            2, **{arch: partial(_steps_per_second, model, _cycle(batch), steps) for arch, model in models.items()}
+        )
         base = speed["efficientnet_lite0"]
-        print(f"backbones {size:3d} px: " + " | ".join(f"{a.removeprefix('efficientnet_')} {v:6.1f} img/s "
-                                                     f"({base / v:.2f}x lite0's time)" for a, v in speed.items())
-              + f" (batch {BATCH}, channels_last, {torch.get_num_threads()} threads)")
+        print(
+            f"backbones {size:3d} px: "
+            + " | ".join(
+                f"{a.removeprefix('efficientnet_')} {v:6.1f} img/s ({base / v:.2f}x lite0's time)"
+                for a, v in speed.items()
+            )
+            + f" (batch {BATCH}, channels_last, {torch.get_num_threads()} threads)"
+        )
 
 
 def bench_ddp(patients: int = 160, size: int = 64) -> None:
@@ -225,8 +254,9 @@ def bench_ddp(patients: int = 160, size: int = 64) -> None:
     n = gpus or 2
     train = {"backbone": "efficientnet_lite0", "pretrained": True, "epochs": 2, "batch_size": 16 * n, "patience": 5}
     with tempfile.TemporaryDirectory() as tmp:
-        ws = make_workspace(Path(tmp) / "ws", patients=patients,
-                            params={"preprocess": {"image_size": size}, "train": train})
+        ws = make_workspace(
+            Path(tmp) / "ws", patients=patients, params={"preprocess": {"image_size": size}, "train": train}
+        )
         run(["dvc", "repro", "preprocess"], ws)
         rate, images = {}, 0
         for processes in (1, n, 1, n):  # alternated, best of 2: the machine's speed drifts
@@ -236,26 +266,38 @@ def bench_ddp(patients: int = 160, size: int = 64) -> None:
             rate[processes] = max(rate.get(processes, 0.0), summary["throughput_img_s"])
             images = summary["n_train"]
     where = f"{n} GPUs, nccl" if gpus else f"CPU, gloo, {os.cpu_count()} cores"
-    print(f"ddp    {n} processes {rate[n]:6.1f} img/s | 1 process {rate[1]:6.1f} img/s | ratio {rate[n] / rate[1]:.2f} "
-          f"({where}; efficientnet_lite0, {size} px, global batch {train['batch_size']}, {images} training images, "
-          "2 epochs, best of 2)")
+    print(
+        f"ddp    {n} processes {rate[n]:6.1f} img/s | 1 process {rate[1]:6.1f} img/s | ratio {rate[n] / rate[1]:.2f} "
+        f"({where}; efficientnet_lite0, {size} px, global batch {train['batch_size']}, {images} training images, "
+        "2 epochs, best of 2)"
+    )
 
 
 def _lazy(module: str, name: str) -> Callable[[], object]:
     """A benchmark of another bench module, imported only when it runs."""
+
     def run() -> object:
         import importlib
+
         return getattr(importlib.import_module(f"bench.{module}"), name)()
+
     return run
 
 
 BENCHES: dict[str, Callable[[], object]] = {
-    "data": bench_data, "onnx": bench_onnx, "dvc": bench_dvc, "layout": bench_layout,
-    "backbones": bench_backbones, "ddp": bench_ddp,
+    "data": bench_data,
+    "onnx": bench_onnx,
+    "dvc": bench_dvc,
+    "layout": bench_layout,
+    "backbones": bench_backbones,
+    "ddp": bench_ddp,
     # Cost grows with what is new (docs/benchmarks.md, 'Appends'; docs/scaling.md).
-    "append": _lazy("incremental", "bench_append"), "linear": _lazy("incremental", "bench_linear"),
-    "stability": _lazy("stability", "bench_stability"), "warm_start": _lazy("warm_start", "bench_warm_start"),
-    "noop": _lazy("cheap", "bench_noop_retrain"), "predict": _lazy("cheap", "bench_predict"),
+    "append": _lazy("incremental", "bench_append"),
+    "linear": _lazy("incremental", "bench_linear"),
+    "stability": _lazy("stability", "bench_stability"),
+    "warm_start": _lazy("warm_start", "bench_warm_start"),
+    "noop": _lazy("cheap", "bench_noop_retrain"),
+    "predict": _lazy("cheap", "bench_predict"),
 }
 # Not in the default run (long; see docs/scaling.md): python -m bench.scale units | dvc N...
 
@@ -266,8 +308,10 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown benchmark(s) {unknown}; expected some of {list(BENCHES)}", file=sys.stderr)
         return 2
-    print(f"medtune benchmarks: torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"cuda={'yes' if torch.cuda.is_available() else 'no'}")
+    print(
+        f"medtune benchmarks: torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"cuda={'yes' if torch.cuda.is_available() else 'no'}"
+    )
     for name in argv or list(BENCHES):
         BENCHES[name]()
     return 0

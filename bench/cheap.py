@@ -34,8 +34,12 @@ BATCH = 32
 
 def _env(prefect_home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_HOME=str(prefect_home),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
     return env
 
 
@@ -58,8 +62,10 @@ def bench_noop_retrain(reps: int = 3) -> dict:
         shutil.copy(ROOT / "params.yaml", ws)
         best, out = _best_wall([str(BIN / "medtune"), "retrain", "--once"], ws, _env(Path(tmp) / "prefect"), reps)
     said = next((line for line in out.splitlines() if "nothing to do" in line), "").strip()
-    print(f"noop_retrain  medtune retrain --once, empty inbox: {best:.2f} s (best of {reps}; target < 2 s) | "
-          f"said: {said!r}")
+    print(
+        f"noop_retrain  medtune retrain --once, empty inbox: {best:.2f} s (best of {reps}; target < 2 s) | "
+        f"said: {said!r}"
+    )
     return {"seconds": round(best, 3), "target_seconds": 2.0}
 
 
@@ -67,15 +73,19 @@ def demo_model(path: Path, size: int = 64) -> Path:
     """efficientnet_lite0 (random weights), 1 channel, `size` px, exported like `medtune export`."""
     import onnx
 
-    from components.release.export import export_onnx
     from components.model.models import Deployed, build_model
+    from components.release.export import export_onnx
 
     model, _ = build_model("efficientnet_lite0", 2, 1, pretrained=False)
     example = np.zeros((1, 1, size, size), dtype=np.uint8)
     proto = export_onnx(Deployed(model).eval(), example, 17, path)
-    props = {"model_id": "bench-demo", "classes": json.dumps(["normal", "lesion"]), "output": "probabilities",
-             "input": json.dumps({"name": "image", "shape": ["batch", 1, size, size], "dtype": "float32"}),
-             "preprocessing": json.dumps({"image_size": size, "channels": 1, "window": "header", "equalize": False})}
+    props = {
+        "model_id": "bench-demo",
+        "classes": json.dumps(["normal", "lesion"]),
+        "output": "probabilities",
+        "input": json.dumps({"name": "image", "shape": ["batch", 1, size, size], "dtype": "float32"}),
+        "preprocessing": json.dumps({"image_size": size, "channels": 1, "window": "header", "equalize": False}),
+    }
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -104,7 +114,7 @@ def _ort_seconds(sessions: dict, x: np.ndarray) -> dict[str, float]:
     for name, session in sessions.items():
         start = time.perf_counter()
         for i in range(0, len(x), BATCH):
-            session.run(None, {"image": x[i:i + BATCH]})
+            session.run(None, {"image": x[i : i + BATCH]})
         out[name] = time.perf_counter() - start
     return out
 
@@ -113,9 +123,9 @@ def bench_predict(n: int = 512, reps: int = 3, size: int = 64) -> dict:
     """Whole `medtune predict` processes against ONNX Runtime on the same prepared tensors, in
     alternating rounds (the machine's speed drifts), best of `reps` each. ONNX Runtime's rate is the
     better of its default session and one without spin-waiting threads (what predict uses)."""
+    from components.data.scans import prepare_image
     from components.release.onnx_runtime import make_session
     from components.release.predict import open_model
-    from components.data.scans import prepare_image
 
     with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
         tmp = Path(tmp)
@@ -131,23 +141,41 @@ def bench_predict(n: int = 512, reps: int = 3, size: int = 64) -> dict:
         best: dict[str, float] = {}
         for _ in range(reps):
             for what in ("one", "scans"):
-                cmd = [str(BIN / "medtune"), "predict", str(model), str(tmp / what), "-o", str(tmp / "p.csv"),
-                       "--batch-size", str(BATCH)]
+                cmd = [
+                    str(BIN / "medtune"),
+                    "predict",
+                    str(model),
+                    str(tmp / what),
+                    "-o",
+                    str(tmp / "p.csv"),
+                    "--batch-size",
+                    str(BATCH),
+                ]
                 best[what] = min(best.get(what, float("inf")), _best_wall(cmd, tmp, env, 1)[0])
             for name, seconds in _ort_seconds(sessions, x).items():
                 best[name] = min(best.get(name, float("inf")), seconds)
     ort = n / min(best["default"], best["no-spin"])
     rate = n / best["scans"]
     steady = (n - 1) / max(best["scans"] - best["one"], 1e-9)
-    print(f"predict  medtune predict {rate:6.1f} img/s (whole process, {best['scans']:.2f} s for {n} 256 px PNGs) | "
-          f"onnxruntime {ort:6.1f} img/s (same tensors, one session; default {n / best['default']:.0f}, no-spin "
-          f"{n / best['no-spin']:.0f}) | ratio {rate / ort:.2f} (target >= 0.8) | start-up {best['one']:.2f} s "
-          f"(one file); past it {steady:.0f} img/s, {steady / ort:.2f}x (efficientnet_lite0, {size} px, batch {BATCH}, "
-          f"best of {reps}, CPU)")
-    return {"predict_img_s": round(rate, 1), "ort_img_s": round(ort, 1), "ratio": round(rate / ort, 3),
-            "seconds": round(best["scans"], 3), "startup_seconds": round(best["one"], 3),
-            "steady_img_s": round(steady, 1), "steady_ratio": round(steady / ort, 3), "n": n, "model_px": size,
-            "target_ratio": 0.8}
+    print(
+        f"predict  medtune predict {rate:6.1f} img/s (whole process, {best['scans']:.2f} s for {n} 256 px PNGs) | "
+        f"onnxruntime {ort:6.1f} img/s (same tensors, one session; default {n / best['default']:.0f}, no-spin "
+        f"{n / best['no-spin']:.0f}) | ratio {rate / ort:.2f} (target >= 0.8) | start-up {best['one']:.2f} s "
+        f"(one file); past it {steady:.0f} img/s, {steady / ort:.2f}x (efficientnet_lite0, {size} px, batch {BATCH}, "
+        f"best of {reps}, CPU)"
+    )
+    return {
+        "predict_img_s": round(rate, 1),
+        "ort_img_s": round(ort, 1),
+        "ratio": round(rate / ort, 3),
+        "seconds": round(best["scans"], 3),
+        "startup_seconds": round(best["one"], 3),
+        "steady_img_s": round(steady, 1),
+        "steady_ratio": round(steady / ort, 3),
+        "n": n,
+        "model_px": size,
+        "target_ratio": 0.8,
+    }
 
 
 if __name__ == "__main__":

@@ -48,10 +48,14 @@ IMAGE_SIZE = 64  # preprocess.image_size
 
 
 def _params(correlation: float = 0.99):
-    return parse_params({"data": {"patient_pattern": r"^(?P<patient>p\d+)_"},
-                         "split": {"near_duplicate_correlation": correlation},
-                         "validate": {"min_images_per_class_split": 1, "max_split_deviation": 0.5},
-                         "preprocess": {"image_size": IMAGE_SIZE}})
+    return parse_params(
+        {
+            "data": {"patient_pattern": r"^(?P<patient>p\d+)_"},
+            "split": {"near_duplicate_correlation": correlation},
+            "validate": {"min_images_per_class_split": 1, "max_split_deviation": 0.5},
+            "preprocess": {"image_size": IMAGE_SIZE},
+        }
+    )
 
 
 def write_scans(raw: Path, first: int, count: int, kind: str = "png", size: int = 64) -> None:
@@ -63,8 +67,9 @@ def write_scans(raw: Path, first: int, count: int, kind: str = "png", size: int 
     patients = count // 2 if kind == "dicom" else count // DICOM_EVERY // 2
     n_dicom = 2 * patients
     if patients:
-        demo_data.generate(raw, patients=patients, slices=2, size=size, seed=0, classes=list(CLASSES),
-                           patient_offset=first)  # case<number>_<slice>.dcm: new numbers, new files
+        demo_data.generate(
+            raw, patients=patients, slices=2, size=size, seed=0, classes=list(CLASSES), patient_offset=first
+        )  # case<number>_<slice>.dcm: new numbers, new files
     yy, xx = np.mgrid[0:size, 0:size] / size
     for n in range(first, first + count - n_dicom):
         rng = np.random.default_rng(n)
@@ -82,8 +87,13 @@ def _stages(raw: Path, data: Path, reports: Path, params, run_validate: bool = T
     took["ingest"] = time.perf_counter() - start
     if run_validate:
         start = time.perf_counter()
-        validate.validate(data / "manifest.csv", data / "manifest.json", reports / "validation.json",
-                          reports / "validation.md", params)
+        validate.validate(
+            data / "manifest.csv",
+            data / "manifest.json",
+            reports / "validation.json",
+            reports / "validation.md",
+            params,
+        )
         took["validate"] = time.perf_counter() - start
     start = time.perf_counter()
     preprocess.preprocess(data / "manifest.csv", raw, data / "prepared", params)
@@ -99,8 +109,7 @@ def _same_as_scratch(raw: Path, data: Path, previous_csv: Path, params, work: Pa
     return all((data / n).read_bytes() == (scratch / n).read_bytes() for n in ("manifest.csv", "manifest.json"))
 
 
-def bench_append(n: int = 20000, k: int = 200, kind: str = "png", size: int = 64,
-                 correlation: float = 0.99) -> dict:
+def bench_append(n: int = 20000, k: int = 200, kind: str = "png", size: int = 64, correlation: float = 0.99) -> dict:
     params = _params(correlation)
     with tempfile.TemporaryDirectory(prefix="bench-incremental-") as tmp:
         work = Path(tmp)
@@ -114,13 +123,25 @@ def bench_append(n: int = 20000, k: int = 200, kind: str = "png", size: int = 64
         append = _stages(raw, data, reports, params)
         same = _same_as_scratch(raw, data, work / "previous.csv", params, work)
     ratio = sum(append.values()) / sum(full.values())
-    out = {"n": n, "k": k, "kind": kind, "size": size, "correlation": correlation, "full_s": round(sum(full.values()), 2), "append_s": round(sum(append.values()), 2),
-           "ratio": round(ratio, 4), "same_as_scratch": same,
-           "full": {s: round(t, 2) for s, t in full.items()}, "append": {s: round(t, 2) for s, t in append.items()}}
-    print(f"incremental append: {n} {size} px {kind} scans + {k} (near-duplicates at {correlation}): append {out['append_s']} s / full {out['full_s']} s = "
-          f"{ratio:.3f} (target <= 0.1); per stage append/full "
-          + ", ".join(f"{s} {append[s]:.2f}/{full[s]:.2f}" for s in full)
-          + f"; manifest same bytes as from scratch: {same}")
+    out = {
+        "n": n,
+        "k": k,
+        "kind": kind,
+        "size": size,
+        "correlation": correlation,
+        "full_s": round(sum(full.values()), 2),
+        "append_s": round(sum(append.values()), 2),
+        "ratio": round(ratio, 4),
+        "same_as_scratch": same,
+        "full": {s: round(t, 2) for s, t in full.items()},
+        "append": {s: round(t, 2) for s, t in append.items()},
+    }
+    print(
+        f"incremental append: {n} {size} px {kind} scans + {k} (near-duplicates at {correlation}): append {out['append_s']} s / full {out['full_s']} s = "
+        f"{ratio:.3f} (target <= 0.1); per stage append/full "
+        + ", ".join(f"{s} {append[s]:.2f}/{full[s]:.2f}" for s in full)
+        + f"; manifest same bytes as from scratch: {same}"
+    )
     return out
 
 
@@ -133,8 +154,14 @@ def _full_run(n: int, folder: str) -> None:
     start = time.perf_counter()
     _stages(work / "raw", work / "data", work / "reports", params, run_validate=False)
     # This process's own peak (the stages; their pool workers are other processes).
-    print(json.dumps({"seconds": time.perf_counter() - start,
-                      "self_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - start,
+                "self_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def bench_linear(sizes: tuple[int, ...] = (20000, 40000, 80000)) -> dict:
@@ -148,21 +175,33 @@ def bench_linear(sizes: tuple[int, ...] = (20000, 40000, 80000)) -> dict:
             result = json.loads(out.stdout.strip().splitlines()[-1])
             # ru_maxrss of children: the largest so far (KiB on Linux); sizes grow, so it is this run's.
             rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-            rows.append({"n": n, "seconds": round(result["seconds"], 2), "peak_rss_mib": round(rss, 1),
-                         "stage_process_rss_mib": round(result["self_rss_mib"], 1)})
-    per_doubling = [round(float((b["seconds"] / a["seconds"]) ** (1 / np.log2(b["n"] / a["n"]))), 3)
-                    for a, b in zip(rows, rows[1:])]
+            rows.append(
+                {
+                    "n": n,
+                    "seconds": round(result["seconds"], 2),
+                    "peak_rss_mib": round(rss, 1),
+                    "stage_process_rss_mib": round(result["self_rss_mib"], 1),
+                }
+            )
+    per_doubling = [
+        round(float((b["seconds"] / a["seconds"]) ** (1 / np.log2(b["n"] / a["n"]))), 3) for a, b in zip(rows, rows[1:])
+    ]
     spread = round(max(r["peak_rss_mib"] for r in rows) / min(r["peak_rss_mib"] for r in rows) - 1, 3)
-    print("incremental linear: " + ", ".join(f"{r['n']} scans {r['seconds']} s {r['peak_rss_mib']} MiB "
-                                              f"(stage process {r['stage_process_rss_mib']} MiB)" for r in rows)
-          + f"; time ratio per doubling {per_doubling} (target <= 2.2); peak RSS spread {spread:.0%} (target <= 20%)")
+    print(
+        "incremental linear: "
+        + ", ".join(
+            f"{r['n']} scans {r['seconds']} s {r['peak_rss_mib']} MiB (stage process {r['stage_process_rss_mib']} MiB)"
+            for r in rows
+        )
+        + f"; time ratio per doubling {per_doubling} (target <= 2.2); peak RSS spread {spread:.0%} (target <= 20%)"
+    )
     return {"sizes": rows, "time_ratio_per_doubling": per_doubling, "rss_spread": spread}
 
 
 if __name__ == "__main__":
     what, *numbers = sys.argv[1:] or ["append"]
     if what == "append":
-        n, k, kind, size, corr = [*numbers, *["20000", "200", "png", "64", "0.99"][len(numbers):]]
+        n, k, kind, size, corr = [*numbers, *["20000", "200", "png", "64", "0.99"][len(numbers) :]]
         bench_append(int(n), int(k), kind, int(size), float(corr))
     else:
         bench_linear(tuple(int(x) for x in numbers) or (20000, 40000, 80000))

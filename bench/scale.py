@@ -47,8 +47,15 @@ def _best(fn: Callable[[], Any], reps: int = 3) -> float:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-            "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "b",
+        "GIT_AUTHOR_EMAIL": "b@b",
+        "GIT_COMMITTER_NAME": "b",
+        "GIT_COMMITTER_EMAIL": "b@b",
+    }
 
 
 def _run(cwd: Path, *argv: str) -> float:
@@ -57,13 +64,16 @@ def _run(cwd: Path, *argv: str) -> float:
     out = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True)
     took = time.perf_counter() - start
     if out.returncode:
-        raise RuntimeError(f"{' '.join(argv)} in {cwd} failed ({out.returncode}): {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{' '.join(argv)} in {cwd} failed ({out.returncode}): {out.stdout[-2000:]}{out.stderr[-2000:]}"
+        )
     return took
 
 
 # ---------------------------------------------------------------------------------------------
 # DVC at many small files
 # ---------------------------------------------------------------------------------------------
+
 
 def _write_folder(folder: Path, n: int, seed: int) -> None:
     """n distinct FILE_BYTES files (random bytes: no two share a DVC cache object)."""
@@ -124,9 +134,12 @@ def bench_dvc_files(n: int = 100_000, layouts: tuple[str, ...] = ("one", "per_ba
             out[layout] = _layout_run(Path(tmp) / layout, n, layout)
             for leftover in (layout, f"{layout}-remote"):
                 shutil.rmtree(Path(tmp) / leftover, ignore_errors=True)
-    line = " | ".join(f"{k}: add {v['add_first']:.1f} s, status {v['status_noop']:.2f} s (with a stage on data/raw {v['status_with_stage']:.2f} s), add 1% {v['add_append']:.1f} s, "
-                      f"push {v['push_first']:.1f} s, push 1% {v['push_append']:.1f} s, cache {v['cache_files']} files"
-                      for k, v in out.items() if isinstance(v, dict))
+    line = " | ".join(
+        f"{k}: add {v['add_first']:.1f} s, status {v['status_noop']:.2f} s (with a stage on data/raw {v['status_with_stage']:.2f} s), add 1% {v['add_append']:.1f} s, "
+        f"push {v['push_first']:.1f} s, push 1% {v['push_append']:.1f} s, cache {v['cache_files']} files"
+        for k, v in out.items()
+        if isinstance(v, dict)
+    )
     print(f"dvc-files n={n}: {line}", flush=True)
     return out
 
@@ -134,6 +147,7 @@ def bench_dvc_files(n: int = 100_000, layouts: tuple[str, ...] = ("one", "per_ba
 # ---------------------------------------------------------------------------------------------
 # Per-scan, per-pair, per-image and fixed costs
 # ---------------------------------------------------------------------------------------------
+
 
 def _scan_files(folder: Path, n: int, size: int) -> dict[str, list[Path]]:
     """n synthetic CT DICOMs (components.data.demo_data) and the same pixels as 8-bit PNGs."""
@@ -183,7 +197,9 @@ def _ct_thumbnails(n: int) -> np.ndarray:
     for number in range(-(-n // 10)):
         rng = np.random.default_rng([0, number])
         anatomy = demo_data._anatomy(rng)
-        out += [demo_data._slice_hu(rng, anatomy, scan_info.THUMBNAIL, s / 9, lesion=number % 2 == 0) for s in range(10)]
+        out += [
+            demo_data._slice_hu(rng, anatomy, scan_info.THUMBNAIL, s / 9, lesion=number % 2 == 0) for s in range(10)
+        ]
     return np.stack(out[:n]).astype(np.float32)
 
 
@@ -192,8 +208,11 @@ def _pair_cost(n: int, kind: str, reps: int = 2) -> float:
     unrelated thumbnails (the filter rules out nearly all); "ct": synthetic CT slices."""
     from components.data import near_duplicates, scan_info
 
-    thumbs = _ct_thumbnails(n) if kind == "ct" else \
-        np.random.default_rng(n).random((n, scan_info.THUMBNAIL, scan_info.THUMBNAIL), dtype=np.float32)
+    thumbs = (
+        _ct_thumbnails(n)
+        if kind == "ct"
+        else np.random.default_rng(n).random((n, scan_info.THUMBNAIL, scan_info.THUMBNAIL), dtype=np.float32)
+    )
     x = near_duplicates.standardise(list(thumbs))
     return _best(lambda: near_duplicates.pairs(x, 0.99), reps) / (n * n / 2)
 
@@ -208,8 +227,10 @@ def _listing_cost(folder: Path, n: int = 20_000) -> dict[str, float]:
         for i in range(min(PER_FOLDER, n - b * PER_FOLDER)):
             (tree / f"b{b:04d}" / f"s{i:05d}.dcm").write_bytes(b"x")
     paths = [tree / rel for rel in folders.list_folder(tree).scans]
-    return {"list_per_file": _best(lambda: folders.list_folder(tree)) / n,
-            "stat_per_file": _best(lambda: [os.stat(p) for p in paths]) / n}
+    return {
+        "list_per_file": _best(lambda: folders.list_folder(tree)) / n,
+        "stat_per_file": _best(lambda: [os.stat(p) for p in paths]) / n,
+    }
 
 
 def _validate_costs(sizes: tuple[int, ...] = (20_000, 100_000)) -> dict[str, float]:
@@ -224,10 +245,21 @@ def _validate_costs(sizes: tuple[int, ...] = (20_000, 100_000)) -> dict[str, flo
         rng = np.random.default_rng(n)
         patients = rng.integers(0, n // 10, n)
         split = np.array(["train", "val", "test"])[patients % 5 % 3]
-        df = pd.DataFrame({"path": [f"{c}/b/s{i:07d}.dcm" for i, c in enumerate(rng.choice(["normal", "lesion"], n))],
-                           "sha256": [f"{i:064x}" for i in range(n)], "patient": [f"{p:016x}" for p in patients],
-                           "width": "512", "height": "512", "channels": "1", "bit_depth": "16", "modality": "CT",
-                           "similar_group": "", "split": split, "error": ""})
+        df = pd.DataFrame(
+            {
+                "path": [f"{c}/b/s{i:07d}.dcm" for i, c in enumerate(rng.choice(["normal", "lesion"], n))],
+                "sha256": [f"{i:064x}" for i in range(n)],
+                "patient": [f"{p:016x}" for p in patients],
+                "width": "512",
+                "height": "512",
+                "channels": "1",
+                "bit_depth": "16",
+                "modality": "CT",
+                "similar_group": "",
+                "split": split,
+                "error": "",
+            }
+        )
         df["label"] = df["path"].str.split("/").str[0]
         run = partial(__import__("components.data.validate", fromlist=["run_suite"]).run_suite, df[COLUMNS], Params())
         out[f"validate_{n}"] = _best(run, 2)
@@ -249,7 +281,9 @@ def _train_rate(size: int = 64, steps: int = 8) -> float:
     from components.model.models import build_model
 
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.random((BATCH, 1, size, size), dtype=np.float32)).contiguous(memory_format=torch.channels_last)
+    x = torch.from_numpy(rng.random((BATCH, 1, size, size), dtype=np.float32)).contiguous(
+        memory_format=torch.channels_last
+    )
     y = torch.from_numpy(rng.integers(0, 2, BATCH))
     model, _ = build_model("efficientnet_lite0", 2, 1, pretrained=True)
     model.to(memory_format=torch.channels_last)
@@ -258,10 +292,12 @@ def _train_rate(size: int = 64, steps: int = 8) -> float:
 
 def _fixed_costs(folder: Path) -> dict[str, float]:
     py = sys.executable
-    out = {"medtune_help": _best(lambda: _run(ROOT, str(BIN / "medtune"), "--help")),
-           "import_ingest": _best(lambda: _run(ROOT, py, "-c", "import components.data.ingest")),
-           "import_preprocess": _best(lambda: _run(ROOT, py, "-c", "import components.data.preprocess")),
-           "python_bare": _best(lambda: _run(ROOT, py, "-c", "pass"))}
+    out = {
+        "medtune_help": _best(lambda: _run(ROOT, str(BIN / "medtune"), "--help")),
+        "import_ingest": _best(lambda: _run(ROOT, py, "-c", "import components.data.ingest")),
+        "import_preprocess": _best(lambda: _run(ROOT, py, "-c", "import components.data.preprocess")),
+        "python_bare": _best(lambda: _run(ROOT, py, "-c", "pass")),
+    }
     from tests.workspace import make_workspace
 
     ws = make_workspace(folder / "ws", patients=12)
@@ -285,15 +321,19 @@ def bench_unit_costs(n_files: int = 200, pair_sizes: tuple[int, ...] = (4000, 80
         out["train_img_s_64"] = _train_rate()
         out.update(_fixed_costs(Path(tmp)))
     ms = {k: f"{v * 1e3:.2f}" for k, v in out.items() if k.startswith(("sha256", "probe", "prepare"))}
-    print(f"units  per scan (ms, 1 process): {ms} | per pair {out[f'pair_random_{pair_sizes[-1]}'] * 1e9:.2f} ns (random) / {out[f'pair_ct_{pair_sizes[-1]}'] * 1e9:.2f} ns (CT slices) | "
-          f"train {out['train_img_s_64']:.0f} img/s at 64 px | medtune --help {out['medtune_help']:.2f} s | "
-          f"dvc status (demo) {out['dvc_status_demo']:.2f} s (best of 3 each)", flush=True)
+    print(
+        f"units  per scan (ms, 1 process): {ms} | per pair {out[f'pair_random_{pair_sizes[-1]}'] * 1e9:.2f} ns (random) / {out[f'pair_ct_{pair_sizes[-1]}'] * 1e9:.2f} ns (CT slices) | "
+        f"train {out['train_img_s_64']:.0f} img/s at 64 px | medtune --help {out['medtune_help']:.2f} s | "
+        f"dvc status (demo) {out['dvc_status_demo']:.2f} s (best of 3 each)",
+        flush=True,
+    )
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Projection (docs/scaling.md shows these formulas)
 # ---------------------------------------------------------------------------------------------
+
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares (intercept, slope) of ys = a + b * xs."""
@@ -308,8 +348,15 @@ def dvc_fits(runs: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, flo
     return {lay: {k: fit_line([r["n"] for r in runs], [r[lay][k] for r in runs]) for k in keys} for lay in layouts}
 
 
-def project(u: dict[str, float], n: int, cores: int, kind: str = "dicom_512", pair_kind: str = "ct",
-            epochs: int = 1, train_fraction: float = 0.6) -> dict[str, dict[str, float]]:
+def project(
+    u: dict[str, float],
+    n: int,
+    cores: int,
+    kind: str = "dicom_512",
+    pair_kind: str = "ct",
+    epochs: int = 1,
+    train_fraction: float = 0.6,
+) -> dict[str, dict[str, float]]:
     """Seconds per pipeline part for an append of 1% (k = n / 100) and a full build of n scans, with
     per-file work divided over `cores` and the near-duplicate products over min(cores, 16) BLAS
     threads (measured with 2). u: bench_unit_costs()'s dict (plus _listing_cost's)."""
@@ -318,21 +365,32 @@ def project(u: dict[str, float], n: int, cores: int, kind: str = "dicom_512", pa
     a, b = fit_line([20_000, 100_000], [u["validate_20000"], u["validate_100000"]])
     listing = (u["list_per_file"] + u["stat_per_file"]) * n  # walked in one process
     per_epoch = train_fraction * n / (u["train_img_s_64"] * cores / 2)
-    return {"append": {"list_and_stat": listing, "hash_probe_new": hash_probe * k / cores,
-                       "near_dups_k_x_n": pair * k * n, "validate": a + b * n,
-                       "rehash_all_in_preprocess": u[f"sha256_{kind}"] * n / cores,
-                       "prepare_new": u[f"prepare_{kind}"] * k / cores, "train_epoch": per_epoch * epochs},
-            "full": {"list_and_stat": listing, "hash_probe_all": hash_probe * n / cores,
-                     "near_dups_n2_half": pair * n * n / 2, "validate": a + b * n,
-                     "hash_prepare_all": hash_prep * n / cores, "train_epoch": per_epoch * epochs}}
+    return {
+        "append": {
+            "list_and_stat": listing,
+            "hash_probe_new": hash_probe * k / cores,
+            "near_dups_k_x_n": pair * k * n,
+            "validate": a + b * n,
+            "rehash_all_in_preprocess": u[f"sha256_{kind}"] * n / cores,
+            "prepare_new": u[f"prepare_{kind}"] * k / cores,
+            "train_epoch": per_epoch * epochs,
+        },
+        "full": {
+            "list_and_stat": listing,
+            "hash_probe_all": hash_probe * n / cores,
+            "near_dups_n2_half": pair * n * n / 2,
+            "validate": a + b * n,
+            "hash_prepare_all": hash_prep * n / cores,
+            "train_epoch": per_epoch * epochs,
+        },
+    }
 
 
 def main(argv: list[str]) -> int:
     import json
 
     what, *sizes = argv or ["units"]
-    results = bench_unit_costs() if what == "units" else \
-        [bench_dvc_files(int(s)) for s in (sizes or ["100000"])]
+    results = bench_unit_costs() if what == "units" else [bench_dvc_files(int(s)) for s in (sizes or ["100000"])]
     print(json.dumps(results, indent=1, default=float))
     return 0
 

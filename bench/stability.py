@@ -33,14 +33,17 @@ def _write(raw: Path, patients: range) -> None:
 
 def _class_deviation(split: pd.Series) -> float:
     overall = split.index.str.startswith("lesion/").mean()
-    return max(abs(split[split == s].index.str.startswith("lesion/").mean() - overall) for s in ("train", "val", "test"))
+    return max(
+        abs(split[split == s].index.str.startswith("lesion/").mean() - overall) for s in ("train", "val", "test")
+    )
 
 
 def bench_stability(n: int = 2000, appends: int = 10, k: int = 20) -> dict:
     result = {}
     for method in ("stable", "stratified"):
-        params = parse_params({"data": {"patient_pattern": r"^(?P<patient>p\d+)"}, "split": {"method": method},
-                               "compute": {"workers": 1}})
+        params = parse_params(
+            {"data": {"patient_pattern": r"^(?P<patient>p\d+)"}, "split": {"method": method}, "compute": {"workers": 1}}
+        )
         with tempfile.TemporaryDirectory() as tmp:
             raw, out = Path(tmp) / "raw", Path(tmp) / "data"
             _write(raw, range(n))
@@ -51,8 +54,10 @@ def bench_stability(n: int = 2000, appends: int = 10, k: int = 20) -> dict:
                 now = ingest(raw, out, params).set_index("path")["split"]
                 moved |= now[first.index] != first
             result[method] = {"moved": int(moved.sum()), "of": n, "class_deviation": round(_class_deviation(now), 4)}
-    print(f"stability  images of the first {n} that changed split over {appends} appends of {k}: "
-          f"stable {result['stable']['moved']}, stratified {result['stratified']['moved']} | "
-          f"max class-share deviation per split at the end: stable {result['stable']['class_deviation']:.3f}, "
-          f"stratified {result['stratified']['class_deviation']:.3f}")
+    print(
+        f"stability  images of the first {n} that changed split over {appends} appends of {k}: "
+        f"stable {result['stable']['moved']}, stratified {result['stratified']['moved']} | "
+        f"max class-share deviation per split at the end: stable {result['stable']['class_deviation']:.3f}, "
+        f"stratified {result['stratified']['class_deviation']:.3f}"
+    )
     return result

@@ -31,7 +31,9 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "ingest": Command("components.data.ingest", "stage 1: scan the raw folder and write the manifest (with the patient-level split)"),
+    "ingest": Command(
+        "components.data.ingest", "stage 1: scan the raw folder and write the manifest (with the patient-level split)"
+    ),
     "validate": Command("components.data.validate", "stage 2: Great Expectations suite over the manifest"),
     "preprocess": Command("components.data.preprocess", "stage 3: decode, window, resize into a uint8 cache"),
     "augment": Command("components.data.augment", "stage 4: write a preview grid of the training augmentation"),
@@ -40,22 +42,44 @@ COMMANDS: dict[str, Command] = {
     "export": Command("components.release.export", "stage 7: ONNX export, parity check, metadata and model card"),
     "predict": Command("components.release.predict", "run an exported ONNX model on scans and write a CSV"),
     "server": Command("flows.commands", "start a local Prefect server (UI) on 127.0.0.1:4200", "server_main"),
-    "serve": Command("flows.commands", "serve the Prefect deployments: pipeline on demand, retrain on schedule and on events",
-                     "serve_main"),
+    "serve": Command(
+        "flows.commands",
+        "serve the Prefect deployments: pipeline on demand, retrain on schedule and on events",
+        "serve_main",
+    ),
     # retrain_main answers an empty inbox before it imports flows.retrain (and with it Prefect).
-    "retrain": Command("flows.commands", "retrain on new labelled batches in the inbox (--once); champion/challenger promotion",
-                       "retrain_main"),
-    "pipeline": Command("flows.commands", "run the pipeline once as a Prefect flow: a task per dvc.yaml stage, `dvc repro` in each",
-                        "pipeline_main"),
-    "ingest-new": Command("flows.commands", "add a labelled batch to the inbox and emit the retrain event", "ingest_new_main"),
-    "trace": Command("components.audit.trace", "audit: everything that made a model (data, code, params, evidence); --json"),
-    "verify": Command("components.audit.verify", "audit: re-hash a model's ONNX, checkpoint and raw scans; exit 1 on a mismatch"),
-    "models": Command("components.audit.history", "audit: `models list` every model; `models rollback ID` to an earlier one"),
-    "preset": Command("components.presets", "list the named parameter presets, print one as `dvc exp run -S` flags, or --apply it"),
+    "retrain": Command(
+        "flows.commands",
+        "retrain on new labelled batches in the inbox (--once); champion/challenger promotion",
+        "retrain_main",
+    ),
+    "pipeline": Command(
+        "flows.commands",
+        "run the pipeline once as a Prefect flow: a task per dvc.yaml stage, `dvc repro` in each",
+        "pipeline_main",
+    ),
+    "ingest-new": Command(
+        "flows.commands", "add a labelled batch to the inbox and emit the retrain event", "ingest_new_main"
+    ),
+    "trace": Command(
+        "components.audit.trace", "audit: everything that made a model (data, code, params, evidence); --json"
+    ),
+    "verify": Command(
+        "components.audit.verify", "audit: re-hash a model's ONNX, checkpoint and raw scans; exit 1 on a mismatch"
+    ),
+    "models": Command(
+        "components.audit.history", "audit: `models list` every model; `models rollback ID` to an earlier one"
+    ),
+    "preset": Command(
+        "components.presets", "list the named parameter presets, print one as `dvc exp run -S` flags, or --apply it"
+    ),
     "demo-data": Command("components.data.demo_data", "write synthetic DICOM demo scans (optionally an extra batch)"),
     "import-npz": Command("components.data.npz_import", "convert a MedMNIST .npz into PNG files plus labels.csv"),
-    "import-folders": Command("components.data.folder_import", "copy a folder-per-class tree (split folders optional) plus labels.csv",
-                              "main_folders"),
+    "import-folders": Command(
+        "components.data.folder_import",
+        "copy a folder-per-class tree (split folders optional) plus labels.csv",
+        "main_folders",
+    ),
 }
 # Commands that run a pipeline stage's code (dvc.yaml's `medtune <stage>`): `_run_stage` binds them to
 # their starter and holds the stage's lock. Which stages the pipeline has, and their order, is dvc.yaml's
@@ -82,20 +106,31 @@ def _show_version(value: bool) -> None:
     try:
         typer.echo(f"medtune {version('medtune')}")
     except PackageNotFoundError:
-        typer.echo("medtune: version unknown: the medtune package is not installed "
-                   "(expected `pip install -e .` in this checkout)", err=True)
+        typer.echo(
+            "medtune: version unknown: the medtune package is not installed "
+            "(expected `pip install -e .` in this checkout)",
+            err=True,
+        )
         raise typer.Exit(1) from None
     raise typer.Exit()
 
 
-app = typer.Typer(name="medtune", rich_markup_mode=None, pretty_exceptions_enable=False, options_metavar="",
-                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
-                  epilog="`medtune COMMAND --help` shows the options of one command.")
+app = typer.Typer(
+    name="medtune",
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    options_metavar="",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+    epilog="`medtune COMMAND --help` shows the options of one command.",
+)
 
 
 @app.callback()
-def _medtune(version: Annotated[bool, typer.Option("--version", help="print `medtune VERSION` and exit",
-                                                   callback=_show_version, is_eager=True)] = False) -> None:
+def _medtune(
+    version: Annotated[
+        bool, typer.Option("--version", help="print `medtune VERSION` and exit", callback=_show_version, is_eager=True)
+    ] = False,
+) -> None:
     """Labelled medical scans in, a validated, fine-tuned, gated ONNX classifier out; DVC + Prefect."""
 
 

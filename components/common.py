@@ -113,8 +113,9 @@ def load_tensors(path: Path, data: bytes, remedy: str) -> Any:
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, ...: all mean "not plain weights"
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise StageError(f"{path}: not a plain file of tensors ({exc.__class__.__name__}: {first}); refused to "
-                         f"unpickle it. {remedy}") from None
+        raise StageError(
+            f"{path}: not a plain file of tensors ({exc.__class__.__name__}: {first}); refused to unpickle it. {remedy}"
+        ) from None
 
 
 def patient_salt(default: str) -> bytes:
@@ -147,9 +148,13 @@ def warn_public_salt(configured: str, where: str, n_real: int, logger: logging.L
     logger.warning(
         "%s: the patient ids of %d scan(s) are hashed with a PUBLIC salt (%s): anyone who has the ids or the headers "
         "can recompute the hashed patients in data/manifest.csv and the registry and re-identify them. Set a "
-        "secret MEDTUNE_PATIENT_SALT in the environment of every run (`python -c \"import secrets; "
-        "print(secrets.token_hex(32))\"`, kept in a secret store, never in params.yaml or git) and keep the "
-        "same one for the life of this workspace (README, 'Patient salt').", where, n_real, status["source"])
+        'secret MEDTUNE_PATIENT_SALT in the environment of every run (`python -c "import secrets; '
+        'print(secrets.token_hex(32))"`, kept in a secret store, never in params.yaml or git) and keep the '
+        "same one for the life of this workspace (README, 'Patient salt').",
+        where,
+        n_real,
+        status["source"],
+    )
     return True
 
 
@@ -166,8 +171,9 @@ def run_tool(args: Sequence[str], root: str | Path, check: bool = True) -> subpr
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     out = subprocess.run(list(args), cwd=root, env=env, capture_output=True, text=True)
     if check and out.returncode != 0:
-        raise StageError(f"`{' '.join(args)}` failed in {root} (exit {out.returncode}): "
-                         f"{(out.stderr or out.stdout).strip()[-2000:]}")
+        raise StageError(
+            f"`{' '.join(args)}` failed in {root} (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-2000:]}"
+        )
     return out
 
 
@@ -247,12 +253,16 @@ def git_facts(cwd: str | Path = ".") -> dict[str, Any]:
         lines = run_tool([*status, "--untracked-files=no", "--", ".", *excluded], cwd).stdout.splitlines()
         pipeline = dvc_pipeline_paths(cwd)
         # Dependencies that are neither outputs nor DVC-tracked data must be in git (untracked = not in a clone).
-        code_deps = [d for d in sorted(pipeline["deps"])
-                     if not any(d == o or d.startswith(o + "/") for o in pipeline["outs"])
-                     and not (Path(cwd) / f"{d}.dvc").is_file()]
+        code_deps = [
+            d
+            for d in sorted(pipeline["deps"])
+            if not any(d == o or d.startswith(o + "/") for o in pipeline["outs"])
+            and not (Path(cwd) / f"{d}.dvc").is_file()
+        ]
         if code_deps:
-            found = run_tool([*status, "--untracked-files=all", "--", *(f":(literal){d}" for d in code_deps), *excluded],
-                             cwd).stdout.splitlines()
+            found = run_tool(
+                [*status, "--untracked-files=all", "--", *(f":(literal){d}" for d in code_deps), *excluded], cwd
+            ).stdout.splitlines()
             lines += [x for x in found if x.startswith("??")]
     except (StageError, FileNotFoundError):
         return {"commit": "unknown", "dirty": None, "modified": []}
@@ -273,12 +283,16 @@ def dvc_data_version(raw_dir: str | Path) -> str:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
-def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
-            argv: Sequence[str] | None) -> int:
+def run_cli(
+    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None], argv: Sequence[str] | None
+) -> int:
     """Parse, run; a StageError (or bad input) is one line on stderr and exit 1, no traceback."""
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
@@ -289,9 +303,14 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace],
         return 1
 
 
-def stage_main(description: str, add_args: Callable[[argparse.ArgumentParser], None],
-               run: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None = None,
-               prog: str | None = None, params_flag: bool = True) -> int:
+def stage_main(
+    description: str,
+    add_args: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], Any],
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    params_flag: bool = True,
+) -> int:
     """Shared body of every command's `main(argv)`: parse, run, turn expected failures into exit 1."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     if params_flag:

@@ -67,6 +67,7 @@ class StageBusy(StageError):
 # Parent death
 # ---------------------------------------------------------------------------------------------
 
+
 def _set_pdeathsig(sig: int) -> bool:
     """prctl(PR_SET_PDEATHSIG, sig); False (with a warning) if the kernel refuses, e.g. a seccomp filter."""
     import ctypes
@@ -75,8 +76,11 @@ def _set_pdeathsig(sig: int) -> bool:
     if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
         return True
     err = ctypes.get_errno()
-    print(f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(err)}); this process will not stop "
-          "by itself if the process that started it dies.", file=sys.stderr)
+    print(
+        f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(err)}); this process will not stop "
+        "by itself if the process that started it dies.",
+        file=sys.stderr,
+    )
     return False
 
 
@@ -100,8 +104,10 @@ def die_with_parent(what: str, expected_parent: int | None = None) -> None:
         return
     now = os.getppid()
     if now != before:
-        raise ParentGone(f"{what}: the process that started it (pid {before}) is already gone (its parent is now "
-                         f"pid {now}); not running on as an orphan. Start it again if it is still wanted.")
+        raise ParentGone(
+            f"{what}: the process that started it (pid {before}) is already gone (its parent is now "
+            f"pid {now}); not running on as an orphan. Start it again if it is still wanted."
+        )
 
 
 def _alive(proc) -> bool:
@@ -125,7 +131,8 @@ def _runs_a_command_string(proc) -> bool:
     except psutil.Error:
         return False
     return (name in _SHELLS or os.path.basename(args[0] if args else "") in _SHELLS) and any(
-        a.startswith("-") and not a.startswith("--") and "c" in a[1:] for a in args[1:])
+        a.startswith("-") and not a.startswith("--") and "c" in a[1:] for a in args[1:]
+    )
 
 
 def _looks_like_dvc(proc) -> bool:
@@ -171,13 +178,17 @@ def die_with_starter(what: str) -> None:
     if os.environ.get("DVC_STAGE") and starter.pid == 1 and not _looks_like_dvc(starter):
         # DVC started this stage (DVC_STAGE), yet the nearest non-shell ancestor is init: dvc died
         # before this process could bind to it, and init adopted what it left.
-        raise ParentGone(f"{what}: started by dvc (stage {os.environ['DVC_STAGE']}), but dvc is already gone (this "
-                         "process now belongs to pid 1); not running on as an orphan. Run `dvc repro` again.")
+        raise ParentGone(
+            f"{what}: started by dvc (stage {os.environ['DVC_STAGE']}), but dvc is already gone (this "
+            "process now belongs to pid 1); not running on as an orphan. Run `dvc repro` again."
+        )
     if starter.pid == os.getppid():
         return  # the parent-death signal covers it
     if not _alive(starter):
-        raise ParentGone(f"{what}: the process that started it through a shell (pid {starter.pid}) is already "
-                         "gone; not running on as an orphan. Start it again if it is still wanted.")
+        raise ParentGone(
+            f"{what}: the process that started it through a shell (pid {starter.pid}) is already "
+            "gone; not running on as an orphan. Start it again if it is still wanted."
+        )
     threading.Thread(target=_watch, args=(starter, what), name="medtune-watch-starter", daemon=True).start()
 
 
@@ -231,6 +242,7 @@ def _wrapper_main(argv: list[str]) -> int:
 # One writer per stage
 # ---------------------------------------------------------------------------------------------
 
+
 def lock_path(stage: str, root: str | Path = ".") -> Path:
     """Where the lock of `stage` lives: .dvc/tmp/ (git-ignored by DVC) in a DVC project, else a folder
     in the temp dir keyed by the project's path (nothing written among the outputs)."""
@@ -249,8 +261,11 @@ def stage_outputs(stage: str, root: str | Path = ".") -> list[str]:
         spec = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}).get("stages", {}).get(stage) or {}
     except (OSError, yaml.YAMLError):
         return []
-    return [next(iter(o)) if isinstance(o, dict) else str(o)
-            for key in ("outs", "metrics", "plots") for o in spec.get(key) or []]
+    return [
+        next(iter(o)) if isinstance(o, dict) else str(o)
+        for key in ("outs", "metrics", "plots")
+        for o in spec.get(key) or []
+    ]
 
 
 def _holder(path: Path) -> dict:
@@ -272,10 +287,16 @@ def stage_lock(stage: str, root: str | Path = ".", command: str | None = None) -
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StageError(f"stage {stage}: cannot create the folder of its lock {path.parent}: {exc}; expected a "
-                         "writable folder (the project's .dvc/tmp or the temp dir).") from exc
-    me = {"pid": os.getpid(), "command": command or f"medtune {stage}", "root": str(Path(root).resolve()),
-          "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        raise StageError(
+            f"stage {stage}: cannot create the folder of its lock {path.parent}: {exc}; expected a "
+            "writable folder (the project's .dvc/tmp or the temp dir)."
+        ) from exc
+    me = {
+        "pid": os.getpid(),
+        "command": command or f"medtune {stage}",
+        "root": str(Path(root).resolve()),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
     def record(fd: int) -> None:
         # A contender opens the file without truncating it (filelock), so this stays readable.
@@ -299,8 +320,10 @@ def _busy_message(stage: str, root: str | Path, path: Path) -> str:
     who = f"pid {pid} ({info.get('command', '?')}, since {info.get('since', '?')})" if pid else "another process"
     outs = ", ".join(stage_outputs(stage, root)) or "its outputs"
     stop = f"stop it (kill {pid})" if pid else f"stop the process holding {path}"
-    return (f"stage {stage} is already running in {Path(root).resolve()}: {who} holds {path} and writes {outs}; "
-            f"not starting a second writer. Wait for it to finish, or {stop}, then run this again.")
+    return (
+        f"stage {stage} is already running in {Path(root).resolve()}: {who} holds {path} and writes {outs}; "
+        f"not starting a second writer. Wait for it to finish, or {stop}, then run this again."
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,11 @@ from pathlib import Path
 TEMPLATE = Path(".dvc/plots/offline.html")
 SOURCE = "django-js-lib-vega-embed 6.29.0.3 (PyPI)"
 # (library, file in the package, version that file must declare), in load order.
-LIBRARIES = (("vega", "vega5.js", "5.33.0"), ("vega-lite", "vega-lite5.js", "5.23.0"),
-             ("vega-embed", "vega-embed6.js", "6.29.0"))
+LIBRARIES = (
+    ("vega", "vega5.js", "5.33.0"),
+    ("vega-lite", "vega-lite5.js", "5.23.0"),
+    ("vega-embed", "vega-embed6.js", "6.29.0"),
+)
 LICENSE = """Copyright (c) 2015, University of Washington Interactive Data Lab
 All rights reserved.
 
@@ -79,34 +82,37 @@ def build(js_dir: Path) -> str:
             raise ValueError(f"{js_dir / filename} cannot be inlined: it holds '</script' or a DVC placeholder.")
         notes.append(f"{name} {version} ({filename}, sha256 {hashlib.sha256(code.encode()).hexdigest()})")
         scripts.append(f'<script type="text/javascript">\n{code}\n</script>')
-    page = "\n".join([
-        "<!DOCTYPE html>",
-        "<!--",
-        "Page template for `dvc plots show` / `dvc plots diff` that renders without a network:",
-        "written by `python -m components.offline_plots` from " + SOURCE + ":",
-        *(f"  {n}" for n in notes),
-        "",
-        "vega, vega-lite and vega-embed:",
-        LICENSE,
-        "-->",
-        "<html>",
-        "<head>",
-        "    {refresh_tag}",
-        '    <meta charset="utf-8">',
-        "    <title>DVC Plot</title>",
-        *scripts,
-        f'<script type="text/javascript">\n{NO_EDITOR}\n</script>',
-        "    <style>",
-        "        table {",
-        "            border-spacing: 15px;",
-        "        }",
-        "    </style>",
-        "</head>",
-        "<body>",
-        "    {plot_divs}",
-        "</body>",
-        "</html>",
-        ""])
+    page = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            "<!--",
+            "Page template for `dvc plots show` / `dvc plots diff` that renders without a network:",
+            "written by `python -m components.offline_plots` from " + SOURCE + ":",
+            *(f"  {n}" for n in notes),
+            "",
+            "vega, vega-lite and vega-embed:",
+            LICENSE,
+            "-->",
+            "<html>",
+            "<head>",
+            "    {refresh_tag}",
+            '    <meta charset="utf-8">',
+            "    <title>DVC Plot</title>",
+            *scripts,
+            f'<script type="text/javascript">\n{NO_EDITOR}\n</script>',
+            "    <style>",
+            "        table {",
+            "            border-spacing: 15px;",
+            "        }",
+            "    </style>",
+            "</head>",
+            "<body>",
+            "    {plot_divs}",
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
     if EXTERNAL.search(page):
         raise ValueError(f"the page would load something from the network: {EXTERNAL.search(page).group(0)!r}")
     return page
@@ -114,9 +120,12 @@ def build(js_dir: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--js", type=Path, required=True,
-                        help="folder holding vega5.js, vega-lite5.js, vega-embed6.js (the static folder of "
-                             "django-js-lib-vega-embed)")
+    parser.add_argument(
+        "--js",
+        type=Path,
+        required=True,
+        help="folder holding vega5.js, vega-lite5.js, vega-embed6.js (the static folder of django-js-lib-vega-embed)",
+    )
     parser.add_argument("--out", type=Path, default=TEMPLATE, help=f"page to write (default: {TEMPLATE})")
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DASK_ENV = "MEDTUNE_DASK_SCHEDULER"
-MIN_PARALLEL = 64   # without a work estimate: fewer items than this per worker run in this process
+MIN_PARALLEL = 64  # without a work estimate: fewer items than this per worker run in this process
 # A spawned worker's start: a Python process importing the stage module (numpy, Pillow, pydicom):
 # 0.45-0.6 s each, measured on 2 shared cores (a pool of two, start to first result, 0.9-1.2 s).
 WORKER_START_SECONDS = 0.5
@@ -97,15 +97,17 @@ def pool_size(work_seconds: float, cores: int) -> int:
     return max(1, min(cores, int(work_seconds // WORKER_START_SECONDS)))
 
 
-def map_files(fn: Callable[[T], R], items: Iterable[T], compute: ComputeParams, desc: str = "",
-              work_seconds: float | None = None) -> list[R]:
+def map_files(
+    fn: Callable[[T], R], items: Iterable[T], compute: ComputeParams, desc: str = "", work_seconds: float | None = None
+) -> list[R]:
     """[fn(item) for item in items], computed where `compute` says (see the module doc). `work_seconds`:
     the caller's estimate of the whole work on one core, which decides whether a local pool pays."""
     return list(imap_files(fn, items, compute, desc, work_seconds))
 
 
-def imap_files(fn: Callable[[T], R], items: Iterable[T], compute: ComputeParams, desc: str = "",
-               work_seconds: float | None = None) -> Iterator[R]:
+def imap_files(
+    fn: Callable[[T], R], items: Iterable[T], compute: ComputeParams, desc: str = "", work_seconds: float | None = None
+) -> Iterator[R]:
     """map_files, yielding each result in item order as soon as it and those before it are ready: a
     caller that writes results away as they come (preprocess, into a shard) holds a few chunks of
     them in memory, not all, and one pool serves every item (a pool per batch would pay its start-up
@@ -127,8 +129,9 @@ def imap_files(fn: Callable[[T], R], items: Iterable[T], compute: ComputeParams,
     yield from _map_local(fn, items, n_workers, desc)
 
 
-def _run_chunk(fn: Callable[[T], R], chunk: Sequence[T], desc: str,
-               done: Callable[[int], Any] | None = None) -> list[R]:
+def _run_chunk(
+    fn: Callable[[T], R], chunk: Sequence[T], desc: str, done: Callable[[int], Any] | None = None
+) -> list[R]:
     out = []
     for item in chunk:
         try:
@@ -136,7 +139,9 @@ def _run_chunk(fn: Callable[[T], R], chunk: Sequence[T], desc: str,
         except Exception as exc:  # noqa: BLE001 - re-raised, naming the item
             # Message only (no attributes): it must pickle back from a worker process.
             shown = _show(item[0] if isinstance(item, tuple) and item else item)  # a tuple leads with its path
-            where = f"{desc or 'map_files'}: " + (str(exc) if shown in str(exc) else f"{shown}: {type(exc).__name__}: {exc}")
+            where = f"{desc or 'map_files'}: " + (
+                str(exc) if shown in str(exc) else f"{shown}: {type(exc).__name__}: {exc}"
+            )
             raise ItemFailed(where if isinstance(exc, EXPECTED) else f"{where}\n{traceback.format_exc()}") from exc
         if done is not None:
             done(1)
@@ -150,15 +155,20 @@ def _show(item: Any, limit: int = 300) -> str:
 
 def _chunks(items: Sequence[T], n_workers: int) -> list[Sequence[T]]:
     size = min(MAX_CHUNK, max(1, -(-len(items) // (n_workers * CHUNKS_PER_WORKER))))
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="file", disable=not desc)
 
 
-def _in_order(pending: dict[Any, int], chunks: list[Sequence], completed: Iterable, desc: str,
-              lost: Callable[[BaseException, Sequence], str]) -> Iterator:
+def _in_order(
+    pending: dict[Any, int],
+    chunks: list[Sequence],
+    completed: Iterable,
+    desc: str,
+    lost: Callable[[BaseException, Sequence], str],
+) -> Iterator:
     """The results of every chunk's future, in chunk order, each chunk as soon as those before it are
     in; the first failure (as they complete) raised as ItemFailed, or as a StageError that `lost`
     words (a dead worker, a broken cluster)."""
@@ -185,13 +195,15 @@ def _span(chunk: Sequence) -> str:
 
 # --------------------------------------------------------------------------- local processes
 
+
 def _map_local(fn: Callable[[T], R], items: list[T], n_workers: int, desc: str) -> Iterator[R]:
     # spawn: each worker is this process's child and watches it (_bind_to_parent). A forkserver's
     # workers are the fork server's children: they kept running after a kill -9 of the stage. And
     # not fork: a forked child of a process with threads (Prefect's, torch's) can inherit a lock
     # held by another thread and hang.
-    pool = cf.ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_bind_to_parent, initargs=(os.getpid(),))
+    pool = cf.ProcessPoolExecutor(
+        n_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_bind_to_parent, initargs=(os.getpid(),)
+    )
     chunks = _chunks(items, n_workers)
     try:
         pending = {pool.submit(_run_chunk, fn, chunk, desc): i for i, chunk in enumerate(chunks)}
@@ -204,8 +216,10 @@ def _map_local(fn: Callable[[T], R], items: list[T], n_workers: int, desc: str) 
 
 def _local_loss(exc: BaseException, chunk: Sequence) -> str:
     if isinstance(exc, cf.process.BrokenProcessPool):
-        return (f"a local worker process died (killed, or out of memory?) while the files from {_span(chunk)} "
-                "were not finished; run again, or set compute.workers to fewer processes (1: none)")
+        return (
+            f"a local worker process died (killed, or out of memory?) while the files from {_span(chunk)} "
+            "were not finished; run again, or set compute.workers to fewer processes (1: none)"
+        )
     return f"a local worker process failed on the files from {_span(chunk)}: {type(exc).__name__}: {exc}"
 
 
@@ -234,6 +248,7 @@ def _exit_when_orphaned(parent: int) -> None:
 
 # --------------------------------------------------------------------------- Dask
 
+
 def _map_dask(fn: Callable[[T], R], items: list[T], address: str, desc: str) -> Iterator[R]:
     from distributed import Client, as_completed  # imported only when a cluster is configured (about 1 s)
 
@@ -241,22 +256,36 @@ def _map_dask(fn: Callable[[T], R], items: list[T], address: str, desc: str) -> 
     try:
         client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
     except (OSError, ValueError, TypeError) as exc:
-        raise StageError(f"Dask scheduler {address} (from {_address_source()}) did not answer: {exc}. Start it "
-                         f"(`dask scheduler`, then `dask worker {address}` on each machine), or unset "
-                         f"compute.dask_scheduler and {DASK_ENV} to use this machine's cores.") from None
+        raise StageError(
+            f"Dask scheduler {address} (from {_address_source()}) did not answer: {exc}. Start it "
+            f"(`dask scheduler`, then `dask worker {address}` on each machine), or unset "
+            f"compute.dask_scheduler and {DASK_ENV} to use this machine's cores."
+        ) from None
     futures: list = []
     with client:  # closed on the way out, whatever happens
         try:
             n_workers = _check_workers(client, fn, address)
             chunks = _chunks(items, n_workers)
-            log.info("%s: %d file(s) in %d chunk(s) on the Dask cluster at %s (%d threads)", desc or "map",
-                     len(items), len(chunks), address, n_workers)
+            log.info(
+                "%s: %d file(s) in %d chunk(s) on the Dask cluster at %s (%d threads)",
+                desc or "map",
+                len(items),
+                len(chunks),
+                address,
+                n_workers,
+            )
             # pure=False: two chunks with equal contents are still two pieces of work to return.
             futures = client.map(_run_chunk, [fn] * len(chunks), chunks, [desc] * len(chunks), pure=False)
             pending = dict(zip(futures, range(len(chunks))))
-            yield from _in_order(pending, chunks, as_completed(futures, loop=client.loop), desc,
-                            lambda exc, chunk: f"the Dask cluster at {address} lost the files from {_span(chunk)}: "
-                                               f"{type(exc).__name__}: {exc}")
+            yield from _in_order(
+                pending,
+                chunks,
+                as_completed(futures, loop=client.loop),
+                desc,
+                lambda exc, chunk: (
+                    f"the Dask cluster at {address} lost the files from {_span(chunk)}: {type(exc).__name__}: {exc}"
+                ),
+            )
         except BaseException:
             if futures:
                 client.cancel(futures)
@@ -280,8 +309,10 @@ def _check_workers(client, fn: Callable, address: str) -> int:
         # exec, a builtin, unpickles on any worker (a function of ours would need the very module in question).
         client.run(exec, f"import {module}", {})
     except ImportError as exc:
-        raise StageError(f"a Dask worker of {address} cannot import {module} ({exc}): the workers need the same "
-                         "medtune installed (pip install of this project in their environment).") from None
+        raise StageError(
+            f"a Dask worker of {address} cannot import {module} ({exc}): the workers need the same "
+            "medtune installed (pip install of this project in their environment)."
+        ) from None
     return threads
 
 
@@ -290,8 +321,14 @@ def _refuse_relative_paths(fn: Callable, items: list, desc: str) -> None:
     args = [*getattr(fn, "args", ()), *getattr(fn, "keywords", {}).values()]
     for value in args + items[:1000]:
         for part in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(part, (str, PurePath)) and os.sep in str(part) and not os.path.isabs(part) \
-                    and os.path.exists(part):
-                raise StageError(f"{desc or 'map_files'}: relative path {part!s} sent to Dask workers, which resolve "
-                                 f"it against their own working directory, not {os.getcwd()}. Pass absolute "
-                                 "paths (Path.resolve()); workers must see the files at the same path.")
+            if (
+                isinstance(part, (str, PurePath))
+                and os.sep in str(part)
+                and not os.path.isabs(part)
+                and os.path.exists(part)
+            ):
+                raise StageError(
+                    f"{desc or 'map_files'}: relative path {part!s} sent to Dask workers, which resolve "
+                    f"it against their own working directory, not {os.getcwd()}. Pass absolute "
+                    "paths (Path.resolve()); workers must see the files at the same path."
+                )

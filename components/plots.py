@@ -26,6 +26,7 @@ DPI = 100
 def figure(width: float, height: float) -> tuple[Any, Any]:
     """(figure, axes) of `width` x `height` inches on the Agg backend."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -81,8 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run(args: argparse.Namespace) -> None:
         if not args.name:
-            print(format_table(((name, entry.get("description", "")) for name, entry in load_presets().items()),
-                               ("preset", "what it is for")))
+            print(
+                format_table(
+                    ((name, entry.get("description", "")) for name, entry in load_presets().items()),
+                    ("preset", "what it is for"),
+                )
+            )
             return
         overrides = preset(args.name)
         known = flatten(load_params(args.params).to_dict())

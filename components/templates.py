@@ -53,14 +53,18 @@ def render(template_name: str, **context: Any) -> str:
         return template.render(**context)
     except jinja2.UndefinedError as exc:
         # Jinja rewrites the traceback so that its frames point into the template file.
-        line = next((frame.lineno for frame in traceback.extract_tb(exc.__traceback__)
-                     if frame.filename == template.filename), "?")
-        raise ValueError(f"{template.filename}:{line}: {exc}; the code that renders {template_name} must "
-                         "give that field") from exc
+        line = next(
+            (frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == template.filename),
+            "?",
+        )
+        raise ValueError(
+            f"{template.filename}:{line}: {exc}; the code that renders {template_name} must give that field"
+        ) from exc
 
 
-def format_table(rows: Iterable[Sequence[Any]], columns: Sequence[str] | None = None, align: str = "",
-                 sep: str = "  ") -> str:
+def format_table(
+    rows: Iterable[Sequence[Any]], columns: Sequence[str] | None = None, align: str = "", sep: str = "  "
+) -> str:
     """Rows as aligned text columns, under a header line of `columns` when given. Each column is as
     wide as its widest cell; `align` has one '<' (left, the default) or '>' (right) per column. No line
     ends in spaces (the last column is not padded)."""
@@ -71,7 +75,7 @@ def format_table(rows: Iterable[Sequence[Any]], columns: Sequence[str] | None = 
     align = align or "<" * n
     if len(align) != n or set(align) - {"<", ">"}:
         raise ValueError(f"format_table: align {align!r} must be one of '<' or '>' for each of the {n} columns")
-    for i, row in enumerate(table[1 if columns is not None else 0:], start=1):
+    for i, row in enumerate(table[1 if columns is not None else 0 :], start=1):
         if len(row) != n:
             raise ValueError(f"format_table: row {i} has {len(row)} cells, expected {n}: {row}")
     widths = [max(len(row[i]) for row in table) for i in range(n)]

@@ -12,7 +12,6 @@ PREFECT_API_URL (environment or Prefect profile); without one, to the server `me
 if it answers. Only `retrain --once` starts a temporary server of its own when none answers.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -29,10 +28,14 @@ from components.retrain.stages import OUTCOMES, check_params_file
 from components.templates import format_table
 from flows.prefect_server import DEFAULT_API, prefect_api, running_server, server_record
 
-QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
-             # What the flows call in-process (inbox, registry) logs to "medtune.*"; this shows those lines
-             # in the Prefect UI too. The stages' own lines come through run_stage.
-             "PREFECT_LOGGING_EXTRA_LOGGERS": "medtune"}
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    # What the flows call in-process (inbox, registry) logs to "medtune.*"; this shows those lines
+    # in the Prefect UI too. The stages' own lines come through run_stage.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "medtune",
+}
 
 
 def quiet_env() -> None:
@@ -43,6 +46,7 @@ def quiet_env() -> None:
 # ---------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------
+
 
 def _api_url() -> str:
     return os.environ.get("PREFECT_API_URL") or DEFAULT_API
@@ -72,9 +76,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
     url = running_server()  # also makes Prefect see the two lines above
     if url is None:
-        raise StageError(f"serve: no Prefect server answers at {DEFAULT_API} (nor where `medtune server` last "
-                         "recorded it) and PREFECT_API_URL is not set. Start one first, `medtune server` (in another "
-                         "terminal, or `medtune server &`), or set PREFECT_API_URL to the server to use.")
+        raise StageError(
+            f"serve: no Prefect server answers at {DEFAULT_API} (nor where `medtune server` last "
+            "recorded it) and PREFECT_API_URL is not set. Start one first, `medtune server` (in another "
+            "terminal, or `medtune server &`), or set PREFECT_API_URL to the server to use."
+        )
     print(f"serving the deployments on the Prefect server at {url}", flush=True)
     from flows.serve import serve_deployments
 
@@ -84,7 +90,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_retrain(args: argparse.Namespace) -> None:
     quiet_env()
     if not args.once:
-        raise StageError("retrain: pass --once to run one retrain now; `medtune serve` runs it on schedule and on events.")
+        raise StageError(
+            "retrain: pass --once to run one retrain now; `medtune serve` runs it on schedule and on events."
+        )
     if _nothing_to_retrain(Path(args.root).resolve(), args.params):
         return
     from flows.retrain import retrain
@@ -134,8 +142,10 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         finally:
             _drain_logs()
     if result["stages"]:
-        print(format_table((stage, OUTCOMES.get(outcome, outcome)) for stage, outcome in result["stages"].items()),
-              file=sys.stderr)
+        print(
+            format_table((stage, OUTCOMES.get(outcome, outcome)) for stage, outcome in result["stages"].items()),
+            file=sys.stderr,
+        )
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     if "gate-failed" in result["stages"].values():  # as `dvc repro` fails at export: no model this run
         raise StageError("the model failed the gate and was not exported; see reports/gate.json")
@@ -159,32 +169,44 @@ def cmd_ingest_new(args: argparse.Namespace) -> None:
 
 def emit_batch_event(root: Path, batch_name: str) -> None:
     if running_server() is None:
-        raise StageError(f"no Prefect server answers at {DEFAULT_API} (nor where `medtune server` last recorded it) "
-                         "and PREFECT_API_URL is not set, so no event was sent: the batch stays in the inbox for "
-                         "the next scheduled run. Start `medtune server` and `medtune serve`, or run "
-                         "`medtune retrain --once` now.")
+        raise StageError(
+            f"no Prefect server answers at {DEFAULT_API} (nor where `medtune server` last recorded it) "
+            "and PREFECT_API_URL is not set, so no event was sent: the batch stays in the inbox for "
+            "the next scheduled run. Start `medtune server` and `medtune serve`, or run "
+            "`medtune retrain --once` now."
+        )
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
     from components.retrain.inbox import EVENT, project_resource
 
-    event = emit_event(EVENT, resource={"prefect.resource.id": project_resource(root),
-                                        "prefect.resource.name": root.name},
-                       payload={"batch": batch_name})
+    event = emit_event(
+        EVENT,
+        resource={"prefect.resource.id": project_resource(root), "prefect.resource.name": root.name},
+        payload={"batch": batch_name},
+    )
     if event is None:
-        raise StageError(f"could not emit {EVENT}: Prefect events are disabled or no API is configured "
-                         f"(PREFECT_API_URL={_api_url()}); the batch stays in the inbox for the scheduled run.")
+        raise StageError(
+            f"could not emit {EVENT}: Prefect events are disabled or no API is configured "
+            f"(PREFECT_API_URL={_api_url()}); the batch stays in the inbox for the scheduled run."
+        )
     EventsWorker.drain_all(timeout=15)  # a short-lived CLI: send before the process exits
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=".", help="project root (default: the current folder)")
-    p.add_argument("--params", default="params.yaml",
-                   help="parameters, including the `retrain:` section (default: params.yaml)")
+    p.add_argument(
+        "--params", default="params.yaml", help="parameters, including the `retrain:` section (default: params.yaml)"
+    )
 
 
-def _run(command: str, description: str, add_args: Callable[[argparse.ArgumentParser], None],
-         func: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
+def _run(
+    command: str,
+    description: str,
+    add_args: Callable[[argparse.ArgumentParser], None],
+    func: Callable[[argparse.Namespace], None],
+    argv: Sequence[str] | None,
+) -> int:
     # `--params` comes from _common (server has none), so stage_main must not add its own.
     return common.stage_main(description, add_args, func, argv, prog=f"medtune {command}", params_flag=False)
 
@@ -195,26 +217,44 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
         p.add_argument("--port", type=int, default=4200, help="port (default: 4200)")
+
     return _run("server", "Start a local Prefect server (API and UI).", add, cmd_server, argv)
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
-    return _run("serve", "Serve the deployments: medtune-pipeline on demand, medtune-retrain on its schedule "
-                "and on the inbox event. Runs until killed.", _common, cmd_serve, argv)
+    return _run(
+        "serve",
+        "Serve the deployments: medtune-pipeline on demand, medtune-retrain on its schedule "
+        "and on the inbox event. Runs until killed.",
+        _common,
+        cmd_serve,
+        argv,
+    )
 
 
 def retrain_main(argv: Sequence[str] | None = None) -> int:
     def add(p: argparse.ArgumentParser) -> None:
         _common(p)
         p.add_argument("--once", action="store_true", help="run one retrain now (trigger 'manual') and exit")
-    return _run("retrain", "Retrain on new labelled batches in the inbox (champion/challenger promotion).",
-                add, cmd_retrain, argv)
+
+    return _run(
+        "retrain",
+        "Retrain on new labelled batches in the inbox (champion/challenger promotion).",
+        add,
+        cmd_retrain,
+        argv,
+    )
 
 
 def pipeline_main(argv: Sequence[str] | None = None) -> int:
-    return _run("pipeline", "Run the pipeline once as a Prefect flow: one task per dvc.yaml stage, each "
-                "`dvc repro --single-item STAGE` (unchanged stages are skipped; DVC writes dvc.lock).",
-                _common, cmd_pipeline, argv)
+    return _run(
+        "pipeline",
+        "Run the pipeline once as a Prefect flow: one task per dvc.yaml stage, each "
+        "`dvc repro --single-item STAGE` (unchanged stages are skipped; DVC writes dvc.lock).",
+        _common,
+        cmd_pipeline,
+        argv,
+    )
 
 
 def ingest_new_main(argv: Sequence[str] | None = None) -> int:
@@ -223,6 +263,11 @@ def ingest_new_main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("path", help="batch folder: class sub-folders, or files plus labels.csv")
         p.add_argument("--name", default=None, help="batch name in the inbox (default: the folder's name)")
         p.add_argument("--no-event", action="store_true", help="only copy; let the scheduled run find it")
-    return _run("ingest-new", "Copy a labelled batch into the inbox (atomically) and emit the retrain event.",
-                add, cmd_ingest_new, argv)
 
+    return _run(
+        "ingest-new",
+        "Copy a labelled batch into the inbox (atomically) and emit the retrain event.",
+        add,
+        cmd_ingest_new,
+        argv,
+    )

@@ -90,8 +90,9 @@ def reproduce(stage: str, root: str, scheduler: str | None = None) -> State:
     run = stages.run_stage(stage, root, logger)
     message = f"{OUTCOMES[run.outcome]} (dvc repro --single-item {stage})"
     logger.log(logging.WARNING if run.outcome == "unknown" else logging.INFO, "%s: %s", stage, message)
-    return Completed(name="Skipped" if run.outcome in ("skipped", "run-cache") else "Completed",
-                     message=message, data=run.outcome)
+    return Completed(
+        name="Skipped" if run.outcome in ("skipped", "run-cache") else "Completed", message=message, data=run.outcome
+    )
 
 
 @task(name="gate-refused")
@@ -99,8 +100,9 @@ def refuse(stage: str, gate: dict[str, Any]) -> State:
     """A stage that reads the gate (export) after the gate failed: not run, and the state says why."""
     failed = "; ".join(gate.get("failed") or gate.get("reasons") or ["reports/gate.json: passed is false"])
     get_run_logger().warning("gate failed: %s not run, no model this run (%s)", stage, failed)
-    return Completed(name="Gate failed", message=f"not run: the gate failed ({failed}); no model this run",
-                     data="gate-failed")
+    return Completed(
+        name="Gate failed", message=f"not run: the gate failed ({failed}); no model this run", data="gate-failed"
+    )
 
 
 @task(name="dvc-add-raw", **IO)
@@ -140,9 +142,12 @@ def publish_evaluation() -> tuple[dict | None, dict | None]:
 def publish_lineage() -> dict | None:
     lineage = _read("models/lineage.json")
     if lineage:
-        create_markdown_artifact("# Lineage of model `%s`\n\n```json\n%s\n```\n" % (
-            lineage.get("model_id"), json.dumps(lineage, indent=2, sort_keys=True)),
-            key="medtune-lineage", description="models/lineage.json")
+        create_markdown_artifact(
+            f"# Lineage of model `{lineage.get('model_id')}`\n\n```json\n"
+            f"{json.dumps(lineage, indent=2, sort_keys=True)}\n```\n",
+            key="medtune-lineage",
+            description="models/lineage.json",
+        )
     return lineage
 
 
@@ -167,17 +172,23 @@ def pipeline(root: str = ".", params: str = "params.yaml", lock: bool = True) ->
     holder = f"pipeline flow run (pid {os.getpid()})"
     outcomes: dict[str, str] = {}
     metrics = gate = lineage = None
-    with (workspace_lock(".", holder, 3600, lambda h: logger.info("waiting for the workspace: %s", h))
-          if lock else contextlib.nullcontext()):
+    with (
+        workspace_lock(".", holder, 3600, lambda h: logger.info("waiting for the workspace: %s", h))
+        if lock
+        else contextlib.nullcontext()
+    ):
         here, scheduler = os.getcwd(), parallel.scheduler_address(p.compute)
         data_version = version_data(p.data.raw_dir, here)
         for stage in stages.pipeline_stages("."):
             if GATE_FILE in stage.deps and gate is not None and not gate.get("passed"):
-                state = refuse.with_options(name=stage.name, task_run_name=stage.name)(stage.name, gate, return_state=True)
+                state = refuse.with_options(name=stage.name, task_run_name=stage.name)(
+                    stage.name, gate, return_state=True
+                )
                 outcomes[stage.name] = state.result()
                 continue
-            state = reproduce.with_options(name=stage.name, task_run_name=stage.name)(stage.name, here, scheduler,
-                                                                                      return_state=True)
+            state = reproduce.with_options(name=stage.name, task_run_name=stage.name)(
+                stage.name, here, scheduler, return_state=True
+            )
             shows = [ARTIFACTS[o] for o in stage.outs if o in ARTIFACTS]
             if state.is_failed():
                 if "validation" in shows:
@@ -193,5 +204,13 @@ def pipeline(root: str = ".", params: str = "params.yaml", lock: bool = True) ->
         status = common.dvc(".", "status")
     ran = [name for name, outcome in outcomes.items() if outcome == "ran"]
     logger.info("stages run: %s; dvc status after the flow: %s", ", ".join(ran) or "none (all up to date)", status)
-    return {"data_version": data_version, "stages": outcomes, "ran": ran, "gate": gate, "metrics": metrics,
-            "model_id": (lineage or {}).get("model_id"), "dvc_status": status, "flow_run_id": str(flow_run.id)}
+    return {
+        "data_version": data_version,
+        "stages": outcomes,
+        "ran": ran,
+        "gate": gate,
+        "metrics": metrics,
+        "model_id": (lineage or {}).get("model_id"),
+        "dvc_status": status,
+        "flow_run_id": str(flow_run.id),
+    }

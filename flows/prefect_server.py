@@ -102,22 +102,50 @@ def _start_temporary_server(settings) -> tuple[subprocess.Popen, str]:
     import prefect
 
     # Prefect 3.8's SubprocessASGIServer._run_uvicorn_command, word for word.
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           **settings.to_environment_variables(exclude_unset=True)}
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        **settings.to_environment_variables(exclude_unset=True),
+    }
     timeout = settings.server.ephemeral.startup_timeout_seconds
     proc, url = None, ""
     for _ in range(3):  # the free port can be taken between our probe and the server's bind
         port = _free_port()
         url = f"http://127.0.0.1:{port}/api"
-        proc = subprocess.Popen([sys.executable, "-m", *lifetime.module_argv("uvicorn", [
-            "--app-dir", str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"])], env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                *lifetime.module_argv(
+                    "uvicorn",
+                    [
+                        "--app-dir",
+                        str(prefect.__module_path__.parent),
+                        "--factory",
+                        "prefect.server.api.server:create_app",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--log-level",
+                        "error",
+                        "--lifespan",
+                        "on",
+                    ],
+                ),
+            ],
+            env=env,
+        )
         if _wait_healthy(proc, url, timeout):
             return proc, url
         _stop(proc)
-    raise StageError(f"the temporary Prefect server did not answer on {url}/health within {timeout} s "
-                     f"(exit code {proc.returncode}); see its output above. Or start one (`medtune server`) "
-                     "and set PREFECT_API_URL=http://127.0.0.1:4200/api.")
+    raise StageError(
+        f"the temporary Prefect server did not answer on {url}/health within {timeout} s "
+        f"(exit code {proc.returncode}); see its output above. Or start one (`medtune server`) "
+        "and set PREFECT_API_URL=http://127.0.0.1:4200/api."
+    )
 
 
 def _use_api(url: str | None) -> str | None:

@@ -57,8 +57,13 @@ def check_batch(batch: str, params: str, extra_known: list[dict[str, str]]) -> d
         manifest = pd.concat([manifest, pd.DataFrame(extra_known)], ignore_index=True).fillna("")
     mine = raw_append.appended_paths(Path(batch).name, rows, p) if not rows.empty else []
     problems += inbox.check_batch(batch, rows, manifest, p, already_appended=mine)
-    return {"batch": batch, "problems": problems, "rows": rows.to_dict("records"), "dests": mine,
-            "summary": inbox.summary_table(rows)}
+    return {
+        "batch": batch,
+        "problems": problems,
+        "rows": rows.to_dict("records"),
+        "dests": mine,
+        "summary": inbox.summary_table(rows),
+    }
 
 
 @task(name="quarantine-batch", **IO)
@@ -80,17 +85,27 @@ def snapshot(params: str, dests: list[str]) -> dict[str, Any]:
 
 
 @task(name="undo-failed-run")
-def undo(snap: dict[str, Any], dests: list[str], params: str, batches: list[str], error: str,
-         quarantine_dir: str) -> tuple[list[str], list[dict[str, Any]]]:
-    return workspace.undo_failed_run(".", snap, dests, load_params(params), batches, error, quarantine_dir,
-                                       {"flow_run_id": flow_run.id})
+def undo(
+    snap: dict[str, Any], dests: list[str], params: str, batches: list[str], error: str, quarantine_dir: str
+) -> tuple[list[str], list[dict[str, Any]]]:
+    return workspace.undo_failed_run(
+        ".", snap, dests, load_params(params), batches, error, quarantine_dir, {"flow_run_id": flow_run.id}
+    )
 
 
 @task(name="record-failure", **IO)
-def record_failure(error: str, trigger: str, raw_dir: str, batches: list[dict[str, Any]],
-                   restored: list[str]) -> dict[str, Any]:
-    return promote.record_failure(".", error=error, trigger=trigger, flow_run_id=flow_run.id,
-                                   data_version=dvc_data_version(raw_dir), batches=batches, restored=restored)
+def record_failure(
+    error: str, trigger: str, raw_dir: str, batches: list[dict[str, Any]], restored: list[str]
+) -> dict[str, Any]:
+    return promote.record_failure(
+        ".",
+        error=error,
+        trigger=trigger,
+        flow_run_id=flow_run.id,
+        data_version=dvc_data_version(raw_dir),
+        batches=batches,
+        restored=restored,
+    )
 
 
 @task(name="plan-warm-start")
@@ -107,12 +122,23 @@ def compare(params: str, metric: str, margin: float) -> dict[str, Any]:
 
 
 @task(name="record-release", **IO)
-def publish(decision: dict[str, Any], trigger: str, raw_dir: str, rp: RetrainParams, batches: list[str]) -> dict[str, Any]:
+def publish(
+    decision: dict[str, Any], trigger: str, raw_dir: str, rp: RetrainParams, batches: list[str]
+) -> dict[str, Any]:
     """Push, commit, tag, then archive the batches: one release that `recover` finishes if the run dies."""
-    return promote.publish(".", decision, trigger=trigger, flow_run_id=flow_run.id,
-                            data_version=dvc_data_version(raw_dir), tag_prefix=rp.tag_prefix,
-                            remote_url=rp.dvc_remote, remote_name=rp.dvc_remote_name, batches=batches,
-                            processed_dir=rp.processed_dir, allow_public_salt=rp.allow_public_salt)
+    return promote.publish(
+        ".",
+        decision,
+        trigger=trigger,
+        flow_run_id=flow_run.id,
+        data_version=dvc_data_version(raw_dir),
+        tag_prefix=rp.tag_prefix,
+        remote_url=rp.dvc_remote,
+        remote_name=rp.dvc_remote_name,
+        batches=batches,
+        processed_dir=rp.processed_dir,
+        allow_public_salt=rp.allow_public_salt,
+    )
 
 
 @task(name="archive-batch", **IO)
@@ -123,9 +149,12 @@ def archive(batch: str, processed_dir: str) -> str:
 def _decision_markdown(decision: dict[str, Any], record: dict[str, Any] | None) -> str:
     ch, cp = decision["champion"], decision["challenger"]
     head = "PROMOTED" if decision["promote"] else "KEPT CHAMPION"
-    lines = [f"# Retrain decision: {head}", "",
-             f"- challenger: `{cp['model_id']}`, gate {'passed' if (cp.get('gate') or {}).get('passed') else 'FAILED'}",
-             f"- champion: `{ch['model_id']}`"]
+    lines = [
+        f"# Retrain decision: {head}",
+        "",
+        f"- challenger: `{cp['model_id']}`, gate {'passed' if (cp.get('gate') or {}).get('passed') else 'FAILED'}",
+        f"- champion: `{ch['model_id']}`",
+    ]
     if record:
         lines.append(f"- git tag: `{record.get('git_tag')}`, data version `{record.get('data_version')}`")
     lines += ["", "Reasons:"] + [f"- {r}" for r in decision["reasons"]]
@@ -136,10 +165,14 @@ def _metrics_rows(decision: dict[str, Any]) -> list[dict[str, Any]]:
     comp = decision.get("comparison") or {}
     rows = []
     for name in ("auroc", "sensitivity", "specificity", "accuracy", "f1", "n_test"):
-        rows.append({"metric": name,
-                     "challenger (full test)": (decision["challenger"]["metrics"] or {}).get(name),
-                     "challenger (shared test)": (comp.get("challenger") or {}).get(name),
-                     "champion (shared test)": (decision["champion"]["metrics"] or {}).get(name)})
+        rows.append(
+            {
+                "metric": name,
+                "challenger (full test)": (decision["challenger"]["metrics"] or {}).get(name),
+                "challenger (shared test)": (comp.get("challenger") or {}).get(name),
+                "champion (shared test)": (decision["champion"]["metrics"] or {}).get(name),
+            }
+        )
     return rows
 
 
@@ -156,8 +189,9 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
         return {"outcome": "nothing-new", "trigger": trigger}
 
     holder = f"retrain flow run {flow_run.id} (pid {os.getpid()}, trigger {trigger})"
-    with workspace.workspace_lock(".", holder, rp.lock_timeout,
-                                    lambda h: logger.info("another run holds the workspace (%s); waiting", h)):
+    with workspace.workspace_lock(
+        ".", holder, rp.lock_timeout, lambda h: logger.info("another run holds the workspace (%s); waiting", h)
+    ):
         recovered = recover()
         for line in recovered:
             logger.warning("recovery: %s", line)
@@ -175,13 +209,20 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
         record = _record_decision(decision, good, trigger, p, logger)
     outcome = "promoted" if decision["promote"] else "kept-champion"
     logger.info("retrain %s: %s", outcome, "; ".join(decision["reasons"]))
-    return {"outcome": outcome, "trigger": trigger, "model_id": result.get("model_id"),
-            "data_version": result.get("data_version"), "reasons": decision["reasons"],
-            "git_tag": (record or {}).get("git_tag"), "quarantined": bad}
+    return {
+        "outcome": outcome,
+        "trigger": trigger,
+        "model_id": result.get("model_id"),
+        "data_version": result.get("data_version"),
+        "reasons": decision["reasons"],
+        "git_tag": (record or {}).get("git_tag"),
+        "quarantined": bad,
+    }
 
 
-def _check_batches(batches: list[str], params: str, quarantine_dir: str,
-                   logger) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _check_batches(
+    batches: list[str], params: str, quarantine_dir: str, logger
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Check each batch in turn (against the data and the batches accepted before it); quarantine the
     bad ones. Returns (the good ones' check results, {batch, quarantine, problems} per bad one)."""
     good, bad, known = [], [], []
@@ -192,19 +233,24 @@ def _check_batches(batches: list[str], params: str, quarantine_dir: str,
             bad.append({"batch": Path(batch).name, "quarantine": where, "problems": checked["problems"]})
             create_markdown_artifact(
                 f"# Quarantined `{Path(batch).name}`\n\nMoved to `{where}`.\n\n"
-                + "\n".join(f"- {x}" for x in checked["problems"][:50]), key="medtune-quarantine")
+                + "\n".join(f"- {x}" for x in checked["problems"][:50]),
+                key="medtune-quarantine",
+            )
             continue
         logger.info("batch %s is good: %s", Path(batch).name, checked["summary"])
         good.append(checked)
         # Where these files will sit in raw (raw_append.raw_destination), so a later batch's duplicate
         # message names the right path.
-        known += [{"path": dest, "sha256": r["sha256"], "patient": r["patient"], "split": r["split"]}
-                  for dest, r in zip(checked["dests"], checked["rows"])]
+        known += [
+            {"path": dest, "sha256": r["sha256"], "patient": r["patient"], "split": r["split"]}
+            for dest, r in zip(checked["dests"], checked["rows"])
+        ]
     return good, bad
 
 
-def _append_and_run(good: list[dict[str, Any]], params: str, p: Params, trigger: str,
-                    logger) -> tuple[dict[str, Any], dict[str, Any]]:
+def _append_and_run(
+    good: list[dict[str, Any]], params: str, p: Params, trigger: str, logger
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Append the good batches, run the pipeline and decide: (the pipeline's result, the decision).
     On a failure the run is undone (_fail) and the error raised again."""
     rp = p.retrain
@@ -214,8 +260,11 @@ def _append_and_run(good: list[dict[str, Any]], params: str, p: Params, trigger:
     try:
         for checked in good:
             append(checked["batch"], checked["rows"], params)
-        create_table_artifact([dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
-                              key="medtune-new-batches", description="Appended batches (label x split)")
+        create_table_artifact(
+            [dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
+            key="medtune-new-batches",
+            description="Appended batches (label x split)",
+        )
         plan_start(params)
         # The stages (and their per-file work) on the Dask cluster when one is configured
         # (flows.pipeline.task_runner). This flow's own tasks stay in its process: small
@@ -229,8 +278,9 @@ def _append_and_run(good: list[dict[str, Any]], params: str, p: Params, trigger:
     return result, decision
 
 
-def _record_decision(decision: dict[str, Any], good: list[dict[str, Any]], trigger: str, p: Params,
-                     logger) -> dict[str, Any] | None:
+def _record_decision(
+    decision: dict[str, Any], good: list[dict[str, Any]], trigger: str, p: Params, logger
+) -> dict[str, Any] | None:
     """Publish the decision (or, for the champion itself, only archive the batches) and show it in the
     UI; returns the release record (None when nothing was recorded)."""
     rp = p.retrain
@@ -241,22 +291,34 @@ def _record_decision(decision: dict[str, Any], good: list[dict[str, Any]], trigg
             archive(checked["batch"], rp.processed_dir)
     else:  # archives the batches last, once the release is committed and tagged
         record = publish(decision, trigger, p.data.raw_dir, rp, [c["batch"] for c in good])
-    create_markdown_artifact(_decision_markdown(decision, record), key="medtune-decision",
-                             description="Champion/challenger decision")
+    create_markdown_artifact(
+        _decision_markdown(decision, record), key="medtune-decision", description="Champion/challenger decision"
+    )
     create_table_artifact(_metrics_rows(decision), key="medtune-champion-vs-challenger")
     return record
 
 
-def _fail(exc: BaseException, good: list[dict[str, Any]], snap: dict[str, Any], dests: list[str], params: str,
-          trigger: str, raw_dir: str, quarantine_dir: str, logger) -> None:
+def _fail(
+    exc: BaseException,
+    good: list[dict[str, Any]],
+    snap: dict[str, Any],
+    dests: list[str],
+    params: str,
+    trigger: str,
+    raw_dir: str,
+    quarantine_dir: str,
+    logger,
+) -> None:
     """After a failure past the append: undo the run, record it, say so. Never masks `exc`."""
     error = f"{type(exc).__name__}: {exc}"
     logger.error("retrain failed after appending %d batch(es): %s; restoring the workspace", len(good), error)
     try:
         restored, where = undo(snap, dests, params, [c["batch"] for c in good], error, quarantine_dir)
     except Exception as e:  # noqa: BLE001 - undo_failed_run does not raise; the task machinery might
-        restored, where = [f"FAILED to undo the run: {e}"], [{"batch": Path(c["batch"]).name, "quarantine": None}
-                                                             for c in good]
+        restored, where = (
+            [f"FAILED to undo the run: {e}"],
+            [{"batch": Path(c["batch"]).name, "quarantine": None} for c in good],
+        )
     try:
         record_failure(error, trigger, raw_dir, where, restored)
     except Exception as e:  # noqa: BLE001
@@ -264,5 +326,9 @@ def _fail(exc: BaseException, good: list[dict[str, Any]], snap: dict[str, Any], 
     create_markdown_artifact(
         f"# Retrain FAILED\n\n`{error}`\n\nBatches quarantined: "
         + ", ".join(f"`{w['batch']}` -> `{w['quarantine']}`" for w in where)
-        + "\n\nWorkspace restored:\n" + "\n".join(f"- {x}" for x in restored) + "\n",
-        key="medtune-decision", description="Retrain failed; champion kept")
+        + "\n\nWorkspace restored:\n"
+        + "\n".join(f"- {x}" for x in restored)
+        + "\n",
+        key="medtune-decision",
+        description="Retrain failed; champion kept",
+    )

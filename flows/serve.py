@@ -33,8 +33,11 @@ def deployments(root: Path, params: str = "params.yaml") -> list:
     """The two RunnerDeployments (also usable with `.deploy(work_pool_name=...)`)."""
     rp = load_params(root / params).retrain
     base = {"root": str(root), "params": params}
-    schedule = {"cron": rp.schedule_cron} if rp.schedule_cron else (
-        {"interval": timedelta(seconds=rp.schedule_interval)} if rp.schedule_interval else {})
+    schedule = (
+        {"cron": rp.schedule_cron}
+        if rp.schedule_cron
+        else ({"interval": timedelta(seconds=rp.schedule_interval)} if rp.schedule_interval else {})
+    )
     trigger = DeploymentEventTrigger(
         name="medtune: new labelled batch",
         expect={EVENT},
@@ -45,11 +48,20 @@ def deployments(root: Path, params: str = "params.yaml") -> list:
     # "AwaitingConcurrencySlot" instead of starting. The workspace lock stays the last guard (and is
     # what orders a pipeline run against a retrain run of the same workspace).
     return [
-        pipeline.to_deployment(name="pipeline", parameters=base, concurrency_limit=CONCURRENCY_LIMIT,
-                               description="The DVC pipeline as Prefect tasks, on demand."),
-        retrain.to_deployment(name="retrain", parameters={**base, "trigger": "schedule"}, triggers=[trigger],
-                              description="Retrain on new labelled batches (schedule and inbox event).",
-                              concurrency_limit=CONCURRENCY_LIMIT, **schedule),
+        pipeline.to_deployment(
+            name="pipeline",
+            parameters=base,
+            concurrency_limit=CONCURRENCY_LIMIT,
+            description="The DVC pipeline as Prefect tasks, on demand.",
+        ),
+        retrain.to_deployment(
+            name="retrain",
+            parameters={**base, "trigger": "schedule"},
+            triggers=[trigger],
+            description="Retrain on new labelled batches (schedule and inbox event).",
+            concurrency_limit=CONCURRENCY_LIMIT,
+            **schedule,
+        ),
     ]
 
 

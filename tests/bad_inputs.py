@@ -41,8 +41,10 @@ class Case:
 
 # --------------------------------------------------------------------------- writers
 
-def png(path: Path, value: int = 100, size: tuple[int, int] = (24, 24), mode: str = "L", fmt: str = "PNG",
-        **save) -> None:
+
+def png(
+    path: Path, value: int = 100, size: tuple[int, int] = (24, 24), mode: str = "L", fmt: str = "PNG", **save
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     colour = value if mode in ("L", "1", "I;16", "P") else (value,) * len(mode)
     Image.new(mode, size, colour).save(path, format=fmt, **save)
@@ -54,8 +56,18 @@ def noisy_png(path: Path, seed: int) -> None:
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (24, 24), dtype=np.uint8)).save(path)
 
 
-def dicom(path: Path, rows: int = 24, cols: int = 24, *, pixels: bool = True, frames: int = 1,
-          syntax: str | None = None, preamble: bool = True, data: bytes | None = None, seed: int = 0) -> None:
+def dicom(
+    path: Path,
+    rows: int = 24,
+    cols: int = 24,
+    *,
+    pixels: bool = True,
+    frames: int = 1,
+    syntax: str | None = None,
+    preamble: bool = True,
+    data: bytes | None = None,
+    seed: int = 0,
+) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -90,8 +102,14 @@ def good_tree(root: Path, csv: bool = False, seed: int = 0) -> None:
         write_labels(root, [])
 
 
-def write_labels(root: Path, extra: list[str], header: str = "path,label", encoding: str = "utf-8",
-                 newline: str = "\n", good: bool = True) -> None:
+def write_labels(
+    root: Path,
+    extra: list[str],
+    header: str = "path,label",
+    encoding: str = "utf-8",
+    newline: str = "\n",
+    good: bool = True,
+) -> None:
     lines = [header]
     if good:
         lines += [f"{label}/good{i:02d}.png,{label}" for label in CLASSES for i in range(GOOD_PER_CLASS)]
@@ -100,12 +118,15 @@ def write_labels(root: Path, extra: list[str], header: str = "path,label", encod
 
 def png_bomb(path: Path, side: int = 100_000) -> None:
     """A valid PNG header claiming side x side pixels, with almost no data: a decompression bomb."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def sparse(path: Path, size: int, head: bytes = b"") -> None:
@@ -154,91 +175,350 @@ def _one_class(root: Path) -> None:
 
 def _patient_leak(root: Path) -> None:
     """Five patients, each with images in two or three splits."""
-    write_labels(root, [f"{c}/good{i:02d}.png,{c},P{i % 5},{('train', 'val', 'test')[i % 3]}"
-                        for c in CLASSES for i in range(GOOD_PER_CLASS)], header="path,label,patient_id,split",
-                 good=False)
+    write_labels(
+        root,
+        [
+            f"{c}/good{i:02d}.png,{c},P{i % 5},{('train', 'val', 'test')[i % 3]}"
+            for c in CLASSES
+            for i in range(GOOD_PER_CLASS)
+        ],
+        header="path,label,patient_id,split",
+        good=False,
+    )
 
 
 # --------------------------------------------------------------------------- the catalogue
 
 FILE_CASES = [
     Case("truncated-png", _truncated, "cut.png", "fail", "copied", "quarantine", "error"),
-    Case("zero-bytes-png", lambda r: (r / "lesion" / "empty.png").write_bytes(b""), "empty.png", "fail", "copied",
-         "quarantine", "error"),
-    Case("zero-bytes-dcm", lambda r: (r / "lesion" / "empty.dcm").write_bytes(b""), "empty.dcm", "fail", "copied",
-         "quarantine", "error"),
-    Case("jpeg-named-png", lambda r: png(r / "lesion" / "photo.png", 90, fmt="JPEG"), "photo.png", "pass", "copied",
-         "accept", "ok"),
-    Case("png-named-dcm", lambda r: png(r / "lesion" / "image.dcm", 90), "image.dcm", "fail", "copied", "quarantine",
-         "error"),
-    Case("random-bytes-png", lambda r: (r / "lesion" / "noise.png").write_bytes(os.urandom(3000)), "noise.png", "fail",
-         "copied", "quarantine", "error"),
-    Case("random-bytes-no-extension", lambda r: (r / "lesion" / "blob").write_bytes(b"\x17" + os.urandom(3000)), "blob",
-         "warn", "skipped", "quarantine", "absent"),
-    Case("text-file", lambda r: (r / "lesion" / "notes.txt").write_text("see scans"), "notes.txt", "warn", "skipped",
-         "quarantine", "absent"),
-    Case("bmp-image", lambda r: png(r / "lesion" / "scan.bmp", 80, fmt="BMP"), "scan.bmp", "warn", "skipped",
-         "quarantine", "absent"),
-    Case("gif-named-png", lambda r: png(r / "lesion" / "anim.png", 80, mode="P", fmt="GIF"), "anim.png", "fail",
-         "copied", "quarantine", "error"),
-    Case("dicom-without-pixels", lambda r: dicom(r / "lesion" / "report.dcm", pixels=False), "report.dcm", "fail",
-         "copied", "quarantine", "error"),
-    Case("dicom-wrong-size", lambda r: dicom(r / "lesion" / "short.dcm", rows=64, cols=64), "short.dcm", "fail",
-         "copied", "quarantine", "error"),
-    Case("dicom-compressed-no-decoder",
-         lambda r: dicom(r / "lesion" / "j2k.dcm", syntax="1.2.840.10008.1.2.4.90",
-                         data=b"\xfe\xff\x00\xe0\x00\x00\x00\x00\xfe\xff\x00\xe0\x08\x00\x00\x00garbage!"
-                              b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"), "j2k.dcm", "fail", "copied", "quarantine", "error"),
-    Case("dicom-multi-frame", lambda r: dicom(r / "lesion" / "frames.dcm", frames=3), "frames.dcm", "fail", "copied", "quarantine", "error"),
-    Case("dicom-without-preamble", lambda r: dicom(r / "lesion" / "raw.dcm", preamble=False, seed=3), "raw.dcm",
-         "pass", "copied", "accept", "ok"),
-    Case("dicom-without-extension", lambda r: dicom(r / "lesion" / "1.2.840.99.1", seed=4), "1.2.840.99.1", "pass",
-         "copied", "accept", "ok"),
-    Case("zero-filled-dcm", lambda r: sparse(r / "lesion" / "zeros.dcm", 8 * 2**20), "zeros.dcm", "fail", "copied",
-         "quarantine", "error"),
-    Case("huge-dcm", lambda r: sparse(r / "lesion" / "huge.dcm", 4 * 2**30, b"\0" * 128 + b"DICM"), "huge.dcm",
-         "warn", "skipped", "refused", "error"),
-    Case("png-decompression-bomb", lambda r: png_bomb(r / "lesion" / "bomb.png"), "bomb.png", "fail", "copied",
-         "quarantine", "error"),
-    Case("png-16-bit", lambda r: png(r / "lesion" / "deep.png", 40000, mode="I;16"), "deep.png", "pass", "copied",
-         "accept", "ok"),
-    Case("png-rgba", lambda r: png(r / "lesion" / "alpha.png", 120, mode="RGBA"), "alpha.png", "pass", "copied",
-         "accept", "ok"),
-    Case("png-palette", lambda r: png(r / "lesion" / "pal.png", 3, mode="P"), "pal.png", "pass", "copied", "accept",
-         "ok"),
-    Case("png-one-bit", lambda r: png(r / "lesion" / "bits.png", 1, mode="1"), "bits.png", "fail", "copied",
-         "quarantine", "ok"),
-    Case("jpeg-cmyk", lambda r: png(r / "lesion" / "print.jpg", 60, mode="CMYK", fmt="JPEG"), "print.jpg", "pass",
-         "copied", "accept", "ok"),
-    Case("jpeg-progressive", lambda r: png(r / "lesion" / "prog.jpeg", 70, fmt="JPEG", progressive=True),
-         "prog.jpeg", "pass", "copied", "accept", "ok"),
-    Case("tiny-image", lambda r: png(r / "lesion" / "tiny.png", 50, size=(4, 4)), "tiny.png", "fail", "copied",
-         "quarantine", "ok"),
-    Case("extreme-aspect", lambda r: png(r / "lesion" / "strip.png", 50, size=(16, 2000)), "strip.png", "pass",
-         "copied", "accept", "ok"),
-    Case("unicode-name", lambda r: noisy_png(r / "lesion" / "lésion Ü 片,1.png", 31), "lésion Ü 片,1.png", "pass",
-         "copied", "accept", "ok"),
-    Case("upper-case-extension", lambda r: noisy_png(r / "lesion" / "LOUD.PNG", 32), "LOUD.PNG", "pass", "copied",
-         "accept", "ok"),
-    Case("deeply-nested", lambda r: noisy_png(r / "lesion" / "a" / "b" / "c" / "deep.png", 33), "deep.png", "pass",
-         "copied", "accept", "ok"),
-    Case("os-files", lambda r: [(r / "lesion" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1"),
-                                png(r / "lesion" / "__MACOSX" / "._x.png", 9),
-                                png(r / "lesion" / ".ipynb_checkpoints" / "x.png", 9)], ".DS_Store", "pass", "ignored",
-         "accept", "absent"),
-    Case("link-inside", lambda r: _link(r, "lesion/again.png", Path("good00.png")), "again.png", "pass", "copied",
-         "quarantine", "ok"),
-    Case("link-outside", lambda r: _link(r, "lesion/leak.png", _outside(r)), "leak.png", "fail", "skipped",
-         "quarantine", "error"),
+    Case(
+        "zero-bytes-png",
+        lambda r: (r / "lesion" / "empty.png").write_bytes(b""),
+        "empty.png",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "zero-bytes-dcm",
+        lambda r: (r / "lesion" / "empty.dcm").write_bytes(b""),
+        "empty.dcm",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "jpeg-named-png",
+        lambda r: png(r / "lesion" / "photo.png", 90, fmt="JPEG"),
+        "photo.png",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "png-named-dcm",
+        lambda r: png(r / "lesion" / "image.dcm", 90),
+        "image.dcm",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "random-bytes-png",
+        lambda r: (r / "lesion" / "noise.png").write_bytes(os.urandom(3000)),
+        "noise.png",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "random-bytes-no-extension",
+        lambda r: (r / "lesion" / "blob").write_bytes(b"\x17" + os.urandom(3000)),
+        "blob",
+        "warn",
+        "skipped",
+        "quarantine",
+        "absent",
+    ),
+    Case(
+        "text-file",
+        lambda r: (r / "lesion" / "notes.txt").write_text("see scans"),
+        "notes.txt",
+        "warn",
+        "skipped",
+        "quarantine",
+        "absent",
+    ),
+    Case(
+        "bmp-image",
+        lambda r: png(r / "lesion" / "scan.bmp", 80, fmt="BMP"),
+        "scan.bmp",
+        "warn",
+        "skipped",
+        "quarantine",
+        "absent",
+    ),
+    Case(
+        "gif-named-png",
+        lambda r: png(r / "lesion" / "anim.png", 80, mode="P", fmt="GIF"),
+        "anim.png",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "dicom-without-pixels",
+        lambda r: dicom(r / "lesion" / "report.dcm", pixels=False),
+        "report.dcm",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "dicom-wrong-size",
+        lambda r: dicom(r / "lesion" / "short.dcm", rows=64, cols=64),
+        "short.dcm",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "dicom-compressed-no-decoder",
+        lambda r: dicom(
+            r / "lesion" / "j2k.dcm",
+            syntax="1.2.840.10008.1.2.4.90",
+            data=b"\xfe\xff\x00\xe0\x00\x00\x00\x00\xfe\xff\x00\xe0\x08\x00\x00\x00garbage!"
+            b"\xfe\xff\xdd\xe0\x00\x00\x00\x00",
+        ),
+        "j2k.dcm",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "dicom-multi-frame",
+        lambda r: dicom(r / "lesion" / "frames.dcm", frames=3),
+        "frames.dcm",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "dicom-without-preamble",
+        lambda r: dicom(r / "lesion" / "raw.dcm", preamble=False, seed=3),
+        "raw.dcm",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "dicom-without-extension",
+        lambda r: dicom(r / "lesion" / "1.2.840.99.1", seed=4),
+        "1.2.840.99.1",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "zero-filled-dcm",
+        lambda r: sparse(r / "lesion" / "zeros.dcm", 8 * 2**20),
+        "zeros.dcm",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "huge-dcm",
+        lambda r: sparse(r / "lesion" / "huge.dcm", 4 * 2**30, b"\0" * 128 + b"DICM"),
+        "huge.dcm",
+        "warn",
+        "skipped",
+        "refused",
+        "error",
+    ),
+    Case(
+        "png-decompression-bomb",
+        lambda r: png_bomb(r / "lesion" / "bomb.png"),
+        "bomb.png",
+        "fail",
+        "copied",
+        "quarantine",
+        "error",
+    ),
+    Case(
+        "png-16-bit",
+        lambda r: png(r / "lesion" / "deep.png", 40000, mode="I;16"),
+        "deep.png",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "png-rgba",
+        lambda r: png(r / "lesion" / "alpha.png", 120, mode="RGBA"),
+        "alpha.png",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "png-palette", lambda r: png(r / "lesion" / "pal.png", 3, mode="P"), "pal.png", "pass", "copied", "accept", "ok"
+    ),
+    Case(
+        "png-one-bit",
+        lambda r: png(r / "lesion" / "bits.png", 1, mode="1"),
+        "bits.png",
+        "fail",
+        "copied",
+        "quarantine",
+        "ok",
+    ),
+    Case(
+        "jpeg-cmyk",
+        lambda r: png(r / "lesion" / "print.jpg", 60, mode="CMYK", fmt="JPEG"),
+        "print.jpg",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "jpeg-progressive",
+        lambda r: png(r / "lesion" / "prog.jpeg", 70, fmt="JPEG", progressive=True),
+        "prog.jpeg",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "tiny-image",
+        lambda r: png(r / "lesion" / "tiny.png", 50, size=(4, 4)),
+        "tiny.png",
+        "fail",
+        "copied",
+        "quarantine",
+        "ok",
+    ),
+    Case(
+        "extreme-aspect",
+        lambda r: png(r / "lesion" / "strip.png", 50, size=(16, 2000)),
+        "strip.png",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "unicode-name",
+        lambda r: noisy_png(r / "lesion" / "lésion Ü 片,1.png", 31),
+        "lésion Ü 片,1.png",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "upper-case-extension",
+        lambda r: noisy_png(r / "lesion" / "LOUD.PNG", 32),
+        "LOUD.PNG",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "deeply-nested",
+        lambda r: noisy_png(r / "lesion" / "a" / "b" / "c" / "deep.png", 33),
+        "deep.png",
+        "pass",
+        "copied",
+        "accept",
+        "ok",
+    ),
+    Case(
+        "os-files",
+        lambda r: [
+            (r / "lesion" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1"),
+            png(r / "lesion" / "__MACOSX" / "._x.png", 9),
+            png(r / "lesion" / ".ipynb_checkpoints" / "x.png", 9),
+        ],
+        ".DS_Store",
+        "pass",
+        "ignored",
+        "accept",
+        "absent",
+    ),
+    Case(
+        "link-inside",
+        lambda r: _link(r, "lesion/again.png", Path("good00.png")),
+        "again.png",
+        "pass",
+        "copied",
+        "quarantine",
+        "ok",
+    ),
+    Case(
+        "link-outside",
+        lambda r: _link(r, "lesion/leak.png", _outside(r)),
+        "leak.png",
+        "fail",
+        "skipped",
+        "quarantine",
+        "error",
+    ),
     Case("link-climbing-out", _climbing_link, "up.png", "fail", "skipped", "quarantine", "error"),
-    Case("broken-link", lambda r: _link(r, "lesion/gone.png", r / "nowhere.png"), "gone.png", "warn", "skipped",
-         "quarantine", "absent"),
-    Case("scan-outside-class-folders", lambda r: noisy_png(r / "loose.png", 34), "loose.png", "fail", "error",
-         "quarantine", "ok"),
-    Case("unknown-class-folder", lambda r: noisy_png(r / "pneumonia" / "p.png", 35), "pneumonia", "fail", "copied",
-         "quarantine", "ok"),
-    Case("same-bytes-two-labels", lambda r: (r / "normal" / "twin.png").write_bytes(
-        (r / "lesion" / "good00.png").read_bytes()), "twin.png", "fail", "copied", "quarantine", "ok"),
+    Case(
+        "broken-link",
+        lambda r: _link(r, "lesion/gone.png", r / "nowhere.png"),
+        "gone.png",
+        "warn",
+        "skipped",
+        "quarantine",
+        "absent",
+    ),
+    Case(
+        "scan-outside-class-folders",
+        lambda r: noisy_png(r / "loose.png", 34),
+        "loose.png",
+        "fail",
+        "error",
+        "quarantine",
+        "ok",
+    ),
+    Case(
+        "unknown-class-folder",
+        lambda r: noisy_png(r / "pneumonia" / "p.png", 35),
+        "pneumonia",
+        "fail",
+        "copied",
+        "quarantine",
+        "ok",
+    ),
+    Case(
+        "same-bytes-two-labels",
+        lambda r: (r / "normal" / "twin.png").write_bytes((r / "lesion" / "good00.png").read_bytes()),
+        "twin.png",
+        "fail",
+        "copied",
+        "quarantine",
+        "ok",
+    ),
 ]
 
 
@@ -250,6 +530,7 @@ def _with_file(rel: str, *extra: str) -> Callable[[Path], None]:
     def build(root: Path) -> None:
         noisy_png(root / rel, 77)
         write_labels(root, list(extra))
+
     return build
 
 
@@ -257,8 +538,13 @@ LINE = f"line {FIRST_CASE_LINE}"
 CSV_CASES = [
     Case("csv-unknown-label", _with_file("x/new.png", "x/new.png,pneumonia"), "new.png", "fail", csv=True),
     Case("csv-missing-label", _with_file("x/new.png", "x/new.png,"), "new.png", "fail", csv=True),
-    Case("csv-conflicting-labels", _with_file("x/new.png", "x/new.png,normal", "x/new.png,lesion"), "new.png",
-         "fail", csv=True),
+    Case(
+        "csv-conflicting-labels",
+        _with_file("x/new.png", "x/new.png,normal", "x/new.png,lesion"),
+        "new.png",
+        "fail",
+        csv=True,
+    ),
     Case("csv-duplicate-row", _rows("normal/good00.png,normal"), "normal/good00.png", "fail", csv=True),
     Case("csv-missing-file", _rows("x/absent.png,lesion"), "absent.png", "fail", csv=True),
     Case("csv-absolute-path", _rows("/etc/hostname,lesion"), LINE, "fail", csv=True),
@@ -273,8 +559,13 @@ CSV_CASES = [
     Case("csv-one-class-only", _one_class, "lesion", "fail", batch="accept", csv=True),
     # The catalogue's workspace is folder per class, where a batch cannot carry patients or splits.
     Case("csv-patient-leak", _patient_leak, "in splits", "fail", csv=True, batch_named="column 'patient_id'"),
-    Case("csv-bad-split-name", _rows("normal/good00.png,normal,training", header="path,label,split", good=False),
-         "training", "fail", csv=True),
+    Case(
+        "csv-bad-split-name",
+        _rows("normal/good00.png,normal,training", header="path,label,split", good=False),
+        "training",
+        "fail",
+        csv=True,
+    ),
 ]
 
 CASES = FILE_CASES + CSV_CASES

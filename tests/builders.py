@@ -29,9 +29,21 @@ RAW_NAME, RAW_ID = "Doe^Jane", "PID-775533"  # the patient in write_dicom's head
 
 def tiny_params(**gate):
     # A random-weight model on 8 images: every gate open unless a test closes one.
-    return parse_params({"evaluate": {"positive_class": "lesion", "bootstrap": 40,
-                                      "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0,
-                                               "min_balanced_accuracy": 0.0, **gate}}})
+    return parse_params(
+        {
+            "evaluate": {
+                "positive_class": "lesion",
+                "bootstrap": 40,
+                "gate": {
+                    "min_auroc": 0.0,
+                    "min_sensitivity": 0.0,
+                    "min_specificity": 0.0,
+                    "min_balanced_accuracy": 0.0,
+                    **gate,
+                },
+            }
+        }
+    )
 
 
 def make_prepared(root, classes=CLASSES, per_class=None, channels=1, size=32, seed=0):
@@ -50,13 +62,27 @@ def make_prepared(root, classes=CLASSES, per_class=None, channels=1, size=32, se
                 img = rng.integers(0, 120, size=(channels, size, size), dtype=np.uint8)
                 img[:, 8:20, 8:20] += np.uint8(100 * li)  # a brighter square for later classes
                 images.append(img)
-                rows.append({"split": split, "row": len(images) - 1, "path": f"{cls}/{split}_{i}.png",
-                             "sha256": f"{split}{li}{i}".ljust(64, "0"), "label": cls, "label_index": li,
-                             "patient": hash_patient(f"{RAW_PATIENT}-{split}-{i}", b"salt")})
+                rows.append(
+                    {
+                        "split": split,
+                        "row": len(images) - 1,
+                        "path": f"{cls}/{split}_{i}.png",
+                        "sha256": f"{split}{li}{i}".ljust(64, "0"),
+                        "label": cls,
+                        "label_index": li,
+                        "patient": hash_patient(f"{RAW_PATIENT}-{split}-{i}", b"salt"),
+                    }
+                )
         np.save(root / f"{split}.npy", np.stack(images))
     pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
-    meta = {"classes": list(classes), "image_size": size, "channels": channels, "window": "header",
-            "resize": "bilinear", "input": "uint8 NCHW"}
+    meta = {
+        "classes": list(classes),
+        "image_size": size,
+        "channels": channels,
+        "window": "header",
+        "resize": "bilinear",
+        "input": "uint8 NCHW",
+    }
     (root / "meta.json").write_text(json.dumps(meta))
     return root
 
@@ -72,14 +98,32 @@ def write_prepared(root: Path, n_train: int = 16, n_val: int = 8, size: int = 32
     for split, n in (("train", n_train), ("val", n_val), ("test", 4)):
         labels = np.arange(n) % 2
         images = rng.integers(0, 80, (n, channels, size, size), dtype=np.uint8)
-        images[labels == 1, :, size // 4:size // 2, size // 4:size // 2] = 230
+        images[labels == 1, :, size // 4 : size // 2, size // 4 : size // 2] = 230
         np.save(root / f"{split}.npy", images)
-        rows += [{"split": split, "row": i, "path": f"{split}/{i}.png", "sha256": f"{i:064x}",
-                  "label": CLASSES[lab], "label_index": int(lab), "patient": f"{i:016x}"}
-                 for i, lab in enumerate(labels)]
+        rows += [
+            {
+                "split": split,
+                "row": i,
+                "path": f"{split}/{i}.png",
+                "sha256": f"{i:064x}",
+                "label": CLASSES[lab],
+                "label_index": int(lab),
+                "patient": f"{i:016x}",
+            }
+            for i, lab in enumerate(labels)
+        ]
     pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
-    (root / "meta.json").write_text(json.dumps({"classes": list(CLASSES), "image_size": size, "channels": channels,
-                                                "window": "header", "input": "uint8 NCHW"}))
+    (root / "meta.json").write_text(
+        json.dumps(
+            {
+                "classes": list(CLASSES),
+                "image_size": size,
+                "channels": channels,
+                "window": "header",
+                "input": "uint8 NCHW",
+            }
+        )
+    )
     return root
 
 
@@ -97,12 +141,25 @@ def make_checkpoint(path, classes=CLASSES, channels=1, size=32, seed=0, members=
         models.append(model)
     model = Ensemble(models) if members > 1 else models[0]
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "members": members, "backbone": model.arch, "classes": list(classes),
-                "in_channels": channels, "image_size": size,
-                "params": {"train": {"freeze": "all", "optimizer": "adamw", "lr": 1e-3, "seed": seed}, "augment": {}},
-                "pretrained": info, "history": [], "best_epoch": 1, "epochs_run": 1,
-                "best_metric": {"name": "val_auroc", "value": 0.5}, "device": "cpu",
-                "processor": "Test Processor 9000"}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "members": members,
+            "backbone": model.arch,
+            "classes": list(classes),
+            "in_channels": channels,
+            "image_size": size,
+            "params": {"train": {"freeze": "all", "optimizer": "adamw", "lr": 1e-3, "seed": seed}, "augment": {}},
+            "pretrained": info,
+            "history": [],
+            "best_epoch": 1,
+            "epochs_run": 1,
+            "best_metric": {"name": "val_auroc", "value": 0.5},
+            "device": "cpu",
+            "processor": "Test Processor 9000",
+        },
+        path,
+    )
     return path
 
 
@@ -116,19 +173,48 @@ def make_project(root, params, classes=CLASSES, channels=1, members=1):
     evaluate(ckpt, prepared, reports, params)
     manifest = root / "data" / "manifest.json"
     counts = {s: {c: n for c in classes} for s, n in (("train", 2), ("val", 2), ("test", 4))}
-    manifest.write_text(json.dumps({
-        "data_version": "d41d8cd98f00b204e9800998ecf8427e.dir", "content_hash": "ab" * 32, "n_images": 16 * len(classes),
-        "n_unreadable": 0, "counts": counts, "patient_source": "dicom",
-        "split": {"method": "stratified-group", "seed": 42, "val_fraction": 0.2, "test_fraction": 0.25,
-                  "patients": {"train": 2, "val": 2, "test": 4}, "patient_overlap": 0, "source": "stratified-group"}}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "data_version": "d41d8cd98f00b204e9800998ecf8427e.dir",
+                "content_hash": "ab" * 32,
+                "n_images": 16 * len(classes),
+                "n_unreadable": 0,
+                "counts": counts,
+                "patient_source": "dicom",
+                "split": {
+                    "method": "stratified-group",
+                    "seed": 42,
+                    "val_fraction": 0.2,
+                    "test_fraction": 0.25,
+                    "patients": {"train": 2, "val": 2, "test": 4},
+                    "patient_overlap": 0,
+                    "source": "stratified-group",
+                },
+            }
+        )
+    )
     manifest.with_suffix(".csv").write_text("path,sha256,label,patient\nnormal/a.png,00,normal,0123456789abcdef\n")
-    (reports / "validation.json").write_text(json.dumps({
-        "success": True, "suite": "manifest", "failures": [],
-        "expectations": [{"name": "labels_known", "critical": True, "success": True, "details": {}},
-                         {"name": "size_range", "critical": False, "success": False, "details": {}},
-                         {"name": "duplicates_in_one_split", "critical": False, "success": True, "details": {}},
-                         {"name": "near_duplicates_in_one_split", "critical": False, "success": False,
-                          "details": {"n_offending": 3}}]}))
+    (reports / "validation.json").write_text(
+        json.dumps(
+            {
+                "success": True,
+                "suite": "manifest",
+                "failures": [],
+                "expectations": [
+                    {"name": "labels_known", "critical": True, "success": True, "details": {}},
+                    {"name": "size_range", "critical": False, "success": False, "details": {}},
+                    {"name": "duplicates_in_one_split", "critical": False, "success": True, "details": {}},
+                    {
+                        "name": "near_duplicates_in_one_split",
+                        "critical": False,
+                        "success": False,
+                        "details": {"n_offending": 3},
+                    },
+                ],
+            }
+        )
+    )
     return {"model": ckpt, "prepared": prepared, "reports": reports, "out": root / "models", "manifest": manifest}
 
 

@@ -48,8 +48,13 @@ def salt_free_server(tmp_path_factory):
     # `medtune` subprocesses import the code under test, wherever this checkout is.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     log = tmp / "server.log"
-    proc = subprocess.Popen([str(BIN / "medtune"), "server", "--port", str(port)], cwd=tmp, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "medtune"), "server", "--port", str(port)],
+        cwd=tmp,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_healthy(api, proc, log)
         yield {"env": env, "tmp": tmp}
@@ -74,6 +79,7 @@ def killed_after_push(tmp_path_factory, request) -> dict:
         set_params(ws, UNCOMMITTED_PARAMS)
         drop_batch(ws, env)
         out = retrain(ws, env, kill_after="dvc push")
-        record.write_text(json.dumps({"args": out.args, "returncode": out.returncode, "stdout": out.stdout,
-                                      "stderr": out.stderr}))
+        record.write_text(
+            json.dumps({"args": out.args, "returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr})
+        )
     return {"ws": ws, "out": subprocess.CompletedProcess(**json.loads(record.read_text()))}

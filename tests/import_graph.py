@@ -40,8 +40,10 @@ def imports(module: str) -> frozenset[str]:
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] in PACKAGES:
             # `from a.b import c`: the module a.b.c when there is one, else a name defined in a.b
-            found |= {f"{node.module}.{alias.name}" if module_file(f"{node.module}.{alias.name}") else node.module
-                      for alias in node.names}
+            found |= {
+                f"{node.module}.{alias.name}" if module_file(f"{node.module}.{alias.name}") else node.module
+                for alias in node.names
+            }
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] in PACKAGES}
     return frozenset(m for m in found if module_file(m) and m != module)

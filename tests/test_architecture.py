@@ -36,8 +36,9 @@ def test_imports_point_down(module):
     mine = folder(module)
     for dep in imports(module):
         theirs = folder(dep)
-        assert RANKS[theirs] < RANKS[mine] or theirs == mine, \
+        assert RANKS[theirs] < RANKS[mine] or theirs == mine, (
             f"{module} ({mine}/) imports {dep} ({theirs}/): imports must point down (tests/test_architecture.py)"
+        )
 
 
 def test_no_import_cycles():
@@ -47,7 +48,7 @@ def test_no_import_cycles():
     def visit(m: str, path: list[str]) -> None:
         state[m] = 1
         for dep in sorted(graph[m]):
-            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path[path.index(dep):] + [dep])}"
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path[path.index(dep) :] + [dep])}"
             if dep not in state:
                 visit(dep, path + [dep])
         state[m] = 2

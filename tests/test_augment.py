@@ -15,8 +15,7 @@ from PIL import Image
 from components.data.augment import build_transform, main, preview
 from components.params import AugmentParams, parse_params
 
-ZERO = AugmentParams(hflip=0, vflip=0, rotation=0, translate=0, scale=[1.0, 1.0], brightness=0, contrast=0,
-                     noise_std=0)
+ZERO = AugmentParams(hflip=0, vflip=0, rotation=0, translate=0, scale=[1.0, 1.0], brightness=0, contrast=0, noise_std=0)
 
 
 def write_prepared(root: Path, n: int = 6, channels: int = 1, size: int = 16) -> Path:
@@ -25,11 +24,28 @@ def write_prepared(root: Path, n: int = 6, channels: int = 1, size: int = 16) ->
     root.mkdir(parents=True, exist_ok=True)
     np.save(root / "train.npy", rng.integers(0, 256, (n, channels, size, size), dtype=np.uint8))
     labels = ["normal", "lesion"] * (n // 2)
-    pd.DataFrame({"split": "train", "row": range(n), "path": [f"{lab}/{i}.png" for i, lab in enumerate(labels)],
-                  "sha256": ["0" * 64] * n, "label": labels, "label_index": [i % 2 for i in range(n)],
-                  "patient": [f"{i:016x}" for i in range(n)]}).to_csv(root / "index.csv", index=False)
-    (root / "meta.json").write_text(json.dumps({"classes": ["normal", "lesion"], "image_size": size,
-                                                "channels": channels, "window": "header", "input": "uint8 NCHW"}))
+    pd.DataFrame(
+        {
+            "split": "train",
+            "row": range(n),
+            "path": [f"{lab}/{i}.png" for i, lab in enumerate(labels)],
+            "sha256": ["0" * 64] * n,
+            "label": labels,
+            "label_index": [i % 2 for i in range(n)],
+            "patient": [f"{i:016x}" for i in range(n)],
+        }
+    ).to_csv(root / "index.csv", index=False)
+    (root / "meta.json").write_text(
+        json.dumps(
+            {
+                "classes": ["normal", "lesion"],
+                "image_size": size,
+                "channels": channels,
+                "window": "header",
+                "input": "uint8 NCHW",
+            }
+        )
+    )
     return root
 
 
@@ -41,8 +57,9 @@ def test_zero_strengths_is_identity(channels):
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_strong_augmentation_keeps_shape_and_range_and_changes_the_image(channels):
-    params = AugmentParams(hflip=1.0, vflip=1.0, rotation=30, translate=0.2, scale=[0.8, 1.2], brightness=0.5,
-                           contrast=0.5, noise_std=0.2)
+    params = AugmentParams(
+        hflip=1.0, vflip=1.0, rotation=30, translate=0.2, scale=[0.8, 1.2], brightness=0.5, contrast=0.5, noise_std=0.2
+    )
     torch.manual_seed(0)
     x = torch.rand(channels, 16, 16)
     y = build_transform(params)(x)

@@ -90,7 +90,9 @@ def test_every_method_params_allow_is_the_one_implemented():
     fitted = {m: fit_calibration(m, logits, y, 1) for m in ("none", "temperature", "platt")}
     assert set(get_args(EvaluateParams.model_fields["calibration"].annotation)) == set(fitted)
     assert fitted["none"] == (1.0, [0.0, 0.0])
-    assert fitted["temperature"][1] == [0.0, 0.0] and fitted["platt"][1][1] != 0.0  # platt: a bias on the positive class
+    assert (
+        fitted["temperature"][1] == [0.0, 0.0] and fitted["platt"][1][1] != 0.0
+    )  # platt: a bias on the positive class
     y2, s2 = np.array([0, 0, 1, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.9])
     chosen = {m: choose_threshold(m, y2, s2, 1, 0.3) for m in ("fixed", "youden", "accuracy")}
     assert set(get_args(EvaluateParams.model_fields["threshold_method"].annotation)) == set(chosen)

@@ -47,17 +47,25 @@ def digest(folder: Path) -> dict[str, object]:
             if path.is_symlink():
                 out[rel] = ("link", os.readlink(path))
             elif path.is_file():
-                out[rel] = (st.st_size, st.st_mtime_ns) if st.st_size > 2**24 else \
-                    hashlib.sha256(path.read_bytes()).hexdigest()
+                out[rel] = (
+                    (st.st_size, st.st_mtime_ns)
+                    if st.st_size > 2**24
+                    else hashlib.sha256(path.read_bytes()).hexdigest()
+                )
     return out
 
 
 def params_file(tmp_path: Path, csv: bool) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({
-        "data": {"classes": CLASSES, "label_source": "csv" if csv else "folder"},
-        "split": {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.25},
-        "validate": {"min_images_per_class_split": 1}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"classes": CLASSES, "label_source": "csv" if csv else "folder"},
+                "split": {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.25},
+                "validate": {"min_images_per_class_split": 1},
+            }
+        )
+    )
     return path
 
 
@@ -75,9 +83,20 @@ def test_ingest_and_validate(case, tmp_path, capsys, caplog):
     params, data, reports = params_file(tmp_path, case.csv), tmp_path / "data", tmp_path / "reports"
     rc = ingest.main(["--raw", str(root), "--out", str(data), "--params", str(params)])
     if rc == 0:
-        rc = V.main(["--manifest", str(data / "manifest.csv"), "--manifest-json", str(data / "manifest.json"),
-                     "--out-json", str(reports / "validation.json"), "--out-md", str(reports / "validation.md"),
-                     "--params", str(params)])
+        rc = V.main(
+            [
+                "--manifest",
+                str(data / "manifest.csv"),
+                "--manifest-json",
+                str(data / "manifest.json"),
+                "--out-json",
+                str(reports / "validation.json"),
+                "--out-md",
+                str(reports / "validation.md"),
+                "--params",
+                str(params),
+            ]
+        )
     err = capsys.readouterr().err
     assert "Traceback" not in err + caplog.text
     assert digest(root) == before, "the input tree changed"
@@ -160,13 +179,17 @@ def test_retrain_once_quarantines_every_bad_batch(batch_workspace, tmp_path):
         assert commands.ingest_new_main([str(src), "--name", case.name, "--no-event", "--root", str(ws)]) == 0
     before_src = {name: digest(src) for name, src in sources.items()}
     raw_before = digest(ws / "data" / "raw")
-    env = tool_env(MEDTUNE_PATIENT_SALT=SALT, PREFECT_HOME=str(tmp_path / "prefect-home"),
-                   PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env = tool_env(
+        MEDTUNE_PATIENT_SALT=SALT,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
     env.pop("PREFECT_API_URL", None)
     out = run([str(BIN / "medtune"), "retrain", "--once"], ws, env, check=False, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
-    assert json.loads(out.stdout[out.stdout.index("{"):])["outcome"] == "quarantined"
+    assert json.loads(out.stdout[out.stdout.index("{") :])["outcome"] == "quarantined"
     assert digest(ws / "data" / "raw") == raw_before, "a quarantined batch changed data/raw"
     assert not any((ws / "data" / "inbox").iterdir())
     for case in bad:

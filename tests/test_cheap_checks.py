@@ -37,8 +37,14 @@ def retrain_once(ws: Path, *args: str, **env: str) -> tuple[subprocess.Completed
     """`medtune retrain --once` in `ws`; returns the process and the top-level packages it imported."""
     env = {k: v for k, v in tool_env(**env).items() if k != "PREFECT_API_URL" or "PREFECT_API_URL" in env}
     env.setdefault("PREFECT_HOME", str(ws.parent / "prefect-home"))
-    out = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "medtune"), "retrain", "--once", *args],
-                         cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "medtune"), "retrain", "--once", *args],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     imported = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*(\S+)\s*$", out.stderr, re.M)}
     out.stderr = "\n".join(line for line in out.stderr.splitlines() if not line.startswith("import time:"))
     return out, imported

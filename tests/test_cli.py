@@ -35,8 +35,9 @@ def test_help_lists_every_command_with_its_whole_line(argv, capsys):
 
 
 def test_help_imports_no_command_module():
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "components.cli", "--help"], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "components.cli", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.startswith("Usage: medtune COMMAND"), out.stderr
     imported = set(re.findall(r"^import time:.*\|\s*(\S+)\s*$", out.stderr, re.M))
     assert "typer" in imported  # the probe works
@@ -81,10 +82,17 @@ def test_show_completion_script(capsys):
 def bash_complete(words: str, home: str, source: str) -> list[str]:
     """What bash offers for `words` (the last one being completed), after `source`, through the real
     console script on PATH."""
-    script = (f"{source}\nCOMP_WORDS=({words}); COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 ))\n"
-              '_medtune_completion medtune "${COMP_WORDS[COMP_CWORD]}" medtune\nprintf "%s\\n" "${COMPREPLY[@]}"')
-    out = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], capture_output=True, text=True,
-                         env=tool_env(HOME=home), timeout=60)
+    script = (
+        f"{source}\nCOMP_WORDS=({words}); COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 ))\n"
+        '_medtune_completion medtune "${COMP_WORDS[COMP_CWORD]}" medtune\nprintf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    out = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", script],
+        capture_output=True,
+        text=True,
+        env=tool_env(HOME=home),
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return [line for line in out.stdout.splitlines() if line]
 
@@ -92,8 +100,9 @@ def bash_complete(words: str, home: str, source: str) -> list[str]:
 @pytest.mark.slow
 def test_installed_completion_completes_the_command_names(tmp_path):
     home = str(tmp_path)
-    out = subprocess.run([str(BIN / "medtune"), "--install-completion", "bash"], capture_output=True, text=True,
-                         env=tool_env(HOME=home))
+    out = subprocess.run(
+        [str(BIN / "medtune"), "--install-completion", "bash"], capture_output=True, text=True, env=tool_env(HOME=home)
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / ".bash_completions/medtune.sh").is_file()
     source = "source ~/.bashrc"  # what a new shell does
@@ -130,7 +139,10 @@ def test_arguments_reach_the_command_untouched(tmp_path, monkeypatch, capsys):
     assert "required: src" in capsys.readouterr().err
     assert cli.main(["import-folders", "--out", "out", "--", "-odd"]) == 0
     assert (tmp_path / "out/labels.csv").read_text().splitlines() == [
-        "path,label", "normal/normal.png,normal", "pneumonia/pneumonia.png,pneumonia"]
+        "path,label",
+        "normal/normal.png,normal",
+        "pneumonia/pneumonia.png,pneumonia",
+    ]
 
 
 def test_a_usage_error_in_a_commands_parser_is_its_exit_code(capsys):
@@ -152,8 +164,9 @@ def test_every_command_has_its_entry_point():
 
 
 def test_module_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "components.cli", "--version"], cwd=ROOT, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "components.cli", "--version"], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.startswith("medtune "), out.stderr
 
 

@@ -54,10 +54,12 @@ def test_lesion_is_a_visible_blob():
     # Same anatomy, with and without the lesion: the lesion must stand out from the noise by at
     # least a quarter of the soft-tissue window (100 HU of 400) over a blob of pixels.
     anatomy = demo_data._anatomy(np.random.default_rng(5))
+
     def pair(lesion: bool) -> np.ndarray:
         a = demo_data._slice_hu(np.random.default_rng(1), anatomy, 32, 0.5, lesion)
         b = demo_data._slice_hu(np.random.default_rng(2), anatomy, 32, 0.5, False)
         return np.abs(a - b)
+
     assert (pair(True) > 100).sum() >= 4
     assert (pair(False) > 100).sum() == 0
 
@@ -69,8 +71,13 @@ def test_identifiers_never_reach_the_manifest(tmp_path):
     text = (tmp_path / "data/manifest.csv").read_text() + (tmp_path / "data/manifest.json").read_text()
     for f in raw.rglob("*.dcm"):
         ds = pydicom.dcmread(f)
-        for value in (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.StudyDate,
-                      f"Patient{ds.PatientID[-3:]}"):
+        for value in (
+            str(ds.PatientName),
+            ds.PatientID,
+            ds.PatientBirthDate,
+            ds.StudyDate,
+            f"Patient{ds.PatientID[-3:]}",
+        ):
             assert value not in text, value
 
 
@@ -78,13 +85,17 @@ def test_extra_batch_has_new_patients(tmp_path):
     out = tmp_path / "raw"
     assert demo_data.main(["--out", str(out), "--patients", "3", "--slices", "1", "--size", "16"]) == 0
     base_ids = {pydicom.dcmread(f).PatientID for f in out.rglob("*.dcm")}
-    assert demo_data.main(["--out", str(out), "--patients", "3", "--slices", "1", "--size", "16",
-                           "--batch-name", "june"]) == 0
+    assert (
+        demo_data.main(["--out", str(out), "--patients", "3", "--slices", "1", "--size", "16", "--batch-name", "june"])
+        == 0
+    )
     all_ids = {pydicom.dcmread(f).PatientID for f in out.rglob("*.dcm")}
     assert len(base_ids) == 3 and len(all_ids) == 6
     # Writing the same batch twice is refused rather than silently overwriting it.
-    assert demo_data.main(["--out", str(out), "--patients", "3", "--slices", "1", "--size", "16",
-                           "--batch-name", "june"]) == 1
+    assert (
+        demo_data.main(["--out", str(out), "--patients", "3", "--slices", "1", "--size", "16", "--batch-name", "june"])
+        == 1
+    )
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):

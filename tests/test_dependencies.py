@@ -20,8 +20,13 @@ def third_party_imports() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for module in all_modules():
         for node in ast.walk(ast.parse(module_file(module).read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                else []
+            )
             for name in names:
                 top = name.split(".")[0]
                 if top not in sys.stdlib_module_names and top not in PACKAGES:
@@ -42,7 +47,9 @@ def test_every_imported_package_is_declared():
         owners = {d.lower().replace("_", "-") for d in dists.get(name, [name])}
         if not owners & have:
             missing[name] = (sorted(owners), sorted(users))
-    assert not missing, f"imported but not in pyproject.toml's dependencies (package: (distributions, importers)): {missing}"
+    assert not missing, (
+        f"imported but not in pyproject.toml's dependencies (package: (distributions, importers)): {missing}"
+    )
 
 
 def test_the_check_sees_a_real_import():

@@ -35,8 +35,9 @@ def stage_templates(stage: str) -> set[str]:
     for path in (ROOT / f for f in stage_code(stage)):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".j2"):
-                where = [p for p in (ROOT / "components" / node.value, path.parent / "templates" / node.value)
-                         if p.is_file()]
+                where = [
+                    p for p in (ROOT / "components" / node.value, path.parent / "templates" / node.value) if p.is_file()
+                ]
                 assert where, f"{path.relative_to(ROOT)} names template {node.value!r}, which is not a file"
                 found.add(where[0].relative_to(ROOT).as_posix())
     return found
@@ -52,8 +53,13 @@ def test_stage_depends_on_exactly_the_modules_its_code_imports(stage):
 
 def test_closure_follows_imports_inside_functions():
     # export imports models and preprocess only inside functions; they must still count.
-    assert {"components/model/models.py", "components/data/preprocess.py", "components/data/scans.py",
-            "components/params.py", "components/common.py"} <= stage_code("export")
+    assert {
+        "components/model/models.py",
+        "components/data/preprocess.py",
+        "components/data/scans.py",
+        "components/params.py",
+        "components/common.py",
+    } <= stage_code("export")
 
 
 def test_a_rendered_template_counts_as_code():

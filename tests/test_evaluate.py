@@ -40,12 +40,26 @@ def test_metrics_view_holds_the_defined_numbers_only():
 
 
 def test_gate_reasons_for_pass_and_fail():
-    params = parse_params({"evaluate": {"gate": {"min_auroc": 0.75, "min_sensitivity": 0.6,
-                                                 "min_specificity": 0.5, "min_balanced_accuracy": 0.6}}})
+    params = parse_params(
+        {
+            "evaluate": {
+                "gate": {
+                    "min_auroc": 0.75,
+                    "min_sensitivity": 0.6,
+                    "min_specificity": 0.5,
+                    "min_balanced_accuracy": 0.6,
+                }
+            }
+        }
+    )
     ok = apply_gate({"auroc": 0.9, "sensitivity": 0.8, "specificity": 0.7, "balanced_accuracy": 0.75}, params)
     assert ok["passed"] and ok["failed"] == [] and len(ok["reasons"]) == 4
-    assert ok["thresholds"] == {"min_auroc": 0.75, "min_sensitivity": 0.6, "min_specificity": 0.5,
-                                "min_balanced_accuracy": 0.6}
+    assert ok["thresholds"] == {
+        "min_auroc": 0.75,
+        "min_sensitivity": 0.6,
+        "min_specificity": 0.5,
+        "min_balanced_accuracy": 0.6,
+    }
 
     bad = apply_gate({"auroc": 0.62, "sensitivity": 0.8, "specificity": 0.4, "balanced_accuracy": 0.6}, params)
     assert not bad["passed"]
@@ -77,8 +91,10 @@ def test_default_gate_refuses_a_model_that_calls_nearly_everything_positive():
 
     gate = apply_gate(m, parse_params({}))  # the defaults, as params.yaml ships them
     assert not gate["passed"]
-    assert gate["failed"] == ["specificity 0.0141 < min_specificity 0.5",
-                              "balanced_accuracy 0.507 < min_balanced_accuracy 0.65"]
+    assert gate["failed"] == [
+        "specificity 0.0141 < min_specificity 0.5",
+        "balanced_accuracy 0.507 < min_balanced_accuracy 0.65",
+    ]
 
     # Calling every image lesion (or every image normal) fails as well, whichever floor catches it.
     assert not apply_gate(_scored(labels, [0.9] * 111), parse_params({}))["passed"]
@@ -101,14 +117,22 @@ def test_default_gate_refuses_an_always_one_class_multiclass_model():
 def test_default_gate_passes_a_decent_model():
     # 40 normals, 40 lesions: 34 lesions found (sensitivity 0.85), 32 normals kept (specificity 0.8).
     labels = [0] * 40 + [1] * 40
-    p_pos = list(np.linspace(0.05, 0.45, 32)) + list(np.linspace(0.55, 0.7, 8)) \
-        + list(np.linspace(0.3, 0.45, 6)) + list(np.linspace(0.6, 0.99, 34))
+    p_pos = (
+        list(np.linspace(0.05, 0.45, 32))
+        + list(np.linspace(0.55, 0.7, 8))
+        + list(np.linspace(0.3, 0.45, 6))
+        + list(np.linspace(0.6, 0.99, 34))
+    )
     m = _scored(labels, p_pos)
     assert m["sensitivity"] == pytest.approx(0.85) and m["specificity"] == pytest.approx(0.8)
     gate = apply_gate(m, parse_params({}))
     assert gate["passed"], gate["failed"]
-    assert gate["thresholds"] == {"min_auroc": 0.75, "min_sensitivity": 0.6, "min_specificity": 0.5,
-                                  "min_balanced_accuracy": 0.65}
+    assert gate["thresholds"] == {
+        "min_auroc": 0.75,
+        "min_sensitivity": 0.6,
+        "min_specificity": 0.5,
+        "min_balanced_accuracy": 0.65,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +160,23 @@ def test_evaluate_stage_writes_reports(tmp_path):
     # metrics.json (what dvc metrics / dvc exp show list): the record's numbers, nothing else.
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics == metrics_view(record) and all(type(v) in (int, float) for v in metrics.values())
-    assert set(metrics) == {"auroc", "auroc_ci_low", "auroc_ci_high", "accuracy", "balanced_accuracy", "sensitivity",
-                            "specificity", "precision", "f1", "threshold", "ece", "brier", "ece_uncalibrated",
-                            "brier_uncalibrated", "n_test"}
+    assert set(metrics) == {
+        "auroc",
+        "auroc_ci_low",
+        "auroc_ci_high",
+        "accuracy",
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "threshold",
+        "ece",
+        "brier",
+        "ece_uncalibrated",
+        "brier_uncalibrated",
+        "n_test",
+    }
     assert [metrics["auroc_ci_low"], metrics["auroc_ci_high"]] == record["auroc_ci"]
     assert metrics["ece"] == record["calibration"]["test"]["ece_after"]
 
@@ -189,8 +227,18 @@ def test_evaluate_main_reports_class_mismatch(tmp_path, capsys):
     prepared = make_prepared(tmp_path / "prepared")
     ckpt = make_checkpoint(tmp_path / "model.pt", classes=("a", "b"))
     (tmp_path / "params.yaml").write_text("evaluate:\n  bootstrap: 5\n")
-    rc = main(["--params", str(tmp_path / "params.yaml"), "--model", str(ckpt), "--prepared", str(prepared),
-               "--reports", str(tmp_path / "reports")])
+    rc = main(
+        [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--model",
+            str(ckpt),
+            "--prepared",
+            str(prepared),
+            "--reports",
+            str(tmp_path / "reports"),
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "model.pt" in err and "['a', 'b']" in err and "Traceback" not in err

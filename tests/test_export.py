@@ -14,9 +14,23 @@ from components.release.export import main
 from tests.builders import RAW_PATIENT, make_checkpoint, make_project, run_export, tiny_params
 
 # Only facts the stage's inputs determine (DVC caches model.onnx); the run's facts are in lineage.json.
-METADATA_KEYS = {"model_id", "classes", "input", "output", "normalisation", "preprocessing", "data_version",
-                 "content_hash", "params_sha256", "metrics", "gate", "checkpoint_sha256", "pretrained", "opset",
-                 "exporter"}
+METADATA_KEYS = {
+    "model_id",
+    "classes",
+    "input",
+    "output",
+    "normalisation",
+    "preprocessing",
+    "data_version",
+    "content_hash",
+    "params_sha256",
+    "metrics",
+    "gate",
+    "checkpoint_sha256",
+    "pretrained",
+    "opset",
+    "exporter",
+}
 
 
 def shipped_and_evaluated(p, params) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +54,9 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
     proto = onnx.load(str(onnx_path))
     dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value
-    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["probabilities"]
+    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == [
+        "probabilities"
+    ]
     meta = {m.key: m.value for m in proto.metadata_props}
     assert set(meta) == METADATA_KEYS
     mid = sha256_file(p["model"])[:12]
@@ -69,8 +85,11 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
 
     lineage = json.loads((p["out"] / "lineage.json").read_text())
     assert lineage["model_id"] == mid and lineage["onnx_sha256"] == report["onnx_sha256"]
-    assert lineage["validation"] == {"suite": "manifest", "success": True,
-                                     "failed": ["size_range", "near_duplicates_in_one_split"]}
+    assert lineage["validation"] == {
+        "suite": "manifest",
+        "success": True,
+        "failed": ["size_range", "near_duplicates_in_one_split"],
+    }
     assert lineage["data"]["manifest_sha256"] == sha256_file(p["manifest"].with_suffix(".csv"))
     assert "torch" in lineage["environment"]["packages"] and "dvc_lock_sha256" not in lineage["code"]
     assert set(lineage["code"]) == {"git_commit", "git_dirty", "params", "params_sha256"}
@@ -113,9 +132,22 @@ def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(
     monkeypatch.chdir(tmp_path)
     params = tiny_params()
     p = make_project(tmp_path, params)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {
-        "positive_class": "lesion", "bootstrap": 40,
-        "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0, "min_balanced_accuracy": 0.0}}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "evaluate": {
+                    "positive_class": "lesion",
+                    "bootstrap": 40,
+                    "gate": {
+                        "min_auroc": 0.0,
+                        "min_sensitivity": 0.0,
+                        "min_specificity": 0.0,
+                        "min_balanced_accuracy": 0.0,
+                    },
+                }
+            }
+        )
+    )
     assert load_params(tmp_path / "params.yaml").digest() == params.digest()  # both runs use the same parameters
     env = tool_env()
     run(["git", "init", "-q"], tmp_path, env)
@@ -130,10 +162,27 @@ def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(
     (tmp_path / "README.md").write_text("a later commit\n")
     run(["git", "add", "README.md"], tmp_path, env)
     run(["git", "commit", "-q", "-m", "second"], tmp_path, env)
-    out = subprocess.run([str(BIN / "medtune"), "export", "--model", str(p["model"]), "--prepared", str(p["prepared"]),
-                          "--reports", str(p["reports"]), "--out", str(p["out"]), "--manifest", str(p["manifest"])],
-                         cwd=tmp_path, env={**env, "PYTHONHASHSEED": "12345"}, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [
+            str(BIN / "medtune"),
+            "export",
+            "--model",
+            str(p["model"]),
+            "--prepared",
+            str(p["prepared"]),
+            "--reports",
+            str(p["reports"]),
+            "--out",
+            str(p["out"]),
+            "--manifest",
+            str(p["manifest"]),
+        ],
+        cwd=tmp_path,
+        env={**env, "PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lineage = json.loads((p["out"] / "lineage.json").read_text())
 
@@ -148,14 +197,32 @@ def test_the_card_template_lays_out_every_branch():
     set, both leak kinds, a failed gate, an ensemble warm-started from a champion): each line exact."""
     from components.release.model_card import model_card
 
-    metrics = {"classes": ["a", "b", "c"], "n_test": 9, "averaging": "macro", "auroc": 0.7, "auroc_ci": [None, None],
-               "confusion_matrix": [[1, 1, 1], [0, 3, 0], [0, 0, 3]], "sensitivity": 0.7, "specificity": 0.8,
-               "precision": 0.71, "accuracy": 0.777, "f1": 0.7, "threshold_method": "accuracy"}
-    ckpt = {"backbone": "resnet18", "members": 3, "pretrained": {"description": "champion 3f2a9c1e0b7d"},
-            "params": {"train": {"freeze": "last_n", "unfreeze_last_n": 2, "seed": 5}}}
-    leaks = {"expectations": [
-        {"name": "duplicates_in_one_split", "success": False, "details": {}},
-        {"name": "near_duplicates_in_one_split", "success": False, "details": {"n_offending": 2}}]}
+    metrics = {
+        "classes": ["a", "b", "c"],
+        "n_test": 9,
+        "averaging": "macro",
+        "auroc": 0.7,
+        "auroc_ci": [None, None],
+        "confusion_matrix": [[1, 1, 1], [0, 3, 0], [0, 0, 3]],
+        "sensitivity": 0.7,
+        "specificity": 0.8,
+        "precision": 0.71,
+        "accuracy": 0.777,
+        "f1": 0.7,
+        "threshold_method": "accuracy",
+    }
+    ckpt = {
+        "backbone": "resnet18",
+        "members": 3,
+        "pretrained": {"description": "champion 3f2a9c1e0b7d"},
+        "params": {"train": {"freeze": "last_n", "unfreeze_last_n": 2, "seed": 5}},
+    }
+    leaks = {
+        "expectations": [
+            {"name": "duplicates_in_one_split", "success": False, "details": {}},
+            {"name": "near_duplicates_in_one_split", "success": False, "details": {"n_offending": 2}},
+        ]
+    }
     exp = {"opset": 17, "max_abs_diff_batch1": 3.2e-7, "max_abs_diff_batchN": 0.0, "batch_n": 8}
     card = model_card("abc123def456", ckpt, {}, metrics, {"passed": False}, {}, exp, True, leaks)
     lines = card.splitlines()
@@ -164,13 +231,17 @@ def test_the_card_template_lays_out_every_branch():
         "It is **not a diagnostic device**, is not cleared or approved by any regulator, and must not be used to "
         "make or rule out a diagnosis on its own.",
         "- images: None (0 unreadable, excluded); patient-level split (unknown), no patient in two splits",
-        "| split | a | b | c | total |", "|---|---|---|---|---|", "| test | 0 | 0 | 0 | 0 |",
+        "| split | a | b | c | total |",
+        "|---|---|---|---|---|",
+        "| test | 0 | 0 | 0 | 0 |",
         "- backbone: `resnet18`; started from: champion 3f2a9c1e0b7d",
         "- fine-tuning: freeze = `last_n` (last 2 blocks), optimizer None, lr None, None epochs run, best epoch None "
         "by None; an ensemble of 3 models (seeds 5 to 7, one per list entry), logits averaged",
         "- input: None channel(s), None x None px, DICOM window `None`, resize as recorded",
         "- ONNX: opset 17, parity with PyTorch max |diff| 3.20e-07 (batch 1), 0.00e+00 (batch 8)",
-        "| AUROC | 0.700 | n/a |", "| accuracy | 0.777 | 0.453 - 0.937 (Wilson, 7/9) |", "| F1 | 0.700 | |",
+        "| AUROC | 0.700 | n/a |",
+        "| accuracy | 0.777 | 0.453 - 0.937 (Wilson, 7/9) |",
+        "| F1 | 0.700 | |",
         "| specificity (macro) | 0.800 | |",
         "Decision rule: the class with the highest probability (threshold chosen on the validation split (best "
         "accuracy)). Confusion matrix (rows = actual, columns = predicted, order ['a', 'b', 'c']): "
@@ -199,8 +270,22 @@ def test_failed_gate_refuses_and_writes_nothing(tmp_path, monkeypatch, capsys):
     assert not (p["reports"] / "export.json").exists()
 
     (tmp_path / "params.yaml").write_text("evaluate:\n  gate:\n    min_auroc: 1.01\n")
-    rc = main(["--params", "params.yaml", "--model", str(p["model"]), "--prepared", str(p["prepared"]),
-               "--reports", str(p["reports"]), "--out", str(p["out"]), "--manifest", str(p["manifest"])])
+    rc = main(
+        [
+            "--params",
+            "params.yaml",
+            "--model",
+            str(p["model"]),
+            "--prepared",
+            str(p["prepared"]),
+            "--reports",
+            str(p["reports"]),
+            "--out",
+            str(p["out"]),
+            "--manifest",
+            str(p["manifest"]),
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "model failed the gate" in err and "metrics.json" in err and "Traceback" not in err
@@ -222,10 +307,23 @@ def test_tta_calibration_and_threshold_are_what_the_onnx_graph_ships(tmp_path, m
     from components.params import parse_params
 
     monkeypatch.chdir(tmp_path)
-    params = parse_params({"evaluate": {"positive_class": "lesion", "bootstrap": 20, "tta": "hflip",
-                                        "calibration": "temperature", "threshold_method": "youden",
-                                        "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0,
-                                                 "min_specificity": 0.0, "min_balanced_accuracy": 0.0}}})
+    params = parse_params(
+        {
+            "evaluate": {
+                "positive_class": "lesion",
+                "bootstrap": 20,
+                "tta": "hflip",
+                "calibration": "temperature",
+                "threshold_method": "youden",
+                "gate": {
+                    "min_auroc": 0.0,
+                    "min_sensitivity": 0.0,
+                    "min_specificity": 0.0,
+                    "min_balanced_accuracy": 0.0,
+                },
+            }
+        }
+    )
     p = make_project(tmp_path, params)
     metrics = json.loads((p["reports"] / "evaluation.json").read_text())
     cal = metrics["calibration"]

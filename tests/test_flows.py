@@ -54,8 +54,9 @@ def medtune(command: str, *args: str) -> list[str]:
 
 
 def make_project(ws: Path, env: dict) -> None:
-    retrain = {"retrain": {"dvc_remote": str(ws.parent / "dvc-remote"), "schedule_interval": 3600,
-                           "promotion_margin": 0.05}}
+    retrain = {
+        "retrain": {"dvc_remote": str(ws.parent / "dvc-remote"), "schedule_interval": 3600, "promotion_margin": 0.05}
+    }
     make_workspace(ws, patients=8, params=merge(FAST, retrain), env=env)
     (ws / ".gitignore").write_text("/models/\n/reports/\n/data/inbox\n/data/quarantine\n/data/inbox-processed\n")
     run(["git", "add", "-A"], ws, env)
@@ -87,13 +88,19 @@ def served(tmp_path_factory):
     procs = []
     try:
         server_log = tmp / "server.log"
-        server = subprocess.Popen(medtune("server", "--port", str(port)), cwd=tmp, env=env,
-                                  stdout=server_log.open("w"), stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            medtune("server", "--port", str(port)),
+            cwd=tmp,
+            env=env,
+            stdout=server_log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         procs.append(server)
         wait_healthy(api, server, server_log)
         serve_log = tmp / "serve.log"
-        serve = subprocess.Popen(medtune("serve", "--root", str(ws)), cwd=tmp,
-                                 env=env, stdout=serve_log.open("w"), stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            medtune("serve", "--root", str(ws)), cwd=tmp, env=env, stdout=serve_log.open("w"), stderr=subprocess.STDOUT
+        )
         procs.append(serve)
         yield {"ws": ws, "env": env, "api": api, "tmp": tmp, "serve_log": serve_log}
     finally:
@@ -116,6 +123,7 @@ def client_call(api: str, fn):
     async def go():
         async with get_client() as client:
             return await fn(client)
+
     return asyncio.run(go())
 
 
@@ -124,14 +132,19 @@ def retrain_runs(api: str) -> list:
     from prefect.client.schemas.sorting import FlowRunSort
 
     async def fn(client):
-        return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["medtune-retrain"])),
-                                           sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=200)
+        return await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["medtune-retrain"])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=200,
+        )
+
     return client_call(api, fn)
 
 
 def wait_deployment(api: str, timeout: float = 60) -> object:
     async def fn(client):
         return await client.read_deployment_by_name("medtune-retrain/retrain")
+
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -155,8 +168,9 @@ def wait_new_run(api: str, known: set, serve_log: Path, timeout: float = RUN_TIM
 
 def api_post(api: str, path: str, body: dict) -> list | dict:
     """Plain REST: this prefect client's read_* calls send null filters that its own server rejects."""
-    req = urllib.request.Request(f"{api}{path}", method="POST", headers={"content-type": "application/json"},
-                                 data=json.dumps(body).encode())
+    req = urllib.request.Request(
+        f"{api}{path}", method="POST", headers={"content-type": "application/json"}, data=json.dumps(body).encode()
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)
 
@@ -165,7 +179,11 @@ def pipeline_subflow(api: str, parent_run_id) -> dict:
     """The medtune-pipeline flow run that the retrain run `parent_run_id` ran as its subflow."""
     runs = api_post(api, "/flow_runs/filter", {"flows": {"name": {"any_": ["medtune-pipeline"]}}, "limit": 200})
     parents = {r["parent_task_run_id"]: r for r in runs if r.get("parent_task_run_id")}
-    tasks = api_post(api, "/task_runs/filter", {"task_runs": {"id": {"any_": list(parents)}}, "limit": 200}) if parents else []
+    tasks = (
+        api_post(api, "/task_runs/filter", {"task_runs": {"id": {"any_": list(parents)}}, "limit": 200})
+        if parents
+        else []
+    )
     mine = [parents[t["id"]] for t in tasks if t["flow_run_id"] == str(parent_run_id)]
     assert len(mine) == 1, f"expected one pipeline subflow of retrain run {parent_run_id}, found {len(mine)}"
     return mine[0]
@@ -184,8 +202,16 @@ def server_logs(api: str, flow_run_id: str, want: list[str], timeout: float = 60
     while True:
         logs, offset = [], 0
         while True:
-            page = api_post(api, "/logs/filter", {"logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
-                                                  "sort": "TIMESTAMP_ASC", "limit": 200, "offset": offset})
+            page = api_post(
+                api,
+                "/logs/filter",
+                {
+                    "logs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+                    "sort": "TIMESTAMP_ASC",
+                    "limit": 200,
+                    "offset": offset,
+                },
+            )
             logs += page
             if len(page) < 200:
                 break
@@ -227,8 +253,24 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
     before_md5, raw_before = raw_md5(ws), tree_digest(ws / "data/raw")
     known = {r.id for r in retrain_runs(api)}
     batch = tmp / "batch-2024-06"
-    run(["medtune", "demo-data", "--out", str(batch), "--patients", "4", "--slices", "3", "--size", "32",
-         "--batch-name", "2024-06"], ws, env)
+    run(
+        [
+            "medtune",
+            "demo-data",
+            "--out",
+            str(batch),
+            "--patients",
+            "4",
+            "--slices",
+            "3",
+            "--size",
+            "32",
+            "--batch-name",
+            "2024-06",
+        ],
+        ws,
+        env,
+    )
     sent = time.time()
     out = run(medtune("ingest-new", str(batch)), ws, env)
     assert "emitted" in out.stdout, out.stdout + out.stderr
@@ -241,7 +283,9 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
     served["first_retrain"] = fr.id  # its pipeline subflow is the workspace's first pipeline run
     latency = fr.start_time.timestamp() - sent
     # Printed, not asserted: how fast the event starts a run is a property of the machine's load.
-    print(f"event -> retrain run start: {latency:.1f} s; run took {(fr.end_time - fr.start_time).total_seconds():.1f} s")
+    print(
+        f"event -> retrain run start: {latency:.1f} s; run took {(fr.end_time - fr.start_time).total_seconds():.1f} s"
+    )
 
     # The data version changed, the old raw files are untouched, the batch was archived.
     after_md5 = raw_md5(ws)
@@ -266,8 +310,10 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
     if gate["passed"]:  # first model: no champion, so the gate alone decides
         lineage = json.loads((ws / "models/lineage.json").read_text())
         assert rec["event"] == "promoted" and rec["model_id"] == lineage["model_id"]
-        assert json.loads((ws / "registry/current.json").read_text()) == {"model_id": lineage["model_id"],
-                                                                           "git_tag": rec["git_tag"]}
+        assert json.loads((ws / "registry/current.json").read_text()) == {
+            "model_id": lineage["model_id"],
+            "git_tag": rec["git_tag"],
+        }
         assert run(["git", "tag", "--list", rec["git_tag"]], ws, env).stdout.strip() == rec["git_tag"]
         assert (ws / f"registry/models/{lineage['model_id']}/lineage.json").is_file()
         assert any((tmp / "dvc-remote").rglob("*")), "dvc push must fill the remote"
@@ -284,8 +330,12 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
 
     # Plain REST: this prefect client's read_artifacts sends null filters that its own server rejects.
     keys = ["medtune-validation", "medtune-metrics", "medtune-gate", "medtune-lineage", "medtune-decision"]
-    req = urllib.request.Request(f"{api}/artifacts/filter", method="POST", headers={"content-type": "application/json"},
-                                 data=json.dumps({"limit": 200, "artifacts": {"key": {"any_": keys}}}).encode())
+    req = urllib.request.Request(
+        f"{api}/artifacts/filter",
+        method="POST",
+        headers={"content-type": "application/json"},
+        data=json.dumps({"limit": 200, "artifacts": {"key": {"any_": keys}}}).encode(),
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         found = {a["key"] for a in json.load(r)}
     assert found >= {"medtune-validation", "medtune-metrics", "medtune-gate", "medtune-decision"}, found
@@ -363,8 +413,24 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     validation_before = (ws / "reports/validation.json").read_bytes()
     current_before = (ws / "registry/current.json").read_text() if (ws / "registry/current.json").exists() else None
     batch = tmp / "batch-2024-08"
-    run(["medtune", "demo-data", "--out", str(batch), "--patients", "2", "--slices", "2", "--size", "32",
-         "--batch-name", "2024-08"], ws, env)
+    run(
+        [
+            "medtune",
+            "demo-data",
+            "--out",
+            str(batch),
+            "--patients",
+            "2",
+            "--slices",
+            "2",
+            "--size",
+            "32",
+            "--batch-name",
+            "2024-08",
+        ],
+        ws,
+        env,
+    )
     originals = tree_digest(batch)
     run(medtune("ingest-new", str(batch), "--no-event"), ws, env)
 
@@ -381,16 +447,18 @@ def test_pipeline_failure_after_append_restores_quarantines_and_fails(served):
     if current_before:
         champion = json.loads(current_before)["model_id"]
         logs = server_logs(served["api"], fr.id, [f"warm start from champion {champion}"])
-        assert any(f"warm start from champion {champion} (sha256 " in x["message"] for x in logs), \
-            [x["message"] for x in logs][-30:]
+        assert any(f"warm start from champion {champion} (sha256 " in x["message"] for x in logs), [
+            x["message"] for x in logs
+        ][-30:]
     assert fr.state.is_failed(), (fr.state, served["serve_log"].read_text()[-4000:])
     print(f"failed retrain run with restore took {(fr.end_time - fr.start_time).total_seconds():.1f} s")
     sub = pipeline_subflow(served["api"], fr.id)
     validate = task_states(served["api"], sub["id"])["validate"]
     assert validate["type"] == "FAILED" and "images_per_class_split" in validate["message"], validate
     logs = server_logs(served["api"], sub["id"], ["images_per_class_split"])
-    assert any("images_per_class_split" in x["message"] and x["task_run_id"] == validate["id"] for x in logs), \
-        [x["message"] for x in logs][-30:]
+    assert any("images_per_class_split" in x["message"] and x["task_run_id"] == validate["id"] for x in logs), [
+        x["message"] for x in logs
+    ][-30:]
 
     # The workspace is the last committed state again; only the failed event was committed.
     assert raw_md5(ws) == md5 and tree_digest(ws / "data/raw") == raw_before
@@ -460,8 +528,9 @@ def test_one_changed_param_reruns_only_the_stages_that_read_it(served):
     rerun = {"evaluate", "export"}
     assert result["stages"] == {n: "ran" if n in rerun else "skipped" for n in stage_names(ws)}, result["stages"]
     states = task_states(api, result["flow_run_id"])
-    assert {n: states[n]["name"] for n in result["stages"]} == \
-        {n: "Completed" if n in rerun else "Skipped" for n in result["stages"]}
+    assert {n: states[n]["name"] for n in result["stages"]} == {
+        n: "Completed" if n in rerun else "Skipped" for n in result["stages"]
+    }
     after = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
     assert after["evaluate"]["params"]["params.yaml"]["evaluate"]["bootstrap"] == bootstrap
     assert {n: after[n] for n in after if n not in rerun} == {n: before[n] for n in before if n not in rerun}
@@ -489,13 +558,24 @@ def test_a_failed_gate_stops_before_export_and_the_flow_says_so(served):
 # The glue under the flows (no server needed)
 # ---------------------------------------------------------------------------------------------
 
+
 def test_a_second_run_waits_for_the_workspace_lock_and_says_who_holds_it(tmp_path):
     from components.common import StageError
 
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from components.retrain.workspace import workspace_lock\n"
-        "with workspace_lock(sys.argv[1], 'retrain flow run R1 (pid 42)', 5):\n"
-        "    print('locked', flush=True); time.sleep(60)\n"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from components.retrain.workspace import workspace_lock\n"
+                "with workspace_lock(sys.argv[1], 'retrain flow run R1 (pid 42)', 5):\n"
+                "    print('locked', flush=True); time.sleep(60)\n"
+            ),
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         told = []

@@ -23,8 +23,12 @@ from components.params import parse_params
 from components.retrain import inbox
 
 CLASSES = ["normal", "lesion"]
-PARAMS = parse_params({"split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.3},
-                       "validate": {"min_size": 16, "min_images_per_class_split": 1}})
+PARAMS = parse_params(
+    {
+        "split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.3},
+        "validate": {"min_size": 16, "min_images_per_class_split": 1},
+    }
+)
 
 
 def png(path: Path, value: int, fmt: str = "PNG") -> None:
@@ -56,8 +60,13 @@ def test_list_folder_names_every_entry_it_does_not_take(tmp_path, secret):
     listing = folders.list_folder(root)
     assert listing.scans == ["a/inside.png", "a/no_extension", "a/x.png"]
     assert {s.path: s.reason for s in listing.skipped} == {
-        ".git": folders.HIDDEN, "a/broken.png": folders.LINK_BROKEN, "a/climb.png": folders.LINK_OUTSIDE,
-        "a/dirlink": folders.LINK_OUTSIDE, "a/notes.txt": folders.NOT_A_SCAN, "a/outside.png": folders.LINK_OUTSIDE}
+        ".git": folders.HIDDEN,
+        "a/broken.png": folders.LINK_BROKEN,
+        "a/climb.png": folders.LINK_OUTSIDE,
+        "a/dirlink": folders.LINK_OUTSIDE,
+        "a/notes.txt": folders.NOT_A_SCAN,
+        "a/outside.png": folders.LINK_OUTSIDE,
+    }
 
 
 def test_the_listing_answers_as_scans_is_candidate(tmp_path, secret):
@@ -97,8 +106,13 @@ def test_ingest_never_reads_a_link_out_of_raw_and_validate_fails_naming_it(tmp_p
     assert {"path": "lesion/notes.bmp", "reason": folders.NOT_A_SCAN} in meta["skipped"]
     reports = tmp_path / "reports"
     with pytest.raises(common.StageError, match="links_stay_inside.*lesion/zz_link.dcm"):
-        V.validate(tmp_path / "data/manifest.csv", tmp_path / "data/manifest.json", reports / "v.json",
-                   reports / "v.md", PARAMS)
+        V.validate(
+            tmp_path / "data/manifest.csv",
+            tmp_path / "data/manifest.json",
+            reports / "v.json",
+            reports / "v.md",
+            PARAMS,
+        )
     md = (reports / "v.md").read_text()
     assert "## Skipped (2 entries" in md and "`lesion/notes.bmp`: not a scan" in md
 

@@ -44,8 +44,7 @@ def test_column_labels_named_classes_and_ingest_keeps_the_split(tmp_path):
     assert row["path"] == "pneumonia/val_00001.png" and row["label"] == "pneumonia"
     assert np.array_equal(np.asarray(Image.open(tmp_path / "raw" / row["path"])), arrays["val_images"][1])
     # The pipeline's ingest reads it as it is, keeping the official split.
-    df = ingest(tmp_path / "raw", tmp_path / "data",
-                parse_params({"data": {"label_source": "csv", "classes": names}}))
+    df = ingest(tmp_path / "raw", tmp_path / "data", parse_params({"data": {"label_source": "csv", "classes": names}}))
     assert df.set_index("path")["split"].to_dict() == csv.set_index("path")["split"].to_dict()
     assert set(df["label"]) == set(names) and (df["error"] == "").all()
 
@@ -105,6 +104,7 @@ def test_bad_shapes_and_class_names_are_refused(tmp_path):
 
 # --------------------------------------------------------------------------- import-folders
 
+
 def make_scan(path, value: int, fmt: str = "PNG") -> None:
     """A tiny image whose bytes differ with `value` (so no two test scans are duplicates)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +113,9 @@ def make_scan(path, value: int, fmt: str = "PNG") -> None:
 
 def snapshot(root) -> dict[str, str]:
     """Digest of every file and the name of every folder under root: equal snapshots = untouched tree."""
-    return {p.relative_to(root).as_posix(): common.sha256_file(p) if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): common.sha256_file(p) if p.is_file() else "dir" for p in sorted(root.rglob("*"))
+    }
 
 
 def make_class_tree(src, n: int = 6) -> None:
@@ -194,7 +195,12 @@ def test_split_folders_inside_class_folders_keep_the_official_split(tmp_path, ca
     csv = pd.read_csv(out / "labels.csv", dtype=str)
     assert list(csv.columns) == ["path", "label", "split"] and csv.equals(table)
     assert csv.groupby(["split", "label"]).size().to_dict() == {
-        ("test", "a"): 2, ("train", "a"): 2, ("train", "b"): 2, ("val", "a"): 2, ("val", "b"): 2}
+        ("test", "a"): 2,
+        ("train", "a"): 2,
+        ("train", "b"): 2,
+        ("val", "a"): 2,
+        ("val", "b"): 2,
+    }
     folder = {"train": "train", "val": "VAL", "test": "test"}
     for r in csv.itertuples():
         assert r.path == f"{r.label}/{r.split}/{r.path.split('/', 2)[2]}"
@@ -222,26 +228,62 @@ ERRORS = {
     "src missing": ([], "nope", "nope", " not found; expected a folder of class folders"),
     "src is a file": (["f.png"], "src/f.png", "src/f.png", " is not a folder; expected a folder of class folders"),
     "no class folders": ([".git/x.png", "_junk/", "notes.txt"], "src", "src", ": no class folders"),
-    "class without scans": (["a/x.png", "b/notes.txt", "b/deep/"], "src", "src/b",
-                            r": class folder holds no scan file \(1 other file\(s\)\)"),
-    "loose scan in src": (["a/x.png", "y.png"], "src", "src",
-                          r": 1 scan file\(s\) directly in the source folder \(\['y.png'\]\)"),
-    "loose scan in split": (["train/a/x.png", "train/y.png"], "src", "src/train",
-                            r": 1 scan file\(s\) directly in split folder 'train' \(\['y.png'\]\)"),
-    "split and class mixed": (["train/a/x.png", "cats/x.png"], "src", "src",
-                              r": folders \['train'\] are split names but \['cats'\] are not; expected"),
-    "split spelt twice": (["train/a/x.png", "Training/a/x.png"], "src", "src",
-                          r": folders 'Training' and 'train' both mean split 'train'"),
+    "class without scans": (
+        ["a/x.png", "b/notes.txt", "b/deep/"],
+        "src",
+        "src/b",
+        r": class folder holds no scan file \(1 other file\(s\)\)",
+    ),
+    "loose scan in src": (
+        ["a/x.png", "y.png"],
+        "src",
+        "src",
+        r": 1 scan file\(s\) directly in the source folder \(\['y.png'\]\)",
+    ),
+    "loose scan in split": (
+        ["train/a/x.png", "train/y.png"],
+        "src",
+        "src/train",
+        r": 1 scan file\(s\) directly in split folder 'train' \(\['y.png'\]\)",
+    ),
+    "split and class mixed": (
+        ["train/a/x.png", "cats/x.png"],
+        "src",
+        "src",
+        r": folders \['train'\] are split names but \['cats'\] are not; expected",
+    ),
+    "split spelt twice": (
+        ["train/a/x.png", "Training/a/x.png"],
+        "src",
+        "src",
+        r": folders 'Training' and 'train' both mean split 'train'",
+    ),
     "split without classes": (["train/", "test/a/x.png"], "src", "src/train", ": no class folders"),
-    "splits in some class folders": (["a/train/x.png", "b/x.png"], "src", "src",
-                                     r": class folders \['a'\] hold split folders but \['b'\] do not"),
-    "split and patient folders in a class": (["a/train/x.png", "a/p1/x.png"], "src", "src/a",
-                                             r": folders \['train'\] are split names but \['p1'\] are not"),
-    "loose scan beside split folders": (["a/train/x.png", "a/y.png"], "src", "src/a",
-                                        r": 1 scan file\(s\) directly in class folder 'a' \(\['y.png'\]\); "
-                                        "expected scans only inside its split folders"),
-    "classes differ in case": (["train/Normal/x.png", "test/normal/x.png"], "src", "src",
-                               r": class folders \['Normal', 'normal'\] differ only in case"),
+    "splits in some class folders": (
+        ["a/train/x.png", "b/x.png"],
+        "src",
+        "src",
+        r": class folders \['a'\] hold split folders but \['b'\] do not",
+    ),
+    "split and patient folders in a class": (
+        ["a/train/x.png", "a/p1/x.png"],
+        "src",
+        "src/a",
+        r": folders \['train'\] are split names but \['p1'\] are not",
+    ),
+    "loose scan beside split folders": (
+        ["a/train/x.png", "a/y.png"],
+        "src",
+        "src/a",
+        r": 1 scan file\(s\) directly in class folder 'a' \(\['y.png'\]\); "
+        "expected scans only inside its split folders",
+    ),
+    "classes differ in case": (
+        ["train/Normal/x.png", "test/normal/x.png"],
+        "src",
+        "src",
+        r": class folders \['Normal', 'normal'\] differ only in case",
+    ),
 }
 
 

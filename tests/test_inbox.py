@@ -12,16 +12,14 @@ import pytest
 from PIL import Image
 
 from components import common
-
-from components.retrain import inbox, raw_append
 from components.data.demo_data import generate
 from components.data.ingest import ingest
 from components.data.manifest import read_manifest
 from components.params import parse_params
+from components.retrain import inbox, raw_append
 
 CLASSES = ["normal", "lesion"]
-PARAMS = parse_params({"split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.3},
-                       "validate": {"min_size": 16}})
+PARAMS = parse_params({"split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.3}, "validate": {"min_size": 16}})
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -39,8 +37,9 @@ def raw(tmp_path):
 
 def check(batch: Path, manifest: pd.DataFrame, params=PARAMS) -> tuple[pd.DataFrame, list[str]]:
     rows, problems = inbox.read_batch(batch, params)
-    return rows, problems + inbox.check_batch(batch, rows, manifest, params,
-                                              raw_append.appended_paths(batch.name, rows, params) if len(rows) else [])
+    return rows, problems + inbox.check_batch(
+        batch, rows, manifest, params, raw_append.appended_paths(batch.name, rows, params) if len(rows) else []
+    )
 
 
 def test_good_batch_is_appended_without_touching_existing_raw_files(raw, tmp_path):
@@ -143,13 +142,15 @@ def test_csv_batches_follow_the_split_rule_and_extend_labels_csv(tmp_path):
     png(batch / "a.png", 250)
     png(batch / "b.png", 251)
     png(batch / "c.png", 252)
-    (batch / "labels.csv").write_text("path,label,patient_id,split\na.png,lesion,P1,train\n"
-                                      "b.png,normal,P2,test\nc.png,normal,P9,test\n")
+    (batch / "labels.csv").write_text(
+        "path,label,patient_id,split\na.png,lesion,P1,train\nb.png,normal,P2,test\nc.png,normal,P9,test\n"
+    )
     rows, problems = check(batch, manifest, params)
     assert len(problems) == 1 and "b.png: patient" in problems[0] and "split val" in problems[0], problems
 
-    (batch / "labels.csv").write_text("path,label,patient_id,split\na.png,lesion,P1,train\n"
-                                      "b.png,normal,P2,val\nc.png,normal,P9,test\n")
+    (batch / "labels.csv").write_text(
+        "path,label,patient_id,split\na.png,lesion,P1,train\nb.png,normal,P2,val\nc.png,normal,P9,test\n"
+    )
     rows, problems = check(batch, manifest, params)
     assert problems == []
     old = (raw / "labels.csv").read_text()
@@ -176,8 +177,9 @@ def test_batch_labels_csv_is_read_as_ingest_reads_labels_csv(tmp_path):
     assert got.loc["a.png", "patient"] == common.hash_patient("P7", b"s")  # stripped, as ingest does
     (batch / "labels.csv").write_text("path,label\na.png,lesion\n./a.png,normal\n")
     rows, problems = inbox.read_batch(batch, params)
-    assert rows.empty and problems == [f"{batch / 'labels.csv'}: path 'a.png' appears on lines [2, 3]; "
-                                       "expected one row per file."]
+    assert rows.empty and problems == [
+        f"{batch / 'labels.csv'}: path 'a.png' appears on lines [2, 3]; expected one row per file."
+    ]
 
 
 def test_append_refuses_a_reused_batch_name(raw, tmp_path):
@@ -212,7 +214,7 @@ def test_remove_from_raw_drops_only_its_labels_csv_rows(tmp_path):
     raw = tmp_path / "raw"
     png(raw / "img/P1_0.png", 10)
     png(raw / "img/P1_1.png", 20)
-    old = "path,label,patient_id\nimg/P1_0.png,normal,P1\n\"img/P1_1.png\",lesion,P1\n"
+    old = 'path,label,patient_id\nimg/P1_0.png,normal,P1\n"img/P1_1.png",lesion,P1\n'
     (raw / "labels.csv").write_text(old)
     before = tree(raw)
     batch = tmp_path / "inbox/csv2"

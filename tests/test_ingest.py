@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from components import common
-
 from components.data import demo_data
 from components.data.ingest import COLUMNS, NO_PATIENT, ingest, main
 from components.params import parse_params
@@ -107,8 +106,9 @@ def test_stable_split_keeps_every_image_in_place_through_ten_appends_and_stays_b
     assert json.loads((out / "manifest.json").read_text())["split"]["source"] == "stable"
     # The stratified k-fold, by contrast, is recomputed from all the data each time.
     stratified = {"method": "stratified", "seed": 7, "val_fraction": 0.2, "test_fraction": 0.25}
-    assert not (ingest(raw, tmp_path / "cv", params(split=stratified)).set_index("path")["split"][first.index]
-                == first).all()
+    assert not (
+        ingest(raw, tmp_path / "cv", params(split=stratified)).set_index("path")["split"][first.index] == first
+    ).all()
 
 
 def test_a_given_train_test_split_gets_validation_patients_from_train_only(tmp_path):
@@ -116,7 +116,9 @@ def test_a_given_train_test_split_gets_validation_patients_from_train_only(tmp_p
     rows = png_set(raw, patients=20)
     given = {r[0]: ("test" if int(r[2][1:]) % 4 == 0 else "train") for r in rows}
     (raw / "labels.csv").write_text("path,label,split\n" + "".join(f"{p},{lab},{given[p]}\n" for p, lab, _ in rows))
-    df = ingest(raw, tmp_path / "data", params(label_source="csv", patient_pattern="^(?P<patient>p\\d+)_")).set_index("path")
+    df = ingest(raw, tmp_path / "data", params(label_source="csv", patient_pattern="^(?P<patient>p\\d+)_")).set_index(
+        "path"
+    )
     assert all(df.loc[p, "split"] == "test" for p, s in given.items() if s == "test")
     carved = [p for p, s in given.items() if s == "train" and df.loc[p, "split"] == "val"]
     assert carved and len(carved) < sum(s == "train" for s in given.values()) / 2
@@ -139,8 +141,9 @@ def test_labels_csv_split_column_wins(tmp_path):
     raw = tmp_path / "raw"
     rows = png_set(raw, patients=4)
     wanted = {"p00": "test", "p01": "test", "p02": "val", "p03": "train"}
-    pd.DataFrame([{"path": r, "label": lab, "patient_id": f"ID-{pt}", "split": wanted[pt]} for r, lab, pt in rows]
-                 ).to_csv(raw / "labels.csv", index=False)
+    pd.DataFrame(
+        [{"path": r, "label": lab, "patient_id": f"ID-{pt}", "split": wanted[pt]} for r, lab, pt in rows]
+    ).to_csv(raw / "labels.csv", index=False)
     df = ingest(raw, tmp_path / "out", params(label_source="csv"))
     assert list(df["split"]) == [wanted[pt] for _, _, pt in sorted(rows)]
     meta = json.loads((tmp_path / "out/manifest.json").read_text())
@@ -158,8 +161,12 @@ def test_labels_csv_errors_name_the_problem(tmp_path):
         pd.DataFrame(records, columns=columns).to_csv(raw / "labels.csv", index=False)
 
     # One patient in two splits: refused, naming the hashed patient, never the raw id.
-    write([{"path": r, "label": lab, "patient_id": "SECRET-1", "split": "train" if i else "test"}
-           for i, (r, lab, _) in enumerate(rows)])
+    write(
+        [
+            {"path": r, "label": lab, "patient_id": "SECRET-1", "split": "train" if i else "test"}
+            for i, (r, lab, _) in enumerate(rows)
+        ]
+    )
     with pytest.raises(common.StageError, match=r"patient [0-9a-f]{16} \(hashed\) is in splits") as err:
         ingest(raw, tmp_path / "out", p)
     assert "SECRET-1" not in str(err.value)
@@ -265,8 +272,11 @@ def test_test_fold_gives_patient_level_k_fold_cross_validation(tmp_path):
     split = {"method": "stratified", "seed": 7, "val_fraction": 0.2, "test_fraction": 0.25}
     tested = []
     for fold in range(4):  # round(1 / 0.25) folds
-        df = ingest(raw, tmp_path / f"f{fold}", params(patient_pattern=r"^(?P<patient>p\d+)_",
-                                                       split={**split, "test_fold": fold}))
+        df = ingest(
+            raw,
+            tmp_path / f"f{fold}",
+            params(patient_pattern=r"^(?P<patient>p\d+)_", split={**split, "test_fold": fold}),
+        )
         tested.append({patient_of[p] for p in df.loc[df["split"] == "test", "path"]})
         assert json.loads((tmp_path / f"f{fold}/manifest.json").read_text())["split"]["test_fold"] == fold
     # Every patient is tested exactly once across the folds.
@@ -283,7 +293,13 @@ def test_byte_identical_images_never_cross_splits(tmp_path, method):
     for p in (3, 11, 17):
         (raw / f"{CLASSES[p % 2]}/p{p:02d}_9.png").write_bytes((raw / "lesion/p01_0.png").read_bytes())
     for seed in range(6):
-        df = ingest(raw, tmp_path / f"{method}{seed}", params(patient_pattern=r"^(?P<patient>p\d+)_", split={
-            "method": method, "seed": seed, "val_fraction": 0.2, "test_fraction": 0.25}))
+        df = ingest(
+            raw,
+            tmp_path / f"{method}{seed}",
+            params(
+                patient_pattern=r"^(?P<patient>p\d+)_",
+                split={"method": method, "seed": seed, "val_fraction": 0.2, "test_fraction": 0.25},
+            ),
+        )
         linked = df["path"].str.match(r".*/p(01|03|11|17)_")
         assert df.loc[linked, "split"].nunique() == 1, df.loc[linked, ["path", "split"]]

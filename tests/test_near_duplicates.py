@@ -96,8 +96,11 @@ def test_validate_names_near_duplicates_that_a_given_split_separates(tmp_path):
     train["similar_group"] = test["similar_group"] = train["path"]
     for name in ("strict", "tolerant"):
         (tmp_path / name).mkdir()
-    with pytest.raises(StageError, match=r"near-duplicates of normal/train_0\.png in splits test "
-                                         r"\(lesion/test_1\.png\); train \(normal/train_0\.png\)"):
+    with pytest.raises(
+        StageError,
+        match=r"near-duplicates of normal/train_0\.png in splits test "
+        r"\(lesion/test_1\.png\); train \(normal/train_0\.png\)",
+    ):
         validate_rows(tmp_path / "strict", rows)
     report = json.loads((tmp_path / "strict/reports/validation.json").read_text())
     assert report["success"] is False
@@ -132,7 +135,11 @@ def test_pairs_match_a_float64_search_and_new_against_old_finds_the_same(monkeyp
         q = np.stack([near_duplicates.signature(t.reshape(32, 32), 32) for t in x])
         p = near_duplicates.project(q)
         new = range(len(x) - 25, len(x))
-        pieces = near_duplicates.linked(p[new.start:], p, lambda r: q[new.start:][r], q.__getitem__, threshold)
-        later = {(int(min(i + new.start, j)), int(max(i + new.start, j))) for a, b in pieces for i, j in zip(a, b)
-                 if i + new.start != j}
+        pieces = near_duplicates.linked(p[new.start :], p, lambda r: q[new.start :][r], q.__getitem__, threshold)
+        later = {
+            (int(min(i + new.start, j)), int(max(i + new.start, j)))
+            for a, b in pieces
+            for i, j in zip(a, b)
+            if i + new.start != j
+        }
         assert later == {(i, j) for i, j in found if j in new}

@@ -28,8 +28,10 @@ from tests.workspace import ROOT, free_port, tree_digest
 def cluster():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as lc, Client(lc.scheduler_address, set_as_default=False) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as lc,
+        Client(lc.scheduler_address, set_as_default=False) as client,
+    ):
         yield {"address": lc.scheduler_address, "client": client}
 
 
@@ -59,8 +61,11 @@ def die_on(victim: int, item: int) -> int:
     return item
 
 
-MODES = {"in-process": lambda c: ComputeParams(workers=1), "local-pool": lambda c: ComputeParams(workers=2),
-         "dask": lambda c: ComputeParams(dask_scheduler=c["address"])}
+MODES = {
+    "in-process": lambda c: ComputeParams(workers=1),
+    "local-pool": lambda c: ComputeParams(workers=2),
+    "dask": lambda c: ComputeParams(dask_scheduler=c["address"]),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -122,13 +127,18 @@ def test_env_var_overrides_params(cluster, monkeypatch):
 @pytest.mark.parametrize("mode", MODES)
 def test_an_error_in_fn_names_the_item(cluster, mode):
     items = [f"scans/{i:03d}.dcm" for i in range(200)]
-    with pytest.raises(parallel.ItemFailed, match=r"^probe: scans/137\.dcm: ValueError: bit depth 7; expected 8 or 16$"):
+    with pytest.raises(
+        parallel.ItemFailed, match=r"^probe: scans/137\.dcm: ValueError: bit depth 7; expected 8 or 16$"
+    ):
         parallel.map_files(functools.partial(reject, "scans/137.dcm"), items, MODES[mode](cluster), desc="probe")
 
 
 def test_an_unexpected_error_carries_the_workers_traceback():
-    with pytest.raises(parallel.ItemFailed, match=r"(?s)^hash: 200: ZeroDivisionError: division by zero\n"
-                                                  r"Traceback.*in divide\n.*1 / \(item - 200\)"):
+    with pytest.raises(
+        parallel.ItemFailed,
+        match=r"(?s)^hash: 200: ZeroDivisionError: division by zero\n"
+        r"Traceback.*in divide\n.*1 / \(item - 200\)",
+    ):
         parallel.map_files(divide, range(300), ComputeParams(workers=2), desc="hash")
 
 
@@ -136,8 +146,11 @@ def test_a_killed_local_worker_is_named_and_the_pool_is_gone():
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(StageError, match=r"a local worker process died \(killed, or out of memory\?\)"):
         parallel.map_files(functools.partial(die_on, 150), range(300), ComputeParams(workers=2))
-    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before
-            and "resource_tracker" not in " ".join(p.cmdline())]
+    left = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())
+    ]
     assert not left, [p.cmdline() for p in left]
 
 
@@ -235,13 +248,19 @@ def test_flows_run_their_tasks_on_the_configured_scheduler(tmp_path, monkeypatch
 
 # --------------------------------------------------------------------------- the stages
 
+
 def stage_outputs(raw: Path, out: Path, compute: dict) -> dict[str, bytes]:
     """ingest then preprocess of `raw` into `out`, caches inside `out` (so each run reads every scan)."""
     from components.data.ingest import ingest
     from components.data.preprocess import preprocess
 
-    params = parse_params({"split": {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.25},
-                           "preprocess": {"image_size": 16}, "compute": compute})
+    params = parse_params(
+        {
+            "split": {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.25},
+            "preprocess": {"image_size": 16},
+            "compute": compute,
+        }
+    )
     ingest(raw, out, params, cache_dir=out / "facts")
     preprocess(out / "manifest.csv", raw, out / "prepared", params, cache_dir=out / "pixels")
     files = {f"data/{n}": (out / n).read_bytes() for n in ("manifest.csv", "manifest.json")}

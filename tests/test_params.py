@@ -105,8 +105,12 @@ def test_params_digest_is_a_known_answer():
     # retrain and compute left out. The answer is coreutils', not a second copy of params_digest:
     #   printf '%s' '{"data":{"classes":["a","b"]},"train":{"epochs":3,"lr":0.01}}' | sha256sum
     known = "e109e887c6064d40eb305fc65a7ee76e393900b74f05e3e6e1477c374db0d0a5"
-    shuffled = {"train": {"lr": 0.01, "epochs": 3}, "retrain": {"promotion_margin": 0.2},
-                "data": {"classes": ["a", "b"]}, "compute": {"workers": 1}}
+    shuffled = {
+        "train": {"lr": 0.01, "epochs": 3},
+        "retrain": {"promotion_margin": 0.2},
+        "data": {"classes": ["a", "b"]},
+        "compute": {"workers": 1},
+    }
     assert params_digest(shuffled) == known
     assert params_digest({**shuffled, "train": {"lr": 0.01, "epochs": 4}}) != known
 

@@ -42,15 +42,20 @@ def as_cloned(ws):
 
 def plot_specs(page: str) -> dict[str, dict]:
     """The vega-lite spec of every plot on a `dvc plots` page, by the id of its div."""
-    return {m.group(2): json.loads(m.group(1))
-            for m in re.finditer(r"var spec = (\{.*?\});\s*vegaEmbed\('#(\w+)', spec\);", page, re.S)}
+    return {
+        m.group(2): json.loads(m.group(1))
+        for m in re.finditer(r"var spec = (\{.*?\});\s*vegaEmbed\('#(\w+)', spec\);", page, re.S)
+    }
 
 
 def train_outputs(ws) -> dict[str, bytes]:
     """Every file of every output dvc.yaml declares for the train stage (outs, metrics, plots), with its bytes."""
     stage = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["train"]
-    paths = [ws / (o if isinstance(o, str) else next(iter(o)))
-             for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
+    paths = [
+        ws / (o if isinstance(o, str) else next(iter(o)))
+        for kind in ("outs", "metrics", "plots")
+        for o in stage.get(kind, [])
+    ]
     files = [f for p in paths for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
     assert files and all(f.is_file() for f in files), paths
     return {f.relative_to(ws).as_posix(): f.read_bytes() for f in files}
@@ -101,8 +106,16 @@ def test_repro_builds_a_gated_onnx_model_with_parity_and_metadata(built):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
     assert (ws / "models/model_card.md").read_text().strip()
-    for report in ("validation.json", "validation.md", "metrics.json", "evaluation.json", "roc.png", "confusion.png",
-                   "augment_preview.png", "train.json"):
+    for report in (
+        "validation.json",
+        "validation.md",
+        "metrics.json",
+        "evaluation.json",
+        "roc.png",
+        "confusion.png",
+        "augment_preview.png",
+        "train.json",
+    ):
         assert (ws / "reports" / report).is_file(), report
     # DVCLive's per-epoch curves, one file per metric, step = epoch (TINY trains 2 epochs).
     for name in ("train/loss", "val/loss", "val/auroc", "val/accuracy", "lr"):
@@ -129,8 +142,17 @@ def test_metrics_files_hold_numbers_and_the_record_the_rest(built):
     ws, *_ = built
     metrics = json.loads((ws / "reports/metrics.json").read_text())
     assert all(type(v) in (int, float) for v in metrics.values()), metrics
-    for key in (*TEST_METRICS, "auroc_ci_low", "auroc_ci_high", "balanced_accuracy", "accuracy", "f1", "threshold",
-                "ece", "brier"):
+    for key in (
+        *TEST_METRICS,
+        "auroc_ci_low",
+        "auroc_ci_high",
+        "balanced_accuracy",
+        "accuracy",
+        "f1",
+        "threshold",
+        "ece",
+        "brier",
+    ):
         assert key in metrics, key
 
     def leaves(d):
@@ -159,16 +181,27 @@ def test_plots_page_renders_without_a_network(built):
     assert not EXTERNAL.search(page), EXTERNAL.search(page).group(0)
     assert 't.version="5.33.0"' in page and "window.vegaEmbed" in page  # vega and vega-embed inline
     specs = plot_specs(page)
-    assert {"reports_roc_csv", "reports_confusion_csv", "dvclive_plots_metrics_val_auroc_tsv",
-            "dvclive_plots_metrics_train_loss_tsv"} <= set(specs), set(specs)
+    assert {
+        "reports_roc_csv",
+        "reports_confusion_csv",
+        "dvclive_plots_metrics_val_auroc_tsv",
+        "dvclive_plots_metrics_train_loss_tsv",
+    } <= set(specs), set(specs)
     assert {v["rev"] for v in specs["reports_roc_csv"]["data"]["values"]} == {"workspace"}
 
 
 def test_no_patient_identifier_reaches_any_artefact(built):
     ws, *_ = built
     needles = [b"DEMO-0", b"Demo^Patient"]
-    for folder in ("data/manifest.csv", "data/manifest.json", "data/prepared", "models", "reports", "dvclive",
-                   "dvc.lock"):
+    for folder in (
+        "data/manifest.csv",
+        "data/manifest.json",
+        "data/prepared",
+        "models",
+        "reports",
+        "dvclive",
+        "dvc.lock",
+    ):
         path = ws / folder
         for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
             blob = f.read_bytes()
@@ -266,8 +299,13 @@ def test_raw_data_is_byte_identical_after_runs(built):
 
 def test_failed_gate_stops_before_export(built, tmp_path):
     ws, *_ = built
-    set_params(ws, {"evaluate": {"gate": {"min_auroc": 1.0, "min_sensitivity": 1.0, "min_specificity": 1.0}},
-                    "train": {"lr": 1e-9, "epochs": 1}})
+    set_params(
+        ws,
+        {
+            "evaluate": {"gate": {"min_auroc": 1.0, "min_sensitivity": 1.0, "min_specificity": 1.0}},
+            "train": {"lr": 1e-9, "epochs": 1},
+        },
+    )
     (ws / "models/model.onnx").unlink()
     out = run(["dvc", "repro"], ws, check=False)
     assert out.returncode != 0

@@ -44,8 +44,11 @@ def test_predict_png_dicom_and_corrupt_files(onnx_model, tmp_path):
 
     # Batch size does not change the answer.
     again = predict(onnx_model, [scans, extra], None, batch_size=32)
-    assert np.allclose(again[["prob_normal", "prob_lesion"]].to_numpy(dtype=float),
-                       table[["prob_normal", "prob_lesion"]].to_numpy(dtype=float), equal_nan=True)
+    assert np.allclose(
+        again[["prob_normal", "prob_lesion"]].to_numpy(dtype=float),
+        table[["prob_normal", "prob_lesion"]].to_numpy(dtype=float),
+        equal_nan=True,
+    )
 
 
 def test_predict_matches_the_training_preprocessing(onnx_model, tmp_path):
@@ -229,7 +232,7 @@ def test_decoding_runs_a_bounded_distance_ahead(monkeypatch, tmp_path):
     monkeypatch.setattr(module, "_prepare", fake_prepare)
     files = [tmp_path / f"{i}.png" for i in range(50)]
     taken = 0
-    for item in module.prepared(files, {}, threads=3, ahead=4):
+    for _item in module.prepared(files, {}, threads=3, ahead=4):
         taken += 1
         assert len(started) <= taken + 4
     assert taken == 50 and sorted(started) == sorted(files)
@@ -253,8 +256,22 @@ def test_the_command_imports_neither_torch_scipy_nor_pandas(onnx_model, tmp_path
 
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
     medtune = Path(sys.executable).parent / "medtune"
-    out = subprocess.run([sys.executable, "-X", "importtime", str(medtune), "predict", str(onnx_model),
-                          str(tmp_path), "-o", str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            str(medtune),
+            "predict",
+            str(onnx_model),
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "p.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     imported = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*(\S+)\s*$", out.stderr, re.M)}
     assert {"onnxruntime", "PIL", "numpy"} <= imported  # the probe sees the process's imports

@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from components.common import StageError, hash_patient
-from components.params import parse_params
 from components.data.preprocess import load_meta, load_split, main, preprocess
 from components.data.scans import prepare_image, recorded_preparation
+from components.params import parse_params
 
 SECRET_ID = "MRN-777-SECRET"
 SIZE = 16
@@ -59,15 +59,41 @@ def dataset(tmp_path):
     for rel in files:
         if rel.endswith((".png", ".JPG")):
             Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)).save(
-                raw / rel, format="JPEG" if rel.endswith(".JPG") else "PNG")
+                raw / rel, format="JPEG" if rel.endswith(".JPG") else "PNG"
+            )
     (raw / "normal/broken.png").write_bytes(b"not a png")
     salt = b"test-salt"
-    rows = [{"path": rel, "sha256": sha(raw / rel), "label": lab, "patient": hash_patient(f"p{i}", salt),
-             "width": 0, "height": 0, "channels": 1, "bit_depth": 8, "modality": "PNG", "split": split, "error": ""}
-            for i, (rel, (lab, split)) in enumerate(files.items())]
-    rows.append({"path": "normal/broken.png", "sha256": sha(raw / "normal/broken.png"), "label": "normal",
-                 "patient": "", "width": "", "height": "", "channels": "", "bit_depth": "", "modality": "",
-                 "split": "", "error": "not a readable PNG/JPEG"})
+    rows = [
+        {
+            "path": rel,
+            "sha256": sha(raw / rel),
+            "label": lab,
+            "patient": hash_patient(f"p{i}", salt),
+            "width": 0,
+            "height": 0,
+            "channels": 1,
+            "bit_depth": 8,
+            "modality": "PNG",
+            "split": split,
+            "error": "",
+        }
+        for i, (rel, (lab, split)) in enumerate(files.items())
+    ]
+    rows.append(
+        {
+            "path": "normal/broken.png",
+            "sha256": sha(raw / "normal/broken.png"),
+            "label": "normal",
+            "patient": "",
+            "width": "",
+            "height": "",
+            "channels": "",
+            "bit_depth": "",
+            "modality": "",
+            "split": "",
+            "error": "not a readable PNG/JPEG",
+        }
+    )
     manifest = tmp_path / "manifest.csv"
     pd.DataFrame(rows).sort_values("path").to_csv(manifest, index=False)
     return raw, manifest, files
@@ -124,7 +150,9 @@ def test_preprocess_end_to_end(dataset, tmp_path):
     np.testing.assert_array_equal(images[0], prepare_image(raw / rows["path"][0], SIZE, 1, "header", equalize=True))
     # The pixel cache sits beside the output folder and holds only the last settings' set.
     [pixel_set] = (tmp_path / "cache/pixels").iterdir()
-    assert load_meta(out)["equalize"] is True and '"equalize":true' in (pixel_set / "settings.json").read_text().replace(" ", "")
+    assert load_meta(out)["equalize"] is True and '"equalize":true' in (
+        pixel_set / "settings.json"
+    ).read_text().replace(" ", "")
 
 
 def test_changed_raw_file_is_refused(dataset, tmp_path):

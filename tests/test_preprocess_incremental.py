@@ -28,8 +28,13 @@ BATCH = 3  # patients per appended batch, 4 slices each
 
 
 def params(size: int = SIZE, workers: int = 1, **compute):
-    return parse_params({"split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.25},
-                         "preprocess": {"image_size": size}, "compute": {"workers": workers, **compute}})
+    return parse_params(
+        {
+            "split": {"seed": 1, "val_fraction": 0.25, "test_fraction": 0.25},
+            "preprocess": {"image_size": size},
+            "compute": {"workers": workers, **compute},
+        }
+    )
 
 
 class Workspace:
@@ -44,8 +49,15 @@ class Workspace:
         ingest(self.raw, self.data, params())
 
     def append(self, name: str, patients: int = BATCH) -> int:
-        n = demo_data.generate(self.raw, patients, 4, SIZE, seed=0, classes=["normal", "lesion"],
-                               patient_offset=demo_data.batch_offset(name))
+        n = demo_data.generate(
+            self.raw,
+            patients,
+            4,
+            SIZE,
+            seed=0,
+            classes=["normal", "lesion"],
+            patient_offset=demo_data.batch_offset(name),
+        )
         self.ingest()
         return n
 
@@ -82,8 +94,11 @@ def calls(monkeypatch):
 
 def shard_files(folder: Path) -> dict[str, tuple[int, int, bytes]]:
     """Each shard file of a settings set with (inode, mtime_ns, bytes): what DVC's stat cache keys on."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.iterdir()) if p.name.startswith("shard-")}
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.iterdir())
+        if p.name.startswith("shard-")
+    }
 
 
 def test_an_append_prepares_only_the_new_scans_and_matches_a_run_from_scratch(tmp_path, calls):
@@ -275,6 +290,7 @@ def test_unchanged_scans_are_not_read_again_and_a_changed_one_is_still_refused(t
     ws.preprocess()
     hashed: list[str] = []
     real = preprocess_module.sha256_file
+
     def counting(path, *args):
         if Path(path).suffix == ".dcm":  # not scans.py, which cache_settings hashes
             hashed.append(Path(path).name)
@@ -312,8 +328,12 @@ def test_on_a_dask_cluster_the_output_is_the_same_bytes(tmp_path, calls, monkeyp
     calls.clear()
     monkeypatch.chdir(ws.root)  # relative paths, as `medtune preprocess` in dvc.yaml has them
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster:
-        preprocess(Path("data/manifest.csv"), Path("data/raw"), Path("data/prepared"),
-                   params(dask_scheduler=cluster.scheduler_address))
+        preprocess(
+            Path("data/manifest.csv"),
+            Path("data/raw"),
+            Path("data/prepared"),
+            params(dask_scheduler=cluster.scheduler_address),
+        )
     assert calls == []  # the new scans were decoded by the cluster's worker processes, not here
     assert ws.prepared() == ws.from_scratch()
 
@@ -329,8 +349,23 @@ def test_dvc_repro_after_an_append_adds_one_shard_and_a_clone_pulls_the_cache(tm
     [folder] = sorted((ws / "data/cache/pixels").iterdir())
     first = shard_files(folder)
 
-    run(["medtune", "demo-data", "--out", "data/raw", "--patients", "3", "--slices", "3", "--size", "32",
-         "--batch-name", "2024-06"], ws)
+    run(
+        [
+            "medtune",
+            "demo-data",
+            "--out",
+            "data/raw",
+            "--patients",
+            "3",
+            "--slices",
+            "3",
+            "--size",
+            "32",
+            "--batch-name",
+            "2024-06",
+        ],
+        ws,
+    )
     run(["dvc", "add", "-q", "data/raw"], ws)
     out = run(["dvc", "repro", "preprocess"], ws)
     assert "9 scan(s) to prepare, 36 in the pixel cache" in out.stdout + out.stderr, out.stdout + out.stderr
@@ -341,8 +376,13 @@ def test_dvc_repro_after_an_append_adds_one_shard_and_a_clone_pulls_the_cache(tm
     assert "up to date" in run(["dvc", "status", "preprocess"], ws).stdout
 
     scratch = tmp_path / "scratch"
-    preprocess(ws / "data/manifest.csv", ws / "data/raw", scratch / "prepared", load_params(ws / "params.yaml"),
-               cache_dir=scratch / "cache")
+    preprocess(
+        ws / "data/manifest.csv",
+        ws / "data/raw",
+        scratch / "prepared",
+        load_params(ws / "params.yaml"),
+        cache_dir=scratch / "cache",
+    )
     assert tree_digest(ws / "data/prepared") == tree_digest(scratch / "prepared")
 
     # A fresh clone gets the pixel cache with `dvc pull`, and its preprocess prepares nothing.
@@ -353,7 +393,9 @@ def test_dvc_repro_after_an_append_adds_one_shard_and_a_clone_pulls_the_cache(tm
     run(["dvc", "pull", "-q", "--with-deps", "preprocess"], clone)
     assert tree_digest(clone / "data/cache/pixels") == tree_digest(ws / "data/cache/pixels")
     calls.clear()
-    preprocess(clone / "data/manifest.csv", clone / "data/raw", clone / "data/prepared", load_params(clone / "params.yaml"))
+    preprocess(
+        clone / "data/manifest.csv", clone / "data/raw", clone / "data/prepared", load_params(clone / "params.yaml")
+    )
     assert calls == [] and tree_digest(clone / "data/prepared") == tree_digest(ws / "data/prepared")
 
 

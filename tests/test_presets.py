@@ -33,7 +33,13 @@ def test_every_preset_is_valid_and_only_sets_existing_keys():
 
 def test_flags_and_apply(tmp_path, capsys):
     assert set_flags({"train": {"lr": 0.01, "backbone": "resnet18"}, "augment": {"scale": [0.9, 1.0]}}) == [
-        "-S", "train.lr=0.01", "-S", 'train.backbone="resnet18"', "-S", "augment.scale=[0.9, 1.0]"]
+        "-S",
+        "train.lr=0.01",
+        "-S",
+        'train.backbone="resnet18"',
+        "-S",
+        "augment.scale=[0.9, 1.0]",
+    ]
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
     name = next(iter(load_presets()))

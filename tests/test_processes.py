@@ -81,8 +81,9 @@ def prepared(tmp_path_factory):
 def start_repro(ws: Path, log: Path, shell: str) -> subprocess.Popen:
     # DVC runs a stage as `$SHELL -c "<cmd>"` (dvc/stage/run.py): SHELL picks the shell.
     with open(log, "w") as fh:
-        return subprocess.Popen(["dvc", "repro", "train"], cwd=ws, env=tool_env(SHELL=shell),
-                                stdout=fh, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            ["dvc", "repro", "train"], cwd=ws, env=tool_env(SHELL=shell), stdout=fh, stderr=subprocess.STDOUT
+        )
 
 
 def kill_dvc_during_training(ws: Path, tmp_path: Path, shell: str, workers: int) -> tuple[list[psutil.Process], str]:
@@ -159,8 +160,14 @@ with stage_lock(sys.argv[1], sys.argv[2], "test holder"):
 @pytest.fixture
 def holder(prepared):
     """Another live process holding the augment stage's lock in the workspace."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, "augment", str(prepared)], cwd=ROOT, env=tool_env(),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, "augment", str(prepared)],
+        cwd=ROOT,
+        env=tool_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "held"
     yield proc
     proc.kill()
@@ -204,9 +211,14 @@ def test_the_lock_of_a_killed_holder_is_free_again(prepared, holder):
 # The temporary Prefect server of `medtune retrain --once`
 # ---------------------------------------------------------------------------------------------
 
+
 def prefect_env(tmp_path: Path) -> dict[str, str]:
-    env = tool_env(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   DO_NOT_TRACK="1", MEDTUNE_PATIENT_SALT="test-salt")
+    env = tool_env(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        MEDTUNE_PATIENT_SALT="test-salt",
+    )
     env.pop("PREFECT_API_URL", None)  # no server configured: the run needs a temporary one
     return env
 
@@ -227,11 +239,19 @@ def test_the_temporary_prefect_server_dies_with_a_killed_retrain(prepared, tmp_p
     server = None
     try:
         with project.workspace_lock(prepared, "the test", timeout=1), open(log, "w") as fh:
-            retrain = subprocess.Popen(["medtune", "retrain", "--once"], cwd=prepared, env=prefect_env(tmp_path),
-                                       stdout=fh, stderr=subprocess.STDOUT)
+            retrain = subprocess.Popen(
+                ["medtune", "retrain", "--once"],
+                cwd=prepared,
+                env=prefect_env(tmp_path),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
             try:
-                wait_for(lambda: "holds the workspace" in log.read_text() or retrain.poll() is not None, TIMEOUT,
-                         "the retrain run to wait for the workspace")
+                wait_for(
+                    lambda: "holds the workspace" in log.read_text() or retrain.poll() is not None,
+                    TIMEOUT,
+                    "the retrain run to wait for the workspace",
+                )
                 assert retrain.poll() is None, log.read_text()[-3000:]
                 server = next(p for p in psutil.Process(retrain.pid).children(recursive=True) if is_prefect_server(p))
             finally:

@@ -60,7 +60,7 @@ def test_public_salt_refuses_the_run_before_anything_is_appended(salt_free_serve
 
     out = retrain(ws, env, check=False)
     assert out.returncode == 1, out.stdout + out.stderr
-    error = out.stderr[out.stderr.rfind("error: "):]
+    error = out.stderr[out.stderr.rfind("error: ") :]
     assert "public salt (params.yaml default)" in error and "MEDTUNE_PATIENT_SALT" in error, error
     assert "batch-2024-06" in error and "retrain.allow_public_salt" in error and "Nothing was appended" in error
     assert "PUBLIC salt" in out.stderr  # the batch check's warning
@@ -72,7 +72,6 @@ def test_public_salt_refuses_the_run_before_anything_is_appended(salt_free_serve
     assert run(["git", "status", "--porcelain"], ws, env).stdout == ""
 
 
-
 def test_public_salt_allowed_by_the_flag_is_warned_and_recorded(killed_after_push, salt_free_server):
     ws, out, env = killed_after_push["ws"], killed_after_push["out"], salt_free_server["env"]
     assert "KILLED after dvc push" in out.stderr  # the flag let the run train, export and start promoting
@@ -81,7 +80,7 @@ def test_public_salt_allowed_by_the_flag_is_warned_and_recorded(killed_after_pus
     assert json.loads((ws / "data/manifest.json").read_text())["patient_salt"] == expected
     assert json.loads((ws / "models/lineage.json").read_text())["data"]["patient_salt"] == expected
     text = run(["medtune", "trace", "models/model.onnx"], ws, env).stdout
-    data = text[text.index("3. Data version"):text.index("4. ")]
+    data = text[text.index("3. Data version") : text.index("4. ")]
     assert "patient_salt: status=public, source=params.yaml default, real_patient_ids=True" in data, data
     assert "WARNING: real patient ids were hashed with a public salt" in data
     traced = json.loads(run(["medtune", "trace", "models/model.onnx", "--json"], ws, env).stdout)
@@ -89,7 +88,9 @@ def test_public_salt_allowed_by_the_flag_is_warned_and_recorded(killed_after_pus
 
 
 @pytest.mark.parametrize("kill_after", ["dvc push", "git commit", "git tag -a"])
-def test_a_promotion_killed_at_any_step_is_finished_by_the_next_run(killed_after_push, salt_free_server, tmp_path, kill_after):
+def test_a_promotion_killed_at_any_step_is_finished_by_the_next_run(
+    killed_after_push, salt_free_server, tmp_path, kill_after
+):
     env = salt_free_server["env"]
     ws = copy_of(killed_after_push["ws"], tmp_path)
     onnx = ws / "models/model.onnx"

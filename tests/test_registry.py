@@ -25,8 +25,13 @@ from components.retrain import challenger, dvc_project, promote, salt_guard
 BIN = Path(sys.executable).parent
 # The tiny test graphs use the legacy exporter (no onnxscript needed); its deprecation notice is noise here.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-       "DVC_NO_ANALYTICS": "1"}
+ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+    "DVC_NO_ANALYTICS": "1",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +56,15 @@ def export_onnx(path: Path, sign: float) -> None:
             return torch.softmax(torch.cat([-sign * 20 * m, sign * 20 * m], dim=1), dim=1)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(Bright(), torch.zeros(2, 1, 8, 8), str(path), input_names=["image"],
-                      output_names=["probabilities"], dynamic_axes={"image": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(
+        Bright(),
+        torch.zeros(2, 1, 8, 8),
+        str(path),
+        input_names=["image"],
+        output_names=["probabilities"],
+        dynamic_axes={"image": {0: "batch"}},
+        dynamo=False,
+    )
 
 
 def test_onnx_probabilities_return_the_threshold_the_model_records(tmp_path):
@@ -85,16 +97,26 @@ def write_prepared(ws: Path, patients: list[str]) -> None:
     for i, p in enumerate(patients):
         for j, (label, value) in enumerate((("normal", 40), ("lesion", 220))):
             imgs.append(np.full((1, 8, 8), value, np.uint8))
-            rows.append({"split": "test", "row": len(rows), "path": f"{label}/{p}_{j}.png", "sha256": f"{i}{j}",
-                         "label": label, "label_index": j, "patient": p})
+            rows.append(
+                {
+                    "split": "test",
+                    "row": len(rows),
+                    "path": f"{label}/{p}_{j}.png",
+                    "sha256": f"{i}{j}",
+                    "label": label,
+                    "label_index": j,
+                    "patient": p,
+                }
+            )
     d = ws / "data/prepared"
     d.mkdir(parents=True, exist_ok=True)
     np.save(d / "test.npy", np.stack(imgs))
     pd.DataFrame(rows).to_csv(d / "index.csv", index=False)
 
 
-def write_challenger(ws: Path, name: str, sign: float, gate_passed: bool = True,
-                     manifest_rows: list[dict] | None = None) -> str:
+def write_challenger(
+    ws: Path, name: str, sign: float, gate_passed: bool = True, manifest_rows: list[dict] | None = None
+) -> str:
     """What the pipeline leaves behind: reports, models/ (checkpoint, ONNX, lineage, card), data/manifest.csv.
 
     Returns the model id (sha256 of the checkpoint, first 12 hex), as the export stage computes it.
@@ -110,8 +132,10 @@ def write_challenger(ws: Path, name: str, sign: float, gate_passed: bool = True,
     probs, _ = challenger.onnx_probabilities(ws / "models/model.onnx", images, 0.5)
     metrics = compute_metrics(index["label_index"].to_numpy(), probs, ["normal", "lesion"], 1, 0.5, 20, 0)
     common.write_json(ws / "reports/evaluation.json", metrics)  # the record evaluate writes
-    common.write_json(ws / "reports/gate.json", {"passed": gate_passed, "reasons": ["test gate"],
-                                                 "failed": [] if gate_passed else ["auroc too low"]})
+    common.write_json(
+        ws / "reports/gate.json",
+        {"passed": gate_passed, "reasons": ["test gate"], "failed": [] if gate_passed else ["auroc too low"]},
+    )
     common.write_json(ws / "models/lineage.json", {"model_id": model_id})
     common.write_text(ws / "models/model_card.md", f"# model {model_id}\n")
     rows = manifest_rows or [{"path": "a.png", "sha256": "x", "label": "normal", "patient": "pX", "split": "train"}]
@@ -137,8 +161,9 @@ def repo(tmp_path):
 def promote_first(ws: Path, remote: Path) -> dict:
     write_challenger(ws, "a", +1)
     decision = challenger.compare(ws, PARAMS, "auroc", 0.01)
-    return promote.publish(ws, decision, trigger="event", flow_run_id="run-1", data_version="v1",
-                            remote_url=str(remote))
+    return promote.publish(
+        ws, decision, trigger="event", flow_run_id="run-1", data_version="v1", remote_url=str(remote)
+    )
 
 
 @pytest.mark.slow
@@ -150,8 +175,14 @@ def test_first_model_that_passes_the_gate_is_promoted_tagged_and_pushed(repo, tm
     assert [r["event"] for r in registry.releases(repo)] == ["promoted"]
     assert sh(repo, "git", "tag", "--list") == f"model-{A}"
     committed = sh(repo, "git", "show", "--name-only", "--format=", f"model-{A}").splitlines()
-    for f in ("registry/current.json", "registry/releases.jsonl", f"registry/models/{A}/lineage.json",
-              f"registry/models/{A}/manifest.csv", f"registry/models/{A}/model_card.md", ".dvc/config"):
+    for f in (
+        "registry/current.json",
+        "registry/releases.jsonl",
+        f"registry/models/{A}/lineage.json",
+        f"registry/models/{A}/manifest.csv",
+        f"registry/models/{A}/model_card.md",
+        ".dvc/config",
+    ):
         assert f in committed, f
     assert f"registry/models/{A}/model.onnx" not in committed  # models live in DVC, not git
     assert (repo / f"registry/models/{A}/model.onnx").is_file()
@@ -198,12 +229,24 @@ def test_gate_failure_rejects_even_without_champion(repo):
 
 @pytest.mark.slow
 def test_comparison_leaves_out_patients_the_champion_trained_on(repo, tmp_path):
-    write_challenger(repo, "a", +1, manifest_rows=[
-        {"path": "x.png", "sha256": "1", "label": "normal", "patient": "p1", "split": "train"},
-        {"path": "y.png", "sha256": "2", "label": "normal", "patient": "p2", "split": "val"},
-        {"path": "z.png", "sha256": "3", "label": "normal", "patient": "p3", "split": "test"}])
-    promote.publish(repo, challenger.compare(repo, PARAMS, "auroc", 0.01), trigger="manual", flow_run_id=None,
-                     data_version="v1", remote_url=str(tmp_path / "remote"))
+    write_challenger(
+        repo,
+        "a",
+        +1,
+        manifest_rows=[
+            {"path": "x.png", "sha256": "1", "label": "normal", "patient": "p1", "split": "train"},
+            {"path": "y.png", "sha256": "2", "label": "normal", "patient": "p2", "split": "val"},
+            {"path": "z.png", "sha256": "3", "label": "normal", "patient": "p3", "split": "test"},
+        ],
+    )
+    promote.publish(
+        repo,
+        challenger.compare(repo, PARAMS, "auroc", 0.01),
+        trigger="manual",
+        flow_run_id=None,
+        data_version="v1",
+        remote_url=str(tmp_path / "remote"),
+    )
     write_challenger(repo, "e", +1)
     decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
     assert decision["comparison"]["n_test"] == 8
@@ -250,10 +293,15 @@ def test_a_failed_run_is_recorded_in_a_commit_of_its_own(repo, tmp_path):
     head = sh(repo, "git", "rev-parse", "HEAD")
     (repo / "notes.txt").write_text("someone else's work")
     sh(repo, "git", "add", "notes.txt")  # staged by someone else: must not ride along
-    rec = promote.record_failure(repo, error="StageError: stage validate failed (exit 1): too few images",
-                                  trigger="schedule", flow_run_id="run-2", data_version="v1",
-                                  batches=[{"batch": "b1", "quarantine": "data/quarantine/b1-x"}],
-                                  restored=["dvc status: Data and pipelines are up to date."])
+    rec = promote.record_failure(
+        repo,
+        error="StageError: stage validate failed (exit 1): too few images",
+        trigger="schedule",
+        flow_run_id="run-2",
+        data_version="v1",
+        batches=[{"batch": "b1", "quarantine": "data/quarantine/b1-x"}],
+        restored=["dvc status: Data and pipelines are up to date."],
+    )
     assert rec["event"] == "failed" and rec["model_id"] is None and rec["champion"]["model_id"] == A
     assert sh(repo, "git", "diff", "--name-only", head, "HEAD") == "registry/releases.jsonl"
     assert sh(repo, "git", "diff", "--cached", "--name-only") == "notes.txt"
@@ -277,7 +325,6 @@ def test_champion_with_other_input_shape_is_not_compared(repo, tmp_path):
     assert any("cannot compare" in r and "expects input" in r for r in decision["reasons"]), decision["reasons"]
 
 
-
 @pytest.mark.slow
 def test_stale_onnx_of_an_earlier_run_does_not_stand_in_for_the_challenger(repo, tmp_path):
     promote_first(repo, tmp_path / "remote")  # leaves models/model.onnx + lineage.json of model A
@@ -292,6 +339,7 @@ def test_stale_onnx_of_an_earlier_run_does_not_stand_in_for_the_challenger(repo,
 # A release interrupted at any step is finished by recover(), never half-made
 # ---------------------------------------------------------------------------------------------
 
+
 class Killed(BaseException):
     """Stands for the process dying: no `except Exception` in the code under test catches it."""
 
@@ -303,9 +351,10 @@ def _kill_after(monkeypatch, step: str) -> None:
 
     def killing(*args, **kwargs):
         out = real(*args, **kwargs)
-        if list(args[1:1 + len(words)]) == words:
+        if list(args[1 : 1 + len(words)]) == words:
             raise Killed(step)
         return out
+
     monkeypatch.setattr(promote, name, killing)
 
 
@@ -318,13 +367,29 @@ def _batch(ws: Path) -> Path:
 
 def _publish(ws: Path, remote: Path, batch: Path, flow_run_id: str = "run-1") -> dict:
     decision = challenger.compare(ws, PARAMS, "auroc", 0.01)
-    return promote.publish(ws, decision, trigger="event", flow_run_id=flow_run_id, data_version="v1",
-                            remote_url=str(remote), batches=[batch.relative_to(ws)],
-                            processed_dir="data/inbox-processed")
+    return promote.publish(
+        ws,
+        decision,
+        trigger="event",
+        flow_run_id=flow_run_id,
+        data_version="v1",
+        remote_url=str(remote),
+        batches=[batch.relative_to(ws)],
+        processed_dir="data/inbox-processed",
+    )
 
 
-STEPS = ["ensure_remote", "dvc push", "store_model", "record_release", "set_current", "git add", "git commit",
-         "git tag -a", "inbox-archive"]
+STEPS = [
+    "ensure_remote",
+    "dvc push",
+    "store_model",
+    "record_release",
+    "set_current",
+    "git add",
+    "git commit",
+    "git tag -a",
+    "inbox-archive",
+]
 
 
 @pytest.mark.slow
@@ -340,6 +405,7 @@ def test_a_release_killed_after_any_step_is_finished_by_recover(repo, tmp_path, 
             def archive_and_die(*args, real=inbox.archive):
                 real(*args)
                 raise Killed(step)
+
             m.setattr(inbox, "archive", archive_and_die)
         else:
             _kill_after(m, step)
@@ -351,7 +417,9 @@ def test_a_release_killed_after_any_step_is_finished_by_recover(repo, tmp_path, 
     assert any("finishing the interrupted promoted release of model " + A in d for d in done), done
     assert promote.pending(repo) is None and promote.recover(repo) == []
     assert registry.current(repo) == {"model_id": A, "git_tag": f"model-{A}"}
-    assert [(r["event"], r["model_id"], r["flow_run_id"]) for r in registry.releases(repo)] == [("promoted", A, "run-1")]
+    assert [(r["event"], r["model_id"], r["flow_run_id"]) for r in registry.releases(repo)] == [
+        ("promoted", A, "run-1")
+    ]
     assert sh(repo, "git", "rev-list", "-n", "1", f"model-{A}") == sh(repo, "git", "rev-parse", "HEAD")
     assert sh(repo, "git", "log", "--format=%s").count("promote model") == 1
     assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no") == ""
@@ -401,21 +469,35 @@ def test_publish_refuses_a_second_release_while_one_is_pending(repo, tmp_path, m
 # The public patient salt
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_publish_refuses_data_hashed_with_a_public_salt_before_pushing(repo, tmp_path):
     write_challenger(repo, "a", +1)
     head = sh(repo, "git", "rev-parse", "HEAD")
-    common.write_json(repo / "data/manifest.json", {"patient_salt": {
-        "status": "public", "source": "params.yaml default", "real_patient_ids": True}})
+    common.write_json(
+        repo / "data/manifest.json",
+        {"patient_salt": {"status": "public", "source": "params.yaml default", "real_patient_ids": True}},
+    )
     decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
-    with pytest.raises(common.StageError, match=r"public salt \(params.yaml default\); not recording \(nothing "
-                                                r"committed or pushed\)\. Set a secret MEDTUNE_PATIENT_SALT"):
-        promote.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1",
-                         remote_url=str(tmp_path / "remote"))
+    with pytest.raises(
+        common.StageError,
+        match=r"public salt \(params.yaml default\); not recording \(nothing "
+        r"committed or pushed\)\. Set a secret MEDTUNE_PATIENT_SALT",
+    ):
+        promote.publish(
+            repo, decision, trigger="event", flow_run_id="r", data_version="v1", remote_url=str(tmp_path / "remote")
+        )
     assert sh(repo, "git", "rev-parse", "HEAD") == head and not (tmp_path / "remote").exists()
     assert promote.pending(repo) is None and registry.current(repo) is None
-    rec = promote.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1",
-                           remote_url=str(tmp_path / "remote"), allow_public_salt=True)
+    rec = promote.publish(
+        repo,
+        decision,
+        trigger="event",
+        flow_run_id="r",
+        data_version="v1",
+        remote_url=str(tmp_path / "remote"),
+        allow_public_salt=True,
+    )
     assert rec["event"] == "promoted"
 
 
@@ -423,8 +505,11 @@ def test_salt_status_is_secret_only_from_a_distinct_environment_variable(monkeyp
     monkeypatch.delenv("MEDTUNE_PATIENT_SALT", raising=False)
     assert common.salt_status("medtune-public-salt") == {"status": "public", "source": "params.yaml default"}
     assert common.salt_status("our-salt") == {"status": "public", "source": "params.yaml"}
-    for value, why in (("", "empty"), ("our-salt", "equal to params.yaml"),
-                       ("medtune-public-salt", "equal to the shipped default")):
+    for value, why in (
+        ("", "empty"),
+        ("our-salt", "equal to params.yaml"),
+        ("medtune-public-salt", "equal to the shipped default"),
+    ):
         monkeypatch.setenv("MEDTUNE_PATIENT_SALT", value)
         assert common.salt_status("our-salt") == {"status": "public", "source": f"MEDTUNE_PATIENT_SALT, {why}"}
     monkeypatch.setenv("MEDTUNE_PATIENT_SALT", "2f9c0d-test-secret")
@@ -440,29 +525,46 @@ def test_retrain_refuses_real_patient_ids_with_a_public_salt_unless_allowed(tmp_
     png = tmp_path / "inbox/png"  # no patient id at all: each file is its own patient (hash of the path)
     (png / "normal").mkdir(parents=True)
     import PIL.Image
+
     PIL.Image.new("L", (32, 32)).save(png / "normal/x.png")
     public, allowed = PARAMS, parse_params({"retrain": {"allow_public_salt": True}})
 
-    assert salt_guard.refuse_public_salt(tmp_path, public, [png]) == {"status": "public", "source": "params.yaml default"}
+    assert salt_guard.refuse_public_salt(tmp_path, public, [png]) == {
+        "status": "public",
+        "source": "params.yaml default",
+    }
     with caplog.at_level("WARNING"), pytest.raises(common.StageError) as err:
         salt_guard.refuse_public_salt(tmp_path, public, [png, dicom])
-    assert f"batch {dicom} (1 scan(s) with a patient id) would be hashed with a public salt (params.yaml default)" \
-        in str(err.value) and "Nothing was appended" in str(err.value) and "retrain.allow_public_salt" in str(err.value)
+    assert (
+        f"batch {dicom} (1 scan(s) with a patient id) would be hashed with a public salt (params.yaml default)"
+        in str(err.value)
+        and "Nothing was appended" in str(err.value)
+        and "retrain.allow_public_salt" in str(err.value)
+    )
     warned = [r.getMessage() for r in caplog.records if "PUBLIC salt" in r.getMessage()]
     assert len(warned) == 1 and str(dicom) in warned[0] and "token_hex" in warned[0]  # once, for the DICOM batch
     assert salt_guard.refuse_public_salt(tmp_path, allowed, [dicom])["status"] == "public"
     # The raw data already holds real ids (ingest's record): refused even for a batch without any.
-    common.write_json(tmp_path / "data/manifest.json", {"patient_source": "DICOM PatientID", "patient_salt": {
-        "status": "secret", "source": "MEDTUNE_PATIENT_SALT", "real_patient_ids": True}})
+    common.write_json(
+        tmp_path / "data/manifest.json",
+        {
+            "patient_source": "DICOM PatientID",
+            "patient_salt": {"status": "secret", "source": "MEDTUNE_PATIENT_SALT", "real_patient_ids": True},
+        },
+    )
     with pytest.raises(common.StageError, match=r"the raw data \(patients from DICOM PatientID"):
         salt_guard.refuse_public_salt(tmp_path, public, [png])
     monkeypatch.setenv("MEDTUNE_PATIENT_SALT", "2f9c0d-test-secret")
-    assert salt_guard.refuse_public_salt(tmp_path, public, [dicom]) == {"status": "secret", "source": "MEDTUNE_PATIENT_SALT"}
+    assert salt_guard.refuse_public_salt(tmp_path, public, [dicom]) == {
+        "status": "secret",
+        "source": "MEDTUNE_PATIENT_SALT",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # A release must reproduce: no promotion of uncommitted code; no credentials in the committed config
 # ---------------------------------------------------------------------------------------------
+
 
 def _with_code(ws: Path, commit: str, dirty: bool | None) -> None:
     """The code record export writes into the lineage (common.git_facts at export time)."""
@@ -495,7 +597,9 @@ def test_a_model_a_release_tag_would_not_reproduce_is_not_promoted(repo):
     (repo / "src/stage.py").write_text("print('changed')\n")
     assert "working tree's code differs from HEAD (commit it): src/stage.py" in " ".join(blockers(head, False))
     sh(repo, "git", "commit", "-qam", "new code")
-    assert f"code changed between the model's commit {head[:12]} and HEAD: src/stage.py" in " ".join(blockers(head, False))
+    assert f"code changed between the model's commit {head[:12]} and HEAD: src/stage.py" in " ".join(
+        blockers(head, False)
+    )
     new_head = sh(repo, "git", "rev-parse", "HEAD")
     (repo / "data/raw/b.txt").write_text("a scan that dvc add has not recorded")
     assert "`dvc status` is not clean" in " ".join(blockers(new_head, False))
@@ -527,7 +631,9 @@ def test_publish_refuses_credentials_in_the_dvc_config_it_commits(repo, tmp_path
     sh(repo, "dvc", "remote", "add", "-d", "store", "s3://bucket/medtune")
     sh(repo, "dvc", "remote", "modify", "store", "secret_access_key", "do-not-commit-me")
     decision = challenger.compare(repo, PARAMS, "auroc", 0.01)
-    with pytest.raises(common.StageError, match=r"config holds credentials \(\['remote \"store\"'\] secret_access_key\)"):
+    with pytest.raises(
+        common.StageError, match=r"config holds credentials \(\['remote \"store\"'\] secret_access_key\)"
+    ):
         promote.publish(repo, decision, trigger="event", flow_run_id="r", data_version="v1")
     assert sh(repo, "git", "rev-parse", "HEAD") == head and promote.pending(repo) is None
     # The same option in .dvc/config.local (git-ignored) is where it belongs; a password in the URL is refused too.

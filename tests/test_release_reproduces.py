@@ -52,8 +52,15 @@ def released(killed_after_push, tmp_path_factory):
 def test_a_fresh_clone_at_the_promotion_tag_reproduces_the_model(released):
     ws, tmp, env, tag = released["ws"], released["tmp"], released["env"], released["tag"]
     committed = run(["git", "show", "--name-only", "--format=", f"{tag}^{{commit}}"], ws, env).stdout.split()
-    for f in ("params.yaml", "dvc.lock", "data/raw.dvc", ".dvc/config", "registry/current.json",
-              "registry/releases.jsonl", f"registry/models/{released['model_id']}/lineage.json"):
+    for f in (
+        "params.yaml",
+        "dvc.lock",
+        "data/raw.dvc",
+        ".dvc/config",
+        "registry/current.json",
+        "registry/releases.jsonl",
+        f"registry/models/{released['model_id']}/lineage.json",
+    ):
         assert f in committed, (f, committed)
 
     clone = tmp / "clone"  # beside the workspace, so the local remote's relative URL resolves alike
@@ -63,7 +70,9 @@ def test_a_fresh_clone_at_the_promotion_tag_reproduces_the_model(released):
     params = yaml.safe_load((clone / "params.yaml").read_text())
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     want = UNCOMMITTED_PARAMS["train"]["batch_size"]
-    assert params["train"]["batch_size"] == lock["stages"]["train"]["params"]["params.yaml"]["train"]["batch_size"] == want
+    assert (
+        params["train"]["batch_size"] == lock["stages"]["train"]["params"]["params.yaml"]["train"]["batch_size"] == want
+    )
 
     run(["dvc", "pull"], clone, env)
     status = run(["dvc", "status"], clone, env).stdout
@@ -91,7 +100,11 @@ def test_the_lineage_says_the_code_was_clean_though_params_and_data_changed(rele
     assert code["git_dirty"] is False
     assert code["git_commit"] == run(["git", "rev-parse", f"{tag}^{{commit}}^"], ws, env).stdout.strip()
     before = yaml.safe_load(run(["git", "show", f"{code['git_commit']}:params.yaml"], ws, env).stdout)
-    assert before["train"]["batch_size"] != code["params"]["train"]["batch_size"] == UNCOMMITTED_PARAMS["train"]["batch_size"]
+    assert (
+        before["train"]["batch_size"]
+        != code["params"]["train"]["batch_size"]
+        == UNCOMMITTED_PARAMS["train"]["batch_size"]
+    )
     import onnx
 
     # The commit is a fact of the export run, not of the model: only the (uncached) lineage holds it.
@@ -103,8 +116,25 @@ def test_no_patient_identifier_reaches_the_release(released):
     ws, env, tag = released["ws"], released["env"], released["tag"]
     # The demo's DICOM headers carry PatientID DEMO-<n> and PatientName Demo^Patient<n> (components/data/demo_data.py,
     # the code that writes them, is the one file allowed to name the pattern). Binary files included (-a).
-    found = run(["git", "grep", "-a", "-l", "-e", "DEMO-", "-e", "Demo^Patient", tag, "--", ".",
-                 ":(exclude)components/data/demo_data.py"], ws, env, check=False)
+    found = run(
+        [
+            "git",
+            "grep",
+            "-a",
+            "-l",
+            "-e",
+            "DEMO-",
+            "-e",
+            "Demo^Patient",
+            tag,
+            "--",
+            ".",
+            ":(exclude)components/data/demo_data.py",
+        ],
+        ws,
+        env,
+        check=False,
+    )
     assert found.returncode == 1 and found.stdout == "", found.stdout
     messages = run(["git", "log", "--all", "--format=%B"], ws, env).stdout
     assert "DEMO-" not in messages and "Demo^Patient" not in messages
@@ -119,9 +149,11 @@ def test_git_facts_counts_code_only(tmp_path):
     (ws / "src/stage.py").write_text("print('stage')\n")
     (ws / "README.md").write_text("notes\n")
     (ws / "params.yaml").write_text("train: {epochs: 1}\n")
-    (ws / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python src/stage.py\n    deps: [src/stage.py, src/helper.py, data/raw]\n"
-                                 "    params: [train]\n    outs:\n      - reports/out.json:\n          cache: false\n"
-                                 "      - data/prepared\n")
+    (ws / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: python src/stage.py\n    deps: [src/stage.py, src/helper.py, data/raw]\n"
+        "    params: [train]\n    outs:\n      - reports/out.json:\n          cache: false\n"
+        "      - data/prepared\n"
+    )
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         run(cmd, ws, env)
     (ws / "data/raw").mkdir(parents=True)

@@ -30,8 +30,12 @@ pytestmark = pytest.mark.slow
 
 BUCKET = "medtune-test"
 # Fake credentials, given to every process through its environment, never written to a file.
-S3_ENV = {"AWS_ACCESS_KEY_ID": "medtune-test-key-2b7f", "AWS_SECRET_ACCESS_KEY": "medtune-test-secret-5d1e",
-          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "medtune-test-key-2b7f",
+    "AWS_SECRET_ACCESS_KEY": "medtune-test-secret-5d1e",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 RECOVER = "import json; from components.retrain import promote; print(json.dumps(promote.recover('.')))"
 
 
@@ -45,8 +49,13 @@ def s3(tmp_path_factory):
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = tmp / "moto.log"
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], cwd=tmp,
-                            env=tool_env(**S3_ENV), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        cwd=tmp,
+        env=tool_env(**S3_ENV),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -57,13 +66,19 @@ def s3(tmp_path_factory):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"moto_server not answering on {endpoint}:\n{log.read_text()[-3000:]}")
+                    raise AssertionError(
+                        f"moto_server not answering on {endpoint}:\n{log.read_text()[-3000:]}"
+                    ) from None
                 time.sleep(0.2)
         import boto3
 
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=S3_ENV["AWS_DEFAULT_REGION"],
-                              aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=S3_ENV["AWS_DEFAULT_REGION"],
+            aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        )
         client.create_bucket(Bucket=BUCKET)
         yield {"endpoint": endpoint, "client": client}
     finally:
@@ -117,10 +132,15 @@ def test_the_dvc_s3_plugin_is_installed_pinned_and_importable(tmp_path):
 def test_a_promotion_pushes_to_s3_and_a_fresh_clone_verifies_from_it_and_pulls(released, s3):
     ws, env, tag = released["ws"], released["env"], released["tag"]
     # The release's data and model are in the bucket, under DVC's content-addressed layout.
-    keys = {o["Key"] for page in s3["client"].get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-            for o in page.get("Contents", [])}
+    keys = {
+        o["Key"]
+        for page in s3["client"].get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        for o in page.get("Contents", [])
+    }
     lock = yaml.safe_load(run(["git", "show", f"{tag}:dvc.lock"], ws, env).stdout)
-    onnx_md5 = next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == "models/model.onnx")
+    onnx_md5 = next(
+        o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == "models/model.onnx"
+    )
     version = yaml.safe_load(run(["git", "show", f"{tag}:data/raw.dvc"], ws, env).stdout)["outs"][0]["md5"]
     for md5 in (onnx_md5, version):
         assert f"medtune/files/md5/{md5[:2]}/{md5[2:]}" in keys, (md5, sorted(keys)[:5])
@@ -154,7 +174,9 @@ def test_a_promotion_pushes_to_s3_and_a_fresh_clone_verifies_from_it_and_pulls(r
 def test_verify_names_a_scan_altered_in_the_s3_remote(released, s3):
     clone, env, client = clone_at_tag(released, "clone-tampered"), released["env"], s3["client"]
     version = yaml.safe_load((clone / "data/raw.dvc").read_text())["outs"][0]["md5"]
-    listing = json.loads(client.get_object(Bucket=BUCKET, Key=f"medtune/files/md5/{version[:2]}/{version[2:]}")["Body"].read())
+    listing = json.loads(
+        client.get_object(Bucket=BUCKET, Key=f"medtune/files/md5/{version[:2]}/{version[2:]}")["Body"].read()
+    )
     entry = listing[0]
     key = f"medtune/files/md5/{entry['md5'][:2]}/{entry['md5'][2:]}"
     original = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()

@@ -10,8 +10,13 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless,
-                         SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from components.data.scan_info import ScanInfo, probe
 from components.data.scans import PREPARATION, ScanError, is_candidate, load_pixels, prepare_image
@@ -20,10 +25,20 @@ SECRET_ID = "PAT-SECRET-0042"
 SECRET_NAME = "Doe^Jane"
 
 
-def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", signed: bool = False,
-                bits_stored: int | None = None, slope: float | None = None, intercept: float | None = None,
-                window: tuple | None = None, syntax=ExplicitVRLittleEndian, preamble: bool = True,
-                modality: str = "CT") -> Path:
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    signed: bool = False,
+    bits_stored: int | None = None,
+    slope: float | None = None,
+    intercept: float | None = None,
+    window: tuple | None = None,
+    syntax=ExplicitVRLittleEndian,
+    preamble: bool = True,
+    modality: str = "CT",
+) -> Path:
     """A minimal single-frame DICOM; `preamble=False` writes a bare dataset without file meta."""
     ds = Dataset()
     ds.PatientID, ds.PatientName, ds.PatientBirthDate = SECRET_ID, SECRET_NAME, "19700101"
@@ -62,16 +77,18 @@ def ramp(dtype, lo: int, hi: int, shape=(8, 8)) -> np.ndarray:
 def test_signed_ct_with_rescale_and_header_window(tmp_path):
     # Stored -1024..1024, slope 1 intercept -1000 -> HU -2024..24; window 0/400 -> [-200, 200].
     raw = ramp(np.int16, -1024, 1024)
-    path = write_dicom(tmp_path / "ct.dcm", raw, signed=True, slope=1.0, intercept=-1000.0,
-                       window=([0.0, 40.0], [400.0, 80.0]))  # multi-valued: the first window wins
+    path = write_dicom(
+        tmp_path / "ct.dcm", raw, signed=True, slope=1.0, intercept=-1000.0, window=([0.0, 40.0], [400.0, 80.0])
+    )  # multi-valued: the first window wins
     hu = raw.astype(np.float64) - 1000.0
     expected = np.rint(np.clip((hu + 200.0) / 400.0, 0, 1) * 255).astype(np.uint8)
     out = load_pixels(path, "header", 1)
     assert out.shape == (8, 8, 1) and out.dtype == np.uint8
     np.testing.assert_array_equal(out[..., 0], expected)
     info = probe(path)
-    assert info == ScanInfo(width=8, height=8, channels=1, bit_depth=16, modality="CT",
-                            patient_id=SECRET_ID, is_dicom=True)
+    assert info == ScanInfo(
+        width=8, height=8, channels=1, bit_depth=16, modality="CT", patient_id=SECRET_ID, is_dicom=True
+    )
 
 
 def test_explicit_window_and_minmax(tmp_path):
@@ -188,8 +205,13 @@ def test_equalize_removes_an_exposure_shift(tmp_path):
 
 
 def test_is_candidate_skips_non_scans(tmp_path):
-    for name, data in [(".hidden.png", b"x"), ("labels.csv", b"path,label\n"), ("raw.dvc", b"outs:\n"),
-                       ("notes", b"just some text\n"), ("README.md", b"# hi\n")]:
+    for name, data in [
+        (".hidden.png", b"x"),
+        ("labels.csv", b"path,label\n"),
+        ("raw.dvc", b"outs:\n"),
+        ("notes", b"just some text\n"),
+        ("README.md", b"# hi\n"),
+    ]:
         (tmp_path / name).write_bytes(data)
         assert not is_candidate(tmp_path / name), name
     (tmp_path / "x.PNG").write_bytes(b"")
@@ -221,6 +243,7 @@ def test_compressed_syntax_without_decoder_names_it(tmp_path):
     ds = pydicom.dcmread(path)
     ds.file_meta.TransferSyntaxUID = JPEGLSLossless
     from pydicom.encaps import encapsulate
+
     ds.PixelData = encapsulate([b"\xff\xd8not-a-real-jpeg-ls-stream\xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)

@@ -29,16 +29,28 @@ def test_undo_reports_failed_steps_keeps_the_evidence_and_never_raises(tmp_path)
     (root / "reports").mkdir(parents=True)
     (root / "reports/validation.md").write_text("images_per_class_split failed\n")
     (root / project.SNAPSHOT_DIR).mkdir(parents=True)
-    snap = {"raw_dir": "data/raw", "store": project.SNAPSHOT_DIR, "saved": [], "raw_existing": [],
-            "outs": [{"path": "reports", "cached": False, "existed": True}]}
+    snap = {
+        "raw_dir": "data/raw",
+        "store": project.SNAPSHOT_DIR,
+        "saved": [],
+        "raw_existing": [],
+        "outs": [{"path": "reports", "cached": False, "existed": True}],
+    }
     good = tmp_path / "inbox/batch-a"
     good.mkdir(parents=True)
     (good / "labels.csv").write_text("path,label\n")
     gone = tmp_path / "inbox/batch-b"  # vanished before it could be moved: it cannot be quarantined
 
     restored, where = project.undo_failed_run(
-        root, snap, [], parse_params({}), [str(good), str(gone)], "StageError: validate failed",
-        tmp_path / "quarantine", {"flow_run_id": "run-1"})
+        root,
+        snap,
+        [],
+        parse_params({}),
+        [str(good), str(gone)],
+        "StageError: validate failed",
+        tmp_path / "quarantine",
+        {"flow_run_id": "run-1"},
+    )
 
     assert any(line.startswith("FAILED to ") for line in restored), restored
     assert where[0]["batch"] == "batch-a" and where[1] == {"batch": "batch-b", "quarantine": None}
@@ -241,4 +253,3 @@ def test_every_dvc_yaml_stage_is_a_medtune_stage_command():
     assert {name: spec["cmd"] for name, spec in listed.items()} == {name: f"medtune {name}" for name in listed}
     assert set(listed) == cli.STAGE_COMMANDS
     assert not hasattr(stages, "STAGES") and not hasattr(cli, "STAGES")
-

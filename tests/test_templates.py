@@ -20,11 +20,14 @@ def test_format_table_without_header_and_without_trailing_spaces():
     assert format_table([]) == ""
 
 
-@pytest.mark.parametrize("rows, align, message", [
-    ([["a", "b"], ["c"]], "", "row 2 has 1 cells, expected 2"),
-    ([["a", "b"]], "<", "align '<' must be one of '<' or '>' for each of the 2 columns"),
-    ([["a", "b"]], "<^", "align '<^'"),
-])
+@pytest.mark.parametrize(
+    "rows, align, message",
+    [
+        ([["a", "b"], ["c"]], "", "row 2 has 1 cells, expected 2"),
+        ([["a", "b"]], "<", "align '<' must be one of '<' or '>' for each of the 2 columns"),
+        ([["a", "b"]], "<^", "align '<^'"),
+    ],
+)
 def test_format_table_refuses_ragged_rows_and_bad_alignment(rows, align, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         format_table(rows, ["h1", "h2"], align=align)

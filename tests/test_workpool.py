@@ -57,8 +57,12 @@ def api_call(api: str, method: str, path: str, body=None):
     Like Prefect's own client, retries a 503: the server's answer when SQLite is busy (the request
     was rolled back), which happens on a loaded machine while the scheduler and a runner write too."""
     for attempt in range(10):
-        req = urllib.request.Request(f"{api}{path}", method=method, headers={"content-type": "application/json"},
-                                     data=None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(
+            f"{api}{path}",
+            method=method,
+            headers={"content-type": "application/json"},
+            data=None if body is None else json.dumps(body).encode(),
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
                 raw = r.read()
@@ -77,8 +81,10 @@ def deployment(api: str, name: str):
 
 
 def flow_runs(api: str, deployment_id: str) -> list[dict]:
-    return api_call(api, "POST", "/flow_runs/filter",
-                    {"deployments": {"id": {"any_": [deployment_id]}}, "limit": 200}) or []
+    return (
+        api_call(api, "POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}, "limit": 200})
+        or []
+    )
 
 
 def run_watched(cmd: list[str], cwd: Path, env: dict, timeout: float = 300) -> tuple[int, str, list[str]]:
@@ -94,8 +100,11 @@ def run_watched(cmd: list[str], cwd: Path, env: dict, timeout: float = 300) -> t
             if time.monotonic() > deadline:
                 raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s:\n{log.read_text()[-3000:]}")
             with contextlib.suppress(psutil.Error):
-                servers |= {" ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True)
-                            if is_prefect_server(p)}
+                servers |= {
+                    " ".join(p.cmdline())
+                    for p in psutil.Process(proc.pid).children(recursive=True)
+                    if is_prefect_server(p)
+                }
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
@@ -137,13 +146,17 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("workpool")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {"PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1"}
+    env = {"PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     full = tool_env(**env)
     full.pop("PREFECT_API_URL", None)
     log = tmp / "server.log"
-    proc = subprocess.Popen([str(BIN / "medtune"), "server", "--port", str(port)], cwd=tmp, env=full,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "medtune"), "server", "--port", str(port)],
+        cwd=tmp,
+        env=full,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for("the Prefect server", lambda: proc.poll() is not None or _healthy(api), log=log)
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -169,17 +182,27 @@ def checkout(server):
 # The server `medtune server` started is the one used
 # ---------------------------------------------------------------------------------------------
 
+
 def test_serve_uses_the_running_server_with_one_run_per_deployment(server, checkout):
     api = server["api"]
     log = server["tmp"] / "serve.log"
-    serve = subprocess.Popen([str(BIN / "medtune"), "serve", "--root", str(checkout)], cwd=server["tmp"],
-                             env=serve_env(server), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    serve = subprocess.Popen(
+        [str(BIN / "medtune"), "serve", "--root", str(checkout)],
+        cwd=server["tmp"],
+        env=serve_env(server),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
-        deps = wait_for("both served deployments on the server `medtune server` started",
-                        lambda: serve.poll() is None and all(deployment(api, n) for n in (
-                            "medtune-pipeline/pipeline", "medtune-retrain/retrain"))
-                        and [deployment(api, n) for n in ("medtune-pipeline/pipeline", "medtune-retrain/retrain")],
-                        log=log)
+        deps = wait_for(
+            "both served deployments on the server `medtune server` started",
+            lambda: (
+                serve.poll() is None
+                and all(deployment(api, n) for n in ("medtune-pipeline/pipeline", "medtune-retrain/retrain"))
+                and [deployment(api, n) for n in ("medtune-pipeline/pipeline", "medtune-retrain/retrain")]
+            ),
+            log=log,
+        )
         # No second, temporary server next to it.
         assert not [p for p in psutil.Process(serve.pid).children(recursive=True) if is_prefect_server(p)]
         assert f"serving the deployments on the Prefect server at {api}" in log.read_text()
@@ -190,21 +213,33 @@ def test_serve_uses_the_running_server_with_one_run_per_deployment(server, check
 
         # The limit bites: with one run of the deployment pending, the server holds the next one back.
         # (Scheduled a day ahead, so the runner of `serve` leaves both alone.)
-        later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).isoformat()
-        runs = [api_call(api, "POST", f"/deployments/{retrain['id']}/create_flow_run",
-                         {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}})
-                for _ in range(2)]
+        later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
+        runs = [
+            api_call(
+                api,
+                "POST",
+                f"/deployments/{retrain['id']}/create_flow_run",
+                {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}},
+            )
+            for _ in range(2)
+        ]
         try:
-            first = api_call(api, "POST", f"/flow_runs/{runs[0]['id']}/set_state",
-                             {"state": {"type": "PENDING", "name": "Pending"}})
+            first = api_call(
+                api, "POST", f"/flow_runs/{runs[0]['id']}/set_state", {"state": {"type": "PENDING", "name": "Pending"}}
+            )
             assert first["status"] == "ACCEPT", first
-            second = api_call(api, "POST", f"/flow_runs/{runs[1]['id']}/set_state",
-                              {"state": {"type": "PENDING", "name": "Pending"}})
+            second = api_call(
+                api, "POST", f"/flow_runs/{runs[1]['id']}/set_state", {"state": {"type": "PENDING", "name": "Pending"}}
+            )
             assert second["status"] != "ACCEPT" and second["state"]["name"] == "AwaitingConcurrencySlot", second
         finally:
             for run in runs:
-                api_call(api, "POST", f"/flow_runs/{run['id']}/set_state",
-                         {"state": {"type": "CANCELLED", "name": "Cancelled"}, "force": True})
+                api_call(
+                    api,
+                    "POST",
+                    f"/flow_runs/{run['id']}/set_state",
+                    {"state": {"type": "CANCELLED", "name": "Cancelled"}, "force": True},
+                )
     finally:
         stop(serve)
 
@@ -218,17 +253,22 @@ def test_retrain_once_and_ingest_new_use_the_running_server(server, checkout):
     bad = checkout / "data" / "inbox" / "batch-missing-file"
     bad.mkdir(parents=True)
     (bad / "labels.csv").write_text("path,label\nmissing.png,normal\n")
-    code, out, servers = run_watched([str(BIN / "medtune"), "retrain", "--once", "--root", str(checkout)],
-                                     server["tmp"], env)
+    code, out, servers = run_watched(
+        [str(BIN / "medtune"), "retrain", "--once", "--root", str(checkout)], server["tmp"], env
+    )
     assert code == 0, out
     assert servers == [], servers  # no temporary server of its own
     assert f"View at {api.removesuffix('/api')}/runs/flow-run/" in out, out  # Prefect's link to the run
     lines = out.splitlines()  # the flow's result, printed last as JSON
-    result = json.loads("\n".join(lines[max(i for i, line in enumerate(lines) if line == "{"):]))
+    result = json.loads("\n".join(lines[max(i for i, line in enumerate(lines) if line == "{") :]))
     assert result["outcome"] == "quarantined", result
-    manual = [r for r in api_call(api, "POST", "/flow_runs/filter",
-                                  {"flows": {"name": {"any_": ["medtune-retrain"]}}, "limit": 200})
-              if r["parameters"].get("trigger") == "manual" and r["parameters"].get("root") == str(checkout)]
+    manual = [
+        r
+        for r in api_call(
+            api, "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["medtune-retrain"]}}, "limit": 200}
+        )
+        if r["parameters"].get("trigger") == "manual" and r["parameters"].get("root") == str(checkout)
+    ]
     assert len(manual) == 1 and manual[0]["state"]["type"] == "COMPLETED", manual
 
     # ingest-new: the event reaches this server. Another project, so no deployment of `checkout` reacts.
@@ -238,16 +278,25 @@ def test_retrain_once_and_ingest_new_use_the_running_server(server, checkout):
     batch = server["tmp"] / "batch-1"
     batch.mkdir()
     (batch / "labels.csv").write_text("path,label\n")
-    code, out, servers = run_watched([str(BIN / "medtune"), "ingest-new", str(batch), "--root", str(other)], other,
-                                     env)
+    code, out, servers = run_watched([str(BIN / "medtune"), "ingest-new", str(batch), "--root", str(other)], other, env)
     assert code == 0 and servers == [], out
     assert f"to {api}" in out, out
     from components.retrain.inbox import project_resource
 
     def events():
-        found = api_call(api, "POST", "/events/filter", {"filter": {
-            "event": {"name": ["medtune.inbox.batch-added"]}, "resource": {"id": [project_resource(other)]}}})
+        found = api_call(
+            api,
+            "POST",
+            "/events/filter",
+            {
+                "filter": {
+                    "event": {"name": ["medtune.inbox.batch-added"]},
+                    "resource": {"id": [project_resource(other)]},
+                }
+            },
+        )
         return found["events"]
+
     assert wait_for("the batch event on the server", events)[0]["payload"] == {"batch": "batch-1"}
 
 
@@ -273,20 +322,34 @@ def test_without_a_server_serve_and_ingest_new_say_what_to_do(tmp_path):
 # prefect.yaml on a process work pool
 # ---------------------------------------------------------------------------------------------
 
+
 def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_the_triggered_retrain(server, checkout):
     from components.retrain.inbox import EVENT, project_resource
     from flows.serve import deployments
 
     api, tmp = server["api"], server["tmp"]
     resource = project_resource(checkout)
-    env = tool_env(**server["env"], PREFECT_API_URL=api, MEDTUNE_WORKSPACE=str(checkout),
-                   MEDTUNE_INBOX_RESOURCE=resource)
-    out = subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"], cwd=tmp, env=env,
-                         capture_output=True, text=True, timeout=120)
+    env = tool_env(
+        **server["env"], PREFECT_API_URL=api, MEDTUNE_WORKSPACE=str(checkout), MEDTUNE_INBOX_RESOURCE=resource
+    )
+    out = subprocess.run(
+        [str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     # From the checkout's root, as the docs say; the whole prefect.yaml, no prompts.
-    out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=checkout, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
     # What prefect.yaml made is what `medtune serve` makes, on the work pool.
@@ -297,8 +360,9 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_the_triggered_
         assert dep["entrypoint"] == f"flows/{dep['name']}.py:{dep['name']}"
         assert dep["parameters"] == served[dep["name"]].parameters
         assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(checkout)}}]
-    assert [s["schedule"]["interval"] for s in retrain["schedules"]] == \
-        [s.schedule.interval.total_seconds() for s in served["retrain"].schedules]
+    assert [s["schedule"]["interval"] for s in retrain["schedules"]] == [
+        s.schedule.interval.total_seconds() for s in served["retrain"].schedules
+    ]
     autos = api_call(api, "GET", f"/automations/related-to/prefect.deployment.{retrain['id']}")
     assert len(autos) == 1, autos
     trigger, want = autos[0]["trigger"], json.loads(served["retrain"].triggers[0].model_dump_json())
@@ -309,19 +373,40 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_the_triggered_
 
     # A real process worker runs the run the event starts.
     log = tmp / "worker.log"
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL], cwd=tmp,
-                              env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
-                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", POOL],
+        cwd=tmp,
+        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         before = {r["id"] for r in flow_runs(api, retrain["id"])}
-        api_call(api, "POST", "/events", [{
-            "id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.timezone.utc).isoformat(), "event": EVENT,
-            "resource": {"prefect.resource.id": resource}, "payload": {"batch": "none (test)"}}])
+        api_call(
+            api,
+            "POST",
+            "/events",
+            [
+                {
+                    "id": str(uuid.uuid4()),
+                    "occurred": dt.datetime.now(dt.UTC).isoformat(),
+                    "event": EVENT,
+                    "resource": {"prefect.resource.id": resource},
+                    "payload": {"batch": "none (test)"},
+                }
+            ],
+        )
 
         def finished():
-            new = [r for r in flow_runs(api, retrain["id"]) if r["id"] not in before
-                   and r["state"] and r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+            new = [
+                r
+                for r in flow_runs(api, retrain["id"])
+                if r["id"] not in before
+                and r["state"]
+                and r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+            ]
             return new or (worker.poll() is not None and [{"state": {"type": f"worker exited {worker.returncode}"}}])
+
         run = wait_for("the event-triggered retrain run on the worker", finished, log=log)[0]
         assert run["state"]["type"] == "COMPLETED", (run["state"], log.read_text()[-4000:])
         assert run["parameters"]["trigger"] == "event" and run["work_pool_name"] == POOL
@@ -333,6 +418,7 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_the_triggered_
 def test_prefect_cli_lists_runs_and_deployments(server):
     env = tool_env(**server["env"], PREFECT_API_URL=server["api"], COLUMNS="200")
     for what in ("flow-run", "deployment"):
-        out = subprocess.run([str(BIN / "prefect"), what, "ls"], cwd=server["tmp"], env=env, capture_output=True,
-                             text=True, timeout=120)
+        out = subprocess.run(
+            [str(BIN / "prefect"), what, "ls"], cwd=server["tmp"], env=env, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0 and "422" not in out.stdout + out.stderr, out.stdout + out.stderr

@@ -1,6 +1,6 @@
 """Shared by the integration tests and the benchmarks: a tiny git + DVC medtune project.
 
-    from tests.workspace import make_workspace, run   # pytest and `python -m bench` run from the project root
+from tests.workspace import make_workspace, run   # pytest and `python -m bench` run from the project root
 """
 
 from __future__ import annotations
@@ -29,21 +29,31 @@ TINY = {
     "preprocess": {"image_size": 32},
     "augment": {"preview_count": 4},
     "train": {"backbone": "none", "pretrained": False, "epochs": 2, "batch_size": 8, "lr": 0.003},
-    "evaluate": {"bootstrap": 50, "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0,
-                                           "min_balanced_accuracy": 0.0}},
+    "evaluate": {
+        "bootstrap": 50,
+        "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0, "min_balanced_accuracy": 0.0},
+    },
     "export": {"parity_batch": 4},
 }
 
 
 def tool_env(**extra: str) -> dict[str, str]:
     """The environment for medtune/dvc/git subprocesses: this venv first, no analytics, a git identity."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-            **extra}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        **extra,
+    }
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True,
-        timeout: float | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
@@ -63,8 +73,9 @@ def set_params(ws: Path, over: dict) -> None:
     p.write_text(yaml.safe_dump(merge(yaml.safe_load(p.read_text()), over), sort_keys=False))
 
 
-def make_workspace(dst: Path, patients: int = 12, params: dict | None = None,
-                   env: dict[str, str] | None = None) -> Path:
+def make_workspace(
+    dst: Path, patients: int = 12, params: dict | None = None, env: dict[str, str] | None = None
+) -> Path:
     """A fresh git+DVC project: dvc.yaml, the stage code it depends on, TINY params (plus `params`),
     synthetic demo scans versioned with `dvc add`."""
     dst.mkdir(parents=True)
@@ -72,9 +83,12 @@ def make_workspace(dst: Path, patients: int = 12, params: dict | None = None,
     shutil.copytree(ROOT / "components", dst / "components", ignore=shutil.ignore_patterns("__pycache__"))
     tiny = merge(TINY, params or {})
     (dst / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tiny)))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
-                ["medtune", "demo-data", "--out", "data/raw", "--patients", str(patients), "--slices", "3", "--size", "32"],
-                ["dvc", "add", "-q", "data/raw"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["medtune", "demo-data", "--out", "data/raw", "--patients", str(patients), "--slices", "3", "--size", "32"],
+        ["dvc", "add", "-q", "data/raw"],
+    ):
         run(cmd, dst, env)
     return dst
 
@@ -85,6 +99,7 @@ def tree_digest(folder: Path) -> dict[str, bytes]:
 
 
 # Servers the integration tests start (Prefect, S3): a free port, health, and a stop by pid.
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -176,8 +191,14 @@ sys.exit(retrain_main(sys.argv[2:]))
 
 def base_env(tmp: Path, api: str) -> dict[str, str]:
     """tool_env for a Prefect server at `api` and the processes that talk to it (PREFECT_HOME under tmp)."""
-    return tool_env(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_API_URL=api, MEDTUNE_PATIENT_SALT=TEST_SALT,
-                    PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PREFECT_RUNNER_POLL_FREQUENCY="2")
+    return tool_env(
+        PREFECT_HOME=str(tmp / "prefect-home"),
+        PREFECT_API_URL=api,
+        MEDTUNE_PATIENT_SALT=TEST_SALT,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_RUNNER_POLL_FREQUENCY="2",
+    )
 
 
 def make_retrain_project(ws: Path, env: dict, allow_public_salt: bool) -> None:
@@ -191,8 +212,25 @@ def make_retrain_project(ws: Path, env: dict, allow_public_salt: bool) -> None:
 
 def drop_batch(ws: Path, env: dict, name: str = "2024-06") -> None:
     """A new batch of demo scans in data/inbox/batch-<name>."""
-    run(["medtune", "demo-data", "--out", f"data/inbox/batch-{name}", "--patients", "4", "--slices", "3",
-         "--size", "32", "--batch-name", name], ws, env, timeout=RETRAIN_TIMEOUT)
+    run(
+        [
+            "medtune",
+            "demo-data",
+            "--out",
+            f"data/inbox/batch-{name}",
+            "--patients",
+            "4",
+            "--slices",
+            "3",
+            "--size",
+            "32",
+            "--batch-name",
+            name,
+        ],
+        ws,
+        env,
+        timeout=RETRAIN_TIMEOUT,
+    )
 
 
 def retrain(ws: Path, env: dict, kill_after: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

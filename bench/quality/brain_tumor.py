@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import sys
 
-from bench.quality.medmnist import Dataset, main as run_dataset
+from bench.quality.medmnist import Dataset
+from bench.quality.medmnist import main as run_dataset
 
 DATASET = Dataset(
-    name="brain_tumor", source="brain-tumor-yesno", classes=["no", "yes"], positive="yes",
+    name="brain_tumor",
+    source="brain-tumor-yesno",
+    classes=["no", "yes"],
+    positive="yes",
     title="brain-tumor-yesno (253 MRI images, no official split): held-out test AUROC",
     published=[],
     # The stratified split, not the default `stable`: the recorded runs used it, so they repeat.
@@ -32,13 +36,17 @@ DATASET = Dataset(
         # first processor's runs stay recorded beside it.
         "messy-photos, near-duplicates split together, rerun": {"preset": "messy-photos"},
     },
-    notes=["No published baseline and no official split: test = 25% of the images (patient-level "
-           "StratifiedGroupKFold, byte-identical duplicates kept in one split); small, so the intervals are wide."],
+    notes=[
+        "No published baseline and no official split: test = 25% of the images (patient-level "
+        "StratifiedGroupKFold, byte-identical duplicates kept in one split); small, so the intervals are wide."
+    ],
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_dataset(DATASET, argv, import_cmd=lambda src: ["medtune", "import-folders", str(src), "--out", "data/raw"])
+    return run_dataset(
+        DATASET, argv, import_cmd=lambda src: ["medtune", "import-folders", str(src), "--out", "data/raw"]
+    )
 
 
 if __name__ == "__main__":

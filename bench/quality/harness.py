@@ -36,14 +36,17 @@ def dataset(rel: str) -> Path | None:
     """../shared/datasets/<rel>, or None after printing why the benchmark is skipped."""
     path = DATASETS / rel
     if not path.exists():
-        print(f"skipped: {path} not found (the real data sets live in ../shared/datasets; set MEDTUNE_DATASETS "
-              "to another copy)")
+        print(
+            f"skipped: {path} not found (the real data sets live in ../shared/datasets; set MEDTUNE_DATASETS "
+            "to another copy)"
+        )
         return None
     return path
 
 
-def make_project(name: str, import_cmd: list[str] | Callable[[Path], None], params: dict[str, Any],
-                 fresh: bool = False) -> Path:
+def make_project(
+    name: str, import_cmd: list[str] | Callable[[Path], None], params: dict[str, Any], fresh: bool = False
+) -> Path:
     """A git + DVC project in bench/quality/.work/<name>: dvc.yaml, the stage code, params.yaml =
     the project's params.yaml merged with `params`, data/raw from `import_cmd` (a command run in
     the project, or a function given the project folder) under `dvc add`."""
@@ -52,12 +55,16 @@ def make_project(name: str, import_cmd: list[str] | Callable[[Path], None], para
         shutil.rmtree(ws)
     ws.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", ws)
-    shutil.copytree(ROOT / "components", ws / "components", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "components", ws / "components", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     # Benchmarks measure, they do not release: an open gate lets every run reach export.
-    open_gate = {"evaluate": {"gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0,
-                                       "min_balanced_accuracy": 0.0}}}
+    open_gate = {
+        "evaluate": {
+            "gate": {"min_auroc": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0, "min_balanced_accuracy": 0.0}
+        }
+    }
     (ws / "params.yaml").write_text(yaml.safe_dump(merge(merge(base, open_gate), params), sort_keys=False))
     if not (ws / ".git").is_dir():
         run(["git", "init", "-q"], ws)
@@ -84,8 +91,12 @@ def exp_run(ws: Path, name: str, sets: dict[str, Any]) -> dict[str, Any]:
     # the checkout's editable install, so a run records exactly the code it ran.
     # A salt of this process alone: the results files keep hashed patients (for patient-level
     # bootstraps), and with the public salt anyone holding the headers could re-identify them.
-    out = run(["dvc", "exp", "run", "-n", name, *args], ws,
-              env=tool_env(PYTHONPATH=str(ws), MEDTUNE_PATIENT_SALT=BENCH_SALT), check=False)
+    out = run(
+        ["dvc", "exp", "run", "-n", name, *args],
+        ws,
+        env=tool_env(PYTHONPATH=str(ws), MEDTUNE_PATIENT_SALT=BENCH_SALT),
+        check=False,
+    )
     seconds = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"dvc exp run {name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -104,9 +115,15 @@ def exp_name(recipe: str, seed: int, suffix: str = "") -> str:
     return f"{''.join(c if c.isalnum() else '-' for c in recipe)}-s{seed}{suffix}"
 
 
-def run_recipes(ws: Path, name: str, recipes: dict[str, dict[str, Any]], labels: list[str] | None,
-                seeds: list[int], folds: int | None = None,
-                extra_row: Callable[[Path], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def run_recipes(
+    ws: Path,
+    name: str,
+    recipes: dict[str, dict[str, Any]],
+    labels: list[str] | None,
+    seeds: list[int],
+    folds: int | None = None,
+    extra_row: Callable[[Path], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Each recipe ({"preset": name, "sets": {dotted: value}}) x each seed (x each split.test_fold
     when `folds` is given) as one `dvc exp run`; every run is recorded in results/<name>.json as
     soon as it ends, with `extra_row(ws)` added. Returns all recorded runs."""
@@ -115,8 +132,11 @@ def run_recipes(ws: Path, name: str, recipes: dict[str, dict[str, Any]], labels:
         recipe = recipes[label]
         for seed in seeds:
             for fold in range(folds) if folds else [None]:
-                more = {"train.seed": seed} if fold is None else \
-                    {"train.seed": seed, "split.method": "stratified", "split.test_fold": fold}
+                more = (
+                    {"train.seed": seed}
+                    if fold is None
+                    else {"train.seed": seed, "split.method": "stratified", "split.test_fold": fold}
+                )
                 sets = recipe_sets(recipe.get("preset"), **recipe.get("sets", {}), **more)
                 exp = exp_name(label, seed, "" if fold is None else f"-fold{fold}")
                 print(f"running {exp}: {sets}", flush=True)
@@ -154,8 +174,10 @@ def machine() -> str:
 
     cpu = processor()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )
 
 
 def _epochs(train: dict[str, Any]) -> str:
@@ -170,26 +192,54 @@ def summary_row(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± SD over the seeds of one recipe, and the per-seed AUROC intervals."""
     m = [r["metrics"] for r in rows]
     return {
-        "recipe": label, "seeds": len(rows),
+        "recipe": label,
+        "seeds": len(rows),
         "auroc": mean_sd([x["auroc"] for x in m]),
         "auroc_ci": "; ".join(f"{x['auroc_ci'][0]:.3f}-{x['auroc_ci'][1]:.3f}" for x in m),
         "accuracy": mean_sd([x["accuracy"] for x in m]),
         "sensitivity": mean_sd([x["sensitivity"] for x in m]),
         "specificity": mean_sd([x["specificity"] for x in m]),
-        "ece": (mean_sd([x["calibration"]["test"]["ece_before"] for x in m]) + " → "
-                + mean_sd([x["calibration"]["test"]["ece_after"] for x in m])),
-        "brier": (mean_sd([x["calibration"]["test"]["brier_before"] for x in m]) + " → "
-                  + mean_sd([x["calibration"]["test"]["brier_after"] for x in m])),
+        "ece": (
+            mean_sd([x["calibration"]["test"]["ece_before"] for x in m])
+            + " → "
+            + mean_sd([x["calibration"]["test"]["ece_after"] for x in m])
+        ),
+        "brier": (
+            mean_sd([x["calibration"]["test"]["brier_before"] for x in m])
+            + " → "
+            + mean_sd([x["calibration"]["test"]["brier_after"] for x in m])
+        ),
         "epochs": ", ".join(_epochs(r["train"]) for r in rows),
         "wall_s": mean_sd([r["seconds"] for r in rows], digits=0),
     }
 
 
-COLUMNS = ("recipe", "seeds", "auroc", "auroc_ci", "accuracy", "sensitivity", "specificity", "ece", "brier",
-           "epochs", "wall_s")
-HEADERS = ("recipe", "seeds", "test AUROC (mean ± SD)", "95% CI per seed (bootstrap)", "accuracy", "sensitivity",
-           "specificity", "ECE before → after calibration", "Brier before → after", "best/run epochs",
-           "wall time per run, s")
+COLUMNS = (
+    "recipe",
+    "seeds",
+    "auroc",
+    "auroc_ci",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "ece",
+    "brier",
+    "epochs",
+    "wall_s",
+)
+HEADERS = (
+    "recipe",
+    "seeds",
+    "test AUROC (mean ± SD)",
+    "95% CI per seed (bootstrap)",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "ECE before → after calibration",
+    "Brier before → after",
+    "best/run epochs",
+    "wall time per run, s",
+)
 
 
 def record(name: str, recipe: str, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -198,14 +248,16 @@ def record(name: str, recipe: str, row: dict[str, Any]) -> list[dict[str, Any]]:
     from components.common import write_json
 
     path, runs = RESULTS / f"{name}.json", recorded(name)
-    runs = [r for r in runs if r["name"] != row["name"]] + [{**row, "recipe": recipe, "machine": machine(),
-                                                              "date": time.strftime("%Y-%m-%d")}]
+    runs = [r for r in runs if r["name"] != row["name"]] + [
+        {**row, "recipe": recipe, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    ]
     write_json(path, {"runs": runs})
     return runs
 
 
-def write_table(name: str, title: str, runs: list[dict[str, Any]], published: list[tuple[str, str, str]],
-                notes: list[str]) -> Path:
+def write_table(
+    name: str, title: str, runs: list[dict[str, Any]], published: list[tuple[str, str, str]], notes: list[str]
+) -> Path:
     """bench/quality/results/<name>.md from every recorded run, one row per recipe (mean ± SD over seeds)."""
     from components.common import write_text
 
@@ -217,9 +269,15 @@ def write_table(name: str, title: str, runs: list[dict[str, Any]], published: li
     several = len(machines) > 1
     where = "; ".join(f"{letter[m]} = {m}" for m in machines) if several else machines[0]
     headers = HEADERS + (("machine, per seed",) if several else ())
-    lines = [f"# {title}", "", f"Runs recorded by `dvc exp run` in bench/quality/.work/{name}; "
-             f"machine{'s' if several else ''}: {where}; dates {', '.join(sorted({r['date'] for r in runs}))}.", "",
-             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = [
+        f"# {title}",
+        "",
+        f"Runs recorded by `dvc exp run` in bench/quality/.work/{name}; "
+        f"machine{'s' if several else ''}: {where}; dates {', '.join(sorted({r['date'] for r in runs}))}.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
     for recipe in recipes:
         rows = [r for r in runs if r["recipe"] == recipe]
         row = summary_row(recipe, rows)

@@ -5,9 +5,10 @@ for each seed as a `dvc exp run`, then the results table. pneumoniamnist.py / br
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.quality import harness
 
@@ -25,13 +26,13 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
 
 
-def main(ds: Dataset, argv: list[str] | None = None,
-         import_cmd: Callable[[Path], list[str]] | None = None) -> int:
+def main(ds: Dataset, argv: list[str] | None = None, import_cmd: Callable[[Path], list[str]] | None = None) -> int:
     """`ds.source` is the data set's path under ../shared/datasets; `import_cmd(path)` the command that
     imports it (default: medtune import-npz)."""
     ap = argparse.ArgumentParser(description=f"{ds.title}: recipes x seeds as dvc experiments")
-    ap.add_argument("--recipe", action="append", choices=list(ds.recipes),
-                    help="recipe to run (repeatable; default: all)")
+    ap.add_argument(
+        "--recipe", action="append", choices=list(ds.recipes), help="recipe to run (repeatable; default: all)"
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default 0 1 2)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the recorded runs")
     args = ap.parse_args(argv)
@@ -39,11 +40,19 @@ def main(ds: Dataset, argv: list[str] | None = None,
     if src is None:
         return 0
     if not args.table_only:
-        cmd = (import_cmd(src) if import_cmd else
-               ["medtune", "import-npz", str(src), "--out", "data/raw", "--classes", ",".join(ds.classes)])
-        ws = harness.make_project(ds.name, cmd,
-                                  harness.merge({"data": {"label_source": "csv", "classes": ds.classes},
-                                                 "evaluate": {"positive_class": ds.positive}}, ds.params))
+        cmd = (
+            import_cmd(src)
+            if import_cmd
+            else ["medtune", "import-npz", str(src), "--out", "data/raw", "--classes", ",".join(ds.classes)]
+        )
+        ws = harness.make_project(
+            ds.name,
+            cmd,
+            harness.merge(
+                {"data": {"label_source": "csv", "classes": ds.classes}, "evaluate": {"positive_class": ds.positive}},
+                ds.params,
+            ),
+        )
         harness.run_recipes(ws, ds.name, ds.recipes, args.recipe, args.seeds)
     runs = harness.recorded(ds.name)
     if runs:

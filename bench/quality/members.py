@@ -76,8 +76,10 @@ def main(name: str, ensemble: int = 3) -> int:
     for backbone in sorted({r[0] for r in rows}):
         val, test = zip(*[(r[2], r[3]) for r in rows if r[0] == backbone])
         if len(val) > 2:
-            print(f"\n{backbone}: {len(val)} members, test AUROC {min(test):.3f}-{max(test):.3f}; "
-                  f"Spearman(val, test) = {spearmanr(val, test).statistic:.2f}")
+            print(
+                f"\n{backbone}: {len(val)} members, test AUROC {min(test):.3f}-{max(test):.3f}; "
+                f"Spearman(val, test) = {spearmanr(val, test).statistic:.2f}"
+            )
     # What `train.ensemble: k` with train.seed s would give: the members' averaged logits (its test AUROC
     # exactly, since temperature scaling does not reorder), over disjoint runs of k member seeds.
     y_test = splits["test"][1]
@@ -85,8 +87,10 @@ def main(name: str, ensemble: int = 3) -> int:
         starts = [s for s in sorted(done) if s % ensemble == 0 and all(s + i in done for i in range(ensemble))]
         if len(starts) >= 2:
             aucs = [roc_auc_score(y_test, np.mean([done[s + i] for i in range(ensemble)], axis=0)) for s in starts]
-            print(f"\nensembles of {ensemble} of the recipe first seen in {first}, seeds {starts}: "
-                  f"test AUROC {', '.join(f'{a:.4f}' for a in aucs)}; {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}")
+            print(
+                f"\nensembles of {ensemble} of the recipe first seen in {first}, seeds {starts}: "
+                f"test AUROC {', '.join(f'{a:.4f}' for a in aucs)}; {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}"
+            )
     return 0
 
 

@@ -53,9 +53,13 @@ def main(name: str) -> int:
         pos = params["evaluate"]["positive_class"]
         auc = [roc_auc_score(p["label"] == pos, p[f"prob_{pos}"]) for p in (pred, pred[pred["path"].isin(keep)])]
         drops.append(auc[0] - auc[1])
-        print(f"| {ref.rsplit('/', 1)[1]} | {auc[0]:.4f} | {len(pred)} | {auc[1]:.4f} | {int(pred['path'].isin(keep).sum())} |")
+        print(
+            f"| {ref.rsplit('/', 1)[1]} | {auc[0]:.4f} | {len(pred)} | {auc[1]:.4f} | {int(pred['path'].isin(keep).sum())} |"
+        )
     if drops:
-        print(f"\nAUROC all minus AUROC without near-copies: {statistics.mean(drops):+.3f} on average over {len(drops)}")
+        print(
+            f"\nAUROC all minus AUROC without near-copies: {statistics.mean(drops):+.3f} on average over {len(drops)}"
+        )
     return 0
 
 

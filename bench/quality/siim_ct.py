@@ -33,12 +33,14 @@ RECIPES = {
 def import_slices(src: Path):
     """Copy dicom_dir/*.dcm into data/raw/<class>/ with neutral names: the source names carry the
     patient's age, which must not reach the manifest. Labels from the CONTRAST_0/1 token."""
+
     def run(ws: Path) -> None:
         for dcm in sorted((src / "dicom_dir").glob("*.dcm")):
             label = "contrast" if "_CONTRAST_1_" in dcm.name else "no_contrast"
             out = ws / "data/raw" / label / f"slice_{dcm.name.split('_')[1]}.dcm"  # ID_0000_AGE_... -> slice_0000
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(dcm, out)
+
     return run
 
 
@@ -46,8 +48,10 @@ def oof_rows(ws: Path) -> list[dict]:
     """This fold's test predictions with the (hashed) patient of each slice."""
     preds = pd.read_csv(ws / "reports/test_predictions.csv")
     patients = read_manifest(ws / "data/manifest.csv").set_index("path")["patient"]
-    return [{"patient": patients[p], "y": int(lab == "contrast"), "score": float(s)}
-            for p, lab, s in zip(preds["path"], preds["label"], preds["prob_contrast"])]
+    return [
+        {"patient": patients[p], "y": int(lab == "contrast"), "score": float(s)}
+        for p, lab, s in zip(preds["path"], preds["label"], preds["prob_contrast"])
+    ]
 
 
 def patient_bootstrap(df: pd.DataFrame, n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -67,17 +71,22 @@ def patient_bootstrap(df: pd.DataFrame, n: int = 2000, seed: int = 0) -> tuple[f
 def table(runs: list[dict]) -> list[str]:
     from sklearn.metrics import roc_auc_score
 
-    lines = ["| recipe | seed | fold AUROCs | mean ± SD | pooled out-of-fold AUROC (95% CI, patient bootstrap) "
-             "| accuracy (mean over folds) | wall time, s (5 folds) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | seed | fold AUROCs | mean ± SD | pooled out-of-fold AUROC (95% CI, patient bootstrap) "
+        "| accuracy (mean over folds) | wall time, s (5 folds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (recipe, seed), group in pd.DataFrame(runs).groupby(["recipe", "seed"], sort=False):
         folds = [r["metrics"]["auroc"] for r in group.to_dict("records")]
         pooled = pd.DataFrame([p for r in group["oof"] for p in r])
         auc = roc_auc_score(pooled["y"], pooled["score"])
         lo, hi = patient_bootstrap(pooled)
         acc = statistics.mean(r["metrics"]["accuracy"] for r in group.to_dict("records"))
-        lines.append(f"| {recipe} | {seed} | {', '.join(f'{a:.3f}' for a in folds)} | "
-                     f"{statistics.mean(folds):.3f} ± {statistics.stdev(folds):.3f} | {auc:.3f} ({lo:.3f}-{hi:.3f}) "
-                     f"| {acc:.3f} | {sum(group['seconds']):.0f} |")
+        lines.append(
+            f"| {recipe} | {seed} | {', '.join(f'{a:.3f}' for a in folds)} | "
+            f"{statistics.mean(folds):.3f} ± {statistics.stdev(folds):.3f} | {auc:.3f} ({lo:.3f}-{hi:.3f}) "
+            f"| {acc:.3f} | {sum(group['seconds']):.0f} |"
+        )
     return lines
 
 
@@ -91,23 +100,36 @@ def main(argv: list[str] | None = None) -> int:
     if src is None:
         return 0
     if not args.table_only:
-        ws = harness.make_project(NAME, import_slices(src), {
-            "data": {"label_source": "folder", "classes": ["no_contrast", "contrast"]},
-            "split": {"test_fraction": 1 / FOLDS, "val_fraction": 0.15},
-            "preprocess": {"image_size": 128},
-            "evaluate": {"positive_class": "contrast"}})
-        harness.run_recipes(ws, NAME, RECIPES, args.recipe, args.seeds, folds=FOLDS,
-                            extra_row=lambda ws: {"oof": oof_rows(ws)})
+        ws = harness.make_project(
+            NAME,
+            import_slices(src),
+            {
+                "data": {"label_source": "folder", "classes": ["no_contrast", "contrast"]},
+                "split": {"test_fraction": 1 / FOLDS, "val_fraction": 0.15},
+                "preprocess": {"image_size": 128},
+                "evaluate": {"positive_class": "contrast"},
+            },
+        )
+        harness.run_recipes(
+            ws, NAME, RECIPES, args.recipe, args.seeds, folds=FOLDS, extra_row=lambda ws: {"oof": oof_rows(ws)}
+        )
     runs = harness.recorded(NAME)
     if runs:
         from components.common import write_text
 
-        lines = [f"# SIIM CT contrast (DICOM, 54 patients): patient-level {FOLDS}-fold cross-validation", "",
-                 f"Runs recorded by `dvc exp run` in bench/quality/.work/{NAME}; machine: "
-                 f"{'; '.join(sorted({r['machine'] for r in runs}))}.", "", *table(runs), "",
-                 "No published baseline. Images: 512 px DICOM slices windowed with their header's "
-                 "WindowCenter/Width, resized to 128 px; folds are StratifiedGroupKFold over the hashed "
-                 "DICOM PatientID, so no patient is in two folds or two splits.", ""]
+        lines = [
+            f"# SIIM CT contrast (DICOM, 54 patients): patient-level {FOLDS}-fold cross-validation",
+            "",
+            f"Runs recorded by `dvc exp run` in bench/quality/.work/{NAME}; machine: "
+            f"{'; '.join(sorted({r['machine'] for r in runs}))}.",
+            "",
+            *table(runs),
+            "",
+            "No published baseline. Images: 512 px DICOM slices windowed with their header's "
+            "WindowCenter/Width, resized to 128 px; folds are StratifiedGroupKFold over the hashed "
+            "DICOM PatientID, so no patient is in two folds or two splits.",
+            "",
+        ]
         write_text(harness.RESULTS / f"{NAME}.md", "\n".join(lines))
         print("\n".join(lines))
     return 0

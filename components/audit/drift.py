@@ -15,20 +15,29 @@ def _numeric(rows: list[dict[str, str]], col: str) -> dict[str, Any]:
     vals = [float(r[col]) for r in rows if (r.get(col) or "").strip()]
     if not vals:
         return {"n": 0}
-    return {"n": len(vals), "min": min(vals), "median": statistics.median(vals), "mean": round(statistics.fmean(vals), 3),
-            "max": max(vals)}
+    return {
+        "n": len(vals),
+        "min": min(vals),
+        "median": statistics.median(vals),
+        "mean": round(statistics.fmean(vals), 3),
+        "max": max(vals),
+    }
 
 
 def data_profile(rows: list[dict[str, str]]) -> dict[str, Any]:
     """Class balance and image statistics of one manifest (readable images only)."""
     ok = [r for r in rows if not r.get("error")]
     labels = Counter(r.get("label", "") for r in ok)
-    return {"n_images": len(rows), "n_readable": len(ok),
-            "classes": {k: {"n": n, "fraction": round(n / len(ok), 4)} for k, n in sorted(labels.items())} if ok else {},
-            "width": _numeric(ok, "width"), "height": _numeric(ok, "height"),
-            "bit_depth": dict(sorted(Counter(f"{r.get('bit_depth', '')}-bit" for r in ok).items())),
-            "channels": dict(sorted(Counter(f"{r.get('channels', '')}-channel" for r in ok).items())),
-            "modality": dict(sorted(Counter(r.get("modality", "") for r in ok).items()))}
+    return {
+        "n_images": len(rows),
+        "n_readable": len(ok),
+        "classes": {k: {"n": n, "fraction": round(n / len(ok), 4)} for k, n in sorted(labels.items())} if ok else {},
+        "width": _numeric(ok, "width"),
+        "height": _numeric(ok, "height"),
+        "bit_depth": dict(sorted(Counter(f"{r.get('bit_depth', '')}-bit" for r in ok).items())),
+        "channels": dict(sorted(Counter(f"{r.get('channels', '')}-channel" for r in ok).items())),
+        "modality": dict(sorted(Counter(r.get("modality", "") for r in ok).items())),
+    }
 
 
 def drift(new_rows: list[dict[str, str]], old_rows: list[dict[str, str]]) -> dict[str, Any]:
@@ -40,13 +49,20 @@ def drift(new_rows: list[dict[str, str]], old_rows: list[dict[str, str]]) -> dic
     balance = {}
     for c in classes:
         a, b = old["classes"].get(c, {"n": 0, "fraction": 0.0}), new["classes"].get(c, {"n": 0, "fraction": 0.0})
-        balance[c] = {"previous": a["n"], "current": b["n"], "previous_fraction": a["fraction"],
-                      "current_fraction": b["fraction"], "fraction_change": round(b["fraction"] - a["fraction"], 4)}
+        balance[c] = {
+            "previous": a["n"],
+            "current": b["n"],
+            "previous_fraction": a["fraction"],
+            "current_fraction": b["fraction"],
+            "fraction_change": round(b["fraction"] - a["fraction"], 4),
+        }
     summary = []
     biggest = max(balance.items(), key=lambda kv: abs(kv[1]["fraction_change"]), default=None)
     if biggest:
-        summary.append(f"largest class-balance change: {biggest[0]} {biggest[1]['previous_fraction']:.1%} -> "
-                       f"{biggest[1]['current_fraction']:.1%}")
+        summary.append(
+            f"largest class-balance change: {biggest[0]} {biggest[1]['previous_fraction']:.1%} -> "
+            f"{biggest[1]['current_fraction']:.1%}"
+        )
     for col in ("width", "height"):
         if old[col].get("n") and new[col].get("n"):
             summary.append(f"{col} median {old[col]['median']:g} -> {new[col]['median']:g} px")
@@ -56,11 +72,17 @@ def drift(new_rows: list[dict[str, str]], old_rows: list[dict[str, str]]) -> dic
     if not summary[1:] and biggest and abs(biggest[1]["fraction_change"]) < 0.05:
         summary.append("no notable change in class balance or image statistics")
     return {
-        "files": {"previous": len(old_files), "current": len(new_files),
-                  "added": len(new_files.keys() - old_files.keys()), "removed": len(old_files.keys() - new_files.keys()),
-                  "changed": sum(1 for p in new_files.keys() & old_files.keys() if new_files[p] != old_files[p])},
+        "files": {
+            "previous": len(old_files),
+            "current": len(new_files),
+            "added": len(new_files.keys() - old_files.keys()),
+            "removed": len(old_files.keys() - new_files.keys()),
+            "changed": sum(1 for p in new_files.keys() & old_files.keys() if new_files[p] != old_files[p]),
+        },
         "class_balance": balance,
-        "image_stats": {col: {"previous": old[col], "current": new[col]}
-                        for col in ("width", "height", "bit_depth", "channels", "modality")},
+        "image_stats": {
+            col: {"previous": old[col], "current": new[col]}
+            for col in ("width", "height", "bit_depth", "channels", "modality")
+        },
         "summary": summary,
     }

@@ -11,7 +11,6 @@ or `current`. The registry layout is the one in docs/architecture.md; everything
 files (JSON, CSV, YAML, `git show`) and never imports torch, so it stays fast.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -57,28 +56,48 @@ def list_models(root: str | Path = ".") -> list[dict[str, Any]]:
     rows = []
     for mid in order:
         lineage_path = registry / "models" / mid / LINEAGE
-        lineage = load_lineage(lineage_path) if lineage_path.is_file() else (
-            ws_lineage if ws_lineage and ws_lineage["model_id"] == mid else None)
+        lineage = (
+            load_lineage(lineage_path)
+            if lineage_path.is_file()
+            else (ws_lineage if ws_lineage and ws_lineage["model_id"] == mid else None)
+        )
         mine = events_for(events, mid)
         kinds = [e.get("event") for e in mine]
-        status = ("promoted" if "promoted" in kinds else "rejected" if "rejected" in kinds
-                  else "rolled back to" if "rollback" in kinds else "not released")
+        status = (
+            "promoted"
+            if "promoted" in kinds
+            else "rejected"
+            if "rejected" in kinds
+            else "rolled back to"
+            if "rollback" in kinds
+            else "not released"
+        )
         first = next((e for e in mine if e.get("event") == "promoted"), mine[0] if mine else {})
         as_challenger = (first.get("challenger") or {}).get("metrics") if first else None
-        rows.append({
-            "model_id": mid,
-            "date": first.get("time") or not_recorded("no release event"),
-            "data_version": ((lineage or {}).get("data") or {}).get("data_version") or first.get("data_version")
-            or not_recorded("no lineage"),
-            "metrics": key_metrics(lineage, as_challenger),
-            "gate": ((((lineage or {}).get("evaluation") or {}).get("gate")
-                      or ((first.get("challenger") or {}).get("gate") if first else None) or {}).get("passed")),
-            "status": status,
-            "events": kinds,
-            "git_tag": next((e.get("git_tag") for e in reversed(mine) if e.get("git_tag")), None),
-            "current": mid == current,
-            "lineage": str(lineage_path if lineage_path.is_file() else root / "models" / LINEAGE) if lineage else None,
-        })
+        rows.append(
+            {
+                "model_id": mid,
+                "date": first.get("time") or not_recorded("no release event"),
+                "data_version": ((lineage or {}).get("data") or {}).get("data_version")
+                or first.get("data_version")
+                or not_recorded("no lineage"),
+                "metrics": key_metrics(lineage, as_challenger),
+                "gate": (
+                    (
+                        ((lineage or {}).get("evaluation") or {}).get("gate")
+                        or ((first.get("challenger") or {}).get("gate") if first else None)
+                        or {}
+                    ).get("passed")
+                ),
+                "status": status,
+                "events": kinds,
+                "git_tag": next((e.get("git_tag") for e in reversed(mine) if e.get("git_tag")), None),
+                "current": mid == current,
+                "lineage": str(lineage_path if lineage_path.is_file() else root / "models" / LINEAGE)
+                if lineage
+                else None,
+            }
+        )
     return rows
 
 
@@ -103,8 +122,18 @@ def render_models(rows: list[dict[str, Any]]) -> str:
         dv = "-" if dv.startswith(NOT_RECORDED) else dv[:14]
         gate = {True: "passed", False: "failed"}.get(r["gate"], "-")
         status = r["status"] + (f" ({r['git_tag']})" if r["git_tag"] else "")
-        table.append((f"{'*' if r['current'] else ' '} {r['model_id']}", date, dv, auroc,
-                      _fmt(m.get("sensitivity")), _fmt(m.get("specificity")), gate, status))
+        table.append(
+            (
+                f"{'*' if r['current'] else ' '} {r['model_id']}",
+                date,
+                dv,
+                auroc,
+                _fmt(m.get("sensitivity")),
+                _fmt(m.get("specificity")),
+                gate,
+                status,
+            )
+        )
     return format_table(table, COLUMNS, align="<<<<>><<") + "\n* = current (registry/current.json)"
 
 
@@ -112,9 +141,13 @@ def render_models(rows: list[dict[str, Any]]) -> str:
 # CLI
 # ---------------------------------------------------------------------------------------------
 
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medtune models", description="Every model produced and promoted; "
-                                     "roll back to an earlier promoted model (recorded in registry/releases.jsonl).")
+    parser = argparse.ArgumentParser(
+        prog="medtune models",
+        description="Every model produced and promoted; "
+        "roll back to an earlier promoted model (recorded in registry/releases.jsonl).",
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     add_common_args(sub.add_parser("list", help="every model: id, date, data version, key metrics, gate, current"))
     rb = sub.add_parser("rollback", help="make an earlier promoted model current again, and record it")
@@ -132,9 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps(event, indent=2, sort_keys=True))
         else:
-            print(f"rolled back: current model is now {event['model_id']} (was {event['champion']['model_id']}); "
-                  f"recorded in {registry_dir(args.root) / 'releases.jsonl'}"
-                  + (f", commit {event['git_commit'][:12]}" if event.get("git_commit") else ""))
+            print(
+                f"rolled back: current model is now {event['model_id']} (was {event['champion']['model_id']}); "
+                f"recorded in {registry_dir(args.root) / 'releases.jsonl'}"
+                + (f", commit {event['git_commit'][:12]}" if event.get("git_commit") else "")
+            )
         return 0
 
     return run_cli(parser, run, argv)

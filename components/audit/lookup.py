@@ -60,8 +60,15 @@ def _by_onnx_hash(sha: str, registry: Path) -> str | None:
     return None
 
 
-def _ref(mid: str, lineage_path: Path, how: str, root: Path, registry: Path, onnx_path: Path | None = None,
-         notes: Sequence[str] = ()) -> ModelRef:
+def _ref(
+    mid: str,
+    lineage_path: Path,
+    how: str,
+    root: Path,
+    registry: Path,
+    onnx_path: Path | None = None,
+    notes: Sequence[str] = (),
+) -> ModelRef:
     lineage = load_lineage(lineage_path)
     reg = registry / "models" / mid
     dirs = [lineage_path.parent]
@@ -74,8 +81,16 @@ def _ref(mid: str, lineage_path: Path, how: str, root: Path, registry: Path, onn
                 dirs.append(ws)
         except StageError:
             pass
-    return ModelRef(mid, lineage, lineage_path, how, onnx_path, reg if (reg / LINEAGE).is_file() else None,
-                    tuple(dirs), tuple(notes))
+    return ModelRef(
+        mid,
+        lineage,
+        lineage_path,
+        how,
+        onnx_path,
+        reg if (reg / LINEAGE).is_file() else None,
+        tuple(dirs),
+        tuple(notes),
+    )
 
 
 def resolve_model(ref: str | Path, root: str | Path = ".", by_content: bool = True) -> ModelRef:
@@ -92,8 +107,10 @@ def resolve_model(ref: str | Path, root: str | Path = ".", by_content: bool = Tr
     path = Path(text)
     if path.is_dir():
         if not (path / LINEAGE).is_file():
-            raise StageError(f"{path} holds no {LINEAGE}; expected a model directory written by `medtune export` "
-                             f"(models/) or a registry entry ({registry / 'models' / '<model_id>'}).")
+            raise StageError(
+                f"{path} holds no {LINEAGE}; expected a model directory written by `medtune export` "
+                f"(models/) or a registry entry ({registry / 'models' / '<model_id>'})."
+            )
         lineage = load_lineage(path / LINEAGE)
         return _ref(str(lineage["model_id"]), path / LINEAGE, f"model directory {path}", root, registry)
     if path.is_file() and path.suffix == ".json":
@@ -104,18 +121,24 @@ def resolve_model(ref: str | Path, root: str | Path = ".", by_content: bool = Tr
     if text == "current":
         current = read_current(registry)
         if not current or not current.get("model_id"):
-            raise StageError(f"{registry / 'current.json'} not found or empty; no model has been promoted yet "
-                             "(`medtune models list` shows every model).")
+            raise StageError(
+                f"{registry / 'current.json'} not found or empty; no model has been promoted yet "
+                "(`medtune models list` shows every model)."
+            )
         text = str(current["model_id"])
     if not HEX_ID.match(text):
-        raise StageError(f"MODEL {text!r} is not a file, a directory, `current` or a model id (hex); expected e.g. "
-                         "models/model.onnx, models/, or an id from `medtune models list`.")
+        raise StageError(
+            f"MODEL {text!r} is not a file, a directory, `current` or a model id (hex); expected e.g. "
+            "models/model.onnx, models/, or an id from `medtune models list`."
+        )
     found = find_id(text, root, registry)
     if found is None:
         known = registered_ids(registry)
-        raise StageError(f"model {text!r} not found in {registry / 'models'} (registered: "
-                         f"{', '.join(known[:10]) or 'none'}{' ...' if len(known) > 10 else ''}) nor in "
-                         f"{root / 'models' / LINEAGE}; `medtune models list` shows every model.")
+        raise StageError(
+            f"model {text!r} not found in {registry / 'models'} (registered: "
+            f"{', '.join(known[:10]) or 'none'}{' ...' if len(known) > 10 else ''}) nor in "
+            f"{root / 'models' / LINEAGE}; `medtune models list` shows every model."
+        )
     mid, lineage_path = found
     return _ref(mid, lineage_path, f"model id {text}", root, registry)
 
@@ -125,28 +148,43 @@ def _resolve_onnx(path: Path, root: Path, registry: Path, by_content: bool) -> M
     beside = path.parent / LINEAGE
     claim = load_lineage(beside) if beside.is_file() else None
     if claim is not None and (claim.get("onnx_sha256") == sha or not by_content):
-        return _ref(str(claim["model_id"]), beside, f"ONNX file {path} (lineage beside it)", root, registry,
-                    onnx_path=path)
+        return _ref(
+            str(claim["model_id"]), beside, f"ONNX file {path} (lineage beside it)", root, registry, onnx_path=path
+        )
     notes = []
     if claim is not None:
-        notes.append(f"{beside} describes model {claim['model_id']}, whose ONNX sha256 is "
-                     f"{str(claim.get('onnx_sha256'))[:12]}..., not this file ({sha[:12]}...)")
+        notes.append(
+            f"{beside} describes model {claim['model_id']}, whose ONNX sha256 is "
+            f"{str(claim.get('onnx_sha256'))[:12]}..., not this file ({sha[:12]}...)"
+        )
     mid = _by_onnx_hash(sha, registry)
     if mid:
-        return _ref(mid, registry / "models" / mid / LINEAGE, f"ONNX file {path} (sha256 found in the registry)",
-                    root, registry, onnx_path=path, notes=notes)
+        return _ref(
+            mid,
+            registry / "models" / mid / LINEAGE,
+            f"ONNX file {path} (sha256 found in the registry)",
+            root,
+            registry,
+            onnx_path=path,
+            notes=notes,
+        )
     meta_id = onnx_metadata_id(path)
     if meta_id:
         found = find_id(meta_id, root, registry)
         if found:
-            notes.append(f"{path} is not byte-identical to the ONNX file recorded for model {meta_id}; "
-                         "identified by its metadata model_id (`medtune verify` checks it)")
-            return _ref(found[0], found[1], f"ONNX file {path} (metadata model_id)", root, registry,
-                        onnx_path=path, notes=notes)
-    raise StageError(f"{path}: no lineage found: no {LINEAGE} beside it describes it, its sha256 {sha[:12]}... is "
-                     f"in no lineage under {registry / 'models'}, and its ONNX metadata gives "
-                     f"{'model_id ' + meta_id + ' (unknown)' if meta_id else 'no model_id'}; expected a model "
-                     "exported by `medtune export`.")
+            notes.append(
+                f"{path} is not byte-identical to the ONNX file recorded for model {meta_id}; "
+                "identified by its metadata model_id (`medtune verify` checks it)"
+            )
+            return _ref(
+                found[0], found[1], f"ONNX file {path} (metadata model_id)", root, registry, onnx_path=path, notes=notes
+            )
+    raise StageError(
+        f"{path}: no lineage found: no {LINEAGE} beside it describes it, its sha256 {sha[:12]}... is "
+        f"in no lineage under {registry / 'models'}, and its ONNX metadata gives "
+        f"{'model_id ' + meta_id + ' (unknown)' if meta_id else 'no model_id'}; expected a model "
+        "exported by `medtune export`."
+    )
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

@@ -67,8 +67,10 @@ def find_manifest(ref: ModelRef, root: Path) -> tuple[Path | None, str]:
     for path in candidates:
         if path.is_file() and (want is None or sha256_file(path) == want):
             return path, "sha256 matches the lineage" if want else "sha256 not in the lineage: unchecked"
-    return None, (f"no copy of the manifest with sha256 {str(want)[:12]}... in "
-                  f"{', '.join(str(c) for c in candidates)} (newer data replaced it and the model is not in the registry)")
+    return None, (
+        f"no copy of the manifest with sha256 {str(want)[:12]}... in "
+        f"{', '.join(str(c) for c in candidates)} (newer data replaced it and the model is not in the registry)"
+    )
 
 
 def _split_check(rows: list[dict[str, str]] | None, path: Path | None, why: str) -> Any:
@@ -80,8 +82,13 @@ def _split_check(rows: list[dict[str, str]] | None, path: Path | None, why: str)
             splits.setdefault(r["patient"], set()).add(r["split"])
     shared = sorted(p for p, s in splits.items() if len(s) > 1)
     per_split = Counter(s for ss in splits.values() for s in ss)
-    return {"source": str(path), "patients": dict(sorted(per_split.items())),
-            "patients_in_two_splits": len(shared), "ok": not shared, "examples": shared[:3]}
+    return {
+        "source": str(path),
+        "patients": dict(sorted(per_split.items())),
+        "patients_in_two_splits": len(shared),
+        "ok": not shared,
+        "examples": shared[:3],
+    }
 
 
 def _dvc_lock(ref: ModelRef, root: Path, tag: str | None) -> dict[str, Any]:
@@ -94,11 +101,18 @@ def _dvc_lock(ref: ModelRef, root: Path, tag: str | None) -> dict[str, Any]:
             return {"sha256": sha256_bytes(blob), "source": f"dvc.lock at git tag {tag}"}
     ws_lineage = root / "models" / "lineage.json"
     if (root / "dvc.lock").is_file() and ws_lineage.is_file() and ref.lineage_path.resolve() == ws_lineage.resolve():
-        return {"sha256": sha256_file(root / "dvc.lock"),
-                "source": "workspace dvc.lock at trace time (not pinned by a release tag; `dvc status` says if it "
-                          "still matches the workspace)"}
-    return {"sha256": not_recorded("export runs before dvc.lock is written; no release git tag with a dvc.lock "
-                                   "and the workspace holds another model"), "source": None}
+        return {
+            "sha256": sha256_file(root / "dvc.lock"),
+            "source": "workspace dvc.lock at trace time (not pinned by a release tag; `dvc status` says if it "
+            "still matches the workspace)",
+        }
+    return {
+        "sha256": not_recorded(
+            "export runs before dvc.lock is written; no release git tag with a dvc.lock "
+            "and the workspace holds another model"
+        ),
+        "source": None,
+    }
 
 
 def _packages(env: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +136,6 @@ def _params_match(params: Any, digest: str | None, recorded: str | None) -> Any:
     return digest == recorded
 
 
-
 def _champion(first: dict[str, Any] | None) -> Any:
     """The champion the model was compared with when it was released."""
     champ = (first or {}).get("champion") or {}
@@ -130,38 +143,62 @@ def _champion(first: dict[str, Any] | None) -> Any:
         return not_recorded("no release event: the model was never compared with a champion")
     if not champ.get("model_id"):
         return not_recorded("no champion when it was released (first promoted model)")
-    return {"model_id": champ["model_id"], "metrics": champ.get("metrics")
-            or not_recorded("the champion could not be scored on the same data"),
-            "comparison": (first or {}).get("comparison") or not_recorded("no comparison in the event")}
+    return {
+        "model_id": champ["model_id"],
+        "metrics": champ.get("metrics") or not_recorded("the champion could not be scored on the same data"),
+        "comparison": (first or {}).get("comparison") or not_recorded("no comparison in the event"),
+    }
 
 
 def _model_card(m: ModelRef) -> Any:
     card_path = next((d / "model_card.md" for d in m.file_dirs if (d / "model_card.md").is_file()), None)
-    return ({"path": str(card_path), "sha256": sha256_file(card_path), "text": card_path.read_text(encoding="utf-8")}
-            if card_path else not_recorded(f"no model_card.md beside {m.lineage_path} nor in the registry"))
+    return (
+        {"path": str(card_path), "sha256": sha256_file(card_path), "text": card_path.read_text(encoding="utf-8")}
+        if card_path
+        else not_recorded(f"no model_card.md beside {m.lineage_path} nor in the registry")
+    )
 
 
-def _release(m: ModelRef, registry: Path, mine: list[dict[str, Any]], promoted: dict[str, Any] | None,
-             tag: str | None) -> dict[str, Any]:
+def _release(
+    m: ModelRef, registry: Path, mine: list[dict[str, Any]], promoted: dict[str, Any] | None, tag: str | None
+) -> dict[str, Any]:
     current = (read_current(registry) or {}).get("model_id") == m.model_id
     if not mine:
-        return {"current": current, "promoted": not_recorded(f"no event for {m.model_id} in "
-                                                             f"{registry / 'releases.jsonl'}: built by dvc repro, not released"),
-                "git_tag": not_recorded("not released"), "events": []}
+        return {
+            "current": current,
+            "promoted": not_recorded(
+                f"no event for {m.model_id} in {registry / 'releases.jsonl'}: built by dvc repro, not released"
+            ),
+            "git_tag": not_recorded("not released"),
+            "events": [],
+        }
     return {
         "current": current,
-        "promoted": ({k: promoted.get(k) for k in ("time", "trigger", "flow_run_id", "git_tag", "data_version")}
-                     | {"how": "Prefect flow run " + str(promoted["flow_run_id"]) if promoted.get("flow_run_id")
-                        else str(promoted.get("trigger"))}) if promoted
+        "promoted": (
+            {k: promoted.get(k) for k in ("time", "trigger", "flow_run_id", "git_tag", "data_version")}
+            | {
+                "how": "Prefect flow run " + str(promoted["flow_run_id"])
+                if promoted.get("flow_run_id")
+                else str(promoted.get("trigger"))
+            }
+        )
+        if promoted
         else not_recorded("never promoted (see events)"),
         "git_tag": tag or not_recorded("no release event carries a git tag"),
-        "events": [{k: e.get(k) for k in ("event", "time", "trigger", "flow_run_id", "git_tag", "reasons")}
-                   for e in mine],
+        "events": [
+            {k: e.get(k) for k in ("event", "time", "trigger", "flow_run_id", "git_tag", "reasons")} for e in mine
+        ],
     }
 
 
-def _drift(m: ModelRef, registry: Path, events: list[dict[str, Any]], data: dict[str, Any],
-           rows: list[dict[str, str]] | None, manifest_why: str) -> Any:
+def _drift(
+    m: ModelRef,
+    registry: Path,
+    events: list[dict[str, Any]],
+    data: dict[str, Any],
+    rows: list[dict[str, str]] | None,
+    manifest_why: str,
+) -> Any:
     """The data's drift from the previous model's, when both manifests are at hand."""
     prev = previous_model(events, m.model_id)
     if prev is None:
@@ -174,11 +211,13 @@ def _drift(m: ModelRef, registry: Path, events: list[dict[str, Any]], data: dict
         return not_recorded(manifest_why)
     if not prev_manifest.is_file():
         return not_recorded(f"previous model {prev}: {prev_manifest} not found")
-    return {"previous_model": prev, "previous_data_version": prev_version,
-            "data_version": data.get("data_version"),
-            "same_data_version": prev_version == data.get("data_version"),
-            **drift(rows, read_manifest_rows(prev_manifest, LISTING_COLUMNS))}
-
+    return {
+        "previous_model": prev,
+        "previous_data_version": prev_version,
+        "data_version": data.get("data_version"),
+        "same_data_version": prev_version == data.get("data_version"),
+        **drift(rows, read_manifest_rows(prev_manifest, LISTING_COLUMNS)),
+    }
 
 
 def _code(m: ModelRef, root: Path, tag: str | None) -> dict[str, Any]:
@@ -186,27 +225,37 @@ def _code(m: ModelRef, root: Path, tag: str | None) -> dict[str, Any]:
     params = code.get("params")
     recomputed = params_digest(params) if isinstance(params, dict) else None
     lock = _dvc_lock(m, root, tag)
-    return {"git_commit": code.get("git_commit") or not_recorded(OLD),
-            "git_dirty": code.get("git_dirty") if code.get("git_dirty") is not None
-            else not_recorded("git status unknown at export"),
-            "dvc_lock_sha256": lock["sha256"], "dvc_lock_source": lock["source"],
-            "params_sha256": code.get("params_sha256") or not_recorded(OLD),
-            "params_sha256_matches_params": _params_match(params, recomputed, code.get("params_sha256")),
-            "params": params if params is not None else not_recorded(OLD)}
+    return {
+        "git_commit": code.get("git_commit") or not_recorded(OLD),
+        "git_dirty": code.get("git_dirty")
+        if code.get("git_dirty") is not None
+        else not_recorded("git status unknown at export"),
+        "dvc_lock_sha256": lock["sha256"],
+        "dvc_lock_source": lock["source"],
+        "params_sha256": code.get("params_sha256") or not_recorded(OLD),
+        "params_sha256_matches_params": _params_match(params, recomputed, code.get("params_sha256")),
+        "params": params if params is not None else not_recorded(OLD),
+    }
 
 
 def _data(data: dict[str, Any], manifest: Path | None, manifest_why: str) -> dict[str, Any]:
     counts = data.get("counts")
-    return {"data_version": data.get("data_version") or not_recorded(OLD),
-            "content_hash": data.get("content_hash") or not_recorded(OLD),
-            "counts": counts or not_recorded(OLD),
-            "totals": {s: sum(c.values()) for s, c in counts.items()} if isinstance(counts, dict) else None,
-            "patient_salt": _pick(data["patient_salt"], ("status", "source", "real_patient_ids"), OLD)
-            if isinstance(data.get("patient_salt"), dict) else not_recorded(OLD),
-            "manifest": {"recorded_path": data.get("manifest_path"), "sha256": data.get("manifest_sha256"),
-                         "copy": str(manifest) if manifest else not_recorded(manifest_why),
-                         "columns": "path, sha256 (of every scan used), label, patient (hashed), width, height, "
-                                    "channels, bit_depth, modality, split, error"}}
+    return {
+        "data_version": data.get("data_version") or not_recorded(OLD),
+        "content_hash": data.get("content_hash") or not_recorded(OLD),
+        "counts": counts or not_recorded(OLD),
+        "totals": {s: sum(c.values()) for s, c in counts.items()} if isinstance(counts, dict) else None,
+        "patient_salt": _pick(data["patient_salt"], ("status", "source", "real_patient_ids"), OLD)
+        if isinstance(data.get("patient_salt"), dict)
+        else not_recorded(OLD),
+        "manifest": {
+            "recorded_path": data.get("manifest_path"),
+            "sha256": data.get("manifest_sha256"),
+            "copy": str(manifest) if manifest else not_recorded(manifest_why),
+            "columns": "path, sha256 (of every scan used), label, patient (hashed), width, height, "
+            "channels, bit_depth, modality, split, error",
+        },
+    }
 
 
 def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
@@ -223,31 +272,52 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
     data = L.get("data") or {}
     manifest, manifest_why = find_manifest(m, root)
     rows = read_manifest_rows(manifest, LISTING_COLUMNS) if manifest else None
-    split_rec = _pick(dict(L.get("split") or {}), ("method", "source", "seed", "val_fraction", "test_fraction",
-                                                  "patients", "patient_overlap"), "not in the lineage's split record")
+    split_rec = _pick(
+        dict(L.get("split") or {}),
+        ("method", "source", "seed", "val_fraction", "test_fraction", "patients", "patient_overlap"),
+        "not in the lineage's split record",
+    )
     split_rec["overlap_check"] = _split_check(rows, manifest, manifest_why)
     ev = L.get("evaluation") or {}
     return {
         "resolved": {"how": m.how, "lineage": str(m.lineage_path), "notes": list(m.notes)},
-        "model": {"model_id": m.model_id, "onnx_sha256": L.get("onnx_sha256") or not_recorded(OLD),
-                  "checkpoint_sha256": L.get("checkpoint_sha256") or not_recorded(OLD),
-                  "onnx_file": str(m.onnx_path) if m.onnx_path else None},
+        "model": {
+            "model_id": m.model_id,
+            "onnx_sha256": L.get("onnx_sha256") or not_recorded(OLD),
+            "checkpoint_sha256": L.get("checkpoint_sha256") or not_recorded(OLD),
+            "onnx_file": str(m.onnx_path) if m.onnx_path else None,
+        },
         "code": _code(m, root, tag),
         "data": _data(data, manifest, manifest_why),
         "split": split_rec,
         "validation": _pick(L.get("validation"), ("suite", "success", "failed"), OLD),
-        "environment": {**_pick(L.get("environment"),
-                                ("python", "device", "training_device", "training_processor"), OLD),
-                        "packages": _packages(L.get("environment") or {})},
-        "pretrained": {"starting_weights": starting_weights(L.get("pretrained")),
-                       **_pick(L.get("pretrained"), ("name", "source", "sha256"),
-                               "the checkpoint records no pretrained weights (random init?)")},
-        "training": _pick(L.get("training") or {}, ("ensemble", "epochs_run", "best_epoch", "selection_metric",
-                                                    "best_value", "backbone"), OLD),
-        "evaluation": {"metrics": ev.get("metrics") or not_recorded(OLD),
-                       "gate": ev.get("gate") or not_recorded(OLD), "champion": _champion(first)},
-        "export": _pick(L.get("export"), ("opset", "exporter", "tolerance", "max_abs_diff_batch1",
-                                          "max_abs_diff_batchN", "batch_n"), OLD),
+        "environment": {
+            **_pick(L.get("environment"), ("python", "device", "training_device", "training_processor"), OLD),
+            "packages": _packages(L.get("environment") or {}),
+        },
+        "pretrained": {
+            "starting_weights": starting_weights(L.get("pretrained")),
+            **_pick(
+                L.get("pretrained"),
+                ("name", "source", "sha256"),
+                "the checkpoint records no pretrained weights (random init?)",
+            ),
+        },
+        "training": _pick(
+            L.get("training") or {},
+            ("ensemble", "epochs_run", "best_epoch", "selection_metric", "best_value", "backbone"),
+            OLD,
+        ),
+        "evaluation": {
+            "metrics": ev.get("metrics") or not_recorded(OLD),
+            "gate": ev.get("gate") or not_recorded(OLD),
+            "champion": _champion(first),
+        },
+        "export": _pick(
+            L.get("export"),
+            ("opset", "exporter", "tolerance", "max_abs_diff_batch1", "max_abs_diff_batchN", "batch_n"),
+            OLD,
+        ),
         "model_card": _model_card(m),
         "release": _release(m, registry, mine, promoted, tag),
         "drift": _drift(m, registry, events, data, rows, manifest_why),
@@ -255,10 +325,16 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medtune trace", description="Trace a model back to its data version, "
-                                     "code, parameters and evidence (13 sections; --json for machines).")
-    parser.add_argument("model", help="an ONNX file, a model directory (models/, registry/models/<id>), a model id "
-                                      "or unique prefix, or `current`")
+    parser = argparse.ArgumentParser(
+        prog="medtune trace",
+        description="Trace a model back to its data version, "
+        "code, parameters and evidence (13 sections; --json for machines).",
+    )
+    parser.add_argument(
+        "model",
+        help="an ONNX file, a model directory (models/, registry/models/<id>), a model id "
+        "or unique prefix, or `current`",
+    )
     add_common_args(parser)
 
     def run(args: argparse.Namespace) -> int:

@@ -11,13 +11,36 @@ from typing import Any
 
 from components.templates import render as render_template
 
-SECTIONS = ("model", "code", "data", "split", "validation", "environment", "pretrained", "training",
-            "evaluation", "export", "model_card", "release", "drift")
-TITLES = {"model": "1. Model identity", "code": "2. Code version", "data": "3. Data version",
-          "split": "4. Split", "validation": "5. Validation", "environment": "6. Environment",
-          "pretrained": "7. Pretrained weights", "training": "8. Training", "evaluation": "9. Evaluation",
-          "export": "10. Export", "model_card": "11. Model card", "release": "12. Release",
-          "drift": "13. Data drift at retraining"}
+SECTIONS = (
+    "model",
+    "code",
+    "data",
+    "split",
+    "validation",
+    "environment",
+    "pretrained",
+    "training",
+    "evaluation",
+    "export",
+    "model_card",
+    "release",
+    "drift",
+)
+TITLES = {
+    "model": "1. Model identity",
+    "code": "2. Code version",
+    "data": "3. Data version",
+    "split": "4. Split",
+    "validation": "5. Validation",
+    "environment": "6. Environment",
+    "pretrained": "7. Pretrained weights",
+    "training": "8. Training",
+    "evaluation": "9. Evaluation",
+    "export": "10. Export",
+    "model_card": "11. Model card",
+    "release": "12. Release",
+    "drift": "13. Data drift at retraining",
+}
 
 
 def _scalar(v: Any) -> str:
@@ -29,8 +52,12 @@ def _scalar(v: Any) -> str:
 
 
 def _flat(v: Any) -> bool:
-    return (isinstance(v, dict) and bool(v) and all(not isinstance(x, (dict, list)) for x in v.values())
-            and len(", ".join(f"{a}={_scalar(b)}" for a, b in v.items())) <= 110)
+    return (
+        isinstance(v, dict)
+        and bool(v)
+        and all(not isinstance(x, (dict, list)) for x in v.values())
+        and len(", ".join(f"{a}={_scalar(b)}" for a, b in v.items())) <= 110
+    )
 
 
 def _pairs(v: dict[str, Any], skip_none: bool = False) -> str:
@@ -47,10 +74,15 @@ def _metric_lines(metrics: Any) -> list[str]:
     if not isinstance(metrics, dict):
         return [_scalar(metrics)]
     ci = metrics.get("auroc_ci") or [None, None]
-    return [f"auroc {_scalar(metrics.get('auroc'))} (95% CI {_scalar(ci[0])} - {_scalar(ci[1])}), n_test "
-            f"{metrics.get('n_test')}",
-            ", ".join(f"{k} {_scalar(metrics[k])}" for k in
-                      ("accuracy", "sensitivity", "specificity", "precision", "f1") if k in metrics)]
+    return [
+        f"auroc {_scalar(metrics.get('auroc'))} (95% CI {_scalar(ci[0])} - {_scalar(ci[1])}), n_test "
+        f"{metrics.get('n_test')}",
+        ", ".join(
+            f"{k} {_scalar(metrics[k])}"
+            for k in ("accuracy", "sensitivity", "specificity", "precision", "f1")
+            if k in metrics
+        ),
+    ]
 
 
 def render(rec: dict[str, Any]) -> str:
@@ -61,14 +93,25 @@ def render(rec: dict[str, Any]) -> str:
         if name == "code" and isinstance(sec.get("params"), dict):  # one JSON line per parameter group
             sec = {**sec, "params": {k: json.dumps(v, sort_keys=True) for k, v in sec["params"].items()}}
         sections.append((name, TITLES[name], sec))
-    return render_template("audit/templates/trace.txt.j2", rec=rec, sections=sections, scalar=_scalar, flat=_flat,
-                           pairs=_pairs, listed=_listed, metric_lines=_metric_lines, public_salt=public_salt,
-                           public_salt_note=PUBLIC_SALT_NOTE).rstrip("\n")
+    return render_template(
+        "audit/templates/trace.txt.j2",
+        rec=rec,
+        sections=sections,
+        scalar=_scalar,
+        flat=_flat,
+        pairs=_pairs,
+        listed=_listed,
+        metric_lines=_metric_lines,
+        public_salt=public_salt,
+        public_salt_note=PUBLIC_SALT_NOTE,
+    ).rstrip("\n")
 
 
-PUBLIC_SALT_NOTE = ("real patient ids were hashed with a public salt: anyone with the ids or the scan headers can "
-                    "re-identify the patients in this model's manifest copies. Set a secret MEDTUNE_PATIENT_SALT "
-                    "and rerun the pipeline (README, 'Patient salt').")
+PUBLIC_SALT_NOTE = (
+    "real patient ids were hashed with a public salt: anyone with the ids or the scan headers can "
+    "re-identify the patients in this model's manifest copies. Set a secret MEDTUNE_PATIENT_SALT "
+    "and rerun the pipeline (README, 'Patient salt')."
+)
 
 
 def public_salt(record: Any) -> bool:

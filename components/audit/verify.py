@@ -34,15 +34,30 @@ from components.templates import render as render_template
 OK, MISMATCH, MISSING = "ok", "mismatch", "missing"
 
 
-def _item(item: str, kind: str, status: str, path: Any = None, expected: str | None = None,
-          actual: str | None = None, detail: str = "") -> dict[str, Any]:
-    return {"item": item, "kind": kind, "status": status, "path": None if path is None else str(path),
-            "expected": expected, "actual": actual, "detail": detail}
+def _item(
+    item: str,
+    kind: str,
+    status: str,
+    path: Any = None,
+    expected: str | None = None,
+    actual: str | None = None,
+    detail: str = "",
+) -> dict[str, Any]:
+    return {
+        "item": item,
+        "kind": kind,
+        "status": status,
+        "path": None if path is None else str(path),
+        "expected": expected,
+        "actual": actual,
+        "detail": detail,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # DVC stores: the cache and every remote, read through DVC's own object databases
 # ---------------------------------------------------------------------------------------------
+
 
 class RemoteObject:
     """One object in a DVC remote that is not a local folder (S3, GCS, Azure, SSH, HTTP, ...), read
@@ -89,8 +104,10 @@ class Store:
             return RemoteObject(self.odb.fs, path, self.odb.fs.unstrip_protocol(path))
         except Exception as exc:  # noqa: BLE001 - any transport or credential error of any remote
             self.failed = True
-            self.notes.append(f"{self.name} could not be read ({type(exc).__name__}: {str(exc)[:200]}); its objects "
-                              "count as missing (check the remote's URL, endpoint and credentials)")
+            self.notes.append(
+                f"{self.name} could not be read ({type(exc).__name__}: {str(exc)[:200]}); its objects "
+                "count as missing (check the remote's URL, endpoint and credentials)"
+            )
             return None
 
 
@@ -138,8 +155,11 @@ def release_outs(root: str | Path, tag: str) -> dict[str, str]:
     from dvc.repo import Repo
 
     with Repo(str(root), rev=tag) as repo:
-        return {repo.fs.relpath(out.fs_path, repo.root_dir): str(out.hash_info.value) for out in repo.index.outs
-                if out.hash_info and out.hash_info.value}
+        return {
+            repo.fs.relpath(out.fs_path, repo.root_dir): str(out.hash_info.value)
+            for out in repo.index.outs
+            if out.hash_info and out.hash_info.value
+        }
 
 
 def _tag_outs(root: Path, tag: str | None, notes: list[str]) -> dict[str, str] | None:
@@ -151,8 +171,10 @@ def _tag_outs(root: Path, tag: str | None, notes: list[str]) -> dict[str, str] |
     try:
         return release_outs(root, tag)
     except DvcException as exc:
-        notes.append(f"DVC could not read dvc.yaml / dvc.lock at tag {tag} ({type(exc).__name__}: {str(exc)[:200]}): "
-                     "model files absent from disk cannot be looked up in the DVC cache or remotes")
+        notes.append(
+            f"DVC could not read dvc.yaml / dvc.lock at tag {tag} ({type(exc).__name__}: {str(exc)[:200]}): "
+            "model files absent from disk cannot be looked up in the DVC cache or remotes"
+        )
         return None
 
 
@@ -170,8 +192,17 @@ def _listing(blob: bytes) -> dict[str, str]:
 # The checks
 # ---------------------------------------------------------------------------------------------
 
-def _model_files(m: ModelRef, name: str, lock_path: str, want: str | None, tag: str | None,
-                 tag_outs: dict[str, str] | None, stores: list[tuple[str, Store]], kind: str) -> list[dict[str, Any]]:
+
+def _model_files(
+    m: ModelRef,
+    name: str,
+    lock_path: str,
+    want: str | None,
+    tag: str | None,
+    tag_outs: dict[str, str] | None,
+    stores: list[tuple[str, Store]],
+    kind: str,
+) -> list[dict[str, Any]]:
     """Every copy of one of the model's own files (the named ONNX, the model folder, the registry,
     the workspace when it holds this model); with none on disk, the DVC cache or a remote, by the md5
     dvc.lock records at the release tag."""
@@ -194,14 +225,27 @@ def _model_files(m: ModelRef, name: str, lock_path: str, want: str | None, tag: 
     obj = dvc_object(stores, md5) if md5 else None
     if obj:
         got = _sha256(obj[1])
-        return [_item(name, kind, OK if got == want else MISMATCH, obj[1], want, got,
-                      f"{lock_path} from {obj[0]} (md5 {md5} in dvc.lock at tag {tag})")]
+        return [
+            _item(
+                name,
+                kind,
+                OK if got == want else MISMATCH,
+                obj[1],
+                want,
+                got,
+                f"{lock_path} from {obj[0]} (md5 {md5} in dvc.lock at tag {tag})",
+            )
+        ]
     where = ", ".join(str(d) for d in m.file_dirs)
-    why = (f"not in {where}" + (f"; {lock_path} md5 {md5} (dvc.lock at tag {tag}) is not in the DVC cache or any DVC "
-                                f"remote" if md5 else
-                                "; no release tag with a dvc.lock to find it in DVC" if not tag else
-                                f"; DVC could not read dvc.lock at tag {tag} (see the notes)" if tag_outs is None else
-                                f"; dvc.lock at tag {tag} does not list {lock_path}"))
+    why = f"not in {where}" + (
+        f"; {lock_path} md5 {md5} (dvc.lock at tag {tag}) is not in the DVC cache or any DVC remote"
+        if md5
+        else "; no release tag with a dvc.lock to find it in DVC"
+        if not tag
+        else f"; DVC could not read dvc.lock at tag {tag} (see the notes)"
+        if tag_outs is None
+        else f"; dvc.lock at tag {tag} does not list {lock_path}"
+    )
     return [_item(name, kind, MISSING, None, want, None, why)]
 
 
@@ -214,28 +258,51 @@ def _manifest(m: ModelRef, root: Path) -> tuple[list[dict[str, Any]], Path | Non
         copies.append(root / str(data["manifest_path"]))  # the workspace model's manifest is data/manifest.csv
     found = [p for p in copies if p.is_file()]
     if not found:
-        return [_item("manifest.csv", "manifest", MISSING, None, want, None,
-                      f"no copy in {', '.join(str(c) for c in copies)}")], None
+        return [
+            _item(
+                "manifest.csv", "manifest", MISSING, None, want, None, f"no copy in {', '.join(str(c) for c in copies)}"
+            )
+        ], None
     items, good = [], []
     for path in found:
         got = sha256_file(path)
-        items.append(_item("manifest.csv", "manifest", OK if got == want else MISMATCH, path, want, got,
-                           "" if got == want else "the per-image manifest was changed after export"))
+        items.append(
+            _item(
+                "manifest.csv",
+                "manifest",
+                OK if got == want else MISMATCH,
+                path,
+                want,
+                got,
+                "" if got == want else "the per-image manifest was changed after export",
+            )
+        )
         if got == want:
             good.append(path)
     path = (good or found)[0]
     rows = read_manifest_rows(path, LISTING_COLUMNS)
     listing = "".join(f"{r['path']}  {r['sha256']}\n" for r in rows)  # ingest's content_hash, sha256sum format
     got_c, want_c = sha256_bytes(listing.encode()), data.get("content_hash")
-    items.append(_item("content_hash", "manifest", OK if got_c == want_c else MISMATCH, path, want_c, got_c,
-                       "" if got_c == want_c else "path+sha256 list of the manifest differs from the recorded one"))
+    items.append(
+        _item(
+            "content_hash",
+            "manifest",
+            OK if got_c == want_c else MISMATCH,
+            path,
+            want_c,
+            got_c,
+            "" if got_c == want_c else "path+sha256 list of the manifest differs from the recorded one",
+        )
+    )
     return items, path
 
 
 def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Store]]) -> list[dict[str, Any]]:
     rows = read_manifest_rows(manifest, LISTING_COLUMNS)
     version = str((m.lineage.get("data") or {}).get("data_version") or "untracked")
-    raw_dir = root / str((((m.lineage.get("code") or {}).get("params") or {}).get("data") or {}).get("raw_dir", "data/raw"))
+    raw_dir = root / str(
+        (((m.lineage.get("code") or {}).get("params") or {}).get("data") or {}).get("raw_dir", "data/raw")
+    )
     # A fresh clone that has not pulled has no raw folder at all: its scans come from the cache or a remote.
     workspace_claims = version == "untracked" or (dvc_data_version(raw_dir) == version and raw_dir.is_dir())
     items, listing = [], None
@@ -243,14 +310,32 @@ def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Stor
         obj = dvc_object(stores, version)
         if obj is None:
             if not workspace_claims:
-                return [_item(f"{version}", "data version", MISSING, None, version, None,
-                              f"the listing of data version {version} is not in the DVC cache or any DVC remote, and "
-                              f"{raw_dir} does not hold that version (push it from a workspace that has it)")]
+                return [
+                    _item(
+                        f"{version}",
+                        "data version",
+                        MISSING,
+                        None,
+                        version,
+                        None,
+                        f"the listing of data version {version} is not in the DVC cache or any DVC remote, and "
+                        f"{raw_dir} does not hold that version (push it from a workspace that has it)",
+                    )
+                ]
         else:
             blob = obj[1].read_bytes()
             got = hashlib.md5(blob).hexdigest() + ".dir"
-            items.append(_item(version, "data version", OK if got == version else MISMATCH, obj[1], version, got,
-                               f"DVC listing from {obj[0]}"))
+            items.append(
+                _item(
+                    version,
+                    "data version",
+                    OK if got == version else MISMATCH,
+                    obj[1],
+                    version,
+                    got,
+                    f"DVC listing from {obj[0]}",
+                )
+            )
             listing = _listing(blob)
     source = f"workspace {raw_dir}" if workspace_claims else "DVC cache/remote"
     for r in rows:
@@ -258,12 +343,31 @@ def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Stor
         ws = raw_dir / rel
         if workspace_claims:
             if not ws.is_file():
-                items.append(_item(rel, "scan", MISSING, ws, want, None, f"missing from {raw_dir}, which "
-                                   f"{raw_dir}.dvc says holds data version {version} (`dvc checkout` restores it)"))
+                items.append(
+                    _item(
+                        rel,
+                        "scan",
+                        MISSING,
+                        ws,
+                        want,
+                        None,
+                        f"missing from {raw_dir}, which "
+                        f"{raw_dir}.dvc says holds data version {version} (`dvc checkout` restores it)",
+                    )
+                )
                 continue
             got = sha256_file(ws)
-            items.append(_item(rel, "scan", OK if got == want else MISMATCH, ws, want, got,
-                               "" if got == want else f"changed in {raw_dir} since ingest"))
+            items.append(
+                _item(
+                    rel,
+                    "scan",
+                    OK if got == want else MISMATCH,
+                    ws,
+                    want,
+                    got,
+                    "" if got == want else f"changed in {raw_dir} since ingest",
+                )
+            )
             continue
         md5 = (listing or {}).get(rel)
         obj = dvc_object(stores, md5) if md5 else None
@@ -271,13 +375,32 @@ def _scans(m: ModelRef, root: Path, manifest: Path, stores: list[tuple[str, Stor
             if ws.is_file() and sha256_file(ws) == want:  # cache pruned, but the workspace copy is intact
                 items.append(_item(rel, "scan", OK, ws, want, want, "from the workspace (not in the DVC cache)"))
             else:
-                items.append(_item(rel, "scan", MISSING, None, want, None,
-                                   f"not in data version {version}'s listing" if md5 is None else
-                                   f"object md5 {md5} is not in the DVC cache or any DVC remote"))
+                items.append(
+                    _item(
+                        rel,
+                        "scan",
+                        MISSING,
+                        None,
+                        want,
+                        None,
+                        f"not in data version {version}'s listing"
+                        if md5 is None
+                        else f"object md5 {md5} is not in the DVC cache or any DVC remote",
+                    )
+                )
             continue
         got = _sha256(obj[1])
-        items.append(_item(rel, "scan", OK if got == want else MISMATCH, obj[1], want, got,
-                           f"from {obj[0]}" + ("" if got == want else ": the stored object was altered")))
+        items.append(
+            _item(
+                rel,
+                "scan",
+                OK if got == want else MISMATCH,
+                obj[1],
+                want,
+                got,
+                f"from {obj[0]}" + ("" if got == want else ": the stored object was altered"),
+            )
+        )
     for it in items:
         it.setdefault("source", source)
     return items
@@ -288,13 +411,23 @@ def verify(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
     root = Path(root)
     m = resolve_model(ref, root, by_content=False)
     L = m.lineage
-    tag = next((e.get("git_tag") for e in events_for(read_releases(registry_dir(root)), m.model_id)
-                if e.get("git_tag")), None)
+    tag = next(
+        (e.get("git_tag") for e in events_for(read_releases(registry_dir(root)), m.model_id) if e.get("git_tag")), None
+    )
     stores, notes = dvc_stores(root)
     tag_outs = _tag_outs(root, tag, notes)
     ckpt = L.get("checkpoint_sha256")
-    items = [_item("model_id", "identity", OK if ckpt and ckpt[:12] == m.model_id else MISMATCH, m.lineage_path,
-                   m.model_id, (ckpt or "")[:12] or None, "model id = first 12 hex of the checkpoint sha256")]
+    items = [
+        _item(
+            "model_id",
+            "identity",
+            OK if ckpt and ckpt[:12] == m.model_id else MISMATCH,
+            m.lineage_path,
+            m.model_id,
+            (ckpt or "")[:12] or None,
+            "model id = first 12 hex of the checkpoint sha256",
+        )
+    ]
     items += _model_files(m, "model.onnx", "models/model.onnx", L.get("onnx_sha256"), tag, tag_outs, stores, "onnx")
     items += _model_files(m, "model.pt", "models/model.pt", ckpt, tag, tag_outs, stores, "checkpoint")
     manifest_items, manifest = _manifest(m, root)
@@ -302,8 +435,16 @@ def verify(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
     if manifest is not None:
         items += _scans(m, root, manifest, stores)
     bad = [i for i in items if i["status"] != OK]
-    return {"model_id": m.model_id, "lineage": str(m.lineage_path), "git_tag": tag, "ok": not bad,
-            "checked": len(items), "failed": len(bad), "notes": list(m.notes) + notes, "items": items}
+    return {
+        "model_id": m.model_id,
+        "lineage": str(m.lineage_path),
+        "git_tag": tag,
+        "ok": not bad,
+        "checked": len(items),
+        "failed": len(bad),
+        "notes": list(m.notes) + notes,
+        "items": items,
+    }
 
 
 def _finding(i: dict[str, Any]) -> tuple[str, str, str]:
@@ -321,13 +462,21 @@ def render(rep: dict[str, Any]) -> str:
     counted in one line."""
     scans = [i for i in rep["items"] if i["kind"] == "scan"]
     findings = [_finding(i) for i in rep["items"] if not (i["kind"] == "scan" and i["status"] == OK)]
-    return render_template("audit/templates/verify.txt.j2", rep=rep, findings=findings, scans=scans,
-                           scans_ok=sum(i["status"] == OK for i in scans)).rstrip("\n")
+    return render_template(
+        "audit/templates/verify.txt.j2",
+        rep=rep,
+        findings=findings,
+        scans=scans,
+        scans_ok=sum(i["status"] == OK for i in scans),
+    ).rstrip("\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medtune verify", description="Re-hash the ONNX file, the checkpoint "
-                                     "and every raw scan a model's lineage names; exit 1 on any mismatch.")
+    parser = argparse.ArgumentParser(
+        prog="medtune verify",
+        description="Re-hash the ONNX file, the checkpoint "
+        "and every raw scan a model's lineage names; exit 1 on any mismatch.",
+    )
     parser.add_argument("model", help="an ONNX file, a model directory, a model id (or prefix), or `current`")
     add_common_args(parser)
 

@@ -47,8 +47,15 @@ def build_transform(params: AugmentParams) -> v2.Compose:
     if params.rotation > 0 or params.translate > 0 or (lo, hi) != (1.0, 1.0):
         # Rotation, shift and zoom in ONE affine: one bilinear resampling blurs less than two.
         # fill=0: the padding of preprocess is black as well.
-        steps.append(v2.RandomAffine(degrees=params.rotation, translate=(params.translate, params.translate),
-                                     scale=(lo, hi), interpolation=v2.InterpolationMode.BILINEAR, fill=0.0))
+        steps.append(
+            v2.RandomAffine(
+                degrees=params.rotation,
+                translate=(params.translate, params.translate),
+                scale=(lo, hi),
+                interpolation=v2.InterpolationMode.BILINEAR,
+                fill=0.0,
+            )
+        )
     if params.brightness > 0 or params.contrast > 0:
         # ColorJitter handles 1-channel tensors too: contrast blends towards the image mean.
         steps.append(v2.ColorJitter(brightness=params.brightness or None, contrast=params.contrast or None))
@@ -72,8 +79,9 @@ def preview(prepared_dir: Path, out_png: Path, params: Params) -> Path:
         gen = torch.Generator().manual_seed(params.augment.seed)
         rows = sorted(torch.randperm(len(images), generator=gen)[:count].tolist())
         torch.manual_seed(params.augment.seed)
-        batch = torch.stack([transform(torch.from_numpy(np.asarray(images[i], dtype=np.float32) / 255.0))
-                             for i in rows])
+        batch = torch.stack(
+            [transform(torch.from_numpy(np.asarray(images[i], dtype=np.float32) / 255.0)) for i in rows]
+        )
     grid = make_grid(batch, nrow=math.ceil(math.sqrt(count)), padding=2, pad_value=1.0)
     pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     with atomic_path(out_png) as tmp:
@@ -84,8 +92,11 @@ def preview(prepared_dir: Path, out_png: Path, params: Params) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     def add_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--prepared", default="data/prepared", help="preprocess output folder (default: data/prepared)")
-        p.add_argument("--out", default="reports/augment_preview.png",
-                       help="preview PNG to write (default: reports/augment_preview.png)")
+        p.add_argument(
+            "--out",
+            default="reports/augment_preview.png",
+            help="preview PNG to write (default: reports/augment_preview.png)",
+        )
 
     def run(args: argparse.Namespace) -> None:
         out = preview(Path(args.prepared), Path(args.out), load_params(args.params))

@@ -50,10 +50,17 @@ def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, ax: float, ay
 def _anatomy(rng: np.random.Generator) -> dict[str, np.ndarray | float]:
     """Per-patient constants; slices only perturb them, so a patient looks like one body."""
     return {
-        "body": np.array([0.5 + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.03, 0.03),
-                          rng.uniform(0.40, 0.46), rng.uniform(0.30, 0.37)]),
-        "liver": np.array([rng.uniform(0.30, 0.36), rng.uniform(0.42, 0.50),
-                           rng.uniform(0.13, 0.17), rng.uniform(0.11, 0.15)]),
+        "body": np.array(
+            [
+                0.5 + rng.uniform(-0.03, 0.03),
+                0.5 + rng.uniform(-0.03, 0.03),
+                rng.uniform(0.40, 0.46),
+                rng.uniform(0.30, 0.37),
+            ]
+        ),
+        "liver": np.array(
+            [rng.uniform(0.30, 0.36), rng.uniform(0.42, 0.50), rng.uniform(0.13, 0.17), rng.uniform(0.11, 0.15)]
+        ),
         "liver_hu": rng.uniform(50, 70),
         "kidney_dx": rng.uniform(0.14, 0.18),
         "kidney_hu": rng.uniform(90, 120),  # contrast-enhanced, so visible beside soft tissue
@@ -74,8 +81,12 @@ def _slice_hu(rng: np.random.Generator, a: dict, size: int, z: float, lesion: bo
     inner = _ellipse(xx, yy, cx, cy, ax * 0.88, ay * 0.86)
     img[inner] = 40.0  # soft tissue
     k = np.arange(4)
-    tex = np.einsum("ij,iy,jx->yx", a["texture"], np.cos(np.pi * k[:, None] * yy[None, :, 0]),
-                    np.cos(np.pi * k[:, None] * xx[None, 0, :]))
+    tex = np.einsum(
+        "ij,iy,jx->yx",
+        a["texture"],
+        np.cos(np.pi * k[:, None] * yy[None, :, 0]),
+        np.cos(np.pi * k[:, None] * xx[None, 0, :]),
+    )
     img[inner] += 6.0 * tex[inner]
     lx, ly, lax, lay = a["liver"] * np.array([1, 1, 1 - 0.2 * z, 1 - 0.1 * z])
     img[_ellipse(xx, yy, lx, ly, lax, lay) & inner] = a["liver_hu"]
@@ -92,8 +103,9 @@ def _slice_hu(rng: np.random.Generator, a: dict, size: int, z: float, lesion: bo
     return img
 
 
-def _dataset(pixels_hu: np.ndarray, number: int, slice_idx: int, seed: int, prng: np.random.Generator,
-             implicit: bool) -> Dataset:
+def _dataset(
+    pixels_hu: np.ndarray, number: int, slice_idx: int, seed: int, prng: np.random.Generator, implicit: bool
+) -> Dataset:
     size = pixels_hu.shape[0]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
@@ -143,16 +155,19 @@ def _dataset(pixels_hu: np.ndarray, number: int, slice_idx: int, seed: int, prng
     return ds
 
 
-def generate(out_dir: Path, patients: int, slices: int, size: int, seed: int, classes: list[str],
-             patient_offset: int = 0) -> int:
+def generate(
+    out_dir: Path, patients: int, slices: int, size: int, seed: int, classes: list[str], patient_offset: int = 0
+) -> int:
     """Write `patients` x `slices` DICOM files under out_dir/<class>/; return the number written.
 
     Patients are numbered patient_offset+1 .. patient_offset+patients; a patient's images depend
     only on (seed, its number), so a batch with another offset holds new, distinct patients.
     """
     if len(classes) != 2:
-        raise ValueError(f"demo-data: classes = {classes!r} is invalid; the demo is binary, expected "
-                         "two names (no lesion, lesion), e.g. data.classes: [normal, lesion].")
+        raise ValueError(
+            f"demo-data: classes = {classes!r} is invalid; the demo is binary, expected "
+            "two names (no lesion, lesion), e.g. data.classes: [normal, lesion]."
+        )
     for name, value, low in (("patients", patients, 1), ("slices", slices, 1), ("size", size, 16)):
         if value < low:
             raise ValueError(f"demo-data: --{name} = {value} is invalid; expected an integer >= {low}.")
@@ -173,8 +188,13 @@ def generate(out_dir: Path, patients: int, slices: int, size: int, seed: int, cl
             with common.atomic_path(out_dir / label / f"case{number:03d}_{s:02d}.dcm") as tmp:
                 ds.save_as(tmp, enforce_file_format=True)
             counts[label] += 1
-    log.info("wrote %d synthetic DICOM files for %d patients into %s (%s)", sum(counts.values()), patients,
-             out_dir, ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    log.info(
+        "wrote %d synthetic DICOM files for %d patients into %s (%s)",
+        sum(counts.values()),
+        patients,
+        out_dir,
+        ", ".join(f"{k}: {v}" for k, v in counts.items()),
+    )
     return sum(counts.values())
 
 
@@ -190,9 +210,12 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", type=int, default=6, help="slices per patient (default: 6)")
     parser.add_argument("--size", type=int, default=64, help="image width and height in pixels (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--batch-name", default=None,
-                        help="write an extra batch of new patients (ids distinct from the base set), "
-                             "e.g. to try retraining on new data")
+    parser.add_argument(
+        "--batch-name",
+        default=None,
+        help="write an extra batch of new patients (ids distinct from the base set), "
+        "e.g. to try retraining on new data",
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -203,8 +226,10 @@ def _run(args: argparse.Namespace) -> None:
         offset = batch_offset(args.batch_name)
         clash = sorted(args.out.glob(f"*/case{offset + 1:03d}_*.dcm"))
         if clash:
-            raise common.StageError(f"demo-data: {clash[0]} already exists; batch {args.batch_name!r} was "
-                                    "written before (or its name collides); pick another --batch-name.")
+            raise common.StageError(
+                f"demo-data: {clash[0]} already exists; batch {args.batch_name!r} was "
+                "written before (or its name collides); pick another --batch-name."
+            )
     generate(args.out, args.patients, args.slices, args.size, args.seed, list(params.data.classes), offset)
 
 

@@ -45,25 +45,56 @@ def build_checks(p: Params) -> list[Check]:
 def _file_checks(p: Params) -> list[Check]:
     v = p.validate
     return [
-        Check("path_present", "files", True, "every row has a path",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="path")),
-        Check("sha256_present", "files", True, "every row has a sha256",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="sha256")),
+        Check(
+            "path_present",
+            "files",
+            True,
+            "every row has a path",
+            lambda x: x.ExpectColumnValuesToNotBeNull(column="path"),
+        ),
+        Check(
+            "sha256_present",
+            "files",
+            True,
+            "every row has a sha256",
+            lambda x: x.ExpectColumnValuesToNotBeNull(column="sha256"),
+        ),
         # Duplicates are listed always, but stop the pipeline only where they do harm: across splits
         # (test images seen in training; ingest keeps duplicates together, so only an explicit split
         # column can do this) or with different labels.
-        Check("sha256_unique", "files", False, "no duplicate images (listed; harmless within one split)",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) shared by several files"),
-        Check("duplicates_in_one_split", "hash_splits", True, "no image in two splits "
-              f"(validate.max_duplicates={v.max_duplicates} group(s) tolerated)",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) in several splits"),
-        Check("duplicates_agree_on_label", "hash_labels", True, "byte-identical images carry the same label "
-              f"(validate.max_label_conflicts={v.max_label_conflicts} group(s) tolerated)",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"), "hash(es) with several labels"),
-        Check("unreadable_within_limit", "unreadable", True,
-              f"at most validate.max_unreadable={v.max_unreadable} unreadable files",
-              lambda x: x.ExpectTableRowCountToBeBetween(min_value=0, max_value=v.max_unreadable),
-              "unreadable file(s)"),
+        Check(
+            "sha256_unique",
+            "files",
+            False,
+            "no duplicate images (listed; harmless within one split)",
+            lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"),
+            "hash(es) shared by several files",
+        ),
+        Check(
+            "duplicates_in_one_split",
+            "hash_splits",
+            True,
+            f"no image in two splits (validate.max_duplicates={v.max_duplicates} group(s) tolerated)",
+            lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"),
+            "hash(es) in several splits",
+        ),
+        Check(
+            "duplicates_agree_on_label",
+            "hash_labels",
+            True,
+            "byte-identical images carry the same label "
+            f"(validate.max_label_conflicts={v.max_label_conflicts} group(s) tolerated)",
+            lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"),
+            "hash(es) with several labels",
+        ),
+        Check(
+            "unreadable_within_limit",
+            "unreadable",
+            True,
+            f"at most validate.max_unreadable={v.max_unreadable} unreadable files",
+            lambda x: x.ExpectTableRowCountToBeBetween(min_value=0, max_value=v.max_unreadable),
+            "unreadable file(s)",
+        ),
     ]
 
 
@@ -71,67 +102,157 @@ def _row_checks(p: Params) -> list[Check]:
     v, classes = p.validate, list(p.data.classes)
     size = f"[{v.min_size}, {v.max_size}] px"
     return [
-        Check("label_present", "readable", True, "every readable image has a label",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="label")),
-        Check("label_in_classes", "readable", True, f"labels in data.classes {classes}",
-              lambda x: x.ExpectColumnValuesToBeInSet(column="label", value_set=classes)),
-        Check("split_present", "readable", True, "every readable image has a split",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="split")),
-        Check("split_in_set", "readable", True, f"split in {list(SPLITS)}",
-              lambda x: x.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS))),
+        Check(
+            "label_present",
+            "readable",
+            True,
+            "every readable image has a label",
+            lambda x: x.ExpectColumnValuesToNotBeNull(column="label"),
+        ),
+        Check(
+            "label_in_classes",
+            "readable",
+            True,
+            f"labels in data.classes {classes}",
+            lambda x: x.ExpectColumnValuesToBeInSet(column="label", value_set=classes),
+        ),
+        Check(
+            "split_present",
+            "readable",
+            True,
+            "every readable image has a split",
+            lambda x: x.ExpectColumnValuesToNotBeNull(column="split"),
+        ),
+        Check(
+            "split_in_set",
+            "readable",
+            True,
+            f"split in {list(SPLITS)}",
+            lambda x: x.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        ),
         # A patient-less row cannot be checked for leakage; ingest always sets one, so only warn.
-        Check("patient_present", "readable", False, "every readable image has a (hashed) patient",
-              lambda x: x.ExpectColumnValuesToNotBeNull(column="patient")),
-        *[Check(f"{col}_present", "readable", True, f"every readable image has a numeric {col}",
-                lambda x, col=col: x.ExpectColumnValuesToNotBeNull(column=col)) for col in NUMERIC_COLUMNS],
-        Check("width_in_range", "readable", True, f"width in {size}",
-              lambda x: x.ExpectColumnValuesToBeBetween(column="width", min_value=v.min_size, max_value=v.max_size)),
-        Check("height_in_range", "readable", True, f"height in {size}",
-              lambda x: x.ExpectColumnValuesToBeBetween(column="height", min_value=v.min_size, max_value=v.max_size)),
-        Check("bit_depth_allowed", "readable", True, f"bit depth in validate.bit_depths {list(v.bit_depths)}",
-              lambda x: x.ExpectColumnValuesToBeInSet(column="bit_depth", value_set=list(v.bit_depths))),
+        Check(
+            "patient_present",
+            "readable",
+            False,
+            "every readable image has a (hashed) patient",
+            lambda x: x.ExpectColumnValuesToNotBeNull(column="patient"),
+        ),
+        *[
+            Check(
+                f"{col}_present",
+                "readable",
+                True,
+                f"every readable image has a numeric {col}",
+                lambda x, col=col: x.ExpectColumnValuesToNotBeNull(column=col),
+            )
+            for col in NUMERIC_COLUMNS
+        ],
+        Check(
+            "width_in_range",
+            "readable",
+            True,
+            f"width in {size}",
+            lambda x: x.ExpectColumnValuesToBeBetween(column="width", min_value=v.min_size, max_value=v.max_size),
+        ),
+        Check(
+            "height_in_range",
+            "readable",
+            True,
+            f"height in {size}",
+            lambda x: x.ExpectColumnValuesToBeBetween(column="height", min_value=v.min_size, max_value=v.max_size),
+        ),
+        Check(
+            "bit_depth_allowed",
+            "readable",
+            True,
+            f"bit depth in validate.bit_depths {list(v.bit_depths)}",
+            lambda x: x.ExpectColumnValuesToBeInSet(column="bit_depth", value_set=list(v.bit_depths)),
+        ),
     ]
 
 
 def _split_checks(p: Params) -> list[Check]:
     v = p.validate
     return [
-        Check("patient_in_one_split", "patient_splits", True, "no patient in two splits",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="patient"), "patient(s) in several splits"),
+        Check(
+            "patient_in_one_split",
+            "patient_splits",
+            True,
+            "no patient in two splits",
+            lambda x: x.ExpectColumnValuesToBeUnique(column="patient"),
+            "patient(s) in several splits",
+        ),
         # Ingest keeps near-duplicates in one split, so only a given split column can do this.
-        Check("near_duplicates_in_one_split", "similar_splits", True, "no near-duplicate images in two splits "
-              f"(validate.max_near_duplicates={v.max_near_duplicates} group(s) tolerated)",
-              lambda x: x.ExpectColumnValuesToBeUnique(column="similar_group"),
-              "group(s) of near-duplicate images (named by their first file) in several splits"),
+        Check(
+            "near_duplicates_in_one_split",
+            "similar_splits",
+            True,
+            "no near-duplicate images in two splits "
+            f"(validate.max_near_duplicates={v.max_near_duplicates} group(s) tolerated)",
+            lambda x: x.ExpectColumnValuesToBeUnique(column="similar_group"),
+            "group(s) of near-duplicate images (named by their first file) in several splits",
+        ),
         # components.data.folders lists what ingest did not take; a link out of the raw folder is refused.
-        Check("links_stay_inside", "skipped", True, "no symbolic link from the raw folder to outside it",
-              lambda x: x.ExpectColumnValuesToNotBeInSet(column="reason", value_set=[folders.LINK_OUTSIDE]),
-              "link(s) to outside the raw folder (never opened): remove them, or copy the files in"),
-        Check("nothing_skipped", "skipped_visible", False, "every visible file under the raw folder is a scan",
-              lambda x: x.ExpectTableRowCountToEqual(value=0), "file(s) skipped"),
-        Check("split_balance_close", "split_balance", False,
-              f"split and class shares within validate.warn_split_deviation={v.warn_split_deviation} of the "
-              "configured ones", lambda x: x.ExpectColumnValuesToBeBetween(column="deviation",
-                                                                            max_value=v.warn_split_deviation),
-              "share(s) off"),
-        Check("split_balance_within_limit", "split_balance", True,
-              f"split and class shares within validate.max_split_deviation={v.max_split_deviation} of the "
-              "configured ones", lambda x: x.ExpectColumnValuesToBeBetween(column="deviation",
-                                                                            max_value=v.max_split_deviation),
-              "share(s) far off"),
-        Check("images_per_class_split", "class_split_counts", True,
-              f"at least validate.min_images_per_class_split={v.min_images_per_class_split} images "
-              "per (split, class)",
-              lambda x: x.ExpectColumnValuesToBeBetween(column="n", min_value=v.min_images_per_class_split),
-              "(split, class) pair(s) short of images"),
+        Check(
+            "links_stay_inside",
+            "skipped",
+            True,
+            "no symbolic link from the raw folder to outside it",
+            lambda x: x.ExpectColumnValuesToNotBeInSet(column="reason", value_set=[folders.LINK_OUTSIDE]),
+            "link(s) to outside the raw folder (never opened): remove them, or copy the files in",
+        ),
+        Check(
+            "nothing_skipped",
+            "skipped_visible",
+            False,
+            "every visible file under the raw folder is a scan",
+            lambda x: x.ExpectTableRowCountToEqual(value=0),
+            "file(s) skipped",
+        ),
+        Check(
+            "split_balance_close",
+            "split_balance",
+            False,
+            f"split and class shares within validate.warn_split_deviation={v.warn_split_deviation} of the "
+            "configured ones",
+            lambda x: x.ExpectColumnValuesToBeBetween(column="deviation", max_value=v.warn_split_deviation),
+            "share(s) off",
+        ),
+        Check(
+            "split_balance_within_limit",
+            "split_balance",
+            True,
+            f"split and class shares within validate.max_split_deviation={v.max_split_deviation} of the "
+            "configured ones",
+            lambda x: x.ExpectColumnValuesToBeBetween(column="deviation", max_value=v.max_split_deviation),
+            "share(s) far off",
+        ),
+        Check(
+            "images_per_class_split",
+            "class_split_counts",
+            True,
+            f"at least validate.min_images_per_class_split={v.min_images_per_class_split} images per (split, class)",
+            lambda x: x.ExpectColumnValuesToBeBetween(column="n", min_value=v.min_images_per_class_split),
+            "(split, class) pair(s) short of images",
+        ),
     ]
 
 
 # Columns GX reports beside each unexpected value, so a failure names the file (or the group).
-INDEX_COLUMNS = {"files": ["path"], "readable": ["path"], "unreadable": ["path"],
-                 "hash_splits": ["sha256"], "hash_labels": ["sha256"],
-                 "patient_splits": ["split"], "similar_splits": ["split"], "class_split_counts": ["split", "label"],
-                 "skipped": ["path"], "skipped_visible": ["path"], "split_balance": ["share", "realised", "expected"]}
+INDEX_COLUMNS = {
+    "files": ["path"],
+    "readable": ["path"],
+    "unreadable": ["path"],
+    "hash_splits": ["sha256"],
+    "hash_labels": ["sha256"],
+    "patient_splits": ["split"],
+    "similar_splits": ["split"],
+    "class_split_counts": ["split", "label"],
+    "skipped": ["path"],
+    "skipped_visible": ["path"],
+    "split_balance": ["share", "realised", "expected"],
+}
 
 
 def _quiet_gx() -> None:
@@ -149,8 +270,11 @@ def run_gx(tables: dict[str, pd.DataFrame], checks: list[Check]) -> dict[str, di
         ProgressBarsConfig,
     )
 
-    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-                               progress_bars=ProgressBarsConfig(globally=False), analytics_enabled=False)
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        progress_bars=ProgressBarsConfig(globally=False),
+        analytics_enabled=False,
+    )
     ctx = gx.get_context(project_config=config, mode="ephemeral")
     source = ctx.data_sources.add_pandas("medtune")
     out: dict[str, dict] = {}
@@ -166,9 +290,10 @@ def run_gx(tables: dict[str, pd.DataFrame], checks: list[Check]) -> dict[str, di
             suite.add_expectation(exp)
         batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{SUITE}.{table}", data=batch, suite=suite))
-        result = vd.run(batch_parameters={"dataframe": frame},
-                        result_format={"result_format": "COMPLETE",
-                                       "unexpected_index_column_names": INDEX_COLUMNS[table]})
+        result = vd.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": INDEX_COLUMNS[table]},
+        )
         for r in result.results:
             out[r.expectation_config.meta["name"]] = _clean_gx(r.to_json_dict())
     return out
@@ -182,8 +307,10 @@ def _clean_gx(d: dict) -> dict:
     # On errors GX keys exception_info by metric id, each with a traceback; keep just the messages.
     messages = sorted({str(v.get("exception_message")) for v in info.values() if isinstance(v, dict)})
     if info.get("raised_exception") or messages:
-        d["exception_info"] = {"raised_exception": True,
-                               "exception_message": info.get("exception_message") or "; ".join(messages)}
+        d["exception_info"] = {
+            "raised_exception": True,
+            "exception_message": info.get("exception_message") or "; ".join(messages),
+        }
     else:
         d["exception_info"] = {"raised_exception": False, "exception_message": None}
     res = d.get("result") or {}

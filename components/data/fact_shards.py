@@ -41,8 +41,19 @@ log = logging.getLogger("medtune.scan_facts")  # one name for the facts cache's 
 FORMAT = 1  # the fact and shard layout below; another value makes every stored shard stale
 PATH_MARK = "\x00path\x00"  # where an error message named the file (no path can hold a NUL)
 _SHARD = re.compile(r"shard-(\d{6})\.npz")
-_FIELDS = ("sha256", "decoder", "size", "width", "height", "channels", "bit_depth", "modality", "error", "patient",
-           "salt")
+_FIELDS = (
+    "sha256",
+    "decoder",
+    "size",
+    "width",
+    "height",
+    "channels",
+    "bit_depth",
+    "modality",
+    "error",
+    "patient",
+    "salt",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +83,12 @@ def compatibility() -> dict:
     import PIL
     import pydicom
 
-    return {"format": FORMAT, "thumbnail": scan_info.THUMBNAIL, "pillow": PIL.__version__,
-            "pydicom": pydicom.__version__}
+    return {
+        "format": FORMAT,
+        "thumbnail": scan_info.THUMBNAIL,
+        "pillow": PIL.__version__,
+        "pydicom": pydicom.__version__,
+    }
 
 
 class Store:
@@ -130,8 +145,13 @@ class Store:
         number = int(_SHARD.fullmatch(self.names[-1]).group(1)) + 1 if self.names else 0
         name = f"shard-{number:06d}.npz"
         table = json.dumps([[getattr(f, k) for k in _FIELDS] for f in facts], separators=(",", ":"))
-        _savez(self.folder / name, header=_text(json.dumps(compatibility())), facts=_text(table),
-               signatures=signatures, projections=near_duplicates.project(signatures))
+        _savez(
+            self.folder / name,
+            header=_text(json.dumps(compatibility())),
+            facts=_text(table),
+            signatures=signatures,
+            projections=near_duplicates.project(signatures),
+        )
         self._add(name, facts)
 
     def signatures(self, shard: int, rows: np.ndarray | None = None) -> np.ndarray:
@@ -170,8 +190,15 @@ class Store:
         a, b = [], []
         for other in range(shard + 1):
             theirs = mine.__getitem__ if other == shard else functools.partial(self.signatures, other)
-            for i, j in near_duplicates.linked(projections[shard], projections[other], mine.__getitem__, theirs,
-                                               threshold, same=other == shard, self_pairs=True):
+            for i, j in near_duplicates.linked(
+                projections[shard],
+                projections[other],
+                mine.__getitem__,
+                theirs,
+                threshold,
+                same=other == shard,
+                self_pairs=True,
+            ):
                 a += [self.fresh[shard][x] for x in i]
                 b += [self.fresh[other][x] for x in j]
         _savez(self.pairs_path(shard, threshold), a=np.array(a, dtype=str), b=np.array(b, dtype=str))

@@ -36,8 +36,15 @@ from components.data.importers import counts, params_hint, refuse_earlier_import
 log = logging.getLogger("medtune.importers")
 
 # Top-level folder name (lower case) -> split, for the spellings public datasets use.
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test", "testing": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 @dataclass(frozen=True)
@@ -74,12 +81,15 @@ def _split_folders(folder: Path, dirs: list[Path]) -> dict[str, Path] | None:
         others = [d.name for d, s in split_of.items() if not s]
         raise common.StageError(
             f"{folder}: folders {named} are split names but {others} are not; expected either only split "
-            f"folders ({'/'.join(SPLIT_NAMES)}, any case) or none.")
+            f"folders ({'/'.join(SPLIT_NAMES)}, any case) or none."
+        )
     by_split: dict[str, Path] = {}
     for d, s in split_of.items():
         if s in by_split:
-            raise common.StageError(f"{folder}: folders {by_split[s].name!r} and {d.name!r} both mean split {s!r}; "
-                                    "expected one folder per split.")
+            raise common.StageError(
+                f"{folder}: folders {by_split[s].name!r} and {d.name!r} both mean split {s!r}; "
+                "expected one folder per split."
+            )
         by_split[s] = d
     return {s: by_split[s] for s in SPLITS if s in by_split}
 
@@ -89,8 +99,9 @@ def _loose_non_scans(folder: Path, files: list[Path], where: str, expected: str)
     leaving = [f for f in files if folders.leaves(folder, f)]  # checked first: never opened
     loose = [f.name for f in files if f not in leaving and scans.is_candidate(f)]
     if loose:
-        raise common.StageError(f"{folder}: {len(loose)} scan file(s) directly in {where} ({loose[:5]}); "
-                                f"expected {expected}.")
+        raise common.StageError(
+            f"{folder}: {len(loose)} scan file(s) directly in {where} ({loose[:5]}); expected {expected}."
+        )
     return [(f, folders.LINK_OUTSIDE if f in leaving else folders.NOT_A_SCAN) for f in files]
 
 
@@ -104,8 +115,10 @@ def _class_scans(class_dir: Path, src: Path) -> tuple[list[Path], list[tuple[Pat
     other = [(class_dir / s.path, s.reason) for s in listing.skipped if s.reason != folders.HIDDEN]
     if not listing.scans:
         why = f" First: {other[0][0].name} is {other[0][1]}." if other else ""
-        raise common.StageError(f"{class_dir}: class folder holds no scan file ({len(other)} other file(s)); "
-                                f"expected PNG, JPEG or DICOM files at any depth below it.{why}")
+        raise common.StageError(
+            f"{class_dir}: class folder holds no scan file ({len(other)} other file(s)); "
+            f"expected PNG, JPEG or DICOM files at any depth below it.{why}"
+        )
     return [class_dir / rel for rel in listing.scans], other
 
 
@@ -118,8 +131,10 @@ def _check_classes(src: Path, classes: list[str]) -> None:
 
 
 def _no_class_folders(folder: Path) -> common.StageError:
-    return common.StageError(f"{folder}: no class folders (hidden ones, starting with '.' or '_', are ignored); "
-                             "expected one sub-folder per class, named after it.")
+    return common.StageError(
+        f"{folder}: no class folders (hidden ones, starting with '.' or '_', are ignored); "
+        "expected one sub-folder per class, named after it."
+    )
 
 
 def _groups(src: Path, dirs: list[Path]) -> tuple[list[tuple[str | None, str, Path]], list[tuple[Path, str]]]:
@@ -143,12 +158,15 @@ def _groups(src: Path, dirs: list[Path]) -> tuple[list[tuple[str | None, str, Pa
         return [(None, d.name, d) for d in dirs], []
     without = [d.name for d, s in inner_splits.items() if s is None]
     if without:
-        raise common.StageError(f"{src}: class folders {with_splits} hold split folders but {without} do not; "
-                                "expected split folders inside every class folder or inside none.")
+        raise common.StageError(
+            f"{src}: class folders {with_splits} hold split folders but {without} do not; "
+            "expected split folders inside every class folder or inside none."
+        )
     groups, skipped = [], []  # SRC/<class>/<split>/...
     for d, splits_in in inner_splits.items():
-        skipped += _loose_non_scans(d, inner[d][1], f"class folder {d.name!r}",
-                                    "scans only inside its split folders, whose name is their split")
+        skipped += _loose_non_scans(
+            d, inner[d][1], f"class folder {d.name!r}", "scans only inside its split folders, whose name is their split"
+        )
         groups += [(split, d.name, folder) for split, folder in splits_in.items()]
     return groups, skipped
 
@@ -156,8 +174,10 @@ def _groups(src: Path, dirs: list[Path]) -> tuple[list[tuple[str | None, str, Pa
 def _plan(src: Path) -> _Plan:
     """Everything import_folders will copy, checked before a single byte is written."""
     if not src.is_dir():
-        raise common.StageError(f"{src} {'is not a folder' if src.exists() else 'not found'}; expected a folder "
-                                "of class folders (SRC/<class>/...), with or without split folders above or inside them.")
+        raise common.StageError(
+            f"{src} {'is not a folder' if src.exists() else 'not found'}; expected a folder "
+            "of class folders (SRC/<class>/...), with or without split folders above or inside them."
+        )
     dirs, files = _entries(src)
     skipped = _loose_non_scans(src, files, "the source folder", IN_CLASS_FOLDERS)
     groups, more = _groups(src, dirs)
@@ -173,22 +193,29 @@ def _plan(src: Path) -> _Plan:
     return _Plan(copies, classes, groups[0][0] is not None, _warnings(src, groups, classes, skipped))
 
 
-def _warnings(src: Path, groups: list[tuple[str | None, str, Path]], classes: list[str],
-              skipped: list[tuple[Path, str]]) -> list[str]:
+def _warnings(
+    src: Path, groups: list[tuple[str | None, str, Path]], classes: list[str], skipped: list[tuple[Path, str]]
+) -> list[str]:
     """What the user should know but that does not stop the import: gaps in the splits, skipped files."""
     out = []
     per_split = {split: {label for s, label, _ in groups if s == split} for split, _, _ in groups}
     if None not in per_split:
         absent = [s for s in SPLITS if s not in per_split]
         if absent:
-            out.append(f"{src}: no folder for split(s) {absent}; labels.csv will have no rows there and the "
-                       "validate stage fails on an empty split. Add the folder(s), or edit labels.csv.")
-        out += [f"{src}: split {s!r} has no folder for class(es) {missing}, so it has no image of them."
-                for s in SPLITS if s in per_split and (missing := sorted(set(classes) - per_split[s]))]
+            out.append(
+                f"{src}: no folder for split(s) {absent}; labels.csv will have no rows there and the "
+                "validate stage fails on an empty split. Add the folder(s), or edit labels.csv."
+            )
+        out += [
+            f"{src}: split {s!r} has no folder for class(es) {missing}, so it has no image of them."
+            for s in SPLITS
+            if s in per_split and (missing := sorted(set(classes) - per_split[s]))
+        ]
     if skipped:
         shown = "; ".join(f"{f.relative_to(src).as_posix()} ({why})" for f, why in skipped[:5])
-        out.append(f"{src}: skipped {len(skipped)} file(s) that are not scans: {shown}"
-                   f"{' ...' if len(skipped) > 5 else ''}.")
+        out.append(
+            f"{src}: skipped {len(skipped)} file(s) that are not scans: {shown}{' ...' if len(skipped) > 5 else ''}."
+        )
     return out
 
 
@@ -197,8 +224,9 @@ def _check_out(src: Path, out_dir: Path) -> None:
     a, b = src.resolve(), out_dir.resolve()
     # OUT inside SRC would write into SRC; SRC inside OUT would make ingest read the originals too.
     if a == b or a in b.parents or b in a.parents:
-        raise common.StageError(f"--out {out_dir} and source {src} overlap; expected two separate folders "
-                                "(the source is only read).")
+        raise common.StageError(
+            f"--out {out_dir} and source {src} overlap; expected two separate folders (the source is only read)."
+        )
 
 
 def import_folders(src: Path, out_dir: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -212,16 +240,18 @@ def import_folders(src: Path, out_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         with common.atomic_path(out_dir / c.rel) as tmp:
             shutil.copy2(c.source, tmp)  # bytes unchanged (DICOM headers, JPEG data), mtime kept
     columns = ["path", "label", "split"] if plan.has_split else ["path", "label"]
-    table = pd.DataFrame([{"path": c.rel, "label": c.label, "split": c.split} for c in plan.copies],
-                         columns=columns)
+    table = pd.DataFrame([{"path": c.rel, "label": c.label, "split": c.split} for c in plan.copies], columns=columns)
     common.write_text(out_dir / "labels.csv", table.to_csv(index=False, lineterminator="\n"))
     return table, plan.classes
 
 
 def _add_folder_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path,
-                        help="folder of class folders (SRC/<class>/...), optionally with split folders above or inside "
-                             "them (SRC/<split>/<class>/... or SRC/<class>/<split>/...); only read")
+    parser.add_argument(
+        "src",
+        type=Path,
+        help="folder of class folders (SRC/<class>/...), optionally with split folders above or inside "
+        "them (SRC/<split>/<class>/... or SRC/<class>/<split>/...); only read",
+    )
     parser.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder (default: data/raw)")
 
 
@@ -229,14 +259,22 @@ def _run_folders(args: argparse.Namespace) -> None:
     table, names = import_folders(args.src, args.out)
     print(f"copied {len(table)} scan files to {args.out} and wrote {args.out / 'labels.csv'} ({counts(table)})")
     if "split" not in table.columns:
-        print("No split folders: ingest makes a patient-level split. Patients come from DICOM PatientID or, "
-              "for PNG/JPEG, from data.patient_pattern (a regex over the file name); without either, every "
-              "image is its own patient.")
+        print(
+            "No split folders: ingest makes a patient-level split. Patients come from DICOM PatientID or, "
+            "for PNG/JPEG, from data.patient_pattern (a regex over the file name); without either, every "
+            "image is its own patient."
+        )
     print(params_hint(args.out, names))
 
 
 def main_folders(argv: Sequence[str] | None = None) -> int:
     """`medtune import-folders`."""
-    return common.stage_main("Importer: copy a folder-per-class tree (optionally with split folders above or inside it) plus "
-                             "labels.csv for ingest.", _add_folder_args, _run_folders, argv,
-                             prog="medtune import-folders", params_flag=False)
+    return common.stage_main(
+        "Importer: copy a folder-per-class tree (optionally with split folders above or inside it) plus "
+        "labels.csv for ingest.",
+        _add_folder_args,
+        _run_folders,
+        argv,
+        prog="medtune import-folders",
+        params_flag=False,
+    )

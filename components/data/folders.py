@@ -34,7 +34,9 @@ LINK_OUTSIDE = "symbolic link to a target outside the folder: never opened or co
 LINK_BROKEN = "broken symbolic link"
 LINK_FOLDER = "symbolic link to a folder: not followed"
 NOT_A_SCAN = "not a scan (expected PNG, JPEG or DICOM)"
-TOO_LARGE = f"larger than {scans.MAX_FILE_BYTES // 2**20} MiB (scans.MAX_FILE_BYTES): not a single 2-D image, never read"
+TOO_LARGE = (
+    f"larger than {scans.MAX_FILE_BYTES // 2**20} MiB (scans.MAX_FILE_BYTES): not a single 2-D image, never read"
+)
 # Entries a reader must not pass over quietly: predict gives each an error row.
 REFUSED = (LINK_OUTSIDE, TOO_LARGE)
 
@@ -89,8 +91,11 @@ def _is_scan(entry: os.DirEntry) -> bool:
     """scans.is_candidate's answer, read off the DirEntry (no Path, no second stat) for a plain file named
     like a scan, which is nearly every file of a raw folder; any other file is asked of is_candidate."""
     suffix = os.path.splitext(entry.name)[1].lower()
-    if not entry.is_symlink() and not entry.name.startswith(".") and (suffix in scans.PIL_SUFFIXES
-                                                                      or suffix in scans.DICOM_SUFFIXES):
+    if (
+        not entry.is_symlink()
+        and not entry.name.startswith(".")
+        and (suffix in scans.PIL_SUFFIXES or suffix in scans.DICOM_SUFFIXES)
+    ):
         return entry.is_file()
     return scans.is_candidate(Path(entry.path))
 
@@ -110,7 +115,9 @@ def _entries(folder: str) -> list[os.DirEntry]:
         return []
 
 
-def list_folder(folder: str | Path, labels_name: str | None = "labels.csv", within: str | Path | None = None) -> Listing:
+def list_folder(
+    folder: str | Path, labels_name: str | None = "labels.csv", within: str | Path | None = None
+) -> Listing:
     """Every entry under `folder`: the scans, and what was skipped with its reason (see module doc).
 
     `labels_name` is the folder's labels file, relative to it (neither scan nor skipped). `within`
@@ -161,8 +168,10 @@ def check_relative(rel: str, where: str) -> str:
     text = rel.replace("\\", "/").strip()
     posix = PurePosixPath(text)
     if not text or posix.is_absolute() or PureWindowsPath(rel).drive:
-        raise ValueError(f"{where}: path {rel!r} is {'empty' if not text else 'absolute'}; expected a path "
-                         "relative to the folder (e.g. lesion/scan01.dcm).")
+        raise ValueError(
+            f"{where}: path {rel!r} is {'empty' if not text else 'absolute'}; expected a path "
+            "relative to the folder (e.g. lesion/scan01.dcm)."
+        )
     depth = 0
     for part in posix.parts:
         depth += -1 if part == ".." else 0 if part == "." else 1
@@ -175,8 +184,9 @@ def path_inside(folder: Path, rel: str, where: str) -> Path:
     """folder / rel after `check_relative`, refusing a link that resolves outside the folder (ValueError)."""
     target = Path(folder) / check_relative(rel, where)
     if leaves(Path(folder), target):
-        raise ValueError(f"{where}: path {rel!r} leads through a symbolic link to outside the folder; expected a "
-                         "file inside it.")
+        raise ValueError(
+            f"{where}: path {rel!r} leads through a symbolic link to outside the folder; expected a file inside it."
+        )
     return target
 
 
@@ -185,5 +195,7 @@ def refuse_links_out(folder: str | Path) -> None:
     link with a copy of its target, after which no reader can tell the file came from outside."""
     links = list_folder(folder, labels_name=None).with_reason(LINK_OUTSIDE)
     if links:
-        raise StageError(f"{folder}: {len(links)} symbolic link(s) to outside the folder ({links[:5]}); `dvc add` "
-                         "would store a copy of each target. Remove them, or copy the files in.")
+        raise StageError(
+            f"{folder}: {len(links)} symbolic link(s) to outside the folder ({links[:5]}); `dvc add` "
+            "would store a copy of each target. Remove them, or copy the files in."
+        )

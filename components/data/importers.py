@@ -23,17 +23,21 @@ from components import common
 def refuse_earlier_import(out_dir: Path) -> None:
     labels = out_dir / "labels.csv"
     if labels.exists():
-        raise common.StageError(f"{labels} already exists; refusing to overwrite an earlier import. Expected an "
-                                "output folder without labels.csv: choose another --out or remove that folder.")
+        raise common.StageError(
+            f"{labels} already exists; refusing to overwrite an earlier import. Expected an "
+            "output folder without labels.csv: choose another --out or remove that folder."
+        )
 
 
 def params_hint(out_dir: Path, classes: list[str]) -> str:
     """The params.yaml lines that make the pipeline read what an importer wrote."""
-    return (f"Set in params.yaml:\n"
-            f"  data:\n    raw_dir: {Path(out_dir).as_posix()}\n    label_source: csv\n"
-            f"    classes: [{', '.join(classes)}]\n"
-            f"  evaluate:\n    positive_class: {classes[-1]}   # the class whose detection 'sensitivity' means\n"
-            f"then run `dvc add {Path(out_dir).as_posix()}` and `dvc repro`.")
+    return (
+        f"Set in params.yaml:\n"
+        f"  data:\n    raw_dir: {Path(out_dir).as_posix()}\n    label_source: csv\n"
+        f"    classes: [{', '.join(classes)}]\n"
+        f"  evaluate:\n    positive_class: {classes[-1]}   # the class whose detection 'sensitivity' means\n"
+        f"then run `dvc add {Path(out_dir).as_posix()}` and `dvc repro`."
+    )
 
 
 def counts(table: pd.DataFrame) -> str:

@@ -43,8 +43,12 @@ from components.params import Params, load_params
 log = logging.getLogger("medtune.ingest")
 
 NO_PATIENT = "none (one image = one patient)"
-SOURCE_NAMES = {"csv": "labels.csv patient_id", "dicom": "DICOM PatientID", "pattern": "data.patient_pattern",
-                "none": NO_PATIENT}
+SOURCE_NAMES = {
+    "csv": "labels.csv patient_id",
+    "dicom": "DICOM PatientID",
+    "pattern": "data.patient_pattern",
+    "none": NO_PATIENT,
+}
 
 
 def find_scans(raw_dir: Path, labels_name: str = "labels.csv") -> folders.Listing:
@@ -53,8 +57,12 @@ def find_scans(raw_dir: Path, labels_name: str = "labels.csv") -> folders.Listin
     listing = folders.list_folder(raw_dir, labels_name)
     hidden = listing.with_reason(folders.HIDDEN)
     if hidden:
-        log.info("%s: skipped %d hidden entr(ies) (names starting with '.' or '_'), e.g. %s", raw_dir, len(hidden),
-                 hidden[:5])
+        log.info(
+            "%s: skipped %d hidden entr(ies) (names starting with '.' or '_'), e.g. %s",
+            raw_dir,
+            len(hidden),
+            hidden[:5],
+        )
     others = [s for s in listing.skipped if s.reason != folders.HIDDEN]
     if others:
         log.warning("%s: %s", raw_dir, folders.summary(folders.Listing(skipped=others)))
@@ -66,8 +74,9 @@ def folder_label(rel: str) -> str:
     return rel.split("/")[0] if "/" in rel else ""
 
 
-def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
-             salt: bytes) -> tuple[dict, str, np.ndarray | None]:
+def scan_row(
+    path: Path, rel: str, label: str, csv_patient: str, regex: re.Pattern | None, salt: bytes
+) -> tuple[dict, str, np.ndarray | None]:
     """`fact_row` of the scan at path, read now (no cache), and its near-duplicate signature (None if
     unreadable). Shared by ingest's tests and the retrain inbox."""
     sha256, decoder = scan_facts.hash_file(str(path))
@@ -76,8 +85,9 @@ def scan_row(path: Path, rel: str, label: str, csv_patient: str, regex: re.Patte
     return row, source, None if fact.error else signature
 
 
-def fact_row(fact: fact_shards.Fact, rel: str, label: str, csv_patient: str, regex: re.Pattern | None,
-             salt: bytes) -> tuple[dict, str]:
+def fact_row(
+    fact: fact_shards.Fact, rel: str, label: str, csv_patient: str, regex: re.Pattern | None, salt: bytes
+) -> tuple[dict, str]:
     """One manifest row (COLUMNS, split and similar_group empty) for the scan at rel with these facts, and
     where its patient came from: 'csv' (csv_patient), 'dicom' (PatientID), 'pattern' (regex on the
     file name) or 'none' (the file is its own patient). Only the hash of an id is kept (the DICOM
@@ -88,8 +98,13 @@ def fact_row(fact: fact_shards.Fact, rel: str, label: str, csv_patient: str, reg
     if fact.error:
         row["error"] = fact.error_at(rel)  # relative: the manifest must not change with the checkout's place
     else:
-        row.update(width=fact.width, height=fact.height, channels=fact.channels, bit_depth=fact.bit_depth,
-                   modality=fact.modality)
+        row.update(
+            width=fact.width,
+            height=fact.height,
+            channels=fact.channels,
+            bit_depth=fact.bit_depth,
+            modality=fact.modality,
+        )
     match = regex.search(rel.rsplit("/", 1)[-1]) if regex else None
     if csv_patient:
         row["patient"], source = common.hash_patient(csv_patient, salt), "csv"
@@ -109,13 +124,15 @@ def previous_splits(manifest_csv: Path) -> dict[str, str]:
     try:
         rows = read_manifest_rows(manifest_csv, ("patient", "split"))
     except common.StageError as exc:
-        raise common.StageError(f"{exc} It holds the splits that `split.method: stable` keeps; delete it to "
-                                "split afresh.") from None
+        raise common.StageError(
+            f"{exc} It holds the splits that `split.method: stable` keeps; delete it to split afresh."
+        ) from None
     return {r["patient"]: r["split"] for r in rows if r["split"]}
 
 
-def assign_splits(df: pd.DataFrame, units: list[str], table: pd.DataFrame | None, out_dir: Path,
-                  params: Params) -> tuple[list[str], str, str]:
+def assign_splits(
+    df: pd.DataFrame, units: list[str], table: pd.DataFrame | None, out_dir: Path, params: Params
+) -> tuple[list[str], str, str]:
     """(split per readable row of df, its source, how it was made); see components.data.splits."""
     labels, patients = list(df["label"]), list(df["patient"])
     if table is not None and "split" in table.columns:
@@ -124,18 +141,29 @@ def assign_splits(df: pd.DataFrame, units: list[str], table: pd.DataFrame | None
             return given, "labels.csv", "explicit split column in labels.csv"
         # Public sets often give only train and test: validation patients come from train, never test.
         train = [i for i, s in enumerate(given) if s == "train"]
-        carved = splits.stable_split([labels[i] for i in train], [units[i] for i in train],
-                                     [patients[i] for i in train], previous_splits(out_dir / "manifest.csv"),
-                                     params, ("train", "val"))
+        carved = splits.stable_split(
+            [labels[i] for i in train],
+            [units[i] for i in train],
+            [patients[i] for i in train],
+            previous_splits(out_dir / "manifest.csv"),
+            params,
+            ("train", "val"),
+        )
         for i, s in zip(train, carved):
             given[i] = s
         return given, "labels.csv", "labels.csv split column; validation patients carved from its train split"
     if params.split.method == "stable":
         previous = previous_splits(out_dir / "manifest.csv")
-        return (splits.stable_split(labels, units, patients, previous, params), "stable",
-                "stable: groups keep their split as data grows; new groups go where their class is short")
-    return (splits.stratified_split(labels, units, params), "stratified-group",
-            "StratifiedGroupKFold (patient-level, stratified by label)")
+        return (
+            splits.stable_split(labels, units, patients, previous, params),
+            "stable",
+            "stable: groups keep their split as data grows; new groups go where their class is short",
+        )
+    return (
+        splits.stratified_split(labels, units, params),
+        "stratified-group",
+        "StratifiedGroupKFold (patient-level, stratified by label)",
+    )
 
 
 def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None = None) -> pd.DataFrame:
@@ -161,26 +189,38 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None 
     _write_manifest_csv(df, out_dir / "manifest.csv")
     manifest = _manifest_record(df, readable, found, sources, (split_source, method), warn, raw_dir, params)
     common.write_json(out_dir / "manifest.json", manifest)
-    log.info("manifest: %d images (%d unreadable), patients %s, images per split %s", len(df),
-             manifest["n_unreadable"], manifest["split"]["patients"],
-             {s: sum(c.values()) for s, c in manifest["counts"].items()})
+    log.info(
+        "manifest: %d images (%d unreadable), patients %s, images per split %s",
+        len(df),
+        manifest["n_unreadable"],
+        manifest["split"]["patients"],
+        {s: sum(c.values()) for s, c in manifest["counts"].items()},
+    )
     return df
 
 
 def _list_raw(raw_dir: Path, params: Params) -> folders.Listing:
     """find_scans of raw_dir; StageError when the folder is missing or holds no scan."""
     if not raw_dir.is_dir():
-        raise common.StageError(f"raw data folder {raw_dir} not found; expected scans in folder-per-class layout "
-                                "(or labels.csv); `medtune demo-data --out data/raw` writes a demo set.")
+        raise common.StageError(
+            f"raw data folder {raw_dir} not found; expected scans in folder-per-class layout "
+            "(or labels.csv); `medtune demo-data --out data/raw` writes a demo set."
+        )
     found = find_scans(raw_dir, params.data.labels_csv)
     if not found.scans:
-        raise common.StageError(f"{raw_dir}: no scan files found; expected PNG, JPEG or DICOM files. "
-                                + folders.summary(found))
+        raise common.StageError(
+            f"{raw_dir}: no scan files found; expected PNG, JPEG or DICOM files. " + folders.summary(found)
+        )
     return found
 
 
-def _manifest_rows(files: list[str], facts: Sequence[fact_shards.Fact], table: pd.DataFrame | None,
-                  regex: re.Pattern | None, salt: bytes) -> tuple[pd.DataFrame, list[str]]:
+def _manifest_rows(
+    files: list[str],
+    facts: Sequence[fact_shards.Fact],
+    table: pd.DataFrame | None,
+    regex: re.Pattern | None,
+    salt: bytes,
+) -> tuple[pd.DataFrame, list[str]]:
     """The manifest rows of `files` (their `fact_row`, split and similar_group empty), labelled by
     labels.csv (`table`, indexed by path) or else by folder, and where each row's patient came from."""
     rows, sources = [], []
@@ -194,8 +234,9 @@ def _manifest_rows(files: list[str], facts: Sequence[fact_shards.Fact], table: p
     return pd.DataFrame(rows, columns=COLUMNS), sources
 
 
-def _group_near_duplicates(df: pd.DataFrame, readable: np.ndarray, known: scan_facts.Found,
-                           threshold: float | None) -> list[tuple[int, int]]:
+def _group_near_duplicates(
+    df: pd.DataFrame, readable: np.ndarray, known: scan_facts.Found, threshold: float | None
+) -> list[tuple[int, int]]:
     """Fill similar_group of df's readable rows (components.data.near_duplicates) and return the links
     between those rows (positions among them) that keep a group in one split."""
     readable_rows = np.flatnonzero(readable)
@@ -205,8 +246,14 @@ def _group_near_duplicates(df: pd.DataFrame, readable: np.ndarray, known: scan_f
     return near_duplicates.links(leader)
 
 
-def _fill_splits(df: pd.DataFrame, readable: np.ndarray, linked: list[tuple[int, int]], table: pd.DataFrame | None,
-           out_dir: Path, params: Params) -> tuple[str, str]:
+def _fill_splits(
+    df: pd.DataFrame,
+    readable: np.ndarray,
+    linked: list[tuple[int, int]],
+    table: pd.DataFrame | None,
+    out_dir: Path,
+    params: Params,
+) -> tuple[str, str]:
     """Fill the split of df's readable rows; return its source and how it was made. StageError when a
     patient lands in two splits or validation is left empty (components.data.splits)."""
     units = splits.split_groups(list(df["patient"][readable]), list(df["sha256"][readable]), linked)
@@ -223,23 +270,30 @@ def _warnings(files: list[str], table: pd.DataFrame | None, sources: list[str], 
     if table is not None:
         unlabelled = [f for f in files if f not in table.index]
         if unlabelled:
-            warn.append(f"{len(unlabelled)} scan file(s) have no row in {params.data.labels_csv} and get an empty "
-                        f"label (e.g. {unlabelled[:3]}); add them to the CSV or remove them.")
+            warn.append(
+                f"{len(unlabelled)} scan file(s) have no row in {params.data.labels_csv} and get an empty "
+                f"label (e.g. {unlabelled[:3]}); add them to the CSV or remove them."
+            )
     n_none = sources.count("none")
     if n_none:
-        warn.append(f"{n_none} of {len(files)} image(s) have no patient id (no labels.csv patient_id, no DICOM "
-                    "PatientID, no match of data.patient_pattern), so each is treated as its own patient: slices "
-                    "of one patient may leak across train/val/test and inflate the test metrics. Set "
-                    "data.patient_pattern in params.yaml to a regex whose group 'patient' matches the file name "
-                    "(e.g. '^(?P<patient>[^_]+)_' for 'p017_03.png'), or add a patient_id column to labels.csv.")
+        warn.append(
+            f"{n_none} of {len(files)} image(s) have no patient id (no labels.csv patient_id, no DICOM "
+            "PatientID, no match of data.patient_pattern), so each is treated as its own patient: slices "
+            "of one patient may leak across train/val/test and inflate the test metrics. Set "
+            "data.patient_pattern in params.yaml to a regex whose group 'patient' matches the file name "
+            "(e.g. '^(?P<patient>[^_]+)_' for 'p017_03.png'), or add a patient_id column to labels.csv."
+        )
     return warn
 
 
 def _patient_source(sources: list[str]) -> str:
     """manifest.json's `patient_source`: the one source of every row's patient, or each with its count."""
     used = sorted(set(sources), key=list(SOURCE_NAMES).index)
-    return (SOURCE_NAMES[used[0]] if len(used) == 1 else
-            "mixed: " + ", ".join(f"{SOURCE_NAMES[s]} ({sources.count(s)})" for s in used))
+    return (
+        SOURCE_NAMES[used[0]]
+        if len(used) == 1
+        else "mixed: " + ", ".join(f"{SOURCE_NAMES[s]} ({sources.count(s)})" for s in used)
+    )
 
 
 def _write_manifest_csv(df: pd.DataFrame, target: Path) -> None:
@@ -251,8 +305,16 @@ def _write_manifest_csv(df: pd.DataFrame, target: Path) -> None:
         df.to_csv(tmp, index=False, lineterminator="\n")
 
 
-def _manifest_record(df: pd.DataFrame, readable: np.ndarray, found: folders.Listing, sources: list[str],
-                     split: tuple[str, str], warn: list[str], raw_dir: Path, params: Params) -> dict:
+def _manifest_record(
+    df: pd.DataFrame,
+    readable: np.ndarray,
+    found: folders.Listing,
+    sources: list[str],
+    split: tuple[str, str],
+    warn: list[str],
+    raw_dir: Path,
+    params: Params,
+) -> dict:
     """manifest.json: what ingest made of raw_dir (counts, how it split, the patients' source and salt)."""
     split_source, method = split
     ok = df[readable]
@@ -267,16 +329,24 @@ def _manifest_record(df: pd.DataFrame, readable: np.ndarray, found: folders.List
         "n_images": len(df),
         "n_unreadable": int((~readable).sum()),
         "counts": counts,
-        "split": {"method": method, "source": split_source, "seed": params.split.seed,
-                  "test_fold": params.split.test_fold if split_source == "stratified-group" else None,
-                  "val_fraction": params.split.val_fraction, "test_fraction": params.split.test_fraction,
-                  "patients": {s: int(ok[ok["split"] == s]["patient"].nunique()) for s in SPLITS},
-                  "patient_overlap": 0},
+        "split": {
+            "method": method,
+            "source": split_source,
+            "seed": params.split.seed,
+            "test_fold": params.split.test_fold if split_source == "stratified-group" else None,
+            "val_fraction": params.split.val_fraction,
+            "test_fraction": params.split.test_fraction,
+            "patients": {s: int(ok[ok["split"] == s]["patient"].nunique()) for s in SPLITS},
+            "patient_overlap": 0,
+        },
         "patient_source": _patient_source(sources),
         # Which salt hashed the patients (never the salt): a public one makes them re-identifiable.
         "patient_salt": {**common.salt_status(params.data.patient_salt), "real_patient_ids": n_real > 0},
-        "near_duplicates": {"correlation": params.split.near_duplicate_correlation,
-                            "groups": int(similar.nunique()), "images": len(similar)},
+        "near_duplicates": {
+            "correlation": params.split.near_duplicate_correlation,
+            "groups": int(similar.nunique()),
+            "images": len(similar),
+        },
         # Every entry under raw_dir that is not in manifest.csv, with why (validate lists them).
         "skipped": [{"path": s.path, "reason": s.reason} for s in found.skipped],
         "warnings": warn,
@@ -285,10 +355,12 @@ def _manifest_record(df: pd.DataFrame, readable: np.ndarray, found: folders.List
 
 def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", type=Path, default=None, help="raw scans folder (default: data.raw_dir)")
-    parser.add_argument("--out", type=Path, default=Path("data"),
-                        help="folder for manifest.csv and manifest.json (default: data)")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="per-scan facts cache, a DVC output (default: OUT/cache/facts)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("data"), help="folder for manifest.csv and manifest.json (default: data)"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="per-scan facts cache, a DVC output (default: OUT/cache/facts)"
+    )
 
 
 def _run(args: argparse.Namespace) -> None:

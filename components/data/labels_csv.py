@@ -29,24 +29,32 @@ def parse_labels_csv(csv_path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise common.StageError(f"{csv_path}: not a readable CSV ({exc}).") from None
     except UnicodeDecodeError as exc:
-        raise common.StageError(f"{csv_path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at "
-                                f"offset {exc.start}); expected a UTF-8 CSV: save it as UTF-8.") from None
+        raise common.StageError(
+            f"{csv_path}: not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at "
+            f"offset {exc.start}); expected a UTF-8 CSV: save it as UTF-8."
+        ) from None
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
-        raise common.StageError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}, expected "
-                                "a header line path,label[,patient_id][,split].")
+        raise common.StageError(
+            f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}, expected "
+            "a header line path,label[,patient_id][,split]."
+        )
     table = table.map(str.strip)
     table["line"] = np.arange(len(table)) + 2  # header is line 1
     try:
-        table["path"] = [folders.check_relative(p, f"{csv_path} line {n}") for p, n in zip(table["path"], table["line"])]
+        table["path"] = [
+            folders.check_relative(p, f"{csv_path} line {n}") for p, n in zip(table["path"], table["line"])
+        ]
     except ValueError as exc:
         raise common.StageError(str(exc)) from None
     dupes = table[table["path"].duplicated(keep=False)]
     if len(dupes):
         first = dupes.iloc[0]
-        raise common.StageError(f"{csv_path}: path {first['path']!r} appears on lines "
-                                f"{list(dupes[dupes['path'] == first['path']]['line'])}; expected one row per file.")
+        raise common.StageError(
+            f"{csv_path}: path {first['path']!r} appears on lines "
+            f"{list(dupes[dupes['path'] == first['path']]['line'])}; expected one row per file."
+        )
     return table
 
 
@@ -63,19 +71,24 @@ def read_labels_csv(raw_dir: Path, params: Params, files: list[str]) -> pd.DataF
     """labels.csv indexed by path; errors for missing columns, duplicates and rows without a file."""
     csv_path = labels_file(raw_dir, params.data.labels_csv)
     if not csv_path.is_file():
-        raise common.StageError(f"{csv_path} not found; data.label_source is 'csv', so it must exist with "
-                                "columns path,label[,patient_id][,split] (paths relative to the raw folder).")
+        raise common.StageError(
+            f"{csv_path} not found; data.label_source is 'csv', so it must exist with "
+            "columns path,label[,patient_id][,split] (paths relative to the raw folder)."
+        )
     table = parse_labels_csv(csv_path)
     known = set(files)
     absent = table[~table["path"].isin(known)]
     if len(absent):
         shown = ", ".join(f"line {r.line}: {r.path!r}" for r in absent.head(5).itertuples())
-        raise common.StageError(f"{csv_path}: {len(absent)} row(s) name no scan file under {raw_dir} ({shown}); "
-                                "paths must be relative to the raw folder and point to PNG/JPEG/DICOM files.")
+        raise common.StageError(
+            f"{csv_path}: {len(absent)} row(s) name no scan file under {raw_dir} ({shown}); "
+            "paths must be relative to the raw folder and point to PNG/JPEG/DICOM files."
+        )
     if "split" in table.columns:
         bad = table[~table["split"].isin(SPLITS)]
         if len(bad):
             r = bad.iloc[0]
-            raise common.StageError(f"{csv_path} line {r['line']} ({r['path']}): split = {r['split']!r}; expected "
-                                    f"one of {list(SPLITS)}.")
+            raise common.StageError(
+                f"{csv_path} line {r['line']} ({r['path']}): split = {r['split']!r}; expected one of {list(SPLITS)}."
+            )
     return table.set_index("path")

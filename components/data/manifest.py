@@ -20,8 +20,20 @@ from components.common import StageError
 if TYPE_CHECKING:  # pandas is imported on use: the audit tools read manifests and must start fast
     import pandas as pd
 
-COLUMNS = ["path", "sha256", "label", "patient", "width", "height", "channels", "bit_depth", "modality",
-           "similar_group", "split", "error"]
+COLUMNS = [
+    "path",
+    "sha256",
+    "label",
+    "patient",
+    "width",
+    "height",
+    "channels",
+    "bit_depth",
+    "modality",
+    "similar_group",
+    "split",
+    "error",
+]
 # What a reader may rely on. The audit tools ask only for the listing that ingest's content_hash
 # covers, so that they still read the manifest of any earlier release.
 KEY_COLUMNS = ("path", "sha256", "label", "patient", "split", "error")
@@ -41,12 +53,16 @@ def _read(path: str | Path, required: Sequence[str]) -> tuple[list[str], list[li
     header, rows = (lines[0], lines[1:]) if lines else ([], [])
     missing = [c for c in required if c not in header]
     if missing:
-        raise StageError(f"{path}: missing column(s) {missing} (found {header}); expected the manifest.csv "
-                         "written by `medtune ingest`.")
+        raise StageError(
+            f"{path}: missing column(s) {missing} (found {header}); expected the manifest.csv "
+            "written by `medtune ingest`."
+        )
     for number, fields in enumerate(rows, start=2):
         if len(fields) != len(header):
-            raise StageError(f"{path}: line {number} has {len(fields)} fields; expected {len(header)} "
-                             f"({', '.join(header)}). Rerun `medtune ingest`.")
+            raise StageError(
+                f"{path}: line {number} has {len(fields)} fields; expected {len(header)} "
+                f"({', '.join(header)}). Rerun `medtune ingest`."
+            )
     return header, rows
 
 

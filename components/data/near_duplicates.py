@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 BLOCK = 2048  # rows compared at a time: BLOCK x BLOCK float32 (16 MB), whatever the number of images
-SCALE = 2.0 ** 25  # a signature's unit: |dot| <= SCALE^2 (plus rounding) < 2^53, so float64 sums are exact
+SCALE = 2.0**25  # a signature's unit: |dot| <= SCALE^2 (plus rounding) < 2^53, so float64 sums are exact
 SIDE = 8  # project: the thumbnail's mean over SIDE x SIDE blocks
 PAIRS = 2048  # candidate pairs confirmed at a time: two PAIRS x pixels float64 gathers (16 MB each at 32 x 32)
 PAIR_COST = 128  # one pair's gathered dot ~ this many cells of a BLAS product (110-220 measured, 2 cores)
@@ -64,7 +64,7 @@ def project(signatures: np.ndarray) -> np.ndarray:
     """(n, SIDE^2) float32: the orthogonal projection of each standardised thumbnail onto images that
     are constant on SIDE x SIDE blocks (block sums / block side), so distances only shrink."""
     n, pixels = signatures.shape
-    size = int(round(pixels ** 0.5))
+    size = int(round(pixels**0.5))
     step = size // SIDE
     blocks = signatures.astype(np.float64).reshape(n, SIDE, step, SIDE, step).sum(axis=(2, 4))
     return (blocks.reshape(n, SIDE * SIDE) / (step * SCALE)).astype(np.float32)
@@ -76,9 +76,15 @@ def _augment(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.hstack([p, sq, one]), np.hstack([-2 * p, one, sq])
 
 
-def linked(pa: np.ndarray, pb: np.ndarray, vectors_a: Callable[[np.ndarray], np.ndarray],
-           vectors_b: Callable[[np.ndarray], np.ndarray], threshold: float,
-           same: bool = False, self_pairs: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def linked(
+    pa: np.ndarray,
+    pb: np.ndarray,
+    vectors_a: Callable[[np.ndarray], np.ndarray],
+    vectors_b: Callable[[np.ndarray], np.ndarray],
+    threshold: float,
+    same: bool = False,
+    self_pairs: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(i, j) index arrays, block by block, of every row i of a and j of b whose thumbnails correlate
     at >= threshold. pa, pb: `project`ions; vectors_a(rows), vectors_b(rows): their signatures (fetched
     only for the rows the filter leaves). same: a and b are one set, so only i < j (i <= j with
@@ -88,7 +94,7 @@ def linked(pa: np.ndarray, pb: np.ndarray, vectors_a: Callable[[np.ndarray], np.
     _, right = _augment(pb)
     for a0 in range(0, len(pa), BLOCK):
         for b0 in range(a0 if same else 0, len(pb), BLOCK):
-            ok = left[a0:a0 + BLOCK] @ right[b0:b0 + BLOCK].T <= reach  # squared distance of projections
+            ok = left[a0 : a0 + BLOCK] @ right[b0 : b0 + BLOCK].T <= reach  # squared distance of projections
             if not ok.any():
                 continue
             i, j = np.nonzero(ok)
@@ -117,7 +123,7 @@ def _exact_dots(a: np.ndarray, b: np.ndarray, ai: np.ndarray, bj: np.ndarray) ->
         return (a @ b.T)[ai, bj]
     out = np.empty(len(ai), np.float64)
     for s in range(0, len(ai), PAIRS):
-        out[s:s + PAIRS] = np.einsum("ij,ij->i", a[ai[s:s + PAIRS]], b[bj[s:s + PAIRS]])
+        out[s : s + PAIRS] = np.einsum("ij,ij->i", a[ai[s : s + PAIRS]], b[bj[s : s + PAIRS]])
     return out
 
 
@@ -125,8 +131,11 @@ def pairs(thumbs: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     """(i, j), i < j, sorted, for every two rows of `thumbs` (from `standardise`) correlated at >= threshold."""
     q = np.rint(np.asarray(thumbs, np.float64) * SCALE).astype(np.int32)
     p = project(q)
-    found = [(int(a), int(b)) for i, j in linked(p, p, q.__getitem__, q.__getitem__, threshold, same=True)
-             for a, b in zip(i, j)]
+    found = [
+        (int(a), int(b))
+        for i, j in linked(p, p, q.__getitem__, q.__getitem__, threshold, same=True)
+        for a, b in zip(i, j)
+    ]
     return sorted(found)
 
 

@@ -37,25 +37,32 @@ def _arrays(npz_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         wanted = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
         missing = [k for k in wanted if k not in npz.files]
         if missing:
-            raise common.StageError(f"{npz_path}: missing key(s) {missing}; found {sorted(npz.files)}, expected "
-                                    f"{wanted} (MedMNIST format).")
+            raise common.StageError(
+                f"{npz_path}: missing key(s) {missing}; found {sorted(npz.files)}, expected {wanted} (MedMNIST format)."
+            )
         out = {}
         for s in SPLITS:
             images, labels = npz[f"{s}_images"], npz[f"{s}_labels"]
             if images.ndim == 4 and images.shape[-1] == 1:
                 images = images[..., 0]  # explicit single channel: same as grey
             if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
-                raise common.StageError(f"{npz_path}: {s}_images is {images.dtype} {images.shape}; expected uint8 "
-                                        "(N, H, W) or (N, H, W, 3).")
+                raise common.StageError(
+                    f"{npz_path}: {s}_images is {images.dtype} {images.shape}; expected uint8 "
+                    "(N, H, W) or (N, H, W, 3)."
+                )
             if labels.ndim == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
             if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-                raise common.StageError(f"{npz_path}: {s}_labels has shape {labels.shape}; expected ({images.shape[0]},) "
-                                        f"or ({images.shape[0]}, 1), one class index per image (multi-label "
-                                        "datasets such as ChestMNIST are not supported).")
+                raise common.StageError(
+                    f"{npz_path}: {s}_labels has shape {labels.shape}; expected ({images.shape[0]},) "
+                    f"or ({images.shape[0]}, 1), one class index per image (multi-label "
+                    "datasets such as ChestMNIST are not supported)."
+                )
             if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0):
-                raise common.StageError(f"{npz_path}: {s}_labels are {labels.dtype} with minimum {labels.min()}; "
-                                        "expected non-negative integer class indices.")
+                raise common.StageError(
+                    f"{npz_path}: {s}_labels are {labels.dtype} with minimum {labels.min()}; "
+                    "expected non-negative integer class indices."
+                )
             out[s] = (images, labels.astype(np.int64))
     return out
 
@@ -66,8 +73,10 @@ def _class_names(classes: list[str] | None, n_needed: int, npz_path: Path) -> li
     if any(not c for c in classes) or len(set(classes)) != len(classes):
         raise ValueError(f"--classes = {','.join(classes)!r} is invalid; expected unique, non-empty names.")
     if len(classes) < n_needed:
-        raise ValueError(f"--classes = {','.join(classes)!r} names {len(classes)} class(es) but {npz_path} has "
-                         f"label indices up to {n_needed - 1}; expected {n_needed} names, in index order.")
+        raise ValueError(
+            f"--classes = {','.join(classes)!r} names {len(classes)} class(es) but {npz_path} has "
+            f"label indices up to {n_needed - 1}; expected {n_needed} names, in index order."
+        )
     return classes
 
 
@@ -94,8 +103,9 @@ def import_npz(npz_path: Path, out_dir: Path, classes: list[str] | None = None) 
 def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("npz", type=Path, help="MedMNIST-format .npz file (train/val/test _images and _labels)")
     parser.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder (default: data/raw)")
-    parser.add_argument("--classes", default=None,
-                        help="comma-separated class names for label indices 0,1,... (default: '0','1',...)")
+    parser.add_argument(
+        "--classes", default=None, help="comma-separated class names for label indices 0,1,... (default: '0','1',...)"
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -107,8 +117,12 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`medtune import-npz`."""
-    return common.stage_main("Importers: turn a public dataset (an .npz file or a folder tree) into scans plus labels.csv "
-                             "for ingest.", _add_args, _run, argv)
+    return common.stage_main(
+        "Importers: turn a public dataset (an .npz file or a folder tree) into scans plus labels.csv for ingest.",
+        _add_args,
+        _run,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ from components.common import atomic_path, sha256_bytes, write_json, write_text
 
 log = logging.getLogger("medtune.pixel_cache")
 
-FORMAT = 1          # the shard layout above; part of the digest, so a new layout starts new sets
-MAX_SHARDS = 32     # more shards than this in a set: compact (each is a file DVC tracks and checks out)
+FORMAT = 1  # the shard layout above; part of the digest, so a new layout starts new sets
+MAX_SHARDS = 32  # more shards than this in a set: compact (each is a file DVC tracks and checks out)
 DIGEST_CHARS = 16
 _KEY = re.compile(r"[0-9a-f]{64}")
 _SET = re.compile(rf"[0-9a-f]{{{DIGEST_CHARS}}}")
@@ -72,7 +72,7 @@ class Store:
     def __init__(self, folder: Path, shape: tuple[int, ...]):
         self.folder, self.shape = folder, tuple(shape)
         self.shards: dict[str, tuple[list[str], np.ndarray]] = {}  # shard id -> (keys, read-only memmap)
-        self.where: dict[str, tuple[str, int]] = {}                # key -> (shard id, row)
+        self.where: dict[str, tuple[str, int]] = {}  # key -> (shard id, row)
 
     def _add(self, shard: str, keys: list[str], images: np.ndarray) -> None:
         self.shards[shard] = (keys, images)
@@ -90,7 +90,7 @@ class Store:
     def copy_to(self, keys: Sequence[str], out: np.ndarray, block: int = 4096) -> None:
         """out[i] = the pixels of keys[i]: `block` rows at a time, each shard's share in one indexed copy."""
         for start, pixels in self.blocks(keys, block):
-            out[start:start + len(pixels)] = pixels
+            out[start : start + len(pixels)] = pixels
 
     def blocks(self, keys: Sequence[str], block: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
         """(start, pixels of keys[start:start + block]) in order: one new array per block."""
@@ -98,7 +98,7 @@ class Store:
         number = {name: i for i, name in enumerate(names)}
         where = np.array([(number[s], r) for s, r in map(self.where.__getitem__, keys)], np.int64).reshape(-1, 2)
         for start in range(0, len(where), block):
-            part = where[start:start + block]
+            part = where[start : start + block]
             out = np.empty((len(part), *self.shape), np.uint8)
             for shard in np.unique(part[:, 0]):
                 rows = np.flatnonzero(part[:, 0] == shard)
@@ -158,8 +158,11 @@ class ShardWriter:
 
     def __init__(self, fh: BinaryIO, n: int, shape: tuple[int, ...]):
         self.fh, self.n, self.shape, self.rows = fh, n, shape, 0
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                  "shape": (n, *shape)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False,
+            "shape": (n, *shape),
+        }
         if n:
             np.lib.format.write_array_header_1_0(fh, header)
 
@@ -167,8 +170,13 @@ class ShardWriter:
         return self.n
 
     def __setitem__(self, index: int | slice, pixels: Any) -> None:
-        start, stop, step = (index.indices(self.n) if isinstance(index, slice) else
-                             (index, index + 1, 1) if 0 <= index < self.n else (index, index, 1))
+        start, stop, step = (
+            index.indices(self.n)
+            if isinstance(index, slice)
+            else (index, index + 1, 1)
+            if 0 <= index < self.n
+            else (index, index, 1)
+        )
         if start != self.rows or step != 1 or stop <= start:
             raise IndexError(f"shard rows are written in order: next is row {self.rows} of {self.n}, got {index!r}")
         self.append(np.broadcast_to(np.asarray(pixels, np.uint8), (stop - start, *self.shape)))
@@ -176,8 +184,10 @@ class ShardWriter:
     def append(self, pixels: np.ndarray) -> None:
         pixels = np.asarray(pixels)
         if pixels.dtype != np.uint8 or pixels.shape[1:] != self.shape or self.rows + len(pixels) > self.n:
-            raise ValueError(f"shard rows {self.rows}..: got {pixels.dtype} {pixels.shape}; expected uint8 "
-                             f"(<= {self.n - self.rows}, *{self.shape})")
+            raise ValueError(
+                f"shard rows {self.rows}..: got {pixels.dtype} {pixels.shape}; expected uint8 "
+                f"(<= {self.n - self.rows}, *{self.shape})"
+            )
         self.fh.write(np.ascontiguousarray(pixels).tobytes())
         self.rows += len(pixels)
 

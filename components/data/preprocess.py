@@ -71,12 +71,16 @@ def _checked_rows(manifest_csv: Path, classes: list[str]) -> pd.DataFrame:
     unknown = df.loc[~df["label"].isin(classes)]
     if len(unknown):
         row = unknown.iloc[0]
-        raise StageError(f"{manifest_csv}: {row['path']} has label {row['label']!r}; expected one of {classes} "
-                         "(data.classes). Run `medtune validate`.")
+        raise StageError(
+            f"{manifest_csv}: {row['path']} has label {row['label']!r}; expected one of {classes} "
+            "(data.classes). Run `medtune validate`."
+        )
     for split in SPLITS:
         if not (df["split"] == split).any():
-            raise StageError(f"{manifest_csv}: the {split!r} split has no readable images; add data or change "
-                             "split.val_fraction / split.test_fraction, then rerun ingest.")
+            raise StageError(
+                f"{manifest_csv}: the {split!r} split has no readable images; add data or change "
+                "split.val_fraction / split.test_fraction, then rerun ingest."
+            )
     return df
 
 
@@ -88,8 +92,10 @@ def check_and_prepare(item: tuple[str, str, dict[str, Any] | None]) -> np.ndarra
         raise StageError(f"{path}: listed in the manifest but missing; rerun `medtune ingest`.")
     actual = sha256_file(path)
     if actual != digest:
-        raise StageError(f"{path}: sha256 is {actual} but the manifest says {digest}; the file changed "
-                         "after ingest. Rerun `dvc repro` (ingest and validate) so the change is reviewed.")
+        raise StageError(
+            f"{path}: sha256 is {actual} but the manifest says {digest}; the file changed "
+            "after ingest. Rerun `dvc repro` (ingest and validate) so the change is reviewed."
+        )
     if settings is None:
         return None
     try:
@@ -98,8 +104,7 @@ def check_and_prepare(item: tuple[str, str, dict[str, Any] | None]) -> np.ndarra
         raise StageError(f"{exc} (ingest found it readable; was the file replaced?)") from None
 
 
-def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, params: Params,
-                     facts_dir: Path) -> int:
+def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, params: Params, facts_dir: Path) -> int:
     """Check every listed file against its sha256 and prepare the scans `store` lacks into one new
     shard, written as they are decoded (a few chunks of pixels in memory at a time); return how many
     it prepared. A scan is keyed by its bytes alone: the path matters to prepare_image only through its extension
@@ -110,16 +115,28 @@ def _prepare_missing(df: pd.DataFrame, raw_dir: Path, store: pixel_cache.Store, 
     paths = [os.path.join(root, rel) for rel in df["path"]]
     # Cached scans are checked here; those to prepare, by check_and_prepare as it reads them.
     known = stat_index.known_hashes(raw_dir, df["path"][~todo], facts_dir)
-    _check_files([(p, key, None) for p, rel, key, do in zip(paths, df["path"], df["sha256"], todo)
-                  if not do and known.get(rel) != key], params.compute)
+    _check_files(
+        [
+            (p, key, None)
+            for p, rel, key, do in zip(paths, df["path"], df["sha256"], todo)
+            if not do and known.get(rel) != key
+        ],
+        params.compute,
+    )
     settings = preparation(params.preprocess)
     items = [(p, key, settings) for p, key, do in zip(paths, df["sha256"], todo) if do]  # in `new` order
-    log.info("%d scan(s) to prepare, %d in the pixel cache (%s)", len(new), df["sha256"].nunique() - len(new),
-             store.folder)
+    log.info(
+        "%d scan(s) to prepare, %d in the pixel cache (%s)", len(new), df["sha256"].nunique() - len(new), store.folder
+    )
     # Decoding is the costly part: local processes when it pays for them, or a Dask cluster. Each
     # result goes to the shard file as it comes, so few are in memory at a time.
-    decoded = imap_files(check_and_prepare, items, params.compute, desc="preprocess",
-                         work_seconds=decode_seconds(len(items), sum(_size(item[0]) for item in items)))
+    decoded = imap_files(
+        check_and_prepare,
+        items,
+        params.compute,
+        desc="preprocess",
+        work_seconds=decode_seconds(len(items), sum(_size(item[0]) for item in items)),
+    )
     with store.new_shard(new) as block:
         for i, pixels in enumerate(decoded):
             block[i] = pixels
@@ -159,8 +176,12 @@ def cache_settings(pp: PreprocessParams) -> dict[str, Any]:
     The decoder is identified by the code (scans.py) and the libraries that run it, not by a
     version number someone must remember to bump: a cached image is always the bytes a run from
     scratch would write."""
-    decoder = {"scans.py": sha256_file(scans.__file__), "numpy": np.__version__,
-               "pillow": PIL.__version__, "pydicom": pydicom.__version__}
+    decoder = {
+        "scans.py": sha256_file(scans.__file__),
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "pydicom": pydicom.__version__,
+    }
     return {**preparation(pp), "resize": RESIZE_METHOD, "decoder": decoder}
 
 
@@ -169,8 +190,14 @@ def default_cache_dir(out_dir: Path) -> Path:
     return Path(out_dir).parent / "cache" / "pixels"
 
 
-def preprocess(manifest_csv: Path, raw_dir: Path, out_dir: Path, params: Params,
-               cache_dir: Path | None = None, facts_dir: Path | None = None) -> dict:
+def preprocess(
+    manifest_csv: Path,
+    raw_dir: Path,
+    out_dir: Path,
+    params: Params,
+    cache_dir: Path | None = None,
+    facts_dir: Path | None = None,
+) -> dict:
     """Build `out_dir` (train/val/test .npy, index.csv, meta.json) from the manifest; return meta.
     Scans already in the pixel cache (`cache_dir`, default `default_cache_dir(out_dir)`) are copied
     from it, the others prepared and added to it; `out_dir` is the same bytes either way.
@@ -212,8 +239,10 @@ def preparation(pp: PreprocessParams) -> dict[str, Any]:
 
 
 def _meta(index_df: pd.DataFrame, params: Params) -> dict:
-    class_counts = {s: {c: int(((index_df["split"] == s) & (index_df["label"] == c)).sum())
-                        for c in params.data.classes} for s in SPLITS}
+    class_counts = {
+        s: {c: int(((index_df["split"] == s) & (index_df["label"] == c)).sum()) for c in params.data.classes}
+        for s in SPLITS
+    }
     return {
         "classes": list(params.data.classes),
         **preparation(params.preprocess),
@@ -261,34 +290,54 @@ def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, pd.DataFrame
     index = index.loc[index["split"] == split].sort_values("row").reset_index(drop=True)
     if len(index) == 0:
         raise StageError(f"{prepared_dir}: the {split!r} split is empty; rerun ingest and preprocess with more data.")
-    if images.ndim != 4 or images.shape[0] != len(index) or not (index["row"].to_numpy() == np.arange(len(index))).all():
-        raise StageError(f"{npy} has shape {images.shape} but {csv} lists {len(index)} {split} rows; the cache is "
-                         "inconsistent: rerun `medtune preprocess`.")
+    if (
+        images.ndim != 4
+        or images.shape[0] != len(index)
+        or not (index["row"].to_numpy() == np.arange(len(index))).all()
+    ):
+        raise StageError(
+            f"{npy} has shape {images.shape} but {csv} lists {len(index)} {split} rows; the cache is "
+            "inconsistent: rerun `medtune preprocess`."
+        )
     return images, index
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--manifest", default="data/manifest.csv", help="manifest from ingest (default: data/manifest.csv)")
+        p.add_argument(
+            "--manifest", default="data/manifest.csv", help="manifest from ingest (default: data/manifest.csv)"
+        )
         p.add_argument("--raw-dir", default=None, help="raw scans folder (default: data.raw_dir from params)")
-        p.add_argument("--validation", default="reports/validation.json",
-                       help="validate's report; preprocess refuses data that failed validation")
+        p.add_argument(
+            "--validation",
+            default="reports/validation.json",
+            help="validate's report; preprocess refuses data that failed validation",
+        )
         p.add_argument("--out", default="data/prepared", help="output folder (default: data/prepared)")
-        p.add_argument("--cache", default=None,
-                       help="pixel cache folder (default: cache/pixels beside --out, i.e. data/cache/pixels)")
+        p.add_argument(
+            "--cache",
+            default=None,
+            help="pixel cache folder (default: cache/pixels beside --out, i.e. data/cache/pixels)",
+        )
 
     def run(args: argparse.Namespace) -> None:
         params = load_params(args.params)
         report = read_json(args.validation)
         if not report.get("success", False):
             failed = [f.get("name") for f in report.get("failures", []) if f.get("critical")]
-            raise StageError(f"{args.validation} says validation failed (critical: {failed}); fix the data "
-                             "and rerun `medtune validate` before preprocessing.")
-        preprocess(Path(args.manifest), Path(args.raw_dir or params.data.raw_dir), Path(args.out), params,
-                   Path(args.cache) if args.cache else None)
+            raise StageError(
+                f"{args.validation} says validation failed (critical: {failed}); fix the data "
+                "and rerun `medtune validate` before preprocessing."
+            )
+        preprocess(
+            Path(args.manifest),
+            Path(args.raw_dir or params.data.raw_dir),
+            Path(args.out),
+            params,
+            Path(args.cache) if args.cache else None,
+        )
 
-    return stage_main("Stage 3: decode, window and resize every readable scan into a uint8 cache.",
-                      add_args, run, argv)
+    return stage_main("Stage 3: decode, window and resize every readable scan into a uint8 cache.", add_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def salt_fingerprint(salt: bytes) -> str:
 
 # --------------------------------------------------------------------------- per-file work (workers)
 
+
 def hash_file(path: str) -> tuple[str, str]:
     """(sha256, decoder) of one file; sha256 "" for one over scans.MAX_FILE_BYTES, which is never read."""
     p = Path(path)
@@ -75,12 +76,23 @@ def probe_file(salt: bytes, item: tuple[str, str, str]) -> tuple[Fact, np.ndarra
         error = str(exc).removeprefix(f"{path}: ").replace(path, PATH_MARK)
         return Fact(sha256, decoder, size, error=error), near_duplicates.signature(None, scan_info.THUMBNAIL)
     patient = common.hash_patient(info.patient_id, salt) if info.patient_id else ""
-    fact = Fact(sha256, decoder, size, info.width, info.height, info.channels, info.bit_depth, info.modality,
-                patient=patient, salt=salt_fingerprint(salt) if patient else "")
+    fact = Fact(
+        sha256,
+        decoder,
+        size,
+        info.width,
+        info.height,
+        info.channels,
+        info.bit_depth,
+        info.modality,
+        patient=patient,
+        salt=salt_fingerprint(salt) if patient else "",
+    )
     return fact, near_duplicates.signature(info.thumbnail, scan_info.THUMBNAIL)
 
 
 # --------------------------------------------------------------------------- gathering
+
 
 @dataclass
 class Found:
@@ -101,8 +113,14 @@ class Found:
         return sorted(out)
 
 
-def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, compute: ComputeParams,
-           listing: folders.Listing | None = None) -> Found:
+def gather(
+    raw_dir: Path,
+    files: Sequence[str],
+    cache_dir: Path,
+    salt: bytes,
+    compute: ComputeParams,
+    listing: folders.Listing | None = None,
+) -> Found:
     """The Fact of every file (paths relative to raw_dir), reading only what the cache lacks (module doc).
     `listing`: the folders.Listing that found the files, whose stats are used (else each file is stat'ed)."""
     raw_dir, cache_dir = Path(raw_dir), Path(cache_dir)
@@ -118,8 +136,9 @@ def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, co
         listed_ns = time.time_ns()
         stats = [stat_index.stat_key(os.stat(os.path.join(base, rel))) for rel in files]
     index = stat_index.read(index_file)
-    ids: list[tuple[str, str] | None] = [tuple(index[rel][3:5]) if index.get(rel, [None])[:3] == st else None
-                                         for rel, st in zip(files, stats)]
+    ids: list[tuple[str, str] | None] = [
+        tuple(index[rel][3:5]) if index.get(rel, [None])[:3] == st else None for rel, st in zip(files, stats)
+    ]
     todo = [i for i, known in enumerate(ids) if known is None]
     paths = [os.path.join(base, files[i]) for i in todo]
     # Hashing is bound by reading: a few hundred MB take a core a second or less, while starting a
@@ -134,25 +153,40 @@ def gather(raw_dir: Path, files: Sequence[str], cache_dir: Path, salt: bytes, co
     for i, (sha, decoder) in enumerate(ids):
         if f"{sha}/{decoder}" not in store.facts:
             uncached.setdefault(f"{sha}/{decoder}" if sha else f"/{i}", i)
-    log.info("%s: %d scan(s), %d hashed, %d read (the rest known to %s)", raw_dir, len(files), len(todo),
-             len(uncached), cache_dir)
+    log.info(
+        "%s: %d scan(s), %d hashed, %d read (the rest known to %s)",
+        raw_dir,
+        len(files),
+        len(todo),
+        len(uncached),
+        cache_dir,
+    )
     direct = _probe(root, files, ids, list(uncached.values()), [st[0] for st in stats], store, salt, compute)
     stat_index.write(index_file, listed_ns, {rel: [*st, *ids[i]] for i, (rel, st) in enumerate(zip(files, stats))})
     return Found([direct.get(i) or store.facts[f"{sha}/{decoder}"] for i, (sha, decoder) in enumerate(ids)], store)
 
 
-def _probe(raw_dir: Path, files: Sequence[str], ids: list, todo: list[int], sizes: Sequence[int], store: Store,
-           salt: bytes, compute: ComputeParams) -> dict[int, Fact]:
+def _probe(
+    raw_dir: Path,
+    files: Sequence[str],
+    ids: list,
+    todo: list[int],
+    sizes: Sequence[int],
+    store: Store,
+    salt: bytes,
+    compute: ComputeParams,
+) -> dict[int, Fact]:
     """Read the files `todo` (indices; `sizes` in bytes per file), SHARD_ROWS at a time, each batch stored
     as a shard; return the facts of files too large to hash (never stored: they have no content key)."""
     direct: dict[int, Fact] = {}
     probe = functools.partial(probe_file, salt)
     for start in range(0, len(todo), SHARD_ROWS):
-        batch = todo[start:start + SHARD_ROWS]
+        batch = todo[start : start + SHARD_ROWS]
         # A file over scans.MAX_FILE_BYTES is refused from its size, never read.
         work = decode_seconds(len(batch), sum(sizes[i] for i in batch if sizes[i] <= scans.MAX_FILE_BYTES))
-        results = map_files(probe, [(str(raw_dir / files[i]), *ids[i]) for i in batch], compute, desc="probe",
-                            work_seconds=work)
+        results = map_files(
+            probe, [(str(raw_dir / files[i]), *ids[i]) for i in batch], compute, desc="probe", work_seconds=work
+        )
         keep = [n for n, (fact, _) in enumerate(results) if fact.sha256]
         direct.update((batch[n], fact) for n, (fact, _) in enumerate(results) if not fact.sha256)
         if keep:

@@ -66,9 +66,16 @@ def _dicom_info(path: Path) -> ScanInfo:
         channels = 3
     bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 0) or pixels.dtype.itemsize * 8)
     modality = str(ds.get("Modality", "") or "").strip() or "OT"  # OT = "other" in DICOM terms
-    return ScanInfo(width=int(pixels.shape[1]), height=int(pixels.shape[0]), channels=channels,
-                    bit_depth=bits, modality=modality, patient_id=patient, is_dicom=True,
-                    thumbnail=_thumbnail(pixels))
+    return ScanInfo(
+        width=int(pixels.shape[1]),
+        height=int(pixels.shape[0]),
+        channels=channels,
+        bit_depth=bits,
+        modality=modality,
+        patient_id=patient,
+        is_dicom=True,
+        thumbnail=_thumbnail(pixels),
+    )
 
 
 def _pil_info(path: Path) -> ScanInfo:
@@ -77,5 +84,13 @@ def _pil_info(path: Path) -> ScanInfo:
     channels = 1 if mode in scans.HIGH_DEPTH_MODES | {"L", "LA", "1"} else 3
     bits = 16 if mode in scans.HIGH_DEPTH_MODES else 1 if mode == "1" else 8
     grey = img.convert("F" if mode in scans.HIGH_DEPTH_MODES else "L")
-    return ScanInfo(width=img.width, height=img.height, channels=channels, bit_depth=bits,
-                    modality=img.format, patient_id=None, is_dicom=False, thumbnail=_thumbnail(grey))
+    return ScanInfo(
+        width=img.width,
+        height=img.height,
+        channels=channels,
+        bit_depth=bits,
+        modality=img.format,
+        patient_id=None,
+        is_dicom=False,
+        thumbnail=_thumbnail(grey),
+    )

@@ -45,9 +45,11 @@ HIDDEN_PREFIXES = (".", "_")
 NEVER_SCANS = {".csv", ".dvc", ".txt", ".md", ".json", ".yaml", ".yml", ".xml", ".html", ".py", ".log"}
 RESIZE_METHOD = "bilinear (Pillow, antialiased, reducing_gap=3.0), direct to square: aspect ratio not preserved"
 _REDUCING_GAP = 3.0
-_DECODER_HINT = ("install a pydicom decoder plugin, e.g. `pip install pylibjpeg pylibjpeg-libjpeg "
-                 "pylibjpeg-openjpeg` (or `pip install python-gdcm`), or convert the files to an "
-                 "uncompressed transfer syntax")
+_DECODER_HINT = (
+    "install a pydicom decoder plugin, e.g. `pip install pylibjpeg pylibjpeg-libjpeg "
+    "pylibjpeg-openjpeg` (or `pip install python-gdcm`), or convert the files to an "
+    "uncompressed transfer syntax"
+)
 
 
 class ScanError(Exception):
@@ -67,14 +69,15 @@ _DATASET_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x10\x00", b"\x18\x00", b"\x20\x0
 
 
 def _sniff(path: Path) -> str | None:
-    """"dicom", "png" or "jpeg" from the first bytes of the file; None if none of them (or unreadable)."""
+    """ "dicom", "png" or "jpeg" from the first bytes of the file; None if none of them (or unreadable)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError:
         return None
     if (len(head) >= 132 and head[128:132] == b"DICM") or (
-            len(head) >= 8 and head[:2] in _DATASET_GROUPS and head[3:4] == b"\x00"):
+        len(head) >= 8 and head[:2] in _DATASET_GROUPS and head[3:4] == b"\x00"
+    ):
         return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
@@ -96,8 +99,10 @@ def check_size(path: Path) -> None:
     if size == 0:
         raise ScanError(f"{path}: empty file (0 bytes); expected a PNG, JPEG or DICOM image")
     if size > MAX_FILE_BYTES:
-        raise ScanError(f"{path}: file is {size / 2**20:,.0f} MiB; expected a single 2-D image of at most "
-                        f"{MAX_FILE_BYTES // 2**20} MiB (scans.MAX_FILE_BYTES), so it is not read")
+        raise ScanError(
+            f"{path}: file is {size / 2**20:,.0f} MiB; expected a single 2-D image of at most "
+            f"{MAX_FILE_BYTES // 2**20} MiB (scans.MAX_FILE_BYTES), so it is not read"
+        )
 
 
 def is_hidden(name: str) -> bool:
@@ -130,7 +135,7 @@ def _is_dicom(path: Path) -> bool:
 
 
 def decoder(path: Path) -> str:
-    """"dicom" or "image": the reader scan_info.probe and load_pixels use for this file (by its extension,
+    """ "dicom" or "image": the reader scan_info.probe and load_pixels use for this file (by its extension,
     else by its first bytes). The same bytes under another extension may read differently, so facts
     cached by content (components.data.scan_facts) are keyed by both."""
     return "dicom" if _is_dicom(Path(path)) else "image"
@@ -138,13 +143,16 @@ def decoder(path: Path) -> str:
 
 # --------------------------------------------------------------------------- DICOM
 
+
 def read_dicom(path: Path):
     """Return (dataset, pixel array) or raise ScanError naming the reason."""
     if not _has_dicom_signature(path):
         # force=True below would otherwise read any bytes as tags: a zero-filled file is millions
         # of empty (0000,0000) elements and takes minutes.
-        raise ScanError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128 and no dataset tag at the start); "
-                        "expected a DICOM image")
+        raise ScanError(
+            f"{path}: not a DICOM file (no 'DICM' marker at byte 128 and no dataset tag at the start); "
+            "expected a DICOM image"
+        )
     with warnings.catch_warnings():  # they may quote header values (see _decode_dicom)
         warnings.simplefilter("ignore")
         return _decode_dicom(path)
@@ -169,15 +177,18 @@ def _decode_dicom(path: Path):
     if "TransferSyntaxUID" not in meta:
         # Files without a meta header: the syntax is the one pydicom detected while reading.
         implicit, little = ds.original_encoding
-        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
-                                  else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
     tsyntax = meta.TransferSyntaxUID
     try:
         pixels = ds.pixel_array
     except Exception as exc:
         if tsyntax.is_compressed:
-            raise ScanError(f"{path}: cannot decode pixel data in transfer syntax '{tsyntax.name}' ({tsyntax}); "
-                            f"{_DECODER_HINT}. Reason: {type(exc).__name__}: {exc}") from None
+            raise ScanError(
+                f"{path}: cannot decode pixel data in transfer syntax '{tsyntax.name}' ({tsyntax}); "
+                f"{_DECODER_HINT}. Reason: {type(exc).__name__}: {exc}"
+            ) from None
         raise ScanError(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -227,7 +238,7 @@ def _dicom_pixels(path: Path, window) -> np.ndarray:
     if pixels.ndim == 3:
         # Colour: no window applies; scale by the stored depth (pydicom already turned YBR into RGB).
         bits = 16 if photometric == "PALETTE COLOR" and pixels.dtype == np.uint16 else int(ds.get("BitsStored", 8) or 8)
-        return _window_to_uint8(pixels[..., :3], 0.0, float(2 ** bits - 1))
+        return _window_to_uint8(pixels[..., :3], 0.0, float(2**bits - 1))
     if pixels.ndim != 2:
         raise ScanError(f"{path}: pixel array has shape {pixels.shape}; expected a 2-D image")
     values = apply_modality_lut(pixels, ds).astype(np.float64)
@@ -298,6 +309,7 @@ def _pil_pixels(path: Path, window) -> np.ndarray:
 
 # --------------------------------------------------------------------------- public API
 
+
 def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1:
         if pixels.ndim == 3:
@@ -341,6 +353,5 @@ def prepare_image(path: Path, image_size: int, channels: int, window, equalize: 
     planes = [Image.fromarray(np.ascontiguousarray(pixels[..., c])) for c in range(pixels.shape[2])]
     if equalize:
         planes = [ImageOps.equalize(plane) for plane in planes]
-    planes = [np.asarray(plane.resize(size, Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP))
-              for plane in planes]
+    planes = [np.asarray(plane.resize(size, Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP)) for plane in planes]
     return np.stack(planes, axis=0).astype(np.uint8, copy=False)

@@ -65,8 +65,14 @@ def targets(params: Params, splits: Sequence[str] = SPLITS) -> dict[str, float]:
     return {s: share[s] / total for s in splits}
 
 
-def stable_split(labels: Sequence[str], units: Sequence[str], patients: Sequence[str],
-                 previous: Mapping[str, str], params: Params, splits: Sequence[str] = SPLITS) -> list[str]:
+def stable_split(
+    labels: Sequence[str],
+    units: Sequence[str],
+    patients: Sequence[str],
+    previous: Mapping[str, str],
+    params: Params,
+    splits: Sequence[str] = SPLITS,
+) -> list[str]:
     """A split per row (module doc): a unit whose patients had a split in `previous` (patient -> split)
     keeps it; new units go where their main class is furthest below the `targets` share."""
     rows: dict[str, list[int]] = defaultdict(list)
@@ -105,9 +111,11 @@ def stratified_split(labels: list[str], patients: list[str], params: Params) -> 
     n_val = max(2, round((1 - sp.test_fraction) / sp.val_fraction))  # val_fraction is of the whole
     n_patients = len(set(patients))
     if n_patients < n_test + 1:
-        raise StageError(f"only {n_patients} patient(s) among the readable images; a patient-level "
-                         f"train/val/test split with test_fraction {sp.test_fraction} needs at least "
-                         f"{n_test + 1}. Add data, or give labels.csv a split column.")
+        raise StageError(
+            f"only {n_patients} patient(s) among the readable images; a patient-level "
+            f"train/val/test split with test_fraction {sp.test_fraction} needs at least "
+            f"{n_test + 1}. Add data, or give labels.csv a split column."
+        )
     y, groups = np.asarray(labels, dtype=object), np.asarray(patients, dtype=object)
     out = np.full(len(labels), "train", dtype=object)
     with warnings.catch_warnings():
@@ -118,16 +126,19 @@ def stratified_split(labels: list[str], patients: list[str], params: Params) -> 
         out[test] = "test"
         rest = np.flatnonzero(out == "train")
         if len(set(groups[rest])) >= n_val:
-            _, val = next(StratifiedGroupKFold(n_val, shuffle=True, random_state=sp.seed)
-                          .split(y[rest], y[rest], groups[rest]))
+            _, val = next(
+                StratifiedGroupKFold(n_val, shuffle=True, random_state=sp.seed).split(y[rest], y[rest], groups[rest])
+            )
             out[rest[val]] = "val"
     return list(out)
 
 
 def require_val(splits: Sequence[str], n_patients: int, params: Params) -> None:
     if "val" not in splits:
-        raise StageError(f"only {n_patients} patient(s): none left for the validation split "
-                         f"(val_fraction {params.split.val_fraction}); add data or lower split.test_fraction.")
+        raise StageError(
+            f"only {n_patients} patient(s): none left for the validation split "
+            f"(val_fraction {params.split.val_fraction}); add data or lower split.test_fraction."
+        )
 
 
 def check_overlap(patients: Sequence[str], paths: Sequence[str], splits: Sequence[str], source: str) -> None:
@@ -139,6 +150,8 @@ def check_overlap(patients: Sequence[str], paths: Sequence[str], splits: Sequenc
     shared = [p for p, s in seen.items() if len(s) > 1]
     if shared:
         files = [f for f, p in zip(paths, patients) if p == shared[0]][:4]
-        raise StageError(f"patient {shared[0]} (hashed) is in splits {sorted(seen[shared[0]])} (files {files}); "
-                         f"the split from {source} must keep each patient in one split. "
-                         f"{len(shared)} patient(s) affected.")
+        raise StageError(
+            f"patient {shared[0]} (hashed) is in splits {sorted(seen[shared[0]])} (files {files}); "
+            f"the split from {source} must keep each patient in one split. "
+            f"{len(shared)} patient(s) affected."
+        )

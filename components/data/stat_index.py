@@ -64,8 +64,9 @@ def read(path: Path) -> dict[str, list]:
 def write(path: Path, listed_ns: int, files: dict[str, list]) -> None:
     """Store the entries (rel -> [size, mtime_ns, inode, sha256, decoder]) of a listing made at listed_ns."""
     # One line, no indent: it is rewritten on every run and read by two stages, never by a person.
-    common.write_text(path, json.dumps({"format": FORMAT, "listed_ns": listed_ns, "files": files},
-                                       separators=(",", ":")))
+    common.write_text(
+        path, json.dumps({"format": FORMAT, "listed_ns": listed_ns, "files": files}, separators=(",", ":"))
+    )
 
 
 def known_hashes(raw_dir: Path, rels: Iterable[str], cache_dir: Path) -> dict[str, str]:

@@ -50,9 +50,11 @@ def _offending(c: Check, res: dict, tables: dict[str, pd.DataFrame]) -> list[str
         return [f"sha256 {h[:12]}... shared by {', '.join(ps)}" for h, ps in groups.items()]
     if c.name in ("duplicates_in_one_split", "duplicates_agree_on_label"):
         readable, key = tables["readable"], "split" if c.name == "duplicates_in_one_split" else "label"
-        return [f"sha256 {h[:12]}... is " + "; ".join(f"{r.path} ({key} {getattr(r, key)})"
-                                                     for r in readable[readable["sha256"] == h].itertuples())
-                for h in dict.fromkeys(r["sha256"] for r in rows)]
+        return [
+            f"sha256 {h[:12]}... is "
+            + "; ".join(f"{r.path} ({key} {getattr(r, key)})" for r in readable[readable["sha256"] == h].itertuples())
+            for h in dict.fromkeys(r["sha256"] for r in rows)
+        ]
     if c.name in ("patient_in_one_split", "near_duplicates_in_one_split"):
         readable, col = tables["readable"], "patient" if c.name == "patient_in_one_split" else "similar_group"
         out = []
@@ -94,9 +96,11 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest", meta: 
     checks = build_checks(params)
     gx_results = run_gx(tables, checks)
 
-    tolerated = {"duplicates_in_one_split": params.validate.max_duplicates,
-                 "duplicates_agree_on_label": params.validate.max_label_conflicts,
-                 "near_duplicates_in_one_split": params.validate.max_near_duplicates}
+    tolerated = {
+        "duplicates_in_one_split": params.validate.max_duplicates,
+        "duplicates_agree_on_label": params.validate.max_label_conflicts,
+        "near_duplicates_in_one_split": params.validate.max_near_duplicates,
+    }
     expectations, failures = [], []
     for c in checks:
         res = gx_results[c.name]
@@ -109,20 +113,30 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest", meta: 
         critical = c.critical
         if c.name in tolerated and len(offending) <= tolerated[c.name]:
             critical = False  # tolerated by params: a listed warning, not a stop
-        entry = {"name": c.name, "description": c.description, "table": c.table, "critical": critical,
-                 "success": bool(res.get("success")), "details": details, "gx": res}
+        entry = {
+            "name": c.name,
+            "description": c.description,
+            "table": c.table,
+            "critical": critical,
+            "success": bool(res.get("success")),
+            "details": details,
+            "gx": res,
+        }
         expectations.append(entry)
         if not entry["success"]:
-            failures.append({"name": c.name, "critical": critical,
-                             "message": _failure_message(c, details, offending)})
+            failures.append({"name": c.name, "critical": critical, "message": _failure_message(c, details, offending)})
 
     readable = tables["readable"]
-    counts = {s: {k: int(n) for k, n in g.set_index("label")["n"].items()}
-              for s, g in tables["class_split_counts"].groupby("split", sort=False)}
+    counts = {
+        s: {k: int(n) for k, n in g.set_index("label")["n"].items()}
+        for s, g in tables["class_split_counts"].groupby("split", sort=False)
+    }
     return {
         "suite": SUITE,
         "success": not any(f["critical"] for f in failures),
-        "n_rows": len(df), "n_readable": len(readable), "n_unreadable": len(tables["unreadable"]),
+        "n_rows": len(df),
+        "n_readable": len(readable),
+        "n_unreadable": len(tables["unreadable"]),
         "n_patients": int(readable["patient"].nunique()),
         "counts": counts,
         "unreadable": [{"path": r.path, "error": r.error} for r in tables["unreadable"].itertuples()],
@@ -143,18 +157,39 @@ SKIPPED_SHOWN = 200  # skipped entries listed in validation.md (validation.json 
 
 def render_markdown(report: dict) -> str:
     """reports/validation.md: the report laid out by data/templates/validation.md.j2."""
-    checks = [{"name": e["name"], "description": e["description"], "critical": e["critical"],
-               "result": "PASS" if e["success"] else ("FAIL" if e["critical"] else "WARN"),
-               "unexpected": e["details"].get("unexpected_count", e["details"].get("observed_value", ""))}
-              for e in report["expectations"]]
+    checks = [
+        {
+            "name": e["name"],
+            "description": e["description"],
+            "critical": e["critical"],
+            "result": "PASS" if e["success"] else ("FAIL" if e["critical"] else "WARN"),
+            "unexpected": e["details"].get("unexpected_count", e["details"].get("observed_value", "")),
+        }
+        for e in report["expectations"]
+    ]
     by_name = {e["name"]: e for e in report["expectations"]}
-    failures = [{"name": f["name"], "critical": f["critical"], "description": by_name[f["name"]]["description"],
-                 "exception": by_name[f["name"]]["details"].get("exception"),
-                 "offending": by_name[f["name"]]["details"]["offending"]} for f in report["failures"]]
-    text = render("data/templates/validation.md.j2", report=report, manifest=report.get("manifest"),
-                  checks=checks, classes=list(next(iter(report["counts"].values()), {}).keys()),
-                  counts=report["counts"], unreadable=report["unreadable"], skipped=report.get("skipped") or [],
-                  skipped_shown=SKIPPED_SHOWN, failures=failures)
+    failures = [
+        {
+            "name": f["name"],
+            "critical": f["critical"],
+            "description": by_name[f["name"]]["description"],
+            "exception": by_name[f["name"]]["details"].get("exception"),
+            "offending": by_name[f["name"]]["details"]["offending"],
+        }
+        for f in report["failures"]
+    ]
+    text = render(
+        "data/templates/validation.md.j2",
+        report=report,
+        manifest=report.get("manifest"),
+        checks=checks,
+        classes=list(next(iter(report["counts"].values()), {}).keys()),
+        counts=report["counts"],
+        unreadable=report["unreadable"],
+        skipped=report.get("skipped") or [],
+        skipped_shown=SKIPPED_SHOWN,
+        failures=failures,
+    )
     return text.rstrip() + "\n"
 
 
@@ -164,11 +199,16 @@ def validate(manifest_csv: Path, manifest_json: Path, out_json: Path, out_md: Pa
     df = read_manifest(manifest_csv)
     meta = read_json(manifest_json)
     if "n_images" in meta and int(meta["n_images"]) != len(df):
-        raise StageError(f"{manifest_json} says n_images={meta['n_images']} but {manifest_csv} has {len(df)} "
-                         "rows; the two come from different ingest runs: rerun `medtune ingest`.")
+        raise StageError(
+            f"{manifest_json} says n_images={meta['n_images']} but {manifest_csv} has {len(df)} "
+            "rows; the two come from different ingest runs: rerun `medtune ingest`."
+        )
     report = run_suite(df, params, source=str(manifest_csv), meta=meta)
-    report["manifest"] = {"path": manifest_csv.as_posix(), "data_version": meta.get("data_version"),
-                          "content_hash": meta.get("content_hash")}
+    report["manifest"] = {
+        "path": manifest_csv.as_posix(),
+        "data_version": meta.get("data_version"),
+        "content_hash": meta.get("content_hash"),
+    }
     write_json(out_json, report)
     write_text(out_md, render_markdown(report))
     critical = [f for f in report["failures"] if f["critical"]]
@@ -176,9 +216,11 @@ def validate(manifest_csv: Path, manifest_json: Path, out_json: Path, out_md: Pa
         if not f["critical"]:
             log.warning("validation warning: %s", f["message"])
     if critical:
-        raise StageError(f"{manifest_csv}: {len(critical)} critical validation check(s) failed:\n"
-                         + "\n".join(f"  - {f['message']}" for f in critical)
-                         + f"\nSee {out_md} for the full report.")
+        raise StageError(
+            f"{manifest_csv}: {len(critical)} critical validation check(s) failed:\n"
+            + "\n".join(f"  - {f['message']}" for f in critical)
+            + f"\nSee {out_md} for the full report."
+        )
     log.info("validation passed: %d checks on %d files -> %s", len(report["expectations"]), len(df), out_json)
     return report
 
@@ -191,7 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--out-md", default="reports/validation.md", help="human summary (Markdown)")
 
     def run(args: argparse.Namespace) -> None:
-        validate(Path(args.manifest), Path(args.manifest_json), Path(args.out_json), Path(args.out_md),
-                 load_params(args.params))
+        validate(
+            Path(args.manifest),
+            Path(args.manifest_json),
+            Path(args.out_json),
+            Path(args.out_md),
+            load_params(args.params),
+        )
 
     return stage_main("Validate the manifest with a Great Expectations suite.", add_args, run, argv)

@@ -24,8 +24,9 @@ NUMERIC_COLUMNS = ("width", "height", "bit_depth")
 def normalise(df: pd.DataFrame, source: str) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise StageError(f"{source}: missing column(s) {missing}; expected at least {list(COLUMNS)} "
-                         "(rerun `medtune ingest`).")
+        raise StageError(
+            f"{source}: missing column(s) {missing}; expected at least {list(COLUMNS)} (rerun `medtune ingest`)."
+        )
     df = df.copy()
     for col in TEXT_COLUMNS:
         if col in df.columns:
@@ -79,20 +80,38 @@ def _skipped(meta: dict[str, Any]) -> pd.DataFrame:
 
 def build_tables(df: pd.DataFrame, classes: list[str], meta: dict[str, Any]) -> dict[str, pd.DataFrame]:
     readable = df[df["error"].isna()]
-    pairs, similar = ((readable.dropna(subset=[col, "split"])[[col, "split"]]
-                       .drop_duplicates().sort_values([col, "split"]).reset_index(drop=True))
-                      for col in ("patient", "similar_group"))
+    pairs, similar = (
+        (
+            readable.dropna(subset=[col, "split"])[[col, "split"]]
+            .drop_duplicates()
+            .sort_values([col, "split"])
+            .reset_index(drop=True)
+        )
+        for col in ("patient", "similar_group")
+    )
     # Every (split, class) appears, with 0 when absent, so a missing split or class fails too.
     grid = pd.MultiIndex.from_product([SPLITS, classes], names=["split", "label"])
-    counts = (readable.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
-              .rename("n").reset_index())
+    counts = readable.groupby(["split", "label"]).size().reindex(grid, fill_value=0).rename("n").reset_index()
     counts["n"] = counts["n"].astype("int64")
     unreadable = df[df["error"].notna()][["path", "error"]]
-    hash_splits, hash_labels = (readable.dropna(subset=["sha256", col])[["sha256", col]].drop_duplicates()
-                                .sort_values(["sha256", col]).reset_index(drop=True) for col in ("split", "label"))
+    hash_splits, hash_labels = (
+        readable.dropna(subset=["sha256", col])[["sha256", col]]
+        .drop_duplicates()
+        .sort_values(["sha256", col])
+        .reset_index(drop=True)
+        for col in ("split", "label")
+    )
     skipped = _skipped(meta)
-    return {"files": df, "unreadable": unreadable, "readable": readable, "skipped": skipped,
-            "skipped_visible": skipped[skipped["reason"] != folders.HIDDEN].reset_index(drop=True),
-            "split_balance": _split_balance(readable.dropna(subset=["split", "label"]), meta.get("split")),
-            "hash_splits": hash_splits, "hash_labels": hash_labels,
-            "patient_splits": pairs, "similar_splits": similar, "class_split_counts": counts}
+    return {
+        "files": df,
+        "unreadable": unreadable,
+        "readable": readable,
+        "skipped": skipped,
+        "skipped_visible": skipped[skipped["reason"] != folders.HIDDEN].reset_index(drop=True),
+        "split_balance": _split_balance(readable.dropna(subset=["split", "label"]), meta.get("split")),
+        "hash_splits": hash_splits,
+        "hash_labels": hash_labels,
+        "patient_splits": pairs,
+        "similar_splits": similar,
+        "class_split_counts": counts,
+    }

@@ -38,9 +38,11 @@ def fit_calibration(method: str, logits: np.ndarray, y: np.ndarray, positive_ind
     if method == "none":
         return 1.0, [0.0] * k
     if len(np.unique(y)) < 2:
-        raise StageError(f"evaluate.calibration = {method!r} needs both classes in the validation split; it holds "
-                         f"only class index {sorted(set(y.tolist()))} ({len(y)} images). Use calibration: none or "
-                         "a larger split.val_fraction.")
+        raise StageError(
+            f"evaluate.calibration = {method!r} needs both classes in the validation split; it holds "
+            f"only class index {sorted(set(y.tolist()))} ({len(y)} images). Use calibration: none or "
+            "a larger split.val_fraction."
+        )
     if method == "temperature":
         return _fit_temperature(logits, y), [0.0] * k
     return _fit_platt(logits, y, positive_index)  # "platt": params.py allows no other method
@@ -63,8 +65,7 @@ def _fit_platt(logits: np.ndarray, y: np.ndarray, positive_index: int) -> tuple[
     """(a, bias with b on the positive class) of p(positive) = sigmoid(a * (z_pos - z_neg) + b)."""
     k = logits.shape[1]
     if k != 2:  # params.py refuses platt for other than two data.classes; these logits may still differ
-        raise StageError(f"evaluate.calibration = 'platt' is for two classes; this model has {k}. "
-                         "Use 'temperature'.")
+        raise StageError(f"evaluate.calibration = 'platt' is for two classes; this model has {k}. Use 'temperature'.")
     from sklearn.linear_model import LogisticRegression
 
     margin = (logits[:, positive_index] - logits[:, 1 - positive_index]).reshape(-1, 1)
@@ -72,9 +73,11 @@ def _fit_platt(logits: np.ndarray, y: np.ndarray, positive_index: int) -> tuple[
     fit = LogisticRegression(C=1e4).fit(margin, (y == positive_index).astype(int))
     a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
     if a <= 0:
-        raise StageError(f"Platt scaling on the validation split fitted slope {a:.4g} <= 0: the model ranks "
-                         "validation images no better than chance, so calibrating it would invert or flatten "
-                         "its scores. Use calibration: temperature or none, or improve the model.")
+        raise StageError(
+            f"Platt scaling on the validation split fitted slope {a:.4g} <= 0: the model ranks "
+            "validation images no better than chance, so calibrating it would invert or flatten "
+            "its scores. Use calibration: temperature or none, or improve the model."
+        )
     bias = [0.0, 0.0]
     bias[positive_index] = b
     return a, bias
@@ -92,8 +95,10 @@ def choose_threshold(method: str, y: np.ndarray, scores: np.ndarray, positive_in
     pos = np.asarray(y) == positive_index
     s = np.asarray(scores, np.float64)
     if pos.all() or not pos.any():
-        raise StageError(f"evaluate.threshold_method = {method!r} needs both classes in the validation split; "
-                         f"it holds {int(pos.sum())} positive of {len(pos)} images.")
+        raise StageError(
+            f"evaluate.threshold_method = {method!r} needs both classes in the validation split; "
+            f"it holds {int(pos.sum())} positive of {len(pos)} images."
+        )
     values = np.unique(s)
     # Candidates between neighbouring scores (and just outside both ends).
     cuts = np.concatenate([[values[0] / 2], (values[:-1] + values[1:]) / 2, [(values[-1] + 1) / 2]])
@@ -130,5 +135,9 @@ def brier(y: np.ndarray, probs: np.ndarray, positive_index: int) -> float:
 
 
 def calibration_report(y: np.ndarray, before: np.ndarray, after: np.ndarray, positive_index: int) -> dict[str, float]:
-    return {"ece_before": ece(y, before), "ece_after": ece(y, after),
-            "brier_before": brier(y, before, positive_index), "brier_after": brier(y, after, positive_index)}
+    return {
+        "ece_before": ece(y, before),
+        "ece_after": ece(y, after),
+        "brier_before": brier(y, before, positive_index),
+        "brier_after": brier(y, after, positive_index),
+    }

@@ -14,10 +14,10 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,8 +50,10 @@ def device(w: World) -> torch.device:
     if w.size == 1 or not torch.cuda.is_available():
         return pick_device()
     if w.local_rank >= torch.cuda.device_count():
-        raise StageError(f"torchrun process {w.local_rank} on this machine has no GPU of its own: there are "
-                         f"{torch.cuda.device_count()}; expected at most one process per GPU (train.processes).")
+        raise StageError(
+            f"torchrun process {w.local_rank} on this machine has no GPU of its own: there are "
+            f"{torch.cuda.device_count()}; expected at most one process per GPU (train.processes)."
+        )
     torch.cuda.set_device(w.local_rank)
     return torch.device("cuda", w.local_rank)
 
@@ -97,8 +99,10 @@ def check_replicas(model: torch.nn.Module, w: World, dev: torch.device) -> None:
     dist.all_gather(out, mine)
     sums = [float(t) for t in out]
     if not all(math.isclose(c, sums[0], rel_tol=1e-9, abs_tol=1e-9) for c in sums):
-        raise StageError(f"the {w.size} training processes ended with different weights (checksums {sums}); "
-                         "expected identical replicas under DDP.")
+        raise StageError(
+            f"the {w.size} training processes ended with different weights (checksums {sums}); "
+            "expected identical replicas under DDP."
+        )
 
 
 LIFETIME = "components.lifetime"  # `python -m components.lifetime [--parent PID] MODULE ARGS`
@@ -114,8 +118,20 @@ def launch(processes: int, module: str, args: Sequence[str]) -> None:
     # with torchrun. The wrapper binds a process to its parent and then runs the module in place.
     # It is process plumbing like the `medtune` entry point (components/cli.py), not stage code: it
     # changes nothing train computes, so it is named here rather than imported (dvc.yaml deps).
-    cmd = [sys.executable, "-m", LIFETIME, "--parent", str(os.getpid()), "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={processes}", "-m", LIFETIME, module, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        LIFETIME,
+        "--parent",
+        str(os.getpid()),
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        LIFETIME,
+        module,
+        *args,
+    ]
     # Started from, and waited for in, this thread: the parent-death signal follows the starting thread.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
     error = None

@@ -55,6 +55,7 @@ RECORD, METRICS = "evaluation.json", "metrics.json"  # in the reports folder
 # The gate and the records (the metrics themselves: components/model/metrics.py)
 # ---------------------------------------------------------------------------------------------
 
+
 def apply_gate(metrics: dict[str, Any], params: Params) -> dict[str, Any]:
     """Compare metrics with `evaluate.gate`; every check is listed in `reasons`, failures in `failed`.
 
@@ -92,14 +93,23 @@ def metrics_view(record: dict[str, Any]) -> dict[str, float | int]:
     """
     lo, hi = record.get("auroc_ci") or (None, None)
     test = (record.get("calibration") or {}).get("test") or {}
-    view = {"auroc": record.get("auroc"), "auroc_ci_low": lo, "auroc_ci_high": hi,
-            **{k: record.get(k) for k in ("sensitivity", "specificity", "balanced_accuracy", "accuracy",
-                                          "precision", "f1", "threshold")},
-            "ece": test.get("ece_after"), "brier": test.get("brier_after"),
-            "ece_uncalibrated": test.get("ece_before"), "brier_uncalibrated": test.get("brier_before"),
-            "n_test": record.get("n_test")}
-    return {k: v for k, v in view.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    view = {
+        "auroc": record.get("auroc"),
+        "auroc_ci_low": lo,
+        "auroc_ci_high": hi,
+        **{
+            k: record.get(k)
+            for k in ("sensitivity", "specificity", "balanced_accuracy", "accuracy", "precision", "f1", "threshold")
+        },
+        "ece": test.get("ece_after"),
+        "brier": test.get("brier_after"),
+        "ece_uncalibrated": test.get("ece_before"),
+        "brier_uncalibrated": test.get("brier_before"),
+        "n_test": record.get("n_test"),
+    }
+    return {
+        k: v for k, v in view.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def read_record(reports_dir: str | Path) -> dict[str, Any]:
@@ -113,6 +123,7 @@ def read_record(reports_dir: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------
+
 
 def roc_points(y_true: np.ndarray, probs: np.ndarray, positive_index: int) -> pd.DataFrame:
     """Binary: ROC of the positive class; multi-class: micro-average over one-vs-rest scores."""
@@ -137,8 +148,13 @@ def plot_roc(roc: pd.DataFrame, metrics: dict[str, Any], path: Path) -> None:
     fig, ax = figure(4.5, 4.5)
     ax.plot(roc["fpr"], roc["tpr"], lw=2, label=f"AUROC {metrics['auroc']:.3f}{ci}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"ROC, test set (n={metrics['n_test']}), {what}")
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title=f"ROC, test set (n={metrics['n_test']}), {what}",
+    )
     ax.title.set_fontsize(9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -152,8 +168,15 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> None:
     ax.imshow(cm, cmap="Blues")
     for (i, j), n in np.ndenumerate(cm):
         ax.text(j, i, str(n), ha="center", va="center", color="white" if n > cm.max() / 2 else "black")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-           xlabel="predicted", ylabel="actual", title=f"Confusion matrix, test set (n={metrics['n_test']})")
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="actual",
+        title=f"Confusion matrix, test set (n={metrics['n_test']})",
+    )
     ax.title.set_fontsize(9)
     fig.tight_layout()
     save_png(fig, path)
@@ -162,6 +185,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
+
 
 def predict_logits(deployed: Any, images: np.ndarray, device: Any, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """`deployed.logits` (test-time augmentation included) of uint8 (N, C, H, W) images, in batches.
@@ -175,7 +199,7 @@ def predict_logits(deployed: Any, images: np.ndarray, device: Any, batch_size: i
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.array(images[start:start + batch_size]))  # copy: memmaps are read-only
+            batch = torch.from_numpy(np.array(images[start : start + batch_size]))  # copy: memmaps are read-only
             x = batch.to(device=device, dtype=torch.float32) / 255.0
             out.append(deployed.logits(x).float().cpu().numpy())
     return np.concatenate(out).astype(np.float64)
@@ -190,9 +214,15 @@ def operating_point(deployed: Any, prepared_dir: Path, device: Any, params: Para
     y = index["label_index"].to_numpy().astype(np.int64)
     logits = predict_logits(deployed, images, device)
     scale, bias = calibrate.fit_calibration(ev.calibration, logits, y, pos)
-    raw, probs = calibrate.calibrated_probabilities(logits, 1.0, 0.0), calibrate.calibrated_probabilities(logits, scale, bias)
-    threshold = (calibrate.choose_threshold(ev.threshold_method, y, probs[:, pos], pos, ev.threshold)
-                 if probs.shape[1] == 2 else ev.threshold)
+    raw, probs = (
+        calibrate.calibrated_probabilities(logits, 1.0, 0.0),
+        calibrate.calibrated_probabilities(logits, scale, bias),
+    )
+    threshold = (
+        calibrate.choose_threshold(ev.threshold_method, y, probs[:, pos], pos, ev.threshold)
+        if probs.shape[1] == 2
+        else ev.threshold
+    )
     val = {"n": int(len(y)), **calibrate.calibration_report(y, raw, probs, pos)}
     val_auroc = auroc(y, probs, pos)
     if math.isfinite(val_auroc):  # nan when the validation split lacks a class: left out
@@ -216,12 +246,16 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     classes, ev = list(params.data.classes), params.evaluate
     model, ckpt = load_checkpoint(model_path)
     if list(ckpt.get("classes", [])) != classes:
-        raise StageError(f"{model_path} was trained for classes {ckpt.get('classes')}, but params data.classes "
-                         f"is {classes}; retrain (dvc repro) or fix params.yaml.")
+        raise StageError(
+            f"{model_path} was trained for classes {ckpt.get('classes')}, but params data.classes "
+            f"is {classes}; retrain (dvc repro) or fix params.yaml."
+        )
     images, index = load_split(prepared_dir, "test")  # StageError if the split is empty
     if images.shape[1] != ckpt["in_channels"]:
-        raise StageError(f"{prepared_dir}/test.npy has {images.shape[1]} channel(s) but {model_path} expects "
-                         f"{ckpt['in_channels']}; rerun preprocess and train (dvc repro).")
+        raise StageError(
+            f"{prepared_dir}/test.npy has {images.shape[1]} channel(s) but {model_path} expects "
+            f"{ckpt['in_channels']}; rerun preprocess and train (dvc repro)."
+        )
 
     device = pick_device()
     deployed = Deployed(model, ev.tta)
@@ -235,10 +269,19 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     except ValueError as exc:
         raise StageError(f"{prepared_dir}/index.csv (test split): {exc}") from None
     metrics.update(
-        threshold_method=ev.threshold_method if len(classes) == 2 else None, tta=ev.tta,
-        calibration={"method": ev.calibration, "fitted_on": "val", "scale": op["scale"], "bias": op["bias"],
-                     "val": op["val"], "test": calibrate.calibration_report(
-                         y_true, calibrate.calibrated_probabilities(logits, 1.0, 0.0), probs, pos)})
+        threshold_method=ev.threshold_method if len(classes) == 2 else None,
+        tta=ev.tta,
+        calibration={
+            "method": ev.calibration,
+            "fitted_on": "val",
+            "scale": op["scale"],
+            "bias": op["bias"],
+            "val": op["val"],
+            "test": calibrate.calibration_report(
+                y_true, calibrate.calibrated_probabilities(logits, 1.0, 0.0), probs, pos
+            ),
+        },
+    )
     gate = apply_gate(metrics, params)
     # Export checks this, so a gate computed for another checkpoint can never release this one.
     gate["checkpoint_sha256"] = sha256_file(model_path)
@@ -248,15 +291,23 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     return {"metrics": metrics, "gate": gate}
 
 
-def write_reports(reports_dir: Path, metrics: dict[str, Any], gate: dict[str, Any], index: pd.DataFrame,
-                  probs: np.ndarray, y_pred: np.ndarray, positive_index: int) -> None:
+def write_reports(
+    reports_dir: Path,
+    metrics: dict[str, Any],
+    gate: dict[str, Any],
+    index: pd.DataFrame,
+    probs: np.ndarray,
+    y_pred: np.ndarray,
+    positive_index: int,
+) -> None:
     """The stage's outputs in `reports_dir`: the record, metrics.json, the gate, the CSVs and the plots
     (`index` the test split's rows, `probs` and `y_pred` the shipped model's output for them)."""
     classes = metrics["classes"]
     y_true = index["label_index"].to_numpy().astype(np.int64)
     names = np.asarray(classes, dtype=object)
-    preds = pd.DataFrame({"path": index["path"].to_numpy(), "sha256": index["sha256"].to_numpy(),
-                          "label": index["label"].to_numpy()})
+    preds = pd.DataFrame(
+        {"path": index["path"].to_numpy(), "sha256": index["sha256"].to_numpy(), "label": index["label"].to_numpy()}
+    )
     for i, c in enumerate(classes):
         preds[f"prob_{c}"] = np.round(probs[:, i], 6)
     preds["predicted"] = names[y_pred]
@@ -279,18 +330,35 @@ def log_result(metrics: dict[str, Any], gate: dict[str, Any], reports_dir: Path)
     ci = f"{lo:.3f}-{hi:.3f}" if lo is not None else "n/a"
     cal, threshold = metrics["calibration"], metrics["threshold"]
     decision = f"threshold {threshold:.3f} ({metrics['threshold_method']})" if threshold is not None else "argmax"
-    log.info("test n=%d auroc=%.3f (95%% CI %s, %d valid resamples) accuracy=%.3f balanced accuracy=%.3f "
-             "sensitivity=%.3f specificity=%.3f at %s; ECE %.3f -> %.3f, Brier %.3f -> %.3f (%s)",
-             metrics["n_test"], metrics["auroc"], ci, metrics["bootstrap_valid"], metrics["accuracy"],
-             metrics["balanced_accuracy"], metrics["sensitivity"], metrics["specificity"], decision,
-             cal["test"]["ece_before"], cal["test"]["ece_after"], cal["test"]["brier_before"],
-             cal["test"]["brier_after"], cal["method"])
+    log.info(
+        "test n=%d auroc=%.3f (95%% CI %s, %d valid resamples) accuracy=%.3f balanced accuracy=%.3f "
+        "sensitivity=%.3f specificity=%.3f at %s; ECE %.3f -> %.3f, Brier %.3f -> %.3f (%s)",
+        metrics["n_test"],
+        metrics["auroc"],
+        ci,
+        metrics["bootstrap_valid"],
+        metrics["accuracy"],
+        metrics["balanced_accuracy"],
+        metrics["sensitivity"],
+        metrics["specificity"],
+        decision,
+        cal["test"]["ece_before"],
+        cal["test"]["ece_after"],
+        cal["test"]["brier_before"],
+        cal["test"]["brier_after"],
+        cal["method"],
+    )
     if gate["passed"]:
         log.info("gate PASSED: %s", "; ".join(gate["reasons"]))
     else:
         banner = "!" * 72
-        log.warning("%s\nGATE FAILED: %s\nThe export stage will refuse this model; metrics are in %s.\n%s",
-                    banner, "; ".join(gate["failed"]), reports_dir / METRICS, banner)
+        log.warning(
+            "%s\nGATE FAILED: %s\nThe export stage will refuse this model; metrics are in %s.\n%s",
+            banner,
+            "; ".join(gate["failed"]),
+            reports_dir / METRICS,
+            banner,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,8 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run(args: argparse.Namespace) -> None:
         evaluate(args.model, args.prepared, args.reports, load_params(args.params))
 
-    return stage_main("Stage 6: test metrics with bootstrap intervals, plots and the release gate.",
-                      add_args, run, argv)
+    return stage_main(
+        "Stage 6: test metrics with bootstrap intervals, plots and the release gate.", add_args, run, argv
+    )
 
 
 if __name__ == "__main__":

@@ -56,21 +56,39 @@ class ScanDataset(Dataset):
         return x, int(self.labels[i])
 
 
-def make_loader(images: Any, labels: Sequence[int], batch_size: int, train: bool, transform: Any = None,
-                seed: int = 0, num_workers: int = 0, pin_memory: bool = False, world: World = World()) -> DataLoader:
+def make_loader(
+    images: Any,
+    labels: Sequence[int],
+    batch_size: int,
+    train: bool,
+    transform: Any = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    world: World = World(),
+) -> DataLoader:
     """DataLoader over uint8 images; shuffled by a seeded generator (which also seeds workers) when `train`.
 
     In a world of several processes, the training images are shared out by a seeded DistributedSampler
     (call `loader.sampler.set_epoch` every epoch) and `batch_size` is the per-process batch."""
     dataset = ScanDataset(images, labels, transform if train else None)
-    sampler = DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=seed) \
-        if train and world.size > 1 else None
+    sampler = (
+        DistributedSampler(dataset, world.size, world.rank, shuffle=True, seed=seed)
+        if train and world.size > 1
+        else None
+    )
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, num_workers=num_workers,
-        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed) if train and sampler is None else None,
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed) if train and sampler is None else None,
         persistent_workers=num_workers > 0,
         # A last training batch of one image breaks BatchNorm (one value per channel on 1x1 maps).
-        drop_last=train and len(sampler or dataset) % batch_size == 1)
+        drop_last=train and len(sampler or dataset) % batch_size == 1,
+    )
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -91,11 +109,20 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=True, memory_format=torch.channels_last)
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device, scaler: torch.amp.GradScaler | None = None, amp: bool = False,
-                    desc: str = "train", scheduler: Any = None,
-                    ema: torch.optim.swa_utils.AveragedModel | None = None,
-                    mixup: Mixup | None = None, progress: bool = True) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+    desc: str = "train",
+    scheduler: Any = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    mixup: Mixup | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
     """One pass over `loader` (updating `ema` after every step); returns {loss (mean per image), images, seconds}."""
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
@@ -123,8 +150,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
 
 
 @torch.inference_mode()
-def evaluate_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
-                   positive_index: int, amp: bool = False) -> dict[str, float]:
+def evaluate_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    device: torch.device,
+    positive_index: int,
+    amp: bool = False,
+) -> dict[str, float]:
     """Validation loss (same weighted criterion as training), AUROC (nan if a class is missing) and accuracy."""
     model.eval()
     total, probs, labels = 0.0, [], []
@@ -136,8 +169,11 @@ def evaluate_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, d
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())
         labels.append(y.cpu().numpy())
     p, y_true = np.concatenate(probs), np.concatenate(labels)
-    return {"val_loss": total / len(y_true), "val_auroc": auroc(y_true, p, positive_index),
-            "val_accuracy": float((p.argmax(1) == y_true).mean())}
+    return {
+        "val_loss": total / len(y_true),
+        "val_auroc": auroc(y_true, p, positive_index),
+        "val_accuracy": float((p.argmax(1) == y_true).mean()),
+    }
 
 
 @dataclass
@@ -159,8 +195,9 @@ class Setup:
     trainable: int
 
 
-def start_model(tp: TrainParams, num_classes: int, in_channels: int,
-                init: tuple[dict[str, Any], dict[str, str]] | None) -> tuple[nn.Module, dict[str, str]]:
+def start_model(
+    tp: TrainParams, num_classes: int, in_channels: int, init: tuple[dict[str, Any], dict[str, str]] | None
+) -> tuple[nn.Module, dict[str, str]]:
     """(model, pretrained record): ImageNet (or random) weights, or a warm start's `init` = (state_dict, record)."""
     # A warm start needs no ImageNet weights: the champion's replace every tensor (strictly checked).
     model, info = build_model(tp.backbone, num_classes, in_channels, tp.pretrained and init is None, tp.dropout)
@@ -169,14 +206,26 @@ def start_model(tp: TrainParams, num_classes: int, in_channels: int,
     try:
         model.load_state_dict(init[0])
     except RuntimeError as exc:
-        raise StageError(f"{init[1]['source']}: its weights do not fit {model.arch} "
-                         f"({str(exc).splitlines()[0]}); set train.init_from: null for a cold start.") from None
+        raise StageError(
+            f"{init[1]['source']}: its weights do not fit {model.arch} "
+            f"({str(exc).splitlines()[0]}); set train.init_from: null for a cold start."
+        ) from None
     return model, init[1]
 
 
-def setup(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_classes: int, params: Params,
-          seed: int, device: torch.device, use_amp: bool, world: World,
-          init: tuple[dict[str, Any], dict[str, str]] | None) -> Setup:
+def setup(
+    x_train: Any,
+    y_train: np.ndarray,
+    x_val: Any,
+    y_val: np.ndarray,
+    num_classes: int,
+    params: Params,
+    seed: int,
+    device: torch.device,
+    use_amp: bool,
+    world: World,
+    init: tuple[dict[str, Any], dict[str, str]] | None,
+) -> Setup:
     """Seed, build the model and everything that trains it. The order of the random draws (weights,
     then each process's augmentation seed) is part of what makes a run reproducible."""
     tp = params.train
@@ -193,29 +242,63 @@ def setup(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_
     optimizer = make_optimizer(model, tp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     pin = device.type == "cuda"
-    train_loader = make_loader(x_train, y_train, tp.batch_size // world.size, True, build_transform(params.augment),
-                               seed, tp.num_workers, pin, world)
+    train_loader = make_loader(
+        x_train,
+        y_train,
+        tp.batch_size // world.size,
+        True,
+        build_transform(params.augment),
+        seed,
+        tp.num_workers,
+        pin,
+        world,
+    )
     val_loader = make_loader(x_val, y_val, tp.batch_size, False, None, seed, tp.num_workers, pin)
-    return Setup(model=model, net=net, selected=ema.module if ema is not None else model, ema=ema,
-                 criterion=criterion, optimizer=optimizer, scheduler=make_scheduler(optimizer, len(train_loader), tp),
-                 scaler=scaler, mixup=Mixup(tp.mixup_alpha, seed) if tp.mixup_alpha > 0 else None,
-                 train_loader=train_loader, val_loader=val_loader, pretrained=pretrained, trainable=trainable)
+    return Setup(
+        model=model,
+        net=net,
+        selected=ema.module if ema is not None else model,
+        ema=ema,
+        criterion=criterion,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, len(train_loader), tp),
+        scaler=scaler,
+        mixup=Mixup(tp.mixup_alpha, seed) if tp.mixup_alpha > 0 else None,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        pretrained=pretrained,
+        trainable=trainable,
+    )
 
 
-def run_epoch(s: Setup, epoch: int, device: torch.device, use_amp: bool, world: World,
-              positive_index: int) -> tuple[dict[str, Any], dict[str, float]]:
+def run_epoch(
+    s: Setup, epoch: int, device: torch.device, use_amp: bool, world: World, positive_index: int
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Train one epoch, validate on rank 0 (every rank gets its numbers): (history row, training pass)."""
     lr = s.optimizer.param_groups[0]["lr"]
     if isinstance(s.train_loader.sampler, DistributedSampler):
         s.train_loader.sampler.set_epoch(epoch)
-    tr = train_one_epoch(s.net, s.train_loader, s.criterion, s.optimizer, device, s.scaler, use_amp, f"epoch {epoch}",
-                         s.scheduler, s.ema, s.mixup, progress=world.main)
+    tr = train_one_epoch(
+        s.net,
+        s.train_loader,
+        s.criterion,
+        s.optimizer,
+        device,
+        s.scaler,
+        use_amp,
+        f"epoch {epoch}",
+        s.scheduler,
+        s.ema,
+        s.mixup,
+        progress=world.main,
+    )
     if world.size > 1:  # the loss over every process's images; rank 0 validates, all follow its decision
         loss_sum, images = distributed.total([tr["loss"] * tr["images"], tr["images"]], world, device)
         tr = {**tr, "loss": loss_sum / images, "images": int(images)}
     ev = distributed.from_main(
-        evaluate_epoch(s.selected, s.val_loader, s.criterion, device, positive_index, use_amp)
-        if world.main else None, world)
+        evaluate_epoch(s.selected, s.val_loader, s.criterion, device, positive_index, use_amp) if world.main else None,
+        world,
+    )
     return {"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr}, tr
 
 
@@ -233,17 +316,37 @@ def _nan_to_none(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_classes: int, params: Params,
-        seed: int, device: torch.device, use_amp: bool, desc: str = "", world: World = World(),
-        on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        init: tuple[dict[str, Any], dict[str, str]] | None = None) -> dict[str, Any]:
+def fit(
+    x_train: Any,
+    y_train: np.ndarray,
+    x_val: Any,
+    y_val: np.ndarray,
+    num_classes: int,
+    params: Params,
+    seed: int,
+    device: torch.device,
+    use_amp: bool,
+    desc: str = "",
+    world: World = World(),
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    init: tuple[dict[str, Any], dict[str, str]] | None = None,
+) -> dict[str, Any]:
     """Train one model with `seed`; returns its kept weights (CPU, NCHW; rank 0's), history and counts.
     `on_epoch` gets each epoch's history row as soon as it is known (DVCLive's per-epoch log).
     `init`: (state_dict, pretrained record) of a warm start, loaded instead of the ImageNet weights."""
     tp = params.train
     s = setup(x_train, y_train, x_val, y_val, num_classes, params, seed, device, use_amp, world, init)
-    log.info("training %s%s (%s) on %s, seed %d: %d train / %d val images, %d trainable parameters", desc,
-             tp.backbone, s.pretrained["description"], device, seed, len(y_train), len(y_val), s.trainable)
+    log.info(
+        "training %s%s (%s) on %s, seed %d: %d train / %d val images, %d trainable parameters",
+        desc,
+        tp.backbone,
+        s.pretrained["description"],
+        device,
+        seed,
+        len(y_train),
+        len(y_val),
+        s.trainable,
+    )
 
     metric, history = tp.early_stopping_metric, []
     best_value, best_epoch, best_state, stale = None, 0, None, 0
@@ -256,8 +359,16 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
         if on_epoch is not None:
             on_epoch(row)
         epochs.set_postfix(train_loss=f"{row['train_loss']:.4f}", **{metric: f"{row[metric]:.4f}"})
-        log.info("%sepoch %d: train_loss=%.4f val_loss=%.4f val_auroc=%.4f val_accuracy=%.4f lr=%.3g", desc,
-                 epoch, row["train_loss"], row["val_loss"], row["val_auroc"], row["val_accuracy"], row["lr"])
+        log.info(
+            "%sepoch %d: train_loss=%.4f val_loss=%.4f val_auroc=%.4f val_accuracy=%.4f lr=%.3g",
+            desc,
+            epoch,
+            row["train_loss"],
+            row["val_loss"],
+            row["val_auroc"],
+            row["val_accuracy"],
+            row["lr"],
+        )
         if _improved(row[metric], best_value, metric):
             best_value, best_epoch, stale = row[metric], epoch, 0
             # In-memory copy on the CPU: later epochs must not overwrite the kept weights.
@@ -270,7 +381,15 @@ def fit(x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray, num_cl
                 break
     epochs.close()
     distributed.check_replicas(s.model, world, device)
-    return {"state": best_state, "history": history, "best_epoch": best_epoch, "best_value": _nan_to_none(best_value),
-            "epochs_run": len(history), "arch": s.model.arch, "pretrained": s.pretrained, "trainable": int(s.trainable),
-            "total": int(sum(p.numel() for p in s.model.parameters())),
-            "throughput": round(images_seen / seconds, 1) if seconds > 0 else None}
+    return {
+        "state": best_state,
+        "history": history,
+        "best_epoch": best_epoch,
+        "best_value": _nan_to_none(best_value),
+        "epochs_run": len(history),
+        "arch": s.model.arch,
+        "pretrained": s.pretrained,
+        "trainable": int(s.trainable),
+        "total": int(sum(p.numel() for p in s.model.parameters())),
+        "throughput": round(images_seen / seconds, 1) if seconds > 0 else None,
+    }

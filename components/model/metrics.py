@@ -42,8 +42,9 @@ def auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int) -> float:
     return float(skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(k))))
 
 
-def bootstrap_auroc(y_true: np.ndarray, probs: np.ndarray, positive_index: int,
-                    n_boot: int, seed: int) -> tuple[list[float | None], int]:
+def bootstrap_auroc(
+    y_true: np.ndarray, probs: np.ndarray, positive_index: int, n_boot: int, seed: int
+) -> tuple[list[float | None], int]:
     """Percentile 95% interval of AUROC over test images resampled with replacement.
 
     Resamples that miss a class (AUROC undefined) are skipped; the number of valid ones is
@@ -75,7 +76,8 @@ def per_class(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> dict[str, np.nd
     """
     labels = list(range(k))
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average=None, zero_division=0)
+        y_true, y_pred, labels=labels, average=None, zero_division=0
+    )
     # [[tn, fp], [fn, tp]] per class; tn + fp = the images not of that class.
     ovr = skm.multilabel_confusion_matrix(y_true, y_pred, labels=labels)
     tn, fp = ovr[:, 0, 0], ovr[:, 0, 1]
@@ -87,20 +89,31 @@ def _check(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], positi
     """ValueError naming the problem unless probs is (N, K), labels are in 0..K-1 and every class occurs."""
     k = len(classes)
     if probs.ndim != 2 or probs.shape != (len(y_true), k):
-        raise ValueError(f"probabilities have shape {probs.shape}; expected ({len(y_true)}, {k}) "
-                         f"for {len(y_true)} images and classes {list(classes)}.")
+        raise ValueError(
+            f"probabilities have shape {probs.shape}; expected ({len(y_true)}, {k}) "
+            f"for {len(y_true)} images and classes {list(classes)}."
+        )
     if y_true.size and (y_true.min() < 0 or y_true.max() >= k):
         raise ValueError(f"labels {sorted(set(y_true.tolist()))} are outside 0..{k - 1} (classes {list(classes)}).")
     missing = [classes[i] for i in range(k) if not np.any(y_true == i)]
     if missing:
-        raise ValueError(f"the test set has no images of class(es) {missing}; AUROC needs every class of "
-                         f"{list(classes)} in the test split (add data or change split.test_fraction).")
+        raise ValueError(
+            f"the test set has no images of class(es) {missing}; AUROC needs every class of "
+            f"{list(classes)} in the test split (add data or change split.test_fraction)."
+        )
     if not 0 <= positive_index < k:
         raise ValueError(f"positive_index {positive_index} is outside 0..{k - 1}.")
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], positive_index: int,
-                    threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
+def compute_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    positive_index: int,
+    threshold: float,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
     """All test metrics for class indices `y_true` (N,) and probabilities `probs` (N, K).
 
     Every class must occur in `y_true` (AUROC is undefined otherwise): ValueError if not.

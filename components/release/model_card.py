@@ -21,21 +21,41 @@ from components.templates import render
 
 # Validation checks that a params tolerance can let fail without stopping; the test metrics of a
 # model trained past them are optimistic, and its card says so.
-LEAKS = {"duplicates_in_one_split": ("byte-identical", "max_duplicates"),
-         "near_duplicates_in_one_split": ("near-duplicate", "max_near_duplicates")}
+LEAKS = {
+    "duplicates_in_one_split": ("byte-identical", "max_duplicates"),
+    "near_duplicates_in_one_split": ("near-duplicate", "max_near_duplicates"),
+}
 
 
 CARD_TEMPLATE = "release/templates/model_card.md.j2"
 
 
-def model_card(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, meta: dict,
-               exp: dict, synthetic: bool, validation: dict | None = None) -> str:
+def model_card(
+    mid: str,
+    ckpt: dict,
+    manifest: dict,
+    metrics: dict,
+    gate: dict,
+    meta: dict,
+    exp: dict,
+    synthetic: bool,
+    validation: dict | None = None,
+) -> str:
     """The human-readable summary of one model (Markdown), laid out by CARD_TEMPLATE."""
     return render(CARD_TEMPLATE, **card_context(mid, ckpt, manifest, metrics, gate, meta, exp, synthetic, validation))
 
 
-def card_context(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict, meta: dict,
-                 exp: dict, synthetic: bool, validation: dict | None) -> dict[str, Any]:
+def card_context(
+    mid: str,
+    ckpt: dict,
+    manifest: dict,
+    metrics: dict,
+    gate: dict,
+    meta: dict,
+    exp: dict,
+    synthetic: bool,
+    validation: dict | None,
+) -> dict[str, Any]:
     """The card's values, each present (None where a record lacks it: the template is strict)."""
     classes = list(metrics["classes"])
     train = {k: None for k in ("freeze", "unfreeze_last_n", "optimizer", "lr", "seed")}
@@ -43,31 +63,57 @@ def card_context(mid: str, ckpt: dict, manifest: dict, metrics: dict, gate: dict
     counts = manifest.get("counts") or {}
     members = ckpt.get("members", 1)
     lo, hi = metrics["auroc_ci"]
-    leaks = [{"kind": LEAKS[e["name"]][0], "key": LEAKS[e["name"]][1],
-              "n_offending": e.get("details", {}).get("n_offending", "Some")}
-             for e in (validation or {}).get("expectations", []) if e.get("name") in LEAKS and not e.get("success")]
+    leaks = [
+        {
+            "kind": LEAKS[e["name"]][0],
+            "key": LEAKS[e["name"]][1],
+            "n_offending": e.get("details", {}).get("n_offending", "Some"),
+        }
+        for e in (validation or {}).get("expectations", [])
+        if e.get("name") in LEAKS and not e.get("success")
+    ]
     return {
-        "model_id": mid, "classes": classes, "synthetic": synthetic, "export": exp, "leaks": leaks,
-        "data": {"data_version": manifest.get("data_version"), "content_hash": manifest.get("content_hash"),
-                 "n_images": manifest.get("n_images"), "n_unreadable": manifest.get("n_unreadable", 0),
-                 "split_method": (manifest.get("split") or {}).get("method", "unknown")},
+        "model_id": mid,
+        "classes": classes,
+        "synthetic": synthetic,
+        "export": exp,
+        "leaks": leaks,
+        "data": {
+            "data_version": manifest.get("data_version"),
+            "content_hash": manifest.get("content_hash"),
+            "n_images": manifest.get("n_images"),
+            "n_unreadable": manifest.get("n_unreadable", 0),
+            "split_method": (manifest.get("split") or {}).get("method", "unknown"),
+        },
         "splits": [{"name": s, "counts": [counts.get(s, {}).get(c, 0) for c in classes]} for s in SPLITS],
         "pretrained": {k: (ckpt.get("pretrained") or {}).get(k) for k in ("description", "name", "source", "sha256")},
         "train": train,
-        "model": {"backbone": ckpt.get("backbone"), "epochs_run": ckpt.get("epochs_run"),
-                  "best_epoch": ckpt.get("best_epoch"), "best_metric": (ckpt.get("best_metric") or {}).get("name"),
-                  "members": members, "last_seed": (train["seed"] or 0) + members - 1},
+        "model": {
+            "backbone": ckpt.get("backbone"),
+            "epochs_run": ckpt.get("epochs_run"),
+            "best_epoch": ckpt.get("best_epoch"),
+            "best_metric": (ckpt.get("best_metric") or {}).get("name"),
+            "members": members,
+            "last_seed": (train["seed"] or 0) + members - 1,
+        },
         "input": {k: meta.get(k) for k in ("channels", "image_size", "window", "equalize")}
         | {"resize": meta.get("resize", "as recorded")},
-        "metrics": {**{k: metrics[k] for k in ("n_test", "auroc", "f1", "confusion_matrix")},
-                    "averaging": metrics.get("averaging", ""), "auroc_low": lo, "auroc_high": hi,
-                    "bootstrap_valid": metrics.get("bootstrap_valid"), "tta": metrics.get("tta", "none"),
-                    "positive_class": metrics.get("positive_class"), "threshold": metrics.get("threshold"),
-                    "threshold_method": metrics.get("threshold_method") or "fixed"},
+        "metrics": {
+            **{k: metrics[k] for k in ("n_test", "auroc", "f1", "confusion_matrix")},
+            "averaging": metrics.get("averaging", ""),
+            "auroc_low": lo,
+            "auroc_high": hi,
+            "bootstrap_valid": metrics.get("bootstrap_valid"),
+            "tta": metrics.get("tta", "none"),
+            "positive_class": metrics.get("positive_class"),
+            "threshold": metrics.get("threshold"),
+            "threshold_method": metrics.get("threshold_method") or "fixed",
+        },
         "intervals": interval_rows(metrics),
         "macro": [(n, metrics[n]) for n in ("sensitivity", "specificity", "precision")] if len(classes) > 2 else [],
         "calibration": metrics.get("calibration") or {"method": "none"},
-        "gate_passed": gate["passed"], "gate_reasons": gate.get("reasons", []),
+        "gate_passed": gate["passed"],
+        "gate_reasons": gate.get("reasons", []),
     }
 
 
@@ -77,8 +123,12 @@ def interval_rows(metrics: dict) -> list[dict[str, Any]]:
     if len(classes) == 2:
         pos = classes.index(metrics["positive_class"])
         neg = 1 - pos
-        counts = {"sensitivity": (cm[pos, pos], cm[pos].sum()), "specificity": (cm[neg, neg], cm[neg].sum()),
-                  "precision": (cm[pos, pos], cm[:, pos].sum()), "accuracy": (np.trace(cm), cm.sum())}
+        counts = {
+            "sensitivity": (cm[pos, pos], cm[pos].sum()),
+            "specificity": (cm[neg, neg], cm[neg].sum()),
+            "precision": (cm[pos, pos], cm[:, pos].sum()),
+            "accuracy": (np.trace(cm), cm.sum()),
+        }
     else:
         counts = {"accuracy": (np.trace(cm), cm.sum())}
     rows = []

@@ -54,8 +54,7 @@ def make_session(model: Path | bytes, spinning: bool = True) -> Any:
     if ort.get_device() == "GPU" and _nvidia_driver_present():
         ort.set_default_logger_severity(3)  # a failed CUDA set-up is expected on some machines
         try:
-            session = ort.InferenceSession(source, options,
-                                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            session = ort.InferenceSession(source, options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
             if session.get_providers()[0] == "CUDAExecutionProvider":
                 return session
         except Exception as exc:  # noqa: BLE001 - any CUDA set-up failure means: use the CPU
@@ -81,8 +80,10 @@ def read_metadata(path: Path, session: Any = None, required: Sequence[str] = REQ
     props = dict(session.get_modelmeta().custom_metadata_map) if session is not None else _metadata_props(path)
     missing = [k for k in required if k not in props]
     if missing:
-        raise StageError(f"{path}: ONNX file has no medtune metadata (missing keys {missing}); expected a model "
-                         "exported by `medtune export`, which records the classes and preprocessing.")
+        raise StageError(
+            f"{path}: ONNX file has no medtune metadata (missing keys {missing}); expected a model "
+            "exported by `medtune export`, which records the classes and preprocessing."
+        )
     return decode_metadata(props, path)
 
 
@@ -94,8 +95,10 @@ def decode_metadata(props: Mapping[str, str], path: Path) -> dict[str, Any]:
             try:
                 meta[key] = json.loads(props[key])
             except json.JSONDecodeError as exc:
-                raise StageError(f"{path}: metadata {key!r} is not valid JSON ({exc.msg} at character {exc.pos}): "
-                                 f"{props[key][:80]!r}; re-export the model with `medtune export`.") from None
+                raise StageError(
+                    f"{path}: metadata {key!r} is not valid JSON ({exc.msg} at character {exc.pos}): "
+                    f"{props[key][:80]!r}; re-export the model with `medtune export`."
+                ) from None
     return meta
 
 
@@ -107,6 +110,8 @@ def _metadata_props(path: Path) -> dict[str, str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or any other reason it is not ONNX
-        raise StageError(f"{path}: not an ONNX file ({type(exc).__name__}: {str(exc)[:120]}); expected a model "
-                         "written by `medtune export`.") from None
+        raise StageError(
+            f"{path}: not an ONNX file ({type(exc).__name__}: {str(exc)[:120]}); expected a model "
+            "written by `medtune export`."
+        ) from None
     return {p.key: p.value for p in proto.metadata_props}

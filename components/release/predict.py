@@ -138,13 +138,17 @@ class Predictions:
     def columns(self) -> dict[str, list[Any]]:
         """The CSV's columns in order: path, prob_<class>... (6 decimals), predicted, error."""
         rounded = np.round(self.probs, 6)
-        return {"path": [f.as_posix() for f in self.files],
-                **{f"prob_{c}": rounded[:, j].tolist() for j, c in enumerate(self.classes)},
-                "predicted": self.predicted, "error": self.errors}
+        return {
+            "path": [f.as_posix() for f in self.files],
+            **{f"prob_{c}": rounded[:, j].tolist() for j, c in enumerate(self.classes)},
+            "predicted": self.predicted,
+            "error": self.errors,
+        }
 
 
-def run_model(model_path: str | Path, paths: Sequence[str | Path], batch_size: int = 32,
-              threads: int | None = None) -> Predictions:
+def run_model(
+    model_path: str | Path, paths: Sequence[str | Path], batch_size: int = 32, threads: int | None = None
+) -> Predictions:
     """The model on every scan in `paths`; `threads` decode (default: one per core; 1: this thread only)."""
     model_path = Path(model_path)
     if batch_size < 1:
@@ -207,14 +211,20 @@ def report(pred: Predictions, out_csv: str | Path | None) -> None:
     """One log line: how many files were predicted as what, how many were unreadable."""
     n_bad = sum(1 for e in pred.errors if e)
     counts = dict(Counter(p for p, e in zip(pred.predicted, pred.errors) if not e).most_common())
-    summary = (f"predicted {len(pred.files) - n_bad} of {len(pred.files)} file(s) with model {pred.model_id}: "
-               f"{counts}; {n_bad} unreadable"
-               + (f" (see the error column of {out_csv})" if n_bad and out_csv else ""))
+    summary = (
+        f"predicted {len(pred.files) - n_bad} of {len(pred.files)} file(s) with model {pred.model_id}: "
+        f"{counts}; {n_bad} unreadable" + (f" (see the error column of {out_csv})" if n_bad and out_csv else "")
+    )
     (log.warning if n_bad else log.info)(summary)
 
 
-def predict(model_path: str | Path, paths: Sequence[str | Path], out_csv: str | Path | None,
-            batch_size: int = 32, threads: int | None = None) -> pd.DataFrame:
+def predict(
+    model_path: str | Path,
+    paths: Sequence[str | Path],
+    out_csv: str | Path | None,
+    batch_size: int = 32,
+    threads: int | None = None,
+) -> pd.DataFrame:
     """Predict every scan in `paths`; write `out_csv` (if given) and return the same table."""
     import pandas as pd
 
@@ -231,16 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("paths", nargs="+", help="scan files and/or folders (searched recursively)")
         p.add_argument("-o", "--output", default="predictions.csv", help="CSV to write (default: predictions.csv)")
         p.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call (default: 32)")
-        p.add_argument("--threads", type=int, default=None,
-                       help="threads decoding scans while the model runs (default: one per core; 1: none)")
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="threads decoding scans while the model runs (default: one per core; 1: none)",
+        )
 
     def run(args: argparse.Namespace) -> None:  # predict() without the DataFrame: no pandas to import
         pred = run_model(args.model, args.paths, args.batch_size, args.threads)
         write_csv(pred, args.output)
         report(pred, args.output)
 
-    return stage_main("Run an exported medtune ONNX model on scans; write path,prob_<class>...,predicted,error.",
-                      add_args, run, argv)
+    return stage_main(
+        "Run an exported medtune ONNX model on scans; write path,prob_<class>...,predicted,error.", add_args, run, argv
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ def load_lineage(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise StageError(f"{path} not found; expected a lineage record written by `medtune export`.") from None
     except json.JSONDecodeError as exc:
-        raise StageError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); expected a lineage "
-                         "record written by `medtune export`.") from None
+        raise StageError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); expected a lineage "
+            "record written by `medtune export`."
+        ) from None
     if not isinstance(lineage, dict) or not lineage.get("model_id"):
         raise StageError(f"{path}: no 'model_id' in it; expected a lineage record written by `medtune export`.")
     return lineage
@@ -63,8 +65,10 @@ def read_releases(registry: Path) -> list[dict[str, Any]]:
         try:
             event = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise StageError(f"{path} line {n} is not valid JSON ({exc.msg}); expected one release event "
-                             "per line. Restore it from git (git checkout -- registry/releases.jsonl).") from None
+            raise StageError(
+                f"{path} line {n} is not valid JSON ({exc.msg}); expected one release event "
+                "per line. Restore it from git (git checkout -- registry/releases.jsonl)."
+            ) from None
         if not isinstance(event, dict):
             raise StageError(f"{path} line {n} is {type(event).__name__}; expected a JSON object per line.")
         events.append(event)
@@ -90,7 +94,7 @@ def previous_model(events: list[dict[str, Any]], model_id: str) -> str | None:
     champ = (first.get("champion") or {}).get("model_id")
     if champ and champ != model_id:
         return champ
-    for e in reversed(events[:mine[0]]):
+    for e in reversed(events[: mine[0]]):
         if e.get("event") in ("promoted", "rollback") and e.get("model_id") not in (None, model_id):
             return e["model_id"]
     return None
@@ -110,7 +114,9 @@ def find_id(ref: str, root: Path, registry: Path) -> tuple[str, Path] | None:
     ids = registered_ids(registry)
     hits = [i for i in ids if i == ref] or [i for i in ids if i.startswith(ref)]
     if len(hits) > 1:
-        raise StageError(f"model id prefix {ref!r} is ambiguous in {registry / 'models'}: {hits}; give more characters.")
+        raise StageError(
+            f"model id prefix {ref!r} is ambiguous in {registry / 'models'}: {hits}; give more characters."
+        )
     if hits:
         return hits[0], registry / "models" / hits[0] / LINEAGE
     ws = root / "models" / LINEAGE
@@ -119,7 +125,6 @@ def find_id(ref: str, root: Path, registry: Path) -> tuple[str, Path] | None:
         if mid.startswith(ref):
             return mid, ws
     return None
-
 
 
 def key_metrics(lineage: dict[str, Any] | None, fallback: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -64,6 +64,7 @@ EVENTS = ("promoted", "rejected", "rollback", "failed")
 # Records
 # ---------------------------------------------------------------------------------------------
 
+
 def current(root: str | Path = ".") -> dict[str, Any] | None:
     """The champion `{model_id, git_tag}`, or None before the first promotion."""
     return read_current(registry_dir(root))
@@ -79,9 +80,11 @@ def record_release(root: str | Path, record: dict[str, Any]) -> dict[str, Any]:
     required = ("event", "model_id", "trigger")
     missing = [k for k in required if k not in record]
     if missing or record["event"] not in EVENTS:
-        raise ValueError(f"release record {record!r} is invalid; expected keys {list(required)} and event "
-                         f"one of {', '.join(EVENTS)}.")
-    record = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **record}
+        raise ValueError(
+            f"release record {record!r} is invalid; expected keys {list(required)} and event "
+            f"one of {', '.join(EVENTS)}."
+        )
+    record = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **record}
     path = registry_dir(root) / "releases.jsonl"
     old = path.read_text() if path.is_file() else ""
     common.write_text(path, old + json.dumps(record, sort_keys=True, default=common._json_default) + "\n")
@@ -96,8 +99,9 @@ def model_dir(root: str | Path, model_id: str) -> Path:
     return registry_dir(root) / "models" / model_id
 
 
-def store_model(root: str | Path, model_id: str, models_dir: str | Path = "models",
-                manifest_csv: str | Path = "data/manifest.csv") -> Path:
+def store_model(
+    root: str | Path, model_id: str, models_dir: str | Path = "models", manifest_csv: str | Path = "data/manifest.csv"
+) -> Path:
     """Copy a model's lineage, card and manifest (and ONNX, git-ignored) into the registry."""
     root = Path(root)
     dest = model_dir(root, model_id)
@@ -116,8 +120,11 @@ def store_model(root: str | Path, model_id: str, models_dir: str | Path = "model
             shutil.copyfile(src, tmp)
     # Models are large and live in DVC (pull them at the model's tag); only records go to git.
     ignore = registry_dir(root) / ".gitignore"
-    lines = ignore.read_text().splitlines() if ignore.is_file() else \
-        ["# model files live in the DVC remote: git checkout <tag> && dvc pull"]
+    lines = (
+        ignore.read_text().splitlines()
+        if ignore.is_file()
+        else ["# model files live in the DVC remote: git checkout <tag> && dvc pull"]
+    )
     missing = [p for p in MODEL_BINARIES if p not in lines]
     if missing:
         common.write_text(ignore, "\n".join(lines + missing) + "\n")
@@ -150,22 +157,31 @@ def warm_start_plan(root: str | Path, params: Params) -> dict[str, Any]:
         return {"init_from": None, "model_id": None, "reason": "cold start: no champion yet"}
     mid, tp, pp = cur["model_id"], params.train, params.preprocess
     if tp.backbone not in BACKBONES:
-        return {"init_from": None, "model_id": mid,
-                "reason": f"cold start: train.backbone is a checkpoint path ({tp.backbone}), a starting point of its own"}
+        return {
+            "init_from": None,
+            "model_id": mid,
+            "reason": f"cold start: train.backbone is a checkpoint path ({tp.backbone}), a starting point of its own",
+        }
     try:
         path = champion_checkpoint(root)
         sha = common.sha256_file(path)
         if not sha.startswith(mid):
-            raise StageError(f"{path}: sha256 {sha[:12]}... is not champion {mid}'s (a model id is the first 12 "
-                             "hex digits of its model.pt's sha256)")
+            raise StageError(
+                f"{path}: sha256 {sha[:12]}... is not champion {mid}'s (a model id is the first 12 "
+                "hex digits of its model.pt's sha256)"
+            )
         ckpt = warm_start.read_checkpoint(path, sha)
     except StageError as exc:
         return {"init_from": None, "model_id": mid, "reason": f"cold start: champion {mid}'s weights: {exc}"}
-    wrong = warm_start.mismatches(ckpt, params.data.classes, pp.channels, pp.image_size, arch_of(tp.backbone),
-                                  tp.ensemble)
+    wrong = warm_start.mismatches(
+        ckpt, params.data.classes, pp.channels, pp.image_size, arch_of(tp.backbone), tp.ensemble
+    )
     if wrong:
-        return {"init_from": None, "model_id": mid,
-                "reason": f"cold start: champion {mid} does not match the parameters: its " + "; ".join(wrong)}
+        return {
+            "init_from": None,
+            "model_id": mid,
+            "reason": f"cold start: champion {mid} does not match the parameters: its " + "; ".join(wrong),
+        }
     return {"init_from": sha, "model_id": mid, "reason": f"warm start from champion {mid} (sha256 {sha})"}
 
 
@@ -187,8 +203,14 @@ def _in_git(root: Path) -> bool:
     return git(root, "rev-parse", "--is-inside-work-tree", check=False) == "true"
 
 
-def rollback(model_id: str, root: str | Path = ".", reason: str | None = None, trigger: str = "manual",
-             flow_run_id: str | None = None, commit: bool = True) -> dict[str, Any]:
+def rollback(
+    model_id: str,
+    root: str | Path = ".",
+    reason: str | None = None,
+    trigger: str = "manual",
+    flow_run_id: str | None = None,
+    commit: bool = True,
+) -> dict[str, Any]:
     """Make an earlier promoted model the current one, recorded as a `rollback` release event.
 
     In the event, `champion` is the model being replaced and `challenger` the one restored. The
@@ -199,15 +221,19 @@ def rollback(model_id: str, root: str | Path = ".", reason: str | None = None, t
     registry = registry_dir(root)
     found = find_id(model_id, root, registry) if HEX_ID.match(model_id) else None
     if found is None or found[1].parent.parent != registry / "models":
-        raise StageError(f"model {model_id!r} is not in {registry / 'models'} (registered: "
-                         f"{', '.join(registered_ids(registry)) or 'none'}); only a promoted model can be rolled back to.")
+        raise StageError(
+            f"model {model_id!r} is not in {registry / 'models'} (registered: "
+            f"{', '.join(registered_ids(registry)) or 'none'}); only a promoted model can be rolled back to."
+        )
     mid = found[0]
     events = read_releases(registry)
     promoted = [e for e in events_for(events, mid) if e.get("event") == "promoted"]
     if not promoted:
         kinds = [e.get("event") for e in events_for(events, mid)] or ["none"]
-        raise StageError(f"model {mid} was never promoted (its events in {registry / 'releases.jsonl'}: "
-                         f"{kinds}); only a model that was promoted once can be rolled back to.")
+        raise StageError(
+            f"model {mid} was never promoted (its events in {registry / 'releases.jsonl'}: "
+            f"{kinds}); only a model that was promoted once can be rolled back to."
+        )
     current = read_current(registry) or {}
     if current.get("model_id") == mid:
         raise StageError(f"model {mid} is already the current model ({registry / 'current.json'}); nothing to do.")
@@ -218,14 +244,24 @@ def rollback(model_id: str, root: str | Path = ".", reason: str | None = None, t
     git_tag = next((e.get("git_tag") for e in reversed(promoted) if e.get("git_tag")), None)
     in_git = commit and _in_git(root)
     if in_git and git(root, "status", "--porcelain", "--", "registry/releases.jsonl", "registry/current.json"):
-        raise StageError(f"{registry}/releases.jsonl or current.json has uncommitted changes; commit or restore "
-                         "them first (git status registry/), so the rollback is one clean commit.")
-    record = record_release(root, {
-        "event": "rollback", "model_id": mid, "trigger": trigger, "flow_run_id": flow_run_id,
-        "champion": {"model_id": prev_id, "metrics": key_metrics(prev_lineage) if prev_lineage else None},
-        "challenger": {"model_id": mid, "metrics": key_metrics(lineage)},
-        "reasons": [reason or f"manual rollback from {prev_id} to {mid}"],
-        "git_tag": git_tag, "data_version": (lineage.get("data") or {}).get("data_version")})
+        raise StageError(
+            f"{registry}/releases.jsonl or current.json has uncommitted changes; commit or restore "
+            "them first (git status registry/), so the rollback is one clean commit."
+        )
+    record = record_release(
+        root,
+        {
+            "event": "rollback",
+            "model_id": mid,
+            "trigger": trigger,
+            "flow_run_id": flow_run_id,
+            "champion": {"model_id": prev_id, "metrics": key_metrics(prev_lineage) if prev_lineage else None},
+            "challenger": {"model_id": mid, "metrics": key_metrics(lineage)},
+            "reasons": [reason or f"manual rollback from {prev_id} to {mid}"],
+            "git_tag": git_tag,
+            "data_version": (lineage.get("data") or {}).get("data_version"),
+        },
+    )
     set_current(root, mid, git_tag)
     if in_git:
         paths = ["registry/releases.jsonl", "registry/current.json"]

@@ -32,8 +32,10 @@ log = logging.getLogger("medtune.challenger")
 # Champion vs challenger
 # ---------------------------------------------------------------------------------------------
 
-def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, default_threshold: float,
-                       batch: int = 64) -> tuple[np.ndarray, float]:
+
+def onnx_probabilities(
+    onnx_path: str | Path, images: np.ndarray, default_threshold: float, batch: int = 64
+) -> tuple[np.ndarray, float]:
     """The model's probabilities on uint8 `images`, and the binary threshold it was evaluated (and is
     deployed) with, from its ONNX metadata (`default_threshold` for a model that records none)."""
     session = make_session(Path(onnx_path))
@@ -41,10 +43,14 @@ def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, default_thresh
     inp = session.get_inputs()[0]
     shape = [d if isinstance(d, int) else None for d in inp.shape]
     if shape[1:] != list(images.shape[1:]):
-        raise StageError(f"{onnx_path} expects input {inp.shape[1:]} but the prepared test images are "
-                         f"{list(images.shape[1:])}; the two models cannot be compared on the same data.")
-    out = [session.run(None, {inp.name: np.asarray(images[i:i + batch], dtype=np.float32) / 255.0})[0]
-           for i in range(0, len(images), batch)]
+        raise StageError(
+            f"{onnx_path} expects input {inp.shape[1:]} but the prepared test images are "
+            f"{list(images.shape[1:])}; the two models cannot be compared on the same data."
+        )
+    out = [
+        session.run(None, {inp.name: np.asarray(images[i : i + batch], dtype=np.float32) / 255.0})[0]
+        for i in range(0, len(images), batch)
+    ]
     probs = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
     return probs, default_threshold if threshold is None else float(threshold)
 
@@ -74,8 +80,10 @@ def unreproducible(root: str | Path, lineage: dict[str, Any]) -> list[str]:
         return []
     why = []
     if code.get("git_dirty") is not False:
-        why.append("the code was not committed when the model was exported (lineage git_dirty: "
-                   f"{json.dumps(code.get('git_dirty'))})")
+        why.append(
+            "the code was not committed when the model was exported (lineage git_dirty: "
+            f"{json.dumps(code.get('git_dirty'))})"
+        )
     commit = str(code.get("git_commit") or "unknown")
     found = common.run_tool(["git", "cat-file", "-e", f"{commit}^{{commit}}"], root, check=False).returncode == 0
     if not found:
@@ -83,12 +91,17 @@ def unreproducible(root: str | Path, lineage: dict[str, Any]) -> list[str]:
     else:
         changed = git(root, "diff", "--name-only", commit, "HEAD", "--", ".", *common.record_pathspecs(root)).split()
         if changed:
-            why.append(f"the code changed between the model's commit {commit[:12]} and HEAD: {', '.join(changed[:10])}"
-                       + (f" and {len(changed) - 10} more" if len(changed) > 10 else ""))
+            why.append(
+                f"the code changed between the model's commit {commit[:12]} and HEAD: {', '.join(changed[:10])}"
+                + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
+            )
     now = common.git_facts(root)
     if now["dirty"]:
-        why.append("the working tree's code differs from HEAD (commit it): " + ", ".join(now["modified"][:10])
-                   + (f" and {len(now['modified']) - 10} more" if len(now["modified"]) > 10 else ""))
+        why.append(
+            "the working tree's code differs from HEAD (commit it): "
+            + ", ".join(now["modified"][:10])
+            + (f" and {len(now['modified']) - 10} more" if len(now["modified"]) > 10 else "")
+        )
     status = dvc(root, "status", "--json", check=False)
     try:
         stale = sorted(json.loads(status or "{}"))
@@ -99,9 +112,15 @@ def unreproducible(root: str | Path, lineage: dict[str, Any]) -> list[str]:
     return why
 
 
-def compare(root: str | Path, params: Params, compare_metric: str, margin: float,
-            prepared_dir: str | Path = "data/prepared", models_dir: str | Path = "models",
-            reports_dir: str | Path = "reports") -> dict[str, Any]:
+def compare(
+    root: str | Path,
+    params: Params,
+    compare_metric: str,
+    margin: float,
+    prepared_dir: str | Path = "data/prepared",
+    models_dir: str | Path = "models",
+    reports_dir: str | Path = "reports",
+) -> dict[str, Any]:
     """The promotion decision for the challenger in models/ + reports/ against the registry champion.
 
     Promote iff the challenger passed the absolute gate AND (no champion, or challenger metric >=
@@ -116,13 +135,20 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
     blockers = _gate_blockers(challenger, exported, models)  # the subset of reasons that stop a promotion
     reasons: list[str] = []
     if cur and cur["model_id"] == challenger["model_id"]:
-        return {"promote": False, "reasons": ["challenger is the current champion (same model id); nothing to do"],
-                "champion": champion, "challenger": challenger, "comparison": None, "same_model": True}
+        return {
+            "promote": False,
+            "reasons": ["challenger is the current champion (same model id); nothing to do"],
+            "champion": champion,
+            "challenger": challenger,
+            "comparison": None,
+            "same_model": True,
+        }
 
     comparison = None
     if cur:
         counts, champion["metrics"], shared, problem = _shared_test_metrics(
-            root / prepared_dir, root, params, cur, models / "model.onnx" if exported else None)
+            root / prepared_dir, root, params, cur, models / "model.onnx" if exported else None
+        )
         comparison = {"metric": compare_metric, "margin": margin, **counts}
         if shared is not None:
             comparison["challenger"] = shared
@@ -133,20 +159,31 @@ def compare(root: str | Path, params: Params, compare_metric: str, margin: float
             b = float(champion["metrics"][compare_metric])
             comparison.update(challenger_value=a, champion_value=b)
             if not np.isfinite(a) or a < b - margin:
-                blockers.append(f"challenger {compare_metric} {a:.4f} is worse than champion {b:.4f} by more than "
-                                f"the margin {margin} on {comparison['n_compared']} shared test images")
+                blockers.append(
+                    f"challenger {compare_metric} {a:.4f} is worse than champion {b:.4f} by more than "
+                    f"the margin {margin} on {comparison['n_compared']} shared test images"
+                )
             else:
-                reasons.append(f"challenger {compare_metric} {a:.4f} >= champion {b:.4f} - margin {margin} on "
-                               f"{comparison['n_compared']} shared test images")
+                reasons.append(
+                    f"challenger {compare_metric} {a:.4f} >= champion {b:.4f} - margin {margin} on "
+                    f"{comparison['n_compared']} shared test images"
+                )
     if not blockers:  # a promotion is tagged: the tag must reproduce the model
-        blockers += [f"a release tag would not reproduce challenger {challenger['model_id']}: {w}"
-                     for w in unreproducible(root, common.read_json(models / "lineage.json"))]
+        blockers += [
+            f"a release tag would not reproduce challenger {challenger['model_id']}: {w}"
+            for w in unreproducible(root, common.read_json(models / "lineage.json"))
+        ]
     promote = not blockers
     reasons = blockers + reasons
     if promote and not cur:
         reasons.append("no champion yet: the first model that passes the gate is promoted")
-    return {"promote": promote, "reasons": reasons, "champion": champion, "challenger": challenger,
-            "comparison": comparison}
+    return {
+        "promote": promote,
+        "reasons": reasons,
+        "champion": champion,
+        "challenger": challenger,
+        "comparison": comparison,
+    }
 
 
 def _challenger(reports: Path, models: Path) -> tuple[dict[str, Any], bool]:
@@ -156,11 +193,18 @@ def _challenger(reports: Path, models: Path) -> tuple[dict[str, Any], bool]:
 
     gate = common.read_json(reports / "gate.json")
     # The model id is known even when export was refused.
-    challenger = {"model_id": model_id(common.sha256_file(models / "model.pt")) if (models / "model.pt").is_file() else None,
-                  "metrics": read_record(reports), "gate": gate}
+    challenger = {
+        "model_id": model_id(common.sha256_file(models / "model.pt")) if (models / "model.pt").is_file() else None,
+        "metrics": read_record(reports),
+        "gate": gate,
+    }
     # A models/model.onnx left by an earlier run must not stand in for this checkpoint.
-    exported = ((models / "lineage.json").is_file() and (models / "model.onnx").is_file()
-                and challenger["model_id"] is not None and model_id_of(models) == challenger["model_id"])
+    exported = (
+        (models / "lineage.json").is_file()
+        and (models / "model.onnx").is_file()
+        and challenger["model_id"] is not None
+        and model_id_of(models) == challenger["model_id"]
+    )
     return challenger, exported
 
 
@@ -174,8 +218,9 @@ def _gate_blockers(challenger: dict[str, Any], exported: bool, models: Path) -> 
     return []
 
 
-def _shared_test_metrics(prepared: Path, root: Path, params: Params, cur: dict[str, Any],
-                         challenger_onnx: Path | None) -> tuple[dict[str, int], dict | None, dict | None, str | None]:
+def _shared_test_metrics(
+    prepared: Path, root: Path, params: Params, cur: dict[str, Any], challenger_onnx: Path | None
+) -> tuple[dict[str, int], dict | None, dict | None, str | None]:
     """The champion's and challenger's (if exported) metrics on the test images of patients the champion
     never trained or validated on: (their counts, champion metrics, challenger metrics, why a model
     could not be scored there, or None). Metrics are None when not computed."""
@@ -186,24 +231,35 @@ def _shared_test_metrics(prepared: Path, root: Path, params: Params, cur: dict[s
     keep = comparison_rows(index, model_dir(root, cur["model_id"]) / "manifest.csv")
     y = index["label_index"].to_numpy()[keep]
     ev = params.evaluate
-    counts = {"n_test": int(len(index)), "n_compared": int(keep.sum()),
-              "excluded_champion_train_patients": int((~keep).sum())}
+    counts = {
+        "n_test": int(len(index)),
+        "n_compared": int(keep.sum()),
+        "excluded_champion_train_patients": int((~keep).sum()),
+    }
     champion_metrics = challenger_metrics = None
     try:
         onnx = champion_onnx(root)
         if onnx is None:
-            raise StageError(f"champion {cur['model_id']}: its ONNX is neither in the registry nor retrievable "
-                             f"with dvc get at tag {cur.get('git_tag')}")
+            raise StageError(
+                f"champion {cur['model_id']}: its ONNX is neither in the registry nor retrievable "
+                f"with dvc get at tag {cur.get('git_tag')}"
+            )
         subset = np.asarray(images)[keep]
         # Each model at its own recorded threshold (it may have been chosen on its validation split).
         probs, threshold = onnx_probabilities(onnx, subset, ev.threshold)
-        champion_metrics = compute_metrics(y, probs, params.data.classes, params.positive_index,
-                                           threshold, ev.bootstrap, ev.seed)
+        champion_metrics = compute_metrics(
+            y, probs, params.data.classes, params.positive_index, threshold, ev.bootstrap, ev.seed
+        )
         if challenger_onnx is not None:
             cprobs, cthreshold = onnx_probabilities(challenger_onnx, subset, ev.threshold)
-            challenger_metrics = compute_metrics(y, cprobs, params.data.classes, params.positive_index,
-                                                 cthreshold, ev.bootstrap, ev.seed)
+            challenger_metrics = compute_metrics(
+                y, cprobs, params.data.classes, params.positive_index, cthreshold, ev.bootstrap, ev.seed
+            )
     except (StageError, ValueError) as exc:
-        return (counts, champion_metrics, challenger_metrics,
-                f"cannot compare with champion {cur['model_id']} on the same test data: {exc}")
+        return (
+            counts,
+            champion_metrics,
+            challenger_metrics,
+            f"cannot compare with champion {cur['model_id']} on the same test data: {exc}",
+        )
     return counts, champion_metrics, challenger_metrics, None

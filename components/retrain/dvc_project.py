@@ -50,9 +50,22 @@ def ensure_remote(root: str | Path, url: str, name: str = "medtune") -> str:
 
 # Remote options that hold a secret: they belong in the environment or .dvc/config.local (git-ignored),
 # never in .dvc/config, which every release commits.
-SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token", "password", "passphrase", "token",
-                  "account_key", "sas_token", "connection_string", "client_secret", "gdrive_client_secret",
-                  "oss_key_id", "oss_key_secret", "key_secret")
+SECRET_OPTIONS = (
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+    "password",
+    "passphrase",
+    "token",
+    "account_key",
+    "sas_token",
+    "connection_string",
+    "client_secret",
+    "gdrive_client_secret",
+    "oss_key_id",
+    "oss_key_secret",
+    "key_secret",
+)
 
 
 def refuse_secrets_in_config(root: str | Path) -> None:
@@ -60,13 +73,19 @@ def refuse_secrets_in_config(root: str | Path) -> None:
     a remote, or a password in a remote's URL. Credentials come from the environment (AWS_ACCESS_KEY_ID,
     ...) or `dvc remote modify --local` (.dvc/config.local, which DVC keeps out of git)."""
     path = Path(root) / ".dvc/config"
-    found = [f"[{section}] {key}" for section, options in _sections(dvc_config(root, "repo")) for key, value in
-             options.items() if key in SECRET_OPTIONS or (key == "url" and urlsplit(str(value)).password)]
+    found = [
+        f"[{section}] {key}"
+        for section, options in _sections(dvc_config(root, "repo"))
+        for key, value in options.items()
+        if key in SECRET_OPTIONS or (key == "url" and urlsplit(str(value)).password)
+    ]
     if found:
-        raise StageError(f"{path} holds credentials ({', '.join(found)}), and a release commits that file to git. "
-                         "Move them out: `dvc remote modify --local <remote> <option> <value>` (.dvc/config.local, "
-                         "git-ignored) or the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3); "
-                         "nothing was pushed or committed (docs/orchestration.md, 'Remote storage').")
+        raise StageError(
+            f"{path} holds credentials ({', '.join(found)}), and a release commits that file to git. "
+            "Move them out: `dvc remote modify --local <remote> <option> <value>` (.dvc/config.local, "
+            "git-ignored) or the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for S3); "
+            "nothing was pushed or committed (docs/orchestration.md, 'Remote storage')."
+        )
 
 
 def _sections(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -100,6 +119,7 @@ def release_paths(root: str | Path = ".") -> tuple[list[str], list[str]]:
     except Exception as exc:  # noqa: BLE001 - NotDvcRepoError and config errors alike
         raise StageError(f"{root}: not readable as a DVC project ({exc}); a release needs one.") from exc
     with repo:
+
         def rel(path: str) -> str:
             return Path(os.path.relpath(path, repo.root_dir)).as_posix()
 

@@ -58,6 +58,7 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Finding batches
 # ---------------------------------------------------------------------------------------------
 
+
 def project_resource(root: str | Path) -> str:
     """Prefect resource id of this project's inbox (so two projects on one server do not cross-trigger)."""
     digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
@@ -71,12 +72,16 @@ def add_to_inbox(source: str | Path, inbox_dir: str | Path, name: str | None = N
     """
     source = Path(source)
     if not source.is_dir():
-        raise StageError(f"ingest-new: {source} is not a folder; expected a batch folder with class "
-                         "sub-folders or files plus labels.csv.")
+        raise StageError(
+            f"ingest-new: {source} is not a folder; expected a batch folder with class "
+            "sub-folders or files plus labels.csv."
+        )
     name = name or source.resolve().name
     if not _NAME_OK.match(name):
-        raise StageError(f"ingest-new: batch name {name!r} is invalid; expected letters, digits, '.', '_', '-' "
-                         "and no leading '.' or '_' (pass --name).")
+        raise StageError(
+            f"ingest-new: batch name {name!r} is invalid; expected letters, digits, '.', '_', '-' "
+            "and no leading '.' or '_' (pass --name)."
+        )
     inbox = Path(inbox_dir)
     inbox.mkdir(parents=True, exist_ok=True)
     target = inbox / name
@@ -84,8 +89,10 @@ def add_to_inbox(source: str | Path, inbox_dir: str | Path, name: str | None = N
         raise StageError(f"ingest-new: {target} already exists; the inbox holds a batch of that name (pass --name).")
     too_large = folders.list_folder(source).with_reason(folders.TOO_LARGE)
     if too_large:  # copying it would take minutes and the disk space; no check could accept it
-        raise StageError(f"ingest-new: {source / too_large[0]} is {folders.TOO_LARGE}; "
-                         f"{len(too_large)} such file(s). Remove them from the batch.")
+        raise StageError(
+            f"ingest-new: {source / too_large[0]} is {folders.TOO_LARGE}; "
+            f"{len(too_large)} such file(s). Remove them from the batch."
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{name}-", dir=inbox))
     try:
         # symlinks=True: a link is copied as a link, never its target's bytes; the batch check then
@@ -100,6 +107,7 @@ def add_to_inbox(source: str | Path, inbox_dir: str | Path, name: str | None = N
 # ---------------------------------------------------------------------------------------------
 # Reading and checking one batch
 # ---------------------------------------------------------------------------------------------
+
 
 def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, list[str]]:
     """One row per file of the batch (manifest-shaped, plus `split` from labels.csv if given).
@@ -127,13 +135,19 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
     if labels is not None and params.data.label_source == "folder":
         # In folder mode the batch's files join class folders and its labels.csv is not kept, so a
         # patient_id or split given there would be dropped without a word.
-        problems += [f"{labels_csv}: column {col!r} cannot be kept: the raw data is folder-per-class "
-                     "(data.label_source: folder); expected only path,label, or raw data with labels.csv."
-                     for col in ("patient_id", "split") if col in labels.columns]
+        problems += [
+            f"{labels_csv}: column {col!r} cannot be kept: the raw data is folder-per-class "
+            "(data.label_source: folder); expected only path,label, or raw data with labels.csv."
+            for col in ("patient_id", "split")
+            if col in labels.columns
+        ]
     if labels is not None:
         scan_set = set(listing.scans)
-        problems += [f"{labels_csv} line {r.line}: path {r.path!r} is not a scan file of the batch."
-                     for r in labels.itertuples() if r.path not in scan_set]
+        problems += [
+            f"{labels_csv} line {r.line}: path {r.path!r} is not a scan file of the batch."
+            for r in labels.itertuples()
+            if r.path not in scan_set
+        ]
     by_path = {} if labels is None else labels.set_index("path").to_dict("index")
     rows = []
     for rel in listing.scans:
@@ -161,15 +175,29 @@ def current_manifest(manifest_csv: str | Path, raw_dir: str | Path, params: Para
             return ingest.ingest(Path(raw_dir), Path(tmp), params).astype(str)
         except StageError as exc:
             # The raw data cannot be split yet (e.g. too few patients): hashes and patients still count.
-            log.warning("ingest of %s for the batch checks failed (%s); checking against file hashes only", raw_dir, exc)
+            log.warning(
+                "ingest of %s for the batch checks failed (%s); checking against file hashes only", raw_dir, exc
+            )
             files = ingest.find_scans(Path(raw_dir), params.data.labels_csv).scans
-            return pd.DataFrame({"path": files,
-                                 "sha256": [common.sha256_file(Path(raw_dir) / rel) for rel in files],
-                                 "label": "", "patient": "", "split": "", "error": ""})
+            return pd.DataFrame(
+                {
+                    "path": files,
+                    "sha256": [common.sha256_file(Path(raw_dir) / rel) for rel in files],
+                    "label": "",
+                    "patient": "",
+                    "split": "",
+                    "error": "",
+                }
+            )
 
 
-def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFrame, params: Params,
-                already_appended: Sequence[str] = ()) -> list[str]:
+def check_batch(
+    batch_dir: str | Path,
+    rows: pd.DataFrame,
+    manifest: pd.DataFrame,
+    params: Params,
+    already_appended: Sequence[str] = (),
+) -> list[str]:
     """Problems with one batch, each naming the file, the value and what was expected ([] = good).
 
     `already_appended`: manifest paths that are this batch's own earlier copy in raw (a resumed
@@ -182,8 +210,13 @@ def check_batch(batch_dir: str | Path, rows: pd.DataFrame, manifest: pd.DataFram
     if rows.empty:
         return problems + [f"{batch}: no scans found; expected class sub-folders or files plus labels.csv."]
     existing = manifest[~manifest["path"].isin(set(already_appended))]
-    return (problems + _file_problems(batch, rows, params) + _split_problems(batch, rows)
-            + _duplicate_problems(batch, rows, existing) + _known_patient_problems(batch, rows, existing))
+    return (
+        problems
+        + _file_problems(batch, rows, params)
+        + _split_problems(batch, rows)
+        + _duplicate_problems(batch, rows, existing)
+        + _known_patient_problems(batch, rows, existing)
+    )
 
 
 def _file_problems(batch: Path, rows: pd.DataFrame, params: Params) -> list[str]:
@@ -201,8 +234,9 @@ def _file_problems(batch: Path, rows: pd.DataFrame, params: Params) -> list[str]
         elif r.label not in classes:
             problems.append(f"{where}: label {r.label!r} is unknown; expected one of data.classes {classes}.")
         if not (v.min_size <= int(r.width) <= v.max_size and v.min_size <= int(r.height) <= v.max_size):
-            problems.append(f"{where}: size {r.width}x{r.height} is outside validate.min_size..max_size "
-                            f"{v.min_size}..{v.max_size}.")
+            problems.append(
+                f"{where}: size {r.width}x{r.height} is outside validate.min_size..max_size {v.min_size}..{v.max_size}."
+            )
         if int(r.bit_depth) not in v.bit_depths:
             problems.append(f"{where}: bit depth {r.bit_depth} is not one of validate.bit_depths {v.bit_depths}.")
         if r.split and r.split not in common.SPLITS:
@@ -216,8 +250,10 @@ def _split_problems(batch: Path, rows: pd.DataFrame) -> list[str]:
     split_of = rows[(rows["patient"] != "") & (rows["split"] != "")].groupby("patient")["split"].unique()
     for patient, splits in split_of[split_of.map(len) > 1].items():
         paths = list(rows.loc[rows["patient"] == patient, "path"])[:4]
-        problems.append(f"{batch}: patient {patient} (hashed) is in splits {sorted(splits)} within the batch "
-                        f"({paths}); expected each patient in one split.")
+        problems.append(
+            f"{batch}: patient {patient} (hashed) is in splits {sorted(splits)} within the batch "
+            f"({paths}); expected each patient in one split."
+        )
     return problems
 
 
@@ -231,8 +267,10 @@ def _duplicate_problems(batch: Path, rows: pd.DataFrame, existing: pd.DataFrame)
     known = dict(zip(existing["sha256"], existing["path"]))
     for r in rows.itertuples(index=False):
         if r.sha256 in known:
-            problems.append(f"{batch / r.path}: duplicates raw scan {known[r.sha256]!r} already in the data "
-                            f"(sha256 {r.sha256[:12]}).")
+            problems.append(
+                f"{batch / r.path}: duplicates raw scan {known[r.sha256]!r} already in the data "
+                f"(sha256 {r.sha256[:12]})."
+            )
     return problems
 
 
@@ -244,9 +282,11 @@ def _known_patient_problems(batch: Path, rows: pd.DataFrame, existing: pd.DataFr
         if r.patient and r.patient in have.index:
             splits = have[r.patient]
             if not (r.split and splits == [r.split]):
-                problems.append(f"{batch / r.path}: patient {r.patient} (hashed) is already in the raw data "
-                                f"(split {'/'.join(splits) or 'unassigned'}); a batch must bring new patients, "
-                                "or give that patient the same split in labels.csv.")
+                problems.append(
+                    f"{batch / r.path}: patient {r.patient} (hashed) is already in the raw data "
+                    f"(split {'/'.join(splits) or 'unassigned'}); a batch must bring new patients, "
+                    "or give that patient the same split in labels.csv."
+                )
     return problems
 
 
@@ -254,27 +294,38 @@ def _known_patient_problems(batch: Path, rows: pd.DataFrame, existing: pd.DataFr
 # Outcomes: quarantine, archive (the append: components.retrain.raw_append)
 # ---------------------------------------------------------------------------------------------
 
+
 def _stamp() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def quarantine(batch_dir: str | Path, quarantine_dir: str | Path, problems: Sequence[str],
-               context: dict[str, Any] | None = None) -> Path:
+def quarantine(
+    batch_dir: str | Path, quarantine_dir: str | Path, problems: Sequence[str], context: dict[str, Any] | None = None
+) -> Path:
     """Move the batch, unchanged, to quarantine_dir/<batch>-<time>/batch and write the report beside it."""
     batch = Path(batch_dir)
     dest = Path(quarantine_dir) / f"{batch.name}-{_stamp()}"
     dest.mkdir(parents=True, exist_ok=False)
-    report = {"batch": batch.name, "source": str(batch), "quarantined_at": _stamp(), "problems": list(problems),
-              **(context or {})}
+    report = {
+        "batch": batch.name,
+        "source": str(batch),
+        "quarantined_at": _stamp(),
+        "problems": list(problems),
+        **(context or {}),
+    }
     # The report first: if the move fails the report still says why, and the batch stays in the inbox.
     common.write_json(dest / "report.json", report)
     if (context or {}).get("failure"):
-        intro = ("The batch passed its own checks and was appended, then the pipeline failed (below). The "
-                 "workspace was restored to the last committed data version and the current model stays. "
-                 "The failed run's reports are in `failed-run/` beside this file. Fix the cause (the batch, or the data/parameters it ran into) and drop it into the inbox again.")
+        intro = (
+            "The batch passed its own checks and was appended, then the pipeline failed (below). The "
+            "workspace was restored to the last committed data version and the current model stays. "
+            "The failed run's reports are in `failed-run/` beside this file. Fix the cause (the batch, or the data/parameters it ran into) and drop it into the inbox again."
+        )
     else:
-        intro = (f"{len(problems)} problem(s); nothing was retrained and the current model stays. Fix the batch "
-                 "and drop it into the inbox again.")
+        intro = (
+            f"{len(problems)} problem(s); nothing was retrained and the current model stays. Fix the batch "
+            "and drop it into the inbox again."
+        )
     md = [f"# Quarantined batch `{batch.name}`", "", intro, ""]
     md += [f"- {p}" for p in problems[:200]]
     if len(problems) > 200:
@@ -300,4 +351,3 @@ def summary_table(rows: pd.DataFrame) -> list[dict[str, Any]]:
         return []
     counts = rows.assign(split=rows["split"].replace("", "(pipeline)")).groupby(["label", "split"]).size()
     return [{"label": k[0], "split": k[1], "files": int(n)} for k, n in counts.items()]
-

@@ -37,7 +37,6 @@ log = logging.getLogger("medtune.promote")
 # git and DVC commands: common.run_tool / common.git / common.dvc (one at a time in the project root).
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Recording the outcome (the atomic part)
 # ---------------------------------------------------------------------------------------------
@@ -49,8 +48,14 @@ PENDING = ".dvc/tmp/medtune-release.json"
 # The pipeline outputs a pending release commits or copies into the registry: if any of them changed
 # since (someone ran the pipeline again), the release cannot be finished as it was decided. With them,
 # every file of release_paths() but .dvc/config and the .gitignores (the parameters, the uncached outputs).
-RELEASE_INPUTS = ("data/raw.dvc", "dvc.lock", "data/manifest.csv", "models/lineage.json", "models/model.onnx",
-                  "models/model_card.md")
+RELEASE_INPUTS = (
+    "data/raw.dvc",
+    "dvc.lock",
+    "data/manifest.csv",
+    "models/lineage.json",
+    "models/model.onnx",
+    "models/model_card.md",
+)
 
 
 def pending(root: str | Path = ".") -> dict[str, Any] | None:
@@ -115,16 +120,23 @@ def recover(root: str | Path = ".") -> list[str]:
     commit = _release_commit(root, plan) if plan else None
     done = [] if commit else _restore_uncommitted_records(root)
     if plan:
-        what = f"the interrupted {plan['record']['event']} release of model {plan['model_id']} " \
-               f"(flow run {plan['record'].get('flow_run_id')})"
-        changed = [rel for rel, sha in plan["inputs"].items()
-                   if not (root / rel).is_file() or common.sha256_file(root / rel) != sha]
+        what = (
+            f"the interrupted {plan['record']['event']} release of model {plan['model_id']} "
+            f"(flow run {plan['record'].get('flow_run_id')})"
+        )
+        changed = [
+            rel
+            for rel, sha in plan["inputs"].items()
+            if not (root / rel).is_file() or common.sha256_file(root / rel) != sha
+        ]
         if commit:
             done.append(f"finishing {what}: committed at {commit[:12]}; tag and archive its batch(es), no retraining")
             _complete(root, plan)
         elif not changed:
-            done.append(f"finishing {what}: not committed yet, its pipeline outputs are unchanged; recording it again "
-                        "(push, registry, commit, tag, archive), no retraining")
+            done.append(
+                f"finishing {what}: not committed yet, its pipeline outputs are unchanged; recording it again "
+                "(push, registry, commit, tag, archive), no retraining"
+            )
             _complete(root, plan)
         else:
             mdir = f"{REGISTRY}/models/{plan['model_id']}"
@@ -132,8 +144,10 @@ def recover(root: str | Path = ".") -> list[str]:
                 git(root, "rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", mdir)
                 shutil.rmtree(root / mdir, ignore_errors=True)
             (root / PENDING).unlink()
-            done.append(f"dropped {what}: not committed, and {', '.join(changed)} changed since; its batch(es) "
-                        "stay in the inbox and are retrained")
+            done.append(
+                f"dropped {what}: not committed, and {', '.join(changed)} changed since; its batch(es) "
+                "stay in the inbox and are retrained"
+            )
     cur = current(root)
     if cur and cur.get("git_tag") and not git(root, "tag", "--list", cur["git_tag"]):
         commit = git(root, "log", "-1", "--format=%H", "--", f"{REGISTRY}/current.json")
@@ -150,11 +164,21 @@ def _free_tag(root: Path, name: str) -> str:
     return tag
 
 
-
-def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_run_id: str | None,
-            data_version: str, tag_prefix: str = "model-", remote_url: str | None = None,
-            remote_name: str = "medtune", extra_paths: Sequence[str] = (), batches: Sequence[str | Path] = (),
-            processed_dir: str | Path = "data/inbox-processed", allow_public_salt: bool = False) -> dict[str, Any]:
+def publish(
+    root: str | Path,
+    decision: dict[str, Any],
+    *,
+    trigger: str,
+    flow_run_id: str | None,
+    data_version: str,
+    tag_prefix: str = "model-",
+    remote_url: str | None = None,
+    remote_name: str = "medtune",
+    extra_paths: Sequence[str] = (),
+    batches: Sequence[str | Path] = (),
+    processed_dir: str | Path = "data/inbox-processed",
+    allow_public_salt: bool = False,
+) -> dict[str, Any]:
     """Record a retrain outcome: dvc push, one git commit (+ tag when promoted), then move `batches`
     to `processed_dir`. Returns the release record.
 
@@ -172,29 +196,51 @@ def publish(root: str | Path, decision: dict[str, Any], *, trigger: str, flow_ru
     if plan:
         mine = (plan["record"].get("flow_run_id"), plan["model_id"], plan["record"].get("data_version"))
         if mine != (flow_run_id, decision["challenger"]["model_id"] or "none", data_version):
-            raise StageError(f"{root / PENDING}: another release ({plan['record']['event']} of model "
-                             f"{plan['model_id']}) was interrupted; run registry.recover() (every retrain run does) first.")
+            raise StageError(
+                f"{root / PENDING}: another release ({plan['record']['event']} of model "
+                f"{plan['model_id']}) was interrupted; run registry.recover() (every retrain run does) first."
+            )
         return _complete(root, plan)  # a retry of this same release (the task retries on I/O errors)
     promote = bool(decision["promote"])
     challenger = decision["challenger"]
     model_id = challenger["model_id"] or "none"
     tag = _free_tag(root, f"{tag_prefix}{model_id}") if promote else None
     paths, uncached = release_paths(root)
-    inputs = sorted({*RELEASE_INPUTS, *uncached, *(p for p in paths if p != ".dvc/config" and not p.endswith(".gitignore"))})
+    inputs = sorted(
+        {*RELEASE_INPUTS, *uncached, *(p for p in paths if p != ".dvc/config" and not p.endswith(".gitignore"))}
+    )
     record = {
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "event": "promoted" if promote else "rejected", "model_id": model_id, "trigger": trigger,
-        "flow_run_id": flow_run_id, "data_version": data_version, "git_tag": tag,
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "event": "promoted" if promote else "rejected",
+        "model_id": model_id,
+        "trigger": trigger,
+        "flow_run_id": flow_run_id,
+        "data_version": data_version,
+        "git_tag": tag,
         "champion": {"model_id": decision["champion"]["model_id"], "metrics": decision["champion"]["metrics"]},
-        "challenger": {"model_id": challenger["model_id"], "metrics": challenger["metrics"],
-                       "gate": challenger.get("gate")},
-        "comparison": decision.get("comparison"), "reasons": decision["reasons"]}
-    plan = {"record": json.loads(json.dumps(record, default=common._json_default)), "promote": promote,
-            "model_id": model_id, "tag": tag, "remote_url": remote_url, "remote_name": remote_name,
-            "extra_paths": list(extra_paths), "batches": [str(b) for b in batches], "processed_dir": str(processed_dir),
-            "head": git(root, "rev-parse", "--verify", "-q", "HEAD", check=False) or None,
-            "paths": paths, "uncached": uncached,
-            "inputs": {rel: common.sha256_file(root / rel) for rel in inputs if (root / rel).is_file()}}
+        "challenger": {
+            "model_id": challenger["model_id"],
+            "metrics": challenger["metrics"],
+            "gate": challenger.get("gate"),
+        },
+        "comparison": decision.get("comparison"),
+        "reasons": decision["reasons"],
+    }
+    plan = {
+        "record": json.loads(json.dumps(record, default=common._json_default)),
+        "promote": promote,
+        "model_id": model_id,
+        "tag": tag,
+        "remote_url": remote_url,
+        "remote_name": remote_name,
+        "extra_paths": list(extra_paths),
+        "batches": [str(b) for b in batches],
+        "processed_dir": str(processed_dir),
+        "head": git(root, "rev-parse", "--verify", "-q", "HEAD", check=False) or None,
+        "paths": paths,
+        "uncached": uncached,
+        "inputs": {rel: common.sha256_file(root / rel) for rel in inputs if (root / rel).is_file()},
+    }
     common.write_json(root / PENDING, plan)
     return _complete(root, plan)
 
@@ -226,28 +272,50 @@ def _complete(root: Path, plan: dict[str, Any]) -> dict[str, Any]:
         if uncached:  # outputs only git can carry; forced past a .gitignore that hides their folder
             git(root, "add", "-f", "--", *uncached)
         verb = f"promote model {model_id}" if promote else f"keep champion; challenger {model_id} rejected"
-        git(root, "commit", "-q", "-m", f"medtune retrain ({record['trigger']}): {verb}; data {record['data_version']}",
-            "--", *paths, *uncached)
+        git(
+            root,
+            "commit",
+            "-q",
+            "-m",
+            f"medtune retrain ({record['trigger']}): {verb}; data {record['data_version']}",
+            "--",
+            *paths,
+            *uncached,
+        )
         commit = git(root, "rev-parse", "HEAD")
     if tag:
         at = git(root, "rev-list", "-n", "1", tag, check=False) if git(root, "tag", "--list", tag) else None
         if at is None:
-            git(root, "tag", "-a", tag, commit, "-m", f"medtune model {model_id} (flow run {record.get('flow_run_id')})")
+            git(
+                root, "tag", "-a", tag, commit, "-m", f"medtune model {model_id} (flow run {record.get('flow_run_id')})"
+            )
         elif at != commit:
-            raise StageError(f"git tag {tag} points at {at[:12]}, but model {model_id} was recorded at {commit[:12]}; "
-                             f"expected the tag on that commit. Delete or move the tag ({root / PENDING} keeps the release).")
+            raise StageError(
+                f"git tag {tag} points at {at[:12]}, but model {model_id} was recorded at {commit[:12]}; "
+                f"expected the tag on that commit. Delete or move the tag ({root / PENDING} keeps the release)."
+            )
     from components.retrain import inbox
 
     for batch in plan["batches"]:
         if (root / batch).is_dir():
             inbox.archive(root / batch, root / plan["processed_dir"])
     (root / PENDING).unlink(missing_ok=True)
-    log.info("%s model %s; recorded in %s (tag %s)", record["event"], model_id, registry_dir(root) / "releases.jsonl", tag)
+    log.info(
+        "%s model %s; recorded in %s (tag %s)", record["event"], model_id, registry_dir(root) / "releases.jsonl", tag
+    )
     return record
 
 
-def record_failure(root: str | Path, *, error: str, trigger: str, flow_run_id: str | None, data_version: str,
-                   batches: Sequence[dict[str, Any]], restored: Sequence[str]) -> dict[str, Any]:
+def record_failure(
+    root: str | Path,
+    *,
+    error: str,
+    trigger: str,
+    flow_run_id: str | None,
+    data_version: str,
+    batches: Sequence[dict[str, Any]],
+    restored: Sequence[str],
+) -> dict[str, Any]:
     """Record a retrain run that failed after appending its batches: one `failed` event, one git commit.
 
     Called after the workspace was restored, so `data_version` is the committed one the champion
@@ -257,15 +325,32 @@ def record_failure(root: str | Path, *, error: str, trigger: str, flow_run_id: s
     """
     root = Path(root)
     cur = current(root)
-    record = record_release(root, {
-        "event": "failed", "model_id": None, "trigger": trigger, "flow_run_id": flow_run_id,
-        "data_version": data_version, "git_tag": None,
-        "champion": {"model_id": (cur or {}).get("model_id")}, "batches": list(batches),
-        "reasons": [f"pipeline failed after the batch(es) were appended: {error}"], "restored": list(restored)})
+    record = record_release(
+        root,
+        {
+            "event": "failed",
+            "model_id": None,
+            "trigger": trigger,
+            "flow_run_id": flow_run_id,
+            "data_version": data_version,
+            "git_tag": None,
+            "champion": {"model_id": (cur or {}).get("model_id")},
+            "batches": list(batches),
+            "reasons": [f"pipeline failed after the batch(es) were appended: {error}"],
+            "restored": list(restored),
+        },
+    )
     rel = f"{REGISTRY}/releases.jsonl"
     git(root, "add", "--", rel)
     names = ", ".join(b.get("batch", "?") for b in batches)
-    git(root, "commit", "-q", "-m", f"medtune retrain ({trigger}): failed, batch(es) {names} quarantined; "
-        "champion kept", "--", rel)
+    git(
+        root,
+        "commit",
+        "-q",
+        "-m",
+        f"medtune retrain ({trigger}): failed, batch(es) {names} quarantined; champion kept",
+        "--",
+        rel,
+    )
     log.warning("retrain failed; recorded in %s", registry_dir(root) / "releases.jsonl")
     return record

@@ -56,8 +56,10 @@ def append_to_raw(batch_dir: str | Path, rows: pd.DataFrame, raw_dir: str | Path
         target = raw / dest
         if target.exists():
             if common.sha256_file(target) != r.sha256:
-                raise StageError(f"{target} already exists with other content; batch name {batch.name!r} was used "
-                                 "before: rename the batch folder and drop it again.")
+                raise StageError(
+                    f"{target} already exists with other content; batch name {batch.name!r} was used "
+                    "before: rename the batch folder and drop it again."
+                )
             continue
         plan.append((batch / r.path, target))
     for src, target in plan:
@@ -65,14 +67,18 @@ def append_to_raw(batch_dir: str | Path, rows: pd.DataFrame, raw_dir: str | Path
             shutil.copyfile(src, tmp)
     if params.data.label_source == "csv":
         _append_labels(raw / params.data.labels_csv, batch, rows, dests)
-    log.info("appended batch %s to %s: %d new file(s), %d already there", batch.name, raw, len(plan),
-             len(dests) - len(plan))
+    log.info(
+        "appended batch %s to %s: %d new file(s), %d already there", batch.name, raw, len(plan), len(dests) - len(plan)
+    )
     return dests
 
 
 def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: list[str]) -> None:
-    existing = pd.read_csv(labels_csv, dtype=str, keep_default_na=False) if labels_csv.is_file() \
+    existing = (
+        pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+        if labels_csv.is_file()
         else pd.DataFrame(columns=["path", "label"])
+    )
     have = set(existing["path"])
     new_paths = [d for d in dests if d not in have]
     if not new_paths:
@@ -91,8 +97,10 @@ def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: lis
             extra[col] = ""
     unknown = [c for c in extra.columns if c not in existing.columns]
     if unknown and len(existing):
-        raise StageError(f"{batch / 'labels.csv'}: column(s) {unknown} are not in {labels_csv}; the batch must use "
-                         f"the raw labels.csv columns {list(existing.columns)}.")
+        raise StageError(
+            f"{batch / 'labels.csv'}: column(s) {unknown} are not in {labels_csv}; the batch must use "
+            f"the raw labels.csv columns {list(existing.columns)}."
+        )
     extra = extra[extra["path"].isin(new_paths)]
     header = not labels_csv.is_file() or labels_csv.stat().st_size == 0
     old = labels_csv.read_text(encoding="utf-8") if not header else ""
@@ -129,8 +137,7 @@ def remove_from_raw(raw_dir: str | Path, paths: Sequence[str], params: Params) -
         drop = {Path(x).as_posix() for x in paths}
         text = labels_csv.read_text(encoding="utf-8")
         lines = text.splitlines(keepends=True)
-        kept = lines[:1] + [ln for ln in lines[1:]
-                            if not ln.strip() or next(csv.reader([ln]), [""])[0] not in drop]
+        kept = lines[:1] + [ln for ln in lines[1:] if not ln.strip() or next(csv.reader([ln]), [""])[0] not in drop]
         if len(kept) != len(lines):
             common.write_text(labels_csv, "".join(kept))
     if removed:

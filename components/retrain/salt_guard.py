@@ -49,7 +49,8 @@ def refuse_public_salt(root: str | Path, params: Params, batches: Sequence[str |
             "promotion commits and pushes those hashes, which anyone with the ids or headers can reverse. Nothing was "
             "appended; the batches stay in the inbox. Set a secret MEDTUNE_PATIENT_SALT in the environment of the "
             "run (the Prefect worker's; the same salt this workspace was built with, if it had one), or set "
-            "retrain.allow_public_salt: true in params.yaml only if the patient ids are made up (README, 'Patient salt').")
+            "retrain.allow_public_salt: true in params.yaml only if the patient ids are made up (README, 'Patient salt')."
+        )
     return status
 
 
@@ -58,6 +59,8 @@ def refuse_public_salt_record(root: Path, allow: bool) -> None:
     manifest = root / "data/manifest.json"
     recorded = (json.loads(manifest.read_text()).get("patient_salt") if manifest.is_file() else None) or {}
     if not allow and recorded.get("status") == "public" and recorded.get("real_patient_ids"):
-        raise StageError(f"{manifest}: real patient ids were hashed with a public salt ({recorded.get('source')}); "
-                         "not recording (nothing committed or pushed). Set a secret MEDTUNE_PATIENT_SALT and rerun the "
-                         "pipeline, or pass allow_public_salt (retrain.allow_public_salt: true) for made-up ids.")
+        raise StageError(
+            f"{manifest}: real patient ids were hashed with a public salt ({recorded.get('source')}); "
+            "not recording (nothing committed or pushed). Set a secret MEDTUNE_PATIENT_SALT and rerun the "
+            "pipeline, or pass allow_public_salt (retrain.allow_public_salt: true) for made-up ids."
+        )

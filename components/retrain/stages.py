@@ -25,9 +25,10 @@ GATE_FILE = "reports/gate.json"  # evaluate's decision; a stage that reads it (e
 @dataclass(frozen=True)
 class PipelineStage:
     """One dvc.yaml stage as DVC reads it (interpolation resolved)."""
-    name: str               # what `dvc repro` in the root takes: "train" ("sub/dvc.yaml:train" for a nested dvc.yaml)
-    deps: tuple[str, ...]   # dependency paths relative to the project root
-    outs: tuple[str, ...]   # outs, metrics and plots, relative to the project root
+
+    name: str  # what `dvc repro` in the root takes: "train" ("sub/dvc.yaml:train" for a nested dvc.yaml)
+    deps: tuple[str, ...]  # dependency paths relative to the project root
+    outs: tuple[str, ...]  # outs, metrics and plots, relative to the project root
 
 
 def pipeline_stages(root: str | Path = ".") -> list[PipelineStage]:
@@ -52,8 +53,11 @@ def pipeline_stages(root: str | Path = ".") -> list[PipelineStage]:
         return st.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{st.name}"
 
     with Repo(str(root)) as repo:
-        return [PipelineStage(address(st), tuple(rel(d.fs_path) for d in st.deps), tuple(rel(o.fs_path) for o in st.outs))
-                for st in plan_repro(repo.index.graph) if isinstance(st, DvcPipelineStage)]
+        return [
+            PipelineStage(address(st), tuple(rel(d.fs_path) for d in st.deps), tuple(rel(o.fs_path) for o in st.outs))
+            for st in plan_repro(repo.index.graph)
+            if isinstance(st, DvcPipelineStage)
+        ]
 
 
 class TransientStageError(StageError):
@@ -64,22 +68,28 @@ class TransientStageError(StageError):
 @dataclass
 class StageRun:
     stage: str
-    outcome: str            # "ran" | "skipped" (unchanged) | "run-cache" (restored, not run) | "unknown"
-    lines: list[str]        # everything dvc and the stage printed, in order
+    outcome: str  # "ran" | "skipped" (unchanged) | "run-cache" (restored, not run) | "unknown"
+    lines: list[str]  # everything dvc and the stage printed, in order
 
 
 # Each outcome in words: the message of the pipeline flow's task state and of `medtune pipeline`.
-OUTCOMES = {"ran": "ran", "skipped": "skipped: unchanged since dvc.lock",
-            "run-cache": "skipped: outputs restored from DVC's run cache, not run",
-            "gate-failed": "not run: the gate failed, so no model this run (reports/gate.json)",
-            "unknown": "finished, but DVC's output did not say whether it ran (see the log)"}
+OUTCOMES = {
+    "ran": "ran",
+    "skipped": "skipped: unchanged since dvc.lock",
+    "run-cache": "skipped: outputs restored from DVC's run cache, not run",
+    "gate-failed": "not run: the gate failed, so no model this run (reports/gate.json)",
+    "unknown": "finished, but DVC's output did not say whether it ran (see the log)",
+}
 
 
 # What DVC 3 logs for each outcome of `dvc repro --single-item STAGE` (dvc/stage/run.py,
 # dvc/stage/__init__.py, dvc/stage/cache.py). Its English is the only place DVC says which it was;
 # tests/test_stages.py and tests/test_flows.py fail if a DVC upgrade changes it.
-_DVC_SAYS = {"ran": "Running stage '{}':", "skipped": "Stage '{}' didn't change, skipping",
-             "run-cache": "Stage '{}' is cached - skipping run, checking out outputs"}
+_DVC_SAYS = {
+    "ran": "Running stage '{}':",
+    "skipped": "Stage '{}' didn't change, skipping",
+    "run-cache": "Stage '{}' is cached - skipping run, checking out outputs",
+}
 # A stage's own log record (common.setup_logging): "2026-01-02 03:04:05,678 WARNING medtune.ingest: ...".
 _RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$")
 _RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
@@ -108,7 +118,7 @@ def _raised(lines: list[str]) -> str | None:
     last = None
     for i, line in enumerate(lines):
         if line.startswith("Traceback (most recent call last):"):
-            last = next((x for x in lines[i + 1:] if x and not x[0].isspace()), None)
+            last = next((x for x in lines[i + 1 :] if x and not x[0].isspace()), None)
     return last
 
 
@@ -119,12 +129,12 @@ def _stage_error(lines: list[str]) -> str:
     starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
     if starts:
         body = []
-        for line in lines[starts[-1]:]:
+        for line in lines[starts[-1] :]:
             if line.startswith("ERROR: "):
                 break
             body.append(line)
-        return "\n".join(body)[len("error: "):].strip()
-    said = [x for x in [_raised(lines)] if x] + [line[len("ERROR: "):] for line in lines if line.startswith("ERROR: ")]
+        return "\n".join(body)[len("error: ") :].strip()
+    said = [x for x in [_raised(lines)] if x] + [line[len("ERROR: ") :] for line in lines if line.startswith("ERROR: ")]
     return "; ".join(said) or "\n".join(lines[-10:]).strip() or "no output"
 
 
@@ -139,7 +149,9 @@ def _transient_output(lines: list[str]) -> bool:
     return isinstance(cls, type) and issubclass(cls, OSError) and not issubclass(cls, FileNotFoundError)
 
 
-def run_stage(stage: str, root: str | Path = ".", logger: logging.Logger | logging.LoggerAdapter | None = None) -> StageRun:
+def run_stage(
+    stage: str, root: str | Path = ".", logger: logging.Logger | logging.LoggerAdapter | None = None
+) -> StageRun:
     """`dvc repro --single-item STAGE` in the project at `root`: DVC decides whether the stage runs, is
     skipped (unchanged since dvc.lock) or is restored from its run cache, and DVC writes dvc.lock.
 
@@ -159,12 +171,24 @@ def run_stage(stage: str, root: str | Path = ".", logger: logging.Logger | loggi
     bin_dir = str(Path(sys.executable).parent)
     # The venv's bin first: DVC starts `medtune STAGE` through a shell, and a served flow run may not
     # have it on PATH. Unbuffered: the stage's prints reach the log while it runs, not at its end.
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
-           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
     argv = [sys.executable, "-m", *lifetime.module_argv("dvc", ["repro", "--single-item", stage])]
     lines: list[str] = []
-    with subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", bufsize=1) as proc:
+    with subprocess.Popen(
+        argv,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    ) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.rstrip("\n")
@@ -176,8 +200,10 @@ def run_stage(stage: str, root: str | Path = ".", logger: logging.Logger | loggi
         code = proc.wait()
     if code:
         cls = TransientStageError if _transient_output(lines) else StageError
-        raise cls(f"stage {stage} failed (`dvc repro --single-item {stage}` in {root.resolve()}, exit {code}): "
-                  f"{_stage_error(lines)}")
+        raise cls(
+            f"stage {stage} failed (`dvc repro --single-item {stage}` in {root.resolve()}, exit {code}): "
+            f"{_stage_error(lines)}"
+        )
     said = [outcome for outcome, text in _DVC_SAYS.items() if text.format(stage) in lines]
     return StageRun(stage, said[0] if len(said) == 1 else "unknown", lines)
 
@@ -192,8 +218,8 @@ def check_params_file(root: str | Path, params: str | Path) -> None:
     values in dvc.lock): another params file would be ignored, so it is refused instead."""
     root = Path(root).resolve()
     if (root / params).resolve() != root / "params.yaml":
-        raise StageError(f"params={params}: the pipeline flow runs dvc.yaml's stages with `dvc repro`, which read "
-                         f"{root / 'params.yaml'} (DVC records its values in dvc.lock); expected params.yaml. Put the "
-                         "values into params.yaml, or use `dvc exp run -S KEY=VALUE`.")
-
-
+        raise StageError(
+            f"params={params}: the pipeline flow runs dvc.yaml's stages with `dvc repro`, which read "
+            f"{root / 'params.yaml'} (DVC records its values in dvc.lock); expected params.yaml. Put the "
+            "values into params.yaml, or use `dvc exp run -S KEY=VALUE`."
+        )

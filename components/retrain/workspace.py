@@ -21,8 +21,9 @@ log = logging.getLogger("medtune.workspace")
 
 
 @contextlib.contextmanager
-def workspace_lock(root: str | Path, holder: str, timeout: float,
-                   on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def workspace_lock(
+    root: str | Path, holder: str, timeout: float, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """Exclusive lock on the project workspace (one retrain/pipeline run, so one DVC command, at a time).
 
     An OS file lock (filelock): released by the kernel if the holder dies, so a crash never leaves it
@@ -46,12 +47,15 @@ def workspace_lock(root: str | Path, holder: str, timeout: float,
         try:
             lock.acquire(timeout=timeout)
         except Timeout:
-            raise StageError(f"{path}: held by {path.read_text().strip() or 'another process'} for more than "
-                             f"{timeout:.0f} s; not starting a second run in the same workspace.") from None
+            raise StageError(
+                f"{path}: held by {path.read_text().strip() or 'another process'} for more than "
+                f"{timeout:.0f} s; not starting a second run in the same workspace."
+            ) from None
     try:
         yield
     finally:
         lock.release()
+
 
 # ---------------------------------------------------------------------------------------------
 # Undoing a failed run: back to the last committed state
@@ -104,9 +108,13 @@ def snapshot_workspace(root: str | Path, raw_dir: str, batch_dests: Sequence[str
         elif src.is_dir():
             shutil.copytree(src, store / rel)
             saved.append(rel)
-    return {"raw_dir": raw_dir, "store": SNAPSHOT_DIR, "saved": saved,
-            "outs": [{"path": o, "cached": c, "existed": (root / o).exists()} for o, c in outs],
-            "raw_existing": sorted(d for d in batch_dests if (root / raw_dir / d).exists())}
+    return {
+        "raw_dir": raw_dir,
+        "store": SNAPSHOT_DIR,
+        "saved": saved,
+        "outs": [{"path": o, "cached": c, "existed": (root / o).exists()} for o, c in outs],
+        "raw_existing": sorted(d for d in batch_dests if (root / raw_dir / d).exists()),
+    }
 
 
 def _tracked_at_head(root: Path, rel: str) -> bool:
@@ -141,8 +149,11 @@ def restore_workspace(root: str | Path, snap: dict[str, Any], batch_dests: Seque
     _remove_appended(root, snap, batch_dests, params, done)
     _restore_outputs(root, snap, done)
     if PARAMS_FILE in snap["saved"]:
-        if _step(done, f"restore {PARAMS_FILE}",
-                 lambda: shutil.copy2(root / snap["store"] / PARAMS_FILE, root / PARAMS_FILE) or True):
+        if _step(
+            done,
+            f"restore {PARAMS_FILE}",
+            lambda: shutil.copy2(root / snap["store"] / PARAMS_FILE, root / PARAMS_FILE) or True,
+        ):
             done.append(f"{PARAMS_FILE}: restored as it was before the run")
     status = _step(done, "run dvc status", lambda: common.dvc(root, "status"))
     done.append(f"dvc status: {status}" if status is not None else "dvc status: unknown")
@@ -164,8 +175,11 @@ def _restore_dvc_files(root: Path, snap: dict[str, Any], done: list[str]) -> Non
     store = root / snap["store"]
     for rel in (f"{snap['raw_dir']}.dvc", "dvc.lock"):
         if _tracked_at_head(root, rel):
-            if _step(done, f"git checkout HEAD -- {rel}",
-                     lambda rel=rel: common.git(root, "checkout", "HEAD", "--", rel) or True):
+            if _step(
+                done,
+                f"git checkout HEAD -- {rel}",
+                lambda rel=rel: common.git(root, "checkout", "HEAD", "--", rel) or True,
+            ):
                 done.append(f"{rel}: checked out from HEAD")
         elif rel in snap["saved"]:
             if _step(done, f"restore {rel}", lambda rel=rel: shutil.copy2(store / rel, root / rel) or True):
@@ -175,8 +189,9 @@ def _restore_dvc_files(root: Path, snap: dict[str, Any], done: list[str]) -> Non
                 done.append(f"{rel}: removed (created by this run; not tracked by git)")
 
 
-def _remove_appended(root: Path, snap: dict[str, Any], batch_dests: Sequence[str], params: Any,
-                     done: list[str]) -> None:
+def _remove_appended(
+    root: Path, snap: dict[str, Any], batch_dests: Sequence[str], params: Any, done: list[str]
+) -> None:
     """restore_workspace step 2: what this run (or an earlier crashed attempt of the same batch) added
     to the raw data, nothing else."""
     from components.retrain import raw_append
@@ -186,15 +201,22 @@ def _remove_appended(root: Path, snap: dict[str, Any], batch_dests: Sequence[str
     def uncommitted() -> set[str]:
         diff = json.loads(common.dvc(root, "diff", "--json", "--targets", raw_dir) or "{}")
         prefix = raw_dir.rstrip("/") + "/"
-        return {d["path"][len(prefix):] for d in diff.get("added", []) if d["path"].startswith(prefix)}
+        return {d["path"][len(prefix) :] for d in diff.get("added", []) if d["path"].startswith(prefix)}
 
     added = _step(done, "list the raw files the committed data version does not hold (dvc diff)", uncommitted)
     created = set(batch_dests) - set(snap["raw_existing"])
     doomed = sorted(created | (set(batch_dests) & (added or set())))
-    removed = _step(done, "remove the appended batch files from the raw data",
-                    lambda: raw_append.remove_from_raw(root / raw_dir, doomed, params)) or []
-    done.append(f"{raw_dir}: removed {len(removed)} appended file(s) of the failed batch(es); "
-                "existing raw files untouched")
+    removed = (
+        _step(
+            done,
+            "remove the appended batch files from the raw data",
+            lambda: raw_append.remove_from_raw(root / raw_dir, doomed, params),
+        )
+        or []
+    )
+    done.append(
+        f"{raw_dir}: removed {len(removed)} appended file(s) of the failed batch(es); existing raw files untouched"
+    )
 
 
 def _restore_outputs(root: Path, snap: dict[str, Any], done: list[str]) -> None:
@@ -209,17 +231,20 @@ def _restore_outputs(root: Path, snap: dict[str, Any], done: list[str]) -> None:
     lock = root / "dvc.lock"
     stages = sorted((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else []
     if stages:
-        if _step(done, "dvc checkout the committed outputs",
-                 lambda: common.dvc(root, "checkout", "--force", *stages) or True):
+        if _step(
+            done, "dvc checkout the committed outputs", lambda: common.dvc(root, "checkout", "--force", *stages) or True
+        ):
             done.append(f"dvc checkout --force {' '.join(stages)}")
     for out in snap["outs"]:
         if not out["cached"] and out["path"] in snap["saved"]:
+
             def put_back(rel: str = out["path"]) -> None:
                 _remove(root / rel)
                 if (store / rel).is_dir():
                     shutil.copytree(store / rel, root / rel)
                 else:
                     shutil.copy2(store / rel, root / rel)
+
             _step(done, f"restore {out['path']}", put_back)
     done.append("uncached outputs (reports, lineage, model card) restored from the snapshot")
 
@@ -259,9 +284,16 @@ def keep_failed_outputs(root: str | Path, snap: dict[str, Any], dest: str | Path
     return copied
 
 
-def undo_failed_run(root: str | Path, snap: dict[str, Any], batch_dests: Sequence[str], params: Any,
-                    batches: Sequence[str], error: str, quarantine_dir: str | Path,
-                    context: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+def undo_failed_run(
+    root: str | Path,
+    snap: dict[str, Any],
+    batch_dests: Sequence[str],
+    params: Any,
+    batches: Sequence[str],
+    error: str,
+    quarantine_dir: str | Path,
+    context: dict[str, Any],
+) -> tuple[list[str], list[dict[str, Any]]]:
     """After a retrain run failed past the append: restore the workspace and quarantine the batches.
 
     The failed run's reports (e.g. validation.md saying why) are kept first, then
@@ -289,9 +321,12 @@ def undo_failed_run(root: str | Path, snap: dict[str, Any], batch_dests: Sequenc
     where: list[dict[str, Any]] = []
     for batch in batches:
         try:
-            dest = inbox.quarantine(batch, quarantine_dir, [f"pipeline failed after the batch was appended: {error}"],
-                                    {**context, "failure": {"error": error, "batches_in_run": names},
-                                     "restored": restored})
+            dest = inbox.quarantine(
+                batch,
+                quarantine_dir,
+                [f"pipeline failed after the batch was appended: {error}"],
+                {**context, "failure": {"error": error, "batches_in_run": names}, "restored": restored},
+            )
             if evidence.is_dir():
                 shutil.copytree(evidence, dest / "failed-run")
             where.append({"batch": Path(batch).name, "quarantine": str(dest)})
@@ -305,5 +340,3 @@ def undo_failed_run(root: str | Path, snap: dict[str, Any], batch_dests: Sequenc
 def drop_snapshot(root: str | Path) -> None:
 
     shutil.rmtree(Path(root) / SNAPSHOT_DIR, ignore_errors=True)
-
-
