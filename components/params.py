@@ -340,6 +340,10 @@ class EvaluateParams(_Section):
     calibration: Literal["none", "temperature", "platt"] = "none"
     bootstrap: int = Field(1000, ge=0)
     seed: int = 0
+    # The gain from fine-tuning: also score the starting backbone, frozen, with a logistic-regression
+    # head fitted on train (C chosen on val), and report the AUROC gain with a paired bootstrap
+    # interval (components/model/probe.py). A report, not a gate.
+    linear_probe: StrictBool = True
     gate: GateParams = Field(default_factory=GateParams)
 
 

@@ -176,6 +176,10 @@ def test_evaluate_stage_writes_reports(tmp_path):
         "ece_uncalibrated",
         "brier_uncalibrated",
         "n_test",
+        "probe_auroc",
+        "auroc_gain",
+        "auroc_gain_ci_low",
+        "auroc_gain_ci_high",
     }
     assert [metrics["auroc_ci_low"], metrics["auroc_ci_high"]] == record["auroc_ci"]
     assert metrics["ece"] == record["calibration"]["test"]["ece_after"]

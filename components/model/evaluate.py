@@ -16,6 +16,8 @@ Before the test split is touched, the validation split fixes the operating point
 calibration (`evaluate.calibration`) and, with `evaluate.threshold_method`, the binary threshold;
 `evaluate.tta` adds test-time augmentation. metrics.json records all three, with ECE and Brier
 score before and after calibration on both splits, and export bakes them into the ONNX graph.
+With `evaluate.linear_probe` the record's `linear_probe` compares the model with its starting backbone,
+frozen, under a fitted linear head: the gain from fine-tuning (components/model/probe.py).
 
 Binary tasks score the positive class (`evaluate.positive_class`, default the last class): AUROC on
 its probability, predicted label = probability >= the threshold. Multi-class tasks use
@@ -86,13 +88,16 @@ def metrics_view(record: dict[str, Any]) -> dict[str, float | int]:
 
     Test AUROC with its bootstrap interval, sensitivity, specificity, balanced accuracy, accuracy,
     precision, F1, the threshold applied, ECE and Brier score of the shipped (calibrated)
-    probabilities and of the uncalibrated ones, and the test-set size. Strings and structures (class
-    names, positive class, confusion matrix, calibration fit) stay in the record
-    (reports/evaluation.json); a value that is undefined for this model (an interval without valid
-    resamples, the threshold of a multi-class model) is left out rather than written as null.
+    probabilities and of the uncalibrated ones, the test-set size, and with `evaluate.linear_probe` the
+    probe's AUROC and the gain over it with its interval. Strings and structures (class names, positive
+    class, confusion matrix, calibration fit) stay in the record (reports/evaluation.json); a value
+    that is undefined for this model (an interval without valid resamples, the threshold of a
+    multi-class model) is left out rather than written as null.
     """
     lo, hi = record.get("auroc_ci") or (None, None)
     test = (record.get("calibration") or {}).get("test") or {}
+    probe = record.get("linear_probe") or {}
+    gain_lo, gain_hi = probe.get("auroc_gain_ci") or (None, None)
     view = {
         "auroc": record.get("auroc"),
         "auroc_ci_low": lo,
@@ -106,6 +111,10 @@ def metrics_view(record: dict[str, Any]) -> dict[str, float | int]:
         "ece_uncalibrated": test.get("ece_before"),
         "brier_uncalibrated": test.get("brier_before"),
         "n_test": record.get("n_test"),
+        "probe_auroc": probe.get("auroc"),
+        "auroc_gain": probe.get("auroc_gain"),
+        "auroc_gain_ci_low": gain_lo,
+        "auroc_gain_ci_high": gain_hi,
     }
     return {
         k: v for k, v in view.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -282,6 +291,10 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
             ),
         },
     )
+    if ev.linear_probe:  # the gain from fine-tuning over the frozen starting backbone + a fitted head
+        from components.model.probe import linear_probe
+
+        metrics["linear_probe"] = linear_probe(ckpt, prepared_dir, params, y_true, probs, device)
     gate = apply_gate(metrics, params)
     # Export checks this, so a gate computed for another checkpoint can never release this one.
     gate["checkpoint_sha256"] = sha256_file(model_path)
