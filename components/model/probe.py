@@ -89,7 +89,11 @@ def probe_backbone(ckpt: dict[str, Any], seed: int) -> tuple[Classifier, dict[st
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net, info = build_model(arch, len(classes), channels, pretrained=False)
-        start = {**describe_start(info), "seed": seed}
+        start = {
+            **describe_start(info),
+            "description": f"random init ({arch}, seed {seed}), no pretrained weights, as the model started",
+            "seed": seed,
+        }
     else:
         try:
             net, info = build_model(arch, len(classes), channels, pretrained=True)

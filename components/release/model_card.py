@@ -112,8 +112,39 @@ def card_context(
         "intervals": interval_rows(metrics),
         "macro": [(n, metrics[n]) for n in ("sensitivity", "specificity", "precision")] if len(classes) > 2 else [],
         "calibration": metrics.get("calibration") or {"method": "none"},
+        "probe": probe_rows(metrics),
         "gate_passed": gate["passed"],
         "gate_reasons": gate.get("reasons", []),
+    }
+
+
+def probe_rows(metrics: dict) -> dict[str, Any] | None:
+    """The gain from fine-tuning (evaluate's `linear_probe`): the probe's start and fit, and one row per
+    AUROC (fine-tuned, probe, gain) with its interval; None when the record has no probe."""
+    probe = metrics.get("linear_probe")
+    if not isinstance(probe, dict):
+        return None
+    start = probe.get("start") or {}
+
+    def row(name: str, value: Any, ci: Any, how: str) -> dict[str, Any]:
+        lo, hi = ci or (None, None)
+        return {"name": name, "value": value, "low": lo, "high": hi, "how": how}
+
+    return {
+        "start": start.get("description"),
+        "same_start": start.get("init") == start.get("model_start"),
+        "C": probe.get("C"),
+        "n_train": probe.get("n_train"),
+        "rows": [
+            row("fine-tuned (this model)", metrics["auroc"], metrics.get("auroc_ci"), "bootstrap"),
+            row("linear probe", probe.get("auroc"), probe.get("auroc_ci"), "bootstrap"),
+        ],
+        "gain": row(
+            "gain (fine-tuned - probe)",
+            probe.get("auroc_gain"),
+            probe.get("auroc_gain_ci"),
+            f"paired bootstrap, {probe.get('auroc_gain_bootstrap_valid')} resamples",
+        ),
     }
 
 
