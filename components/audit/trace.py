@@ -150,6 +150,28 @@ def _champion(first: dict[str, Any] | None) -> Any:
     }
 
 
+def _linear_probe(metrics: Any) -> Any:
+    """The gain from fine-tuning: the fine-tuned AUROC, the linear probe's (its starting backbone, frozen,
+    with a fitted head) and the gain with its paired bootstrap interval, from the evaluation record."""
+    probe = metrics.get("linear_probe") if isinstance(metrics, dict) else None
+    if not isinstance(probe, dict):
+        return not_recorded(
+            "no linear probe in the evaluation record (evaluate.linear_probe off, or an older evaluate)"
+        )
+    start = probe.get("start") or {}
+    return {
+        "fine_tuned_auroc": metrics.get("auroc"),
+        "probe_auroc": probe.get("auroc"),
+        "probe_auroc_ci": probe.get("auroc_ci"),
+        "auroc_gain": probe.get("auroc_gain"),
+        "auroc_gain_ci": probe.get("auroc_gain_ci"),
+        "auroc_gain_bootstrap_valid": probe.get("auroc_gain_bootstrap_valid"),
+        "probe_start": start.get("description"),
+        "model_start": start.get("model_start"),
+        "C": probe.get("C"),
+    }
+
+
 def _model_card(m: ModelRef) -> Any:
     card_path = next((d / "model_card.md" for d in m.file_dirs if (d / "model_card.md").is_file()), None)
     return (
@@ -311,6 +333,7 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
         "evaluation": {
             "metrics": ev.get("metrics") or not_recorded(OLD),
             "gate": ev.get("gate") or not_recorded(OLD),
+            "linear_probe": _linear_probe(ev.get("metrics")),
             "champion": _champion(first),
         },
         "export": _pick(

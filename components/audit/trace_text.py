@@ -85,6 +85,25 @@ def _metric_lines(metrics: Any) -> list[str]:
     ]
 
 
+def _probe_lines(probe: Any) -> list[str]:
+    """The gain from fine-tuning in two lines: the probe (its AUROC and start), then fine-tuned minus probe."""
+    if not isinstance(probe, dict):
+        return [f"gain from fine-tuning: {_scalar(probe)}"]
+
+    def num(v: Any, sign: str = "") -> str:
+        return format(v, f"{sign}.3f") if isinstance(v, (int, float)) else "-"
+
+    lo, hi = probe.get("probe_auroc_ci") or [None, None]
+    glo, ghi = probe.get("auroc_gain_ci") or [None, None]
+    return [
+        f"linear probe: auroc {num(probe.get('probe_auroc'))} (95% CI {num(lo)} - {num(hi)}); "
+        f"{probe.get('probe_start')}, frozen, logistic-regression head C={_scalar(probe.get('C'))}",
+        f"gain from fine-tuning: auroc {num(probe.get('fine_tuned_auroc'))} - {num(probe.get('probe_auroc'))} "
+        f"= {num(probe.get('auroc_gain'), '+')} (95% CI {num(glo, '+')} to {num(ghi, '+')}, paired bootstrap, "
+        f"{probe.get('auroc_gain_bootstrap_valid')} resamples)",
+    ]
+
+
 def render(rec: dict[str, Any]) -> str:
     """The readable report (audit/templates/trace.txt.j2): one titled block per section."""
     sections = []
@@ -102,6 +121,7 @@ def render(rec: dict[str, Any]) -> str:
         pairs=_pairs,
         listed=_listed,
         metric_lines=_metric_lines,
+        probe_lines=_probe_lines,
         public_salt=public_salt,
         public_salt_note=PUBLIC_SALT_NOTE,
     ).rstrip("\n")
