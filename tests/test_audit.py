@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from components.audit import history, trace, trace_text, verify
+from components.audit import history, stores, trace, trace_text, verify
 from components.common import hash_patient, sha256_file
 from components.release import records
 from components.retrain import promote as promotion
@@ -417,10 +417,10 @@ def test_verify_reports_tampered_and_missing_scans_by_name(copy, capsys):
 
 def test_verify_reports_a_tampered_cache_object_of_an_old_data_version(copy):
     ws, a = copy["ws"], copy["a"]
-    stores = verify.dvc_stores(ws)[0]
-    listing = json.loads(verify.dvc_object(stores, copy["v1"])[1].read_text())
+    object_dbs = stores.dvc_stores(ws)[0]
+    listing = json.loads(stores.dvc_object(object_dbs, copy["v1"])[1].read_text())
     md5 = next(e["md5"] for e in listing if e["relpath"] == "normal/P001_0.png")
-    where, cached = verify.dvc_object(stores, md5)
+    where, cached = stores.dvc_object(object_dbs, md5)
     assert where == "DVC cache" and cached.is_relative_to(ws / ".dvc/cache")
     cached.write_bytes(b"tampered")
     rep = verify.verify(a, ws)
@@ -444,16 +444,16 @@ def test_verify_reports_a_swapped_onnx_file(copy, capsys):
 
 def test_verify_finds_files_at_the_release_tag_and_reports_a_missing_checkpoint(copy):
     ws, a = copy["ws"], copy["a"]
-    at_tag = verify.release_outs(ws, f"model-{a}")  # DVC's reading of dvc.lock at the tag
+    at_tag = stores.release_outs(ws, f"model-{a}")  # DVC's reading of dvc.lock at the tag
     assert (
         at_tag["models/model.pt"]
         == re.search(
             r"path: models/model.pt\n.*?md5: (\w+)", records.git_show(ws, f"model-{a}", "dvc.lock").decode(), re.S
         )[1]
     )
-    stores = verify.dvc_stores(ws)[0]
-    assert [name for name, _ in stores] == ["DVC cache", "DVC remote medtune"]
-    for _, store in stores:  # the checkpoint leaves the cache and the remote: only the lineage knows it
+    object_dbs = stores.dvc_stores(ws)[0]
+    assert [name for name, _ in object_dbs] == ["DVC cache", "DVC remote medtune"]
+    for _, store in object_dbs:  # the checkpoint leaves the cache and the remote: only the lineage knows it
         Path(store.odb.oid_to_path(at_tag["models/model.pt"])).unlink()
     (ws / f"registry/models/{a}/model.onnx").unlink()  # git-ignored: absent in a fresh clone
     (ws / f"registry/models/{a}/model.pt").unlink()  # git-ignored too
