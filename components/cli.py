@@ -70,6 +70,9 @@ COMMANDS: dict[str, Command] = {
     "models": Command(
         "components.audit.history", "audit: `models list` every model; `models rollback ID` to an earlier one"
     ),
+    "report": Command(
+        "components.audit.report", "audit: one model's self-contained HTML report (trace, evidence, plots, card)"
+    ),
     "preset": Command(
         "components.presets", "list the named parameter presets, print one as `dvc exp run -S` flags, or --apply it"
     ),
