@@ -340,6 +340,9 @@ class EvaluateParams(_Section):
     calibration: Literal["none", "temperature", "platt"] = "none"
     bootstrap: int = Field(1000, ge=0)
     seed: int = 0
+    # Grad-CAM overlays of up to this many test images per group (binary: true/false positives and
+    # negatives; more classes: right and wrong per class) in reports/explanations/ (0: none).
+    explain_per_group: int = Field(2, ge=0)
     # The gain from fine-tuning: also score the starting backbone, frozen, with a logistic-regression
     # head fitted on train (C chosen on val), and report the AUROC gain with a paired bootstrap
     # interval (components/model/probe.py). A report, not a gate.

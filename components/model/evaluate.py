@@ -7,7 +7,8 @@ Writes `reports/evaluation.json` (the whole evaluation record: metrics, classes,
 confusion matrix, calibration, bootstrap counts), `reports/metrics.json` (its numbers that a person
 compares between runs, and nothing else: what `dvc metrics` and `dvc exp show` list; see
 `metrics_view`), `reports/gate.json`, `reports/roc.csv`, `reports/confusion.csv`,
-`reports/test_predictions.csv`, `reports/roc.png` and `reports/confusion.png`. All are DVC-cached
+`reports/test_predictions.csv`, `reports/roc.png`, `reports/confusion.png` and `reports/explanations/`
+(Grad-CAM overlays of a few test images per outcome, components/model/explain.py). All are DVC-cached
 and byte-reproducible, so `dvc metrics diff`, `dvc plots diff` and `dvc exp show` find them at any
 revision. A failed gate is *not* a stage failure: the numbers stay on disk (and in dvc.lock) for
 review, and the export stage is the one that refuses to ship the model.
@@ -51,6 +52,7 @@ log = logging.getLogger("medtune.evaluate")
 
 BATCH_SIZE = 64  # inference only; does not change the results
 RECORD, METRICS = "evaluation.json", "metrics.json"  # in the reports folder
+EXPLANATIONS = "explanations"  # Grad-CAM overlays of a sample of the test split (components/model/explain.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +249,7 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     then applied unchanged to the test split, as `models.Deployed` applies them in the ONNX graph.
     """
     from components.data.preprocess import load_split
+    from components.model import explain
     from components.model.models import Deployed, load_checkpoint, pick_device
 
     model_path, prepared_dir, reports_dir = Path(model_path), Path(prepared_dir), Path(reports_dir)
@@ -299,7 +302,9 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     # Export checks this, so a gate computed for another checkpoint can never release this one.
     gate["checkpoint_sha256"] = sha256_file(model_path)
 
-    write_reports(reports_dir, metrics, gate, index, probs, predict_labels(probs, pos, threshold), pos)
+    y_pred = predict_labels(probs, pos, threshold)
+    write_reports(reports_dir, metrics, gate, index, probs, y_pred, pos)
+    explain.write_test_samples(reports_dir / EXPLANATIONS, model, images, index, probs, y_pred, params, device)
     log_result(metrics, gate, reports_dir)
     return {"metrics": metrics, "gate": gate}
 
