@@ -245,35 +245,45 @@ def test_bad_thread_count_is_a_clear_error(onnx_model, tmp_path, capsys):
     assert not (tmp_path / "p.csv").exists()
 
 
-@pytest.mark.slow
-def test_the_command_imports_neither_torch_scipy_nor_pandas(onnx_model, tmp_path):
-    """`medtune predict` starts fast: the process (run under -X importtime) never imports torch,
-    scipy or pandas, and still writes its CSV."""
+def predict_importtime(*args):
+    """`medtune predict ARGS` in a process under -X importtime; (process, top-level packages it imported)."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
     medtune = Path(sys.executable).parent / "medtune"
     out = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            str(medtune),
-            "predict",
-            str(onnx_model),
-            str(tmp_path),
-            "-o",
-            str(tmp_path / "p.csv"),
-        ],
+        [sys.executable, "-X", "importtime", str(medtune), "predict", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    imported = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*(\S+)\s*$", out.stderr, re.M)}
+    return out, {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*(\S+)\s*$", out.stderr, re.M)}
+
+
+@pytest.mark.slow
+def test_the_command_imports_neither_torch_scipy_nor_pandas(onnx_model, tmp_path):
+    """`medtune predict` starts fast: the process (run under -X importtime) never imports torch,
+    scipy or pandas, and still writes its CSV."""
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "x.png")
+    _, imported = predict_importtime(onnx_model, tmp_path, "-o", tmp_path / "p.csv")
     assert {"onnxruntime", "PIL", "numpy"} <= imported  # the probe sees the process's imports
     assert not imported & {"torch", "scipy", "pandas"}, sorted(imported & {"torch", "scipy", "pandas"})
     assert (tmp_path / "p.csv").read_text().startswith("path,prob_normal,prob_lesion,predicted,error\n")
+
+
+@pytest.mark.slow
+def test_explain_imports_torch_and_grad_cam_only_when_asked(onnx_model, tmp_path):
+    """With --explain the same command imports torch and grad-cam (lazily: the probe above proves the
+    plain run does not) and writes an overlay per scan and the explanation column."""
+    (tmp_path / "scans").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "scans" / "x.png")
+    _, imported = predict_importtime(
+        onnx_model, tmp_path / "scans", "-o", tmp_path / "p.csv", "--explain", tmp_path / "overlays"
+    )
+    assert {"torch", "pytorch_grad_cam"} <= imported
+    assert [p.name for p in (tmp_path / "overlays").iterdir()] == ["x.png"]
+    header, row = (tmp_path / "p.csv").read_text().splitlines()
+    assert header.endswith(",error,explanation") and row.endswith(f",{(tmp_path / 'overlays' / 'x.png').as_posix()}")

@@ -17,6 +17,10 @@ threads, and at most two batches are prepared ahead, so memory does not grow wit
 
 Output columns: `path, prob_<class>..., predicted, error`. The command imports neither torch, scipy nor
 pandas (fast start); `predict()` returns the table as a pandas DataFrame for Python callers.
+
+`--explain DIR` also writes a Grad-CAM overlay per readable scan to DIR (`<scan stem>.png`) and adds a
+column `explanation` naming it: this needs the checkpoint the model was exported from and torch
+(components/release/explain_scans.py), imported only then.
 """
 
 from __future__ import annotations
@@ -134,15 +138,18 @@ class Predictions:
     probs: np.ndarray
     predicted: list[str]
     errors: list[str]
+    explanations: list[str] | None = None  # the overlay of each scan (--explain); "" for an unreadable one
 
     def columns(self) -> dict[str, list[Any]]:
-        """The CSV's columns in order: path, prob_<class>... (6 decimals), predicted, error."""
+        """The CSV's columns in order: path, prob_<class>... (6 decimals), predicted, error[, explanation]."""
         rounded = np.round(self.probs, 6)
+        explained = {} if self.explanations is None else {"explanation": self.explanations}
         return {
             "path": [f.as_posix() for f in self.files],
             **{f"prob_{c}": rounded[:, j].tolist() for j, c in enumerate(self.classes)},
             "predicted": self.predicted,
             "error": self.errors,
+            **explained,
         }
 
 
@@ -193,6 +200,41 @@ def run_model(
     return Predictions(meta["model_id"], list(meta["classes"]), files, probs, predicted.tolist(), errors)
 
 
+def explain(
+    pred: Predictions, explainer: tuple[Any, dict[str, Any]], out_dir: str | Path, batch_size: int, threads: int | None
+) -> list[str]:
+    """A Grad-CAM overlay per readable scan of `pred` in `out_dir` (components/release/explain_scans.py),
+    for the predicted class; returns each scan's overlay path ("" for an unreadable scan). The scans
+    are decoded again, as run_model decoded them, a batch at a time."""
+    from components.release.explain_scans import overlay_names, write_overlays
+
+    model, meta = explainer
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ok = [i for i, e in enumerate(pred.errors) if not e]
+    names = dict(zip(ok, overlay_names([pred.files[i] for i in ok])))
+    written = [""] * len(pred.files)
+    threads = default_threads() if threads is None else threads
+    batch: list[tuple[int, np.ndarray]] = []
+    settings = recorded_preparation(meta["preprocessing"])  # as open_model read it for run_model
+    items = prepared([pred.files[i] for i in ok], settings, threads, 2 * batch_size)
+    for n, (i, item) in enumerate(zip(ok, items), start=1):
+        if isinstance(item, str):  # readable a moment ago: changed or removed since
+            log.warning("no explanation for %s", item)
+        else:
+            batch.append((i, item))
+        if batch and (len(batch) >= batch_size or n == len(ok)):
+            rows = [r for r, _ in batch]
+            paths = [out_dir / names[r] for r in rows]
+            targets = [pred.classes.index(pred.predicted[r]) for r in rows]
+            write_overlays(model, meta, np.stack([x for _, x in batch]), targets, paths)
+            for r, path in zip(rows, paths):
+                written[r] = path.as_posix()
+            batch.clear()
+    log.info("wrote %d Grad-CAM overlay(s) to %s", sum(1 for w in written if w), out_dir)
+    return written
+
+
 def write_csv(pred: Predictions, out_csv: str | Path) -> None:
     """The CSV, atomically, written as pandas' `to_csv(index=False)` writes the same table: a float as
     its shortest repr, NaN as an empty cell, minimal quoting, "\n" line ends."""
@@ -224,15 +266,37 @@ def predict(
     out_csv: str | Path | None,
     batch_size: int = 32,
     threads: int | None = None,
+    explain_dir: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Predict every scan in `paths`; write `out_csv` (if given) and return the same table."""
+    """Predict every scan in `paths`; write `out_csv` (if given) and return the same table. With
+    `explain_dir`, also a Grad-CAM overlay per scan there and an `explanation` column naming it."""
     import pandas as pd
 
-    pred = run_model(model_path, paths, batch_size, threads)
+    pred = _run(model_path, paths, batch_size, threads, explain_dir)
     if out_csv is not None:
         write_csv(pred, out_csv)
     report(pred, out_csv)
     return pd.DataFrame(pred.columns())
+
+
+def _run(
+    model_path: str | Path,
+    paths: Sequence[str | Path],
+    batch_size: int,
+    threads: int | None,
+    explain_dir: str | Path | None,
+) -> Predictions:
+    """run_model, and with `explain_dir` the overlays. The checkpoint is found and loaded first, so a
+    missing one stops the run before any scan is read. torch is imported only here, with --explain."""
+    explainer = None
+    if explain_dir is not None:
+        from components.release.explain_scans import load_explainer
+
+        explainer = load_explainer(Path(model_path))
+    pred = run_model(model_path, paths, batch_size, threads)
+    if explainer is not None:
+        pred.explanations = explain(pred, explainer, explain_dir, batch_size, threads)
+    return pred
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,9 +311,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             default=None,
             help="threads decoding scans while the model runs (default: one per core; 1: none)",
         )
+        p.add_argument(
+            "--explain",
+            metavar="DIR",
+            default=None,
+            help="also write a Grad-CAM overlay per scan to DIR (<scan stem>.png) and an `explanation` column; "
+            "needs the model's model.pt (beside the ONNX file, models/ or registry/models/<id>/) and torch",
+        )
 
     def run(args: argparse.Namespace) -> None:  # predict() without the DataFrame: no pandas to import
-        pred = run_model(args.model, args.paths, args.batch_size, args.threads)
+        pred = _run(args.model, args.paths, args.batch_size, args.threads, args.explain)
         write_csv(pred, args.output)
         report(pred, args.output)
 
