@@ -117,11 +117,11 @@ def test_a_probe_equal_to_the_model_gains_exactly_nothing():
     rng = np.random.default_rng(3)
     y = np.array([0, 1] * 15)
     p = np.clip(0.5 * y + rng.uniform(0, 0.6, size=30), 0, 1)
-    assert probe.paired_auroc_gain(y, binary(p), binary(p), 1, 200, 0) == (0.0, [0.0, 0.0], 200)
+    assert probe.paired_auroc_gain(y, binary(p), binary(p), 1, 100, 0) == (0.0, [0.0, 0.0], 100)
     # Same ranking, other probabilities: AUROC is the same on every resample, so only a pairing of the
     # two models on the same resampled images gives a zero-width interval.
-    gain, ci, valid = probe.paired_auroc_gain(y, binary(p), binary(p**3), 1, 200, 0)
-    assert gain == 0.0 and ci == [0.0, 0.0] and valid == 200
+    gain, ci, valid = probe.paired_auroc_gain(y, binary(p), binary(p**3), 1, 100, 0)
+    assert gain == 0.0 and ci == [0.0, 0.0] and valid == 100
 
 
 def test_the_gain_interval_brackets_the_gain():
@@ -129,13 +129,13 @@ def test_the_gain_interval_brackets_the_gain():
     y = np.array([0, 1] * 20)
     model = np.clip(0.4 * y + rng.uniform(0, 0.6, size=40), 0, 1)  # good, not perfect
     weak = np.clip(0.1 * y + rng.uniform(0, 0.9, size=40), 0, 1)
-    gain, (lo, hi), valid = probe.paired_auroc_gain(y, binary(model), binary(weak), 1, 300, 1)
-    assert 0 < lo < gain < hi and valid == 300
+    gain, (lo, hi), valid = probe.paired_auroc_gain(y, binary(model), binary(weak), 1, 100, 1)
+    assert 0 < lo < gain < hi and valid == 100
     # Reversed roles, reversed gain: the same resamples, each difference negated.
-    back, (blo, bhi), _ = probe.paired_auroc_gain(y, binary(weak), binary(model), 1, 300, 1)
+    back, (blo, bhi), _ = probe.paired_auroc_gain(y, binary(weak), binary(model), 1, 100, 1)
     assert back == pytest.approx(-gain) and (blo, bhi) == pytest.approx((-hi, -lo))
     # Another seed, other resamples; none at all, no interval.
-    assert probe.paired_auroc_gain(y, binary(model), binary(weak), 1, 300, 2)[1] != [lo, hi]
+    assert probe.paired_auroc_gain(y, binary(model), binary(weak), 1, 100, 2)[1] != [lo, hi]
     assert probe.paired_auroc_gain(y, binary(model), binary(weak), 1, 0, 1) == (gain, [None, None], 0)
 
 
@@ -191,6 +191,21 @@ def test_missing_imagenet_weights_name_the_switch(tmp_path, monkeypatch):
         r"set evaluate.linear_probe: false",
     ):
         probe.probe_backbone(ckpt_of(pretrained=start), 0)
+
+
+def test_a_warm_start_from_scratch_is_probed_from_random_weights():
+    # A from-scratch lineage (train.pretrained false) warm-started from its champion: no ImageNet weights
+    # are needed (a resnet18's are not installed), the probe takes the random cold start.
+    warm = {"name": "champion 3f2a9c1e0b7d", "sha256": "c" * 64, "init": "warm-start", "model_id": "3f2a9c1e0b7d"}
+    for train in ({"backbone": "none", "pretrained": False}, {"backbone": "resnet18", "pretrained": False}):
+        ckpt = {**ckpt_of(pretrained=warm), "params": {"train": train}}
+        assert probe.probe_init(ckpt) == ("warm-start", "random")
+        _, rec = probe.probe_backbone(ckpt, 0)
+        assert rec["init"] == "random" and rec["model_start"] == "warm-start"
+    assert probe.probe_init({**ckpt_of(pretrained=warm), "params": {"train": {"backbone": "resnet18"}}}) == (
+        "warm-start",
+        "imagenet",
+    )
 
 
 def test_a_random_start_is_seeded():

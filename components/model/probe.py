@@ -13,10 +13,11 @@ mean of the image's and its mirror image's, which, the head being affine, is the
 logits, as `models.Deployed` averages them.
 
 Which starting weights: those the checkpoint's `pretrained` record names when it is an ImageNet start
-(the same file, checked by sha256); ImageNet weights of the architecture when training started from
-a champion (a warm start) or a checkpoint, whose own start is not a frozen backbone to probe; the
-architecture's random init, seeded with `evaluate.seed`, when the model was trained from scratch. The
-record says which (`start`, and the model's own start in `model_start`).
+(the same file, checked by sha256); the architecture's random init, seeded with `evaluate.seed`, when
+the model was trained from scratch. A champion (a warm start) or a checkpoint is not a frozen
+backbone to probe: the probe then takes the cold start of the model's train params, ImageNet weights
+of the architecture (random ones with train.pretrained false or backbone "none"). The record says
+which (`start`, and the model's own start in `start.model_start`).
 
 The record holds the probe's test metrics (components/model/metrics, the model's set, its threshold
 chosen on the validation split as the model's is) and the AUROC gain, fine-tuned minus probe, with a
@@ -77,21 +78,35 @@ class Probe:
 # ---------------------------------------------------------------------------------------------
 
 
+def probe_init(ckpt: dict[str, Any]) -> tuple[str, str]:
+    """(the model's own start, the probe's: "imagenet" or "random"). An ImageNet or random start is
+    probed as it was; a warm start or a checkpoint start is not a frozen backbone to probe, so the
+    probe takes the start a cold run of the model's train params would have taken (ImageNet, unless
+    train.pretrained was false or train.backbone "none")."""
+    own = ckpt.get("pretrained") or {}
+    # A checkpoint without the record predates it; train.pretrained's default was then the start.
+    model_start = (own.get("init") or describe_start(own)["init"]) if own else "imagenet"
+    if model_start in ("imagenet", "random"):
+        return model_start, model_start
+    train = (ckpt.get("params") or {}).get("train") or {}
+    cold = train.get("pretrained", True) and train.get("backbone") != "none"
+    return model_start, "imagenet" if cold else "random"
+
+
 def probe_backbone(ckpt: dict[str, Any], seed: int) -> tuple[Classifier, dict[str, Any]]:
     """The checkpoint's architecture with the starting weights the probe uses, headless (its output
     is the pooled features) and in eval mode; returns (network, `start` record)."""
     arch, classes, channels = ckpt["backbone"], list(ckpt["classes"]), int(ckpt["in_channels"])
     own = ckpt.get("pretrained") or {}
-    # A checkpoint without the record predates it; train.pretrained's default was then the start.
-    model_start = (own.get("init") or describe_start(own)["init"]) if own else "imagenet"
-    if model_start == "random":
+    model_start, init = probe_init(ckpt)
+    if init == "random":
         # A from-scratch model started from random weights: those are what fine-tuning gained over.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net, info = build_model(arch, len(classes), channels, pretrained=False)
         start = {
             **describe_start(info),
-            "description": f"random init ({arch}, seed {seed}), no pretrained weights, as the model started",
+            "description": f"random init ({arch}, seed {seed}), no pretrained weights, as a cold start of the model",
             "seed": seed,
         }
     else:
