@@ -1,4 +1,8 @@
-"""`medtune retrain --once` answers an empty inbox before Prefect, a server, the lock, git or DVC.
+"""Commands that must stay cheap, checked by what their process imported.
+
+`medtune retrain --once` answers an empty inbox before Prefect, a server, the lock, git or DVC.
+`medtune trace` and `verify` (like `predict`, tests/test_predict.py) import nothing of the training
+stack, which the slim predict image (Dockerfile target predict) does not hold.
 
 The whole process runs as a user runs it (the `medtune` console script), under `-X importtime`,
 so the modules it imported are read from its own report: an empty inbox imports neither Prefect,
@@ -24,6 +28,8 @@ from tests.workspace import BIN, ROOT, free_port, tool_env
 pytestmark = pytest.mark.slow
 
 HEAVY = ("prefect", "torch", "dvc")
+# What `medtune train` and the pipeline need and the slim predict image leaves out.
+TRAINING_STACK = ("torch", "torchvision", "pandas", "sklearn", "scipy", "prefect", "great_expectations", "matplotlib")
 
 
 def project(tmp_path: Path) -> Path:
@@ -45,9 +51,14 @@ def retrain_once(ws: Path, *args: str, **env: str) -> tuple[subprocess.Completed
         text=True,
         timeout=300,
     )
+    return out, top_level_imports(out)
+
+
+def top_level_imports(out: subprocess.CompletedProcess) -> set[str]:
+    """The top-level modules a `-X importtime` process imported; its stderr keeps the other lines."""
     imported = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:.*\|\s*(\S+)\s*$", out.stderr, re.M)}
     out.stderr = "\n".join(line for line in out.stderr.splitlines() if not line.startswith("import time:"))
-    return out, imported
+    return imported
 
 
 def test_empty_inbox_is_answered_without_prefect_torch_or_dvc(tmp_path):
@@ -116,3 +127,24 @@ def test_work_to_do_is_never_mistaken_for_an_empty_inbox(tmp_path, what, capsys)
         (ws / PENDING).write_text(json.dumps({"record": {}}))
     assert commands._nothing_to_retrain(ws, "params.yaml") is False
     assert capsys.readouterr().out == ""  # said nothing: the flow speaks for itself
+
+
+@pytest.mark.parametrize("command", ["trace", "verify"])
+def test_trace_and_verify_import_nothing_of_the_training_stack(onnx_model, command):
+    """On an exported model's project (not a DVC project: verify notes it and fails on the data
+    version it cannot read). This venv holds the whole stack, so any import of it would show."""
+    project = onnx_model.parent.parent
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "medtune"), command, "models/model.onnx"],
+        cwd=project,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    imported = top_level_imports(out)
+    assert out.returncode == (0 if command == "trace" else 1), out.stderr[-3000:]
+    assert out.stdout.startswith(f"medtune {command}: model ") and "Traceback" not in out.stderr
+    assert {"components", "jinja2"} <= imported  # the probe sees the process's imports (the text report)
+    assert ("dvc" in imported) == (command == "verify")  # verify asks DVC for the data version; trace never
+    assert not imported & set(TRAINING_STACK), sorted(imported & set(TRAINING_STACK))
