@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from components.audit import report
 from components.common import dvc_data_version
 from components.params import Params, RetrainParams, load_params
+from components.release.registry import REPORT, current, model_dir
 from components.retrain import challenger, inbox, promote, raw_append, salt_guard, workspace
 from components.retrain.stages import check_params_file
 from flows.pipeline import IO, on_cluster, pipeline
@@ -141,6 +143,36 @@ def publish(
     )
 
 
+@task(name="audit-report")
+def audit_report(model_id: str) -> dict[str, Any]:
+    """registry/models/<id>/report.html: the model's self-contained audit report (components.audit.report)."""
+    return report.write_report(model_id, model_dir(".", model_id) / REPORT, ".")
+
+
+def _report_champion(logger) -> None:
+    """The champion's audit report, written once (after its promotion, or a promotion that recovery
+    finished) and linked in the UI. The release is committed by then: a report that cannot be written is
+    an error in the log (`medtune report` writes it later), not a failed run."""
+    champion = (current(".") or {}).get("model_id")
+    if not champion or (model_dir(".", champion) / REPORT).is_file():
+        return
+    try:
+        done = audit_report(champion)
+    except Exception as exc:  # noqa: BLE001 - any failure: the promotion stands, the log says what is missing
+        logger.error(
+            "audit report of model %s not written: %s (`medtune report %s` writes it)", champion, exc, champion
+        )
+        return
+    for title, why in done["missing"]:
+        logger.warning("audit report of model %s: %s not available: %s", champion, title, why)
+    create_link_artifact(
+        Path(done["path"]).resolve().as_uri(),
+        link_text=f"audit report of model {champion}",
+        key="medtune-report",
+        description=f"Audit report of model {champion}: one self-contained HTML file ({done['bytes'] // 1024} KiB)",
+    )
+
+
 @task(name="archive-batch", **IO)
 def archive(batch: str, processed_dir: str) -> str:
     return str(inbox.archive(batch, processed_dir))
@@ -197,6 +229,7 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
             logger.warning("recovery: %s", line)
         batches = [str(b) for b in inbox.find_batches(rp.inbox_dir)]
         if not batches:  # the run we waited for took them, or recovery finished an interrupted release
+            _report_champion(logger)
             logger.info("nothing new in %s after waiting: an earlier run processed it", rp.inbox_dir)
             return {"outcome": "recovered" if recovered else "nothing-new", "trigger": trigger, "recovered": recovered}
         # Before any batch is read into a task result, quarantined or appended.
@@ -207,6 +240,7 @@ def retrain(root: str = ".", params: str = "params.yaml", trigger: str = "manual
             return {"outcome": "quarantined", "trigger": trigger, "quarantined": bad}
         result, decision = _append_and_run(good, params, p, trigger, logger)
         record = _record_decision(decision, good, trigger, p, logger)
+        _report_champion(logger)
     outcome = "promoted" if decision["promote"] else "kept-champion"
     logger.info("retrain %s: %s", outcome, "; ".join(decision["reasons"]))
     return {

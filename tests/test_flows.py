@@ -317,6 +317,13 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
         assert run(["git", "tag", "--list", rec["git_tag"]], ws, env).stdout.strip() == rec["git_tag"]
         assert (ws / f"registry/models/{lineage['model_id']}/lineage.json").is_file()
         assert any((tmp / "dvc-remote").rglob("*")), "dvc push must fill the remote"
+        # The promoted model's audit report: written beside its records, never committed (it shows scans).
+        audit = ws / f"registry/models/{lineage['model_id']}/report.html"
+        text = audit.read_text(encoding="utf-8")
+        assert lineage["data"]["data_version"] in text and lineage["code"]["git_commit"] in text
+        samples = len(list((ws / "reports/explanations").rglob("*.png")))
+        assert text.count('<img src="data:image/png;base64,') == 4 + samples  # ROC, confusion, curves, preview
+        assert run(["git", "check-ignore", "-q", str(audit)], ws, env, check=False).returncode == 0
     else:
         assert rec["event"] == "rejected" and not (ws / "registry/current.json").exists()
 
@@ -329,7 +336,14 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
             assert b"DEMO-0" not in f.read_bytes() and b"Demo^Patient" not in f.read_bytes(), f
 
     # Plain REST: this prefect client's read_artifacts sends null filters that its own server rejects.
-    keys = ["medtune-validation", "medtune-metrics", "medtune-gate", "medtune-lineage", "medtune-decision"]
+    keys = [
+        "medtune-validation",
+        "medtune-metrics",
+        "medtune-gate",
+        "medtune-lineage",
+        "medtune-decision",
+        "medtune-report",
+    ]
     req = urllib.request.Request(
         f"{api}/artifacts/filter",
         method="POST",
@@ -340,7 +354,7 @@ def test_good_batch_event_retrains_and_records_the_decision(served):
         found = {a["key"] for a in json.load(r)}
     assert found >= {"medtune-validation", "medtune-metrics", "medtune-gate", "medtune-decision"}, found
     if gate["passed"]:
-        assert "medtune-lineage" in found
+        assert "medtune-lineage" in found and "medtune-report" in found
 
 
 def test_the_first_pipeline_run_ran_every_stage_and_its_stage_logs_are_on_the_server(served):

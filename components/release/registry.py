@@ -57,6 +57,9 @@ REGISTRY = "registry"
 MODEL_FILES = ("lineage.json", "model_card.md")  # copied from models/; manifest.csv from data/
 WEIGHTS = warm_start.WEIGHTS  # models/model.pt, kept beside the ONNX for the next retrain's warm start
 MODEL_BINARIES = ("*.onnx", "*.pt")  # in the registry folder but git-ignored: DVC holds them at the tag
+# The audit report (`medtune report`) the retrain flow writes beside a promoted model's records: git-ignored
+# too, since it shows scans (as reports/augment_preview.png does, which no release commits); rebuilt from the tag.
+REPORT = "report.html"
 # "failed": a retrain run whose pipeline failed after its batches were appended (no model; model_id None).
 EVENTS = ("promoted", "rejected", "rollback", "failed")
 
@@ -125,7 +128,7 @@ def store_model(
         if ignore.is_file()
         else ["# model files live in the DVC remote: git checkout <tag> && dvc pull"]
     )
-    missing = [p for p in MODEL_BINARIES if p not in lines]
+    missing = [p for p in (*MODEL_BINARIES, REPORT) if p not in lines]
     if missing:
         common.write_text(ignore, "\n".join(lines + missing) + "\n")
     return dest
