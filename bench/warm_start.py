@@ -30,7 +30,7 @@ from components.data.demo_data import generate
 from components.data.ingest import ingest
 from components.data.preprocess import load_meta, preprocess
 from components.model import warm_start
-from components.model.fit import fit
+from components.model.fit import Run, fit
 from components.model.models import arch_of
 from components.model.train import _split, train
 from components.params import Params, parse_params
@@ -65,19 +65,8 @@ def _timed_fit(prepared: Path, params: Params, init: tuple[dict[str, Any], dict[
     def record(row: dict) -> None:
         rows.append({**row, "wall_s": time.perf_counter() - wall})
 
-    fit(
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        len(CLASSES),
-        params,
-        params.train.seed,
-        torch.device("cpu"),
-        False,
-        on_epoch=record,
-        init=init,
-    )
+    run = Run(x_train, y_train, x_val, y_val, params, torch.device("cpu"), False)
+    fit(run, params.train.seed, on_epoch=record, init=init)
     return rows
 
 

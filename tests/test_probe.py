@@ -113,15 +113,19 @@ def test_three_classes(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def gain_of(y, model, other, n_boot, seed):
+    g = probe.auroc_gain(y, binary(model), binary(other), 1, n_boot, seed)
+    return g["auroc_gain"], g["auroc_gain_ci"], g["bootstrap_valid"]
+
+
 def test_a_probe_equal_to_the_model_gains_exactly_nothing():
     rng = np.random.default_rng(3)
     y = np.array([0, 1] * 15)
     p = np.clip(0.5 * y + rng.uniform(0, 0.6, size=30), 0, 1)
-    assert probe.paired_auroc_gain(y, binary(p), binary(p), 1, 100, 0) == (0.0, [0.0, 0.0], 100)
+    assert gain_of(y, p, p, 100, 0) == (0.0, [0.0, 0.0], 100)
     # Same ranking, other probabilities: AUROC is the same on every resample, so only a pairing of the
     # two models on the same resampled images gives a zero-width interval.
-    gain, ci, valid = probe.paired_auroc_gain(y, binary(p), binary(p**3), 1, 100, 0)
-    assert gain == 0.0 and ci == [0.0, 0.0] and valid == 100
+    assert gain_of(y, p, p**3, 100, 0) == (0.0, [0.0, 0.0], 100)
 
 
 def test_the_gain_interval_brackets_the_gain():
@@ -129,24 +133,27 @@ def test_the_gain_interval_brackets_the_gain():
     y = np.array([0, 1] * 20)
     model = np.clip(0.4 * y + rng.uniform(0, 0.6, size=40), 0, 1)  # good, not perfect
     weak = np.clip(0.1 * y + rng.uniform(0, 0.9, size=40), 0, 1)
-    gain, (lo, hi), valid = probe.paired_auroc_gain(y, binary(model), binary(weak), 1, 100, 1)
+    gain, (lo, hi), valid = gain_of(y, model, weak, 100, 1)
     assert 0 < lo < gain < hi and valid == 100
     # Reversed roles, reversed gain: the same resamples, each difference negated.
-    back, (blo, bhi), _ = probe.paired_auroc_gain(y, binary(weak), binary(model), 1, 100, 1)
+    back, (blo, bhi), _ = gain_of(y, weak, model, 100, 1)
     assert back == pytest.approx(-gain) and (blo, bhi) == pytest.approx((-hi, -lo))
     # Another seed, other resamples; none at all, no interval.
-    assert probe.paired_auroc_gain(y, binary(model), binary(weak), 1, 100, 2)[1] != [lo, hi]
-    assert probe.paired_auroc_gain(y, binary(model), binary(weak), 1, 0, 1) == (gain, [None, None], 0)
+    assert gain_of(y, model, weak, 100, 2)[1] != [lo, hi]
+    assert gain_of(y, model, weak, 0, 1) == (gain, [None, None], 0)
 
 
-def test_resamples_missing_a_class_are_skipped_as_in_the_main_interval():
-    # Four images, one positive: many resamples lack it and count for neither interval.
+def test_the_resamples_are_the_main_intervals():
+    # Four images, one positive: many resamples lack it and count for no interval. The probe's own
+    # interval is the one metrics.bootstrap_auroc gives it: the same resamples, skipped alike.
     from components.model.metrics import bootstrap_auroc
 
     y = np.array([0, 0, 0, 1])
-    p = binary([0.1, 0.4, 0.3, 0.8])
-    _, ci, valid = probe.paired_auroc_gain(y, p, binary([0.2, 0.1, 0.3, 0.25]), 1, 100, 5)
-    assert 0 < valid < 100 and valid == bootstrap_auroc(y, p, 1, 100, 5)[1]
+    model, other = binary([0.1, 0.4, 0.3, 0.8]), binary([0.2, 0.1, 0.3, 0.25])
+    g = probe.auroc_gain(y, model, other, 1, 100, 5)
+    assert 0 < g["bootstrap_valid"] < 100
+    assert (g["probe_auroc_ci"], g["bootstrap_valid"]) == tuple(bootstrap_auroc(y, other, 1, 100, 5))
+    assert bootstrap_auroc(y, model, 1, 100, 5)[1] == g["bootstrap_valid"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,16 +218,15 @@ def fit_probe(ckpt: dict[str, Any], prepared_dir: str | Path, params: Params, de
 # ---------------------------------------------------------------------------------------------
 
 
-def paired_auroc_gain(
+def paired_resamples(
     y_true: np.ndarray, model_probs: np.ndarray, probe_probs: np.ndarray, positive_index: int, n_boot: int, seed: int
-) -> tuple[float, list[float | None], int]:
-    """AUROC(model) - AUROC(probe) on the test set, and its percentile 95% interval over test sets
-    resampled with replacement, both models scored on the same resample (the indices drawn as
-    metrics.bootstrap_auroc draws them); resamples missing a class are skipped. (gain, [lo, hi], valid)."""
+) -> np.ndarray:
+    """(valid, 2): AUROC of the model and of the probe on each test set resampled with replacement, both
+    scored on the same resample, the indices drawn as metrics.bootstrap_auroc draws them (same seed, same
+    resamples); a resample missing a class (AUROC undefined for both) is skipped."""
     y_true = np.asarray(y_true).astype(np.int64)
-    gain = auroc(y_true, model_probs, positive_index) - auroc(y_true, probe_probs, positive_index)
     rng = np.random.default_rng(seed)
-    n, diffs = len(y_true), []
+    n, pairs = len(y_true), []
     for _ in range(n_boot):
         idx = rng.integers(0, n, size=n)
         a, b = (
@@ -235,11 +234,36 @@ def paired_auroc_gain(
             auroc(y_true[idx], probe_probs[idx], positive_index),
         )
         if not (math.isnan(a) or math.isnan(b)):
-            diffs.append(a - b)
-    if not diffs:
-        return float(gain), [None, None], 0
-    lo, hi = np.percentile(diffs, CI_PERCENTILES)
-    return float(gain), [float(lo), float(hi)], len(diffs)
+            pairs.append((a, b))
+    return np.asarray(pairs, dtype=np.float64).reshape(-1, 2)
+
+
+def percentile_interval(values: np.ndarray) -> list[float | None]:
+    """The 95% percentile interval of bootstrap values ([None, None] without any), as metrics' AUROC CI."""
+    if len(values) == 0:
+        return [None, None]
+    lo, hi = np.percentile(values, CI_PERCENTILES)
+    return [float(lo), float(hi)]
+
+
+def auroc_gain(
+    y_true: np.ndarray, model_probs: np.ndarray, probe_probs: np.ndarray, positive_index: int, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """The model's and the probe's test AUROC, the gain (model minus probe) and, over the paired resamples
+    (`paired_resamples`), the probe's 95% interval and the gain's: {fine_tuned_auroc, probe_auroc,
+    probe_auroc_ci, auroc_gain, auroc_gain_ci, bootstrap_valid}."""
+    y_true = np.asarray(y_true).astype(np.int64)
+    model_probs, probe_probs = np.asarray(model_probs, np.float64), np.asarray(probe_probs, np.float64)
+    fine_tuned, probe = auroc(y_true, model_probs, positive_index), auroc(y_true, probe_probs, positive_index)
+    pairs = paired_resamples(y_true, model_probs, probe_probs, positive_index, n_boot, seed)
+    return {
+        "fine_tuned_auroc": fine_tuned,
+        "probe_auroc": probe,
+        "probe_auroc_ci": percentile_interval(pairs[:, 1]),
+        "auroc_gain": fine_tuned - probe,
+        "auroc_gain_ci": percentile_interval(pairs[:, 0] - pairs[:, 1]),
+        "bootstrap_valid": len(pairs),
+    }
 
 
 def linear_probe(
@@ -261,8 +285,13 @@ def linear_probe(
         if len(classes) == 2
         else ev.threshold
     )
-    metrics = compute_metrics(y_test, probe.test_probs, classes, pos, threshold, ev.bootstrap, ev.seed)
-    gain, gain_ci, valid = paired_auroc_gain(y_test, model_probs, probe.test_probs, pos, ev.bootstrap, ev.seed)
+    # The probe's own AUROC interval comes from the paired resamples (the ones compute_metrics would draw),
+    # which score it anyway: one bootstrap, not two.
+    metrics = compute_metrics(y_test, probe.test_probs, classes, pos, threshold, 0, ev.seed)
+    gain = auroc_gain(y_test, model_probs, probe.test_probs, pos, ev.bootstrap, ev.seed)
+    metrics.update(
+        auroc_ci=gain["probe_auroc_ci"], bootstrap_resamples=ev.bootstrap, bootstrap_valid=gain["bootstrap_valid"]
+    )
     record = {
         "start": probe.start,
         "head": "logistic regression on standardised pooled features",
@@ -277,11 +306,11 @@ def linear_probe(
         "tta": ev.tta,
         "threshold_method": ev.threshold_method if len(classes) == 2 else None,
         **{k: v for k, v in metrics.items() if k not in ("classes", "positive_class", "averaging")},
-        "fine_tuned_auroc": auroc(np.asarray(y_test), np.asarray(model_probs, dtype=np.float64), pos),
-        "auroc_gain": gain,
-        "auroc_gain_ci": gain_ci,
+        "fine_tuned_auroc": gain["fine_tuned_auroc"],
+        "auroc_gain": gain["auroc_gain"],
+        "auroc_gain_ci": gain["auroc_gain_ci"],
         "auroc_gain_ci_level": CI_LEVEL,
-        "auroc_gain_bootstrap_valid": valid,
+        "auroc_gain_bootstrap_valid": gain["bootstrap_valid"],
     }
     log_probe(record)
     return record

@@ -47,7 +47,8 @@ import torch
 from components.common import StageError, atomic_path, processor, sha256_bytes, stage_main, write_json
 from components.data.preprocess import load_meta, load_split
 from components.model import distributed, warm_start
-from components.model.fit import evaluate_epoch, fit, make_criterion, make_loader
+from components.model.epoch import evaluate_epoch, make_criterion
+from components.model.fit import Run, fit, make_loader
 from components.model.models import arch_of, architecture
 from components.params import Params, load_params
 
@@ -193,6 +194,7 @@ def train(
     if not world.main:
         log.setLevel(logging.WARNING)  # rank 0 reports progress; the others only warnings and errors
     use_amp = tp.amp and device.type == "cuda"
+    run = Run(x_train, y_train, x_val, y_val, params, device, use_amp, world)
     live = open_live(Path(live_dir)) if world.main else None  # rank 0 logs and writes
 
     def logger(member: int) -> Callable[[dict[str, Any]], None] | None:
@@ -202,21 +204,7 @@ def train(
     with deterministic(), distributed.process_group(world, device):
         # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
         fits = [
-            fit(
-                x_train,
-                y_train,
-                x_val,
-                y_val,
-                len(params.data.classes),
-                params,
-                tp.seed + m,
-                device,
-                use_amp,
-                f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "",
-                world,
-                logger(m),
-                inits[m],
-            )
+            fit(run, tp.seed + m, f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", logger(m), inits[m])
             for m in range(tp.ensemble)
         ]
     if not world.main:
