@@ -273,3 +273,48 @@ def test_switched_off_the_probe_is_said_not_measured(tmp_path):
     assert not {"probe_auroc", "auroc_gain"} & set(json.loads((p["reports"] / "metrics.json").read_text()))
     assert "Not measured: the evaluation has no linear probe" in (p["out"] / "model_card.md").read_text()
     assert "gain from fine-tuning: not recorded: no linear probe" in trace_text.render(trace.trace(p["out"], tmp_path))
+
+
+def test_the_card_says_when_the_probe_started_elsewhere_than_the_model():
+    # A warm-started model is probed from ImageNet: the card names both starts.
+    from components.release.model_card import model_card
+
+    start = {"description": "ImageNet efficientnet_lite0 weights", "init": "imagenet", "model_start": "warm-start"}
+    metrics = {
+        "classes": list(CLASSES),
+        "positive_class": "lesion",
+        "n_test": 8,
+        "auroc": 0.9,
+        "auroc_ci": [0.8, 0.97],
+        "confusion_matrix": [[3, 1], [0, 4]],
+        "sensitivity": 1.0,
+        "specificity": 0.75,
+        "precision": 0.8,
+        "accuracy": 0.875,
+        "f1": 0.889,
+        "threshold": 0.5,
+        "linear_probe": {
+            "start": start,
+            "C": 0.01,
+            "n_train": 12,
+            "auroc": 0.85,
+            "auroc_ci": [None, None],
+            "auroc_gain": 0.05,
+            "auroc_gain_ci": [-0.02, 0.11],
+            "auroc_gain_bootstrap_valid": 990,
+        },
+    }
+    ckpt = {"backbone": "efficientnet_lite0", "pretrained": {"description": "warm start from champion 3f2a9c1e0b7d"}}
+    exp = {"opset": 17, "max_abs_diff_batch1": 0.0, "max_abs_diff_batchN": 0.0, "batch_n": 8}
+    lines = model_card("abc123def456", ckpt, {}, metrics, {"passed": True}, {}, exp, False).splitlines()
+    assert (
+        "Linear probe: ImageNet efficientnet_lite0 weights, frozen, with only a logistic-regression head fitted on "
+        "the features of the 12 training images (C = 0.01, chosen on the validation split); the model itself "
+        "started from warm start from champion 3f2a9c1e0b7d, so the gain includes what that start brought. Both "
+        "scored on the same test images:" in lines
+    )
+    assert "| fine-tuned (this model) | 0.900 | 0.800 - 0.970 (bootstrap) |" in lines
+    assert "| linear probe | 0.850 | n/a |" in lines
+    assert (
+        "| **gain (fine-tuned - probe)** | **+0.050** | -0.020 to +0.110 (paired bootstrap, 990 resamples) |" in lines
+    )
