@@ -232,7 +232,7 @@ def add_report_evidence(root: Path, params: Params, explanations: int = 2) -> No
     from PIL import Image
 
     from components.data.augment import preview
-    from components.model.train import log_epoch, open_live
+    from components.model.live import log_epoch, open_live
 
     root = Path(root)
     preview(root / "data" / "prepared", root / "reports" / "augment_preview.png", params)

@@ -19,21 +19,20 @@ The checkpoint is a plain dict of tensors, strings and numbers, so `torch.load(.
 weights_only=True)` reads it; it carries the train+augment params and the preprocessing meta, so
 it explains itself.
 
-Per-epoch metrics are logged with DVCLive (`dvclive/plots/metrics/**.tsv`, one file per metric,
-step = epoch) and its summary `dvclive/metrics.json` holds the kept epoch's values: `dvc plots`
-draws the curves and `dvc metrics` / `dvc exp show` list the summary. These and the checkpoint are
-the stage's DVC outputs, all cached and byte-reproducible (DVC's run cache restores them). What
-measures the run itself (throughput, seconds) and describes it (device, processor, parameter
-counts) goes to `reports/train.json`, which DVC does not track: a run-cache restore leaves it as
-it was, and its `checkpoint_sha256` says which checkpoint it measured.
+Per-epoch metrics are logged with DVCLive (components/model/live.py: `dvclive/plots/metrics/**.tsv`,
+one file per metric, step = epoch) and its summary `dvclive/metrics.json` holds the kept epoch's
+values: `dvc plots` draws the curves and `dvc metrics` / `dvc exp show` list the summary. These and
+the checkpoint are the stage's DVC outputs, all cached and byte-reproducible (DVC's run cache
+restores them). What measures the run itself (throughput, seconds) and describes it (device,
+processor, parameter counts) goes to `reports/train.json`, which DVC does not track: a run-cache
+restore leaves it as it was, and its `checkpoint_sha256` says which checkpoint it measured. The
+checkpoint's contents and the run record are made in components/model/train_record.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,23 +43,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.common import StageError, atomic_path, processor, sha256_bytes, stage_main, write_json
+from components.common import StageError, sha256_bytes, stage_main, write_json
 from components.data.preprocess import load_meta, load_split
 from components.model import distributed, warm_start
+from components.model.distributed import World
 from components.model.epoch import evaluate_epoch, make_criterion
 from components.model.fit import Run, fit, make_loader
+from components.model.live import live_summary, log_epoch, open_live
 from components.model.models import arch_of, architecture
+from components.model.train_record import checkpoint, run_summary, save_checkpoint
 from components.params import Params, load_params
 
 log = logging.getLogger("medtune.train")
-# DVCLive metric name (a file dvclive/plots/metrics/<name>.tsv) of each per-epoch history value.
-LIVE_METRICS = {
-    "train_loss": "train/loss",
-    "val_loss": "val/loss",
-    "val_auroc": "val/auroc",
-    "val_accuracy": "val/accuracy",
-    "lr": "lr",
-}
 
 
 def _split(prepared_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -112,60 +106,6 @@ def deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def open_live(live_dir: Path) -> Any:
-    """A DVCLive logger that writes only `live_dir`/metrics.json and `live_dir`/plots/metrics/ (no
-    dvc.yaml of its own: dvc.yaml declares them; no report; no experiment of its own)."""
-    from dvclive import Live
-
-    class StageLive(Live):
-        def _init_dvc(self) -> None:
-            # DVCLive looks for the DVC project (and `dvc init`s a git repository that has none).
-            # Only under `dvc repro` / `dvc exp run` (which set DVC_ROOT) is there one to find; a flow
-            # calling the stage in-process, a test or a plain `medtune train` just write the files.
-            # Its DVC integration (live updates to DVC Studio) is a bonus: where it fails (a git
-            # repository without commits raises) the files are written all the same.
-            if not os.environ.get("DVC_ROOT"):
-                return
-            try:
-                super()._init_dvc()
-            except Exception as exc:  # noqa: BLE001 - scmrepo and dvc raise several types
-                log.debug("DVCLive without its DVC integration: %s", exc)
-                self._dvc_repo, self._inside_dvc_exp = None, False
-
-    return StageLive(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def log_epoch(live: Any, row: dict[str, Any], prefix: str = "") -> None:
-    """One epoch of one model to DVCLive, at step = epoch (`prefix` "member<i>/" in an ensemble)."""
-    live.step = row["epoch"]
-    for key, name in LIVE_METRICS.items():
-        live.log_metric(prefix + name, row[key])
-    live.next_step()
-
-
-def live_summary(fits: list[dict[str, Any]], ensemble_val: dict[str, float] | None) -> dict[str, Any]:
-    """dvclive/metrics.json: the validation metrics of the model that is kept (a single model's best
-    epoch, or the ensemble's averaged logits), its best epoch, and `step` (the last epoch run)."""
-    if ensemble_val is None:
-        f = fits[0]
-        best = next(r for r in f["history"] if r["epoch"] == f["best_epoch"])
-        out: dict[str, Any] = {
-            "best_epoch": f["best_epoch"],
-            "train": {"loss": best["train_loss"]},
-            "val": {k.removeprefix("val_"): best[k] for k in ("val_loss", "val_auroc", "val_accuracy")},
-        }
-    else:
-        out = {"val": {k.removeprefix("val_"): v for k, v in ensemble_val.items()}}
-    for group in ("train", "val"):  # an undefined value (nan AUROC of a one-class split) is left out
-        if group in out:
-            out[group] = {k: v for k, v in out[group].items() if _finite(v)}
-    return {"step": max(f["epochs_run"] for f in fits), **out}
-
-
 def train(
     prepared_dir: Path,
     out_model: Path,
@@ -183,42 +123,18 @@ def train(
     prepared_dir, tp = Path(prepared_dir), params.train
     meta, x_train, y_train, x_val, y_val = load_data(prepared_dir, params)
     inits = warm_inits(registry, params, meta, x_train.shape)
-
-    world = distributed.world()
-    if world.size != tp.processes:
-        raise StageError(
-            f"torchrun started {world.size} process(es), but params train.processes is {tp.processes}; "
-            "expected them equal, so that the recorded parameters say how the model was trained."
-        )
+    world = _world(params)
     device = distributed.device(world)
     if not world.main:
         log.setLevel(logging.WARNING)  # rank 0 reports progress; the others only warnings and errors
-    use_amp = tp.amp and device.type == "cuda"
-    run = Run(x_train, y_train, x_val, y_val, params, device, use_amp, world)
+    run = Run(x_train, y_train, x_val, y_val, params, device, tp.amp and device.type == "cuda", world)
     live = open_live(Path(live_dir)) if world.main else None  # rank 0 logs and writes
-
-    def logger(member: int) -> Callable[[dict[str, Any]], None] | None:
-        prefix = f"member{member + 1}/" if tp.ensemble > 1 else ""
-        return None if live is None else lambda row: log_epoch(live, row, prefix)
-
     with deterministic(), distributed.process_group(world, device):
-        # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
-        fits = [
-            fit(run, tp.seed + m, f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", logger(m), inits[m])
-            for m in range(tp.ensemble)
-        ]
+        fits = _fit_members(run, inits, live)
     if not world.main:
         return {}  # rank 0 writes the artefacts
-
-    summary = run_summary(fits, params, device, use_amp, world.size, len(y_train), len(y_val))
-    state = fits[0]["state"]
-    if tp.ensemble > 1:
-        state, summary["ensemble_val"] = ensemble(fits, x_train, y_train, x_val, y_val, params, device, use_amp)
-        log.info("ensemble of %d on the validation split: %s", tp.ensemble, summary["ensemble_val"])
-    blob = save_checkpoint(checkpoint(fits, state, summary, meta, x_train.shape, params), out_model)
-    live.summary = live_summary(fits, summary.get("ensemble_val"))
-    live.end()
-    summary.update(checkpoint_sha256=sha256_bytes(blob), seconds=round(time.perf_counter() - started, 1))
+    summary = _write_model(fits, run, meta, out_model, live)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
     write_json(out_record, summary)
     log.info(
         "best %s=%s at epoch %s of %s; wrote %s",
@@ -231,63 +147,66 @@ def train(
     return summary
 
 
-def run_summary(
-    fits: list[dict[str, Any]],
-    params: Params,
-    device: torch.device,
-    use_amp: bool,
-    processes: int,
-    n_train: int,
-    n_val: int,
+def _world(params: Params) -> World:
+    """This process's place among torchrun's; StageError unless there are `train.processes` of them."""
+    world, processes = distributed.world(), params.train.processes
+    if world.size != processes:
+        raise StageError(
+            f"torchrun started {world.size} process(es), but params train.processes is {processes}; "
+            "expected them equal, so that the recorded parameters say how the model was trained."
+        )
+    return world
+
+
+def _fit_members(run: Run, inits: list[Any], live: Any) -> list[dict[str, Any]]:
+    """`fit` of the one model, or of each ensemble member, each epoch logged to DVCLive (rank 0's `live`)."""
+    tp = run.params.train
+
+    def logger(member: int) -> Callable[[dict[str, Any]], None] | None:
+        prefix = f"member{member + 1}/" if tp.ensemble > 1 else ""
+        return None if live is None else lambda row: log_epoch(live, row, prefix)
+
+    # An ensemble is `train.ensemble` independent runs with seeds seed, seed + 1, ...
+    return [
+        fit(run, tp.seed + m, f"member {m + 1}/{tp.ensemble}, " if tp.ensemble > 1 else "", logger(m), inits[m])
+        for m in range(tp.ensemble)
+    ]
+
+
+def _write_model(
+    fits: list[dict[str, Any]], run: Run, meta: dict[str, Any], out_model: Path, live: Any
 ) -> dict[str, Any]:
-    """reports/train.json without the checkpoint hash and the seconds (added once the checkpoint is written)."""
-    tp, first = params.train, fits[0]
-    per_member = ("best_epoch", "epochs_run", "best_value")
-    return {
-        "backbone": tp.backbone,
-        "pretrained": first["pretrained"],
-        "device": str(device),
-        "amp": use_amp,
-        "processes": processes,
-        "processor": processor(),
-        "ensemble": tp.ensemble,
-        "selection_metric": tp.early_stopping_metric,
-        # One number for a single model; a list, one per member, for an ensemble.
-        **{k: first[k] if tp.ensemble == 1 else [f[k] for f in fits] for k in per_member},
-        "n_train": int(n_train),
-        "n_val": int(n_val),
-        "trainable_params": first["trainable"],
-        "total_params": first["total"] * tp.ensemble,
-        # Measurements of this run: not in the DVC outputs, which must be the same bytes every run.
-        "throughput_img_s": first["throughput"],
-    }
+    """Write the checkpoint (the one model, or the members as one ensemble) and DVCLive's summary; return
+    the run record, all but its seconds."""
+    tp = run.params.train
+    summary = run_summary(fits, run)
+    state = fits[0]["state"]
+    if tp.ensemble > 1:
+        state, summary["ensemble_val"] = ensemble(fits, run)
+        log.info("ensemble of %d on the validation split: %s", tp.ensemble, summary["ensemble_val"])
+    blob = save_checkpoint(checkpoint(fits, state, summary, meta, run), out_model)
+    live.summary = live_summary(fits, summary.get("ensemble_val"))
+    live.end()
+    summary["checkpoint_sha256"] = sha256_bytes(blob)
+    return summary
 
 
-def ensemble(
-    fits: list[dict[str, Any]],
-    x_train: Any,
-    y_train: np.ndarray,
-    x_val: Any,
-    y_val: np.ndarray,
-    params: Params,
-    device: torch.device,
-    use_amp: bool,
-) -> tuple[dict[str, Any], dict[str, float]]:
+def ensemble(fits: list[dict[str, Any]], run: Run) -> tuple[dict[str, Any], dict[str, float]]:
     """(state_dict of the members as one model, as load_checkpoint rebuilds it; its own validation
     metrics, from the averaged logits)."""
-    tp, num_classes = params.train, len(params.data.classes)
+    tp, num_classes, device = run.params.train, run.num_classes, run.device
     state = {f"members.{m}.{k}": v for m, f in enumerate(fits) for k, v in f["state"].items()}
-    model = architecture(fits[0]["arch"], num_classes, int(x_train.shape[1]), tp.ensemble)
+    model = architecture(fits[0]["arch"], num_classes, int(run.x_train.shape[1]), tp.ensemble)
     model.load_state_dict(state)
-    val_loader = make_loader(x_val, y_val, tp.batch_size, False)
-    criterion = make_criterion(y_train, num_classes, tp, device)
+    val_loader = make_loader(run.x_val, run.y_val, tp.batch_size, False)
+    criterion = make_criterion(run.y_train, num_classes, tp, device)
     return state, evaluate_epoch(
         model.to(device, memory_format=torch.channels_last),
         val_loader,
         criterion,
         device,
-        params.positive_index,
-        use_amp,
+        run.params.positive_index,
+        run.amp,
     )
 
 
@@ -311,100 +230,50 @@ def warm_inits(
     return [(state, info) for state in states]
 
 
-def checkpoint(
-    fits: list[dict[str, Any]],
-    state: dict[str, Any],
-    summary: dict[str, Any],
-    meta: dict[str, Any],
-    shape: tuple[int, ...],
-    params: Params,
-) -> dict[str, Any]:
-    """models/model.pt's contents: the weights and everything that explains them (params, preprocessing
-    meta, starting weights, per-epoch history, selection). `shape`: the training images' (N, C, H, W)."""
-    tp = params.train
-    # classes: equal to data.classes (load_data checks), as meta's own strings: pickle writes a string
-    # the checkpoint holds twice (here and in meta) once, so which objects they are shows in its bytes.
-    return {
-        "state_dict": state,
-        "members": tp.ensemble,
-        "backbone": fits[0]["arch"],
-        "classes": list(meta["classes"]),
-        "in_channels": int(shape[1]),
-        "image_size": int(meta.get("image_size", shape[-1])),
-        "params": {"train": tp.to_dict(), "augment": params.augment.to_dict()},
-        "meta": meta,
-        "pretrained": fits[0]["pretrained"],
-        "history": [{**row, "member": m} for m, f in enumerate(fits) for row in f["history"]],
-        **{k: summary[k] for k in ("best_epoch", "epochs_run")},
-        "best_metric": {"name": tp.early_stopping_metric, "value": summary["best_value"]},
-        "device": summary["device"],
-        "processor": summary["processor"],
-    }
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prepared", default="data/prepared", help="preprocess output folder (default: data/prepared)")
+    p.add_argument("--model", default="models/model.pt", help="checkpoint to write (default: models/model.pt)")
+    p.add_argument(
+        "--record",
+        default="reports/train.json",
+        help="run record to write: throughput, seconds, device (default: reports/train.json)",
+    )
+    p.add_argument(
+        "--live", default="dvclive", help="DVCLive folder: per-epoch metrics and their summary (default: dvclive)"
+    )
+    p.add_argument(
+        "--registry",
+        default="registry",
+        help="model registry where train.init_from's weights are looked up (default: registry)",
+    )
 
 
-def save_checkpoint(checkpoint: dict[str, Any], out_model: Path) -> bytes:
-    """Write the checkpoint atomically; return its bytes."""
-    # Serialise in memory: torch.save names the zip's inner folder after the file, so saving to the
-    # random temporary name would make the bytes (and DVC's hash) differ run to run.
-    buf = io.BytesIO()
-    torch.save(checkpoint, buf)
-    with atomic_path(out_model) as tmp:
-        tmp.write_bytes(buf.getvalue())
-    return buf.getvalue()
+def _run(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    if params.train.processes > 1 and distributed.world().size == 1:
+        # Start again as torchrun's workers, with the same arguments; they write the artefacts.
+        distributed.launch(params.train.processes, "components.model.train", _worker_args(args))
+        return
+    summary = train(
+        Path(args.prepared), Path(args.model), Path(args.record), Path(args.live), params, Path(args.registry)
+    )
+    if summary:  # rank 0 of several, or the only process
+        print(
+            f"wrote {args.model}: best {summary['selection_metric']}={summary['best_value']} "
+            f"at epoch {summary['best_epoch']}/{summary['epochs_run']}"
+        )
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """This command's arguments, for each of torchrun's workers."""
+    out: list[str] = []
+    for name in ("params", "prepared", "model", "record", "live", "registry"):
+        out += [f"--{name}", getattr(args, name)]
+    return out + (["-v"] if args.verbose else [])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--prepared", default="data/prepared", help="preprocess output folder (default: data/prepared)")
-        p.add_argument("--model", default="models/model.pt", help="checkpoint to write (default: models/model.pt)")
-        p.add_argument(
-            "--record",
-            default="reports/train.json",
-            help="run record to write: throughput, seconds, device (default: reports/train.json)",
-        )
-        p.add_argument(
-            "--live", default="dvclive", help="DVCLive folder: per-epoch metrics and their summary (default: dvclive)"
-        )
-        p.add_argument(
-            "--registry",
-            default="registry",
-            help="model registry where train.init_from's weights are looked up (default: registry)",
-        )
-
-    def run(args: argparse.Namespace) -> None:
-        params = load_params(args.params)
-        if params.train.processes > 1 and distributed.world().size == 1:
-            # Start again as torchrun's workers, with the same arguments; they write the artefacts.
-            distributed.launch(
-                params.train.processes,
-                "components.model.train",
-                [
-                    "--params",
-                    args.params,
-                    "--prepared",
-                    args.prepared,
-                    "--model",
-                    args.model,
-                    "--record",
-                    args.record,
-                    "--live",
-                    args.live,
-                    "--registry",
-                    args.registry,
-                    *(["-v"] if args.verbose else []),
-                ],
-            )
-            return
-        summary = train(
-            Path(args.prepared), Path(args.model), Path(args.record), Path(args.live), params, Path(args.registry)
-        )
-        if summary:  # rank 0 of several, or the only process
-            print(
-                f"wrote {args.model}: best {summary['selection_metric']}={summary['best_value']} "
-                f"at epoch {summary['best_epoch']}/{summary['epochs_run']}"
-            )
-
-    return stage_main("Stage 5: fine-tune a pretrained backbone with a new head.", add_args, run, argv)
+    return stage_main("Stage 5: fine-tune a pretrained backbone with a new head.", _add_args, _run, argv)
 
 
 if __name__ == "__main__":
