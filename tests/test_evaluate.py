@@ -201,11 +201,11 @@ def test_evaluate_stage_writes_reports(tmp_path):
     assert set(conf["actual"]) == set(BINARY)
     for png in ("roc.png", "confusion.png"):
         assert (reports / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    first = {p.name: p.read_bytes() for p in reports.iterdir()}
+    first = {p.relative_to(reports).as_posix(): p.read_bytes() for p in reports.rglob("*") if p.is_file()}
 
     # Deterministic (no dates or versions in any artefact) and free of patient identifiers.
     evaluate(ckpt, prepared, reports, tiny_params())
-    assert {p.name: p.read_bytes() for p in reports.iterdir()} == first
+    assert {p.relative_to(reports).as_posix(): p.read_bytes() for p in reports.rglob("*") if p.is_file()} == first
     patients = pd.read_csv(prepared / "index.csv")["patient"]
     for blob in first.values():
         assert b"Matplotlib" not in blob and RAW_PATIENT.encode() not in blob
