@@ -20,7 +20,7 @@ help:
 	@echo "make test-fast - the tests not marked slow (no DVC/git workspaces, Prefect servers, Dask clusters, training)"
 	@echo "make lint   - ruff: lint and format check (CI runs it before the tests)"
 	@echo "make bench  - benchmarks (bench/), printed as ratios"
-	@echo "make image  - build the Docker image with buildah and smoke-test it (root, minutes)"
+	@echo "make image  - build the Docker image with buildah and smoke-test it (root, minutes); TARGET=predict: the slim one"
 	@echo "make lock   - re-pin requirements.lock from the current venv"
 
 setup: $(STAMP)
@@ -87,8 +87,10 @@ bench: setup
 
 # Not part of `make test`: needs root; installs buildah/debootstrap if missing; ~7 min, ~25 GB disk.
 # `make image FULL=1` also runs the demo `dvc repro` inside the image.
+# `make image TARGET=predict`: the slim image (ONNX Runtime, no torch), smoke-tested by scoring the
+# demo model in it; MODEL=<a project after make demo> reuses that model instead of building one.
 image:
-	FULL=$(FULL) bash docker/build-buildah.sh
+	TARGET=$(TARGET) FULL=$(FULL) MODEL=$(MODEL) bash docker/build-buildah.sh
 
 lock:
 	{ echo "# Every package pinned, as installed and tested on Python 3.11 / Linux x86_64 (pip freeze)."; \
