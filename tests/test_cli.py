@@ -72,7 +72,9 @@ def test_unknown_option_before_the_command_exits_2(capsys):
     assert "No such option: --bogus" in capsys.readouterr().err
 
 
-def test_show_completion_script(capsys):
+def test_show_completion_script(capsys, monkeypatch):
+    # Typer's own switch: the shell is the option's value, not the shell pytest runs under (`sh` under make).
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     assert cli.main(["--show-completion", "bash"]) == 0
     script = capsys.readouterr().out
     assert "_MEDTUNE_COMPLETE=complete_bash" in script
@@ -100,8 +102,13 @@ def bash_complete(words: str, home: str, source: str) -> list[str]:
 @pytest.mark.slow
 def test_installed_completion_completes_the_command_names(tmp_path):
     home = str(tmp_path)
+    # As a user installs it: from an interactive bash, whose shell the command detects (`; true`: bash
+    # would otherwise exec medtune in its own place, leaving no bash to detect).
     out = subprocess.run(
-        [str(BIN / "medtune"), "--install-completion", "bash"], capture_output=True, text=True, env=tool_env(HOME=home)
+        ["bash", "-c", f"{BIN / 'medtune'} --install-completion; true"],
+        capture_output=True,
+        text=True,
+        env=tool_env(HOME=home),
     )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / ".bash_completions/medtune.sh").is_file()

@@ -120,8 +120,9 @@ def test_export_writes_a_parity_checked_model_with_metadata(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(tmp_path, monkeypatch):
     """DVC caches models/model.onnx, so the same checkpoint and inputs exported again (after a commit,
-    by the `medtune export` command in a new process) give the same bytes, and the same card; only
-    the uncached lineage.json names the commit each export ran at."""
+    by the `medtune export` command in a new process) give the same bytes. The uncached outputs hold
+    what the run measured: lineage.json names the commit each export ran at, and the card the
+    ONNX-PyTorch parity of this run (its last digits depend on the threads' scheduling)."""
     import subprocess
 
     import yaml
@@ -155,7 +156,7 @@ def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(
     run(["git", "commit", "-q", "-m", "first"], tmp_path, env)
 
     run_export(p, params)
-    outputs = ("model.onnx", "model_card.md")
+    outputs = ("model.onnx",)
     first = {name: sha256_file(p["out"] / name) for name in outputs}
     first_lineage = json.loads((p["out"] / "lineage.json").read_text())
 

@@ -161,7 +161,7 @@ from components import parallel
 from components.params import ComputeParams
 from tests import test_parallel
 if __name__ == "__main__":
-    parallel.map_files(test_parallel.nap, range(400), ComputeParams(workers=2))
+    parallel.map_files(test_parallel.nap, range(4000), ComputeParams(workers=2))  # 100 s: outlasts a slow start
 """
 
 

@@ -218,6 +218,8 @@ def prefect_env(tmp_path: Path) -> dict[str, str]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
         MEDTUNE_PATIENT_SALT="test-salt",
+        # Prefect's own setting (20 s by default): a loaded CI machine can take longer to start a server.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
     )
     env.pop("PREFECT_API_URL", None)  # no server configured: the run needs a temporary one
     return env
