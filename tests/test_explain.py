@@ -275,3 +275,18 @@ def test_predict_explain_needs_the_models_own_checkpoint(onnx_model, scans, tmp_
     shutil.copy(onnx_model.parent / "model.pt", tmp_path / "registry" / "models" / sha[:12] / "model.pt")
     assert main([str(alone), str(scans), "-o", "p.csv", "--explain", "overlays"]) == 0
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
+
+
+def test_predict_explain_without_torch_says_what_is_missing(onnx_model, scans, tmp_path, monkeypatch):
+    """The slim predict image has ONNX Runtime and no torch: --explain stops with a StageError naming
+    the missing package, before any scan is read, instead of an ImportError's traceback."""
+    import sys
+
+    from components.release.predict import predict
+
+    for name in ("components.model.explain", "components.model.models", "components.model.pretrained"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # what `import torch` meets where it is not installed
+    with pytest.raises(StageError, match=r"--explain needs torch and grad-cam, and this environment lacks 'torch'"):
+        predict(onnx_model, [scans], tmp_path / "p.csv", explain_dir=tmp_path / "overlays")
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "overlays").exists()

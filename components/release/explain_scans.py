@@ -67,9 +67,16 @@ def find_checkpoint(model_path: Path, meta: dict[str, Any]) -> tuple[Path, bytes
 def load_explainer(model_path: Path) -> tuple[Any, dict[str, Any]]:
     """(network, ONNX metadata) for the overlays of `model_path`'s predictions; StageError if its
     checkpoint is not found or does not fit the ONNX model's classes and input channels."""
-    from components.model.explain import model_from_bytes
     from components.release.onnx_runtime import read_metadata
 
+    try:
+        from components.model.explain import model_from_bytes
+    except ImportError as exc:  # the slim predict image: ONNX Runtime only
+        raise StageError(
+            f"--explain needs torch and grad-cam, and this environment lacks {exc.name!r}: it is set up for "
+            "scoring only. Run it where medtune's full requirements are installed (requirements.lock, the "
+            "training image)."
+        ) from None
     meta = read_metadata(model_path)
     path, data = find_checkpoint(model_path, meta)
     model, ckpt = model_from_bytes(path, data, meta["checkpoint_sha256"])
