@@ -178,6 +178,14 @@ def inline(v: Any, limit: int = 100) -> str | None:
     return text if len(text) <= limit else None
 
 
+def joined(v: Any, limit: int = 120) -> str | None:
+    """A list of plain values on one line, "1, 2.5, x", when it fits in `limit` characters (else None)."""
+    if not isinstance(v, list) or not v or any(isinstance(x, dict) for x in v):
+        return None
+    text = ", ".join(_flat(x) for x in v)
+    return text if len(text) <= limit else None
+
+
 def _flat(v: Any) -> str:
     return "[" + ", ".join(_flat(x) for x in v) + "]" if isinstance(v, list) else scalar(v)
 
@@ -287,6 +295,7 @@ def report(model: str | Path, root: str | Path = ".") -> tuple[str, dict[str, An
         card_html=markdown_html(card["text"]) if isinstance(card, dict) else None,
         scalar=scalar,
         inline=inline,
+        joined=joined,
         not_recorded=not_recorded,
         public_salt=public_salt,
         public_salt_note=PUBLIC_SALT_NOTE,
