@@ -155,7 +155,10 @@ def test_a_killed_local_worker_is_named_and_the_pool_is_gone():
 
 
 SLOW_MAP = """
-import sys, time
+import signal, sys, time
+# As in a terminal: a test run started in the background (`cmd &` in a script) inherits SIGINT ignored,
+# and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path[:0] = [{root!r}]
 from components import parallel
 from components.params import ComputeParams
