@@ -179,9 +179,19 @@ def _call(name: str, args: list[str]) -> int:
     """Run command `name`'s entry point. argparse names its program after sys.argv[0], so every
     command's usage line reads `usage: medtune NAME ...`, however medtune was started."""
     command = COMMANDS[name]
+    try:
+        module = importlib.import_module(command.module)
+    except ModuleNotFoundError as exc:  # e.g. `medtune train` in the slim predict image: no torch there
+        print(
+            f"error: medtune {name} needs the Python module {exc.name!r}, which is not installed here. The image "
+            "built by `make image TARGET=predict` runs only predict, trace and verify; elsewhere install "
+            "requirements.lock (`make setup`).",
+            file=sys.stderr,
+        )
+        return 1
     program, sys.argv[0] = sys.argv[0], f"medtune {name}"
     try:
-        return int(getattr(importlib.import_module(command.module), command.function)(args) or 0)
+        return int(getattr(module, command.function)(args) or 0)
     finally:
         sys.argv[0] = program
 

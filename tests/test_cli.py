@@ -181,3 +181,12 @@ def test_module_entry_point_runs():
 def test_every_usage_line_names_medtune_and_the_command(command, capsys):
     assert cli.main([command, "--help"]) == 0
     assert capsys.readouterr().out.startswith(f"usage: medtune {command} ")
+
+
+def test_a_command_whose_packages_are_missing_says_which_and_where_it_runs(monkeypatch, capsys):
+    # As `medtune train` in the slim predict image, where torch is not installed.
+    monkeypatch.setitem(cli.COMMANDS, "models", cli.Command("no_such_medtune_module", "help"))
+    assert cli.main(["models", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "error: medtune models needs the Python module 'no_such_medtune_module'" in err
+    assert "make image TARGET=predict" in err and "Traceback" not in err

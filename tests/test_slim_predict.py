@@ -135,7 +135,7 @@ def test_the_hook_hides_what_the_slim_image_lacks(tmp_path):
     refuse = refused_names()
     assert set(HEAVY) <= refuse and not {"numpy", "onnxruntime", "PIL", "dvc", "components"} & refuse
     out, seen = slim_medtune(tmp_path, "train", "--help", refuse=refuse, cwd=tmp_path)
-    assert out.returncode != 0 and "No module named 'torch'" in out.stderr, out.stderr[-2000:]
+    assert out.returncode != 0 and "needs the Python module 'torch'" in out.stderr, out.stderr[-2000:]
     assert "torch" in seen["asked"] and "torch" not in seen["imported"]
 
 
