@@ -33,6 +33,12 @@ METADATA_KEYS = {
 }
 
 
+def export_args(p: dict) -> list[str]:
+    """`medtune export`'s path options for a project made by tests.builders.make_project."""
+    paths = ("model", "prepared", "reports", "out", "manifest")
+    return [arg for key in paths for arg in (f"--{key}", str(p[key]))]
+
+
 def shipped_and_evaluated(p, params) -> tuple[np.ndarray, np.ndarray]:
     """Export; return the ONNX graph's probabilities on the test images and evaluate's for the same images."""
     import pandas as pd
@@ -133,22 +139,7 @@ def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(
     monkeypatch.chdir(tmp_path)
     params = tiny_params()
     p = make_project(tmp_path, params)
-    (tmp_path / "params.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "evaluate": {
-                    "positive_class": "lesion",
-                    "bootstrap": 40,
-                    "gate": {
-                        "min_auroc": 0.0,
-                        "min_sensitivity": 0.0,
-                        "min_specificity": 0.0,
-                        "min_balanced_accuracy": 0.0,
-                    },
-                }
-            }
-        )
-    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
     assert load_params(tmp_path / "params.yaml").digest() == params.digest()  # both runs use the same parameters
     env = tool_env()
     run(["git", "init", "-q"], tmp_path, env)
@@ -164,20 +155,7 @@ def test_the_cached_onnx_is_byte_identical_at_another_commit_in_another_process(
     run(["git", "add", "README.md"], tmp_path, env)
     run(["git", "commit", "-q", "-m", "second"], tmp_path, env)
     out = subprocess.run(
-        [
-            str(BIN / "medtune"),
-            "export",
-            "--model",
-            str(p["model"]),
-            "--prepared",
-            str(p["prepared"]),
-            "--reports",
-            str(p["reports"]),
-            "--out",
-            str(p["out"]),
-            "--manifest",
-            str(p["manifest"]),
-        ],
+        [str(BIN / "medtune"), "export", *export_args(p)],
         cwd=tmp_path,
         env={**env, "PYTHONHASHSEED": "12345"},
         capture_output=True,
@@ -271,22 +249,7 @@ def test_failed_gate_refuses_and_writes_nothing(tmp_path, monkeypatch, capsys):
     assert not (p["reports"] / "export.json").exists()
 
     (tmp_path / "params.yaml").write_text("evaluate:\n  gate:\n    min_auroc: 1.01\n")
-    rc = main(
-        [
-            "--params",
-            "params.yaml",
-            "--model",
-            str(p["model"]),
-            "--prepared",
-            str(p["prepared"]),
-            "--reports",
-            str(p["reports"]),
-            "--out",
-            str(p["out"]),
-            "--manifest",
-            str(p["manifest"]),
-        ]
-    )
+    rc = main(["--params", "params.yaml", *export_args(p)])
     assert rc == 1
     err = capsys.readouterr().err
     assert "model failed the gate" in err and "metrics.json" in err and "Traceback" not in err
