@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -318,3 +319,18 @@ def stage_main(
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_args(parser)
     return run_cli(parser, lambda args: run(args) and 0, argv)  # a stage's return value is not its exit code
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder over `out_dir`. A directory cannot be os.replace'd over a
+    non-empty one, so the old folder is first moved aside; it is deleted only once the new one is in."""
+    # mkdtemp makes it 0700; the cache should be as readable as any output folder. (Reading the
+    # umask would mean setting it, which races with other threads, e.g. Prefect tasks.)
+    os.chmod(tmp, 0o755)
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -37,7 +37,16 @@ import pandas as pd
 import PIL
 import pydicom
 
-from components.common import SPLITS, StageError, read_json, sha256_file, stage_main, write_json, write_text
+from components.common import (
+    SPLITS,
+    StageError,
+    read_json,
+    replace_dir,
+    sha256_file,
+    stage_main,
+    write_json,
+    write_text,
+)
 from components.data import pixel_cache, scans, stat_index
 from components.data.manifest import read_manifest
 from components.data.scans import RESIZE_METHOD, ScanError
@@ -224,7 +233,7 @@ def preprocess(
         write_text(tmp / "index.csv", index_df.to_csv(index=False, lineterminator="\n"))
         meta = _meta(index_df, params)
         write_json(tmp / "meta.json", meta)
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     pixel_cache.drop_other_sets(cache_dir, keep=store)
@@ -255,21 +264,6 @@ def _meta(index_df: pd.DataFrame, params: Params) -> dict:
         "counts": {s: int((index_df["split"] == s).sum()) for s in SPLITS},
         "class_counts": class_counts,
     }
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder over `out_dir`. A directory cannot be os.replace'd over a
-    non-empty one, so the old folder is first moved aside; it is deleted only once the new one is in."""
-    # mkdtemp makes it 0700; the cache should be as readable as any output folder. (Reading the
-    # umask would mean setting it, which races with other threads, e.g. Prefect tasks.)
-    os.chmod(tmp, 0o755)
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_meta(prepared_dir: Path) -> dict:

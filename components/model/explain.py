@@ -34,8 +34,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from components.common import StageError, atomic_path, load_tensors, sha256_bytes, write_json
-from components.data.preprocess import _swap_in
+from components.common import StageError, atomic_path, load_tensors, replace_dir, sha256_bytes, write_json
 from components.model.models import EFFICIENTNETS, Classifier, Ensemble, architecture
 from components.params import Params
 
@@ -230,7 +229,7 @@ def write_test_samples(
                     }
                 )
         write_json(tmp / INDEX, record)
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("explained %d test image(s) with Grad-CAM in %s: %s", n, out_dir, record["groups"])
