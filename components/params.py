@@ -92,6 +92,10 @@ def _patient_pattern(pattern: str | None) -> str | None:
 
 class DataParams(_Section):
     raw_dir: str = "data/raw"
+    # "classification": one label per scan, one of `classes`. "regression": one number per scan, the
+    # `target` column of labels.csv (label_source csv), in the manifest's label column as text;
+    # `classes` is then unused, and the model has one output (train.loss).
+    task: Literal["classification", "regression"] = "classification"
     # Class names; their order is the class index of the model's outputs.
     classes: Annotated[list[str], _NAMES, _UNIQUE] = Field(default_factory=lambda: ["normal", "lesion"], min_length=2)
     # Where labels come from: "folder" (folder-per-class under raw_dir) or "csv" (labels_csv).
@@ -113,6 +117,16 @@ class DataParams(_Section):
             raise ValueError(
                 f"params: data.patient_pattern = {self.patient_pattern!r} is invalid; expected {exc}."
             ) from None
+
+    @model_validator(mode="after")
+    def _regression_reads_csv(self) -> DataParams:
+        if self.task == "regression" and self.label_source != "csv":
+            raise _Invalid("label_source", self.label_source, "'csv' with data.task regression (its target column)")
+        return self
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
 
 
 class SplitParams(_Section):
@@ -268,8 +282,14 @@ class TrainParams(_Section):
     # Train this many models with seeds seed, seed + 1, ... and ship their averaged logits as one
     # model (a deep ensemble): steadier and better ranked on shifted test data, at N x the cost.
     ensemble: int = Field(1, ge=1, le=20)
+    # Regression (data.task) only: the loss on targets standardised with the train split's mean and
+    # standard deviation (the ONNX graph undoes it): "mse", or "huber" (quadratic within huber_delta
+    # standard deviations, linear beyond: steadier with outlying targets). Classification: cross-entropy.
+    loss: Literal["mse", "huber"] = "mse"
+    huber_delta: float = Field(1.0, gt=0)
     # val_loss by default: on a small validation split AUROC ties and jumps, and picks uncalibrated epochs.
-    early_stopping_metric: Literal["val_auroc", "val_loss", "val_accuracy"] = "val_loss"
+    # val_auroc and val_accuracy: classification only; val_mae: regression only.
+    early_stopping_metric: Literal["val_auroc", "val_loss", "val_accuracy", "val_mae"] = "val_loss"
     patience: int = Field(3, ge=1)
     seed: int = 42
     num_workers: int = 0
@@ -321,6 +341,11 @@ class GateParams(_Section):
     min_specificity: float = 0.5
     # Mean per-class recall (binary: (sensitivity + specificity) / 2), sklearn's balanced_accuracy_score.
     min_balanced_accuracy: float = 0.65
+    # Regression (data.task) gates; the ones above are classification's, and each task checks only its
+    # own. R^2 <= 0 is no better than always predicting the train mean; max_mae is in the target's
+    # unit (null: not checked).
+    min_r2: float | None = 0.0
+    max_mae: float | None = Field(None, gt=0)
 
 
 class EvaluateParams(_Section):
@@ -368,7 +393,10 @@ class RetrainParams(_Section):
     processed_dir: str = "data/inbox-processed"
     # Champion/challenger comparison on the same test images: promote only when
     # challenger[compare_metric] >= champion[compare_metric] - promotion_margin (and the gate passed).
-    compare_metric: Literal["auroc", "accuracy", "sensitivity", "specificity", "f1", "precision"] = "auroc"
+    # mae, rmse (lower is better) and r2 are regression's (data.task); the others classification's.
+    compare_metric: Literal[
+        "auroc", "accuracy", "sensitivity", "specificity", "f1", "precision", "mae", "rmse", "r2"
+    ] = "auroc"
     promotion_margin: float = Field(0.01, ge=0, lt=1)
     # Schedule of the retrain deployment: a cron string, or else an interval in seconds (0: no schedule).
     schedule_cron: str | None = None
@@ -406,6 +434,56 @@ class ComputeParams(_Section):
     ] = None
 
 
+class SearchRange(_Section):
+    """One parameter's search range: [low, high] (log: sampled on a log scale), or a list of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    log: StrictBool = False
+    # int: sample whole numbers in [low, high] (e.g. train.epochs, train.unfreeze_last_n).
+    int: StrictBool = False
+    choices: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise _Invalid("choices", self.choices, "either choices or low/high, not both")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise _Invalid("low/high", (self.low, self.high), "low < high (or a list of choices)")
+        elif self.log and self.low <= 0:
+            raise _Invalid("low", self.low, "a number > 0 with log: true")
+        return self
+
+
+def _default_space() -> dict[str, SearchRange]:
+    return {
+        "train.lr": SearchRange(low=1e-4, high=1e-2, log=True),
+        "train.weight_decay": SearchRange(low=1e-6, high=1e-2, log=True),
+        "train.dropout": SearchRange(low=0.0, high=0.5),
+    }
+
+
+class TuneParams(_Section):
+    """Hyperparameter search (`medtune tune`, Optuna TPE): each trial is a DVC experiment that runs the
+    pipeline up to train with the trial's values, scored on the validation split only (never test).
+    Not a model parameter: excluded from `Params.digest()` and from every dvc.yaml stage's `params:`."""
+
+    # The validation metric a trial is scored by and pruned on, epoch by epoch (train's DVCLive
+    # metrics): val_loss and val_mae are minimised, val_auroc and val_accuracy maximised.
+    metric: Literal["val_loss", "val_auroc", "val_accuracy", "val_mae"] = "val_loss"
+    trials: int = Field(20, ge=1)  # `medtune tune --trials N` overrides
+    # Trials run at once (each a `dvc exp run` in its own copy of the workspace); 0: one per GPU, or
+    # one per 4 cores without a GPU.
+    jobs: int = Field(1, ge=0)
+    seed: int = 0  # the TPE sampler's
+    # Stop a trial whose validation metric at an epoch is worse than the median of earlier trials'
+    # at that epoch (Optuna's MedianPruner, after 2 complete trials).
+    prune: StrictBool = True
+    # Dotted params.yaml key -> its range. Only model parameters (not retrain, compute or tune).
+    space: dict[str, SearchRange] = Field(default_factory=_default_space, min_length=1)
+
+
 with warnings.catch_warnings():
     # The `validate` section shadows BaseModel.validate, pydantic v1's deprecated classmethod.
     warnings.filterwarnings("ignore", 'Field name "validate"', UserWarning)
@@ -421,6 +499,46 @@ with warnings.catch_warnings():
         export: ExportParams = Field(default_factory=ExportParams)
         retrain: RetrainParams = Field(default_factory=RetrainParams)
         compute: ComputeParams = Field(default_factory=ComputeParams)
+        tune: TuneParams = Field(default_factory=TuneParams)
+
+        @model_validator(mode="after")
+        def _task_agrees(self) -> Params:
+            # Options that exist for one task only: refused for the other rather than silently unused.
+            regression, task = self.data.regression, self.data.task
+            val = {"classification": ("val_loss", "val_auroc", "val_accuracy"), "regression": ("val_loss", "val_mae")}
+            allowed = {
+                "train.early_stopping_metric": (self.train.early_stopping_metric, val),
+                "tune.metric": (self.tune.metric, val),
+                "retrain.compare_metric": (
+                    self.retrain.compare_metric,
+                    {
+                        "classification": ("auroc", "accuracy", "sensitivity", "specificity", "f1", "precision"),
+                        "regression": ("mae", "rmse", "r2"),
+                    },
+                ),
+            }
+            for key, (value, by_task) in allowed.items():
+                if value not in by_task[task]:
+                    raise _Invalid(key, value, f"one of {list(by_task[task])} with data.task {task}")
+            if regression:
+                for key, value, off in (
+                    ("evaluate.calibration", self.evaluate.calibration, "none"),
+                    ("evaluate.threshold_method", self.evaluate.threshold_method, "fixed"),
+                    ("train.label_smoothing", self.train.label_smoothing, 0.0),
+                ):
+                    if value != off:
+                        raise _Invalid(key, value, f"{off!r} with data.task regression (a classification option)")
+            for key in self.tune.space:
+                section, _, name = key.partition(".")
+                fields = type(self).model_fields
+                inner = getattr(fields[section].annotation, "model_fields", {}) if section in fields else {}
+                if section in (*NOT_MODEL_PARAMS, "tune") or name not in inner:
+                    raise _Invalid(
+                        "tune.space",
+                        key,
+                        "dotted keys of model parameters, e.g. train.lr (not retrain, compute or tune)",
+                    )
+            return self
 
         @model_validator(mode="after")
         def _classes_agree(self) -> Params:
@@ -460,7 +578,7 @@ with warnings.catch_warnings():
 # e.g. the retrain schedule neither changes a model's recorded hash nor needs a re-export (dvc.yaml's
 # export stage lists only the model-relevant sections), and a hash recorded before a section
 # existed still matches.
-NOT_MODEL_PARAMS = ("retrain", "compute")
+NOT_MODEL_PARAMS = ("retrain", "compute", "tune")
 
 
 def params_digest(params: dict[str, Any]) -> str:
