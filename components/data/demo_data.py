@@ -2,6 +2,7 @@
 
     medtune demo-data --out data/raw                       # 40 patients x 6 slices, 64 px
     medtune demo-data --out data/raw --batch-name 2024-06  # later: an extra batch of new patients
+    medtune demo-data --out data/raw --task regression     # PNGs + labels.csv: target = lesion diameter (mm)
 
 Each synthetic patient has a fixed anatomy (body ellipse, fat rim, organs, spine) that varies a
 little from slice to slice, plus noise. Half the patients carry a lesion (a round bright or dark
@@ -10,6 +11,10 @@ blob at a patient-specific place) on most of their slices; the others never do. 
 
 The files carry synthetic identifiers (PatientName "Demo^Patient017", PatientID "DEMO-017", birth
 and study dates) so the demo exercises identifier hashing; the file names deliberately do not.
+`--task regression` (or data.task: regression) writes `generate_regression`'s scans instead: PNGs
+at the top of OUT, each showing one bright round lesion whose diameter in mm is its target, listed in
+`OUT/labels.csv` (path,target,patient_id) for data.label_source: csv.
+
 Output is byte-identical for the same arguments: every random draw comes from a numpy generator
 seeded with (seed, patient number), UIDs are hashes of the same, and no date comes from the clock.
 """
@@ -24,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -35,6 +41,8 @@ log = logging.getLogger("medtune.demo_data")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RESCALE_INTERCEPT = -1024.0  # stored value = HU + 1024, as many CT scanners do
 LESION_SLICE_PROBABILITY = 0.8  # lesion patients show the lesion on most, not all, slices
+REGRESSION_FOV_MM = 160.0  # the regression scans' field of view: 2.5 mm a pixel at 64 px
+REGRESSION_DIAMETER_MM = (10.0, 50.0)  # a patient's largest lesion diameter, drawn uniformly
 
 
 def _uid(*parts: object) -> str:
@@ -198,6 +206,57 @@ def generate(
     return sum(counts.values())
 
 
+def _regression_scan(rng: np.random.Generator, size: int, diameter_mm: float, centre: np.ndarray) -> np.ndarray:
+    """One 8-bit axial slice, REGRESSION_FOV_MM wide: a body ellipse of soft tissue and a bright round
+    lesion of `diameter_mm` at `centre` (fractions of the field), with noise. The disc's edge is
+    antialiased (its coverage of each pixel), so the drawn size follows the target below a pixel."""
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    img = np.full((size, size), 8.0)
+    body = _ellipse(xx, yy, 0.5 + rng.uniform(-0.02, 0.02), 0.5 + rng.uniform(-0.02, 0.02), 0.44, 0.36)
+    img[body] = 90.0 + 10.0 * np.sin(2 * np.pi * (xx[body] * rng.uniform(1, 3) + rng.uniform(0, 1)))
+    radius_px = diameter_mm / REGRESSION_FOV_MM * size / 2
+    dist_px = np.hypot(xx - centre[0], yy - centre[1]) * size
+    img += 130.0 * np.clip(radius_px - dist_px + 0.5, 0.0, 1.0)
+    img += rng.normal(0.0, 6.0, size=img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def generate_regression(
+    out_dir: Path, patients: int, seed: int, size: int = 64, slices: int = 3, patient_offset: int = 0
+) -> int:
+    """Write `patients` x `slices` PNG scans under out_dir and out_dir/labels.csv
+    (`path,target,patient_id`); return the number written. The target of a scan is the diameter in mm
+    of the lesion drawn on it (a sphere cut at several heights: each slice shows a smaller disc than
+    the patient's largest), to 0.1 mm; the field of view is REGRESSION_FOV_MM at any `size`. Patients
+    are numbered like `generate`'s (patient_offset+1 ..) and their scans depend only on (seed, number);
+    the same arguments give the same bytes."""
+    for name, value, low in (("patients", patients, 1), ("slices", slices, 1), ("size", size, 16)):
+        if value < low:
+            raise ValueError(f"demo-data: --{name} = {value} is invalid; expected an integer >= {low}.")
+    out_dir = Path(out_dir)
+    rows = ["path,target,patient_id"]
+    for number in range(patient_offset + 1, patient_offset + patients + 1):
+        rng = np.random.default_rng([seed, number, 2])
+        largest = rng.uniform(*REGRESSION_DIAMETER_MM)
+        centre = np.array([0.5, 0.5]) + rng.uniform(-0.08, 0.08, size=2)
+        for s in range(slices):
+            height = rng.uniform(0.0, 0.6)  # where the slice cuts the sphere, as a share of its radius
+            diameter = round(largest * float(np.sqrt(1.0 - height**2)), 1)
+            pixels = _regression_scan(rng, size, diameter, centre + rng.normal(0, 0.01, size=2))
+            name = f"case{number:03d}_{s:02d}.png"
+            with common.atomic_path(out_dir / name) as tmp:
+                Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
+            rows.append(f"{name},{diameter!r},REG-{number:03d}")
+    common.write_text(out_dir / "labels.csv", "\n".join(rows) + "\n")
+    log.info(
+        "wrote %d synthetic PNG scans for %d patients into %s (target: lesion diameter in mm)",
+        len(rows) - 1,
+        patients,
+        out_dir,
+    )
+    return len(rows) - 1
+
+
 def batch_offset(batch_name: str) -> int:
     """Patient-number offset of a named extra batch: above any base set, stable for the name."""
     h = int(hashlib.sha256(batch_name.encode()).hexdigest()[:8], 16)
@@ -211,6 +270,13 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=64, help="image width and height in pixels (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
+        "--task",
+        choices=["classification", "regression"],
+        default=None,
+        help="classification: DICOM per class folder; regression: PNGs and labels.csv whose target is the "
+        "lesion's diameter in mm (default: data.task)",
+    )
+    parser.add_argument(
         "--batch-name",
         default=None,
         help="write an extra batch of new patients (ids distinct from the base set), "
@@ -221,16 +287,20 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> None:
     # Class names come from params.yaml when there is one, so the folders match data.classes.
     params = load_params(args.params) if Path(args.params).is_file() else Params()
+    regression = (args.task or params.data.task) == "regression"
     offset = 0
     if args.batch_name:
         offset = batch_offset(args.batch_name)
-        clash = sorted(args.out.glob(f"*/case{offset + 1:03d}_*.dcm"))
+        clash = sorted(args.out.glob(f"case{offset + 1:03d}_*.png" if regression else f"*/case{offset + 1:03d}_*.dcm"))
         if clash:
             raise common.StageError(
                 f"demo-data: {clash[0]} already exists; batch {args.batch_name!r} was "
                 "written before (or its name collides); pick another --batch-name."
             )
-    generate(args.out, args.patients, args.slices, args.size, args.seed, list(params.data.classes), offset)
+    if regression:
+        generate_regression(args.out, args.patients, args.seed, args.size, args.slices, offset)
+    else:
+        generate(args.out, args.patients, args.slices, args.size, args.seed, list(params.data.classes), offset)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
