@@ -4,12 +4,18 @@ preprocess on synthetic scans whose target (a lesion's diameter in mm) is drawn 
 from __future__ import annotations
 
 import csv
+import json
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from components.data import demo_data
+from components.common import SPLITS, StageError
+from components.data import demo_data, ingest, splits
+from components.params import Params
 
 
 def _labels(raw: Path) -> list[dict[str, str]]:
@@ -33,3 +39,133 @@ def test_regression_demo_draws_its_target_and_repeats_its_bytes(tmp_path):
         targets.append(float(r["target"]))
     assert np.corrcoef(targets, measured)[0, 1] > 0.98
     assert max(targets) - min(targets) > 10  # a spread to learn, not one value
+
+
+def reg_params(**over) -> Params:
+    """Regression params (the classification-only options set to what regression accepts)."""
+    base = {
+        "data": {"task": "regression", "label_source": "csv"},
+        "train": {"early_stopping_metric": "val_loss"},
+        "tune": {"metric": "val_loss"},
+        "retrain": {"compare_metric": "mae"},
+        "evaluate": {"calibration": "none", "threshold_method": "fixed"},
+        "preprocess": {"image_size": 16},
+    }
+    for section, values in over.items():
+        base.setdefault(section, {}).update(values)
+    return Params.model_validate(base)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """16 synthetic patients x 3 scans at 16 px, labels.csv path,target,patient_id (read-only: copy to change)."""
+    folder = tmp_path_factory.mktemp("regression") / "raw"
+    demo_data.generate_regression(folder, patients=16, seed=0, size=16, slices=3)
+    return folder
+
+
+def _with_labels(raw: Path, tmp_path: Path, lines: list[str]) -> Path:
+    """A copy of raw whose labels.csv is `lines`."""
+    copy = tmp_path / "raw"
+    shutil.copytree(raw, copy)
+    (copy / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return copy
+
+
+@pytest.mark.parametrize("bad", ["abc", "nan", "inf", "-Infinity", "", "1e999", "4,5"])
+def test_a_target_that_is_not_a_finite_number_stops_ingest_naming_file_line_and_value(raw, tmp_path, bad):
+    lines = (raw / "labels.csv").read_text().splitlines()
+    path, _, patient = lines[3].split(",")
+    lines[3] = f'{path},"{bad}",{patient}'  # quoted: "4,5" is one (European) cell
+    copy = _with_labels(raw, tmp_path, lines)
+    with pytest.raises(StageError) as err:
+        ingest.ingest(copy, tmp_path / "data", reg_params())
+    message = str(err.value)
+    assert f"{copy / 'labels.csv'} line 4 ({path}): target = {bad!r}; expected a finite number" in message
+    assert not (tmp_path / "data" / "manifest.csv").exists()
+
+
+def test_regression_labels_csv_needs_a_target_column_not_a_label_column(raw, tmp_path):
+    rows = _labels(raw)
+    copy = _with_labels(raw, tmp_path, ["path,label"] + [f"{r['path']},12" for r in rows])
+    with pytest.raises(StageError, match=r"missing column\(s\) \['target'\].*path,target\[,patient_id\]\[,split\]"):
+        ingest.ingest(copy, tmp_path / "data", reg_params())
+
+
+def test_manifest_label_is_the_canonical_target_whatever_the_spelling(raw, tmp_path):
+    rows = _labels(raw)
+    spelt = ["60", "6e1", " 7.50 ", "-0.25", "1_000", "+3"]
+    lines = ["path,label,target,patient_id"] + [
+        f"{r['path']},ignored,{spelt[i] if i < len(spelt) else r['target']},{r['patient_id']}"
+        for i, r in enumerate(rows)
+    ]
+    copy = _with_labels(raw, tmp_path, lines)
+    df = ingest.ingest(copy, tmp_path / "data", reg_params())
+    labels = dict(zip(df["path"], df["label"]))
+    assert [labels[r["path"]] for r in rows[: len(spelt)]] == ["60.0", "60.0", "7.5", "-0.25", "1000.0", "3.0"]
+    assert all(labels[r["path"]] == repr(float(r["target"])) for r in rows[len(spelt) :])
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["task"] == "regression"
+    assert manifest["counts"] == {s: {"images": int((df["split"] == s).sum())} for s in SPLITS}
+    assert manifest["target_stats"]["train"]["count"] == manifest["counts"]["train"]["images"]
+
+
+def _spread(df, edges: list[float]) -> None:
+    """Each split holds scans from as many target bins as it can: 3 of the 4, or one per patient."""
+    for split in SPLITS:
+        mine = df[df["split"] == split]
+        bins = {int(np.searchsorted(edges, float(v), side="right")) for v in mine["label"]}
+        assert len(bins) >= min(3, mine["patient"].nunique()), (split, sorted(mine["label"]))
+
+
+@pytest.mark.parametrize("method", ["stable", "stratified"])
+def test_splits_keep_patients_apart_and_spread_the_targets(raw, tmp_path, method):
+    df = ingest.ingest(raw, tmp_path / "data", reg_params(split={"method": method}))
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert df.groupby("patient")["split"].nunique().max() == 1
+    edges = manifest["split"]["target_bin_edges"]
+    assert len(edges) == 3  # 16 patients, 4 folds: 4 bins of the target
+    _spread(df, edges)
+    assert "target" in manifest["split"]["method"] or "bin" in manifest["split"]["method"]
+
+
+def test_fewer_target_bins_with_few_patients():
+    params = reg_params()
+    labels = [str(v) for v in range(20)]
+    few, edges = splits.strata(labels, [f"p{i // 4}" for i in range(20)], params)  # 5 patients, 4 folds
+    assert set(few) == {"q1"} and edges == []
+    many, edges = splits.strata(labels, [f"p{i}" for i in range(20)], params)  # 20 patients
+    assert [many.count(f"q{b}") for b in (1, 2, 3, 4)] == [5, 5, 5, 5] and len(edges) == 3
+    assert splits.strata(["a", "b"], ["p", "q"], Params()) == (["a", "b"], None)  # classification: labels
+
+
+def test_stable_split_keeps_old_patients_and_puts_new_ones_where_their_bin_is_short(raw, tmp_path):
+    grown = tmp_path / "raw"
+    shutil.copytree(raw, grown)
+    first = ingest.ingest(grown, tmp_path / "data", reg_params())
+    before = dict(zip(first["patient"], first["split"]))
+    batch = tmp_path / "batch"
+    demo_data.generate_regression(batch, patients=12, seed=0, size=16, slices=3, patient_offset=100)
+    for f in batch.glob("*.png"):
+        shutil.copy(f, grown / f.name)
+    with open(grown / "labels.csv", "a", encoding="utf-8") as fh:
+        fh.writelines(line + "\n" for line in (batch / "labels.csv").read_text().splitlines()[1:])
+    second = ingest.ingest(grown, tmp_path / "data", reg_params())
+    assert all(before[p] == s for p, s in zip(second["patient"], second["split"]) if p in before)
+    new = second[~second["patient"].isin(before)]
+    assert set(new["split"]) == set(SPLITS)  # the new patients are shared out, not all sent to train
+    edges = json.loads((tmp_path / "data" / "manifest.json").read_text())["split"]["target_bin_edges"]
+    _spread(second, edges)
+
+
+def test_new_high_targets_reach_every_split_even_when_test_is_already_full():
+    # 20 kept patients with low targets, test over its share (7 of 20); 8 new ones with high targets. By
+    # image counts alone test is full and gets none of them, so it would never see a large lesion; by
+    # target bin each split gets its share of the new bin.
+    old, new = [f"old{i:02d}" for i in range(20)], [f"new{i}" for i in range(8)]
+    previous = {u: "train" if i < 10 else "val" if i < 13 else "test" for i, u in enumerate(old)}
+    targets = [repr(float(i + 1)) for i in range(20)] + [repr(100.0 + i) for i in range(8)]
+    strata, _ = splits.strata(targets, old + new, reg_params())
+    out = splits.stable_split(strata, old + new, old + new, previous, reg_params())
+    assert out[:20] == [previous[u] for u in old]
+    assert Counter(out[20:]) == {"train": 5, "test": 2, "val": 1}

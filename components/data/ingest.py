@@ -4,7 +4,8 @@
     medtune ingest --raw other/raw --out data
 
 Labels come from the folder (`OUT/<class>/...`, data.label_source: folder) or from labels.csv
-(path,label[,patient_id][,split], paths relative to the raw folder). The patient of a file is, in
+(path,label[,patient_id][,split], paths relative to the raw folder; in regression, data.task,
+path,target[,...] with a finite number as target, kept in the manifest's label as repr(float)). The patient of a file is, in
 order: the CSV's patient_id, the DICOM PatientID, the group "patient" of data.patient_pattern on
 the file name; failing all three, every image is its own patient (and a loud warning says so).
 Only HMAC hashes of patient ids are stored or logged, never the ids themselves.
@@ -12,7 +13,8 @@ Only HMAC hashes of patient ids are stored or logged, never the ids themselves.
 The split is patient-level (components.data.splits): by default `stable` (a patient, and every patient
 sharing a byte-identical or near-duplicate image with it, keeps the split it had in the previous
 data/manifest.csv as data is appended; new ones go where their class is short), or `stratified`
-(StratifiedGroupKFold, one run per fold for k-fold cross-validation). A `split` column in labels.csv
+(StratifiedGroupKFold, one run per fold for k-fold cross-validation); in regression the class is the
+quantile bin of the target (splits.strata). A `split` column in labels.csv
 replaces both; if it names only train and test, validation patients are carved from train. Either
 way no patient may appear in two splits. Unreadable files stay in the manifest with the reason in
 `error` and an empty split; the validate stage decides if that is fatal.
@@ -37,7 +39,7 @@ import pandas as pd
 from components import common
 from components.common import SPLITS
 from components.data import fact_shards, folders, labels_csv, near_duplicates, scan_facts, splits, stat_index
-from components.data.manifest import COLUMNS, read_manifest_rows
+from components.data.manifest import COLUMNS, read_manifest_rows, target_stats
 from components.params import Params, load_params
 
 log = logging.getLogger("medtune.ingest")
@@ -131,10 +133,12 @@ def previous_splits(manifest_csv: Path) -> dict[str, str]:
 
 
 def assign_splits(
-    df: pd.DataFrame, units: list[str], table: pd.DataFrame | None, out_dir: Path, params: Params
+    df: pd.DataFrame, strata: list[str], units: list[str], table: pd.DataFrame | None, out_dir: Path, params: Params
 ) -> tuple[list[str], str, str]:
-    """(split per readable row of df, its source, how it was made); see components.data.splits."""
-    labels, patients = list(df["label"]), list(df["patient"])
+    """(split per readable row of df, its source, how it was made); see components.data.splits. `strata`
+    is what the split balances per row (splits.strata: the label, or the target's bin in regression)."""
+    labels, patients = strata, list(df["patient"])
+    what = "target bin" if params.data.regression else "class"
     if table is not None and "split" in table.columns:
         given = [table.loc[p, "split"] if p in table.index else "" for p in df["path"]]
         if "val" in given:
@@ -157,12 +161,13 @@ def assign_splits(
         return (
             splits.stable_split(labels, units, patients, previous, params),
             "stable",
-            "stable: groups keep their split as data grows; new groups go where their class is short",
+            f"stable: groups keep their split as data grows; new groups go where their {what} is short",
         )
     return (
         splits.stratified_split(labels, units, params),
         "stratified-group",
-        "StratifiedGroupKFold (patient-level, stratified by label)",
+        "StratifiedGroupKFold (patient-level, stratified by "
+        + ("quantile bin of the target)" if params.data.regression else "label)"),
     )
 
 
@@ -180,14 +185,14 @@ def ingest(raw_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None 
     df, sources = _manifest_rows(files, known.facts, table, regex, salt)
     readable = (df["error"] == "").to_numpy()
     linked = _group_near_duplicates(df, readable, known, params.split.near_duplicate_correlation)
-    split_source, method = _fill_splits(df, readable, linked, table, out_dir, params)
+    split_source, method, edges = _fill_splits(df, readable, linked, table, out_dir, params)
     warn = _warnings(files, table, sources, params)
     for w in warn:
         log.warning(w)
     n_real = len(sources) - sources.count("none")  # scans whose patient hash stands for a real id
     common.warn_public_salt(params.data.patient_salt, str(raw_dir), n_real, log)
     _write_manifest_csv(df, out_dir / "manifest.csv")
-    manifest = _manifest_record(df, readable, found, sources, (split_source, method), warn, raw_dir, params)
+    manifest = _manifest_record(df, readable, found, sources, (split_source, method, edges), warn, raw_dir, params)
     common.write_json(out_dir / "manifest.json", manifest)
     log.info(
         "manifest: %d images (%d unreadable), patients %s, images per split %s",
@@ -253,15 +258,17 @@ def _fill_splits(
     table: pd.DataFrame | None,
     out_dir: Path,
     params: Params,
-) -> tuple[str, str]:
-    """Fill the split of df's readable rows; return its source and how it was made. StageError when a
-    patient lands in two splits or validation is left empty (components.data.splits)."""
+) -> tuple[str, str, list[float] | None]:
+    """Fill the split of df's readable rows; return its source, how it was made and the target bins'
+    inner edges (regression; None in classification). StageError when a patient lands in two splits or
+    validation is left empty (components.data.splits)."""
     units = splits.split_groups(list(df["patient"][readable]), list(df["sha256"][readable]), linked)
-    assigned, split_source, method = assign_splits(df[readable], units, table, out_dir, params)
+    strata, edges = splits.strata(list(df["label"][readable]), units, params)
+    assigned, split_source, method = assign_splits(df[readable], strata, units, table, out_dir, params)
     df.loc[readable, "split"] = assigned
     splits.check_overlap(list(df["patient"]), list(df["path"]), list(df["split"]), split_source)
     splits.require_val(assigned, len(set(units)), params)
-    return split_source, method
+    return split_source, method, edges
 
 
 def _warnings(files: list[str], table: pd.DataFrame | None, sources: list[str], params: Params) -> list[str]:
@@ -310,20 +317,19 @@ def _manifest_record(
     readable: np.ndarray,
     found: folders.Listing,
     sources: list[str],
-    split: tuple[str, str],
+    split: tuple[str, str, list[float] | None],
     warn: list[str],
     raw_dir: Path,
     params: Params,
 ) -> dict:
     """manifest.json: what ingest made of raw_dir (counts, how it split, the patients' source and salt)."""
-    split_source, method = split
+    split_source, method, edges = split
     ok = df[readable]
     similar = ok["similar_group"][ok["similar_group"] != ""]
-    classes = list(params.data.classes) + sorted(set(ok["label"]) - set(params.data.classes))
-    counts = {s: {c: int(((ok["split"] == s) & (ok["label"] == c)).sum()) for c in classes} for s in SPLITS}
+    counts = _counts(ok, params)
     listing = "".join(f"{p}  {h}\n" for p, h in zip(df["path"], df["sha256"]))  # sha256sum format, sorted
     n_real = len(sources) - sources.count("none")
-    return {
+    record = {
         "data_version": common.dvc_data_version(raw_dir),
         "content_hash": common.sha256_bytes(listing.encode()),
         "n_images": len(df),
@@ -351,6 +357,20 @@ def _manifest_record(
         "skipped": [{"path": s.path, "reason": s.reason} for s in found.skipped],
         "warnings": warn,
     }
+    if params.data.regression:
+        record["task"] = "regression"
+        record["split"]["target_bin_edges"] = edges
+        record["target_stats"] = target_stats(list(ok["label"]), list(ok["split"]))
+    return record
+
+
+def _counts(ok: pd.DataFrame, params: Params) -> dict[str, dict[str, int]]:
+    """manifest.json's `counts`: images per split and class (data.classes first, then any other label);
+    in regression, whose labels are numbers, images per split ({split: {"images": n}})."""
+    if params.data.regression:
+        return {s: {"images": int((ok["split"] == s).sum())} for s in SPLITS}
+    classes = list(params.data.classes) + sorted(set(ok["label"]) - set(params.data.classes))
+    return {s: {c: int(((ok["split"] == s) & (ok["label"] == c)).sum()) for c in classes} for s in SPLITS}
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from components.common import StageError
+from components.common import SPLITS, StageError
 
 if TYPE_CHECKING:  # pandas is imported on use: the audit tools read manifests and must start fast
     import pandas as pd
@@ -85,3 +85,29 @@ def read_manifest(path: str | Path, required: Sequence[str] = KEY_COLUMNS, missi
         return pd.DataFrame(columns=COLUMNS, dtype=str)
     header, rows = _read(path, required)
     return pd.DataFrame(rows, columns=header, dtype=str)
+
+
+def target_stats(labels: Sequence[str], splits: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
+    """Regression (data.task): per split, the count, mean, std (population, ddof 0), min and max of the
+    targets, i.e. the labels that read as finite numbers (validate fails the others; None for a
+    split without any). Recorded in manifest.json and data/prepared/meta.json."""
+    import numpy as np
+
+    values = np.array([target_number(v) for v in labels], dtype=np.float64)
+    splits = np.asarray(splits, dtype=object)
+    out = {}
+    for split in SPLITS:
+        mine = values[(splits == split) & np.isfinite(values)]
+        out[split] = {"count": len(mine)} | {
+            name: (float(fn(mine)) if len(mine) else None)
+            for name, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max))
+        }
+    return out
+
+
+def target_number(text: str) -> float:
+    """A regression label (the manifest's text) as a float; nan when it is not a number (empty, text)."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")

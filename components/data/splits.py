@@ -15,6 +15,10 @@ Two ways to split units (`split.method`):
 - `stratified`: StratifiedGroupKFold (exact class balance), test = fold `split.test_fold` of
   round(1 / test_fraction): one run per fold is patient-level k-fold cross-validation. It is
   recomputed from all data each time, so appending data may move existing patients.
+
+In regression (data.task) the "class" both balance is the quantile bin of the target (`strata`): up
+to MAX_TARGET_BINS bins of equal share over all readable scans, fewer when there are few groups, so
+every split spans the range of targets.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from components.common import SPLITS, StageError
+from components.data.manifest import target_number
 from components.params import Params
 
 
@@ -55,6 +60,26 @@ def split_groups(patients: list[str], hashes: list[str], linked: Sequence[tuple[
     for i, j in linked:
         union(patients[i], patients[j])
     return [root(p) for p in patients]
+
+
+MAX_TARGET_BINS = 4
+
+
+def strata(labels: Sequence[str], units: Sequence[str], params: Params) -> tuple[list[str], list[float] | None]:
+    """What the split balances, per row, and the target bins' inner edges (None in classification): the
+    label in classification; in regression its target's quantile bin ("q1" the lowest, "" for a row
+    without a number), with min(MAX_TARGET_BINS, groups / folds) bins, at least 1, so that each
+    bin can hold about one group per fold."""
+    if not params.data.regression:
+        return list(labels), None
+    values = np.array([target_number(v) for v in labels])
+    known = values[np.isfinite(values)]
+    n_bins = max(1, min(MAX_TARGET_BINS, len(set(units)) // params.split.n_folds))
+    if not len(known):
+        return [""] * len(labels), []
+    edges = [float(e) for e in np.quantile(known, np.arange(1, n_bins) / n_bins)]
+    bins = np.searchsorted(edges, values, side="right")
+    return [f"q{b + 1}" if np.isfinite(v) else "" for b, v in zip(bins, values)], edges
 
 
 def targets(params: Params, splits: Sequence[str] = SPLITS) -> dict[str, float]:
