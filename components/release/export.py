@@ -8,7 +8,10 @@ and was computed for this very checkpoint. The ONNX graph is `models.Deployed`: 
 the evaluated test-time augmentation and calibration, then softmax; input `image` float32
 (batch, C, H, W) in [0, 1], output `probabilities`. ONNX Runtime must agree with PyTorch
 within `export.tolerance` on real test images at batch 1 and batch N, and the batch dimension
-must be symbolic. Writes `models/model.onnx` (metadata_props per docs/architecture.md),
+must be symbolic. A regression checkpoint (`"task": "regression"`) exports the one-output network,
+the evaluated test-time augmentation averaging its outputs, as output `value` (batch, 1) in target
+units: the head's output times the train targets' std plus their mean, inside the graph; its parity
+tolerance is `export.tolerance` times that std (the error is in target units). Writes `models/model.onnx` (metadata_props per docs/architecture.md),
 `models/model_card.md` (components.release.model_card), `models/lineage.json` and
 `reports/export.json`; all are built in memory or in a temporary folder first and only renamed
 into place once every check has passed.
@@ -52,6 +55,7 @@ from components.release.onnx_runtime import make_session
 log = logging.getLogger("medtune.export")
 
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+VALUE_NAME = "value"  # a regression graph's output: (batch, 1) float32 in target units
 RECORD = "evaluation.json"  # evaluate.RECORD: the whole evaluation record, in the reports folder
 # Legacy TorchScript exporter: it honours export.opset (17) directly and finishes in well under a
 # second. The dynamo exporter only implements opset >= 18 and down-converts (which may fail), and
@@ -105,7 +109,54 @@ def deployed_model(model: Any, metrics: dict[str, Any]) -> Any:
     return Deployed(model, metrics.get("tta", "none"), cal.get("scale", 1.0), cal.get("bias")).eval()
 
 
-def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path) -> Any:
+def value_model(model: Any, tta: str, target_mean: float, target_std: float) -> Any:
+    """A regression model as deployed: its one output (averaged with the mirrored image's when `tta` is
+    hflip, by the same `Deployed.logits` evaluate uses) times `target_std` plus `target_mean`, so the
+    graph gives values in target units, not the standardised ones the network was trained on."""
+    import torch
+
+    from components.model.models import Deployed
+
+    class Value(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.deployed = Deployed(model, tta)
+            self.register_buffer("target_mean", torch.tensor(float(target_mean)))
+            self.register_buffer("target_std", torch.tensor(float(target_std)))
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.deployed.logits(image).float() * self.target_std + self.target_mean
+
+    return Value().eval()
+
+
+def load_model(model_path: Path) -> tuple[Any, dict[str, Any]]:
+    """(model, ckpt) of a checkpoint: models.load_checkpoint, or for a regression checkpoint the one-output
+    network (`architecture(backbone, 1, channels, members)`) with its weights; StageError if they do not fit."""
+    import torch
+
+    from components.model.models import architecture, load_checkpoint
+
+    try:
+        ckpt = torch.load(model_path, weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - load_checkpoint names what is wrong with the file
+        ckpt = None
+    if not isinstance(ckpt, dict) or ckpt.get("task") != "regression":
+        return load_checkpoint(model_path)
+    missing = [k for k in ("state_dict", "backbone", "in_channels", "target_mean", "target_std") if k not in ckpt]
+    if missing:
+        raise StageError(f"{model_path}: regression checkpoint lacks {missing}; expected the dict that train writes.")
+    try:
+        model = architecture(ckpt["backbone"], 1, int(ckpt["in_channels"]), int(ckpt.get("members", 1)))
+        model.load_state_dict(ckpt["state_dict"])
+    except (ValueError, RuntimeError) as exc:
+        raise StageError(
+            f"{model_path}: weights do not fit backbone {ckpt['backbone']!r} with one output ({exc})."
+        ) from None
+    return model.eval(), ckpt
+
+
+def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path, output: str = OUTPUT_NAME) -> Any:
     """Export with a symbolic batch dimension; StageError if the exporter froze it anyway."""
     import onnx
     import torch
@@ -118,8 +169,8 @@ def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path) -> An
             (x,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=[output],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}},
             opset_version=opset,
             dynamo=False,
             do_constant_folding=True,
@@ -134,14 +185,15 @@ def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path) -> An
     return proto
 
 
-def parity(wrapper: Any, session: Any, images: np.ndarray, device: Any) -> float:
-    """Max absolute difference of probabilities, ONNX Runtime vs PyTorch, on uint8 `images`."""
+def parity(wrapper: Any, session: Any, images: np.ndarray, device: Any, output: str = OUTPUT_NAME) -> float:
+    """Max absolute difference of the outputs (probabilities, or a regression's values), ONNX Runtime vs
+    PyTorch, on uint8 `images`."""
     import torch
 
     x = images.astype(np.float32) / 255.0
     with torch.inference_mode():
         expected = wrapper.to(device)(torch.from_numpy(x).to(device)).float().cpu().numpy()
-    got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    got = session.run([output], {INPUT_NAME: x})[0]
     if got.shape != expected.shape:
         raise StageError(
             f"ONNX Runtime returned shape {got.shape} for a batch of {len(x)}; PyTorch returned "
@@ -180,12 +232,19 @@ class _Inputs:
     index: Any
     batch_n: int
 
+    @property
+    def regression(self) -> bool:
+        return self.ckpt.get("task") == "regression"
+
+    @property
+    def output(self) -> str:
+        return VALUE_NAME if self.regression else OUTPUT_NAME
+
 
 def _read_inputs(
     model_path: Path, prepared_dir: Path, reports_dir: Path, manifest_path: Path, validation_path: Path, params: Params
 ) -> _Inputs:
     from components.data.preprocess import load_meta, load_split
-    from components.model.models import load_checkpoint
 
     if not model_path.is_file():
         raise StageError(f"{model_path} not found; run the train stage first (dvc repro train).")
@@ -199,7 +258,7 @@ def _read_inputs(
         raise StageError(f"{manifest_csv} not found beside {manifest_path}; run the ingest stage (dvc repro ingest).")
     validation = read_json(validation_path)
     meta = load_meta(prepared_dir)
-    model, ckpt = load_checkpoint(model_path)
+    model, ckpt = load_model(model_path)
     classes = list(ckpt["classes"])
     if list(meta.get("classes", classes)) != classes or list(metrics.get("classes", classes)) != classes:
         raise StageError(
@@ -238,22 +297,24 @@ def _checked_onnx(wrapper: Any, i: _Inputs, params: Params, prepared_dir: Path) 
     opset, images, batch_n = params.export.opset, i.images, i.batch_n
     with tempfile.TemporaryDirectory(prefix="medtune-export-") as tmp:
         raw_onnx = Path(tmp) / "model.onnx"
-        proto = export_onnx(wrapper, images, opset, raw_onnx)
+        proto = export_onnx(wrapper, images, opset, raw_onnx, i.output)
     onnx.checker.check_model(proto)
 
     # Parity on the graph without metadata (metadata does not change the computation).
     device = pick_device()
     session = make_session(proto.SerializeToString())
-    diff1 = parity(wrapper, session, images[:1], device)
-    diff_n = parity(wrapper, session, images[:batch_n], device)
+    diff1 = parity(wrapper, session, images[:1], device, i.output)
+    diff_n = parity(wrapper, session, images[:batch_n], device, i.output)
     tol = params.export.tolerance
-    if max(diff1, diff_n) > tol:
+    limit, what = (value_tolerance(tol, i.ckpt), "values") if i.regression else (tol, "probabilities")
+    if max(diff1, diff_n) > limit:
+        scaled = f" (scaled to target units: {limit:.3g})" if i.regression else ""
         raise StageError(
-            f"ONNX Runtime and PyTorch disagree on {prepared_dir}/test.npy: max |diff| of probabilities "
-            f"{diff1:.3g} (batch 1), {diff_n:.3g} (batch {batch_n}); expected <= export.tolerance {tol}. "
+            f"ONNX Runtime and PyTorch disagree on {prepared_dir}/test.npy: max |diff| of {what} "
+            f"{diff1:.3g} (batch 1), {diff_n:.3g} (batch {batch_n}); expected <= export.tolerance {tol}{scaled}. "
             "Not exported."
         )
-    log.info("parity ok: max |diff| %.2e (batch 1), %.2e (batch %d) <= %g", diff1, diff_n, batch_n, tol)
+    log.info("parity ok: max |diff| %.2e (batch 1), %.2e (batch %d) <= %g", diff1, diff_n, batch_n, limit)
     exp = {
         "opset": opset,
         "exporter": f"{EXPORTER}, torch {torch.__version__}",
@@ -262,7 +323,17 @@ def _checked_onnx(wrapper: Any, i: _Inputs, params: Params, prepared_dir: Path) 
         "max_abs_diff_batchN": diff_n,
         "batch_n": batch_n,
     }
+    if i.regression:
+        exp["value_tolerance"] = limit
     return proto, device, exp
+
+
+def value_tolerance(tol: float, ckpt: dict[str, Any]) -> float:
+    """The parity tolerance on a regression's values: `export.tolerance` (a tolerance on the network's
+    standardised output) times the targets' std, and no less than a few float32 steps at the size of
+    their mean, which the graph adds in float32."""
+    mean, std = float(ckpt["target_mean"]), float(ckpt["target_std"])
+    return tol * std + 4 * float(np.spacing(np.float32(abs(mean))))
 
 
 def _metadata(i: _Inputs, params: Params) -> dict[str, str]:
@@ -295,6 +366,17 @@ def _metadata(i: _Inputs, params: Params) -> dict[str, str]:
         "pretrained": json.dumps(i.ckpt.get("pretrained"), sort_keys=True),
         "opset": str(params.export.opset),
         "exporter": EXPORTER,  # the torch version is the graph's own producer_version
+    } | (_regression_metadata(i.ckpt) if i.regression else {})
+
+
+def _regression_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
+    """What a regression graph adds to the metadata: its task, its output, and the train targets' mean and
+    std the graph applies (repr: the float exactly, so a reader gets back the number the graph holds)."""
+    return {
+        "task": "regression",
+        "output": VALUE_NAME,
+        "target_mean": repr(float(ckpt["target_mean"])),
+        "target_std": repr(float(ckpt["target_std"])),
     }
 
 
@@ -350,6 +432,7 @@ def _lineage(
             "backbone": ckpt.get("backbone"),
             "params": ckpt.get("params"),
         },
+        **({"target": {k: i.ckpt[f"target_{k}"] for k in ("mean", "std")}} if i.regression else {}),
         "evaluation": {"metrics": i.metrics, "gate": i.gate},
         "export": exp,
         "model_card": card_path.as_posix(),
@@ -371,7 +454,10 @@ def export(
     validation_path = Path(validation_path) if validation_path else reports_dir / "validation.json"
     i = _read_inputs(model_path, prepared_dir, reports_dir, manifest_path, validation_path, params)
 
-    wrapper = deployed_model(i.model, i.metrics)
+    if i.regression:
+        wrapper = value_model(i.model, i.metrics.get("tta", "none"), i.ckpt["target_mean"], i.ckpt["target_std"])
+    else:
+        wrapper = deployed_model(i.model, i.metrics)
     proto, device, exp = _checked_onnx(wrapper, i, params, prepared_dir)
     del proto.metadata_props[:]
     for key, value in _metadata(i, params).items():

@@ -5,7 +5,9 @@ release/templates/model_card.md.j2 from the records export reads.
 
 card_context computes every value the template shows (the template is strict: a missing one fails),
 interval_rows the test proportions with their 95% Wilson intervals; synthetic_demo tells whether
-the scans are `medtune demo-data`'s, which the card then says.
+the scans are `medtune demo-data`'s, which the card then says. A regression checkpoint's card
+(REGRESSION_TEMPLATE, regression_context) shows MAE, RMSE and R^2 with their bootstrap intervals
+(value_rows) and the gain over the linear probe in MAE (value_probe) instead.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ LEAKS = {
 
 
 CARD_TEMPLATE = "release/templates/model_card.md.j2"
+REGRESSION_TEMPLATE = "release/templates/model_card_regression.md.j2"
+# A regression's test metrics, in the card's, the trace's and the report's order, with their names there.
+VALUE_METRICS = (("mae", "MAE"), ("rmse", "RMSE"), ("r2", "R^2"))
 
 
 def model_card(
@@ -41,7 +46,11 @@ def model_card(
     synthetic: bool,
     validation: dict | None = None,
 ) -> str:
-    """The human-readable summary of one model (Markdown), laid out by CARD_TEMPLATE."""
+    """The human-readable summary of one model (Markdown), laid out by CARD_TEMPLATE (REGRESSION_TEMPLATE
+    for a regression checkpoint)."""
+    if ckpt.get("task") == "regression":
+        context = regression_context(mid, ckpt, manifest, metrics, gate, meta, exp, synthetic, validation)
+        return render(REGRESSION_TEMPLATE, **context)
     return render(CARD_TEMPLATE, **card_context(mid, ckpt, manifest, metrics, gate, meta, exp, synthetic, validation))
 
 
@@ -58,46 +67,12 @@ def card_context(
 ) -> dict[str, Any]:
     """The card's values, each present (None where a record lacks it: the template is strict)."""
     classes = list(metrics["classes"])
-    train = {k: None for k in ("freeze", "unfreeze_last_n", "optimizer", "lr", "seed")}
-    train.update((ckpt.get("params") or {}).get("train", {}))
     counts = manifest.get("counts") or {}
-    members = ckpt.get("members", 1)
     lo, hi = metrics["auroc_ci"]
-    leaks = [
-        {
-            "kind": LEAKS[e["name"]][0],
-            "key": LEAKS[e["name"]][1],
-            "n_offending": e.get("details", {}).get("n_offending", "Some"),
-        }
-        for e in (validation or {}).get("expectations", [])
-        if e.get("name") in LEAKS and not e.get("success")
-    ]
     return {
-        "model_id": mid,
+        **_common_context(mid, ckpt, manifest, meta, exp, synthetic, validation),
         "classes": classes,
-        "synthetic": synthetic,
-        "export": exp,
-        "leaks": leaks,
-        "data": {
-            "data_version": manifest.get("data_version"),
-            "content_hash": manifest.get("content_hash"),
-            "n_images": manifest.get("n_images"),
-            "n_unreadable": manifest.get("n_unreadable", 0),
-            "split_method": (manifest.get("split") or {}).get("method", "unknown"),
-        },
         "splits": [{"name": s, "counts": [counts.get(s, {}).get(c, 0) for c in classes]} for s in SPLITS],
-        "pretrained": {k: (ckpt.get("pretrained") or {}).get(k) for k in ("description", "name", "source", "sha256")},
-        "train": train,
-        "model": {
-            "backbone": ckpt.get("backbone"),
-            "epochs_run": ckpt.get("epochs_run"),
-            "best_epoch": ckpt.get("best_epoch"),
-            "best_metric": (ckpt.get("best_metric") or {}).get("name"),
-            "members": members,
-            "last_seed": (train["seed"] or 0) + members - 1,
-        },
-        "input": {k: meta.get(k) for k in ("channels", "image_size", "window", "equalize")}
-        | {"resize": meta.get("resize", "as recorded")},
         "metrics": {
             **{k: metrics[k] for k in ("n_test", "auroc", "f1", "confusion_matrix")},
             "averaging": metrics.get("averaging", ""),
@@ -115,6 +90,123 @@ def card_context(
         "probe": probe_rows(metrics),
         "gate_passed": gate["passed"],
         "gate_reasons": gate.get("reasons", []),
+    }
+
+
+def _common_context(
+    mid: str, ckpt: dict, manifest: dict, meta: dict, exp: dict, synthetic: bool, validation: dict | None
+) -> dict[str, Any]:
+    """What every card shows whatever the task: the data version, the model and its start, the input, the
+    export's parity, and the validation leaks that make the test metrics optimistic."""
+    train = {k: None for k in ("freeze", "unfreeze_last_n", "optimizer", "lr", "seed")}
+    train.update((ckpt.get("params") or {}).get("train", {}))
+    members = ckpt.get("members", 1)
+    leaks = [
+        {
+            "kind": LEAKS[e["name"]][0],
+            "key": LEAKS[e["name"]][1],
+            "n_offending": e.get("details", {}).get("n_offending", "Some"),
+        }
+        for e in (validation or {}).get("expectations", [])
+        if e.get("name") in LEAKS and not e.get("success")
+    ]
+    return {
+        "model_id": mid,
+        "synthetic": synthetic,
+        "export": exp,
+        "leaks": leaks,
+        "data": {
+            "data_version": manifest.get("data_version"),
+            "content_hash": manifest.get("content_hash"),
+            "n_images": manifest.get("n_images"),
+            "n_unreadable": manifest.get("n_unreadable", 0),
+            "split_method": (manifest.get("split") or {}).get("method", "unknown"),
+        },
+        "pretrained": {k: (ckpt.get("pretrained") or {}).get(k) for k in ("description", "name", "source", "sha256")},
+        "train": train,
+        "model": {
+            "backbone": ckpt.get("backbone"),
+            "epochs_run": ckpt.get("epochs_run"),
+            "best_epoch": ckpt.get("best_epoch"),
+            "best_metric": (ckpt.get("best_metric") or {}).get("name"),
+            "members": members,
+            "last_seed": (train["seed"] or 0) + members - 1,
+        },
+        "input": {k: meta.get(k) for k in ("channels", "image_size", "window", "equalize")}
+        | {"resize": meta.get("resize", "as recorded")},
+    }
+
+
+def regression_context(
+    mid: str,
+    ckpt: dict,
+    manifest: dict,
+    metrics: dict,
+    gate: dict,
+    meta: dict,
+    exp: dict,
+    synthetic: bool,
+    validation: dict | None,
+) -> dict[str, Any]:
+    """A regression card's values: the targets per split (preprocess's target_stats), the mean and std the
+    graph applies, MAE/RMSE/R^2 with intervals and the gain over the linear probe."""
+    stats = meta.get("target_stats") or {}
+    return {
+        **_common_context(mid, ckpt, manifest, meta, exp, synthetic, validation),
+        "target": {"mean": ckpt["target_mean"], "std": ckpt["target_std"]},
+        "splits": [
+            {"name": s, **{k: (stats.get(s) or {}).get(k) for k in ("count", "mean", "std", "min", "max")}}
+            for s in SPLITS
+        ],
+        "n_test": metrics.get("n_test"),
+        "tta": metrics.get("tta", "none"),
+        "rows": value_rows(metrics),
+        "probe": value_probe(metrics),
+        "gate_passed": gate["passed"],
+        "gate_reasons": gate.get("reasons", []),
+    }
+
+
+def _interval(record: dict, name: str) -> tuple[Any, Any]:
+    """`name`'s interval from a record (`<name>_ci` [low, high], as evaluation.json holds it) or from the
+    numbers of metrics.json (`<name>_ci_low`, `<name>_ci_high`); (None, None) when neither is there."""
+    ci = record.get(f"{name}_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return ci[0], ci[1]
+    return record.get(f"{name}_ci_low"), record.get(f"{name}_ci_high")
+
+
+def value_rows(metrics: dict) -> list[dict[str, Any]]:
+    """A regression's test metrics (MAE, RMSE, R^2: those the record holds), each with its bootstrap interval."""
+    rows = []
+    for key, label in VALUE_METRICS:
+        if metrics.get(key) is not None:
+            low, high = _interval(metrics, key)
+            rows.append({"key": key, "name": label, "value": metrics[key], "low": low, "high": high})
+    return rows
+
+
+def value_probe(metrics: dict) -> dict[str, Any] | None:
+    """The gain from fine-tuning in a regression, in MAE: the model's and the probe's MAE, and mae_gain (probe
+    minus model, > 0: fine-tuning helped) with its paired interval, from the record's `linear_probe` or
+    metrics.json's flat probe_mae / mae_gain; None when neither holds a probe."""
+    probe = metrics.get("linear_probe")
+    if isinstance(probe, dict) and probe.get("mae_gain") is not None:
+        src, own = probe, "mae" if "mae" in probe else "probe_mae"
+        start, alpha = (probe.get("start") or {}).get("description"), probe.get("alpha")
+    elif metrics.get("mae_gain") is not None:
+        src, own, start, alpha = metrics, "probe_mae", None, None
+    else:
+        return None
+    rows = [("fine-tuned (this model)", metrics, "mae"), ("linear probe", src, own)]
+    g_lo, g_hi = _interval(src, "mae_gain")
+    return {
+        "start": start,
+        "alpha": alpha,
+        "rows": [
+            {"name": n, "value": r.get(k), "low": _interval(r, k)[0], "high": _interval(r, k)[1]} for n, r, k in rows
+        ],
+        "gain": {"value": src["mae_gain"], "low": g_lo, "high": g_hi, "valid": src.get("mae_gain_bootstrap_valid")},
     }
 
 

@@ -19,8 +19,19 @@ log = logging.getLogger("medtune.onnx_runtime")
 
 # What a model needs to be run by `medtune predict` (docs/architecture.md lists every key export writes).
 REQUIRED_METADATA = ("model_id", "classes", "preprocessing", "input", "output")
-# The values export writes as JSON; the others are plain strings.
-JSON_METADATA = ("classes", "input", "normalisation", "preprocessing", "metrics", "gate", "pretrained")
+# The values export writes as JSON; the others are plain strings. A regression model's target_mean and
+# target_std (what its graph applies to the head's output) are JSON numbers, decoded to floats.
+JSON_METADATA = (
+    "classes",
+    "input",
+    "normalisation",
+    "preprocessing",
+    "metrics",
+    "gate",
+    "pretrained",
+    "target_mean",
+    "target_std",
+)
 
 
 def _nvidia_driver_present() -> bool:
@@ -85,6 +96,12 @@ def read_metadata(path: Path, session: Any = None, required: Sequence[str] = REQ
             "exported by `medtune export`, which records the classes and preprocessing."
         )
     return decode_metadata(props, path)
+
+
+def task_of(meta: Mapping[str, Any]) -> str:
+    """A model's task from its metadata or records: "regression" when they say so, else "classification"
+    (models exported before regression existed record no task)."""
+    return "regression" if meta.get("task") == "regression" else "classification"
 
 
 def decode_metadata(props: Mapping[str, str], path: Path) -> dict[str, Any]:
