@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from components.common import SPLITS, StageError
-from components.data import demo_data, ingest, splits
+from components.data import demo_data, ingest, splits, validate
+from components.data.manifest import read_manifest_rows
 from components.params import Params
 
 
@@ -169,3 +170,88 @@ def test_new_high_targets_reach_every_split_even_when_test_is_already_full():
     out = splits.stable_split(strata, old + new, old + new, previous, reg_params())
     assert out[:20] == [previous[u] for u in old]
     assert Counter(out[20:]) == {"train": 5, "test": 2, "val": 1}
+
+
+@pytest.fixture(scope="module")
+def ingested(raw, tmp_path_factory) -> Path:
+    """raw ingested (stable split) into data/ of a module folder (read-only: copy to change)."""
+    root = tmp_path_factory.mktemp("ingested")
+    ingest.ingest(raw, root / "data", reg_params())
+    return root / "data"
+
+
+def _validate(data: Path, out: Path, params: Params | None = None) -> dict:
+    return validate.validate(
+        data / "manifest.csv",
+        data / "manifest.json",
+        out / "validation.json",
+        out / "validation.md",
+        params or reg_params(),
+    )
+
+
+def _edited(ingested: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the ingested data whose manifest.csv rows went through edit(rows)."""
+    data = tmp_path / "data"
+    shutil.copytree(ingested, data)
+    rows = read_manifest_rows(data / "manifest.csv")
+    edit(rows)
+    with open(data / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return data
+
+
+def test_validate_passes_good_regression_data_and_reports_targets_per_split(ingested, tmp_path):
+    report = _validate(ingested, tmp_path)
+    names = {e["name"]: e for e in report["expectations"]}
+    assert report["success"] and report["task"] == "regression"
+    assert names["label_is_number"]["success"] and "label_in_classes" not in names
+    assert names["images_per_split"]["success"] and "images_per_class_split" not in names
+    assert set(report["counts"]) == set(SPLITS) and all(list(c) == ["images"] for c in report["counts"].values())
+    manifest = json.loads((ingested / "manifest.json").read_text())
+    assert report["target_stats"] == manifest["target_stats"]
+    md = (tmp_path / "validation.md").read_text()
+    assert "## Images and targets per split" in md and "| train | " in md
+
+
+@pytest.mark.parametrize("label", ["abc", "inf", "nan", ""])
+def test_validate_fails_a_label_that_is_not_a_finite_number(ingested, tmp_path, label):
+    def edit(rows):
+        rows[5]["label"] = label
+
+    data = _edited(ingested, tmp_path, edit)
+    with pytest.raises(StageError, match="critical validation") as err:
+        _validate(data, tmp_path)
+    report = json.loads((tmp_path / "validation.json").read_text())
+    failed = {f["name"] for f in report["failures"] if f["critical"]}
+    path = read_manifest_rows(data / "manifest.csv")[5]["path"]
+    assert "label_is_number" in failed
+    assert f"{path}: label {label or None!r} is not a finite number" in str(err.value)
+
+
+def test_validate_fails_byte_identical_scans_with_different_targets(raw, tmp_path):
+    rows = _labels(raw)
+    copy = _with_labels(
+        raw,
+        tmp_path,
+        ["path,target,patient_id"]
+        + [f"{r['path']},{r['target']},{r['patient_id']}" for r in rows]
+        + [f"copy.png,{float(rows[0]['target']) + 1},{rows[0]['patient_id']}"],
+    )
+    shutil.copy(copy / rows[0]["path"], copy / "copy.png")
+    ingest.ingest(copy, tmp_path / "data", reg_params())
+    with pytest.raises(StageError, match="duplicates_agree_on_label") as err:
+        _validate(tmp_path / "data", tmp_path)
+    assert "copy.png" in str(err.value) and rows[0]["path"] in str(err.value)
+
+
+def test_validate_counts_images_per_split_against_the_minimum(ingested, tmp_path):
+    counts = json.loads((ingested / "manifest.json").read_text())["counts"]
+    least = min(c["images"] for c in counts.values())
+    short = [s for s in SPLITS if counts[s]["images"] == least]
+    with pytest.raises(StageError, match="images_per_split") as err:
+        _validate(ingested, tmp_path, reg_params(validate={"min_images_per_class_split": least + 1}))
+    assert all(f"split {s!r}: {least} image(s)" in str(err.value) for s in short)
+    assert _validate(ingested, tmp_path, reg_params(validate={"min_images_per_class_split": least}))["success"]

@@ -82,7 +82,7 @@ def _file_checks(p: Params) -> list[Check]:
             "duplicates_agree_on_label",
             "hash_labels",
             True,
-            "byte-identical images carry the same label "
+            f"byte-identical images carry the same {'target' if p.data.regression else 'label'} "
             f"(validate.max_label_conflicts={v.max_label_conflicts} group(s) tolerated)",
             lambda x: x.ExpectColumnValuesToBeUnique(column="sha256"),
             "hash(es) with several labels",
@@ -99,7 +99,7 @@ def _file_checks(p: Params) -> list[Check]:
 
 
 def _row_checks(p: Params) -> list[Check]:
-    v, classes = p.validate, list(p.data.classes)
+    v = p.validate
     size = f"[{v.min_size}, {v.max_size}] px"
     return [
         Check(
@@ -109,13 +109,7 @@ def _row_checks(p: Params) -> list[Check]:
             "every readable image has a label",
             lambda x: x.ExpectColumnValuesToNotBeNull(column="label"),
         ),
-        Check(
-            "label_in_classes",
-            "readable",
-            True,
-            f"labels in data.classes {classes}",
-            lambda x: x.ExpectColumnValuesToBeInSet(column="label", value_set=classes),
-        ),
+        _label_check(p),
         Check(
             "split_present",
             "readable",
@@ -172,8 +166,29 @@ def _row_checks(p: Params) -> list[Check]:
     ]
 
 
+def _label_check(p: Params) -> Check:
+    """The label is a class of data.classes; in regression, a finite number (validation_tables' `target`)."""
+    if p.data.regression:
+        return Check(
+            "label_is_number",
+            "readable",
+            True,
+            "labels are finite numbers (data.task regression: the target)",
+            lambda x: x.ExpectColumnValuesToNotBeNull(column="target"),
+        )
+    classes = list(p.data.classes)
+    return Check(
+        "label_in_classes",
+        "readable",
+        True,
+        f"labels in data.classes {classes}",
+        lambda x: x.ExpectColumnValuesToBeInSet(column="label", value_set=classes),
+    )
+
+
 def _split_checks(p: Params) -> list[Check]:
     v = p.validate
+    what = "target-bin" if p.data.regression else "class"
     return [
         Check(
             "patient_in_one_split",
@@ -214,7 +229,7 @@ def _split_checks(p: Params) -> list[Check]:
             "split_balance_close",
             "split_balance",
             False,
-            f"split and class shares within validate.warn_split_deviation={v.warn_split_deviation} of the "
+            f"split and {what} shares within validate.warn_split_deviation={v.warn_split_deviation} of the "
             "configured ones",
             lambda x: x.ExpectColumnValuesToBeBetween(column="deviation", max_value=v.warn_split_deviation),
             "share(s) off",
@@ -223,20 +238,31 @@ def _split_checks(p: Params) -> list[Check]:
             "split_balance_within_limit",
             "split_balance",
             True,
-            f"split and class shares within validate.max_split_deviation={v.max_split_deviation} of the "
+            f"split and {what} shares within validate.max_split_deviation={v.max_split_deviation} of the "
             "configured ones",
             lambda x: x.ExpectColumnValuesToBeBetween(column="deviation", max_value=v.max_split_deviation),
             "share(s) far off",
         ),
-        Check(
-            "images_per_class_split",
-            "class_split_counts",
-            True,
-            f"at least validate.min_images_per_class_split={v.min_images_per_class_split} images per (split, class)",
-            lambda x: x.ExpectColumnValuesToBeBetween(column="n", min_value=v.min_images_per_class_split),
-            "(split, class) pair(s) short of images",
-        ),
+        _count_check(p),
     ]
+
+
+def _count_check(p: Params) -> Check:
+    """Enough images per (split, class); in regression, per split."""
+    least = p.validate.min_images_per_class_split
+    name, per, noun = (
+        ("images_per_split", "split", "split(s) short of images")
+        if p.data.regression
+        else ("images_per_class_split", "(split, class)", "(split, class) pair(s) short of images")
+    )
+    return Check(
+        name,
+        "class_split_counts",
+        True,
+        f"at least validate.min_images_per_class_split={least} images per {per}",
+        lambda x: x.ExpectColumnValuesToBeBetween(column="n", min_value=least),
+        noun,
+    )
 
 
 # Columns GX reports beside each unexpected value, so a failure names the file (or the group).

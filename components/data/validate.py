@@ -5,7 +5,9 @@
 Checks, each a GX 1.x expectation (severity "critical" stops the pipeline):
 labels known and present, paths and hashes present, no byte-identical image in two splits (or
 with two labels; duplicates within one split are listed as a warning), no patient in two splits, image size and bit depth in range, enough images per
-(split, class), unreadable files within `validate.max_unreadable`, valid split names.
+(split, class), unreadable files within `validate.max_unreadable`, valid split names. In regression
+(data.task) a label is a finite number (the target), images are counted per split, the split's
+balance is checked on bins of the target, and the report adds `task` and `target_stats`.
 
 Tables that are not the manifest itself (patient -> split pairs, counts per split and class,
 unreadable files) are derived with pandas (components.data.validation_tables) and validated by GX
@@ -26,7 +28,7 @@ import pandas as pd
 
 from components.common import StageError, read_json, stage_main, write_json, write_text
 from components.data.expectations import SUITE, Check, build_checks, run_gx
-from components.data.manifest import read_manifest
+from components.data.manifest import read_manifest, target_stats
 from components.data.validation_tables import NUMERIC_COLUMNS, build_tables, normalise
 from components.params import Params, load_params
 from components.templates import render
@@ -72,6 +74,11 @@ def _offending(c: Check, res: dict, tables: dict[str, pd.DataFrame]) -> list[str
         return [f"{r['path']}" for r in rows]
     if c.name == "images_per_class_split":
         return [f"split {r['split']!r}, class {r['label']!r}: {r['n']} image(s)" for r in rows]
+    if c.name == "images_per_split":
+        return [f"split {r['split']!r}: {r['n']} image(s)" for r in rows]
+    if c.name == "label_is_number":
+        labels = dict(zip(tables["readable"]["path"], tables["readable"]["label"]))
+        return [f"{r['path']}: label {labels.get(r['path'])!r} is not a finite number" for r in rows]
     if c.name.endswith("_present"):
         why = "missing or not a number" if col in NUMERIC_COLUMNS else "missing"
         return [f"{r['path']}: {col} {why}" for r in rows]
@@ -92,7 +99,7 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest", meta: 
     classes = list(params.data.classes)
     df = normalise(df, source)
     meta = meta or {}
-    tables = build_tables(df, classes, meta)
+    tables = build_tables(df, classes, meta, params.data.regression)
     checks = build_checks(params)
     gx_results = run_gx(tables, checks)
 
@@ -131,7 +138,7 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest", meta: 
         s: {k: int(n) for k, n in g.set_index("label")["n"].items()}
         for s, g in tables["class_split_counts"].groupby("split", sort=False)
     }
-    return {
+    report = {
         "suite": SUITE,
         "success": not any(f["critical"] for f in failures),
         "n_rows": len(df),
@@ -144,6 +151,10 @@ def run_suite(df: pd.DataFrame, params: Params, source: str = "manifest", meta: 
         "expectations": expectations,
         "failures": failures,
     }
+    if params.data.regression:  # classification's report keeps its keys (and bytes)
+        report["task"] = "regression"
+        report["target_stats"] = target_stats(list(readable["label"].fillna("")), list(readable["split"].fillna("")))
+    return report
 
 
 def _failure_message(c: Check, details: dict, offending: list[str]) -> str:
@@ -185,6 +196,7 @@ def render_markdown(report: dict) -> str:
         checks=checks,
         classes=list(next(iter(report["counts"].values()), {}).keys()),
         counts=report["counts"],
+        target_stats=report.get("target_stats"),
         unreadable=report["unreadable"],
         skipped=report.get("skipped") or [],
         skipped_shown=SKIPPED_SHOWN,

@@ -4,6 +4,11 @@ skipped files, split shares), so every verdict in the report is a GX result on s
 
     df = validation_tables.normalise(manifest_df, "data/manifest.csv")
     tables = validation_tables.build_tables(df, classes, manifest_json)   # {table name: DataFrame}
+
+In regression (data.task) the label is a number: `readable` gains `target` (the label as a float,
+None where it is not a finite number), the counts are per split (label "images"), and the split's
+balance is checked on the target's bins (the edges ingest split by, manifest.json
+split.target_bin_edges) instead of on classes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import pandas as pd
 
 from components.common import SPLITS, StageError
 from components.data import folders
+from components.data.manifest import target_number
 
 COLUMNS = ("path", "sha256", "label", "patient", "width", "height", "bit_depth", "split", "error")
 TEXT_COLUMNS = ("path", "sha256", "label", "patient", "split", "error", "modality", "similar_group")
@@ -55,10 +61,10 @@ def _text_or_none(column: pd.Series) -> pd.Series:
     return pd.Series(out, index=column.index, dtype=object)
 
 
-def _split_balance(readable: pd.DataFrame, split: dict[str, Any] | None) -> pd.DataFrame:
+def _split_balance(readable: pd.DataFrame, split: dict[str, Any] | None, what: str = "class") -> pd.DataFrame:
     """One row per share the split should keep: each split's share of the images (only where ingest
-    made the split: a given one is what it is), and each class's share within each split against
-    its share of all images. `deviation` is |realised - expected|."""
+    made the split: a given one is what it is), and each class's (`what`: or target bin's) share within
+    each split against its share of all images. `deviation` is |realised - expected|."""
     rows = []
     n = len(readable)
     if n and split and split.get("source") != "labels.csv":
@@ -68,7 +74,7 @@ def _split_balance(readable: pd.DataFrame, split: dict[str, Any] | None) -> pd.D
     overall = readable["label"].value_counts(normalize=True)
     for name, part in readable.groupby("split"):
         share = part["label"].value_counts(normalize=True)
-        rows += [(f"class {label!r} in {name}", share.get(label, 0.0), overall[label]) for label in overall.index]
+        rows += [(f"{what} {label!r} in {name}", share.get(label, 0.0), overall[label]) for label in overall.index]
     table = pd.DataFrame(rows, columns=["share", "realised", "expected"]).astype({"realised": float, "expected": float})
     table["deviation"] = (table["realised"] - table["expected"]).abs().round(4)
     return table
@@ -78,8 +84,51 @@ def _skipped(meta: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(meta.get("skipped") or [], columns=["path", "reason"], dtype=object)
 
 
-def build_tables(df: pd.DataFrame, classes: list[str], meta: dict[str, Any]) -> dict[str, pd.DataFrame]:
+def _targets(labels: pd.Series) -> pd.Series:
+    """Each label as a finite float (manifest.target_number), NaN where it is not one (empty, text, nan, inf)."""
+    values = np.array([np.nan if v is None else target_number(v) for v in labels], dtype=np.float64)
+    return pd.Series(np.where(np.isfinite(values), values, np.nan), index=labels.index)
+
+
+def _target_bins(readable: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
+    """readable's rows with a target, labelled by its bin: the edges ingest split by (manifest.json), or
+    the quartiles of the targets when the manifest.json predates them."""
+    rows = readable.dropna(subset=["split", "target"])
+    targets = rows["target"].to_numpy()
+    edges = (meta.get("split") or {}).get("target_bin_edges")
+    if edges is None:
+        edges = [float(e) for e in np.quantile(targets, [0.25, 0.5, 0.75])] if len(rows) else []
+    bounds = [-np.inf, *edges, np.inf]
+    names = [_bin_name(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return rows.assign(label=[names[i] for i in np.searchsorted(edges, targets, side="right")])
+
+
+def _bin_name(lo: float, hi: float) -> str:
+    if np.isinf(lo) and np.isinf(hi):
+        return "all"
+    if np.isinf(lo):
+        return f"< {hi:g}"
+    return f">= {lo:g}" if np.isinf(hi) else f"[{lo:g}, {hi:g})"
+
+
+def _split_counts(readable: pd.DataFrame, classes: list[str], regression: bool) -> pd.DataFrame:
+    """Images per (split, class), every pair present (0 when absent, so a missing split or class fails
+    too); in regression per split, with label "images"."""
+    if regression:
+        readable = readable.assign(label="images")
+        classes = ["images"]
+    grid = pd.MultiIndex.from_product([SPLITS, classes], names=["split", "label"])
+    counts = readable.groupby(["split", "label"]).size().reindex(grid, fill_value=0).rename("n").reset_index()
+    counts["n"] = counts["n"].astype("int64")
+    return counts
+
+
+def build_tables(
+    df: pd.DataFrame, classes: list[str], meta: dict[str, Any], regression: bool = False
+) -> dict[str, pd.DataFrame]:
     readable = df[df["error"].isna()]
+    if regression:
+        readable = readable.assign(target=_targets(readable["label"]))
     pairs, similar = (
         (
             readable.dropna(subset=[col, "split"])[[col, "split"]]
@@ -89,10 +138,7 @@ def build_tables(df: pd.DataFrame, classes: list[str], meta: dict[str, Any]) -> 
         )
         for col in ("patient", "similar_group")
     )
-    # Every (split, class) appears, with 0 when absent, so a missing split or class fails too.
-    grid = pd.MultiIndex.from_product([SPLITS, classes], names=["split", "label"])
-    counts = readable.groupby(["split", "label"]).size().reindex(grid, fill_value=0).rename("n").reset_index()
-    counts["n"] = counts["n"].astype("int64")
+    counts = _split_counts(readable, classes, regression)
     unreadable = df[df["error"].notna()][["path", "error"]]
     hash_splits, hash_labels = (
         readable.dropna(subset=["sha256", col])[["sha256", col]]
@@ -108,7 +154,9 @@ def build_tables(df: pd.DataFrame, classes: list[str], meta: dict[str, Any]) -> 
         "readable": readable,
         "skipped": skipped,
         "skipped_visible": skipped[skipped["reason"] != folders.HIDDEN].reset_index(drop=True),
-        "split_balance": _split_balance(readable.dropna(subset=["split", "label"]), meta.get("split")),
+        "split_balance": _split_balance(_target_bins(readable, meta), meta.get("split"), "target")
+        if regression
+        else _split_balance(readable.dropna(subset=["split", "label"]), meta.get("split")),
         "hash_splits": hash_splits,
         "hash_labels": hash_labels,
         "patient_splits": pairs,
