@@ -70,3 +70,37 @@ def test_tta_hflip_averages_the_values_inside_the_graph(tmp_path):
     got = session.run(["value"], {"image": images.astype(np.float32) / 255.0})[0]
     np.testing.assert_allclose(got, torch_values(p["model"], images, "hflip"), rtol=0, atol=1e-3)
     assert np.abs(got - torch_values(p["model"], images)).max() > 1e-3  # the mirror did change the values
+
+
+def test_predict_writes_a_value_per_scan_without_importing_torch(exported, tmp_path):
+    """`medtune predict` on a folder: path,value,error, each value the graph's on the scan (a 32 px grey PNG
+    is exactly its prepared array), an unreadable file an empty value; the process imports no torch."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    p, _, _ = exported
+    images = np.load(p["prepared"] / "test.npy")[:3]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image[0]).save(scans / f"scan{i}.png")
+    (scans / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    out = tmp_path / "values.csv"
+    script = (
+        "import sys; from components.release.predict import main; "
+        f"code = main([{str(p['out'] / 'model.onnx')!r}, {str(scans)!r}, '-o', {str(out)!r}]); "
+        "assert 'torch' not in sys.modules, 'predict imported torch'; sys.exit(code)"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "values" in run.stderr and "1 unreadable" in run.stderr  # the summary line
+
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,value,error"
+    rows = {line.split(",")[0].rsplit("/", 1)[-1]: line.split(",", 2)[1:] for line in lines[1:]}
+    assert rows["broken.png"][0] == "" and "broken.png" in rows["broken.png"][1]
+    got = np.array([float(rows[f"scan{i}.png"][0]) for i in range(3)])
+    assert all(rows[f"scan{i}.png"][1] == "" for i in range(3))
+    np.testing.assert_allclose(got, torch_values(p["model"], images)[:, 0], rtol=0, atol=1e-3)

@@ -15,7 +15,10 @@ files while ONNX Runtime runs the current batch; both PIL's decoders and resampl
 run outside the GIL. Results are taken in input order, so the CSV is the same whatever the number of
 threads, and at most two batches are prepared ahead, so memory does not grow with the number of files.
 
-Output columns: `path, prob_<class>..., predicted, error`. The command imports neither torch, scipy nor
+Output columns: `path, prob_<class>..., predicted, error`; for a regression model (metadata `task`:
+regression) `path, value, error`, the value in the target's unit as the graph computes it (its
+output `value`: the network's output times the train targets' std plus their mean), empty for an
+unreadable file. The command imports neither torch, scipy nor
 pandas (fast start); `predict()` returns the table as a pandas DataFrame for Python callers.
 
 `--explain DIR` also writes a Grad-CAM overlay per readable scan to DIR (`<scan stem>.png`) and adds a
@@ -42,7 +45,7 @@ from components.common import StageError, atomic_path, stage_main
 from components.data.folders import REFUSED, list_folder
 from components.data.scans import ScanError, prepare_image, recorded_preparation
 from components.model.decision import predict_labels
-from components.release.onnx_runtime import make_session, read_metadata
+from components.release.onnx_runtime import make_session, read_metadata, task_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -130,7 +133,8 @@ def prepared(files: Sequence[Path], settings: dict[str, Any], threads: int, ahea
 
 @dataclass
 class Predictions:
-    """One row per file, in input order; an unreadable file has NaN probabilities, no prediction and its error."""
+    """One row per file, in input order; an unreadable file has NaN probabilities, no prediction and its
+    error. A regression model's (`task` regression) `probs` is its one output, the value, per file."""
 
     model_id: str
     classes: list[str]
@@ -139,11 +143,17 @@ class Predictions:
     predicted: list[str]
     errors: list[str]
     explanations: list[str] | None = None  # the overlay of each scan (--explain); "" for an unreadable one
+    task: str = "classification"
 
     def columns(self) -> dict[str, list[Any]]:
-        """The CSV's columns in order: path, prob_<class>... (6 decimals), predicted, error[, explanation]."""
-        rounded = np.round(self.probs, 6)
+        """The CSV's columns in order: path, prob_<class>... (6 decimals), predicted, error[, explanation];
+        a regression's path, value (the float32 the graph gave, as its shortest repr), error[, explanation]."""
         explained = {} if self.explanations is None else {"explanation": self.explanations}
+        if self.task == "regression":
+            # float32 -> the shortest decimal that reads back as that float32: the graph's value, no more digits
+            values = [float(np.format_float_positional(v, unique=True)) for v in self.probs[:, 0].astype(np.float32)]
+            return {"path": [f.as_posix() for f in self.files], "value": values, "error": self.errors, **explained}
+        rounded = np.round(self.probs, 6)
         return {
             "path": [f.as_posix() for f in self.files],
             **{f"prob_{c}": rounded[:, j].tolist() for j, c in enumerate(self.classes)},
@@ -169,7 +179,8 @@ def run_model(
     if not files:
         raise StageError(f"no scans found in {[str(p) for p in paths]}; expected PNG, JPEG or DICOM files or folders.")
 
-    probs = np.full((len(files), len(meta["classes"])), np.nan)
+    regression = task_of(meta) == "regression"
+    probs = np.full((len(files), 1 if regression else len(meta["classes"])), np.nan)
     errors = [refused.get(f, "") for f in files]
     batch: list[np.ndarray] = []
     rows: list[int] = []
@@ -195,9 +206,10 @@ def run_model(
 
     ok = np.array([not e for e in errors])
     predicted = np.full(len(files), "", dtype=object)
-    if ok.any():
+    if ok.any() and not regression:
         predicted[ok] = np.asarray(meta["classes"], dtype=object)[decide(probs[ok], meta)]
-    return Predictions(meta["model_id"], list(meta["classes"]), files, probs, predicted.tolist(), errors)
+    task = task_of(meta)
+    return Predictions(meta["model_id"], list(meta["classes"]), files, probs, predicted.tolist(), errors, task=task)
 
 
 def explain(
@@ -226,7 +238,8 @@ def explain(
         if batch and (len(batch) >= batch_size or n == len(ok)):
             rows = [r for r, _ in batch]
             paths = [out_dir / names[r] for r in rows]
-            targets = [pred.classes.index(pred.predicted[r]) for r in rows]
+            # the predicted class's map; a regression's one output
+            targets = [0 if pred.task == "regression" else pred.classes.index(pred.predicted[r]) for r in rows]
             write_overlays(model, meta, np.stack([x for _, x in batch]), targets, paths)
             for r, path in zip(rows, paths):
                 written[r] = path.as_posix()
@@ -252,10 +265,14 @@ def _cell(value: Any) -> Any:
 def report(pred: Predictions, out_csv: str | Path | None) -> None:
     """One log line: how many files were predicted as what, how many were unreadable."""
     n_bad = sum(1 for e in pred.errors if e)
-    counts = dict(Counter(p for p, e in zip(pred.predicted, pred.errors) if not e).most_common())
+    if pred.task == "regression":
+        values = pred.probs[[not e for e in pred.errors], 0]
+        what = f"values {values.min():.4g} to {values.max():.4g}" if len(values) else "no values"
+    else:
+        what = str(dict(Counter(p for p, e in zip(pred.predicted, pred.errors) if not e).most_common()))
     summary = (
         f"predicted {len(pred.files) - n_bad} of {len(pred.files)} file(s) with model {pred.model_id}: "
-        f"{counts}; {n_bad} unreadable" + (f" (see the error column of {out_csv})" if n_bad and out_csv else "")
+        f"{what}; {n_bad} unreadable" + (f" (see the error column of {out_csv})" if n_bad and out_csv else "")
     )
     (log.warning if n_bad else log.info)(summary)
 
@@ -325,7 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(pred, args.output)
 
     return stage_main(
-        "Run an exported medtune ONNX model on scans; write path,prob_<class>...,predicted,error.", add_args, run, argv
+        "Run an exported medtune ONNX model on scans; write path,prob_<class>...,predicted,error "
+        "(a regression model: path,value,error).",
+        add_args,
+        run,
+        argv,
     )
 
 
