@@ -73,6 +73,10 @@ COMMANDS: dict[str, Command] = {
     "report": Command(
         "components.audit.report", "audit: one model's self-contained HTML report (trace, evidence, plots, card)"
     ),
+    "tune": Command(
+        "components.tune.search",
+        "hyperparameter search (Optuna TPE, per-epoch pruning), each trial a DVC experiment; --apply the best",
+    ),
     "preset": Command(
         "components.presets", "list the named parameter presets, print one as `dvc exp run -S` flags, or --apply it"
     ),

@@ -2,14 +2,15 @@
 
     flows/                        Prefect wiring (the commands, the flows)
     components/cli.py             the `medtune` command: imports every command's module when it runs
-    components/audit/  retrain/   audit reads what release wrote; retrain runs the pipeline again
+    components/audit/  retrain/   audit reads what release wrote; retrain runs the pipeline again;
+    components/tune/              tune searches model parameters, each trial a DVC experiment
     components/release/           export, ONNX Runtime, predict, the registry and its records
     components/model/             backbones, training, calibration, metrics, evaluation
     components/data/              scans, manifest, ingest, validate, preprocess, augment
     components/*.py               params, common and the other shared helpers
 
-A module may import its own folder and any folder below it. audit/ and retrain/ sit side by side and
-never import each other. Nothing in components/ imports flows/, and no import cycle exists anywhere.
+A module may import its own folder and any folder below it. audit/, retrain/ and tune/ sit side by
+side and never import each other. Nothing in components/ imports flows/, and no import cycle exists anywhere.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from tests.import_graph import all_modules, imports
 
 # Folder -> rank; an import may only point to the same or a lower rank.
-RANKS = {"shared": 0, "data": 1, "model": 2, "release": 3, "audit": 4, "retrain": 4, "cli": 5, "flows": 6}
+RANKS = {"shared": 0, "data": 1, "model": 2, "release": 3, "audit": 4, "retrain": 4, "tune": 4, "cli": 5, "flows": 6}
 
 
 def folder(module: str) -> str:

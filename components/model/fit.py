@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from components.common import StageError
 from components.data.augment import build_transform
-from components.model import distributed
+from components.model import distributed, pruning
 from components.model.distributed import World
 from components.model.early_stopping import EarlyStopping
 from components.model.epoch import evaluate_epoch, make_criterion, train_one_epoch
@@ -257,7 +257,8 @@ def fit(
             on_epoch(row)
         epochs.set_postfix(train_loss=f"{row['train_loss']:.4f}", **{kept.metric: f"{row[kept.metric]:.4f}"})
         _log_row(row, desc)
-        if kept.stop_after(row, s.selected):
+        # `|`, not `or`: the kept epoch is chosen, and a tuning trial (pruning.py) told, every epoch.
+        if kept.stop_after(row, s.selected) | pruning.should_stop(row):
             break
     epochs.close()
     distributed.check_replicas(s.model, run.world, run.device)

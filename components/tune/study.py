@@ -1,0 +1,205 @@
+"""The Optuna study of a search: where it is kept, how trials are run in it, and its table.
+
+The study lives in `.medtune/tune/<study>.db` (SQLite; the folder ignores itself in git). It records
+tune.metric and tune.prune, which the train stage's pruning hook (components/model/pruning.py) reads;
+each trial records its experiment's name and score. TPE is seeded by tune.seed; trials run `jobs` at a
+time through Optuna's own `optimize(n_jobs=...)`, each one a `dvc exp run --temp` (experiment.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from components.common import StageError
+from components.model import pruning
+from components.params import Params
+from components.templates import format_table
+from components.tune import experiment, space
+
+log = logging.getLogger("medtune.tune")
+STUDY_DIR = Path(".medtune/tune")
+EXP_ATTR, SCORE_ATTR, EPOCHS_ATTR = "experiment", "score", "epochs_run"
+
+
+def study_path(root: Path, name: str) -> Path:
+    return root / STUDY_DIR / f"{name}.db"
+
+
+def open_study(root: Path, name: str, params: Params, create: bool = True) -> optuna.Study:
+    """The study `name` (created with `create`), its sampler TPE seeded by tune.seed. A study made for
+    another metric refuses to go on (its scores would not compare)."""
+    path = study_path(root, name)
+    if not create and not path.exists():
+        raise StageError(f"no tuning study {name!r}: {path} does not exist; run `medtune tune --trials N` first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ignore = path.parent.parent / ".gitignore"  # .medtune/.gitignore: the studies are no part of git
+    if not ignore.exists():
+        ignore.write_text("*\n")
+    tp = params.tune
+    direction = "minimize" if pruning.minimise(tp.metric) else "maximize"
+    study = optuna.create_study(
+        study_name=name,
+        storage=pruning.storage(f"sqlite:///{path.resolve()}"),
+        sampler=optuna.samplers.TPESampler(seed=tp.seed),
+        pruner=pruning.make_pruner(tp.prune),
+        direction=direction,
+        load_if_exists=True,
+    )
+    recorded = study.user_attrs.get(pruning.METRIC_ATTR)
+    if recorded not in (None, tp.metric):
+        raise StageError(
+            f"study {name!r} ({path}) scores {recorded}, params.yaml tune.metric is {tp.metric}: "
+            "set tune.metric back, or start another study with --study NAME."
+        )
+    study.set_user_attr(pruning.METRIC_ATTR, tp.metric)
+    study.set_user_attr(pruning.PRUNE_ATTR, tp.prune)
+    return study
+
+
+class TrialFailed(Exception):
+    """A trial that failed on its own (invalid values, its experiment failed): the search goes on."""
+
+
+@dataclass
+class Search:
+    """What every trial of one `medtune tune` run shares."""
+
+    root: Path
+    study: optuna.Study
+    storage_url: str
+    raw: dict[str, Any]  # params.yaml as read (HEAD's: the base is clean)
+    params: Params
+    devices: queue.Queue  # free GPU ids ("" with no GPU): one per running trial
+    threads: int  # torch threads per trial
+
+
+def objective(search: Search, trial: optuna.Trial) -> float:
+    """Run one trial: its values (validated first), its experiment, its score; TrialPruned when the
+    train stage's pruning hook stopped it, TrialFailed when it failed on its own."""
+    tp = search.params.tune
+    values = space.suggest(trial, tp.space)
+    try:
+        space.with_values(search.raw, values)
+    except ValueError as exc:
+        raise TrialFailed(f"trial {trial.number}: values {values} are not valid together: {exc}") from None
+    experiment.check_clean_base(search.root)  # an edit made during the search would leak into this trial
+    name = experiment.exp_name(search.study.study_name, trial.number)
+    trial.set_user_attr(EXP_ATTR, name)
+    log.info("trial %d (%s): %s", trial.number, name, " ".join(space.set_flags(values)))
+    _run(search, trial.number, name, values)
+    metrics = experiment.live_metrics(search.root, name)
+    value = experiment.score(metrics, tp.metric)
+    trial.set_user_attr(EPOCHS_ATTR, metrics.get("step"))
+    trial.set_user_attr(SCORE_ATTR, value)
+    pruned = _pruned_at(search.study, trial.number)
+    if pruned is not None:
+        raise optuna.TrialPruned(f"trial {trial.number} pruned after epoch {pruned}")
+    if value is None:
+        raise TrialFailed(f"trial {name}: {experiment.LIVE_METRICS} holds no {tp.metric}: {metrics}")
+    return value
+
+
+def _run(search: Search, number: int, name: str, values: dict[str, Any]) -> None:
+    device = search.devices.get()  # blocks only if more trials run than were planned for
+    try:
+        env = {
+            pruning.STORAGE_ENV: search.storage_url,
+            pruning.STUDY_ENV: search.study.study_name,
+            pruning.TRIAL_ENV: str(number),
+            # The cores shared out between the trials running at once (torch would take them all each).
+            "OMP_NUM_THREADS": str(search.threads),
+            **({"CUDA_VISIBLE_DEVICES": device} if device else {}),
+        }
+        logs = search.root / STUDY_DIR / "logs" / f"{name}.log"
+        experiment.run_trial(search.root, name, space.set_flags(values), env, logs)
+    except StageError as exc:
+        raise TrialFailed(str(exc)) from None
+    finally:
+        search.devices.put(device)
+
+
+def _pruned_at(study: optuna.Study, number: int) -> int | None:
+    # The hook wrote it from the train process: read the storage, not this process's copy of the trial.
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    return trial.user_attrs.get(pruning.PRUNED_ATTR)
+
+
+def _stop_when_hopeless(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+    # Three failures and no success yet: the cause is not the values (read a trial's log), stop paying for it.
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    if states.count(optuna.trial.TrialState.FAIL) >= 3 and optuna.trial.TrialState.COMPLETE not in states:
+        log.error("three trials failed and none completed: stopping the search")
+        study.stop()
+
+
+def run_trials(search: Search, trials: int, jobs: int) -> None:
+    """`trials` more trials, `jobs` at a time (Optuna's threads; each waits on its own DVC process)."""
+    search.study.optimize(
+        lambda trial: objective(search, trial),
+        n_trials=trials,
+        n_jobs=jobs,
+        catch=(TrialFailed,),
+        callbacks=[_stop_when_hopeless],
+    )
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def trial_table(study: optuna.Study, keys: list[str], metric: str) -> str:
+    """One row per trial: number, experiment, values, score (tune.metric of the kept epoch), epochs run,
+    state (COMPLETE, PRUNED, FAIL, RUNNING); the best complete trial marked with *."""
+    best = _best_number(study)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        mark = "*" if t.number == best else ""
+        rows.append(
+            (
+                f"{t.number}{mark}",
+                t.user_attrs.get(EXP_ATTR, ""),
+                *(_cell(t.params.get(k)) for k in keys),
+                _cell(t.user_attrs.get(SCORE_ATTR)),
+                _cell(t.user_attrs.get(EPOCHS_ATTR)),
+                t.state.name,
+            )
+        )
+    return format_table(rows, ("trial", "experiment", *keys, metric, "epochs", "state"))
+
+
+def _best_number(study: optuna.Study) -> int | None:
+    try:
+        return study.best_trial.number
+    except ValueError:  # no complete trial yet
+        return None
+
+
+def default_jobs() -> int:
+    """tune.jobs 0: one trial per GPU, or one per 4 cores without one."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return gpus if gpus else max(1, (os.cpu_count() or 1) // 4)
+
+
+def devices(jobs: int) -> queue.Queue:
+    """GPU ids handed to running trials, spread evenly ("" each without a GPU: nothing is pinned)."""
+    gpus = 0
+    if jobs > 1:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    q: queue.Queue = queue.Queue()
+    for j in range(jobs):
+        q.put(str(j % gpus) if gpus else "")
+    return q
