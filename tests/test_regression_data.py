@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
+from components import cli
 from components.common import SPLITS, StageError
-from components.data import demo_data, ingest, splits, validate
+from components.data import demo_data, ingest, preprocess, splits, validate
 from components.data.manifest import read_manifest_rows
 from components.params import Params
 
@@ -255,3 +257,47 @@ def test_validate_counts_images_per_split_against_the_minimum(ingested, tmp_path
         _validate(ingested, tmp_path, reg_params(validate={"min_images_per_class_split": least + 1}))
     assert all(f"split {s!r}: {least} image(s)" in str(err.value) for s in short)
     assert _validate(ingested, tmp_path, reg_params(validate={"min_images_per_class_split": least}))["success"]
+
+
+def test_preprocess_writes_the_target_column_and_regression_meta(ingested, raw, tmp_path):
+    meta = preprocess.preprocess(ingested / "manifest.csv", raw, tmp_path / "prepared", reg_params())
+    manifest = json.loads((ingested / "manifest.json").read_text())
+    assert meta["task"] == "regression" and meta["classes"] == [] and "class_counts" not in meta
+    assert meta == json.loads((tmp_path / "prepared" / "meta.json").read_text())
+    assert meta["target_stats"] == manifest["target_stats"]
+    labels = {r["path"]: r["label"] for r in read_manifest_rows(ingested / "manifest.csv")}
+    for split in SPLITS:
+        images, index = preprocess.load_split(tmp_path / "prepared", split)
+        assert images.shape == (len(index), 1, 16, 16)
+        assert index["target"].dtype == np.float64 and (index["label_index"] == 0).all()
+        assert list(index["target"]) == [float(labels[p]) for p in index["path"]]
+        stats = meta["target_stats"][split]
+        assert stats["count"] == len(index) and stats["mean"] == pytest.approx(index["target"].mean())
+        assert stats["std"] == pytest.approx(index["target"].std(ddof=0))
+        assert (stats["min"], stats["max"]) == (index["target"].min(), index["target"].max())
+    header = (tmp_path / "prepared" / "index.csv").read_text().splitlines()[0]
+    assert header == "split,row,path,sha256,label,label_index,patient,target"
+
+
+def test_preprocess_refuses_a_label_that_is_not_a_number(ingested, raw, tmp_path):
+    def edit(rows):
+        rows[2]["label"] = "big"
+
+    data = _edited(ingested, tmp_path, edit)
+    with pytest.raises(StageError, match=r"has label 'big'; expected a finite number"):
+        preprocess.preprocess(data / "manifest.csv", raw, tmp_path / "prepared", reg_params())
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_medtune_ingest_validate_preprocess_on_generated_regression_data(tmp_path, monkeypatch):
+    # `medtune ingest && medtune validate && medtune preprocess`, through the medtune command itself
+    # (in this process: three interpreters would spend most of the test importing).
+    demo_data.generate_regression(tmp_path / "data" / "raw", patients=12, seed=3, size=16, slices=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(reg_params().to_dict(), sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    assert [cli.main([stage]) for stage in ("ingest", "validate", "preprocess")] == [0, 0, 0]
+    index = (tmp_path / "data" / "prepared" / "index.csv").read_text().splitlines()
+    assert index[0].endswith(",target") and len(index) == 1 + 24
+    meta = json.loads((tmp_path / "data" / "prepared" / "meta.json").read_text())
+    assert meta["task"] == "regression" and sum(s["count"] for s in meta["target_stats"].values()) == 24
+    assert json.loads((tmp_path / "reports" / "validation.json").read_text())["success"]

@@ -5,8 +5,9 @@
 
 Writes `data/prepared/{train,val,test}.npy` (uint8 `(N, C, H, W)`, a block at a time after
 the header np.save writes, so memory stays flat whatever the dataset size), `index.csv`
-(`split,row,path,sha256,label,label_index,patient`) and `meta.json` (everything `predict` needs
-to repeat the preprocessing). The folder is built beside the target and renamed over it, so a
+(`split,row,path,sha256,label,label_index,patient`; in regression, data.task, label_index 0 and a
+float `target` column after them) and `meta.json` (everything `predict` needs to repeat the
+preprocessing; in regression also "task", "classes": [] and the targets' stats per split). The folder is built beside the target and renamed over it, so a
 crash never leaves half of it. Decoding is `components.data.scans.prepare_image`, the same function
 predict uses, run through `parallel.imap_files` (local cores, or a Dask cluster).
 
@@ -48,7 +49,7 @@ from components.common import (
     write_text,
 )
 from components.data import pixel_cache, scans, stat_index
-from components.data.manifest import read_manifest
+from components.data.manifest import read_manifest, target_number, target_stats
 from components.data.scans import RESIZE_METHOD, ScanError
 from components.parallel import decode_seconds, imap_files
 from components.parallel import workers as parallel_workers
@@ -74,15 +75,20 @@ def readable_rows(manifest_csv: Path) -> pd.DataFrame:
     return df.sort_values(["split", "path"], kind="stable").reset_index(drop=True)
 
 
-def _checked_rows(manifest_csv: Path, classes: list[str]) -> pd.DataFrame:
-    """readable_rows, refused (StageError) when a label is unknown or a split is empty."""
+def _checked_rows(manifest_csv: Path, classes: list[str], regression: bool = False) -> pd.DataFrame:
+    """readable_rows, refused (StageError) when a label is unknown (regression: not a finite number) or a
+    split is empty."""
     df = readable_rows(manifest_csv)
-    unknown = df.loc[~df["label"].isin(classes)]
+    if regression:
+        unknown = df.loc[~np.isfinite([target_number(v) for v in df["label"]])]
+        expected = "a finite number (data.task regression: the target)"
+    else:
+        unknown = df.loc[~df["label"].isin(classes)]
+        expected = f"one of {classes} (data.classes)"
     if len(unknown):
         row = unknown.iloc[0]
         raise StageError(
-            f"{manifest_csv}: {row['path']} has label {row['label']!r}; expected one of {classes} "
-            "(data.classes). Run `medtune validate`."
+            f"{manifest_csv}: {row['path']} has label {row['label']!r}; expected {expected}. Run `medtune validate`."
         )
     for split in SPLITS:
         if not (df["split"] == split).any():
@@ -213,8 +219,9 @@ def preprocess(
     `facts_dir` is ingest's facts cache (default: cache/facts beside the manifest), whose stat index
     spares re-hashing unchanged scans; without one every scan is hashed."""
     manifest_csv, raw_dir, out_dir = Path(manifest_csv), Path(raw_dir), Path(out_dir)
-    classes = list(params.data.classes)
-    df = _checked_rows(manifest_csv, classes)
+    regression = params.data.regression
+    classes = [] if regression else list(params.data.classes)
+    df = _checked_rows(manifest_csv, classes, regression)
     pp = params.preprocess
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_dir)
     store = pixel_cache.open_store(cache_dir, cache_settings(pp), (pp.channels, pp.image_size, pp.image_size))
@@ -228,8 +235,8 @@ def preprocess(
         for split in SPLITS:
             rows = df.loc[df["split"] == split].reset_index(drop=True)
             _fill_split(rows["sha256"], store, tmp / f"{split}.npy")
-            index.append(rows.assign(row=np.arange(len(rows)), label_index=rows["label"].map(classes.index)))
-        index_df = pd.concat(index, ignore_index=True)[INDEX_COLUMNS]
+            index.append(rows.assign(row=np.arange(len(rows)), **_label_columns(rows["label"], classes, regression)))
+        index_df = pd.concat(index, ignore_index=True)[INDEX_COLUMNS + (["target"] if regression else [])]
         write_text(tmp / "index.csv", index_df.to_csv(index=False, lineterminator="\n"))
         meta = _meta(index_df, params)
         write_json(tmp / "meta.json", meta)
@@ -247,13 +254,21 @@ def preparation(pp: PreprocessParams) -> dict[str, Any]:
     return {"image_size": pp.image_size, "channels": pp.channels, "window": window, "equalize": pp.equalize}
 
 
+def _label_columns(labels: pd.Series, classes: list[str], regression: bool) -> dict[str, Any]:
+    """index.csv's label columns for a split's rows: label_index (the class's place in data.classes); in
+    regression label_index 0 for every row (readers that expect one keep working) and `target`, the
+    label as a float."""
+    if regression:
+        return {"label_index": 0, "target": [target_number(v) for v in labels]}
+    return {"label_index": labels.map(classes.index)}
+
+
 def _meta(index_df: pd.DataFrame, params: Params) -> dict:
-    class_counts = {
-        s: {c: int(((index_df["split"] == s) & (index_df["label"] == c)).sum()) for c in params.data.classes}
-        for s in SPLITS
-    }
-    return {
-        "classes": list(params.data.classes),
+    """meta.json. Classification: classes and class_counts; regression: "task", "classes": [] and
+    target_stats (manifest.target_stats) instead of class_counts. No "task" means classification."""
+    regression = params.data.regression
+    meta = {
+        "classes": [] if regression else list(params.data.classes),
         **preparation(params.preprocess),
         "resize": RESIZE_METHOD,
         "input": "uint8 NCHW",
@@ -262,8 +277,16 @@ def _meta(index_df: pd.DataFrame, params: Params) -> dict:
         "scaling": "divide by 255 for the model's float32 [0, 1] input",
         "decoder": "components.data.scans.prepare_image",
         "counts": {s: int((index_df["split"] == s).sum()) for s in SPLITS},
-        "class_counts": class_counts,
     }
+    if regression:
+        meta["task"] = "regression"
+        meta["target_stats"] = target_stats(list(index_df["label"]), list(index_df["split"]))
+    else:
+        meta["class_counts"] = {
+            s: {c: int(((index_df["split"] == s) & (index_df["label"] == c)).sum()) for c in params.data.classes}
+            for s in SPLITS
+        }
+    return meta
 
 
 def load_meta(prepared_dir: Path) -> dict:
@@ -280,6 +303,7 @@ def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, pd.DataFrame
         if not path.is_file():
             raise StageError(f"{path} not found; run `medtune preprocess` (dvc repro preprocess) first.")
     images = np.load(npy, mmap_mode="r")
+    # A regression index's `target` column (float) is read as a number by pandas' own inference.
     index = pd.read_csv(csv, dtype={**TEXT, "row": np.int64, "label_index": np.int64}, keep_default_na=False)
     index = index.loc[index["split"] == split].sort_values("row").reset_index(drop=True)
     if len(index) == 0:
