@@ -6,6 +6,10 @@ trained or validated on (from the champion's own manifest copy), because the pat
 recomputed when data is added and those images would flatter the champion. compare() promotes only a
 model whose code is the committed code (the lineage's `git_dirty`, `unreproducible()`), since the
 release tag holds HEAD's code.
+
+A regression (data.task) compares the models' values (their ONNX output `value`, in target units)
+against the test targets: on mae or rmse, where lower is better (challenger <= champion + margin), or
+on r2, where higher is better like every classification metric (challenger >= champion - margin).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from components.release.onnx_runtime import make_session, read_metadata
 from components.release.registry import champion_onnx, current, model_dir, model_id_of
 
 log = logging.getLogger("medtune.challenger")
+
+LOWER_IS_BETTER = ("mae", "rmse")  # errors, in target units; every other compare_metric is a score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,19 +161,11 @@ def compare(
         if problem:
             blockers.append(problem)
         if champion["metrics"] and comparison.get("challenger"):
-            a = float(comparison["challenger"][compare_metric])
-            b = float(champion["metrics"][compare_metric])
+            a = _value(comparison["challenger"], compare_metric)
+            b = _value(champion["metrics"], compare_metric)
             comparison.update(challenger_value=a, champion_value=b)
-            if not np.isfinite(a) or a < b - margin:
-                blockers.append(
-                    f"challenger {compare_metric} {a:.4f} is worse than champion {b:.4f} by more than "
-                    f"the margin {margin} on {comparison['n_compared']} shared test images"
-                )
-            else:
-                reasons.append(
-                    f"challenger {compare_metric} {a:.4f} >= champion {b:.4f} - margin {margin} on "
-                    f"{comparison['n_compared']} shared test images"
-                )
+            better, why = judge(compare_metric, a, b, margin, comparison["n_compared"])
+            (reasons if better else blockers).append(why)
     if not blockers:  # a promotion is tagged: the tag must reproduce the model
         blockers += [
             f"a release tag would not reproduce challenger {challenger['model_id']}: {w}"
@@ -184,6 +182,32 @@ def compare(
         "challenger": challenger,
         "comparison": comparison,
     }
+
+
+def _value(metrics: dict[str, Any], name: str) -> float:
+    value = metrics.get(name)
+    return float("nan") if value is None else float(value)  # R^2 is None when undefined
+
+
+def judge(metric: str, challenger: float, champion: float, margin: float, n: int) -> tuple[bool, str]:
+    """Whether the challenger is no worse than the champion on `metric` (within `margin`), and the reason,
+    naming the direction: for mae and rmse lower is better (challenger <= champion + margin), for every
+    other metric higher is better (challenger >= champion - margin). A non-finite challenger value loses."""
+    a, b, on = challenger, champion, f"on {n} shared test images"
+    if metric in LOWER_IS_BETTER:
+        if np.isfinite(a) and a <= b + margin:
+            return True, f"challenger {metric} {a:.4f} <= champion {b:.4f} + margin {margin} {on} (lower is better)"
+        return False, (
+            f"challenger {metric} {a:.4f} is worse than champion {b:.4f}: higher by more than the margin {margin} "
+            f"{on} (lower is better)"
+        )
+    direction = " (higher is better)" if metric == "r2" else ""  # the classification messages stay as they were
+    if np.isfinite(a) and a >= b - margin:
+        return True, f"challenger {metric} {a:.4f} >= champion {b:.4f} - margin {margin} {on}{direction}"
+    return (
+        False,
+        f"challenger {metric} {a:.4f} is worse than champion {b:.4f} by more than the margin {margin} {on}{direction}",
+    )
 
 
 def _challenger(reports: Path, models: Path) -> tuple[dict[str, Any], bool]:
@@ -225,12 +249,15 @@ def _shared_test_metrics(
     never trained or validated on: (their counts, champion metrics, challenger metrics, why a model
     could not be scored there, or None). Metrics are None when not computed."""
     from components.data.preprocess import load_split
-    from components.model.metrics import compute_metrics
 
     images, index = load_split(prepared, "test")
     keep = comparison_rows(index, model_dir(root, cur["model_id"]) / "manifest.csv")
-    y = index["label_index"].to_numpy()[keep]
-    ev = params.evaluate
+    if params.data.regression:
+        from components.model.targets import targets
+
+        y = targets(prepared, index, "test")[keep]
+    else:
+        y = index["label_index"].to_numpy()[keep]
     counts = {
         "n_test": int(len(index)),
         "n_compared": int(keep.sum()),
@@ -245,16 +272,9 @@ def _shared_test_metrics(
                 f"with dvc get at tag {cur.get('git_tag')}"
             )
         subset = np.asarray(images)[keep]
-        # Each model at its own recorded threshold (it may have been chosen on its validation split).
-        probs, threshold = onnx_probabilities(onnx, subset, ev.threshold)
-        champion_metrics = compute_metrics(
-            y, probs, params.data.classes, params.positive_index, threshold, ev.bootstrap, ev.seed
-        )
+        champion_metrics = _scored(onnx, subset, y, params)
         if challenger_onnx is not None:
-            cprobs, cthreshold = onnx_probabilities(challenger_onnx, subset, ev.threshold)
-            challenger_metrics = compute_metrics(
-                y, cprobs, params.data.classes, params.positive_index, cthreshold, ev.bootstrap, ev.seed
-            )
+            challenger_metrics = _scored(challenger_onnx, subset, y, params)
     except (StageError, ValueError) as exc:
         return (
             counts,
@@ -263,3 +283,17 @@ def _shared_test_metrics(
             f"cannot compare with champion {cur['model_id']} on the same test data: {exc}",
         )
     return counts, champion_metrics, challenger_metrics, None
+
+
+def _scored(onnx: str | Path, images: np.ndarray, y: np.ndarray, params: Params) -> dict[str, Any]:
+    """One model's test metrics on `images` with truth `y`: a classifier's at its own recorded threshold
+    (it may have been chosen on its validation split); a regression's MAE, RMSE and R^2 of its values."""
+    from components.model.metrics import compute_metrics, regression_metrics
+
+    ev = params.evaluate
+    out, threshold = onnx_probabilities(onnx, images, ev.threshold)
+    if params.data.regression:
+        if out.ndim != 2 or out.shape[1] != 1:
+            raise StageError(f"{onnx} gives outputs of shape {out.shape}; a regression model gives one value per image")
+        return regression_metrics(y, out[:, 0], ev.bootstrap, ev.seed)
+    return compute_metrics(y, out, params.data.classes, params.positive_index, threshold, ev.bootstrap, ev.seed)
