@@ -104,3 +104,129 @@ def test_predict_writes_a_value_per_scan_without_importing_torch(exported, tmp_p
     got = np.array([float(rows[f"scan{i}.png"][0]) for i in range(3)])
     assert all(rows[f"scan{i}.png"][1] == "" for i in range(3))
     np.testing.assert_allclose(got, torch_values(p["model"], images)[:, 0], rtol=0, atol=1e-3)
+
+
+def shifted_onnx(src, dst, delta: float) -> None:
+    """The ONNX model `src` with `delta` added to its value: a real graph that is better or worse than it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(src))
+    out = proto.graph.output[0]
+    inner = out.name + "_unshifted"
+    for node in proto.graph.node:
+        node.output[:] = [inner if o == out.name else o for o in node.output]
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([delta], np.float32), "shift"))
+    proto.graph.node.append(helper.make_node("Add", [inner, "shift"], [out.name]))
+    onnx.checker.check_model(proto)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(dst))
+
+
+def challenger_workspace(root, exported, delta: float):
+    """A workspace whose champion (registry/current.json) is the exported model and whose challenger
+    (models/, reports/) is that model shifted by `delta`, on the exported project's prepared test split."""
+    import shutil
+
+    from components import common
+
+    p, _, _ = exported
+    shutil.copytree(p["prepared"], root / "data" / "prepared")
+    champion = "c0ffee000001"
+    (root / "registry" / "models" / champion).mkdir(parents=True)
+    shutil.copyfile(p["out"] / "model.onnx", root / "registry" / "models" / champion / "model.onnx")
+    common.write_json(root / "registry" / "current.json", {"model_id": champion, "git_tag": f"model-{champion}"})
+    (root / "models").mkdir()
+    (root / "models" / "model.pt").write_bytes(f"challenger {delta}".encode())
+    mid = common.sha256_file(root / "models" / "model.pt")[:12]
+    shifted_onnx(p["out"] / "model.onnx", root / "models" / "model.onnx", delta)
+    common.write_json(root / "models" / "lineage.json", {"model_id": mid})  # no code record: not checked here
+    shutil.copytree(p["reports"], root / "reports")
+    return root
+
+
+@pytest.mark.parametrize("metric", ["mae", "rmse", "r2"])
+def test_the_challenger_is_judged_in_the_metrics_direction(exported, tmp_path, metric):
+    """On the same test images, a challenger nearer the targets is promoted and one further away is not,
+    whether lower (mae, rmse) or higher (r2) is better; each reason names the direction."""
+    import onnxruntime as ort
+
+    from components.retrain.challenger import compare
+
+    p, params, _ = exported
+    images = np.load(p["prepared"] / "test.npy").astype(np.float32) / 255.0
+    session = ort.InferenceSession(str(p["out"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    bias = float(np.median(p["y"] - session.run(["value"], {"image": images})[0][:, 0]))
+    direction = "(higher is better)" if metric == "r2" else "(lower is better)"
+    outcomes = {}
+    for name, delta in (("nearer", bias), ("further", -bias - np.sign(bias) * 10)):
+        ws = challenger_workspace(tmp_path / name, exported, delta)
+        decision = compare(ws, params, metric, 0.0)
+        comparison = decision["comparison"]
+        a, b = comparison["challenger_value"], comparison["champion_value"]
+        assert comparison["n_compared"] == len(p["y"]) and set(comparison["challenger"]) >= {"mae", "rmse", "r2"}
+        assert a < b if (name == "nearer") == (metric != "r2") else a > b, (name, a, b)
+        assert any(direction in r for r in decision["reasons"]), decision["reasons"]
+        outcomes[name] = decision["promote"]
+    assert outcomes == {"nearer": True, "further": False}
+
+
+def test_the_margin_is_added_to_an_error_and_taken_from_a_score():
+    from components.retrain.challenger import judge
+
+    assert judge("mae", 5.4, 5.0, 0.5, 10)[0] and not judge("mae", 5.6, 5.0, 0.5, 10)[0]
+    assert judge("rmse", 4.0, 5.0, 0.0, 10)[0] and not judge("rmse", float("nan"), 5.0, 0.5, 10)[0]
+    assert judge("r2", 0.65, 0.7, 0.1, 10)[0] and not judge("r2", 0.55, 0.7, 0.1, 10)[0]
+    ok, why = judge("mae", 5.4, 5.0, 0.5, 10)
+    assert why == "challenger mae 5.4000 <= champion 5.0000 + margin 0.5 on 10 shared test images (lower is better)"
+    assert "worse than champion" in judge("r2", 0.5, 0.7, 0.1, 10)[1]
+    # a classification metric keeps its message
+    assert (
+        judge("auroc", 0.9, 0.8, 0.01, 4)[1]
+        == "challenger auroc 0.9000 >= champion 0.8000 - margin 0.01 on 4 shared test images"
+    )
+
+
+def test_the_card_trace_and_report_show_mae_rmse_r2_with_intervals_and_no_auroc(exported):
+    from components.audit.report import report
+    from components.audit.trace import trace
+    from components.audit.trace_text import render
+
+    p, _, _ = exported
+    record = json.loads((p["reports"] / "evaluation.json").read_text())
+    mae, (lo, hi), gain = record["mae"], record["mae_ci"], record["linear_probe"]["mae_gain"]
+    card = (p["out"] / "model_card.md").read_text()
+    assert f"| MAE | {mae:.4g} | {lo:.4g} to {hi:.4g} (bootstrap) |" in card
+    assert "| RMSE |" in card and f"| R^2 | {record['r2']:.4g} |" in card
+    assert f"**{gain:+.4g}**" in card and "probe MAE - model MAE" in card
+    assert f"x {TARGET_STD:g} + {TARGET_MEAN:g}" in card  # the de-standardisation the graph applies
+    assert "AUROC" not in card and "Confusion" not in card and "threshold" not in card
+
+    root = p["out"].parent
+    text = render(trace(p["out"] / "model.onnx", root))
+    assert f"MAE {mae:.4g} (95% CI {lo:.4g} - {hi:.4g})" in text and "R^2 " in text and "RMSE " in text
+    assert f"= {gain:+.3f}" in text and "fine-tuning lowered the error" in text
+    evaluation = text[text.index("9. Evaluation") : text.index("10. Export")]
+    assert "auroc" not in evaluation.lower() and "MAE" in evaluation
+
+    (p["reports"] / "scatter.csv").write_text("true,predicted\n" + "".join(f"{y},{y + 1.5}\n" for y in p["y"]))
+    html, summary = report(p["out"] / "model.onnx", root)
+    assert "<td>MAE</td>" in html and "<td>R^2</td>" in html and "MAE gain, probe minus fine-tuned" in html
+    assert "Predicted vs true" in html and "ROC" not in html and "AUROC" not in html
+    assert summary["evidence"]["scatter"] == "workspace" and "roc" not in summary["evidence"]
+
+
+def test_drift_compares_the_targets_not_one_class_per_value():
+    from components.audit.drift import drift
+
+    def rows(values, prefix):
+        return [
+            {"path": f"{prefix}{i}.png", "sha256": f"{prefix}{i}", "label": repr(v), "width": "32", "height": "32"}
+            for i, v in enumerate(values)
+        ]
+
+    out = drift(rows([50.0, 60.0, 70.0, 80.0], "n"), rows([40.0, 50.0, 60.0], "o"), regression=True)
+    assert "class_balance" not in out
+    assert out["target"]["previous"] == {"n": 3, "min": 40.0, "median": 50.0, "mean": 50.0, "max": 60.0}
+    assert out["target"]["current"]["median"] == 65.0
+    assert out["summary"][0] == "target median 50 -> 65, mean 50 -> 65"

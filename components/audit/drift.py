@@ -2,6 +2,9 @@
 removed and changed, the class balance and the image statistics of two manifests.
 
     drift(new_rows, old_rows)     # manifest rows (read_manifest_rows) of this model and the previous one
+
+A regression's manifests hold each scan's target as its label (text): `drift(..., regression=True)` compares
+the targets' distribution (n, min, median, mean, max) instead of a class balance.
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ def data_profile(rows: list[dict[str, str]]) -> dict[str, Any]:
     }
 
 
-def drift(new_rows: list[dict[str, str]], old_rows: list[dict[str, str]]) -> dict[str, Any]:
-    """How the new manifest compares with the previous one: files, class balance, image statistics."""
+def drift(new_rows: list[dict[str, str]], old_rows: list[dict[str, str]], regression: bool = False) -> dict[str, Any]:
+    """How the new manifest compares with the previous one: files, class balance (a regression: the
+    targets' distribution), image statistics."""
     new, old = data_profile(new_rows), data_profile(old_rows)
     new_files = {r["path"]: r["sha256"] for r in new_rows}
     old_files = {r["path"]: r["sha256"] for r in old_rows}
+    if regression:
+        new["classes"] = old["classes"] = {}  # one "class" per distinct target value says nothing
     classes = sorted(set(new["classes"]) | set(old["classes"]))
     balance = {}
     for c in classes:
@@ -69,6 +75,17 @@ def drift(new_rows: list[dict[str, str]], old_rows: list[dict[str, str]]) -> dic
     for col in ("bit_depth", "channels", "modality"):
         if set(old[col]) != set(new[col]):
             summary.append(f"{col} values {sorted(old[col])} -> {sorted(new[col])}")
+    target = None
+    if regression:
+        target = {
+            when: _numeric([r for r in rows if not r.get("error")], "label")
+            for when, rows in (("previous", old_rows), ("current", new_rows))
+        }
+        if target["previous"]["n"] and target["current"]["n"]:
+            summary.insert(
+                0,
+                f"target median {target['previous']['median']:g} -> {target['current']['median']:g}, mean {target['previous']['mean']:g} -> {target['current']['mean']:g}",
+            )
     if not summary[1:] and biggest and abs(biggest[1]["fraction_change"]) < 0.05:
         summary.append("no notable change in class balance or image statistics")
     return {
@@ -79,7 +96,7 @@ def drift(new_rows: list[dict[str, str]], old_rows: list[dict[str, str]]) -> dic
             "removed": len(old_files.keys() - new_files.keys()),
             "changed": sum(1 for p in new_files.keys() & old_files.keys() if new_files[p] != old_files[p]),
         },
-        "class_balance": balance,
+        **({"target": target} if regression else {"class_balance": balance}),
         "image_stats": {
             col: {"previous": old[col], "current": new[col]}
             for col in ("width", "height", "bit_depth", "channels", "modality")

@@ -1,5 +1,6 @@
 """The evidence files behind one model's audit report (`medtune report`): its validation report, ROC and
-confusion plots, augmentation preview, training curves and explanation samples, read from where they are.
+confusion plots (a regression's predicted-vs-true scatter.csv instead), augmentation preview, training
+curves and explanation samples, read from where they are.
 
     found, notes = gather(lineage, root, tag)   # {key: Evidence}; each says where it came from, or why it is missing
 
@@ -42,6 +43,20 @@ ITEMS = (
     # Grad-CAM overlays of test images and index.json, which says what each one shows (evaluate writes them).
     Item("explanations", "explanation samples", "reports/explanations", folder=True, suffix=(".png", ".json")),
 )
+# A regression (its evaluation record's task) has no ROC curve or confusion matrix: its predicted-vs-true
+# points on the test split instead (evaluate's scatter.csv, columns true,predicted), in the ROC's place.
+SCATTER = Item("scatter", "predicted vs true", "reports/scatter.csv")
+CLASSIFICATION_ONLY = ("roc", "confusion")
+
+
+def items_for(lineage: dict[str, Any]) -> tuple[Item, ...]:
+    """The evidence of the model `lineage` describes: ITEMS, or for a regression ITEMS with SCATTER in place
+    of the classification plots."""
+    metrics = (lineage.get("evaluation") or {}).get("metrics")
+    if not (isinstance(metrics, dict) and metrics.get("task") == "regression"):
+        return ITEMS
+    swapped = [SCATTER if item.key == "roc" else item for item in ITEMS]
+    return tuple(item for item in swapped if item.key not in CLASSIFICATION_ONLY)
 
 
 @dataclass
@@ -158,7 +173,7 @@ def _canonical(obj: Any) -> str:
 
 
 def gather(lineage: dict[str, Any], root: str | Path, tag: str | None) -> tuple[dict[str, Evidence], list[str]]:
-    """Every item of ITEMS for the model `lineage` describes, from the workspace when it holds this model's outputs, else from
+    """Every item (items_for) of the model `lineage` describes, from the workspace when it holds this model's outputs, else from
     its release tag; plus notes on the sources. A missing item's `why` names what was looked at."""
     root = Path(root)
     notes: list[str] = []
@@ -169,7 +184,7 @@ def gather(lineage: dict[str, Any], root: str | Path, tag: str | None) -> tuple[
     tag_source: ReleaseTag | None = None
     tag_why = "the model was never released (no release tag)" if not tag else None
     found: dict[str, Evidence] = {}
-    for item in ITEMS:
+    for item in items_for(lineage):
         ev = Evidence(item)
         for src in sources:
             ev.files, ev.source = src.read(item), src.name

@@ -11,7 +11,9 @@ dvclive/plots/metrics/*.tsv), the augmentation preview, the explanation samples 
 style is inline; there is no script, font or link to anything outside the file, and a Content-Security-
 Policy forbids the browser to load any, so it opens the same on an air-gapped machine. The evidence files
 come from the workspace or the model's release tag (components.audit.evidence); one that cannot be found
-is named in the report and on the terminal, with why.
+is named in the report and on the terminal, with why. A regression model's report shows MAE, RMSE and
+R^2 with their intervals, the gain over the linear probe in MAE, and its predicted-vs-true scatter (drawn
+from evaluate's reports/scatter.csv) where a classifier's shows the ROC and confusion plots.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ from components.audit.trace import trace
 from components.audit.trace_text import PUBLIC_SALT_NOTE, SECTIONS, TITLES, public_salt
 from components.common import run_cli, write_text
 from components.plots import DPI, PNG_METADATA, figure
-from components.release.model_card import interval_rows
+from components.release.model_card import interval_rows, value_probe
 from components.release.records import NOT_RECORDED, load_lineage
 from components.templates import render
 
 TEMPLATE = "audit/templates/report.html.j2"
 FIRST_METRICS = ("auroc", "sensitivity", "specificity", "precision", "accuracy", "balanced_accuracy", "f1")
+VALUE_METRICS = ("mae", "rmse", "r2")  # a regression's, first in its table
+VALUE_LABELS = {"mae": "MAE", "rmse": "RMSE", "r2": "R^2"}
+# Numbers of a regression's record that are not test metrics: what its graph applies to the network's output.
+NOT_METRICS = ("target_mean", "target_std")
 
 
 def png_uri(blob: bytes) -> str:
@@ -100,6 +106,33 @@ def curves_png(files: dict[str, bytes], best_epoch: Any) -> bytes:
     return buf.getvalue()
 
 
+def scatter_png(blob: bytes) -> bytes:
+    """A regression's predicted-vs-true plot from evaluate's scatter.csv (columns true,predicted), the line
+    of perfect predictions drawn; ValueError when the file holds no points."""
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(io.StringIO(blob.decode("utf-8"))))
+    try:
+        points = [(float(r["true"]), float(r["predicted"])) for r in rows]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"scatter.csv: {rows[:1]}; expected numeric columns true,predicted") from None
+    if not points:
+        raise ValueError("scatter.csv holds no points (its header only)")
+    true, pred = [p[0] for p in points], [p[1] for p in points]
+    low, high = min(true + pred), max(true + pred)
+    fig, ax = figure(4.5, 4.5)
+    ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="predicted = true")
+    ax.scatter(true, pred, s=12, alpha=0.7, label=f"test images ({len(points)})")
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def markdown_html(text: str) -> str:
     """Markdown (the model card) as HTML: CommonMark plus tables; raw HTML is escaped, and links, images and
     link references stay text, so nothing in the card can load or point to anything outside the file."""
@@ -118,16 +151,19 @@ def metric_rows(metrics: Any) -> list[dict[str, Any]]:
         wilson = {r["name"]: r for r in interval_rows(metrics)}
     except (KeyError, ValueError, IndexError, TypeError):
         wilson = {}
-    names = [k for k in FIRST_METRICS if k in metrics] + sorted(
-        k for k in metrics if k not in FIRST_METRICS and _number(metrics[k]) and not _bookkeeping(k)
+    first = VALUE_METRICS + FIRST_METRICS
+    names = [k for k in first if k in metrics] + sorted(
+        k for k in metrics if k not in first and _number(metrics[k]) and not _bookkeeping(k) and k not in NOT_METRICS
     )
     rows = []
     for name in names:
         ci, w = metrics.get(f"{name}_ci"), wilson.get(name)
         if isinstance(ci, list) and len(ci) == 2:
-            valid = metrics.get("bootstrap_valid") if name == "auroc" else None
+            # resamples are skipped for AUROC (one class only) and R^2 (targets all equal)
+            valid = metrics.get("bootstrap_valid") if name in ("auroc", "r2") else None
             how = "bootstrap" + (f", {valid} valid resamples" if valid is not None else "")
-            rows.append({"name": name, "value": metrics[name], "low": ci[0], "high": ci[1], "how": how})
+            label = VALUE_LABELS.get(name, name)
+            rows.append({"name": label, "value": metrics[name], "low": ci[0], "high": ci[1], "how": how})
         elif w:
             how = f"Wilson, {w['k']}/{w['n']}"
             rows.append({"name": name, "value": metrics[name], "low": w["low"], "high": w["high"], "how": how})
@@ -142,6 +178,8 @@ def probe_comparison(metrics: Any) -> dict[str, Any] | None:
     probe = metrics.get("linear_probe") if isinstance(metrics, dict) else None
     if not isinstance(probe, dict):
         return None
+    if metrics.get("task") == "regression":
+        return value_probe(metrics)
     context = {k: metrics[k] for k in ("classes", "positive_class") if k in metrics}
     mine = {r["name"]: r for r in metric_rows(metrics)}
     theirs = {r["name"]: r for r in metric_rows({**probe, **context})}
@@ -159,7 +197,7 @@ def _number(v: Any) -> bool:
 
 
 def _bookkeeping(key: str) -> bool:
-    return key.endswith(("_ci", "_ci_level")) or key.startswith("bootstrap") or key == "n_test"
+    return key.endswith(("_ci", "_ci_level")) or key.startswith("bootstrap") or key in ("n_test", "ci_level")
 
 
 def scalar(v: Any) -> str:
@@ -220,7 +258,13 @@ def sample_captions(index_blob: bytes | None) -> dict[str, str]:
         return {}
     captions = {}
     for x in images if isinstance(images, list) else []:
-        if isinstance(x, dict) and x.get("file"):
+        if isinstance(x, dict) and x.get("file") and "target" in x:  # a regression's sample
+            e = x.get("error")
+            captions[str(x["file"])] = (
+                f"{str(x.get('group') or '').replace('-', ' ')}: true {scalar(x.get('target'))}, predicted "
+                f"{scalar(x.get('predicted'))}" + (f" (error {e:+.4g})" if _number(e) else "") + f"; {x.get('path')}"
+            )
+        elif isinstance(x, dict) and x.get("file"):
             p = x.get("probability")
             captions[str(x["file"])] = (
                 f"{GROUPS.get(x.get('group'), x.get('group') or '')}: true {x.get('label')}, predicted "
@@ -258,14 +302,13 @@ def shown(evidence: dict[str, Evidence], lineage: dict[str, Any]) -> dict[str, d
     """What the template shows of each evidence item: {title, path, source, why} and its figure's data:
     URI (`uri`), the explanation samples (`images`) or the validation record (`record`)."""
     best = (lineage.get("training") or {}).get("best_epoch")
-    return {
-        "validation": _validation(evidence["validation"]),
-        "roc": _figure(evidence["roc"]),
-        "confusion": _figure(evidence["confusion"]),
-        "augment_preview": _figure(evidence["augment_preview"]),
-        "training_curves": _figure(evidence["training_curves"], lambda files: curves_png(files, best)),
-        "explanations": _samples(evidence["explanations"]),
+    shows = {
+        "validation": _validation,
+        "training_curves": lambda ev: _figure(ev, lambda files: curves_png(files, best)),
+        "scatter": lambda ev: _figure(ev, lambda files: scatter_png(next(iter(files.values())))),
+        "explanations": _samples,
     }
+    return {key: shows.get(key, _figure)(ev) for key, ev in evidence.items()}
 
 
 def _section(rec: dict[str, Any], name: str) -> Any:
@@ -292,6 +335,8 @@ def report(model: str | Path, root: str | Path = ".") -> tuple[str, dict[str, An
         notes=notes,
         metric_rows=metric_rows(rec["evaluation"]["metrics"]),
         probe=probe_comparison(rec["evaluation"]["metrics"]),
+        regression=isinstance(rec["evaluation"]["metrics"], dict)
+        and rec["evaluation"]["metrics"].get("task") == "regression",
         card_html=markdown_html(card["text"]) if isinstance(card, dict) else None,
         scalar=scalar,
         inline=inline,

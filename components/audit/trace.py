@@ -159,6 +159,18 @@ def _linear_probe(metrics: Any) -> Any:
             "no linear probe in the evaluation record (evaluate.linear_probe off, or an older evaluate)"
         )
     start = probe.get("start") or {}
+    if metrics.get("task") == "regression":  # the gain in MAE: probe minus fine-tuned, > 0 when fine-tuning helped
+        return {
+            "fine_tuned_mae": metrics.get("mae"),
+            "probe_mae": probe.get("mae"),
+            "probe_mae_ci": probe.get("mae_ci"),
+            "mae_gain": probe.get("mae_gain"),
+            "mae_gain_ci": probe.get("mae_gain_ci"),
+            "mae_gain_bootstrap_valid": probe.get("mae_gain_bootstrap_valid"),
+            "probe_start": start.get("description"),
+            "model_start": start.get("model_start"),
+            "alpha": probe.get("alpha"),
+        }
     return {
         "fine_tuned_auroc": metrics.get("auroc"),
         "probe_auroc": probe.get("auroc"),
@@ -213,6 +225,11 @@ def _release(
     }
 
 
+def _regression(lineage: dict[str, Any]) -> bool:
+    metrics = (lineage.get("evaluation") or {}).get("metrics")
+    return isinstance(metrics, dict) and metrics.get("task") == "regression"
+
+
 def _drift(
     m: ModelRef,
     registry: Path,
@@ -238,7 +255,7 @@ def _drift(
         "previous_data_version": prev_version,
         "data_version": data.get("data_version"),
         "same_data_version": prev_version == data.get("data_version"),
-        **drift(rows, read_manifest_rows(prev_manifest, LISTING_COLUMNS)),
+        **drift(rows, read_manifest_rows(prev_manifest, LISTING_COLUMNS), _regression(m.lineage)),
     }
 
 
@@ -329,7 +346,9 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
             L.get("training") or {},
             ("ensemble", "epochs_run", "best_epoch", "selection_metric", "best_value", "backbone"),
             OLD,
-        ),
+        )
+        # a regression's train-target mean and std, which its graph applies to the network's output
+        | ({"target": L["target"]} if "target" in L else {}),
         "evaluation": {
             "metrics": ev.get("metrics") or not_recorded(OLD),
             "gate": ev.get("gate") or not_recorded(OLD),

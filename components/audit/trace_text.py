@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from components.release.model_card import value_rows
 from components.templates import render as render_template
 
 SECTIONS = (
@@ -73,6 +74,14 @@ def _listed(v: Any) -> bool:
 def _metric_lines(metrics: Any) -> list[str]:
     if not isinstance(metrics, dict):
         return [_scalar(metrics)]
+    rows = value_rows(metrics)
+    if metrics.get("task") == "regression" or (rows and "auroc" not in metrics):  # a record, or a champion's scores
+        return [
+            ", ".join(
+                f"{r['name']} {_scalar(r['value'])} (95% CI {_scalar(r['low'])} - {_scalar(r['high'])})" for r in rows
+            )
+            + f", n_test {metrics.get('n_test')}"
+        ]
     ci = metrics.get("auroc_ci") or [None, None]
     return [
         f"auroc {_scalar(metrics.get('auroc'))} (95% CI {_scalar(ci[0])} - {_scalar(ci[1])}), n_test "
@@ -93,6 +102,8 @@ def _probe_lines(probe: Any) -> list[str]:
     def num(v: Any, sign: str = "") -> str:
         return format(v, f"{sign}.3f") if isinstance(v, (int, float)) else "-"
 
+    if "mae_gain" in probe:
+        return _probe_mae_lines(probe, num)
     lo, hi = probe.get("probe_auroc_ci") or [None, None]
     glo, ghi = probe.get("auroc_gain_ci") or [None, None]
     return [
@@ -101,6 +112,19 @@ def _probe_lines(probe: Any) -> list[str]:
         f"gain from fine-tuning: auroc {num(probe.get('fine_tuned_auroc'))} - {num(probe.get('probe_auroc'))} "
         f"= {num(probe.get('auroc_gain'), '+')} (95% CI {num(glo, '+')} to {num(ghi, '+')}, paired bootstrap, "
         f"{probe.get('auroc_gain_bootstrap_valid')} resamples)",
+    ]
+
+
+def _probe_mae_lines(probe: dict[str, Any], num: Any) -> list[str]:
+    """A regression's gain in MAE: the probe's MAE (and start), then probe minus fine-tuned (> 0: fine-tuning helped)."""
+    lo, hi = probe.get("probe_mae_ci") or [None, None]
+    glo, ghi = probe.get("mae_gain_ci") or [None, None]
+    return [
+        f"linear probe: mae {num(probe.get('probe_mae'))} (95% CI {num(lo)} - {num(hi)}); "
+        f"{probe.get('probe_start')}, frozen, ridge-regression head alpha={_scalar(probe.get('alpha'))}",
+        f"gain from fine-tuning: mae {num(probe.get('probe_mae'))} (probe) - {num(probe.get('fine_tuned_mae'))} "
+        f"= {num(probe.get('mae_gain'), '+')} (95% CI {num(glo, '+')} to {num(ghi, '+')}, paired bootstrap, "
+        f"{probe.get('mae_gain_bootstrap_valid')} resamples; > 0: fine-tuning lowered the error)",
     ]
 
 
