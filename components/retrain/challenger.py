@@ -288,11 +288,13 @@ def _shared_test_metrics(
 def _scored(onnx: str | Path, images: np.ndarray, y: np.ndarray, params: Params) -> dict[str, Any]:
     """One model's test metrics on `images` with truth `y`: a classifier's at its own recorded threshold
     (it may have been chosen on its validation split); a regression's MAE, RMSE and R^2 of its values."""
-    from components.model.metrics import compute_metrics, regression_metrics
+    from components.model.metrics import compute_metrics
 
     ev = params.evaluate
     out, threshold = onnx_probabilities(onnx, images, ev.threshold)
     if params.data.regression:
+        from components.model.metrics import regression_metrics
+
         if out.ndim != 2 or out.shape[1] != 1:
             raise StageError(f"{onnx} gives outputs of shape {out.shape}; a regression model gives one value per image")
         return regression_metrics(y, out[:, 0], ev.bootstrap, ev.seed)
