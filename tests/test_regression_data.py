@@ -61,9 +61,9 @@ def reg_params(**over) -> Params:
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
-    """16 synthetic patients x 3 scans at 16 px, labels.csv path,target,patient_id (read-only: copy to change)."""
+    """40 synthetic patients x 2 scans at 16 px, labels.csv path,target,patient_id (read-only: copy to change)."""
     folder = tmp_path_factory.mktemp("regression") / "raw"
-    demo_data.generate_regression(folder, patients=16, seed=0, size=16, slices=3)
+    demo_data.generate_regression(folder, patients=40, seed=0, size=16, slices=2)
     return folder
 
 
@@ -127,18 +127,21 @@ def test_splits_keep_patients_apart_and_spread_the_targets(raw, tmp_path, method
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert df.groupby("patient")["split"].nunique().max() == 1
     edges = manifest["split"]["target_bin_edges"]
-    assert len(edges) == 3  # 16 patients, 4 folds: 4 bins of the target
+    assert len(edges) == 3  # 40 patients, 8 in val: 4 bins of the target, two patients each
     _spread(df, edges)
     assert "target" in manifest["split"]["method"] or "bin" in manifest["split"]["method"]
 
 
 def test_fewer_target_bins_with_few_patients():
     params = reg_params()
-    labels = [str(v) for v in range(20)]
-    few, edges = splits.strata(labels, [f"p{i // 4}" for i in range(20)], params)  # 5 patients, 4 folds
+    labels = [str(v) for v in range(40)]
+    # val is the smallest split (0.2): 10 patients give it 2, one per bin for 1 bin; 20 give 4: 2 bins
+    few, edges = splits.strata(labels, [f"p{i // 4}" for i in range(40)], params)
     assert set(few) == {"q1"} and edges == []
-    many, edges = splits.strata(labels, [f"p{i}" for i in range(20)], params)  # 20 patients
-    assert [many.count(f"q{b}") for b in (1, 2, 3, 4)] == [5, 5, 5, 5] and len(edges) == 3
+    some, edges = splits.strata(labels, [f"p{i // 2}" for i in range(40)], params)
+    assert [some.count(f"q{b}") for b in (1, 2)] == [20, 20] and edges == [19.5]
+    many, edges = splits.strata(labels, [f"p{i}" for i in range(40)], params)  # 40 patients: 4 bins
+    assert [many.count(f"q{b}") for b in (1, 2, 3, 4)] == [10, 10, 10, 10] and len(edges) == 3
     assert splits.strata(["a", "b"], ["p", "q"], Params()) == (["a", "b"], None)  # classification: labels
 
 
@@ -162,16 +165,17 @@ def test_stable_split_keeps_old_patients_and_puts_new_ones_where_their_bin_is_sh
 
 
 def test_new_high_targets_reach_every_split_even_when_test_is_already_full():
-    # 20 kept patients with low targets, test over its share (7 of 20); 8 new ones with high targets. By
-    # image counts alone test is full and gets none of them, so it would never see a large lesion; by
-    # target bin each split gets its share of the new bin.
-    old, new = [f"old{i:02d}" for i in range(20)], [f"new{i}" for i in range(8)]
-    previous = {u: "train" if i < 10 else "val" if i < 13 else "test" for i, u in enumerate(old)}
-    targets = [repr(float(i + 1)) for i in range(20)] + [repr(100.0 + i) for i in range(8)]
-    strata, _ = splits.strata(targets, old + new, reg_params())
+    # 40 kept patients with low targets, test over its share (14 of 40); 12 new ones with high targets.
+    # By image counts alone test is full and gets none of them, so it would never see a large lesion;
+    # by target bin (4 here) each split gets its share of the new top bin.
+    old, new = [f"old{i:02d}" for i in range(40)], [f"new{i:02d}" for i in range(12)]
+    previous = {u: "train" if i < 20 else "val" if i < 26 else "test" for i, u in enumerate(old)}
+    targets = [repr(float(i + 1)) for i in range(40)] + [repr(100.0 + i) for i in range(12)]
+    strata, edges = splits.strata(targets, old + new, reg_params())
+    assert len(edges) == 3
     out = splits.stable_split(strata, old + new, old + new, previous, reg_params())
-    assert out[:20] == [previous[u] for u in old]
-    assert Counter(out[20:]) == {"train": 5, "test": 2, "val": 1}
+    assert out[:40] == [previous[u] for u in old]
+    assert Counter(out[40:]) == {"train": 7, "val": 3, "test": 2}
 
 
 @pytest.fixture(scope="module")

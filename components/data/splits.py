@@ -17,8 +17,8 @@ Two ways to split units (`split.method`):
   recomputed from all data each time, so appending data may move existing patients.
 
 In regression (data.task) the "class" both balance is the quantile bin of the target (`strata`): up
-to MAX_TARGET_BINS bins of equal share over all readable scans, fewer when there are few groups, so
-every split spans the range of targets.
+to MAX_TARGET_BINS bins of equal share over all readable scans, fewer when the smallest split would
+hold fewer than two groups per bin, so every split spans the range of targets.
 """
 
 from __future__ import annotations
@@ -68,13 +68,14 @@ MAX_TARGET_BINS = 4
 def strata(labels: Sequence[str], units: Sequence[str], params: Params) -> tuple[list[str], list[float] | None]:
     """What the split balances, per row, and the target bins' inner edges (None in classification): the
     label in classification; in regression its target's quantile bin ("q1" the lowest, "" for a row
-    without a number), with min(MAX_TARGET_BINS, groups / folds) bins, at least 1, so that each
-    bin can hold about one group per fold."""
+    without a number). As many bins as the smallest split (val or test) can give two groups each, at
+    least 1 and at most MAX_TARGET_BINS: a bin a split cannot fill would leave its targets unseen there."""
     if not params.data.regression:
         return list(labels), None
     values = np.array([target_number(v) for v in labels])
     known = values[np.isfinite(values)]
-    n_bins = max(1, min(MAX_TARGET_BINS, len(set(units)) // params.split.n_folds))
+    smallest = min(params.split.val_fraction, params.split.test_fraction) * len(set(units))  # groups
+    n_bins = max(1, min(MAX_TARGET_BINS, int(smallest / 2)))
     if not len(known):
         return [""] * len(labels), []
     edges = [float(e) for e in np.quantile(known, np.arange(1, n_bins) / n_bins)]
