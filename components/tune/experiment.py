@@ -60,11 +60,10 @@ def check_clean_base(root: Path) -> None:
         )
 
 
-def shares_upstream(root: Path) -> bool:
-    """Whether HEAD's dvc.lock records the train stage, so trials reuse the stages before it instead
-    of each running them again."""
-    lock = run_tool(["git", "show", "HEAD:dvc.lock"], root, check=False)
-    return lock.returncode == 0 and f"\n  {STAGE}:" in lock.stdout
+def has_lock(root: Path) -> bool:
+    """Whether HEAD has a dvc.lock, so trials skip the stages before train whose inputs are unchanged
+    instead of each running the whole pipeline up to it."""
+    return run_tool(["git", "cat-file", "-e", "HEAD:dvc.lock"], root, check=False).returncode == 0
 
 
 def run_trial(root: Path, name: str, flags: list[str], env: dict[str, str], log: Path) -> None:

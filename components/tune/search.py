@@ -52,10 +52,10 @@ def tune(root: Path, params_path: Path, trials: int, jobs: int, name: str) -> st
     raw = YAML(typ="safe", pure=True).load(params_path.read_text()) or {}
     space.check_space(raw, params.tune.space)  # a bad range fails before any trial
     experiment.check_clean_base(root)
-    if not experiment.shares_upstream(root):
+    if not experiment.has_lock(root):
         log.warning(
-            "HEAD's dvc.lock has no %s stage: every trial runs the stages before it too. `dvc repro %s` "
-            "and a commit of dvc.lock first let the trials share them.",
+            "HEAD has no dvc.lock: every trial runs the whole pipeline up to %s. `dvc repro %s` and a commit "
+            "of dvc.lock first let the trials share the stages before it.",
             experiment.STAGE,
             experiment.STAGE,
         )
