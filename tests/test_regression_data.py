@@ -44,6 +44,16 @@ def test_regression_demo_draws_its_target_and_repeats_its_bytes(tmp_path):
     assert max(targets) - min(targets) > 10  # a spread to learn, not one value
 
 
+def test_demo_data_command_writes_regression_scans_and_refuses_a_batch_twice(tmp_path):
+    args = ["--out", str(tmp_path), "--task", "regression", "--patients", "2", "--slices", "2", "--size", "16"]
+    assert demo_data.main(args) == 0
+    assert sorted(r["path"] for r in _labels(tmp_path)) == sorted(p.name for p in tmp_path.glob("*.png"))
+    assert demo_data.main([*args, "--batch-name", "june"]) == 0  # new patients, numbered above the base set
+    assert sorted(r["path"] for r in _labels(tmp_path)) == sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(_labels(tmp_path)) == 8 and len({r["patient_id"] for r in _labels(tmp_path)}) == 4
+    assert demo_data.main([*args, "--batch-name", "june"]) == 1
+
+
 def reg_params(**over) -> Params:
     """Regression params (the classification-only options set to what regression accepts)."""
     base = {

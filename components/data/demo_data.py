@@ -234,7 +234,7 @@ def generate_regression(
         if value < low:
             raise ValueError(f"demo-data: --{name} = {value} is invalid; expected an integer >= {low}.")
     out_dir = Path(out_dir)
-    rows = ["path,target,patient_id"]
+    rows = []
     for number in range(patient_offset + 1, patient_offset + patients + 1):
         rng = np.random.default_rng([seed, number, 2])
         largest = rng.uniform(*REGRESSION_DIAMETER_MM)
@@ -247,14 +247,28 @@ def generate_regression(
             with common.atomic_path(out_dir / name) as tmp:
                 Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
             rows.append(f"{name},{diameter!r},REG-{number:03d}")
-    common.write_text(out_dir / "labels.csv", "\n".join(rows) + "\n")
+    _write_labels(out_dir / "labels.csv", rows)
     log.info(
         "wrote %d synthetic PNG scans for %d patients into %s (target: lesion diameter in mm)",
-        len(rows) - 1,
+        len(rows),
         patients,
         out_dir,
     )
-    return len(rows) - 1
+    return len(rows)
+
+
+def _write_labels(csv_path: Path, rows: list[str]) -> None:
+    """labels.csv with `rows` after the rows it already holds for other files, so a batch written into
+    the same folder (--batch-name) adds to the labels instead of replacing them."""
+    header = "path,target,patient_id"
+    mine = {r.split(",", 1)[0] for r in rows}
+    kept = []
+    if csv_path.is_file():
+        lines = csv_path.read_text(encoding="utf-8").splitlines()
+        if lines[:1] != [header]:
+            raise common.StageError(f"{csv_path}: header {lines[:1]}; expected {header!r} to add regression scans.")
+        kept = [line for line in lines[1:] if line and line.split(",", 1)[0] not in mine]
+    common.write_text(csv_path, "\n".join([header, *kept, *rows]) + "\n")
 
 
 def batch_offset(batch_name: str) -> int:
