@@ -130,7 +130,8 @@ def compare(
     """The promotion decision for the challenger in models/ + reports/ against the registry champion.
 
     Promote iff the challenger passed the absolute gate AND (no champion, or challenger metric >=
-    champion metric - margin on the same test images). Returns {promote, reasons, champion,
+    champion metric - margin on the same test images; for mae and rmse, lower being better, challenger
+    <= champion + margin: `judge`). Returns {promote, reasons, champion,
     challenger, comparison}; the metrics of both models are in it whatever the outcome.
     """
     root = Path(root)
