@@ -4,19 +4,20 @@
     medtune ingest --raw other/raw --out data
 
 Labels come from the folder (`OUT/<class>/...`, data.label_source: folder) or from labels.csv
-(path,label[,patient_id][,split], paths relative to the raw folder; in regression, data.task,
-path,target[,...] with a finite number as target, kept in the manifest's label as repr(float)). The patient of a file is, in
-order: the CSV's patient_id, the DICOM PatientID, the group "patient" of data.patient_pattern on
-the file name; failing all three, every image is its own patient (and a loud warning says so).
+(path,label[,patient_id][,split], paths relative to the raw folder). In regression (data.task) it
+is path,target[,...], a target must be a finite number, and the manifest's label holds it as
+repr(float(target)). The patient of a file is, in order: the CSV's patient_id, the DICOM PatientID,
+the group "patient" of data.patient_pattern on the file name; failing all three, every image is its
+own patient (and a loud warning says so).
 Only HMAC hashes of patient ids are stored or logged, never the ids themselves.
 
 The split is patient-level (components.data.splits): by default `stable` (a patient, and every patient
 sharing a byte-identical or near-duplicate image with it, keeps the split it had in the previous
 data/manifest.csv as data is appended; new ones go where their class is short), or `stratified`
-(StratifiedGroupKFold, one run per fold for k-fold cross-validation); in regression the class is the
-quantile bin of the target (splits.strata). A `split` column in labels.csv
-replaces both; if it names only train and test, validation patients are carved from train. Either
-way no patient may appear in two splits. Unreadable files stay in the manifest with the reason in
+(StratifiedGroupKFold, one run per fold for k-fold cross-validation); in regression the class is
+the quantile bin of the target (splits.strata). A `split` column in labels.csv replaces both; if
+it names only train and test, validation patients are carved from train. Either way no patient may
+appear in two splits. Unreadable files stay in the manifest with the reason in
 `error` and an empty split; the validate stage decides if that is fatal.
 
 What a file holds (sha256, size and depth, the hashed DICOM PatientID, its near-duplicate signature)

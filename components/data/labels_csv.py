@@ -5,8 +5,8 @@
 
 Paths are relative to the folder. A regression target must be a finite number; the table's `label`
 is then its canonical text, repr(float(target)) ("60" and "6e1" both give "60.0"), so the manifest's
-bytes do not depend on how the CSV spelt the number. ingest reads the raw folder's (data.label_source: csv); the retrain
-inbox reads a batch's, and appends its rows to the raw one.
+bytes do not depend on how the CSV spelt the number. ingest reads the raw folder's
+(data.label_source: csv); the retrain inbox reads a batch's, and appends its rows to the raw one.
 """
 
 from __future__ import annotations

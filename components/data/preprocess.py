@@ -7,8 +7,8 @@ Writes `data/prepared/{train,val,test}.npy` (uint8 `(N, C, H, W)`, a block at a 
 the header np.save writes, so memory stays flat whatever the dataset size), `index.csv`
 (`split,row,path,sha256,label,label_index,patient`; in regression, data.task, label_index 0 and a
 float `target` column after them) and `meta.json` (everything `predict` needs to repeat the
-preprocessing; in regression also "task", "classes": [] and the targets' stats per split). The folder is built beside the target and renamed over it, so a
-crash never leaves half of it. Decoding is `components.data.scans.prepare_image`, the same function
+preprocessing; in regression also "task", "classes": [] and the targets' stats per split). The
+folder is built beside the target and renamed over it, so a crash never leaves half of it. Decoding is `components.data.scans.prepare_image`, the same function
 predict uses, run through `parallel.imap_files` (local cores, or a Dask cluster).
 
 Each scan is prepared once: its pixels are kept in `data/cache/pixels` (`components/data/pixel_cache.py`),

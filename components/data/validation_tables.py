@@ -6,7 +6,7 @@ skipped files, split shares), so every verdict in the report is a GX result on s
     tables = validation_tables.build_tables(df, classes, manifest_json)   # {table name: DataFrame}
 
 In regression (data.task) the label is a number: `readable` gains `target` (the label as a float,
-None where it is not a finite number), the counts are per split (label "images"), and the split's
+NaN, i.e. missing to GX, where it is not a finite number), the counts are per split (label "images"), and the split's
 balance is checked on the target's bins (the edges ingest split by, manifest.json
 split.target_bin_edges) instead of on classes.
 """
