@@ -167,6 +167,37 @@ def test_a_search_needs_a_clean_base(tmp_path):
         experiment.check_clean_base(repo)
 
 
+def _dvc_run_record(root, name, status, copy):
+    """A run record as `dvc exp run --temp` keeps it in .dvc/tmp/exps/run/ while it runs."""
+    record = root / ".dvc" / "tmp" / "exps" / "run" / name / f"{name}.run"
+    record.parent.mkdir(parents=True)
+    info = {"git_url": f"file://{copy}", "baseline_rev": "0" * 40, "location": "tempdir", "root_dir": str(copy)}
+    record.write_text(json.dumps({**info, "dvc_dir": ".dvc", "name": name, "wdir": ".", "status": status}))
+    return record
+
+
+def test_what_a_killed_search_left_is_cleared_by_the_next(tmp_path):
+    with study.study_lock(tmp_path, "s"):
+        with pytest.raises(StageError, match="another medtune tune"), study.study_lock(tmp_path, "s"):
+            pass
+        s = study.open_study(tmp_path, "s", parse_params({}))
+        done = s.ask()
+        s.ask()  # left RUNNING by the kill
+        s.tell(done, 0.5)
+        copies = {n: tmp_path / ".dvc" / "tmp" / "exps" / "standalone" / n for n in ("a", "b", "c")}
+        for copy in copies.values():
+            copy.mkdir(parents=True)
+        stale = _dvc_run_record(tmp_path, "tune-s-1", 2, copies["a"])  # killed while running
+        other = _dvc_run_record(tmp_path, "mine-1", 2, copies["b"])  # someone's own dvc exp run --temp
+        finished = _dvc_run_record(tmp_path, "tune-s-0", 6, copies["c"])
+        study.clear_killed(tmp_path, s)
+        states = [t.state for t in s.get_trials()]
+        assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+        assert not stale.parent.exists() and not copies["a"].exists()
+        assert other.exists() and copies["b"].exists() and finished.exists() and copies["c"].exists()
+    assert (tmp_path / ".medtune" / ".gitignore").read_text() == "*\n"
+
+
 # -- a real search ----------------------------------------------------------------------------------
 
 SPACE = {"train.lr": {"low": 0.001, "high": 0.01, "log": True}, "train.dropout": {"choices": [0.0, 0.25]}}

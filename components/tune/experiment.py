@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,11 +27,16 @@ LIVE_METRICS = "dvclive/metrics.json"
 # Code and pipeline files: an uncommitted change there would be part of every trial but not of the
 # baseline they are compared with, and `--apply` would mix it into params.yaml's diff.
 _UNTRACKED_CODE = ("components/", "flows/", "dvc.yaml", "params.yaml", "dvc.lock")
+INTERRUPT_GRACE_S = 60  # for DVC to remove its temporary copy after Ctrl-C
 _dvc_api = threading.Lock()  # dvc.api opens a Repo per call; one at a time from the trial threads
 
 
+def exp_prefix(study: str) -> str:
+    return f"tune-{study}-"
+
+
 def exp_name(study: str, number: int) -> str:
-    return f"tune-{study}-{number}"
+    return f"{exp_prefix(study)}{number}"
 
 
 def dirty_paths(root: Path) -> list[str]:
@@ -69,14 +75,40 @@ def has_lock(root: Path) -> bool:
 def run_trial(root: Path, name: str, flags: list[str], env: dict[str, str], log: Path) -> None:
     """`dvc exp run --temp train <flags> -n name`, its output in `log`; StageError naming the log's
     last lines when it fails. DVC runs under components.lifetime, bound to this process: when the
-    search dies, its trials die with it (and DVC's temp copies with them), never running on unseen."""
+    search is killed, its trials die with it instead of running on unseen (`clear_stale` then removes
+    DVC's copies they leave). On Ctrl-C the terminal interrupts DVC too: it is given time to clean up."""
     cmd = [sys.executable, "-m", *module_argv("dvc", ["exp", "run", "--temp", STAGE, *flags, "-n", name])]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        code = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            try:
+                proc.wait(timeout=INTERRUPT_GRACE_S)
+            finally:
+                proc.kill()
+            raise
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise StageError(f"trial {name}: dvc exp run exited {code} (full output: {log}):\n{tail}")
+
+
+def clear_stale(root: Path, prefix: str) -> list[str]:
+    """Remove what killed trials left in DVC's experiment area: the temporary copy and run record of
+    each experiment named `prefix`* that DVC still counts as running (`dvc exp show` would list it as
+    Running for ever). Call only while no trial of that name can be running (the study's lock)."""
+    from dvc.repo.experiments.executor.base import ExecutorInfo, TaskStatus
+
+    cleared = []
+    for infofile in sorted((root / ".dvc" / "tmp" / "exps" / "run").glob("*/*.run")):
+        info = ExecutorInfo.load_json(str(infofile))
+        running = info.status <= TaskStatus.SUCCESS and Path(info.root_dir).exists()  # as DVC's iter_active
+        if info.location == "tempdir" and (info.name or "").startswith(prefix) and running:
+            shutil.rmtree(info.root_dir, ignore_errors=True)
+            shutil.rmtree(infofile.parent, ignore_errors=True)
+            cleared.append(info.name)
+    return cleared
 
 
 def live_metrics(root: Path, name: str) -> dict[str, Any]:

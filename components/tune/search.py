@@ -60,6 +60,7 @@ def tune(root: Path, params_path: Path, trials: int, jobs: int, name: str) -> st
             experiment.STAGE,
         )
     s = study.open_study(root, name, params)
+    study.clear_killed(root, s)
     search = study.Search(
         root=root,
         study=s,
@@ -85,10 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if trials < 0 or jobs < 0:
             raise ValueError(f"--trials {trials} / --jobs {jobs}: expected numbers >= 0")
         jobs = jobs or study.default_jobs()
-        if trials:
-            s = tune(root, params_path, trials, jobs, name)
-        else:
-            s = study.open_study(root, name, params, create=False)
+        with study.study_lock(root, name):
+            if trials:
+                s = tune(root, params_path, trials, jobs, name)
+            else:
+                s = study.open_study(root, name, params, create=False)
         print(study.trial_table(s, list(params.tune.space), params.tune.metric))
         if args.apply:
             trial, values = apply_best(params_path, s)

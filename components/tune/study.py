@@ -8,14 +8,17 @@ time through Optuna's own `optimize(n_jobs=...)`, each one a `dvc exp run --temp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import queue
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 import optuna
 
 from components.common import StageError
@@ -33,26 +36,55 @@ def study_path(root: Path, name: str) -> Path:
     return root / STUDY_DIR / f"{name}.db"
 
 
+def _make_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = folder.parent / ".gitignore"  # .medtune/.gitignore: the studies are no part of git
+    if not ignore.exists():
+        ignore.write_text("*\n")
+
+
+@contextlib.contextmanager
+def study_lock(root: Path, name: str) -> Iterator[None]:
+    """One search per study at a time (StageError otherwise). Holding it, nothing of this study runs
+    elsewhere, so what a killed search left (RUNNING trials, DVC's temporary copies) is cleared."""
+    path = study_path(root, name).with_suffix(".lock")
+    _make_folder(path.parent)
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise StageError(f"study {name!r} is being searched by another medtune tune ({path} is locked).") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def clear_killed(root: Path, s: optuna.Study) -> None:
+    """Trials a killed search left RUNNING become FAIL; DVC's leftovers of their experiments go."""
+    for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        s.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        log.warning("trial %d was left running by a search that was stopped: marked FAIL", t.number)
+    for name in experiment.clear_stale(root, experiment.exp_prefix(s.study_name)):
+        log.warning("removed DVC's temporary copy of the interrupted experiment %s", name)
+
+
 def open_study(root: Path, name: str, params: Params, create: bool = True) -> optuna.Study:
     """The study `name` (created with `create`), its sampler TPE seeded by tune.seed. A study made for
     another metric refuses to go on (its scores would not compare)."""
     path = study_path(root, name)
     if not create and not path.exists():
         raise StageError(f"no tuning study {name!r}: {path} does not exist; run `medtune tune --trials N` first.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ignore = path.parent.parent / ".gitignore"  # .medtune/.gitignore: the studies are no part of git
-    if not ignore.exists():
-        ignore.write_text("*\n")
+    _make_folder(path.parent)
     tp = params.tune
     direction = "minimize" if pruning.minimise(tp.metric) else "maximize"
+    store = pruning.storage(f"sqlite:///{path.resolve()}")
     study = optuna.create_study(
-        study_name=name,
-        storage=pruning.storage(f"sqlite:///{path.resolve()}"),
-        sampler=optuna.samplers.TPESampler(seed=tp.seed),
-        pruner=pruning.make_pruner(tp.prune),
-        direction=direction,
-        load_if_exists=True,
+        study_name=name, storage=store, pruner=pruning.make_pruner(tp.prune), direction=direction, load_if_exists=True
     )
+    # Seeded by tune.seed plus the trials so far: a search resumed on the same study draws new values
+    # (the same seed again would repeat its first random draws, trials DVC's run cache merely restores).
+    study.sampler = optuna.samplers.TPESampler(seed=tp.seed + len(study.get_trials(deepcopy=False)))
     recorded = study.user_attrs.get(pruning.METRIC_ATTR)
     if recorded not in (None, tp.metric):
         raise StageError(
