@@ -5,11 +5,14 @@
 
 A batch is one folder directly under `retrain.inbox_dir`, laid out like the raw data: either
 folder-per-class (`<batch>/<class>/<file>`) or files plus `labels.csv` (`path,label[,patient_id]
-[,split]`, paths relative to the batch). Folders whose name starts with "." or "_" are ignored, so
-a batch being copied in (under a dot-name, then renamed) is never picked up half-written.
+[,split]`, paths relative to the batch; with data.task regression `path,target[,patient_id][,split]`,
+each target a finite number, read as ingest reads it: components.data.labels_csv). Folders whose
+name starts with "." or "_" are ignored, so a batch being copied in (under a dot-name, then renamed)
+is never picked up half-written.
 
 Checks (each names the file and the value): no scans at all; unreadable files (`scan_info.probe`);
-labels missing or not in `data.classes`; sizes and bit depths outside `validate.*`; files that
+labels missing or not in `data.classes` (regression: a target missing, or not a finite number,
+named by labels.csv line and value); sizes and bit depths outside `validate.*`; files that
 duplicate a scan already in the raw data or another file of the batch (sha256); patients already
 present in the raw data. Patient rule: a batch must bring new patients. A batch patient already in
 `data/manifest.csv` is accepted only when the batch's labels.csv gives it a `split` equal to the
@@ -120,14 +123,21 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
     batch = Path(batch_dir)
     salt = common.patient_salt(params.data.patient_salt)
     pattern = params.data.patient_regex()
+    regression = params.data.regression
     problems: list[str] = []
     labels = None
     try:
         labels_csv = labels_file(batch, "labels.csv")
         if labels_csv.is_file():
-            labels = parse_labels_csv(labels_csv)
-    except StageError as exc:  # one bad row or header quarantines the whole batch, naming it
+            # Regression: each row's `label` is its target as canonical text, as ingest will write it.
+            labels = parse_labels_csv(labels_csv, regression)
+    except StageError as exc:  # one bad row or header (a target that is no number) quarantines the batch
         return pd.DataFrame(columns=COLUMNS), [str(exc)]
+    if regression and labels is None:  # a regression's targets are in labels.csv only, never in folder names
+        problems.append(
+            f"{labels_csv}: not found; expected labels.csv with path,target[,patient_id][,split] "
+            "(data.task is regression)."
+        )
     listing = folders.list_folder(batch)
     # Hidden entries are tool state (ingest-new does not even copy dot-names); anything else that is
     # not a scan, or a link out of the batch, means the batch is not what its sender thinks it is.
@@ -153,7 +163,7 @@ def read_batch(batch_dir: str | Path, params: Params) -> tuple[pd.DataFrame, lis
     for rel in listing.scans:
         f = batch / rel
         csv_row = by_path.get(rel, {})
-        label = ingest.folder_label(rel) if labels is None else csv_row.get("label", "")
+        label = csv_row.get("label", "") if labels is not None or regression else ingest.folder_label(rel)
         # A batch's CSV patient_id only survives the append in csv mode.
         patient = csv_row.get("patient_id", "") if params.data.label_source == "csv" else ""
         row, source, _ = ingest.scan_row(f, rel, label, patient, pattern, salt)
@@ -220,8 +230,9 @@ def check_batch(
 
 
 def _file_problems(batch: Path, rows: pd.DataFrame, params: Params) -> list[str]:
-    """Each file on its own: unreadable, label, size, bit depth, split."""
+    """Each file on its own: unreadable, label (regression: target), size, bit depth, split."""
     classes = list(params.data.classes)
+    regression = params.data.regression
     v = params.validate
     problems: list[str] = []
     for r in rows.itertuples(index=False):
@@ -229,9 +240,11 @@ def _file_problems(batch: Path, rows: pd.DataFrame, params: Params) -> list[str]
         if r.error:
             problems.append(f"{where}: unreadable ({r.error}).")
             continue
-        if not r.label:
+        if not r.label and regression:  # a target that is there was checked when labels.csv was read
+            problems.append(f"{where}: no target; expected a labels.csv row path,target with a finite number.")
+        elif not r.label:
             problems.append(f"{where}: no label; expected a class folder or a labels.csv row with one of {classes}.")
-        elif r.label not in classes:
+        elif not regression and r.label not in classes:
             problems.append(f"{where}: label {r.label!r} is unknown; expected one of data.classes {classes}.")
         if not (v.min_size <= int(r.width) <= v.max_size and v.min_size <= int(r.height) <= v.max_size):
             problems.append(
@@ -345,9 +358,21 @@ def archive(batch_dir: str | Path, processed_dir: str | Path) -> Path:
     return dest
 
 
-def summary_table(rows: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per label x split counts of a batch, for a report or a Prefect table artifact."""
+def summary_table(rows: pd.DataFrame, regression: bool = False) -> list[dict[str, Any]]:
+    """Per label x split counts of a batch (regression: per split, the count and range of its targets),
+    for a report or a Prefect table artifact."""
     if rows.empty:
         return []
+    if regression:  # a missing target ("") counts as a file, not in the range
+        targets = pd.to_numeric(rows["label"], errors="coerce").groupby(rows["split"].replace("", "(pipeline)"))
+        return [
+            {
+                "split": k,
+                "files": int(t.size),
+                "target_min": None if t.isna().all() else float(t.min()),
+                "target_max": None if t.isna().all() else float(t.max()),
+            }
+            for k, t in targets
+        ]
     counts = rows.assign(split=rows["split"].replace("", "(pipeline)")).groupby(["label", "split"]).size()
     return [{"label": k[0], "split": k[1], "files": int(n)} for k, n in counts.items()]

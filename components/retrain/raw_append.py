@@ -4,8 +4,10 @@
     raw_append.remove_from_raw("data/raw", dests, params)               # undo (workspace.restore_workspace)
 
 A batch goes in under its own name, in the raw data's own layout: `raw/<class>/<batch>/...`
-(folder-per-class) or `raw/<batch>/...` plus its rows appended to raw labels.csv (csv mode). Existing
-raw files are never modified or removed, and the copy is idempotent, so a crashed retrain resumes.
+(folder-per-class) or `raw/<batch>/...` plus its rows appended to raw labels.csv (csv mode: each new
+line `path,label`, with data.task regression `path,target` holding the target the batch check read,
+then the batch's patient_id and split where raw labels.csv has those columns). Existing raw files
+are never modified or removed, and the copy is idempotent, so a crashed retrain resumes.
 """
 
 from __future__ import annotations
@@ -66,18 +68,21 @@ def append_to_raw(batch_dir: str | Path, rows: pd.DataFrame, raw_dir: str | Path
         with common.atomic_path(target) as tmp:
             shutil.copyfile(src, tmp)
     if params.data.label_source == "csv":
-        _append_labels(raw / params.data.labels_csv, batch, rows, dests)
+        _append_labels(raw / params.data.labels_csv, batch, rows, dests, params.data.regression)
     log.info(
         "appended batch %s to %s: %d new file(s), %d already there", batch.name, raw, len(plan), len(dests) - len(plan)
     )
     return dests
 
 
-def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: list[str]) -> None:
+def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: list[str], regression: bool) -> None:
+    # Regression: the batch rows' `label` is the checked target as canonical text (labels_csv), which
+    # goes into the raw file's `target` column; ingest reads both spellings of a number alike.
+    column = "target" if regression else "label"
     existing = (
         pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
         if labels_csv.is_file()
-        else pd.DataFrame(columns=["path", "label"])
+        else pd.DataFrame(columns=["path", column])
     )
     have = set(existing["path"])
     new_paths = [d for d in dests if d not in have]
@@ -85,8 +90,8 @@ def _append_labels(labels_csv: Path, batch: Path, rows: pd.DataFrame, dests: lis
         return
     # Read again, not carried from read_batch: the batch rows travel between flow tasks (and so into
     # Prefect's result storage), and they must hold only hashed patients; raw ids stay in raw labels.csv.
-    src = parse_labels_csv(batch / "labels.csv") if (batch / "labels.csv").is_file() else None
-    extra = pd.DataFrame({"path": dests, "label": rows["label"].tolist()})
+    src = parse_labels_csv(batch / "labels.csv", regression) if (batch / "labels.csv").is_file() else None
+    extra = pd.DataFrame({"path": dests, column: rows["label"].tolist()})
     if src is not None:
         by = {p: i for i, p in enumerate(src["path"])}
         for col in ("patient_id", "split"):
