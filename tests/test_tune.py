@@ -19,6 +19,7 @@ from components.model import pruning
 from components.model.fit import Run, fit
 from components.params import SearchRange, parse_params
 from components.tune import experiment, space, study
+from components.tune.apply import apply_best
 from tests.workspace import make_workspace, run
 
 # -- the space --------------------------------------------------------------------------------------
@@ -165,6 +166,43 @@ def test_a_search_needs_a_clean_base(tmp_path):
     (repo / "components" / "new.py").write_text("")
     with pytest.raises(StageError, match=r"uncommitted changes \(params.yaml, components/new.py\).*commit the"):
         experiment.check_clean_base(repo)
+
+
+def test_pruned_and_failed_trials_are_recorded_and_never_applied(tmp_path, monkeypatch):
+    # Experiments stubbed: trial 1's train is pruned by the hook (it writes pruned_at_epoch into the
+    # study from its own process), trial 2's dvc exp run fails. Trial 1 scored best, yet --apply takes 0.
+    params = parse_params({"tune": {"space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}})
+    s = study.open_study(tmp_path, "s", params)
+    url = f"sqlite:///{study.study_path(tmp_path, 's').resolve()}"
+
+    def run_trial(root, name, flags, env, log):
+        number = int(env[pruning.TRIAL_ENV])
+        assert name == f"tune-s-{number}" and flags[0] == "-S" and flags[1].startswith("train.lr=")
+        if number == 1:
+            store = pruning.storage(env[pruning.STORAGE_ENV])
+            trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name("s"), number)
+            store.set_trial_user_attr(trial_id, pruning.PRUNED_ATTR, 1)
+        if number == 2:
+            raise StageError(f"trial {name}: dvc exp run exited 1")
+
+    monkeypatch.setattr(experiment, "run_trial", run_trial)
+    monkeypatch.setattr(experiment, "check_clean_base", lambda root: None)
+    monkeypatch.setattr(
+        experiment, "live_metrics", lambda root, name: {"step": 2, "val": {"loss": 0.5 - name.count("-1")}}
+    )
+    search = study.Search(tmp_path, s, url, {}, params, study.devices(1), threads=1)
+    study.run_trials(search, 3, 1)
+    states = [t.state.name for t in s.get_trials()]
+    assert states == ["COMPLETE", "PRUNED", "FAIL"]
+    table = study.trial_table(s, ["train.lr"], "val_loss").splitlines()
+    assert table[0].split() == ["trial", "experiment", "train.lr", "val_loss", "epochs", "state"]
+    assert table[1].startswith("0*") and table[2].split()[-3:] == ["-0.5", "2", "PRUNED"]
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.003  # the step size\n")
+    trial, values = apply_best(tmp_path / "params.yaml", s)
+    assert trial.number == 0 and values == {"train.lr": s.trials[0].params["train.lr"]}
+    text = (tmp_path / "params.yaml").read_text()
+    assert text.startswith(f"train:\n  lr: {values['train.lr']}") and text.endswith(" # the step size\n")
+    assert "dvc exp run exited 1" in s.trials[2].user_attrs["error"]
 
 
 def _dvc_run_record(root, name, status, copy):

@@ -29,7 +29,7 @@ from components.tune import experiment, space
 
 log = logging.getLogger("medtune.tune")
 STUDY_DIR = Path(".medtune/tune")
-EXP_ATTR, SCORE_ATTR, EPOCHS_ATTR = "experiment", "score", "epochs_run"
+EXP_ATTR, SCORE_ATTR, EPOCHS_ATTR, ERROR_ATTR = "experiment", "score", "epochs_run", "error"
 
 
 def study_path(root: Path, name: str) -> Path:
@@ -115,7 +115,17 @@ class Search:
 
 def objective(search: Search, trial: optuna.Trial) -> float:
     """Run one trial: its values (validated first), its experiment, its score; TrialPruned when the
-    train stage's pruning hook stopped it, TrialFailed when it failed on its own."""
+    train stage's pruning hook stopped it. A trial that fails on its own is logged in one line, its
+    reason kept in the study (user attribute `error`), and scored nan, which Optuna records as FAIL."""
+    try:
+        return _objective(search, trial)
+    except TrialFailed as exc:
+        log.error("%s", exc)
+        trial.set_user_attr(ERROR_ATTR, str(exc)[-2000:])
+        return math.nan
+
+
+def _objective(search: Search, trial: optuna.Trial) -> float:
     tp = search.params.tune
     values = space.suggest(trial, tp.space)
     try:
@@ -178,7 +188,6 @@ def run_trials(search: Search, trials: int, jobs: int) -> None:
         lambda trial: objective(search, trial),
         n_trials=trials,
         n_jobs=jobs,
-        catch=(TrialFailed,),
         callbacks=[_stop_when_hopeless],
     )
 
