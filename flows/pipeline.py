@@ -128,9 +128,11 @@ def publish_validation() -> None:
 def publish_evaluation() -> tuple[dict | None, dict | None]:
     metrics, gate = _read("reports/metrics.json"), _read("reports/gate.json")
     if metrics:
+        # Whatever evaluate measured for the task (classification: auroc, its interval, ...; regression: mae,
+        # rmse, r2 each with `_ci_low`/`_ci_high`), in metrics.json's order; an interval kept as a
+        # [low, high] list goes in one cell, after the numbers.
         rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float, str))]
-        if metrics.get("auroc_ci"):
-            rows.append({"metric": "auroc_ci", "value": str(metrics["auroc_ci"])})
+        rows += [{"metric": k, "value": str(v)} for k, v in metrics.items() if isinstance(v, list) and v]
         create_table_artifact(rows, key="medtune-metrics", description="Test metrics of this run's model")
     if gate:
         lines = [f"# Gate: {'PASSED' if gate.get('passed') else 'FAILED'}", ""]

@@ -64,7 +64,7 @@ def check_batch(batch: str, params: str, extra_known: list[dict[str, str]]) -> d
         "problems": problems,
         "rows": rows.to_dict("records"),
         "dests": mine,
-        "summary": inbox.summary_table(rows),
+        "summary": inbox.summary_table(rows, p.data.regression),
     }
 
 
@@ -193,18 +193,26 @@ def _decision_markdown(decision: dict[str, Any], record: dict[str, Any] | None) 
     return "\n".join(lines) + "\n"
 
 
-def _metrics_rows(decision: dict[str, Any]) -> list[dict[str, Any]]:
+# The metrics the champion-vs-challenger table shows, by data.task; a regression's with their intervals
+# (`<name>_ci`, [low, high], in its evaluation record and in challenger.compare's scores).
+SHOWN = {
+    "classification": ("auroc", "sensitivity", "specificity", "accuracy", "f1", "n_test"),
+    "regression": ("mae", "mae_ci", "rmse", "rmse_ci", "r2", "r2_ci", "n_test"),
+}
+
+
+def _metrics_rows(decision: dict[str, Any], task: str) -> list[dict[str, Any]]:
     comp = decision.get("comparison") or {}
+    columns = {
+        "challenger (full test)": decision["challenger"]["metrics"],
+        "challenger (shared test)": comp.get("challenger"),
+        "champion (shared test)": decision["champion"]["metrics"],
+    }
     rows = []
-    for name in ("auroc", "sensitivity", "specificity", "accuracy", "f1", "n_test"):
-        rows.append(
-            {
-                "metric": name,
-                "challenger (full test)": (decision["challenger"]["metrics"] or {}).get(name),
-                "challenger (shared test)": (comp.get("challenger") or {}).get(name),
-                "champion (shared test)": (decision["champion"]["metrics"] or {}).get(name),
-            }
-        )
+    for name in SHOWN[task]:
+        cells = {col: (metrics or {}).get(name) for col, metrics in columns.items()}
+        # An interval as one cell, "[low, high]" (a list would not fit the table).
+        rows.append({"metric": name, **{c: str(v) if isinstance(v, list) else v for c, v in cells.items()}})
     return rows
 
 
@@ -297,7 +305,7 @@ def _append_and_run(
         create_table_artifact(
             [dict(batch=Path(c["batch"]).name, **s) for c in good for s in c["summary"]],
             key="medtune-new-batches",
-            description="Appended batches (label x split)",
+            description="Appended batches (" + ("targets" if p.data.regression else "label") + " x split)",
         )
         plan_start(params)
         # The stages (and their per-file work) on the Dask cluster when one is configured
@@ -328,7 +336,7 @@ def _record_decision(
     create_markdown_artifact(
         _decision_markdown(decision, record), key="medtune-decision", description="Champion/challenger decision"
     )
-    create_table_artifact(_metrics_rows(decision), key="medtune-champion-vs-challenger")
+    create_table_artifact(_metrics_rows(decision, p.data.task), key="medtune-champion-vs-challenger")
     return record
 
 
