@@ -120,6 +120,18 @@ def test_the_hook_prunes_a_trial_worse_than_the_median(tmp_path, monkeypatch):
     assert stored[bad.number].user_attrs[pruning.PRUNED_ATTR] == 1
 
 
+def test_data_parallel_training_reports_from_rank_0_and_is_never_pruned(tmp_path, monkeypatch):
+    url, s, trial = _study_with_two_good_trials(tmp_path)
+    _name_trial(monkeypatch, url, trial)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert pruning.should_stop({"epoch": 1, "val_loss": 7.0}) is False
+    assert s.get_trials(deepcopy=False)[trial.number].intermediate_values == {}
+    monkeypatch.setenv("RANK", "0")
+    assert pruning.should_stop({"epoch": 1, "val_loss": 9.0}) is False  # worse than the median, yet goes on
+    assert s.get_trials(deepcopy=False)[trial.number].intermediate_values == {1: 9.0}
+
+
 def test_the_hook_only_reports_when_the_study_says_no_pruning(tmp_path, monkeypatch):
     url, s, trial = _study_with_two_good_trials(tmp_path, prune=False)
     _name_trial(monkeypatch, url, trial)

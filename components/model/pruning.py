@@ -67,13 +67,18 @@ def should_stop(row: dict[str, Any]) -> bool:
     url = os.environ.get(STORAGE_ENV)
     if not url:
         return False
+    # Data-parallel training (train.processes > 1): rank 0 reports, and nothing is pruned, since one
+    # process stopping alone would leave the others waiting for it in their next collective step.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and os.environ.get("RANK", "0") != "0":
+        return False
     trial = _open_trial(url, os.environ[STUDY_ENV], int(os.environ[TRIAL_ENV]))
     metric = trial.study.user_attrs[METRIC_ATTR]
     value = row[metric]
     if not (isinstance(value, (int, float)) and math.isfinite(value)):
         return False  # an undefined value (nan AUROC of a one-class split) is no evidence either way
     trial.report(float(value), int(row["epoch"]))
-    if not trial.should_prune():
+    if world > 1 or not trial.should_prune():
         return False
     trial.set_user_attr(PRUNED_ATTR, int(row["epoch"]))
     log.info(
