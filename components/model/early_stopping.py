@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 log = logging.getLogger("medtune.train")
+MINIMISED = ("val_loss", "val_mae")  # the others (val_auroc, val_accuracy) are maximised
 
 
 def _improved(value: float, best: float | None, metric: str) -> bool:
@@ -21,7 +22,7 @@ def _improved(value: float, best: float | None, metric: str) -> bool:
         return False
     if math.isnan(best):
         return True
-    return value < best if metric == "val_loss" else value > best
+    return value < best if metric in MINIMISED else value > best
 
 
 @dataclass

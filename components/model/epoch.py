@@ -1,5 +1,10 @@
-"""One epoch of one model: a training pass (`train_one_epoch`), a validation pass (`evaluate_epoch`), and
-the loss both use (`make_criterion`). `fit` (components/model/fit.py) runs them epoch after epoch."""
+"""One epoch of one model: a training pass (`train_one_epoch`), a validation pass (`evaluate_epoch`, or
+`evaluate_regression_epoch` for a one-output regression model), and the loss both use (`make_criterion`).
+`fit` (components/model/fit.py) runs them epoch after epoch.
+
+Regression (data.task) trains on targets standardised with the train split's mean and standard
+deviation (components/model/train.py); the loss is on that scale, the validation MAE in the target's
+own unit."""
 
 from __future__ import annotations
 
@@ -24,8 +29,25 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def make_criterion(y_train: np.ndarray, num_classes: int, tp: TrainParams, device: torch.device) -> nn.Module:
-    """Cross-entropy, class-weighted (`train.class_weighting`) and label-smoothed as params say."""
+class RegressionLoss(nn.Module):
+    """MSE or Huber (`train.loss`; Huber's delta `train.huber_delta` in standard deviations of the train
+    targets) between a one-output head's (N, 1) outputs and (N,) standardised targets."""
+
+    def __init__(self, loss: str, delta: float):
+        super().__init__()
+        self.loss = nn.HuberLoss(delta=delta) if loss == "huber" else nn.MSELoss()
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(out.float().reshape(-1), y.float())
+
+
+def make_criterion(
+    y_train: np.ndarray, num_classes: int, tp: TrainParams, device: torch.device, regression: bool = False
+) -> nn.Module:
+    """Cross-entropy, class-weighted (`train.class_weighting`) and label-smoothed as params say; with
+    `regression`, `train.loss` on the standardised targets (class weights do not apply)."""
+    if regression:
+        return RegressionLoss(tp.loss, tp.huber_delta)
     weight = class_weights(y_train, num_classes).to(device) if tp.class_weighting else None
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=tp.label_smoothing)
 
@@ -101,3 +123,26 @@ def evaluate_epoch(
         "val_auroc": auroc(y_true, p, positive_index),
         "val_accuracy": float((p.argmax(1) == y_true).mean()),
     }
+
+
+@torch.inference_mode()
+def evaluate_regression_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    device: torch.device,
+    target_std: float,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Validation loss (the training criterion, on standardised targets) and MAE in the target's unit
+    (the standardised error times the train split's standard deviation)."""
+    model.eval()
+    total, errors = 0.0, []
+    for x, y in loader:
+        x, y = _to(x, device), y.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            out = model(x).float()
+        total += float(criterion(out, y)) * len(y)
+        errors.append((out.reshape(-1) - y.float()).abs().cpu().numpy())
+    err = np.concatenate(errors).astype(np.float64)
+    return {"val_loss": total / len(err), "val_mae": float(err.mean() * target_std)}

@@ -5,7 +5,8 @@
     result["state"]    # the kept epoch's weights (CPU, NCHW); result["history"]: one row per epoch
 
 One epoch = `train_one_epoch` (augmented training images) then `evaluate_epoch` (validation
-loss, AUROC, accuracy), both in components/model/epoch.py. The epoch with the best
+loss, AUROC, accuracy; a regression's `evaluate_regression_epoch`: loss and MAE), all in
+components/model/epoch.py. The epoch with the best
 `train.early_stopping_metric` is kept; training stops after `train.patience` epochs without
 improvement. The train stage (components/model/train.py) calls `fit` once per ensemble member and
 writes what it returns.
@@ -30,7 +31,7 @@ from components.data.augment import build_transform
 from components.model import distributed, pruning
 from components.model.distributed import World
 from components.model.early_stopping import EarlyStopping
-from components.model.epoch import evaluate_epoch, make_criterion, train_one_epoch
+from components.model.epoch import evaluate_epoch, evaluate_regression_epoch, make_criterion, train_one_epoch
 from components.model.models import build_model, describe_start, freeze
 from components.model.optim import Mixup, make_ema, make_optimizer, make_scheduler
 from components.params import Params, TrainParams
@@ -39,12 +40,15 @@ log = logging.getLogger("medtune.train")
 
 
 class ScanDataset(Dataset):
-    """uint8 (N, C, H, W) images (a memmap or a tensor) -> float (C, H, W) in [0, 1], label."""
+    """uint8 (N, C, H, W) images (a memmap or a tensor) -> float (C, H, W) in [0, 1], label (a class
+    index; or a float32 tensor for float labels: a regression's standardised targets)."""
 
-    def __init__(self, images: Any, labels: Sequence[int], transform: Any = None):
+    def __init__(self, images: Any, labels: Sequence[int] | Sequence[float], transform: Any = None):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels.")
-        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+        labels = np.asarray(labels)
+        dtype = np.float32 if np.issubdtype(labels.dtype, np.floating) else np.int64
+        self.images, self.labels, self.transform = images, labels.astype(dtype), transform
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -54,12 +58,14 @@ class ScanDataset(Dataset):
         x = torch.from_numpy(np.asarray(self.images[i], dtype=np.float32)) / 255.0
         if self.transform is not None:
             x = self.transform(x)
-        return x, int(self.labels[i])
+        y = self.labels[i]
+        # A float32 tensor, not a Python float, which the default collate would make float64.
+        return x, (torch.tensor(y) if self.labels.dtype == np.float32 else int(y))
 
 
 def make_loader(
     images: Any,
-    labels: Sequence[int],
+    labels: Sequence[int] | Sequence[float],
     batch_size: int,
     train: bool,
     transform: Any = None,
@@ -95,7 +101,9 @@ def make_loader(
 @dataclass(frozen=True)
 class Run:
     """What every model of one training run shares: the training and validation images (uint8 NCHW) and
-    labels, the params, where it trains, and whether with float16 autocast (`amp`)."""
+    labels, the params, where it trains, and whether with float16 autocast (`amp`). In regression
+    (data.task) the labels are the targets standardised with the train split's `target_mean` and
+    `target_std`."""
 
     x_train: Any
     y_train: np.ndarray
@@ -105,10 +113,23 @@ class Run:
     device: torch.device
     amp: bool
     world: World = World()
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @property
+    def regression(self) -> bool:
+        return self.params.data.regression
 
     @property
     def num_classes(self) -> int:
-        return len(self.params.data.classes)
+        """The head's width: one output in regression, else one per class."""
+        return 1 if self.regression else len(self.params.data.classes)
+
+    def validate(self, model: nn.Module, loader: DataLoader, criterion: nn.Module) -> dict[str, float]:
+        """The validation pass of this task: val_loss and val_auroc, val_accuracy; or val_loss, val_mae."""
+        if self.regression:
+            return evaluate_regression_epoch(model, loader, criterion, self.device, self.target_std, self.amp)
+        return evaluate_epoch(model, loader, criterion, self.device, self.params.positive_index, self.amp)
 
 
 @dataclass
@@ -161,7 +182,7 @@ def setup(run: Run, seed: int, init: tuple[dict[str, Any], dict[str, str]] | Non
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(seed + (world.rank << 32))  # each process its own augmentation draws
     ema = make_ema(model, tp.ema_decay) if tp.ema_decay > 0 else None
-    criterion = make_criterion(run.y_train, run.num_classes, tp, device)
+    criterion = make_criterion(run.y_train, run.num_classes, tp, device, run.regression)
     optimizer = make_optimizer(model, tp)
     scaler = torch.amp.GradScaler("cuda", enabled=run.amp)
     train_loader, val_loader = _loaders(run, seed)
@@ -215,11 +236,7 @@ def run_epoch(s: Setup, run: Run, epoch: int) -> tuple[dict[str, Any], dict[str,
     if world.size > 1:  # the loss over every process's images; rank 0 validates, all follow its decision
         loss_sum, images = distributed.total([tr["loss"] * tr["images"], tr["images"]], world, device)
         tr = {**tr, "loss": loss_sum / images, "images": int(images)}
-    positive = run.params.positive_index
-    ev = distributed.from_main(
-        evaluate_epoch(s.selected, s.val_loader, s.criterion, device, positive, run.amp) if world.main else None,
-        world,
-    )
+    ev = distributed.from_main(run.validate(s.selected, s.val_loader, s.criterion) if world.main else None, world)
     return {"epoch": epoch, "train_loss": tr["loss"], **ev, "lr": lr}, tr
 
 
@@ -266,6 +283,17 @@ def fit(
 
 
 def _log_row(row: dict[str, Any], desc: str) -> None:
+    if "val_mae" in row:  # regression
+        log.info(
+            "%sepoch %d: train_loss=%.4f val_loss=%.4f val_mae=%.4g lr=%.3g",
+            desc,
+            row["epoch"],
+            row["train_loss"],
+            row["val_loss"],
+            row["val_mae"],
+            row["lr"],
+        )
+        return
     log.info(
         "%sepoch %d: train_loss=%.4f val_loss=%.4f val_auroc=%.4f val_accuracy=%.4f lr=%.3g",
         desc,

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("medtune.train")
-# DVCLive metric name (a file dvclive/plots/metrics/<name>.tsv) of each per-epoch history value.
+# DVCLive metric name (a file dvclive/plots/metrics/<name>.tsv) of each per-epoch history value a row
+# has (val_auroc and val_accuracy: classification; val_mae: regression, in the target's unit).
 LIVE_METRICS = {
     "train_loss": "train/loss",
     "val_loss": "val/loss",
     "val_auroc": "val/auroc",
     "val_accuracy": "val/accuracy",
+    "val_mae": "val/mae",
     "lr": "lr",
 }
 
@@ -52,7 +54,8 @@ def log_epoch(live: Any, row: dict[str, Any], prefix: str = "") -> None:
     """One epoch of one model to DVCLive, at step = epoch (`prefix` "member<i>/" in an ensemble)."""
     live.step = row["epoch"]
     for key, name in LIVE_METRICS.items():
-        live.log_metric(prefix + name, row[key])
+        if key in row:
+            live.log_metric(prefix + name, row[key])
     live.next_step()
 
 
@@ -65,7 +68,7 @@ def live_summary(fits: list[dict[str, Any]], ensemble_val: dict[str, float] | No
         out: dict[str, Any] = {
             "best_epoch": f["best_epoch"],
             "train": {"loss": best["train_loss"]},
-            "val": {k.removeprefix("val_"): best[k] for k in ("val_loss", "val_auroc", "val_accuracy")},
+            "val": {k.removeprefix("val_"): v for k, v in best.items() if k.startswith("val_")},
         }
     else:
         out = {"val": {k.removeprefix("val_"): v for k, v in ensemble_val.items()}}

@@ -175,9 +175,10 @@ def _arch(arch: str) -> tuple[nn.Module, int]:
 def build_model(
     backbone: str, num_classes: int, in_channels: int, pretrained: bool, dropout: float = 0.0
 ) -> tuple[Classifier, dict[str, str]]:
-    """Build the classifier; returns `(model, pretrained_info)` with `{name, source, sha256}`."""
-    if num_classes < 2:
-        raise ValueError(f"num_classes = {num_classes!r} is invalid; expected at least 2 classes.")
+    """Build the classifier (`num_classes` 1: a regression head, one output); returns `(model,
+    pretrained_info)` with `{name, source, sha256}`."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes = {num_classes!r} is invalid; expected 1 (regression) or at least 2 classes.")
     if backbone not in BACKBONES:
         path = Path(backbone)
         if path.suffix not in (".pt", ".pth") and not path.is_file():
@@ -236,6 +237,16 @@ def describe_start(info: dict[str, str]) -> dict[str, str]:
     return {**info, "init": init, "description": text}
 
 
+def is_regression(ckpt: dict[str, Any]) -> bool:
+    """Whether a checkpoint is a regression model's (one output); a checkpoint without "task" is a classifier's."""
+    return ckpt.get("task", "classification") == "regression"
+
+
+def n_outputs(ckpt: dict[str, Any]) -> int:
+    """The width of a checkpoint's head: 1 for regression, else one output per class."""
+    return 1 if is_regression(ckpt) else len(ckpt["classes"])
+
+
 def architecture(arch: str, num_classes: int, in_channels: int, members: int = 1) -> Classifier | Ensemble:
     """The untrained network a checkpoint's state_dict fits: one classifier, or an ensemble of `members`."""
 
@@ -247,8 +258,9 @@ def architecture(arch: str, num_classes: int, in_channels: int, members: int = 1
 
 
 def load_checkpoint(path: str | Path) -> tuple[Classifier | Ensemble, dict[str, Any]]:
-    """Rebuild the classifier (an `Ensemble` when the checkpoint has `members` > 1) from a medtune
-    checkpoint, with no pretrained download; returns (model, ckpt)."""
+    """Rebuild the classifier (an `Ensemble` when the checkpoint has `members` > 1; one output for a
+    regression checkpoint, `n_outputs`) from a medtune checkpoint, with no pretrained download;
+    returns (model, ckpt)."""
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path} not found; run the train stage first (dvc repro train).")
@@ -266,14 +278,11 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier | Ensemble, dict[str, 
         raise StageError(f"{path} is not a medtune checkpoint: missing {missing}; expected the dict that train writes.")
     state = ckpt["state_dict"]
     try:
-        model = architecture(
-            ckpt["backbone"], len(ckpt["classes"]), int(ckpt["in_channels"]), int(ckpt.get("members", 1))
-        )
+        model = architecture(ckpt["backbone"], n_outputs(ckpt), int(ckpt["in_channels"]), int(ckpt.get("members", 1)))
         model.load_state_dict(state)
     except (ValueError, RuntimeError) as exc:
-        raise StageError(
-            f"{path}: weights do not fit backbone {ckpt['backbone']!r} with {len(ckpt['classes'])} classes ({exc})."
-        ) from None
+        head = "one output (regression)" if is_regression(ckpt) else f"{len(ckpt['classes'])} classes"
+        raise StageError(f"{path}: weights do not fit backbone {ckpt['backbone']!r} with {head} ({exc}).") from None
     return model.eval(), ckpt
 
 

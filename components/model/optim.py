@@ -86,8 +86,8 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
 class Mixup:
     """mixup as in the paper's reference code (facebookresearch/mixup-cifar10): blend the batch with
     a permutation of itself and blend the two losses, so class weights and label smoothing still
-    apply to integer targets. Its own seeded generators leave the global RNG (and so the runs with
-    mixup off) untouched."""
+    apply to integer targets; a regression's float targets are blended like the images. Its own seeded
+    generators leave the global RNG (and so the runs with mixup off) untouched."""
 
     def __init__(self, alpha: float, seed: int):
         self.alpha = alpha
@@ -98,4 +98,6 @@ class Mixup:
         lam = float(self.rng.beta(self.alpha, self.alpha))
         perm = torch.randperm(len(y), generator=self.perm).to(y.device)
         out = model(lam * x + (1 - lam) * x[perm])
+        if y.is_floating_point():  # regression: the targets are blended like the images
+            return criterion(out, lam * y + (1 - lam) * y[perm])
         return lam * criterion(out, y) + (1 - lam) * criterion(out, y[perm])

@@ -12,6 +12,11 @@ train.json and the checkpoint record the processor). On a GPU it uses CUDA and, 
 (DDP) under torchrun: each process a share of every batch, rank 0 validates and writes
 (components/model/distributed.py).
 
+Regression (`data.task: regression`): one output, trained on the `target` column of
+data/prepared/index.csv standardised with the train split's mean and standard deviation (both
+recorded in the checkpoint), with `train.loss` (MSE or Huber); each epoch is validated by its loss and
+MAE in the target's unit (docs/regression.md).
+
 With `train.init_from` (the sha256 of a registry model.pt; the retrain flow sets the champion's) the
 network starts from those weights instead of ImageNet's: a warm start (components/model/warm_start.py).
 
@@ -47,10 +52,11 @@ from components.common import StageError, sha256_bytes, stage_main, write_json
 from components.data.preprocess import load_meta, load_split
 from components.model import distributed, warm_start
 from components.model.distributed import World
-from components.model.epoch import evaluate_epoch, make_criterion
+from components.model.epoch import make_criterion
 from components.model.fit import Run, fit, make_loader
 from components.model.live import live_summary, log_epoch, open_live
 from components.model.models import arch_of, architecture
+from components.model.targets import target_stats, targets
 from components.model.train_record import checkpoint, run_summary, save_checkpoint
 from components.params import Params, load_params
 
@@ -63,12 +69,42 @@ def _split(prepared_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     return images, index["label_index"].to_numpy().astype(np.int64)
 
 
+def _check_task(prepared_dir: Path, meta: dict[str, Any], params: Params) -> None:
+    task = meta.get("task", "classification")
+    if task != params.data.task:
+        raise StageError(
+            f"{prepared_dir}/meta.json has task {task!r}, but params data.task is {params.data.task!r}; "
+            "rerun preprocess (dvc repro)."
+        )
+
+
+def load_regression_data(
+    prepared_dir: Path, params: Params
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(meta, x_train, y_train, x_val, y_val) of a regression's prepared folder, the y the targets in
+    their own unit; StageError naming the file and the fix if they cannot train a model."""
+    meta = load_meta(prepared_dir)
+    _check_task(prepared_dir, meta, params)
+    (x_train, index_train), (x_val, index_val) = (load_split(prepared_dir, s) for s in ("train", "val"))
+    y_train, y_val = targets(prepared_dir, index_train, "train"), targets(prepared_dir, index_val, "val")
+    if len(y_train) < 2 or len(y_val) < 1:
+        raise StageError(
+            f"{prepared_dir}: {len(y_train)} training and {len(y_val)} validation images; expected "
+            "at least 2 and 1 (check split.val_fraction and the data)."
+        )
+    return meta, x_train, y_train, x_val, y_val
+
+
 def load_data(
     prepared_dir: Path, params: Params
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(meta, x_train, y_train, x_val, y_val) of the prepared folder, after checking they can train
-    a model of `data.classes`: StageError naming the file and the fix if not."""
+    a model of `data.classes`: StageError naming the file and the fix if not. Regression
+    (data.task): `load_regression_data`."""
+    if params.data.regression:
+        return load_regression_data(prepared_dir, params)
     meta = load_meta(prepared_dir)
+    _check_task(prepared_dir, meta, params)
     classes = list(meta.get("classes", []))
     if classes != list(params.data.classes):
         raise StageError(
@@ -127,7 +163,14 @@ def train(
     device = distributed.device(world)
     if not world.main:
         log.setLevel(logging.WARNING)  # rank 0 reports progress; the others only warnings and errors
-    run = Run(x_train, y_train, x_val, y_val, params, device, tp.amp and device.type == "cuda", world)
+    amp = tp.amp and device.type == "cuda"
+    if params.data.regression:  # trained on standardised targets; the checkpoint records how to undo it
+        mean, std = target_stats(y_train)
+        log.info("regression targets: train mean %.6g, standard deviation %.6g", mean, std)
+        standard = [((y - mean) / std).astype(np.float32) for y in (y_train, y_val)]
+        run = Run(x_train, standard[0], x_val, standard[1], params, device, amp, world, mean, std)
+    else:
+        run = Run(x_train, y_train, x_val, y_val, params, device, amp, world)
     live = open_live(Path(live_dir)) if world.main else None  # rank 0 logs and writes
     with deterministic(), distributed.process_group(world, device):
         fits = _fit_members(run, inits, live)
@@ -193,21 +236,14 @@ def _write_model(
 
 def ensemble(fits: list[dict[str, Any]], run: Run) -> tuple[dict[str, Any], dict[str, float]]:
     """(state_dict of the members as one model, as load_checkpoint rebuilds it; its own validation
-    metrics, from the averaged logits)."""
+    metrics, from the averaged logits, or a regression's averaged outputs)."""
     tp, num_classes, device = run.params.train, run.num_classes, run.device
     state = {f"members.{m}.{k}": v for m, f in enumerate(fits) for k, v in f["state"].items()}
     model = architecture(fits[0]["arch"], num_classes, int(run.x_train.shape[1]), tp.ensemble)
     model.load_state_dict(state)
     val_loader = make_loader(run.x_val, run.y_val, tp.batch_size, False)
-    criterion = make_criterion(run.y_train, num_classes, tp, device)
-    return state, evaluate_epoch(
-        model.to(device, memory_format=torch.channels_last),
-        val_loader,
-        criterion,
-        device,
-        run.params.positive_index,
-        run.amp,
-    )
+    criterion = make_criterion(run.y_train, num_classes, tp, device, run.regression)
+    return state, run.validate(model.to(device, memory_format=torch.channels_last), val_loader, criterion)
 
 
 def warm_inits(
@@ -221,6 +257,7 @@ def warm_inits(
         registry,
         tp.init_from,
         classes=list(meta["classes"]),
+        task=params.data.task,
         in_channels=int(shape[1]),
         image_size=int(meta.get("image_size", shape[-1])),
         arch=arch_of(tp.backbone),

@@ -45,16 +45,24 @@ def checkpoint(
     run: Run,
 ) -> dict[str, Any]:
     """models/model.pt's contents: the weights and everything that explains them (params, preprocessing
-    meta, starting weights, per-epoch history, selection)."""
+    meta, starting weights, per-epoch history, selection). A regression model's also records the task
+    and the train split's target mean and standard deviation, which turn its output into the target's
+    unit (value = output * target_std + target_mean); a classifier's has no "task" key."""
     params, shape = run.params, run.x_train.shape  # the training images' (N, C, H, W)
     tp = params.train
     # classes: equal to data.classes (load_data checks), as meta's own strings: pickle writes a string
     # the checkpoint holds twice (here and in meta) once, so which objects they are shows in its bytes.
+    task = (
+        {"task": "regression", "target_mean": float(run.target_mean), "target_std": float(run.target_std)}
+        if run.regression
+        else {}
+    )
     return {
         "state_dict": state,
         "members": tp.ensemble,
         "backbone": fits[0]["arch"],
         "classes": list(meta["classes"]),
+        **task,
         "in_channels": int(shape[1]),
         "image_size": int(meta.get("image_size", shape[-1])),
         "params": {"train": tp.to_dict(), "augment": params.augment.to_dict()},

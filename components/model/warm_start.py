@@ -87,10 +87,19 @@ def read_checkpoint(path: str | Path, sha256: str) -> dict[str, Any]:
 
 
 def mismatches(
-    ckpt: dict[str, Any], classes: list[str], in_channels: int, image_size: int, arch: str, members: int
+    ckpt: dict[str, Any],
+    classes: list[str],
+    in_channels: int,
+    image_size: int,
+    arch: str,
+    members: int,
+    task: str = "classification",
 ) -> list[str]:
-    """How the checkpoint differs from the run it would start (empty: it fits)."""
+    """How the checkpoint differs from the run it would start (empty: it fits). A checkpoint without a
+    "task" is a classifier's; a regression champion's target mean and standard deviation need not be
+    the run's (the run standardises with its own train split's)."""
     have = {
+        "task": ckpt.get("task", "classification"),
         "classes": list(ckpt["classes"]),
         "input channels": int(ckpt["in_channels"]),
         "image_size": int(ckpt["image_size"]),
@@ -98,6 +107,7 @@ def mismatches(
         "ensemble members": int(ckpt.get("members", 1)),
     }
     want = {
+        "task": task,
         "classes": list(classes),
         "input channels": int(in_channels),
         "image_size": int(image_size),
@@ -121,7 +131,15 @@ def start_info(ckpt_sha256: str, path: Path) -> dict[str, str]:
 
 
 def load_init(
-    registry: str | Path, sha256: str, *, classes: list[str], in_channels: int, image_size: int, arch: str, members: int
+    registry: str | Path,
+    sha256: str,
+    *,
+    classes: list[str],
+    in_channels: int,
+    image_size: int,
+    arch: str,
+    members: int,
+    task: str = "classification",
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The weights `train.init_from` names, one state_dict per ensemble member, and their `pretrained`
     record. Fetched if missing (see `fetch`); StageError unless the hash, classes, shape and backbone fit."""
@@ -130,12 +148,12 @@ def load_init(
     if not path.is_file():
         fetch(registry.parent, sha256[:12])
     ckpt = read_checkpoint(path, sha256)
-    wrong = mismatches(ckpt, classes, in_channels, image_size, arch, members)
+    wrong = mismatches(ckpt, classes, in_channels, image_size, arch, members, task)
     if wrong:
         raise StageError(
             f"{path}: train.init_from = {sha256[:12]}... does not fit this run: it has "
             + "; ".join(wrong)
-            + ". A warm start needs the same classes in the same order, input "
+            + ". A warm start needs the same task, the same classes in the same order, input "
             "shape, backbone and ensemble size; set train.init_from: null for a cold start."
         )
     state = ckpt["state_dict"]
