@@ -26,6 +26,11 @@ argmax, macro one-vs-rest AUROC / sensitivity / specificity / precision / F1, an
 written to roc.csv is the micro-average (every class's one-vs-rest scores pooled). Balanced
 accuracy is the mean per-class recall in both cases. components/model/metrics.py computes them
 (with scikit-learn); this module adds the operating point, the gate, the reports and the plots.
+reports/scatter.csv, a regression's plot, is only its header for a classifier.
+
+Regression (`data.task: regression`, `evaluate_regression`): the one output in the target's unit,
+MAE, RMSE and R^2 with bootstrap intervals, the gates min_r2 and max_mae, predicted vs true in
+reports/scatter.csv; no operating point (components/model/regression_eval.py, docs/regression.md).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from sklearn.metrics import roc_curve
 from components.common import StageError, atomic_path, read_json, sha256_file, stage_main, write_json
 from components.model import calibrate
 from components.model.decision import predict_labels
+from components.model.gate import apply_gate, log_gate
 from components.model.metrics import auroc, compute_metrics
 from components.params import Params, load_params
 from components.plots import figure, save_png
@@ -56,33 +62,8 @@ EXPLANATIONS = "explanations"  # Grad-CAM overlays of a sample of the test split
 
 
 # ---------------------------------------------------------------------------------------------
-# The gate and the records (the metrics themselves: components/model/metrics.py)
+# The records (the metrics themselves: components/model/metrics.py; the gate: components/model/gate.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def apply_gate(metrics: dict[str, Any], params: Params) -> dict[str, Any]:
-    """Compare metrics with `evaluate.gate`; every check is listed in `reasons`, failures in `failed`.
-
-    Each gate key `min_<metric>` is checked against `metrics[<metric>]`; a missing or non-finite
-    metric fails its check.
-    """
-    # Every GateParams field, so a new gate key cannot be declared and then silently left unchecked.
-    thresholds = params.evaluate.gate.to_dict()
-    reasons, failed, used = [], [], {}
-    for key, minimum in thresholds.items():
-        name = key.removeprefix("min_")
-        value = metrics.get(name)
-        used[name] = value
-        if value is None or not np.isfinite(value):
-            text = f"{name} is undefined; needs >= {key} {minimum}"
-        elif value < minimum:
-            text = f"{name} {round(value, 4)} < {key} {minimum}"
-        else:
-            reasons.append(f"{name} {round(value, 4)} >= {key} {minimum}")
-            continue
-        reasons.append(text)
-        failed.append(text)
-    return {"passed": not failed, "reasons": reasons, "failed": failed, "thresholds": thresholds, "metrics": used}
 
 
 def metrics_view(record: dict[str, Any]) -> dict[str, float | int]:
@@ -250,14 +231,19 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     """
     from components.data.preprocess import load_split
     from components.model import explain
-    from components.model.models import Deployed, load_checkpoint, pick_device
+    from components.model.models import Deployed, is_regression, load_checkpoint, pick_device
 
     model_path, prepared_dir, reports_dir = Path(model_path), Path(prepared_dir), Path(reports_dir)
     if not model_path.is_file():
         raise StageError(f"{model_path} not found; run the train stage first (dvc repro train).")
     classes, ev = list(params.data.classes), params.evaluate
     model, ckpt = load_checkpoint(model_path)
-    if list(ckpt.get("classes", [])) != classes:
+    if is_regression(ckpt) != params.data.regression:
+        raise StageError(
+            f"{model_path} is a {ckpt.get('task', 'classification')} model, but params data.task is "
+            f"{params.data.task}; retrain (dvc repro) or fix params.yaml."
+        )
+    if not params.data.regression and list(ckpt.get("classes", [])) != classes:
         raise StageError(
             f"{model_path} was trained for classes {ckpt.get('classes')}, but params data.classes "
             f"is {classes}; retrain (dvc repro) or fix params.yaml."
@@ -270,6 +256,8 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
         )
 
     device = pick_device()
+    if params.data.regression:
+        return evaluate_regression(model, ckpt, model_path, images, index, prepared_dir, reports_dir, params, device)
     deployed = Deployed(model, ev.tta)
     op = operating_point(deployed, prepared_dir, device, params)
     logits = predict_logits(deployed, images, device)
@@ -309,6 +297,45 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, reports_dir: str 
     return {"metrics": metrics, "gate": gate}
 
 
+def evaluate_regression(
+    model: Any,
+    ckpt: dict[str, Any],
+    model_path: Path,
+    images: np.ndarray,
+    index: pd.DataFrame,
+    prepared_dir: Path,
+    reports_dir: Path,
+    params: Params,
+    device: Any,
+) -> dict:
+    """`evaluate` of a regression model on the test split (`images`, `index`): predictions in the
+    target's unit, metrics with intervals, the gate, the reports (components/model/regression_eval.py)."""
+    from components.model import explain
+    from components.model.models import Deployed
+    from components.model.regression_eval import log_regression, regression_record, write_regression_reports
+    from components.model.targets import targets
+
+    y_true = targets(prepared_dir, index, "test")
+    # One output on the standardised scale; the checkpoint's train-split statistics undo it.
+    out = predict_logits(Deployed(model, params.evaluate.tta), images, device)[:, 0]
+    y_pred = out * float(ckpt["target_std"]) + float(ckpt["target_mean"])
+    try:
+        record = regression_record(y_true, y_pred, ckpt, params)
+    except ValueError as exc:
+        raise StageError(f"{prepared_dir}/index.csv (test split): {exc}") from None
+    if params.evaluate.linear_probe:  # the gain from fine-tuning: a ridge head on the frozen starting backbone
+        from components.model.probe_regression import regression_probe
+
+        record["linear_probe"] = regression_probe(ckpt, prepared_dir, params, y_true, y_pred, device)
+    gate = apply_gate(record, params)
+    gate["checkpoint_sha256"] = sha256_file(model_path)  # as for a classifier: export checks it
+    write_regression_reports(reports_dir, record, gate, index, y_pred)
+    explain.write_regression_samples(reports_dir / EXPLANATIONS, model, images, index, y_true, y_pred, params, device)
+    log_regression(record)
+    log_gate(gate, reports_dir)
+    return {"metrics": record, "gate": gate}
+
+
 def write_reports(
     reports_dir: Path,
     metrics: dict[str, Any],
@@ -338,6 +365,8 @@ def write_reports(
     _write_csv(reports_dir / "roc.csv", roc)
     _write_csv(reports_dir / "confusion.csv", pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]}))
     _write_csv(reports_dir / "test_predictions.csv", preds)
+    # A regression's predicted-vs-true plot (dvc.yaml declares it for both tasks): its header only.
+    _write_csv(reports_dir / "scatter.csv", pd.DataFrame(columns=["true", "predicted"]))
     plot_roc(roc, metrics, reports_dir / "roc.png")
     plot_confusion(metrics, reports_dir / "confusion.png")
 
@@ -366,17 +395,7 @@ def log_result(metrics: dict[str, Any], gate: dict[str, Any], reports_dir: Path)
         cal["test"]["brier_after"],
         cal["method"],
     )
-    if gate["passed"]:
-        log.info("gate PASSED: %s", "; ".join(gate["reasons"]))
-    else:
-        banner = "!" * 72
-        log.warning(
-            "%s\nGATE FAILED: %s\nThe export stage will refuse this model; metrics are in %s.\n%s",
-            banner,
-            "; ".join(gate["failed"]),
-            reports_dir / METRICS,
-            banner,
-        )
+    log_gate(gate, reports_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,9 +14,11 @@ follows the logits the deployed model averages. The target is the predicted clas
 answers "why this answer" for right and wrong answers alike.
 
 The evaluate stage explains a sample of the test split (`write_test_samples`, into
-`reports/explanations/`); `medtune predict --explain DIR` explains each scan it scores. An overlay
-PNG is the scan beside the scan under the heatmap (jet colour map), upscaled (nearest neighbour) to
-at least MIN_SIDE pixels, written with Pillow without a time or version stamp: byte-reproducible.
+`reports/explanations/`; a regression's `write_regression_samples`: the single output's map, for the
+test images with the largest and the smallest errors); `medtune predict --explain DIR` explains each
+scan it scores. An overlay PNG is the scan beside the scan under the heatmap (jet colour map),
+upscaled (nearest neighbour) to at least MIN_SIDE pixels, written with Pillow without a time or
+version stamp: byte-reproducible.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from PIL import Image
 from torch import nn
 
 from components.common import StageError, atomic_path, load_tensors, replace_dir, sha256_bytes, write_json
-from components.model.models import EFFICIENTNETS, Classifier, Ensemble, architecture
+from components.model.models import EFFICIENTNETS, Classifier, Ensemble, architecture, n_outputs
 from components.params import Params
 
 log = logging.getLogger("medtune.explain")
@@ -209,31 +211,85 @@ def write_test_samples(
         "groups": {g: {"images": int(m.sum()), "explained": len(chosen[g])} for g, m in masks.items()},
         "images": [],
     }
+    entries = []
+    pairs = [(g, i) for g in masks for i in chosen[g]]  # the order of `rows`, so maps[n] is row n's
+    for n, (group, i) in enumerate(pairs):
+        entry = {
+            "file": f"{group}-{sha256_bytes(paths[i].encode())[:12]}.png",
+            "group": group,
+            "path": paths[i],
+            "label": classes[y_true[i]],
+            "predicted": classes[y_pred[i]],
+            "probability": round(float(confidence[i]), 6),
+        }
+        entries.append((entry, np.asarray(images[i]), maps[n]))
+    return _write_folder(out_dir, record, entries)
+
+
+def _write_folder(out_dir: Path, record: dict[str, Any], entries: list[tuple[dict[str, Any], Any, Any]]) -> dict:
+    """`out_dir` as the overlays of `entries` ((index entry naming its file, uint8 image, heatmap)) and
+    `record` with the entries as its images, in index.json; built beside it and renamed over it whole."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        n = 0
-        for g in masks:
-            for i in chosen[g]:
-                name = f"{g}-{sha256_bytes(paths[i].encode())[:12]}.png"
-                write_png(overlay(np.asarray(images[i]), maps[n]), tmp / name)
-                n += 1
-                record["images"].append(
-                    {
-                        "file": name,
-                        "group": g,
-                        "path": paths[i],
-                        "label": classes[y_true[i]],
-                        "predicted": classes[y_pred[i]],
-                        "probability": round(float(confidence[i]), 6),
-                    }
-                )
+        for entry, image, heat in entries:
+            write_png(overlay(image, heat), tmp / entry["file"])
+            record["images"].append(entry)
         write_json(tmp / INDEX, record)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("explained %d test image(s) with Grad-CAM in %s: %s", n, out_dir, record["groups"])
+    log.info("explained %d test image(s) with Grad-CAM in %s: %s", len(entries), out_dir, record["groups"])
     return record
+
+
+def write_regression_samples(
+    out_dir: Path,
+    model: Classifier | Ensemble,
+    images: np.ndarray,
+    index: Any,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    params: Params,
+    device: Any,
+) -> dict[str, Any]:
+    """A regression's `write_test_samples`: Grad-CAM of its one output (the regions that raised the
+    predicted value) for up to `evaluate.explain_per_group` test images with the largest absolute
+    errors (group `largest-error`) and as many with the smallest (`smallest-error`), ties by path;
+    index.json lists each with its target, prediction and error (prediction - target)."""
+    per_group, tta = params.evaluate.explain_per_group, params.evaluate.tta
+    paths = [str(p) for p in index["path"]]
+    error = np.round(np.asarray(y_pred, dtype=np.float64) - np.asarray(y_true, dtype=np.float64), 6)
+    by_error = sorted(range(len(paths)), key=lambda i: (-abs(error[i]), paths[i]))
+    largest = by_error[:per_group]
+    taken = set(largest)
+    rest = sorted((i for i in range(len(paths)) if i not in taken), key=lambda i: (abs(error[i]), paths[i]))
+    chosen = {"largest-error": largest, "smallest-error": rest[:per_group]}
+    rows = [i for g in chosen for i in chosen[g]]
+    maps = heatmaps(model, images[rows], np.zeros(len(rows), dtype=np.int64), tta, device) if rows else None
+    layer = target_layer(_members(model)[0], min(images.shape[-2:]))[0]
+    record = {
+        "method": "grad-cam",
+        "target": "the model's one output (the predicted value)",
+        "target_layer": layer if isinstance(model, Classifier) else f"members.*.{layer} (maps averaged)",
+        "tta": tta,
+        "per_group": per_group,
+        "groups": {g: {"images": len(paths), "explained": len(rows_g)} for g, rows_g in chosen.items()},
+        "images": [],
+    }
+    entries = []
+    pairs = [(g, i) for g in chosen for i in chosen[g]]  # the order of `rows`, so maps[n] is row n's
+    for n, (group, i) in enumerate(pairs):
+        entry = {
+            "file": f"{group}-{sha256_bytes(paths[i].encode())[:12]}.png",
+            "group": group,
+            "path": paths[i],
+            "target": float(y_true[i]),
+            "predicted": round(float(y_pred[i]), 6),
+            "error": float(error[i]),
+        }
+        entries.append((entry, np.asarray(images[i]), maps[n]))
+    return _write_folder(out_dir, record, entries)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +309,6 @@ def model_from_bytes(path: Path, data: bytes, sha256: str) -> tuple[Classifier |
     ]
     if missing:
         raise StageError(f"{path}: not a medtune checkpoint (missing {missing}); expected the model.pt train writes.")
-    model = architecture(ckpt["backbone"], len(ckpt["classes"]), int(ckpt["in_channels"]), int(ckpt.get("members", 1)))
+    model = architecture(ckpt["backbone"], n_outputs(ckpt), int(ckpt["in_channels"]), int(ckpt.get("members", 1)))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt

@@ -1,17 +1,19 @@
-"""Classification metrics over arrays: the one definition that train (validation AUROC every epoch),
-evaluate (the test metrics) and the retrain flow (the champion scored on the challenger's test
-images) share.
+"""Classification and regression metrics over arrays: the one definition that train (validation AUROC
+every epoch), evaluate (the test metrics) and the retrain flow (the champion scored on the challenger's
+test images) share.
 
-    from components.model.metrics import auroc, compute_metrics
+    from components.model.metrics import auroc, compute_metrics, regression_metrics
     auroc(y_true, probs, positive_index)         # nan when a class is missing from y_true
     compute_metrics(y_true, probs, classes, positive_index, threshold, n_boot=1000, seed=0)
+    regression_metrics(y_true, y_pred, n_boot=1000, seed=0)   # MAE, RMSE, R^2, each with its interval
 
 Binary tasks score the positive class: AUROC on its probability, sensitivity / specificity /
 precision / F1 of that class. Multi-class tasks average one-vs-rest per class (macro). Balanced
 accuracy is the mean per-class recall in both cases. scikit-learn computes the numbers (F1 as
 2 TP / (2 TP + FP + FN), from the counts); specificity, which it lacks, is read off its per-class
 one-vs-rest confusion matrices, and the bootstrap interval is the percentiles of its AUROC over
-resampled test sets.
+resampled test sets. Regression (data.task): scikit-learn's mean absolute error, root mean squared
+error and R^2, each with the percentile interval over the same resampled test sets.
 """
 
 from __future__ import annotations
@@ -149,4 +151,58 @@ def compute_metrics(
         "positive_class": classes[positive_index] if k == 2 else None,
         "threshold": float(threshold) if k == 2 else None,
         "averaging": averaging,
+    }
+
+
+def _regression_arrays(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float64 (N,); ValueError naming the problem unless they are equally long, finite, N >= 1."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    if y_true.ndim != 1 or y_true.shape != y_pred.shape or len(y_true) == 0:
+        raise ValueError(
+            f"targets have shape {y_true.shape} and predictions {y_pred.shape}; expected two equal (N,) with N >= 1."
+        )
+    for name, values in (("targets", y_true), ("predictions", y_pred)):
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} hold {values[~np.isfinite(values)][0]}; expected finite numbers.")
+    return y_true, y_pred
+
+
+def _regression_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, np.ndarray]:
+    """MAE, RMSE and R^2 of each column of (N, B) arrays (one resample a column), in one call each.
+    R^2 is nan for a column whose targets are all equal (undefined: force_finite=False), or N < 2."""
+    raw = {"multioutput": "raw_values"}
+    r2 = np.full(y_true.shape[1], math.nan)
+    if len(y_true) > 1:
+        with np.errstate(divide="ignore", invalid="ignore"):  # the all-equal columns: nan, skipped
+            r2 = skm.r2_score(y_true, y_pred, force_finite=False, **raw)
+    return {
+        "mae": skm.mean_absolute_error(y_true, y_pred, **raw),
+        "rmse": np.sqrt(skm.mean_squared_error(y_true, y_pred, **raw)),
+        "r2": r2,
+    }
+
+
+def regression_metrics(y_true: Any, y_pred: Any, n_boot: int, seed: int) -> dict[str, Any]:
+    """MAE, RMSE and R^2 of predictions `y_pred` of targets `y_true` (both (N,), the target's unit),
+    each with the percentile 95% interval over `n_boot` test sets resampled with replacement (the same
+    resamples for all three, drawn as `bootstrap_auroc` draws them). R^2 is undefined (left None) on
+    fewer than two images or targets all equal; resamples whose targets are all equal are skipped for
+    R^2's interval (`bootstrap_valid` counts those kept)."""
+    y_true, y_pred = _regression_arrays(y_true, y_pred)
+    n = len(y_true)
+    point = {k: float(v[0]) for k, v in _regression_scores(y_true[:, None], y_pred[:, None]).items()}
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.integers(0, n, size=n) for _ in range(n_boot)], axis=1) if n_boot else np.zeros((n, 0), int)
+    resampled = _regression_scores(y_true[idx], y_pred[idx]) if n_boot else {k: np.zeros(0) for k in point}
+    out: dict[str, Any] = {}
+    for name, value in point.items():
+        values = resampled[name][np.isfinite(resampled[name])]
+        out[name] = value if math.isfinite(value) else None
+        out[f"{name}_ci"] = [float(v) for v in np.percentile(values, CI_PERCENTILES)] if len(values) else [None, None]
+    return {
+        **out,
+        "ci_level": CI_LEVEL,
+        "bootstrap_resamples": int(n_boot),
+        "bootstrap_valid": int(np.isfinite(resampled["r2"]).sum()),
+        "n_test": int(n),
     }

@@ -23,7 +23,8 @@ The record holds the probe's test metrics (components/model/metrics, the model's
 chosen on the validation split as the model's is) and the AUROC gain, fine-tuned minus probe, with a
 paired bootstrap interval: each resample scores both models on the same test images, drawn as the
 main AUROC interval draws them (same seed, same count), so the gain's spread is not inflated by
-resampling the two models apart.
+resampling the two models apart. A regression model's probe (a ridge head, the MAE gain) is
+components/model/probe_regression.py's, on this module's backbone and features.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from torch import nn
 from components.common import StageError
 from components.model import calibrate
 from components.model.metrics import CI_LEVEL, CI_PERCENTILES, auroc, compute_metrics
-from components.model.models import Classifier, build_model, describe_start, pick_device
+from components.model.models import Classifier, build_model, describe_start, n_outputs, pick_device
 from components.params import Params
 
 log = logging.getLogger("medtune.probe")
@@ -96,14 +97,14 @@ def probe_init(ckpt: dict[str, Any]) -> tuple[str, str]:
 def probe_backbone(ckpt: dict[str, Any], seed: int) -> tuple[Classifier, dict[str, Any]]:
     """The checkpoint's architecture with the starting weights the probe uses, headless (its output
     is the pooled features) and in eval mode; returns (network, `start` record)."""
-    arch, classes, channels = ckpt["backbone"], list(ckpt["classes"]), int(ckpt["in_channels"])
+    arch, outputs, channels = ckpt["backbone"], n_outputs(ckpt), int(ckpt["in_channels"])
     own = ckpt.get("pretrained") or {}
     model_start, init = probe_init(ckpt)
     if init == "random":
         # A from-scratch model started from random weights: those are what fine-tuning gained over.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net, info = build_model(arch, len(classes), channels, pretrained=False)
+            net, info = build_model(arch, outputs, channels, pretrained=False)
         start = {
             **describe_start(info),
             "description": f"random init ({arch}, seed {seed}), no pretrained weights, as a cold start of the model",
@@ -111,7 +112,7 @@ def probe_backbone(ckpt: dict[str, Any], seed: int) -> tuple[Classifier, dict[st
         }
     else:
         try:
-            net, info = build_model(arch, len(classes), channels, pretrained=True)
+            net, info = build_model(arch, outputs, channels, pretrained=True)
         except StageError as exc:
             raise StageError(
                 f"evaluate.linear_probe needs the ImageNet weights of {arch}: {exc} "
