@@ -20,12 +20,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from components.common import git, run_cli
+from components.common import StageError, run_cli, run_tool
 from components.params import load_params
 from components.tune import experiment, space, study
 from components.tune.apply import apply_best, describe
 
 log = logging.getLogger("medtune.tune")
+
+
+PARAMS = "params.yaml"
+
+
+def _head(root: Path) -> str:
+    """HEAD's short commit hash: the default study name."""
+    head = run_tool(["git", "rev-parse", "--short=7", "--verify", "-q", "HEAD"], root, check=False)
+    if head.returncode != 0:
+        raise StageError(f"{root}: not a git repository with a commit; trials are DVC experiments on HEAD.")
+    return head.stdout.strip()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +50,6 @@ def _parser() -> argparse.ArgumentParser:
         help="write the best complete trial's values into params.yaml (without "
         "--trials: no new trials, the study as it is)",
     )
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -78,9 +88,12 @@ def tune(root: Path, params_path: Path, trials: int, jobs: int, name: str) -> st
 def main(argv: Sequence[str] | None = None) -> int:
     def run(args: argparse.Namespace) -> int:
         study.optuna.logging.set_verbosity(study.optuna.logging.WARNING)  # the table says what it would log
-        root, params_path = Path.cwd(), Path(args.params)
+        # The project's params.yaml: the file `dvc exp run -S` sets and dvc.yaml's stages read.
+        root, params_path = Path.cwd(), Path(PARAMS)
+        if not params_path.is_file():
+            raise StageError(f"{root}: no {PARAMS} here; run medtune tune from the DVC project's root.")
         params = load_params(params_path)
-        name = args.study or git(root, "rev-parse", "--short=7", "HEAD").strip()
+        name = args.study or _head(root)
         trials = args.trials if args.trials is not None else (0 if args.apply else params.tune.trials)
         jobs = args.jobs if args.jobs is not None else params.tune.jobs
         if trials < 0 or jobs < 0:
