@@ -118,7 +118,7 @@ def write_regression_reports(
 
 def _ci(interval: list[float | None]) -> str:
     lo, hi = interval
-    return f"{lo:.4g}-{hi:.4g}" if lo is not None else "n/a"
+    return f"{lo:.4g} to {hi:.4g}" if lo is not None else "n/a"
 
 
 def log_regression(record: dict[str, Any]) -> None:
