@@ -223,3 +223,25 @@ def test_drift_compares_the_targets_not_one_class_per_value():
     assert out["target"]["previous"] == {"n": 3, "min": 40.0, "median": 50.0, "mean": 50.0, "max": 60.0}
     assert out["target"]["current"]["median"] == 65.0
     assert out["summary"][0] == "target median 50 -> 65, mean 50 -> 65"
+
+
+def test_a_regression_champion_is_warm_started_by_a_regression_retrain_only(exported, tmp_path):
+    import shutil
+
+    from components import common
+    from components.params import parse_params
+    from components.release.registry import warm_start_plan
+
+    p, _, _ = exported
+    mid = common.sha256_file(p["model"])[:12]
+    (tmp_path / "registry" / "models" / mid).mkdir(parents=True)
+    shutil.copyfile(p["model"], tmp_path / "registry" / "models" / mid / "model.pt")
+    common.write_json(tmp_path / "registry" / "current.json", {"model_id": mid, "git_tag": f"model-{mid}"})
+    shape = {"preprocess": {"image_size": 32}, "train": {"backbone": "none"}}
+    regression = parse_params(
+        {**shape, "data": {"task": "regression", "label_source": "csv"}, "retrain": {"compare_metric": "mae"}}
+    )
+    plan = warm_start_plan(tmp_path, regression)
+    assert plan["init_from"] == common.sha256_file(p["model"]), plan["reason"]
+    plan = warm_start_plan(tmp_path, parse_params(shape))  # a classification retrain
+    assert plan["init_from"] is None and "task" in plan["reason"], plan["reason"]

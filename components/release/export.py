@@ -130,32 +130,6 @@ def value_model(model: Any, tta: str, target_mean: float, target_std: float) -> 
     return Value().eval()
 
 
-def load_model(model_path: Path) -> tuple[Any, dict[str, Any]]:
-    """(model, ckpt) of a checkpoint: models.load_checkpoint, or for a regression checkpoint the one-output
-    network (`architecture(backbone, 1, channels, members)`) with its weights; StageError if they do not fit."""
-    import torch
-
-    from components.model.models import architecture, load_checkpoint
-
-    try:
-        ckpt = torch.load(model_path, weights_only=True, map_location="cpu")
-    except Exception:  # noqa: BLE001 - load_checkpoint names what is wrong with the file
-        ckpt = None
-    if not isinstance(ckpt, dict) or ckpt.get("task") != "regression":
-        return load_checkpoint(model_path)
-    missing = [k for k in ("state_dict", "backbone", "in_channels", "target_mean", "target_std") if k not in ckpt]
-    if missing:
-        raise StageError(f"{model_path}: regression checkpoint lacks {missing}; expected the dict that train writes.")
-    try:
-        model = architecture(ckpt["backbone"], 1, int(ckpt["in_channels"]), int(ckpt.get("members", 1)))
-        model.load_state_dict(ckpt["state_dict"])
-    except (ValueError, RuntimeError) as exc:
-        raise StageError(
-            f"{model_path}: weights do not fit backbone {ckpt['backbone']!r} with one output ({exc})."
-        ) from None
-    return model.eval(), ckpt
-
-
 def export_onnx(wrapper: Any, example: np.ndarray, opset: int, path: Path, output: str = OUTPUT_NAME) -> Any:
     """Export with a symbolic batch dimension; StageError if the exporter froze it anyway."""
     import onnx
@@ -245,6 +219,7 @@ def _read_inputs(
     model_path: Path, prepared_dir: Path, reports_dir: Path, manifest_path: Path, validation_path: Path, params: Params
 ) -> _Inputs:
     from components.data.preprocess import load_meta, load_split
+    from components.model.models import load_checkpoint  # a regression checkpoint: its one-output network
 
     if not model_path.is_file():
         raise StageError(f"{model_path} not found; run the train stage first (dvc repro train).")
@@ -258,7 +233,10 @@ def _read_inputs(
         raise StageError(f"{manifest_csv} not found beside {manifest_path}; run the ingest stage (dvc repro ingest).")
     validation = read_json(validation_path)
     meta = load_meta(prepared_dir)
-    model, ckpt = load_model(model_path)
+    model, ckpt = load_checkpoint(model_path)
+    lacking = [k for k in ("target_mean", "target_std") if ckpt.get("task") == "regression" and k not in ckpt]
+    if lacking:
+        raise StageError(f"{model_path}: regression checkpoint without {lacking}; retrain it (dvc repro train).")
     classes = list(ckpt["classes"])
     if list(meta.get("classes", classes)) != classes or list(metrics.get("classes", classes)) != classes:
         raise StageError(

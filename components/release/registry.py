@@ -149,8 +149,8 @@ def champion_checkpoint(root: str | Path = ".") -> Path | None:
 
 def warm_start_plan(root: str | Path, params: Params) -> dict[str, Any]:
     """What the next retrain starts from: `{init_from, model_id, reason}`. init_from is the champion's
-    model.pt sha256 when `retrain.warm_start` is on and the champion's classes, input shape, backbone and
-    ensemble size match `params`; else None (a cold start from ImageNet) and `reason` says why."""
+    model.pt sha256 when `retrain.warm_start` is on and the champion's task, classes, input shape, backbone
+    and ensemble size match `params`; else None (a cold start from ImageNet) and `reason` says why."""
     from components.model.models import BACKBONES, arch_of  # torch: only when a retrain plans its start
 
     cur = current(root)
@@ -176,8 +176,9 @@ def warm_start_plan(root: str | Path, params: Params) -> dict[str, Any]:
         ckpt = warm_start.read_checkpoint(path, sha)
     except StageError as exc:
         return {"init_from": None, "model_id": mid, "reason": f"cold start: champion {mid}'s weights: {exc}"}
+    classes = [] if params.data.regression else params.data.classes  # a regression checkpoint records none
     wrong = warm_start.mismatches(
-        ckpt, params.data.classes, pp.channels, pp.image_size, arch_of(tp.backbone), tp.ensemble
+        ckpt, classes, pp.channels, pp.image_size, arch_of(tp.backbone), tp.ensemble, params.data.task
     )
     if wrong:
         return {
