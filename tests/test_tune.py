@@ -18,7 +18,7 @@ from components.common import StageError
 from components.model import pruning
 from components.model.fit import Run, fit
 from components.params import SearchRange, parse_params
-from components.tune import experiment, space, study
+from components.tune import experiment, search, space, study
 from components.tune.apply import apply_best
 from tests.workspace import make_workspace, run
 
@@ -202,8 +202,8 @@ def test_pruned_and_failed_trials_are_recorded_and_never_applied(tmp_path, monke
     monkeypatch.setattr(
         experiment, "live_metrics", lambda root, name: {"step": 2, "val": {"loss": 0.5 - name.count("-1")}}
     )
-    search = study.Search(tmp_path, s, url, {}, params, study.devices(1), threads=1)
-    study.run_trials(search, 3, 1)
+    searching = study.Search(tmp_path, s, url, {}, params, study.devices(1), threads=1)
+    study.run_trials(searching, 3, 1)
     states = [t.state.name for t in s.get_trials()]
     assert states == ["COMPLETE", "PRUNED", "FAIL"]
     table = study.trial_table(s, ["train.lr"], "val_loss").splitlines()
@@ -272,7 +272,7 @@ def _experiments(ws) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_trials_are_dvc_experiments_scored_on_val_and_the_best_is_applied(tmp_path):
+def test_trials_are_dvc_experiments_scored_on_val_and_the_best_is_applied(tmp_path, monkeypatch, capsys):
     ws = make_workspace(tmp_path / "ws", patients=8)
     p = yaml.safe_load((ws / "params.yaml").read_text())
     p["tune"]["space"] = SPACE
@@ -301,9 +301,10 @@ def test_trials_are_dvc_experiments_scored_on_val_and_the_best_is_applied(tmp_pa
         lock = yaml.safe_load(run(["git", "show", f"{data['rev']}:dvc.lock"], ws).stdout)["stages"]
         assert "train" in lock and "evaluate" not in lock
 
-    applied = run(["medtune", "tune", "--apply", "--study", "t"], ws)
+    monkeypatch.chdir(ws)
+    assert search.main(["--apply", "--study", "t"]) == 0
     best = s.best_trial
-    assert f"applied trial {best.number} (tune-t-{best.number}" in applied.stdout
+    assert f"applied trial {best.number} (tune-t-{best.number}" in capsys.readouterr().out
     text = (ws / "params.yaml").read_text()
     assert text.startswith("# the project's own comment\n")
     written = yaml.safe_load(text)["train"]
