@@ -397,7 +397,8 @@ class RetrainParams(_Section):
     compare_metric: Literal[
         "auroc", "accuracy", "sensitivity", "specificity", "f1", "precision", "mae", "rmse", "r2"
     ] = "auroc"
-    promotion_margin: float = Field(0.01, ge=0, lt=1)
+    # In the metric's unit: a fraction for the classification metrics (< 1), the target's unit for mae/rmse.
+    promotion_margin: float = Field(0.01, ge=0)
     # Schedule of the retrain deployment: a cron string, or else an interval in seconds (0: no schedule).
     schedule_cron: str | None = None
     schedule_interval: int = Field(3600, ge=0)
@@ -520,6 +521,12 @@ with warnings.catch_warnings():
             for key, (value, by_task) in allowed.items():
                 if value not in by_task[task]:
                     raise _Invalid(key, value, f"one of {list(by_task[task])} with data.task {task}")
+            if self.retrain.compare_metric not in ("mae", "rmse") and self.retrain.promotion_margin >= 1:
+                raise _Invalid(
+                    "retrain.promotion_margin",
+                    self.retrain.promotion_margin,
+                    f"a number in [0, 1) with retrain.compare_metric {self.retrain.compare_metric} (a fraction)",
+                )
             if regression:
                 for key, value, off in (
                     ("evaluate.calibration", self.evaluate.calibration, "none"),
