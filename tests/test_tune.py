@@ -149,6 +149,7 @@ def test_without_a_named_trial_the_hook_does_nothing_and_imports_no_optuna():
     assert out.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.slow  # a (tiny) training run
 def test_a_pruned_training_stops_like_early_stopping(tmp_path, monkeypatch):
     # fit's epoch loop asks the hook: the study's two trials reached val_loss 0.3; a random network on
     # random images is far worse at epoch 1, so training stops there and keeps that epoch.
