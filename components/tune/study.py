@@ -137,7 +137,10 @@ def _objective(search: Search, trial: optuna.Trial) -> float:
     trial.set_user_attr(EXP_ATTR, name)
     log.info("trial %d (%s): %s", trial.number, name, " ".join(space.set_flags(values)))
     _run(search, trial.number, name, values)
-    metrics = experiment.live_metrics(search.root, name)
+    try:
+        metrics = experiment.live_metrics(search.root, name)
+    except Exception as exc:  # noqa: BLE001 - dvc.api raises many kinds; the trial fails, the search goes on
+        raise TrialFailed(f"trial {name}: its {experiment.LIVE_METRICS} could not be read: {exc}") from None
     value = experiment.score(metrics, tp.metric)
     trial.set_user_attr(EPOCHS_ATTR, metrics.get("step"))
     trial.set_user_attr(SCORE_ATTR, value)
