@@ -29,6 +29,7 @@ from prefect.runtime import flow_run
 
 from components.audit import report
 from components.common import dvc_data_version
+from components.data.labels_csv import labels_file
 from components.params import Params, RetrainParams, load_params
 from components.release.registry import REPORT, current, model_dir
 from components.retrain import challenger, inbox, promote, raw_append, salt_guard, workspace
@@ -58,7 +59,8 @@ def check_batch(batch: str, params: str, extra_known: list[dict[str, str]]) -> d
     if extra_known:
         manifest = pd.concat([manifest, pd.DataFrame(extra_known)], ignore_index=True).fillna("")
     mine = raw_append.appended_paths(Path(batch).name, rows, p) if not rows.empty else []
-    problems += inbox.check_batch(batch, rows, manifest, p, already_appended=mine)
+    raw_labels = labels_file(Path(p.data.raw_dir), p.data.labels_csv) if p.data.label_source == "csv" else None
+    problems += inbox.check_batch(batch, rows, manifest, p, already_appended=mine, raw_labels=raw_labels)
     return {
         "batch": batch,
         "problems": problems,

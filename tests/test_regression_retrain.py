@@ -146,6 +146,37 @@ def test_a_regression_batch_without_targets_is_refused_file_by_file(raw, tmp_pat
     assert len(problems) == 1 + 4 and all("no target" in p for p in problems[1:])
 
 
+def test_where_raw_labels_give_splits_a_batch_must_give_them_too(tmp_path):
+    """A raw labels.csv with a split column refuses an empty split (ingest); the batch check says so
+    before the append instead of the whole-data ingest failing after it."""
+    raw = tmp_path / "raw"
+    demo_data.generate_regression(raw, patients=12, seed=0, size=32, slices=2)
+    lines = (raw / "labels.csv").read_text().splitlines()
+    splits = ["train", "train", "val", "test"]
+    given = [f"{line},{splits[n // 2 % 4]}" for n, line in enumerate(lines[1:])]
+    (raw / "labels.csv").write_text("\n".join([lines[0] + ",split", *given]) + "\n")
+    manifest = ingest(raw, tmp_path / "data", PARAMS)
+    batch = new_batch(tmp_path / "inbox/2024-07", patients=2)
+
+    rows, problems = inbox.read_batch(batch, PARAMS)
+    problems += inbox.check_batch(batch, rows, manifest, PARAMS, raw_labels=raw / "labels.csv")
+    assert problems == [
+        f"{batch}: 4 scan(s) have no split (case501_00.png, case501_01.png, case502_00.png, ...); "
+        f"{raw / 'labels.csv'} gives every scan its split (column split), so the batch's labels.csv must too: "
+        "expected a split column with train, val or test on each row."
+    ]
+
+    batch_lines = (batch / "labels.csv").read_text().splitlines()
+    (batch / "labels.csv").write_text(
+        "\n".join([batch_lines[0] + ",split", *(f"{line},train" for line in batch_lines[1:])]) + "\n"
+    )
+    rows, problems = inbox.read_batch(batch, PARAMS)
+    assert problems + inbox.check_batch(batch, rows, manifest, PARAMS, raw_labels=raw / "labels.csv") == []
+    raw_append.append_to_raw(batch, rows, raw, PARAMS)
+    m = ingest(raw, tmp_path / "data2", PARAMS).set_index("path")
+    assert (m.loc[[f"2024-07/{p}" for p in rows["path"]], "split"] == "train").all()
+
+
 # One real retrain run: a regression project (12 synthetic patients, 32 px, backbone none, 1 epoch), a
 # champion that always says CHAMPION_MM, and a batch of 4 new patients in the inbox.
 CHAMPION_ID, CHAMPION_MM = "c0ffee000001", 0.0

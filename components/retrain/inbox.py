@@ -30,6 +30,7 @@ the error (flows/retrain.py).
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import hashlib
 import logging
@@ -207,11 +208,13 @@ def check_batch(
     manifest: pd.DataFrame,
     params: Params,
     already_appended: Sequence[str] = (),
+    raw_labels: str | Path | None = None,
 ) -> list[str]:
     """Problems with one batch, each naming the file, the value and what was expected ([] = good).
 
     `already_appended`: manifest paths that are this batch's own earlier copy in raw (a resumed
-    run), which must not count as duplicates or known patients.
+    run), which must not count as duplicates or known patients. `raw_labels`: the raw data's
+    labels.csv (csv mode), whose split column, if it has one, the batch's scans must fill too.
     """
     batch = Path(batch_dir)
     problems: list[str] = []
@@ -224,6 +227,7 @@ def check_batch(
         problems
         + _file_problems(batch, rows, params)
         + _split_problems(batch, rows)
+        + _missing_split_problems(batch, rows, raw_labels)
         + _duplicate_problems(batch, rows, existing)
         + _known_patient_problems(batch, rows, existing)
     )
@@ -268,6 +272,24 @@ def _split_problems(batch: Path, rows: pd.DataFrame) -> list[str]:
             f"({paths}); expected each patient in one split."
         )
     return problems
+
+
+def _missing_split_problems(batch: Path, rows: pd.DataFrame, raw_labels: str | Path | None) -> list[str]:
+    """Scans without a split when the raw labels.csv has a split column: appended with an empty split,
+    they would stop the whole-data ingest after the append (labels_csv.read_labels_csv wants one of
+    train, val, test on every row), failing the run instead of quarantining the batch now."""
+    if raw_labels is None or not Path(raw_labels).is_file():
+        return []
+    with open(raw_labels, encoding="utf-8-sig", newline="") as fh:
+        header = [c.strip() for c in next(csv.reader(fh), [])]
+    missing = rows.loc[rows["split"] == "", "path"].tolist()
+    if "split" not in header or not missing:
+        return []
+    return [
+        f"{batch}: {len(missing)} scan(s) have no split ({', '.join(missing[:3])}"
+        f"{', ...' if len(missing) > 3 else ''}); {raw_labels} gives every scan its split (column split), so "
+        "the batch's labels.csv must too: expected a split column with train, val or test on each row."
+    ]
 
 
 def _duplicate_problems(batch: Path, rows: pd.DataFrame, existing: pd.DataFrame) -> list[str]:
