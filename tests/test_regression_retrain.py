@@ -144,6 +144,9 @@ def test_a_regression_batch_without_targets_is_refused_file_by_file(raw, tmp_pat
     _, problems = check(batch, manifest)
     assert problems[0].startswith(f"{batch / 'labels.csv'}: not found; expected labels.csv with path,target")
     assert len(problems) == 1 + 4 and all("no target" in p for p in problems[1:])
+    for f in batch.iterdir():
+        f.unlink()
+    assert check(batch, manifest)[1][1:] == [f"{batch}: no scans found; expected files plus labels.csv."]
 
 
 def test_where_raw_labels_give_splits_a_batch_must_give_them_too(tmp_path):

@@ -221,7 +221,8 @@ def check_batch(
     if not _NAME_OK.match(batch.name):
         problems.append(f"{batch}: batch name {batch.name!r} is invalid; expected letters, digits, '.', '_', '-'.")
     if rows.empty:
-        return problems + [f"{batch}: no scans found; expected class sub-folders or files plus labels.csv."]
+        layout = "files plus labels.csv" if params.data.regression else "class sub-folders or files plus labels.csv"
+        return problems + [f"{batch}: no scans found; expected {layout}."]
     existing = manifest[~manifest["path"].isin(set(already_appended))]
     return (
         problems
