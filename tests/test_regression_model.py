@@ -1,6 +1,6 @@
-"""Regression (data.task: regression) on the model side: train learns a visible number, the checkpoint
-records the target's standardisation, evaluate writes its metrics, gate, scatter plot and Grad-CAM
-samples, and the metrics are scikit-learn's on hand-checked examples."""
+"""Regression (data.task: regression) on the model side: train learns a visible number (a square's
+side), the checkpoint records the target's standardisation, evaluate writes its metrics, gate, scatter
+plot, linear probe and Grad-CAM samples, and the metrics are scikit-learn's on hand-checked examples."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def reg_params(train: dict | None = None, gate: dict | None = None, **evaluate_)
                 "backbone": "efficientnet_lite0",
                 "freeze": "head",
                 "epochs": 3,
-                "batch_size": 8,
-                "lr": 0.05,
+                "batch_size": 4,
+                "lr": 0.01,
                 "warmup_epochs": 0,
                 **(train or {}),
             },
@@ -45,15 +45,19 @@ def reg_params(train: dict | None = None, gate: dict | None = None, **evaluate_)
 
 
 def write_regression_prepared(root: Path, n=(32, 8, 12), seed: int = 0) -> Path:
-    """data/prepared of a regression as preprocess writes it: each scan's brightness is its target (a
-    number plainly visible in the image), `target` a float column, meta's task "regression"."""
+    """data/prepared of a regression as preprocess writes it: each scan shows a bright square whose side
+    in pixels is its target (a number plainly visible in the image), `target` a float column, meta's
+    task "regression"."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for split, k in zip(("train", "val", "test"), n):
-        t = np.round(rng.uniform(10, 60, k), 3)
-        images = t[:, None, None, None] * 3.5 + rng.normal(0, 8, (k, 1, SIZE, SIZE))
-        np.save(root / f"{split}.npy", np.clip(images, 0, 255).astype(np.uint8))
+        t = rng.integers(4, 25, k).astype(float)
+        images = rng.integers(0, 60, (k, 1, SIZE, SIZE)).astype(np.uint8)
+        for image, side in zip(images, t.astype(int)):
+            lo = (SIZE - side) // 2
+            image[:, lo : lo + side, lo : lo + side] = 220
+        np.save(root / f"{split}.npy", images)
         rows += [
             {
                 "split": split,
