@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from components.common import StageError
-from components.model.evaluate import apply_gate, evaluate
+from components.model.evaluate import apply_gate, evaluate, metrics_view
 from components.model.metrics import regression_metrics
 from components.model.models import Ensemble, load_checkpoint, n_outputs
 from components.model.train import train
@@ -119,7 +119,7 @@ def test_evaluate_writes_metrics_gate_scatter_and_explanations(trained):
     for name in ("mae", "rmse", "r2"):
         lo, hi = metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]
         assert lo <= metrics[name] <= hi or name == "r2", (name, metrics)
-    assert not {"auroc", "sensitivity", "threshold"} & set(metrics)
+    assert not {"auroc", "sensitivity", "threshold"} & set(metrics) and metrics_view(record) == metrics
     # The predictions, in the target's unit, give the recorded metrics.
     preds = pd.read_csv(reports / "test_predictions.csv")
     assert list(preds.columns) == ["path", "sha256", "target", "predicted"]

@@ -75,8 +75,13 @@ def metrics_view(record: dict[str, Any]) -> dict[str, float | int]:
     probe's AUROC and the gain over it with its interval. Strings and structures (class names, positive
     class, confusion matrix, calibration fit) stay in the record (reports/evaluation.json); a value
     that is undefined for this model (an interval without valid resamples, the threshold of a
-    multi-class model) is left out rather than written as null.
+    multi-class model) is left out rather than written as null. A regression's record ("task":
+    "regression") gives its own numbers (components/model/regression_eval.regression_view).
     """
+    if record.get("task") == "regression":
+        from components.model.regression_eval import regression_view
+
+        return regression_view(record)
     lo, hi = record.get("auroc_ci") or (None, None)
     test = (record.get("calibration") or {}).get("test") or {}
     probe = record.get("linear_probe") or {}
