@@ -245,3 +245,26 @@ def test_a_regression_champion_is_warm_started_by_a_regression_retrain_only(expo
     assert plan["init_from"] == common.sha256_file(p["model"]), plan["reason"]
     plan = warm_start_plan(tmp_path, parse_params(shape))  # a classification retrain
     assert plan["init_from"] is None and "task" in plan["reason"], plan["reason"]
+
+
+def test_models_list_shows_a_regression_by_its_mae_and_r2():
+    from components.audit.history import render_models
+    from components.release.records import key_metrics
+
+    lineage = {"evaluation": {"metrics": {"mae": 3.25, "mae_ci": [2.5, 4.0], "rmse": 4.0, "r2": 0.61, "n_test": 9}}}
+    metrics = key_metrics(lineage)
+    assert metrics == {"mae": 3.25, "mae_ci": [2.5, 4.0], "rmse": 4.0, "r2": 0.61}
+    row = {
+        "model_id": "abc123",
+        "date": "2026-11-27",
+        "data_version": "d" * 20,
+        "metrics": metrics,
+        "gate": True,
+        "status": "promoted",
+        "git_tag": None,
+        "current": True,
+    }
+    line = render_models([row]).splitlines()[1]
+    assert "mae 3.250 [2.500, 4.000]" in line and "r2 0.610" in line
+    classifier = {**row, "metrics": key_metrics({"evaluation": {"metrics": {"auroc": 0.9, "auroc_ci": [0.8, 1.0]}}})}
+    assert "0.900 [0.800, 1.000]" in render_models([classifier]).splitlines()[1]

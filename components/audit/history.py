@@ -115,8 +115,10 @@ def render_models(rows: list[dict[str, Any]]) -> str:
     table = []
     for r in rows:
         m = r["metrics"]
-        ci = m.get("auroc_ci") or [None, None]
-        auroc = f"{_fmt(m.get('auroc'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if "auroc" in m else "-"
+        # A regression shows its MAE (with "mae") in the headline column and R^2 in place of sensitivity.
+        name = "auroc" if "auroc" in m or "mae" not in m else "mae"
+        ci = m.get(f"{name}_ci") or [None, None]
+        auroc = f"{'mae ' * (name == 'mae')}{_fmt(m.get(name))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if name in m else "-"
         date = r["date"] if not str(r["date"]).startswith(NOT_RECORDED) else "-"
         dv = str(r["data_version"])
         dv = "-" if dv.startswith(NOT_RECORDED) else dv[:14]
@@ -128,7 +130,7 @@ def render_models(rows: list[dict[str, Any]]) -> str:
                 date,
                 dv,
                 auroc,
-                _fmt(m.get("sensitivity")),
+                f"r2 {_fmt(m['r2'])}" if name == "mae" and "r2" in m else _fmt(m.get("sensitivity")),
                 _fmt(m.get("specificity")),
                 gate,
                 status,

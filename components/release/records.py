@@ -128,6 +128,8 @@ def find_id(ref: str, root: Path, registry: Path) -> tuple[str, Path] | None:
 
 
 def key_metrics(lineage: dict[str, Any] | None, fallback: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The metrics `models list` and the release events show: AUROC with its interval, sensitivity, specificity."""
+    """The metrics `models list` and the release events show: AUROC with its interval, sensitivity,
+    specificity; for a regression MAE with its interval, RMSE and R^2."""
     metrics = ((lineage or {}).get("evaluation") or {}).get("metrics") or fallback or {}
-    return {k: metrics.get(k) for k in ("auroc", "auroc_ci", "sensitivity", "specificity") if k in metrics}
+    keys = ("auroc", "auroc_ci", "sensitivity", "specificity", "mae", "mae_ci", "rmse", "r2")
+    return {k: metrics.get(k) for k in keys if k in metrics}
