@@ -2,7 +2,7 @@
 
     python -m bench            # all, about 30 minutes on 2 CPU cores
     python -m bench data onnx  # a subset: data | onnx | dvc | layout | backbones | ddp | append | linear |
-                               #   stability | warm_start | noop | predict
+                               #   stability | warm_start | noop | predict | tune
 
 1. data: training images/s through the real data path (uint8 memmap on disk -> Dataset ->
    DataLoader -> on-the-fly augmentation) divided by images/s of the same training steps on the
@@ -24,6 +24,7 @@
    stability (bench/stability.py: images that change split over ten appends), warm_start
    (bench/warm_start.py: time to the champion's validation metric, warm vs cold start), noop and predict
    (bench/cheap.py: `retrain --once` with an empty inbox; `medtune predict` against ONNX Runtime alone).
+13. tune (bench/tune.py): the same `medtune tune` trials with --jobs 1 and --jobs 2, trials per minute.
 """
 
 from __future__ import annotations
@@ -298,6 +299,8 @@ BENCHES: dict[str, Callable[[], object]] = {
     "warm_start": _lazy("warm_start", "bench_warm_start"),
     "noop": _lazy("cheap", "bench_noop_retrain"),
     "predict": _lazy("cheap", "bench_predict"),
+    # `medtune tune` with trials at once (docs/tuning.md).
+    "tune": _lazy("tune", "bench_tune_jobs"),
 }
 # Not in the default run (long; see docs/scaling.md): python -m bench.scale units | dvc N...
 
