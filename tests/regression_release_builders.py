@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from components.common import SPLITS, hash_patient, sha256_file
+from components.data.manifest import target_stats
 from components.params import Params, parse_params
 from tests.builders import RAW_PATIENT
 
@@ -44,7 +45,7 @@ def make_regression_prepared(root: Path, per_split: dict[str, int] = PER_SPLIT, 
 
     rng = np.random.default_rng(7)
     root.mkdir(parents=True, exist_ok=True)
-    rows, stats = [], {}
+    rows = []
     for split, n in per_split.items():
         y = targets(split, n)
         images = rng.integers(0, 60, size=(n, channels, size, size), dtype=np.uint8)
@@ -64,14 +65,8 @@ def make_regression_prepared(root: Path, per_split: dict[str, int] = PER_SPLIT, 
                 }
             )
         np.save(root / f"{split}.npy", images)
-        stats[split] = {
-            "count": n,
-            "mean": float(y.mean()),
-            "std": float(y.std()),
-            "min": float(y.min()),
-            "max": float(y.max()),
-        }
     pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
+    stats = target_stats([r["label"] for r in rows], [r["split"] for r in rows])  # as preprocess records them
     meta = {
         "task": "regression",
         "classes": [],
