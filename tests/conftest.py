@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,20 @@ from tests.workspace import (
 )
 
 
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory) -> Path:
+    """The folder of one test module's shared fixtures, removed when the module ends unless one of its
+    tests failed. pytest removes a passing test's tmp_path (tmp_path_retention_policy "failed" in
+    pyproject.toml) but keeps `tmp_path_factory.mktemp` folders to the end of the session: the
+    module-scoped workspaces alone (each a ~45 MB model several times over, in the workspace, the DVC
+    cache and a remote) filled 8 GB of /tmp before they were removed here."""
+    failed = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    if request.session.testsfailed == failed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def onnx_model(tmp_path_factory):
     """A tiny exported medtune model (random weights, real export with its metadata), built once."""
@@ -36,11 +51,12 @@ def onnx_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def salt_free_server(tmp_path_factory):
+def salt_free_server(module_tmp):
     """A Prefect server on 127.0.0.1 with its own PREFECT_HOME, and the environment of the `medtune`
     runs that use it: no MEDTUNE_PATIENT_SALT (the public salt is what test_promotion_recovery is
     about), this checkout's code first on PYTHONPATH. One per module that asks for it."""
-    tmp = tmp_path_factory.mktemp("recovery")
+    tmp = module_tmp / "recovery"
+    tmp.mkdir()
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = base_env(tmp, api)

@@ -223,9 +223,9 @@ def promote(ws: Path, mid: str, champion: str | None, trigger: str, flow_run_id:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(module_tmp):
     """Model A on data v1 (promoted by dvc repro), then model B on data v2 (promoted by a flow run)."""
-    ws = tmp_path_factory.mktemp("audit") / "ws"
+    ws = module_tmp / "ws"
     ws.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         for k, v in ENV.items():

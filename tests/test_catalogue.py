@@ -158,9 +158,9 @@ def test_batch_checks(case, batch_workspace, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def batch_workspace(tmp_path_factory):
+def batch_workspace(module_tmp):
     """A real git + DVC workspace (demo scans, folder per class) and its current manifest."""
-    root = tmp_path_factory.mktemp("catalogue")
+    root = module_tmp
     env = tool_env(MEDTUNE_PATIENT_SALT=SALT)
     ws = make_workspace(root / "ws", patients=8, env=env)
     run(["git", "add", "-A"], ws, env)

@@ -68,8 +68,8 @@ def raw_md5(ws: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("flows")
+def served(module_tmp):
+    tmp = module_tmp
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = base_env(tmp, api)

@@ -25,8 +25,8 @@ def params(**data):
 
 
 @pytest.fixture(scope="module")
-def demo_raw(tmp_path_factory) -> Path:
-    raw = tmp_path_factory.mktemp("demo") / "raw"
+def demo_raw(module_tmp) -> Path:
+    raw = module_tmp / "raw"
     demo_data.generate(raw, patients=20, slices=3, size=16, seed=0, classes=CLASSES)
     return raw
 

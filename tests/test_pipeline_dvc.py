@@ -67,8 +67,8 @@ def demo_commit(ws):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    ws = make_workspace(tmp_path_factory.mktemp("spine") / "ws")
+def built(module_tmp):
+    ws = make_workspace(module_tmp / "ws")
     as_cloned(ws)
     raw_before = tree_digest(ws / "data/raw")
     first = run(["dvc", "repro"], ws)

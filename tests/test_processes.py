@@ -71,9 +71,9 @@ def is_stage(p: psutil.Process, stage: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(module_tmp):
     """A project whose stages up to augment are done; train is what each test starts and kills."""
-    ws = make_workspace(tmp_path_factory.mktemp("processes") / "ws", params=LONG_TRAIN)
+    ws = make_workspace(module_tmp / "ws", params=LONG_TRAIN)
     run(["dvc", "repro", "augment"], ws, timeout=600)
     return ws
 

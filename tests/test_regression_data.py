@@ -70,9 +70,9 @@ def reg_params(**over) -> Params:
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
+def raw(module_tmp) -> Path:
     """40 synthetic patients x 2 scans at 16 px, labels.csv path,target,patient_id (read-only: copy to change)."""
-    folder = tmp_path_factory.mktemp("regression") / "raw"
+    folder = module_tmp / "raw"
     demo_data.generate_regression(folder, patients=40, seed=0, size=16, slices=2)
     return folder
 
@@ -189,9 +189,9 @@ def test_new_high_targets_reach_every_split_even_when_test_is_already_full():
 
 
 @pytest.fixture(scope="module")
-def ingested(raw, tmp_path_factory) -> Path:
+def ingested(raw, module_tmp) -> Path:
     """raw ingested (stable split) into data/ of a module folder (read-only: copy to change)."""
-    root = tmp_path_factory.mktemp("ingested")
+    root = module_tmp / "ingested"
     ingest.ingest(raw, root / "data", reg_params())
     return root / "data"
 

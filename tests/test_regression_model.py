@@ -78,10 +78,10 @@ def write_regression_prepared(root: Path, n=(32, 8, 12), seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(module_tmp):
     """One huber run (the default mse runs in the test of the losses) and its evaluation, under a
     max_mae gate no model passes."""
-    root = tmp_path_factory.mktemp("reg")
+    root = module_tmp
     prepared = write_regression_prepared(root / "prepared")
     params = reg_params({"loss": "huber", "huber_delta": 1.0, "early_stopping_metric": "val_mae"}, {"max_mae": 0.001})
     summary = train(prepared, root / "model.pt", root / "train.json", root / "dvclive", params)

@@ -19,11 +19,11 @@ from tests.regression_release_builders import (
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(module_tmp):
     """One regression model exported by the real export stage (random weights, a linear probe recorded),
     evaluated and exported with test-time augmentation hflip."""
     params = regression_params(tta="hflip")
-    p = make_regression_project(tmp_path_factory.mktemp("regression-export"), tta="hflip")
+    p = make_regression_project(module_tmp, tta="hflip")
     report = run_export(p, params)
     return p, params, report
 

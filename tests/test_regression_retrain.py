@@ -225,9 +225,9 @@ def artifact_rows(api: str, key: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def retrained(salt_free_server, tmp_path_factory) -> dict:
+def retrained(salt_free_server, module_tmp) -> dict:
     env = {**salt_free_server["env"], "MEDTUNE_PATIENT_SALT": TEST_SALT}  # the demo's patient ids hashed with a secret
-    ws = tmp_path_factory.mktemp("regression-retrain") / "ws"
+    ws = module_tmp / "ws"
     over = {
         "retrain": {"dvc_remote": "../dvc-remote", "promotion_margin": 0.0},
         # 1 epoch: the test is the record, not the model. No probe or Grad-CAM samples: seconds saved.

@@ -39,9 +39,9 @@ def env_for() -> dict:
 
 
 @pytest.fixture(scope="module")
-def released(killed_after_push, tmp_path_factory):
+def released(killed_after_push, module_tmp):
     """The shared workspace's promotion, finished: committed and tagged, its data in the local remote."""
-    tmp = tmp_path_factory.mktemp("released")
+    tmp = module_tmp
     ws, env = copy_of(killed_after_push["ws"], tmp), env_for()
     done = json.loads(run([sys.executable, "-c", RECOVER], ws, env).stdout.splitlines()[-1])
     assert any("finishing the interrupted promoted release" in d for d in done), done

@@ -44,8 +44,9 @@ def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("s3")
+def s3(module_tmp):
+    tmp = module_tmp / "s3"
+    tmp.mkdir()
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = tmp / "moto.log"
@@ -86,9 +87,10 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def released(s3, killed_after_push, tmp_path_factory):
+def released(s3, killed_after_push, module_tmp):
     """The shared workspace, its remote switched to S3, its promotion finished: pushed, committed, tagged."""
-    tmp = tmp_path_factory.mktemp("s3-release")
+    tmp = module_tmp / "release"
+    tmp.mkdir()
     ws = tmp / "ws"
     shutil.copytree(killed_after_push["ws"], ws, symlinks=True)  # not its local remote: the release must go to S3
     env = tool_env(PYTHONPATH=str(ROOT), **S3_ENV)

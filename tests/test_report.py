@@ -40,9 +40,9 @@ SOURCES = {"validation", "roc", "confusion", "augment_preview", "training_curves
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(module_tmp):
     """A model exported at a commit, its evidence in the workspace, then released: tag model-<id>."""
-    ws = tmp_path_factory.mktemp("report") / "ws"
+    ws = module_tmp / "ws"
     ws.mkdir()
     params = tiny_params()
     run(["git", "init", "-q"], ws)

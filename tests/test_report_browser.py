@@ -30,9 +30,9 @@ LOCAL = ("file://", "data:")
 
 
 @pytest.fixture(scope="module")
-def report_file(onnx_model, tmp_path_factory) -> Path:
+def report_file(onnx_model, module_tmp) -> Path:
     """The report of the tiny exported model, with every kind of evidence."""
-    project = tmp_path_factory.mktemp("browser") / "project"
+    project = module_tmp / "project"
     shutil.copytree(onnx_model.parents[1], project)
     add_report_evidence(project, tiny_params())
     done = write_report(project / "models", project.parent / "report.html", project)

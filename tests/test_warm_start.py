@@ -46,8 +46,8 @@ def register(registry_dir: Path, model_pt: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("champion")
+def champion(module_tmp) -> dict:
+    tmp = module_tmp
     prepared = write_prepared(tmp / "prepared", n_train=16, n_val=8)
     summary, path = fit(tmp, prepared, "champion", lr=0.003)
     return {
