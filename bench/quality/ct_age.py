@@ -18,7 +18,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from bench.quality import harness
@@ -74,41 +73,34 @@ def oof_rows(ws: Path) -> list[dict]:
     ]
 
 
-def patient_bootstrap(df: pd.DataFrame, n: int = 2000, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """95% intervals of MAE, baseline MAE and R^2, resampling patients (their slices together)."""
+def mae(rows: pd.DataFrame, column: str = "pred") -> float:
+    return float((rows[column] - rows["y"]).abs().mean())
+
+
+def r2(rows: pd.DataFrame) -> float:
     from sklearn.metrics import r2_score
 
-    rng = np.random.default_rng(seed)
-    groups = [g for _, g in df.groupby("patient")]
-    values: dict[str, list[float]] = {"mae": [], "baseline_mae": [], "r2": []}
-    for _ in range(n):
-        s = pd.concat([groups[i] for i in rng.integers(0, len(groups), len(groups))])
-        values["mae"].append(float((s["pred"] - s["y"]).abs().mean()))
-        values["baseline_mae"].append(float((s["baseline"] - s["y"]).abs().mean()))
-        values["r2"].append(float(r2_score(s["y"], s["pred"])))
-    return {k: tuple(float(x) for x in np.percentile(v, [2.5, 97.5])) for k, v in values.items()}
+    return float(r2_score(rows["y"], rows["pred"]))
+
+
+STATS = {"mae": mae, "baseline_mae": lambda rows: mae(rows, "baseline"), "r2": r2}
 
 
 def table(runs: list[dict]) -> list[str]:
-    from sklearn.metrics import r2_score
-
     lines = [
         "| recipe | seed | fold MAEs, years | pooled out-of-fold MAE (95% CI, patient bootstrap) "
         "| always the training mean: MAE (95% CI) | pooled R^2 (95% CI) | wall time, s (5 folds) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (recipe, seed), group in pd.DataFrame(runs).groupby(["recipe", "seed"], sort=False):
-        folds = [r["metrics"]["mae"] for r in group.to_dict("records")]
-        pooled = pd.DataFrame([p for r in group["oof"] for p in r])
-        mae = float((pooled["pred"] - pooled["y"]).abs().mean())
-        base = float((pooled["baseline"] - pooled["y"]).abs().mean())
-        r2 = float(r2_score(pooled["y"], pooled["pred"]))
-        ci = patient_bootstrap(pooled)
+    for recipe, seed, folds, pooled in harness.pooled_by_recipe(runs):
+        value = {k: stat(pooled) for k, stat in STATS.items()}
+        fold_maes = ", ".join(f"{r['metrics']['mae']:.1f}" for r in folds)
+        ci = harness.patient_bootstrap(pooled, STATS)
         lines.append(
-            f"| {recipe} | {seed} | {', '.join(f'{a:.1f}' for a in folds)} | {mae:.2f} "
-            f"({ci['mae'][0]:.2f}-{ci['mae'][1]:.2f}) | {base:.2f} ({ci['baseline_mae'][0]:.2f}-"
-            f"{ci['baseline_mae'][1]:.2f}) | {r2:.3f} ({ci['r2'][0]:.3f} to {ci['r2'][1]:.3f}) "
-            f"| {sum(group['seconds']):.0f} |"
+            f"| {recipe} | {seed} | {fold_maes} | {value['mae']:.2f} "
+            f"({ci['mae'][0]:.2f}-{ci['mae'][1]:.2f}) | {value['baseline_mae']:.2f} ({ci['baseline_mae'][0]:.2f}-"
+            f"{ci['baseline_mae'][1]:.2f}) | {value['r2']:.3f} ({ci['r2'][0]:.3f} to {ci['r2'][1]:.3f}) "
+            f"| {sum(r['seconds'] for r in folds):.0f} |"
         )
     return lines
 
@@ -135,32 +127,20 @@ def main(argv: list[str] | None = None) -> int:
                 "retrain": {"compare_metric": "mae"},
             },
         )
-        for label in args.recipe or list(RECIPES):
-            for seed in args.seeds:
-                for fold in range(FOLDS):
-                    sets = {**RECIPES[label].get("sets", {}), "train.seed": seed, "split.test_fold": fold}
-                    row = harness.exp_run(ws, harness.exp_name(label, seed, f"-fold{fold}"), sets)
-                    print(f"  {label} seed {seed} fold {fold}: MAE {row['metrics']['mae']:.2f}", flush=True)
-                    harness.record(NAME, label, {**row, "seed": seed, "fold": fold, "oof": oof_rows(ws)})
+        harness.run_recipes(
+            ws, NAME, RECIPES, args.recipe, args.seeds, folds=FOLDS, extra_row=lambda ws: {"oof": oof_rows(ws)}
+        )
     runs = harness.recorded(NAME)
     if runs:
-        from components.common import write_text
-
-        lines = [
-            f"# SIIM CT: patient age from one slice, patient-level {FOLDS}-fold cross-validation",
-            "",
-            f"Runs recorded by `dvc exp run` in bench/quality/.work/{NAME}; machine: "
-            f"{'; '.join(sorted({r['machine'] for r in runs}))}.",
-            "",
-            *table(runs),
-            "",
+        harness.write_cv_results(
+            NAME,
+            f"SIIM CT: patient age from one slice, patient-level {FOLDS}-fold cross-validation",
+            runs,
+            table(runs),
             "No published baseline. Ages 39-83 (mean 67.5, SD 9.3 over the 100 slices). Images: 512 px "
             "DICOM slices windowed with their header's WindowCenter/Width, resized to 128 px; folds are "
             "patient-level (hashed DICOM PatientID), so no patient is in two folds or two splits.",
-            "",
-        ]
-        write_text(harness.RESULTS / f"{NAME}.md", "\n".join(lines))
-        print("\n".join(lines))
+        )
     return 0
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import yaml
 
 from components import common
@@ -141,8 +143,8 @@ def run_recipes(
                 exp = exp_name(label, seed, "" if fold is None else f"-fold{fold}")
                 print(f"running {exp}: {sets}", flush=True)
                 row = exp_run(ws, exp, sets)
-                m = row["metrics"]
-                print(f"  AUROC {m['auroc']:.4f} ACC {m['accuracy']:.4f} in {row['seconds']:.0f} s", flush=True)
+                shown = [f"{k} {v:.4f}" for k, v in row["metrics"].items() if k in ("auroc", "accuracy", "mae", "r2")]
+                print(f"  {' '.join(shown)} in {row['seconds']:.0f} s", flush=True)
                 extra = {"seed": seed, "fold": fold, **(extra_row(ws) if extra_row else {})}
                 runs = record(name, label, {**row, **extra})
     return runs
@@ -289,5 +291,47 @@ def write_table(
     lines += ["", *notes, ""]
     path = RESULTS / f"{name}.md"
     write_text(path, "\n".join(lines))
+    print("\n".join(lines))
+    return path
+
+
+def patient_bootstrap(
+    pooled: pd.DataFrame, stats: dict[str, Callable[[pd.DataFrame], float | None]], n: int = 2000, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% intervals of each of `stats` over `n` resamples of the patients of pooled out-of-fold rows
+    (a `patient` column; a patient's slices are drawn together). A stat that is undefined on a
+    resample (None: an AUROC of one class) leaves that resample out of its interval."""
+    rng = np.random.default_rng(seed)
+    groups = [g for _, g in pooled.groupby("patient")]
+    values: dict[str, list[float]] = {k: [] for k in stats}
+    for _ in range(n):
+        sample = pd.concat([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        for k, stat in stats.items():
+            if (v := stat(sample)) is not None:
+                values[k].append(float(v))
+    return {k: tuple(float(x) for x in np.percentile(v, [2.5, 97.5])) for k, v in values.items()}
+
+
+def pooled_by_recipe(runs: list[dict[str, Any]]):
+    """(recipe, seed, that recipe and seed's fold runs, their pooled out-of-fold rows) in run order."""
+    for (recipe, seed), group in pd.DataFrame(runs).groupby(["recipe", "seed"], sort=False):
+        yield recipe, seed, group.to_dict("records"), pd.DataFrame([p for r in group["oof"] for p in r])
+
+
+def write_cv_results(name: str, title: str, runs: list[dict[str, Any]], table: list[str], notes: str) -> Path:
+    """bench/quality/results/<name>.md for a cross-validation: title, machine, table, notes."""
+    lines = [
+        f"# {title}",
+        "",
+        f"Runs recorded by `dvc exp run` in bench/quality/.work/{name}; machine: "
+        f"{'; '.join(sorted({r['machine'] for r in runs}))}.",
+        "",
+        *table,
+        "",
+        notes,
+        "",
+    ]
+    path = RESULTS / f"{name}.md"
+    common.write_text(path, "\n".join(lines))
     print("\n".join(lines))
     return path

@@ -16,7 +16,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from bench.quality import harness
@@ -54,38 +53,26 @@ def oof_rows(ws: Path) -> list[dict]:
     ]
 
 
-def patient_bootstrap(df: pd.DataFrame, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+def auroc(rows: pd.DataFrame) -> float | None:
     from sklearn.metrics import roc_auc_score
 
-    rng = np.random.default_rng(seed)
-    groups = [g for _, g in df.groupby("patient")]
-    values = []
-    for _ in range(n):
-        sample = pd.concat([groups[i] for i in rng.integers(0, len(groups), len(groups))])
-        if sample["y"].nunique() == 2:
-            values.append(roc_auc_score(sample["y"], sample["score"]))
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return float(lo), float(hi)
+    return roc_auc_score(rows["y"], rows["score"]) if rows["y"].nunique() == 2 else None
 
 
 def table(runs: list[dict]) -> list[str]:
-    from sklearn.metrics import roc_auc_score
-
     lines = [
         "| recipe | seed | fold AUROCs | mean ± SD | pooled out-of-fold AUROC (95% CI, patient bootstrap) "
         "| accuracy (mean over folds) | wall time, s (5 folds) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (recipe, seed), group in pd.DataFrame(runs).groupby(["recipe", "seed"], sort=False):
-        folds = [r["metrics"]["auroc"] for r in group.to_dict("records")]
-        pooled = pd.DataFrame([p for r in group["oof"] for p in r])
-        auc = roc_auc_score(pooled["y"], pooled["score"])
-        lo, hi = patient_bootstrap(pooled)
-        acc = statistics.mean(r["metrics"]["accuracy"] for r in group.to_dict("records"))
+    for recipe, seed, folds, pooled in harness.pooled_by_recipe(runs):
+        aurocs = [r["metrics"]["auroc"] for r in folds]
+        lo, hi = harness.patient_bootstrap(pooled, {"auroc": auroc})["auroc"]
+        acc = statistics.mean(r["metrics"]["accuracy"] for r in folds)
         lines.append(
-            f"| {recipe} | {seed} | {', '.join(f'{a:.3f}' for a in folds)} | "
-            f"{statistics.mean(folds):.3f} ± {statistics.stdev(folds):.3f} | {auc:.3f} ({lo:.3f}-{hi:.3f}) "
-            f"| {acc:.3f} | {sum(group['seconds']):.0f} |"
+            f"| {recipe} | {seed} | {', '.join(f'{a:.3f}' for a in aurocs)} | "
+            f"{statistics.mean(aurocs):.3f} ± {statistics.stdev(aurocs):.3f} | {auroc(pooled):.3f} ({lo:.3f}-{hi:.3f}) "
+            f"| {acc:.3f} | {sum(r['seconds'] for r in folds):.0f} |"
         )
     return lines
 
@@ -115,23 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     runs = harness.recorded(NAME)
     if runs:
-        from components.common import write_text
-
-        lines = [
-            f"# SIIM CT contrast (DICOM, 54 patients): patient-level {FOLDS}-fold cross-validation",
-            "",
-            f"Runs recorded by `dvc exp run` in bench/quality/.work/{NAME}; machine: "
-            f"{'; '.join(sorted({r['machine'] for r in runs}))}.",
-            "",
-            *table(runs),
-            "",
+        harness.write_cv_results(
+            NAME,
+            f"SIIM CT contrast (DICOM, 54 patients): patient-level {FOLDS}-fold cross-validation",
+            runs,
+            table(runs),
             "No published baseline. Images: 512 px DICOM slices windowed with their header's "
             "WindowCenter/Width, resized to 128 px; folds are StratifiedGroupKFold over the hashed "
             "DICOM PatientID, so no patient is in two folds or two splits.",
-            "",
-        ]
-        write_text(harness.RESULTS / f"{NAME}.md", "\n".join(lines))
-        print("\n".join(lines))
+        )
     return 0
 
 
