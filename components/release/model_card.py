@@ -3,11 +3,11 @@ release/templates/model_card.md.j2 from the records export reads.
 
     text = model_card(mid, ckpt, manifest, metrics, gate, meta, exp, synthetic, validation)
 
-card_context computes every value the template shows (the template is strict: a missing one fails),
-interval_rows the test proportions with their 95% Wilson intervals; synthetic_demo tells whether
-the scans are `medtune demo-data`'s, which the card then says. A regression checkpoint's card
-(REGRESSION_TEMPLATE, regression_context) shows MAE, RMSE and R^2 with their bootstrap intervals
-(value_rows) and the gain over the linear probe in MAE (value_probe) instead.
+model_card computes every value the template shows (the template is strict: a missing one fails): what
+every card shows, then classification_values, with interval_rows the test proportions with their 95%
+Wilson intervals; synthetic_demo tells whether the scans are `medtune demo-data`'s, which the card then
+says. A regression checkpoint's card (REGRESSION_TEMPLATE, regression_values) shows MAE, RMSE and R^2
+with their bootstrap intervals (value_rows) and the gain over the linear probe in MAE (value_probe) instead.
 """
 
 from __future__ import annotations
@@ -47,30 +47,24 @@ def model_card(
     validation: dict | None = None,
 ) -> str:
     """The human-readable summary of one model (Markdown), laid out by CARD_TEMPLATE (REGRESSION_TEMPLATE
-    for a regression checkpoint)."""
-    if ckpt.get("task") == "regression":
-        context = regression_context(mid, ckpt, manifest, metrics, gate, meta, exp, synthetic, validation)
-        return render(REGRESSION_TEMPLATE, **context)
-    return render(CARD_TEMPLATE, **card_context(mid, ckpt, manifest, metrics, gate, meta, exp, synthetic, validation))
+    for a regression checkpoint) from what every card shows and the task's own values."""
+    regression = ckpt.get("task") == "regression"
+    context = {
+        **_common_context(mid, ckpt, manifest, meta, exp, synthetic, validation),
+        **(regression_values(ckpt, metrics, meta) if regression else classification_values(manifest, metrics)),
+        "gate_passed": gate["passed"],
+        "gate_reasons": gate.get("reasons", []),
+    }
+    return render(REGRESSION_TEMPLATE if regression else CARD_TEMPLATE, **context)
 
 
-def card_context(
-    mid: str,
-    ckpt: dict,
-    manifest: dict,
-    metrics: dict,
-    gate: dict,
-    meta: dict,
-    exp: dict,
-    synthetic: bool,
-    validation: dict | None,
-) -> dict[str, Any]:
-    """The card's values, each present (None where a record lacks it: the template is strict)."""
+def classification_values(manifest: dict, metrics: dict) -> dict[str, Any]:
+    """A classifier card's values: the classes per split, the test metrics with their intervals, the
+    calibration and the gain over the linear probe."""
     classes = list(metrics["classes"])
     counts = manifest.get("counts") or {}
     lo, hi = metrics["auroc_ci"]
     return {
-        **_common_context(mid, ckpt, manifest, meta, exp, synthetic, validation),
         "classes": classes,
         "splits": [{"name": s, "counts": [counts.get(s, {}).get(c, 0) for c in classes]} for s in SPLITS],
         "metrics": {
@@ -88,8 +82,6 @@ def card_context(
         "macro": [(n, metrics[n]) for n in ("sensitivity", "specificity", "precision")] if len(classes) > 2 else [],
         "calibration": metrics.get("calibration") or {"method": "none"},
         "probe": probe_rows(metrics),
-        "gate_passed": gate["passed"],
-        "gate_reasons": gate.get("reasons", []),
     }
 
 
@@ -137,22 +129,11 @@ def _common_context(
     }
 
 
-def regression_context(
-    mid: str,
-    ckpt: dict,
-    manifest: dict,
-    metrics: dict,
-    gate: dict,
-    meta: dict,
-    exp: dict,
-    synthetic: bool,
-    validation: dict | None,
-) -> dict[str, Any]:
+def regression_values(ckpt: dict, metrics: dict, meta: dict) -> dict[str, Any]:
     """A regression card's values: the targets per split (preprocess's target_stats), the mean and std the
     graph applies, MAE/RMSE/R^2 with intervals and the gain over the linear probe."""
     stats = meta.get("target_stats") or {}
     return {
-        **_common_context(mid, ckpt, manifest, meta, exp, synthetic, validation),
         "target": {"mean": ckpt["target_mean"], "std": ckpt["target_std"]},
         "splits": [
             {"name": s, **{k: (stats.get(s) or {}).get(k) for k in ("count", "mean", "std", "min", "max")}}
@@ -162,8 +143,6 @@ def regression_context(
         "tta": metrics.get("tta", "none"),
         "rows": value_rows(metrics),
         "probe": value_probe(metrics),
-        "gate_passed": gate["passed"],
-        "gate_reasons": gate.get("reasons", []),
     }
 
 
