@@ -28,6 +28,7 @@ import math
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,36 +194,68 @@ def write_test_samples(
     predicted class) with the group sizes; returns the index. `images`, `index`, `probs` and `y_pred`
     are the test split as evaluate scored it. The folder is built beside `out_dir` and renamed over
     it whole, so a stop leaves the old folder or the new one. 0 per group writes an index without images."""
-    classes, per_group, tta = list(params.data.classes), params.evaluate.explain_per_group, params.evaluate.tta
+    classes, per_group = list(params.data.classes), params.evaluate.explain_per_group
     y_true = index["label_index"].to_numpy().astype(np.int64)
     paths = [str(p) for p in index["path"]]
     confidence = probs[np.arange(len(probs)), y_pred]
     masks = groups(y_true, y_pred, classes, params.positive_index)
     chosen = choose(masks, confidence, paths, per_group)
-    rows = [i for g in masks for i in chosen[g]]
-    maps = heatmaps(model, images[rows], y_pred[rows], tta, device) if rows else None
-    layer = target_layer(_members(model)[0], min(images.shape[-2:]))[0]
-    record = {
-        "method": "grad-cam",
-        "target": "the predicted class's logit",
-        "target_layer": layer if isinstance(model, Classifier) else f"members.*.{layer} (maps averaged)",
-        "tta": tta,
-        "per_group": per_group,
-        "groups": {g: {"images": int(m.sum()), "explained": len(chosen[g])} for g, m in masks.items()},
-        "images": [],
-    }
-    entries = []
-    pairs = [(g, i) for g in masks for i in chosen[g]]  # the order of `rows`, so maps[n] is row n's
-    for n, (group, i) in enumerate(pairs):
-        entry = {
-            "file": f"{group}-{sha256_bytes(paths[i].encode())[:12]}.png",
-            "group": group,
-            "path": paths[i],
+    return _explain(
+        out_dir,
+        model,
+        images,
+        paths,
+        {g: chosen[g] for g in masks},
+        {g: int(m.sum()) for g, m in masks.items()},
+        y_pred,
+        "the predicted class's logit",
+        lambda i: {
             "label": classes[y_true[i]],
             "predicted": classes[y_pred[i]],
             "probability": round(float(confidence[i]), 6),
-        }
-        entries.append((entry, np.asarray(images[i]), maps[n]))
+        },
+        params,
+        device,
+    )
+
+
+def _explain(
+    out_dir: Path,
+    model: Classifier | Ensemble,
+    images: np.ndarray,
+    paths: list[str],
+    chosen: dict[str, list[int]],
+    sizes: dict[str, int],
+    targets: np.ndarray,
+    target: str,
+    details: Callable[[int], dict[str, Any]],
+    params: Params,
+    device: Any,
+) -> dict[str, Any]:
+    """Grad-CAM of output `targets[i]` (described as `target`) for the test rows `chosen` per group (of
+    `sizes` images), each listed in index.json with its file, group, path and `details(i)`."""
+    pairs = [(g, i) for g in chosen for i in chosen[g]]
+    rows = [i for _, i in pairs]
+    tta = params.evaluate.tta
+    maps = heatmaps(model, images[rows], targets[rows], tta, device) if rows else None
+    layer = target_layer(_members(model)[0], min(images.shape[-2:]))[0]
+    record = {
+        "method": "grad-cam",
+        "target": target,
+        "target_layer": layer if isinstance(model, Classifier) else f"members.*.{layer} (maps averaged)",
+        "tta": tta,
+        "per_group": params.evaluate.explain_per_group,
+        "groups": {g: {"images": sizes[g], "explained": len(chosen[g])} for g in chosen},
+        "images": [],
+    }
+    entries = [
+        (
+            {"file": f"{g}-{sha256_bytes(paths[i].encode())[:12]}.png", "group": g, "path": paths[i], **details(i)},
+            np.asarray(images[i]),
+            maps[n],
+        )
+        for n, (g, i) in enumerate(pairs)
+    ]
     return _write_folder(out_dir, record, entries)
 
 
@@ -257,7 +290,7 @@ def write_regression_samples(
     predicted value) for up to `evaluate.explain_per_group` test images with the largest absolute
     errors (group `largest-error`) and as many with the smallest (`smallest-error`), ties by path;
     index.json lists each with its target, prediction and error (prediction - target)."""
-    per_group, tta = params.evaluate.explain_per_group, params.evaluate.tta
+    per_group = params.evaluate.explain_per_group
     paths = [str(p) for p in index["path"]]
     error = np.round(np.asarray(y_pred, dtype=np.float64) - np.asarray(y_true, dtype=np.float64), 6)
     by_error = sorted(range(len(paths)), key=lambda i: (-abs(error[i]), paths[i]))
@@ -265,31 +298,19 @@ def write_regression_samples(
     taken = set(largest)
     rest = sorted((i for i in range(len(paths)) if i not in taken), key=lambda i: (abs(error[i]), paths[i]))
     chosen = {"largest-error": largest, "smallest-error": rest[:per_group]}
-    rows = [i for g in chosen for i in chosen[g]]
-    maps = heatmaps(model, images[rows], np.zeros(len(rows), dtype=np.int64), tta, device) if rows else None
-    layer = target_layer(_members(model)[0], min(images.shape[-2:]))[0]
-    record = {
-        "method": "grad-cam",
-        "target": "the model's one output (the predicted value)",
-        "target_layer": layer if isinstance(model, Classifier) else f"members.*.{layer} (maps averaged)",
-        "tta": tta,
-        "per_group": per_group,
-        "groups": {g: {"images": len(paths), "explained": len(rows_g)} for g, rows_g in chosen.items()},
-        "images": [],
-    }
-    entries = []
-    pairs = [(g, i) for g in chosen for i in chosen[g]]  # the order of `rows`, so maps[n] is row n's
-    for n, (group, i) in enumerate(pairs):
-        entry = {
-            "file": f"{group}-{sha256_bytes(paths[i].encode())[:12]}.png",
-            "group": group,
-            "path": paths[i],
-            "target": float(y_true[i]),
-            "predicted": round(float(y_pred[i]), 6),
-            "error": float(error[i]),
-        }
-        entries.append((entry, np.asarray(images[i]), maps[n]))
-    return _write_folder(out_dir, record, entries)
+    return _explain(
+        out_dir,
+        model,
+        images,
+        paths,
+        chosen,
+        {g: len(paths) for g in chosen},
+        np.zeros(len(paths), dtype=np.int64),
+        "the model's one output (the predicted value)",
+        lambda i: {"target": float(y_true[i]), "predicted": round(float(y_pred[i]), 6), "error": float(error[i])},
+        params,
+        device,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
