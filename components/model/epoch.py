@@ -99,6 +99,23 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
+def _validate(
+    model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, amp: bool
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The mean validation loss (the training criterion), and the model's outputs and targets on the CPU."""
+    model.eval()
+    total, outputs, targets = 0.0, [], []
+    for x, y in loader:
+        x, y = _to(x, device), y.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            out = model(x).float()
+        total += float(criterion(out, y)) * len(y)
+        outputs.append(out.cpu())
+        targets.append(y.cpu())
+    y_all = torch.cat(targets)
+    return total / len(y_all), torch.cat(outputs), y_all
+
+
 def evaluate_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -108,24 +125,15 @@ def evaluate_epoch(
     amp: bool = False,
 ) -> dict[str, float]:
     """Validation loss (same weighted criterion as training), AUROC (nan if a class is missing) and accuracy."""
-    model.eval()
-    total, probs, labels = 0.0, [], []
-    for x, y in loader:
-        x, y = _to(x, device), y.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-            logits = model(x).float()
-        total += float(criterion(logits, y)) * len(y)
-        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-        labels.append(y.cpu().numpy())
-    p, y_true = np.concatenate(probs), np.concatenate(labels)
+    loss, logits, labels = _validate(model, loader, criterion, device, amp)
+    p, y_true = torch.softmax(logits, dim=1).numpy(), labels.numpy()
     return {
-        "val_loss": total / len(y_true),
+        "val_loss": loss,
         "val_auroc": auroc(y_true, p, positive_index),
         "val_accuracy": float((p.argmax(1) == y_true).mean()),
     }
 
 
-@torch.inference_mode()
 def evaluate_regression_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -136,13 +144,6 @@ def evaluate_regression_epoch(
 ) -> dict[str, float]:
     """Validation loss (the training criterion, on standardised targets) and MAE in the target's unit
     (the standardised error times the train split's standard deviation)."""
-    model.eval()
-    total, errors = 0.0, []
-    for x, y in loader:
-        x, y = _to(x, device), y.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-            out = model(x).float()
-        total += float(criterion(out, y)) * len(y)
-        errors.append((out.reshape(-1) - y.float()).abs().cpu().numpy())
-    err = np.concatenate(errors).astype(np.float64)
-    return {"val_loss": total / len(err), "val_mae": float(err.mean() * target_std)}
+    loss, out, y = _validate(model, loader, criterion, device, amp)
+    err = (out.reshape(-1) - y.float()).abs().numpy().astype(np.float64)
+    return {"val_loss": loss, "val_mae": float(err.mean() * target_std)}
