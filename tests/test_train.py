@@ -349,8 +349,8 @@ def test_ema_ramps_up_then_follows_the_decay_and_skips_counters():
 @pytest.mark.slow
 def test_ema_weights_are_what_is_validated_and_saved(tmp_path):
     prepared = write_prepared(tmp_path / "prepared")
-    plain, a = run(tmp_path, prepared, "plain", epochs=2, early_stopping_metric="val_auroc")
-    ema, b = run(tmp_path, prepared, "ema", epochs=2, early_stopping_metric="val_auroc", ema_decay=0.5)
+    plain, a = run(tmp_path, prepared, "plain", epochs=1, early_stopping_metric="val_auroc")
+    ema, b = run(tmp_path, prepared, "ema", epochs=1, early_stopping_metric="val_auroc", ema_decay=0.5)
     sa = torch.load(a / "model.pt", weights_only=True)
     sb = torch.load(b / "model.pt", weights_only=True)
     assert sb["params"]["train"]["ema_decay"] == 0.5
