@@ -57,10 +57,33 @@ def test_the_onnx_graph_gives_head_times_std_plus_mean_and_records_the_stats(exp
 
     # Parity on values, with the tolerance in target units.
     # (plus a few float32 steps at the size of the mean, which the graph adds in float32)
-    assert report["value_tolerance"] == pytest.approx(params.export.tolerance * TARGET_STD, rel=0.05)
+    assert report["value_tolerance"] == pytest.approx(params.export.value_tolerance * TARGET_STD, rel=0.05)
     assert report["max_abs_diff_batchN"] <= report["value_tolerance"]
     lineage = json.loads((p["out"] / "lineage.json").read_text())
     assert lineage["target"] == {"mean": TARGET_MEAN, "std": TARGET_STD}
+
+
+def test_parity_on_values_is_judged_in_target_sds_by_export_value_tolerance(tmp_path, monkeypatch):
+    """A trained regression's float32 differences between ONNX Runtime and PyTorch reach a few 1e-4 of
+    the targets' SD (0.0033 mm at an SD of 11.5 on the regression demo): export.value_tolerance (1e-3
+    SDs) ships such a graph, which export.tolerance, a tolerance on probabilities, would have refused;
+    a tighter value_tolerance refuses it, naming the key, the SD and the limit."""
+    from components.common import StageError
+    from components.release import export
+
+    seen = 3.3e-4 * TARGET_STD  # the size of a difference seen on a trained model, in target units
+    monkeypatch.setattr(export, "parity", lambda *args: seen)
+    assert seen > regression_params().export.tolerance * TARGET_STD
+    report = run_export(make_regression_project(tmp_path / "a"), regression_params())
+    assert report["max_abs_diff_batchN"] == seen < report["value_tolerance"]
+
+    params = regression_params()
+    strict = params.model_copy(update={"export": params.export.model_copy(update={"value_tolerance": 1e-4})})
+    with pytest.raises(
+        StageError,
+        match=r"max \|diff\| of values 0\.00404 .* export\.value_tolerance 0\.0001 x the train targets' SD 12\.2\d*, 0\.0012",
+    ):
+        run_export(make_regression_project(tmp_path / "b"), strict)
 
 
 def test_predict_writes_a_value_per_scan_without_importing_torch(exported, tmp_path):
@@ -185,7 +208,7 @@ def test_the_card_trace_and_report_show_mae_rmse_r2_with_intervals_and_no_auroc(
     from components.audit.trace import trace
     from components.audit.trace_text import render
 
-    p, _, _ = exported
+    p, _, exported_report = exported
     record = json.loads((p["reports"] / "evaluation.json").read_text())
     mae, (lo, hi), gain = record["mae"], record["mae_ci"], record["linear_probe"]["mae_gain"]
     card = (p["out"] / "model_card.md").read_text()
@@ -196,7 +219,9 @@ def test_the_card_trace_and_report_show_mae_rmse_r2_with_intervals_and_no_auroc(
     assert "AUROC" not in card and "Confusion" not in card and "threshold" not in card
 
     root = p["out"].parent
-    text = render(trace(p["out"] / "model.onnx", root))
+    lineage = trace(p["out"] / "model.onnx", root)
+    assert lineage["export"]["value_tolerance"] == exported_report["value_tolerance"]  # the limit applied
+    text = render(lineage)
     assert f"MAE {mae:.4g} (95% CI {lo:.4g} - {hi:.4g})" in text and "R^2 " in text and "RMSE " in text
     assert f"= {gain:+.3f}" in text and "fine-tuning lowered the error" in text
     evaluation = text[text.index("9. Evaluation") : text.index("10. Export")]

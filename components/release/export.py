@@ -284,13 +284,16 @@ def _checked_onnx(wrapper: Any, i: _Inputs, params: Params, prepared_dir: Path) 
     diff1 = parity(wrapper, session, images[:1], device, i.output)
     diff_n = parity(wrapper, session, images[:batch_n], device, i.output)
     tol = params.export.tolerance
-    limit, what = (value_tolerance(tol, i.ckpt), "values") if i.regression else (tol, "probabilities")
+    if i.regression:
+        vt = params.export.value_tolerance
+        limit, what = value_tolerance(vt, i.ckpt), "values"
+        expected = f"export.value_tolerance {vt} x the train targets' SD {i.ckpt['target_std']:.4g}, {limit:.3g}"
+    else:
+        limit, what, expected = tol, "probabilities", f"export.tolerance {tol}"
     if max(diff1, diff_n) > limit:
-        scaled = f" (scaled to target units: {limit:.3g})" if i.regression else ""
         raise StageError(
             f"ONNX Runtime and PyTorch disagree on {prepared_dir}/test.npy: max |diff| of {what} "
-            f"{diff1:.3g} (batch 1), {diff_n:.3g} (batch {batch_n}); expected <= export.tolerance {tol}{scaled}. "
-            "Not exported."
+            f"{diff1:.3g} (batch 1), {diff_n:.3g} (batch {batch_n}); expected <= {expected}. Not exported."
         )
     log.info("parity ok: max |diff| %.2e (batch 1), %.2e (batch %d) <= %g", diff1, diff_n, batch_n, limit)
     exp = {
@@ -307,7 +310,7 @@ def _checked_onnx(wrapper: Any, i: _Inputs, params: Params, prepared_dir: Path) 
 
 
 def value_tolerance(tol: float, ckpt: dict[str, Any]) -> float:
-    """The parity tolerance on a regression's values: `export.tolerance` (a tolerance on the network's
+    """The parity tolerance on a regression's values: `export.value_tolerance` (a tolerance on the network's
     standardised output) times the targets' std, and no less than a few float32 steps at the size of
     their mean, which the graph adds in float32."""
     mean, std = float(ckpt["target_mean"]), float(ckpt["target_std"])
