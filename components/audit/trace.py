@@ -357,11 +357,11 @@ def trace(ref: str | Path, root: str | Path = ".") -> dict[str, Any]:
         },
         "export": _pick(
             L.get("export"),
-            ("opset", "exporter", "tolerance", "max_abs_diff_batch1", "max_abs_diff_batchN", "batch_n"),
+            ("opset", "exporter", "tolerance", "max_abs_diff_batch1", "max_abs_diff_batchN", "batch_n")
+            # a regression's parity limit, in target units (export.value_tolerance x the targets' SD)
+            + (("value_tolerance",) if "value_tolerance" in (L.get("export") or {}) else ()),
             OLD,
-        )
-        # a regression's parity limit, in target units (export.value_tolerance x the targets' SD)
-        | ({"value_tolerance": L["export"]["value_tolerance"]} if "value_tolerance" in (L.get("export") or {}) else {}),
+        ),
         "model_card": _model_card(m),
         "release": _release(m, registry, mine, promoted, tag),
         "drift": _drift(m, registry, events, data, rows, manifest_why),
