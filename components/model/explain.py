@@ -235,7 +235,7 @@ def _explain(
     """Grad-CAM of output `targets[i]` (described as `target`) for the test rows `chosen` per group (of
     `sizes` images), each listed in index.json with its file, group, path and `details(i)`."""
     pairs = [(g, i) for g in chosen for i in chosen[g]]
-    rows = [i for _, i in pairs]
+    rows = [i for _, i in pairs]  # in the order of `pairs`, so maps[n] is pair n's
     tta = params.evaluate.tta
     maps = heatmaps(model, images[rows], targets[rows], tta, device) if rows else None
     layer = target_layer(_members(model)[0], min(images.shape[-2:]))[0]
