@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="module")
-def module_tmp(request, tmp_path_factory) -> Path:
+def module_tmp(request, tmp_path_factory) -> Iterator[Path]:
     """The folder of one test module's shared fixtures, removed when the module ends unless one of its
     tests failed. pytest removes a passing test's tmp_path (tmp_path_retention_policy "failed" in
     pyproject.toml) but keeps `tmp_path_factory.mktemp` folders to the end of the session: the
