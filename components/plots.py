@@ -12,6 +12,7 @@ matplotlib is imported only when a figure is made: importing this module costs n
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,17 @@ def figure(width: float, height: float) -> tuple[Any, Any]:
     return plt.subplots(figsize=(width, height))
 
 
-def save_png(fig: Any, path: Path) -> None:
-    """Write `fig` to `path` atomically, the same bytes for the same figure; then close it."""
+def png_bytes(fig: Any) -> bytes:
+    """`fig` as PNG bytes, the same bytes for the same figure; then close it."""
     import matplotlib.pyplot as plt
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata=PNG_METADATA)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA)
     plt.close(fig)
+    return buf.getvalue()
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Write `fig` to `path` atomically, the same bytes for the same figure; then close it."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png_bytes(fig))

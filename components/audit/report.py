@@ -32,7 +32,7 @@ from components.audit.evidence import Evidence, gather
 from components.audit.trace import trace
 from components.audit.trace_text import PUBLIC_SALT_NOTE, SECTIONS, TITLES, public_salt
 from components.common import run_cli, write_text
-from components.plots import DPI, PNG_METADATA, figure
+from components.plots import figure, png_bytes
 from components.release.model_card import interval_rows, value_probe
 from components.release.records import NOT_RECORDED, load_lineage
 from components.templates import render
@@ -78,8 +78,6 @@ def read_curve(name: str, blob: bytes) -> list[tuple[float, float]]:
 def curves_png(files: dict[str, bytes], best_epoch: Any) -> bytes:
     """The training curves: one panel per metric (loss, auroc, accuracy, lr), a line per split or member
     (`val/loss.tsv`, `member1/train/loss.tsv`), the kept epoch marked."""
-    import matplotlib.pyplot as plt
-
     panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for rel, blob in files.items():
         parts = rel.removesuffix(".tsv").split("/")
@@ -100,17 +98,12 @@ def curves_png(files: dict[str, bytes], best_epoch: Any) -> bytes:
     for axis in axes[len(panels) :]:
         axis.set_visible(False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def scatter_png(blob: bytes) -> bytes:
     """A regression's predicted-vs-true plot from evaluate's scatter.csv (columns true,predicted), the line
     of perfect predictions drawn; ValueError when the file holds no points."""
-    import matplotlib.pyplot as plt
-
     rows = list(csv.DictReader(io.StringIO(blob.decode("utf-8"))))
     try:
         points = [(float(r["true"]), float(r["predicted"])) for r in rows]
@@ -127,10 +120,7 @@ def scatter_png(blob: bytes) -> bytes:
     ax.set_ylabel("predicted")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def markdown_html(text: str) -> str:
