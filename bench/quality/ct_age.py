@@ -13,7 +13,6 @@ No published baseline.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -106,11 +105,7 @@ def table(runs: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", action="append", choices=list(RECIPES))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args(argv)
+    args = harness.recipe_args(__doc__.splitlines()[0], RECIPES, argv, seeds=[0])
     src = harness.dataset("siim-ct-contrast-dicom")
     if src is None:
         return 0

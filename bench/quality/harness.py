@@ -8,6 +8,7 @@ needed by the tests.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -105,6 +106,15 @@ def exp_run(ws: Path, name: str, sets: dict[str, Any]) -> dict[str, Any]:
     metrics = json.loads((ws / "reports/evaluation.json").read_text())  # the whole record: CI, calibration
     train = json.loads((ws / "reports/train.json").read_text())
     return {"name": name, "sets": sets, "seconds": round(seconds, 1), "metrics": metrics, "train": train}
+
+
+def recipe_args(description: str, recipes: dict[str, Any], argv: list[str] | None, seeds: list[int]) -> Any:
+    """The command line every bench/quality script takes: --recipe (repeatable), --seeds, --table-only."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--recipe", action="append", choices=list(recipes), help="recipe to run (repeatable; default: all)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=seeds, help=f"train.seed values (default {seeds})")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from the recorded runs")
+    return ap.parse_args(argv)
 
 
 def recipe_sets(preset_name: str | None, **extra: Any) -> dict[str, Any]:

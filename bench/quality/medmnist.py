@@ -4,7 +4,6 @@ for each seed as a `dvc exp run`, then the results table. pneumoniamnist.py / br
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,7 @@ class Dataset:
 def main(ds: Dataset, argv: list[str] | None = None, import_cmd: Callable[[Path], list[str]] | None = None) -> int:
     """`ds.source` is the data set's path under ../shared/datasets; `import_cmd(path)` the command that
     imports it (default: medtune import-npz)."""
-    ap = argparse.ArgumentParser(description=f"{ds.title}: recipes x seeds as dvc experiments")
-    ap.add_argument(
-        "--recipe", action="append", choices=list(ds.recipes), help="recipe to run (repeatable; default: all)"
-    )
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default 0 1 2)")
-    ap.add_argument("--table-only", action="store_true", help="rewrite the table from the recorded runs")
-    args = ap.parse_args(argv)
+    args = harness.recipe_args(f"{ds.title}: recipes x seeds as dvc experiments", ds.recipes, argv, seeds=[0, 1, 2])
     src = harness.dataset(ds.source)
     if src is None:
         return 0
