@@ -116,9 +116,11 @@ def render_models(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         m = r["metrics"]
         # A regression shows its MAE (with "mae") in the headline column and R^2 in place of sensitivity.
-        name = "auroc" if "auroc" in m or "mae" not in m else "mae"
+        regression = "mae" in m and "auroc" not in m
+        name, label = ("mae", "mae ") if regression else ("auroc", "")
         ci = m.get(f"{name}_ci") or [None, None]
-        auroc = f"{'mae ' * (name == 'mae')}{_fmt(m.get(name))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if name in m else "-"
+        headline = f"{label}{_fmt(m[name])} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if name in m else "-"
+        second = f"r2 {_fmt(m['r2'])}" if regression and "r2" in m else _fmt(m.get("sensitivity"))
         date = r["date"] if not str(r["date"]).startswith(NOT_RECORDED) else "-"
         dv = str(r["data_version"])
         dv = "-" if dv.startswith(NOT_RECORDED) else dv[:14]
@@ -129,8 +131,8 @@ def render_models(rows: list[dict[str, Any]]) -> str:
                 f"{'*' if r['current'] else ' '} {r['model_id']}",
                 date,
                 dv,
-                auroc,
-                f"r2 {_fmt(m['r2'])}" if name == "mae" and "r2" in m else _fmt(m.get("sensitivity")),
+                headline,
+                second,
                 _fmt(m.get("specificity")),
                 gate,
                 status,
