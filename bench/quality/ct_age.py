@@ -104,39 +104,30 @@ def table(runs: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = harness.recipe_args(__doc__.splitlines()[0], RECIPES, argv, seeds=[0])
-    src = harness.dataset("siim-ct-contrast-dicom")
-    if src is None:
-        return 0
-    if not args.table_only:
-        ws = harness.make_project(
-            NAME,
-            import_slices(src),
-            {
-                "data": {"task": "regression", "label_source": "csv"},
-                "split": {"method": "stratified", "test_fraction": 1 / FOLDS, "val_fraction": 0.15},
-                "preprocess": {"image_size": 128},
-                # Benchmarks measure, they do not release: the regression gate open too.
-                "evaluate": {"gate": {"min_r2": None}},
-                "retrain": {"compare_metric": "mae"},
-            },
-        )
-        harness.run_recipes(
-            ws, NAME, RECIPES, args.recipe, args.seeds, folds=FOLDS, extra_row=lambda ws: {"oof": oof_rows(ws)}
-        )
-    runs = harness.recorded(NAME)
-    if runs:
-        harness.write_cv_results(
-            NAME,
-            f"SIIM CT: patient age from one slice, patient-level {FOLDS}-fold cross-validation",
-            runs,
-            table(runs),
-            "No published baseline. Ages 39-83 (mean 67.5, SD 9.3 over the 100 slices). Images: 512 px "
-            "DICOM slices windowed with their header's WindowCenter/Width, resized to 128 px; folds are "
-            "patient-level (hashed DICOM PatientID), so no patient is in two folds or two splits.",
-        )
-    return 0
+STUDY = harness.CrossValidation(
+    name=NAME,
+    title=f"SIIM CT: patient age from one slice, patient-level {FOLDS}-fold cross-validation",
+    source="siim-ct-contrast-dicom",
+    importer=import_slices,
+    params={
+        "data": {"task": "regression", "label_source": "csv"},
+        "split": {"method": "stratified", "test_fraction": 1 / FOLDS, "val_fraction": 0.15},
+        "preprocess": {"image_size": 128},
+        # Benchmarks measure, they do not release: the regression gate open too.
+        "evaluate": {"gate": {"min_r2": None}},
+        "retrain": {"compare_metric": "mae"},
+    },
+    recipes=RECIPES,
+    folds=FOLDS,
+    oof_rows=oof_rows,
+    table=table,
+    notes=(
+        "No published baseline. Ages 39-83 (mean 67.5, SD 9.3 over the 100 slices). Images: 512 px "
+        "DICOM slices windowed with their header's WindowCenter/Width, resized to 128 px; folds are "
+        "patient-level (hashed DICOM PatientID), so no patient is in two folds or two splits."
+    ),
+)
+main = STUDY.main
 
 
 if __name__ == "__main__":

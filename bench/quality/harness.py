@@ -17,6 +17,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +327,39 @@ def pooled_by_recipe(runs: list[dict[str, Any]]):
     """(recipe, seed, that recipe and seed's fold runs, their pooled out-of-fold rows) in run order."""
     for (recipe, seed), group in pd.DataFrame(runs).groupby(["recipe", "seed"], sort=False):
         yield recipe, seed, group.to_dict("records"), pd.DataFrame([p for r in group["oof"] for p in r])
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """A patient-level k-fold cross-validation of one data set: each recipe x seed x fold one `dvc exp
+    run` with `split.test_fold` K, each run's test predictions kept (`oof_rows(ws)`), and
+    results/<name>.md written from the pooled out-of-fold rows (`table(runs)`)."""
+
+    name: str
+    title: str
+    source: str  # under ../shared/datasets
+    importer: Callable[[Path], Callable[[Path], None]]  # the source -> what fills the project's data/raw
+    params: dict[str, Any]  # the project's params.yaml, over the defaults
+    recipes: dict[str, dict[str, Any]]
+    folds: int
+    oof_rows: Callable[[Path], list[dict[str, Any]]]
+    table: Callable[[list[dict[str, Any]]], list[str]]
+    notes: str
+
+    def main(self, argv: list[str] | None = None) -> int:
+        args = recipe_args(self.title, self.recipes, argv, seeds=[0])
+        src = dataset(self.source)
+        if src is None:
+            return 0
+        if not args.table_only:
+            ws = make_project(self.name, self.importer(src), self.params)
+            run_recipes(
+                ws, self.name, self.recipes, args.recipe, args.seeds, self.folds, lambda ws: {"oof": self.oof_rows(ws)}
+            )
+        runs = recorded(self.name)
+        if runs:
+            write_cv_results(self.name, self.title, runs, self.table(runs), self.notes)
+        return 0
 
 
 def write_cv_results(name: str, title: str, runs: list[dict[str, Any]], table: list[str], notes: str) -> Path:

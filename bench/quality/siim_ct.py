@@ -76,37 +76,28 @@ def table(runs: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = harness.recipe_args(__doc__.splitlines()[0], RECIPES, argv, seeds=[0])
-    src = harness.dataset("siim-ct-contrast-dicom")
-    if src is None:
-        return 0
-    if not args.table_only:
-        ws = harness.make_project(
-            NAME,
-            import_slices(src),
-            {
-                "data": {"label_source": "folder", "classes": ["no_contrast", "contrast"]},
-                "split": {"test_fraction": 1 / FOLDS, "val_fraction": 0.15},
-                "preprocess": {"image_size": 128},
-                "evaluate": {"positive_class": "contrast"},
-            },
-        )
-        harness.run_recipes(
-            ws, NAME, RECIPES, args.recipe, args.seeds, folds=FOLDS, extra_row=lambda ws: {"oof": oof_rows(ws)}
-        )
-    runs = harness.recorded(NAME)
-    if runs:
-        harness.write_cv_results(
-            NAME,
-            f"SIIM CT contrast (DICOM, 54 patients): patient-level {FOLDS}-fold cross-validation",
-            runs,
-            table(runs),
-            "No published baseline. Images: 512 px DICOM slices windowed with their header's "
-            "WindowCenter/Width, resized to 128 px; folds are StratifiedGroupKFold over the hashed "
-            "DICOM PatientID, so no patient is in two folds or two splits.",
-        )
-    return 0
+STUDY = harness.CrossValidation(
+    name=NAME,
+    title=f"SIIM CT contrast (DICOM, 54 patients): patient-level {FOLDS}-fold cross-validation",
+    source="siim-ct-contrast-dicom",
+    importer=import_slices,
+    params={
+        "data": {"label_source": "folder", "classes": ["no_contrast", "contrast"]},
+        "split": {"test_fraction": 1 / FOLDS, "val_fraction": 0.15},
+        "preprocess": {"image_size": 128},
+        "evaluate": {"positive_class": "contrast"},
+    },
+    recipes=RECIPES,
+    folds=FOLDS,
+    oof_rows=oof_rows,
+    table=table,
+    notes=(
+        "No published baseline. Images: 512 px DICOM slices windowed with their header's "
+        "WindowCenter/Width, resized to 128 px; folds are StratifiedGroupKFold over the hashed "
+        "DICOM PatientID, so no patient is in two folds or two splits."
+    ),
+)
+main = STUDY.main
 
 
 if __name__ == "__main__":
